@@ -1,0 +1,43 @@
+"""Round-to-nearest weight quantization of a model's linear layers.
+
+Each layer's weight is quantized independently under the scheme (scales from the format's default rule:
+absmax, min/max or absmean), then the layer is replaced by a QuantLinear holding only packed data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.formats.packed import quantize_weight
+from modelpress.formats.scheme import WeightScheme
+from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight, replace_module
+from modelpress.nn.quant_linear import QuantLinear
+from modelpress.progress import progress
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    scheme: WeightScheme
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+
+def quantize_layer(module: nn.Module, scheme: WeightScheme, name: str = "weight") -> QuantLinear:
+    packed = quantize_weight(linear_weight(module), scheme, name=name)
+    return QuantLinear(packed, getattr(module, "bias", None))
+
+
+def quantize_rtn(model: nn.Module, config: RTNConfig) -> dict[str, QuantLinear]:
+    """Quantize every linear layer of `model` in place; returns the new layers by name."""
+    layers = find_linear_layers(model, config.skip)
+    if not layers:
+        raise ModelpressError(f"no linear layers to quantize (skip patterns: {list(config.skip)})")
+    done = {}
+    for name, module in progress(layers.items(), desc=f"RTN {config.scheme.spec}", total=len(layers)):
+        new = quantize_layer(module, config.scheme, name=f"layer {name}")
+        new.to(module.weight.device)
+        replace_module(model, name, new)
+        done[name] = new
+    return done

@@ -1,0 +1,142 @@
+"""Orchestration: quantize, evaluate and compare. The math lives in formats/ and algorithms/, the measuring
+in eval/; this file only wires them together for the CLI and for Python users."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from modelpress.errors import ModelpressError
+from modelpress.eval.quality import evaluate_quality
+from modelpress.eval.size import measure_size
+from modelpress.eval.speed import measure_speed
+from modelpress.formats.scheme import WeightScheme
+from modelpress.io.model import LoadedModel, load_model
+from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows
+from modelpress.nn.layers import DEFAULT_SKIP
+
+
+@dataclass
+class EvalReport:
+    model: str
+    reference: str | None
+    text: str
+    windows: int
+    seq_len: int
+    perplexity: float
+    kl_divergence: float | None
+    top1_agreement: float | None
+    weight_bytes: int
+    bits_per_weight: float | None
+    parameters: int
+    quantized_weight_bytes: int
+    quantized_parameters: int
+    reference_perplexity: float | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    text: str | None = None
+    windows: int = 40
+    seq_len: int = 512
+    speed: bool = True
+    decode_tokens: int = 32
+
+
+def quantize_model(loaded: LoadedModel, scheme: WeightScheme, method: str = "rtn",
+                   skip: tuple[str, ...] = DEFAULT_SKIP) -> dict:
+    """Quantize `loaded.model` in place; returns a small report (method, scheme, layers, seconds)."""
+    from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+
+    if method != "rtn":
+        raise ModelpressError(f"unknown quantization method {method!r}; available: rtn")
+    start = time.perf_counter()
+    layers = quantize_rtn(loaded.model, RTNConfig(scheme=scheme, skip=skip))
+    return {"method": method, "scheme": scheme.spec, "layers": len(layers),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def prepare_windows(tokenizer, settings: EvalSettings, calib_samples: int = 0) -> tuple[TextSource, TokenWindows]:
+    if tokenizer is None:
+        raise ModelpressError("the model has no tokenizer; evaluation needs one to cut text into windows")
+    source = load_text(settings.text)
+    return source, make_windows(tokenizer, source, settings.seq_len, settings.windows, calib_samples)
+
+
+def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel | None,
+                    settings: EvalSettings, tokenizer=None) -> dict[str, EvalReport]:
+    """Score several models on the same windows in one pass (the reference runs once per window)."""
+    first = next(iter(candidates.values()))
+    source, windows = prepare_windows(tokenizer or first.tokenizer, settings)
+    models = {name: c.model for name, c in candidates.items()}
+    ref_name = next((n for n, m in models.items() if reference is not None and m is reference.model), None)
+    if reference is not None and ref_name is None:
+        ref_name = "__reference__"
+        models[ref_name] = reference.model
+    quality = evaluate_quality(models, windows.eval, reference=None if reference is None else reference.model)
+    reports = {}
+    for name, loaded in candidates.items():
+        size = measure_size(loaded.model)
+        q = quality[name]
+        speed = measure_speed(loaded.model, windows.eval[:1], settings.decode_tokens) if settings.speed else None
+        reports[name] = EvalReport(
+            model=loaded.source,
+            reference=None if reference is None else reference.source,
+            text=f"{source.name} sha256:{source.digest}",
+            windows=q.windows,
+            seq_len=settings.seq_len,
+            perplexity=q.perplexity,
+            kl_divergence=q.kl_divergence,
+            top1_agreement=q.top1_agreement,
+            weight_bytes=size.weight_bytes,
+            bits_per_weight=size.bits_per_weight,
+            parameters=size.parameters,
+            quantized_weight_bytes=size.quantized_weight_bytes,
+            quantized_parameters=size.quantized_parameters,
+            reference_perplexity=None if reference is None else quality[ref_name].perplexity,
+            prefill_tokens_per_s=None if speed is None else speed.prefill_tokens_per_s,
+            decode_tokens_per_s=None if speed is None else speed.decode_tokens_per_s,
+        )
+    return reports
+
+
+def default_reference(loaded: LoadedModel) -> str | None:
+    """A compressed model is compared with the float model it was made from; a float model with nothing."""
+    return loaded.float_source if loaded.float_source != loaded.source else None
+
+
+def evaluate(model: str | None = None, reference: str | None = "auto", settings: EvalSettings = EvalSettings()
+             ) -> EvalReport:
+    loaded = load_model(model)
+    ref_spec = default_reference(loaded) if reference == "auto" else reference
+    ref = load_model(ref_spec) if ref_spec else None
+    return evaluate_models({"model": loaded}, ref, settings)["model"]
+
+
+def compare(model: str | None, schemes: list[WeightScheme], settings: EvalSettings = EvalSettings(),
+            method: str = "rtn", skip: tuple[str, ...] = DEFAULT_SKIP) -> list[dict]:
+    """Quantize one float model into each scheme; evaluate all against it on the same windows."""
+    base = load_model(model)
+    candidates: dict[str, LoadedModel] = {"float": base}
+    seconds = {"float": 0.0}
+    for scheme in schemes:
+        copy_ = LoadedModel(copy.deepcopy(base.model), base.tokenizer, source=scheme.spec, float_source=base.source)
+        info = quantize_model(copy_, scheme, method=method, skip=skip)
+        candidates[scheme.spec] = copy_
+        seconds[scheme.spec] = info["seconds"]
+    with torch.no_grad():
+        reports = evaluate_models(candidates, base, settings)
+    rows = []
+    for name, report in reports.items():
+        row = {"format": name, "quantize_seconds": seconds[name], **report.to_dict()}
+        rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""One module per CLI subcommand; shared argument helpers in common.py."""

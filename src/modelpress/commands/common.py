@@ -1,0 +1,79 @@
+"""Arguments and output shared by subcommands: MODEL, --text, --json, tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+
+from modelpress.errors import ModelpressError
+from modelpress.io.atomic import atomic_file
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="HF directory, hub id, .gguf file or saved modelpress directory (default: SmolLM2-135M)")
+
+
+def add_text_arguments(parser: argparse.ArgumentParser, windows: int = 40) -> None:
+    parser.add_argument("--text", default=None, metavar="FILE",
+                        help="UTF-8 text file, or hf:PATH[:CONFIG[:SPLIT]] (default: embedded corpus)")
+    parser.add_argument("--windows", type=positive_int, default=windows, help=f"evaluation windows (default {windows})")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def group_size_arg(text: str) -> int | str:
+    """--group-size: a positive integer, `channel` or `tensor`."""
+    if text in ("channel", "tensor"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise ModelpressError(f"group size must be a positive integer, 'channel' or 'tensor', got {text!r}") from None
+    if value <= 0:
+        raise ModelpressError(f"group size must be a positive integer, got {value}")
+    return value
+
+
+def write_json(path: str | None, payload) -> None:
+    if path is None:
+        return
+    with atomic_file(path) as handle:
+        json.dump(payload, handle, indent=1, default=str)
+        handle.write("\n")
+
+
+def fmt_value(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """columns: (key, header). Plain aligned text, one row per dict."""
+    cells = [[header for _, header in columns]] + [[fmt_value(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

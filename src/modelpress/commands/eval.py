@@ -1,0 +1,35 @@
+"""modelpress eval MODEL [--reference MODEL] [--text FILE] [--json OUT]"""
+
+from __future__ import annotations
+
+import argparse
+
+from modelpress.api import EvalSettings, default_reference, evaluate_models
+from modelpress.commands.common import add_json_argument, add_model_argument, add_text_arguments, format_table, write_json
+from modelpress.io.model import load_model
+
+COLUMNS = [("model", "model"), ("perplexity", "PPL"), ("reference_perplexity", "ref PPL"),
+           ("kl_divergence", "KL"), ("top1_agreement", "top-1"), ("bits_per_weight", "bits/w"),
+           ("weight_bytes", "bytes"), ("prefill_tokens_per_s", "prefill tok/s"), ("decode_tokens_per_s", "decode tok/s")]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against a reference, bytes and speed")
+    add_model_argument(p)
+    p.add_argument("--reference", default="auto", metavar="MODEL",
+                   help="model to compare against (default: the float model a compressed model was made from; 'none' to skip)")
+    add_text_arguments(p)
+    p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    add_json_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model)
+    ref_spec = default_reference(loaded) if args.reference == "auto" else (None if args.reference == "none" else args.reference)
+    reference = load_model(ref_spec) if ref_spec else None
+    settings = EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed)
+    report = evaluate_models({"model": loaded}, reference, settings)["model"]
+    print(format_table([report.to_dict()], COLUMNS))
+    write_json(args.json, report.to_dict())
+    return 0

@@ -1,0 +1,41 @@
+"""FP8 formats E4M3 (the `fn` variant: no infinities, max 448) and E5M2 (max 57344).
+
+Codes are the formats' own bit patterns, so a kernel can reinterpret the bytes as float8 directly.
+Rounding is PyTorch's float8 cast (round to nearest even) after clamping to the finite range, so NaN and
+infinity codes are never produced. scale = absmax / max finite value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modelpress.formats.base import QFormat, absmax_scale, register_format
+
+
+@dataclass(frozen=True)
+class Float8Format(QFormat):
+    dtype_name: str = "float8_e4m3fn"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype_name)
+
+    @property
+    def max_value(self) -> float:
+        return float(torch.finfo(self.dtype).max)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        clamped = x.float().clamp(-self.max_value, self.max_value)
+        return clamped.to(self.dtype).view(torch.uint8)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.contiguous().view(self.dtype).to(torch.float32)
+
+    def scale_for(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return absmax_scale(groups, self.max_value), None
+
+
+register_format(Float8Format(name="fp8-e4m3", bits=8, dtype_name="float8_e4m3fn"))
+register_format(Float8Format(name="fp8-e5m2", bits=8, dtype_name="float8_e5m2"))

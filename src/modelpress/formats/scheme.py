@@ -1,0 +1,135 @@
+"""WeightScheme: a number format plus how weights are grouped under one scale, and how scales are stored.
+
+Spec strings name a scheme in one token, for the CLI and reports: FORMAT[/GRANULARITY][/dq], where
+GRANULARITY is gN (groups of N consecutive inputs of a row), `channel` (one scale per output row) or
+`tensor`. Examples: int4/g128, int4-asym/g32, int8/channel, nf4/g64/dq, fp8-e4m3/tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from modelpress.errors import ModelpressError
+from modelpress.formats.base import QFormat, get_format
+
+Granularity = Literal["tensor", "channel", "group"]
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    format: str
+    granularity: Granularity = "group"
+    group_size: int | None = 128
+    scale_dtype: str = "float16"
+    double_quant: bool = False
+    double_quant_block: int = 256
+
+    def __post_init__(self) -> None:
+        get_format(self.format)  # raises with the list of known formats
+        object.__setattr__(self, "format", self.format.lower())
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise ModelpressError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
+                raise ModelpressError(f"group size must be a positive integer, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ModelpressError(f"{self.granularity} granularity takes no group size (got {self.group_size})")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ModelpressError(f"scale dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.double_quant and self.double_quant_block <= 0:
+            raise ModelpressError(f"double-quant block must be positive, got {self.double_quant_block}")
+
+    @property
+    def qformat(self) -> QFormat:
+        return get_format(self.format)
+
+    @property
+    def bits(self) -> int:
+        return self.qformat.bits
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def group_length(self, in_features: int) -> int:
+        """Inputs per scale along a row (the last group of a row may be shorter)."""
+        return in_features if self.granularity != "group" else min(self.group_size, in_features)  # type: ignore[type-var]
+
+    def num_groups(self, in_features: int) -> int:
+        g = self.group_length(in_features)
+        return (in_features + g - 1) // g
+
+    @property
+    def spec(self) -> str:
+        gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        extra = "/dq" if self.double_quant else ""
+        dtype = "" if self.scale_dtype == "float16" else f"/{self.scale_dtype}"
+        return f"{self.format}/{gran}{extra}{dtype}"
+
+    def theoretical_bits_per_weight(self, in_features: int | None = None) -> float:
+        """Code bits plus scale (and offset) bits per weight; ragged last groups counted if K is given."""
+        scale_bits = torch.finfo(self.torch_scale_dtype).bits
+        if self.double_quant:
+            scale_bits = 8 + 32 / self.double_quant_block
+        per_group = scale_bits + (torch.finfo(self.torch_scale_dtype).bits if self.qformat.affine else 0)
+        if self.granularity == "tensor":
+            return float(self.bits)
+        if in_features is None:
+            if self.granularity == "channel":
+                return float(self.bits)
+            return self.bits + per_group / self.group_size  # type: ignore[operator]
+        return self.bits + per_group * self.num_groups(in_features) / in_features
+
+    @classmethod
+    def parse(cls, spec: str) -> WeightScheme:
+        parts = [p for p in spec.strip().lower().split("/") if p]
+        if not parts:
+            raise ModelpressError("empty scheme spec; expected e.g. int4/g128")
+        fields: dict = {"format": parts[0]}
+        fields.update(default_grouping(parts[0]))
+        for part in parts[1:]:
+            if part in ("tensor", "channel"):
+                fields.update(granularity=part, group_size=None)
+            elif part.startswith("g") and part[1:].lstrip("-").isdigit():
+                fields.update(granularity="group", group_size=int(part[1:]))
+            elif part == "dq":
+                fields["double_quant"] = True
+            elif part in SCALE_DTYPES:
+                fields["scale_dtype"] = part
+            else:
+                raise ModelpressError(f"cannot read {part!r} in scheme spec {spec!r}; expected gN, channel, tensor or dq")
+        return cls(**fields)
+
+    def with_grouping(self, group_size: int | str | None) -> WeightScheme:
+        """Copy with a grouping given as an int (group), 'channel', 'tensor', or None (keep)."""
+        if group_size is None:
+            return self
+        if group_size in ("channel", "tensor"):
+            return replace(self, granularity=group_size, group_size=None)
+        return replace(self, granularity="group", group_size=group_size)
+
+
+def default_grouping(format_name: str) -> dict:
+    """8-bit formats default to one scale per output channel, narrower ones to groups (64 for NF4)."""
+    fmt = get_format(format_name)
+    if fmt.bits >= 8:
+        return {"granularity": "channel", "group_size": None}
+    return {"granularity": "group", "group_size": 64 if fmt.name == "nf4" else 128}
+
+
+def scheme_for(format_name: str, group_size: int | str | None = None, symmetric: bool | None = None,
+               double_quant: bool = False, scale_dtype: str = "float16") -> WeightScheme:
+    """Build a scheme from CLI-style pieces; `symmetric=False` picks the -asym variant of an int format."""
+    name = format_name.lower()
+    if symmetric is False and not name.endswith("-asym"):
+        if not name.startswith("int"):
+            raise ModelpressError(f"format {format_name!r} has no asymmetric variant; asymmetric applies to int2..int8")
+        name = f"{name}-asym"
+    if symmetric is True and name.endswith("-asym"):
+        raise ModelpressError(f"format {format_name!r} is asymmetric but --symmetric was given")
+    base = WeightScheme(format=name, scale_dtype=scale_dtype, double_quant=double_quant, **default_grouping(name))
+    return base.with_grouping(group_size)

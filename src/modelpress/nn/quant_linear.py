@@ -1,0 +1,69 @@
+"""QuantLinear: a linear layer whose weight exists only as a PackedWeight.
+
+The packed tensors are registered buffers, so `.to(device)`, `state_dict()` and safetensors see exactly
+the bytes that are stored. `forward` hands the packed weight to a backend (backends.py): a fused kernel
+where one fits the device and format, otherwise dequantize-then-matmul in the activation dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from modelpress.formats.packed import PackedWeight, empty_packed
+from modelpress.formats.scheme import WeightScheme
+from modelpress.nn.backends import linear_forward
+from modelpress.nn.registry import register_module_kind
+
+
+@register_module_kind("quant_linear")
+class QuantLinear(nn.Module):
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.scheme: WeightScheme = packed.scheme
+        self.out_features, self.in_features = packed.shape
+        for name in PackedWeight.TENSOR_NAMES:
+            self.register_buffer(name, getattr(packed, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def packed(self) -> PackedWeight:
+        """A view of the current buffers (after any .to()) as a PackedWeight."""
+        return PackedWeight(
+            scheme=self.scheme,
+            shape=(self.out_features, self.in_features),
+            **{name: getattr(self, name) for name in PackedWeight.TENSOR_NAMES},
+        )
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.packed.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_forward(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.spec}, "
+                f"bits_per_weight={self.packed.bits_per_weight:.3f}, bias={self.bias is not None}")
+
+    def record(self) -> dict:
+        return {
+            "scheme": asdict(self.scheme),
+            "shape": [self.out_features, self.in_features],
+            "bias": self.bias is not None,
+            "input_perm": self.input_perm is not None,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, device: torch.device | str = "cpu") -> QuantLinear:
+        """An instance with correctly shaped, uninitialised tensors, to be filled by load_state_dict."""
+        scheme = WeightScheme(**record["scheme"])
+        shape = (int(record["shape"][0]), int(record["shape"][1]))
+        packed = empty_packed(scheme, shape, has_perm=record["input_perm"], device=device)
+        bias = torch.empty(shape[0], device=device) if record["bias"] else None
+        return cls(packed, bias)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models built from configs (fast), and the real default model (slow,
+loaded once per session; the first load dequantizes the GGUF into the cache, ~20 s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MODELPRESS_QUIET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    return model.eval()
+
+
+class CharTokenizer:
+    """A byte-level stand-in tokenizer for tiny models (ids < 256)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def save_pretrained(self, path):
+        return None
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from modelpress.io.model import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return torch.device("cuda")
