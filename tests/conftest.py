@@ -57,3 +57,36 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     return torch.device("cuda")
+
+
+def char_tokenizer():
+    """A real transformers tokenizer (character-level WordLevel) that saves and reloads like any other."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(chars)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama(path, seed: int = 0, **overrides):
+    model = build_tiny_llama(seed, **overrides)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    return save_tiny_llama(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    from modelpress.io.text import default_corpus
+
+    path = tmp_path / "text.txt"
+    path.write_text(default_corpus()[:60_000], encoding="utf-8")
+    return path

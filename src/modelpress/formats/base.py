@@ -75,13 +75,21 @@ def absmax_scale(groups: torch.Tensor, max_level: float) -> torch.Tensor:
 
 
 def nearest_level_encoder(levels: torch.Tensor):
-    """Encode to the code whose level is nearest (ties to the lower level), for codebook formats."""
-    order = torch.argsort(levels)
+    """Encode to the code whose level is nearest (ties to the lower level), for codebook formats.
+
+    A table with both +0 and -0 (FP4) always encodes zero as +0: otherwise the zero code would depend on
+    the side a value came from, and re-encoding a decoded -0 would change the code."""
+    order = torch.argsort(levels, stable=True)
     sorted_levels = levels[order]
     midpoints = (sorted_levels[1:] + sorted_levels[:-1]) / 2
+    code_at = order.clone()
+    zero = sorted_levels == 0
+    if zero.any():
+        plus = zero & ~torch.signbit(sorted_levels)
+        code_at[zero] = order[plus if plus.any() else zero][0]
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         position = torch.bucketize(x.float().contiguous(), midpoints.to(x.device), right=False)
-        return order.to(x.device)[position].to(torch.uint8)
+        return code_at.to(x.device)[position].to(torch.uint8)
 
     return encode

@@ -184,7 +184,8 @@ def _stored_scales(scale, offset, scheme: WeightScheme, name: str):
     scale = scale.float()
     if (scale > finfo.max).any():
         raise ModelpressError(f"{name}: a scale exceeds {scheme.scale_dtype} range; use float32 scales")
-    scale = scale.clamp(min=finfo.tiny).to(dtype)
+    # floor at the smallest subnormal (tiny·eps), not the smallest normal: small groups keep their own scale
+    scale = scale.clamp(min=finfo.tiny * finfo.eps).to(dtype)
     if offset is not None:
         offset = offset.float().clamp(-finfo.max, finfo.max).to(dtype)
     extra: dict = {}

@@ -1,0 +1,85 @@
+import json
+import os
+
+import pytest
+import torch
+from conftest import build_tiny_llama, char_tokenizer
+
+from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+from modelpress.errors import ModelpressError
+from modelpress.formats.scheme import WeightScheme
+from modelpress.io.model import LoadedModel, load_model
+from modelpress.io.save import load_compressed, save_compressed
+from modelpress.nn.quant_linear import QuantLinear
+
+
+def quantized_tiny(spec: str) -> LoadedModel:
+    model = build_tiny_llama()
+    quantize_rtn(model, RTNConfig(WeightScheme.parse(spec)))
+    return LoadedModel(model, char_tokenizer(), source="tiny", float_source="tiny-float")
+
+
+@pytest.mark.parametrize("spec", ["int4/g32", "int3-asym/g64", "nf4/g64/dq", "fp8-e4m3/channel", "ternary/tensor"])
+def test_reload_is_bit_identical_with_identical_logits(tmp_path, spec):
+    loaded = quantized_tiny(spec)
+    save_compressed(loaded, tmp_path / "out")
+    again = load_compressed(tmp_path / "out")
+    before, after = loaded.model.state_dict(), again.model.state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype, name
+        assert torch.equal(before[name], after[name]), name
+    ids = torch.randint(0, 100, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, again.model(ids).logits)
+    assert again.float_source == "tiny-float"
+    assert sum(isinstance(m, QuantLinear) for m in again.model.modules()) == 14  # 2 blocks x 7 linears
+
+
+def test_saved_file_holds_packed_bytes_not_float_weights(tmp_path):
+    loaded = quantized_tiny("int4/g32")
+    save_compressed(loaded, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "modelpress.json").read_text())
+    assert "lm_head.weight" in meta["tied"]  # tied head stored once
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.up_proj.qdata" in keys
+    assert "model.layers.0.mlp.up_proj.weight" not in keys
+    packed = sum(m.weight_nbytes for m in loaded.model.modules() if isinstance(m, QuantLinear))
+    params = sum(m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, QuantLinear))
+    assert packed * 8 / params == pytest.approx(4.5, rel=0.03)  # int4 + fp16 scale per 32
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    loaded = quantized_tiny("int4/g32")
+    import modelpress.io.save as save_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(save_module, "save_file", broken)
+    with pytest.raises(OSError):
+        save_compressed(loaded, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_is_refused_then_replaced_whole(tmp_path):
+    loaded = quantized_tiny("int4/g32")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ModelpressError, match="already exists"):
+        save_compressed(loaded, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    save_compressed(loaded, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path):
+    save_compressed(quantized_tiny("int4/g32"), tmp_path / "out")
+    weights = tmp_path / "out" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelpressError, match="cannot read"):
+        load_model(str(tmp_path / "out"))

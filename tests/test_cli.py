@@ -1,0 +1,88 @@
+"""The command line as a user meets it: commands that work, and bad input that fails in one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import save_tiny_llama
+
+from modelpress.cli import main
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_quantize_then_eval_against_the_recorded_float_model(tiny_llama_dir, tiny_text, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert run_cli("quantize", tiny_llama_dir, "--format", "int4", "--group-size", "32", "--out", out) == 0
+    assert (out / "modelpress.json").exists()
+    report = tmp_path / "eval.json"
+    assert run_cli("eval", out, "--text", tiny_text, "--windows", "2", "--seq-len", "64", "--json", report) == 0
+    data = json.loads(report.read_text())
+    for key in ("perplexity", "kl_divergence", "top1_agreement", "weight_bytes", "bits_per_weight"):
+        assert data[key] is not None, key
+    assert data["reference"] == str(tiny_llama_dir)
+    assert data["kl_divergence"] > 0 and 0 < data["top1_agreement"] <= 1
+    assert data["bits_per_weight"] == pytest.approx(4.5, rel=0.03)
+    table = capsys.readouterr().out
+    assert "PPL" in table and "KL" in table
+
+
+def test_compare_prints_table_and_writes_plot(tiny_llama_dir, tiny_text, tmp_path, capsys):
+    plot, js = tmp_path / "c.png", tmp_path / "c.json"
+    code = run_cli("compare", tiny_llama_dir, "--formats", "int8/channel", "int4/g32", "--text", tiny_text,
+                   "--windows", "2", "--seq-len", "64", "--no-speed", "--plot", plot, "--json", js)
+    assert code == 0
+    rows = json.loads(js.read_text())
+    assert [r["format"] for r in rows] == ["float", "int8/channel", "int4/g32"]
+    assert rows[1]["kl_divergence"] < rows[2]["kl_divergence"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "int4", "--group-size", "0"], "group size must be a positive integer"),
+        (["--format", "int4", "--group-size", "-3"], "group size must be a positive integer"),
+        (["--format", "int5"], "unknown number format 'int5'"),
+        (["--format", "nf4", "--asymmetric"], "no asymmetric variant"),
+    ],
+)
+def test_bad_quantize_arguments_fail_in_one_line_and_write_nothing(tiny_llama_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "q"
+    assert run_cli("quantize", tiny_llama_dir, *args, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_model_and_empty_text(tmp_path, tiny_llama_dir, capsys):
+    assert run_cli("quantize", tmp_path / "nope", "--format", "int4", "--out", tmp_path / "q") == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert run_cli("eval", tiny_llama_dir, "--text", empty, "--no-speed") == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_nan_weights_fail_cleanly(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model_dir = save_tiny_llama(tmp_path / "m")
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][3, 3] = float("inf")
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    assert run_cli("quantize", model_dir, "--format", "int8", "--out", tmp_path / "q") == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.mlp.up_proj" in err and "NaN/Inf" in err
+    assert not (tmp_path / "q").exists()
+    assert torch.isinf(load_file(model_dir / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]).any()
+
+
+def test_entry_point_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "modelpress", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "quantize" in done.stdout
