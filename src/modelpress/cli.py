@@ -11,20 +11,32 @@ import sys
 
 from modelpress.errors import ModelpressError
 
-COMMANDS = ("quantize", "eval", "compare")
+# name -> one-line help. A command's module (commands/<name>.py) is imported only when that command runs,
+# so `modelpress estimate` does not pay for importing transformers' generation or training code.
+COMMANDS = {
+    "estimate": "memory needed by a model's weights per format, and by its KV cache",
+    "quantize": "quantize a model's linear layers and save it",
+    "eval": "perplexity, KL and top-1 agreement against a reference, bytes and speed",
+    "compare": "quantize one model into several formats and compare them",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpress", description="Make models smaller and faster, and measure the cost.")
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpress",
+                                     description="Make models smaller and faster, and measure the cost.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"modelpress.commands.{name.replace('-', '_')}").add_parser(sub)
+    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f"modelpress.commands.{name}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -2,7 +2,12 @@
 
 Codes are the formats' own bit patterns, so a kernel can reinterpret the bytes as float8 directly.
 Rounding is PyTorch's float8 cast (round to nearest even) after clamping to the finite range, so NaN and
-infinity codes are never produced. scale = absmax / max finite value.
+infinity codes are never produced.
+
+Scales map a group's absmax onto 448 for both formats (E4M3's largest value). For E5M2 this is not its
+largest value (57344), and deliberately so: absmax / 57344 is ~1e-6 for ordinary weights, which lies in
+fp16's subnormal range where a stored scale keeps only a few significant bits. At 448 the scale stays a
+normal fp16 number, and E5M2 still has 22 binades of normal numbers below 448, far more than weights use.
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ class Float8Format(QFormat):
         return codes.contiguous().view(self.dtype).to(torch.float32)
 
     def scale_for(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return absmax_scale(groups, self.max_value), None
+        return absmax_scale(groups, SCALE_TARGET), None
+
+
+SCALE_TARGET = 448.0
 
 
 register_format(Float8Format(name="fp8-e4m3", bits=8, dtype_name="float8_e4m3fn"))

@@ -1,0 +1,229 @@
+"""Dynamic int8 quantization of ordinary PyTorch models: Linear and LSTM layers.
+
+Weights are quantized once, to int8 with one scale per output row (scheme int8/channel), and stored only
+as packed codes and scales. Activations are quantized at run time:
+- DynamicInt8Linear: every token (row of the flattened input) gets its own absmax scale, and the product
+  is a real int8 x int8 -> int32 matmul (`torch._int_mm`), rescaled by the row scale times the channel
+  scale:  y[m, n] = sx[m] · sw[n] · Σ_k qx[m, k] · qw[n, k] + bias[n].
+- DynamicInt8LSTM: the int8 weights of every layer and direction are dequantized at forward and handed to
+  torch's own LSTM, so every LSTM feature (batch_first, stacking, bidirectional, projections, packed
+  sequences) behaves as in nn.LSTM while the stored weights are a quarter of float32.
+Both register as compressed module kinds, so save/load rebuild them from their records.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from modelpress.errors import ModelpressError
+from modelpress.formats.packed import PackedWeight, empty_packed, quantize_weight
+from modelpress.formats.scheme import WeightScheme
+from modelpress.nn.layers import find_linear_layers, linear_weight, replace_module
+from modelpress.nn.quant_linear import QuantLinear
+from modelpress.nn.registry import register_module_kind
+
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class DynamicInt8Config:
+    linear: bool = True             # replace nn.Linear (and transformers Conv1D)
+    lstm: bool = True               # replace nn.LSTM
+    skip: tuple[str, ...] = ()      # module name patterns left in float (fnmatch, full name or last part)
+    scale_dtype: str = "float16"    # storage dtype of the per-row weight scales
+
+    @property
+    def scheme(self) -> WeightScheme:
+        return WeightScheme(format="int8", granularity="channel", group_size=None, scale_dtype=self.scale_dtype)
+
+
+# ---- the math: pure functions on tensors -------------------------------------------------------------
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> int8 codes (M, K) and float32 scales (M, 1), absmax per row; zero rows get scale 1."""
+    amax = x.detach().abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    codes = torch.clamp(torch.round(x.float() / scale), -INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scale
+
+
+def int8_weight(packed: PackedWeight) -> torch.Tensor:
+    """(N, K) int8 values of a symmetric int8 PackedWeight (stored codes are value + 128)."""
+    n, k = packed.shape
+    return (packed.qdata[:, :k] ^ 0x80).view(torch.int8)
+
+
+def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
+    """torch._int_mm takes any shape on CPU; CUDA wants m > 16 and k, n multiples of 8."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (N, K)^T int8 -> (M, N) int32-exact result (int32, or float64 where _int_mm cannot run)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if int_mm_supported(m, k, n, a.device):
+        return torch._int_mm(a, b.t())
+    # float64 holds every partial sum of int8 products exactly; slow, used only for odd shapes on GPUs
+    return a.double() @ b.double().t()
+
+
+def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W^T + b with W = weight_scale · weight (int8 (N, K), scales (N, 1)) and x quantized per row."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    codes, row_scale = quantize_rows(flat)
+    acc = int8_matmul(codes, weight)                                   # (M, N)
+    y = acc.float() * row_scale * weight_scale.float().reshape(1, -1)  # (M, 1) · (1, N)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+# ---- the modules ------------------------------------------------------------------------------------
+
+@register_module_kind("dynamic_int8_linear")
+class DynamicInt8Linear(QuantLinear):
+    """A QuantLinear restricted to int8/channel whose forward multiplies in int8 (see module docstring)."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        scheme = packed.scheme
+        if scheme.format != "int8" or scheme.granularity != "channel" or scheme.double_quant:
+            raise ModelpressError(f"DynamicInt8Linear needs an int8/channel weight, got {scheme.spec}")
+        if packed.input_perm is not None:
+            raise ModelpressError("DynamicInt8Linear does not take a permuted weight (input_perm)")
+        super().__init__(packed, bias)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, scheme: WeightScheme, name: str = "weight") -> DynamicInt8Linear:
+        packed = quantize_weight(linear_weight(module), scheme, name=name)
+        new = cls(packed, getattr(module, "bias", None))
+        return new.to(module.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynamic_int8_linear(x, int8_weight(self.packed), self.scale, self.bias)
+
+
+LSTM_FIELDS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+               "proj_size")
+
+
+@register_module_kind("dynamic_int8_lstm")
+class DynamicInt8LSTM(nn.Module):
+    """nn.LSTM with every weight matrix stored as int8 codes plus one scale per row; biases stay float.
+
+    Buffers per weight W of nn.LSTM (weight_ih_l0, weight_hh_l0_reverse, ...): `W_qdata` (rows, row_bytes)
+    uint8 and `W_scale` (rows, 1). Forward runs a parameter-free nn.LSTM template (meta tensors, kept out
+    of the module tree so it never reaches state_dict) on the dequantized weights via functional_call.
+    """
+
+    def __init__(self, settings: dict, packed: dict[str, PackedWeight], biases: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.settings = {key: settings[key] for key in LSTM_FIELDS}
+        with torch.device("meta"):
+            template = nn.LSTM(**self.settings)
+        self.__dict__["_template"] = template  # plain attribute: not a submodule
+        self.weight_names = [n for n, _ in template.named_parameters() if n.startswith("weight_")]
+        self.bias_names = [n for n, _ in template.named_parameters() if n.startswith("bias_")]
+        if sorted(packed) != sorted(self.weight_names) or sorted(biases) != sorted(self.bias_names):
+            raise ModelpressError(f"LSTM weights {sorted(packed)} / biases {sorted(biases)} do not match an "
+                                  f"nn.LSTM with {self.settings}")
+        schemes = {p.scheme for p in packed.values()}
+        if len(schemes) != 1:
+            raise ModelpressError(f"LSTM weights must share one scheme, got {sorted(s.spec for s in schemes)}")
+        self.scheme: WeightScheme = schemes.pop()
+        self.shapes = {name: p.shape for name, p in packed.items()}
+        for name, p in packed.items():
+            self.register_buffer(f"{name}_qdata", p.qdata)
+            self.register_buffer(f"{name}_scale", p.scale)
+        for name, b in biases.items():
+            self.register_parameter(name, nn.Parameter(b.detach().clone(), requires_grad=False))
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, scheme: WeightScheme, name: str = "lstm") -> DynamicInt8LSTM:
+        settings = {key: getattr(lstm, key) for key in LSTM_FIELDS}
+        params = dict(lstm.named_parameters())
+        packed = {n: quantize_weight(p, scheme, name=f"{name}.{n}")
+                  for n, p in params.items() if n.startswith("weight_")}
+        biases = {n: p for n, p in params.items() if n.startswith("bias_")}
+        device = next(iter(params.values())).device
+        return cls(settings, packed, biases).to(device)
+
+    def packed(self, name: str) -> PackedWeight:
+        return PackedWeight(scheme=self.scheme, shape=self.shapes[name],
+                            qdata=getattr(self, f"{name}_qdata"), scale=getattr(self, f"{name}_scale"))
+
+    @property
+    def weight_nbytes(self) -> int:
+        return sum(self.packed(name).nbytes for name in self.weight_names)
+
+    def forward(self, input, hx=None):
+        dtype = input.data.dtype if isinstance(input, nn.utils.rnn.PackedSequence) else input.dtype
+        params = {name: self.packed(name).dequantize(dtype) for name in self.weight_names}
+        params.update({name: getattr(self, name).to(dtype) for name in self.bias_names})
+        template = self._template
+        template.train(self.training)
+        return functional_call(template, params, (input,) if hx is None else (input, hx))
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{fields}, int8 weights {self.weight_nbytes} bytes"
+
+    def record(self) -> dict:
+        return {"settings": dict(self.settings), "scheme": asdict(self.scheme)}
+
+    @classmethod
+    def from_record(cls, record: dict, device: torch.device | str = "cpu") -> DynamicInt8LSTM:
+        """An instance with correctly shaped, uninitialised tensors, to be filled by load_state_dict."""
+        scheme = WeightScheme(**record["scheme"])
+        with torch.device("meta"):
+            template = nn.LSTM(**record["settings"])
+        shapes = {n: tuple(p.shape) for n, p in template.named_parameters()}
+        packed = {n: empty_packed(scheme, s, device=device) for n, s in shapes.items() if n.startswith("weight_")}
+        biases = {n: torch.empty(s, device=device) for n, s in shapes.items() if n.startswith("bias_")}
+        return cls(record["settings"], packed, biases)
+
+
+# ---- the entry point ---------------------------------------------------------------------------------
+
+def quantize_dynamic(model: nn.Module, config: DynamicInt8Config | None = None) -> nn.Module:
+    """Replace the model's Linear and LSTM layers by dynamic int8 ones, in place; returns the model."""
+    config = config or DynamicInt8Config()
+    scheme = config.scheme
+    targets: dict[str, nn.Module] = {}
+    if config.linear:
+        # nn.MultiheadAttention reads its out_proj.weight directly instead of calling the module: leave it
+        attention = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+        targets.update({name: m for name, m in find_linear_layers(model, config.skip).items()
+                        if not name.startswith(attention)})
+    if config.lstm:
+        targets.update({name: m for name, m in model.named_modules()
+                        if type(m) is nn.LSTM and not _skipped(name, config.skip)})
+    if not targets:
+        raise ModelpressError(f"no Linear or LSTM layers to quantize in {type(model).__name__} "
+                              f"(skip patterns: {list(config.skip)})")
+    for name, module in targets.items():
+        if isinstance(module, nn.LSTM):
+            new: nn.Module = DynamicInt8LSTM.from_lstm(module, scheme, name=name)
+        else:
+            new = DynamicInt8Linear.from_linear(module, scheme, name=f"layer {name}")
+        if name:
+            replace_module(model, name, new)
+        else:
+            return new  # the model itself was a single Linear or LSTM
+    return model
+
+
+def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
+
