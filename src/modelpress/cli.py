@@ -18,6 +18,7 @@ COMMANDS = {
     "quantize": "quantize a model's linear layers and save it",
     "eval": "perplexity, KL and top-1 agreement against a reference, bytes and speed",
     "compare": "quantize one model into several formats and compare them",
+    "generate": "generate text from a prompt (plain, speculative or self-speculative)",
 }
 
 

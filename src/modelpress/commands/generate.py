@@ -1,0 +1,150 @@
+"""modelpress generate [MODEL] --prompt TEXT [--draft MODEL | --self-speculative FORMAT] [--kv-cache MODE]
+
+Streams the new text to stdout as tokens are produced and prints tokens/s (and the draft acceptance rate)
+to stderr at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
+from modelpress.errors import ModelpressError
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig, make_kv_cache
+from modelpress.inference.sampling import SamplingConfig
+from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
+from modelpress.io.model import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (plain, speculative or self-speculative)")
+    add_model_argument(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the tokenizer's chat template as a user turn")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this mass")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    draft = p.add_mutually_exclusive_group()
+    draft.add_argument("--draft", default=None, metavar="MODEL", help="speculative decoding with this draft model")
+    draft.add_argument("--self-speculative", default=None, metavar="FORMAT",
+                       help="speculative decoding with a low-bit RTN copy of the model as draft, e.g. int4/g128")
+    p.add_argument("--draft-tokens", type=positive_int, default=4,
+                   help="tokens the draft proposes per round (default 4)")
+    p.add_argument("--kv-cache", default="float", choices=CACHE_MODES, help="KV cache of the model (default float)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast a float model to this dtype")
+    add_json_argument(p)
+    p.set_defaults(func=run)
+
+
+class StreamPrinter:
+    """Writes newly decoded text as tokens arrive; holds back a trailing partial UTF-8 character."""
+
+    def __init__(self, tokenizer, out=None) -> None:
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids += tokens
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelpressError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelpressError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelpressError("--chat was given but the model's tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def eos_ids(model, tokenizer) -> tuple[int, ...]:
+    found = set()
+    for value in (getattr(tokenizer, "eos_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(int(v) for v in value)
+    return tuple(sorted(found))
+
+
+def load_draft(args: argparse.Namespace, target, tokenizer, device: torch.device, dtype):
+    if args.self_speculative:
+        from modelpress.formats.scheme import WeightScheme
+
+        return low_bit_draft(target, WeightScheme.parse(args.self_speculative))
+    draft = load_model(args.draft)
+    same = draft.tokenizer is None or not hasattr(tokenizer, "get_vocab") or (
+        draft.tokenizer.get_vocab() == tokenizer.get_vocab())
+    if not same:
+        raise ModelpressError(f"draft model {args.draft} has a different tokenizer vocabulary from the target; "
+                              "speculative decoding needs the same tokenizer")
+    model = draft.model.to(device)
+    return model.to(dtype) if dtype is not None else model
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    loaded = load_model(args.model)
+    if loaded.tokenizer is None:
+        raise ModelpressError(f"model {loaded.source} has no tokenizer; generate needs one to read the prompt")
+    model = loaded.model.to(device)
+    model = model.to(dtype) if dtype is not None else model
+    tokenizer = loaded.tokenizer
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids(model, tokenizer),
+                                  sampling=SamplingConfig(args.temperature, args.top_k, args.top_p))
+    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    cache = make_kv_cache(model, KVCacheConfig(args.kv_cache))
+    printer = StreamPrinter(tokenizer)
+    if args.draft or args.self_speculative:
+        draft = load_draft(args, model, tokenizer, device, dtype)
+        result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
+                                      target_cache=cache, generator=generator, on_tokens=printer)
+    else:
+        result = generate(model, ids, settings, cache=cache, generator=generator, on_tokens=printer)
+    sys.stdout.write("\n")
+    summary = f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s"
+    if result.acceptance_rate is not None:
+        summary += (f", draft acceptance {result.acceptance_rate:.1%} over {result.rounds} rounds, "
+                    f"{result.target_forwards} target passes")
+    print(summary, file=sys.stderr)
+    write_json(args.json, {**result.to_dict(), "text": printer.text(), "model": loaded.source,
+                           "draft": args.draft or (f"self:{args.self_speculative}" if args.self_speculative else None),
+                           "draft_tokens": args.draft_tokens, "kv_cache": args.kv_cache, "device": str(device),
+                           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                           "seed": args.seed})
+    return 0

@@ -1,0 +1,1 @@
+"""Generation helpers: a quantized KV cache, sampling, plain and speculative decoding."""

@@ -1,0 +1,73 @@
+"""`modelpress generate` as a user meets it: streamed text, a tokens/s line, speculative modes that give the
+same greedy text, and bad input that fails in one line."""
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_llama
+
+from modelpress.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_generate_streams_text_and_reports_speed(tiny_llama_dir, tmp_path, capsys):
+    report = tmp_path / "g.json"
+    assert run_cli("generate", tiny_llama_dir, "--prompt", "hello", "--max-new-tokens", "12", "--device", "cpu",
+                   "--json", report) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(report.read_text())
+    assert data["new_tokens"] == 12 and data["prompt_tokens"] == 5 and data["acceptance_rate"] is None
+    assert out == data["text"] + "\n"
+    assert "12 tokens in" in err and "tokens/s" in err
+
+
+@pytest.mark.parametrize("extra", [["--self-speculative", "int4/g32"], ["--draft", "OTHER"], ["--kv-cache", "int8"],
+                                   ["--draft", "OTHER", "--kv-cache", "int4", "--draft-tokens", "2"]],
+                         ids=["self", "draft", "int8-cache", "draft-int4-cache"])
+def test_greedy_text_is_the_same_in_every_mode(tiny_llama_dir, tmp_path, capsys, extra):
+    other = save_tiny_llama(tmp_path / "other", seed=1)
+    extra = [str(other) if e == "OTHER" else e for e in extra]
+    base = ["generate", tiny_llama_dir, "--prompt", "the cat", "--max-new-tokens", "10", "--device", "cpu"]
+    assert run_cli(*base, "--json", tmp_path / "plain.json") == 0
+    assert run_cli(*base, *extra, "--json", tmp_path / "mode.json") == 0
+    plain, mode = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "mode"))
+    assert mode["tokens"] == plain["tokens"]
+    if "--kv-cache" not in extra or "--draft" in extra:
+        assert mode["acceptance_rate"] is not None and "draft acceptance" in capsys.readouterr().err
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_llama_dir, tmp_path):
+    base = ["generate", tiny_llama_dir, "--prompt", "abc", "--max-new-tokens", "8", "--temperature", "1.0",
+            "--top-p", "0.9", "--device", "cpu"]
+    runs = []
+    for seed, name in ((3, "a"), (3, "b"), (4, "c")):
+        assert run_cli(*base, "--seed", seed, "--json", tmp_path / f"{name}.json") == 0
+        runs.append(json.loads((tmp_path / f"{name}.json").read_text())["tokens"])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chat"], "tokenizer has no chat template"),
+    (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
+    (["--temperature", "-1"], "temperature must be >= 0, got -1.0"),
+    (["--self-speculative", "int5"], "unknown number format 'int5'"),
+    (["--draft", "BIGVOCAB"], "draft model scores 400 tokens but the target scores 320"),
+])
+def test_bad_generate_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, capsys, args, message):
+    if "BIGVOCAB" in args:
+        args = ["--draft", str(save_tiny_llama(tmp_path / "big", vocab_size=400))]
+    assert run_cli("generate", tiny_llama_dir, "--prompt", "hi", "--max-new-tokens", "3", "--device", "cpu", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]

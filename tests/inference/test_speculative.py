@@ -1,0 +1,229 @@
+"""Speculative decoding: greedy output identical to the target's own, and sampled tokens distributed as the
+target's (chi-square against the exact target distribution, with a test that a wrong rule fails)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+
+from modelpress.errors import ModelpressError
+from modelpress.formats.scheme import WeightScheme
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.kv_cache import KVCacheConfig, make_kv_cache
+from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
+from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate, verify_draft
+
+ALPHA = 1e-3  # a correct sampler passes at this level; the wrong rules below land at p < 1e-12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; restore the session's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chi_square_p_value(tokens: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson's test of draws `tokens` against `probs`; bins expecting < 5 draws are pooled.
+    A draw of a token with probability exactly 0 fails outright."""
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    probs = probs.double()
+    if counts[probs == 0].sum() > 0:
+        return 0.0
+    expected = probs * counts.sum()
+    small = expected < min_expected
+    if small.any():
+        counts = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = expected > 0
+    counts, expected = counts[keep], expected[keep]
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    dof = counts.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
+
+
+def random_distributions(rows, vocab, seed, sampling):
+    g = torch.Generator().manual_seed(seed)
+    return next_token_probs(torch.randn(rows, vocab, generator=g) * 2.0, sampling)
+
+
+def draw_with_rule(p, q, n, generator, rule="correct"):
+    """n independent speculative steps on fixed per-position distributions p (k+1, V), q (k, V).
+    Returns the first emitted token (n,) and, for rows whose first draft was kept, the second (m,)."""
+    k = q.shape[0]
+    drafts = torch.stack([sample(q[i].expand(n, -1), generator) for i in range(k)], dim=1)  # (n, k)
+    if rule == "correct":
+        accepted, next_token = verify_draft(p.expand(n, -1, -1), q.expand(n, -1, -1), drafts, generator)
+    elif rule == "always_accept":
+        accepted, next_token = torch.full((n,), k), sample(p[k].expand(n, -1), generator)
+    elif rule == "resample_from_target":  # right acceptance test, wrong distribution after a rejection
+        accepted, _ = verify_draft(p.expand(n, -1, -1), q.expand(n, -1, -1), drafts, generator)
+        next_token = sample(p[accepted], generator)
+    emitted = torch.cat([drafts, next_token.unsqueeze(1)], dim=1)
+    # position j of the output is drafts[j] if j < accepted, else the next token (when j == accepted)
+    first = torch.where(accepted > 0, emitted[:, 0], next_token)
+    has_second = accepted >= 1
+    second = torch.where(accepted[has_second] > 1, emitted[has_second, 1], next_token[has_second])
+    return first, second
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=10),
+                                      SamplingConfig(1.3, top_p=0.9)], ids=["t1", "topk", "topp"])
+def test_accept_rule_reproduces_the_target_distribution(sampling):
+    vocab, k, n = 24, 3, 20_000
+    p = random_distributions(k + 1, vocab, seed=1, sampling=sampling)
+    q = random_distributions(k, vocab, seed=2, sampling=sampling)
+    first, second = draw_with_rule(p, q, n, torch.Generator().manual_seed(0))
+    assert chi_square_p_value(first, p[0]) > ALPHA
+    assert second.numel() > 2000
+    assert chi_square_p_value(second, p[1]) > ALPHA
+
+
+@pytest.mark.parametrize("rule", ["always_accept", "resample_from_target"])
+def test_the_same_test_catches_a_wrong_rule(rule):
+    vocab, k, n = 24, 3, 20_000
+    sampling = SamplingConfig(1.0)
+    p = random_distributions(k + 1, vocab, seed=1, sampling=sampling)
+    q = random_distributions(k, vocab, seed=2, sampling=sampling)
+    first, _ = draw_with_rule(p, q, n, torch.Generator().manual_seed(0), rule=rule)
+    assert chi_square_p_value(first, p[0]) < 1e-12
+
+
+def test_greedy_rule_accepts_exactly_the_target_argmax():
+    p = torch.eye(5)[[2, 4, 1, 0]].unsqueeze(0)       # target argmax 2, 4, 1 then bonus 0
+    q = torch.eye(5)[[2, 4, 3]].unsqueeze(0)
+    accepted, token = verify_draft(p, q, torch.tensor([[2, 4, 3]]), torch.Generator().manual_seed(0))
+    assert accepted.item() == 2 and token.item() == 1
+    accepted, token = verify_draft(p, p[:, :3], torch.tensor([[2, 4, 1]]))
+    assert accepted.item() == 3 and token.item() == 0
+
+
+TINY = {"tie_word_embeddings": False, "initializer_range": 0.1}
+
+
+def perturbed_copy(model, noise, seed):
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * noise * param.std())
+    return draft
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = build_tiny_llama(0, **TINY).double()  # float64: argmax ties from rounding cannot flip a token
+    return target, {"independent": build_tiny_llama(1, **TINY).double(), "perturbed": perturbed_copy(target, 0.1, 7)}
+
+
+@pytest.mark.parametrize("draft_name", ["independent", "perturbed"])
+def test_greedy_speculative_output_equals_target_greedy_output(models, draft_name):
+    target, drafts = models
+    draft = drafts[draft_name]
+    settings = GenerationSettings(max_new_tokens=16, sampling=SamplingConfig(temperature=0))
+    g = torch.Generator().manual_seed(0)
+    rates = []
+    for length in (1, 6):
+        prompt = torch.randint(3, 320, (1, length), generator=g)
+        expected = target.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None)[0, length:].tolist()
+        assert generate(target, prompt, settings).tokens == expected
+        for k in (1, 3, 5):
+            result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(k))
+            assert result.tokens == expected, (length, k)
+            assert result.target_forwards == 1 + result.rounds - (length == 1)
+            rates.append(result.acceptance_rate)
+    if draft_name == "perturbed":
+        assert 0.1 < sum(rates) / len(rates) < 0.95  # both accepted and rejected drafts were exercised
+    else:
+        assert max(rates) < 0.2
+
+
+def test_greedy_speculative_output_with_an_int8_target_cache(models):
+    target, drafts = models
+    target = target.float()
+    draft = drafts["perturbed"].float()
+    settings = GenerationSettings(max_new_tokens=20, sampling=SamplingConfig(temperature=0))
+    prompt = [5, 17, 99, 3]
+    expected = generate(target, prompt, settings, cache=make_kv_cache(target, KVCacheConfig("int8"))).tokens
+    result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(3),
+                                  target_cache=make_kv_cache(target, KVCacheConfig("int8")))
+    assert result.tokens == expected and result.rounds < 20
+    target.double()
+    draft.double()
+
+
+def exact_two_token_distributions(model, prompt, sampling):
+    """The target's exact distribution of the first new token and the marginal of the second."""
+    with torch.no_grad():
+        first = next_token_probs(model(torch.tensor([prompt])).logits[0, -1], sampling)
+        vocab = first.numel()
+        batch = torch.tensor([prompt + [t] for t in range(vocab)])
+        second_given = next_token_probs(model(batch).logits[:, -1], sampling)       # (V, V)
+    return first, first @ second_given
+
+
+def test_end_to_end_sampled_tokens_follow_the_target_distribution():
+    config = {"vocab_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": False,
+              "initializer_range": 0.15}
+    target, draft = build_tiny_llama(0, **config), build_tiny_llama(3, **config)
+    sampling = SamplingConfig(temperature=1.0)
+    prompt = [3, 5, 7]
+    first_p, second_p = exact_two_token_distributions(target, prompt, sampling)
+    draft_first, _ = exact_two_token_distributions(draft, prompt, sampling)
+    settings = GenerationSettings(max_new_tokens=2, sampling=sampling)
+    g = torch.Generator().manual_seed(0)
+    runs = [speculative_generate(target, draft, prompt, settings, SpeculativeConfig(3), generator=g)
+            for _ in range(300)]
+    tokens = torch.tensor([r.tokens for r in runs])
+    assert chi_square_p_value(tokens[:, 0], first_p) > ALPHA
+    assert chi_square_p_value(tokens[:, 1], second_p) > ALPHA
+    accepted = sum(r.accepted for r in runs) / sum(r.drafted for r in runs)
+    assert 0.05 < accepted < 0.95
+    # power: the draft's own distribution, which an always-accept bug would produce, fails at this size
+    assert chi_square_p_value(sample(draft_first.expand(300, -1), g), first_p) < 1e-6
+
+
+def test_self_speculative_draft_is_a_low_bit_copy(models):
+    target = build_tiny_llama(0, **TINY)
+    draft = low_bit_draft(target, WeightScheme.parse("int4/g32"))
+    assert type(draft.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+    assert type(target.model.layers[0].mlp.up_proj).__name__ == "Linear"  # the target is untouched
+    settings = GenerationSettings(max_new_tokens=16, sampling=SamplingConfig(temperature=0))
+    expected = generate(target, [4, 8, 15], settings).tokens
+    result = speculative_generate(target, draft, [4, 8, 15], settings, SpeculativeConfig(4))
+    assert result.tokens == expected and result.acceptance_rate > 0.5
+
+
+def test_draft_with_another_vocabulary_is_refused(models):
+    target, _ = models
+    other = build_tiny_llama(0, vocab_size=400, **TINY)
+    with pytest.raises(ModelpressError, match="draft model scores 400 tokens but the target scores 320"):
+        speculative_generate(target, other, [1, 2], GenerationSettings(max_new_tokens=4))
+
+
+def test_generation_stops_at_end_of_sequence(models):
+    target, drafts = models
+    settings = GenerationSettings(max_new_tokens=30, sampling=SamplingConfig(temperature=0))
+    full = generate(target, [9, 10], settings).tokens
+    eos = full[6]
+    stop = GenerationSettings(max_new_tokens=30, sampling=SamplingConfig(temperature=0), eos_token_ids=(eos,))
+    cut = full[: full.index(eos) + 1]
+    assert generate(target, [9, 10], stop).tokens == cut
+    assert speculative_generate(target, drafts["perturbed"], [9, 10], stop, SpeculativeConfig(4)).tokens == cut
+
+
+@pytest.mark.slow
+def test_self_speculative_greedy_on_the_default_model_matches_plain_greedy(default_model):
+    model, tokenizer = default_model.model, default_model.tokenizer
+    prompt = tokenizer("The Python interpreter reads")["input_ids"]
+    settings = GenerationSettings(max_new_tokens=12, sampling=SamplingConfig(temperature=0))
+    expected = generate(model, prompt, settings).tokens
+    draft = low_bit_draft(model, WeightScheme.parse("int8/channel"))
+    result = speculative_generate(model, draft, prompt, settings, SpeculativeConfig(4))
+    assert result.tokens == expected
+    assert result.acceptance_rate > 0.5 and result.rounds < 12
