@@ -35,3 +35,35 @@ def plot_quality_vs_bits(rows: Sequence[dict], path: str) -> None:
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_kl_vs_bits(rows: Sequence[dict], path: str, series_key: str = "library", label_key: str = "key",
+                    title: str | None = None) -> None:
+    """KL divergence (log scale) against measured bits per weight, one colour per `series_key` value
+    (e.g. the library that quantized the row), each point labelled with `label_key`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("bits_per_weight") is not None and r.get("kl_divergence")]
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    markers = "osD^vP*X"
+    for i, series in enumerate(dict.fromkeys(str(r.get(series_key)) for r in points)):
+        mine = [r for r in points if str(r.get(series_key)) == series]
+        ax.scatter([r["bits_per_weight"] for r in mine], [r["kl_divergence"] for r in mine], s=28,
+                   marker=markers[i % len(markers)], label=series)
+        for r in mine:
+            ax.annotate(str(r.get(label_key, "")), (r["bits_per_weight"], r["kl_divergence"]), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (quantized layers, scales and zeros included)")
+    ax.set_ylabel("KL divergence vs float (nats/token)")
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
