@@ -52,17 +52,106 @@ class EvalSettings:
     decode_tokens: int = 32
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Calibration data for methods that need it (gptq). Windows are cut after the first `eval_tokens` tokens
+    of the text, so they never overlap the evaluation windows (40 x 512 tokens by default)."""
+
+    text: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    device: str = "cpu"
+    resume_dir: str | None = None
+    eval_tokens: int = 40 * 512
+
+
+def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
+    """(samples, seq_len) token ids for calibration, disjoint from the evaluation windows."""
+    if tokenizer is None:
+        raise ModelpressError("the model has no tokenizer; calibration needs one to cut text into windows")
+    reserved = -(-settings.eval_tokens // settings.seq_len)  # whole calibration-length windows covering eval text
+    windows = make_windows(tokenizer, load_text(settings.text), settings.seq_len, reserved, settings.samples)
+    return windows.calibration
+
+
 def quantize_model(loaded: LoadedModel, scheme: WeightScheme, method: str = "rtn",
-                   skip: tuple[str, ...] = DEFAULT_SKIP) -> dict:
-    """Quantize `loaded.model` in place; returns a small report (method, scheme, layers, seconds)."""
+                   skip: tuple[str, ...] = DEFAULT_SKIP, calibration: CalibrationSettings | None = None,
+                   alpha: float = 0.5) -> dict:
+    """Quantize `loaded.model` in place; returns a small report (method, scheme, layers, seconds).
+    `alpha` is SmoothQuant's migration strength (method "smoothquant" only)."""
     from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 
+    if method == "gptq":
+        return _quantize_gptq(loaded, scheme, skip, calibration or CalibrationSettings())
+    if method in ("awq", "awq-gptq", "smoothquant"):
+        return _quantize_scaled(loaded, scheme, method, skip, calibration or CalibrationSettings(), alpha)
     if method != "rtn":
-        raise ModelpressError(f"unknown quantization method {method!r}; available: rtn")
+        raise ModelpressError(f"unknown quantization method {method!r}; available: rtn, gptq, awq, awq-gptq, "
+                              "smoothquant")
     start = time.perf_counter()
     layers = quantize_rtn(loaded.model, RTNConfig(scheme=scheme, skip=skip))
     return {"method": method, "scheme": scheme.spec, "layers": len(layers),
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _quantize_gptq(loaded: LoadedModel, scheme: WeightScheme, skip: tuple[str, ...],
+                   calibration: CalibrationSettings) -> dict:
+    from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
+
+    start = time.perf_counter()
+    ids = calibration_windows(loaded.tokenizer, calibration)
+    result = quantize_gptq(loaded.model, GPTQConfig(scheme=scheme, skip=skip), ids, device=calibration.device,
+                           resume_dir=calibration.resume_dir, batch_size=calibration.batch_size)
+    return {"method": "gptq", "scheme": scheme.spec, "layers": result.layers,
+            "seconds": round(time.perf_counter() - start, 3),
+            "calibration": {"text": calibration.text or "default", "samples": int(ids.shape[0]),
+                            "seq_len": int(ids.shape[1])},
+            **result.summary()}
+
+
+def _quantize_scaled(loaded: LoadedModel, scheme: WeightScheme, method: str, skip: tuple[str, ...],
+                     calibration: CalibrationSettings, alpha: float) -> dict:
+    """AWQ (RTN or GPTQ after the scales) and SmoothQuant W8A8: per-channel scales folded into producers."""
+    from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
+    from modelpress.algorithms.quantize.smoothquant import SmoothQuantConfig, quantize_smoothquant
+
+    if method == "smoothquant" and calibration.resume_dir is not None:
+        raise ModelpressError("smoothquant runs in one short pass and cannot resume; drop --resume")
+    smooth = SmoothQuantConfig.for_scheme(scheme, alpha=alpha, skip=skip) if method == "smoothquant" else None
+    awq = AWQConfig(scheme=scheme, solver="gptq" if method == "awq-gptq" else "rtn", skip=skip) if not smooth else None
+    start = time.perf_counter()
+    ids = calibration_windows(loaded.tokenizer, calibration)
+    if smooth is not None:
+        result = quantize_smoothquant(loaded.model, smooth, ids, device=calibration.device,
+                                      batch_size=calibration.batch_size)
+        spec = smooth.scheme.spec
+    else:
+        result = quantize_awq(loaded.model, awq, ids, device=calibration.device,
+                              resume_dir=calibration.resume_dir, batch_size=calibration.batch_size)
+        spec = scheme.spec
+    return {"method": method, "scheme": spec, "layers": result.layers,
+            "seconds": round(time.perf_counter() - start, 3),
+            "calibration": {"text": calibration.text or "default", "samples": int(ids.shape[0]),
+                            "seq_len": int(ids.shape[1])},
+            **result.summary()}
+
+
+def prune_model(loaded: LoadedModel, config, calibration: CalibrationSettings | None = None) -> dict:
+    """Prune `loaded.model` in place; `config` is one of algorithms/prune's configs (magnitude, Wanda,
+    SparseGPT, structured, experts). Returns the method's report as a dict."""
+    from modelpress.algorithms.prune import prune, pruner_for
+
+    calibration = calibration or CalibrationSettings()
+    ids = calibration_windows(loaded.tokenizer, calibration) if pruner_for(config).calibrated else None
+    start = time.perf_counter()
+    report = prune(loaded.model, config, ids, device=calibration.device, resume_dir=calibration.resume_dir,
+                   batch_size=calibration.batch_size)
+    info = {**report.summary(), "seconds": round(time.perf_counter() - start, 3)}
+    if ids is not None:
+        info["calibration"] = {"text": calibration.text or "default", "samples": int(ids.shape[0]),
+                               "seq_len": int(ids.shape[1])}
+    return info
 
 
 def prepare_windows(tokenizer, settings: EvalSettings, calib_samples: int = 0) -> tuple[TextSource, TokenWindows]:

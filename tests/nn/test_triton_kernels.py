@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA", allow_module_level=True)
 pytest.importorskip("triton")
 
-from modelpress.nn.triton_backend import (  # noqa: E402
+from modelpress.nn.triton_backend import (
     KernelConfig,
     choose_plan,
     dequantize,

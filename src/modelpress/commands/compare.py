@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from modelpress.api import EvalSettings, compare
-from modelpress.commands.common import add_json_argument, add_model_argument, add_text_arguments, format_table, write_json
+from modelpress.commands.common import (
+    add_json_argument,
+    add_model_argument,
+    add_text_arguments,
+    format_table,
+    write_json,
+)
 from modelpress.formats.scheme import WeightScheme
 
 DEFAULT_SCHEMES = ("int8/channel", "fp8-e4m3/channel", "int4-asym/g32", "int4/g128", "nf4/g64", "int3-asym/g128")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from modelpress.api import EvalSettings, default_reference, evaluate_models
-from modelpress.commands.common import add_json_argument, add_model_argument, add_text_arguments, format_table, write_json
+from modelpress.commands.common import (
+    add_json_argument,
+    add_model_argument,
+    add_text_arguments,
+    format_table,
+    write_json,
+)
 from modelpress.io.model import load_model
 
 COLUMNS = [("model", "model"), ("perplexity", "PPL"), ("reference_perplexity", "ref PPL"),

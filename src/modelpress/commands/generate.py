@@ -116,6 +116,8 @@ def load_draft(args: argparse.Namespace, target, tokenizer, device: torch.device
 
 
 def run(args: argparse.Namespace) -> int:
+    from modelpress.nn.cpu_backend import fast_cpu
+
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
     loaded = load_model(args.model)
@@ -130,12 +132,13 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     cache = make_kv_cache(model, KVCacheConfig(args.kv_cache))
     printer = StreamPrinter(tokenizer)
-    if args.draft or args.self_speculative:
-        draft = load_draft(args, model, tokenizer, device, dtype)
-        result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
-                                      target_cache=cache, generator=generator, on_tokens=printer)
-    else:
-        result = generate(model, ids, settings, cache=cache, generator=generator, on_tokens=printer)
+    with fast_cpu():  # packed int4/int8 CPU kernels, bfloat16 inside (nn/cpu_backend.py)
+        if args.draft or args.self_speculative:
+            draft = load_draft(args, model, tokenizer, device, dtype)
+            result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
+                                          target_cache=cache, generator=generator, on_tokens=printer)
+        else:
+            result = generate(model, ids, settings, cache=cache, generator=generator, on_tokens=printer)
     sys.stdout.write("\n")
     summary = f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s"
     if result.acceptance_rate is not None:

@@ -1,4 +1,4 @@
-"""True bytes of a model's weights, and bits per weight of its quantized layers.
+"""True bytes of a model's weights, and bits per weight of its quantized (or pruned, SparseLinear) layers.
 
 Bytes are counted from the tensors the model really holds (parameters and persistent buffers), each
 shared tensor once, so tied embeddings are not double counted and packed layers count their codes,
@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from modelpress.nn.quant_linear import QuantLinear
+from modelpress.nn.sparse_linear import SparseLinear
+
+# compressed layers whose stored tensors stand for an (out, in) weight; SparseLinear: bitmask + kept values
+_COMPRESSED = (QuantLinear, SparseLinear)
+_STORED_NAMES = ("qdata", "scale", "offset", "scale_scale", "scale_mean", "input_perm", "mask", "values")
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,8 @@ def measure_size(model: nn.Module) -> SizeResult:
     seen: set = set()
     total_bytes = 0
     parameters = 0
-    quant_modules = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    packed_names = {f"{name}.{t}" for name in quant_modules for t in ("qdata", "scale", "offset", "scale_scale",
-                                                                     "scale_mean", "input_perm")}
+    quant_modules = {name: m for name, m in model.named_modules() if isinstance(m, _COMPRESSED)}
+    packed_names = {f"{name}.{t}" for name in quant_modules for t in _STORED_NAMES}
     for name, tensor in _persistent_tensors(model):
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:

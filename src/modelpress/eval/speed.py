@@ -26,7 +26,15 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> SpeedResult:
-    """`prompt` is a (1, T) tensor of token ids; decode is greedy generation of `new_tokens` with a cache."""
+    """`prompt` is a (1, T) tensor of token ids; decode is greedy generation of `new_tokens` with a cache.
+    Timed as `modelpress generate` runs: with the CPU's packed kernels on (nn/cpu_backend.py)."""
+    from modelpress.nn.cpu_backend import fast_cpu
+
+    with fast_cpu():
+        return _measure(model, prompt, new_tokens, repeats)
+
+
+def _measure(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> SpeedResult:
     device = next(model.parameters()).device
     ids = prompt.to(device)
     model(input_ids=ids, use_cache=False)  # warm-up

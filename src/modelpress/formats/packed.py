@@ -177,6 +177,23 @@ def quantize_weight(
     )
 
 
+def fake_quantize(weight: torch.Tensor, scheme: WeightScheme, name: str = "weight") -> torch.Tensor:
+    """quantize_weight(weight, scheme).dequantize() without packing: the (N, K) float32 weight the packed layer
+    would compute with, equal bit for bit (quantization-aware training runs its forward on this)."""
+    check_finite(weight, name)
+    n, k = weight.shape
+    w = weight.detach().float()
+    fmt = scheme.qformat
+    scale, offset = group_view_reduce(w, scheme, fmt.scale_for)
+    _, offset, extra = _stored_scales(scale, offset, scheme, name)
+    g = scheme.group_length(k)
+    real_scale = expand_groups(extra["_real_scale"], n, k, g)
+    full_offset = None if offset is None else expand_groups(offset.float(), n, k, g)
+    shifted = w if full_offset is None else w - full_offset
+    values = fmt.decode(fmt.encode(shifted / real_scale)) * real_scale
+    return values if full_offset is None else values + full_offset
+
+
 def _stored_scales(scale, offset, scheme: WeightScheme, name: str):
     """Round scales (and offsets) to their storage dtype; codes must be computed from the stored values."""
     dtype = scheme.torch_scale_dtype

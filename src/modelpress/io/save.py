@@ -113,6 +113,10 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
     left = [n for n, t in _all_tensors(model) if t.is_meta]
     if left:
         raise ModelpressError(f"{path}: tensors missing from {WEIGHTS_FILE}: {left[:5]}")
+    for kind in sorted({record["kind"] for record in meta["layers"].values()}):
+        prepare = getattr(module_for_kind(kind), "prepare_model", None)  # e.g. QuantExperts: eager expert loop
+        if prepare is not None:
+            prepare(model)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,4 +1,10 @@
-from modelpress.nn import triton_backend  # noqa: F401  (registers the CUDA backend; imports Triton only on use)
+from modelpress.nn import (
+    cpu_backend,  # noqa: F401  (registers the CPU backend: packed int4/int8 kernels)
+    triton_backend,  # noqa: F401  (registers the CUDA backend; imports Triton only on use)
+    w8a8_linear,  # noqa: F401  (registers w8a8_linear and the dynamic int8 kinds for loading)
+)
+from modelpress.nn.quant_experts import QuantExperts
 from modelpress.nn.quant_linear import QuantLinear
+from modelpress.nn.sparse_linear import ResizedLinear, SparseLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantExperts", "QuantLinear", "ResizedLinear", "SparseLinear"]

@@ -58,6 +58,9 @@ def int8_weight(packed: PackedWeight) -> torch.Tensor:
     return (packed.qdata[:, :k] ^ 0x80).view(torch.int8)
 
 
+CUDA_MIN_ROWS = 17   # torch._int_mm on CUDA takes more than 16 rows
+
+
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
     """torch._int_mm takes any shape on CPU; CUDA wants m > 16 and k, n multiples of 8."""
     if not hasattr(torch, "_int_mm"):
@@ -73,6 +76,11 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     if int_mm_supported(m, k, n, a.device):
         return torch._int_mm(a, b.t())
+    if int_mm_supported(CUDA_MIN_ROWS, k, n, a.device):
+        # CUDA wants m > 16: pad the rows with zeros (decode-sized inputs) and drop them from the result
+        padded = torch.zeros(CUDA_MIN_ROWS, k, dtype=a.dtype, device=a.device)
+        padded[:m] = a
+        return torch._int_mm(padded, b.t())[:m]
     # float64 holds every partial sum of int8 products exactly; slow, used only for odd shapes on GPUs
     return a.double() @ b.double().t()
 

@@ -54,4 +54,6 @@ def find_linear_layers(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    if child in parent._parameters:  # a fused parameter (e.g. 3-D expert weights) becoming a module
+        delattr(parent, child)
     setattr(parent, child, new)

@@ -226,8 +226,7 @@ def quant_matmul_kernel(
     acc = tl.zeros((BM, BN), tl.float32)
     k_begin = pid_k * k_per_split
     k_end = k_begin + k_per_split
-    if k_end > K:
-        k_end = K
+    k_end = min(k_end, K)
     s_next = _group_params(scale_ptr, offs_n, n_mask, k_begin, K, group_size, stride_sn, stride_sg, BKG, SUB)
     if AFFINE:
         o_next = _group_params(offset_ptr, offs_n, n_mask, k_begin, K, group_size, stride_sn, stride_sg, BKG, SUB)
@@ -256,7 +255,7 @@ def quant_matmul_kernel(
         splits = tl.num_programs(2)
         if tl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
             acc = tl.zeros((BM, BN), tl.float32)
-            for split in range(0, splits):
+            for split in range(splits):
                 acc += tl.load(ws_ptr + split * M * N + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -1,0 +1,251 @@
+"""Per-input-channel scales moved between a group of layers and the operation that produces their input
+(shared by AWQ and SmoothQuant).
+
+For layers reading x (..., K), W x = (W diag(s)) (x / s) for any positive s (K,). The division by s costs
+nothing when it can be folded into whatever produced x:
+- a norm with an elementwise affine (RMSNorm, LayerNorm): its weight (and bias) divided by s;
+- a linear layer whose output channels reach x one to one through operations that commute with a
+  per-channel scale: its rows (and bias) divided by s. Examples: up_proj -> (act(gate) * up) -> down_proj;
+  v_proj -> attention -> o_proj when every attention head has its own value head (with grouped-query
+  attention v_proj has fewer outputs than o_proj has inputs, and no fold exists).
+Producers are found by structure and data flow, never by name. Candidates for a group are the module whose
+output is the very tensor the group reads and that has only a (K,) weight and bias (a norm), then the
+linear layers called earlier in the block with K outputs, latest first. A candidate is accepted only if,
+with random scales s (between 1/4 and 4) folded into it and into the group, the group reads exactly x / s
+and the block's output is unchanged (to float rounding); the second check rules out producers whose output
+feeds anything besides the group.
+A group with no accepted producer keeps its input as it is; the caller decides what that means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modelpress.algorithms.quantize.gptq import HessianSum
+from modelpress.engine.algorithm import InputGroup
+from modelpress.engine.context import BlockContext
+from modelpress.nn.layers import is_linear, linear_weight
+
+
+@dataclass(frozen=True)
+class Producer:
+    name: str      # module path inside the block
+    kind: str      # "norm": an elementwise affine weight (and bias); "linear": output rows (and bias)
+
+
+@dataclass
+class ChannelStats:
+    """Running statistics of one group's input x (..., K), in float32."""
+
+    abs_sum: torch.Tensor                   # (K,) sum of |x| over rows
+    abs_max: torch.Tensor                   # (K,) max of |x| over rows
+    hessian: HessianSum | None = None       # X^T X, when asked for
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, k: int, device: torch.device, hessian: bool) -> ChannelStats:
+        zeros = torch.zeros(k, device=device)
+        return cls(zeros, zeros.clone(), HessianSum(torch.zeros(k, k, device=device)) if hessian else None)
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        a = x.abs()
+        self.abs_sum += a.sum(dim=0)
+        torch.maximum(self.abs_max, a.amax(dim=0), out=self.abs_max)
+        if self.hessian is not None:
+            self.hessian.add(x)
+        self.rows += x.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+
+# ---- the fold: pure edits of weights ----------------------------------------------------------------------
+
+def _set(t: torch.Tensor, value: torch.Tensor) -> None:
+    t.copy_(value.to(t.dtype))
+
+
+@torch.no_grad()
+def fold_scales(producer: nn.Module, kind: str, consumers: Iterable[nn.Module], scale: torch.Tensor) -> None:
+    """Divide the producer's output channels by `scale` (K,) and multiply the consumers' input columns by it,
+    in float32, in place. The group's outputs are unchanged up to rounding of the stored weights."""
+    s = scale.float()
+    if kind == "norm":
+        for param in (producer.weight, getattr(producer, "bias", None)):
+            if param is not None:
+                _set(param, param.float() / s.to(param.device))
+    else:
+        weight = linear_weight(producer)                      # (K, in): a view, also for Conv1D
+        _set(weight, weight.float() / s.to(weight.device)[:, None])
+        bias = getattr(producer, "bias", None)
+        if bias is not None:
+            _set(bias, bias.float() / s.to(bias.device))
+    for module in consumers:
+        weight = linear_weight(module)                        # (out, K)
+        _set(weight, weight.float() * s.to(weight.device)[None, :])
+
+
+# ---- plumbing: statistics and producers of a block's groups -----------------------------------------------
+
+def foldable_groups(context: BlockContext) -> list[InputGroup]:
+    """Groups made of linear layers only (slices of fused expert weights read routed subsets of tokens and
+    take no per-channel scales here)."""
+    return [g for g in context.plan.groups if all(t.name in context.targets.linears for t in g.targets)]
+
+
+def deepest_first(groups: Iterable[InputGroup]) -> list[InputGroup]:
+    """Order in which to fold: a group's producer is shallower than the group, so folding deeper groups
+    first means every search sees the final rows of its own layers."""
+    return sorted(groups, key=lambda g: -g.level)
+
+
+def collect_stats(context: BlockContext, groups: list[InputGroup], hessian: bool) -> dict[str, ChannelStats]:
+    """One pass of the block over every calibration batch, recording each group's input statistics."""
+    stats: dict[str, ChannelStats] = {}
+    handles = []
+
+    def hook(key: str):
+        def record(_module, args):
+            x = args[0]
+            if key not in stats:
+                stats[key] = ChannelStats.empty(x.shape[-1], x.device, hessian)
+            stats[key].add(x)
+        return record
+
+    for group in groups:
+        handles.append(context.targets.linears[group.key].register_forward_pre_hook(hook(group.key)))
+    try:
+        for _ in context.outputs():
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@dataclass
+class _Trace:
+    order: list[str] = field(default_factory=list)                 # module names, in order of finishing
+    seen: set[str] = field(default_factory=set)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # first output of each norm-like module
+    group_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_start: dict[str, int] = field(default_factory=dict)      # len(order) when the leader started
+
+
+def _trace(context: BlockContext, groups: list[InputGroup]) -> tuple[_Trace, torch.Tensor]:
+    trace = _Trace()
+    handles = []
+    leaders = {g.key for g in groups}
+    for name, module in context.block.named_modules():
+        if not name:
+            continue
+
+        keep = _is_norm_like(module, None)     # only a norm's output is compared with a group's input
+
+        def after(_m, _args, output, name=name, keep=keep):
+            if name not in trace.seen:
+                trace.seen.add(name)
+                trace.order.append(name)
+                if keep and isinstance(output, torch.Tensor):
+                    trace.outputs[name] = output
+        handles.append(module.register_forward_hook(after))
+        if name in leaders:
+            def before(_m, args, name=name):
+                if name not in trace.group_inputs:
+                    trace.group_inputs[name] = args[0]
+                    trace.group_start[name] = len(trace.order)
+            handles.append(module.register_forward_pre_hook(before))
+    try:
+        reference = next(context.outputs(1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return trace, reference
+
+
+def _is_norm_like(module: nn.Module, k: int | None) -> bool:
+    """Only a (k,) weight and optionally a (k,) bias (any k if None), no submodules, not a linear layer."""
+    params = dict(module.named_parameters(recurse=False))
+    if "weight" not in params or is_linear(module) or any(True for _ in module.children()):
+        return False
+    size = params["weight"].shape if k is None else (k,)
+    return set(params) <= {"weight", "bias"} and len(size) == 1 and all(p.shape == size for p in params.values())
+
+
+def _candidates(context: BlockContext, group: InputGroup, trace: _Trace) -> list[Producer]:
+    x = trace.group_inputs.get(group.key)
+    if x is None:
+        return []
+    k = x.shape[-1]
+    members = {t.name for t in group.targets}
+    found = [Producer(name, "norm") for name, out in trace.outputs.items()
+             if out is x and _is_norm_like(context.block.get_submodule(name), k)]
+    earlier = trace.order[: trace.group_start[group.key]]
+    for name in reversed(earlier):
+        module = context.block.get_submodule(name)
+        if is_linear(module) and name not in members and linear_weight(module).shape[0] == k:
+            found.append(Producer(name, "linear"))
+    return found
+
+
+def _fold_tolerance(dtype: torch.dtype) -> float:
+    return max(1e-4, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30))
+
+
+def _fold_is_exact(context: BlockContext, producer: Producer, group: InputGroup, inputs: torch.Tensor,
+                   reference: torch.Tensor) -> bool:
+    """Fold random scales s in [1/4, 4]: the group must then read exactly inputs / s, and the block's output
+    must not change (the producer's output reaches nothing but the group)."""
+    module = context.block.get_submodule(producer.name)
+    consumers = [context.targets.linears[t.name] for t in group.targets]
+    touched = list(module.parameters(recurse=False)) + [m.weight for m in consumers]
+    saved = [p.detach().clone() for p in touched]
+    gen = torch.Generator().manual_seed(1234 + context.index)
+    scale = (2.0 ** (torch.rand(inputs.shape[-1], generator=gen) * 4 - 2)).to(inputs.device)
+    seen: list[torch.Tensor] = []
+    handle = consumers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]) if not seen else None)
+    try:
+        fold_scales(module, producer.kind, consumers, scale)
+        output = next(context.outputs(1))
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for param, value in zip(touched, saved):
+                param.copy_(value)
+    tolerance = _fold_tolerance(reference.dtype)
+    return (bool(seen) and seen[0].shape == inputs.shape
+            and _relative_error(seen[0].float() * scale, inputs) <= tolerance
+            and _relative_error(output, reference) <= tolerance)
+
+
+def find_producers(context: BlockContext, groups: list[InputGroup]) -> dict[str, Producer | None]:
+    """For each group (by key), the module a per-channel scale of its input can be folded into, or None.
+    No module serves two groups."""
+    trace, reference = _trace(context, groups)
+    taken: set[str] = set()
+    found: dict[str, Producer | None] = {}
+    for group in groups:
+        found[group.key] = None
+        x = trace.group_inputs.get(group.key)
+        for candidate in _candidates(context, group, trace):
+            if candidate.name not in taken and _fold_is_exact(context, candidate, group, x, reference):
+                found[group.key] = candidate
+                taken.add(candidate.name)
+                break
+    return found
+
+
+def apply_fold(context: BlockContext, producer: Producer, group: InputGroup, scale: torch.Tensor) -> None:
+    """Fold `scale` into a group found by find_producers: producer output / scale, group columns * scale."""
+    consumers = [context.targets.linears[t.name] for t in group.targets]
+    fold_scales(context.block.get_submodule(producer.name), producer.kind, consumers, scale)

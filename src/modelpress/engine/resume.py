@@ -1,0 +1,119 @@
+"""Resuming a sequential run: after each block, its finished state and the next block's inputs go to disk.
+
+Directory layout (safetensors + JSON, no pickle):
+- state.json                  commit point, rewritten atomically after each block: fingerprint of the run,
+                              blocks done, the record of every compressed module, per-layer notes
+- block-0003.safetensors      block 3's state dict once compressed
+- hidden-0004.safetensors     the hidden states block 4 starts from ("batch.0", "batch.1", ...)
+A run killed at any moment leaves either the previous commit or the new one. A resumed run restores the
+finished blocks, loads the hidden states and goes on with the next block; everything it computes from
+there is what an uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.io.atomic import atomic_file
+from modelpress.nn.layers import replace_module
+from modelpress.nn.registry import compressed_module_kind, module_for_kind
+
+STATE_FILE = "state.json"
+RESUME_VERSION = 1
+
+
+@dataclass
+class ResumeState:
+    fingerprint: dict
+    blocks_done: int = 0
+    records: dict[str, dict[str, dict]] = field(default_factory=dict)   # block index -> module name -> record
+    notes: dict[str, dict] = field(default_factory=dict)                 # full layer name -> notes
+    unobserved: list[str] = field(default_factory=list)
+
+
+def run_fingerprint(algorithm_description: str, block_path: str, num_blocks: int, calibration_ids: torch.Tensor,
+                    batch_size: int) -> dict:
+    ids = calibration_ids.detach().to("cpu", torch.int64).contiguous()
+    return {
+        "version": RESUME_VERSION,
+        "algorithm": algorithm_description,
+        "blocks": f"{block_path} x{num_blocks}",
+        "calibration": f"{tuple(ids.shape)} sha256:{hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]}",
+        "batch_size": batch_size,
+    }
+
+
+def block_records(block: nn.Module) -> dict[str, dict]:
+    return {name: {"kind": kind, **module.record()} for name, module in block.named_modules()
+            if (kind := compressed_module_kind(module)) is not None}
+
+
+class ResumeStore:
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+
+    def load(self, fingerprint: dict) -> ResumeState:
+        """The saved state if it belongs to this run, a fresh one if there is none; an error if it belongs
+        to another run (other model, settings or calibration data)."""
+        path = self.dir / STATE_FILE
+        if not path.exists():
+            return ResumeState(fingerprint)
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ModelpressError(f"resume state {path} is corrupt: {err}") from None
+        if saved.get("fingerprint") != fingerprint:
+            raise ModelpressError(
+                f"{self.dir} holds a run with other settings or data ({saved.get('fingerprint')}); this run is "
+                f"{fingerprint}. Use another --resume directory or delete this one"
+            )
+        return ResumeState(**saved)
+
+    def _write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", dir=self.dir)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def commit_block(self, state: ResumeState, index: int, block: nn.Module, next_hidden: list[torch.Tensor]) -> None:
+        """Save block `index` as finished, with the inputs of block index + 1."""
+        self._write_tensors(f"block-{index:04d}.safetensors", block.state_dict())
+        self._write_tensors(f"hidden-{index + 1:04d}.safetensors", {f"batch.{i}": h for i, h in enumerate(next_hidden)})
+        state.blocks_done = index + 1
+        state.records[str(index)] = block_records(block)
+        with atomic_file(self.dir / STATE_FILE) as handle:
+            json.dump(asdict(state), handle, indent=1, sort_keys=True)
+        (self.dir / f"hidden-{index:04d}.safetensors").unlink(missing_ok=True)
+
+    def restore_block(self, state: ResumeState, index: int, block: nn.Module) -> None:
+        for name, record in state.records.get(str(index), {}).items():
+            replace_module(block, name, module_for_kind(record["kind"]).from_record(record))
+        path = self.dir / f"block-{index:04d}.safetensors"
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as err:
+            raise ModelpressError(f"cannot read {path} to resume: {err}") from None
+        block.load_state_dict(tensors, strict=True)
+
+    def load_hidden(self, state: ResumeState, device: torch.device) -> list[torch.Tensor]:
+        path = self.dir / f"hidden-{state.blocks_done:04d}.safetensors"
+        tensors = load_file(str(path), device=str(device))
+        return [tensors[f"batch.{i}"] for i in range(len(tensors))]

@@ -1,0 +1,326 @@
+"""The CPU matmul backend: QuantLinear on the CPU runs PyTorch's packed int4 and int8 kernels.
+
+Served here (anything else returns None, and the reference path takes it):
+- formats whose levels are integers that fit a 4-bit grid (int2/int3/int4, symmetric or asymmetric, and
+  ternary) with groups whose length is a multiple of 32 (or one group per row when K is), on
+  aten._weight_int4pack_mm_for_cpu;
+- formats with integer levels and one scale per row or per tensor (int8/channel, int8-asym/channel, and the
+  narrower ints when the int4 kernel cannot take them), on aten._weight_int8pack_mm;
+for CPU tensors, float32 / bfloat16 / float16 activations, and not while autograd needs a gradient.
+
+Numerics: these kernels are fast only with bfloat16 activations (float32 ones take a path 10-100x slower
+than F.linear on this torch), so x is rounded to bfloat16, and so is the kernel's output (relative error
+2^-9 each); int4 scales and zero points are bfloat16 in the kernel; int8 row scales are applied afterwards
+in float32. These errors sit far below the weight quantization error beside them, but they are not the
+stored weight's exact product: bfloat16/float16 activations are always served (their own rounding is of
+the same order), float32 activations only inside `with fast_cpu():` (generation, speed measurement), so
+that evaluation measures the stored weights and nothing else.
+
+Exact conversions: the int4 kernel computes w = (c - 8) * s + z for codes c in 0..15, with groups of 32,
+64, 128 or 256 columns that divide K, and N a multiple of 16; the int8 kernel w = s * q, q in -128..127.
+A scale-only format with integer level v stores q = v, z = 0; an affine one (w = s * v + offset) stores
+q = v - center and z = offset + center * s, center being the middle of its levels (8 for int4-asym, 128 for
+int8-asym), so z sits mid-group and rounding s and z to bfloat16 costs nothing to cancellation. A stored
+group is cut into kernel groups of the largest allowed size dividing both the group length and K (K = 576
+with g128: groups of 64, each stored scale used twice); when no such size exists, K is padded with zero
+columns (and x with zeros). Rows are padded to a multiple of 16 and cut off the output.
+
+Prepared tensors are built on a layer's first call and cached by the backend, one entry per qdata tensor
+(freed with it), checked on every call against the identity and version counter of each packed tensor, so
+moving, reloading or editing a layer rebuilds them. They are not module buffers: state_dict and saved
+files never see them. Their size is about the packed size (prepared_nbytes); no float weight is kept.
+Inference-mode tensors have no version counter: an in-place edit of one inside inference_mode goes unseen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from modelpress.formats.base import QFormat
+from modelpress.formats.packed import PackedWeight
+from modelpress.formats.scheme import WeightScheme
+
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes aten._weight_int4pack_mm_for_cpu accepts
+INT4_ROW_MULTIPLE = 16
+INT8_K_MULTIPLE = 32  # aten._weight_int8pack_mm reads out of bounds (segfaults) for M > 1 and K % 16 != 0
+_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Int4Prepared:
+    weight: torch.Tensor       # uint8, the kernel's packed layout of (rows, padded_k) codes
+    scale_zero: torch.Tensor   # bfloat16 (padded_k // group, rows, 2): s and z per kernel group and row
+    group: int                 # kernel group size
+    padded_k: int              # K rounded up to a multiple of `group`
+    out_features: int          # N (rows beyond it are padding)
+    input_perm: torch.Tensor | None  # int64 (K,), gathered from x before the matmul
+
+
+@dataclass(frozen=True)
+class Int8Prepared:
+    weight: torch.Tensor       # int8 (N, padded_k): integer levels (minus 128 for affine formats), zero padded
+    ones: torch.Tensor         # bfloat16 (N,) of 1.0: the kernel's scale argument
+    scale: torch.Tensor        # float32 (N,) row scales, applied to the kernel's output
+    zero: torch.Tensor | None  # float32 (N,): w = scale * q + zero, affine formats only
+    padded_k: int              # K rounded up to a multiple of INT8_K_MULTIPLE
+    input_perm: torch.Tensor | None
+
+
+Prepared = Int4Prepared | Int8Prepared
+
+
+# ---- pure functions: which kernel fits, and the exact conversions ----
+
+def centered_levels(fmt: QFormat, span: int) -> tuple[torch.Tensor, int] | None:
+    """(q per code as int64, center) such that w = s * q + z with z = offset + center * s (affine formats;
+    z = 0 and center = 0 for scale-only ones), every q in [-span/2, span/2 - 1]; None if some level is not
+    an integer or they do not fit. Centering affine levels keeps z near the middle of each group, so that
+    (q * s) + z loses nothing to cancellation when s and z are rounded to bfloat16."""
+    levels = fmt.levels.double()
+    if not torch.equal(levels, levels.round()):
+        return None
+    levels = levels.long()
+    center = (int(levels.min()) + int(levels.max()) + 1) // 2 if fmt.affine else 0
+    q = levels - center
+    if q.min() < -span // 2 or q.max() > span // 2 - 1:
+        return None
+    return q, center
+
+
+def int4_kernel_grouping(group: int, k: int) -> tuple[int, int] | None:
+    """(kernel group size, padded K) for stored groups of `group` columns in rows of K, or None."""
+    for size in INT4_KERNEL_GROUPS:
+        if group % size == 0 and k % size == 0:
+            return size, k
+    for size in INT4_KERNEL_GROUPS:
+        if group % size == 0:
+            return size, -(-k // size) * size
+    return None
+
+
+def int4_plan(packed: PackedWeight) -> tuple[int, int] | None:
+    if centered_levels(packed.scheme.qformat, 16) is None:
+        return None
+    k = packed.shape[1]
+    return int4_kernel_grouping(packed.scheme.group_length(k), k)
+
+
+def int8_fits(packed: PackedWeight) -> bool:
+    one_group = packed.scheme.num_groups(packed.shape[1]) == 1 or packed.scale.shape == (1, 1)
+    return one_group and centered_levels(packed.scheme.qformat, 256) is not None
+
+
+def _weight_terms(packed: PackedWeight, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (N, K) int64, s and z (N, G) float32 with W = s * q + z per group (per-tensor values broadcast)."""
+    n = packed.shape[0]
+    q_of_code, center = centered_levels(packed.scheme.qformat, span)  # type: ignore[misc]
+    q = q_of_code[packed.codes().long()]
+    scale = packed.group_scales()
+    if scale.shape == (1, 1):
+        scale = scale.expand(n, 1)
+    if packed.offset is None:
+        return q, scale, torch.zeros_like(scale)
+    return q, scale, packed.offset.float().expand_as(scale) + center * scale
+
+
+def _perm(packed: PackedWeight) -> torch.Tensor | None:
+    return None if packed.input_perm is None else packed.input_perm.long()
+
+
+def prepare_int4(packed: PackedWeight, group: int, padded_k: int) -> Int4Prepared:
+    n, k = packed.shape
+    q, scale, zero = _weight_terms(packed, 16)
+    stored_group = packed.scheme.group_length(k)
+    # stored group of each kernel group; padding columns belong to the last one
+    owner = (torch.arange(padded_k // group) * group // stored_group).clamp(max=scale.shape[1] - 1)
+    rows = -(-n // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
+    codes = torch.full((rows, padded_k), 8, dtype=torch.int32)  # the kernel reads w = (c - 8) * s + z
+    codes[:n, :k] = (q + 8).to(torch.int32)
+    params = torch.zeros(padded_k // group, rows, 2)
+    params[:, :n, 0] = scale[:, owner].t()
+    params[:, :n, 1] = zero[:, owner].t()
+    return Int4Prepared(
+        weight=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+        scale_zero=params.to(_KERNEL_DTYPE).contiguous(),
+        group=group, padded_k=padded_k, out_features=n, input_perm=_perm(packed),
+    )
+
+
+def prepare_int8(packed: PackedWeight) -> Int8Prepared:
+    n, k = packed.shape
+    q, scale, zero = _weight_terms(packed, 256)
+    padded_k = -(-k // INT8_K_MULTIPLE) * INT8_K_MULTIPLE
+    weight = torch.zeros(n, padded_k, dtype=torch.int8)
+    weight[:, :k] = q
+    return Int8Prepared(
+        weight=weight, ones=torch.ones(n, dtype=_KERNEL_DTYPE), scale=scale[:, 0].contiguous(),
+        zero=None if packed.offset is None else zero[:, 0].contiguous(), padded_k=padded_k,
+        input_perm=_perm(packed),
+    )
+
+
+def int4_matmul(x2: torch.Tensor, prep: Int4Prepared) -> torch.Tensor:
+    """(M, K) activations -> (M, N) bfloat16."""
+    xb = x2.to(_KERNEL_DTYPE)
+    if prep.input_perm is not None:
+        xb = xb.index_select(1, prep.input_perm)
+    if prep.padded_k != xb.shape[1]:
+        xb = F.pad(xb, (0, prep.padded_k - xb.shape[1]))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), prep.weight, prep.group, prep.scale_zero)
+    return y if y.shape[1] == prep.out_features else y[:, : prep.out_features]
+
+
+def int8_matmul(x2: torch.Tensor, prep: Int8Prepared) -> torch.Tensor:
+    """(M, K) activations -> (M, N) float32."""
+    if prep.input_perm is not None:
+        x2 = x2.index_select(1, prep.input_perm)
+    xb = x2.to(_KERNEL_DTYPE)
+    if prep.padded_k != xb.shape[1]:
+        xb = F.pad(xb, (0, prep.padded_k - xb.shape[1]))
+    y = torch.ops.aten._weight_int8pack_mm(xb.contiguous(), prep.weight, prep.ones) * prep.scale  # float32
+    if prep.zero is not None:  # sum_k x_k * zero_n, with x at full precision
+        y = y + x2.float().sum(dim=1, keepdim=True) * prep.zero
+    return y
+
+
+def prepare(packed: PackedWeight) -> Prepared | None:
+    """The fastest prepared form this CPU can run for `packed`, or None."""
+    plan = int4_plan(packed)
+    if plan is not None:
+        return prepare_int4(packed, *plan)
+    if int8_fits(packed):
+        return prepare_int8(packed)
+    return None
+
+
+def prepared_nbytes(prep: Prepared) -> int:
+    tensors = [getattr(prep, f.name) for f in fields(prep)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+# ---- plumbing: the backend, its per-layer cache and its counters ----
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no versions
+        return -1
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A prepared form and what it was built from: the packed tensors (weakly) and their versions."""
+
+    prepared: Prepared | None
+    scheme: WeightScheme
+    sources: tuple[weakref.ref | None, ...]
+    versions: tuple[int, ...]
+
+    def matches(self, packed: PackedWeight, tensors: tuple[torch.Tensor | None, ...]) -> bool:
+        if packed.scheme is not self.scheme and packed.scheme != self.scheme:
+            return False
+        for ref, t, version in zip(self.sources, tensors, self.versions):
+            if (None if ref is None else ref()) is not t or (t is not None and _version(t) != version):
+                return False
+        return True
+
+
+def _packed_tensors(packed: PackedWeight) -> tuple[torch.Tensor | None, ...]:
+    return (packed.qdata, packed.scale, packed.offset, packed.scale_scale, packed.scale_mean, packed.input_perm)
+
+
+class CpuBackend:
+    """Backend entry (see backends.py). `calls` counts calls served per kernel ("int4", "int8");
+    `with backend.disabled():` sends every call to the next backend (to compare against the reference);
+    `with backend.fast():` lets float32 activations through too (rounded to bfloat16, see the module doc)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Entry] = {}  # id(qdata) -> entry, dropped when that qdata tensor is freed
+        self.calls: Counter[str] = Counter()
+        self.enabled = True
+        self.round_float32 = False
+
+    @contextmanager
+    def fast(self) -> Iterator[None]:
+        before, self.round_float32 = self.round_float32, True
+        try:
+            yield
+        finally:
+            self.round_float32 = before
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
+
+    def prepared(self, packed: PackedWeight) -> Prepared | None:
+        """The cached prepared form of this layer's packed tensors (built on first use), or None."""
+        tensors = _packed_tensors(packed)
+        key = id(packed.qdata)
+        entry = self._entries.get(key)
+        if entry is None or not entry.matches(packed, tensors):
+            entry = _Entry(prepare(packed), packed.scheme, tuple(None if t is None else weakref.ref(t) for t in tensors),
+                           tuple(-1 if t is None else _version(t) for t in tensors))
+            if key not in self._entries:
+                weakref.finalize(packed.qdata, self._entries.pop, key, None)
+            self._entries[key] = entry
+        return entry.prepared
+
+    def __call__(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.enabled or x.device.type != "cpu" or packed.qdata.device.type != "cpu":
+            return None
+        if x.dtype not in _ACT_DTYPES or (x.dtype == torch.float32 and not self.round_float32):
+            return None
+        n, k = packed.shape
+        if x.shape[-1] != k or x.numel() == 0:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return None  # the kernels have no backward; the reference path does
+        prep = self.prepared(packed)
+        if prep is None:
+            return None
+        x2 = x.reshape(-1, k)
+        if isinstance(prep, Int4Prepared):
+            y, kind = int4_matmul(x2, prep), "int4"
+        else:
+            y, kind = int8_matmul(x2, prep), "int8"
+        self.calls[kind] += 1
+        if bias is not None:  # bfloat16 + float32 adds in float32, in one op
+            y = torch.add(y, bias if bias.dtype == torch.float32 else bias.float())
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _kernels_available() -> bool:
+    ops = torch.ops.aten
+    return all(hasattr(ops, name) for name in
+               ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu", "_weight_int8pack_mm"))
+
+
+CPU_BACKEND = CpuBackend()
+
+
+def fast_cpu() -> contextlib.AbstractContextManager:
+    """Context in which float32 calls on the CPU also take the packed int4/int8 kernels (bfloat16 inside)."""
+    return CPU_BACKEND.fast()
+
+
+def _register() -> None:
+    from modelpress.nn.backends import backend_names, register_backend
+
+    if _kernels_available() and "cpu" not in backend_names():
+        register_backend("cpu", CPU_BACKEND)
+
+
+_register()

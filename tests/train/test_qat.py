@@ -1,0 +1,95 @@
+"""Quantization-aware training: straight-through gradients, and conversion to exactly the PTQ layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny_llama
+from torch import nn
+
+from modelpress.formats.packed import fake_quantize, quantize_weight
+from modelpress.formats.scheme import WeightScheme
+from modelpress.nn.quant_linear import QuantLinear
+from modelpress.train.data import TaskData
+from modelpress.train.distill import DistillConfig, distill, distillation_loss_fn
+from modelpress.train.qat import FakeQuantLinear, convert_qat, prepare_qat
+from modelpress.train.trainer import TrainConfig
+
+
+def reference_path():
+    """Packed layers computed by the reference path (dequantize, then F.linear), not a fast kernel."""
+    from modelpress.nn.cpu_backend import CPU_BACKEND
+
+    return CPU_BACKEND.disabled()
+
+
+SCHEMES = ["int4/g32", "int3/g32", "int4-asym/g32", "int2/channel", "nf4/g32", "nf4/g32/dq", "fp4/g32",
+           "fp8-e4m3", "ternary/g32", "int8/channel", "int4/g24"]
+
+
+@pytest.mark.parametrize("spec", SCHEMES)
+def test_fake_quantize_is_the_packed_weight_bit_for_bit(spec):
+    scheme = WeightScheme.parse(spec)
+    weight = torch.randn(24, 80, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fake_quantize(weight, scheme), quantize_weight(weight, scheme).dequantize())
+
+
+@pytest.mark.parametrize("spec", ["int4/g32", "int3/g32", "nf4/g32", "int4-asym/g32"])
+def test_straight_through_gradient_is_the_gradient_at_the_quantized_weight(spec):
+    scheme = WeightScheme.parse(spec)
+    g = torch.Generator().manual_seed(0)
+    layer = FakeQuantLinear(torch.randn(16, 64, generator=g), torch.randn(16, generator=g), scheme)
+    x = torch.randn(5, 64, generator=g)
+    target = torch.randn(5, 16, generator=g)
+    F.mse_loss(layer(x), target).backward()
+    # reference: a plain linear layer holding Q(W); with absmax/min-max scales every weight is in range,
+    # so dL/dW through the STE is exactly dL/dQ(W)
+    plain = nn.Linear(64, 16)
+    with torch.no_grad():
+        plain.weight.copy_(fake_quantize(layer.weight, scheme))
+        plain.bias.copy_(layer.bias)
+    F.mse_loss(plain(x), target).backward()
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", SCHEMES)
+def test_convert_gives_the_rtn_layer_whose_forward_equals_fake_quant(spec):
+    scheme = WeightScheme.parse(spec)
+    g = torch.Generator().manual_seed(1)
+    layer = FakeQuantLinear(torch.randn(24, 80, generator=g), torch.randn(24, generator=g), scheme)
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 7, 80, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+    converted = convert_qat(model)["0"]
+    assert isinstance(model[0], QuantLinear) and converted is model[0]
+    reference = quantize_weight(layer.weight, scheme)
+    for name, tensor in reference.tensors().items():
+        assert torch.equal(getattr(converted, name), tensor), name
+    with torch.no_grad(), reference_path():
+        assert torch.equal(model(x), expected)
+    with torch.no_grad():   # a fast CPU kernel may serve the packed layer, rounding activations to bfloat16
+        assert (model(x) - expected).norm() < 1e-2 * expected.norm()
+
+
+def test_qat_training_on_a_tiny_llama_then_convert():
+    scheme = WeightScheme.parse("int3/g32")
+    teacher = build_tiny_llama(0)
+    student = build_tiny_llama(0)
+    fakes = prepare_qat(student, scheme)
+    assert len(fakes) == 14 and "lm_head" not in fakes
+    data = TaskData(torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(0)))
+    config = DistillConfig(freeze=("embed_tokens",))
+    loss = distillation_loss_fn(student, teacher, data, config)
+    with torch.no_grad():
+        before = loss(torch.arange(6)).item()
+    distill(student, teacher, data, config, TrainConfig(steps=12, lr=2e-4, batch_size=3, precision="fp32"))
+    with torch.no_grad():
+        assert loss(torch.arange(6)).item() < 0.8 * before
+    ids = data.input_ids[:2]
+    with torch.no_grad():
+        fake_logits = student(input_ids=ids).logits
+    convert_qat(student)
+    assert not any(isinstance(m, FakeQuantLinear) for m in student.modules())
+    with torch.no_grad(), reference_path():
+        torch.testing.assert_close(student(input_ids=ids).logits, fake_logits, rtol=0, atol=0)

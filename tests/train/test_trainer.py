@@ -1,0 +1,100 @@
+"""The shared training loop: schedule, example order, float32 master weights, fp16 loss scaling."""
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.train.trainer import TrainConfig, example_order, lr_at, train
+
+
+def test_warmup_then_cosine_schedule():
+    config = TrainConfig(steps=10, lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [lr_at(s, config) for s in range(10)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lr_at(10, config) == pytest.approx(0.1)
+    # with a CPU-time budget the decay follows whichever ends first, the steps or the budget
+    assert lr_at(5, config, budget_used=1.0) == pytest.approx(0.1)
+    assert lr_at(5, config, budget_used=0.0) == lr_at(5, config)
+
+
+def test_example_order_walks_whole_shuffled_epochs():
+    order = example_order(5, steps=4, per_step=3, seed=7).reshape(-1)
+    assert sorted(order[:5].tolist()) == list(range(5))
+    assert sorted(order[5:10].tolist()) == list(range(5))
+    assert torch.equal(order, example_order(5, 4, 3, seed=7).reshape(-1))
+
+
+def _regression(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    model = nn.Linear(8, 1)
+    return model, lambda idx: ((model(x[idx]) - y[idx]) ** 2).mean()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_reduces_the_loss_and_keeps_float32_masters(precision):
+    model, loss_fn = _regression()
+    result = train(loss_fn, model.parameters(), 32, TrainConfig(steps=60, lr=0.05, batch_size=8, precision=precision))
+    assert result.steps == 60 and len(result.losses) == 60
+    assert sum(result.losses[-5:]) < 0.2 * sum(result.losses[:5])
+    assert model.weight.dtype == torch.float32
+    assert result.cpu_seconds > 0
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    a, loss_a = _regression()
+    b, loss_b = _regression()
+    b.load_state_dict(a.state_dict())
+    train(loss_a, a.parameters(), 32, TrainConfig(steps=3, lr=0.01, batch_size=8, grad_accumulation=4,
+                                                 precision="fp32", max_grad_norm=None))
+    train(loss_b, b.parameters(), 32, TrainConfig(steps=3, lr=0.01, batch_size=32, precision="fp32",
+                                                 max_grad_norm=None))
+    # same examples each step (a whole epoch), same mean gradient
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_loss_scaling_skips_an_overflowing_step_then_trains():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    x = torch.randn(8, 4)
+    calls, snapshots = [], []
+
+    def loss_fn(idx):
+        calls.append(len(calls))
+        out = layer(x[idx])
+        assert out.dtype == torch.float16                      # autocast really computes in fp16
+        big = 4.0e4 if len(calls) == 1 else 1e-3                # first step: scaled fp16 gradients overflow
+        return (out.float() * big).sum()
+
+    def snapshot():
+        snapshots.append(layer.weight.detach().clone())
+        return 0.0
+
+    before = layer.weight.detach().clone()
+    config = TrainConfig(steps=2, lr=0.01, batch_size=8, precision="fp16", eval_every=1)
+    result = train(loss_fn, layer.parameters(), 8, config, eval_fn=snapshot)
+    assert result.skipped_steps == 1
+    assert torch.equal(snapshots[0], before)                    # the overflowing step changed nothing
+    assert not torch.equal(snapshots[1], before)                # the next one, at a lower scale, trained
+    assert torch.isfinite(snapshots[1]).all()
+
+
+def test_low_precision_master_weights_are_refused():
+    layer = nn.Linear(4, 4).to(torch.bfloat16)
+    with pytest.raises(ModelpressError, match="float32 master weights"):
+        train(lambda idx: layer.weight.float().sum(), layer.parameters(), 4, TrainConfig(steps=1))
+
+
+def test_cpu_time_budget_stops_early():
+    model, loss_fn = _regression()
+    result = train(loss_fn, model.parameters(), 32, TrainConfig(steps=1000, lr=0.01, time_budget_s=0.0))
+    assert result.steps == 1 and result.stopped_early
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("precision", "fp8"), ("lr", -1.0), ("batch_size", 0)])
+def test_bad_config_fails_clearly(field, value):
+    with pytest.raises(ModelpressError):
+        TrainConfig(**{field: value})
