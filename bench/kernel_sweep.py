@@ -21,9 +21,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kernels import DEVICE, ROTATE_BYTES, SHAPES, random_packed, time_sequence  # noqa: E402
+from kernels import DEVICE, ROTATE_BYTES, SHAPES, random_packed, time_sequence
 
-from modelpress.nn.triton_backend import KernelConfig, dequantize, fused_matmul, plan_for  # noqa: E402
+from modelpress.nn.triton_backend import KernelConfig, dequantize, fused_matmul, plan_for
 
 
 def decode_candidates(k: int, m: int):

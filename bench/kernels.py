@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from modelpress.formats import WeightScheme  # noqa: E402
-from modelpress.formats.packed import PackedWeight  # noqa: E402
-from modelpress.formats.packing import packed_row_bytes  # noqa: E402
-from modelpress.nn.triton_backend import triton_linear  # noqa: E402
+from modelpress.formats import WeightScheme
+from modelpress.formats.packed import PackedWeight
+from modelpress.formats.packing import packed_row_bytes
+from modelpress.nn.triton_backend import triton_linear
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192)]  # (N, K)
 LLAMA2_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]

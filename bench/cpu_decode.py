@@ -1,0 +1,233 @@
+"""Benchmark: batch-1 greedy decode and prefill speed of the default model on the CPU, float vs quantized.
+
+Every model is timed in the same process, round-robin (one repeat of each model per round), and reported
+as the median over rounds, so that load from other work on a shared machine hits all rows alike: compare
+the ratios, not the absolute numbers. Rows:
+- float32                 the float model (F.linear in float32; its head is float in every row)
+- SCHEME                  round-to-nearest quantized linear layers on the CPU backend (nn/cpu_backend.py)
+- SCHEME reference        the same model with that backend disabled (dequantize, then F.linear), --reference
+                          (float32 models only: the slowest rows)
+- SCHEME + head           the output head quantized too (RTN leaves it float), --head
+- ... bf16                the model cast to bfloat16 first (activations bf16 throughout), --bf16
+Each thread count given to --threads gets its own full run (on a machine shared with other work, two
+OpenMP threads can lose whole scheduler slices at every parallel region; one thread shows the kernels alone).
+Quality of the fast path is checked against the reference path of the same model on the prefill prompt:
+top-1 agreement, max |logit difference|, KL(reference || fast), and whether greedy decode made the same tokens.
+
+    .venv/bin/python bench/cpu_decode.py --json bench/results/cpu_decode.json
+    .venv/bin/python bench/cpu_decode.py --reference --head --bf16 --threads 2 1     # everything
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+from modelpress.formats.scheme import WeightScheme
+from modelpress.io.model import load_model
+from modelpress.io.text import default_corpus
+from modelpress.nn.cpu_backend import CPU_BACKEND, prepared_nbytes
+from modelpress.nn.quant_linear import QuantLinear
+
+DEFAULT_SCHEMES = ("int8/channel", "int4/g128", "int4-asym/g32")
+DECODE_PROMPT_TOKENS = 16
+
+
+@dataclass
+class Row:
+    name: str
+    model: nn.Module
+    fast: bool = True                      # False: the CPU backend is disabled for this row
+    prefill_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)  # seconds per generated token, one per round
+    tokens: torch.Tensor | None = None     # greedy tokens of the last round
+
+    def context(self):
+        return CPU_BACKEND.fast() if self.fast else CPU_BACKEND.disabled()
+
+
+def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0)
+    made = out.shape[1] - ids.shape[1]
+    return (time.perf_counter() - start) / max(made, 1), out[0, ids.shape[1]:]
+
+
+def layer_bytes(model: nn.Module) -> dict:
+    """Bytes of the quantized linear layers: as stored (packed), as prepared for the CPU kernels, as float32."""
+    packed = prepared = floats = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            packed += module.weight_nbytes
+            prep = CPU_BACKEND.prepared(module.packed)
+            prepared += 0 if prep is None else prepared_nbytes(prep)
+            floats += 4 * module.in_features * module.out_features
+    return {"packed_bytes": packed, "prepared_bytes": prepared, "float32_bytes": floats}
+
+
+@torch.no_grad()
+def fast_vs_reference(model: nn.Module, ids: torch.Tensor) -> dict:
+    with CPU_BACKEND.fast():
+        fast = model(input_ids=ids, use_cache=False).logits[0].double()
+    with CPU_BACKEND.disabled():
+        ref = model(input_ids=ids, use_cache=False).logits[0].double()
+    kl = (F.softmax(ref, -1) * (F.log_softmax(ref, -1) - F.log_softmax(fast, -1))).sum(-1)
+    return {"top1_agreement": (fast.argmax(-1) == ref.argmax(-1)).double().mean().item(),
+            "max_abs_logit_diff": (fast - ref).abs().max().item(),
+            "mean_kl_ref_fast": kl.mean().item()}
+
+
+def quantize_head(model: nn.Module, scheme: WeightScheme) -> None:
+    """Also quantize the output head (RTN skips it): shows what the float head costs each decode step."""
+    from modelpress.algorithms.quantize.rtn import quantize_layer
+    from modelpress.nn.layers import output_head_names, replace_module
+
+    for name in output_head_names(model):
+        replace_module(model, name, quantize_layer(model.get_submodule(name), scheme, name=name))
+
+
+def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool, head: bool) -> list[Row]:
+    rows = []
+    for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
+        suffix = "" if dtype == torch.float32 else " bf16"
+        base = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        rows.append(Row("float32" if not suffix else "float bf16", base))
+        for spec in schemes:
+            scheme = WeightScheme.parse(spec)
+            quantized = copy.deepcopy(base)
+            quantize_rtn(quantized, RTNConfig(scheme))
+            rows.append(Row(spec + suffix, quantized))
+            if reference and dtype == torch.float32:
+                rows.append(Row(f"{spec} reference", quantized, fast=False))
+            if head:
+                with_head = copy.deepcopy(quantized)
+                quantize_head(with_head, scheme)
+                rows.append(Row(f"{spec}{suffix} + head", with_head))
+    return rows
+
+
+@torch.no_grad()
+def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: int, reference_tokens: int) -> None:
+    """Fill each row's timings: `repeats` rounds, every row once per round (reference rows decode fewer tokens:
+    the rate per token is what is compared)."""
+    decode_prompt = prompt[:, :DECODE_PROMPT_TOKENS]
+    for row in rows:
+        row.prefill_s, row.decode_s = [], []
+        with row.context():  # warm-up: builds the prepared weights, touches every page once
+            time_prefill(row.model, prompt)
+            time_decode(row.model, decode_prompt, 2)
+    for round_ in range(repeats):
+        for row in rows:
+            with row.context():
+                row.prefill_s.append(time_prefill(row.model, prompt))
+                tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
+                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens)
+                row.decode_s.append(per_token)
+        print(f"{torch.get_num_threads()} threads: round {round_ + 1}/{repeats} done", file=sys.stderr, flush=True)
+
+
+def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int) -> dict:
+    quality = fast_vs_reference(row.model, prompt)
+    reference = next((r for r in rows if r.model is row.model and not r.fast), None)
+    if reference is None:
+        with CPU_BACKEND.disabled(), torch.no_grad():
+            _, reference_tokens = time_decode(row.model, prompt[:, :DECODE_PROMPT_TOKENS], new_tokens)
+    else:
+        reference_tokens = reference.tokens
+    common = min(row.tokens.numel(), reference_tokens.numel())
+    quality["greedy_tokens"] = common
+    quality["greedy_tokens_equal"] = int((row.tokens[:common] == reference_tokens[:common]).sum())
+    return quality
+
+
+def markdown(results: list[dict]) -> str:
+    base = results[0]
+    lines = [("| threads | model | decode tok/s | vs float32 | prefill tok/s | vs float32 "
+              "| quantized layers MB (packed / prepared) | fast vs reference: top-1, max dlogit, same greedy tokens |"),
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        base = r if r["name"] == "float32" else base
+        size = "" if r["packed_bytes"] is None else f"{r['packed_bytes'] / 1e6:.1f} / {r['prepared_bytes'] / 1e6:.1f}"
+        q = r.get("quality")
+        quality = "" if q is None else (f"{q['top1_agreement']:.4f}, {q['max_abs_logit_diff']:.3f}, "
+                                        f"{q['greedy_tokens_equal']}/{q['greedy_tokens']}")
+        lines.append(f"| {r['threads']} | {r['name']} | {r['decode_tokens_per_s']:.2f} | "
+                     f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x | {size} | {quality} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES))
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one full run per thread count")
+    parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference", action="store_true", help="also time each quantized model on the reference path")
+    parser.add_argument("--reference-tokens", type=int, default=8, help="tokens decoded per reference-row repeat")
+    parser.add_argument("--bf16", action="store_true", help="also time bfloat16 copies of every model")
+    parser.add_argument("--head", action="store_true", help="also time each scheme with the output head quantized")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    loaded = load_model(None)
+    ids = torch.tensor(loaded.tokenizer(default_corpus(), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
+    prompt = ids[None]
+    rows = build_rows(loaded.model.eval(), args.schemes, args.reference, args.bf16, args.head)
+
+    results, load = [], []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        load.append(os.getloadavg()[0])
+        time_rows(rows, prompt, args.new_tokens, args.repeats, args.reference_tokens)
+        load.append(os.getloadavg()[0])
+        for row in rows:
+            results.append({"threads": threads, "name": row.name, "fast_path": row.fast,
+                            "decode_tokens_per_s": 1 / statistics.median(row.decode_s),
+                            "prefill_tokens_per_s": prompt.shape[1] / statistics.median(row.prefill_s),
+                            "decode_s_per_token": row.decode_s, "prefill_s": row.prefill_s,
+                            "packed_bytes": None, "prepared_bytes": None, "float32_bytes": None})
+            if any(isinstance(m, QuantLinear) for m in row.model.modules()):
+                results[-1].update(layer_bytes(row.model))
+                if row.fast:
+                    results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens)
+
+    table = markdown(results)
+    print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
+                "load_average_1min_before_after": load, "prefill_tokens": prompt.shape[1],
+                "decode_prompt_tokens": DECODE_PROMPT_TOKENS, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                "reference_tokens": args.reference_tokens,
+                "kernel_calls": dict(CPU_BACKEND.calls)}
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

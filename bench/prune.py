@@ -1,0 +1,226 @@
+"""Benchmark: pruning methods on one float model and the same text windows.
+
+Rows: magnitude (per layer and global), Wanda and SparseGPT at 50% unstructured and 2:4; SparseGPT 2:4
+jointly with int4/g128; structured pruning (MLP neurons and decoder layers at ~25% of the decoder blocks'
+parameters, one of three key/value groups). Each row is scored against the float model (PPL, KL(float ‖ row),
+top-1 agreement) on the evaluation windows; calibration windows come from the same text after them.
+
+Bytes: `pruned/dense` is what the pruned layers store (bitmask + kept values, as saved) over their dense
+weights in the model's dtype (float32 here); `fp16 equiv.` is that ratio had the model been float16
+(1 mask bit + 16 bits per kept weight, over 16 bits per weight). Forward time: median of 3 prefills of one
+512-token window, batch 1, on this CPU (the sparse layers rebuild their dense weight on every call on a
+CPU: see docs/benchmarks.md for what that means).
+
+    .venv/bin/python bench/prune.py                                  # everything: 40 x 512 tokens, ~hours
+    .venv/bin/python bench/prune.py --windows 2 --calib-samples 4 --rows wanda-50 magnitude-50   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from modelpress.algorithms.prune import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig, prune
+from modelpress.api import CalibrationSettings, EvalSettings, calibration_windows, prepare_windows
+from modelpress.engine.blocks import find_blocks
+from modelpress.eval.quality import evaluate_quality
+from modelpress.eval.size import measure_size
+from modelpress.formats.scheme import WeightScheme
+from modelpress.io.model import load_model
+from modelpress.nn.sparse_linear import SparseLinear
+
+log = logging.getLogger("bench.prune")
+INT4 = WeightScheme.parse("int4/g128")
+
+
+def block_parameter_share(model: nn.Module, kind: str) -> float:
+    """Share of the decoder blocks' parameters held by their MLPs ("mlp") or by one whole block ("layer")."""
+    blocks = find_blocks(model).blocks
+    total = sum(p.numel() for p in blocks.parameters())
+    if kind == "layer":
+        return sum(p.numel() for p in blocks[0].parameters()) / total
+    mlp = sum(p.numel() for name, p in blocks.named_parameters() if ".mlp." in f".{name}")
+    return mlp / total
+
+
+def rows(model: nn.Module, target_share: float) -> dict[str, Callable[[], object]]:
+    """Row name -> config (a callable so structured sparsities can look at the model)."""
+    neurons = target_share / block_parameter_share(model, "mlp")
+    return {
+        "magnitude-50": lambda: MagnitudeConfig(sparsity=0.5),
+        "magnitude-global-50": lambda: MagnitudeConfig(sparsity=0.5, scope="global"),
+        "wanda-50": lambda: WandaConfig(sparsity=0.5),
+        "sparsegpt-50": lambda: SparseGPTConfig(sparsity=0.5),
+        "magnitude-2:4": lambda: MagnitudeConfig(pattern="2:4"),
+        "wanda-2:4": lambda: WandaConfig(pattern="2:4"),
+        "sparsegpt-2:4": lambda: SparseGPTConfig(pattern="2:4"),
+        "sparsegpt-2:4+int4": lambda: SparseGPTConfig(pattern="2:4", scheme=INT4),
+        "structured-neurons-25": lambda: StructuredConfig("neurons", round(neurons, 4)),
+        "structured-layers-25": lambda: StructuredConfig("layers", target_share),
+        "structured-heads-1of3": lambda: StructuredConfig("heads", 1 / 3),
+    }
+
+
+@torch.no_grad()
+def forward_seconds(model: nn.Module, base: nn.Module, window: torch.Tensor, repeats: int = 5) -> tuple[float, float]:
+    """Fastest of `repeats` prefills of `window` for `model` and for the float model, run alternately so that
+    both see the same machine load (the fastest run is the least disturbed one on a shared machine).
+    Returns (seconds, seconds / float seconds)."""
+    mine, theirs = [], []
+    for _ in range(repeats):
+        for target, times in ((model, mine), (base, theirs)):
+            start = time.perf_counter()
+            target(input_ids=window, use_cache=False)
+            times.append(time.perf_counter() - start)
+    return min(mine), min(mine) / min(theirs)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy sharing the input embedding (never pruned) with the original, to save memory."""
+    embedding = model.get_input_embeddings().weight
+    return copy.deepcopy(model, memo={id(embedding): embedding})
+
+
+def nonzero_weights(model: nn.Module) -> int:
+    """Parameters, counting a SparseLinear as its kept weights."""
+    dense = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return dense + sum(m.nnz for m in model.modules() if isinstance(m, SparseLinear))
+
+
+def sparse_bytes(model: nn.Module) -> dict:
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    if not layers:
+        return {}
+    stored = sum(m.weight_nbytes for m in layers)
+    dense_fp16 = sum(2 * m.in_features * m.out_features for m in layers)
+    float_values = [m for m in layers if not m.quantized]
+    fp16_equiv = sum(m.mask.numel() + 2 * m.nnz for m in float_values) + sum(
+        m.weight_nbytes for m in layers if m.quantized)
+    return {"sparse_layer_bytes": stored, "fp16_equiv_ratio": fp16_equiv / dense_fp16}
+
+
+def build_row(name: str, config, base: nn.Module, calib: torch.Tensor, batch_size: int, window: torch.Tensor) -> tuple:
+    """Prune a copy of `base` as `config` says; returns (model, row of measurements other than quality)."""
+    model = shared_copy(base)
+    start = time.perf_counter()
+    report = prune(model, config, calib, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    summary = report.summary()
+    size = measure_size(model)
+    forward, relative = forward_seconds(model, base, window)
+    row = {"row": name, "method": summary["method"], "prune_seconds": round(seconds, 1),
+           "weight_bytes": size.weight_bytes, "parameters": nonzero_weights(model),
+           "pruned_dense_ratio": summary.get("bytes_ratio"), "sparsity": summary.get("sparsity"),
+           "parameters_removed": summary.get("parameters_removed"), "forward_s": forward, "forward_vs_float": relative,
+           **sparse_bytes(model)}
+    if "widths" in summary:
+        row["structure"] = {k: summary[k] for k in ("widths", "removed_layers", "config_changes")}
+    log.info("%s: pruned in %.0f s", name, seconds)
+    return model, row
+
+
+def table(rows_: list[dict], markdown: bool = False) -> str:
+    cols = [("row", "row"), ("perplexity", "PPL"), ("ppl_ratio", "PPL/float"), ("kl_divergence", "KL"),
+            ("top1_agreement", "top-1"), ("sparsity", "sparsity"), ("pruned_dense_ratio", "pruned/dense"),
+            ("fp16_equiv_ratio", "fp16 equiv."), ("weight_bytes", "model MB"), ("parameters", "nonzero M"),
+            ("forward_s", "fwd 512 s"), ("forward_vs_float", "fwd/float"), ("prune_seconds", "prune s")]
+
+    def fmt(key, value):
+        if value is None:
+            return "-"
+        if key in ("weight_bytes", "parameters"):
+            return f"{value / 1e6:.1f}"
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+        return str(value)
+
+    cells = [[h for _, h in cols]] + [[fmt(k, r.get(k)) for k, _ in cols] for r in rows_]
+    if markdown:
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines.insert(1, "|" + "|".join(" --- " for _ in cols) + "|")
+        return "\n".join(lines)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c[i].rjust(widths[i]) for i in range(len(cols))) for c in cells)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model (default: SmolLM2-135M)")
+    parser.add_argument("--text", default=None, help="text file (default: embedded corpus)")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration windows per block forward")
+    parser.add_argument("--group", type=int, default=4, help="rows scored together (the float model runs once per group)")
+    parser.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
+    parser.add_argument("--target-share", type=float, default=0.25, help="structured: share of block parameters removed")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "prune.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MODELPRESS_QUIET", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    base = load_model(args.model)
+    _, windows = prepare_windows(base.tokenizer, EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len))
+    calib = calibration_windows(base.tokenizer, CalibrationSettings(text=args.text, samples=args.calib_samples,
+                                                                    seq_len=args.seq_len,
+                                                                    eval_tokens=args.windows * args.seq_len))
+    window = windows.eval[:1]
+    configs = rows(base.model, args.target_share)
+    names = args.rows or list(configs)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {list(configs)}")
+
+    float_row = {"row": "float", "method": "none", "weight_bytes": measure_size(base.model).weight_bytes,
+                 "parameters": nonzero_weights(base.model), "forward_vs_float": 1.0,
+                 "forward_s": forward_seconds(base.model, base.model, window)[0]}
+    results = [float_row]
+    float_ppl = None
+    for start in range(0, len(names), args.group):
+        group = names[start:start + args.group]
+        models: dict[str, nn.Module] = {}
+        for name in group:
+            models[name], row = build_row(name, configs[name](), base.model, calib, args.batch_size, window)
+            results.append(row)
+        scored = evaluate_quality({"float": base.model, **models}, windows.eval, reference=base.model)
+        float_ppl = scored["float"].perplexity
+        float_row["perplexity"] = float_ppl
+        for row in results:
+            if row["row"] in scored:
+                q = scored[row["row"]]
+                row.update(perplexity=q.perplexity, kl_divergence=q.kl_divergence, top1_agreement=q.top1_agreement,
+                           ppl_ratio=q.perplexity / float_ppl)
+        del models
+        gc.collect()
+        log.info("scored %s", group)
+        _write(args, results)
+    print(table(results))
+    print()
+    print(table(results, markdown=True))
+
+
+def _write(args, results: list[dict]) -> None:
+    payload = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": results,
+               "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads}}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
