@@ -1,18 +1,25 @@
 """Benchmark: pruning methods on one float model and the same text windows.
 
 Rows: magnitude (per layer and global), Wanda and SparseGPT at 50% unstructured and 2:4; SparseGPT 2:4
-jointly with int4/g128; structured pruning (MLP neurons and decoder layers at ~25% of the decoder blocks'
-parameters, one of three key/value groups). Each row is scored against the float model (PPL, KL(float ‖ row),
-top-1 agreement) on the evaluation windows; calibration windows come from the same text after them.
+jointly with int4/g128; structured pruning at ~25% of all parameters (MLP neurons, decoder layers, or one
+of three key/value groups plus neurons) and one of three key/value groups alone. Each row is scored
+against the float model (PPL, KL(float ‖ row), top-1 agreement) on the evaluation windows; calibration
+windows come from the same text after them.
 
 Bytes: `pruned/dense` is what the pruned layers store (bitmask + kept values, as saved) over their dense
 weights in the model's dtype (float32 here); `fp16 equiv.` is that ratio had the model been float16
-(1 mask bit + 16 bits per kept weight, over 16 bits per weight). Forward time: median of 3 prefills of one
+(1 mask bit + 16 bits per kept weight, over 16 bits per weight). Forward time: fastest of 5 prefills of one
 512-token window, batch 1, on this CPU (the sparse layers rebuild their dense weight on every call on a
 CPU: see docs/benchmarks.md for what that means).
 
     .venv/bin/python bench/prune.py                                  # everything: 40 x 512 tokens, ~hours
-    .venv/bin/python bench/prune.py --windows 2 --calib-samples 4 --rows wanda-50 magnitude-50   # a quick look
+    .venv/bin/python bench/prune.py --rows wanda-2:4 sparsegpt-2:4   # some rows; merged into the JSON
+    .venv/bin/python bench/prune.py --windows 2 --calib-samples 4 --rows wanda-50 --json /tmp/p.json  # a quick look
+
+Rows are merged into the JSON file by name after every scored group (--group rows share one float pass),
+so runs of a few rows add up and an interrupted run keeps what it finished. Structured rows remove at
+least --target-share of ALL parameters (embeddings included): neurons only, whole layers only, or one
+key/value group of three plus enough neurons; each reports its parameter count and measured forward time.
 """
 
 from __future__ import annotations
@@ -47,19 +54,31 @@ log = logging.getLogger("bench.prune")
 INT4 = WeightScheme.parse("int4/g128")
 
 
-def block_parameter_share(model: nn.Module, kind: str) -> float:
-    """Share of the decoder blocks' parameters held by their MLPs ("mlp") or by one whole block ("layer")."""
+def structured_counts(model: nn.Module, share: float) -> dict[str, float]:
+    """Structured sparsities that remove at least `share` of ALL the model's parameters (embeddings
+    included): MLP neurons alone, whole layers alone, or one key/value group of three plus enough neurons."""
+    config = model.config
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     blocks = find_blocks(model).blocks
-    total = sum(p.numel() for p in blocks.parameters())
-    if kind == "layer":
-        return sum(p.numel() for p in blocks[0].parameters()) / total
-    mlp = sum(p.numel() for name, p in blocks.named_parameters() if ".mlp." in f".{name}")
-    return mlp / total
+    layers = len(blocks)
+    width = config.intermediate_size
+    per_neuron = 3 * config.hidden_size * layers                      # gate and up rows, down column, all layers
+    per_layer = sum(p.numel() for p in blocks[0].parameters())
+    attention = sum(p.numel() for n, p in blocks.named_parameters() if ".self_attn." in f".{n}")
+    kv_groups = config.num_key_value_heads
+
+    def neurons_for(params: float) -> float:
+        count = -(-int(params) // per_neuron)
+        return (-(-count // 8) * 8) / width                             # a multiple of 8 neurons per layer
+
+    return {"neurons": neurons_for(share * total), "layers": -(-int(share * total) // per_layer) / layers,
+            "heads": 1 / kv_groups, "heads+neurons": neurons_for(share * total - attention / kv_groups)}
 
 
 def rows(model: nn.Module, target_share: float) -> dict[str, Callable[[], object]]:
-    """Row name -> config (a callable so structured sparsities can look at the model)."""
-    neurons = target_share / block_parameter_share(model, "mlp")
+    """Row name -> config, or a list of configs applied in turn (callables so they can look at the model)."""
+    share = structured_counts(model, target_share)
+    pct = round(100 * target_share)
     return {
         "magnitude-50": lambda: MagnitudeConfig(sparsity=0.5),
         "magnitude-global-50": lambda: MagnitudeConfig(sparsity=0.5, scope="global"),
@@ -69,9 +88,11 @@ def rows(model: nn.Module, target_share: float) -> dict[str, Callable[[], object
         "wanda-2:4": lambda: WandaConfig(pattern="2:4"),
         "sparsegpt-2:4": lambda: SparseGPTConfig(pattern="2:4"),
         "sparsegpt-2:4+int4": lambda: SparseGPTConfig(pattern="2:4", scheme=INT4),
-        "structured-neurons-25": lambda: StructuredConfig("neurons", round(neurons, 4)),
-        "structured-layers-25": lambda: StructuredConfig("layers", target_share),
-        "structured-heads-1of3": lambda: StructuredConfig("heads", 1 / 3),
+        f"structured-neurons-{pct}": lambda: StructuredConfig("neurons", round(share["neurons"], 6)),
+        f"structured-layers-{pct}": lambda: StructuredConfig("layers", share["layers"]),
+        f"structured-heads+neurons-{pct}": lambda: [StructuredConfig("heads", share["heads"]),
+                                                    StructuredConfig("neurons", round(share["heads+neurons"], 6))],
+        "structured-heads-1of3": lambda: StructuredConfig("heads", share["heads"]),
     }
 
 
@@ -117,9 +138,10 @@ def build_row(name: str, config, base: nn.Module, calib: torch.Tensor, batch_siz
     """Prune a copy of `base` as `config` says; returns (model, row of measurements other than quality)."""
     model = shared_copy(base)
     start = time.perf_counter()
-    report = prune(model, config, calib, batch_size=batch_size)
+    summary: dict = {}
+    for step in config if isinstance(config, list) else [config]:
+        summary = _merged(summary, prune(model, step, calib, batch_size=batch_size).summary())
     seconds = time.perf_counter() - start
-    summary = report.summary()
     size = measure_size(model)
     forward, relative = forward_seconds(model, base, window)
     row = {"row": name, "method": summary["method"], "prune_seconds": round(seconds, 1),
@@ -133,9 +155,21 @@ def build_row(name: str, config, base: nn.Module, calib: torch.Tensor, batch_siz
     return model, row
 
 
+def _merged(before: dict, after: dict) -> dict:
+    """Summary of structured steps applied in turn: widths and config changes of all, parameters overall."""
+    if not before:
+        return after
+    merged = {**after, "widths": {**before.get("widths", {}), **after.get("widths", {})},
+              "config_changes": {**before.get("config_changes", {}), **after.get("config_changes", {})},
+              "parameters_before": before["parameters_before"]}
+    merged["parameters_removed"] = round(1 - after["parameters_after"] / before["parameters_before"], 4)
+    merged["target"] = f"{before['target']}+{after['target']}"
+    return merged
+
+
 def table(rows_: list[dict], markdown: bool = False) -> str:
     cols = [("row", "row"), ("perplexity", "PPL"), ("ppl_ratio", "PPL/float"), ("kl_divergence", "KL"),
-            ("top1_agreement", "top-1"), ("sparsity", "sparsity"), ("pruned_dense_ratio", "pruned/dense"),
+            ("top1_agreement", "top-1"), ("sparsity", "sparsity"), ("parameters_removed", "params removed"), ("pruned_dense_ratio", "pruned/dense"),
             ("fp16_equiv_ratio", "fp16 equiv."), ("weight_bytes", "model MB"), ("parameters", "nonzero M"),
             ("forward_s", "fwd 512 s"), ("forward_vs_float", "fwd/float"), ("prune_seconds", "prune s")]
 
@@ -167,7 +201,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="calibration windows per block forward")
     parser.add_argument("--group", type=int, default=4, help="rows scored together (the float model runs once per group)")
     parser.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
-    parser.add_argument("--target-share", type=float, default=0.25, help="structured: share of block parameters removed")
+    parser.add_argument("--target-share", type=float, default=0.25, help="structured: share of all parameters removed")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "prune.json"))
     args = parser.parse_args()
@@ -187,39 +221,66 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {list(configs)}")
 
-    float_row = {"row": "float", "method": "none", "weight_bytes": measure_size(base.model).weight_bytes,
-                 "parameters": nonzero_weights(base.model), "forward_vs_float": 1.0,
-                 "forward_s": forward_seconds(base.model, base.model, window)[0]}
-    results = [float_row]
-    float_ppl = None
+    saved = _load(args.json)
+    float_row = saved.get("float") if args.windows == saved.get("windows") else None
+    if float_row is None:
+        float_row = {"row": "float", "method": "none", "weight_bytes": measure_size(base.model).weight_bytes,
+                     "parameters": nonzero_weights(base.model), "forward_vs_float": 1.0,
+                     "forward_s": forward_seconds(base.model, base.model, window)[0]}
     for start in range(0, len(names), args.group):
         group = names[start:start + args.group]
         models: dict[str, nn.Module] = {}
+        built = []
         for name in group:
             models[name], row = build_row(name, configs[name](), base.model, calib, args.batch_size, window)
-            results.append(row)
+            built.append(row)
         scored = evaluate_quality({"float": base.model, **models}, windows.eval, reference=base.model)
         float_ppl = scored["float"].perplexity
-        float_row["perplexity"] = float_ppl
-        for row in results:
-            if row["row"] in scored:
-                q = scored[row["row"]]
-                row.update(perplexity=q.perplexity, kl_divergence=q.kl_divergence, top1_agreement=q.top1_agreement,
-                           ppl_ratio=q.perplexity / float_ppl)
+        float_row.update(perplexity=float_ppl, kl_divergence=0.0, top1_agreement=1.0, ppl_ratio=1.0)
+        for row in built:
+            q = scored[row["row"]]
+            row.update(perplexity=q.perplexity, kl_divergence=q.kl_divergence, top1_agreement=q.top1_agreement,
+                       ppl_ratio=q.perplexity / float_ppl, settings={k: v for k, v in vars(args).items() if k != "json"})
         del models
         gc.collect()
         log.info("scored %s", group)
-        _write(args, results)
+        _write(args, float_row, built)
+    results = _rows_in_order(_load(args.json))
     print(table(results))
     print()
     print(table(results, markdown=True))
 
 
-def _write(args, results: list[dict]) -> None:
-    payload = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": results,
+def _load(path: str) -> dict:
+    """Saved results: {"windows": n, "float": row, "rows": {name: row}} (older list files are read too)."""
+    if not Path(path).exists():
+        return {}
+    data = json.loads(Path(path).read_text())
+    rows_ = data.get("rows", {})
+    if isinstance(rows_, list):  # the session-1 layout: a list with the float row first
+        rows_ = {r["row"]: r for r in rows_}
+    windows = data.get("windows", (data.get("settings") or {}).get("windows"))
+    return {"windows": windows, "float": rows_.pop("float", None), "rows": rows_, "machine": data.get("machine")}
+
+
+def _rows_in_order(saved: dict) -> list[dict]:
+    return ([saved["float"]] if saved.get("float") else []) + list(saved.get("rows", {}).values())
+
+
+def _write(args, float_row: dict, built: list[dict]) -> None:
+    """Merge `built` into the JSON file (a row of the same name is replaced), so that runs of a few rows
+    at a time add up and an interrupted run keeps every group it finished."""
+    saved = _load(args.json)
+    if saved.get("windows") not in (None, args.windows):
+        saved = {}   # other evaluation windows: not comparable, start afresh
+    rows_ = saved.get("rows", {})
+    rows_.update({row["row"]: row for row in built})
+    payload = {"windows": args.windows, "float": float_row, "rows": rows_,
                "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+    tmp = Path(args.json).with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(args.json)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 default text. Every perplexity is over the same 40 evaluation windows of 512 tokens; training uses only
 windows cut after them (the calibration side of the text).
 
-(a) qat    quantization-aware training at a scheme (default int4/g128), distilled from the float model,
-           against round-to-nearest and GPTQ at the same scheme.
-(b) prune  structured removal of 25% of the parameters (MLP neurons, ranked by the pruning module), then
-           distillation from the float model within a budget of process CPU time (default 30 minutes).
+(a) qat    at a scheme (default int4/g128): RTN and GPTQ (128 calibration windows), then quantization-aware
+           training distilled from the float model (KL to its logits) within a CPU-time budget (default
+           20 minutes). By default QAT starts from the GPTQ model on GPTQ's own grid (scales, offsets and
+           column order fixed; train/qat.py prepare_qat_from_packed), so step 0 is exactly the GPTQ model and
+           training moves weights between codes (and trains the norms); --qat-init float starts from the
+           float weights with the format's scale rule instead (which starts at RTN's perplexity).
+(b) prune  structured removal of 25% of all parameters (MLP neurons, or one key/value group per layer plus
+           neurons), then distillation from the float model within a CPU-time budget (default 30 minutes).
 (c) lora   LoRA adapters on a round-to-nearest base (default int4/g128), distilled from the float model;
            perplexity with the adapters, then merged (dequantize + BA, re-quantize with RTN or GPTQ).
 
-    .venv/bin/python bench/recover.py --part prune             # one part (results merged into the JSON)
-    .venv/bin/python bench/recover.py --part qat --qat-steps 300
+    .venv/bin/python bench/recover.py --rows prune             # one part (results merged into the JSON)
+    .venv/bin/python bench/recover.py --rows qat
     .venv/bin/python bench/recover.py --table                  # print the tables from saved results
 
 The machine is shared: CPU time (time.process_time, all threads) is what the budget counts, wall time is
@@ -45,7 +49,7 @@ from modelpress.io.model import load_model
 from modelpress.train.data import TaskData, training_windows
 from modelpress.train.distill import DistillConfig, distill
 from modelpress.train.lora import LoRAConfig, add_lora, merge_lora
-from modelpress.train.qat import convert_qat, prepare_qat
+from modelpress.train.qat import convert_qat, prepare_qat, prepare_qat_from_packed
 from modelpress.train.trainer import TrainConfig
 
 log = logging.getLogger("bench.recover")
@@ -107,9 +111,18 @@ def part_prune(args, base, eval_ids, data: TaskData, results: dict) -> dict:
     before = count_parameters(student)
     calib = calibration_windows(base.tokenizer, CalibrationSettings(samples=args.prune_calib))
     width = base.model.config.intermediate_size
-    neurons = neurons_for_share(base.model, args.prune_share)
-    report = prune_structured(student, StructuredConfig(target="neurons", sparsity=neurons / width), calib)
-    row: dict = {"method": f"structured neurons (prune module), {neurons}/{width} MLP neurons per layer",
+    steps = []
+    removed = args.prune_share * before
+    if args.prune_target == "heads+neurons":  # one key/value group of each attention first, then neurons
+        groups = base.model.config.num_key_value_heads
+        steps.append(StructuredConfig(target="heads", sparsity=1 / groups))
+        removed -= sum(p.numel() for n, p in student.named_parameters() if ".self_attn." in n) / groups
+    neurons = neurons_for_share(base.model, removed / before)
+    steps.append(StructuredConfig(target="neurons", sparsity=neurons / width))
+    for step in steps:
+        prune_structured(student, step, calib)
+    row: dict = {"method": f"structured {args.prune_target} (prune module), {neurons}/{width} MLP neurons per layer"
+                           + (", 1 key/value group per layer" if len(steps) == 2 else ""),
                  "parameters_before": before, "parameters_after": count_parameters(student),
                  "removed": round(1 - count_parameters(student) / before, 4), "prune": clock.read()}
     row["pruned"] = perplexity(student, eval_ids)
@@ -137,6 +150,8 @@ def neurons_for_share(model: nn.Module, share: float) -> int:
 # ---- (a) QAT against post-training quantization -------------------------------------------------------------
 
 def part_qat(args, base, eval_ids, data: TaskData, results: dict) -> dict:
+    """RTN and GPTQ at each scheme, then QAT distilled from the float model within a CPU-time budget,
+    starting from the GPTQ model on its own grid (--qat-init gptq) or from the float weights (float)."""
     rows = {}
     for spec in args.schemes:
         scheme = WeightScheme.parse(spec)
@@ -147,16 +162,24 @@ def part_qat(args, base, eval_ids, data: TaskData, results: dict) -> dict:
         entry["rtn"] = {**perplexity(rtn, eval_ids), "quantize": clock.read(),
                         "bits_per_weight": measure_size(rtn).bits_per_weight}
         del rtn
-        if args.gptq:
-            entry["gptq"] = gptq_row(base, scheme, eval_ids, args)
+        gptq_model = None
+        if args.gptq or args.qat_init == "gptq":
+            entry["gptq"], gptq_model = gptq_row(base, scheme, eval_ids, args)
         gc.collect()
         clock = Clock()
-        student = copy.deepcopy(base.model)
-        prepare_qat(student, scheme)
-        result = distill(student, base.model, data, distill_config(args), train_config(args, args.qat_steps, args.qat_lr))
+        if args.qat_init == "gptq":
+            student = gptq_model
+            prepare_qat_from_packed(student)
+        else:
+            student = copy.deepcopy(base.model)
+            prepare_qat(student, scheme)
+        budget = args.qat_budget_min * 60
+        result = distill(student, base.model, data, distill_config(args),
+                         train_config(args, args.qat_steps, args.qat_lr, budget_s=budget))
         convert_qat(student)
-        entry["qat"] = {**perplexity(student, eval_ids), "train": {**result.to_dict(), "lr": args.qat_lr,
-                                                                   "losses": result.train.losses},
+        entry["qat"] = {**perplexity(student, eval_ids), "init": args.qat_init,
+                        "train": {**result.to_dict(), "lr": args.qat_lr, "budget_cpu_s": budget,
+                                  "losses": result.train.losses},
                         "bits_per_weight": measure_size(student).bits_per_weight, "total": clock.read()}
         log.info("%s: %s", spec, {k: v.get("ppl") for k, v in entry.items()})
         rows[scheme.spec] = entry
@@ -165,16 +188,14 @@ def part_qat(args, base, eval_ids, data: TaskData, results: dict) -> dict:
     return rows
 
 
-def gptq_row(base, scheme: WeightScheme, eval_ids: torch.Tensor, args) -> dict:
-    try:
-        from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
-    except ImportError:
-        return {"ppl": None, "note": "GPTQ not available"}
+def gptq_row(base, scheme: WeightScheme, eval_ids: torch.Tensor, args) -> tuple[dict, nn.Module]:
+    from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
+
     clock = Clock()
     model = copy.deepcopy(base.model)
     calib = calibration_windows(base.tokenizer, CalibrationSettings(samples=args.gptq_calib))
     quantize_gptq(model, GPTQConfig(scheme=scheme), calib, batch_size=4)
-    return {**perplexity(model, eval_ids), "quantize": clock.read(), "calibration_windows": args.gptq_calib}
+    return {**perplexity(model, eval_ids), "quantize": clock.read(), "calibration_windows": args.gptq_calib}, model
 
 
 # ---- (c) LoRA on a quantized base ------------------------------------------------------------------------
@@ -209,12 +230,15 @@ def tables(results: dict) -> str:
     f = results.get("float", {}).get("ppl")
     lines.append(f"float model perplexity: {f}")
     for spec, entry in results.get("qat", {}).items():
+        if spec in ("settings", "clock"):
+            continue
         lines.append(f"\n(a) {spec}: method | PPL | CPU s")
         for method in ("rtn", "gptq", "qat"):
             if method in entry:
                 e = entry[method]
                 cpu = (e.get("train") or {}).get("cpu_seconds") or (e.get("quantize") or {}).get("cpu_s")
-                lines.append(f"  {method:5s} | {e.get('ppl')} | {cpu}")
+                init = f" (from {e['init']}, {e['train']['steps']} steps, lr {e['train']['lr']})" if method == "qat" else ""
+                lines.append(f"  {method:5s} | {e.get('ppl')} | {cpu}{init}")
     if "prune" in results:
         r = results["prune"]
         d = r["distill"]
@@ -234,11 +258,14 @@ def tables(results: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("qat", "prune", "lora"), action="append", default=None)
+    p.add_argument("--part", "--rows", dest="part", choices=("qat", "prune", "lora"), action="append", default=None,
+                   help="parts to run (repeatable); each is saved into the JSON as soon as it ends")
     p.add_argument("--table", action="store_true", help="only print the tables from saved results")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--windows", type=int, default=40)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=512, help="training window length")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (pilots: shorter)")
+    p.add_argument("--results", default=None, help="JSON file (default bench/results/recover.json)")
     p.add_argument("--train-windows", type=int, default=None)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--warmup", type=int, default=10)
@@ -248,15 +275,20 @@ def parse_args(argv=None):
     # (b)
     p.add_argument("--prune-share", type=float, default=0.25)
     p.add_argument("--prune-calib", type=int, default=32)
+    p.add_argument("--prune-target", choices=("neurons", "heads+neurons"), default="neurons",
+                   help="what structured pruning removes (bench/prune.py's structured rows say which loses least)")
     p.add_argument("--budget-min", type=float, default=30.0, help="CPU minutes for the distillation")
     p.add_argument("--max-steps", type=int, default=400, help="step cap; the budget normally ends training first")
     p.add_argument("--prune-lr", type=float, default=2e-4)
     # (a)
     p.add_argument("--schemes", nargs="+", default=["int4/g128"])
-    p.add_argument("--qat-steps", type=int, default=300)
-    p.add_argument("--qat-lr", type=float, default=2e-5)
+    p.add_argument("--qat-steps", type=int, default=400, help="step cap; the budget normally ends training first")
+    p.add_argument("--qat-lr", type=float, default=1e-4, help="pilot: 2e-4 stable over 10 steps; 1e-4 for ~150")
+    p.add_argument("--qat-budget-min", type=float, default=20.0, help="CPU minutes for QAT")
+    p.add_argument("--qat-init", choices=("gptq", "float"), default="gptq",
+                   help="start QAT from the GPTQ model on its grid, or from the float weights (format's scale rule)")
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--gptq-calib", type=int, default=64)
+    p.add_argument("--gptq-calib", type=int, default=128)
     # (c)
     p.add_argument("--lora-scheme", default="int4/g128")
     p.add_argument("--rank", type=int, default=16)
@@ -269,6 +301,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.results:
+        global RESULTS
+        RESULTS = Path(args.results)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = load_results()
     if args.table or not args.part:
@@ -276,7 +311,7 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     base = load_model(None)
-    _, windows = prepare_windows(base.tokenizer, EvalSettings(windows=args.windows, seq_len=512))
+    _, windows = prepare_windows(base.tokenizer, EvalSettings(windows=args.windows, seq_len=args.eval_seq_len))
     eval_ids = windows.eval
     float_row(base, eval_ids, results)
     data = TaskData(training_windows(base.tokenizer, None, args.seq_len, args.train_windows))

@@ -3,10 +3,10 @@ CUTLASS where cuSPARSELt is missing) against the same layers dense, float16.
 
 Two parts:
 1. single matrices: y = x Wᵀ for the weight shapes of SmolLM2-135M and of a 7B-class Llama, at M = 1
-   (decode), 16, 512, 2048 and 8192 rows of x (prefill), dense F.linear against SparseLinear's 2:4 path;
+   (decode), 16, 256, 512, 2048 and 8192 rows of x (prefill; --m picks), dense F.linear against SparseLinear's 2:4 path;
 2. whole models built from configs (SmolLM2-135M's shapes, and a 1B-class Llama), random weights (speed
    does not depend on the values), every decoder linear layer pruned 2:4 by magnitude: prefill of 1 x 512,
-   8 x 512 and 16 x 2048 tokens, and greedy decode (one token per step with a KV cache).
+   1 x 256, 1 x 2048, 8 x 512 and 16 x 2048 tokens, and greedy decode (one token per step with a KV cache).
 Times are medians of CUDA-event timings after warm-up, eager (what a caller of the layer gets, host-side
 dispatch included); for single matrices also replayed from a CUDA graph (the GPU work alone). Nothing here needs the default model or a network,
 so it runs unchanged on a bare GPU machine:
@@ -40,7 +40,7 @@ MATRICES = {  # name -> (out_features, in_features)
     "7b gate/up 11008x4096": (11008, 4096),
     "7b down 4096x11008": (4096, 11008),
 }
-ROWS = (1, 16, 512, 2048, 8192)
+ROWS = (1, 16, 256, 512, 2048, 8192)
 MODELS = {
     "smollm2-135m-shape": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64},
@@ -155,7 +155,7 @@ def model_rows(repeats: int, decode_steps: int) -> list[dict]:
         prune(sparse, MagnitudeConfig(pattern="2:4"))
         layers = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
         vocab = fields["vocab_size"]
-        for batch, tokens in ((1, 512), (8, 512), (16, 2048)):
+        for batch, tokens in ((1, 256), (1, 512), (1, 2048), (8, 512), (16, 2048)):
             ids = torch.randint(0, vocab, (batch, tokens), device="cuda")
             t_dense = cuda_time(functools.partial(dense, input_ids=ids, use_cache=False), repeats)
             t_sparse = cuda_time(functools.partial(sparse, input_ids=ids, use_cache=False), repeats)
@@ -182,6 +182,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes")
+    parser.add_argument("--m", type=int, nargs="+", default=None, help=f"rows of x for single matrices (default {ROWS})")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/sparse_gpu.py needs a CUDA GPU (2:4 sparse tensor cores); nothing to measure here.")
@@ -192,7 +193,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     print(f"{device}, torch {torch.__version__}, semi-structured backend: {backend}", flush=True)
     repeats = 5 if args.quick else 20
-    matrices = matrix_rows(ROWS[::2] if args.quick else ROWS, repeats)
+    matrices = matrix_rows(tuple(args.m) if args.m else ROWS[::2] if args.quick else ROWS, repeats)
     models = model_rows(repeats, 10 if args.quick else 40)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from modelpress.algorithms.prune.magnitude import magnitude_mask
 from modelpress.algorithms.prune.masks import NMPattern, is_nm, pruned_count
 from modelpress.algorithms.prune.sparsegpt import compact_scheme, pack_kept, reconstruction_error, sparsegpt_prune
 from modelpress.algorithms.prune.wanda import wanda_mask
+from modelpress.errors import ModelpressError
 from modelpress.formats.packed import quantize_weight
 from modelpress.formats.scheme import WeightScheme
 from modelpress.nn.sparse_linear import SparseLinear
@@ -99,3 +100,22 @@ def test_sparsegpt_in_the_engine_leaves_compressed_layers_and_resumes(tmp_path):
     assert resumed.extra["resumed_from_block"] == 2  # every block restored from disk, none recomputed
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("pattern, spec", [("2:4", None), ("2:4", "int4/g32"), (None, "int4/g32"), (None, None)])
+def test_stacked_layers_sharing_a_hessian_solve_as_if_alone(pattern, spec):
+    """q/k/v (or gate/up) are solved in one sweep over their stacked rows: the result is each layer's own,
+    and unstructured sparsity still prunes exactly round(s·N·K) weights in each layer."""
+    weight, hessian, _ = _correlated_layer(3, n=40)
+    top, bottom = weight[:24], weight[24:] * 5   # layers of different scale: a shared count would favour one
+    nm = NMPattern.parse(pattern) if pattern else None
+    scheme = WeightScheme.parse(spec) if spec else None
+    stacked = sparsegpt_prune(torch.cat([top, bottom]), hessian, 0.5, nm, scheme, block_size=32, row_splits=(24, 16))
+    for part, (start, stop) in ((top, (0, 24)), (bottom, (24, 40))):
+        rows = stacked.rows(start, stop)
+        assert int((~rows.mask).sum()) == pruned_count(part.numel(), 0.5)
+        alone = sparsegpt_prune(part, hessian, 0.5, nm, scheme, block_size=32)  # rows never mix: same as alone
+        assert torch.equal(rows.mask, alone.mask)
+        torch.testing.assert_close(rows.weight, alone.weight, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ModelpressError, match="do not add up"):
+        sparsegpt_prune(weight, hessian, 0.5, row_splits=(24, 15))

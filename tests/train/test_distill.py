@@ -138,9 +138,8 @@ def test_training_windows_come_after_the_evaluation_tokens():
 def _write(text):
     import tempfile
 
-    handle = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
-    handle.write(text)
-    handle.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+        handle.write(text)
     return handle.name
 
 

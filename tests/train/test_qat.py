@@ -93,3 +93,42 @@ def test_qat_training_on_a_tiny_llama_then_convert():
     assert not any(isinstance(m, FakeQuantLinear) for m in student.modules())
     with torch.no_grad(), reference_path():
         torch.testing.assert_close(student(input_ids=ids).logits, fake_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", ["int4/g32", "int4-asym/g32", "nf4/g32", "int3/channel"])
+def test_qat_on_a_packed_grid_starts_at_the_ptq_weight_and_converts_on_that_grid(spec):
+    """A PTQ layer with its own scales and column order (as GPTQ leaves it) becomes a FakeQuantLinear whose
+    Q(W) is the packed weight at step 0; after training moves W, conversion encodes on the same grid and
+    its forward equals the fake-quant forward bit for bit."""
+    scheme = WeightScheme.parse(spec)
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(16, 64, generator=g)
+    perm = torch.randperm(64, generator=g)
+    base = quantize_weight(weight, scheme, input_perm=perm)
+    shrunk = quantize_weight(weight, scheme, scale=base.scale.float() * 0.9,
+                             offset=None if base.offset is None else base.offset.float(), input_perm=perm)
+    ptq = QuantLinear(shrunk, torch.randn(16, generator=g))
+    model = nn.Sequential(ptq)
+    from modelpress.train.qat import prepare_qat_from_packed
+
+    fake = prepare_qat_from_packed(model)["0"]
+    assert torch.equal(fake.quantized_weight(), shrunk.dequantize())
+    with torch.no_grad():
+        fake.weight.add_(torch.randn(16, 64, generator=g) * 0.3)
+    x = torch.randn(3, 64, generator=g)
+    with torch.no_grad():
+        expected = fake(x)
+    convert_qat(model)
+    converted = model[0]
+    assert isinstance(converted, QuantLinear)
+    assert torch.equal(converted.packed.scale, shrunk.scale) and torch.equal(converted.packed.input_perm, shrunk.input_perm)
+    assert not torch.equal(converted.packed.qdata, shrunk.qdata)  # training moved some codes
+    with reference_path(), torch.no_grad():
+        assert torch.equal(converted(x), expected)
+
+
+def test_qat_on_a_packed_grid_refuses_double_quantized_scales():
+    scheme = WeightScheme.parse("nf4/g32/dq")
+    layer = QuantLinear(quantize_weight(torch.randn(8, 64), scheme))
+    with pytest.raises(Exception, match="double quantization"):
+        FakeQuantLinear.from_packed(layer)

@@ -1,5 +1,7 @@
 """The shared training loop: schedule, example order, float32 master weights, fp16 loss scaling."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ def test_warmup_then_cosine_schedule():
     config = TrainConfig(steps=10, lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
     lrs = [lr_at(s, config) for s in range(10)]
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
     assert lr_at(10, config) == pytest.approx(0.1)
     # with a CPU-time budget the decay follows whichever ends first, the steps or the budget
     assert lr_at(5, config, budget_used=1.0) == pytest.approx(0.1)
@@ -98,3 +100,16 @@ def test_cpu_time_budget_stops_early():
 def test_bad_config_fails_clearly(field, value):
     with pytest.raises(ModelpressError):
         TrainConfig(**{field: value})
+
+
+def test_auto_precision_on_the_cpu_computes_in_bf16_over_float32_masters():
+    model, _ = _regression()
+    seen = []
+
+    def loss_fn(idx):
+        out = model(torch.randn(len(idx), 8))
+        seen.append(out.dtype)
+        return out.float().pow(2).mean()
+
+    train(loss_fn, model.parameters(), 8, TrainConfig(steps=2, batch_size=4, precision="auto"), device="cpu")
+    assert seen == [torch.bfloat16, torch.bfloat16] and model.weight.dtype == torch.float32

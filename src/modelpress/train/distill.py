@@ -95,10 +95,11 @@ def distillation_loss_fn(student: nn.Module, teacher: nn.Module | TeacherCache |
 
 
 def distill(student: nn.Module, teacher: nn.Module | TeacherCache | None, data: TaskData,
-            config: DistillConfig = DistillConfig(), train_config: TrainConfig = TrainConfig(),
+            config: DistillConfig = DistillConfig(), train_config: TrainConfig | None = None,
             eval_fn=None) -> DistillResult:
     """Train `student` in place. A teacher model with config.top_k set is first reduced to a TeacherCache
     (the function keeps no reference to the teacher afterwards, so the caller may free it)."""
+    train_config = train_config or TrainConfig()
     if teacher is None and config.alpha < 1:
         raise ModelpressError(f"no teacher given, so the loss can only be hard-label cross-entropy: use alpha=1 "
                               f"(got alpha={config.alpha})")

@@ -10,6 +10,12 @@ straight through, as BitNet does.
 
 convert_qat then replaces every FakeQuantLinear by the QuantLinear that RTN post-training quantization
 would produce from the trained W; its forward equals the fake-quant forward bit for bit.
+
+Starting from a post-training result (prepare_qat_from_packed): each packed layer (GPTQ, AWQ, RTN...)
+becomes a FakeQuantLinear whose master weight is the dequantized weight and whose grid is the packed
+layer's own (scales, offsets, column order): fixed, so at step 0 the model computes exactly what the PTQ
+model computes, and training only moves weights from one code to another. Conversion re-encodes the
+trained weight on that same grid. Double-quantized scales are refused (their grid is not fixed per group).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.formats.packed import fake_quantize
+from modelpress.formats.packed import PackedWeight, expand_groups, fake_quantize, quantize_weight
 from modelpress.formats.scheme import WeightScheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight, replace_module
 from modelpress.nn.quant_linear import QuantLinear
@@ -29,27 +35,54 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: Q(W). Backward: the incoming gradient, unchanged."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:  # type: ignore[override]
-        return fake_quantize(weight, scheme)
+    def forward(ctx, weight: torch.Tensor, scheme: WeightScheme, grid: PackedWeight | None) -> torch.Tensor:  # type: ignore[override]
+        return fake_quantize(weight, scheme) if grid is None else on_grid(weight, grid)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
+        return grad, None, None
 
 
-def ste_fake_quantize(weight: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
-    """Q(weight) (N, K) float32, with a straight-through gradient to `weight`."""
-    return _StraightThrough.apply(weight, scheme)
+def ste_fake_quantize(weight: torch.Tensor, scheme: WeightScheme, grid: PackedWeight | None = None) -> torch.Tensor:
+    """Q(weight) (N, K) float32, with a straight-through gradient to `weight`; on `grid`'s fixed scales if given."""
+    return _StraightThrough.apply(weight, scheme, grid)
+
+
+def on_grid(weight: torch.Tensor, grid: PackedWeight) -> torch.Tensor:
+    """(N, K) float32: `weight` rounded on the fixed grid of a packed weight (its stored scales, offsets and
+    column order), equal bit for bit to quantize_weight(weight, scale=..., offset=..., input_perm=...)
+    .dequantize()."""
+    scheme = grid.scheme
+    n, k = weight.shape
+    g = scheme.group_length(k)
+    perm = None if grid.input_perm is None else grid.input_perm.long()
+    w = weight.detach().float()
+    w = w if perm is None else w[:, perm]
+    scale = expand_groups(grid.scale.float(), n, k, g)
+    offset = None if grid.offset is None else expand_groups(grid.offset.float(), n, k, g)
+    fmt = scheme.qformat
+    values = fmt.decode(fmt.encode((w if offset is None else w - offset) / scale)) * scale
+    values = values if offset is None else values + offset
+    return values if perm is None else values[:, torch.argsort(perm)]
 
 
 class FakeQuantLinear(nn.Module):
     """A linear layer with a float32 master weight (N, K) that computes with its quantized value."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: WeightScheme) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: WeightScheme,
+                 grid: PackedWeight | None = None) -> None:
+        """`grid`: a packed weight whose scales, offsets and column order stay fixed (None: the format's
+        scale rule, recomputed from the weight at every forward)."""
         super().__init__()
         if weight.dim() != 2:
             raise ModelpressError(f"FakeQuantLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
-        self.scheme = scheme
+        if grid is not None and grid.scheme.double_quant:
+            raise ModelpressError(f"QAT on a fixed grid needs plain scales; {grid.scheme.spec} codes its scales "
+                                  f"again (double quantization)")
+        self.scheme = scheme if grid is None else grid.scheme
+        self.grid = None if grid is None else PackedWeight(
+            scheme=grid.scheme, shape=grid.shape, qdata=grid.qdata[:0], scale=grid.scale, offset=grid.offset,
+            input_perm=grid.input_perm)   # codes are not kept: the master weight replaces them
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().clone().float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float())
@@ -58,8 +91,26 @@ class FakeQuantLinear(nn.Module):
     def from_linear(cls, module: nn.Module, scheme: WeightScheme) -> FakeQuantLinear:
         return cls(linear_weight(module), getattr(module, "bias", None), scheme)
 
+    @classmethod
+    def from_packed(cls, module: QuantLinear) -> FakeQuantLinear:
+        """Start from a packed layer: master weight = its dequantized weight, on its fixed grid."""
+        return cls(module.dequantized_weight(torch.float32), module.bias, module.packed.scheme, module.packed)
+
     def quantized_weight(self) -> torch.Tensor:
-        return ste_fake_quantize(self.weight, self.scheme)
+        return ste_fake_quantize(self.weight, self.scheme, self.grid)
+
+    def to_packed(self) -> PackedWeight:
+        """The trained weight as the packed weight conversion stores."""
+        with torch.no_grad():
+            if self.grid is None:
+                return quantize_weight(self.weight, self.scheme)
+            return quantize_weight(self.weight, self.scheme, scale=self.grid.scale, offset=self.grid.offset,
+                                   input_perm=self.grid.input_perm)
+
+    def _apply(self, fn, recurse=True):
+        if self.grid is not None:
+            self.grid = self.grid.to(fn(self.grid.scale).device)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight().to(x.dtype)
@@ -84,6 +135,19 @@ def prepare_qat(model: nn.Module, scheme: WeightScheme, skip: tuple[str, ...] = 
     return done
 
 
+def prepare_qat_from_packed(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    """Replace every QuantLinear of a post-training-quantized model by a FakeQuantLinear on its grid, in place."""
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not packed:
+        raise ModelpressError(f"{type(model).__name__} has no packed (QuantLinear) layers to start QAT from")
+    done = {}
+    for name, module in packed.items():
+        new = FakeQuantLinear.from_packed(module).to(module.packed.qdata.device)
+        replace_module(model, name, new)
+        done[name] = new
+    return done
+
+
 def convert_qat(model: nn.Module) -> dict[str, QuantLinear]:
     """Replace every FakeQuantLinear by the packed QuantLinear of its trained weight, in place."""
     from modelpress.algorithms.quantize.rtn import quantize_layer
@@ -94,7 +158,10 @@ def convert_qat(model: nn.Module) -> dict[str, QuantLinear]:
     done = {}
     for name, module in fakes.items():
         with torch.no_grad():
-            new = quantize_layer(module, module.scheme, name=f"layer {name}").to(module.weight.device)
+            if module.grid is None:
+                new = quantize_layer(module, module.scheme, name=f"layer {name}").to(module.weight.device)
+            else:
+                new = QuantLinear(module.to_packed(), module.bias).to(module.weight.device)
         replace_module(model, name, new)
         done[name] = new
     return done

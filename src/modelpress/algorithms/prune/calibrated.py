@@ -131,18 +131,39 @@ class SparseGPTPruner(LayerPruner):
     def solve(self, group: InputGroup) -> list[LayerSolution]:
         stats = self._stats.get(group.key)
         self._hessian = None if stats is None or stats.rows == 0 else stats.mean()
+        self._joint = {}
         try:
+            if self._hessian is not None:
+                self._solve_jointly(group.targets)
             return super().solve(group)
         finally:
-            self._hessian = None
+            self._hessian, self._joint = None, {}
+
+    def _solve_jointly(self, targets: tuple[LayerTarget, ...]) -> None:
+        """Layers reading one input share H: one sweep over their stacked rows (one Cholesky factor, K column
+        steps instead of K per layer). A per-tensor scale belongs to one layer, so those go one by one, and
+        layers an N:M pattern cannot tile are left to `_solve_one`."""
+        c = self.config
+        k = targets[0].weight.shape[1]
+        if self.pattern is not None and k % self.pattern.m:
+            return
+        batches = [list(targets)] if c.scheme is None or c.scheme.granularity != "tensor" else [[t] for t in targets]  # type: ignore[union-attr]
+        for batch in batches:
+            start = time.perf_counter()
+            weights = [t.weight.detach().float() for t in batch]
+            result = sparsegpt_prune(torch.cat(weights), self._hessian, self.sparsity, self.pattern, c.scheme,  # type: ignore[union-attr, arg-type]
+                                     c.block_size, c.damp, row_splits=tuple(w.shape[0] for w in weights))  # type: ignore[union-attr]
+            seconds = round(time.perf_counter() - start, 3)
+            row = 0
+            for target, weight in zip(batch, weights):
+                self._joint[target.name] = (result.rows(row, row + weight.shape[0]), seconds, len(batch))
+                row += weight.shape[0]
 
     def prune(self, target: LayerTarget, stats: HessianSum) -> tuple[_Pruned, dict]:
         c = self.config
         weight = target.weight.detach()
-        start = time.perf_counter()
-        result = sparsegpt_prune(weight.float(), self._hessian, self.sparsity, self.pattern, c.scheme,  # type: ignore[union-attr, arg-type]
-                                 c.block_size, c.damp)  # type: ignore[union-attr]
-        notes = {"method": "sparsegpt", "calibration_rows": stats.rows, "seconds": round(time.perf_counter() - start, 3),
+        result, seconds, stacked = self._joint[target.name]
+        notes = {"method": "sparsegpt", "calibration_rows": stats.rows, "seconds": seconds, "solved_with": stacked,
                  "objective": reconstruction_error(weight, result.weight, self._hessian)}  # type: ignore[arg-type]
         if c.scheme is None:  # type: ignore[union-attr]
             return _Pruned(result.mask, result.weight[result.mask].to(weight.dtype)), notes

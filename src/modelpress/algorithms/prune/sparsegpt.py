@@ -23,6 +23,7 @@ import torch
 
 from modelpress.algorithms.prune.common import SparsityTarget
 from modelpress.algorithms.prune.masks import NMPattern, check_nm_shape, layer_mask, nm_mask, pruned_count, row_mask
+from modelpress.algorithms.quantize.gptq import _one_cpu_thread as one_cpu_thread  # the same solver habit
 from modelpress.algorithms.quantize.gptq import inverse_hessian_factor, prepare_hessian, storage_rounded
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight, quantize_weight
@@ -58,6 +59,12 @@ class SparseGPTResult:
     scale: torch.Tensor | None      # quantized only: (N, G) per group of K, (N, 1) per channel, (1, 1) per tensor
     offset: torch.Tensor | None     # affine formats: like scale
 
+    def rows(self, start: int, stop: int) -> SparseGPTResult:
+        """The result for rows start:stop (one layer of a jointly solved group; a per-tensor scale is shared)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.shape[0] == 1 else t[start:stop]
+        return SparseGPTResult(self.mask[start:stop], self.weight[start:stop], pick(self.scale), pick(self.offset))
+
 
 def _group_length(scheme: WeightScheme | None, k: int, block_size: int) -> int | None:
     """Columns that share one mask choice when quantizing: a group, or a lazy block per channel/tensor."""
@@ -85,15 +92,32 @@ def _quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: NMPattern | None = None,
-                    scheme: WeightScheme | None = None, block_size: int = 128, damp: float = 0.01) -> SparseGPTResult:
-    """Prune (and with `scheme`, quantize) weight (N, K) against H (K, K) = X X^T / n. Works in H's dtype."""
+                    scheme: WeightScheme | None = None, block_size: int = 128, damp: float = 0.01,
+                    row_splits: tuple[int, ...] | None = None) -> SparseGPTResult:
+    """Prune (and with `scheme`, quantize) weight (N, K) against H (K, K) = X X^T / n. Works in H's dtype.
+
+    Layers that read the same input share H: stack their weights row-wise and give their row counts as
+    `row_splits` (summing to N) to solve them in one sweep. Every choice is per row except unstructured
+    sparsity without quantization, whose per-block counts are then kept per layer, so each layer still
+    loses exactly round(s·N_layer·K) weights. On the CPU the sweep runs on one thread (as GPTQ's)."""
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise ModelpressError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight of shape {(n, k)}")
+    splits = tuple(row_splits) if row_splits is not None else (n,)
+    if sum(splits) != n or any(r <= 0 for r in splits):
+        raise ModelpressError(f"row splits {splits} do not add up to the weight's {n} rows")
     if pattern is not None:
         check_nm_shape(k, pattern)
+    with one_cpu_thread(hessian.device):
+        return _sweep(weight, hessian, sparsity, pattern, scheme, block_size, damp, splits)
+
+
+def _sweep(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: NMPattern | None,
+           scheme: WeightScheme | None, block_size: int, damp: float, splits: tuple[int, ...]) -> SparseGPTResult:
+    n, k = weight.shape
     h, w, _ = prepare_hessian(hessian, weight.to(hessian.dtype), damp, act_order=False)
     u = inverse_hessian_factor(h, damp)
+    bounds = [(sum(splits[:j]), sum(splits[: j + 1])) for j in range(len(splits))]
     step = _group_length(scheme, k, block_size)
     if scheme is not None and pattern is not None and scheme.granularity == "group" and step % pattern.m:
         raise ModelpressError(f"group size {step} is not a multiple of the pattern's {pattern.m} inputs")
@@ -116,8 +140,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         u1 = u[i1:i2, i1:i2]
         d = torch.diagonal(u1)
         if scheme is None and pattern is None:
-            count = pruned_count(n * i2, sparsity) - pruned_count(n * i1, sparsity)
-            keep[:, i1:i2] = layer_mask(w1**2 / d**2, count / w1.numel() if w1.numel() else 0.0)
+            for r1, r2 in bounds:  # exact counts per layer: round(s·rows·i2) pruned by the end of this block
+                rows = r2 - r1
+                count = pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity)
+                part = w1[r1:r2]
+                keep[r1:r2, i1:i2] = layer_mask(part**2 / d**2, count / part.numel() if part.numel() else 0.0)
         for i in range(i2 - i1):
             col = i1 + i
             if scheme is None and pattern is not None and i % pattern.m == 0:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from modelpress.engine.capture import BlockCall, run_block
+from modelpress.engine.plan import _depends_on as _producers  # the same walk of the autograd graph
 from modelpress.errors import ModelpressError
 
 
@@ -46,22 +47,6 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
             found[name] = module
         elif type(module).__name__ == "Conv1D":
             raise ModelpressError(f"structured pruning slices nn.Linear layers; {name} is a transposed Conv1D")
-    return found
-
-
-def _producers(inputs: torch.Tensor, outputs: dict[object, int]) -> set[int]:
-    """Recorded calls whose outputs the autograd graph of `inputs` reaches first (not looking past them)."""
-    found: set[int] = set()
-    seen, stack = set(), [inputs.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in outputs:
-            found.add(outputs[node])
-            continue
-        stack.extend(n for n, _ in node.next_functions)
     return found
 
 
