@@ -86,6 +86,7 @@ def _subclass_kernel(weight: torch.Tensor):
 
 
 _SPARSE_KERNELS = {"cusparselt": _cusparselt_kernel, "semi_structured": _subclass_kernel}
+SEMI_STRUCTURED_BY_DEFAULT = False
 
 
 @register_module_kind("sparse_linear")
@@ -115,7 +116,10 @@ class SparseLinear(nn.Module):
             self.kept_per_row = None
             self.register_buffer("values", values.detach().reshape(-1))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.use_semi_structured = True                     # False: always the dense reference path
+        # Off by default: on an H100 with torch 2.11 the sparse kernels lost to dense fp16 on every shape we timed
+        # (bench/sparse_gpu.py, docs/benchmarks.md): 0.2-1.0x under CUDA graphs, and ~0.2 s of host work per
+        # eager call. Set True to use them (2:4 layers on CUDA in fp16/bf16).
+        self.use_semi_structured = SEMI_STRUCTURED_BY_DEFAULT
         self.semi_structured_backend: str | None = next(iter(_SPARSE_KERNELS))
 
     @classmethod
