@@ -227,3 +227,37 @@ def test_prepared_weights_are_freed_with_the_layer():
     del layer
     gc.collect()
     assert prepared() is None
+
+
+@pytest.mark.parametrize("spec, kernel", [("int4/g128", "int4_matmul"), ("int8/channel", "int8_matmul")])
+def test_small_calls_run_on_one_thread_and_restore_the_thread_count(spec, kernel, monkeypatch):
+    from modelpress.nn import cpu_backend
+
+    packed = random_packed(spec, 32, 256)
+    seen: list[tuple[int, int]] = []
+    real = getattr(cpu_backend, kernel)
+
+    def spy(x2, prep):
+        seen.append((x2.shape[0], torch.get_num_threads()))
+        return real(x2, prep)
+
+    monkeypatch.setattr(cpu_backend, kernel, spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x_small = torch.randn(1, 3, 256, dtype=torch.bfloat16)  # 3 rows: decode-sized
+        x_large = torch.randn(2, cpu_backend.SMALL_M_ROWS, 256, dtype=torch.bfloat16)
+        y_small = CPU_BACKEND(x_small, packed, None)
+        assert torch.get_num_threads() == 2
+        y_large = CPU_BACKEND(x_large, packed, None)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(CPU_BACKEND, "small_m_threads", None)
+        y_small_2 = CPU_BACKEND(x_small, packed, None)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(3, 1), (2 * cpu_backend.SMALL_M_ROWS, 2), (3, 2)]
+    ref = reference64(x_small, packed, None)
+    for y in (y_small, y_small_2):
+        assert (y.double() - ref).abs().max() <= 4 * BF16_STEP * ref.abs().max()
+    ref_large = reference64(x_large, packed, None)
+    assert (y_large.double() - ref_large).abs().max() <= 4 * BF16_STEP * ref_large.abs().max()

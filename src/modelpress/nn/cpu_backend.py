@@ -25,6 +25,12 @@ group is cut into kernel groups of the largest allowed size dividing both the gr
 with g128: groups of 64, each stored scale used twice); when no such size exists, K is padded with zero
 columns (and x with zeros). Rows are padded to a multiple of 16 and cut off the output.
 
+Threads: calls with at most SMALL_M_ROWS activation rows (decode) run the kernel on one thread
+(`CpuBackend.small_m_threads`). They are memory-bound, and each enters an OpenMP parallel region: on this
+2-core machine shared with other work, a region whose second thread is descheduled waits a scheduler slice,
+which made 2-thread int4/int8 matrix-vector calls 5-10x slower than one thread (and decode slower than float32,
+whose small F.linear calls stay on one thread). Prefill-sized calls keep the configured thread count.
+
 Prepared tensors are built on a layer's first call and cached by the backend, one entry per qdata tensor
 (freed with it), checked on every call against the identity and version counter of each packed tensor, so
 moving, reloading or editing a layer rebuilds them. They are not module buffers: state_dict and saved
@@ -50,6 +56,7 @@ from modelpress.formats.scheme import WeightScheme
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes aten._weight_int4pack_mm_for_cpu accepts
 INT4_ROW_MULTIPLE = 16
+SMALL_M_ROWS = 8  # calls with at most this many rows run on `CpuBackend.small_m_threads` threads
 INT8_K_MULTIPLE = 32  # aten._weight_int8pack_mm reads out of bounds (segfaults) for M > 1 and K % 16 != 0
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_DTYPE = torch.bfloat16
@@ -248,6 +255,7 @@ class CpuBackend:
         self.calls: Counter[str] = Counter()
         self.enabled = True
         self.round_float32 = False
+        self.small_m_threads: int | None = 1  # None: small calls use the configured thread count too
 
     @contextmanager
     def fast(self) -> Iterator[None]:
@@ -292,10 +300,18 @@ class CpuBackend:
         if prep is None:
             return None
         x2 = x.reshape(-1, k)
-        if isinstance(prep, Int4Prepared):
-            y, kind = int4_matmul(x2, prep), "int4"
-        else:
-            y, kind = int8_matmul(x2, prep), "int8"
+        threads = torch.get_num_threads()
+        limit = self.small_m_threads if x2.shape[0] <= SMALL_M_ROWS else None
+        if limit is not None and limit < threads:
+            torch.set_num_threads(limit)
+        try:
+            if isinstance(prep, Int4Prepared):
+                y, kind = int4_matmul(x2, prep), "int4"
+            else:
+                y, kind = int8_matmul(x2, prep), "int8"
+        finally:
+            if limit is not None and limit < threads:
+                torch.set_num_threads(threads)
         self.calls[kind] += 1
         if bias is not None:  # bfloat16 + float32 adds in float32, in one op
             y = torch.add(y, bias if bias.dtype == torch.float32 else bias.float())

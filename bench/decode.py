@@ -1,0 +1,526 @@
+"""Benchmark: decode tokens/s of a Llama-2-7B-shaped model with RANDOM weights, bf16 against modelpress's
+weight-only QuantLinear (RTN: int4/g128, nf4/g64, fp8-e4m3/channel, int4-asym/g128), at batch 1 and 16.
+
+    PYTHONPATH=src python bench/decode.py                      # CUDA, the 7B shape; JSON to $OUT/decode_h100.json
+    PYTHONPATH=src python bench/decode.py --device cpu --tiny  # the whole code path on a tiny config (no graphs)
+
+The weights are random normals (std 0.02, norms 1): speed does not depend on their values, the generated
+text means nothing. The model is built on the meta device, materialized with `to_empty` on the target
+device and filled there in bf16. Each quantized model shares the bf16 model's embeddings, norms and head
+(RTN leaves the head in bf16) and quantizes its linear layers one by one on the device.
+
+A decode step is one forward pass of one token per sequence on a static KV cache of prompt + steps tokens
+(ours, `PositionCache`: it writes at a device tensor of positions, and the attention mask is a 4-D device
+tensor rebuilt from it), followed by the greedy argmax written back into the input buffer and the position
+advanced in place, so the step needs no host values and replays as a CUDA graph. Timed two ways, each as
+the median over repeats of `--steps` consecutive steps after a `--prompt`-token random prompt:
+- eager: the step called from Python (host overhead included);
+- graph: the step captured once in a CUDA graph and replayed `--steps` times.
+ms/token is the time of one step (all sequences); tokens/s = batch x steps / seconds. "floor" is the time
+to read the weights once at 3.08 TB/s (the H100's measured read ceiling); "floor + KV" adds the KV cache a
+step reads (the attention reads the whole static buffer). Peers (PyTorch's int4 tinygemm kernel; bitsandbytes
+NF4 when importable) run the same steps with their own linear modules; missing ones are skipped and named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+from modelpress.formats.scheme import WeightScheme
+from modelpress.nn.quant_linear import QuantLinear
+
+SHAPES = {  # Llama-2-7B and a tiny model of the same architecture (CPU test of the code path)
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
+    "tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000},
+}
+FORMATS = ("int4/g128", "nf4/g64", "fp8-e4m3/channel", "int4-asym/g128")  # in order of importance
+READ_TBS = 3.08  # the issue's anchor: H100 read bandwidth ceiling, TB/s
+WEIGHT_STD = 0.02
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def llama_config(shape: str, max_positions: int = 4096) -> LlamaConfig:
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@torch.no_grad()
+def random_llama(config: LlamaConfig, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0) -> LlamaForCausalLM:
+    """A LlamaForCausalLM with random normal weights, allocated and filled directly on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device).eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, WEIGHT_STD, generator=gen)
+    for name, module in model.named_modules():  # non-persistent buffers (rotary inv_freq) are garbage after to_empty
+        if name.endswith("rotary_emb"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config).to(device))
+    return model
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy whose parameters and buffers are the original's tensors (no weight memory)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def quantized_copy(model: nn.Module, spec: str) -> nn.Module:
+    """RTN-quantize the linear layers of a shared copy of `model`, layer by layer on its device."""
+    quantized = shared_copy(model)
+    quantize_rtn(quantized, RTNConfig(WeightScheme.parse(spec)))
+    return quantized
+
+
+def weight_bytes(model: nn.Module) -> dict:
+    """Bytes of weights one decode step reads: every linear layer (packed or not) and the head."""
+    quantized = dense = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            quantized += module.weight_nbytes
+        elif isinstance(module, nn.Linear):
+            dense += module.weight.numel() * module.weight.element_size()
+        elif hasattr(module, "peer_nbytes"):
+            quantized += module.peer_nbytes
+    return {"quantized_layer_bytes": quantized, "dense_layer_bytes": dense, "weight_bytes": quantized + dense}
+
+
+# ---------------------------------------------------------------------------------------------- peers
+class TorchInt4Linear(nn.Module):
+    """PyTorch's built-in int4 kernel (aten._weight_int4pack_mm, CUDA): asymmetric int4 per group of 128,
+    w = (c - 8) * s + z with c = round((w - min) / s)."""
+
+    def __init__(self, weight: torch.Tensor, group: int = 128, inner_k_tiles: int = 8) -> None:
+        super().__init__()
+        n, k = weight.shape
+        w = weight.float().reshape(n, k // group, group)
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        codes = ((w - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = low + 8 * scale
+        packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles))
+        self.register_buffer("scales_zeros", torch.cat([scale, zero], -1).permute(1, 0, 2).contiguous()
+                             .to(torch.bfloat16))
+        self.group, self.out_features = group, n
+        self.peer_nbytes = sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.group,
+                                               self.scales_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def bnb_nf4_linear(weight: torch.Tensor) -> nn.Module:
+    import bitsandbytes as bnb  # optional peer
+
+    n, k = weight.shape
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, quant_type="nf4")
+    layer = layer.to(weight.device)
+    layer.peer_nbytes = layer.weight.numel() * layer.weight.element_size() + n * (k // 64) * 4
+    return layer
+
+
+PEERS = {"torch-int4/g128 (peer)": TorchInt4Linear, "bnb-nf4 (peer)": bnb_nf4_linear}
+
+
+def peer_copy(model: nn.Module, build) -> nn.Module:
+    """Shared copy of `model` whose linear layers (not the head) are replaced by `build(weight)`."""
+    out = shared_copy(model)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            parent, _, leaf = name.rpartition(".")
+            setattr(out.get_submodule(parent), leaf, build(module.weight))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+class _PositionLayer(CacheLayerMixin):
+    """Static keys/values (B, H, L, D) written at the cache's current index tensor."""
+
+    is_sliding = False
+    is_compileable = True
+
+    def __init__(self, owner: PositionCache) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states, value_states=None):
+        b, h, _, d = key_states.shape
+        shape = (b, h, self.owner.max_len, d)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys.index_copy_(2, self.owner.index, key_states)
+        self.values.index_copy_(2, self.owner.index, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.owner.max_len
+
+    def get_max_length(self, *args, **kwargs) -> int:
+        return self.owner.max_len
+
+    get_max_cache_shape = get_max_length
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.owner.max_len, 0
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+
+
+class PositionCache(Cache):
+    """A static KV cache of `max_len` tokens per sequence; `index` (a device tensor of positions, set by the
+    caller) says where the keys/values of the tokens being run go. Callers pass position ids and a 4-D mask."""
+
+    def __init__(self, num_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.index: torch.Tensor | None = None
+        super().__init__(layers=[_PositionLayer(self) for _ in range(num_layers)])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0, *args, **kwargs) -> int:
+        return self.max_len
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
+                   for t in (layer.keys, layer.values))
+
+
+class Decoder:
+    """Static buffers of one greedy decode at a fixed batch on a PositionCache: `prefill()` fills the cache
+    with the prompt; `start()` resets the position to the end of the prompt; `step()` runs one token per
+    sequence, writes the argmax back as the next input and advances the position, all on the device."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, steps: int) -> None:
+        self.model, self.prompt = model, prompt
+        batch, self.prompt_len = prompt.shape
+        device = prompt.device
+        self.max_len = self.prompt_len + steps
+        self.cache = PositionCache(model.config.num_hidden_layers, self.max_len)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)  # every row at the same position
+        self.kv_arange = torch.arange(self.max_len, device=device)
+        dtype = next(model.parameters()).dtype
+        self.masked = torch.finfo(dtype).min
+        self.mask = torch.zeros(batch, 1, 1, self.max_len, dtype=dtype, device=device)
+        self.first_token: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        batch, t = self.prompt.shape
+        positions = torch.arange(t, device=self.prompt.device)
+        allowed = self.kv_arange[None, :] <= positions[:, None]  # (T, L) causal over the static buffer
+        mask = torch.where(allowed, 0.0, self.masked).to(self.mask.dtype)[None, None].expand(batch, 1, t, -1)
+        self.cache.index = positions
+        logits = self.model(input_ids=self.prompt, position_ids=positions[None].expand(batch, -1),
+                            attention_mask=mask, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        self.first_token = logits[:, -1].argmax(-1, keepdim=True)
+        return logits[:, -1]
+
+    def start(self) -> None:
+        self.ids.copy_(self.first_token)
+        self.pos.fill_(self.prompt_len)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.cache.index = self.pos[0]
+        self.mask.copy_(torch.where(self.kv_arange <= self.pos[:, :, None, None], 0.0, self.masked))
+        logits = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        self.ids.copy_(logits[:, -1:].argmax(-1))
+        self.pos.add_(1)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Timer:
+    """CUDA events on CUDA, perf_counter elsewhere; milliseconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        began = time.perf_counter()
+        fn()
+        return (time.perf_counter() - began) * 1e3
+
+
+def decode_tokens(dec: Decoder, steps: int, run_step) -> list[list[int]]:
+    dec.start()
+    out = []
+    for _ in range(steps):
+        run_step()
+        out.append(dec.ids[:, 0].clone())
+    return torch.stack(out, 1).tolist()
+
+
+def time_eager(dec: Decoder, timer: Timer, steps: int, repeats: int) -> tuple[float, list[list[int]]]:
+    tokens = decode_tokens(dec, min(steps, 4), dec.step)  # warm-up (kernel compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        dec.start()
+        times.append(timer(lambda: [dec.step() for _ in range(steps)]) / steps)
+    tokens = decode_tokens(dec, steps, dec.step)
+    return statistics.median(times), tokens
+
+
+def time_graph(dec: Decoder, timer: Timer, steps: int, repeats: int) -> tuple[float, list[list[int]]]:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        dec.start()
+        for _ in range(3):
+            dec.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    dec.start()
+    with torch.cuda.graph(graph):
+        dec.step()
+    times = []
+    for _ in range(repeats):
+        dec.start()
+        times.append(timer(lambda: [graph.replay() for _ in range(steps)]) / steps)
+    tokens = decode_tokens(dec, steps, graph.replay)
+    return statistics.median(times), tokens
+
+
+def host_syncs(fn) -> list[str]:
+    """Ops in `fn` that read a device value on the host or make a tensor from host data (each would break or
+    freeze a CUDA graph capture); run on the CPU to check the step before a GPU run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero,
+                                       torch.ops.aten.is_nonzero, torch.ops.aten.equal, torch.ops.aten.lift_fresh):
+                found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        fn()
+    return found
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / max(len(pairs), 1)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def measure(name: str, model: nn.Module, prompts: dict, args, timer: Timer, device: torch.device,
+            base: dict) -> list[dict]:
+    rows = []
+    nbytes = weight_bytes(model)
+    for batch, prompt in prompts.items():
+        dec = Decoder(model, prompt, args.steps)
+        dec.prefill()  # warm-up: kernel compilation for the prefill shapes
+        prefill_ms = statistics.median(timer(dec.prefill) for _ in range(3))
+        row = {"model": name, "batch": batch, **nbytes, "prefill_ms": prefill_ms, "kv_bytes": dec.cache.kv_bytes()}
+        if device.type == "cpu" and not rows:
+            dec.start()
+            row["host_syncs_in_step"] = host_syncs(dec.step)
+        row["eager_ms"], eager_tokens = time_eager(dec, timer, args.steps, args.repeats)
+        if device.type == "cuda" and not args.no_graph:
+            try:
+                row["graph_ms"], graph_tokens = time_graph(dec, timer, args.steps, args.repeats + 2)
+                row["graph_vs_eager_tokens_equal"] = token_agreement(eager_tokens, graph_tokens)
+            except Exception as err:  # noqa: BLE001  (report it and keep the eager figures)
+                row["graph_error"] = f"{type(err).__name__}: {err}"[:400]
+                torch.cuda.synchronize()
+        best = row.get("graph_ms", row["eager_ms"])
+        row["tokens_per_s_eager"] = batch * 1e3 / row["eager_ms"]
+        if "graph_ms" in row:
+            row["tokens_per_s_graph"] = batch * 1e3 / row["graph_ms"]
+        row["floor_ms"] = nbytes["weight_bytes"] / (READ_TBS * 1e12) * 1e3
+        row["floor_kv_ms"] = (nbytes["weight_bytes"] + row["kv_bytes"]) / (READ_TBS * 1e12) * 1e3
+        row["floor_fraction"] = row["floor_ms"] / best
+        ref = base.get(batch)
+        if ref is None:
+            base[batch] = row
+            row["tokens"] = eager_tokens
+        else:
+            row["speedup_eager"] = ref["eager_ms"] / row["eager_ms"]
+            if "graph_ms" in row and "graph_ms" in ref:
+                row["speedup_graph"] = ref["graph_ms"] / row["graph_ms"]
+            row["same_tokens_as_bf16"] = token_agreement(ref["tokens"], eager_tokens)
+        rows.append(row)
+        del dec
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [("| batch | model | weight GB | floor ms | eager ms/tok | graph ms/tok | tok/s (graph) | vs bf16 (graph) "
+              "| vs bf16 (eager) | % of floor |"),
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: r["batch"]):
+        tps = r.get("tokens_per_s_graph", r["tokens_per_s_eager"])
+        lines.append(f"| {r['batch']} | {r['model']} | {r['weight_bytes'] / 1e9:.2f} | {r['floor_ms']:.2f} | "
+                     f"{r['eager_ms']:.2f} | {fmt(r.get('graph_ms'), '.2f')} | {tps:.1f} | "
+                     f"{fmt(r.get('speedup_graph'), '.2f')} | {fmt(r.get('speedup_eager'), '.2f')} | "
+                     f"{100 * r['floor_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    p.add_argument("--tiny", action="store_true", help="the tiny shape (CPU test of the code path)")
+    p.add_argument("--formats", nargs="*", default=list(FORMATS))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="eager repeats (graph: 2 more)")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--max-seconds", type=float, default=330.0, help="skip the remaining models after this")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    began = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shape = "tiny" if args.tiny else args.shape
+    if args.json is None:
+        out = os.environ.get("OUT")
+        args.json = Path(out) / "decode_h100.json" if out else ROOT / "bench/results/decode.json"
+    config = llama_config(shape)
+    torch.manual_seed(0)
+    model = random_llama(config, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    prompts = {b: torch.randint(0, config.vocab_size, (b, args.prompt), device=device, generator=gen)
+               for b in args.batches}
+    timer = Timer(device)
+    meta = {"shape": shape, "config": SHAPES[shape], "weights": "RANDOM normal (std 0.02), norms 1",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "dtype": "bfloat16", "prompt_tokens": args.prompt, "decode_steps": args.steps,
+            "repeats_eager": args.repeats, "repeats_graph": args.repeats + 2, "read_tbs": READ_TBS,
+            "timing": "CUDA events, median over repeats of `steps` consecutive decode steps" if device.type == "cuda"
+            else "perf_counter", "skipped": {}}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    print(f"{shape} with RANDOM weights on {meta['device']}; model built in {time.perf_counter() - began:.1f} s",
+          file=sys.stderr, flush=True)
+
+    candidates = [("bf16", lambda: model)] + [(spec, (lambda s=spec: quantized_copy(model, s))) for spec in args.formats]
+    if not args.no_peers:
+        for name, build in PEERS.items():
+            if device.type != "cuda":
+                meta["skipped"][name] = "CUDA only"
+            elif name.startswith("bnb") and not _importable("bitsandbytes"):
+                meta["skipped"][name] = "bitsandbytes not importable"
+            else:
+                candidates.append((name, (lambda b=build: peer_copy(model, b))))
+    rows: list[dict] = []
+    base: dict = {}
+    for name, build in candidates:
+        if time.perf_counter() - began > args.max_seconds:
+            meta["skipped"][name] = f"time budget ({args.max_seconds:.0f} s) spent"
+            continue
+        t0 = time.perf_counter()
+        try:
+            candidate = build()
+        except Exception as err:  # noqa: BLE001  (a peer that fails to build is skipped and named)
+            meta["skipped"][name] = f"build failed: {type(err).__name__}: {err}"[:400]
+            print(f"{name}: skipped ({meta['skipped'][name]})", file=sys.stderr, flush=True)
+            continue
+        built_s = time.perf_counter() - t0
+        new = measure(name, candidate, prompts, args, timer, device, base)
+        for row in new:
+            row["build_s"] = built_s
+        rows += new
+        print(f"{name}: built in {built_s:.1f} s, measured in {time.perf_counter() - t0 - built_s:.1f} s "
+              f"({time.perf_counter() - began:.0f} s so far)", file=sys.stderr, flush=True)
+        for row in new:
+            if "graph_error" in row:
+                print(f"  graph capture failed at batch {row['batch']}: {row['graph_error']}", file=sys.stderr)
+        if candidate is not model:
+            del candidate
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write(args.json, meta, rows, began)
+    print(f"\n{shape}, RANDOM weights, {meta['device']}, torch {meta['torch']}; prompt {args.prompt}, "
+          f"{args.steps} decode steps; floor = weight bytes / {READ_TBS} TB/s")
+    print(table(rows))
+    for name, why in meta["skipped"].items():
+        print(f"skipped {name}: {why}")
+    write(args.json, meta, rows, began)
+    print(f"JSON: {args.json}")
+
+
+def _importable(module: str) -> bool:
+    with contextlib.suppress(ImportError):
+        __import__(module)
+        return True
+    return False
+
+
+def write(path: Path, meta: dict, rows: list[dict], began: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "wall_s": time.perf_counter() - began}
+    clean = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
+    path.write_text(json.dumps({"meta": meta, "rows": clean, "table": table(rows)}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
