@@ -20,15 +20,10 @@ Peers install with: DISABLE_CUDA=1 .venv/bin/pip install -c constraints.txt -r b
 from __future__ import annotations
 
 import argparse
-import copy
-import ctypes
-import gc
 import json
 import logging
-import math
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -41,18 +36,16 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench.peers` when run as a script
 
+from bench import scoring
 from bench.peers import PEERS, load_peer
-from bench.peers.common import DequantizedLinear
+from bench.scoring import materialize, peak_rss_mb, release_memory, score, shared_copy, write_json
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.api import EvalSettings, prepare_windows
-from modelpress.eval.quality import evaluate_quality
 from modelpress.eval.size import measure_size
 from modelpress.formats import format_names
 from modelpress.formats.scheme import WeightScheme
 from modelpress.io.model import load_model
-from modelpress.nn.layers import replace_module
-from modelpress.nn.quant_linear import QuantLinear
 
 log = logging.getLogger("bench.formats")
 
@@ -67,35 +60,6 @@ class Job:
     key: str                                              # unique row name, e.g. "int4/g128" or "hqq/4/g64"
     build: Callable[[nn.Module], tuple[nn.Module, dict]]  # float model copy -> (model to score, row fields)
     is_key: bool = False                                  # scored on every window when the sweep is shorter
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A deep copy that shares the input embedding (never quantized here) with the original, so each
-    candidate costs only its own linear layers in memory. Each copy's size still counts the embedding."""
-    embedding = model.get_input_embeddings().weight
-    return copy.deepcopy(model, memo={id(embedding): embedding})
-
-
-def materialize(model: nn.Module) -> nn.Module:
-    """Swap every quantized layer for a plain float32 Linear holding the weight its library stores,
-    rebuilt once by the library's own dequantization (ours: PackedWeight.dequantize; peers: see
-    bench/peers). Sizes are measured before this. The scores are then those of the stored weights under
-    float32 arithmetic for every row alike, not of any kernel's numerics (our CPU backend, for one,
-    rounds activations to bfloat16), and each window costs a float forward instead of a dequantization
-    of all 106M weights per call."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            weight, bias = module.dequantized_weight(torch.float32), module.bias
-        elif isinstance(module, DequantizedLinear):
-            weight, bias = module._dequantize().float(), module.bias
-        else:
-            continue
-        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        replace_module(model, name, linear)
-    return model
 
 
 def ours_job(spec: str) -> Job:
@@ -173,34 +137,6 @@ def key_first(jobs: list[Job]) -> list[Job]:
     return key + [j for j in jobs if not j.is_key]
 
 
-@dataclass
-class Score:
-    """Per-token totals over some windows; totals of disjoint windows add up."""
-
-    nll: float
-    kl: float
-    agree: float
-    tokens: int
-    windows: int
-
-    @classmethod
-    def of(cls, q) -> Score:
-        return cls(nll=math.log(q.perplexity) * q.scored_tokens, kl=(q.kl_divergence or 0.0) * q.scored_tokens,
-                   agree=(q.top1_agreement or 0.0) * q.scored_tokens, tokens=q.scored_tokens, windows=q.windows)
-
-    def __add__(self, other: Score) -> Score:
-        return Score(self.nll + other.nll, self.kl + other.kl, self.agree + other.agree,
-                     self.tokens + other.tokens, self.windows + other.windows)
-
-    def fields(self) -> dict:
-        return {"perplexity": math.exp(self.nll / self.tokens), "kl_divergence": self.kl / self.tokens,
-                "top1_agreement": self.agree / self.tokens, "windows": self.windows, "scored_tokens": self.tokens}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_batch(base: nn.Module, jobs: list[Job], windows: torch.Tensor, sweep: int, chunk: int,
               save: Callable[[list[dict]], None]) -> list[dict]:
     """Build the batch's models, score all on windows[:sweep] and key rows also on windows[sweep:], in
@@ -246,24 +182,6 @@ def batch_rows(base: nn.Module, jobs: list[Job], fields: dict, sweep_scores: dic
     return rows
 
 
-def release_memory() -> None:
-    """Hand freed heap back to the system between builds (the machine is shared)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def score(base: nn.Module, models: dict[str, nn.Module], windows: torch.Tensor) -> dict[str, Score]:
-    start = time.perf_counter()
-    quality = evaluate_quality({"float": base, **models}, windows, reference=base)
-    seconds = time.perf_counter() - start
-    log.info("scored %d models + float on %d windows in %.0f s (%.2f s per model-window)", len(models),
-             len(windows), seconds, seconds / (len(windows) * (len(models) + 1)))
-    return {name: Score.of(q) for name, q in quality.items()}
-
-
 def sort_rows(rows: list[dict]) -> list[dict]:
     def kl(r: dict) -> float:
         at = r.get("at") or {}
@@ -282,40 +200,8 @@ COLUMNS = [("library", "library"), ("scheme", "scheme"), ("group", "group"), ("b
            ("top1_agreement", "top-1"), ("quantize_seconds", "quant s")]
 
 
-def cell(key: str, value) -> str:
-    if value is None:
-        return "-"
-    if key == "weight_bytes":
-        return f"{value / 1e6:.1f}"
-    if key == "bits_per_weight":
-        return f"{value:.3f}"
-    if key == "kl_divergence":
-        return f"{value:.4f}" if value >= 1e-3 else f"{value:.2e}"
-    if key == "top1_agreement":
-        return f"{100 * value:.1f}%"
-    if key in ("perplexity", "quantize_seconds"):
-        return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
-    return str(value)
-
-
 def table(rows: list[dict], markdown: bool = False) -> str:
-    lines = [[h for _, h in COLUMNS]]
-    for r in rows:
-        lines.append([cell(k, r.get(k)) for k, _ in COLUMNS])
-    if markdown:
-        out = ["| " + " | ".join(lines[0]) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
-        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines[1:]])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    text = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    return scoring.table(rows, COLUMNS, markdown=markdown)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
