@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -77,31 +78,51 @@ def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tenso
 
 def quantize_model(loaded: LoadedModel, scheme: WeightScheme, method: str = "rtn",
                    skip: tuple[str, ...] = DEFAULT_SKIP, calibration: CalibrationSettings | None = None,
-                   alpha: float = 0.5) -> dict:
+                   alpha: float = 0.5, schemes: Mapping[str, WeightScheme] | None = None) -> dict:
     """Quantize `loaded.model` in place; returns a small report (method, scheme, layers, seconds).
-    `alpha` is SmoothQuant's migration strength (method "smoothquant" only)."""
+    `alpha` is SmoothQuant's migration strength (method "smoothquant" only). `schemes` (full layer name ->
+    scheme) overrides `scheme` layer by layer (mixed precision; not for smoothquant)."""
     from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 
+    if schemes and method == "smoothquant":
+        raise ModelpressError("smoothquant quantizes every layer to int8 W8A8; per-layer schemes need rtn, gptq, "
+                              "awq or awq-gptq")
     if method == "gptq":
-        return _quantize_gptq(loaded, scheme, skip, calibration or CalibrationSettings())
+        return _quantize_gptq(loaded, scheme, skip, calibration or CalibrationSettings(), schemes)
     if method in ("awq", "awq-gptq", "smoothquant"):
-        return _quantize_scaled(loaded, scheme, method, skip, calibration or CalibrationSettings(), alpha)
+        return _quantize_scaled(loaded, scheme, method, skip, calibration or CalibrationSettings(), alpha, schemes)
     if method != "rtn":
         raise ModelpressError(f"unknown quantization method {method!r}; available: rtn, gptq, awq, awq-gptq, "
                               "smoothquant")
     start = time.perf_counter()
-    layers = quantize_rtn(loaded.model, RTNConfig(scheme=scheme, skip=skip))
+    layers = quantize_rtn(loaded.model, RTNConfig(scheme=scheme, skip=skip, schemes=schemes))
     return {"method": method, "scheme": scheme.spec, "layers": len(layers),
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def quantize_mixed(loaded: LoadedModel, config, calibration: CalibrationSettings | None = None) -> dict:
+    """Mixed precision to a bit budget (`config`: algorithms/quantize/mixed_run.MixedConfig): score each layer
+    under each candidate on calibration windows, choose a scheme per layer, quantize with `config.method`.
+    Returns quantize_model's report with scheme "mixed" and the per-layer map under "mixed"."""
+    from modelpress.algorithms.quantize.mixed_run import mixed_report, plan_mixed
+
+    calibration = calibration or CalibrationSettings()
+    start = time.perf_counter()
+    sensitivity = replace(calibration, samples=config.sensitivity_samples)
+    plan = plan_mixed(loaded.model, config, calibration_windows(loaded.tokenizer, sensitivity))
+    info = quantize_model(loaded, plan.most_common(), method=config.method, skip=config.skip,
+                          calibration=calibration, schemes=plan.schemes())
+    return {**info, "scheme": "mixed", "seconds": round(time.perf_counter() - start, 3),
+            "mixed": mixed_report(loaded.model, plan)}
+
+
 def _quantize_gptq(loaded: LoadedModel, scheme: WeightScheme, skip: tuple[str, ...],
-                   calibration: CalibrationSettings) -> dict:
+                   calibration: CalibrationSettings, schemes: Mapping[str, WeightScheme] | None = None) -> dict:
     from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
 
     start = time.perf_counter()
     ids = calibration_windows(loaded.tokenizer, calibration)
-    result = quantize_gptq(loaded.model, GPTQConfig(scheme=scheme, skip=skip), ids, device=calibration.device,
+    result = quantize_gptq(loaded.model, GPTQConfig(scheme=scheme, skip=skip, schemes=schemes), ids, device=calibration.device,
                            resume_dir=calibration.resume_dir, batch_size=calibration.batch_size)
     return {"method": "gptq", "scheme": scheme.spec, "layers": result.layers,
             "seconds": round(time.perf_counter() - start, 3),
@@ -111,7 +132,8 @@ def _quantize_gptq(loaded: LoadedModel, scheme: WeightScheme, skip: tuple[str, .
 
 
 def _quantize_scaled(loaded: LoadedModel, scheme: WeightScheme, method: str, skip: tuple[str, ...],
-                     calibration: CalibrationSettings, alpha: float) -> dict:
+                     calibration: CalibrationSettings, alpha: float,
+                     schemes: Mapping[str, WeightScheme] | None = None) -> dict:
     """AWQ (RTN or GPTQ after the scales) and SmoothQuant W8A8: per-channel scales folded into producers."""
     from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
     from modelpress.algorithms.quantize.smoothquant import SmoothQuantConfig, quantize_smoothquant
@@ -119,7 +141,8 @@ def _quantize_scaled(loaded: LoadedModel, scheme: WeightScheme, method: str, ski
     if method == "smoothquant" and calibration.resume_dir is not None:
         raise ModelpressError("smoothquant runs in one short pass and cannot resume; drop --resume")
     smooth = SmoothQuantConfig.for_scheme(scheme, alpha=alpha, skip=skip) if method == "smoothquant" else None
-    awq = AWQConfig(scheme=scheme, solver="gptq" if method == "awq-gptq" else "rtn", skip=skip) if not smooth else None
+    awq = AWQConfig(scheme=scheme, solver="gptq" if method == "awq-gptq" else "rtn", skip=skip,
+                    schemes=schemes) if not smooth else None
     start = time.perf_counter()
     ids = calibration_windows(loaded.tokenizer, calibration)
     if smooth is not None:

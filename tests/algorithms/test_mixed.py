@@ -47,7 +47,7 @@ def test_choice_meets_budget_and_is_near_the_exact_optimum(seed, target):
 
 
 def test_impossible_budget_is_a_clear_error():
-    specs, params, bits, scores = random_instance(0)
+    _specs, params, bits, scores = random_instance(0)
     with pytest.raises(ModelpressError, match="below the smallest candidate mix"):
         choose_schemes(scores, bits, params, 1.0)
 
@@ -67,3 +67,19 @@ def test_fisher_estimate_tracks_the_measured_kl_of_each_layer():
     assert sorted(range(3), key=lambda i: estimated[i]) == sorted(range(3), key=lambda i: measured[i])
     # a narrower format always scores worse for the same layer
     assert all(scores[n]["int2-asym/g32"] > scores[n]["int4/g32"] for n in scores)
+
+
+def test_fisher_on_a_subset_of_positions_estimates_the_full_score():
+    model = build_tiny_llama()
+    schemes = [WeightScheme.parse("int2-asym/g32")]
+    candidates = rtn_candidates(model, schemes)
+    windows = torch.randint(0, 320, (8, 64), generator=torch.Generator().manual_seed(1))
+    full = fisher_sensitivity(model, candidates, windows, batch_size=4)
+    part = fisher_sensitivity(model, candidates, windows, batch_size=4, positions=24)
+    names = sorted(full, key=lambda n: full[n]["int2-asym/g32"])
+    for name in names:
+        assert 0.5 < part[name]["int2-asym/g32"] / full[name]["int2-asym/g32"] < 2.0
+    # the most and least sensitive layers stay apart
+    assert part[names[-1]]["int2-asym/g32"] > 2 * part[names[0]]["int2-asym/g32"]
+    with pytest.raises(ModelpressError, match="positions per window must be positive"):
+        fisher_sensitivity(model, candidates, windows, positions=0)

@@ -23,6 +23,26 @@ def add_text_arguments(parser: argparse.ArgumentParser, windows: int = 40) -> No
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
 
 
+def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resume_help: str) -> None:
+    """--calib-text/-samples/-seq-len/-batch-size, --resume and --device, as one argument group."""
+    calib = parser.add_argument_group(title)
+    calib.add_argument("--calib-text", default=None, metavar="FILE",
+                       help="UTF-8 text file or hf:PATH[:CONFIG[:SPLIT]] (default: embedded corpus, after its evaluation windows)")
+    calib.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows (default 128)")
+    calib.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration window (default 512)")
+    calib.add_argument("--calib-batch-size", type=positive_int, default=8, help="windows per block forward (default 8)")
+    calib.add_argument("--resume", default=None, metavar="DIR", help=resume_help)
+    calib.add_argument("--device", default="cpu", help="device the blocks are calibrated on, e.g. cpu or cuda (default cpu)")
+
+
+def calibration_settings(args: argparse.Namespace):
+    """The CalibrationSettings the calibration arguments describe."""
+    from modelpress.api import CalibrationSettings
+
+    return CalibrationSettings(text=args.calib_text, samples=args.calib_samples, seq_len=args.calib_seq_len,
+                               batch_size=args.calib_batch_size, device=args.device, resume_dir=args.resume)
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
 

@@ -13,8 +13,15 @@ from modelpress.algorithms.prune import (
     StructuredConfig,
     WandaConfig,
 )
-from modelpress.api import CalibrationSettings, prune_model
-from modelpress.commands.common import add_json_argument, add_model_argument, group_size_arg, positive_int, write_json
+from modelpress.api import prune_model
+from modelpress.commands.common import (
+    add_calibration_arguments,
+    add_json_argument,
+    add_model_argument,
+    calibration_settings,
+    group_size_arg,
+    write_json,
+)
 from modelpress.errors import ModelpressError
 from modelpress.formats.scheme import scheme_for
 from modelpress.io.model import load_model
@@ -47,15 +54,8 @@ def add_parser(sub) -> None:
                    help="keep pruned layers dense (zeros stored) instead of compressed; for comparisons only")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="PATTERN",
                    help="layer name patterns left unpruned (default: lm_head)")
-    calib = p.add_argument_group("calibration (wanda, sparsegpt, structured)")
-    calib.add_argument("--calib-text", default=None, metavar="FILE",
-                       help="UTF-8 text file or hf:PATH[:CONFIG[:SPLIT]] (default: embedded corpus, after its evaluation windows)")
-    calib.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows (default 128)")
-    calib.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration window (default 512)")
-    calib.add_argument("--calib-batch-size", type=positive_int, default=8, help="windows per block forward (default 8)")
-    calib.add_argument("--resume", default=None, metavar="DIR",
-                       help="wanda/sparsegpt: save progress after every block to DIR and continue from it")
-    calib.add_argument("--device", default="cpu", help="device the blocks are calibrated on (default cpu)")
+    add_calibration_arguments(p, "calibration (wanda, sparsegpt, structured)",
+                              "wanda/sparsegpt: save progress after every block to DIR and continue from it")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -90,8 +90,7 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     loaded = load_model(args.model)
-    calibration = CalibrationSettings(text=args.calib_text, samples=args.calib_samples, seq_len=args.calib_seq_len,
-                                      batch_size=args.calib_batch_size, device=args.device, resume_dir=args.resume)
+    calibration = calibration_settings(args)
     info = prune_model(loaded, config, calibration)
     report = {**info, "source": loaded.source}
     save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)

@@ -1,13 +1,27 @@
 """modelpress quantize MODEL --method rtn|gptq|awq|awq-gptq|smoothquant [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR"""
+[--symmetric|--asymmetric] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
+
+Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
+one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
+included, at the least estimated KL divergence; the map is in the saved model and the report."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from modelpress.api import CalibrationSettings, quantize_model
-from modelpress.commands.common import add_json_argument, add_model_argument, group_size_arg, positive_int, write_json
+from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, MixedConfig, parse_candidates
+from modelpress.api import CalibrationSettings, quantize_mixed, quantize_model
+from modelpress.commands.common import (
+    add_calibration_arguments,
+    add_json_argument,
+    add_model_argument,
+    calibration_settings,
+    group_size_arg,
+    positive_int,
+    write_json,
+)
+from modelpress.errors import ModelpressError
 from modelpress.eval.size import measure_size
 from modelpress.formats.scheme import scheme_for
 from modelpress.io.model import load_model
@@ -25,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5,
                    help="smoothquant migration strength in [0, 1]: how much of the activation range moves into "
                         "the weights (default 0.5)")
-    p.add_argument("--format", required=True, help="number format: int8, int4, int3, int2, nf4, fp8-e4m3, fp8-e5m2, fp4, ternary")
+    p.add_argument("--format", default=None, help="number format: int8, int4, int3, int2, nf4, fp8-e4m3, fp8-e5m2, fp4, ternary")
     p.add_argument("--group-size", default=None, metavar="G",
                    help="inputs per scale: a positive integer, 'channel' or 'tensor' (default: 128 for <=4-bit, 64 for nf4, channel for 8-bit)")
     sym = p.add_mutually_exclusive_group()
@@ -35,15 +49,16 @@ def add_parser(sub) -> None:
     p.add_argument("--scale-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="PATTERN",
                    help="layer name patterns left in float (default: lm_head; the output head is always skipped)")
-    calib = p.add_argument_group("calibration (gptq, awq, smoothquant)")
-    calib.add_argument("--calib-text", default=None, metavar="FILE",
-                       help="UTF-8 text file or hf:PATH[:CONFIG[:SPLIT]] (default: embedded corpus, after its evaluation windows)")
-    calib.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows (default 128)")
-    calib.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration window (default 512)")
-    calib.add_argument("--calib-batch-size", type=positive_int, default=8, help="windows per block forward (default 8)")
-    calib.add_argument("--resume", default=None, metavar="DIR",
-                       help="save progress after every block to DIR and continue from it if it holds an earlier run")
-    calib.add_argument("--device", default="cpu", help="device the blocks are calibrated on, e.g. cpu or cuda (default cpu)")
+    mixed = p.add_argument_group("mixed precision (instead of --format)")
+    mixed.add_argument("--target-bits", type=float, default=None, metavar="B",
+                       help="average stored bits per quantized weight, scales included (e.g. 4.5): each layer gets "
+                            "the candidate scheme that meets the budget at the least estimated KL divergence")
+    mixed.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), metavar="SPEC",
+                       help=f"schemes to choose from (default: {' '.join(DEFAULT_CANDIDATES)})")
+    mixed.add_argument("--sensitivity-samples", type=positive_int, default=8,
+                       help="calibration windows for the per-layer sensitivity pass (default 8)")
+    add_calibration_arguments(p, "calibration (gptq, awq, smoothquant, mixed precision's sensitivity)",
+                              "save progress after every block to DIR and continue from it if it holds an earlier run")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -51,11 +66,14 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.format is None) == (args.target_bits is None):
+        raise ModelpressError("give either --format (one scheme for every layer) or --target-bits (mixed precision)")
+    calibration = calibration_settings(args)
+    if args.target_bits is not None:
+        return _run_mixed(args, calibration)
     group = None if args.group_size is None else group_size_arg(args.group_size)
     scheme = scheme_for(args.format, group, args.symmetric, args.double_quant, args.scale_dtype)
     loaded = load_model(args.model)
-    calibration = CalibrationSettings(text=args.calib_text, samples=args.calib_samples, seq_len=args.calib_seq_len,
-                                      batch_size=args.calib_batch_size, device=args.device, resume_dir=args.resume)
     info = quantize_model(loaded, scheme, method=args.method, skip=tuple(args.skip), calibration=calibration,
                           alpha=args.alpha)
     size = measure_size(loaded.model)
@@ -65,5 +83,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"quantized {info['layers']} layers to {scheme.spec} in {info['seconds']:.1f} s: "
           f"{size.bits_per_weight:.3f} bits/weight over quantized layers, {size.weight_bytes / 2**20:.1f} MiB "
           f"of weights in all -> {args.out}", file=sys.stdout)
+    write_json(args.json, report)
+    return 0
+
+
+def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> int:
+    per_format = [a for a in ("group_size", "double_quant") if getattr(args, a) not in (None, False)]
+    if per_format or args.symmetric is not None:
+        raise ModelpressError("--group-size, --symmetric/--asymmetric and --double-quant describe one --format; with "
+                              "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
+    config = MixedConfig(target_bits=args.target_bits, candidates=parse_candidates(args.candidates),
+                         method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip))
+    loaded = load_model(args.model)
+    info = quantize_mixed(loaded, config, calibration)
+    size = measure_size(loaded.model)
+    report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
+              "quantized_parameters": size.quantized_parameters, "source": loaded.source}
+    save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
+    mixed = info["mixed"]
+    for spec, count in mixed["scheme_counts"].items():
+        layers = [v for v in mixed["layers"].values() if v["scheme"] == spec]
+        kl = sum(v["estimated_kl"] for v in layers)
+        print(f"  {spec:<16} {count:4d} layers  estimated KL {kl:.4f}", file=sys.stdout)
+    print(f"mixed precision ({args.method}) over {info['layers']} layers in {info['seconds']:.1f} s "
+          f"(sensitivity {mixed['sensitivity']['seconds']:.1f} s on {mixed['sensitivity']['windows']} windows): "
+          f"{mixed['achieved_bits_per_weight']:.3f} bits/weight (target {args.target_bits}), estimated KL "
+          f"{mixed['estimated_kl']:.4f}, {size.weight_bytes / 2**20:.1f} MiB of weights in all -> {args.out}",
+          file=sys.stdout)
     write_json(args.json, report)
     return 0

@@ -11,11 +11,13 @@ so the float model is cached once as safetensors under $MODELPRESS_CACHE (defaul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,13 +102,28 @@ def is_causal_lm(config) -> bool:
         getattr(config, "is_decoder", False))
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' per-tensor "Loading weights" bar, off while we load (a few ms for a small model), then restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-        model = auto.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        with quiet_loading():
+            model = auto.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelpressError(f"cannot load model {spec!r}: {first}") from None
@@ -148,7 +165,9 @@ def read_gguf_with_transformers(path: Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with quiet_loading():
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32)
     except Exception as err:  # the GGUF reader raises many types on a damaged file
         raise ModelpressError(f"cannot read GGUF file {path}: {str(err).splitlines()[0] if str(err) else err!r}") from None
     # transformers refuses to save a GGUF-loaded model: rebuild it from its config without the GGUF entry

@@ -14,7 +14,8 @@ Per group of layers reading one input, with X its calibration activations and H 
   objective.
 Groups whose input has no producer to fold into (o_proj behind grouped-query attention, say) are not
 scaled; they still get the clip search. With solver "gptq" the scales are folded first and GPTQ then
-solves the scaled layers (no clip search: GPTQ picks its own group ranges).
+solves the scaled layers (no clip search: GPTQ picks its own group ranges). With a per-layer `schemes`
+override (mixed precision), each layer of a group is scored and quantized under its own scheme.
 
 The math is `candidate_scale`, `scaled_objective`, `search_scales`, `search_clip`; the `AWQ` class is the
 engine plumbing; `quantize_awq` the entry point.
@@ -23,12 +24,14 @@ engine plumbing; `quantize_awq` the entry point.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from modelpress.algorithms.quantize.gptq import GPTQ, GPTQConfig, HessianSum, layer_objective
+from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme, schemes_digest
 from modelpress.algorithms.quantize.smoothing import (
     Producer,
     apply_fold,
@@ -38,6 +41,7 @@ from modelpress.algorithms.quantize.smoothing import (
     foldable_groups,
 )
 from modelpress.engine.algorithm import InputGroup, LayerSolution
+from modelpress.engine.blocks import BlockStack
 from modelpress.engine.context import BlockContext
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
@@ -60,8 +64,13 @@ class AWQConfig:
     max_shrink: float = 0.5
     solver: str = "rtn"            # "rtn", or "gptq": scales folded, then GPTQ on the scaled layers
     skip: tuple[str, ...] = DEFAULT_SKIP
+    schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
+
+    def scheme_of(self, name: str) -> WeightScheme:
+        return layer_scheme(self.scheme, self.schemes, name)
 
     def __post_init__(self) -> None:
+        check_layer_schemes(self.schemes)
         if self.grid < 1 or self.clip_grid < 1:
             raise ModelpressError(f"AWQ grids must be >= 1, got grid={self.grid}, clip_grid={self.clip_grid}")
         if not 0 <= self.max_shrink < 1:
@@ -85,11 +94,13 @@ def candidate_scale(mean_abs_x: torch.Tensor, alpha: float, weight_mean: torch.T
 
 
 def scaled_objective(weights: list[torch.Tensor], scale: torch.Tensor, hessian: torch.Tensor,
-                     scheme: WeightScheme) -> float:
-    """sum_i ||W_i X - Q(W_i diag(s)) diag(1/s) X||^2 / n, from H = X^T X / n."""
+                     scheme: WeightScheme, layer_schemes: list[WeightScheme] | None = None) -> float:
+    """sum_i ||W_i X - Q(W_i diag(s)) diag(1/s) X||^2 / n, from H = X^T X / n. `layer_schemes`, parallel to
+    `weights`, quantizes each layer under its own scheme instead of `scheme`."""
     total = 0.0
-    for w in weights:
-        effective = fake_quantize(w.float() * scale, scheme) / scale   # what unscaled inputs meet
+    for i, w in enumerate(weights):
+        own = scheme if layer_schemes is None else layer_schemes[i]
+        effective = fake_quantize(w.float() * scale, own) / scale   # what unscaled inputs meet
         total += layer_objective(w, effective, hessian)
     return total
 
@@ -117,11 +128,13 @@ class ScaleSearch:
 
 
 def search_scales(mean_abs_x: torch.Tensor, weights: list[torch.Tensor], hessian: torch.Tensor,
-                  scheme: WeightScheme, grid: int = 20, duo_scaling: bool = False) -> ScaleSearch:
-    """The grid search of AWQ for one group of layers reading the same input (see module docstring)."""
+                  scheme: WeightScheme, grid: int = 20, duo_scaling: bool = False,
+                  layer_schemes: list[WeightScheme] | None = None) -> ScaleSearch:
+    """The grid search of AWQ for one group of layers reading the same input (see module docstring).
+    `layer_schemes` (parallel to `weights`) scores each layer under its own scheme."""
     k = mean_abs_x.shape[0]
     ones = torch.ones(k, device=hessian.device)
-    rtn = scaled_objective(weights, ones, hessian, scheme)
+    rtn = scaled_objective(weights, ones, hessian, scheme, layer_schemes)
     best = ScaleSearch(ones, 0.0, False, rtn, rtn)
     families = [(False, None)]
     if duo_scaling:
@@ -132,7 +145,7 @@ def search_scales(mean_abs_x: torch.Tensor, weights: list[torch.Tensor], hessian
             if alpha == 0 and not duo:
                 continue                                    # that is RTN, already scored
             scale = candidate_scale(mean_abs_x.to(hessian.device), alpha, weight_mean)
-            loss = scaled_objective(weights, scale, hessian, scheme)
+            loss = scaled_objective(weights, scale, hessian, scheme, layer_schemes)
             if loss < best.objective:
                 best = ScaleSearch(scale, alpha, duo, loss, rtn)
     return best
@@ -216,14 +229,23 @@ class AWQ:
     layers quantized in `solve`."""
 
     config: AWQConfig
+    stack: BlockStack | None = None    # the model's blocks: turns block-relative target names into full ones
     _hessians: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)   # scaled H, rows
     _observed: dict[str, HessianSum] = field(default_factory=dict)
     _scaling: dict[str, dict] = field(default_factory=dict)                        # per layer name
     _inner: GPTQ | None = None
+    _prefix: str = ""                  # full name of the block being solved, plus "."
 
     def __post_init__(self) -> None:
         if self.config.solver == "gptq":
-            self._inner = GPTQ(GPTQConfig(scheme=self.config.scheme, skip=self.config.skip))
+            inner = GPTQConfig(scheme=self.config.scheme, skip=self.config.skip, schemes=self.config.schemes)
+            self._inner = GPTQ(inner, stack=self.stack)
+
+    def scheme_for(self, name: str) -> WeightScheme:
+        """Scheme of the block-relative target `name` in the block being solved."""
+        if self.config.schemes and self.stack is None:
+            raise ModelpressError("AWQ with per-layer schemes needs the model's block stack to name its layers")
+        return self.config.scheme_of(self._prefix + name)
 
     @property
     def sequential(self) -> bool:
@@ -233,9 +255,12 @@ class AWQ:
         c = self.config
         inner = f" then {self._inner.describe()}" if self._inner is not None else ""
         return (f"awq scheme={c.scheme.spec} grid={c.grid} duo_scaling={c.duo_scaling} clip={c.clip} "
-                f"clip_grid={c.clip_grid} max_shrink={c.max_shrink} solver={c.solver}{inner}")
+                f"clip_grid={c.clip_grid} max_shrink={c.max_shrink} solver={c.solver}{schemes_digest(c.schemes)}{inner}")
 
     def prepare_block(self, context: BlockContext) -> None:
+        self._prefix = f"{self.stack.block_name(context.index)}." if self.stack is not None else ""
+        if self._inner is not None:
+            self._inner.prepare_block(context)
         groups = foldable_groups(context)
         stats = collect_stats(context, groups, hessian=True)
         producers = find_producers(context, groups)
@@ -259,7 +284,8 @@ class AWQ:
             return {"scaled": False, "reason": "no norm or linear layer to fold input scales into"}, None
         c = self.config
         weights = [linear_weight(context.targets.linears[t.name]).detach().float() for t in group.targets]
-        found = search_scales(mean_abs, weights, hessian, c.scheme, c.grid, c.duo_scaling)
+        schemes = [self.scheme_for(t.name) for t in group.targets]
+        found = search_scales(mean_abs, weights, hessian, schemes[0], c.grid, c.duo_scaling, schemes)
         scaled = found.alpha > 0 or found.duo
         notes = {"scaled": scaled, "producer": producer.name, "alpha": found.alpha, "duo": found.duo,
                  "scale_objective": found.objective, "scale_rtn_objective": found.rtn_objective}
@@ -295,13 +321,14 @@ class AWQ:
         results = []
         for target in group.targets:
             notes = {"method": "awq", "calibration_rows": rows, **self._scaling.get(target.name, {"scaled": False})}
+            scheme = self.scheme_for(target.name)
             if hessian is None:
                 notes.update(method="rtn", reason="no calibration tokens reached this layer")
-                packed = quantize_weight(target.weight, c.scheme, name=f"layer {target.name}")
+                packed = quantize_weight(target.weight, scheme, name=f"layer {target.name}")
                 results.append(LayerSolution(packed, notes))
                 continue
             weight = target.weight.detach()
-            packed = awq_quantize(weight, hessian, c.scheme, c.clip, c.clip_grid, c.max_shrink)
+            packed = awq_quantize(weight, hessian, scheme, c.clip, c.clip_grid, c.max_shrink)
             notes["objective"] = layer_objective(weight, packed.dequantize(), hessian)
             results.append(LayerSolution(packed, notes))
         return results
@@ -342,12 +369,14 @@ def quantize_awq(model: nn.Module, config: AWQConfig, calibration_ids: torch.Ten
     """AWQ every linear layer in the model's repeated blocks (in place), then RTN for linear layers outside
     them (the output head is skipped as usual)."""
     from modelpress.algorithms.quantize.rtn import quantize_layer
+    from modelpress.engine.blocks import find_blocks
     from modelpress.engine.runner import EngineSettings, run_sequential
 
     settings = EngineSettings(batch_size=batch_size, skip=config.skip)
-    run = run_sequential(model, AWQ(config), calibration_ids, device, resume_dir=resume_dir, settings=settings)
+    algorithm = AWQ(config, stack=find_blocks(model))
+    run = run_sequential(model, algorithm, calibration_ids, device, resume_dir=resume_dir, settings=settings)
     outside = find_linear_layers(model, config.skip)
     for name, module in outside.items():
-        new = quantize_layer(module, config.scheme, name=f"layer {name}")
+        new = quantize_layer(module, config.scheme_of(name), name=f"layer {name}")
         replace_module(model, name, new.to(module.weight.device))
     return AWQReport(run, sorted(outside))

@@ -22,6 +22,8 @@ Choices, with reasons:
   the solver chose. With double-quantized scales that is impossible (the scales are coded together at the
   end): there the codes are re-rounded once against the double-quantized scales.
 - Dead inputs (H_ii = 0: never active in calibration) get H_ii = 1 and weight 0 during the solve.
+- `schemes` (full layer name -> scheme, from mixed precision) overrides the scheme layer by layer; layers
+  of one input group that share a scheme are still solved as one matrix.
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from modelpress.engine.algorithm import InputGroup, LayerSolution
+from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme, schemes_digest
+from modelpress.engine.algorithm import InputGroup, LayerSolution, LayerTarget
+from modelpress.engine.blocks import BlockStack
+from modelpress.engine.context import BlockContext
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight, quantize_weight
@@ -56,8 +61,13 @@ class GPTQConfig:
     shrink_steps: int = 20             # >1: search that many scale shrink factors per group (see group_params)
     keep_better_of_rtn: bool = True    # keep RTN for a layer where it scores better on the layer objective
     skip: tuple[str, ...] = DEFAULT_SKIP
+    schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
+
+    def scheme_of(self, name: str) -> WeightScheme:
+        return layer_scheme(self.scheme, self.schemes, name)
 
     def __post_init__(self) -> None:
+        check_layer_schemes(self.schemes)
         if not 0 <= self.damp < 1:
             raise ModelpressError(f"GPTQ damp must be in [0, 1), got {self.damp}")
         if self.block_size <= 0:
@@ -313,7 +323,9 @@ class GPTQ:
     """The GPTQ layer algorithm for the sequential engine (engine/runner.py)."""
 
     config: GPTQConfig
+    stack: BlockStack | None = None    # the model's blocks: turns block-relative target names into full ones
     _hessians: dict[str, HessianSum] = field(default_factory=dict)
+    _prefix: str = ""                  # full name of the block being solved, plus "."
 
     @property
     def sequential(self) -> bool:
@@ -322,7 +334,16 @@ class GPTQ:
     def describe(self) -> str:
         c = self.config
         return (f"gptq scheme={c.scheme.spec} damp={c.damp} block={c.block_size} act_order={c.act_order} "
-                f"true_sequential={c.true_sequential} shrink_steps={c.shrink_steps} keep_better_of_rtn={c.keep_better_of_rtn}")
+                f"true_sequential={c.true_sequential} shrink_steps={c.shrink_steps} keep_better_of_rtn={c.keep_better_of_rtn}"
+                f"{schemes_digest(c.schemes)}")
+
+    def prepare_block(self, context: BlockContext) -> None:
+        self._prefix = f"{self.stack.block_name(context.index)}." if self.stack is not None else ""
+
+    def scheme_for(self, target: LayerTarget) -> WeightScheme:
+        if self.config.schemes and self.stack is None:
+            raise ModelpressError("GPTQ with per-layer schemes needs the model's block stack to name its layers")
+        return self.config.scheme_of(self._prefix + target.name)
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
         k = inputs.shape[-1]
@@ -333,34 +354,30 @@ class GPTQ:
 
     def solve(self, group: InputGroup) -> list[LayerSolution]:
         acc = self._hessians.pop(group.key, None)
-        scheme = self.config.scheme
         if acc is None or acc.rows == 0:
-            return [LayerSolution(quantize_weight(t.weight, scheme, name=f"layer {t.name}"),
+            return [LayerSolution(quantize_weight(t.weight, self.scheme_for(t), name=f"layer {t.name}"),
                                   {"method": "rtn", "reason": "no calibration tokens reached this layer"})
                     for t in group.targets]
         with _one_cpu_thread(acc.sum.device):
             return self._solve(group, acc)
 
     def _solve(self, group: InputGroup, acc: HessianSum) -> list[LayerSolution]:
-        scheme = self.config.scheme
         start = time.perf_counter()
         hessian = acc.mean()
         weights = [t.weight.detach().float() for t in group.targets]
-        results = []
-        # layers reading the same input share H, and GPTQ treats rows independently: solve them as one matrix
-        # (but a per-tensor scale belongs to one layer)
-        batches = [weights] if scheme.granularity != "tensor" else [[w] for w in weights]
-        names = iter(group.targets)
-        for batch in batches:
-            solution = gptq_solve(torch.cat(batch), hessian, scheme, self.config.damp, self.config.block_size,
-                                  self.config.act_order, self.config.shrink_steps)
+        results: list[LayerSolution | None] = [None] * len(weights)
+        # layers reading the same input share H, and GPTQ treats rows independently: solve those with one
+        # scheme as one matrix (but a per-tensor scale belongs to one layer)
+        for scheme, batch in _batches_by_scheme([self.scheme_for(t) for t in group.targets]):
+            solution = gptq_solve(torch.cat([weights[i] for i in batch]), hessian, scheme, self.config.damp,
+                                  self.config.block_size, self.config.act_order, self.config.shrink_steps)
             row = 0
-            for weight in batch:
-                part = solution.rows(row, row + weight.shape[0])
-                row += weight.shape[0]
-                results.append(self._choose(next(names).name, weight, part, hessian, acc.rows))
+            for i in batch:
+                part = solution.rows(row, row + weights[i].shape[0])
+                row += weights[i].shape[0]
+                results[i] = self._choose(group.targets[i].name, weights[i], part, hessian, acc.rows)
         log.debug("GPTQ %s: %d layers in %.2f s", group.key, len(results), time.perf_counter() - start)
-        return results
+        return results  # type: ignore[return-value]
 
     def _choose(self, name: str, weight: torch.Tensor, part: GPTQSolution, hessian: torch.Tensor,
                 rows: int) -> LayerSolution:
@@ -369,7 +386,7 @@ class GPTQ:
         notes = {"method": "gptq", "calibration_rows": rows, "objective": gptq_loss}
         if not self.config.keep_better_of_rtn:
             return LayerSolution(packed, notes)
-        rtn = quantize_weight(weight, self.config.scheme, name=f"layer {name}")
+        rtn = quantize_weight(weight, part.scheme, name=f"layer {name}")
         rtn_loss = layer_objective(weight, rtn.dequantize(), hessian)
         notes["rtn_objective"] = rtn_loss
         if rtn_loss < gptq_loss:
@@ -379,6 +396,18 @@ class GPTQ:
 
     def finish_block(self, block_index: int) -> None:
         self._hessians.clear()
+
+
+def _batches_by_scheme(schemes: list[WeightScheme]) -> list[tuple[WeightScheme, list[int]]]:
+    """Indices of layers that can be solved as one matrix: same scheme, and not a per-tensor one."""
+    batches: dict[WeightScheme, list[int]] = {}
+    single = []
+    for i, scheme in enumerate(schemes):
+        if scheme.granularity == "tensor":
+            single.append((scheme, [i]))
+        else:
+            batches.setdefault(scheme, []).append(i)
+    return list(batches.items()) + single
 
 
 @dataclass
@@ -405,11 +434,14 @@ def quantize_gptq(model: nn.Module, config: GPTQConfig, calibration_ids: torch.T
     """GPTQ every linear layer in the model's repeated blocks (in place), then RTN for linear layers outside
     them (a BERT pooler, say; the output head is skipped as usual)."""
     from modelpress.algorithms.quantize.rtn import quantize_layer
+    from modelpress.engine.blocks import find_blocks
     from modelpress.engine.runner import EngineSettings, run_sequential
 
     settings = EngineSettings(batch_size=batch_size, skip=config.skip)
-    run = run_sequential(model, GPTQ(config), calibration_ids, device, resume_dir=resume_dir, settings=settings)
+    algorithm = GPTQ(config, stack=find_blocks(model))
+    run = run_sequential(model, algorithm, calibration_ids, device, resume_dir=resume_dir, settings=settings)
     outside = find_linear_layers(model, config.skip)
     for name, module in outside.items():
-        replace_module(model, name, quantize_layer(module, config.scheme, name=f"layer {name}").to(module.weight.device))
+        new = quantize_layer(module, config.scheme_of(name), name=f"layer {name}")
+        replace_module(model, name, new.to(module.weight.device))
     return GPTQReport(run, sorted(outside))

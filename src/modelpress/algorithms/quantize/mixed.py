@@ -10,13 +10,19 @@ It is solved by Lagrangian relaxation (each layer independently minimises score 
 bisection, so the solution lies on the lower convex hull of every layer's trade-off) followed by a greedy
 pass that spends what budget is left on the upgrades with the best loss saved per extra bit. Budgets
 count the quantized layers only (scales and offsets included), like `bits_per_weight` in reports.
+
+The chosen map (full layer name -> WeightScheme) goes to the quantizers as their config's `schemes`
+override; `layer_scheme` below is the one rule they all resolve a layer's scheme by.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from modelpress.errors import ModelpressError
+from modelpress.formats.scheme import WeightScheme
 
 
 @dataclass(frozen=True)
@@ -87,3 +93,24 @@ def _spend_leftover(choice: dict[str, str], scores, bits, leftover: float) -> di
         _, layer, spec, extra = best
         choice[layer] = spec
         leftover -= extra
+
+
+def check_layer_schemes(schemes: Mapping[str, WeightScheme] | None) -> None:
+    """A per-layer scheme override maps full layer names to WeightSchemes."""
+    for name, scheme in (schemes or {}).items():
+        if not isinstance(scheme, WeightScheme):
+            raise ModelpressError(f"the scheme for layer {name!r} must be a WeightScheme, got {scheme!r}")
+
+
+def layer_scheme(default: WeightScheme, schemes: Mapping[str, WeightScheme] | None, name: str) -> WeightScheme:
+    """The scheme of layer `name` (its full name in the model): its override, else the default."""
+    return default if schemes is None else schemes.get(name, default)
+
+
+def schemes_digest(schemes: Mapping[str, WeightScheme] | None) -> str:
+    """A short fingerprint of a per-layer override, for resume checks ("" without one)."""
+    if not schemes:
+        return ""
+    text = ";".join(f"{name}={schemes[name].spec}" for name in sorted(schemes))
+    return f" schemes={hashlib.sha256(text.encode()).hexdigest()[:12]}"
+

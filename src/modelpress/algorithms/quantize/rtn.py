@@ -2,14 +2,17 @@
 
 Each layer's weight is quantized independently under the scheme (scales from the format's default rule:
 absmax, min/max or absmean), then the layer is replaced by a QuantLinear holding only packed data.
+`schemes` (full layer name -> scheme, e.g. from mixed precision) overrides the scheme layer by layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import quantize_weight
 from modelpress.formats.scheme import WeightScheme
@@ -22,6 +25,13 @@ from modelpress.progress import progress
 class RTNConfig:
     scheme: WeightScheme
     skip: tuple[str, ...] = DEFAULT_SKIP
+    schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
+
+    def __post_init__(self) -> None:
+        check_layer_schemes(self.schemes)
+
+    def scheme_of(self, name: str) -> WeightScheme:
+        return layer_scheme(self.scheme, self.schemes, name)
 
 
 def quantize_layer(module: nn.Module, scheme: WeightScheme, name: str = "weight") -> QuantLinear:
@@ -35,8 +45,9 @@ def quantize_rtn(model: nn.Module, config: RTNConfig) -> dict[str, QuantLinear]:
     if not layers:
         raise ModelpressError(f"no linear layers to quantize (skip patterns: {list(config.skip)})")
     done = {}
-    for name, module in progress(layers.items(), desc=f"RTN {config.scheme.spec}", total=len(layers)):
-        new = quantize_layer(module, config.scheme, name=f"layer {name}")
+    desc = "RTN mixed" if config.schemes else f"RTN {config.scheme.spec}"
+    for name, module in progress(layers.items(), desc=desc, total=len(layers)):
+        new = quantize_layer(module, config.scheme_of(name), name=f"layer {name}")
         new.to(module.weight.device)
         replace_module(model, name, new)
         done[name] = new
