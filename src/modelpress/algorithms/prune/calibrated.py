@@ -74,7 +74,8 @@ class LayerPruner:
         return LayerSolution(scatter_dense(pruned.mask, kept, weight.dtype), notes)
 
     def prune(self, target: LayerTarget, stats) -> tuple[_Pruned, dict]:
-        raise NotImplementedError
+        """Each calibrated pruner (Wanda, SparseGPT) supplies its own rule."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prune")
 
     def finish_block(self, block_index: int) -> None:
         self._stats.clear()
