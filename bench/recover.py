@@ -194,7 +194,7 @@ def gptq_row(base, scheme: WeightScheme, eval_ids: torch.Tensor, args) -> tuple[
     clock = Clock()
     model = copy.deepcopy(base.model)
     calib = calibration_windows(base.tokenizer, CalibrationSettings(samples=args.gptq_calib))
-    quantize_gptq(model, GPTQConfig(scheme=scheme), calib, batch_size=4)
+    quantize_gptq(model, GPTQConfig(scheme=scheme), calib, device=args.device, batch_size=4)
     return {**perplexity(model, eval_ids), "quantize": clock.read(), "calibration_windows": args.gptq_calib}, model
 
 
@@ -262,6 +262,8 @@ def parse_args(argv=None):
                    help="parts to run (repeatable); each is saved into the JSON as soon as it ends")
     p.add_argument("--table", action="store_true", help="only print the tables from saved results")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where everything runs (cuda: the budgets still count "
+                                                   "process CPU time, which then tracks wall time)")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=512, help="training window length")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (pilots: shorter)")
@@ -311,11 +313,12 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     base = load_model(None)
+    base.model.to(args.device)
     _, windows = prepare_windows(base.tokenizer, EvalSettings(windows=args.windows, seq_len=args.eval_seq_len))
     eval_ids = windows.eval
     float_row(base, eval_ids, results)
     data = TaskData(training_windows(base.tokenizer, None, args.seq_len, args.train_windows))
-    results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+    results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "device": args.device, "torch": torch.__version__,
                           "python": platform.python_version(), "train_windows": len(data)}
     for part in args.part:
         clock = Clock()
