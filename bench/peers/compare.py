@@ -87,20 +87,32 @@ def finish(rows: list[dict], float_ppl: float | None) -> list[dict]:
 
 
 def verdict(rows: list[dict]) -> dict | None:
-    """The issue's goal: the best modelpress INT4 g128 GPTQ/AWQ row within +8% PPL of float, and a KL lower than
-    every peer row at equal or fewer bits per weight than its own."""
-    ours = [r for r in rows if r["library"] == "modelpress" and r.get("method") in ("gptq", "awq", "awq-gptq")
-            and r.get("scheme", "").startswith("int4") and r.get("kl_divergence") is not None]
-    if not ours:
+    """The issue's goals. INT4: the best modelpress INT4 g128 GPTQ/AWQ row within +8% PPL of float, and a KL
+    lower than every peer row at equal or fewer bits per weight than its own. INT3: the best modelpress
+    INT3 g128 calibrated row within +35% PPL of float."""
+    calibrated = [r for r in rows if r["library"] == "modelpress" and r.get("method") in ("gptq", "awq", "awq-gptq")
+                  and r.get("kl_divergence") is not None]
+    ours = [r for r in calibrated if r.get("scheme", "").startswith("int4")]
+    three = [r for r in calibrated if r.get("scheme", "").startswith("int3") and r.get("group") == "128"]
+    if not ours and not three:
         return None
-    best = min(ours, key=lambda r: r["kl_divergence"])
-    peers = [r for r in rows if r["library"] not in ("modelpress", "float") and r.get("kl_divergence") is not None
-             and r["bits_per_weight"] <= best["bits_per_weight"] + 1e-9]
-    beaten_by = [r["key"] for r in peers if r["kl_divergence"] <= best["kl_divergence"]]
-    return {"row": best["key"], "bits_per_weight": best["bits_per_weight"],
-            "delta_perplexity": best.get("delta_perplexity"), "ppl_within_8pct": best.get("delta_perplexity", 1) <= 0.08,
-            "peers_at_equal_or_fewer_bits": [r["key"] for r in peers], "peers_with_lower_or_equal_kl": beaten_by,
-            "kl_lowest": not beaten_by}
+    result = {}
+    if ours:
+        best = min(ours, key=lambda r: r["kl_divergence"])
+        peers = [r for r in rows if r["library"] not in ("modelpress", "float") and r.get("kl_divergence") is not None
+                 and r["bits_per_weight"] <= best["bits_per_weight"] + 1e-9]
+        beaten_by = [r["key"] for r in peers if r["kl_divergence"] <= best["kl_divergence"]]
+        result.update({"row": best["key"], "bits_per_weight": best["bits_per_weight"],
+                       "delta_perplexity": best.get("delta_perplexity"),
+                       "ppl_within_8pct": best.get("delta_perplexity", 1) <= 0.08,
+                       "peers_at_equal_or_fewer_bits": [r["key"] for r in peers], "peers_with_lower_or_equal_kl": beaten_by,
+                       "kl_lowest": not beaten_by})
+    if three:
+        best3 = min(three, key=lambda r: r.get("delta_perplexity", float("inf")))
+        result["int3"] = {"row": best3["key"], "bits_per_weight": best3["bits_per_weight"],
+                          "delta_perplexity": best3.get("delta_perplexity"),
+                          "ppl_within_35pct": best3.get("delta_perplexity", 1) <= 0.35}
+    return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -178,6 +178,8 @@ ROWS = [
     llamacpp_row("Q4_0", False),
     llamacpp_row("Q4_0", True),
     modelpress_row("gptq", "int3/g128"),
+    modelpress_row("gptq", "int3-asym/g128"),
+    modelpress_row("awq-gptq", "int3-asym/g128"),
     peer_row("hqq/3/g128", "hqq", 3, 128),
     llamacpp_row("Q3_K_M", False),
     llamacpp_row("Q3_K_M", True),
