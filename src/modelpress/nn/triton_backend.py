@@ -238,6 +238,19 @@ def _gemv_launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tupl
 _EXPONENT_BITS = 0x4B000000  # float32 bits of 2**23, a run-time argument of gemv_int4_kernel
 
 
+def _outputs(x2: torch.Tensor, n: int, plan: _Launch, out: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output y (M, N), and for split-K launches the float32 partial sums (split, M, N) and the tile locks
+    (without split-K the kernel never touches them: y stands in)."""
+    m = x2.shape[0]
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
+    split = plan.grid[2]
+    if split == 1:
+        return y, y, y
+    workspace = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    return y, workspace, _split_locks(x2.device, plan.grid[0] * plan.grid[1])
+
+
 def gemv_matmul(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, config: KernelConfig,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = x2 (M, K) @ W^T (+ bias) through the GEMV kernel (config.gemv; int4 formats)."""
@@ -248,13 +261,7 @@ def gemv_matmul(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | Non
     scale = packed.scale
     plan = _gemv_launch(packed.scheme, packed.shape, tuple(scale.shape), m, packed.input_perm is not None,
                         bias is not None, config)
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
-    split = plan.grid[2]
-    if split > 1:
-        workspace = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-        locks = _split_locks(x2.device, plan.grid[0] * plan.grid[1])
-    else:
-        workspace = locks = y
+    y, workspace, locks = _outputs(x2, n, plan, out)
     words = packed.qdata.view(torch.int32)
     stride_sn, stride_sg = _scale_strides(scale)
     gemv_int4_kernel[plan.grid](
@@ -282,13 +289,7 @@ def fused_matmul(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     scale = packed.scale
     plan = _launch(packed.scheme, packed.shape, tuple(scale.shape), m, packed.input_perm is not None,
                    bias is not None, config)
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
-    split = plan.grid[2]
-    if split > 1:
-        workspace = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-        locks = _split_locks(x2.device, plan.grid[0] * plan.grid[1])
-    else:
-        workspace = locks = y
+    y, workspace, locks = _outputs(x2, n, plan, out)
     kind = plan.constants["KIND"]
     stride_sn, stride_sg = _scale_strides(scale)
     quant_matmul_kernel[plan.grid](

@@ -198,6 +198,34 @@ def _row(tile, j: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
+def _store_tile(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k, M, N,
+                stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Write a (BM, BN) float32 tile of y (+ bias). With split-K, each program stores its partial sums in the
+    workspace and counts itself in the tile's lock; the last to arrive adds the partials in a fixed order (so
+    results do not depend on arrival order), adds the bias, writes y and resets the lock for the next call."""
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K:
+        tile = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=y_mask)
+        tl.debug_barrier()  # every thread's partial sums are written before the count goes up
+        lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
+        splits = tl.num_programs(2)
+        if tl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
+            acc = tl.zeros((BM, BN), tl.float32)
+            for split in range(splits):
+                acc += tl.load(ws_ptr + split * M * N + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=y_mask)
+            tl.atomic_xchg(lock, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
 def quant_matmul_kernel(
     x_ptr, q_ptr, scale_ptr, offset_ptr, perm_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, group_size, k_per_split,
@@ -246,26 +274,8 @@ def quant_matmul_kernel(
             acc += part * _row(s_now, j, SUB)[None, :]
             if AFFINE:
                 acc += x_sum[:, None] * _row(o_now, j, SUB)[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K:
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=y_mask)
-        tl.debug_barrier()  # every thread's partial sums are written before the count goes up
-        lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
-        splits = tl.num_programs(2)
-        if tl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
-            acc = tl.zeros((BM, BN), tl.float32)
-            for split in range(splits):
-                acc += tl.load(ws_ptr + split * M * N + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=y_mask)
-            tl.atomic_xchg(lock, 0)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    _store_tile(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k, M, N,
+                stride_ym, SPLIT_K, HAS_BIAS, BM, BN)
 
 
 @triton.jit
@@ -442,23 +452,5 @@ def gemv_int4_kernel(
             acc += x_sum[:, None, :] * o[None, :, None]
 
     out = tl.sum(acc, axis=2)  # (BM, BN)
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K:
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + pid_k * M * N + tile, out, mask=y_mask)
-        tl.debug_barrier()  # every thread's partial sums are written before the count goes up
-        lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
-        splits = tl.num_programs(2)
-        if tl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
-            out = tl.zeros((BM, BN), tl.float32)
-            for split in range(splits):
-                out += tl.load(ws_ptr + split * M * N + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-                     mask=y_mask)
-            tl.atomic_xchg(lock, 0)
-    else:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=y_mask)
+    _store_tile(out, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k, M, N,
+                stride_ym, SPLIT_K, HAS_BIAS, BM, BN)
