@@ -7,6 +7,9 @@ Two parts:
 2. whole models built from configs (SmolLM2-135M's shapes, and a 1B-class Llama), random weights (speed
    does not depend on the values), every decoder linear layer pruned 2:4 by magnitude: prefill of 1 x 512,
    1 x 256, 1 x 2048, 8 x 512 and 16 x 2048 tokens, and greedy decode (one token per step with a KV cache).
+3. W8A8 with 2:4 weights (--parts int8-matrices int8-models): DynamicInt8Linear layers whose int8 weights are
+   2:4, multiplied by torch._int_mm (dense) and by cuSPARSELt (`use_semi_structured`, same int32 result),
+   next to fp16; whole 1B- and 7B-shaped models (the latter 8 blocks) for prefill and decode.
 Times are medians of CUDA-event timings after warm-up, eager (what a caller of the layer gets, host-side
 dispatch included); for single matrices also replayed from a CUDA graph (the GPU work alone). Nothing here needs the default model or a network,
 so it runs unchanged on a bare GPU machine:
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 from modelpress.algorithms.prune import MagnitudeConfig, prune
 from modelpress.algorithms.prune.masks import NMPattern, nm_mask
+from modelpress.nn.dynamic import DynamicInt8Config, DynamicInt8Linear, quantize_dynamic
 from modelpress.nn.sparse_linear import SparseLinear
 
 MATRICES = {  # name -> (out_features, in_features)
@@ -42,6 +46,8 @@ MATRICES = {  # name -> (out_features, in_features)
 }
 ROWS = (1, 16, 256, 512, 2048, 8192)
 MODELS = {
+    "llama-7b-shape": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 8,
+                       "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128},
     "smollm2-135m-shape": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64},
     "llama-1b-shape": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -122,6 +128,93 @@ def matrix_rows(rows: tuple[int, ...], repeats: int) -> list[dict]:
     return results
 
 
+def two_four(weight: torch.Tensor) -> torch.Tensor:
+    return weight * nm_mask(weight.abs().float(), NMPattern(2, 4)).to(weight.dtype)
+
+
+def set_sparse(model, on: bool) -> int:
+    layers = [m for m in model.modules() if isinstance(m, DynamicInt8Linear)]
+    for layer in layers:
+        layer.use_semi_structured = on
+    return len(layers)
+
+
+@torch.no_grad()
+def int8_matrix_rows(rows: tuple[int, ...], repeats: int) -> list[dict]:
+    """W8A8 (int8 weights per row, int8 activations per token): the same 2:4 int8 layer through
+    torch._int_mm (dense) and through cuSPARSELt (sparse), next to the fp16 layer, under CUDA graphs."""
+    results = []
+    for name, (n, k) in MATRICES.items():
+        linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            linear.weight.copy_(two_four(torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5))
+        layer = DynamicInt8Linear.from_linear(linear, DynamicInt8Config().scheme)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            layer.use_semi_structured = False
+            y_dense = layer(x)
+            g_fp16 = graph_time(functools.partial(F.linear, x, linear.weight), repeats)
+            g_int8 = graph_time(functools.partial(layer, x), repeats)
+            layer.use_semi_structured = True
+            y_sparse = layer(x)
+            on_kernel = layer.__dict__["_semi"][1] is not None
+            g_sparse = graph_time(functools.partial(layer, x), repeats)
+            eager = cuda_time(functools.partial(layer, x), max(3, repeats // 4), warmup=2)
+            row = {"matrix": name, "M": m, "fp16_us": g_fp16 and g_fp16 * 1e6, "w8a8_dense_us": g_int8 and g_int8 * 1e6,
+                   "w8a8_2_4_us": g_sparse and g_sparse * 1e6, "w8a8_2_4_eager_us": eager * 1e6,
+                   "sparse_kernel": on_kernel, "identical_to_dense_int8": bool(torch.equal(y_dense, y_sparse))}
+            if g_fp16 and g_int8 and g_sparse:
+                row.update(speedup_vs_int8=g_int8 / g_sparse, speedup_vs_fp16=g_fp16 / g_sparse)
+            results.append(row)
+            ratio = (f"2:4 vs int8 x{row['speedup_vs_int8']:5.2f}  vs fp16 x{row['speedup_vs_fp16']:5.2f}"
+                     if "speedup_vs_int8" in row else "graphs n/a")
+            print(f"W8A8 {name:26s} M={m:5d}  fp16 {row['fp16_us'] or 0:8.1f} us  int8 {row['w8a8_dense_us'] or 0:8.1f} us"
+                  f"  int8 2:4 {row['w8a8_2_4_us'] or 0:8.1f} us  {ratio}  eager 2:4 {eager * 1e6:8.1f} us"
+                  f"  identical={row['identical_to_dense_int8']}", flush=True)
+    return results
+
+
+@torch.no_grad()
+def int8_model_rows(repeats: int, decode_steps: int, names: tuple[str, ...]) -> list[dict]:
+    """Whole models, every decoder linear layer 2:4 (magnitude) then W8A8: prefill under a CUDA graph (the
+    GPU work) and eager, dense int8 matmul vs cuSPARSELt, next to the fp16 model with the same 2:4 weights;
+    decode M=1 eager with the KV cache."""
+    results = []
+    for name in names:
+        fp16 = build_model(MODELS[name])
+        for module_name, module in fp16.named_modules():
+            if isinstance(module, torch.nn.Linear) and module_name != "lm_head":
+                module.weight.copy_(two_four(module.weight))
+        w8a8 = quantize_dynamic(copy.deepcopy(fp16), DynamicInt8Config(skip=("lm_head",), lstm=False))
+        vocab = MODELS[name]["vocab_size"]
+        for batch, tokens in ((1, 2048), (8, 2048)):
+            ids = torch.randint(0, vocab, (batch, tokens), device="cuda")
+            run = {"fp16": functools.partial(fp16, input_ids=ids, use_cache=False),
+                   "w8a8": functools.partial(w8a8, input_ids=ids, use_cache=False)}
+            times = {}
+            for label, model, fn, sparse in (("fp16", fp16, run["fp16"], False), ("w8a8", w8a8, run["w8a8"], False),
+                                             ("w8a8 2:4", w8a8, run["w8a8"], True)):
+                layers = set_sparse(model, sparse)
+                _GRAPHS["ok"] = True
+                times[label] = (graph_time(fn, repeats), cuda_time(fn, max(3, repeats // 4), warmup=2))
+            row = {"model": name, "phase": f"prefill {batch}x{tokens}", "w8a8_layers": layers,
+                   **{f"{k} graph_ms": v[0] and v[0] * 1e3 for k, v in times.items()},
+                   **{f"{k} eager_ms": v[1] * 1e3 for k, v in times.items()}}
+            results.append(row)
+            print(f"{name:20s} {row['phase']:16s} " + "  ".join(
+                f"{k} {(v[0] or float('nan')) * 1e3:8.2f} ms (eager {v[1] * 1e3:8.2f})" for k, v in times.items()), flush=True)
+        prompt = torch.randint(0, vocab, (1, 64), device="cuda")
+        decode = {}
+        for label, model, sparse in (("fp16", fp16, False), ("w8a8", w8a8, False), ("w8a8 2:4", w8a8, True)):
+            set_sparse(model, sparse)
+            decode[label] = decode_seconds_per_token(model, prompt, decode_steps)
+        results.append({"model": name, "phase": "decode M=1 eager", **{f"{k} ms": v * 1e3 for k, v in decode.items()}})
+        print(f"{name:20s} decode M=1 eager " + "  ".join(f"{k} {v * 1e3:8.2f} ms" for k, v in decode.items()), flush=True)
+        del fp16, w8a8
+        torch.cuda.empty_cache()
+    return results
+
+
 def build_model(fields: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -150,7 +243,8 @@ def decode_seconds_per_token(model, prompt: torch.Tensor, steps: int) -> float:
 @torch.no_grad()
 def model_rows(repeats: int, decode_steps: int) -> list[dict]:
     results = []
-    for name, fields in MODELS.items():
+    for name in ("smollm2-135m-shape", "llama-1b-shape"):
+        fields = MODELS[name]
         dense = build_model(fields)
         sparse = copy.deepcopy(dense)
         prune(sparse, MagnitudeConfig(pattern="2:4"))
@@ -186,6 +280,11 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes")
     parser.add_argument("--m", type=int, nargs="+", default=None, help=f"rows of x for single matrices (default {ROWS})")
+    parser.add_argument("--parts", nargs="+", default=["matrices", "models", "int8-matrices", "int8-models"],
+                        choices=["matrices", "models", "int8-matrices", "int8-models"],
+                        help="fp16 2:4 (SparseLinear) and W8A8 2:4 (DynamicInt8Linear) parts to run")
+    parser.add_argument("--int8-models", nargs="+", default=["llama-1b-shape", "llama-7b-shape"],
+                        choices=list(MODELS), help="models for int8-models")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/sparse_gpu.py needs a CUDA GPU (2:4 sparse tensor cores); nothing to measure here.")
@@ -196,13 +295,18 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     print(f"{device}, torch {torch.__version__}, semi-structured backend: {backend}", flush=True)
     repeats = 5 if args.quick else 20
-    matrices = matrix_rows(tuple(args.m) if args.m else ROWS[::2] if args.quick else ROWS, repeats)
-    models = model_rows(repeats, 10 if args.quick else 40)
+    rows = tuple(args.m) if args.m else ROWS[::2] if args.quick else ROWS
+    steps = 10 if args.quick else 40
+    matrices = matrix_rows(rows, repeats) if "matrices" in args.parts else []
+    models = model_rows(repeats, steps) if "models" in args.parts else []
+    int8_matrices = int8_matrix_rows(rows, repeats) if "int8-matrices" in args.parts else []
+    int8_models = int8_model_rows(repeats, steps, tuple(args.int8_models)) if "int8-models" in args.parts else []
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "device": device, "torch": torch.__version__, "backend": backend, "platform": platform.platform(),
-            "matrices": matrices, "models": models}, indent=1))
+            "matrices": matrices, "models": models, "int8_matrices": int8_matrices,
+            "int8_models": int8_models}, indent=1))
     return 0
 
 

@@ -266,3 +266,63 @@ def test_attention_projections_are_left_alone():
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         assert relative_error(q(x), block(x)) < 0.02
+
+
+# ---- 2:4 int8 weights through cuSPARSELt -----------------------------------------------------------------
+
+def two_four_linear(n=256, k=512, seed=0, bias=True):
+    from modelpress.algorithms.prune.masks import NMPattern, nm_mask
+
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(nm_mask(linear.weight.abs(), NMPattern(2, 4)))
+    return linear
+
+
+def test_semi_structured_check_accepts_2_4_and_rejects_denser_rows():
+    from modelpress.nn.sparse_linear import is_semi_structured
+
+    weight = two_four_linear().weight.detach()
+    assert is_semi_structured(weight)
+    assert is_semi_structured(dynamic.int8_weight(DynamicInt8Linear.from_linear(two_four_linear(),
+                                                                                 DynamicInt8Config().scheme).packed))
+    denser = weight.clone()
+    denser[3, 8:12] = 1.0  # one run of four with four non-zeros
+    assert not is_semi_structured(denser)
+    assert not is_semi_structured(torch.zeros(4, 6))  # K not a multiple of 4
+
+
+def test_sparse_int8_path_is_off_the_cpu_and_off_by_default():
+    layer = DynamicInt8Linear.from_linear(two_four_linear(), DynamicInt8Config().scheme)
+    x = torch.randn(5, 512)
+    assert layer._sparse_matmul(x) is None  # not asked for
+    layer.use_semi_structured = True
+    assert layer._sparse_matmul(x) is None  # asked for, but on the CPU
+    assert "_semi" not in layer.__dict__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 37, 256])
+def test_2_4_int8_layer_on_cuda_gives_the_same_integers_through_cusparselt(cuda, rows):
+    layer = DynamicInt8Linear.from_linear(two_four_linear(), DynamicInt8Config().scheme).to(cuda)
+    x = torch.randn(rows, 512, device=cuda, dtype=torch.float16)
+    dense = layer(x)
+    layer.use_semi_structured = True
+    sparse = layer(x)
+    if layer.__dict__["_semi"][1] is None:
+        pytest.skip("no cuSPARSELt int8 kernel on this GPU/PyTorch")
+    assert torch.equal(sparse, dense)  # int32 accumulators identical, same rescaling
+    torch.testing.assert_close(sparse.float(), reference_int8_linear(x.float(), two_four_linear().to(cuda)),
+                               rtol=2e-2, atol=2e-2)
+    layer.cpu()
+    assert "_semi" not in layer.__dict__
+
+
+@pytest.mark.gpu
+def test_dense_int8_weight_keeps_the_dense_integer_matmul_on_cuda(cuda):
+    layer = DynamicInt8Linear.from_linear(mlp()[0], DynamicInt8Config().scheme).to(cuda)
+    layer.use_semi_structured = True
+    x = torch.randn(40, 96, device=cuda)
+    assert layer._sparse_matmul(x) is None
+    torch.testing.assert_close(layer(x), reference_int8_linear(x, mlp()[0].to(cuda)), rtol=1e-4, atol=1e-4)

@@ -77,6 +77,29 @@ def _cusparselt_kernel(weight: torch.Tensor):
     return matmul
 
 
+def is_semi_structured(weight: torch.Tensor) -> bool:
+    """True where every run of 4 weights along a row (K) holds at most 2 non-zeros (the 2:4 pattern)."""
+    n, k = weight.shape
+    return k % 4 == 0 and bool(((weight.reshape(n, k // 4, 4) != 0).sum(-1) <= 2).all())
+
+
+def cusparselt_int8_kernel(weight: torch.Tensor):
+    """acc = a Wᵀ for int8 a (M, K) and a 2:4 int8 W (N, K), through cuSPARSELt with int32 output: the same
+    integers torch._int_mm gives. W is compressed once; a is padded to whole tiles of 16 rows."""
+    if not torch.backends.cusparselt.is_available():
+        raise RuntimeError("cuSPARSELt is not available in this PyTorch build")
+    packed = torch._cslt_compress(weight)
+
+    def matmul(a: torch.Tensor) -> torch.Tensor:
+        rows = a.shape[0]
+        pad = (-rows) % 16
+        if pad:
+            a = F.pad(a, (0, 0, 0, pad))
+        return torch._cslt_sparse_mm(packed, a.t(), out_dtype=torch.int32, transpose_result=True)[:rows]
+
+    return matmul
+
+
 def _subclass_kernel(weight: torch.Tensor):
     """y = x Wᵀ through PyTorch's public semi-structured sparse tensor."""
     from torch.sparse import to_sparse_semi_structured
