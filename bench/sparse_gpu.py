@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from modelpress.algorithms.prune import MagnitudeConfig, prune
 from modelpress.algorithms.prune.masks import NMPattern, nm_mask
-from modelpress.nn.dynamic import DynamicInt8Config, DynamicInt8Linear, quantize_dynamic
+from modelpress.nn import dynamic
+from modelpress.nn.dynamic import DynamicInt8Config, DynamicInt8Linear, int8_matmul, int8_weight, quantize_dynamic
 from modelpress.nn.sparse_linear import SparseLinear
 
 MATRICES = {  # name -> (out_features, in_features)
@@ -154,22 +155,35 @@ def int8_matrix_rows(rows: tuple[int, ...], repeats: int) -> list[dict]:
             layer.use_semi_structured = False
             y_dense = layer(x)
             g_fp16 = graph_time(functools.partial(F.linear, x, linear.weight), repeats)
+            dynamic.FUSED_CUDA = False  # plain PyTorch quantize / rescale around the same matmul
+            g_unfused = graph_time(functools.partial(layer, x), repeats)
+            dynamic.FUSED_CUDA = True
             g_int8 = graph_time(functools.partial(layer, x), repeats)
             layer.use_semi_structured = True
             y_sparse = layer(x)
             on_kernel = layer.__dict__["_semi"][1] is not None
             g_sparse = graph_time(functools.partial(layer, x), repeats)
             eager = cuda_time(functools.partial(layer, x), max(3, repeats // 4), warmup=2)
+            codes = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)  # the matmul alone
+            weight = int8_weight(layer.packed)
+            g_mm = graph_time(functools.partial(int8_matmul, codes, weight), repeats)
+            g_cslt = graph_time(functools.partial(layer.__dict__["_semi"][1], codes), repeats) if on_kernel else None
             row = {"matrix": name, "M": m, "fp16_us": g_fp16 and g_fp16 * 1e6, "w8a8_dense_us": g_int8 and g_int8 * 1e6,
+                   "w8a8_dense_unfused_us": g_unfused and g_unfused * 1e6,
                    "w8a8_2_4_us": g_sparse and g_sparse * 1e6, "w8a8_2_4_eager_us": eager * 1e6,
+                   "int_mm_us": g_mm and g_mm * 1e6, "cslt_int8_us": g_cslt and g_cslt * 1e6,
                    "sparse_kernel": on_kernel, "identical_to_dense_int8": bool(torch.equal(y_dense, y_sparse))}
             if g_fp16 and g_int8 and g_sparse:
                 row.update(speedup_vs_int8=g_int8 / g_sparse, speedup_vs_fp16=g_fp16 / g_sparse)
+            if g_mm and g_cslt:
+                row["kernel_speedup"] = g_mm / g_cslt
             results.append(row)
             ratio = (f"2:4 vs int8 x{row['speedup_vs_int8']:5.2f}  vs fp16 x{row['speedup_vs_fp16']:5.2f}"
                      if "speedup_vs_int8" in row else "graphs n/a")
-            print(f"W8A8 {name:26s} M={m:5d}  fp16 {row['fp16_us'] or 0:8.1f} us  int8 {row['w8a8_dense_us'] or 0:8.1f} us"
+            print(f"W8A8 {name:26s} M={m:5d}  fp16 {row['fp16_us'] or 0:8.1f} us  int8 unfused "
+                  f"{row['w8a8_dense_unfused_us'] or 0:8.1f} us  int8 {row['w8a8_dense_us'] or 0:8.1f} us"
                   f"  int8 2:4 {row['w8a8_2_4_us'] or 0:8.1f} us  {ratio}  eager 2:4 {eager * 1e6:8.1f} us"
+                  f"  matmul alone x{row.get('kernel_speedup', float('nan')):5.2f}"
                   f"  identical={row['identical_to_dense_int8']}", flush=True)
     return results
 

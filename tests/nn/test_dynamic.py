@@ -326,3 +326,60 @@ def test_dense_int8_weight_keeps_the_dense_integer_matmul_on_cuda(cuda):
     x = torch.randn(40, 96, device=cuda)
     assert layer._sparse_matmul(x) is None
     torch.testing.assert_close(layer(x), reference_int8_linear(x, mlp()[0].to(cuda)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 96), (37, 576), (300, 4096), (5, 11008)])
+def test_fused_cuda_quantization_gives_the_same_codes_and_scales(cuda, dtype, shape):
+    pytest.importorskip("triton")
+    from modelpress.nn import triton_int8
+
+    torch.manual_seed(2)
+    x = torch.randn(*shape, device=cuda, dtype=dtype) * torch.rand(shape[0], 1, device=cuda, dtype=dtype) * 4
+    if shape[0] > 1:  # amax 127 makes the scale exactly 1: the halves must round to even
+        x[1] = 0
+        x[1, :6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5], dtype=dtype)
+    if shape[0] > 2:
+        x[2] = 0  # an all-zero row gets scale 1 and zero codes
+    codes, scales = triton_int8.quantize_rows(x)
+    _, ref_scales = dynamic.quantize_rows(x)
+    # PyTorch on CUDA divides by a Python scalar as a multiply by its reciprocal (within 1 ulp of amax / 127);
+    # the kernel divides exactly
+    amax = x.float().abs().amax(dim=1, keepdim=True)
+    assert torch.equal(scales, torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax)))
+    torch.testing.assert_close(scales, ref_scales, rtol=2.5e-7, atol=0)
+    expected = torch.clamp(torch.round(x.float() / scales), -127, 127).to(torch.int8)
+    assert torch.equal(codes, expected)
+    if shape[0] > 2:
+        assert scales[2].item() == 1.0 and not codes[2].any()
+    if shape[0] > 1:
+        assert scales[1].item() == 1.0 and codes[1, :6].tolist() == [127, 0, 2, 2, 0, -2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_cuda_rescale_matches_the_pytorch_expression(cuda, bias):
+    pytest.importorskip("triton")
+    from modelpress.nn import triton_int8
+
+    torch.manual_seed(3)
+    acc = torch.randint(-2**20, 2**20, (70, 300), device=cuda, dtype=torch.int32)
+    sx = torch.rand(70, 1, device=cuda) / 100
+    sw = (torch.rand(300, 1, device=cuda) / 100).half()
+    b = torch.randn(300, device=cuda) if bias else None
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        expected = acc.float() * sx * sw.float().reshape(1, -1)
+        if b is not None:
+            expected = expected + b
+        got = triton_int8.rescale(acc[:, :], sx, sw, b, dtype)
+        torch.testing.assert_close(got, expected.to(dtype), rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_dynamic_linear_on_cuda_agrees_with_and_without_the_fused_kernels(cuda, monkeypatch):
+    layer = DynamicInt8Linear.from_linear(mlp()[0], DynamicInt8Config().scheme).to(cuda)
+    x = torch.randn(3, 50, 96, device=cuda, dtype=torch.float16)
+    fused = layer(x)
+    monkeypatch.setattr(dynamic, "FUSED_CUDA", False)
+    torch.testing.assert_close(fused, layer(x), rtol=1e-3, atol=1e-3)

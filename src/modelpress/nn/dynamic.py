@@ -90,15 +90,37 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None, matmul=None) -> torch.Tensor:
     """y = x @ W^T + b with W = weight_scale · weight (int8 (N, K), scales (N, 1)) and x quantized per row.
-    `matmul(codes) -> int32 (M, N)` replaces int8_matmul(codes, weight) (a sparse kernel with the same result)."""
+    `matmul(codes) -> int32 (M, N)` replaces int8_matmul(codes, weight) (a sparse kernel with the same result).
+    On CUDA with Triton, the quantization of x and the rescaling of the result run as one kernel each
+    (triton_int8.py: the same codes and scales, the same products)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    codes, row_scale = quantize_rows(flat)
+    fused = _fused_kernels(flat)
+    codes, row_scale = fused.quantize_rows(flat) if fused else quantize_rows(flat)
     acc = matmul(codes) if matmul is not None else int8_matmul(codes, weight)  # (M, N)
-    y = acc.float() * row_scale * weight_scale.float().reshape(1, -1)  # (M, 1) · (1, N)
-    if bias is not None:
-        y = y + bias.float()
+    if fused and acc.dtype == torch.int32:
+        y = fused.rescale(acc, row_scale, weight_scale, bias, x.dtype)
+    else:
+        y = acc.float() * row_scale * weight_scale.float().reshape(1, -1)  # (M, 1) · (1, N)
+        if bias is not None:
+            y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+FUSED_CUDA = True  # set False to run the plain PyTorch ops on CUDA too (benchmarks compare both)
+
+
+def _fused_kernels(x: torch.Tensor):
+    """The Triton module for x's device, or None (CPU, no Triton, the Triton interpreter, or switched off)."""
+    if not (FUSED_CUDA and x.is_cuda):
+        return None
+    from modelpress.nn.triton_backend import _interpreting, triton_available
+
+    if not triton_available() or _interpreting():
+        return None
+    from modelpress.nn import triton_int8
+
+    return triton_int8
 
 
 # ---- the modules ------------------------------------------------------------------------------------
@@ -122,8 +144,8 @@ class DynamicInt8Linear(QuantLinear):
         return new.to(module.weight.device)
 
     # Opt-in: where the int8 weight is 2:4 sparse and the input is on CUDA, multiply through cuSPARSELt
-    # (bit-identical int32 result, 1.5-2x faster than torch._int_mm for prefill on an H100, but ~1 ms of host
-    # work per eager call: worth it under CUDA graphs; see docs/benchmarks.md).
+    # (bit-identical int32 result; on an H200 1.5-1.9x faster than torch._int_mm from M = 2048 rows up, slower
+    # at decode sizes, and ~0.6 ms of host work per eager call in torch 2.11; see docs/benchmarks.md).
     use_semi_structured = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
