@@ -61,18 +61,18 @@ def scatter_dense(mask: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) 
     return torch.zeros(mask.shape, dtype=dtype, device=values.device).masked_scatter_(mask, values.to(dtype))
 
 
-def _cusparselt_kernel(weight: torch.Tensor):
-    """y = x Wᵀ through cuSPARSELt directly: W compressed once; x padded to whole tiles of 8 rows."""
+def _cusparselt_kernel(weight: torch.Tensor, out_dtype: torch.dtype | None = None, row_tile: int = 8):
+    """y = x Wᵀ through cuSPARSELt directly: W compressed once; x padded to whole tiles of `row_tile` rows."""
     if not torch.backends.cusparselt.is_available():
         raise RuntimeError("cuSPARSELt is not available in this PyTorch build")
     packed = torch._cslt_compress(weight)
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        pad = (-rows) % 8
+        pad = (-rows) % row_tile
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        return torch._cslt_sparse_mm(packed, x.t(), transpose_result=True)[:rows]  # (M, N)
+        return torch._cslt_sparse_mm(packed, x.t(), out_dtype=out_dtype, transpose_result=True)[:rows]  # (M, N)
 
     return matmul
 
@@ -86,18 +86,7 @@ def is_semi_structured(weight: torch.Tensor) -> bool:
 def cusparselt_int8_kernel(weight: torch.Tensor):
     """acc = a Wᵀ for int8 a (M, K) and a 2:4 int8 W (N, K), through cuSPARSELt with int32 output: the same
     integers torch._int_mm gives. W is compressed once; a is padded to whole tiles of 16 rows."""
-    if not torch.backends.cusparselt.is_available():
-        raise RuntimeError("cuSPARSELt is not available in this PyTorch build")
-    packed = torch._cslt_compress(weight)
-
-    def matmul(a: torch.Tensor) -> torch.Tensor:
-        rows = a.shape[0]
-        pad = (-rows) % 16
-        if pad:
-            a = F.pad(a, (0, 0, 0, pad))
-        return torch._cslt_sparse_mm(packed, a.t(), out_dtype=torch.int32, transpose_result=True)[:rows]
-
-    return matmul
+    return _cusparselt_kernel(weight, out_dtype=torch.int32, row_tile=16)
 
 
 def _subclass_kernel(weight: torch.Tensor):
