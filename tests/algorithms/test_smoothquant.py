@@ -199,3 +199,18 @@ def test_w8a8_smoothquant_stays_close_to_float_on_the_default_model(default_mode
                                   reference=default_model.model)
     assert result["w8a8"].perplexity == pytest.approx(result["float"].perplexity, rel=0.03)
     assert result["w8a8"].top1_agreement > 0.9
+
+
+def test_2_4_pruned_model_keeps_its_pattern_through_smoothquant():
+    """prune --pattern 2:4 --dense, then SmoothQuant: every W8A8 weight is still 2:4, so on CUDA the layers can
+    take the cuSPARSELt int8 kernel (use_semi_structured)."""
+    from modelpress.algorithms.prune import MagnitudeConfig, prune
+    from modelpress.nn.dynamic import int8_weight
+    from modelpress.nn.sparse_linear import is_semi_structured
+
+    model = outlier_llama()
+    prune(model, MagnitudeConfig(pattern="2:4", compress=False))
+    quantize_smoothquant(model, SmoothQuantConfig(alpha=0.5), ids(0), batch_size=4)
+    layers = [m for m in model.modules() if isinstance(m, W8A8Linear)]
+    assert len(layers) == 14
+    assert all(is_semi_structured(int8_weight(m.packed)) for m in layers)
