@@ -147,8 +147,7 @@ def int8_matrix_rows(rows: tuple[int, ...], repeats: int) -> list[dict]:
     results = []
     for name, (n, k) in MATRICES.items():
         linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
-        with torch.no_grad():
-            linear.weight.copy_(two_four(torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5))
+        linear.weight.copy_(two_four(torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5))
         layer = DynamicInt8Linear.from_linear(linear, DynamicInt8Config().scheme)
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -201,14 +200,13 @@ def int8_model_rows(repeats: int, decode_steps: int, names: tuple[str, ...]) -> 
                 module.weight.copy_(two_four(module.weight))
         w8a8 = quantize_dynamic(copy.deepcopy(fp16), DynamicInt8Config(skip=("lm_head",), lstm=False))
         vocab = MODELS[name]["vocab_size"]
+        variants = (("fp16", fp16, False), ("w8a8", w8a8, False), ("w8a8 2:4", w8a8, True))
         for batch, tokens in ((1, 2048), (8, 2048)):
             ids = torch.randint(0, vocab, (batch, tokens), device="cuda")
-            run = {"fp16": functools.partial(fp16, input_ids=ids, use_cache=False),
-                   "w8a8": functools.partial(w8a8, input_ids=ids, use_cache=False)}
             times = {}
-            for label, model, fn, sparse in (("fp16", fp16, run["fp16"], False), ("w8a8", w8a8, run["w8a8"], False),
-                                             ("w8a8 2:4", w8a8, run["w8a8"], True)):
+            for label, model, sparse in variants:
                 layers = set_sparse(model, sparse)
+                fn = functools.partial(model, input_ids=ids, use_cache=False)
                 _GRAPHS["ok"] = True
                 times[label] = (graph_time(fn, repeats), cuda_time(fn, max(3, repeats // 4), warmup=2))
             row = {"model": name, "phase": f"prefill {batch}x{tokens}", "w8a8_layers": layers,
@@ -219,12 +217,12 @@ def int8_model_rows(repeats: int, decode_steps: int, names: tuple[str, ...]) -> 
                 f"{k} {(v[0] or float('nan')) * 1e3:8.2f} ms (eager {v[1] * 1e3:8.2f})" for k, v in times.items()), flush=True)
         prompt = torch.randint(0, vocab, (1, 64), device="cuda")
         decode = {}
-        for label, model, sparse in (("fp16", fp16, False), ("w8a8", w8a8, False), ("w8a8 2:4", w8a8, True)):
+        for label, model, sparse in variants:
             set_sparse(model, sparse)
             decode[label] = decode_seconds_per_token(model, prompt, decode_steps)
         results.append({"model": name, "phase": "decode M=1 eager", **{f"{k} ms": v * 1e3 for k, v in decode.items()}})
         print(f"{name:20s} decode M=1 eager " + "  ".join(f"{k} {v * 1e3:8.2f} ms" for k, v in decode.items()), flush=True)
-        del fp16, w8a8
+        del fp16, w8a8, variants
         torch.cuda.empty_cache()
     return results
 

@@ -25,8 +25,14 @@ try:  # triton >= 3.2
 except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
 
-INT8_MAX = 127
 _QUANT_BLOCK = 4096  # columns per step; a row of K <= 4096 is read once per pass
+
+
+@triton.jit
+def _store_codes(c_ptr, x, scale, inside):
+    """codes = round-half-even(x / scale) clamped to ±127, stored as int8."""
+    q = libdevice.rint(tl.math.div_rn(x, scale))
+    tl.store(c_ptr, tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8), mask=inside)
 
 
 @triton.jit
@@ -36,7 +42,7 @@ def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, BL
     x_row = x_ptr + row.to(tl.int64) * stride_x
     c_row = codes_ptr + row.to(tl.int64) * stride_c
     cols = tl.arange(0, BLOCK)
-    if ONE_BLOCK:
+    if ONE_BLOCK:  # the row stays in registers between the two passes
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
     else:
@@ -47,15 +53,11 @@ def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, BL
     scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
     tl.store(scale_ptr + row, scale)
     if ONE_BLOCK:
-        q = libdevice.rint(tl.math.div_rn(x, scale))
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(c_row + cols, q.to(tl.int8), mask=cols < K)
+        _store_codes(c_row + cols, x, scale, cols < K)
     else:
         for start in range(0, K, BLOCK):
             x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
-            q = libdevice.rint(tl.math.div_rn(x, scale))
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-            tl.store(c_row + start + cols, q.to(tl.int8), mask=start + cols < K)
+            _store_codes(c_row + start + cols, x, scale, start + cols < K)
 
 
 @triton.jit
