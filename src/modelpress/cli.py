@@ -22,6 +22,7 @@ COMMANDS = {
     "prune": "prune a model (unstructured, N:M or structured) and save it smaller",
     "distill": "train a student model on a teacher's soft targets (knowledge distillation)",
     "finetune": "recover a compressed model's quality: LoRA/QLoRA adapters or QAT",
+    "export": "write a model as GGUF, compressed-tensors, a float HF directory or PEFT adapters",
 }
 
 

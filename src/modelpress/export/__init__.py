@@ -1,0 +1,59 @@
+"""Export a compressed model to the formats runtimes load: GGUF (llama.cpp, Ollama), compressed-tensors
+(transformers, vLLM), plain float HF directories, PEFT adapters.
+
+    export_model(loaded, ["gguf", "compressed-tensors"], "out/")  ->  out/gguf/..., out/compressed-tensors/...
+
+Every target goes into its own folder of one output directory, written atomically (all targets or none),
+with `export.json` saying per layer what each target stored and whether it is lossless; a target that had
+to re-round a layer carries the KL divergence that cost, measured against our own model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from modelpress.errors import ModelpressError
+from modelpress.export.base import ExportOptions, ExportResult, LayerExport, export_targets, exporter, register_exporter
+from modelpress.export.measure import export_kl
+from modelpress.io.atomic import atomic_directory
+from modelpress.io.model import LoadedModel
+
+REPORT_FILE = "export.json"
+
+__all__ = ["ExportOptions", "ExportResult", "LayerExport", "export_model", "export_targets", "register_exporter"]
+
+
+def export_model(loaded: LoadedModel, targets: Sequence[str], out: str | Path, options: ExportOptions = ExportOptions(),
+                 overwrite: bool = False, windows: torch.Tensor | None = None) -> list[ExportResult]:
+    """Write each target into out/<target>/; `windows` (token ids, (W, T)) measure re-rounded targets' KL."""
+    if not targets:
+        raise ModelpressError(f"nothing to export: name at least one target ({', '.join(export_targets())})")
+    if len(set(targets)) != len(targets):
+        raise ModelpressError(f"export target given twice: {list(targets)}")
+    functions = [exporter(target) for target in targets]  # unknown names fail before any work
+    check_finite_model(loaded.model)
+    results = []
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        for target, function in zip(targets, functions):
+            folder = tmp / target
+            folder.mkdir()
+            result = function(loaded, folder, options)
+            if result.runtime_weights and windows is not None:
+                result.kl_divergence = export_kl(loaded.model, result.runtime_weights, windows)
+            results.append(result)
+        report = {"source": loaded.source, "float_source": loaded.float_source,
+                  "targets": [result.to_json() for result in results]}
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    return results
+
+
+def check_finite_model(model: torch.nn.Module) -> None:
+    """Refuse to export a model whose float tensors hold NaN or Inf (packed codes cannot)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelpressError(f"{name} has {bad} NaN/Inf values; refusing to export a broken model")
