@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--gguf-float-type", default="F16", choices=("F16", "BF16", "F32"),
                    help="GGUF type of float matrices such as the token embedding (default F16)")
-    p.add_argument("--gguf-fallback", default="Q8_0",
-                   help="GGUF type for quantized layers that no GGUF type holds exactly (default Q8_0)")
+    p.add_argument("--gguf-fallback", default="nearest", metavar="TYPE",
+                   help="GGML type (Q8_0, Q4_K, ...) for layers that no GGUF type holds exactly; 'nearest' picks one by "
+                        "the layer's bits and row length (default)")
     p.add_argument("--measure-windows", type=int, default=8, metavar="N",
                    help="windows of the evaluation text to measure a re-rounded export's KL on (0: skip; default 8)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per measuring window (default 512)")

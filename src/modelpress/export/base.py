@@ -59,7 +59,7 @@ class ExportOptions:
     """Options shared by the exporters; each reads the ones that concern it."""
 
     gguf_float_type: str = "F16"       # GGUF type for float tensors that are matrices (embeddings, float layers)
-    gguf_fallback: str = "Q8_0"        # GGUF type for a quantized layer with no lossless GGUF type
+    gguf_fallback: str = "nearest"     # GGML type for a layer with no lossless GGUF type ("nearest": by its bits)
     name: str | None = None            # model name written into the metadata (default: from the source)
 
 
@@ -99,7 +99,7 @@ def load_exporters() -> None:
         importlib.import_module(f"modelpress.export.{module}")
 
 
-EXPORTER_MODULES: tuple[str, ...] = ()   # each exporter module adds its name here
+EXPORTER_MODULES: tuple[str, ...] = ("gguf",)   # each exporter module adds its name here
 
 
 def folder_bytes(folder: Path) -> int:
