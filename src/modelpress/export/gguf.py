@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, get_tensor_name_map
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, get_tensor_name_map
 from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.export import gguf_arch, gguf_blocks, gguf_vocab, kquants_bridge
+from modelpress.export.gguf_kv import read_kv
 from modelpress.export.base import ExportOptions, ExportResult, LayerExport, folder_bytes, register_exporter
 from modelpress.export.modelfile import write_modelfile
 from modelpress.formats.packed import PackedWeight
@@ -38,6 +39,7 @@ FALLBACK: dict[int, tuple[str, ...]] = {
     8: ("Q8_0",), 6: ("Q6_K", "Q8_0"), 5: ("Q5_K", "Q5_1", "Q8_0"), 4: ("Q4_K", "Q4_1", "Q5_1", "Q8_0"),
     3: ("Q3_K", "Q4_K", "Q4_1", "Q8_0"), 2: ("Q2_K", "Q3_K", "Q4_K", "Q4_1", "Q8_0"),
 }
+OWN_GENERAL_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q3_K": "MOSTLY_Q3_K_M", "Q2_K": "MOSTLY_Q2_K"}
 
 
@@ -216,7 +218,10 @@ def write_file(path: Path, loaded: LoadedModel, arch: gguf_arch.GGUFArch, tensor
     config = loaded.model.config
     writer = GGUFWriter(str(path), arch.name)
     source_gguf = _gguf_source(loaded)
-    writer.add_name(options.name or _source_name(source_gguf, loaded))
+    if source_gguf is not None:
+        copy_general_keys(source_gguf, writer, skip=("general.name",) if options.name else ())
+    if options.name is not None or source_gguf is None:
+        writer.add_name(options.name or Path(loaded.source).name or "model")
     for method, value in gguf_arch.hyperparameters(config, arch):
         getattr(writer, method)(value)
     linear = Counter(t.qtype.name for t in tensors if t.linear)
@@ -250,10 +255,9 @@ def _gguf_source(loaded: LoadedModel) -> Path | None:
     return None
 
 
-def _source_name(source_gguf: Path | None, loaded: LoadedModel) -> str:
-    if source_gguf is not None:
-        field = GGUFReader(str(source_gguf)).fields.get("general.name")
-        if field is not None:
-            return str(field.contents())
-    return Path(loaded.source).name or "model"
+def copy_general_keys(source_gguf: Path, writer: GGUFWriter, skip: tuple[str, ...] = ()) -> None:
+    """The source's descriptive keys (name, license, organization, ...), not those this export decides."""
+    for key, vtype, sub_type, value in read_kv(source_gguf):
+        if key.startswith("general.") and key not in OWN_GENERAL_KEYS + skip:
+            writer.add_key_value(key, value, vtype, sub_type)
 

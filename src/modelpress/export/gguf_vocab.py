@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, TokenType
+from gguf import GGUFWriter, TokenType
 
 from modelpress.errors import ModelpressError
+from modelpress.export.gguf_kv import read_kv
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -33,15 +34,11 @@ PRE_TOKENIZERS: dict[tuple, str] = {
 
 def copy_tokenizer_keys(source: Path, writer: GGUFWriter) -> int:
     """Copy every tokenizer key of a GGUF file; returns how many."""
-    reader = GGUFReader(str(source))
     copied = 0
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type)
-        copied += 1
+    for key, vtype, sub_type, value in read_kv(source):
+        if key.startswith("tokenizer."):
+            writer.add_key_value(key, value, vtype, sub_type)
+            copied += 1
     return copied
 
 
