@@ -1,0 +1,56 @@
+"""llama.cpp as the judge of our GGUF files: its logits, perplexity and KL divergence, from its own tools.
+
+The tools are built by scripts/install_llamacpp.sh into $MODELPRESS_LLAMA_CPP (default
+$MODELPRESS_CACHE/llama.cpp, i.e. ~/.cache/modelpress/llama.cpp): `bin/llama-perplexity`, `bin/llama-quantize`,
+`bin/llama-imatrix` from llama.cpp's sources, and `bin/modelpress-logits` (scripts/llamacpp/logits.cpp), a
+40-line program on llama.cpp's public C API that writes a model's logits for given token windows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelpress.errors import ModelpressError
+from modelpress.io.model import cache_dir
+
+
+def install_dir() -> Path:
+    return Path(os.environ.get("MODELPRESS_LLAMA_CPP", cache_dir() / "llama.cpp"))
+
+
+def tool(name: str) -> Path:
+    path = install_dir() / "bin" / name
+    if not path.exists():
+        raise ModelpressError(f"llama.cpp tool {path} not found: run `bash scripts/install_llamacpp.sh` "
+                              "(or set MODELPRESS_LLAMA_CPP to a folder holding bin/)")
+    return path
+
+
+def available() -> bool:
+    return all((install_dir() / "bin" / name).exists() for name in ("modelpress-logits", "llama-perplexity"))
+
+
+def run(command: list, timeout: float = 1800) -> str:
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise ModelpressError(f"{Path(str(command[0])).name} failed ({result.returncode}): {tail}")
+    return result.stdout + result.stderr
+
+
+def logits(gguf: str | Path, windows: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """(W, T, V) float32 logits llama.cpp computes for each window of token ids (W, T)."""
+    count, length = windows.shape
+    with tempfile.TemporaryDirectory(prefix="modelpress-llamacpp-") as tmp:
+        tokens = Path(tmp) / "tokens.i32"
+        out = Path(tmp) / "logits.f32"
+        windows.to(torch.int32).numpy().tofile(tokens)
+        run([tool("modelpress-logits"), gguf, tokens, count, length, threads or os.cpu_count() or 1, out])
+        values = np.fromfile(out, dtype=np.float32)
+    return torch.from_numpy(values).reshape(count, length, -1)
