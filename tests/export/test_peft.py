@@ -47,7 +47,7 @@ def test_qlora_adapters_load_in_peft_on_their_dequantized_base(tmp_path):
     quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
     adapters = with_adapters(model)
     loaded = LoadedModel(model, None, source="tiny-int4", float_source="tiny")
-    result = export_model(loaded, ["peft"], tmp_path / "out", ExportOptions(hf_dtype="float32"))[0]
+    result, merged = export_model(loaded, ["peft", "hf"], tmp_path / "out", ExportOptions(hf_dtype="float32"))
     folder = tmp_path / "out" / "peft"
     assert len(lora_layers(model)) == 14   # the exporter leaves the model as it was
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -62,9 +62,13 @@ def test_qlora_adapters_load_in_peft_on_their_dequantized_base(tmp_path):
     assert any("quantized base (int4/g32)" in note for note in result.notes)
     peft_model = load_peft(folder / "base", folder)
     torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=ATOL_FP32)
-    # the base is the quantized model without its adapters, not the float model
+    # --to hf of the same model merges the adapters into the dequantized base in float32
     from transformers import AutoModelForCausalLM
 
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf", dtype=torch.float32)
+    torch.testing.assert_close(logits(hf_model), logits(model), rtol=0, atol=ATOL_FP32)
+    assert any("14 LoRA adapters merged" in note for note in merged.notes)
+    # the base is the quantized model without its adapters, not the float model
     base = AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32)
     weight = base.model.layers[1].self_attn.k_proj.weight
     assert torch.equal(weight, adapters[name].base.dequantized_weight(torch.float32))

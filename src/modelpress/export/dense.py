@@ -16,7 +16,7 @@ cannot be exported to float and says so.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -42,7 +42,6 @@ class DenseLayer:
     source: str                        # what modelpress holds: "int4/g32", "sparse 2:4 float32", ...
     linear: bool = True                # tensors["weight"] is an (N, K) linear weight (swappable for the KL)
     runtime_differs: str = ""          # why our forward is not a float matmul with these tensors, if it is not
-    notes: list[str] = field(default_factory=list)
 
 
 _DENSE: dict[type[nn.Module], Callable[[nn.Module], DenseLayer]] = {}
