@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gguf-fallback", default="nearest", metavar="TYPE",
                    help="GGML type (Q8_0, Q4_K, ...) for layers that no GGUF type holds exactly; 'nearest' picks one by "
                         "the layer's bits and row length (default)")
+    p.add_argument("--hf-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="float dtype of the hf export and of the peft export's base (default float16)")
     p.add_argument("--measure-windows", type=int, default=8, metavar="N",
                    help="windows of the evaluation text to measure a re-rounded export's KL on (0: skip; default 8)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per measuring window (default 512)")
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         from modelpress.io.text import load_text, make_windows
 
         windows = make_windows(loaded.tokenizer, load_text(None), args.seq_len, args.measure_windows).eval
-    options = ExportOptions(gguf_float_type=args.gguf_float_type, gguf_fallback=args.gguf_fallback)
+    options = ExportOptions(gguf_float_type=args.gguf_float_type, gguf_fallback=args.gguf_fallback,
+                            hf_dtype=args.hf_dtype)
     results = export_model(loaded, args.to, args.out, options, overwrite=args.overwrite, windows=windows)
     rows = [result.to_json() for result in results]
     print(format_table(rows, COLUMNS))

@@ -36,11 +36,17 @@ from modelpress.io.model import LoadedModel, load_model
 from modelpress.io.save import save_compressed
 from modelpress.train.data import TaskData, training_windows
 from modelpress.train.distill import DistillConfig, distill
-from modelpress.train.lora import MERGE_METHODS, LoRAConfig, adapters_bytes, add_lora, merge_lora, unwrap_lora
+from modelpress.train.lora import (
+    ADAPTERS_FILE,
+    MERGE_METHODS,
+    LoRAConfig,
+    adapters_bytes,
+    add_lora,
+    merge_lora,
+    unwrap_lora,
+)
 from modelpress.train.qat import convert_qat, prepare_qat
 from modelpress.train.teacher_cache import build_teacher_cache
-
-ADAPTERS_FILE = "adapters.safetensors"
 
 
 def add_parser(sub) -> None:

@@ -61,6 +61,7 @@ class ExportOptions:
     gguf_float_type: str = "F16"       # GGUF type for float tensors that are matrices (embeddings, float layers)
     gguf_fallback: str = "nearest"     # GGML type for a layer with no lossless GGUF type ("nearest": by its bits)
     name: str | None = None            # model name written into the metadata (default: from the source)
+    hf_dtype: str = "float16"          # float dtype of the hf export and the peft base: float16, bfloat16, float32
 
 
 Exporter = Callable[..., ExportResult]   # (loaded: LoadedModel, folder: Path, options: ExportOptions)
@@ -99,7 +100,7 @@ def load_exporters() -> None:
         importlib.import_module(f"modelpress.export.{module}")
 
 
-EXPORTER_MODULES: tuple[str, ...] = ("gguf",)   # each exporter module adds its name here
+EXPORTER_MODULES: tuple[str, ...] = ("gguf", "hf", "peft")   # each exporter module adds its name here
 
 
 def folder_bytes(folder: Path) -> int:

@@ -32,6 +32,7 @@ from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight
 from modelpress.nn.quant_linear import QuantLinear
 
 MERGE_METHODS = ("rtn", "gptq")
+ADAPTERS_FILE = "adapters.safetensors"   # beside a saved model: its adapters, kept apart (finetune --lora)
 
 
 @dataclass(frozen=True)
