@@ -14,14 +14,16 @@ import torch
 from modelpress.export.kquant_search import (
     AffineHeader,
     SymmetricHeader,
-    affine_sums,
     affine_codes,
     affine_error,
     affine_least_squares,
+    affine_sums,
+    data_sums,
+    level_sums,
     symmetric_codes,
 )
 
-REFINE_ROUNDS = 4
+REFINE_ROUNDS = 3
 
 
 def integers_for(values: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -47,18 +49,17 @@ def _pick(better: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------- asymmetric types (Q2_K, Q4_K, Q5_K)
 
-def affine_header(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+def affine_header(x: torch.Tensor, w: torch.Tensor | None, scale: torch.Tensor, offset: torch.Tensor,
                   nmax: int, max_int: int) -> AffineHeader:
     """Store free sub-block fits (scale ≥ 0, offset ≤ 0; (N, SB, P)) as a refined header; x (N, SB, P, S)."""
     d, sc = integer_header(scale, 0, max_int)
     dmin, m = integer_header(-offset, 0, max_int)
     header = AffineHeader(d, sc, dmin, m)
-    ww = w.expand_as(x)
-    totals = ww.sum(-1), (ww * x).sum(-1), (ww * x * x).sum(-1)   # Σw, Σwx, Σwx² per sub-block
-    sums, err = _affine_state(x, ww, header, totals, nmax)
+    totals = data_sums(x, w)   # Σw, Σwx, Σwx² per sub-block
+    sums, err = _affine_state(x, w, header, totals, nmax)
     for _ in range(REFINE_ROUNDS):
         candidate = _refit_affine(header, totals, sums, max_int)
-        new_sums, new_err = _affine_state(x, ww, candidate, totals, nmax)
+        new_sums, new_err = _affine_state(x, w, candidate, totals, nmax)
         better = new_err < err
         header = AffineHeader(*(_pick(better, new, old) for new, old in
                                 zip((candidate.d, candidate.sc, candidate.dmin, candidate.m),
@@ -68,10 +69,10 @@ def affine_header(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset:
     return header
 
 
-def _affine_state(x, ww, header: AffineHeader, totals, nmax: int):
+def _affine_state(x, w, header: AffineHeader, totals, nmax: int):
     """Per sub-block sums (ΣwL, ΣwL², ΣwLx) of the codes on `header`, and the (N, SB) weighted error."""
     scale, offset = header.scale(), header.offset()
-    sums = affine_sums(x, ww, affine_codes(x, scale, offset, nmax))
+    sums = affine_sums(x, w, affine_codes(x, scale, offset, nmax))
     sw, swx, swx2 = totals
     err = affine_error(sw, sums[0], sums[1], swx, sums[2], swx2, scale, offset).sum(-1)
     return sums, err
@@ -99,17 +100,16 @@ def _refit_affine(header: AffineHeader, totals, sums, max_int: int) -> AffineHea
 
 # ---------------------------------------------------------------- symmetric types (Q3_K, Q6_K)
 
-def symmetric_header(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, half: int,
+def symmetric_header(x: torch.Tensor, w: torch.Tensor | None, scale: torch.Tensor, half: int,
                      lo: int, hi: int) -> SymmetricHeader:
     """Store free signed sub-block scales (N, SB, P) as a refined header; x (N, SB, P, S)."""
     d, sc = integer_header(scale, lo, hi)
     header = SymmetricHeader(d, sc)
-    ww = w.expand_as(x)
-    swx2 = (ww * x * x).sum(-1)
-    sums, err = _symmetric_state(x, ww, header, swx2, half)
+    swx2 = data_sums(x, w)[2]
+    sums, err = _symmetric_state(x, w, header, swx2, half)
     for _ in range(REFINE_ROUNDS):
         candidate = _refit_symmetric(header, sums, lo, hi)
-        new_sums, new_err = _symmetric_state(x, ww, candidate, swx2, half)
+        new_sums, new_err = _symmetric_state(x, w, candidate, swx2, half)
         better = new_err < err
         header = SymmetricHeader(_pick(better, candidate.d, header.d), _pick(better, candidate.sc, header.sc))
         sums = tuple(_pick(better, new, old) for new, old in zip(new_sums, sums))
@@ -117,11 +117,10 @@ def symmetric_header(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, half
     return header
 
 
-def _symmetric_state(x, ww, header: SymmetricHeader, swx2, half: int):
+def _symmetric_state(x, w, header: SymmetricHeader, swx2, half: int):
     scale = header.scale()
     codes = symmetric_codes(x, scale, half)
-    wq = ww * codes
-    swqx, swq2 = (wq * x).sum(-1), (wq * codes).sum(-1)
+    swqx, swq2 = level_sums(x, w, codes)
     err = (swx2 - 2 * scale * swqx + scale * scale * swq2).sum(-1)
     return (swqx, swq2), err
 

@@ -119,9 +119,10 @@ def kquant_grid(weight: torch.Tensor, qtype, importance: torch.Tensor | None = N
     spec = kquant_spec(qtype)
     x = _checked_weight(weight, spec)
     n, k = x.shape
-    w = _checked_importance(importance, k, x.device)
     blocks = x.reshape(n, k // SUPER_BLOCK, spec.sub_blocks, spec.sub_block)   # (N, SB, P, S)
-    w = w.reshape(1, k // SUPER_BLOCK, spec.sub_blocks, spec.sub_block)
+    w = _checked_importance(importance, k, x.device)
+    if w is not None:
+        w = w.reshape(1, k // SUPER_BLOCK, spec.sub_blocks, spec.sub_block)
     lo, hi = spec.scale_range
     if spec.affine:
         scale, offset = fit_affine(blocks, w, spec.nmax)
@@ -235,14 +236,15 @@ def _checked_weight(weight: torch.Tensor, spec: KQuantSpec) -> torch.Tensor:
     return x
 
 
-def _checked_importance(importance: torch.Tensor | None, k: int, device: torch.device) -> torch.Tensor:
+def _checked_importance(importance: torch.Tensor | None, k: int, device: torch.device) -> torch.Tensor | None:
+    """(K,) weights of the squared error, or None when every column counts the same."""
     if importance is None:
-        return torch.ones(k, device=device)
+        return None
     imp = importance.detach().float().to(device).reshape(-1)
     if imp.numel() != k or not torch.isfinite(imp).all() or (imp < 0).any():
         raise ModelpressError(f"importance must be {k} finite non-negative values (one per input column); "
                               f"got shape {tuple(importance.shape)}")
     if not (imp > 0).any():
-        return torch.ones(k, device=device)
+        return None
     # a small floor keeps every sub-block's least-squares fit well posed where calibration saw no signal
     return imp + 1e-6 * imp.mean()
