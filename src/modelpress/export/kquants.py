@@ -25,7 +25,14 @@ import torch
 from modelpress.errors import ModelpressError
 from modelpress.export.kquant_header import affine_header, symmetric_header
 from modelpress.export.kquant_layout import pack_kquant
-from modelpress.export.kquant_search import affine_codes, fit_affine, fit_symmetric, symmetric_codes
+from modelpress.export.kquant_search import (
+    AffineHeader,
+    SymmetricHeader,
+    affine_codes,
+    fit_affine,
+    fit_symmetric,
+    symmetric_codes,
+)
 
 SUPER_BLOCK = 256   # ggml's QK_K
 
@@ -126,18 +133,27 @@ def kquant_grid(weight: torch.Tensor, qtype, importance: torch.Tensor | None = N
     lo, hi = spec.scale_range
     if spec.affine:
         scale, offset = fit_affine(blocks, w, spec.nmax)
-        header = affine_header(blocks, w, scale, offset, spec.nmax, hi)
-        grid = KQuantGrid(spec.name, header.d, header.sc.reshape(n, -1), header.dmin, header.m.reshape(n, -1))
+        header: AffineHeader | SymmetricHeader = affine_header(blocks, w, scale, offset, spec.nmax, hi)
     else:
-        scale = fit_symmetric(blocks, w, spec.half)
-        header = symmetric_header(blocks, w, scale, spec.half, lo, hi)
-        grid = KQuantGrid(spec.name, header.d, header.sc.reshape(n, -1))
+        header = symmetric_header(blocks, w, fit_symmetric(blocks, w, spec.half), spec.half, lo, hi)
+    grid = _header_grid(spec, header, n)
     for name in ("d", "dmin"):
         value = getattr(grid, name)
         if value is not None and not torch.isfinite(value).all():
             raise ModelpressError(f"{spec.name}: the weight's range (max |w| = {x.abs().max().item():.3g}) "
                                   f"overflows the fp16 super-block {name}; k-quants cannot hold it")
     return grid
+
+
+def _header_grid(spec: KQuantSpec, header: AffineHeader | SymmetricHeader, rows: int) -> KQuantGrid:
+    """The searched header as a grid; a zero fp16 scale is stored as +0 (what factoring it back gives)."""
+    def plus_zero(d: torch.Tensor) -> torch.Tensor:
+        return torch.where(d == 0, torch.zeros_like(d), d)
+
+    if isinstance(header, AffineHeader):
+        return KQuantGrid(spec.name, plus_zero(header.d), header.sc.reshape(rows, -1), plus_zero(header.dmin),
+                          header.m.reshape(rows, -1))
+    return KQuantGrid(spec.name, plus_zero(header.d), header.sc.reshape(rows, -1))
 
 
 def kquant_codes(weight: torch.Tensor, grid: KQuantGrid) -> torch.Tensor:
