@@ -60,18 +60,18 @@ class SymmetricHeader:
 
 def affine_codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, nmax: int) -> torch.Tensor:
     """Nearest level of scale·q + offset, q in 0..nmax; x (..., S), scale/offset (...)."""
-    s, o = scale.unsqueeze(-1), offset.unsqueeze(-1)
-    safe = torch.where(s != 0, s, torch.ones_like(s))
-    q = torch.round((x - o) / safe).clamp_(0, nmax)
-    return torch.where(s != 0, q, torch.zeros_like(q))
+    return torch.round((x - offset.unsqueeze(-1)) * _inverse(scale).unsqueeze(-1)).clamp_(0, nmax)
 
 
 def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, half: int) -> torch.Tensor:
     """Nearest level of scale·q, q in −half..half−1 (signed, float)."""
-    s = scale.unsqueeze(-1)
-    safe = torch.where(s != 0, s, torch.ones_like(s))
-    q = torch.round(x / safe).clamp_(-half, half - 1)
-    return torch.where(s != 0, q, torch.zeros_like(q))
+    return torch.round(x * _inverse(scale).unsqueeze(-1)).clamp_(-half, half - 1)
+
+
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, and 0 where the scale is 0 (every weight of such a sub-block gets code 0 / level 0)."""
+    live = scale != 0
+    return torch.where(live, 1 / torch.where(live, scale, torch.ones_like(scale)), torch.zeros_like(scale))
 
 
 # ---------------------------------------------------------------- stage 1: continuous sub-block fits
@@ -125,8 +125,7 @@ def fit_affine(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torc
     """Per sub-block scale ≥ 0 and offset ≤ 0 for x (..., S); returns two (...) tensors."""
     low = x.amin(-1).clamp(max=0)
     span = x.amax(-1) - low
-    live = span > 0
-    inv_span = torch.where(live, 1 / torch.where(live, span, torch.ones_like(span)), torch.zeros_like(span))
+    inv_span = _inverse(span)
     shifted = x - low.unsqueeze(-1)
     sw, swx, swx2 = data_sums(x, w)
     best_err = torch.full_like(span, float("inf"))
@@ -149,8 +148,7 @@ def fit_affine(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torc
 def fit_symmetric(x: torch.Tensor, w: torch.Tensor | None, half: int) -> torch.Tensor:
     """Per sub-block signed scale for levels −half..half−1 minimising Σ w (scale·q − x)²; x (..., S)."""
     peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)   # signed value of largest magnitude
-    live = peak != 0
-    inv_peak = torch.where(live, 1 / torch.where(live, peak, torch.ones_like(peak)), torch.zeros_like(peak))
+    inv_peak = _inverse(peak)
     # the peak goes to the long (negative) end of the level range, or to the short (positive) end
     targets = [-(half + step) for step in SYMMETRIC_STEPS] + [half - 1 + step for step in SYMMETRIC_STEPS]
     best_gain = torch.zeros_like(peak)      # the error is Σwx² − gain, gain = (Σwxq)² / Σwq²
