@@ -12,11 +12,14 @@ from modelpress.export.kquants import (
     dequantize_kquant,
     grid_from_scales,
     kquant_codes,
+    kquant_from_packed,
     kquant_grid,
     pack_kquant,
     quantize_kquant,
 )
 from modelpress.formats import WeightScheme, quantize_weight
+from modelpress.formats.packed import PackedWeight
+from modelpress.formats.packing import pack_codes
 
 TYPES = list(KQUANTS)   # Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
@@ -169,3 +172,22 @@ def test_bad_inputs_are_named():
 def test_gguf_type_enum_names_a_type():
     w = torch.randn(2, 256)
     assert np.array_equal(quantize_kquant(w, gguf.GGMLQuantizationType.Q5_K), quantize_kquant(w, "q5_k"))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_a_packed_weight_on_a_k_quant_grid_exports_losslessly(qtype):
+    """A solver's PackedWeight whose float32 scales are a k-quant header: same codes, same bits decoded."""
+    w = awkward_weight(8, 512, 11)
+    grid = kquant_grid(w, qtype)
+    codes = kquant_codes(w, grid)
+    spec = KQUANTS[qtype]
+    fmt = {"Q2_K": "int2-asym", "Q3_K": "int3", "Q4_K": "int4-asym", "Q5_K": "int5-asym", "Q6_K": "int6"}[qtype]
+    scheme = WeightScheme.parse(f"{fmt}/g{spec.sub_block}/float32")
+    packed = PackedWeight(scheme, (8, 512), pack_codes(codes, spec.bits), grid.scale, grid.offset)
+    found = kquant_from_packed(packed)
+    assert found is not None and torch.equal(found[1], codes)
+    assert same_bits(gguf_decode(pack_kquant(found[1], found[0]), qtype), packed.dequantize())
+    # the same codes under the plain min-max scales of round-to-nearest are no k-quant
+    assert kquant_from_packed(quantize_weight(w, scheme)) is None
+    # nor is a group size other than the k-quant's sub-block
+    assert kquant_from_packed(quantize_weight(w, WeightScheme.parse(f"{fmt}/g64/float32"))) is None

@@ -12,7 +12,7 @@ Three steps, usable apart so that a calibrated solver (GPTQ, AWQ) can work on a 
     codes = kquant_codes(weight, grid)                # or a solver's own codes on that grid
     data = pack_kquant(codes, grid)                   # ggml's block layout (kquant_layout.py)
 `grid_from_scales` says whether per-group scales/offsets that modelpress already holds are exactly a k-quant
-header, for a lossless export.
+header, and `kquant_from_packed` does so for a whole PackedWeight: that is a lossless export.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from modelpress.export.kquant_search import (
     fit_symmetric,
     symmetric_codes,
 )
+from modelpress.formats.packed import PackedWeight
 
 SUPER_BLOCK = 256   # ggml's QK_K
 
 __all__ = ["KQUANTS", "KQuantGrid", "KQuantSpec", "dequantize_kquant", "grid_from_scales", "kquant_codes",
-           "kquant_grid", "kquant_spec", "pack_kquant", "quantize_kquant"]
+           "kquant_from_packed", "kquant_grid", "kquant_spec", "pack_kquant", "quantize_kquant"]
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,24 @@ def grid_from_scales(scale: torch.Tensor, offset: torch.Tensor | None, qtype) ->
     if mins is None:
         return None
     return KQuantGrid(spec.name, factored[0], factored[1].reshape(n, -1), mins[0], mins[1].reshape(n, -1))
+
+
+# modelpress schemes whose codes and groups are exactly a k-quant's (format, group size) -> GGML type
+SCHEME_KQUANTS = {("int2-asym", 16): "Q2_K", ("int3", 16): "Q3_K", ("int4-asym", 32): "Q4_K",
+                  ("int5-asym", 32): "Q5_K", ("int6", 16): "Q6_K"}
+
+
+def kquant_from_packed(packed: PackedWeight) -> tuple[KQuantGrid, torch.Tensor] | None:
+    """The k-quant grid and (N, K) codes that decode bit for bit to `packed`, or None when its scheme is not
+    a k-quant's (format and group size in SCHEME_KQUANTS, no input permutation, K a multiple of 256) or its
+    scales/offsets do not factor into a k-quant header."""
+    scheme = packed.scheme
+    qtype = SCHEME_KQUANTS.get((scheme.format, scheme.group_size if scheme.granularity == "group" else None))
+    if qtype is None or packed.input_perm is not None or packed.shape[1] % SUPER_BLOCK:
+        return None
+    offset = None if packed.offset is None else packed.offset.float()
+    grid = grid_from_scales(packed.group_scales(), offset, qtype)
+    return None if grid is None else (grid, packed.codes())
 
 
 def _factor(values: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
