@@ -7,13 +7,16 @@ gguf-py's reference dequantizer and compared with the float weight:
   (llama.cpp's imatrix path, quantize_row_*_impl). The importance is a random log-normal vector here; a
   calibrated one plays the same role.
 llama.cpp runs through `ggml_quantize_chunk` of its libggml-base (what `llama-quantize --pure` calls for
-every tensor), loaded with ctypes from LLAMA_CPP_BIN (default: the vendored llama-cpp-python build).
+every tensor), loaded with ctypes from LLAMA_CPP_BIN (default: the vendored llama-cpp-python build);
+`--check-llama-quantize` first confirms that the `llama-quantize --pure` binary writes the same bytes for a
+one-tensor F32 GGUF (it does for Q4_K, Q5_K and Q6_K).
 
 Tensors: Gaussian and Student-t (ν=3, heavy tails) 256 × 4096, and three ffn_down matrices (576 × 1536,
 the default model's only k-quant-eligible shape) read from the default model's GGUF. Last, the time to
 encode all 30 of those layers to Q4_K.
 
     .venv/bin/python bench/kquants.py                       # prints a table, writes bench/results/kquants.json
+    .venv/bin/python bench/kquants.py --check-llama-quantize --types Q4_K
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import ctypes
 import json
 import os
 import platform
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +60,30 @@ def llama_quantizer():
         return dst
 
     return quantize
+
+
+def llama_quantize_matches(qtype: str, folder: Path) -> bool:
+    """Does `llama-quantize --pure` write the bytes that ggml_quantize_chunk gives, for one tensor?"""
+    weight = torch.randn(256, 1024, generator=torch.Generator().manual_seed(2))
+    source, target = folder / "one-f32.gguf", folder / f"one-{qtype}.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")   # the hyperparameters the quantize tool insists on
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(256)
+    writer.add_feed_forward_length(1024)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(32)
+    writer.add_tensor("blk.0.ffn_down.weight", weight.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tool = Path(os.environ.get("LLAMA_CPP_BIN", DEFAULT_BIN)) / "llama-quantize"
+    subprocess.run([str(tool), "--pure", str(source), str(target), qtype, "1"], check=True, capture_output=True)
+    written = np.array(gguf.GGUFReader(target).tensors[0].data).reshape(256, -1)
+    return bool(np.array_equal(written, llama_quantizer()(weight, qtype, None)))
 
 
 def ours(weight: torch.Tensor, qtype: str, importance: torch.Tensor | None) -> np.ndarray:
@@ -117,7 +146,13 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(KQUANTS))
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "kquants.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--check-llama-quantize", action="store_true")
     args = parser.parse_args()
+    if args.check_llama_quantize:
+        with tempfile.TemporaryDirectory() as folder:
+            for qtype in args.types:
+                print(f"llama-quantize --pure {qtype} == ggml_quantize_chunk: "
+                      f"{llama_quantize_matches(qtype, Path(folder))}")
     llama = llama_quantizer()
     rows = []
     for name, weight in tensors(args.seed).items():
