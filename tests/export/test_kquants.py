@@ -9,6 +9,7 @@ import torch
 from modelpress.errors import ModelpressError
 from modelpress.export.kquants import (
     KQUANTS,
+    KQuantGrid,
     dequantize_kquant,
     grid_from_scales,
     kquant_codes,
@@ -191,3 +192,12 @@ def test_a_packed_weight_on_a_k_quant_grid_exports_losslessly(qtype):
     assert kquant_from_packed(quantize_weight(w, scheme)) is None
     # nor is a group size other than the k-quant's sub-block
     assert kquant_from_packed(quantize_weight(w, WeightScheme.parse(f"{fmt}/g64/float32"))) is None
+
+
+def test_a_grid_checks_its_fields():
+    d = torch.ones(2, 1, dtype=torch.float16)
+    with pytest.raises(ModelpressError, match=r"Q4_K grid: dmin must have shape \(2, 1\), got None"):
+        KQuantGrid("Q4_K", d, torch.ones(2, 8, dtype=torch.int16))
+    with pytest.raises(ModelpressError, match=r"Q6_K grid: sub_scales must have shape \(2, 16\), got \(2, 8\)"):
+        KQuantGrid("q6_k", d, torch.ones(2, 8, dtype=torch.int16))
+    assert KQuantGrid("q6_k", d, torch.ones(2, 16, dtype=torch.int16)).qtype == "Q6_K"

@@ -94,6 +94,20 @@ class KQuantGrid:
     dmin: torch.Tensor | None = None       # float16 (N, K/256), asymmetric types only
     sub_mins: torch.Tensor | None = None   # int16 (N, K/sub_block), asymmetric types only
 
+    def __post_init__(self) -> None:
+        spec = kquant_spec(self.qtype)
+        object.__setattr__(self, "qtype", spec.name)
+        rows, supers = self.d.shape
+        wanted = (rows, supers * spec.sub_blocks)
+        fields = [("sub_scales", self.sub_scales)] + [("dmin", self.dmin), ("sub_mins", self.sub_mins)] * spec.affine
+        for name, value in fields:
+            expected = (rows, supers) if name == "dmin" else wanted
+            if value is None or tuple(value.shape) != expected:
+                raise ModelpressError(f"{spec.name} grid: {name} must have shape {expected}, got "
+                                      f"{None if value is None else tuple(value.shape)}")
+        if not spec.affine and (self.dmin is not None or self.sub_mins is not None):
+            raise ModelpressError(f"{spec.name} is symmetric: its grid has no dmin or sub_mins")
+
     @property
     def spec(self) -> KQuantSpec:
         return KQUANTS[self.qtype]
