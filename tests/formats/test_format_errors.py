@@ -26,10 +26,10 @@ def test_group_size_of_wrong_type():
         WeightScheme.parse("int4/g12x")
 
 
-@pytest.mark.parametrize("call", [lambda: get_format("int5"), lambda: WeightScheme.parse("int5/g128"),
-                                  lambda: scheme_for("int5"), lambda: WeightScheme(format="int5")])
+@pytest.mark.parametrize("call", [lambda: get_format("int7"), lambda: WeightScheme.parse("int7/g128"),
+                                  lambda: scheme_for("int7"), lambda: WeightScheme(format="int7")])
 def test_unknown_format_name_lists_the_known_ones(call):
-    with pytest.raises(ModelpressError, match=r"unknown number format 'int5'; known formats: .*nf4"):
+    with pytest.raises(ModelpressError, match=r"unknown number format 'int7'; known formats: .*nf4"):
         call()
 
 

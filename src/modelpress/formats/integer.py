@@ -1,4 +1,6 @@
-"""Integer formats INT2..INT8, symmetric and asymmetric.
+"""Integer formats INT2..INT8 (2, 3, 4, 5, 6 and 8 bits), symmetric and asymmetric.
+
+INT5 and INT6 exist for the GGUF k-quants (Q5_K, Q6_K; export/kquants.py), whose codes they describe.
 
 Symmetric int-b: code u = q + 2**(b-1) for q in [-2**(b-1), 2**(b-1) - 1]; w ≈ scale · q, with the default
 scale absmax / (2**(b-1) - 1) so that ±absmax are both exact (the extra negative level is there for
@@ -42,6 +44,6 @@ class IntFormat(QFormat):
         return scale, low
 
 
-for _bits in (8, 4, 3, 2):
+for _bits in (8, 6, 5, 4, 3, 2):
     register_format(IntFormat(name=f"int{_bits}", bits=_bits))
     register_format(IntFormat(name=f"int{_bits}-asym", bits=_bits, affine=True))
