@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, get_tensor_nam
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.export import gguf_arch, gguf_blocks, gguf_vocab, kquants_bridge
+from modelpress.export import gguf_arch, gguf_blocks, gguf_vocab
 from modelpress.export.gguf_kv import read_kv
 from modelpress.export.base import ExportOptions, ExportResult, LayerExport, folder_bytes, register_exporter
 from modelpress.export.modelfile import write_modelfile
@@ -110,6 +110,11 @@ def compressed_tensor(name: str, module: nn.Module, options: ExportOptions):
             blocks = gguf_blocks.encode_lossless(packed, qtype)
             layer = LayerExport(name, packed.scheme.spec, qtype.name, lossless=True)
             return GGUFTensor(f"{name}.weight", blocks, qtype, packed.shape[0] * packed.shape[1], True), layer, None
+        kquant = gguf_blocks.encode_kquant_lossless(packed)
+        if kquant is not None:
+            qtype, blocks = kquant
+            layer = LayerExport(name, packed.scheme.spec, qtype.name, lossless=True)
+            return GGUFTensor(f"{name}.weight", blocks, qtype, packed.shape[0] * packed.shape[1], True), layer, None
         source = packed.scheme.spec
         bits = packed.scheme.bits
         weight = packed.dequantize(torch.float32)
@@ -151,7 +156,7 @@ def fallback_type(bits: int, k: int, options: ExportOptions) -> GGMLQuantization
 
 
 def writable(qtype: GGMLQuantizationType) -> bool:
-    return qtype.name.startswith(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")) or kquants_bridge.available(qtype)
+    return qtype.name in gguf_blocks.LEGACY_TYPES + gguf_blocks.K_TYPES
 
 
 def parameter_tensor(pname: str, value: torch.Tensor, options: ExportOptions):

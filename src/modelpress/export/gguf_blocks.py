@@ -22,10 +22,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from modelpress.export.kquant_layout import pack_kquant
+from modelpress.export.kquants import kquant_from_packed, quantize_kquant
 from modelpress.formats.packed import PackedWeight
 
 Q = GGMLQuantizationType
 BLOCK = 32
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")     # written by our own encoder (kquants.py)
+LEGACY_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # written by gguf-py's reference quantizer
 
 # our format name -> (GGML type, whether the type has an offset m)
 LOSSLESS_TYPES: dict[str, GGMLQuantizationType] = {
@@ -117,12 +121,18 @@ def encode_float(weight: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarra
         return array
     if qtype == Q.F16:
         return array.astype(np.float16)
-    from modelpress.export import kquants_bridge
-
-    encoded = kquants_bridge.quantize(array, qtype)
-    if encoded is not None:
-        return encoded
+    if qtype.name in K_TYPES:
+        return quantize_kquant(weight.detach().float().cpu(), qtype)
     return gguf_quants.quantize(array, qtype)
+
+
+def encode_kquant_lossless(packed: PackedWeight) -> tuple[GGMLQuantizationType, np.ndarray] | None:
+    """A packed weight whose scales factor exactly into a k-quant header (kquants.kquant_from_packed), as blocks."""
+    found = kquant_from_packed(packed)
+    if found is None:
+        return None
+    grid, codes = found
+    return Q[grid.qtype], pack_kquant(codes, grid)
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build llama.cpp's tools and modelpress-logits into $MODELPRESS_LLAMA_CPP (default ~/.cache/modelpress/llama.cpp).
+# They judge GGUF exports in tests (skipped without them) and in bench/export.py. Sources: the llama.cpp vendored in
+# the llama-cpp-python 0.3.36 source distribution (from PyPI). About 10 minutes on 2 cores; run once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=${MODELPRESS_LLAMA_CPP:-${MODELPRESS_CACHE:-$HOME/.cache/modelpress}/llama.cpp}
+VERSION=0.3.36
+WORK="$DEST/src"
+mkdir -p "$WORK" "$DEST/bin"
+if [ ! -d "$WORK/llama_cpp_python-$VERSION" ]; then
+  python3 -m pip download --quiet --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$WORK"
+  tar xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
+fi
+SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
+cmake -S "$SRC" -B "$SRC/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$SRC/build" -j"$(nproc)" --target llama-perplexity llama-quantize llama-imatrix >/dev/null
+for tool in llama-perplexity llama-quantize llama-imatrix; do
+  ln -sf "$SRC/build/bin/$tool" "$DEST/bin/$tool"
+done
+g++ -O2 -std=c++17 scripts/llamacpp/logits.cpp -I"$SRC/include" -I"$SRC/ggml/include" -L"$SRC/build/bin" -lllama \
+  -Wl,-rpath,"$SRC/build/bin" -o "$DEST/bin/modelpress-logits"
+echo "llama.cpp tools in $DEST/bin"
