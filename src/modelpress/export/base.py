@@ -63,6 +63,8 @@ class ExportOptions:
     name: str | None = None            # model name written into the metadata (default: from the source)
 
 
+EXPORT_MARKER_FILE = "modelpress_export.json"   # in an export folder: {"float_source": ..., "source": ..., "target": ...}
+
 Exporter = Callable[..., ExportResult]   # (loaded: LoadedModel, folder: Path, options: ExportOptions)
 
 _EXPORTERS: dict[str, Exporter] = {}
@@ -99,7 +101,7 @@ def load_exporters() -> None:
         importlib.import_module(f"modelpress.export.{module}")
 
 
-EXPORTER_MODULES: tuple[str, ...] = ()   # each exporter module adds its name here
+EXPORTER_MODULES: tuple[str, ...] = ("compressed_tensors",)   # each exporter module adds its name here
 
 
 def folder_bytes(folder: Path) -> int:
