@@ -245,11 +245,15 @@ def export_notes(model: nn.Module, layers: dict[str, CTLayer], sparse: list[str]
     if bits - {4, 8}:
         notes.append(f"pack-quantized {sorted(bits - {4, 8})}-bit weights load in transformers; vLLM's int kernels "
                      "run 4 and 8 bits")
-    ragged = [name for name, layer in layers.items() if layer.scheme is not None
-              and dict(layer.scheme.weights)["group_size"] not in (None, 32, 64, 128)]
-    if ragged:
-        notes.append(f"{len(ragged)} layer(s) use group sizes other than 32/64/128 (ragged rows written with "
-                     f"smaller groups, exactly): transformers runs them; vLLM's kernels may not (e.g. {ragged[0]})")
+    regrouped = [name for name, layer in layers.items() if layer.regrouped]
+    if regrouped:
+        notes.append(f"{len(regrouped)} layer(s) have rows their group size does not divide (e.g. {regrouped[0]}): "
+                     "written with groups of gcd(K, group size), each scale repeated: exact, with more scale bytes")
+    odd = [name for name, layer in layers.items() if layer.scheme is not None
+           and dict(layer.scheme.weights)["group_size"] not in (None, 32, 64, 128)]
+    if odd:
+        notes.append(f"{len(odd)} layer(s) use group sizes other than 32/64/128 (e.g. {odd[0]}): transformers runs "
+                     "them; vLLM's kernels may not")
     if any(not dict(layer.scheme.weights)["symmetric"] for layer in layers.values() if layer.scheme is not None):
         notes.append("asymmetric layers: transformers 5.23 with compressed-tensors 0.20 loads zero points only with "
                      "CompressedTensorsConfig(dequantize=True) (modelpress eval does this), and then only when one "

@@ -64,6 +64,7 @@ class CTLayer:
     lossless: bool
     reason: str = ""
     runtime_weight: torch.Tensor | None = None  # (N, K) float32, for re-rounded layers
+    regrouped: bool = False          # ragged rows written with smaller groups (scales repeated), exactly
 
     @property
     def target(self) -> str:
@@ -129,7 +130,7 @@ def symmetric_int(p: PackedWeight, reason: str = "") -> CTLayer:
                "weight_scale": ct_scales(_stored_scale(p), strategy, repeat, k, size),
                "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
     scheme = CTScheme("pack-quantized", weight_args(bits, "int", strategy, size))
-    return _layer(scheme, tensors, p, reason, lambda: p.dequantize())
+    return _layer(scheme, tensors, p, reason, lambda: p.dequantize(), regrouped=repeat > 1)
 
 
 def integer_zero_points(p: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -173,10 +174,11 @@ def asymmetric_int(p: PackedWeight, reason: str = "") -> CTLayer:
     scheme = CTScheme("pack-quantized", weight_args(bits, "int", strategy, size, symmetric=False))
     g = p.scheme.group_length(k)
 
-    def runtime() -> torch.Tensor:
-        return (q.float() - expand_groups(z.float(), n, k, g)) * expand_groups(stored.float(), n, k, g)
+    def runtime() -> torch.Tensor:   # as compressed-tensors decompresses: in the scale dtype
+        levels = (q.float() - expand_groups(z.float(), n, k, g)).to(stored.dtype)
+        return (levels * expand_groups(stored, n, k, g)).float()
 
-    return _layer(scheme, tensors, p, reason, runtime, lossless=exact and not reason)
+    return _layer(scheme, tensors, p, reason, runtime, lossless=exact and not reason, regrouped=repeat > 1)
 
 
 def ternary_as_int2(p: PackedWeight, reason: str = "") -> CTLayer:
@@ -213,7 +215,7 @@ def fp8_e4m3(p: PackedWeight, reason: str = "") -> CTLayer:
     tensors = {"weight": p.codes().view(torch.float8_e4m3fn).contiguous(),
                "weight_scale": ct_scales(_stored_scale(p), strategy, repeat, k, size)}
     scheme = CTScheme("float-quantized", weight_args(8, "float", strategy, size))
-    return _layer(scheme, tensors, p, reason, lambda: p.dequantize())
+    return _layer(scheme, tensors, p, reason, lambda: p.dequantize(), regrouped=repeat > 1)
 
 
 # ---- choosing ------------------------------------------------------------------------------------------
@@ -254,10 +256,10 @@ def float_layer(weight: torch.Tensor) -> CTLayer:
     return CTLayer(None, {"weight": weight.detach().contiguous()}, lossless=True)
 
 
-def _layer(scheme: CTScheme, tensors: dict, p: PackedWeight, reason: str, runtime, lossless: bool | None = None
-           ) -> CTLayer:
+def _layer(scheme: CTScheme, tensors: dict, p: PackedWeight, reason: str, runtime, lossless: bool | None = None,
+           regrouped: bool = False) -> CTLayer:
     exact = not reason if lossless is None else lossless
-    return CTLayer(scheme, tensors, exact, reason, None if exact else runtime())
+    return CTLayer(scheme, tensors, exact, reason, None if exact else runtime(), regrouped)
 
 
 def _join(first: str, second: str) -> str:
