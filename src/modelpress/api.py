@@ -222,8 +222,27 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
 
 
 def default_reference(loaded: LoadedModel) -> str | None:
-    """A compressed model is compared with the float model it was made from; a float model with nothing."""
-    return loaded.float_source if loaded.float_source != loaded.source else None
+    """A compressed model is compared with the float model it was made from; a float model with nothing. An
+    export folder (compressed-tensors, ...) names its float model in the marker file the exporter wrote."""
+    if loaded.float_source != loaded.source:
+        return loaded.float_source
+    return exported_float_source(loaded.source)
+
+
+def exported_float_source(source: str) -> str | None:
+    import json
+    from pathlib import Path
+
+    from modelpress.export.base import EXPORT_MARKER_FILE
+
+    marker = Path(source) / EXPORT_MARKER_FILE
+    if not marker.is_file():
+        return None
+    try:
+        float_source = json.loads(marker.read_text()).get("float_source")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ModelpressError(f"{marker} is corrupt ({err}); pass --reference MODEL or --reference none") from None
+    return float_source if float_source and float_source != source else None
 
 
 def evaluate(model: str | None = None, reference: str | None = "auto", settings: EvalSettings = EvalSettings()

@@ -64,6 +64,8 @@ class ExportOptions:
     hf_dtype: str = "float16"          # float dtype of the hf export and the peft base: float16, bfloat16, float32
 
 
+EXPORT_MARKER_FILE = "modelpress_export.json"   # in an export folder: {"float_source": ..., "source": ..., "target": ...}
+
 Exporter = Callable[..., ExportResult]   # (loaded: LoadedModel, folder: Path, options: ExportOptions)
 
 _EXPORTERS: dict[str, Exporter] = {}
@@ -100,7 +102,7 @@ def load_exporters() -> None:
         importlib.import_module(f"modelpress.export.{module}")
 
 
-EXPORTER_MODULES: tuple[str, ...] = ("gguf", "hf", "peft")   # each exporter module adds its name here
+EXPORTER_MODULES: tuple[str, ...] = ("gguf", "compressed_tensors", "hf", "peft")   # each exporter module adds its name
 
 
 def folder_bytes(folder: Path) -> int:

@@ -123,7 +123,8 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bo
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
         with quiet_loading():
-            model = auto.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = auto.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code,
+                                         **quantization_loading(config))
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelpressError(f"cannot load model {spec!r}: {first}") from None
@@ -134,6 +135,20 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bo
         tokenizer = None
         log.warning("model %s has no loadable tokenizer", spec)
     return LoadedModel(model, tokenizer, source=spec, float_source=spec)
+
+
+def quantization_loading(config) -> dict:
+    """Loading options a checkpoint's own quantization needs: compressed-tensors 0.20 under transformers 5.23 loads
+    asymmetric (zero-point) layers only when they are dequantized at load time."""
+    qconfig = getattr(config, "quantization_config", None)
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "compressed-tensors":
+        return {}
+    groups = (qconfig.get("config_groups") or {}).values()
+    if all((group.get("weights") or {}).get("symmetric", True) for group in groups):
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def check_gguf_file(path: Path) -> None:

@@ -1,0 +1,270 @@
+"""modelpress export MODEL --to compressed-tensors: a Hugging Face directory that transformers (with the
+`compressed-tensors` package) and vLLM load without modelpress.
+
+The folder holds config.json with a `quantization_config` (quant_method "compressed-tensors": one config group
+per distinct scheme, the layers it targets, `ignore` for the float ones, and a `sparsity_config` naming the
+layers whose weights are 2:4 sparse), model.safetensors, the tokenizer, the generation config, and
+modelpress_export.json recording the float model it descends from (so `modelpress eval` compares with it).
+Which layer becomes what is ct_layers.py's business; this file walks the model and writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.export.base import (EXPORT_MARKER_FILE, ExportOptions, ExportResult, LayerExport, folder_bytes,
+                                     register_exporter)
+from modelpress.export.ct_layers import CTLayer, CTScheme, convert_packed, float_layer, folded_w8a8, w8a8_int
+from modelpress.formats.packed import quantize_weight
+from modelpress.io.model import LoadedModel
+from modelpress.nn.dynamic import DynamicInt8Linear
+from modelpress.nn.layers import is_linear, linear_weight, output_head_names
+from modelpress.nn.quant_linear import QuantLinear
+from modelpress.nn.registry import compressed_module_kind
+from modelpress.nn.sparse_linear import SparseLinear, is_semi_structured
+from modelpress.nn.w8a8_linear import W8A8Linear
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+@register_exporter("compressed-tensors")
+def export_compressed_tensors(loaded: LoadedModel, folder: Path, options: ExportOptions) -> ExportResult:
+    model = loaded.model
+    layers, sparse = convert_layers(model)
+    config = quantization_config(model, layers, sparse)
+    files = write_folder(loaded, folder, layers, config)
+    exports = [LayerExport(name, source_label(model.get_submodule(name)), layer.target, layer.lossless, layer.reason)
+               for name, layer in layers.items()]
+    weights = sum(_weight_count(layer) for layer in layers.values())
+    stored = sum(layer.stored_bytes for layer in layers.values())
+    return ExportResult(target="compressed-tensors", files=files, layers=exports, file_bytes=folder_bytes(folder),
+                        linear_bits_per_weight=8 * stored / weights if weights else None,
+                        notes=export_notes(model, layers, sparse),
+                        runtime_weights={n: layer.runtime_weight for n, layer in layers.items()
+                                         if layer.runtime_weight is not None})
+
+
+# ---- which layer becomes what ----------------------------------------------------------------------------
+
+def convert_layers(model: nn.Module) -> tuple[dict[str, CTLayer], list[str]]:
+    """Every linear layer but the output head, converted; and the names of those whose weight is 2:4 sparse."""
+    heads = output_head_names(model)
+    layers, sparse = {}, []
+    for name, module in model.named_modules():
+        if name in heads:
+            continue
+        layer = convert_module(name, module)
+        if layer is None:
+            continue
+        layers[name] = layer
+        dense = layer.runtime_weight if layer.runtime_weight is not None else dense_weight(module)
+        if is_semi_structured(dense):
+            sparse.append(name)
+    return layers, sparse
+
+
+def convert_module(name: str, module: nn.Module) -> CTLayer | None:
+    if isinstance(module, W8A8Linear) and module.smooth is not None:
+        return folded_w8a8(module.packed, module.smooth)
+    if isinstance(module, DynamicInt8Linear):   # W8A8Linear without in-layer factors included
+        return w8a8_int(module.packed)
+    if isinstance(module, QuantLinear):
+        return convert_packed(module.packed)
+    if isinstance(module, SparseLinear):
+        return sparse_layer(module)
+    kind = compressed_module_kind(module)
+    if kind is not None:
+        raise ModelpressError(f"layer {name} is a {kind} layer, which compressed-tensors cannot hold in the "
+                              "model's own architecture; export this model as gguf or hf instead")
+    if is_linear(module):
+        return float_layer(module.weight)   # as stored (Conv1D keeps its (in, out) layout)
+    return None
+
+
+def sparse_layer(module: SparseLinear) -> CTLayer:
+    """A pruned layer is written dense (compressed-tensors' sparse formats are legacy); float kept values are
+    exact, quantized ones (groups over kept values only) are re-quantized as a dense weight."""
+    packed = module.packed_values
+    if packed is None:
+        return float_layer(module.dense_weight())
+    requantized = quantize_weight(module.dense_weight(), packed.scheme)
+    layer = convert_packed(requantized)
+    layer.lossless = False
+    reason = f"kept values quantized in groups of kept weights ({packed.scheme.spec}); re-quantized as a dense weight"
+    layer.reason = f"{reason}; {layer.reason}" if layer.reason else reason
+    if layer.runtime_weight is None:
+        layer.runtime_weight = requantized.dequantize()
+    return layer
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, QuantLinear):
+        return module.dequantized_weight()
+    if isinstance(module, SparseLinear):
+        return module.dense_weight()
+    return linear_weight(module).detach()
+
+
+def source_label(module: nn.Module) -> str:
+    if isinstance(module, QuantLinear):
+        smooth = isinstance(module, W8A8Linear) and module.smooth is not None
+        act = "+a8" if isinstance(module, DynamicInt8Linear) else ""
+        perm = "+act-order" if module.input_perm is not None else ""
+        return f"{module.scheme.spec}{act}{perm}{'+smooth' if smooth else ''}"
+    if isinstance(module, SparseLinear):
+        pattern = f"{module.pattern[0]}:{module.pattern[1]} " if module.pattern else ""
+        return f"sparse {pattern}{module.scheme.spec if module.scheme else module.values.dtype}"
+    return str(module.weight.dtype).removeprefix("torch.")
+
+
+def _weight_count(layer: CTLayer) -> int:
+    if "weight_shape" in layer.tensors:
+        return int(layer.tensors["weight_shape"].prod())
+    return layer.tensors["weight"].numel()
+
+
+# ---- config.json -----------------------------------------------------------------------------------------
+
+def quantization_config(model: nn.Module, layers: dict[str, CTLayer], sparse: list[str]) -> dict:
+    groups: dict[CTScheme, list[str]] = {}
+    for name, layer in layers.items():
+        if layer.scheme is not None:
+            groups.setdefault(layer.scheme, []).append(name)
+    linear_names = [name for name, module in model.named_modules() if is_linear(module) or name in layers]
+    quantized = {name for names in groups.values() for name in names}
+    ignore = [name for name in linear_names if name not in quantized]
+    if len(groups) == 1:   # one scheme for every quantized layer: the usual "Linear" target
+        scheme = next(iter(groups))
+        groups[scheme] = ["Linear"]
+    formats = sorted({scheme.format for scheme in groups})
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": formats[0] if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": scheme.config(targets) for i, (scheme, targets) in enumerate(groups.items())},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+    if sparse:
+        config["sparsity_config"] = sparsity_config(model, layers, sparse)
+    return config
+
+
+def sparsity_config(model: nn.Module, layers: dict[str, CTLayer], sparse: list[str]) -> dict:
+    """2:4 layers stored dense (the `dense` sparsity format: metadata for runtimes with 2:4 kernels)."""
+    zeros = total = 0
+    for name in sparse:
+        weight = layers[name].runtime_weight
+        if weight is None:
+            weight = dense_weight(model.get_submodule(name))
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return {"format": "dense", "sparsity_structure": "2:4", "targets": sparse,
+            "ignore": [name for name in layers if name not in sparse], "global_sparsity": zeros / total}
+
+
+# ---- files -----------------------------------------------------------------------------------------------
+
+def write_folder(loaded: LoadedModel, folder: Path, layers: dict[str, CTLayer], qconfig: dict) -> list[str]:
+    model = loaded.model
+    tensors = checkpoint_tensors(model, layers)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "producer": "modelpress"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = model_dtype(model)
+    config.save_pretrained(folder)
+    config_path = folder / "config.json"
+    data = json.loads(config_path.read_text())
+    data["quantization_config"] = qconfig
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
+        loaded.tokenizer.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+        generation.save_pretrained(folder)
+    marker = {"exporter": "modelpress", "target": "compressed-tensors", "source": loaded.source,
+              "float_source": resolved_source(loaded.float_source)}
+    (folder / EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=1))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def checkpoint_tensors(model: nn.Module, layers: dict[str, CTLayer]) -> dict[str, torch.Tensor]:
+    """The model's state dict with every converted layer's own tensors replaced by its compressed-tensors ones
+    (its bias kept); a tensor tied to an earlier one is written once when the config ties them."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, tensor in model.state_dict().items():
+        owner, _, local = name.rpartition(".")
+        if owner in layers and local != "bias":
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            if tied:
+                continue
+            tensor = tensor.clone()
+        seen.add(key)
+        out[name] = tensor
+    for owner, layer in layers.items():
+        for local, tensor in layer.tensors.items():
+            out[f"{owner}.{local}"] = tensor
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in out.items()}
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's float tensors (its embeddings and norms): what transformers builds it in."""
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point() and tensor.dtype.itemsize >= 2:
+            return tensor.dtype
+    return torch.float32
+
+
+def resolved_source(source: str) -> str:
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def export_notes(model: nn.Module, layers: dict[str, CTLayer], sparse: list[str]) -> list[str]:
+    notes = []
+    labels = {layer.scheme.label for layer in layers.values() if layer.scheme is not None}
+    if any(label.startswith("int-quantized") for label in labels):
+        notes.append("W8A8 layers: activations are quantized per token at run time by the runtime "
+                     "(compressed-tensors rounds with absmax/127.5 over [-128, 127], modelpress with absmax/127 over "
+                     "[-127, 127]); the int8 weights are exact")
+    bits = {dict(layer.scheme.weights)["num_bits"] for layer in layers.values()
+            if layer.scheme is not None and layer.scheme.format == "pack-quantized"}
+    if bits - {4, 8}:
+        notes.append(f"pack-quantized {sorted(bits - {4, 8})}-bit weights load in transformers; vLLM's int kernels "
+                     "run 4 and 8 bits")
+    regrouped = [name for name, layer in layers.items() if layer.regrouped]
+    if regrouped:
+        notes.append(f"{len(regrouped)} layer(s) have rows their group size does not divide (e.g. {regrouped[0]}): "
+                     "written with groups of gcd(K, group size), each scale repeated: exact, with more scale bytes")
+    odd = [name for name, layer in layers.items() if layer.scheme is not None
+           and dict(layer.scheme.weights)["group_size"] not in (None, 32, 64, 128)]
+    if odd:
+        notes.append(f"{len(odd)} layer(s) use group sizes other than 32/64/128 (e.g. {odd[0]}): transformers runs "
+                     "them; vLLM's kernels may not")
+    if any(not dict(layer.scheme.weights)["symmetric"] for layer in layers.values() if layer.scheme is not None):
+        notes.append("asymmetric layers: transformers 5.23 with compressed-tensors 0.20 loads zero points only with "
+                     "CompressedTensorsConfig(dequantize=True) (modelpress eval does this), and then only when one "
+                     "config group covers every quantized layer")
+    if sparse:
+        notes.append(f"{len(sparse)} layer(s) are 2:4 sparse, stored dense with a 2:4 sparsity_config")
+    dtype = model_dtype(model)
+    scale_dtypes = {layer.tensors["weight_scale"].dtype for layer in layers.values() if "weight_scale" in layer.tensors}
+    lossy_casts = sorted(str(d).removeprefix("torch.") for d in scale_dtypes
+                         if d != dtype and torch.finfo(d).bits >= torch.finfo(dtype).bits)
+    if lossy_casts:
+        notes.append(f"transformers casts scales to the model dtype {str(dtype).removeprefix('torch.')}: "
+                     f"{', '.join(lossy_casts)} scales may round at run time (the file holds them exactly)")
+    return notes
