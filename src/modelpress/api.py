@@ -235,7 +235,8 @@ def exported_float_source(source: str) -> str | None:
 
     from modelpress.export.base import EXPORT_MARKER_FILE
 
-    marker = Path(source) / EXPORT_MARKER_FILE
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent   # a GGUF file sits in its export folder
+    marker = folder / EXPORT_MARKER_FILE
     if not marker.is_file():
         return None
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from modelpress.errors import ModelpressError
-from modelpress.export.base import ExportOptions, ExportResult, LayerExport, export_targets, exporter, register_exporter
+from modelpress.export.base import (EXPORT_MARKER_FILE, ExportOptions, ExportResult, LayerExport, export_targets,
+                                   exporter, register_exporter)
 from modelpress.export.measure import export_kl
 from modelpress.io.atomic import atomic_directory
 from modelpress.io.model import LoadedModel
@@ -42,6 +43,7 @@ def export_model(loaded: LoadedModel, targets: Sequence[str], out: str | Path, o
             folder = tmp / target
             folder.mkdir()
             result = function(loaded, folder, options)
+            write_marker(folder, loaded, target)
             if result.runtime_weights and windows is not None:
                 result.kl_divergence = export_kl(loaded.model, result.runtime_weights, windows)
             results.append(result)
@@ -49,6 +51,13 @@ def export_model(loaded: LoadedModel, targets: Sequence[str], out: str | Path, o
                   "targets": [result.to_json() for result in results]}
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
     return results
+
+
+def write_marker(folder: Path, loaded: LoadedModel, target: str) -> None:
+    """Each target's folder names the float model it descends from, so `modelpress eval` compares against it."""
+    marker = folder / EXPORT_MARKER_FILE
+    if not marker.exists():
+        marker.write_text(json.dumps({"float_source": loaded.float_source, "source": loaded.source, "target": target}))
 
 
 def check_finite_model(model: torch.nn.Module) -> None:

@@ -72,8 +72,8 @@ def block_params(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | Non
     else:
         per_group = packed.scheme.group_length(k) // BLOCK
         expand = lambda t: t.repeat_interleave(per_group, dim=1)[:, :blocks]  # noqa: E731
-    scale = expand(packed.scale).to(torch.float16)
-    offset = None if packed.offset is None else expand(packed.offset).to(torch.float16)
+    scale = expand(packed.scale).to(torch.float16).contiguous()
+    offset = None if packed.offset is None else expand(packed.offset).to(torch.float16).contiguous()
     return scale, offset
 
 

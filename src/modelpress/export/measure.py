@@ -20,10 +20,16 @@ from modelpress.nn.layers import replace_module
 
 @contextlib.contextmanager
 def swapped_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Within the block, each named layer is a plain nn.Linear with the given (N, K) weight (bias kept)."""
+    """Within the block, each named layer is a plain nn.Linear with the given (N, K) weight (bias kept), or an
+    nn.Embedding with the given (V, D) table."""
     originals = {}
     for name, weight in weights.items():
         module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            originals[name] = module
+            replace_module(model, name, nn.Embedding.from_pretrained(weight.to(module.weight.dtype), freeze=True,
+                                                                     padding_idx=module.padding_idx))
+            continue
         bias = getattr(module, "bias", None)
         dtype = bias.dtype if bias is not None else torch.float32
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
