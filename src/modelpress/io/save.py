@@ -23,7 +23,7 @@ from torch import nn
 import modelpress
 from modelpress.errors import ModelpressError
 from modelpress.io.atomic import atomic_directory
-from modelpress.io.model import MODELPRESS_FILE, LoadedModel, is_causal_lm
+from modelpress.io.model import MODELPRESS_FILE, LoadedModel, check_remote_code, first_line, is_causal_lm, read_json
 from modelpress.nn.layers import replace_module
 from modelpress.nn.registry import compressed_module_kind, module_for_kind
 
@@ -77,34 +77,84 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 def read_metadata(path: str | Path) -> dict:
     file = Path(path) / MODELPRESS_FILE
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ModelpressError(f"{path} is not a saved modelpress model (no {MODELPRESS_FILE})") from None
-    except json.JSONDecodeError as err:
-        raise ModelpressError(f"{file} is corrupt: {err}") from None
+    if not file.exists():
+        raise ModelpressError(f"{path} is not a saved modelpress model (no {MODELPRESS_FILE})")
+    meta = read_json(file)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelpressError(f"{file} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    check_metadata(meta, file)
     return meta
 
 
-def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+METADATA_FIELDS = {"model_class": str, "float_source": str, "layers": dict, "tied": dict}
+
+
+def check_metadata(meta: dict, file: Path) -> None:
+    """Every field loading relies on is there with the right type; every layer names a known kind."""
+    for key, kind in METADATA_FIELDS.items():
+        if not isinstance(meta.get(key), kind):
+            raise ModelpressError(f"{file} is damaged: `{key}` should be a {kind.__name__}, found {meta.get(key)!r:.60}")
+    for name, record in meta["layers"].items():
+        if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+            raise ModelpressError(f"{file} is damaged: layer {name} has no `kind`")
+        try:
+            module_for_kind(record["kind"])
+        except ModelpressError as err:
+            raise ModelpressError(f"{file}: layer {name}: {err}") from None
+
+
+def read_config(path: Path, trust_remote_code: bool = False):
+    """The transformers config of a saved directory, or an error naming its config.json."""
+    from transformers import AutoConfig
+
+    read_json(path / "config.json")   # invalid JSON is named as such
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelpressError(f"{path / 'config.json'} does not describe a model transformers knows: "
+                              f"{first_line(err)}") from None
+
+
+def install_layer(model: nn.Module, name: str, record: dict, file: Path) -> None:
+    """Swap an empty compressed layer in for `name`; an error names a layer the model does not have."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        parent = None
+    if parent is None or (child not in parent._modules and child not in parent._parameters):
+        raise ModelpressError(f"{file} names layer {name}, which the model in config.json does not have")
+    try:
+        module = module_for_kind(record["kind"]).from_record(record, device="meta")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelpressError(f"{file} is damaged: layer {name}'s record does not build a "
+                              f"{record['kind']} ({type(err).__name__}: {first_line(err)})") from None
+    replace_module(model, name, module)
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu",
+                    trust_remote_code: bool = False) -> LoadedModel:
+    """Load a saved directory; its own code (an auto_map in config.json) runs only with trust_remote_code."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    trust_remote_code = bool(trust_remote_code)   # never None: None makes transformers prompt on stdin
+    check_remote_code(path, trust_remote_code)
     meta = read_metadata(path)
     try:
         tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as err:
         raise ModelpressError(f"cannot read {path / WEIGHTS_FILE}: {err}") from None
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path, trust_remote_code)
     auto = AutoModelForCausalLM if meta["model_class"] == "causal_lm" else AutoModel
     with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     for name, record in meta["layers"].items():
-        replace_module(model, name, module_for_kind(record["kind"]).from_record(record, device="meta"))
+        install_layer(model, name, record, path / MODELPRESS_FILE)
     for name, original in meta["tied"].items():
+        if original not in tensors:
+            raise ModelpressError(f"{path / MODELPRESS_FILE} ties {name} to {original}, which {WEIGHTS_FILE} lacks")
         tensors[name] = tensors[original]
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
@@ -119,7 +169,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
             prepare(model)
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None
     return LoadedModel(model.to(device), tokenizer, source=str(path), float_source=meta["float_source"])
