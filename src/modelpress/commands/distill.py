@@ -13,7 +13,7 @@ import gc
 import sys
 from pathlib import Path
 
-from modelpress.commands.common import add_json_argument, positive_int, write_json
+from modelpress.commands.common import add_json_argument, check_output_paths, positive_int, write_json
 from modelpress.errors import ModelpressError
 from modelpress.io.model import LoadedModel, load_model
 from modelpress.io.save import save_compressed
@@ -89,10 +89,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     if args.cache is not None and args.top_k is None:
         raise ModelpressError("--cache stores the teacher's top-k rows: give --top-k as well")
-    if Path(args.out).exists() and not args.overwrite:
-        raise ModelpressError(f"output {args.out} already exists; choose another path or pass --overwrite")
     config = distill_config_from_args(args, tuple(args.freeze))
     train_config = train_config_from_args(args)
     student = load_model(args.student)

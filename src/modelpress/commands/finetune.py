@@ -22,7 +22,13 @@ from pathlib import Path
 
 from torch import nn
 
-from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
+from modelpress.commands.common import (
+    add_json_argument,
+    add_model_argument,
+    check_output_paths,
+    positive_int,
+    write_json,
+)
 from modelpress.commands.distill import (
     add_distill_arguments,
     add_training_arguments,
@@ -69,8 +75,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.out).exists() and not args.overwrite:
-        raise ModelpressError(f"output {args.out} already exists; choose another path or pass --overwrite")
+    check_output_paths(args)
     if args.qat is not None and args.quantize is not None:
         raise ModelpressError("--quantize belongs to --lora; --qat already names the scheme")
     loaded = load_model(args.model)
