@@ -425,3 +425,66 @@ def test_resume_refuses_other_settings(tmp_path, changed):
     other = EngineSettings(batch_size=2, skip=config.skip)
     with pytest.raises(ModelpressError, match="other settings"):
         run_sequential(build_tiny_llama(num_hidden_layers=3), GPTQ(config), ids, resume_dir=tmp_path, settings=other)
+
+
+# --- 7. integrity: checksums and tensors against their layers' records -------------------------------------
+
+def _flip_a_byte(directory: Path) -> str:
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return "model.safetensors is damaged: its sha256 differs"
+
+
+def _truncate_weights(directory: Path) -> str:
+    _truncate(directory / "model.safetensors")
+    return "model.safetensors is damaged: 100 bytes"
+
+
+def _edit_record(edit):
+    def damage(directory: Path) -> str:
+        meta = json.loads((directory / "modelpress.json").read_text())
+        edit(meta["layers"]["model.layers.1.self_attn.q_proj"])
+        (directory / "modelpress.json").write_text(json.dumps(meta))
+        return "layer model.layers.1.self_attn.q_proj"
+    return damage
+
+
+def _retype_tensor(directory: Path) -> str:
+    """A consistent file (checksum updated) whose scale dtype contradicts the record's scheme."""
+    weights = load_file(directory / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.scale"] = weights["model.layers.0.mlp.down_proj.scale"].float()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    meta = json.loads((directory / "modelpress.json").read_text())
+    del meta["files"]   # as a save from before checksums were recorded
+    (directory / "modelpress.json").write_text(json.dumps(meta))
+    return "model.layers.0.mlp.down_proj.scale is .* torch.float32, but layer model.layers.0.mlp.down_proj"
+
+
+INTEGRITY_CASES = {
+    "a flipped byte": _flip_a_byte,
+    "a truncated file": _truncate_weights,
+    "group size changed in the record": _edit_record(lambda r: r["scheme"].update(group_size=64)),
+    "format bits changed in the record": _edit_record(lambda r: r["scheme"].update(format="int8")),
+    "permutation claimed by the record": _edit_record(lambda r: r.update(input_perm=True)),
+    "shape changed in the record": _edit_record(lambda r: r.update(shape=[96, 64])),
+    "scale dtype changed in the file": _retype_tensor,
+}
+
+
+@pytest.mark.parametrize("case", INTEGRITY_CASES)
+def test_integrity_violations_name_the_file_or_layer(tmp_path, case):
+    directory = save_quantized(tmp_path / "m")
+    expected = INTEGRITY_CASES[case](directory)
+    with pytest.raises(ModelpressError, match=expected):
+        load_model(str(directory), verify_checksums=True)
+
+
+def test_saved_directory_records_file_checksums(tmp_path):
+    import hashlib
+
+    directory = save_quantized(tmp_path / "m")
+    meta = json.loads((directory / "modelpress.json").read_text())
+    data = (directory / "model.safetensors").read_bytes()
+    assert meta["files"] == {"model.safetensors": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}

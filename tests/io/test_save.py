@@ -86,5 +86,5 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
     save_compressed(quantized_tiny("int4/g32"), tmp_path / "out")
     weights = tmp_path / "out" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ModelpressError, match="cannot read"):
+    with pytest.raises(ModelpressError, match="model.safetensors is damaged"):
         load_model(str(tmp_path / "out"))

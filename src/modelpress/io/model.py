@@ -72,9 +72,10 @@ def resolve_model_spec(spec: str | None) -> str:
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, verify_checksums: bool = False) -> LoadedModel:
     """Load MODEL (see the module docstring). A model's own Python code (an `auto_map` in its config) never
-    runs and never prompts unless `trust_remote_code=True` is passed here, from Python."""
+    runs and never prompts unless `trust_remote_code=True` is passed here, from Python. `verify_checksums`:
+    a saved modelpress directory's files are checked against their recorded sha256 (sizes always are)."""
     resolved = resolve_model_spec(spec)
     path = Path(resolved)
     if path.is_dir():
@@ -82,7 +83,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
     if path.is_dir() and (path / MODELPRESS_FILE).exists():
         from modelpress.io.save import load_compressed
 
-        return load_compressed(path, trust_remote_code=trust_remote_code)
+        return load_compressed(path, trust_remote_code=trust_remote_code, verify_checksums=verify_checksums)
     if path.suffix == ".gguf" or path.is_file():
         if not path.exists():
             raise ModelpressError(f"model file {resolved} does not exist")
