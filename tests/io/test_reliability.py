@@ -72,6 +72,8 @@ def test_remote_code_never_runs_and_never_prompts(tmp_path, monkeypatch, capsys,
     with pytest.raises(ModelpressError, match=r"auto_map.*trust_remote_code=True"):
         load_model(str(directory))
     assert "auto_map" in cli_error(capsys, "eval", directory, "--reference", "none", "--no-speed")
+    if kind == "hf":
+        assert "auto_map" in cli_error(capsys, "estimate", directory)
     assert not marker.exists()
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.io.atomic import atomic_file
+from modelpress.io.atomic import atomic_file, remove_stale_siblings
 from modelpress.nn.layers import replace_module
 from modelpress.nn.registry import compressed_module_kind, module_for_kind
 
@@ -123,6 +123,7 @@ class ResumeStore:
 
     def _write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(self.dir / name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", dir=self.dir)
         os.close(fd)
         try:
