@@ -412,7 +412,8 @@ def test_nan_weights_are_refused(tmp_path, tiny_text, capsys, argv):
 def test_nm_pattern_no_layer_admits_is_refused_first(tmp_path, capsys, pattern, expected):
     directory = save_tiny_llama(tmp_path / "m")   # rows of 96 and 160 inputs: neither a multiple of 7
     out = tmp_path / "out"
-    assert expected in cli_error(capsys, "prune", directory, "--method", "magnitude", "--pattern", pattern, "--out", out)
+    line = cli_error(capsys, "prune", directory, "--method", "magnitude", "--pattern", pattern, "--out", out)
+    assert expected in line
     assert not out.exists()
 
 

