@@ -31,7 +31,7 @@ from modelpress.nn.layers import replace_module
 from modelpress.nn.registry import compressed_module_kind, module_for_kind
 
 STATE_FILE = "state.json"
-RESUME_VERSION = 1
+RESUME_VERSION = 2   # 2: the fingerprint holds the engine settings and a digest of the config
 
 
 @dataclass
