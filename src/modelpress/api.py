@@ -188,6 +188,8 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
                     settings: EvalSettings, tokenizer=None) -> dict[str, EvalReport]:
     """Score several models on the same windows in one pass (the reference runs once per window)."""
     first = next(iter(candidates.values()))
+    if reference is not None:
+        check_same_vocabulary(candidates, reference)
     source, windows = prepare_windows(tokenizer or first.tokenizer, settings)
     models = {name: c.model for name, c in candidates.items()}
     ref_name = next((n for n, m in models.items() if reference is not None and m is reference.model), None)
@@ -219,6 +221,19 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
             decode_tokens_per_s=None if speed is None else speed.decode_tokens_per_s,
         )
     return reports
+
+
+def check_same_vocabulary(candidates: dict[str, LoadedModel], reference: LoadedModel) -> None:
+    """KL and top-1 agreement compare logits token by token: every model must score the reference's vocabulary."""
+    from modelpress.train.data import output_size
+
+    expected = output_size(reference.model)
+    for loaded in candidates.values():
+        size = output_size(loaded.model)
+        if size != expected:
+            raise ModelpressError(f"{loaded.source} scores a vocabulary of {size} tokens, the reference "
+                                  f"{reference.source} one of {expected}: KL and agreement need the same vocabulary; "
+                                  f"give a reference with the same tokenizer, or --reference none")
 
 
 def default_reference(loaded: LoadedModel) -> str | None:

@@ -71,8 +71,13 @@ def test_existing_output_is_refused_then_replaced_whole(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ModelpressError, match="already exists"):
         save_compressed(loaded, tmp_path / "out")
+    with pytest.raises(ModelpressError, match="not written by modelpress"):  # not ours: never replaced
+        save_compressed(loaded, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    save_compressed(loaded, tmp_path / "out", overwrite=True)
+    (tmp_path / "out" / "keep.txt").unlink()
+    save_compressed(loaded, tmp_path / "out", overwrite=True)       # empty: filled
+    (tmp_path / "out" / "keep.txt").write_text("stale")
+    save_compressed(loaded, tmp_path / "out", overwrite=True)       # ours: replaced whole
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -81,5 +86,5 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
     save_compressed(quantized_tiny("int4/g32"), tmp_path / "out")
     weights = tmp_path / "out" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ModelpressError, match="cannot read"):
+    with pytest.raises(ModelpressError, match="model.safetensors is damaged"):
         load_model(str(tmp_path / "out"))

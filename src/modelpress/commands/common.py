@@ -6,9 +6,10 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from modelpress.errors import ModelpressError
-from modelpress.io.atomic import atomic_file
+from modelpress.io.atomic import atomic_file, check_output_dir, check_output_file, check_writable_parent
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,23 @@ def calibration_settings(args: argparse.Namespace):
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any model is loaded, the outputs a command could only fail on after its work: an
+    existing --out without --overwrite (or one --overwrite must not replace), and an --out, --json, --plot
+    or --resume that cannot be created. Each command's run() calls this first."""
+    if getattr(args, "out", None) is not None:
+        check_output_dir(Path(args.out), getattr(args, "overwrite", False), "--out")
+    for flag in ("json", "plot"):
+        value = getattr(args, flag, None)
+        if value is not None and value != "none":
+            check_output_file(Path(value), f"--{flag}")
+    if getattr(args, "resume", None) is not None:
+        resume = Path(args.resume)
+        if resume.exists() and not resume.is_dir():
+            raise ModelpressError(f"--resume {resume} is not a directory; give a directory for the run's progress")
+        check_writable_parent(resume / "state.json", "--resume")
 
 
 def positive_int(text: str) -> int:

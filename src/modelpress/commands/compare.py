@@ -9,6 +9,7 @@ from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     add_text_arguments,
+    check_output_paths,
     format_table,
     write_json,
 )
@@ -34,6 +35,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     schemes = [WeightScheme.parse(spec) for spec in args.formats]
     settings = EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed)
     rows = compare(args.model, schemes, settings, method=args.method)

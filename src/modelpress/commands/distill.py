@@ -13,8 +13,9 @@ import gc
 import sys
 from pathlib import Path
 
-from modelpress.commands.common import add_json_argument, positive_int, write_json
+from modelpress.commands.common import add_json_argument, check_output_paths, positive_int, write_json
 from modelpress.errors import ModelpressError
+from modelpress.formats.packed import check_finite_tensors
 from modelpress.io.model import LoadedModel, load_model
 from modelpress.io.save import save_compressed
 from modelpress.train.data import TaskData, check_same_vocabulary, training_windows
@@ -89,13 +90,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     if args.cache is not None and args.top_k is None:
         raise ModelpressError("--cache stores the teacher's top-k rows: give --top-k as well")
-    if Path(args.out).exists() and not args.overwrite:
-        raise ModelpressError(f"output {args.out} already exists; choose another path or pass --overwrite")
     config = distill_config_from_args(args, tuple(args.freeze))
     train_config = train_config_from_args(args)
     student = load_model(args.student)
+    check_finite_tensors(student.model.named_parameters(), "distill into")
     ids = training_windows(student.tokenizer, args.text, args.seq_len, args.train_windows)
     data = TaskData(ids)
     teacher = _teacher_for(args, student, data, config, train_config)
@@ -118,6 +119,7 @@ def _teacher_for(args, student: LoadedModel, data: TaskData, config: DistillConf
     if args.cache is not None and Path(args.cache).exists():
         return load_teacher_cache(args.cache)   # distill() checks its vocabulary, temperature and shape
     teacher = load_model(args.teacher).model.to(args.device)
+    check_finite_tensors(teacher.named_parameters(), "distill from")
     check_same_vocabulary(teacher, student.model)
     if config.top_k is None:
         return teacher

@@ -108,7 +108,14 @@ def read_model_shapes(spec: str | None):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from modelpress.io.model import gguf_float_cache, is_causal_lm, looks_like_path, resolve_model_spec
+    from modelpress.io.model import (
+        check_remote_code,
+        gguf_float_cache,
+        is_causal_lm,
+        looks_like_path,
+        remote_code_message,
+        resolve_model_spec,
+    )
     from modelpress.nn.layers import find_linear_layers, linear_weight
 
     source = resolve_model_spec(spec)
@@ -123,9 +130,13 @@ def read_model_shapes(spec: str | None):
         raise ModelpressError(f"model path {source} does not exist")
     else:
         config_source = source
+    if Path(config_source).is_dir():
+        check_remote_code(Path(config_source))
     try:
-        config = AutoConfig.from_pretrained(config_source)
+        config = AutoConfig.from_pretrained(config_source, trust_remote_code=False)  # False: never a prompt
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ModelpressError(remote_code_message(f"model {source!r} (its config.json)")) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelpressError(f"cannot read the config of {source!r}: {first}") from None
     if hasattr(config, "quantization_config"):
@@ -133,7 +144,7 @@ def read_model_shapes(spec: str | None):
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
         with init_empty_weights(include_buffers=True):
-            model = auto.from_config(config)
+            model = auto.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError) as err:
         raise ModelpressError(f"cannot build {type(config).__name__} from {source!r}: {err}") from None
     parameters = sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once

@@ -9,6 +9,7 @@ from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     add_text_arguments,
+    check_output_paths,
     format_table,
     write_json,
 )
@@ -31,6 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     loaded = load_model(args.model)
     ref_spec = default_reference(loaded) if args.reference == "auto" else (None if args.reference == "none" else args.reference)
     reference = load_model(ref_spec) if ref_spec else None

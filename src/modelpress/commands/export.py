@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modelpress.commands.common import add_json_argument, add_model_argument, format_table, positive_int, write_json
+from modelpress.commands.common import (
+    add_json_argument,
+    add_model_argument,
+    check_output_paths,
+    format_table,
+    positive_int,
+    write_json,
+)
 from modelpress.export import ExportOptions, export_model, export_targets
 from modelpress.io.model import load_model
 
@@ -39,6 +46,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     loaded = load_model(args.model)
     windows = None
     if args.measure_windows > 0 and loaded.tokenizer is not None:

@@ -22,7 +22,13 @@ from pathlib import Path
 
 from torch import nn
 
-from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
+from modelpress.commands.common import (
+    add_json_argument,
+    add_model_argument,
+    check_output_paths,
+    positive_int,
+    write_json,
+)
 from modelpress.commands.distill import (
     add_distill_arguments,
     add_training_arguments,
@@ -30,6 +36,7 @@ from modelpress.commands.distill import (
     train_config_from_args,
 )
 from modelpress.errors import ModelpressError
+from modelpress.formats.packed import check_finite_tensors
 from modelpress.formats.scheme import WeightScheme
 from modelpress.io.atomic import atomic_file
 from modelpress.io.model import LoadedModel, load_model
@@ -75,11 +82,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.out).exists() and not args.overwrite:
-        raise ModelpressError(f"output {args.out} already exists; choose another path or pass --overwrite")
+    check_output_paths(args)
     if args.qat is not None and args.quantize is not None:
         raise ModelpressError("--quantize belongs to --lora; --qat already names the scheme")
     loaded = load_model(args.model)
+    check_finite_tensors(loaded.model.named_parameters(), "fine-tune")
     float_copy = None
     if args.qat is not None or args.quantize is not None:
         float_copy = copy.deepcopy(loaded.model) if args.teacher == "auto" else None
@@ -129,7 +136,9 @@ def _resolve_teacher(args, loaded: LoadedModel, float_copy: nn.Module | None) ->
     if args.teacher == "none":
         return None
     if args.teacher != "auto":
-        return load_model(args.teacher).model.to(args.device)
+        teacher = load_model(args.teacher).model.to(args.device)
+        check_finite_tensors(teacher.named_parameters(), "distill from")
+        return teacher
     if float_copy is not None:
         return float_copy.to(args.device)
     if loaded.float_source != loaded.source:

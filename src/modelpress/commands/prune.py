@@ -19,6 +19,7 @@ from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     calibration_settings,
+    check_output_paths,
     group_size_arg,
     write_json,
 )
@@ -88,6 +89,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     config = build_config(args)
     loaded = load_model(args.model)
     calibration = calibration_settings(args)

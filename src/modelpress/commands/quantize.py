@@ -17,6 +17,7 @@ from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     calibration_settings,
+    check_output_paths,
     group_size_arg,
     positive_int,
     write_json,
@@ -66,6 +67,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     if (args.format is None) == (args.target_bits is None):
         raise ModelpressError("give either --format (one scheme for every layer) or --target-bits (mixed precision)")
     calibration = calibration_settings(args)

@@ -12,6 +12,7 @@ there is what an uninterrupted run computes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,12 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.io.atomic import atomic_file
+from modelpress.io.atomic import atomic_file, remove_stale_siblings
 from modelpress.nn.layers import replace_module
 from modelpress.nn.registry import compressed_module_kind, module_for_kind
 
 STATE_FILE = "state.json"
-RESUME_VERSION = 1
+RESUME_VERSION = 2   # 2: the fingerprint holds the engine settings and a digest of the config
 
 
 @dataclass
@@ -43,15 +44,38 @@ class ResumeState:
 
 
 def run_fingerprint(algorithm_description: str, block_path: str, num_blocks: int, calibration_ids: torch.Tensor,
-                    batch_size: int) -> dict:
+                    batch_size: int, settings: object = None, config: object = None) -> dict:
+    """What a resumed run must share with the saved one. `settings` (the engine's: skip, batch size) and
+    `config` (the algorithm's) enter with every dataclass field, so a field added later is covered without
+    anyone remembering to add it to describe()."""
     ids = calibration_ids.detach().to("cpu", torch.int64).contiguous()
-    return {
+    fingerprint = {
         "version": RESUME_VERSION,
         "algorithm": algorithm_description,
         "blocks": f"{block_path} x{num_blocks}",
         "calibration": f"{tuple(ids.shape)} sha256:{hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]}",
         "batch_size": batch_size,
     }
+    if settings is not None:
+        fingerprint["settings"] = _plain(settings)
+    if config is not None:
+        fingerprint["config"] = f"sha256:{hashlib.sha256(json.dumps(_plain(config)).encode()).hexdigest()[:16]}"
+    return json.loads(json.dumps(fingerprint))   # as it reads back from state.json (tuples become lists)
+
+
+def _plain(value: object) -> object:
+    """A dataclass (or anything) as sorted JSON-ready data, the same in every process."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    return json.loads(json.dumps(value, sort_keys=True, default=_json_default))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(str, value))
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} sha256:{hashlib.sha256(value.detach().cpu().numpy().tobytes()).hexdigest()[:16]}"
+    return repr(value)
 
 
 def block_records(block: nn.Module) -> dict[str, dict]:
@@ -71,17 +95,35 @@ class ResumeStore:
             return ResumeState(fingerprint)
         try:
             saved = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ModelpressError(f"resume state {path} is corrupt: {err}") from None
-        if saved.get("fingerprint") != fingerprint:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self.damaged(path, err) from None
+        if not isinstance(saved, dict) or "fingerprint" not in saved:
+            raise self.damaged(path, ValueError("no run fingerprint in it"))
+        if saved["fingerprint"] != fingerprint:
             raise ModelpressError(
-                f"{self.dir} holds a run with other settings or data ({saved.get('fingerprint')}); this run is "
+                f"{self.dir} holds a run with other settings or data ({saved['fingerprint']}); this run is "
                 f"{fingerprint}. Use another --resume directory or delete this one"
             )
-        return ResumeState(**saved)
+        try:
+            return ResumeState(**saved)
+        except TypeError as err:
+            raise self.damaged(path, err) from None
+
+    def damaged(self, path: Path, err: BaseException) -> ModelpressError:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return ModelpressError(f"{path} is damaged or missing ({reason}); delete the --resume directory {self.dir} "
+                               f"to start the run over")
+
+    def _read_tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        path = self.dir / name
+        try:
+            return load_file(str(path), device=str(device))
+        except (OSError, SafetensorError) as err:
+            raise self.damaged(path, err) from None
 
     def _write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(self.dir / name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", dir=self.dir)
         os.close(fd)
         try:
@@ -106,14 +148,17 @@ class ResumeStore:
     def restore_block(self, state: ResumeState, index: int, block: nn.Module) -> None:
         for name, record in state.records.get(str(index), {}).items():
             replace_module(block, name, module_for_kind(record["kind"]).from_record(record))
-        path = self.dir / f"block-{index:04d}.safetensors"
+        name = f"block-{index:04d}.safetensors"
+        tensors = self._read_tensors(name)
         try:
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as err:
-            raise ModelpressError(f"cannot read {path} to resume: {err}") from None
-        block.load_state_dict(tensors, strict=True)
+            block.load_state_dict(tensors, strict=True)
+        except RuntimeError as err:
+            raise self.damaged(self.dir / name, err) from None
 
     def load_hidden(self, state: ResumeState, device: torch.device) -> list[torch.Tensor]:
-        path = self.dir / f"hidden-{state.blocks_done:04d}.safetensors"
-        tensors = load_file(str(path), device=str(device))
-        return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+        name = f"hidden-{state.blocks_done:04d}.safetensors"
+        tensors = self._read_tensors(name, device)
+        try:
+            return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+        except KeyError as err:
+            raise self.damaged(self.dir / name, err) from None

@@ -74,7 +74,7 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
         QuantExperts.prepare_model(model)   # the eager expert loop is what lets experts be observed one by one
     store = ResumeStore(resume_dir) if resume_dir is not None else None
     state = ResumeState(run_fingerprint(algorithm.describe(), stack.path, len(stack), calibration_ids,
-                                        settings.batch_size))
+                                        settings.batch_size, settings, getattr(algorithm, "config", None)))
     if store is not None:
         state = store.load(state.fingerprint)
     report = RunReport(len(stack), stack.path, 0, list(state.unobserved), dict(state.notes),

@@ -15,6 +15,7 @@ Dequantized weight (stored order): W[n, k] = scale[n, k // g] · decode(code[n, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import torch
@@ -136,6 +137,14 @@ def check_finite(weight: torch.Tensor, what: str) -> None:
     if not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).sum().item()
         raise ModelpressError(f"{what} has {bad} NaN/Inf values; refusing to quantize a broken weight")
+
+
+def check_finite_tensors(named: Iterable[tuple[str, torch.Tensor]], action: str) -> None:
+    """Refuse, before any work, tensors holding NaN/Inf (a broken model), naming the first one."""
+    for name, tensor in named:
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelpressError(f"{name} has {bad} NaN/Inf values; refusing to {action} a broken model")
 
 
 def quantize_weight(

@@ -4,7 +4,8 @@ A saved directory holds
 - model.safetensors   every tensor of the model; compressed layers as their packed tensors
                       (`<layer>.qdata`, `<layer>.scale`, ...); tied tensors stored once
 - modelpress.json     what each compressed layer is (kind, scheme, shape), tied names, the float model it
-                      was made from, and the report of the run that made it
+                      was made from, the size and sha256 of model.safetensors (`files`, see io/integrity.py)
+                      and the report of the run that made it
 - config.json + tokenizer files, as transformers writes them
 Loading rebuilds the architecture from config.json with empty weights, swaps in empty compressed layers
 from modelpress.json, and assigns the stored tensors: nothing is randomly initialised and then thrown away.
@@ -23,7 +24,8 @@ from torch import nn
 import modelpress
 from modelpress.errors import ModelpressError
 from modelpress.io.atomic import atomic_directory
-from modelpress.io.model import MODELPRESS_FILE, LoadedModel, is_causal_lm
+from modelpress.io.integrity import check_tensors_match, describe_files, verify_files
+from modelpress.io.model import MODELPRESS_FILE, LoadedModel, check_remote_code, first_line, is_causal_lm, read_json
 from modelpress.nn.layers import replace_module
 from modelpress.nn.registry import compressed_module_kind, module_for_kind
 
@@ -58,6 +60,7 @@ def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = 
             loaded.tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt", "producer": "modelpress"})
+        meta["files"] = describe_files(tmp, [WEIGHTS_FILE])
         (tmp / MODELPRESS_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return Path(out_dir)
 
@@ -77,39 +80,94 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 def read_metadata(path: str | Path) -> dict:
     file = Path(path) / MODELPRESS_FILE
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ModelpressError(f"{path} is not a saved modelpress model (no {MODELPRESS_FILE})") from None
-    except json.JSONDecodeError as err:
-        raise ModelpressError(f"{file} is corrupt: {err}") from None
+    if not file.exists():
+        raise ModelpressError(f"{path} is not a saved modelpress model (no {MODELPRESS_FILE})")
+    meta = read_json(file)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelpressError(f"{file} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    check_metadata(meta, file)
     return meta
 
 
-def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+METADATA_FIELDS = {"model_class": str, "float_source": str, "layers": dict, "tied": dict}
+
+
+def check_metadata(meta: dict, file: Path) -> None:
+    """Every field loading relies on is there with the right type; every layer names a known kind."""
+    for key, kind in METADATA_FIELDS.items():
+        if not isinstance(meta.get(key), kind):
+            found = repr(meta.get(key))[:60]
+            raise ModelpressError(f"{file} is damaged: `{key}` should be a {kind.__name__}, found {found}")
+    for name, record in meta["layers"].items():
+        if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+            raise ModelpressError(f"{file} is damaged: layer {name} has no `kind`")
+        try:
+            module_for_kind(record["kind"])
+        except ModelpressError as err:
+            raise ModelpressError(f"{file}: layer {name}: {err}") from None
+
+
+def read_config(path: Path, trust_remote_code: bool = False):
+    """The transformers config of a saved directory, or an error naming its config.json."""
+    from transformers import AutoConfig
+
+    read_json(path / "config.json")   # invalid JSON is named as such
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelpressError(f"{path / 'config.json'} does not describe a model transformers knows: "
+                              f"{first_line(err)}") from None
+
+
+def install_layer(model: nn.Module, name: str, record: dict, file: Path) -> None:
+    """Swap an empty compressed layer in for `name`; an error names a layer the model does not have."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        parent = None
+    if parent is None or (child not in parent._modules and child not in parent._parameters):
+        raise ModelpressError(f"{file} names layer {name}, which the model in config.json does not have")
+    try:
+        module = module_for_kind(record["kind"]).from_record(record, device="meta")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelpressError(f"{file} is damaged: layer {name}'s record does not build a "
+                              f"{record['kind']} ({type(err).__name__}: {first_line(err)})") from None
+    replace_module(model, name, module)
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                    verify_checksums: bool = False) -> LoadedModel:
+    """Load a saved directory; its own code (an auto_map in config.json) runs only with trust_remote_code.
+    Files are checked against their recorded sizes (and, with verify_checksums, sha256: ~0.5 s per 200 MB on
+    one core, +10-35% of a load, hence off by default), every tensor against its layer's record."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    trust_remote_code = bool(trust_remote_code)   # never None: None makes transformers prompt on stdin
+    check_remote_code(path, trust_remote_code)
     meta = read_metadata(path)
+    verify_files(path, meta.get("files", {}), checksums=verify_checksums)
     try:
         tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as err:
         raise ModelpressError(f"cannot read {path / WEIGHTS_FILE}: {err}") from None
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path, trust_remote_code)
     auto = AutoModelForCausalLM if meta["model_class"] == "causal_lm" else AutoModel
     with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     for name, record in meta["layers"].items():
-        replace_module(model, name, module_for_kind(record["kind"]).from_record(record, device="meta"))
+        install_layer(model, name, record, path / MODELPRESS_FILE)
     for name, original in meta["tied"].items():
+        if original not in tensors:
+            raise ModelpressError(f"{path / MODELPRESS_FILE} ties {name} to {original}, which {WEIGHTS_FILE} lacks")
         tensors[name] = tensors[original]
+    check_tensors_match(model, tensors, meta["layers"], path / WEIGHTS_FILE)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
-        raise ModelpressError(f"{path / WEIGHTS_FILE} does not match {MODELPRESS_FILE}: {err}") from None
+        raise ModelpressError(f"{path / WEIGHTS_FILE} does not match {MODELPRESS_FILE}: {first_line(err)}") from None
     left = [n for n, t in _all_tensors(model) if t.is_meta]
     if left:
         raise ModelpressError(f"{path}: tensors missing from {WEIGHTS_FILE}: {left[:5]}")
@@ -119,7 +177,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> Loa
             prepare(model)
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None
     return LoadedModel(model.to(device), tokenizer, source=str(path), float_source=meta["float_source"])

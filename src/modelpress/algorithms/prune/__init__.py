@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modelpress.algorithms.prune.calibrated import prune_calibrated
-from modelpress.algorithms.prune.common import PruneReport, SparsityTarget
+from modelpress.algorithms.prune.common import PruneReport, SparsityTarget, check_pattern_fits
 from modelpress.algorithms.prune.experts import ExpertPruneConfig, ExpertReport, prune_experts
 from modelpress.algorithms.prune.magnitude import MagnitudeConfig, prune_magnitude
 from modelpress.algorithms.prune.masks import NMPattern
@@ -19,6 +19,7 @@ from modelpress.algorithms.prune.sparsegpt import SparseGPTConfig
 from modelpress.algorithms.prune.structured import StructuredConfig, StructuredReport, prune_structured
 from modelpress.algorithms.prune.wanda import WandaConfig
 from modelpress.errors import ModelpressError
+from modelpress.formats.packed import check_finite_tensors
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ def prune(model: nn.Module, config, calibration_ids: torch.Tensor | None = None,
     pruner = pruner_for(config)
     if pruner.calibrated and calibration_ids is None:
         raise ModelpressError(f"{type(config).__name__} ranks weights on calibration data; give calibration ids")
+    check_finite_tensors(model.named_parameters(), "prune")
+    if isinstance(config, SparsityTarget):
+        check_pattern_fits(model, config, getattr(config, "skip", ()))
     return pruner.run(model, config, calibration_ids, device, resume_dir, batch_size)
 
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from modelpress.algorithms.prune.masks import NMPattern, resolve_sparsity
+from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight
-from modelpress.nn.layers import is_conv1d, linear_weight, replace_module
+from modelpress.nn.layers import find_linear_layers, is_conv1d, linear_weight, replace_module
 from modelpress.nn.sparse_linear import SparseLinear
 
 
@@ -66,6 +67,17 @@ class PruneReport:
                 "sparsity": round(self.sparsity, 6), "stored_bytes": stored, "dense_bytes": dense,
                 "bytes_ratio": round(stored / dense, 4) if dense else None, "skipped": self.skipped,
                 "seconds": round(self.seconds, 3), **self.extra}
+
+
+def check_pattern_fits(model: nn.Module, target: SparsityTarget, skip: tuple[str, ...]) -> None:
+    """Refuse, before any work, an N:M pattern that no layer to prune can tile (every row length, K, must
+    split into groups of M); layers it does not tile are left dense and noted in the report."""
+    if target.pattern is None:
+        return
+    lengths = sorted({linear_weight(module).shape[1] for module in find_linear_layers(model, skip).values()})
+    if lengths and all(k % target.pattern.m for k in lengths):
+        raise ModelpressError(f"pattern {target.pattern.spec}: no layer's rows ({', '.join(map(str, lengths))} inputs) "
+                              f"split into groups of {target.pattern.m}; choose an M that divides them, e.g. 2:4")
 
 
 def sparse_module(module: nn.Module, mask: torch.Tensor, values: torch.Tensor | PackedWeight,
