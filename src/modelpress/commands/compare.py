@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from modelpress.api import EvalSettings, compare
+from modelpress.api import compare
 from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     add_text_arguments,
+    eval_settings,
     format_table,
     write_json,
 )
@@ -35,7 +36,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     schemes = [WeightScheme.parse(spec) for spec in args.formats]
-    settings = EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed)
+    settings = eval_settings(args)
     rows = compare(args.model, schemes, settings, method=args.method)
     print(format_table(rows, COLUMNS))
     if args.plot != "none":
