@@ -366,6 +366,7 @@ class AWQReport:
         rtn = {n: notes.get("reason", "") for n, notes in self.run.notes.items() if notes.get("method") == "rtn"}
         return {"blocks": self.run.blocks, "block_path": self.run.block_path,
                 "unobserved_layers": self.run.unobserved, "scaled_layers": len(scaled),
+                "producers": {n: scaling(self.run.notes[n])["producer"] for n in scaled},
                 "unscaled_layers": unscaled, "rtn_fallback_layers": rtn, "rtn_outside_blocks": self.rtn_outside_blocks,
                 "resumed_from_block": self.run.resumed_from_block}
 
