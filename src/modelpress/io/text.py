@@ -132,13 +132,13 @@ def make_windows(tokenizer, source: TextSource, seq_len: int = 512, eval_windows
 
 
 def _check_calibration(source: TextSource, calibration: torch.Tensor, asked: int, seq_len: int) -> None:
-    """Warn when the calibration windows carry less text than asked: too few of them, or repeated ones."""
+    """Warn when the calibration windows carry far less text than asked: too few, or over a quarter repeats."""
     got = calibration.shape[0]
     if got < asked:
         log.warning("calibration text %s holds only %d windows of %d tokens after the evaluation text (%d tokens); "
                     "asked for %d: calibrating on %d. Give a longer calibration text for the full amount.",
                     source.name, got, seq_len, got * seq_len, asked, got)
     distinct = torch.unique(calibration, dim=0).shape[0]
-    if distinct < got:
+    if distinct * 4 < got * 3:           # a few repeated boilerplate windows are normal; a quarter is not
         log.warning("calibration text %s repeats itself: %d of its %d calibration windows are distinct",
                     source.name, distinct, got)
