@@ -17,7 +17,6 @@ from modelpress.nn.layers import find_linear_layers
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.w8a8_linear import W8A8Linear
 
-torch.set_num_threads(1)
 CALIBRATION = token_ids(256, 8, 32, seed=0)
 EVALUATION = token_ids(256, 4, 32, seed=1)
 
