@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from modelpress.errors import ModelpressError
-from modelpress.eval.quality import evaluate_quality
+from modelpress.eval.quality import evaluate_quality, first_scored
 from modelpress.eval.size import measure_size
 from modelpress.eval.speed import measure_speed
 from modelpress.formats.scheme import WeightScheme
 from modelpress.io.model import LoadedModel, load_model
-from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows
+from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows, tokenizer_bos
 from modelpress.nn.layers import DEFAULT_SKIP
 
 
@@ -38,6 +38,8 @@ class EvalReport:
     reference_perplexity: float | None = None
     prefill_tokens_per_s: float | None = None
     decode_tokens_per_s: float | None = None
+    bos: bool = False                  # every window started with the tokenizer's BOS token
+    score: str = "all"                 # scored positions: "all" but the first, or llama.cpp's "second-half"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -46,11 +48,19 @@ class EvalReport:
 
 @dataclass(frozen=True)
 class EvalSettings:
+    """`bos`: start every window with the BOS token when the tokenizer adds one (io/text.py); `score`: which
+    positions are scored (eval/quality.py: "all" or llama.cpp's "second-half")."""
+
     text: str | None = None
     windows: int = 40
     seq_len: int = 512
     speed: bool = True
     decode_tokens: int = 32
+    bos: bool = True
+    score: str = "all"
+
+    def __post_init__(self) -> None:
+        first_scored(self.seq_len, self.score)      # validates the name
 
 
 @dataclass(frozen=True)
@@ -65,14 +75,17 @@ class CalibrationSettings:
     device: str = "cpu"
     resume_dir: str | None = None
     eval_tokens: int = 40 * 512
+    bos: bool = True                   # start every window with the BOS token when the tokenizer adds one
 
 
 def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
     """(samples, seq_len) token ids for calibration, disjoint from the evaluation windows."""
     if tokenizer is None:
         raise ModelpressError("the model has no tokenizer; calibration needs one to cut text into windows")
-    reserved = -(-settings.eval_tokens // settings.seq_len)  # whole calibration-length windows covering eval text
-    windows = make_windows(tokenizer, load_text(settings.text), settings.seq_len, reserved, settings.samples)
+    bos = tokenizer_bos(tokenizer) if settings.bos else None
+    step = settings.seq_len - (bos is not None)               # text tokens per window
+    reserved = -(-settings.eval_tokens // step)               # whole calibration windows covering the eval text
+    windows = make_windows(tokenizer, load_text(settings.text), settings.seq_len, reserved, settings.samples, bos)
     return windows.calibration
 
 
@@ -181,7 +194,8 @@ def prepare_windows(tokenizer, settings: EvalSettings, calib_samples: int = 0) -
     if tokenizer is None:
         raise ModelpressError("the model has no tokenizer; evaluation needs one to cut text into windows")
     source = load_text(settings.text)
-    return source, make_windows(tokenizer, source, settings.seq_len, settings.windows, calib_samples)
+    bos = tokenizer_bos(tokenizer) if settings.bos else None
+    return source, make_windows(tokenizer, source, settings.seq_len, settings.windows, calib_samples, bos)
 
 
 def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel | None,
@@ -196,7 +210,8 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
     if reference is not None and ref_name is None:
         ref_name = "__reference__"
         models[ref_name] = reference.model
-    quality = evaluate_quality(models, windows.eval, reference=None if reference is None else reference.model)
+    quality = evaluate_quality(models, windows.eval, reference=None if reference is None else reference.model,
+                               score=settings.score)
     reports = {}
     for name, loaded in candidates.items():
         size = measure_size(loaded.model)
@@ -219,6 +234,8 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
             reference_perplexity=None if reference is None else quality[ref_name].perplexity,
             prefill_tokens_per_s=None if speed is None else speed.prefill_tokens_per_s,
             decode_tokens_per_s=None if speed is None else speed.decode_tokens_per_s,
+            bos=windows.bos is not None,
+            score=settings.score,
         )
     return reports
 

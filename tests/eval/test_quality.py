@@ -38,3 +38,29 @@ def test_size_counts_tied_weights_once():
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     assert size.weight_bytes == sum(unique.values())
     assert size.bits_per_weight is None
+
+
+@pytest.mark.parametrize("seq_len", [24, 25])
+def test_second_half_scoring_matches_llama_cpp_positions(seq_len):
+    """llama.cpp scores predictions j = T//2 .. T-2 of each window (tokens T//2+1 .. T-1)."""
+    model, other = build_tiny_llama(0), build_tiny_llama(1)
+    windows = torch.randint(0, 320, (3, seq_len), generator=torch.Generator().manual_seed(2))
+    result = evaluate_quality({"m": other}, windows, reference=model, score="second-half")["m"]
+    first = seq_len // 2
+    nll, kl, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        ref = F.log_softmax(model(windows).logits.double(), -1)
+        got = F.log_softmax(other(windows).logits.double(), -1)
+    for w in range(3):
+        for j in range(first, seq_len - 1):
+            nll -= float(got[w, j, windows[w, j + 1]])
+            kl += float((ref[w, j].exp() * (ref[w, j] - got[w, j])).sum())
+            count += 1
+    assert result.scored_tokens == count == 3 * (seq_len - 1 - first)
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert result.kl_divergence == pytest.approx(kl / count, rel=1e-3)
+
+
+def test_unknown_scoring_is_refused():
+    with pytest.raises(ModelpressError, match="second-half"):
+        evaluate_quality({"m": build_tiny_llama()}, torch.zeros(1, 8, dtype=torch.long), score="half")

@@ -1,9 +1,24 @@
+import logging
+
 import pytest
 import torch
-from conftest import char_tokenizer
+from conftest import build_tiny_llama, char_tokenizer
 
+from modelpress.api import CalibrationSettings, EvalSettings, calibration_windows, evaluate_models, prepare_windows
 from modelpress.errors import ModelpressError
-from modelpress.io.text import TextSource, default_corpus, load_text, make_windows
+from modelpress.io.model import LoadedModel
+from modelpress.io.text import TextSource, default_corpus, load_text, make_windows, tokenizer_bos
+
+BOS = 1     # "<s>" in char_tokenizer's vocabulary
+
+
+def bos_tokenizer():
+    """char_tokenizer with a post-processor that starts every text with <s>, as Llama-style tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = char_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return tok
 
 
 def test_default_corpus_is_deterministic_and_large():
@@ -28,7 +43,71 @@ def test_too_short_text_is_a_clear_error():
     with pytest.raises(ModelpressError, match="fewer than one window"):
         make_windows(char_tokenizer(), TextSource("short", "abc"), seq_len=64, eval_windows=1)
     with pytest.raises(ModelpressError, match="asked for"):
-        make_windows(char_tokenizer(), TextSource("t", "x" * 640), seq_len=64, eval_windows=8, calib_samples=8)
+        make_windows(char_tokenizer(), TextSource("t", "x" * 640), seq_len=64, eval_windows=11)
+    with pytest.raises(ModelpressError, match="asked for"):   # no calibration window left after evaluation
+        make_windows(char_tokenizer(), TextSource("t", "x" * 640), seq_len=64, eval_windows=10, calib_samples=1)
+
+
+def test_short_calibration_text_gives_fewer_windows_with_a_warning(caplog):
+    source = TextSource("t", default_corpus()[:64 * 10])
+    with caplog.at_level(logging.WARNING, logger="modelpress.io.text"):
+        windows = make_windows(char_tokenizer(), source, seq_len=64, eval_windows=8, calib_samples=8)
+    assert windows.calibration.shape == (2, 64)
+    assert "holds only 2 windows" in caplog.text and "asked for 8" in caplog.text
+
+
+def test_repeated_calibration_text_is_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="modelpress.io.text"):
+        make_windows(char_tokenizer(), TextSource("t", "abcd" * 64), seq_len=16, eval_windows=1, calib_samples=4)
+    assert "1 of its 4 calibration windows are distinct" in caplog.text
+
+
+def test_bos_is_detected_from_the_tokenizer():
+    assert tokenizer_bos(bos_tokenizer()) == BOS
+    assert tokenizer_bos(char_tokenizer()) is None        # has a bos_token but does not add it
+
+
+def test_every_window_starts_with_exactly_one_bos_and_the_text_runs_on():
+    source = TextSource("t", default_corpus()[:50_000])
+    tok = bos_tokenizer()
+    windows = make_windows(tok, source, seq_len=64, eval_windows=10, calib_samples=20, bos=tokenizer_bos(tok))
+    both = torch.cat([windows.eval, windows.calibration])
+    assert both.shape == (30, 64) and windows.bos == BOS
+    assert (both[:, 0] == BOS).all() and not (both[:, 1:] == BOS).any()
+    stream = torch.tensor(tok(source.text, add_special_tokens=False)["input_ids"])
+    assert torch.equal(both[:, 1:].flatten(), stream[: 30 * 63])    # 63 text tokens per window, no gap
+
+
+def test_settings_apply_the_bos_rule_to_evaluation_and_calibration(tiny_text):
+    tok = bos_tokenizer()
+    _, on = prepare_windows(tok, EvalSettings(text=str(tiny_text), windows=4, seq_len=32))
+    _, off = prepare_windows(tok, EvalSettings(text=str(tiny_text), windows=4, seq_len=32, bos=False))
+    assert (on.eval[:, 0] == BOS).all() and not (off.eval == BOS).any()
+    calib = calibration_windows(tok, CalibrationSettings(text=str(tiny_text), samples=3, seq_len=32, eval_tokens=4 * 32))
+    assert (calib[:, 0] == BOS).all() and not (calib[:, 1:] == BOS).any()
+    # calibration text starts after whole 31-token blocks covering the 4 x 32 evaluation tokens
+    stream = torch.tensor(tok(tiny_text.read_text(), add_special_tokens=False)["input_ids"])
+    assert torch.equal(calib[:, 1:].flatten(), stream[5 * 31: 8 * 31])
+    plain = calibration_windows(tok, CalibrationSettings(text=str(tiny_text), samples=3, seq_len=32,
+                                                         eval_tokens=4 * 32, bos=False))
+    assert not (plain == BOS).any()
+
+
+def test_a_tokenizer_without_bos_gives_the_same_windows_either_way(tiny_text):
+    tok = char_tokenizer()
+    _, on = prepare_windows(tok, EvalSettings(text=str(tiny_text), windows=4, seq_len=32))
+    _, off = prepare_windows(tok, EvalSettings(text=str(tiny_text), windows=4, seq_len=32, bos=False))
+    assert torch.equal(on.eval, off.eval) and on.bos is None
+    plain = make_windows(tok, load_text(str(tiny_text)), seq_len=32, eval_windows=4)
+    assert torch.equal(on.eval, plain.eval)
+
+
+def test_the_report_says_which_windows_and_scoring_were_used(tiny_text):
+    loaded = LoadedModel(build_tiny_llama(), bos_tokenizer(), source="tiny", float_source="tiny")
+    for bos, score in ((True, "second-half"), (False, "all")):
+        settings = EvalSettings(text=str(tiny_text), windows=2, seq_len=32, speed=False, bos=bos, score=score)
+        report = evaluate_models({"m": loaded}, None, settings)["m"]
+        assert report.to_dict()["bos"] is bos and report.to_dict()["score"] == score
 
 
 def test_text_file_errors(tmp_path):

@@ -22,6 +22,18 @@ def add_text_arguments(parser: argparse.ArgumentParser, windows: int = 40) -> No
                         help="UTF-8 text file, or hf:PATH[:CONFIG[:SPLIT]] (default: embedded corpus)")
     parser.add_argument("--windows", type=positive_int, default=windows, help=f"evaluation windows (default {windows})")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not start windows with the BOS token (by default they do when the tokenizer adds one)")
+    parser.add_argument("--score", choices=("all", "second-half"), default="all",
+                        help="positions scored: all but the first (default), or llama.cpp's second half of each window")
+
+
+def eval_settings(args: argparse.Namespace):
+    """The EvalSettings the text arguments describe."""
+    from modelpress.api import EvalSettings
+
+    return EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed,
+                        bos=not args.no_bos, score=args.score)
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resume_help: str) -> None:
@@ -33,6 +45,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resum
     calib.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration window (default 512)")
     calib.add_argument("--calib-batch-size", type=positive_int, default=8, help="windows per block forward (default 8)")
     calib.add_argument("--resume", default=None, metavar="DIR", help=resume_help)
+    calib.add_argument("--calib-no-bos", action="store_true",
+                       help="do not start calibration windows with the BOS token the tokenizer adds")
     calib.add_argument("--device", default="cpu", help="device the blocks are calibrated on, e.g. cpu or cuda (default cpu)")
 
 
@@ -41,7 +55,8 @@ def calibration_settings(args: argparse.Namespace):
     from modelpress.api import CalibrationSettings
 
     return CalibrationSettings(text=args.calib_text, samples=args.calib_samples, seq_len=args.calib_seq_len,
-                               batch_size=args.calib_batch_size, device=args.device, resume_dir=args.resume)
+                               batch_size=args.calib_batch_size, device=args.device, resume_dir=args.resume,
+                               bos=not args.calib_no_bos)
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:

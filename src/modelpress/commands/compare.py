@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from modelpress.api import EvalSettings, compare
+from modelpress.api import compare
 from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     add_text_arguments,
     check_output_paths,
+    eval_settings,
     format_table,
     write_json,
 )
@@ -37,7 +38,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output_paths(args)
     schemes = [WeightScheme.parse(spec) for spec in args.formats]
-    settings = EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed)
+    settings = eval_settings(args)
     rows = compare(args.model, schemes, settings, method=args.method)
     print(format_table(rows, COLUMNS))
     if args.plot != "none":

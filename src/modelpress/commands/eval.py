@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from modelpress.api import EvalSettings, default_reference, evaluate_models
+from modelpress.api import default_reference, evaluate_models
 from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     add_text_arguments,
     check_output_paths,
+    eval_settings,
     format_table,
     write_json,
 )
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     ref_spec = default_reference(loaded) if args.reference == "auto" else (None if args.reference == "none" else args.reference)
     reference = load_model(ref_spec) if ref_spec else None
-    settings = EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed)
+    settings = eval_settings(args)
     report = evaluate_models({"model": loaded}, reference, settings)["model"]
     print(format_table([report.to_dict()], COLUMNS))
     write_json(args.json, report.to_dict())

@@ -4,20 +4,26 @@ Sources: the embedded default corpus (the English documentation topics that ship
 `pydoc_data`, so no network is needed), a UTF-8 file, or `hf:PATH[:CONFIG[:SPLIT]]` for a Hugging Face
 dataset when `datasets` and a network are available.
 
-Windows: the text is tokenized once; evaluation windows are the first `eval_windows` blocks of
-`seq_len` tokens and calibration samples come strictly after them, so the two never overlap and the
-same text always gives the same windows.
+Windows: the text is tokenized once (without special tokens); evaluation windows are the first
+`eval_windows` blocks and calibration samples come strictly after them, so the two never overlap and the
+same text always gives the same windows. When the tokenizer starts every text with a BOS token (see
+`tokenizer_bos`), each window is that BOS followed by `seq_len - 1` text tokens, as llama.cpp's
+perplexity tool cuts them: a model trained on BOS-led sequences is then scored on inputs like those it
+saw. Otherwise a window is `seq_len` text tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from modelpress.errors import ModelpressError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEXT = "default"
 
@@ -76,28 +82,63 @@ def _load_dataset_text(name: str) -> str:
     return text
 
 
+def tokenizer_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts at the start of every text, or None when it adds none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("a")["input_ids"]          # the tokenizer's own default: special tokens added
+    except (TypeError, ValueError):
+        return None
+    return int(bos) if len(ids) > 0 and ids[0] == bos else None
+
+
 @dataclass(frozen=True)
 class TokenWindows:
-    """Evaluation windows (n_eval, seq_len) and calibration samples (n_calib, seq_len), disjoint."""
+    """Evaluation windows (n_eval, seq_len) and calibration samples (n_calib, seq_len), disjoint.
+    With `bos` set, column 0 of every window is that token and the rest is text."""
 
     eval: torch.Tensor
     calibration: torch.Tensor
     total_tokens: int
+    bos: int | None = None
 
 
 def make_windows(tokenizer, source: TextSource, seq_len: int = 512, eval_windows: int = 40,
-                 calib_samples: int = 0) -> TokenWindows:
-    if seq_len <= 1:
-        raise ModelpressError(f"window length must be at least 2 tokens, got {seq_len}")
+                 calib_samples: int = 0, bos: int | None = None) -> TokenWindows:
+    """Cut `eval_windows` evaluation windows, then up to `calib_samples` calibration windows, from the text.
+    `bos`: a token id to put at the start of every window (seq_len - 1 text tokens follow), or None.
+    A text too short for the calibration windows asked gives fewer of them, with a warning."""
+    if seq_len <= 1 or (bos is not None and seq_len <= 2):
+        raise ModelpressError(f"window length must be at least {3 if bos is not None else 2} tokens, got {seq_len}")
     ids = torch.tensor(tokenizer(source.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    whole = ids.numel() // seq_len
+    step = seq_len - (bos is not None)                    # text tokens per window
+    whole = ids.numel() // step
     if whole == 0:
         raise ModelpressError(f"text {source.name} has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    if eval_windows + calib_samples > whole:
+    if eval_windows > whole or (calib_samples and eval_windows >= whole):
         raise ModelpressError(
             f"text {source.name} has {ids.numel()} tokens = {whole} windows of {seq_len}; asked for "
             f"{eval_windows} evaluation + {calib_samples} calibration windows"
         )
-    blocks = ids[: whole * seq_len].view(whole, seq_len)
-    return TokenWindows(eval=blocks[:eval_windows], calibration=blocks[eval_windows : eval_windows + calib_samples],
-                        total_tokens=ids.numel())
+    blocks = ids[: whole * step].view(whole, step)
+    if bos is not None:
+        blocks = torch.cat([torch.full((whole, 1), bos, dtype=torch.long), blocks], dim=1)
+    calibration = blocks[eval_windows : eval_windows + calib_samples]
+    if calib_samples:
+        _check_calibration(source, calibration, calib_samples, seq_len)
+    return TokenWindows(eval=blocks[:eval_windows], calibration=calibration, total_tokens=ids.numel(), bos=bos)
+
+
+def _check_calibration(source: TextSource, calibration: torch.Tensor, asked: int, seq_len: int) -> None:
+    """Warn when the calibration windows carry far less text than asked: too few, or over a quarter repeats."""
+    got = calibration.shape[0]
+    if got < asked:
+        log.warning("calibration text %s holds only %d windows of %d tokens after the evaluation text (%d tokens); "
+                    "asked for %d: calibrating on %d. Give a longer calibration text for the full amount.",
+                    source.name, got, seq_len, got * seq_len, asked, got)
+    distinct = torch.unique(calibration, dim=0).shape[0]
+    if distinct * 4 < got * 3:           # a few repeated boilerplate windows are normal; a quarter is not
+        log.warning("calibration text %s repeats itself: %d of its %d calibration windows are distinct",
+                    source.name, distinct, got)

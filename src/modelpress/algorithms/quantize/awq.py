@@ -33,12 +33,13 @@ from torch import nn
 from modelpress.algorithms.quantize.gptq import GPTQ, GPTQConfig, HessianSum, layer_objective
 from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme, schemes_digest
 from modelpress.algorithms.quantize.smoothing import (
-    Producer,
+    EXPERT_REASON,
+    FoldSearch,
     apply_fold,
     collect_stats,
     deepest_first,
-    find_producers,
     foldable_groups,
+    search_producers,
 )
 from modelpress.engine.algorithm import InputGroup, LayerSolution
 from modelpress.engine.blocks import BlockStack
@@ -262,8 +263,13 @@ class AWQ:
         if self._inner is not None:
             self._inner.prepare_block(context)
         groups = foldable_groups(context)
+        foldable = {g.key for g in groups}
+        for group in context.plan.groups:
+            if group.key not in foldable:
+                for target in group.targets:
+                    self._scaling[target.name] = {"scaled": False, "reason": EXPERT_REASON}
         stats = collect_stats(context, groups, hessian=True)
-        producers = find_producers(context, groups)
+        producers = search_producers(context, groups)
         for group in deepest_first(groups):
             found = stats.get(group.key)
             if found is None or found.rows == 0:
@@ -277,17 +283,18 @@ class AWQ:
             if self._inner is None:
                 self._hessians[group.key] = (hessian, found.rows)
 
-    def _scale_group(self, context: BlockContext, group: InputGroup, producer: Producer | None,
+    def _scale_group(self, context: BlockContext, group: InputGroup, fold: FoldSearch,
                      mean_abs: torch.Tensor, hessian: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
         """Search the group's scales and fold them in; returns notes and the scales (None if unscaled)."""
+        producer = fold.producer
         if producer is None:
-            return {"scaled": False, "reason": "no norm or linear layer to fold input scales into"}, None
+            return {"scaled": False, "reason": fold.reason}, None
         c = self.config
         weights = [linear_weight(context.targets.linears[t.name]).detach().float() for t in group.targets]
         schemes = [self.scheme_for(t.name) for t in group.targets]
         found = search_scales(mean_abs, weights, hessian, schemes[0], c.grid, c.duo_scaling, schemes)
         scaled = found.alpha > 0 or found.duo
-        notes = {"scaled": scaled, "producer": producer.name, "alpha": found.alpha, "duo": found.duo,
+        notes = {"scaled": scaled, "producer": producer.label, "alpha": found.alpha, "duo": found.duo,
                  "scale_objective": found.objective, "scale_rtn_objective": found.rtn_objective}
         if not scaled:
             notes["reason"] = "RTN scored best in the scale search"
@@ -359,6 +366,7 @@ class AWQReport:
         rtn = {n: notes.get("reason", "") for n, notes in self.run.notes.items() if notes.get("method") == "rtn"}
         return {"blocks": self.run.blocks, "block_path": self.run.block_path,
                 "unobserved_layers": self.run.unobserved, "scaled_layers": len(scaled),
+                "producers": {n: scaling(self.run.notes[n])["producer"] for n in scaled},
                 "unscaled_layers": unscaled, "rtn_fallback_layers": rtn, "rtn_outside_blocks": self.rtn_outside_blocks,
                 "resumed_from_block": self.run.resumed_from_block}
 

@@ -3,18 +3,24 @@
 
 For layers reading x (..., K), W x = (W diag(s)) (x / s) for any positive s (K,). The division by s costs
 nothing when it can be folded into whatever produced x:
-- a norm with an elementwise affine (RMSNorm, LayerNorm): its weight (and bias) divided by s;
+- a norm with an elementwise affine (RMSNorm, LayerNorm): its weight (and bias) divided by s; a norm that
+  multiplies by (1 + weight) (Gemma's RMSNorm stores the weight offset by one) gets (1 + weight) / s - 1;
 - a linear layer whose output channels reach x one to one through operations that commute with a
   per-channel scale: its rows (and bias) divided by s. Examples: up_proj -> (act(gate) * up) -> down_proj;
   v_proj -> attention -> o_proj when every attention head has its own value head (with grouped-query
-  attention v_proj has fewer outputs than o_proj has inputs, and no fold exists).
+  attention v_proj has fewer outputs than o_proj has inputs, and no fold exists);
+- a K-row slice of a fused linear layer with a multiple of K outputs: the "up" half of Phi-3's
+  gate_up_proj before down_proj, the value third of GPT-2's c_attn (or Phi-3's qkv_proj) before the
+  attention output projection.
 Producers are found by structure and data flow, never by name. Candidates for a group are the module whose
-output is the very tensor the group reads and that has only a (K,) weight and bias (a norm), then the
-linear layers called earlier in the block with K outputs, latest first. A candidate is accepted only if,
-with random scales s (between 1/4 and 4) folded into it and into the group, the group reads exactly x / s
-and the block's output is unchanged (to float rounding); the second check rules out producers whose output
-feeds anything besides the group.
-A group with no accepted producer keeps its input as it is; the caller decides what that means.
+output is the very tensor the group reads and that has only a (K,) weight and bias (a norm, tried both
+ways), then the linear layers (and K-row slices of them) called earlier in the block, latest first. A
+candidate is accepted only if, with random scales s (between 1/4 and 4) folded into it and into the
+group, the group reads exactly x / s and the block's output is unchanged (to float rounding); the second
+check rules out producers whose output feeds anything besides the group (a mixture-of-experts block's
+norm feeds the router and the experts too).
+A group with no accepted producer keeps its input as it is, with a reason saying why; the caller decides
+what that means.
 """
 
 from __future__ import annotations
@@ -31,10 +37,30 @@ from modelpress.engine.context import BlockContext
 from modelpress.nn.layers import is_linear, linear_weight
 
 
+PRODUCER_KINDS = ("norm", "offset_norm", "linear")
+
+
 @dataclass(frozen=True)
 class Producer:
     name: str      # module path inside the block
-    kind: str      # "norm": an elementwise affine weight (and bias); "linear": output rows (and bias)
+    kind: str      # "norm": an elementwise affine weight (and bias); "offset_norm": output * (1 + weight);
+                   # "linear": output rows (and bias)
+    rows: tuple[int, int] | None = None     # linear only: the K output rows that x is made of (fused layers)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.rows is None else f"{self.name}[{self.rows[0]}:{self.rows[1]}]"
+
+
+@dataclass(frozen=True)
+class FoldSearch:
+    """Where a group's input scales can be folded, or why nowhere."""
+
+    producer: Producer | None
+    reason: str = ""
+
+EXPERT_REASON = ("slice of fused expert weights: it reads only the tokens routed to it, so no input scale is "
+                 "folded into the shared producer")
 
 
 @dataclass
@@ -72,20 +98,25 @@ def _set(t: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fold_scales(producer: nn.Module, kind: str, consumers: Iterable[nn.Module], scale: torch.Tensor) -> None:
+def fold_scales(producer: nn.Module, kind: str, consumers: Iterable[nn.Module], scale: torch.Tensor,
+                rows: tuple[int, int] | None = None) -> None:
     """Divide the producer's output channels by `scale` (K,) and multiply the consumers' input columns by it,
-    in float32, in place. The group's outputs are unchanged up to rounding of the stored weights."""
+    in float32, in place. The group's outputs are unchanged up to rounding of the stored weights.
+    `rows` (linear producers only) picks the K output rows of a fused layer that make up the input."""
     s = scale.float()
     if kind == "norm":
         for param in (producer.weight, getattr(producer, "bias", None)):
             if param is not None:
                 _set(param, param.float() / s.to(param.device))
+    elif kind == "offset_norm":                               # y = norm(x) * (1 + weight)
+        _set(producer.weight, (1 + producer.weight.float()) / s.to(producer.weight.device) - 1)
     else:
-        weight = linear_weight(producer)                      # (K, in): a view, also for Conv1D
+        start, stop = rows if rows is not None else (0, linear_weight(producer).shape[0])
+        weight = linear_weight(producer)[start:stop]          # (K, in): a view, also for Conv1D
         _set(weight, weight.float() / s.to(weight.device)[:, None])
         bias = getattr(producer, "bias", None)
         if bias is not None:
-            _set(bias, bias.float() / s.to(bias.device))
+            _set(bias[start:stop], bias[start:stop].float() / s.to(bias.device))
     for module in consumers:
         weight = linear_weight(module)                        # (out, K)
         _set(weight, weight.float() * s.to(weight.device)[None, :])
@@ -178,19 +209,30 @@ def _is_norm_like(module: nn.Module, k: int | None) -> bool:
     return set(params) <= {"weight", "bias"} and len(size) == 1 and all(p.shape == size for p in params.values())
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b is a or a reshaped view of it (a MoE block flattens (B, T, K) to (B*T, K) before its layers)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.shape[-1] == b.shape[-1])
+
+
 def _candidates(context: BlockContext, group: InputGroup, trace: _Trace) -> list[Producer]:
     x = trace.group_inputs.get(group.key)
     if x is None:
         return []
     k = x.shape[-1]
     members = {t.name for t in group.targets}
-    found = [Producer(name, "norm") for name, out in trace.outputs.items()
-             if out is x and _is_norm_like(context.block.get_submodule(name), k)]
+    found = [Producer(name, kind) for name, out in trace.outputs.items()
+             if _same_values(out, x) and _is_norm_like(context.block.get_submodule(name), k)
+             for kind in ("norm", "offset_norm")]
     earlier = trace.order[: trace.group_start[group.key]]
     for name in reversed(earlier):
         module = context.block.get_submodule(name)
-        if is_linear(module) and name not in members and linear_weight(module).shape[0] == k:
+        if not is_linear(module) or name in members:
+            continue
+        n = linear_weight(module).shape[0]
+        if n == k:
             found.append(Producer(name, "linear"))
+        elif n % k == 0:                                    # fused (gate_up, qkv): each K-row slice, last first
+            found += [Producer(name, "linear", (start, start + k)) for start in range(n - k, -1, -k)]
     return found
 
 
@@ -215,7 +257,7 @@ def _fold_is_exact(context: BlockContext, producer: Producer, group: InputGroup,
     seen: list[torch.Tensor] = []
     handle = consumers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]) if not seen else None)
     try:
-        fold_scales(module, producer.kind, consumers, scale)
+        fold_scales(module, producer.kind, consumers, scale, producer.rows)
         output = next(context.outputs(1))
     finally:
         handle.remove()
@@ -228,24 +270,35 @@ def _fold_is_exact(context: BlockContext, producer: Producer, group: InputGroup,
             and _relative_error(output, reference) <= tolerance)
 
 
-def find_producers(context: BlockContext, groups: list[InputGroup]) -> dict[str, Producer | None]:
-    """For each group (by key), the module a per-channel scale of its input can be folded into, or None.
-    No module serves two groups."""
+def search_producers(context: BlockContext, groups: list[InputGroup]) -> dict[str, FoldSearch]:
+    """For each group (by key), the module a per-channel scale of its input can be folded into, or the
+    reason there is none. No module serves two groups."""
     trace, reference = _trace(context, groups)
-    taken: set[str] = set()
-    found: dict[str, Producer | None] = {}
+    taken: set[tuple] = set()          # (module, rows): a norm is one producer whichever way it is read
+    found: dict[str, FoldSearch] = {}
     for group in groups:
-        found[group.key] = None
         x = trace.group_inputs.get(group.key)
-        for candidate in _candidates(context, group, trace):
-            if candidate.name not in taken and _fold_is_exact(context, candidate, group, x, reference):
-                found[group.key] = candidate
-                taken.add(candidate.name)
-                break
+        candidates = [c for c in _candidates(context, group, trace) if (c.name, c.rows) not in taken]
+        accepted = next((c for c in candidates if _fold_is_exact(context, c, group, x, reference)), None)
+        if accepted is not None:
+            taken.add((accepted.name, accepted.rows))
+            found[group.key] = FoldSearch(accepted)
+        elif not candidates:
+            found[group.key] = FoldSearch(None, "no norm or linear layer produces this input with matching "
+                                                "channels (e.g. o_proj behind grouped-query attention)")
+        else:
+            tried = ", ".join(dict.fromkeys(c.label for c in candidates))
+            found[group.key] = FoldSearch(None, f"no exact fold: scaling {tried} would change the block's output "
+                                                "(the output feeds other layers too, or passes a nonlinearity)")
     return found
+
+
+def find_producers(context: BlockContext, groups: list[InputGroup]) -> dict[str, Producer | None]:
+    """search_producers without the reasons."""
+    return {key: search.producer for key, search in search_producers(context, groups).items()}
 
 
 def apply_fold(context: BlockContext, producer: Producer, group: InputGroup, scale: torch.Tensor) -> None:
     """Fold `scale` into a group found by find_producers: producer output / scale, group columns * scale."""
     consumers = [context.targets.linears[t.name] for t in group.targets]
-    fold_scales(context.block.get_submodule(producer.name), producer.kind, consumers, scale)
+    fold_scales(context.block.get_submodule(producer.name), producer.kind, consumers, scale, producer.rows)

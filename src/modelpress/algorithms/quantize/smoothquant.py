@@ -15,6 +15,7 @@ Afterwards every linear layer becomes a W8A8Linear (nn/w8a8_linear.py).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,8 +25,8 @@ from modelpress.algorithms.quantize.smoothing import (
     apply_fold,
     collect_stats,
     deepest_first,
-    find_producers,
     foldable_groups,
+    search_producers,
 )
 from modelpress.engine.algorithm import InputGroup, LayerSolution
 from modelpress.engine.context import BlockContext
@@ -34,6 +35,10 @@ from modelpress.errors import ModelpressError
 from modelpress.formats.scheme import SCALE_DTYPES, WeightScheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight, replace_module
 from modelpress.nn.w8a8_linear import W8A8Linear
+
+log = logging.getLogger(__name__)
+
+FLOAT_EXPERTS_REASON = "fused expert weights have no W8A8 module: they stay in float"
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,13 @@ class SmoothQuant:
 
     def prepare_block(self, context: BlockContext) -> None:
         groups = foldable_groups(context)
+        foldable = {g.key for g in groups}
+        for group in context.plan.groups:
+            if group.key not in foldable:
+                for target in group.targets:
+                    self._notes[target.name] = {"smoothing": "none", "reason": FLOAT_EXPERTS_REASON}
         stats = collect_stats(context, groups, hessian=False)
-        producers = find_producers(context, groups)
+        producers = search_producers(context, groups)
         for group in deepest_first(groups):
             found = stats.get(group.key)
             if found is None or found.rows == 0:
@@ -103,18 +113,18 @@ class SmoothQuant:
             modules = [context.targets.linears[t.name] for t in group.targets]
             factors = smoothing_factors(found.abs_max, input_channel_max([linear_weight(m) for m in modules]),
                                         self.config.alpha)
-            producer = producers[group.key]
+            producer = producers[group.key].producer
             notes = {"alpha": self.config.alpha, "activation_absmax": float(found.abs_max.max()),
                      "smoothed_activation_absmax": float((found.abs_max / factors).max())}
             if producer is not None:
                 apply_fold(context, producer, group, factors)
-                notes.update(smoothing="folded", producer=producer.name)
+                notes.update(smoothing="folded", producer=producer.label)
             elif self.config.in_layer_smoothing:
-                notes["smoothing"] = "in layer"
+                notes.update(smoothing="in layer", reason=producers[group.key].reason)
                 for target in group.targets:
                     self.in_layer[(context.index, target.name)] = factors.cpu()
             else:
-                notes.update(smoothing="none", reason="no norm or linear layer to fold the factors into")
+                notes.update(smoothing="none", reason=producers[group.key].reason)
             for target in group.targets:
                 self._notes[target.name] = notes
 
@@ -139,11 +149,16 @@ class SmoothQuantReport:
 
     def summary(self) -> dict:
         folded = sum(1 for n in self.run.notes.values() if n.get("smoothing") == "folded")
-        unsmoothed = sorted(name for name, n in self.run.notes.items() if n.get("smoothing") == "none")
+        unsmoothed = sorted(name for name, n in self.run.notes.items()
+                            if n.get("smoothing") == "none" and n.get("reason") != FLOAT_EXPERTS_REASON)
         return {"blocks": self.run.blocks, "block_path": self.run.block_path, "alpha": self._alpha(),
                 "activations": "int8 per token (dynamic)", "folded_layers": folded,
                 "in_layer_smoothing": self.in_layer, "unsmoothed_layers": unsmoothed,
-                "outside_blocks": self.outside_blocks}
+                "outside_blocks": self.outside_blocks, "float_layers": self.float_layers()}
+
+    def float_layers(self) -> list[str]:
+        """Targets left in float (expert slices), with FLOAT_EXPERTS_REASON."""
+        return sorted(name for name, n in self.run.notes.items() if n.get("reason") == FLOAT_EXPERTS_REASON)
 
     def _alpha(self) -> float | None:
         return next((n["alpha"] for n in self.run.notes.values() if "alpha" in n), None)
@@ -166,4 +181,8 @@ def quantize_smoothquant(model: nn.Module, config: SmoothQuantConfig, calibratio
         new = W8A8Linear.from_linear(module, config.scheme, name=f"layer {name}", smooth=factors.get(name))
         replace_module(model, name, new)
     inside = f"{stack.path}."
-    return SmoothQuantReport(run, len(layers), sorted(factors), sorted(n for n in layers if not n.startswith(inside)))
+    report = SmoothQuantReport(run, len(layers), sorted(factors), sorted(n for n in layers if not n.startswith(inside)))
+    if report.float_layers():
+        log.warning("smoothquant: %d expert weight slices stay in float (%s), e.g. %s", len(report.float_layers()),
+                    FLOAT_EXPERTS_REASON, report.float_layers()[0])
+    return report
