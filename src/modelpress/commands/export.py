@@ -50,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     windows = None
     if args.measure_windows > 0 and loaded.tokenizer is not None:
-        from modelpress.io.text import load_text, make_windows
+        from modelpress.api import EvalSettings, prepare_windows
 
-        windows = make_windows(loaded.tokenizer, load_text(None), args.seq_len, args.measure_windows).eval
+        settings = EvalSettings(windows=args.measure_windows, seq_len=args.seq_len, speed=False)
+        windows = prepare_windows(loaded.tokenizer, settings)[1].eval
     options = ExportOptions(gguf_float_type=args.gguf_float_type, gguf_fallback=args.gguf_fallback,
                             hf_dtype=args.hf_dtype)
     results = export_model(loaded, args.to, args.out, options, overwrite=args.overwrite, windows=windows)
