@@ -27,8 +27,10 @@ Choices, with reasons:
 - `true_sequential` (re-running the block between q/k/v, o, gate/up and down) is off by default: on
   SmolLM2 it changed perplexity by -6% (INT3) to +1% (INT4) and costs ~40% more calibration time.
 - Scales are rounded to their storage dtype before any column is encoded, so the codes are exactly those
-  the solver chose. With double-quantized scales that is impossible (the scales are coded together at the
-  end): there the codes are re-rounded once against the double-quantized scales.
+  the solver chose. With double-quantized scales that is impossible in the permuted layout (the scales are
+  coded together at the end): there the codes are re-rounded once against the double-quantized scales.
+  Static groups know every scale before the sweep, so they are double-quantized first and the codes are
+  chosen on the grid that is stored.
 - Dead inputs (H_ii = 0: never active in calibration) get H_ii = 1 and weight 0 during the solve.
 - `schemes` (full layer name -> scheme, from mixed precision) overrides the scheme layer by layer; layers
   of one input group that share a scheme are still solved as one matrix.
@@ -51,7 +53,13 @@ from modelpress.engine.blocks import BlockStack
 from modelpress.engine.context import BlockContext
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
-from modelpress.formats.packed import PackedWeight, expand_groups, quantize_weight
+from modelpress.formats.packed import (
+    PackedWeight,
+    dequantize_scales,
+    expand_groups,
+    quantize_scales,
+    quantize_weight,
+)
 from modelpress.formats.packing import pack_codes
 from modelpress.formats.scheme import WeightScheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, replace_module
@@ -103,6 +111,7 @@ class GPTQSolution:
     scheme: WeightScheme
     codes: torch.Tensor               # (N, K) uint8
     scale: torch.Tensor               # (N, G) float32, already rounded to the scheme's scale dtype; (1, 1) per tensor
+                                      # (double quantization: before it; packing codes them)
     offset: torch.Tensor | None       # (N, G) float32 for affine formats
     input_perm: torch.Tensor | None   # (K,) int64: stored column j is input column input_perm[j]
     quantized: torch.Tensor           # (N, K) float32 dequantized weight in the layer's own column order
@@ -281,8 +290,12 @@ def _static_solve(w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, perm: torch
     else:
         scale, offset = _checked_grid(grid(in_order.float()), scheme, (n, k))
     scale, offset = storage_rounded(scale, offset, scheme)
+    real_scale = scale
+    if scheme.double_quant:   # coded together, as packing will code them (deterministic): sweep on those
+        block = scheme.double_quant_block
+        real_scale = dequantize_scales(*quantize_scales(scale, block), block)
     g = scheme.group_length(k)
-    fixed = [None if t is None else expand_groups(t, n, k, g) for t in (scale, offset)]
+    fixed = [None if t is None else expand_groups(t, n, k, g) for t in (real_scale, offset)]
     if perm is not None:                                     # (N, K) ranges of each column, in solver order
         fixed = [None if t is None else t[:, perm] for t in fixed]
     codes, quantized, _, _ = _column_loop(w, u, scheme, block_size, torch.diag(h), shrink_steps,
