@@ -8,6 +8,8 @@ option is True; `no_OPTION` is False.
     .venv/bin/python bench/calibrated.py --rows gptq:int3/g128 gptq:int3-asym/g128+true_sequential
     PYTHONPATH=src python3 bench/calibrated.py --device cuda --rows awq-gptq:int3-asym/g128 \\
         gptq:int3-asym/g128+samples=256+damp=0.05
+    .venv/bin/python bench/calibrated.py --windows 10 --rows gptq:int4/g128+samples=32 \\
+        gptq:int4/g128+no_static_groups+samples=32          # static groups against the permuted layout
 
 Quantization runs on --device (the engine moves one block at a time there); scoring runs there too, on
 float32 weights rebuilt once from what each row stores (bench/scoring.materialize), so the numbers are
@@ -70,7 +72,7 @@ class RowSpec:
             value: object = True
             if name.startswith("no_") and not has_value:
                 name, value = name[3:], False
-            if name not in fields or name in ("scheme", "skip", "schemes", "solver"):
+            if name not in fields or name in ("scheme", "skip", "schemes", "solver", "grid"):
                 raise ModelpressError(f"row {key!r}: {name!r} is not an option of {METHODS[method].__name__}")
             if has_value:
                 value = type(getattr(METHODS[method](scheme=WeightScheme.parse(spec)), name))(text)

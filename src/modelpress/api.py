@@ -91,19 +91,26 @@ def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tenso
 
 def quantize_model(loaded: LoadedModel, scheme: WeightScheme, method: str = "rtn",
                    skip: tuple[str, ...] = DEFAULT_SKIP, calibration: CalibrationSettings | None = None,
-                   alpha: float = 0.5, schemes: Mapping[str, WeightScheme] | None = None) -> dict:
+                   alpha: float = 0.5, schemes: Mapping[str, WeightScheme] | None = None,
+                   static_groups: bool = True) -> dict:
     """Quantize `loaded.model` in place; returns a small report (method, scheme, layers, seconds).
     `alpha` is SmoothQuant's migration strength (method "smoothquant" only). `schemes` (full layer name ->
-    scheme) overrides `scheme` layer by layer (mixed precision; not for smoothquant)."""
+    scheme) overrides `scheme` layer by layer (mixed precision; not for smoothquant). `static_groups=False`
+    (gptq, awq-gptq) stores GPTQ's activation order as a column permutation with groups cut in that order,
+    instead of the scheme's groups in the layer's order (algorithms/quantize/gptq.py)."""
     from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 
     if schemes and method == "smoothquant":
         raise ModelpressError("smoothquant quantizes every layer to int8 W8A8; per-layer schemes need rtn, gptq, "
                               "awq or awq-gptq")
+    if not static_groups and method not in ("gptq", "awq-gptq"):
+        raise ModelpressError(f"static_groups=False (--no-static-groups) picks GPTQ's group layout; it applies to "
+                              f"methods gptq and awq-gptq, not {method!r}")
     if method == "gptq":
-        return _quantize_gptq(loaded, scheme, skip, calibration or CalibrationSettings(), schemes)
+        return _quantize_gptq(loaded, scheme, skip, calibration or CalibrationSettings(), schemes, static_groups)
     if method in ("awq", "awq-gptq", "smoothquant"):
-        return _quantize_scaled(loaded, scheme, method, skip, calibration or CalibrationSettings(), alpha, schemes)
+        return _quantize_scaled(loaded, scheme, method, skip, calibration or CalibrationSettings(), alpha, schemes,
+                                static_groups)
     if method != "rtn":
         raise ModelpressError(f"unknown quantization method {method!r}; available: rtn, gptq, awq, awq-gptq, "
                               "smoothquant")
@@ -124,20 +131,22 @@ def quantize_mixed(loaded: LoadedModel, config, calibration: CalibrationSettings
     sensitivity = replace(calibration, samples=config.sensitivity_samples)
     plan = plan_mixed(loaded.model, config, calibration_windows(loaded.tokenizer, sensitivity))
     info = quantize_model(loaded, plan.most_common(), method=config.method, skip=config.skip,
-                          calibration=calibration, schemes=plan.schemes())
+                          calibration=calibration, schemes=plan.schemes(), static_groups=config.static_groups)
     return {**info, "scheme": "mixed", "seconds": round(time.perf_counter() - start, 3),
             "mixed": mixed_report(loaded.model, plan)}
 
 
 def _quantize_gptq(loaded: LoadedModel, scheme: WeightScheme, skip: tuple[str, ...],
-                   calibration: CalibrationSettings, schemes: Mapping[str, WeightScheme] | None = None) -> dict:
+                   calibration: CalibrationSettings, schemes: Mapping[str, WeightScheme] | None = None,
+                   static_groups: bool = True) -> dict:
     from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
 
     start = time.perf_counter()
     ids = calibration_windows(loaded.tokenizer, calibration)
-    result = quantize_gptq(loaded.model, GPTQConfig(scheme=scheme, skip=skip, schemes=schemes), ids, device=calibration.device,
+    config = GPTQConfig(scheme=scheme, static_groups=static_groups, skip=skip, schemes=schemes)
+    result = quantize_gptq(loaded.model, config, ids, device=calibration.device,
                            resume_dir=calibration.resume_dir, batch_size=calibration.batch_size)
-    return {"method": "gptq", "scheme": scheme.spec, "layers": result.layers,
+    return {"method": "gptq", "scheme": scheme.spec, "layers": result.layers, "static_groups": static_groups,
             "seconds": round(time.perf_counter() - start, 3),
             "calibration": {"text": calibration.text or "default", "samples": int(ids.shape[0]),
                             "seq_len": int(ids.shape[1])},
@@ -146,7 +155,7 @@ def _quantize_gptq(loaded: LoadedModel, scheme: WeightScheme, skip: tuple[str, .
 
 def _quantize_scaled(loaded: LoadedModel, scheme: WeightScheme, method: str, skip: tuple[str, ...],
                      calibration: CalibrationSettings, alpha: float,
-                     schemes: Mapping[str, WeightScheme] | None = None) -> dict:
+                     schemes: Mapping[str, WeightScheme] | None = None, static_groups: bool = True) -> dict:
     """AWQ (RTN or GPTQ after the scales) and SmoothQuant W8A8: per-channel scales folded into producers."""
     from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
     from modelpress.algorithms.quantize.smoothquant import SmoothQuantConfig, quantize_smoothquant
@@ -154,8 +163,8 @@ def _quantize_scaled(loaded: LoadedModel, scheme: WeightScheme, method: str, ski
     if method == "smoothquant" and calibration.resume_dir is not None:
         raise ModelpressError("smoothquant runs in one short pass and cannot resume; drop --resume")
     smooth = SmoothQuantConfig.for_scheme(scheme, alpha=alpha, skip=skip) if method == "smoothquant" else None
-    awq = AWQConfig(scheme=scheme, solver="gptq" if method == "awq-gptq" else "rtn", skip=skip,
-                    schemes=schemes) if not smooth else None
+    awq = AWQConfig(scheme=scheme, solver="gptq" if method == "awq-gptq" else "rtn", static_groups=static_groups,
+                    skip=skip, schemes=schemes) if not smooth else None
     start = time.perf_counter()
     ids = calibration_windows(loaded.tokenizer, calibration)
     if smooth is not None:
@@ -166,7 +175,8 @@ def _quantize_scaled(loaded: LoadedModel, scheme: WeightScheme, method: str, ski
         result = quantize_awq(loaded.model, awq, ids, device=calibration.device,
                               resume_dir=calibration.resume_dir, batch_size=calibration.batch_size)
         spec = scheme.spec
-    return {"method": method, "scheme": spec, "layers": result.layers,
+    layout = {"static_groups": static_groups} if method == "awq-gptq" else {}
+    return {"method": method, "scheme": spec, "layers": result.layers, **layout,
             "seconds": round(time.perf_counter() - start, 3),
             "calibration": {"text": calibration.text or "default", "samples": int(ids.shape[0]),
                             "seq_len": int(ids.shape[1])},

@@ -69,12 +69,14 @@ def test_planted_sensitive_layers_get_wide_formats_and_the_mix_beats_uniform_at_
     assert kl(model, mixed, held_out) < 0.25 * kl(model, uniform, held_out)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_budget_holds_on_real_packed_bytes(tiny_llama_dir, tiny_text, method):
+@pytest.mark.parametrize("method, static", [("rtn", True), ("gptq", True), ("gptq", False)])
+def test_budget_holds_on_real_packed_bytes(tiny_llama_dir, tiny_text, method, static):
     loaded = load_model(str(tiny_llama_dir))
     calibration = CalibrationSettings(text=str(tiny_text), samples=4, seq_len=64)
-    # a tight budget between the candidates: GPTQ's stored column permutation must be counted to stay under
-    config = MixedConfig(target_bits=4.3, candidates=(INT3, INT4, INT8), method=method, sensitivity_samples=2)
+    # a tight budget between the candidates: GPTQ's stored column permutation (permuted layout) must be
+    # counted to stay under, and must not be counted with static groups for the budget to be used
+    config = MixedConfig(target_bits=4.3, candidates=(INT3, INT4, INT8), method=method, sensitivity_samples=2,
+                         static_groups=static)
     info = quantize_mixed(loaded, config, calibration)
     mixed = info["mixed"]
     stored = quant_layers(loaded.model)
@@ -88,8 +90,10 @@ def test_budget_holds_on_real_packed_bytes(tiny_llama_dir, tiny_text, method):
         assert stored[name].scheme.spec == layer["scheme"]
         assert layer["bits"] == 8 * stored[name].weight_nbytes
     assert len({v["scheme"] for v in mixed["layers"].values()}) >= 2
-    if method == "gptq":
+    if method == "gptq" and not static:
         assert any(m.input_perm is not None for m in stored.values())
+    else:
+        assert all(m.input_perm is None for m in stored.values())
 
 
 def test_gptq_and_awq_honour_per_layer_schemes_and_an_all_default_map_changes_nothing():
@@ -160,6 +164,7 @@ def test_cli_target_bits_end_to_end(tiny_llama_dir, tiny_text, tmp_path):
     (["--target-bits", "4.5", "--group-size", "64"], "describe one --format"),
     (["--target-bits", "0"], "positive number of bits"),
     (["--target-bits", "4.5", "--method", "smoothquant"], "mixed precision works with methods"),
+    (["--target-bits", "4.5", "--no-static-groups"], "applies to methods gptq, awq-gptq, not 'rtn'"),
 ])
 def test_cli_errors_are_clear(tiny_llama_dir, tiny_text, tmp_path, capsys, extra, message):
     args = ["quantize", str(tiny_llama_dir), "--calib-text", str(tiny_text), "--calib-samples", "2",

@@ -1,5 +1,5 @@
 """modelpress quantize MODEL --method rtn|gptq|awq|awq-gptq|smoothquant [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
+[--symmetric|--asymmetric] [--no-static-groups] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
@@ -48,6 +48,10 @@ def add_parser(sub) -> None:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric grid with a per-group offset")
     p.add_argument("--double-quant", action="store_true", help="quantize the scales to int8 (NF4-style double quantization)")
     p.add_argument("--scale-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--no-static-groups", dest="static_groups", action="store_false",
+                   help="gptq, awq-gptq: store activation order as a column permutation, groups cut in that order "
+                        "(the older layout: 32 more bits per input column, not exportable to GGUF or "
+                        "compressed-tensors) instead of the scheme's groups in the layer's own column order")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="PATTERN",
                    help="layer name patterns left in float (default: lm_head; the output head is always skipped)")
     mixed = p.add_argument_group("mixed precision (instead of --format)")
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     scheme = scheme_for(args.format, group, args.symmetric, args.double_quant, args.scale_dtype)
     loaded = load_model(args.model)
     info = quantize_model(loaded, scheme, method=args.method, skip=tuple(args.skip), calibration=calibration,
-                          alpha=args.alpha)
+                          alpha=args.alpha, static_groups=args.static_groups)
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
               "quantized_parameters": size.quantized_parameters, "source": loaded.source}
@@ -95,7 +99,8 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
         raise ModelpressError("--group-size, --symmetric/--asymmetric and --double-quant describe one --format; with "
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
     config = MixedConfig(target_bits=args.target_bits, candidates=parse_candidates(args.candidates),
-                         method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip))
+                         method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip),
+                         static_groups=args.static_groups)
     loaded = load_model(args.model)
     info = quantize_mixed(loaded, config, calibration)
     size = measure_size(loaded.model)

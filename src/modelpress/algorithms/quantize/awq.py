@@ -64,6 +64,7 @@ class AWQConfig:
     clip_grid: int = 20            # shrink ratios tried: 1, 1 - max_shrink/clip_grid, ..., 1 - max_shrink
     max_shrink: float = 0.5
     solver: str = "rtn"            # "rtn", or "gptq": scales folded, then GPTQ on the scaled layers
+    static_groups: bool = True     # solver "gptq": GPTQ's group layout (GPTQConfig.static_groups)
     skip: tuple[str, ...] = DEFAULT_SKIP
     schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
 
@@ -239,7 +240,8 @@ class AWQ:
 
     def __post_init__(self) -> None:
         if self.config.solver == "gptq":
-            inner = GPTQConfig(scheme=self.config.scheme, skip=self.config.skip, schemes=self.config.schemes)
+            inner = GPTQConfig(scheme=self.config.scheme, static_groups=self.config.static_groups,
+                               skip=self.config.skip, schemes=self.config.schemes)
             self._inner = GPTQ(inner, stack=self.stack)
 
     def scheme_for(self, name: str) -> WeightScheme:

@@ -7,20 +7,30 @@ The math is `gptq_solve` (pure tensors in, codes and scales out). The rest of th
 PackedWeights, and `quantize_gptq`, the entry point that runs it over a model.
 
 Choices, with reasons:
-- Activation order: columns are visited in order of decreasing H_ii. The permutation becomes the packed
-  weight's `input_perm` and groups are cut in that *stored* order, so every group is a contiguous run of
-  stored columns and inference needs one gather of x, never a per-column gather of scales (no g_idx).
-- A group's scale (and offset) is chosen, by the format's own rule, from the error-updated weights when the
-  loop reaches the group's first stored column; lazy blocks are a multiple of the group size so that all of
-  a group's current values are in the block being worked on. (So no `static_groups` option is needed.)
+- Activation order: columns are visited in order of decreasing H_ii. Two layouts of the groups:
+  - static groups (default, `static_groups=True`): every group's scale (and offset) is fixed before the
+    sweep, from the weight in the layer's own column order, by a grid rule (`GroupGrid`; default: the
+    format's rule with the scale search below). Each visited column is rounded on the grid of the group it
+    belongs to in the layer's order, and codes are stored in that order: no `input_perm`, groups exactly
+    the scheme's, so GGUF and compressed-tensors can take the result losslessly (and no 32 bits per input
+    column for the permutation). A caller-supplied grid (a k-quant grid, AWQ's clipped ranges) plugs in here.
+  - permuted (`static_groups=False`): the permutation becomes the packed weight's `input_perm` and groups
+    are cut in that *stored* order, so every group is a contiguous run of stored columns and inference
+    needs one gather of x, never a per-column gather of scales (no g_idx). A group's scale is chosen from
+    the error-updated weights when the loop reaches the group's first stored column; lazy blocks are a
+    multiple of the group size so that all of a group's current values are in the block being worked on.
+  Without activation order both layouts are the same (groups in the layer's order, scales chosen lazily
+  from the error-updated weights) unless a grid is given.
 - Scale search (`shrink_steps`, default 20): the rule is also tried on the group shrunk by 2.5%, 5%, ...
   and each row keeps the candidate with the least H_jj-weighted rounding error. On SmolLM2-135M this took
   INT3/g128 from +216% to +44% perplexity and INT4/g128 to +9% (16 calibration samples).
 - `true_sequential` (re-running the block between q/k/v, o, gate/up and down) is off by default: on
   SmolLM2 it changed perplexity by -6% (INT3) to +1% (INT4) and costs ~40% more calibration time.
 - Scales are rounded to their storage dtype before any column is encoded, so the codes are exactly those
-  the solver chose. With double-quantized scales that is impossible (the scales are coded together at the
-  end): there the codes are re-rounded once against the double-quantized scales.
+  the solver chose. With double-quantized scales that is impossible in the permuted layout (the scales are
+  coded together at the end): there the codes are re-rounded once against the double-quantized scales.
+  Static groups know every scale before the sweep, so they are double-quantized first and the codes are
+  chosen on the grid that is stored.
 - Dead inputs (H_ii = 0: never active in calibration) get H_ii = 1 and weight 0 during the solve.
 - `schemes` (full layer name -> scheme, from mixed precision) overrides the scheme layer by layer; layers
   of one input group that share a scheme are still solved as one matrix.
@@ -31,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -43,12 +53,26 @@ from modelpress.engine.blocks import BlockStack
 from modelpress.engine.context import BlockContext
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
-from modelpress.formats.packed import PackedWeight, quantize_weight
+from modelpress.formats.packed import (
+    PackedWeight,
+    dequantize_scales,
+    expand_groups,
+    quantize_scales,
+    quantize_weight,
+)
 from modelpress.formats.packing import pack_codes
 from modelpress.formats.scheme import WeightScheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, replace_module
 
 log = logging.getLogger(__name__)
+
+Ranges = tuple[torch.Tensor, "torch.Tensor | None"]   # scale and offset, each (N, G); (1, 1) per tensor
+GroupGrid = Callable[[torch.Tensor], Ranges]
+"""Static groups' ranges: (N, K) weight in the layer's column order -> (scale, offset), offset None for
+scale-only formats. Rounded to the scale dtype by the solver; the codes are chosen on exactly those."""
+GridRule = Callable[[torch.Tensor, torch.Tensor, WeightScheme], Ranges]
+"""A grid for any layer: (weight (N, K), hessian (K, K), scheme) -> (scale, offset), e.g. AWQ's clip
+search or a k-quant grid. GPTQConfig.grid; GPTQ binds it to each layer as a GroupGrid."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +81,13 @@ class GPTQConfig:
     damp: float = 0.01                 # added to H's diagonal, as a fraction of its mean
     block_size: int = 128              # columns per lazy batch update (rounded to a multiple of the group)
     act_order: bool = True             # visit columns by decreasing H_ii
+    static_groups: bool = True         # with act_order: groups fixed up front in the layer's order, no input_perm
     true_sequential: bool = False      # re-run the block between dependency levels (q/k/v, then o, ...)
     shrink_steps: int = 20             # >1: search that many scale shrink factors per group (see group_params)
     keep_better_of_rtn: bool = True    # keep RTN for a layer where it scores better on the layer objective
     skip: tuple[str, ...] = DEFAULT_SKIP
     schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
+    grid: GridRule | None = field(default=None, hash=False)   # static groups' ranges; None: the format's rule
 
     def scheme_of(self, name: str) -> WeightScheme:
         return layer_scheme(self.scheme, self.schemes, name)
@@ -74,6 +100,8 @@ class GPTQConfig:
             raise ModelpressError(f"GPTQ block size must be positive, got {self.block_size}")
         if not 1 <= self.shrink_steps <= int(1 / SHRINK_STEP):
             raise ModelpressError(f"GPTQ shrink steps must be in 1..{int(1 / SHRINK_STEP)}, got {self.shrink_steps}")
+        if self.grid is not None and not self.static_groups:
+            raise ModelpressError("a GPTQ grid rule fixes group ranges up front and needs static_groups=True")
 
 
 @dataclass(frozen=True)
@@ -83,6 +111,7 @@ class GPTQSolution:
     scheme: WeightScheme
     codes: torch.Tensor               # (N, K) uint8
     scale: torch.Tensor               # (N, G) float32, already rounded to the scheme's scale dtype; (1, 1) per tensor
+                                      # (double quantization: before it; packing codes them)
     offset: torch.Tensor | None       # (N, G) float32 for affine formats
     input_perm: torch.Tensor | None   # (K,) int64: stored column j is input column input_perm[j]
     quantized: torch.Tensor           # (N, K) float32 dequantized weight in the layer's own column order
@@ -113,7 +142,8 @@ def storage_rounded(scale: torch.Tensor, offset: torch.Tensor | None, scheme: We
     finfo = torch.finfo(scheme.torch_scale_dtype)
     if (scale > finfo.max).any():
         raise ModelpressError(f"a GPTQ scale exceeds {scheme.scale_dtype} range; use float32 scales")
-    scale = scale.float().clamp(min=finfo.tiny).to(scheme.torch_scale_dtype).float()
+    # floor at the smallest subnormal, as quantize_weight stores it (formats/packed.py)
+    scale = scale.float().clamp(min=finfo.tiny * finfo.eps).to(scheme.torch_scale_dtype).float()
     if offset is not None:
         offset = offset.float().clamp(-finfo.max, finfo.max).to(scheme.torch_scale_dtype).float()
     return scale, offset
@@ -204,14 +234,22 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float = 0.01,
-               block_size: int = 128, act_order: bool = True, shrink_steps: int = 1) -> GPTQSolution:
-    """Quantize weight (N, K) given H (K, K) = X X^T / n. Works in H's dtype (float32, or float64 for tests)."""
+               block_size: int = 128, act_order: bool = True, shrink_steps: int = 1, static_groups: bool = True,
+               grid: GroupGrid | None = None) -> GPTQSolution:
+    """Quantize weight (N, K) given H (K, K) = X X^T / n. Works in H's dtype (float32, or float64 for tests).
+    With act_order and a grouped scheme, `static_groups` fixes every group's range up front in the layer's
+    column order (by `grid`, default `format_grid` with the scale search) and stores no permutation; a
+    `grid` is honoured whatever the order or granularity. See the module docstring."""
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise ModelpressError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight of shape {(n, k)}")
+    if grid is not None and not static_groups:
+        raise ModelpressError("a GPTQ grid fixes group ranges up front and needs static_groups=True")
     with _one_cpu_thread(hessian.device):
         h, w, perm = prepare_hessian(hessian, weight.to(hessian.dtype), damp, act_order)
         u = inverse_hessian_factor(h, damp)
+        if grid is not None or (static_groups and act_order and scheme.granularity == "group"):
+            return _static_solve(w, h, u, perm, scheme, block_size, shrink_steps, grid)
         codes, quantized, scale, offset = _column_loop(w, u, scheme, block_size, torch.diag(h), shrink_steps)
     if perm is not None and scheme.granularity != "group":
         # scales do not depend on column order here: store columns in the layer's order, no gather needed
@@ -222,23 +260,80 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme
     return GPTQSolution(scheme, codes, scale, offset, perm, quantized.float())
 
 
+def format_grid(weight: torch.Tensor, scheme: WeightScheme, importance: torch.Tensor | None = None,
+                shrink_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scheme's own ranges for an (N, K) weight, group by group in column order: (scale, offset), each
+    (N, G) ((1, 1) per tensor), rounded for storage; `group_params` per group (scale search with
+    shrink_steps > 1, columns weighed by importance (K,)). With shrink_steps=1: RTN's scales."""
+    n, k = weight.shape
+    importance = torch.ones(k, device=weight.device) if importance is None else importance
+    if scheme.granularity == "tensor":
+        scale, offset = group_params(weight.reshape(1, -1), scheme, importance.repeat(n), shrink_steps)
+        return scale.reshape(1, 1), None if offset is None else offset.reshape(1, 1)
+    g = scheme.group_length(k)
+    pieces = [group_params(weight[:, j : j + g], scheme, importance[j : j + g], shrink_steps) for j in range(0, k, g)]
+    scale = torch.stack([p[0] for p in pieces], dim=1).float()
+    offset = None if pieces[0][1] is None else torch.stack([p[1] for p in pieces], dim=1).float()  # type: ignore[misc]
+    return scale, offset
+
+
+def _static_solve(w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, perm: torch.Tensor | None,
+                  scheme: WeightScheme, block_size: int, shrink_steps: int, grid: GroupGrid | None) -> GPTQSolution:
+    """Static groups: ranges from the prepared W (N, K) in the layer's column order, the sweep in the
+    solver's order (perm), codes stored in the layer's order."""
+    n, k = w.shape
+    inverse = None if perm is None else torch.argsort(perm)
+    in_order = w if inverse is None else w[:, inverse]      # dead inputs already zeroed
+    if grid is None:
+        importance = torch.diag(h) if inverse is None else torch.diag(h)[inverse]
+        scale, offset = format_grid(in_order, scheme, importance, shrink_steps)
+    else:
+        scale, offset = _checked_grid(grid(in_order.float()), scheme, (n, k))
+    scale, offset = storage_rounded(scale, offset, scheme)
+    real_scale = scale
+    if scheme.double_quant:   # coded together, as packing will code them (deterministic): sweep on those
+        block = scheme.double_quant_block
+        real_scale = dequantize_scales(*quantize_scales(scale, block), block)
+    g = scheme.group_length(k)
+    fixed = [None if t is None else expand_groups(t, n, k, g) for t in (real_scale, offset)]
+    if perm is not None:                                     # (N, K) ranges of each column, in solver order
+        fixed = [None if t is None else t[:, perm] for t in fixed]
+    codes, quantized, _, _ = _column_loop(w, u, scheme, block_size, torch.diag(h), shrink_steps,
+                                          fixed=(fixed[0], fixed[1]))  # type: ignore[arg-type]
+    if inverse is not None:
+        codes, quantized = codes[:, inverse], quantized[:, inverse]
+    return GPTQSolution(scheme, codes, scale, offset, None, quantized.float())
+
+
+def _checked_grid(ranges: Ranges, scheme: WeightScheme, shape: tuple[int, int]) -> Ranges:
+    n, k = shape
+    want = (1, 1) if scheme.granularity == "tensor" else (n, scheme.num_groups(k))
+    scale, offset = ranges
+    if tuple(scale.shape) != want or (offset is None) == scheme.qformat.affine or \
+            (offset is not None and tuple(offset.shape) != want):
+        got = (tuple(scale.shape), None if offset is None else tuple(offset.shape))
+        raise ModelpressError(f"a GPTQ grid gave (scale, offset) shapes {got} for a {shape} weight under "
+                              f"{scheme.spec}; expected {want} each (offset only for affine formats)")
+    return scale.float(), None if offset is None else offset.float()
+
+
 def _column_loop(w: torch.Tensor, u: torch.Tensor, scheme: WeightScheme, block_size: int, h_diag: torch.Tensor,
-                 shrink_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 shrink_steps: int, fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The GPTQ sweep over prepared W (N, K) (modified in place) with U = chol(H^-1) upper; h_diag (K,) is
-    the prepared Hessian's diagonal (column importance for the scale search).
+    the prepared Hessian's diagonal (column importance for the scale search). `fixed`: (scale, offset)
+    (N, K) of every column in solver order, used as given (static groups; scale and offset come back None).
     Returns codes (N, K), dequantized weights (N, K), scale and offset ((N, G), (N, 1) or (1, 1))."""
     n, k = w.shape
     granularity = scheme.granularity
     scales: list[torch.Tensor] = []
     offsets: list[torch.Tensor | None] = []
-    if granularity == "group":
-        g = scheme.group_length(k)
-        block = max(1, block_size // g) * g
-    else:  # one scale per row or per tensor, from the whole (dead-zeroed) weight
-        g, block = k, block_size
-        whole = w if granularity == "channel" else w.reshape(1, -1)
-        importance = h_diag if granularity == "channel" else h_diag.repeat(w.shape[0])
-        scale, offset = group_params(whole, scheme, importance, shrink_steps)
+    g = scheme.group_length(k)
+    block = max(1, block_size // g) * g if granularity == "group" else block_size
+    if fixed is None and granularity != "group":  # one scale per row or per tensor, from the whole weight
+        scale, offset = format_grid(w, scheme, h_diag, shrink_steps)
+        scale, offset = (scale[:, 0], None if offset is None else offset[:, 0]) if granularity == "channel" \
+            else (scale.reshape(1), None if offset is None else offset.reshape(1))
         scales.append(scale)
         offsets.append(offset)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
@@ -249,7 +344,9 @@ def _column_loop(w: torch.Tensor, u: torch.Tensor, scheme: WeightScheme, block_s
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            if granularity == "group" and (i1 + i) % g == 0:
+            if fixed is not None:
+                scale, offset = fixed[0][:, i1 + i], None if fixed[1] is None else fixed[1][:, i1 + i]
+            elif granularity == "group" and (i1 + i) % g == 0:
                 scale, offset = group_params(w1[:, i : i + g], scheme, h_diag[i1 + i : i1 + i + g], shrink_steps)
                 scales.append(scale)
                 offsets.append(offset)
@@ -260,6 +357,8 @@ def _column_loop(w: torch.Tensor, u: torch.Tensor, scheme: WeightScheme, block_s
             w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if fixed is not None:
+        return codes, quantized, None, None
     scale_t = _stack_params(scales, granularity, n)
     offset_t = None if offsets[0] is None else _stack_params(offsets, granularity, n)  # type: ignore[arg-type]
     return codes, quantized, scale_t, offset_t
@@ -287,9 +386,10 @@ def _stack_params(values: list[torch.Tensor], granularity: str, n: int) -> torch
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = True, shrink_steps: int = 1) -> PackedWeight:
+                  block_size: int = 128, act_order: bool = True, shrink_steps: int = 1, static_groups: bool = True,
+                  grid: GroupGrid | None = None) -> PackedWeight:
     """GPTQ-quantize weight (N, K) against H (K, K) into a PackedWeight."""
-    return gptq_solve(weight, hessian, scheme, damp, block_size, act_order, shrink_steps).packed()
+    return gptq_solve(weight, hessian, scheme, damp, block_size, act_order, shrink_steps, static_groups, grid).packed()
 
 
 def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -333,9 +433,10 @@ class GPTQ:
 
     def describe(self) -> str:
         c = self.config
+        grid = "" if c.grid is None else f" grid={getattr(c.grid, '__qualname__', type(c.grid).__name__)}"
         return (f"gptq scheme={c.scheme.spec} damp={c.damp} block={c.block_size} act_order={c.act_order} "
-                f"true_sequential={c.true_sequential} shrink_steps={c.shrink_steps} keep_better_of_rtn={c.keep_better_of_rtn}"
-                f"{schemes_digest(c.schemes)}")
+                f"static_groups={c.static_groups} true_sequential={c.true_sequential} shrink_steps={c.shrink_steps} "
+                f"keep_better_of_rtn={c.keep_better_of_rtn}{grid}{schemes_digest(c.schemes)}")
 
     def prepare_block(self, context: BlockContext) -> None:
         self._prefix = f"{self.stack.block_name(context.index)}." if self.stack is not None else ""
@@ -369,8 +470,11 @@ class GPTQ:
         # layers reading the same input share H, and GPTQ treats rows independently: solve those with one
         # scheme as one matrix (but a per-tensor scale belongs to one layer)
         for scheme, batch in _batches_by_scheme([self.scheme_for(t) for t in group.targets]):
-            solution = gptq_solve(torch.cat([weights[i] for i in batch]), hessian, scheme, self.config.damp,
-                                  self.config.block_size, self.config.act_order, self.config.shrink_steps)
+            c = self.config
+            rule = c.grid
+            grid = None if rule is None else (lambda w, s=scheme: rule(w, hessian, s))  # type: ignore[misc]
+            solution = gptq_solve(torch.cat([weights[i] for i in batch]), hessian, scheme, c.damp, c.block_size,
+                                  c.act_order, c.shrink_steps, c.static_groups, grid)
             row = 0
             for i in batch:
                 part = solution.rows(row, row + weights[i].shape[0])

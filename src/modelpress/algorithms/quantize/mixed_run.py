@@ -40,7 +40,7 @@ from modelpress.nn.quant_linear import QuantLinear
 DEFAULT_CANDIDATES = ("int3/g128", "int3-asym/g64", "nf4/g128", "nf4/g64/dq", "int4-asym/g64", "nf4/g32",
                       "int8/channel")
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
-PERMUTING_METHODS = ("gptq", "awq-gptq")    # GPTQ with activation order stores a column permutation
+PERMUTING_METHODS = ("gptq", "awq-gptq")    # GPTQ's permuted layout (static_groups=False) stores a column permutation
 
 
 def parse_candidates(specs: list[str] | tuple[str, ...]) -> tuple[WeightScheme, ...]:
@@ -67,6 +67,7 @@ class MixedConfig:
     sensitivity_samples: int = 8               # calibration windows for the Fisher scores
     sensitivity_batch_size: int = 2            # windows per forward/backward
     sensitivity_positions: int | None = 128    # token positions per window where ΔY is formed (None: all)
+    static_groups: bool = True                 # gptq, awq-gptq: GPTQ's group layout (GPTQConfig.static_groups)
     skip: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
@@ -74,6 +75,9 @@ class MixedConfig:
             raise ModelpressError(f"--target-bits must be a positive number of bits per weight, got {self.target_bits}")
         if self.method not in METHODS:
             raise ModelpressError(f"mixed precision works with methods {', '.join(METHODS)}, got {self.method!r}")
+        if not self.static_groups and self.method not in PERMUTING_METHODS:
+            raise ModelpressError(f"static_groups=False picks GPTQ's group layout; it applies to methods "
+                                  f"{', '.join(PERMUTING_METHODS)}, not {self.method!r}")
         if not self.candidates or not all(isinstance(s, WeightScheme) for s in self.candidates):
             raise ModelpressError("mixed precision candidates must be a non-empty tuple of WeightSchemes")
         if self.sensitivity_samples <= 0 or self.sensitivity_batch_size <= 0 or (self.sensitivity_positions or 1) <= 0:
@@ -81,11 +85,11 @@ class MixedConfig:
                                   f"{self.sensitivity_samples}, {self.sensitivity_batch_size}, {self.sensitivity_positions}")
 
 
-def method_bits(candidate: LayerCandidates, scheme: WeightScheme, method: str) -> int:
+def method_bits(candidate: LayerCandidates, scheme: WeightScheme, method: str, static_groups: bool = True) -> int:
     """Stored bits of one layer under `scheme` as `method` stores it: the RTN packing, plus GPTQ's int32
-    column permutation (act order) for grouped schemes."""
+    column permutation for grouped schemes in the permuted layout (act order without static groups)."""
     bits = candidate.bits[scheme.spec]
-    if method in PERMUTING_METHODS and scheme.granularity == "group":
+    if method in PERMUTING_METHODS and not static_groups and scheme.granularity == "group":
         in_features = candidate.packed[scheme.spec].shape[1]
         bits += 32 * in_features
     return bits
@@ -119,7 +123,8 @@ def plan_mixed(model: nn.Module, config: MixedConfig, windows: torch.Tensor) -> 
         raise ModelpressError(f"no linear layers to quantize (skip patterns: {list(config.skip)})")
     scores = fisher_sensitivity(model, candidates, windows, batch_size=config.sensitivity_batch_size,
                                 positions=config.sensitivity_positions)
-    bits = {c.name: {s.spec: method_bits(c, s, config.method) for s in config.candidates} for c in candidates}
+    bits = {c.name: {s.spec: method_bits(c, s, config.method, config.static_groups) for s in config.candidates}
+            for c in candidates}
     parameters = {c.name: c.parameters for c in candidates}
     del candidates
     choice = choose_schemes(scores, bits, parameters, config.target_bits)
