@@ -198,3 +198,41 @@ def test_default_model_export_is_its_source_gguf_tensor_for_tensor(default_model
         other = theirs[tensor.name]
         assert tensor.tensor_type == other.tensor_type, tensor.name
         assert np.array_equal(np.asarray(tensor.data).view(np.uint8), np.asarray(other.data).view(np.uint8)), tensor.name
+
+
+def test_eval_loads_the_exported_gguf_and_compares_with_its_float_source(bpe_tokenizer, tmp_path, monkeypatch):
+    from modelpress.api import default_reference
+    from modelpress.io.model import load_model
+
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    loaded = tiny("llama", bpe_tokenizer)
+    loaded.float_source = str(tmp_path / "float-model")
+    quantize_all(loaded, "int4-asym/g32")
+    export_model(loaded, ["gguf"], tmp_path / "out", ExportOptions(gguf_float_type="F32"))
+    back = load_model(str(tmp_path / "out" / "gguf" / GGUF_FILE))
+    assert default_reference(back) == str(tmp_path / "float-model")
+    ids = torch.randint(0, len(bpe_tokenizer), (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = loaded.model(input_ids=ids).logits, back.model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_structurally_pruned_model_writes_its_new_widths(bpe_tokenizer, tmp_path):
+    from modelpress.algorithms.prune.structure import Unit
+    from modelpress.algorithms.prune.structured import slice_unit
+
+    loaded = tiny("llama", bpe_tokenizer, seed=5)
+    mlp = Unit("channels", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
+    for layer, start in ((0, 0), (1, 32)):   # each layer keeps 96 of 128 neurons (ResizedLinear, config unchanged)
+        slice_unit(loaded.model.model.layers[layer], mlp, torch.arange(start, start + 96), None, plain=False)
+    quantize_all(loaded, "int4/g32")
+    export_model(loaded, ["gguf"], tmp_path / "out", ExportOptions(gguf_float_type="F32"))
+    path = tmp_path / "out" / "gguf" / GGUF_FILE
+    assert GGUFReader(str(path)).fields["llama.feed_forward_length"].contents() == 96
+    assert gguf_weights(path)["blk.1.ffn_down.weight"].shape == (64, 96)
+    if llamacpp.available():
+        ids = torch.randint(0, len(bpe_tokenizer), (1, 48), generator=torch.Generator().manual_seed(4))
+        theirs = torch.log_softmax(llamacpp.logits(path, ids, threads=2), -1)
+        with torch.no_grad():
+            ours = torch.log_softmax(loaded.model(input_ids=ids).logits.float(), -1)
+        assert (ours.exp() * (ours - theirs)).sum(-1).mean().item() < 1e-2

@@ -24,7 +24,9 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.export import gguf_arch, gguf_blocks, gguf_vocab
+from modelpress.export.dense import dense_layer, dense_layers, plain_state
 from modelpress.export.gguf_kv import read_kv
+from modelpress.export.hf_config import expected_shapes, fit_config
 from modelpress.export.base import ExportOptions, ExportResult, LayerExport, folder_bytes, register_exporter
 from modelpress.export.modelfile import write_modelfile
 from modelpress.formats.packed import PackedWeight
@@ -40,6 +42,7 @@ FALLBACK: dict[int, tuple[str, ...]] = {
     3: ("Q3_K", "Q4_K", "Q4_1", "Q8_0"), 2: ("Q2_K", "Q3_K", "Q4_K", "Q4_1", "Q8_0"),
 }
 OWN_GENERAL_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+FLOAT_KINDS = ("resized_linear",)   # compressed kinds that are plain float layers of another shape
 FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q3_K": "MOSTLY_Q3_K_M", "Q2_K": "MOSTLY_Q2_K"}
 
 
@@ -57,13 +60,14 @@ def export_gguf(loaded: LoadedModel, folder: Path, options: ExportOptions) -> Ex
     model = loaded.model
     config = model.config
     arch = gguf_arch.arch_for(config)
+    config = fitted_config(model)
     names = get_tensor_name_map(arch.arch, int(config.num_hidden_layers))
     tensors: list[GGUFTensor] = []
     layers: list[LayerExport] = []
     runtime: dict[str, torch.Tensor] = {}
     owned = set()
     for name, module in model.named_modules():
-        if compressed_module_kind(module) is None:
+        if compressed_module_kind(module) in (None, *FLOAT_KINDS):
             continue
         owned.update(f"{name}.{p}" for p, _ in module.named_parameters())
         tensor, layer, weight = compressed_tensor(name, module, options)
@@ -89,7 +93,7 @@ def export_gguf(loaded: LoadedModel, folder: Path, options: ExportOptions) -> Ex
         if arch.permute_qk:
             permute_for_rope(tensor, hf_name, config)
     path = folder / GGUF_FILE
-    write_file(path, loaded, arch, tensors, options)
+    write_file(path, loaded, config, arch, tensors, options)
     write_modelfile(folder, loaded.tokenizer, GGUF_FILE)
     linear = [t for t in tensors if t.linear]
     bits = 8 * sum(t.data.nbytes for t in linear) / max(1, sum(t.elements for t in linear))
@@ -98,6 +102,17 @@ def export_gguf(loaded: LoadedModel, folder: Path, options: ExportOptions) -> Ex
              f"{bits:.3f} bits per weight as stored in the file"]
     return ExportResult(target="gguf", files=[GGUF_FILE, "Modelfile"], layers=layers, file_bytes=folder_bytes(folder),
                         linear_bits_per_weight=bits, notes=notes, runtime_weights=runtime)
+
+
+def fitted_config(model: nn.Module):
+    """The config whose sizes the model really has: a structurally pruned model (layers cut to one new width,
+    whatever holds them now) gets its new widths, as the hf export writes them; differing widths are refused."""
+    expected = expected_shapes(type(model), model.config)
+    if all(expected.get(f"{name}.weight") == (m.out_features, m.in_features)
+           for name, m in model.named_modules() if hasattr(m, "out_features") and hasattr(m, "in_features")):
+        return model.config
+    shapes = {key: tuple(value.shape) for key, value in plain_state(model, dense_layers(model)).items()}
+    return fit_config(type(model), model.config, shapes)[0]
 
 
 def compressed_tensor(name: str, module: nn.Module, options: ExportOptions):
@@ -133,14 +148,10 @@ def compressed_tensor(name: str, module: nn.Module, options: ExportOptions):
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """(N, K) float32 weight a compressed layer computes with (its input scaling folded in)."""
-    if hasattr(module, "dense_weight"):
-        weight = module.dense_weight(torch.float32)
-    elif hasattr(module, "dequantized_weight"):
-        weight = module.dequantized_weight(torch.float32)
-    else:
+    layer = dense_layer(module)
+    if layer is None or "weight" not in layer.tensors:
         raise ModelpressError(f"GGUF export cannot read the weight of a {type(module).__name__} layer")
-    smooth = getattr(module, "smooth", None)
-    return weight / smooth.float()[None, :] if smooth is not None else weight
+    return layer.tensors["weight"]
 
 
 def fallback_type(bits: int, k: int, options: ExportOptions) -> GGMLQuantizationType:
@@ -218,9 +229,8 @@ def permute_for_rope(tensor: GGUFTensor, hf_name: str, config) -> None:
     tensor.data = np.ascontiguousarray(tensor.data[order])
 
 
-def write_file(path: Path, loaded: LoadedModel, arch: gguf_arch.GGUFArch, tensors: list[GGUFTensor],
+def write_file(path: Path, loaded: LoadedModel, config, arch: gguf_arch.GGUFArch, tensors: list[GGUFTensor],
                options: ExportOptions) -> None:
-    config = loaded.model.config
     writer = GGUFWriter(str(path), arch.name)
     source_gguf = _gguf_source(loaded)
     if source_gguf is not None:
