@@ -153,7 +153,7 @@ def quantize_model(loaded: LoadedModel, config, calibration: Calibration = None)
     ids, info = calibration_ids(loaded.tokenizer, calibration) if quantizer.calibrated else (None, None)
     start = time.perf_counter()
     run = quantizer.run(loaded.model, config, ids, settings.device, settings.resume_dir, settings.batch_size)
-    return QuantizeReport(method_of(config), run.scheme, run.layers, round(time.perf_counter() - start, 3), info,
+    return QuantizeReport(run.method or method_of(config), run.scheme, run.layers, round(time.perf_counter() - start, 3), info,
                           run.details)
 
 

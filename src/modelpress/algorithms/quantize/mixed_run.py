@@ -189,4 +189,4 @@ def quantize_mixed(model: nn.Module, config: MixedConfig, calibration_ids: torch
     quantizer = quantizer_for(method)
     run = quantizer.run(model, method, calibration_ids if quantizer.calibrated else None, device, resume_dir,
                         batch_size)
-    return QuantizeRun(run.layers, "mixed", {**run.details, "mixed": mixed_report(model, plan)})
+    return QuantizeRun(run.layers, "mixed", {**run.details, "mixed": mixed_report(model, plan)}, config.method)

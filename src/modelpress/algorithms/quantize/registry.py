@@ -23,6 +23,7 @@ class QuantizeRun:
     layers: int
     scheme: str
     details: dict
+    method: str | None = None       # the method that quantized, when the runner handed over (mixed precision)
 
 
 Runner = Callable[[nn.Module, object, "torch.Tensor | None", "str | torch.device", "str | None", int], QuantizeRun]
