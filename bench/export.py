@@ -36,10 +36,10 @@ from bench.peers.llamacpp import run_tool, tensor_mix  # noqa: E402
 from bench.scoring import table, write_json  # noqa: E402
 
 from modelpress.algorithms.quantize.mixed_run import MixedConfig, parse_candidates  # noqa: E402
-from modelpress.api import CalibrationSettings, calibration_windows, quantize_mixed, quantize_model  # noqa: E402
+from modelpress.algorithms.quantize import config_for_method  # noqa: E402
+from modelpress.api import CalibrationSettings, calibration_windows, quantize_model  # noqa: E402
 from modelpress.export import ExportOptions, export_model, llamacpp  # noqa: E402
 from modelpress.export.gguf import GGUF_FILE  # noqa: E402
-from modelpress.formats.scheme import WeightScheme  # noqa: E402
 from modelpress.io.model import load_model  # noqa: E402
 from modelpress.io.text import load_text  # noqa: E402
 
@@ -95,9 +95,9 @@ def modelpress_row(key: str, base, calibration: CalibrationSettings, workdir: Pa
             bits, method, candidates = spec.split(":")
             config = MixedConfig(target_bits=float(bits), candidates=parse_candidates(candidates.split(",")),
                                  method=method)
-            quantize_mixed(loaded, config, calibration)
+            quantize_model(loaded, config, calibration)
         else:
-            quantize_model(loaded, WeightScheme.parse(spec), method=method, calibration=calibration)
+            quantize_model(loaded, config_for_method(method, spec), calibration)
         tmp = workdir / f"{out.stem}-export"
         shutil.rmtree(tmp, ignore_errors=True)
         result = export_model(loaded, ["gguf"], tmp)[0]

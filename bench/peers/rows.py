@@ -73,15 +73,15 @@ def measured(fields: dict) -> Iterator[None]:
 
 def modelpress_row(method: str, spec: str) -> Row:
     def build(loaded, ctx: BuildContext):
+        from modelpress.algorithms.quantize import config_for_method
         from modelpress.api import CalibrationSettings, quantize_model
         from modelpress.eval.size import measure_size
-        from modelpress.formats.scheme import WeightScheme
 
-        scheme = WeightScheme.parse(spec)
+        config = config_for_method(method, spec)
         calibration = CalibrationSettings(samples=ctx.calib_samples, seq_len=ctx.calib_seq_len)
         fields: dict = {}
         with measured(fields):
-            report = quantize_model(loaded, scheme, method, calibration=None if method == "rtn" else calibration)
+            report = quantize_model(loaded, config, calibration).to_json()
         size = measure_size(loaded.model)
         notes = []
         if "calibration" in report:

@@ -1,3 +1,79 @@
-"""modelpress: make trained models smaller and faster, and measure what it costs."""
+"""modelpress: make trained models smaller and faster, and measure what it costs.
+
+The Python API (docs/api.md), imported on first use so that `import modelpress` stays cheap:
+
+    load(spec=None) -> LoadedModel                   quantize(model, GPTQ("int4/g128"), calibration=...)
+    prune(model, SparseGPT(0.5), calibration=...)    evaluate(model, reference=..., text=...) -> EvalReport
+    save(model, path)                                export(model, ["gguf"], path)
+
+Configs: RTN, GPTQ, AWQ, SmoothQuant, Mixed (quantizers, registered in algorithms/quantize) and Magnitude,
+Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
+exporters' package; calling it exports (see export/__init__.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "load": ("modelpress.python_api", "load"),
+    "quantize": ("modelpress.python_api", "quantize"),
+    "prune": ("modelpress.python_api", "prune"),
+    "evaluate": ("modelpress.python_api", "evaluate"),
+    "save": ("modelpress.python_api", "save"),
+    "export": ("modelpress.export", None),           # the package, callable (export/__init__.py)
+    "RTN": ("modelpress.algorithms.quantize", "RTNConfig"),
+    "GPTQ": ("modelpress.algorithms.quantize", "GPTQConfig"),
+    "AWQ": ("modelpress.algorithms.quantize", "AWQConfig"),
+    "SmoothQuant": ("modelpress.algorithms.quantize", "SmoothQuantConfig"),
+    "Mixed": ("modelpress.algorithms.quantize", "MixedConfig"),
+    "Magnitude": ("modelpress.algorithms.prune", "MagnitudeConfig"),
+    "Wanda": ("modelpress.algorithms.prune", "WandaConfig"),
+    "SparseGPT": ("modelpress.algorithms.prune", "SparseGPTConfig"),
+    "Structured": ("modelpress.algorithms.prune", "StructuredConfig"),
+    "ExpertPrune": ("modelpress.algorithms.prune", "ExpertPruneConfig"),
+    "CalibrationSettings": ("modelpress.api", "CalibrationSettings"),
+    "EvalSettings": ("modelpress.api", "EvalSettings"),
+    "EvalReport": ("modelpress.api", "EvalReport"),
+    "QuantizeReport": ("modelpress.api", "QuantizeReport"),
+    "PruningReport": ("modelpress.api", "PruningReport"),
+    "LoadedModel": ("modelpress.io.model", "LoadedModel"),
+    "WeightScheme": ("modelpress.formats.scheme", "WeightScheme"),
+    "ExportOptions": ("modelpress.export.base", "ExportOptions"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'modelpress' has no attribute {name!r}") from None
+    imported = importlib.import_module(module)
+    return imported if attribute is None else getattr(imported, attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:
+    from modelpress.algorithms.prune import ExpertPruneConfig as ExpertPrune
+    from modelpress.algorithms.prune import MagnitudeConfig as Magnitude
+    from modelpress.algorithms.prune import SparseGPTConfig as SparseGPT
+    from modelpress.algorithms.prune import StructuredConfig as Structured
+    from modelpress.algorithms.prune import WandaConfig as Wanda
+    from modelpress.algorithms.quantize import AWQConfig as AWQ
+    from modelpress.algorithms.quantize import GPTQConfig as GPTQ
+    from modelpress.algorithms.quantize import MixedConfig as Mixed
+    from modelpress.algorithms.quantize import RTNConfig as RTN
+    from modelpress.algorithms.quantize import SmoothQuantConfig as SmoothQuant
+    from modelpress.api import CalibrationSettings, EvalReport, EvalSettings, PruningReport, QuantizeReport
+    from modelpress.export.base import ExportOptions
+    from modelpress.formats.scheme import WeightScheme
+    from modelpress.io.model import LoadedModel
+    from modelpress.python_api import evaluate, load, prune, quantize, save

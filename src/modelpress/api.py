@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -43,6 +43,9 @@ class EvalReport:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> dict:
         return asdict(self)
 
 
@@ -89,115 +92,93 @@ def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tenso
     return windows.calibration
 
 
-def quantize_model(loaded: LoadedModel, scheme: WeightScheme, method: str = "rtn",
-                   skip: tuple[str, ...] = DEFAULT_SKIP, calibration: CalibrationSettings | None = None,
-                   alpha: float = 0.5, schemes: Mapping[str, WeightScheme] | None = None,
-                   static_groups: bool = True) -> dict:
-    """Quantize `loaded.model` in place; returns a small report (method, scheme, layers, seconds).
-    `alpha` is SmoothQuant's migration strength (method "smoothquant" only). `schemes` (full layer name ->
-    scheme) overrides `scheme` layer by layer (mixed precision; not for smoothquant). `static_groups=False`
-    (gptq, awq-gptq) stores GPTQ's activation order as a column permutation with groups cut in that order,
-    instead of the scheme's groups in the layer's order (algorithms/quantize/gptq.py)."""
-    from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
-
-    if schemes and method == "smoothquant":
-        raise ModelpressError("smoothquant quantizes every layer to int8 W8A8; per-layer schemes need rtn, gptq, "
-                              "awq or awq-gptq")
-    if not static_groups and method not in ("gptq", "awq-gptq"):
-        raise ModelpressError(f"static_groups=False (--no-static-groups) picks GPTQ's group layout; it applies to "
-                              f"methods gptq and awq-gptq, not {method!r}")
-    if method == "gptq":
-        return _quantize_gptq(loaded, scheme, skip, calibration or CalibrationSettings(), schemes, static_groups)
-    if method in ("awq", "awq-gptq", "smoothquant"):
-        return _quantize_scaled(loaded, scheme, method, skip, calibration or CalibrationSettings(), alpha, schemes,
-                                static_groups)
-    if method != "rtn":
-        raise ModelpressError(f"unknown quantization method {method!r}; available: rtn, gptq, awq, awq-gptq, "
-                              "smoothquant")
-    start = time.perf_counter()
-    layers = quantize_rtn(loaded.model, RTNConfig(scheme=scheme, skip=skip, schemes=schemes))
-    return {"method": method, "scheme": scheme.spec, "layers": len(layers),
-            "seconds": round(time.perf_counter() - start, 3)}
+Calibration = CalibrationSettings | torch.Tensor | Sequence[str] | str | None
+"""Calibration data as the Python API takes it: settings (a text file, the default corpus), token ids
+(samples, seq_len), texts (joined, cut into windows of up to 512 tokens; needs a tokenizer) or a text file."""
 
 
-def quantize_mixed(loaded: LoadedModel, config, calibration: CalibrationSettings | None = None) -> dict:
-    """Mixed precision to a bit budget (`config`: algorithms/quantize/mixed_run.MixedConfig): score each layer
-    under each candidate on calibration windows, choose a scheme per layer, quantize with `config.method`.
-    Returns quantize_model's report with scheme "mixed" and the per-layer map under "mixed"."""
-    from modelpress.algorithms.quantize.mixed_run import mixed_report, plan_mixed
-
-    calibration = calibration or CalibrationSettings()
-    start = time.perf_counter()
-    sensitivity = replace(calibration, samples=config.sensitivity_samples)
-    plan = plan_mixed(loaded.model, config, calibration_windows(loaded.tokenizer, sensitivity))
-    info = quantize_model(loaded, plan.most_common(), method=config.method, skip=config.skip,
-                          calibration=calibration, schemes=plan.schemes(), static_groups=config.static_groups)
-    return {**info, "scheme": "mixed", "seconds": round(time.perf_counter() - start, 3),
-            "mixed": mixed_report(loaded.model, plan)}
-
-
-def _quantize_gptq(loaded: LoadedModel, scheme: WeightScheme, skip: tuple[str, ...],
-                   calibration: CalibrationSettings, schemes: Mapping[str, WeightScheme] | None = None,
-                   static_groups: bool = True) -> dict:
-    from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
-
-    start = time.perf_counter()
-    ids = calibration_windows(loaded.tokenizer, calibration)
-    config = GPTQConfig(scheme=scheme, static_groups=static_groups, skip=skip, schemes=schemes)
-    result = quantize_gptq(loaded.model, config, ids, device=calibration.device,
-                           resume_dir=calibration.resume_dir, batch_size=calibration.batch_size)
-    return {"method": "gptq", "scheme": scheme.spec, "layers": result.layers, "static_groups": static_groups,
-            "seconds": round(time.perf_counter() - start, 3),
-            "calibration": {"text": calibration.text or "default", "samples": int(ids.shape[0]),
-                            "seq_len": int(ids.shape[1])},
-            **result.summary()}
-
-
-def _quantize_scaled(loaded: LoadedModel, scheme: WeightScheme, method: str, skip: tuple[str, ...],
-                     calibration: CalibrationSettings, alpha: float,
-                     schemes: Mapping[str, WeightScheme] | None = None, static_groups: bool = True) -> dict:
-    """AWQ (RTN or GPTQ after the scales) and SmoothQuant W8A8: per-channel scales folded into producers."""
-    from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
-    from modelpress.algorithms.quantize.smoothquant import SmoothQuantConfig, quantize_smoothquant
-
-    if method == "smoothquant" and calibration.resume_dir is not None:
-        raise ModelpressError("smoothquant runs in one short pass and cannot resume; drop --resume")
-    smooth = SmoothQuantConfig.for_scheme(scheme, alpha=alpha, skip=skip) if method == "smoothquant" else None
-    awq = AWQConfig(scheme=scheme, solver="gptq" if method == "awq-gptq" else "rtn", static_groups=static_groups,
-                    skip=skip, schemes=schemes) if not smooth else None
-    start = time.perf_counter()
-    ids = calibration_windows(loaded.tokenizer, calibration)
-    if smooth is not None:
-        result = quantize_smoothquant(loaded.model, smooth, ids, device=calibration.device,
-                                      batch_size=calibration.batch_size)
-        spec = smooth.scheme.spec
+def calibration_ids(tokenizer, calibration: Calibration) -> tuple[torch.Tensor, dict]:
+    """Token ids (samples, seq_len) and their description for the report."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.is_floating_point() or calibration.numel() == 0:
+            raise ModelpressError(f"calibration token ids must be a non-empty integer tensor (samples, seq_len), "
+                                  f"got {calibration.dtype} of shape {tuple(calibration.shape)}")
+        ids, text = calibration.long(), "token ids"
+    elif calibration is None or isinstance(calibration, (CalibrationSettings, str)):
+        settings = calibration if isinstance(calibration, CalibrationSettings) else CalibrationSettings(calibration)
+        ids, text = calibration_windows(tokenizer, settings), settings.text or "default"
     else:
-        result = quantize_awq(loaded.model, awq, ids, device=calibration.device,
-                              resume_dir=calibration.resume_dir, batch_size=calibration.batch_size)
-        spec = scheme.spec
-    layout = {"static_groups": static_groups} if method == "awq-gptq" else {}
-    return {"method": method, "scheme": spec, "layers": result.layers, **layout,
-            "seconds": round(time.perf_counter() - start, 3),
-            "calibration": {"text": calibration.text or "default", "samples": int(ids.shape[0]),
-                            "seq_len": int(ids.shape[1])},
-            **result.summary()}
+        ids, text = text_windows(tokenizer, list(calibration), CalibrationSettings()), "texts"
+    return ids, {"text": text, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
 
 
-def prune_model(loaded: LoadedModel, config, calibration: CalibrationSettings | None = None) -> dict:
+def text_windows(tokenizer, texts: list[str], settings: CalibrationSettings) -> torch.Tensor:
+    """Texts joined by blank lines and cut into up to `settings.samples` windows of up to `settings.seq_len`
+    tokens (shorter when all the text is less than one window)."""
+    if tokenizer is None:
+        raise ModelpressError("calibration texts need a tokenizer: pass tokenizer=, or give token ids")
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ModelpressError("calibration texts must be a non-empty list of strings")
+    source = TextSource(f"{len(texts)} calibration texts", "\n\n".join(texts))
+    bos = tokenizer_bos(tokenizer) if settings.bos else None
+    tokens = len(tokenizer(source.text, add_special_tokens=False)["input_ids"])
+    seq_len = min(settings.seq_len, tokens + (bos is not None))
+    return make_windows(tokenizer, source, seq_len, 0, settings.samples, bos).calibration
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    method: str                       # the registered method name (algorithms/quantize)
+    scheme: str                       # the scheme spec, or "mixed"
+    layers: int                       # linear layers quantized
+    seconds: float
+    calibration: dict | None          # text, samples, seq_len; None for methods without calibration
+    details: dict                     # the method's own summary
+
+    def to_json(self) -> dict:
+        calibration = {} if self.calibration is None else {"calibration": self.calibration}
+        return {"method": self.method, "scheme": self.scheme, "layers": self.layers, "seconds": self.seconds,
+                **calibration, **self.details}
+
+
+def quantize_model(loaded: LoadedModel, config, calibration: Calibration = None) -> QuantizeReport:
+    """Quantize `loaded.model` in place as `config` says: one of the registered quantizer configs
+    (algorithms/quantize: RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, MixedConfig)."""
+    from modelpress.algorithms.quantize import method_of, quantizer_for
+
+    quantizer = quantizer_for(config)
+    settings = calibration if isinstance(calibration, CalibrationSettings) else CalibrationSettings()
+    if settings.resume_dir is not None and not quantizer.resumable:
+        raise ModelpressError(f"{method_of(config)} runs in one short pass and cannot resume; drop --resume")
+    ids, info = calibration_ids(loaded.tokenizer, calibration) if quantizer.calibrated else (None, None)
+    start = time.perf_counter()
+    run = quantizer.run(loaded.model, config, ids, settings.device, settings.resume_dir, settings.batch_size)
+    return QuantizeReport(run.method or method_of(config), run.scheme, run.layers, round(time.perf_counter() - start, 3), info,
+                          run.details)
+
+
+@dataclass(frozen=True)
+class PruningReport:
+    report: object                    # the method's own typed report (PruneReport, StructuredReport, ExpertReport)
+    seconds: float
+    calibration: dict | None          # text, samples, seq_len; None for methods without calibration
+
+    def to_json(self) -> dict:
+        calibration = {} if self.calibration is None else {"calibration": self.calibration}
+        return {**self.report.summary(), "seconds": self.seconds, **calibration}
+
+
+def prune_model(loaded: LoadedModel, config, calibration: Calibration = None) -> PruningReport:
     """Prune `loaded.model` in place; `config` is one of algorithms/prune's configs (magnitude, Wanda,
-    SparseGPT, structured, experts). Returns the method's report as a dict."""
+    SparseGPT, structured, experts)."""
     from modelpress.algorithms.prune import prune, pruner_for
 
-    calibration = calibration or CalibrationSettings()
-    ids = calibration_windows(loaded.tokenizer, calibration) if pruner_for(config).calibrated else None
+    settings = calibration if isinstance(calibration, CalibrationSettings) else CalibrationSettings()
+    ids, info = calibration_ids(loaded.tokenizer, calibration) if pruner_for(config).calibrated else (None, None)
     start = time.perf_counter()
-    report = prune(loaded.model, config, ids, device=calibration.device, resume_dir=calibration.resume_dir,
-                   batch_size=calibration.batch_size)
-    info = {**report.summary(), "seconds": round(time.perf_counter() - start, 3)}
-    if ids is not None:
-        info["calibration"] = {"text": calibration.text or "default", "samples": int(ids.shape[0]),
-                               "seq_len": int(ids.shape[1])}
-    return info
+    report = prune(loaded.model, config, ids, device=settings.device, resume_dir=settings.resume_dir,
+                   batch_size=settings.batch_size)
+    return PruningReport(report, round(time.perf_counter() - start, 3), info)
 
 
 def prepare_windows(tokenizer, settings: EvalSettings, calib_samples: int = 0) -> tuple[TextSource, TokenWindows]:
@@ -209,12 +190,14 @@ def prepare_windows(tokenizer, settings: EvalSettings, calib_samples: int = 0) -
 
 
 def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel | None,
-                    settings: EvalSettings, tokenizer=None) -> dict[str, EvalReport]:
-    """Score several models on the same windows in one pass (the reference runs once per window)."""
+                    settings: EvalSettings, tokenizer=None,
+                    windows: tuple[TextSource, TokenWindows] | None = None) -> dict[str, EvalReport]:
+    """Score several models on the same windows in one pass (the reference runs once per window).
+    `windows`: the text and its windows, already cut (default: cut from `settings.text`)."""
     first = next(iter(candidates.values()))
     if reference is not None:
         check_same_vocabulary(candidates, reference)
-    source, windows = prepare_windows(tokenizer or first.tokenizer, settings)
+    source, windows = windows or prepare_windows(tokenizer or first.tokenizer, settings)
     models = {name: c.model for name, c in candidates.items()}
     ref_name = next((n for n, m in models.items() if reference is not None and m is reference.model), None)
     if reference is not None and ref_name is None:
@@ -232,7 +215,7 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
             reference=None if reference is None else reference.source,
             text=f"{source.name} sha256:{source.digest}",
             windows=q.windows,
-            seq_len=settings.seq_len,
+            seq_len=int(windows.eval.shape[1]),
             perplexity=q.perplexity,
             kl_divergence=q.kl_divergence,
             top1_agreement=q.top1_agreement,
@@ -299,14 +282,16 @@ def evaluate(model: str | None = None, reference: str | None = "auto", settings:
 def compare(model: str | None, schemes: list[WeightScheme], settings: EvalSettings = EvalSettings(),
             method: str = "rtn", skip: tuple[str, ...] = DEFAULT_SKIP) -> list[dict]:
     """Quantize one float model into each scheme; evaluate all against it on the same windows."""
+    from modelpress.algorithms.quantize import config_for_method
+
     base = load_model(model)
     candidates: dict[str, LoadedModel] = {"float": base}
     seconds = {"float": 0.0}
     for scheme in schemes:
         copy_ = LoadedModel(copy.deepcopy(base.model), base.tokenizer, source=scheme.spec, float_source=base.source)
-        info = quantize_model(copy_, scheme, method=method, skip=skip)
+        report = quantize_model(copy_, config_for_method(method, scheme, skip=skip))
         candidates[scheme.spec] = copy_
-        seconds[scheme.spec] = info["seconds"]
+        seconds[scheme.spec] = report.seconds
     with torch.no_grad():
         reports = evaluate_models(candidates, base, settings)
     rows = []

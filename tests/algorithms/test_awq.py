@@ -268,7 +268,7 @@ def test_quantize_model_runs_awq_from_the_api(tiny_llama_dir, tiny_text):
 
     loaded = load_model(str(tiny_llama_dir))
     calibration = CalibrationSettings(text=str(tiny_text), samples=4, seq_len=32, batch_size=2, eval_tokens=256)
-    info = quantize_model(loaded, WeightScheme.parse("int4/g32"), method="awq", calibration=calibration)
+    info = quantize_model(loaded, AWQConfig("int4/g32"), calibration).to_json()
     assert info["method"] == "awq" and info["layers"] == 14 and info["calibration"]["samples"] == 4
     unscaled = info["unscaled_layers"]
     assert info["scaled_layers"] + len(unscaled) == 14

@@ -11,16 +11,17 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_llama
 
+from modelpress.algorithms.quantize import config_for_method
 from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
 from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
 from modelpress.algorithms.quantize.mixed_run import MixedConfig, parse_candidates, plan_mixed
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
-from modelpress.api import CalibrationSettings, quantize_mixed
+from modelpress.api import CalibrationSettings, quantize_model
 from modelpress.cli import main
 from modelpress.errors import ModelpressError
 from modelpress.eval.size import measure_size
 from modelpress.formats.scheme import WeightScheme
-from modelpress.io.model import LoadedModel, load_model
+from modelpress.io.model import load_model
 from modelpress.io.save import save_compressed
 from modelpress.nn.quant_linear import QuantLinear
 
@@ -77,7 +78,7 @@ def test_budget_holds_on_real_packed_bytes(tiny_llama_dir, tiny_text, method, st
     # counted to stay under, and must not be counted with static groups for the budget to be used
     config = MixedConfig(target_bits=4.3, candidates=(INT3, INT4, INT8), method=method, sensitivity_samples=2,
                          static_groups=static)
-    info = quantize_mixed(loaded, config, calibration)
+    info = quantize_model(loaded, config, calibration).to_json()
     mixed = info["mixed"]
     stored = quant_layers(loaded.model)
     assert set(stored) == set(mixed["layers"]) and len(stored) == 14
@@ -117,7 +118,7 @@ def test_gptq_and_awq_honour_per_layer_schemes_and_an_all_default_map_changes_no
 def test_saved_mixed_model_reloads_each_layer_with_its_own_scheme_bit_for_bit(tiny_llama_dir, tiny_text, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
     config = MixedConfig(target_bits=4.6, candidates=(INT3, INT4, INT8), method="gptq", sensitivity_samples=2)
-    info = quantize_mixed(loaded, config, CalibrationSettings(text=str(tiny_text), samples=4, seq_len=64))
+    info = quantize_model(loaded, config, CalibrationSettings(text=str(tiny_text), samples=4, seq_len=64)).to_json()
     save_compressed(loaded, tmp_path / "out", report=info)
     back = load_model(str(tmp_path / "out"))
     before, after = quant_layers(loaded.model), quant_layers(back.model)
@@ -164,7 +165,7 @@ def test_cli_target_bits_end_to_end(tiny_llama_dir, tiny_text, tmp_path):
     (["--target-bits", "4.5", "--group-size", "64"], "describe one --format"),
     (["--target-bits", "0"], "positive number of bits"),
     (["--target-bits", "4.5", "--method", "smoothquant"], "mixed precision works with methods"),
-    (["--target-bits", "4.5", "--no-static-groups"], "applies to methods gptq, awq-gptq, not 'rtn'"),
+    (["--target-bits", "4.5", "--no-static-groups"], "applies to methods gptq and awq-gptq, not 'rtn'"),
 ])
 def test_cli_errors_are_clear(tiny_llama_dir, tiny_text, tmp_path, capsys, extra, message):
     args = ["quantize", str(tiny_llama_dir), "--calib-text", str(tiny_text), "--calib-samples", "2",
@@ -180,7 +181,5 @@ def test_candidate_specs_parse_and_configs_validate():
         parse_candidates([])
     with pytest.raises(ModelpressError, match="must be a WeightScheme"):
         RTNConfig(scheme=INT4, schemes={"model.layers.0.mlp.up_proj": "int8/channel"})
-    with pytest.raises(ModelpressError, match="per-layer schemes need rtn"):
-        from modelpress.api import quantize_model
-        quantize_model(LoadedModel(build_tiny_llama(), None, "tiny", "tiny"), INT8, method="smoothquant",
-                       schemes={"x": INT8})
+    with pytest.raises(ModelpressError, match="applies to methods rtn, gptq, awq and awq-gptq"):
+        config_for_method("smoothquant", INT8, schemes={"x": INT8})

@@ -173,13 +173,12 @@ def test_quantize_model_runs_smoothquant_from_the_api(tiny_llama_dir, tiny_text)
 
     loaded = load_model(str(tiny_llama_dir))
     calibration = CalibrationSettings(text=str(tiny_text), samples=4, seq_len=32, batch_size=2, eval_tokens=256)
-    info = quantize_model(loaded, WeightScheme.parse("int8"), method="smoothquant", calibration=calibration,
-                          alpha=0.6)
+    info = quantize_model(loaded, SmoothQuantConfig("int8", alpha=0.6), calibration).to_json()
     assert info["method"] == "smoothquant" and info["alpha"] == 0.6 and info["layers"] == 14
     assert info["folded_layers"] == 12 and len(info["in_layer_smoothing"]) == 2
     with pytest.raises(ModelpressError, match="resume"):
-        quantize_model(load_model(str(tiny_llama_dir)), WeightScheme.parse("int8"), method="smoothquant",
-                       calibration=CalibrationSettings(resume_dir=str(tiny_llama_dir)))
+        quantize_model(load_model(str(tiny_llama_dir)), SmoothQuantConfig(),
+                       CalibrationSettings(resume_dir=str(tiny_llama_dir)))
 
 
 @pytest.mark.slow

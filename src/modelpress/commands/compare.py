@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from modelpress.algorithms.quantize import method_names
 from modelpress.api import compare
 from modelpress.commands.common import (
     add_json_argument,
@@ -27,7 +28,8 @@ def add_parser(sub) -> None:
     add_model_argument(p)
     p.add_argument("--formats", nargs="+", default=list(DEFAULT_SCHEMES), metavar="SPEC",
                    help=f"schemes as FORMAT[/gN|/channel|/tensor][/dq] (default: {' '.join(DEFAULT_SCHEMES)})")
-    p.add_argument("--method", default="rtn")
+    p.add_argument("--method", default="rtn", choices=method_names(),
+                   help="quantization method for every scheme (default rtn; calibrated ones use the default corpus)")
     add_text_arguments(p)
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--plot", default="compare.png", metavar="PNG", help="quality-vs-bits plot (default compare.png; 'none' to skip)")

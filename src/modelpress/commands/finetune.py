@@ -107,9 +107,10 @@ def run(args: argparse.Namespace) -> int:
         report.update(mode="qat", scheme=scheme.spec)
     else:
         if args.quantize is not None:
+            from modelpress.algorithms.quantize import RTNConfig
             from modelpress.api import quantize_model
 
-            quantize_model(loaded, WeightScheme.parse(args.quantize))
+            quantize_model(loaded, RTNConfig(args.quantize))
         add_lora(model, LoRAConfig(rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout))
         report.update(mode="lora", rank=args.rank, lora_alpha=args.lora_alpha, merge=args.merge)
     teacher = _maybe_cache(teacher, data, config, train_config)

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     loaded = load_model(args.model)
     calibration = calibration_settings(args)
-    info = prune_model(loaded, config, calibration)
+    info = prune_model(loaded, config, calibration).to_json()
     report = {**info, "source": loaded.source}
     save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     print(_summary_line(info, args.out), file=sys.stdout)

@@ -1,17 +1,20 @@
-"""modelpress quantize MODEL --method rtn|gptq|awq|awq-gptq|smoothquant [--alpha A] --format F [--group-size G]
+"""modelpress quantize MODEL --method METHOD [--alpha A] --format F [--group-size G]
 [--symmetric|--asymmetric] [--no-static-groups] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
-included, at the least estimated KL divergence; the map is in the saved model and the report."""
+included, at the least estimated KL divergence; the map is in the saved model and the report.
+
+METHOD is any name in the quantizer registry (algorithms/quantize): choices, help and errors come from it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, MixedConfig, parse_candidates
-from modelpress.api import CalibrationSettings, quantize_mixed, quantize_model
+from modelpress.algorithms.quantize import MixedConfig, config_for_method, method_help, method_names
+from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, parse_candidates
+from modelpress.api import CalibrationSettings, quantize_model
 from modelpress.commands.common import (
     add_calibration_arguments,
     add_json_argument,
@@ -33,11 +36,8 @@ from modelpress.nn.layers import DEFAULT_SKIP
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
     add_model_argument(p)
-    p.add_argument("--method", default="rtn",
-                   help="rtn (round to nearest), gptq (calibrated, error-compensating), awq (activation-aware "
-                        "scales + clipping), awq-gptq (AWQ scales, then GPTQ) or smoothquant (W8A8: int8 weights "
-                        "and per-token int8 activations; use --format int8); default rtn")
-    p.add_argument("--alpha", type=float, default=0.5,
+    p.add_argument("--method", default="rtn", choices=method_names(), help=f"{method_help()}; default rtn")
+    p.add_argument("--alpha", type=float, default=None,
                    help="smoothquant migration strength in [0, 1]: how much of the activation range moves into "
                         "the weights (default 0.5)")
     p.add_argument("--format", default=None, help="number format: int8, int4, int3, int2, nf4, fp8-e4m3, fp8-e5m2, fp4, ternary")
@@ -79,9 +79,12 @@ def run(args: argparse.Namespace) -> int:
         return _run_mixed(args, calibration)
     group = None if args.group_size is None else group_size_arg(args.group_size)
     scheme = scheme_for(args.format, group, args.symmetric, args.double_quant, args.scale_dtype)
+    options = {"alpha": args.alpha} if args.alpha is not None else {}
+    if not args.static_groups:
+        options["static_groups"] = False
+    config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
     loaded = load_model(args.model)
-    info = quantize_model(loaded, scheme, method=args.method, skip=tuple(args.skip), calibration=calibration,
-                          alpha=args.alpha, static_groups=args.static_groups)
+    info = quantize_model(loaded, config, calibration).to_json()
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
               "quantized_parameters": size.quantized_parameters, "source": loaded.source}
@@ -98,11 +101,13 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
     if per_format or args.symmetric is not None:
         raise ModelpressError("--group-size, --symmetric/--asymmetric and --double-quant describe one --format; with "
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
+    if args.alpha is not None:
+        raise ModelpressError("--alpha does not apply to mixed precision (--target-bits)")
     config = MixedConfig(target_bits=args.target_bits, candidates=parse_candidates(args.candidates),
                          method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip),
                          static_groups=args.static_groups)
     loaded = load_model(args.model)
-    info = quantize_mixed(loaded, config, calibration)
+    info = quantize_model(loaded, config, calibration).to_json()
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
               "quantized_parameters": size.quantized_parameters, "source": loaded.source}

@@ -6,11 +6,17 @@
 Every target goes into its own folder of one output directory, written atomically (all targets or none),
 with `export.json` saying per layer what each target stored and whether it is lossless; a target that had
 to re-round a layer carries the KL divergence that cost, measured against our own model.
+
+`modelpress.export` is this package, and calling it is the Python API's export (python_api.export):
+`modelpress.export(model, ["gguf"], "out/")`. A function of that name in `modelpress` could not work: importing
+this package binds the name `export` in `modelpress` to the package, whatever was there before.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,3 +72,15 @@ def check_finite_model(model: torch.nn.Module) -> None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise ModelpressError(f"{name} has {bad} NaN/Inf values; refusing to export a broken model")
+
+
+class _CallablePackage(types.ModuleType):
+    """This package, callable as `modelpress.export(model, targets, path, ...)`: python_api.export."""
+
+    def __call__(self, *args, **kwargs) -> list[ExportResult]:
+        from modelpress.python_api import export
+
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

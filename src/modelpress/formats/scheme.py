@@ -133,3 +133,13 @@ def scheme_for(format_name: str, group_size: int | str | None = None, symmetric:
         raise ModelpressError(f"format {format_name!r} is asymmetric but --symmetric was given")
     base = WeightScheme(format=name, scale_dtype=scale_dtype, double_quant=double_quant, **default_grouping(name))
     return base.with_grouping(group_size)
+
+
+def as_scheme(value: WeightScheme | str) -> WeightScheme:
+    """A config's `scheme` field as given from Python: a WeightScheme, or its spec string ("int4/g128")."""
+    if isinstance(value, WeightScheme):
+        return value
+    if isinstance(value, str):
+        return WeightScheme.parse(value)
+    raise ModelpressError(f"a weight scheme is a WeightScheme or a spec string such as 'int4/g128', "
+                          f"got {type(value).__name__} {value!r}")

@@ -36,6 +36,8 @@ WEIGHTS_FILE = "model.safetensors"
 def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = False,
                     report: dict | None = None) -> Path:
     model = loaded.model
+    if not getattr(model.config, "architectures", None):   # a model built from its config: as save_pretrained does
+        model.config.architectures = [type(model).__name__]
     layers = {}
     for name, module in model.named_modules():
         kind = compressed_module_kind(module)

@@ -1,0 +1,84 @@
+"""Quantization methods, registered by the type of their config: round to nearest, GPTQ, AWQ (with an RTN
+or a GPTQ solver), SmoothQuant W8A8 and mixed precision. `quantize_model` (api.py), the CLI's `--method`
+choices and help, and mixed precision's choice of methods all read `QUANTIZERS`; no method name is written
+anywhere else. Adding a method is one file (its frozen config and entry point), its test, and one
+`register_quantizer` line at the bottom of this file (docs/extending.md).
+
+    QUANTIZERS[type(config)] -> Quantizer(name, run, calibrated, help, ...)
+    config_for_method("awq-gptq", scheme)  -> AWQConfig(scheme, solver="gptq")     (the CLI's way in)
+    method_of(AWQConfig(scheme, solver="gptq")) -> "awq-gptq"                        (the report's name)
+"""
+
+from __future__ import annotations
+
+from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
+from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
+from modelpress.algorithms.quantize.mixed_run import MixedConfig, quantize_mixed
+from modelpress.algorithms.quantize.registry import (
+    QUANTIZERS,
+    Quantizer,
+    QuantizeRun,
+    config_for_method,
+    join_names,
+    method_help,
+    method_names,
+    method_of,
+    methods_accepting,
+    per_layer_methods,
+    quantizer_for,
+    register_quantizer,
+)
+from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+from modelpress.algorithms.quantize.smoothquant import SmoothQuantConfig, quantize_smoothquant
+
+
+def _rtn(model, config, ids, device, resume_dir, batch_size) -> QuantizeRun:
+    layers = quantize_rtn(model, config)
+    return QuantizeRun(len(layers), config.scheme.spec, {})
+
+
+def _gptq(model, config, ids, device, resume_dir, batch_size) -> QuantizeRun:
+    report = quantize_gptq(model, config, ids, device=device, resume_dir=resume_dir, batch_size=batch_size)
+    return QuantizeRun(report.layers, config.scheme.spec, {"static_groups": config.static_groups, **report.summary()})
+
+
+def _awq(model, config, ids, device, resume_dir, batch_size) -> QuantizeRun:
+    report = quantize_awq(model, config, ids, device=device, resume_dir=resume_dir, batch_size=batch_size)
+    layout = {"static_groups": config.static_groups} if config.solver == "gptq" else {}
+    return QuantizeRun(report.layers, config.scheme.spec, {**layout, **report.summary()})
+
+
+def _smoothquant(model, config, ids, device, resume_dir, batch_size) -> QuantizeRun:
+    report = quantize_smoothquant(model, config, ids, device=device, batch_size=batch_size)
+    return QuantizeRun(report.layers, config.scheme.spec, report.summary())
+
+
+register_quantizer(RTNConfig, Quantizer("rtn", _rtn, calibrated=False, help="round to nearest"))
+register_quantizer(GPTQConfig, Quantizer("gptq", _gptq, calibrated=True, help="calibrated, error-compensating"))
+register_quantizer(AWQConfig, Quantizer("awq", _awq, calibrated=True, variants={"awq-gptq": {"solver": "gptq"}},
+                                        help="activation-aware scales + clipping"))
+register_quantizer(SmoothQuantConfig, Quantizer(
+    "smoothquant", _smoothquant, calibrated=True, resumable=False, per_layer=False,
+    help="W8A8: int8 weights and per-token int8 activations; use --format int8"))
+register_quantizer(MixedConfig, Quantizer("mixed", quantize_mixed, calibrated=True, per_layer=False,
+                                          help="a scheme per layer for a bit budget"))
+
+__all__ = [
+    "QUANTIZERS",
+    "AWQConfig",
+    "GPTQConfig",
+    "MixedConfig",
+    "QuantizeRun",
+    "Quantizer",
+    "RTNConfig",
+    "SmoothQuantConfig",
+    "config_for_method",
+    "join_names",
+    "method_help",
+    "method_names",
+    "method_of",
+    "methods_accepting",
+    "per_layer_methods",
+    "quantizer_for",
+    "register_quantizer",
+]

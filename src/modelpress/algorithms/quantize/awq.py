@@ -47,7 +47,7 @@ from modelpress.engine.context import BlockContext
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight, fake_quantize, group_view_reduce, quantize_weight
-from modelpress.formats.scheme import WeightScheme
+from modelpress.formats.scheme import WeightScheme, as_scheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight, replace_module
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ SOLVERS = ("rtn", "gptq")
 
 @dataclass(frozen=True)
 class AWQConfig:
-    scheme: WeightScheme
+    scheme: WeightScheme | str     # a WeightScheme or its spec, e.g. "int4/g128"
     grid: int = 20                 # exponents a = 0, 1/grid, ..., (grid-1)/grid
     duo_scaling: bool = False      # also try s = mean|x|^a / mean|w|^(1-a)
     clip: bool = True              # search a shrunk range per (row, group)
@@ -72,6 +72,7 @@ class AWQConfig:
         return layer_scheme(self.scheme, self.schemes, name)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", as_scheme(self.scheme))
         check_layer_schemes(self.schemes)
         if self.grid < 1 or self.clip_grid < 1:
             raise ModelpressError(f"AWQ grids must be >= 1, got grid={self.grid}, clip_grid={self.clip_grid}")
@@ -79,6 +80,8 @@ class AWQConfig:
             raise ModelpressError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink}")
         if self.solver not in SOLVERS:
             raise ModelpressError(f"AWQ solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if not self.static_groups and self.solver != "gptq":
+            raise ModelpressError("static_groups=False picks GPTQ's group layout; AWQ takes it with solver='gptq' only")
 
 
 # ---- the math ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from modelpress.formats.packed import (
     quantize_weight,
 )
 from modelpress.formats.packing import pack_codes
-from modelpress.formats.scheme import WeightScheme
+from modelpress.formats.scheme import WeightScheme, as_scheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, replace_module
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ search or a k-quant grid. GPTQConfig.grid; GPTQ binds it to each layer as a Grou
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    scheme: WeightScheme
+    scheme: WeightScheme | str         # a WeightScheme or its spec, e.g. "int4/g128"
     damp: float = 0.01                 # added to H's diagonal, as a fraction of its mean
     block_size: int = 128              # columns per lazy batch update (rounded to a multiple of the group)
     act_order: bool = True             # visit columns by decreasing H_ii
@@ -93,6 +93,7 @@ class GPTQConfig:
         return layer_scheme(self.scheme, self.schemes, name)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", as_scheme(self.scheme))
         check_layer_schemes(self.schemes)
         if not 0 <= self.damp < 1:
             raise ModelpressError(f"GPTQ damp must be in [0, 1), got {self.damp}")

@@ -4,8 +4,9 @@ and the report of what was really stored.
     plan_mixed(model, config, windows)   scores every layer under every candidate (eval/sensitivity.py),
                                          counts each candidate's stored bits as the method will store them,
                                          and picks one scheme per layer for the budget (mixed.py)
-    quantize_model(..., schemes=plan.schemes())   the ordinary quantizer (rtn, gptq, awq) with the map as its
-                                         per-layer override: one code path, no second engine
+    quantize_mixed(model, config, ids)   plans, then runs the ordinary quantizer `config.method` (any
+                                         registered method with `per_layer`) with the map as its per-layer
+                                         override: one code path, no second engine
     mixed_report(model, plan)            per layer and in total, from the packed layers actually installed;
                                          refuses a result above the budget
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,18 +40,16 @@ from modelpress.nn.quant_linear import QuantLinear
 # weights exactly, which would flatter any measurement on it.
 DEFAULT_CANDIDATES = ("int3/g128", "int3-asym/g64", "nf4/g128", "nf4/g64/dq", "int4-asym/g64", "nf4/g32",
                       "int8/channel")
-METHODS = ("rtn", "gptq", "awq", "awq-gptq")
-PERMUTING_METHODS = ("gptq", "awq-gptq")    # GPTQ's permuted layout (static_groups=False) stores a column permutation
 
 
-def parse_candidates(specs: list[str] | tuple[str, ...]) -> tuple[WeightScheme, ...]:
-    """Scheme specs -> schemes, with errors naming the bad spec; duplicates are an error."""
+def parse_candidates(specs: list[str | WeightScheme] | tuple[str | WeightScheme, ...]) -> tuple[WeightScheme, ...]:
+    """Scheme specs (or schemes) -> schemes, with errors naming the bad spec; duplicates are an error."""
     if not specs:
         raise ModelpressError("mixed precision needs at least one candidate scheme, e.g. int4/g128 int8/channel")
     schemes = []
     for spec in specs:
         try:
-            scheme = WeightScheme.parse(spec)
+            scheme = spec if isinstance(spec, WeightScheme) else WeightScheme.parse(spec)
         except ModelpressError as err:
             raise ModelpressError(f"bad candidate scheme {spec!r}: {err}") from err
         if scheme in schemes:
@@ -62,34 +61,46 @@ def parse_candidates(specs: list[str] | tuple[str, ...]) -> tuple[WeightScheme, 
 @dataclass(frozen=True)
 class MixedConfig:
     target_bits: float                         # average stored bits per quantized weight, scales included
-    candidates: tuple[WeightScheme, ...] = field(default_factory=lambda: parse_candidates(DEFAULT_CANDIDATES))
-    method: str = "rtn"                        # the quantizer that applies the chosen map
-    sensitivity_samples: int = 8               # calibration windows for the Fisher scores
+    candidates: tuple[WeightScheme | str, ...] = DEFAULT_CANDIDATES   # schemes or their specs, cheapest first
+    method: str = "rtn"                        # the quantizer that applies the chosen map (a registered name)
+    sensitivity_samples: int = 8               # the first calibration windows, for the Fisher scores
     sensitivity_batch_size: int = 2            # windows per forward/backward
     sensitivity_positions: int | None = 128    # token positions per window where ΔY is formed (None: all)
     static_groups: bool = True                 # gptq, awq-gptq: GPTQ's group layout (GPTQConfig.static_groups)
     skip: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        from modelpress.algorithms.quantize.registry import join_names, methods_accepting, per_layer_methods
+
         if not self.target_bits > 0:
             raise ModelpressError(f"--target-bits must be a positive number of bits per weight, got {self.target_bits}")
-        if self.method not in METHODS:
-            raise ModelpressError(f"mixed precision works with methods {', '.join(METHODS)}, got {self.method!r}")
-        if not self.static_groups and self.method not in PERMUTING_METHODS:
+        if not isinstance(self.candidates, (tuple, list)) or not all(isinstance(s, (WeightScheme, str))
+                                                                     for s in self.candidates):
+            raise ModelpressError("mixed precision candidates must be a non-empty tuple of WeightSchemes or specs")
+        object.__setattr__(self, "candidates", parse_candidates(self.candidates))
+        if self.method not in per_layer_methods():
+            raise ModelpressError(f"mixed precision works with methods {join_names(per_layer_methods())}, "
+                                  f"got {self.method!r}")
+        if not self.static_groups and self.method not in methods_accepting(static_groups=False):
             raise ModelpressError(f"static_groups=False picks GPTQ's group layout; it applies to methods "
-                                  f"{', '.join(PERMUTING_METHODS)}, not {self.method!r}")
-        if not self.candidates or not all(isinstance(s, WeightScheme) for s in self.candidates):
-            raise ModelpressError("mixed precision candidates must be a non-empty tuple of WeightSchemes")
+                                  f"{join_names(methods_accepting(static_groups=False))}, not {self.method!r}")
         if self.sensitivity_samples <= 0 or self.sensitivity_batch_size <= 0 or (self.sensitivity_positions or 1) <= 0:
             raise ModelpressError(f"sensitivity samples, batch size and positions must be positive, got "
                                   f"{self.sensitivity_samples}, {self.sensitivity_batch_size}, {self.sensitivity_positions}")
 
+    def method_config(self, scheme: WeightScheme, schemes: dict[str, WeightScheme]) -> object:
+        """The config of `method` that applies a per-layer map (`scheme` for layers outside it)."""
+        from modelpress.algorithms.quantize.registry import config_for_method
 
-def method_bits(candidate: LayerCandidates, scheme: WeightScheme, method: str, static_groups: bool = True) -> int:
-    """Stored bits of one layer under `scheme` as `method` stores it: the RTN packing, plus GPTQ's int32
-    column permutation for grouped schemes in the permuted layout (act order without static groups)."""
+        layout = {} if self.static_groups else {"static_groups": False}
+        return config_for_method(self.method, scheme, skip=self.skip, schemes=schemes, **layout)
+
+
+def method_bits(candidate: LayerCandidates, scheme: WeightScheme, permuted: bool = False) -> int:
+    """Stored bits of one layer under `scheme` as the method stores it: the RTN packing, plus GPTQ's int32
+    column permutation for grouped schemes in the permuted layout (`permuted`: act order without static groups)."""
     bits = candidate.bits[scheme.spec]
-    if method in PERMUTING_METHODS and not static_groups and scheme.granularity == "group":
+    if permuted and scheme.granularity == "group":
         in_features = candidate.packed[scheme.spec].shape[1]
         bits += 32 * in_features
     return bits
@@ -123,7 +134,7 @@ def plan_mixed(model: nn.Module, config: MixedConfig, windows: torch.Tensor) -> 
         raise ModelpressError(f"no linear layers to quantize (skip patterns: {list(config.skip)})")
     scores = fisher_sensitivity(model, candidates, windows, batch_size=config.sensitivity_batch_size,
                                 positions=config.sensitivity_positions)
-    bits = {c.name: {s.spec: method_bits(c, s, config.method, config.static_groups) for s in config.candidates}
+    bits = {c.name: {s.spec: method_bits(c, s, not config.static_groups) for s in config.candidates}
             for c in candidates}
     parameters = {c.name: c.parameters for c in candidates}
     del candidates
@@ -165,3 +176,17 @@ def mixed_report(model: nn.Module, plan: MixedPlan) -> dict:
                                     for s in plan.candidates},
         "layers": layers,
     }
+
+
+def quantize_mixed(model: nn.Module, config: MixedConfig, calibration_ids: torch.Tensor,
+                   device: str | torch.device = "cpu", resume_dir: str | None = None, batch_size: int = 8):
+    """Plan on the first `sensitivity_samples` calibration windows, then quantize with `config.method` and the
+    chosen map (in place). Returns the method's QuantizeRun with scheme "mixed" and the map's report."""
+    from modelpress.algorithms.quantize.registry import QuantizeRun, quantizer_for
+
+    plan = plan_mixed(model, config, calibration_ids[: config.sensitivity_samples])
+    method = config.method_config(plan.most_common(), plan.schemes())
+    quantizer = quantizer_for(method)
+    run = quantizer.run(model, method, calibration_ids if quantizer.calibrated else None, device, resume_dir,
+                        batch_size)
+    return QuantizeRun(run.layers, "mixed", {**run.details, "mixed": mixed_report(model, plan)}, config.method)

@@ -15,7 +15,7 @@ from torch import nn
 from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import quantize_weight
-from modelpress.formats.scheme import WeightScheme
+from modelpress.formats.scheme import WeightScheme, as_scheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight, replace_module
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.progress import progress
@@ -23,11 +23,12 @@ from modelpress.progress import progress
 
 @dataclass(frozen=True)
 class RTNConfig:
-    scheme: WeightScheme
+    scheme: WeightScheme | str                 # a WeightScheme or its spec, e.g. "int4/g128"
     skip: tuple[str, ...] = DEFAULT_SKIP
     schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", as_scheme(self.scheme))
         check_layer_schemes(self.schemes)
 
     def scheme_of(self, name: str) -> WeightScheme:

@@ -16,7 +16,7 @@ Afterwards every linear layer becomes a W8A8Linear (nn/w8a8_linear.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from modelpress.engine.algorithm import InputGroup, LayerSolution
 from modelpress.engine.context import BlockContext
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
-from modelpress.formats.scheme import SCALE_DTYPES, WeightScheme
+from modelpress.formats.scheme import WeightScheme, as_scheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight, replace_module
 from modelpress.nn.w8a8_linear import W8A8Linear
 
@@ -43,28 +43,29 @@ FLOAT_EXPERTS_REASON = "fused expert weights have no W8A8 module: they stay in f
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
+    scheme: WeightScheme | str = "int8/channel"   # int8, one scale per output channel (its scale dtype is kept)
     alpha: float = 0.5                  # migration strength, in [0, 1]
-    scale_dtype: str = "float16"        # storage dtype of the per-row weight scales
     in_layer_smoothing: bool = True     # groups with no producer divide their input inside the layer
     skip: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        scheme = as_scheme(self.scheme)
+        object.__setattr__(self, "scheme", scheme)
+        if scheme.format != "int8" or scheme.granularity != "channel" or scheme.double_quant:
+            raise ModelpressError(f"smoothquant makes W8A8 layers: int8 weights with one scale per output channel; "
+                                  f"got {scheme.spec}. Use int8/channel (--format int8)")
         if not 0 <= self.alpha <= 1:
             raise ModelpressError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ModelpressError(f"scale dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
     @property
-    def scheme(self) -> WeightScheme:
-        return WeightScheme(format="int8", granularity="channel", group_size=None, scale_dtype=self.scale_dtype)
+    def scale_dtype(self) -> str:
+        """Storage dtype of the per-row weight scales."""
+        return self.scheme.scale_dtype
 
     @classmethod
     def for_scheme(cls, scheme: WeightScheme, **fields) -> SmoothQuantConfig:
         """The config for a weight scheme given on the command line, which must be int8 per channel."""
-        if scheme.format != "int8" or scheme.granularity != "channel" or scheme.double_quant:
-            raise ModelpressError(f"smoothquant makes W8A8 layers: int8 weights with one scale per output channel; "
-                                  f"got {scheme.spec}. Use --format int8 (group size 'channel')")
-        return replace(cls(**fields), scale_dtype=scheme.scale_dtype)
+        return cls(scheme, **fields)
 
 
 def smoothing_factors(activation_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:

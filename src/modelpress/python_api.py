@@ -1,0 +1,128 @@
+"""The Python API, re-exported from `modelpress` (docs/api.md): load, quantize, prune, evaluate, save, export.
+
+    model = modelpress.load()                                         # the default model, or a path / hub id
+    report = modelpress.quantize(model, GPTQ("int4/g128"), calibration=texts)   # in place, like torchao's quantize_
+    print(modelpress.evaluate(model, reference=modelpress.load()).to_json())
+    modelpress.save(model, "out/")
+
+Each function takes a LoadedModel (what `load` returns: model + tokenizer + where it came from) or a plain
+Hugging Face model (an nn.Module with a `.config`), with `tokenizer=` where text has to be cut into tokens.
+A plain model is wrapped into a LoadedModel that shares its modules, so it is changed in place all the same.
+Orchestration stays in api.py; this file only turns what a Python user holds into what api.py takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelpress.api import (
+    Calibration,
+    EvalReport,
+    EvalSettings,
+    PruningReport,
+    QuantizeReport,
+    evaluate_models,
+    prune_model,
+    quantize_model,
+)
+from modelpress.errors import ModelpressError
+from modelpress.export.base import ExportOptions, ExportResult
+from modelpress.io.model import LoadedModel, load_model
+from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows, tokenizer_bos
+
+ModelLike = LoadedModel | nn.Module
+Text = str | Sequence[str] | torch.Tensor | None
+"""Evaluation text: a text file or hf:NAME (None: the default corpus), texts (joined by blank lines), or the
+evaluation windows themselves as token ids (windows, seq_len)."""
+
+load = load_model
+
+
+def as_loaded(model: ModelLike, tokenizer=None) -> LoadedModel:
+    """`model` as a LoadedModel; `tokenizer` replaces (or supplies) its tokenizer. Shares the modules."""
+    if isinstance(model, LoadedModel):
+        if tokenizer is None or tokenizer is model.tokenizer:
+            return model
+        return LoadedModel(model.model, tokenizer, model.source, model.float_source)
+    if isinstance(model, nn.Module):
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or f"<in-memory {type(model).__name__}>"
+        return LoadedModel(model, tokenizer, source=name, float_source=name)
+    raise ModelpressError(f"expected a LoadedModel (modelpress.load) or a torch nn.Module, got {type(model).__name__}")
+
+
+def quantize(model: ModelLike, config, calibration: Calibration = None, tokenizer=None) -> QuantizeReport:
+    """Quantize `model` in place as `config` says (RTN, GPTQ, AWQ, SmoothQuant, Mixed). Calibrated methods take
+    `calibration`: token ids (samples, seq_len), texts (with a tokenizer), a text file, or CalibrationSettings
+    (None: the default corpus)."""
+    return quantize_model(as_loaded(model, tokenizer), config, calibration)
+
+
+def prune(model: ModelLike, config, calibration: Calibration = None, tokenizer=None) -> PruningReport:
+    """Prune `model` in place as `config` says (Magnitude, Wanda, SparseGPT, Structured, ExpertPrune);
+    `calibration` as for `quantize`."""
+    return prune_model(as_loaded(model, tokenizer), config, calibration)
+
+
+def evaluate(model: ModelLike, reference: ModelLike | str | None = None, text: Text = None,
+             settings: EvalSettings = EvalSettings(), tokenizer=None) -> EvalReport:
+    """Perplexity of `model` (and KL divergence and top-1 agreement against `reference`, a model or a MODEL
+    spec to load), size and, unless `settings.speed` is off, speed. `settings` gives windows and length."""
+    loaded = as_loaded(model, tokenizer)
+    ref = load_model(reference) if isinstance(reference, str) else (
+        None if reference is None else as_loaded(reference, tokenizer))
+    windows = eval_windows(loaded.tokenizer, text, settings)
+    with torch.no_grad():
+        return evaluate_models({"model": loaded}, ref, settings, windows=windows)["model"]
+
+
+def eval_windows(tokenizer, text: Text, settings: EvalSettings) -> tuple[TextSource, TokenWindows]:
+    """The evaluation text and its windows: at most `settings.windows` of at most `settings.seq_len` tokens."""
+    if isinstance(text, torch.Tensor):
+        if text.dim() != 2 or text.is_floating_point() or text.shape[1] < 2:
+            raise ModelpressError(f"evaluation token ids must be an integer tensor (windows, seq_len >= 2), "
+                                  f"got {text.dtype} of shape {tuple(text.shape)}")
+        source = TextSource(f"{text.shape[0]} token-id windows", ",".join(map(str, text.flatten().tolist())))
+        return source, TokenWindows(eval=text.long(), calibration=text[:0].long(), total_tokens=text.numel())
+    if tokenizer is None:
+        raise ModelpressError("evaluation needs a tokenizer to cut text into windows: pass tokenizer=, or give "
+                              "token ids as text=")
+    if text is None or isinstance(text, str):
+        source = load_text(text if text is not None else settings.text)
+    elif not text or not all(isinstance(t, str) for t in text):
+        raise ModelpressError("evaluation texts must be a non-empty list of strings")
+    else:
+        source = TextSource(f"{len(text)} texts", "\n\n".join(text))
+    bos = tokenizer_bos(tokenizer) if settings.bos else None
+    step_limit = settings.seq_len - (bos is not None)
+    tokens = len(tokenizer(source.text, add_special_tokens=False)["input_ids"])
+    step = min(step_limit, tokens)
+    count = min(settings.windows, tokens // step) if step > 0 else 0
+    if count == 0 or step + (bos is not None) < 2:
+        raise ModelpressError(f"text {source.name} has {tokens} tokens: too short for an evaluation window")
+    return source, make_windows(tokenizer, source, step + (bos is not None), count, 0, bos)
+
+
+def save(model: ModelLike, path: str | Path, tokenizer=None, overwrite: bool = False,
+         report: QuantizeReport | PruningReport | None = None) -> Path:
+    """Write `model` (compressed layers as packed tensors, safetensors + JSON) to the directory `path`,
+    atomically; `modelpress.load(path)` reads it back bit for bit."""
+    from modelpress.io.save import save_compressed
+
+    loaded = as_loaded(model, tokenizer)
+    if not hasattr(loaded.model, "config"):
+        raise ModelpressError(f"{type(loaded.model).__name__} has no .config: saving needs a Hugging Face model")
+    return save_compressed(loaded, path, overwrite=overwrite, report=None if report is None else report.to_json())
+
+
+def export(model: ModelLike, targets: Sequence[str], path: str | Path, tokenizer=None,
+           options: ExportOptions = ExportOptions(), overwrite: bool = False) -> list[ExportResult]:
+    """Export `model` to each target (gguf, compressed-tensors, hf, peft) in path/<target>/ (export.export_model)."""
+    from modelpress.export import export_model
+
+    if isinstance(targets, str):
+        raise ModelpressError(f"targets is a list of export targets, e.g. [{targets!r}]")
+    return export_model(as_loaded(model, tokenizer), list(targets), path, options, overwrite)
