@@ -46,7 +46,7 @@ def test_compare_prints_table_and_writes_plot(tiny_llama_dir, tiny_text, tmp_pat
     [
         (["--format", "int4", "--group-size", "0"], "group size must be a positive integer"),
         (["--format", "int4", "--group-size", "-3"], "group size must be a positive integer"),
-        (["--format", "int5"], "unknown number format 'int5'"),
+        (["--format", "int7"], "unknown number format 'int7'"),
         (["--format", "nf4", "--asymmetric"], "no asymmetric variant"),
     ],
 )
