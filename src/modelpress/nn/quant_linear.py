@@ -14,7 +14,7 @@ from torch import nn
 
 from modelpress.formats.packed import PackedWeight, empty_packed
 from modelpress.formats.scheme import WeightScheme
-from modelpress.nn.backends import linear_forward
+from modelpress.nn.ops import quant_linear, scheme_key
 from modelpress.nn.registry import register_module_kind
 
 
@@ -27,6 +27,7 @@ class QuantLinear(nn.Module):
         for name in PackedWeight.TENSOR_NAMES:
             self.register_buffer(name, getattr(packed, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.scheme_key = scheme_key(self.scheme)  # static operator arguments, computed once
 
     @property
     def packed(self) -> PackedWeight:
@@ -45,7 +46,9 @@ class QuantLinear(nn.Module):
         return self.packed.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_forward(x, self.packed, self.bias)
+        # one operator call (nn/ops.py): torch.compile sees one node, CUDA graphs capture its kernels
+        return quant_linear(x, self.qdata, self.scale, self.offset, self.scale_scale, self.scale_mean,
+                            self.input_perm, self.bias, self.scheme_key, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.spec}, "
