@@ -10,9 +10,9 @@ device and filled there in bf16. Each quantized model shares the bf16 model's em
 (RTN leaves the head in bf16) and quantizes its linear layers one by one on the device.
 
 A decode step is one forward pass of one token per sequence on a static KV cache of prompt + steps tokens
-(modelpress's `StaticCache`, inference/static_decode.py: it writes at a device tensor of positions, and the attention mask is a 4-D device
-tensor rebuilt from it), followed by the greedy argmax written back into the input buffer and the position
-advanced in place, so the step needs no host values and replays as a CUDA graph. Timed two ways, each as
+(modelpress's `StaticCache`, inference/static_decode.py: it writes at a device tensor of positions, and the
+attention mask is a 4-D device tensor rebuilt from it), followed by the greedy argmax written back into the
+input buffer and the position advanced in place, so the step needs no host values and replays as a CUDA graph. Timed two ways, each as
 the median over repeats of `--steps` consecutive steps after a `--prompt`-token random prompt:
 - eager: the step called from Python (host overhead included);
 - graph: the step captured once in a CUDA graph and replayed `--steps` times.
@@ -451,7 +451,8 @@ def main() -> None:
     print(f"{shape} with RANDOM weights on {meta['device']}; model built in {time.perf_counter() - began:.1f} s",
           file=sys.stderr, flush=True)
 
-    candidates = [("bf16", lambda: model)] + [(spec, (lambda s=spec: quantized_copy(model, s))) for spec in args.formats]
+    candidates = [("bf16", lambda: model)]
+    candidates += [(spec, (lambda s=spec: quantized_copy(model, s))) for spec in args.formats]
     if args.user_path:
         args.no_peers, args.batches = True, [1]
         prompts = {1: prompts.get(1, torch.randint(0, config.vocab_size, (1, args.prompt), device=device,
