@@ -12,8 +12,9 @@ device and filled there in bf16. Each quantized model shares the bf16 model's em
 A decode step is one forward pass of one token per sequence on a static KV cache of prompt + steps tokens
 (modelpress's `StaticCache`, inference/static_decode.py: it writes at a device tensor of positions, and the
 attention mask is a 4-D device tensor rebuilt from it), followed by the greedy argmax written back into the
-input buffer and the position advanced in place, so the step needs no host values and replays as a CUDA
-graph. Timed two ways, each as the median over repeats of `--steps` consecutive steps after a `--prompt`-token random prompt:
+input buffer and the position advanced in place, so the step needs no host values and replays as a CUDA graph.
+Timed two ways, each as the median over repeats of `--steps` consecutive steps after a `--prompt`-token random
+prompt:
 - eager: the step called from Python (host overhead included);
 - graph: the step captured once in a CUDA graph and replayed `--steps` times.
 ms/token is the time of one step (all sequences); tokens/s = batch x steps / seconds. "floor" is the time
