@@ -13,7 +13,7 @@ from modelpress.formats import WeightScheme
 from modelpress.inference.decoding import EagerSteps, GenerationSettings, generate
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.static_decode import StaticDecoder
-from tests.conftest import build_tiny_llama
+from conftest import build_tiny_llama
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 

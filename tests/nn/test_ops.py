@@ -12,7 +12,7 @@ from modelpress.formats import WeightScheme, quantize_weight
 from modelpress.nn import QuantLinear
 from modelpress.nn.backends import linear_forward
 from modelpress.nn.ops import quant_linear, scheme_key, scheme_of_key
-from tests.conftest import build_tiny_llama
+from conftest import build_tiny_llama
 
 SPECS = ["int4/g32", "int4-asym/g64", "int4/channel", "int8/channel", "int8-asym/g32", "nf4/g64", "int3/g32",
          "int3-asym/channel", "int4/g32/dq", "int4/tensor"]
