@@ -193,7 +193,7 @@ class Decoder:
         self.mask = torch.zeros(batch, 1, 1, self.max_len, dtype=dtype, device=device)
         self.first_token: torch.Tensor | None = None
 
-    @torch.inference_mode()  # as generate(): QuantLinear calls skip their autograd kernel
+    @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         batch, t = self.prompt.shape
         positions = torch.arange(t, device=self.prompt.device)
@@ -209,7 +209,7 @@ class Decoder:
         self.ids.copy_(self.first_token)
         self.pos.fill_(self.prompt_len)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self) -> None:
         self.cache.index = self.pos[0]
         self.mask.copy_(torch.where(self.kv_arange <= self.pos[:, :, None, None], 0.0, self.masked))

@@ -57,9 +57,8 @@ def test_op_equals_backend_chain_and_reference(spec, perm, dtype):
 @pytest.mark.parametrize("spec", ["int4/g32", "nf4/g64", "int8-asym/channel"])
 def test_opcheck(spec):
     layer = make_layer(spec, perm=True, bias=True)
-    torch.library.opcheck(quant_linear, op_args(layer, torch.randn(3, K)))
-    x = torch.randn(2, 3, K, requires_grad=True)
-    torch.library.opcheck(quant_linear, op_args(layer, x))
+    for x in (torch.randn(3, K), torch.randn(2, 3, K, dtype=torch.bfloat16)):
+        torch.library.opcheck(quant_linear, op_args(layer, x))  # schema, fake tensors, AOT dispatch
 
 
 def test_backward_matches_dequantized_weight():
@@ -67,9 +66,20 @@ def test_backward_matches_dequantized_weight():
     layer.bias.requires_grad_(True)
     x = torch.randn(5, K, requires_grad=True)
     grad = torch.randn(5, N)
-    layer(x).backward(grad)
+    y = layer(x)
+    assert torch.equal(y, linear_forward(x.detach(), layer.packed, layer.bias.detach()))
+    y.backward(grad)
     assert torch.allclose(x.grad, grad @ layer.dequantized_weight(), atol=1e-5)
     assert torch.allclose(layer.bias.grad, grad.sum(0), atol=1e-5)
+
+
+def test_compiled_backward_through_quantized_layer():
+    torch._dynamo.reset()
+    layer = make_layer("nf4/g32", perm=False, bias=True)
+    x = torch.randn(4, K, requires_grad=True)
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    expected = torch.autograd.grad(layer(x).square().sum(), x)[0]
+    assert torch.allclose(x.grad, expected, atol=1e-5)
 
 
 def test_fake_gives_shape_and_dtype():

@@ -186,12 +186,11 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
     return steps, steps.prefill(prompt), "eager"
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: GenerationSettings,
              cache: Cache | None = None, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None) -> GenerationResult:
-    """Sample (or pick greedily) one token per forward pass; `on_tokens` sees each token as it is made.
-    Runs in inference mode: a QuantLinear call then skips its autograd kernel (less host time per layer)."""
+    """Sample (or pick greedily) one token per forward pass; `on_tokens` sees each token as it is made."""
     prompt = prompt_list(input_ids)
     start = time.perf_counter()
     stepper, logits, path = _start(model, prompt, settings, cache)

@@ -10,7 +10,10 @@ graphs capture whatever kernel it launches. The real implementation is the backe
 for CPU and CUDA alike: the packed CPU kernels or the Triton kernels where they fit the call, else
 dequantize-then-matmul. Its output is therefore exactly what `linear_forward` returns.
 
-Backward (activations and bias only; packed weights are not trainable) multiplies by the dequantized weight.
+The operator itself has no autograd kernel: a Python one would cost every eager call (under no_grad too)
+about three times the operator's own dispatch. Training through a layer goes through
+`quant_linear_differentiable` instead (QuantLinear picks it when grad mode is on and x or the bias needs a
+gradient): its backward, for the activations and bias only, multiplies by the dequantized weight.
 """
 
 import functools
@@ -32,7 +35,6 @@ def scheme_key(scheme: WeightScheme) -> str:
             f"{int(scheme.double_quant)}:{scheme.double_quant_block}")
 
 
-@functools.cache
 def scheme_of_key(key: str) -> WeightScheme:
     fmt, granularity, group, scale_dtype, double_quant, block = key.split(":")
     return WeightScheme(format=fmt, granularity=granularity, group_size=int(group) or None,  # type: ignore[arg-type]
@@ -70,7 +72,7 @@ def _quant_linear(x: Tensor, qdata: Tensor, scale: Tensor, offset: Optional[Tens
 
 for _device in ("CPU", "CUDA"):  # the backend chain picks the CPU kernels, the Triton kernels or the reference
     _LIB.impl("quant_linear", _quant_linear, _device)
-# torch.library.Library rather than the custom_op decorator: its eager dispatch costs a third as much host time
+# torch.library.Library rather than the custom_op decorator: its eager dispatch costs a fraction of the host time
 quant_linear = torch.ops.modelpress.quant_linear.default
 
 
@@ -81,21 +83,30 @@ def _(x, qdata, scale, offset, scale_scale, scale_mean, input_perm, bias, scheme
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, qdata, scale, offset, scale_scale, scale_mean, input_perm, bias, scheme, out_features, in_features = inputs
-    ctx.save_for_backward(qdata, scale, offset, scale_scale, scale_mean, input_perm)
-    ctx.static = _static(scheme, out_features, in_features)
-    ctx.bias_dtype = None if bias is None else bias.dtype
+class _QuantLinearGrad(torch.autograd.Function):
+    """quant_linear with a backward for the activations (and the bias): grad_x = grad_y @ W."""
+
+    @staticmethod
+    def forward(ctx, x, qdata, scale, offset, scale_scale, scale_mean, input_perm, bias, scheme, out_features,
+                in_features):
+        ctx.save_for_backward(qdata, scale, offset, scale_scale, scale_mean, input_perm)
+        ctx.static_args = (scheme, out_features, in_features)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return quant_linear(x, qdata, scale, offset, scale_scale, scale_mean, input_perm, bias, scheme, out_features,
+                            in_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        key, out_features, in_features = ctx.static_args  # uncached here: torch.compile traces this
+        packed = _packed(*ctx.saved_tensors, _Static(scheme_of_key(key), (out_features, in_features)))
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ packed.dequantize(grad.dtype)  # (..., N) @ (N, K)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[7]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, None, None, None, None, grad_bias, None, None, None
 
 
-def _backward(ctx, grad):
-    packed = _packed(*ctx.saved_tensors, ctx.static)
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = grad @ packed.dequantize(grad.dtype)  # (..., N) @ (N, K)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[7]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None
-
-
-torch.library.register_autograd("modelpress::quant_linear", _backward, setup_context=_setup_context, lib=_LIB)
+def quant_linear_differentiable(*args) -> Tensor:
+    """quant_linear's arguments, with autograd through the activations and bias (training through a layer)."""
+    return _QuantLinearGrad.apply(*args)
