@@ -10,16 +10,26 @@ device and filled there in bf16. Each quantized model shares the bf16 model's em
 (RTN leaves the head in bf16) and quantizes its linear layers one by one on the device.
 
 A decode step is one forward pass of one token per sequence on a static KV cache of prompt + steps tokens
-(ours, `PositionCache`: it writes at a device tensor of positions, and the attention mask is a 4-D device
-tensor rebuilt from it), followed by the greedy argmax written back into the input buffer and the position
-advanced in place, so the step needs no host values and replays as a CUDA graph. Timed two ways, each as
-the median over repeats of `--steps` consecutive steps after a `--prompt`-token random prompt:
+(modelpress's `StaticCache`, inference/static_decode.py: it writes at a device tensor of positions, and the
+attention mask is a 4-D device tensor rebuilt from it), followed by the greedy argmax written back into the
+input buffer and the position advanced in place, so the step needs no host values and replays as a CUDA graph.
+Timed two ways, each as the median over repeats of `--steps` consecutive steps after a `--prompt`-token random
+prompt:
 - eager: the step called from Python (host overhead included);
 - graph: the step captured once in a CUDA graph and replayed `--steps` times.
 ms/token is the time of one step (all sequences); tokens/s = batch x steps / seconds. "floor" is the time
 to read the weights once at 3.08 TB/s (the H100's measured read ceiling); "floor + KV" adds the KV cache a
 step reads (the attention reads the whole static buffer). Peers (PyTorch's int4 tinygemm kernel; bitsandbytes
 NF4 when importable) run the same steps with their own linear modules; missing ones are skipped and named.
+
+--user-path measures what a user gets instead: `modelpress.inference.decoding.generate` at batch 1 (greedy,
+`--steps` new tokens after the `--prompt`-token prompt), once per decode path: eager (DynamicCache, Python
+per token) and auto (on CUDA: static cache + the decode step captured in a CUDA graph, capture included in
+the call). After one short warm-up call per path (Triton compilation), "call tok/s" is the GenerationResult's
+figure (prefill and capture included) and "decode tok/s" the rate from the second token to the last (steady
+decoding: the graph path captures during its first step).
+
+    PYTHONPATH=src python bench/decode.py --user-path --formats int4/g128 nf4/g64 --steps 128
 """
 
 from __future__ import annotations
@@ -37,13 +47,15 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.formats.scheme import WeightScheme
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.sampling import SamplingConfig
+from modelpress.inference.static_decode import StaticCache
 from modelpress.nn.quant_linear import QuantLinear
 
 SHAPES = {  # Llama-2-7B and a tiny model of the same architecture (CPU test of the code path)
@@ -162,68 +174,7 @@ def peer_copy(model: nn.Module, build) -> nn.Module:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- the cache
-class _PositionLayer(CacheLayerMixin):
-    """Static keys/values (B, H, L, D) written at the cache's current index tensor."""
-
-    is_sliding = False
-    is_compileable = True
-
-    def __init__(self, owner: PositionCache) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def lazy_initialization(self, key_states, value_states=None):
-        b, h, _, d = key_states.shape
-        shape = (b, h, self.owner.max_len, d)
-        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys.index_copy_(2, self.owner.index, key_states)
-        self.values.index_copy_(2, self.owner.index, value_states)
-        return self.keys, self.values
-
-    def get_seq_length(self, *args, **kwargs) -> int:
-        return self.owner.max_len
-
-    def get_max_length(self, *args, **kwargs) -> int:
-        return self.owner.max_len
-
-    get_max_cache_shape = get_max_length
-
-    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.owner.max_len, 0
-
-    def reset(self) -> None:
-        if self.is_initialized:
-            self.keys.zero_()
-            self.values.zero_()
-
-
-class PositionCache(Cache):
-    """A static KV cache of `max_len` tokens per sequence; `index` (a device tensor of positions, set by the
-    caller) says where the keys/values of the tokens being run go. Callers pass position ids and a 4-D mask."""
-
-    def __init__(self, num_layers: int, max_len: int) -> None:
-        self.max_len = max_len
-        self.index: torch.Tensor | None = None
-        super().__init__(layers=[_PositionLayer(self) for _ in range(num_layers)])
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self.layers[layer_idx].update(key_states, value_states)
-
-    def get_seq_length(self, layer_idx: int = 0, *args, **kwargs) -> int:
-        return self.max_len
-
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
-                   for t in (layer.keys, layer.values))
-
-
+# ---------------------------------------------------------------------------------------------- the decoder
 class Decoder:
     """Static buffers of one greedy decode at a fixed batch on a PositionCache: `prefill()` fills the cache
     with the prompt; `start()` resets the position to the end of the prompt; `step()` runs one token per
@@ -234,7 +185,7 @@ class Decoder:
         batch, self.prompt_len = prompt.shape
         device = prompt.device
         self.max_len = self.prompt_len + steps
-        self.cache = PositionCache(model.config.num_hidden_layers, self.max_len)
+        self.cache = StaticCache(model.config.num_hidden_layers, self.max_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)  # every row at the same position
         self.kv_arange = torch.arange(self.max_len, device=device)
@@ -397,6 +348,43 @@ def measure(name: str, model: nn.Module, prompts: dict, args, timer: Timer, devi
     return rows
 
 
+def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, base: dict) -> list[dict]:
+    """generate() at batch 1 on each decode path; tokens/s of the whole call and of the decode alone."""
+    rows = []
+    ids = prompt[0].tolist()
+    for path in ("eager", "auto"):
+        warm = GenerationSettings(max_new_tokens=4, decode=path, sampling=SamplingConfig(temperature=0.0))
+        generate(model, ids, warm)
+        settings = GenerationSettings(max_new_tokens=args.steps, decode=path, sampling=SamplingConfig(temperature=0.0))
+        stamps: list[float] = []
+        result = generate(model, ids, settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
+        # from the second token on: the first step of the graph path also warms up and captures
+        decode_tps = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
+        row = {"model": name, "path": path, "ran": result.decode_path, "new_tokens": len(result.tokens),
+               "seconds": result.seconds, "call_tokens_per_s": result.tokens_per_s,
+               "decode_tokens_per_s": decode_tps, "tokens": result.tokens}
+        ref = base.get(path)
+        if ref is None:
+            base[path] = row
+        else:
+            row["decode_vs_bf16"] = decode_tps / ref["decode_tokens_per_s"] if decode_tps else None
+            row["same_tokens_as_bf16"] = token_agreement([ref["tokens"]], [result.tokens])
+        rows.append(row)
+        print(f"  {name} {path} ({result.decode_path}): {result.tokens_per_s:.1f} tok/s per call, "
+              f"{fmt(decode_tps, '.1f')} tok/s decoding", file=sys.stderr, flush=True)
+    return rows
+
+
+def user_table(rows: list[dict]) -> str:
+    lines = ["| model | decode path (ran) | call tok/s | decode tok/s | decode vs bf16 | same tokens as bf16 |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['path']} ({r['ran']}) | {r['call_tokens_per_s']:.1f} | "
+                     f"{fmt(r['decode_tokens_per_s'], '.1f')} | {fmt(r.get('decode_vs_bf16'), '.2f')} | "
+                     f"{fmt(r.get('same_tokens_as_bf16'), '.0%')} |")
+    return "\n".join(lines)
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -428,6 +416,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--max-seconds", type=float, default=330.0, help="skip the remaining models after this")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--user-path", action="store_true",
+                   help="time modelpress's generate() at batch 1, eager and auto (CUDA graph) paths; no peers")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -440,7 +430,9 @@ def main() -> None:
     shape = "tiny" if args.tiny else args.shape
     if args.json is None:
         out = os.environ.get("OUT")
-        args.json = Path(out) / "decode_h100.json" if out else ROOT / "bench/results/decode.json"
+        stem = "decode_user" if args.user_path else "decode"
+        args.json = Path(out) / f"{stem}_{'h100' if stem == 'decode' else 'gpu'}.json" if out else \
+            ROOT / f"bench/results/{stem}.json"
     config = llama_config(shape)
     torch.manual_seed(0)
     model = random_llama(config, device)
@@ -462,7 +454,13 @@ def main() -> None:
     print(f"{shape} with RANDOM weights on {meta['device']}; model built in {time.perf_counter() - began:.1f} s",
           file=sys.stderr, flush=True)
 
-    candidates = [("bf16", lambda: model)] + [(spec, (lambda s=spec: quantized_copy(model, s))) for spec in args.formats]
+    candidates = [("bf16", lambda: model)]
+    candidates += [(spec, (lambda s=spec: quantized_copy(model, s))) for spec in args.formats]
+    if args.user_path:
+        args.no_peers, args.batches = True, [1]
+        prompts = {1: prompts.get(1, torch.randint(0, config.vocab_size, (1, args.prompt), device=device,
+                                                   generator=gen))}
+        meta["mode"] = "user path: modelpress.inference.decoding.generate, batch 1, greedy"
     if not args.no_peers:
         for name, build in PEERS.items():
             if device.type != "cuda":
@@ -485,7 +483,10 @@ def main() -> None:
             print(f"{name}: skipped ({meta['skipped'][name]})", file=sys.stderr, flush=True)
             continue
         built_s = time.perf_counter() - t0
-        new = measure(name, candidate, prompts, args, timer, device, base)
+        if args.user_path:
+            new = measure_user_path(name, candidate, prompts[1], args, base)
+        else:
+            new = measure(name, candidate, prompts, args, timer, device, base)
         for row in new:
             row["build_s"] = built_s
         rows += new
@@ -500,8 +501,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         write(args.json, meta, rows, began)
     print(f"\n{shape}, RANDOM weights, {meta['device']}, torch {meta['torch']}; prompt {args.prompt}, "
-          f"{args.steps} decode steps; floor = weight bytes / {READ_TBS} TB/s")
-    print(table(rows))
+          f"{args.steps} decode steps" + ("" if args.user_path else f"; floor = weight bytes / {READ_TBS} TB/s"))
+    print(user_table(rows) if args.user_path else table(rows))
     for name, why in meta["skipped"].items():
         print(f"skipped {name}: {why}")
     write(args.json, meta, rows, began)
@@ -519,7 +520,8 @@ def write(path: Path, meta: dict, rows: list[dict], began: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "wall_s": time.perf_counter() - began}
     clean = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
-    path.write_text(json.dumps({"meta": meta, "rows": clean, "table": table(rows)}, indent=1) + "\n")
+    text = user_table(rows) if meta.get("mode", "").startswith("user") else table(rows)
+    path.write_text(json.dumps({"meta": meta, "rows": clean, "table": text}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--draft-tokens", type=positive_int, default=4,
                    help="tokens the draft proposes per round (default 4)")
     p.add_argument("--kv-cache", default="float", choices=CACHE_MODES, help="KV cache of the model (default float)")
+    p.add_argument("--eager", "--no-compile", dest="eager", action="store_true",
+                   help="decode eagerly (DynamicCache, one Python-driven forward per token) instead of the default "
+                        "on CUDA: a static KV cache with the decode step captured in a CUDA graph")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast a float model to this dtype")
     add_json_argument(p)
@@ -127,10 +130,12 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(dtype) if dtype is not None else model
     tokenizer = loaded.tokenizer
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids(model, tokenizer),
-                                  sampling=SamplingConfig(args.temperature, args.top_k, args.top_p))
+                                  sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+                                  decode="eager" if args.eager else "auto")
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    cache = make_kv_cache(model, KVCacheConfig(args.kv_cache))
+    # a float cache is left to generate (static and graph-captured on CUDA); a quantized one is used as it is
+    cache = None if args.kv_cache == "float" else make_kv_cache(model, KVCacheConfig(args.kv_cache))
     printer = StreamPrinter(tokenizer)
     with fast_cpu():  # packed int4/int8 CPU kernels, bfloat16 inside (nn/cpu_backend.py)
         if args.draft or args.self_speculative:

@@ -1,13 +1,23 @@
 """Plain autoregressive decoding at batch 1 with a KV cache, streaming tokens to a callback, and the types
 shared with speculative decoding (settings in, tokens + counters out).
 
-tokens/s counts every new token over the whole call, prompt prefill included.
+Decode paths (`GenerationSettings.decode`):
+- eager: transformers' DynamicCache, one Python-driven forward per token (any model, any given cache);
+- static: a static KV cache written at a device position (static_decode.py), steps run eagerly;
+- graph: the static cache with the decode step captured once in a CUDA graph and replayed (CUDA only);
+- auto (default): graph on CUDA, eager elsewhere.
+A static path falls back to eager, with a logged reason, for a caller-supplied cache, a model with sliding-
+window or other non-full attention layers, flash-attention kernels (no 4-D masks), or a prompt the static
+prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly.
+
+tokens/s counts every new token over the whole call, prompt prefill (and graph capture) included.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +30,8 @@ from modelpress.errors import ModelpressError
 from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
 
 TokenCallback = Callable[[list[int]], None]
+DECODE_PATHS = ("auto", "eager", "static", "graph")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,10 +39,13 @@ class GenerationSettings:
     max_new_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eos_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (it is kept)
+    decode: str = "auto"  # one of DECODE_PATHS (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ModelpressError(f"max new tokens must be a positive integer, got {self.max_new_tokens}")
+        if self.decode not in DECODE_PATHS:
+            raise ModelpressError(f"unknown decode path {self.decode!r}; choose one of {', '.join(DECODE_PATHS)}")
 
 
 @dataclass
@@ -43,6 +58,7 @@ class GenerationResult:
     drafted: int = 0           # draft tokens proposed
     accepted: int = 0          # draft tokens accepted
     rounds: int = 0            # draft-then-verify rounds
+    decode_path: str = "eager"  # the path that ran: eager, static or graph (static with a failed capture)
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,7 +72,8 @@ class GenerationResult:
         return {"new_tokens": len(self.tokens), "prompt_tokens": self.prompt_tokens, "seconds": self.seconds,
                 "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
                 "draft_forwards": self.draft_forwards, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "tokens": self.tokens}
+                "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "decode_path": self.decode_path,
+                "tokens": self.tokens}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -100,15 +117,83 @@ def finish(tokens: list[int], settings: GenerationSettings) -> tuple[list[int], 
     return tokens, False
 
 
+def decode_path(model: nn.Module, settings: GenerationSettings, cache: Cache | None) -> str:
+    """The path `generate` takes: settings.decode resolved for this model, device and cache (reasons logged)."""
+    wanted = settings.decode
+    device = model_device(model)
+    if wanted == "auto":
+        wanted = "graph" if device.type == "cuda" else "eager"
+    if wanted == "eager":
+        return wanted
+    reason = static_cache_obstacle(model, cache)
+    if reason is not None:
+        log.warning("decoding eagerly, without a static cache: %s", reason)
+        return "eager"
+    if wanted == "graph" and device.type != "cuda":
+        log.warning("CUDA graphs need a CUDA device, the model is on %s; decoding on a static cache without one",
+                    device)
+        return "static"
+    return wanted
+
+
+def static_cache_obstacle(model: nn.Module, cache: Cache | None) -> str | None:
+    """Why the static cache cannot serve this call, or None."""
+    from modelpress.inference.kv_cache import check_full_attention
+
+    if cache is not None:
+        return "a KV cache was given (it is used as it is)"
+    config = getattr(model, "config", None)
+    if config is None:
+        return "the model has no transformers config"
+    try:
+        check_full_attention(config)
+    except ModelpressError as err:
+        return str(err).replace("the quantized KV cache supports", "the static cache supports")
+    attention = str(getattr(config, "_attn_implementation", None) or "")
+    if attention.startswith("flash"):
+        return f"attention implementation {attention!r} takes no 4-D attention mask"
+    return None
+
+
+class EagerSteps:
+    """The eager path with the interface of StaticDecoder: prefill(prompt) and step(token) -> (1, V) logits."""
+
+    def __init__(self, model: nn.Module, cache: Cache | None) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config) if cache is None else cache
+
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        return forward_logits(self.model, prompt, self.cache, last_only=True)[-1:]
+
+    def step(self, token: int) -> torch.Tensor:
+        return forward_logits(self.model, [token], self.cache, last_only=True)[-1:]
+
+
+def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, cache: Cache | None):
+    """(stepper, first logits, path that ran): the chosen path's prefill, or the eager one if that fails."""
+    from modelpress.inference.static_decode import StaticDecoder
+
+    path = decode_path(model, settings, cache)
+    if path != "eager":
+        decoder = StaticDecoder(model, len(prompt) + settings.max_new_tokens, graph=path == "graph",
+                                keep_last_only=supports_logits_to_keep(model))
+        try:
+            return decoder, decoder.prefill(prompt), path
+        except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, decode eagerly)
+            log.warning("static-cache prefill failed (%s: %s); decoding eagerly", type(err).__name__,
+                        str(err).splitlines()[0][:300] if str(err) else "")
+    steps = EagerSteps(model, cache)
+    return steps, steps.prefill(prompt), "eager"
+
+
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: GenerationSettings,
              cache: Cache | None = None, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None) -> GenerationResult:
     """Sample (or pick greedily) one token per forward pass; `on_tokens` sees each token as it is made."""
     prompt = prompt_list(input_ids)
-    cache = DynamicCache(config=model.config) if cache is None else cache
     start = time.perf_counter()
-    logits = forward_logits(model, prompt, cache, last_only=True)
+    stepper, logits, path = _start(model, prompt, settings, cache)
     forwards, new = 1, []
     while True:
         token = int(sample(next_token_probs(logits[-1], settings.sampling), generator))
@@ -117,7 +202,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: Ge
             on_tokens([token])
         if token in settings.eos_token_ids or len(new) >= settings.max_new_tokens:
             break
-        logits = forward_logits(model, [token], cache, last_only=True)
+        logits = stepper.step(token)
         forwards += 1
+    if path == "graph" and getattr(stepper, "graph", None) is None and forwards > 1:
+        path = "static"
     return GenerationResult(tokens=new, prompt_tokens=len(prompt), seconds=time.perf_counter() - start,
-                            target_forwards=forwards)
+                            target_forwards=forwards, decode_path=path)

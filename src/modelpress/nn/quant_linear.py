@@ -14,7 +14,7 @@ from torch import nn
 
 from modelpress.formats.packed import PackedWeight, empty_packed
 from modelpress.formats.scheme import WeightScheme
-from modelpress.nn.backends import linear_forward
+from modelpress.nn.ops import quant_linear, quant_linear_differentiable, scheme_key
 from modelpress.nn.registry import register_module_kind
 
 
@@ -27,6 +27,7 @@ class QuantLinear(nn.Module):
         for name in PackedWeight.TENSOR_NAMES:
             self.register_buffer(name, getattr(packed, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.scheme_key = scheme_key(self.scheme)  # static operator arguments, computed once
 
     @property
     def packed(self) -> PackedWeight:
@@ -45,7 +46,12 @@ class QuantLinear(nn.Module):
         return self.packed.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_forward(x, self.packed, self.bias)
+        # one operator call (nn/ops.py): torch.compile sees one node, CUDA graphs capture its kernels
+        args = (x, self.qdata, self.scale, self.offset, self.scale_scale, self.scale_mean, self.input_perm,
+                self.bias, self.scheme_key, self.out_features, self.in_features)
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return quant_linear_differentiable(*args)
+        return quant_linear(*args)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.spec}, "
