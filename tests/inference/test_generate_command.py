@@ -62,7 +62,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llama_dir, tmp_path):
     (["--chat"], "tokenizer has no chat template"),
     (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
     (["--temperature", "-1"], "temperature must be >= 0, got -1.0"),
-    (["--self-speculative", "int5"], "unknown number format 'int5'"),
+    (["--self-speculative", "int7"], "unknown number format 'int7'"),
     (["--draft", "BIGVOCAB"], "draft model scores 400 tokens but the target scores 320"),
 ])
 def test_bad_generate_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, capsys, args, message):
