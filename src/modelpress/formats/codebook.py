@@ -37,12 +37,16 @@ class CodebookFormat(QFormat):
         if len(self.table) != 2**self.bits:
             raise ValueError(f"format {self.name!r}: table has {len(self.table)} values, needs {2**self.bits}")
         object.__setattr__(self, "_encode", nearest_level_encoder(torch.tensor(self.table)))
+        object.__setattr__(self, "_tables", {})   # device -> the table there: no host copy per call (CUDA graphs)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._encode(x)  # type: ignore[attr-defined]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.table, device=codes.device)[codes.long()]
+        table = self._tables.get(codes.device)  # type: ignore[attr-defined]
+        if table is None:
+            table = self._tables[codes.device] = torch.tensor(self.table, device=codes.device)  # type: ignore[attr-defined]
+        return table[codes.long()]
 
     def scale_for(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return absmax_scale(groups, max(abs(v) for v in self.table)), None
