@@ -357,3 +357,18 @@ def test_fuzzed_resume_directory_resumes_the_same_or_fails_clearly(resume_dir, c
         if isinstance(result, ModelpressError):   # a refused directory is left exactly as it was
             assert snapshot(directory) == before
     assert isinstance(result, ModelpressError) or same_model(result, expected), f"{name}: {mutation}"
+
+
+@fuzz_settings(20)
+@given(mutation=byte_mutation())
+def test_fuzzed_gguf_through_load_model_fails_clearly(gguf_file, mutation, tmp_path, monkeypatch):
+    """load_model on a .gguf (transformers' GGUF reader behind modelpress' float cache): this file has no
+    tokenizer, so even unmutated it cannot load; every mutation must fail as a ModelpressError too."""
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    original, _ = gguf_file
+    with copy_of(original) as path:
+        mutate_file(path, in_prefix(mutation, gguf_table_end(original)))
+        before = snapshot(path)
+        result = outcome(lambda: load_model(str(path)))
+        assert snapshot(path) == before
+    assert isinstance(result, (ModelpressError, LoadedModel)), mutation.label
