@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -282,7 +281,7 @@ def test_fuzzed_gguf_header_reads_or_fails_clearly(gguf_file, mutation):
         result = outcome(lambda: read_gguf(path))
         assert snapshot(path) == before
     assert isinstance(result, (ModelpressError, list)), mutation.label
-    if mutation.label.startswith("truncate"):   # a cut removes, never changes: the same keys (cut after them) or an error
+    if mutation.label.startswith("truncate"):   # a cut removes, never changes: the keys (cut after them) or an error
         assert isinstance(result, ModelpressError) or result == expected, mutation.label
 
 

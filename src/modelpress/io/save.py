@@ -142,7 +142,8 @@ def build_empty_model(path: Path, config, model_class: str, trust_remote_code: b
             return auto.from_config(config, trust_remote_code=trust_remote_code)
     except CONFIG_ERRORS as err:
         raise ModelpressError(f"{path / 'config.json'} does not describe a model that can be built "
-                              f"({type(err).__name__}: {first_line(err)}); restore it or save the model again") from None
+                              f"({type(err).__name__}: {first_line(err)}); restore it or save the model again"
+                              ) from None
 
 
 def install_layer(model: nn.Module, name: str, record: dict, file: Path) -> None:
@@ -173,7 +174,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", trust_
     trust_remote_code = bool(trust_remote_code)   # never None: None makes transformers prompt on stdin
     check_remote_code(path, trust_remote_code)
     meta = read_metadata(path)
-    verify_files(path, meta.get("files", {}), checksums=verify_checksums)
+    files = meta.get("files", {})   # sizes always for the weights; config.json (which people edit) with checksums
+    verify_files(path, files if verify_checksums else {k: v for k, v in files.items() if k == WEIGHTS_FILE},
+                 checksums=verify_checksums)
     try:
         tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as err:
