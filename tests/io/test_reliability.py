@@ -203,8 +203,18 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01   # a tensor value changes; the file still parses
+    path.write_bytes(bytes(data))
+
+
 RESUME_DAMAGE = {
     "truncated block": ("block-0000.safetensors", _truncate),
+    "a flipped byte in the block": ("block-0000.safetensors", _flip_last_byte),
+    "a flipped byte in the hidden states": ("hidden-0001.safetensors", _flip_last_byte),
+    "a record edited in state.json": ("state.json", lambda p: p.write_text(p.read_text().replace('"group_size": 32',
+                                                                                                '"group_size": 64', 1))),
     "missing block": ("block-0000.safetensors", Path.unlink),
     "truncated hidden states": ("hidden-0001.safetensors", _truncate),
     "missing hidden states": ("hidden-0001.safetensors", Path.unlink),
@@ -489,5 +499,6 @@ def test_saved_directory_records_file_checksums(tmp_path):
 
     directory = save_quantized(tmp_path / "m")
     meta = json.loads((directory / "modelpress.json").read_text())
-    data = (directory / "model.safetensors").read_bytes()
-    assert meta["files"] == {"model.safetensors": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    for name in ("model.safetensors", "config.json"):   # config.json: a changed value there changes the model too
+        data = (directory / name).read_bytes()
+        assert meta["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,6 +1,7 @@
 """`modelpress distill` and `modelpress finetune` on tiny saved models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -77,3 +78,35 @@ def test_finetune_lora_on_a_float_model_needs_a_teacher_choice(tmp_path, tiny_te
     model = save_tiny_llama(tmp_path / "m")
     assert run_cli("finetune", model, "--lora", "--text", tiny_text, *FAST, "--out", tmp_path / "x") == 2
     assert "--teacher none" in capsys.readouterr().err
+
+
+# a loss that becomes NaN (a learning rate that blows the weights up) stops the run; nothing is written
+
+BLOW_UP = ("--steps", "8", "--seq-len", "16", "--train-windows", "2", "--lr", "1e30")
+
+
+@pytest.mark.parametrize("command, precision", [("distill", "fp32"), ("distill", "fp16"),
+                                                ("finetune-lora", "bf16"), ("finetune-qat", "fp32")])
+def test_nan_loss_stops_training_and_saves_nothing(tmp_path, tiny_text, capsys, command, precision):
+    model = save_tiny_llama(tmp_path / "m")
+    out = tmp_path / "out"
+    argv = {"distill": ["distill", "--teacher", model, "--student", model],
+            "finetune-lora": ["finetune", model, "--lora", "--quantize", "int4/g32", "--teacher", "none"],
+            "finetune-qat": ["finetune", model, "--qat", "int4/g32", "--teacher", "none"]}[command]
+    capsys.readouterr()
+    assert run_cli(*argv, "--text", tiny_text, *BLOW_UP, "--precision", precision, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    diverged = r"(training loss|gradients) became .* the weights are those after step|QAT weights left what int4/g32"
+    assert re.search(diverged, err), err
+    assert f"--out {out} was not created" in err, err
+    if precision == "fp16":
+        assert "consecutive steps" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    if command == "distill":   # an existing output is left as it was
+        out.mkdir()
+        (out / "modelpress.json").write_text("{}")
+        assert run_cli(*argv, "--text", tiny_text, *BLOW_UP, "--precision", precision, "--out", out,
+                       "--overwrite") == 2
+        assert f"the existing {out} is left as it was" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == ["modelpress.json"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.train.trainer import TrainConfig, example_order, lr_at, train
+from modelpress.train.trainer import NonFiniteLoss, TrainConfig, example_order, lr_at, train
 
 
 def test_warmup_then_cosine_schedule():
@@ -113,3 +113,55 @@ def test_auto_precision_on_the_cpu_computes_in_bf16_over_float32_masters():
 
     train(loss_fn, model.parameters(), 8, TrainConfig(steps=2, batch_size=4, precision="auto"), device="cpu")
     assert seen == [torch.bfloat16, torch.bfloat16] and model.weight.dtype == torch.float32
+
+
+# --- a NaN/Inf loss stops training before it reaches the weights ------------------------------------------
+
+def _blows_up_at(steps: set[int], precision: str):
+    """A regression whose loss is NaN on the given (0-based) steps, with a snapshot of the weights per step."""
+    model, loss_fn = _regression()
+    calls, snapshots = [], []
+
+    def loss(idx):
+        calls.append(1)
+        value = loss_fn(idx)
+        return value * float("nan") if len(calls) - 1 in steps else value
+
+    def snapshot():
+        snapshots.append(model.weight.detach().clone())
+        return 0.0
+
+    config = TrainConfig(steps=8, lr=0.05, batch_size=32, precision=precision, eval_every=1, max_nonfinite_steps=3)
+    return model, lambda: train(loss, model.parameters(), 32, config, eval_fn=snapshot), snapshots
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_loss_without_a_scaler_stops_at_once_keeping_the_last_good_weights(precision):
+    model, run, snapshots = _blows_up_at({2}, precision)
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 3; the weights are those after step 2") as caught:
+        run()
+    assert caught.value.good_steps == 2 and len(snapshots) == 2
+    assert torch.equal(model.weight, snapshots[-1])
+
+
+def test_fp16_skips_a_nan_loss_then_gives_up_after_consecutive_ones():
+    _, run, _ = _blows_up_at({1}, "fp16")
+    result = run()                                              # one NaN step: skipped, scale lowered, trains on
+    assert result.steps == 8 and result.nonfinite_steps == 1 and result.skipped_steps >= 1
+    model, run, snapshots = _blows_up_at({2, 3, 4, 5, 6, 7}, "fp16")
+    with pytest.raises(NonFiniteLoss, match=r"step 5 on 3 consecutive steps") as caught:
+        run()
+    assert caught.value.good_steps <= 2 and f"after step {caught.value.good_steps}." in str(caught.value)
+    assert torch.equal(model.weight, snapshots[1]) and torch.isfinite(model.weight).all()
+
+
+def test_nan_gradient_without_a_scaler_stops_before_the_step():
+    layer = nn.Linear(4, 1)
+    before = layer.weight.detach().clone()
+
+    def loss(idx):   # finite value, NaN gradient: sqrt at 0
+        return (layer.weight * 0).abs().sqrt().sum() + layer.bias.sum()
+
+    with pytest.raises(NonFiniteLoss, match="gradients became NaN/Inf at step 1"):
+        train(loss, layer.parameters(), 4, TrainConfig(steps=2, precision="fp32", max_grad_norm=None))
+    assert torch.equal(layer.weight, before)

@@ -9,8 +9,10 @@ is freed before training; a --cache file that exists is reused without loading t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from modelpress.commands.common import add_json_argument, check_output_paths, positive_int, write_json
@@ -22,7 +24,7 @@ from modelpress.train.data import TaskData, check_same_vocabulary, training_wind
 from modelpress.train.distill import DistillConfig, distill
 from modelpress.train.losses import DIVERGENCES
 from modelpress.train.teacher_cache import build_teacher_cache, load_teacher_cache, save_teacher_cache
-from modelpress.train.trainer import PRECISIONS, TrainConfig
+from modelpress.train.trainer import PRECISIONS, TrainConfig, TrainingDiverged
 
 
 def add_training_arguments(p: argparse.ArgumentParser, steps: int = 100, lr: float = 1e-4) -> None:
@@ -74,6 +76,21 @@ def distill_config_from_args(args: argparse.Namespace, freeze: tuple[str, ...] =
                          top_k=args.top_k, freeze=freeze)
 
 
+@contextlib.contextmanager
+def nothing_saved_on_nan(args: argparse.Namespace) -> Iterator[None]:
+    """Training that diverges (a NaN/Inf loss) has saved nothing (outputs are written after training, atomically):
+    the error says what is kept."""
+    try:
+        yield
+    except TrainingDiverged as err:
+        out = Path(args.out)
+        kept = (f"the existing {out} is left as it was" if out.exists() else f"--out {out} was not created")
+        cache = getattr(args, "cache", None)
+        if cache is not None and Path(cache).exists():
+            kept += f"; the teacher cache {cache} is complete and kept"
+        raise ModelpressError(f"{err}. Nothing was saved: {kept}") from None
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("distill", help="train a student model on a teacher's soft targets (knowledge distillation)")
     p.add_argument("--teacher", required=True, metavar="MODEL", help="the model to learn from")
@@ -100,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     ids = training_windows(student.tokenizer, args.text, args.seq_len, args.train_windows)
     data = TaskData(ids)
     teacher = _teacher_for(args, student, data, config, train_config)
-    result = distill(student.model.to(args.device), teacher, data, config, train_config)
+    with nothing_saved_on_nan(args):
+        result = distill(student.model.to(args.device), teacher, data, config, train_config)
     report = {"command": "distill", "teacher": args.teacher, "student": student.source,
               "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "temperature": config.temperature,
               "alpha": config.alpha, "loss": config.loss, "top_k": config.top_k, **result.to_dict()}

@@ -33,6 +33,7 @@ from modelpress.commands.distill import (
     add_distill_arguments,
     add_training_arguments,
     distill_config_from_args,
+    nothing_saved_on_nan,
     train_config_from_args,
 )
 from modelpress.errors import ModelpressError
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         report.update(mode="lora", rank=args.rank, lora_alpha=args.lora_alpha, merge=args.merge)
     teacher = _maybe_cache(teacher, data, config, train_config)
     model.to(args.device)
-    result = distill(model, teacher, data, config, train_config)
+    with nothing_saved_on_nan(args):
+        result = distill(model, teacher, data, config, train_config)
     del teacher
     gc.collect()
     model.cpu()

@@ -5,6 +5,8 @@ Directory layout (safetensors + JSON, no pickle):
                               blocks done, the record of every compressed module, per-layer notes
 - block-0003.safetensors      block 3's state dict once compressed
 - hidden-0004.safetensors     the hidden states block 4 starts from ("batch.0", "batch.1", ...)
+state.json records the sha256 of every tensor file it commits and a digest of its own content, so a damaged
+file (a flipped byte that still parses) is refused by name rather than resumed into another model.
 A run killed at any moment leaves either the previous commit or the new one. A resumed run restores the
 finished blocks, loads the hidden states and goes on with the next block; everything it computes from
 there is what an uninterrupted run computes.
@@ -27,6 +29,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.io.atomic import atomic_file, remove_stale_siblings
+from modelpress.io.integrity import file_sha256
 from modelpress.nn.layers import replace_module
 from modelpress.nn.registry import compressed_module_kind, module_for_kind
 
@@ -41,6 +44,35 @@ class ResumeState:
     records: dict[str, dict[str, dict]] = field(default_factory=dict)   # block index -> module name -> record
     notes: dict[str, dict] = field(default_factory=dict)                 # full layer name -> notes
     unobserved: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)                  # tensor file name -> its sha256
+    digest: str = ""                                                     # of all the above (state_digest)
+
+
+STATE_TYPES = {"fingerprint": dict, "blocks_done": int, "records": dict, "notes": dict, "unobserved": list,
+               "files": dict, "digest": str}
+
+
+def state_digest(state: ResumeState) -> str:
+    content = {k: v for k, v in asdict(state).items() if k != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def check_state(saved: dict) -> ResumeState:
+    """A ResumeState from state.json's content, every field of its type, the digest matching (states written
+    before digests were recorded have none). Raises ValueError/TypeError naming what is wrong."""
+    unknown = sorted(set(saved) - set(STATE_TYPES))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}")
+    for key, kind in STATE_TYPES.items():
+        if key in saved and (not isinstance(saved[key], kind) or isinstance(saved[key], bool)):
+            raise TypeError(f"`{key}` should be a {kind.__name__}, found {saved[key]!r:.60}")
+    state = ResumeState(**saved)
+    if state.digest and state.digest != state_digest(state):
+        raise ValueError("its content differs from the digest it recorded")
+    if state.blocks_done < 0 or not all(isinstance(r, dict) and all(isinstance(m, dict) for m in r.values())
+                                        for r in state.records.values()):
+        raise ValueError("blocks_done or records of the wrong shape")
+    return state
 
 
 def run_fingerprint(algorithm_description: str, block_path: str, num_blocks: int, calibration_ids: torch.Tensor,
@@ -105,8 +137,8 @@ class ResumeStore:
                 f"{fingerprint}. Use another --resume directory or delete this one"
             )
         try:
-            return ResumeState(**saved)
-        except TypeError as err:
+            return check_state(saved)
+        except (TypeError, ValueError) as err:
             raise self.damaged(path, err) from None
 
     def damaged(self, path: Path, err: BaseException) -> ModelpressError:
@@ -114,14 +146,17 @@ class ResumeStore:
         return ModelpressError(f"{path} is damaged or missing ({reason}); delete the --resume directory {self.dir} "
                                f"to start the run over")
 
-    def _read_tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def _read_tensors(self, state: ResumeState, name: str, device: str | torch.device = "cpu"
+                      ) -> dict[str, torch.Tensor]:
         path = self.dir / name
         try:
+            if name in state.files and file_sha256(path) != state.files[name]:
+                raise ValueError("its sha256 differs from the one state.json recorded")
             return load_file(str(path), device=str(device))
-        except (OSError, SafetensorError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             raise self.damaged(path, err) from None
 
-    def _write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _write_tensors(self, state: ResumeState, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(self.dir / name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", dir=self.dir)
@@ -134,22 +169,29 @@ class ResumeStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        state.files[name] = file_sha256(self.dir / name)
 
     def commit_block(self, state: ResumeState, index: int, block: nn.Module, next_hidden: list[torch.Tensor]) -> None:
         """Save block `index` as finished, with the inputs of block index + 1."""
-        self._write_tensors(f"block-{index:04d}.safetensors", block.state_dict())
-        self._write_tensors(f"hidden-{index + 1:04d}.safetensors", {f"batch.{i}": h for i, h in enumerate(next_hidden)})
+        self._write_tensors(state, f"block-{index:04d}.safetensors", block.state_dict())
+        self._write_tensors(state, f"hidden-{index + 1:04d}.safetensors",
+                            {f"batch.{i}": h for i, h in enumerate(next_hidden)})
+        state.files.pop(f"hidden-{index:04d}.safetensors", None)
         state.blocks_done = index + 1
         state.records[str(index)] = block_records(block)
+        state.digest = state_digest(state)
         with atomic_file(self.dir / STATE_FILE) as handle:
             json.dump(asdict(state), handle, indent=1, sort_keys=True)
         (self.dir / f"hidden-{index:04d}.safetensors").unlink(missing_ok=True)
 
     def restore_block(self, state: ResumeState, index: int, block: nn.Module) -> None:
         for name, record in state.records.get(str(index), {}).items():
-            replace_module(block, name, module_for_kind(record["kind"]).from_record(record))
+            try:
+                replace_module(block, name, module_for_kind(record["kind"]).from_record(record))
+            except (ModelpressError, LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
+                raise self.damaged(self.dir / STATE_FILE, ValueError(f"block {index} layer {name}: {err}")) from None
         name = f"block-{index:04d}.safetensors"
-        tensors = self._read_tensors(name)
+        tensors = self._read_tensors(state, name)
         try:
             block.load_state_dict(tensors, strict=True)
         except RuntimeError as err:
@@ -157,7 +199,7 @@ class ResumeStore:
 
     def load_hidden(self, state: ResumeState, device: torch.device) -> list[torch.Tensor]:
         name = f"hidden-{state.blocks_done:04d}.safetensors"
-        tensors = self._read_tensors(name, device)
+        tensors = self._read_tensors(state, name, device)
         try:
             return [tensors[f"batch.{i}"] for i in range(len(tensors))]
         except KeyError as err:

@@ -66,6 +66,7 @@ def read_kv(path: str | Path, max_bytes: int = 1 << 30) -> list[tuple[str, GGUFV
                 pairs.append((key, vtype, sub, value))
             else:
                 pairs.append((key, vtype, None, cursor.string() if vtype == V.STRING else cursor.take(SCALARS[vtype])))
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as err:
+    # OverflowError: an array count past what numpy can index (found by tests/io/test_fuzz.py)
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError, OverflowError) as err:
         raise ModelpressError(f"{path}: damaged GGUF key-value section ({err})") from None
     return pairs

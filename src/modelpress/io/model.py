@@ -211,7 +211,9 @@ def load_error(spec: str, err: Exception) -> ModelpressError | None:
         return ModelpressError(f"{weights or spec} holds objects that torch.load(weights_only=True) refuses to "
                                f"unpickle; modelpress never unpickles code: convert it to safetensors with a tool "
                                f"you trust")
-    if isinstance(err, (OSError, ValueError, KeyError, RuntimeError)):
+    from modelpress.io.save import CONFIG_ERRORS
+
+    if isinstance(err, CONFIG_ERRORS):
         return ModelpressError(f"cannot load model {spec!r}: {first_line(err)}")
     return None
 

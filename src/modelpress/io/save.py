@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError   # transformers' configs validate through it
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,6 +32,7 @@ from modelpress.nn.registry import compressed_module_kind, module_for_kind
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+CHECKED_FILES = (WEIGHTS_FILE, "config.json")   # recorded in `files`: a changed value in either changes the model
 
 
 def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = False,
@@ -62,7 +64,7 @@ def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = 
             loaded.tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt", "producer": "modelpress"})
-        meta["files"] = describe_files(tmp, [WEIGHTS_FILE])
+        meta["files"] = describe_files(tmp, list(CHECKED_FILES))
         (tmp / MODELPRESS_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return Path(out_dir)
 
@@ -92,6 +94,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 METADATA_FIELDS = {"model_class": str, "float_source": str, "layers": dict, "tied": dict}
+RECORD_ERRORS = (LookupError, TypeError, ValueError, AttributeError, ArithmeticError)   # a record of wrong types
 
 
 def check_metadata(meta: dict, file: Path) -> None:
@@ -100,6 +103,9 @@ def check_metadata(meta: dict, file: Path) -> None:
         if not isinstance(meta.get(key), kind):
             found = repr(meta.get(key))[:60]
             raise ModelpressError(f"{file} is damaged: `{key}` should be a {kind.__name__}, found {found}")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+        raise ModelpressError(f"{file} is damaged: `files` should map file names to their size and sha256")
     for name, record in meta["layers"].items():
         if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
             raise ModelpressError(f"{file} is damaged: layer {name} has no `kind`")
@@ -109,6 +115,12 @@ def check_metadata(meta: dict, file: Path) -> None:
             raise ModelpressError(f"{file}: layer {name}: {err}") from None
 
 
+# what transformers raises on a config.json whose values it cannot build a model from (a zero head count, a
+# string where a number goes, an odd head_dim...): found by tests/io/test_fuzz.py, one type per kind of value
+CONFIG_ERRORS = (OSError, ValueError, LookupError, TypeError, ArithmeticError, AttributeError, RuntimeError,
+                 StrictDataclassError)
+
+
 def read_config(path: Path, trust_remote_code: bool = False):
     """The transformers config of a saved directory, or an error naming its config.json."""
     from transformers import AutoConfig
@@ -116,9 +128,24 @@ def read_config(path: Path, trust_remote_code: bool = False):
     read_json(path / "config.json")   # invalid JSON is named as such
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except CONFIG_ERRORS as err:
         raise ModelpressError(f"{path / 'config.json'} does not describe a model transformers knows: "
                               f"{first_line(err)}") from None
+
+
+def build_empty_model(path: Path, config, model_class: str, trust_remote_code: bool = False) -> nn.Module:
+    """The architecture of config.json with empty (meta) weights, or an error naming config.json."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if model_class == "causal_lm" else AutoModel
+    try:
+        with init_empty_weights(include_buffers=False):
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
+    except CONFIG_ERRORS as err:
+        raise ModelpressError(f"{path / 'config.json'} does not describe a model that can be built "
+                              f"({type(err).__name__}: {first_line(err)}); restore it or save the model again"
+                              ) from None
 
 
 def install_layer(model: nn.Module, name: str, record: dict, file: Path) -> None:
@@ -132,7 +159,7 @@ def install_layer(model: nn.Module, name: str, record: dict, file: Path) -> None
         raise ModelpressError(f"{file} names layer {name}, which the model in config.json does not have")
     try:
         module = module_for_kind(record["kind"]).from_record(record, device="meta")
-    except (KeyError, TypeError, ValueError) as err:
+    except RECORD_ERRORS as err:
         raise ModelpressError(f"{file} is damaged: layer {name}'s record does not build a "
                               f"{record['kind']} ({type(err).__name__}: {first_line(err)})") from None
     replace_module(model, name, module)
@@ -143,22 +170,21 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", trust_
     """Load a saved directory; its own code (an auto_map in config.json) runs only with trust_remote_code.
     Files are checked against their recorded sizes (and, with verify_checksums, sha256: ~0.5 s per 200 MB on
     one core, +10-35% of a load, hence off by default), every tensor against its layer's record."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     trust_remote_code = bool(trust_remote_code)   # never None: None makes transformers prompt on stdin
     check_remote_code(path, trust_remote_code)
     meta = read_metadata(path)
-    verify_files(path, meta.get("files", {}), checksums=verify_checksums)
+    files = meta.get("files", {})   # sizes always for the weights; config.json (which people edit) with checksums
+    verify_files(path, files if verify_checksums else {k: v for k, v in files.items() if k == WEIGHTS_FILE},
+                 checksums=verify_checksums)
     try:
         tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as err:
         raise ModelpressError(f"cannot read {path / WEIGHTS_FILE}: {err}") from None
     config = read_config(path, trust_remote_code)
-    auto = AutoModelForCausalLM if meta["model_class"] == "causal_lm" else AutoModel
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    model = build_empty_model(path, config, meta["model_class"], trust_remote_code)
     for name, record in meta["layers"].items():
         install_layer(model, name, record, path / MODELPRESS_FILE)
     for name, original in meta["tied"].items():

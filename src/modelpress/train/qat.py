@@ -29,6 +29,7 @@ from modelpress.formats.packed import PackedWeight, expand_groups, fake_quantize
 from modelpress.formats.scheme import WeightScheme
 from modelpress.nn.layers import DEFAULT_SKIP, find_linear_layers, linear_weight, replace_module
 from modelpress.nn.quant_linear import QuantLinear
+from modelpress.train.trainer import TrainingDiverged
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -36,7 +37,11 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, scheme: WeightScheme, grid: PackedWeight | None) -> torch.Tensor:  # type: ignore[override]
-        return fake_quantize(weight, scheme) if grid is None else on_grid(weight, grid)
+        try:
+            return fake_quantize(weight, scheme) if grid is None else on_grid(weight, grid)
+        except ModelpressError as err:   # e.g. a scale past float16: the weights grew out of the format's reach
+            raise TrainingDiverged(f"QAT weights left what {scheme.spec} can store ({err}); training diverged: "
+                                   f"lower the learning rate") from None
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

@@ -8,7 +8,11 @@ windows, a teacher cache, labels) and the parameters to train; the loop does the
   gradients overflowed, "fp32": no autocast; "auto": bf16 on CPU and on GPUs that support it, else fp16;
 - gradient accumulation over micro-batches, gradient clipping, linear warm-up then cosine decay that ends at
   the last step or, with a CPU-time budget, when the budget runs out (whichever comes first);
-- a fixed shuffle of the examples per epoch from the seed, so a run is reproducible.
+- a fixed shuffle of the examples per epoch from the seed, so a run is reproducible;
+- a NaN/Inf loss stops training with NonFiniteLoss before it reaches the weights: at once without a scaler
+  (fp32, bf16), and with fp16 loss scaling after `max_nonfinite_steps` consecutive steps whose loss was
+  non-finite (each such step is skipped and the scale backed off, as for overflowing gradients). Without a
+  scaler a non-finite gradient norm stops training too. The weights are then those of the last good step.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ class TrainConfig:
     eval_every: int = 0                 # 0: evaluate only if asked at the end by the caller
     log_every: int = 10
     time_budget_s: float | None = None  # stop once this much process CPU time is used (the schedule ends there)
+    max_nonfinite_steps: int = 5        # fp16: consecutive steps with a NaN/Inf loss skipped before giving up
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accumulation", "seq_len"):
+        for name in ("steps", "batch_size", "grad_accumulation", "seq_len", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelpressError(f"training {name.replace('_', ' ')} must be a positive integer, got {value!r}")
@@ -75,12 +80,27 @@ class TrainResult:
     evals: list[tuple[int, float]] = field(default_factory=list)         # (step, value of eval_fn)
     skipped_steps: int = 0                       # fp16 steps whose gradients overflowed
     stopped_early: bool = False                  # the CPU-time budget ran out before `steps`
+    nonfinite_steps: int = 0                     # fp16 steps skipped because the loss itself was NaN/Inf
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
                 "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None,
-                "evals": self.evals, "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early}
+                "evals": self.evals, "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
+                "nonfinite_steps": self.nonfinite_steps}
+
+
+class TrainingDiverged(ModelpressError):
+    """Training moved the weights somewhere it cannot go on from (a NaN/Inf loss, weights past a format's range)."""
+
+
+class NonFiniteLoss(TrainingDiverged):
+    """Training produced a NaN/Inf loss (or, without loss scaling, gradient) it could not recover from.
+    `good_steps`: the last step that changed the weights (they are as it left them; 0: the initial weights)."""
+
+    def __init__(self, message: str, good_steps: int) -> None:
+        super().__init__(message)
+        self.good_steps = good_steps
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16", "fp16"]:
@@ -138,25 +158,30 @@ def train(loss_fn: Callable[[torch.Tensor], torch.Tensor], parameters: Iterable[
     precision = resolve_precision(config.precision, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler.scale(torch.zeros((), device=device))   # creates the scale tensor, so update() works from step 1
     order = example_order(num_examples, config.steps, config.batch_size * config.grad_accumulation, config.seed)
     result = TrainResult(steps=0, seconds=0.0, cpu_seconds=0.0)
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    bad_run = 0   # consecutive steps with a non-finite loss (fp16 only; without a scaler the first one stops)
+    updated = 0   # the last step that changed the weights (1-based; 0: none yet)
     for step in progress(range(config.steps), desc=desc, total=config.steps):
         used = 0.0 if not config.time_budget_s else (time.process_time() - cpu0) / config.time_budget_s
         lr = lr_at(step, config, used)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
-        for micro in order[step].split(config.batch_size):
-            with autocast(precision, device):
-                loss = loss_fn(micro)
-            if not torch.isfinite(loss.detach()):
-                raise ModelpressError(f"training loss became {loss.item()} at step {step}; lower the learning rate "
-                                      f"or use --precision fp32")
-            scaler.scale(loss / config.grad_accumulation).backward()
-            total += loss.item() / config.grad_accumulation
-        if _optimizer_step(optimizer, scaler, params, config.max_grad_norm):
+        total = _accumulate(loss_fn, order[step].split(config.batch_size), precision, device, scaler, config)
+        if math.isfinite(total):
+            bad_run = 0
+            _check_gradients(params, scaler, step, updated)
+            if _optimizer_step(optimizer, scaler, params, config.max_grad_norm):
+                result.skipped_steps += 1
+            else:
+                updated = step + 1
+        else:
+            bad_run += 1
+            _nonfinite_loss(total, step, updated, bad_run, scaler, config)
             result.skipped_steps += 1
+            result.nonfinite_steps += 1
         optimizer.zero_grad(set_to_none=True)
         result.steps = step + 1
         result.losses.append(total)
@@ -170,6 +195,50 @@ def train(loss_fn: Callable[[torch.Tensor], torch.Tensor], parameters: Iterable[
     result.seconds = time.perf_counter() - wall0
     result.cpu_seconds = time.process_time() - cpu0
     return result
+
+
+def _accumulate(loss_fn, micro_batches, precision: str, device: torch.device, scaler: torch.amp.GradScaler,
+                config: TrainConfig) -> float:
+    """Backward over one step's micro-batches; the step's mean loss. A NaN/Inf micro-batch loss ends the
+    step there (nothing of it is backpropagated) and is returned as the step's loss."""
+    total = 0.0
+    for micro in micro_batches:
+        with autocast(precision, device):
+            loss = loss_fn(micro)
+        value = loss.detach().float().item()
+        if not math.isfinite(value):
+            return value
+        scaler.scale(loss / config.grad_accumulation).backward()
+        total += value / config.grad_accumulation
+    return total
+
+
+def _nonfinite_loss(value: float, step: int, good_steps: int, bad_run: int, scaler: torch.amp.GradScaler,
+                    config: TrainConfig) -> None:
+    """A step whose loss is NaN/Inf: with loss scaling, skipped and the scale backed off, up to
+    max_nonfinite_steps in a row; otherwise (or after that) NonFiniteLoss."""
+    if scaler.is_enabled() and bad_run < config.max_nonfinite_steps:
+        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+        log.warning("step %d: loss is %s; step skipped, loss scale lowered to %g", step + 1, value,
+                    scaler.get_scale())
+        return
+    tried = (f" on {bad_run} consecutive steps, loss scaling lowering the scale each time" if scaler.is_enabled()
+             else "")
+    raise NonFiniteLoss(f"training loss became {value} at step {step + 1}{tried}; the weights are those after "
+                        f"step {good_steps}. Lower the learning rate (or check the data), or train with "
+                        f"--precision fp32", good_steps)
+
+
+def _check_gradients(params: list[nn.Parameter], scaler: torch.amp.GradScaler, step: int, good_steps: int) -> None:
+    """Without loss scaling, a NaN/Inf gradient would reach the weights: stop before the step instead.
+    (With a scaler, such a step is skipped by the scaler itself.)"""
+    if scaler.is_enabled():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        raise NonFiniteLoss(f"gradients became NaN/Inf at step {step + 1} although the loss was finite; the "
+                            f"weights are those after step {good_steps}. Lower the learning rate or train with "
+                            f"--precision fp32", good_steps)
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
