@@ -109,8 +109,6 @@ def _nibbles(codes: np.ndarray) -> np.ndarray:
 
 def decode(blocks: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
     """(N, K) float32 weight that llama.cpp's decoder gives for these blocks (gguf-py's reference decoder)."""
-    if qtype in (Q.F32, Q.F16, Q.BF16):
-        return torch.from_numpy(np.asarray(gguf_quants.dequantize(blocks, qtype), dtype=np.float32).reshape(shape))
     return torch.from_numpy(np.asarray(gguf_quants.dequantize(blocks, qtype), dtype=np.float32)).reshape(shape)
 
 
