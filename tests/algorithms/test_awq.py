@@ -240,7 +240,7 @@ def test_awq_beats_rtn_on_a_model_with_outlier_channels(solver):
     rtn = outlier_llama()
     quantize_rtn(rtn, RTNConfig(scheme))
     awq = outlier_llama()
-    report = quantize_awq(awq, AWQConfig(scheme, grid=10, clip_grid=10, solver=solver), ids, batch_size=4)
+    report = quantize_awq(awq, AWQConfig(scheme, scale_grid=10, clip_grid=10, solver=solver), ids, batch_size=4)
     assert all(isinstance(m, QuantLinear) for n, m in awq.named_modules() if n.endswith("_proj"))
     notes = report.run.notes
     assert notes["model.layers.0.self_attn.q_proj"].get("awq", notes["model.layers.0.self_attn.q_proj"])["scaled"]
@@ -259,7 +259,7 @@ def test_config_validates():
     with pytest.raises(ModelpressError, match="solver"):
         AWQConfig(scheme, solver="magic")
     with pytest.raises(ModelpressError, match="grid"):
-        AWQConfig(scheme, grid=0)
+        AWQConfig(scheme, scale_grid=0)
 
 
 def test_quantize_model_runs_awq_from_the_api(tiny_llama_dir, tiny_text):
@@ -288,7 +288,7 @@ def test_awq_beats_rtn_on_the_default_model(default_model):
     scheme = WeightScheme.parse("int4/g128")
     ids = calibration_windows(default_model.tokenizer, CalibrationSettings(samples=4, seq_len=256))
     awq = copy.deepcopy(default_model.model)
-    report = quantize_awq(awq, AWQConfig(scheme, grid=10, clip_grid=10), ids)   # coarse grids: ~1 CPU minute
+    report = quantize_awq(awq, AWQConfig(scheme, scale_grid=10, clip_grid=10), ids)   # coarse grids: ~1 CPU minute
     summary = report.summary()
     assert summary["scaled_layers"] >= 150               # q, k, v, gate, up (and down where it pays) of 30 blocks
     no_producer = [n for n, why in summary["unscaled_layers"].items() if why.startswith("no exact fold")]

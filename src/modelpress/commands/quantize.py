@@ -1,5 +1,5 @@
 """modelpress quantize MODEL --method METHOD [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--no-static-groups] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
+[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
@@ -52,6 +52,11 @@ def add_parser(sub) -> None:
                    help="gptq, awq-gptq: store activation order as a column permutation, groups cut in that order "
                         "(the older layout: 32 more bits per input column, not exportable to GGUF or "
                         "compressed-tensors) instead of the scheme's groups in the layer's own column order")
+    p.add_argument("--grid", default=None, choices=("gguf",),
+                   help="gptq, awq-gptq: fix each group's range on the grid GGUF stores it on before the sweep (the "
+                        "k-quant header for int4-asym/g32 -> Q4_K, int5-asym/g32 -> Q5_K, int6/g16 -> Q6_K, int3/g16 "
+                        "-> Q3_K, int2-asym/g16 -> Q2_K on rows of whole 256-blocks, with float32 scales; float16 "
+                        "32-blocks otherwise), so `export --to gguf` holds the result bit for bit")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="PATTERN",
                    help="layer name patterns left in float (default: lm_head; the output head is always skipped)")
     mixed = p.add_argument_group("mixed precision (instead of --format)")
@@ -82,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"alpha": args.alpha} if args.alpha is not None else {}
     if not args.static_groups:
         options["static_groups"] = False
+    if args.grid is not None:
+        options["grid"] = args.grid
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
     loaded = load_model(args.model)
     info = quantize_model(loaded, config, calibration).to_json()
@@ -101,8 +108,8 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
     if per_format or args.symmetric is not None:
         raise ModelpressError("--group-size, --symmetric/--asymmetric and --double-quant describe one --format; with "
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
-    if args.alpha is not None:
-        raise ModelpressError("--alpha does not apply to mixed precision (--target-bits)")
+    if args.alpha is not None or args.grid is not None:
+        raise ModelpressError("--alpha and --grid do not apply to mixed precision (--target-bits)")
     config = MixedConfig(target_bits=args.target_bits, candidates=parse_candidates(args.candidates),
                          method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip),
                          static_groups=args.static_groups)

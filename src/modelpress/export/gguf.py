@@ -120,14 +120,13 @@ def compressed_tensor(name: str, module: nn.Module, options: ExportOptions):
     packed: PackedWeight | None = getattr(module, "packed", None)
     smooth = getattr(module, "smooth", None)
     if packed is not None and smooth is None:
-        qtype, reason = gguf_blocks.lossless_type(packed)
-        if qtype is not None:
-            blocks = gguf_blocks.encode_lossless(packed, qtype)
-            layer = LayerExport(name, packed.scheme.spec, qtype.name, lossless=True)
-            return GGUFTensor(f"{name}.weight", blocks, qtype, packed.shape[0] * packed.shape[1], True), layer, None
+        # a k-quant header first where the scales factor into one (fewer bytes than 32-blocks of fp16 scales)
         kquant = gguf_blocks.encode_kquant_lossless(packed)
-        if kquant is not None:
-            qtype, blocks = kquant
+        qtype, reason = kquant[0] if kquant else None, ""
+        if kquant is None:
+            qtype, reason = gguf_blocks.lossless_type(packed)
+        if qtype is not None:
+            blocks = kquant[1] if kquant else gguf_blocks.encode_lossless(packed, qtype)
             layer = LayerExport(name, packed.scheme.spec, qtype.name, lossless=True)
             return GGUFTensor(f"{name}.weight", blocks, qtype, packed.shape[0] * packed.shape[1], True), layer, None
         source = packed.scheme.spec

@@ -58,13 +58,14 @@ SOLVERS = ("rtn", "gptq")
 @dataclass(frozen=True)
 class AWQConfig:
     scheme: WeightScheme | str     # a WeightScheme or its spec, e.g. "int4/g128"
-    grid: int = 20                 # exponents a = 0, 1/grid, ..., (grid-1)/grid
+    scale_grid: int = 20           # exponents a = 0, 1/scale_grid, ..., (scale_grid-1)/scale_grid
     duo_scaling: bool = False      # also try s = mean|x|^a / mean|w|^(1-a)
     clip: bool = True              # search a shrunk range per (row, group)
     clip_grid: int = 20            # shrink ratios tried: 1, 1 - max_shrink/clip_grid, ..., 1 - max_shrink
     max_shrink: float = 0.5
     solver: str = "rtn"            # "rtn", or "gptq": scales folded, then GPTQ on the scaled layers
     static_groups: bool = True     # solver "gptq": GPTQ's group layout (GPTQConfig.static_groups)
+    grid: str | None = None        # solver "gptq": GPTQ's static-group ranges (GPTQConfig.grid), e.g. "gguf"
     skip: tuple[str, ...] = DEFAULT_SKIP
     schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
 
@@ -74,14 +75,21 @@ class AWQConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", as_scheme(self.scheme))
         check_layer_schemes(self.schemes)
-        if self.grid < 1 or self.clip_grid < 1:
-            raise ModelpressError(f"AWQ grids must be >= 1, got grid={self.grid}, clip_grid={self.clip_grid}")
+        if self.scale_grid < 1 or self.clip_grid < 1:
+            raise ModelpressError(f"AWQ grids must be >= 1, got scale_grid={self.scale_grid}, "
+                                  f"clip_grid={self.clip_grid}")
         if not 0 <= self.max_shrink < 1:
             raise ModelpressError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink}")
         if self.solver not in SOLVERS:
             raise ModelpressError(f"AWQ solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if not self.static_groups and self.solver != "gptq":
             raise ModelpressError("static_groups=False picks GPTQ's group layout; AWQ takes it with solver='gptq' only")
+        if self.grid is not None:
+            if self.solver != "gptq":
+                raise ModelpressError(f"grid={self.grid!r} is GPTQ's static-group grid; AWQ takes it with solver='gptq' only")
+            inner = GPTQConfig(self.scheme, grid=self.grid, schemes=self.schemes)   # checks the name; float32 scales
+            object.__setattr__(self, "scheme", inner.scheme)
+            object.__setattr__(self, "schemes", inner.schemes)
 
 
 # ---- the math ---------------------------------------------------------------------------------------------
@@ -244,7 +252,7 @@ class AWQ:
     def __post_init__(self) -> None:
         if self.config.solver == "gptq":
             inner = GPTQConfig(scheme=self.config.scheme, static_groups=self.config.static_groups,
-                               skip=self.config.skip, schemes=self.config.schemes)
+                               skip=self.config.skip, schemes=self.config.schemes, grid=self.config.grid)
             self._inner = GPTQ(inner, stack=self.stack)
 
     def scheme_for(self, name: str) -> WeightScheme:
@@ -260,7 +268,7 @@ class AWQ:
     def describe(self) -> str:
         c = self.config
         inner = f" then {self._inner.describe()}" if self._inner is not None else ""
-        return (f"awq scheme={c.scheme.spec} grid={c.grid} duo_scaling={c.duo_scaling} clip={c.clip} "
+        return (f"awq scheme={c.scheme.spec} scale_grid={c.scale_grid} duo_scaling={c.duo_scaling} clip={c.clip} "
                 f"clip_grid={c.clip_grid} max_shrink={c.max_shrink} solver={c.solver}{schemes_digest(c.schemes)}{inner}")
 
     def prepare_block(self, context: BlockContext) -> None:
@@ -297,7 +305,7 @@ class AWQ:
         c = self.config
         weights = [linear_weight(context.targets.linears[t.name]).detach().float() for t in group.targets]
         schemes = [self.scheme_for(t.name) for t in group.targets]
-        found = search_scales(mean_abs, weights, hessian, schemes[0], c.grid, c.duo_scaling, schemes)
+        found = search_scales(mean_abs, weights, hessian, schemes[0], c.scale_grid, c.duo_scaling, schemes)
         scaled = found.alpha > 0 or found.duo
         notes = {"scaled": scaled, "producer": producer.label, "alpha": found.alpha, "duo": found.duo,
                  "scale_objective": found.objective, "scale_rtn_objective": found.rtn_objective}

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modelpress.algorithms.quantize.gguf_grid import gguf_grid, gguf_scheme
 from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme, schemes_digest
 from modelpress.engine.algorithm import InputGroup, LayerSolution, LayerTarget
 from modelpress.engine.blocks import BlockStack
@@ -87,7 +88,8 @@ class GPTQConfig:
     keep_better_of_rtn: bool = True    # keep RTN for a layer where it scores better on the layer objective
     skip: tuple[str, ...] = DEFAULT_SKIP
     schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
-    grid: GridRule | None = field(default=None, hash=False)   # static groups' ranges; None: the format's rule
+    # static groups' ranges: None (the format's rule), "gguf" (GGUF's own grids, gguf_grid.py) or a GridRule
+    grid: GridRule | str | None = field(default=None, hash=False)
 
     def scheme_of(self, name: str) -> WeightScheme:
         return layer_scheme(self.scheme, self.schemes, name)
@@ -95,6 +97,12 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", as_scheme(self.scheme))
         check_layer_schemes(self.schemes)
+        if isinstance(self.grid, str):
+            grid_rule(self.grid)    # a known name
+            if self.grid == "gguf":  # k-quant grids need float32 scale storage
+                object.__setattr__(self, "scheme", gguf_scheme(self.scheme))
+                if self.schemes:
+                    object.__setattr__(self, "schemes", {k: gguf_scheme(v) for k, v in self.schemes.items()})
         if not 0 <= self.damp < 1:
             raise ModelpressError(f"GPTQ damp must be in [0, 1), got {self.damp}")
         if self.block_size <= 0:
@@ -103,6 +111,19 @@ class GPTQConfig:
             raise ModelpressError(f"GPTQ shrink steps must be in 1..{int(1 / SHRINK_STEP)}, got {self.shrink_steps}")
         if self.grid is not None and not self.static_groups:
             raise ModelpressError("a GPTQ grid rule fixes group ranges up front and needs static_groups=True")
+
+
+GRID_RULES: dict[str, GridRule] = {"gguf": gguf_grid}
+
+
+def grid_rule(grid: GridRule | str | None) -> GridRule | None:
+    """The rule a GPTQConfig.grid names (or is)."""
+    if not isinstance(grid, str):
+        return grid
+    try:
+        return GRID_RULES[grid]
+    except KeyError:
+        raise ModelpressError(f"unknown GPTQ grid {grid!r}; known: {', '.join(sorted(GRID_RULES))}") from None
 
 
 @dataclass(frozen=True)
@@ -434,7 +455,8 @@ class GPTQ:
 
     def describe(self) -> str:
         c = self.config
-        grid = "" if c.grid is None else f" grid={getattr(c.grid, '__qualname__', type(c.grid).__name__)}"
+        name = c.grid if isinstance(c.grid, str) else getattr(c.grid, "__qualname__", type(c.grid).__name__)
+        grid = "" if c.grid is None else f" grid={name}"
         return (f"gptq scheme={c.scheme.spec} damp={c.damp} block={c.block_size} act_order={c.act_order} "
                 f"static_groups={c.static_groups} true_sequential={c.true_sequential} shrink_steps={c.shrink_steps} "
                 f"keep_better_of_rtn={c.keep_better_of_rtn}{grid}{schemes_digest(c.schemes)}")
@@ -472,7 +494,7 @@ class GPTQ:
         # scheme as one matrix (but a per-tensor scale belongs to one layer)
         for scheme, batch in _batches_by_scheme([self.scheme_for(t) for t in group.targets]):
             c = self.config
-            rule = c.grid
+            rule = grid_rule(c.grid)
             grid = None if rule is None else (lambda w, s=scheme: rule(w, hessian, s))  # type: ignore[misc]
             solution = gptq_solve(torch.cat([weights[i] for i in batch]), hessian, scheme, c.damp, c.block_size,
                                   c.act_order, c.shrink_steps, c.static_groups, grid)
@@ -491,7 +513,10 @@ class GPTQ:
         notes = {"method": "gptq", "calibration_rows": rows, "objective": gptq_loss}
         if not self.config.keep_better_of_rtn:
             return LayerSolution(packed, notes)
-        rtn = quantize_weight(weight, part.scheme, name=f"layer {name}")
+        if self.config.grid is None:
+            rtn = quantize_weight(weight, part.scheme, name=f"layer {name}")
+        else:   # round to nearest on the same fixed grid, which the export relies on
+            rtn = quantize_weight(weight, part.scheme, part.scale, part.offset, name=f"layer {name}")
         rtn_loss = layer_objective(weight, rtn.dequantize(), hessian)
         notes["rtn_objective"] = rtn_loss
         if rtn_loss < gptq_loss:
