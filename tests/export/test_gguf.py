@@ -261,3 +261,28 @@ def test_structurally_pruned_model_writes_its_new_widths(bpe_tokenizer, tmp_path
         with torch.no_grad():
             ours = torch.log_softmax(loaded.model(input_ids=ids).logits.float(), -1)
         assert (ours.exp() * (ours - theirs)).sum(-1).mean().item() < 1e-2
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_the_bos_rule_travels_through_the_gguf_and_back(bpe_tokenizer, tmp_path, bos):
+    """Whether every window starts with BOS follows the tokenizer into the GGUF key llama.cpp reads
+    (tokenizer.ggml.add_bos_token), and loading the GGUF gives a tokenizer that adds BOS exactly then
+    (transformers' GGUF conversion ignores the key; evaluation and calibration windows depend on it)."""
+    import copy
+
+    from modelpress.io.model import load_model
+    from modelpress.io.text import tokenizer_bos
+
+    tokenizer = copy.deepcopy(bpe_tokenizer)
+    tokenizer.add_bos_token = bos
+    loaded = tiny("llama", tokenizer)
+    quantize_all(loaded, "int8/g32")
+    export_model(loaded, ["gguf"], tmp_path / "out")
+    path = tmp_path / "out" / "gguf" / GGUF_FILE
+    assert GGUFReader(str(path)).fields["tokenizer.ggml.add_bos_token"].contents() == bos
+    back = load_model(str(path))
+    assert (tokenizer_bos(back.tokenizer) is not None) == bos
+    again = tmp_path / "again"     # a GGUF source keeps its keys, but the BOS rule follows the tokenizer
+    back.tokenizer.add_bos_token = not bos
+    export_model(back, ["gguf"], again)
+    assert GGUFReader(str(again / "gguf" / GGUF_FILE)).fields["tokenizer.ggml.add_bos_token"].contents() == (not bos)

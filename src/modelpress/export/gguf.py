@@ -246,7 +246,7 @@ def write_file(path: Path, loaded: LoadedModel, config, arch: gguf_arch.GGUFArch
             writer.add_file_type(LlamaFileType[file_type])
     writer.add_quantization_version(2)
     if source_gguf is not None:
-        gguf_vocab.copy_tokenizer_keys(source_gguf, writer)
+        gguf_vocab.copy_tokenizer_keys(source_gguf, writer, loaded.tokenizer)
     elif loaded.tokenizer is not None:
         gguf_vocab.write_hf_tokenizer(loaded.tokenizer, writer, int(config.vocab_size))
     else:

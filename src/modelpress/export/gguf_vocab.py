@@ -32,13 +32,19 @@ PRE_TOKENIZERS: dict[tuple, str] = {
 }
 
 
-def copy_tokenizer_keys(source: Path, writer: GGUFWriter) -> int:
-    """Copy every tokenizer key of a GGUF file; returns how many."""
+def copy_tokenizer_keys(source: Path, writer: GGUFWriter, tokenizer=None) -> int:
+    """Copy every tokenizer key of a GGUF file; returns how many. With the model's `tokenizer`, whether a BOS is
+    added follows it (a user may have switched it on or off) rather than the source file."""
     copied = 0
     for key, vtype, sub_type, value in read_kv(source):
+        if key == "tokenizer.ggml.add_bos_token" and tokenizer is not None:
+            continue
         if key.startswith("tokenizer."):
             writer.add_key_value(key, value, vtype, sub_type)
             copied += 1
+    if tokenizer is not None:
+        writer.add_add_bos_token(adds_bos(tokenizer))
+        copied += 1
     return copied
 
 

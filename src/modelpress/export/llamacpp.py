@@ -9,6 +9,7 @@ $MODELPRESS_CACHE/llama.cpp, i.e. ~/.cache/modelpress/llama.cpp): `bin/llama-per
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -54,3 +55,15 @@ def logits(gguf: str | Path, windows: torch.Tensor, threads: int | None = None) 
         run([tool("modelpress-logits"), gguf, tokens, count, length, threads or os.cpu_count() or 1, out])
         values = np.fromfile(out, dtype=np.float32)
     return torch.from_numpy(values).reshape(count, length, -1)
+
+
+def perplexity(gguf: str | Path, text: str | Path, seq_len: int, chunks: int, threads: int | None = None) -> float:
+    """llama-perplexity's final estimate on a text file: `chunks` windows of `seq_len` tokens of its own
+    tokenization, the first token of each replaced by BOS when the GGUF's tokenizer adds one, the second
+    half of every window scored."""
+    output = run([tool("llama-perplexity"), "-m", gguf, "-f", text, "-c", seq_len, "--chunks", chunks,
+                  "-t", threads or os.cpu_count() or 1])
+    found = re.search(r"Final estimate: PPL = ([\d.]+)", output)
+    if found is None:
+        raise ModelpressError(f"llama-perplexity printed no final estimate for {gguf}: {output.strip()[-300:]}")
+    return float(found.group(1))

@@ -192,28 +192,17 @@ def fake_quantize(weight: torch.Tensor, scheme: WeightScheme, name: str = "weigh
     check_finite(weight, name)
     n, k = weight.shape
     w = weight.detach().float()
-    fmt = scheme.qformat
-    scale, offset = group_view_reduce(w, scheme, fmt.scale_for)
+    scale, offset = group_view_reduce(w, scheme, scheme.qformat.scale_for)
     _, offset, extra = _stored_scales(scale, offset, scheme, name)
     g = scheme.group_length(k)
     real_scale = expand_groups(extra["_real_scale"], n, k, g)
     full_offset = None if offset is None else expand_groups(offset.float(), n, k, g)
-    shifted = w if full_offset is None else w - full_offset
-    values = fmt.decode(fmt.encode(shifted / real_scale)) * real_scale
-    return values if full_offset is None else values + full_offset
+    return scheme.round_trip(w, real_scale, full_offset)
 
 
 def _stored_scales(scale, offset, scheme: WeightScheme, name: str):
     """Round scales (and offsets) to their storage dtype; codes must be computed from the stored values."""
-    dtype = scheme.torch_scale_dtype
-    finfo = torch.finfo(dtype)
-    scale = scale.float()
-    if (scale > finfo.max).any():
-        raise ModelpressError(f"{name}: a scale exceeds {scheme.scale_dtype} range; use float32 scales")
-    # floor at the smallest subnormal (tiny·eps), not the smallest normal: small groups keep their own scale
-    scale = scale.clamp(min=finfo.tiny * finfo.eps).to(dtype)
-    if offset is not None:
-        offset = offset.float().clamp(-finfo.max, finfo.max).to(dtype)
+    scale, offset = scheme.stored_ranges(scale, offset, name)
     extra: dict = {}
     if scheme.double_quant:
         codes, block_scale, mean = quantize_scales(scale, scheme.double_quant_block)

@@ -84,6 +84,31 @@ class WeightScheme:
             return self.bits + per_group / self.group_size  # type: ignore[operator]
         return self.bits + per_group * self.num_groups(in_features) / in_features
 
+    def stored_ranges(self, scale: torch.Tensor, offset: torch.Tensor | None = None, name: str = "weight"
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The one scale-storage rule (packing, RTN, GPTQ, AWQ, SparseGPT all use it): scale and offset
+        rounded to the storage dtype, returned in that dtype. Scales floor at the dtype's smallest subnormal
+        (tiny·eps, not the smallest normal: a group of tiny weights keeps its own scale); a scale beyond the
+        dtype's range is an error (silently clamping it would clip the group); offsets clamp to the range."""
+        dtype = self.torch_scale_dtype
+        finfo = torch.finfo(dtype)
+        scale = scale.float()
+        if (scale > finfo.max).any():
+            raise ModelpressError(f"{name}: a scale exceeds {self.scale_dtype} range; use float32 scales")
+        scale = scale.clamp(min=finfo.tiny * finfo.eps).to(dtype)
+        if offset is not None:
+            offset = offset.float().clamp(-finfo.max, finfo.max).to(dtype)
+        return scale, offset
+
+    def round_trip(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """x rounded to the nearest level of the grid `scale` (and `offset`, the value of code 0), both already
+        broadcastable to x and as stored: decode(encode((x − offset) / scale)) · scale + offset, in float32."""
+        fmt = self.qformat
+        x = x.float()
+        shifted = x if offset is None else x - offset
+        values = fmt.decode(fmt.encode(shifted / scale)) * scale
+        return values if offset is None else values + offset
+
     @classmethod
     def parse(cls, spec: str) -> WeightScheme:
         parts = [p for p in spec.strip().lower().split("/") if p]

@@ -49,6 +49,8 @@ class LoadedModel:
     float_source: str    # the float model this one descends from (itself, if it is a float model)
 
 
+CACHE_VERSION = 2   # GGUF float caches: bump when what a cache holds changes
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MODELPRESS_CACHE", Path.home() / ".cache" / "modelpress"))
 
@@ -244,7 +246,8 @@ def gguf_float_cache(path: Path) -> Path:
     killed copy, a full disk) is rebuilt. Damage that keeps sizes is caught when loading (see load_gguf)."""
     check_gguf_file(path)
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # CACHE_VERSION: caches written before the BOS rule was carried over are rebuilt
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if cache_is_complete(target):
         return target
@@ -272,6 +275,20 @@ def cache_is_complete(target: Path) -> bool:
         return False
 
 
+def apply_gguf_bos_rule(tokenizer, path: Path) -> None:
+    """Make the tokenizer add a BOS exactly when the GGUF says llama.cpp adds one (`tokenizer.ggml.add_bos_token`).
+    transformers' GGUF tokenizer conversion ignores that key, and evaluation and calibration put a BOS at the
+    start of every window only when the tokenizer adds one (io/text.py), as llama.cpp does with this file."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    if field is None or getattr(tokenizer, "bos_token_id", None) is None:
+        return
+    wanted = bool(field.contents())
+    if hasattr(tokenizer, "add_bos_token") and bool(tokenizer.add_bos_token) != wanted:
+        tokenizer.add_bos_token = wanted
+
+
 def read_gguf_with_transformers(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -282,6 +299,7 @@ def read_gguf_with_transformers(path: Path):
                                                               dtype=torch.float32, trust_remote_code=False)
     except Exception as err:  # the GGUF reader raises many types on a damaged file
         raise ModelpressError(f"cannot read GGUF file {path}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+    apply_gguf_bos_rule(tokenizer, path)
     # transformers refuses to save a GGUF-loaded model: rebuild it from its config without the GGUF entry
     config = gguf_model.config
     if hasattr(config, "quantization_config"):

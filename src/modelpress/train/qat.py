@@ -65,9 +65,7 @@ def on_grid(weight: torch.Tensor, grid: PackedWeight) -> torch.Tensor:
     w = w if perm is None else w[:, perm]
     scale = expand_groups(grid.scale.float(), n, k, g)
     offset = None if grid.offset is None else expand_groups(grid.offset.float(), n, k, g)
-    fmt = scheme.qformat
-    values = fmt.decode(fmt.encode((w if offset is None else w - offset) / scale)) * scale
-    values = values if offset is None else values + offset
+    values = scheme.round_trip(w, scale, offset)
     return values if perm is None else values[:, torch.argsort(perm)]
 
 

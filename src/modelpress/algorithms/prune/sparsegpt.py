@@ -85,10 +85,7 @@ def _kept_scale(values: torch.Tensor, keep: torch.Tensor, scheme: WeightScheme
 
 
 def _quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, scheme: WeightScheme) -> torch.Tensor:
-    fmt = scheme.qformat
-    shifted = w.float() - offset if offset is not None else w.float()
-    values = fmt.decode(fmt.encode(shifted / scale)) * scale
-    return (values + offset if offset is not None else values).to(w.dtype)
+    return scheme.round_trip(w, scale, offset).to(w.dtype)
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: NMPattern | None = None,

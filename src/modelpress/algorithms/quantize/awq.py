@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modelpress.algorithms.quantize.gptq import GPTQ, GPTQConfig, HessianSum, layer_objective
+from modelpress.algorithms.quantize.gptq import GPTQ, GPTQConfig, HessianSum, layer_objective, storage_rounded
 from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme, schemes_digest
 from modelpress.algorithms.quantize.smoothing import (
     EXPERT_REASON,
@@ -164,16 +164,6 @@ def search_scales(mean_abs_x: torch.Tensor, weights: list[torch.Tensor], hessian
     return best
 
 
-def _rounded(scale: torch.Tensor, offset: torch.Tensor | None, scheme: WeightScheme
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and offsets) as quantize_weight stores them, back in float32."""
-    finfo = torch.finfo(scheme.torch_scale_dtype)
-    scale = scale.float().clamp(min=finfo.tiny * finfo.eps, max=finfo.max).to(scheme.torch_scale_dtype).float()
-    if offset is not None:
-        offset = offset.float().clamp(-finfo.max, finfo.max).to(scheme.torch_scale_dtype).float()
-    return scale, offset
-
-
 def _row_errors(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     delta = weight.float() - quantized.float()
     return ((delta @ hessian) * delta).sum(dim=1)
@@ -198,11 +188,8 @@ def search_clip(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSchem
         best_scale = torch.zeros(n, device=w.device)
         best_offset = None if not fmt.affine else torch.zeros(n, device=w.device)
         for r in ratios:
-            scale, offset = _rounded(*fmt.scale_for(wg * r), scheme)
-            shifted = wg if offset is None else wg - offset[:, None]
-            q = fmt.decode(fmt.encode(shifted / scale[:, None])) * scale[:, None]
-            if offset is not None:
-                q = q + offset[:, None]
+            scale, offset = storage_rounded(*fmt.scale_for(wg * r), scheme)
+            q = scheme.round_trip(wg, scale[:, None], None if offset is None else offset[:, None])
             err = _row_errors(wg, q, hg)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

@@ -160,15 +160,9 @@ class GPTQSolution:
 
 def storage_rounded(scale: torch.Tensor, offset: torch.Tensor | None, scheme: WeightScheme
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and offset) rounded to the scheme's storage dtype, returned as float32 (same rule as RTN)."""
-    finfo = torch.finfo(scheme.torch_scale_dtype)
-    if (scale > finfo.max).any():
-        raise ModelpressError(f"a GPTQ scale exceeds {scheme.scale_dtype} range; use float32 scales")
-    # floor at the smallest subnormal, as quantize_weight stores it (formats/packed.py)
-    scale = scale.float().clamp(min=finfo.tiny * finfo.eps).to(scheme.torch_scale_dtype).float()
-    if offset is not None:
-        offset = offset.float().clamp(-finfo.max, finfo.max).to(scheme.torch_scale_dtype).float()
-    return scale, offset
+    """Scale (and offset) rounded by the scheme's storage rule (WeightScheme.stored_ranges), as float32."""
+    scale, offset = scheme.stored_ranges(scale, offset, "a GPTQ group")
+    return scale.float(), None if offset is None else offset.float()
 
 
 def group_params(values: torch.Tensor, scheme: WeightScheme, importance: torch.Tensor | None = None,
@@ -200,12 +194,8 @@ SHRINK_STEP = 0.025
 def _rounding_error(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, scheme: WeightScheme,
                     weights: torch.Tensor) -> torch.Tensor:
     """(N,) sum over columns of weights * (value - quantized value)^2."""
-    fmt = scheme.qformat
     x = values.float()
-    shifted = x - offset.unsqueeze(-1) if offset is not None else x
-    q = fmt.decode(fmt.encode(shifted / scale.unsqueeze(-1))) * scale.unsqueeze(-1)
-    if offset is not None:
-        q = q + offset.unsqueeze(-1)
+    q = scheme.round_trip(x, scale.unsqueeze(-1), None if offset is None else offset.unsqueeze(-1))
     return ((x - q) ** 2 * weights).sum(-1)
 
 
