@@ -32,7 +32,7 @@ from modelpress.nn.triton_backend import triton_linear
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192)]  # (N, K)
 LLAMA2_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 LAYERS = 32
-READ_CEILING_TBS = 3.08  # the issue's anchor for the H100's read bandwidth
+READ_CEILING_TBS = 4.2  # the issue's anchor for the H200's read bandwidth (H100: 3.08)
 ROTATE_BYTES = 256 << 20  # weight copies per timed sequence add up to at least this (L2 is 50 MB)
 DEVICE = torch.device("cuda")
 
