@@ -231,7 +231,7 @@ def _gemv_launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tupl
     k_per_split = _cdiv(_cdiv(k, config.SPLIT), step) * step
     split = _cdiv(k, k_per_split)
     constants = {"KIND": kind, "ZERO": zero, "AFFINE": scheme.qformat.affine, "HAS_PERM": has_perm,
-                 "HAS_BIAS": has_bias, "SPLIT_K": split > 1, "EVEN_K": k % step == 0, "BN": config.BN, "BKG": bkg,
+                 "HAS_BIAS": has_bias, "SPLIT_K": split > 1, "SPLITS": _pow2_at_least(split), "EVEN_K": k % step == 0, "BN": config.BN, "BKG": bkg,
                  "SUB": config.SUB, "num_warps": config.num_warps, "num_stages": 1}
     grid = (1, _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)

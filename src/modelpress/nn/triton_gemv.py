@@ -17,8 +17,10 @@ At M = 1 the product is a pure weight stream: a 4096 x 4096 int4 matrix is 8.4 M
 - 8-bit formats (int8, fp8) read 16 codes per 16-byte load; each weight is decoded to float32, scaled and
   multiplied in two FMAs, which fits the doubled instruction budget of 8-bit weights.
 
-Split-K partial sums go through a float32 workspace (splits, N) and are added in split order by the last
-program of a row block to arrive (counted in a lock it resets), so results do not depend on timing.
+Split-K partial sums go through a float32 workspace (splits, N); the last program of a row block to arrive
+(counted in a lock it resets) loads all of them in one (SPLITS, BN) tile and adds them up in a fixed order,
+so results do not depend on timing (a loop over the splits cost one memory latency per split: at 8 splits
+that tail alone was as long as a 4096 x 4096 GEMV).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import struct
 import triton
 import triton.language as tl
 
-from modelpress.nn.triton_kernels import _decode_bytes, _store_tile
+from modelpress.nn.triton_kernels import _decode_bytes
 
 
 def _f16_bits(value: float) -> int:
@@ -115,6 +117,31 @@ def _group_rows(ptr, rows, first_cols, K, group_size, stride_sn, stride_sg):
 
 
 @triton.jit
+def _store_row(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, n_mask, pid_n, pid_k, N, SPLIT_K: tl.constexpr,
+               SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write y[offs_n] = acc (BN,) (+ bias), through the split-K workspace when K is split (module docstring);
+    SPLITS: the number of splits rounded up to a power of two."""
+    if SPLIT_K:
+        tl.store(ws_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+        tl.debug_barrier()  # every thread's partial sums are written before the count goes up
+        lock = lock_ptr + pid_n
+        splits = tl.num_programs(2)
+        if tl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
+            split = tl.arange(0, SPLITS)
+            parts = tl.load(ws_ptr + split[:, None] * N + offs_n[None, :],
+                            mask=(split < splits)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
+            out = tl.sum(parts, axis=0)
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(lock, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _word_values(w, table_ptr, e0, KIND: tl.constexpr, ZERO: tl.constexpr, USE_ASM: tl.constexpr):
     """The eight values of each uint32 word of codes (code i at bits 4i..4i+3), float32: code - ZERO for int4,
     the NF4 level for nf4."""
@@ -153,8 +180,8 @@ def gemv4_kernel(
     x_ptr, w_ptr, scale_ptr, offset_ptr, perm_ptr, table_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     N, K, group_size, k_per_split, exponent_bits, stride_wn, stride_sn, stride_sg,
     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
-    BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SPLITS: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_ASM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr,
 ):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes (int4 / int4-asym: KIND 0, nf4: KIND 1). Grid: (1, N blocks,
     K splits); w is qdata viewed as uint32 (N, row_bytes / 4). A loop step covers SUB sub-tiles of BKG
@@ -221,9 +248,8 @@ def gemv4_kernel(
             x_sum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
             acc += x_sum[None, :, :] * o[:, :, None]
 
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # (1, BN)
-    _store_tile(out, y_ptr, ws_ptr, lock_ptr, bias_ptr, tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_mask, 0,
-                pid_n, pid_k, 1, N, 0, SPLIT_K, HAS_BIAS, 1, BN)
+    _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, n_mask, pid_n, pid_k,
+               N, SPLIT_K, SPLITS, HAS_BIAS)
 
 
 @triton.jit
@@ -231,7 +257,7 @@ def gemv8_kernel(
     x_ptr, q_ptr, scale_ptr, offset_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     N, K, group_size, k_per_split, stride_qn, stride_sn, stride_sg,
     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SPLITS: tl.constexpr, EVEN_K: tl.constexpr,
     BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr,
 ):
     """y (1, N) = x (1, K) @ W^T for 8-bit codes (int8 / int8-asym: KIND 2, fp8-e4m3: 3, fp8-e5m2: 4).
@@ -283,6 +309,5 @@ def gemv8_kernel(
             w += o[:, :, None]
         acc += w * xt[None, :, :]
 
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
-    _store_tile(out, y_ptr, ws_ptr, lock_ptr, bias_ptr, tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_mask, 0,
-                pid_n, pid_k, 1, N, 0, SPLIT_K, HAS_BIAS, 1, BN)
+    _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, n_mask, pid_n, pid_k,
+               N, SPLIT_K, SPLITS, HAS_BIAS)
