@@ -10,9 +10,6 @@ output row block past N, and an output buffer poisoned with NaN plus one extra r
 from __future__ import annotations
 
 import os
-import random
-import re
-import struct
 
 import pytest
 import torch
@@ -26,7 +23,6 @@ from modelpress.formats import WeightScheme, quantize_weight  # noqa: E402
 from modelpress.nn import QuantLinear  # noqa: E402
 from modelpress.nn.ops import quant_linear  # noqa: E402
 from modelpress.nn.triton_backend import KernelConfig, choose_plan, fused_matmul, gemv_plan, plan_for  # noqa: E402
-from modelpress.nn.triton_gemv import _nf4_levels, nf4_asm  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOLERANCE = {torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
@@ -105,74 +101,6 @@ def test_gemv_plan_selection():
     assert 4096 // (plan.BKG * plan.SUB * plan.SPLIT) >= 2  # every split keeps at least two loop steps
     small = gemv_plan(64, 256, 128, 4, 132)
     assert small.SUB * small.BKG * 2 <= 256 or small.SUB == 1
-
-
-# ------------------------------------------------------------------ the NF4 decode's PTX, simulated exactly
-def _prmt(a: int, b: int, c: int) -> int:
-    source = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
-    out = 0
-    for i in range(4):
-        sel = (c >> 4 * i) & 0xF
-        byte = source[sel & 7]
-        if sel & 8:  # sign-replicate mode
-            byte = 0xFF if byte & 0x80 else 0
-        out |= byte << 8 * i
-    return out
-
-
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
-    return sum(((lut >> (((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1))) & 1) << i for i in range(32))
-
-
-def _simulate(asm: str, word: int) -> list[float]:
-    regs = {"$8": word}
-
-    def value(token: str) -> int:
-        token = token.strip()
-        return int(token, 0) if token[0].isdigit() else regs[token]
-
-    for statement in asm[asm.index("\n") + 1:asm.rindex("}")].split(";"):  # the body inside the outer braces
-        statement = statement.strip()
-        if not statement or statement.startswith(".reg"):
-            continue
-        op, rest = statement.split(None, 1)
-        unpack = re.match(r"\{(\w+), (\w+)\}, (\w+)", rest)
-        if unpack:  # mov.b32 {h0, h1}, p
-            regs[unpack[1]], regs[unpack[2]] = regs[unpack[3]] & 0xFFFF, regs[unpack[3]] >> 16
-            continue
-        out, *args = [a.strip() for a in rest.split(",")]
-        if op == "mov.b32":
-            regs[out] = value(args[0])
-        elif op == "and.b32":
-            regs[out] = value(args[0]) & value(args[1])
-        elif op == "shl.b32":
-            regs[out] = (value(args[0]) << value(args[1])) & 0xFFFFFFFF
-        elif op == "shr.b32":
-            regs[out] = value(args[0]) >> value(args[1])
-        elif op == "prmt.b32":
-            regs[out] = _prmt(*(value(a) for a in args))
-        elif op == "lop3.b32":
-            regs[out] = _lop3(*(value(a) for a in args))
-        elif op == "cvt.f32.f16":
-            regs[out] = struct.unpack("<e", struct.pack("<H", regs[args[0]]))[0]
-        else:
-            raise AssertionError(f"simulator lacks {op}")
-    return [regs[f"${i}"] for i in range(8)]
-
-
-def test_nf4_ptx_decodes_every_code_in_every_position():
-    """The PRMT/LOP3 lookup, run instruction by instruction in Python, gives the float16-rounded NF4 level of
-    each of a word's eight codes, for words covering every code at every position."""
-    levels = _nf4_levels()
-    asm = nf4_asm(levels)
-    rng = random.Random(0)
-    words = [sum(((c + i) % 16) << 4 * i for i in range(8)) for c in range(16)] + [rng.getrandbits(32)
-                                                                               for _ in range(200)]
-    for word in words:
-        expected = [struct.unpack("<e", struct.pack("<e", levels[(word >> 4 * i) & 15]))[0] for i in range(8)]
-        assert _simulate(asm, word) == expected, hex(word)
-    assert max(abs(a - b) for a, b in zip(levels, [struct.unpack("<e", struct.pack("<e", v))[0]
-                                                     for v in levels])) < 2.5e-4
 
 
 # ------------------------------------------------------------------ the prepared eager launcher (CUDA)

@@ -11,9 +11,9 @@ At M = 1 the product is a pure weight stream: a 4096 x 4096 int4 matrix is 8.4 M
   128 thread-instructions per cycle, so the loop has ~4 instructions per weight. int4 costs three: one LOP3
   and one FADD to decode (the nibble is ORed into the exponent bits of 2**(23 - 4p) so the float reads as
   2**(23 - 4p) + code, no shifts), one FFMA; the group scale multiplies a word's sum of eight products once.
-- NF4 without a memory lookup: the 16 float16 levels live in eight 32-bit constants (low bytes and high
-  bytes, four levels per register) and byte-permute instructions (PRMT) select them by code, four codes
-  at a time (nf4_asm); float16 keeps the levels to 2**-11 relative, far inside the activations' rounding.
+- NF4 without a memory lookup: the 16 float16 levels live in eight 32-bit constants and byte-permute
+  instructions select them by code (nf4_ptx.py); float16 keeps the levels to 2**-11 relative, far inside
+  the activations' rounding.
 - 8-bit formats (int8, fp8) read 16 codes per 16-byte load; each weight is decoded to float32, scaled and
   multiplied in two FMAs, which fits the doubled instruction budget of 8-bit weights.
 
@@ -25,51 +25,14 @@ that tail alone was as long as a 4096 x 4096 GEMV).
 
 from __future__ import annotations
 
-import struct
-
 import triton
 import triton.language as tl
 
+from modelpress.nn.nf4_ptx import nf4_levels, word_to_f32
 from modelpress.nn.triton_kernels import _decode_bytes
 
 
-def _f16_bits(value: float) -> int:
-    return struct.unpack("<H", struct.pack("<e", value))[0]
-
-
-def nf4_asm(levels: list[float]) -> str:
-    """PTX: one int32 word of eight 4-bit codes ($8) -> the eight float32 levels ($0..$7, code i from bits
-    4i..4i+3). Each level is looked up as float16 in registers: PRMT picks byte (code & 7) of a pair of
-    constant registers (levels 0-7 or 8-15, low bytes and high bytes separately), a LOP3 keeps the half that
-    code bit 3 selects (a byte mask made by PRMT's sign-replicate mode), and two PRMTs pair low and high
-    bytes into float16x2."""
-    bits = [_f16_bits(v) for v in levels]
-    planes = []
-    for shift in (0, 8):  # low bytes, then high bytes: four levels per register
-        planes += [sum(((bits[4 * r + i] >> shift) & 0xFF) << (8 * i) for i in range(4)) for r in range(4)]
-    movs = "".join(f"mov.b32 t{i}, 0x{v:08X};\n" for i, v in enumerate(planes))
-
-    def four(out: int, mask_selector: str) -> str:
-        return (f"prmt.b32 m, sh, $8, {mask_selector};\n"  # byte i = 0xFF where code i has bit 3 set
-                "prmt.b32 la, t0, t1, s;\nprmt.b32 lb, t2, t3, s;\nlop3.b32 lo, la, lb, m, 0xD8;\n"
-                "prmt.b32 la, t4, t5, s;\nprmt.b32 lb, t6, t7, s;\nlop3.b32 hi, la, lb, m, 0xD8;\n"
-                "prmt.b32 p, lo, hi, 0x5140;\nprmt.b32 q, lo, hi, 0x7362;\n"
-                "mov.b32 {h0, h1}, p;\nmov.b32 {h2, h3}, q;\n"
-                + "".join(f"cvt.f32.f16 ${out + i}, h{i};\n" for i in range(4)))
-
-    return ("{\n.reg .b32 s, sh, m, la, lb, lo, hi, p, q, t0, t1, t2, t3, t4, t5, t6, t7;\n"
-            ".reg .b16 h0, h1, h2, h3;\n" + movs
-            + "and.b32 s, $8, 0x77777777;\nshl.b32 sh, $8, 4;\n"
-            + four(0, "0xD9C8") + "shr.b32 s, s, 16;\n" + four(4, "0xFBEA") + "}")
-
-
-def _nf4_levels() -> list[float]:
-    from modelpress.formats.base import get_format
-
-    return [float(v) for v in get_format("nf4").levels]
-
-
-ASM_NF4: tl.constexpr = tl.constexpr(nf4_asm(_nf4_levels()))
+ASM_NF4: tl.constexpr = tl.constexpr(word_to_f32(nf4_levels()))
 
 
 @triton.jit

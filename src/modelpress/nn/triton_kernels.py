@@ -12,6 +12,7 @@ How the main loop avoids work per weight (decode is memory-bound: at 3 TB/s an H
   product once, not every weight; the affine offset adds offset · sum_k x[m, k] the same way.
 - 4-bit codes are split into the even-k (low nibble) and odd-k (high nibble) halves; each half is
   multiplied by the matching even/odd columns of x, so no interleaving shuffle is needed.
+- NF4 levels are looked up in registers by byte permutes (nf4_ptx.py), not gathered from memory.
 - On the GPU the nibbles become half floats with the exponent trick: (code | 0x6400) read as float16 is
   1024 + code, so a byte permute, a masked OR and one packed subtract give two weights (inline PTX, see
   int4_asm). The portable fallback (also what TRITON_INTERPRET runs) uses the float32 version of the same
@@ -25,6 +26,8 @@ import struct
 
 import triton
 import triton.language as tl
+
+from modelpress.nn.nf4_ptx import bytes_to_pairs, nf4_levels
 
 # Format kinds understood by the kernels.
 KIND_INT4 = 0  # code - zero                       (zero 8 for symmetric int4, 0 for asymmetric)
@@ -81,6 +84,8 @@ ASM_F16_Z8: tl.constexpr = tl.constexpr(int4_asm(False, 8))
 ASM_F16_Z0: tl.constexpr = tl.constexpr(int4_asm(False, 0))
 ASM_BF16_Z8: tl.constexpr = tl.constexpr(int4_asm(True, 8))
 ASM_BF16_Z0: tl.constexpr = tl.constexpr(int4_asm(True, 0))
+ASM_NF4_F16: tl.constexpr = tl.constexpr(bytes_to_pairs(nf4_levels(), bf16=False))
+ASM_NF4_BF16: tl.constexpr = tl.constexpr(bytes_to_pairs(nf4_levels(), bf16=True))
 
 
 @triton.jit
@@ -93,7 +98,14 @@ def _magic_f32(code, ZERO: tl.constexpr):
 def _decode_nibbles(q, table_ptr, KIND: tl.constexpr, ZERO: tl.constexpr, ACT: tl.constexpr,
                     USE_ASM: tl.constexpr):
     """uint8 tile -> (low-nibble values, high-nibble values), both in the activation dtype."""
-    if KIND == 1:
+    if KIND == 1 and USE_ASM:  # levels looked up in registers (nf4_ptx.py)
+        if ACT == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(ASM_NF4_BF16, "=r,=r,=r,=r,r", [q], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(ASM_NF4_F16, "=r,=r,=r,=r,r", [q], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+    elif KIND == 1:
         qi = q.to(tl.int32)
         lo = tl.load(table_ptr + (qi & 15))
         hi = tl.load(table_ptr + (qi >> 4))
