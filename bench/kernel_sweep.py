@@ -103,7 +103,7 @@ def sweep(spec: str, shapes, ms, dtype) -> list[dict]:
     return rows
 
 
-GEMV_FAMILIES = {4: [(16, 8, 4), (32, 4, 4), (64, 2, 4), (64, 4, 4), (128, 2, 8), (32, 8, 8)],  # (BN, SUB, warps)
+GEMV_FAMILIES = {4: [(16, 8, 4), (64, 2, 4), (128, 2, 8), (128, 1, 4), (256, 1, 8)],  # (BN, SUB, num_warps)
                  8: [(16, 2, 4), (32, 2, 4), (16, 4, 8), (64, 1, 4)]}
 GEMV_HEURISTICS = {"default": {}, "p4": {"programs_per_sm": 4.0}, "p16": {"programs_per_sm": 16.0}}
 

@@ -392,7 +392,7 @@ def _direct_launch(compiled, arg_names: list[str], grid: tuple[int, int, int], a
     template += [constants[name] for name in arg_names[len(args):]]
     runner = compiled.run
     if _launch_hooks_set():  # a profiler's launch hooks expect Triton's own launch path
-        return functools.partial(_bound_call, compiled, grid, template, y_slots, out_shape)
+        return functools.partial(_bound_call, compiled, grid, template, y_slots, out_shape, keep)
     stream = torch._C._cuda_getCurrentRawStream
     device, index, dtype = y.device, y.device.index, y.dtype
     gx, gy, gz = grid
@@ -418,7 +418,7 @@ def _direct_launch(compiled, arg_names: list[str], grid: tuple[int, int, int], a
     return fn
 
 
-def _bound_call(compiled, grid, template, y_slots, out_shape, x):
+def _bound_call(compiled, grid, template, y_slots, out_shape, keep, x):
     """The slow twin of _direct_launch's fn, through CompiledKernel's own launch (which runs launch hooks)."""
     out = x.new_empty(out_shape)
     values = template.copy()

@@ -184,13 +184,14 @@ def gemv4_kernel(
         s = s_next
         o = o_next
         xt = x_next
-        k1 = min(k0 + STEP, k_last)  # prefetch the next step (the last step re-reads itself)
+        k1 = min(k0 + STEP, k_last)  # prefetch the next step; after the last one, the loads are masked off
+        more = k0 + STEP < k_end
         kw = tl.multiple_of(k1 // 8, WPG)
         if EVEN_K:
-            w_next = tl.load(w_rows + kw + step_words[None, :, :])
+            w_next = tl.load(w_rows + kw + step_words[None, :, :], mask=more, other=0)
         else:
-            w_next = tl.load(w_rows + kw + step_words[None, :, :], mask=((kw + step_words) * 8 < K)[None, :, :],
-                             other=0)
+            w_next = tl.load(w_rows + kw + step_words[None, :, :],
+                             mask=more & ((kw + step_words) * 8 < K)[None, :, :], other=0)
         s_next = _group_rows(scale_ptr, rows, k1 + sub_cols, K, group_size, stride_sn, stride_sg)
         if AFFINE:
             o_next = _group_rows(offset_ptr, rows, k1 + sub_cols, K, group_size, stride_sn, stride_sg)
@@ -258,10 +259,12 @@ def gemv8_kernel(
         o = o_next
         xt = x_next
         k1 = tl.multiple_of(min(k0 + STEP, k_last), STEP)
+        more = k0 + STEP < k_end
         if EVEN_K:
-            q_next = tl.load(q_rows + k1 + step_cols[None, :, :])
+            q_next = tl.load(q_rows + k1 + step_cols[None, :, :], mask=more, other=0)
         else:
-            q_next = tl.load(q_rows + k1 + step_cols[None, :, :], mask=(k1 + step_cols < K)[None, :, :], other=0)
+            q_next = tl.load(q_rows + k1 + step_cols[None, :, :], mask=more & (k1 + step_cols < K)[None, :, :],
+                             other=0)
         s_next = _group_rows(scale_ptr, rows, k1 + sub_cols, K, group_size, stride_sn, stride_sg)
         if AFFINE:
             o_next = _group_rows(offset_ptr, rows, k1 + sub_cols, K, group_size, stride_sn, stride_sg)
