@@ -159,11 +159,11 @@ def gemv_stack(spec: str, dtype, sms: int) -> list[dict]:
     """Per-token time of the 7B stack at M = 1 under each GEMV heuristic (and the tensor-core plan)."""
     rows = []
     weights = [(random_packed(spec, n, k), n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_LAYER]
-    bits = weights[0][0].scheme.bits
     bkg = group_tile(weights[0][0])
     floor_ms = sum(p.nbytes for p, _, _ in weights) / (READ_CEILING_TBS * 1e12) * 1e3
     xs = {k: torch.randn(1, k, device=DEVICE).to(dtype) for k in (4096, 11008)}
-    plans = {name: {(n, k): gemv_plan(n, k, bkg, bits, sms, **kw) for _, n, k in weights}
+    kind = {"int4": 0, "int4-asym": 0, "nf4": 1}.get(weights[0][0].scheme.format, 2)
+    plans = {name: {(n, k): gemv_plan(n, k, bkg, kind, sms, **kw) for _, n, k in weights}
              for name, kw in GEMV_HEURISTICS.items()}
     plans["tensor-core"] = {(n, k): choose_plan(1, n, k, bkg, sms, False) for _, n, k in weights}
     for name, plan in plans.items():

@@ -81,7 +81,7 @@ def test_gemv_auto_plan_even_shape_and_determinism():
         packed = make_packed(spec, n, k, seed=9, perm=False)
         x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
         auto = plan_for(1, packed, DEVICE)
-        assert auto.gemv
+        assert auto.gemv == (packed.scheme.bits == 4)  # 8-bit formats: the tensor-core kernel (GEMV_TILES)
         y = run_poisoned(x, packed, None, auto)
         assert relative_error(y, x, packed, None) < TOLERANCE[torch.float16]
         split = KernelConfig(BM=1, BN=16, BKG=64, SUB=2, SPLIT=4, num_warps=2, gemv=True)
@@ -92,14 +92,16 @@ def test_gemv_auto_plan_even_shape_and_determinism():
 
 def test_gemv_plan_selection():
     assert choose_plan(1, 4096, 4096, 128, 132, True).gemv
-    assert choose_plan(1, 4096, 4096, 64, 132, True, 8).gemv
+    assert choose_plan(1, 4096, 4096, 64, 132, True, 1).gemv
     assert not choose_plan(2, 4096, 4096, 128, 132, True).gemv  # M >= 2: tensor cores
-    assert not choose_plan(1, 4096, 4096, 128, 132, False).gemv  # qdata that does not view as words
-    plan = gemv_plan(4096, 4096, 128, 4, 132)
-    programs = -(-4096 // plan.BN) * plan.SPLIT
-    assert plan.BM == 1 and 132 <= programs <= 8 * 132
-    assert 4096 // (plan.BKG * plan.SUB * plan.SPLIT) >= 2  # every split keeps at least two loop steps
-    small = gemv_plan(64, 256, 128, 4, 132)
+    assert not choose_plan(1, 4096, 4096, 128, 132, False).gemv  # 8-bit, or qdata that does not view as words
+    for kind in (0, 1):
+        for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+            plan = gemv_plan(n, k, 128, kind, 132)
+            programs = -(-n // plan.BN) * plan.SPLIT
+            assert plan.BM == 1 and 132 <= programs <= 8 * 132
+            assert k // (plan.BKG * plan.SUB * plan.SPLIT) >= 2  # every split keeps at least two loop steps
+    small = gemv_plan(64, 256, 128, 1, 132)
     assert small.SUB * small.BKG * 2 <= 256 or small.SUB == 1
 
 

@@ -105,21 +105,25 @@ def _pow2_at_least(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-# GEMV tiles (bench/kernel_sweep.py --gemv, H200): BN rows x SUB group tiles of BKG columns per loop step;
-# K is split (powers of two) into the most splits that keep the grid within GEMV_PROGRAMS_PER_SM programs
-# per multiprocessor and at least GEMV_MIN_STEPS loop steps per split.
-GEMV_TILES = {4: (32, 4, 4), 8: (16, 2, 4)}  # bits -> (BN, SUB, num_warps)
-GEMV_PROGRAMS_PER_SM = 8.0
+# GEMV tiles per kernel kind (bench/kernel_sweep.py --gemv on an H200, M = 1, 7B shapes): BN rows x SUB group
+# tiles of at most 128 columns per loop step, num_warps, and the programs per multiprocessor that K is split
+# towards (powers of two, keeping at least GEMV_MIN_STEPS loop steps per split). int4: BN 128, one tile per
+# step, ~4 programs per SM was best or within 3% of best on all three shapes; nf4 (more decode work per
+# weight) preferred 64 rows x 2 tiles and more splits. For the 8-bit formats the tensor-core kernel was
+# faster than the GEMV at M = 1 (7B stack 3.18 vs 3.60 ms for fp8-e4m3, 3.36 vs 3.60 ms for int8), so the
+# plan keeps them there; gemv8_kernel stays for explicit configs and the sweep.
+GEMV_TILES = {0: (128, 1, 4, 4.0), 1: (64, 2, 4, 8.0)}  # kind -> (BN, SUB, num_warps, programs per SM)
 GEMV_MIN_STEPS = 2
 
 
-def gemv_plan(n: int, k: int, bkg: int, bits: int = 4, sms: int = 132, bn: int | None = None,
-              sub: int | None = None, warps: int | None = None, programs_per_sm: float = GEMV_PROGRAMS_PER_SM,
+def gemv_plan(n: int, k: int, bkg: int, kind: int = 0, sms: int = 132, bn: int | None = None,
+              sub: int | None = None, warps: int | None = None, programs_per_sm: float | None = None,
               min_steps: int = GEMV_MIN_STEPS) -> KernelConfig:
     """GEMV tiles for M = 1: BN rows per program, SUB tiles of BKG (at most 128) columns per step, K split
-    until the grid fills the machine."""
-    tile_bn, tile_sub, tile_warps = GEMV_TILES[bits]
+    until the grid fills the machine. kind: the kernel kind (0 int4, 1 nf4; others take int4's tiles)."""
+    tile_bn, tile_sub, tile_warps, tile_programs = GEMV_TILES.get(kind, GEMV_TILES[0])
     bn, sub, warps = bn or tile_bn, sub or tile_sub, warps or tile_warps
+    programs_per_sm = programs_per_sm or tile_programs
     step = min(bkg, 128)
     while sub > 1 and k < step * sub * min_steps:  # short rows: fewer sub-tiles rather than idle ones
         sub //= 2
@@ -131,17 +135,17 @@ def gemv_plan(n: int, k: int, bkg: int, bits: int = 4, sms: int = 132, bn: int |
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, bits: int = 4
+def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, kind: int = 0
                 ) -> KernelConfig:
-    """Tiles by size of M. Up to GEMV_MAX_M (with gemv_ok: the weight's qdata views as uint32 rows) the
-    CUDA-core GEMV (gemv_plan; bits: 4 or 8 per code). Otherwise up to M = 64 the tensor-core kernel streams the weight once in (BM x 64)
+    """Tiles by size of M. Up to GEMV_MAX_M, for weights the GEMV serves (gemv_ok) the CUDA-core GEMV
+    (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once in (BM x 64)
     tiles, K split until there are about eight programs per multiprocessor (each keeps only two tiles of
     memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
     cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV)."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
     if gemv_ok and m <= GEMV_MAX_M:
-        return gemv_plan(n, k, bkg, bits, sms)
+        return gemv_plan(n, k, bkg, kind, sms)
     step = min(bkg, 128)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     blocks = _cdiv(m, bm) * _cdiv(n, 64)
@@ -154,14 +158,15 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
 def plan_for(m: int, packed: PackedWeight, device: torch.device) -> KernelConfig:
     n, k = packed.shape
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
-    return choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), packed.scheme.bits)
+    kind = _FORMAT_KINDS.get(packed.scheme.format, (0,))[0]
+    return choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind)
 
 
 def gemv_supported(packed: PackedWeight) -> bool:
-    """Whether the GEMV kernels read this weight: a format of the kernels whose qdata rows view as uint32 words
-    (4-bit codes are decoded a word at a time)."""
+    """Whether the plan sends M = 1 to a GEMV kernel: a 4-bit format (int4, int4-asym, nf4; see GEMV_TILES for
+    8-bit) whose qdata rows view as uint32 words (codes are decoded a word at a time)."""
     q = packed.qdata
-    return (packed.scheme.format in _FORMAT_KINDS and q.dim() == 2 and q.stride(1) == 1 and q.stride(0) % 4 == 0
+    return (packed.scheme.format in _FORMAT_KINDS and packed.scheme.bits == 4 and q.dim() == 2 and q.stride(1) == 1 and q.stride(0) % 4 == 0
             and q.shape[1] % 4 == 0 and q.storage_offset() % 4 == 0)
 
 
@@ -430,9 +435,11 @@ def _bound_call(compiled, grid, template, y_slots, out_shape, keep, x):
 
 
 def _launch_hooks_set() -> bool:
+    """Whether a profiler hooks Triton's launches (Triton 3.6 keeps an empty HookChain when none does)."""
     from triton import knobs
 
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
 
 def _register() -> None:
