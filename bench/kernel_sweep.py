@@ -32,9 +32,7 @@ from kernels import (
     ROTATE_BYTES,
     SHAPES,
     random_packed,
-    time_impl,
     time_sequence,
-    torch_int4,
 )
 
 from modelpress.formats import WeightScheme

@@ -4,13 +4,13 @@
 bfloat16 CUDA tensor, Triton imports, and the weight's scheme is one the kernels read: int4 and int8
 (symmetric or asymmetric), nf4, fp8-e4m3 and fp8-e5m2, with group sizes whose largest power-of-two
 divisor is at least 32 for 4-bit formats and 16 for 8-bit ones (or per-channel / per-tensor scales),
-without double quantization. Nothing is converted or cached per layer: the kernels read the stored qdata,
+without double quantization. No weight is converted or copied: the kernels read the stored qdata,
 scale and offset tensors directly.
 
 Up to M = 64 (decode, small batches) one fused kernel streams the weight once; from M = 65 up (prefill) a
 dequantize kernel writes the weight in the activation dtype and cuBLAS multiplies (`choose_plan`). For the
-4-bit integer formats at the smallest M (decode) a CUDA-core GEMV kernel (gemv_int4_kernel) replaces the
-tensor-core one.
+4-bit formats at M = 1 (decode) a CUDA-core GEMV kernel (triton_gemv.py) replaces the tensor-core one.
+`prepared_linear` fixes everything about a call but x, for QuantLinear's eager CUDA path.
 """
 
 from __future__ import annotations
@@ -138,9 +138,9 @@ def gemv_plan(n: int, k: int, bkg: int, kind: int = 0, sms: int = 132, bn: int |
 def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, kind: int = 0
                 ) -> KernelConfig:
     """Tiles by size of M. Up to GEMV_MAX_M, for weights the GEMV serves (gemv_ok) the CUDA-core GEMV
-    (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once in (BM x 64)
-    tiles, K split until there are about eight programs per multiprocessor (each keeps only two tiles of
-    memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
+    (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
+    in (BM x 64) tiles, K split until there are about eight programs per multiprocessor (each keeps only two
+    tiles of memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
     cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV)."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
@@ -166,7 +166,8 @@ def gemv_supported(packed: PackedWeight) -> bool:
     """Whether the plan sends M = 1 to a GEMV kernel: a 4-bit format (int4, int4-asym, nf4; see GEMV_TILES for
     8-bit) whose qdata rows view as uint32 words (codes are decoded a word at a time)."""
     q = packed.qdata
-    return (packed.scheme.format in _FORMAT_KINDS and packed.scheme.bits == 4 and q.dim() == 2 and q.stride(1) == 1 and q.stride(0) % 4 == 0
+    return (packed.scheme.format in _FORMAT_KINDS and packed.scheme.bits == 4 and q.dim() == 2
+            and q.stride(1) == 1 and q.stride(0) % 4 == 0
             and q.shape[1] % 4 == 0 and q.storage_offset() % 4 == 0)
 
 
@@ -236,7 +237,8 @@ def _gemv_launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tupl
     k_per_split = _cdiv(_cdiv(k, config.SPLIT), step) * step
     split = _cdiv(k, k_per_split)
     constants = {"KIND": kind, "ZERO": zero, "AFFINE": scheme.qformat.affine, "HAS_PERM": has_perm,
-                 "HAS_BIAS": has_bias, "SPLIT_K": split > 1, "SPLITS": _pow2_at_least(split), "EVEN_K": k % step == 0, "BN": config.BN, "BKG": bkg,
+                 "HAS_BIAS": has_bias, "SPLIT_K": split > 1, "SPLITS": _pow2_at_least(split), "EVEN_K": k % step == 0,
+                 "BN": config.BN, "BKG": bkg,
                  "SUB": config.SUB, "num_warps": config.num_warps, "num_stages": 1}
     grid = (1, _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)
