@@ -55,12 +55,14 @@ def random_packed(spec: str, n: int, k: int) -> PackedWeight:
 
 
 def ours(spec: str):
-    """Our backend as QuantLinear calls it."""
-    def build(n, k):
-        return random_packed(spec, n, k)
+    """A QuantLinear layer, called as a model calls it (on CUDA in eager mode: its prepared launcher)."""
+    from modelpress.nn import QuantLinear
 
-    def call(packed, x):
-        return triton_linear(x, packed, None)
+    def build(n, k):
+        return QuantLinear(random_packed(spec, n, k))
+
+    def call(layer, x):
+        return layer(x)
 
     return build, call
 
@@ -109,6 +111,8 @@ def _fp8_input(x: torch.Tensor) -> torch.Tensor:
 def nbytes(state) -> int:
     if isinstance(state, PackedWeight):
         return state.nbytes
+    if isinstance(state, torch.nn.Module):
+        return state.weight_nbytes
     if isinstance(state, tuple):
         return sum(nbytes(s) for s in state)
     return state.numel() * state.element_size()

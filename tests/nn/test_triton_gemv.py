@@ -15,9 +15,9 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' definition
 pytest.importorskip("triton")
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels below are defined
 
 from modelpress.formats import WeightScheme, quantize_weight  # noqa: E402
 from modelpress.nn import QuantLinear  # noqa: E402
