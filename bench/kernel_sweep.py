@@ -1,12 +1,12 @@
 """Tile-size sweep for the Triton quantized matmul (the data behind triton_backend.choose_plan).
 
     PYTHONPATH=src python bench/kernel_sweep.py --json sweep.json
-    PYTHONPATH=src python bench/kernel_sweep.py --gemv --json gemv_sweep.json   # small-M GEMV kernel
+    PYTHONPATH=src python bench/kernel_sweep.py --gemv --spec int4/g128,nf4/g64 --json gemv.json  # M = 1 GEMV
 
 For each shape and M, times every candidate KernelConfig (CUDA-graph replay over rotating weight copies,
 see bench/kernels.py), checks each one's output against dequantize-then-matmul, and prints the best.
---gemv sweeps the GEMV kernel's BN / warps / split-K at M = 1 and 4 beside the tensor-core plan and
-PyTorch's int4 kernel, then times the Llama-2-7B stack under a few GEMV heuristics.
+--gemv sweeps the GEMV kernels' BN / SUB / warps / split-K at M = 1 on the three 7B shapes beside the
+tensor-core plan, then times the Llama-2-7B stack under a few GEMV heuristics, for each --spec.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ from kernels import (
     ROTATE_BYTES,
     SHAPES,
     random_packed,
-    time_impl,
     time_sequence,
-    torch_int4,
 )
 
+from modelpress.formats import WeightScheme
 from modelpress.nn.triton_backend import (
     KernelConfig,
     choose_plan,
     dequantize,
     fused_matmul,
     gemv_plan,
+    group_tile,
     plan_for,
     quantized_matmul,
 )
@@ -101,104 +101,96 @@ def sweep(spec: str, shapes, ms, dtype) -> list[dict]:
     return rows
 
 
-GEMV_FAMILIES = [(64, 2), (64, 4), (128, 2), (256, 4)]  # (BN, num_warps)
-GEMV_HEURISTICS = {  # name -> gemv_plan keyword arguments, timed on the 7B stack
-    "default": {},
-    "bn64w2p5.5": {"bn": 64, "warps": 2, "programs_per_sm": 5.5},
-    "bn128w2p4": {"bn": 128, "warps": 2, "programs_per_sm": 4},
-}
+GEMV_FAMILIES = {4: [(16, 8, 4), (64, 2, 4), (128, 2, 8), (128, 1, 4), (256, 1, 8)],  # (BN, SUB, num_warps)
+                 8: [(16, 2, 4), (32, 2, 4), (16, 4, 8), (64, 1, 4)]}
+GEMV_HEURISTICS = {"default": {}, "p4": {"programs_per_sm": 4.0}, "p16": {"programs_per_sm": 16.0}}
 
 
-def gemv_sweep(spec: str, shapes, ms, dtype, sms: int) -> list[dict]:
+def gemv_sweep(spec: str, shapes, dtype, sms: int) -> list[dict]:
+    """M = 1: every GEMV tile family at splits 1..32 per shape; prints best, auto plan, tensor-core plan."""
     rows = []
+    bits = WeightScheme.parse(spec).bits
     for n, k in shapes:
         first = random_packed(spec, n, k)
         packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
         ceiling_us = first.nbytes / (READ_CEILING_TBS * 1e12) * 1e6
-        for m in ms:
-            x = torch.randn(m, k, device=DEVICE).to(dtype)
-            ref = F.linear(x.float(), first.dequantize(torch.float32))
-            results = []
-            for (bn, warps), split in itertools.product(GEMV_FAMILIES, (1, 2, 4, 8, 16, 32)):
-                programs = -(-n // bn) * split
-                if k // (128 * split) < 1 or not sms // 2 <= programs <= 32 * sms:
-                    continue
-                config = KernelConfig(BM=1 << max(0, (m - 1).bit_length()), BN=bn, BKG=128, SPLIT=split,
-                                      num_warps=warps, num_stages=1, gemv=True)
-                row = {"spec": spec, "N": n, "K": k, "M": m, "kernel": "gemv", "config": config.__dict__}
-                try:
-                    err = ((fused_matmul(x, first, None, config).float() - ref).norm() / ref.norm()).item()
-                    row.update(time_sequence([lambda p=p, c=config, xx=x: fused_matmul(xx, p, None, c)
-                                              for p in packs], repeats=10), rel_err=err)
-                except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                rows.append(row)
-                results.append(row)
-            good = [r for r in results if "graph_us" in r and r["rel_err"] < 1e-2]
-            best = min(good, key=lambda r: r["graph_us"]) if good else None
-            fams = {}
-            for r in good:
-                key = f"BN{r['config']['BN']}w{r['config']['num_warps']}"
-                if key not in fams or r["graph_us"] < fams[key]["graph_us"]:
-                    fams[key] = r
-            auto = gemv_plan(m, n, k, 128, sms)
-            auto_t = time_sequence([lambda p=p, c=auto, xx=x: fused_matmul(xx, p, None, c) for p in packs],
-                                   repeats=10)
-            tc = choose_plan(m, n, k, 128, sms, False)
-            tc_t = time_sequence([lambda p=p, c=tc, xx=x: fused_matmul(xx, p, None, c) for p in packs], repeats=10)
+        x = torch.randn(1, k, device=DEVICE).to(dtype)
+        ref = F.linear(x.float(), first.dequantize(torch.float32))
+        bkg = group_tile(first)
+        results = []
+        for (bn, sub, warps), split in itertools.product(GEMV_FAMILIES[bits], (1, 2, 4, 8, 16, 32)):
+            programs = -(-n // bn) * split
+            if k // (bkg * sub * split) < 1 or not sms <= programs <= 32 * sms:
+                continue
+            config = KernelConfig(BM=1, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=warps, num_stages=1,
+                                  gemv=True)
+            row = {"spec": spec, "N": n, "K": k, "M": 1, "kernel": "gemv", "config": config.__dict__}
             try:
-                ti = time_impl(torch_int4(), n, k, m)["graph_us"]
-            except Exception:
-                ti = float("nan")
-            rows.append({"spec": spec, "N": n, "K": k, "M": m, "summary": True, "best": best, "auto": auto.__dict__,
-                         "auto_us": auto_t["graph_us"], "auto_eager_us": auto_t["eager_us"],
-                         "tensor_core_us": tc_t["graph_us"], "torch_int4_us": ti, "ceiling_us": ceiling_us})
-            best_text = "none" if best is None else (
-                f"{best['graph_us']:.2f}us (BN{best['config']['BN']} w{best['config']['num_warps']} "
-                f"s{best['config']['SPLIT']}, {100 * ceiling_us / best['graph_us']:.0f}%)")
-            print(f"{n}x{k} M={m}: best {best_text} | auto "
-                  f"{auto_t['graph_us']:.2f} s{auto.SPLIT} | tc {tc_t['graph_us']:.2f} | torch-int4 {ti:.2f} | "
-                  + " ".join(f"{key}:s{r['config']['SPLIT']}={r['graph_us']:.1f}" for key, r in sorted(fams.items())),
-                  flush=True)
-            torch.cuda.empty_cache()
+                err = ((fused_matmul(x, first, None, config).float() - ref).norm() / ref.norm()).item()
+                row.update(time_sequence([lambda p=p, c=config: fused_matmul(x, p, None, c) for p in packs],
+                                         repeats=10), rel_err=err)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            results.append(row)
+        good = [r for r in results if "graph_us" in r and r["rel_err"] < 1e-2]
+        best = min(good, key=lambda r: r["graph_us"]) if good else None
+        auto = plan_for(1, first, DEVICE)
+        auto_t = time_sequence([lambda p=p: fused_matmul(x, p, None, auto) for p in packs], repeats=10)
+        tc = choose_plan(1, n, k, bkg, sms, False)
+        tc_t = time_sequence([lambda p=p: fused_matmul(x, p, None, tc) for p in packs], repeats=10)
+        rows.append({"spec": spec, "N": n, "K": k, "M": 1, "summary": True, "best": best, "auto": auto.__dict__,
+                     "auto_us": auto_t["graph_us"], "tensor_core_us": tc_t["graph_us"], "ceiling_us": ceiling_us})
+        errors = [r["error"] for r in results if "error" in r]
+        best_text = "none" if best is None else (
+            f"{best['graph_us']:.2f}us BN{best['config']['BN']} SUB{best['config']['SUB']} "
+            f"w{best['config']['num_warps']} s{best['config']['SPLIT']} ({100 * ceiling_us / best['graph_us']:.0f}%)")
+        print(f"{spec} {n}x{k} M=1: best {best_text} | auto {auto_t['graph_us']:.2f} "
+              f"({100 * ceiling_us / auto_t['graph_us']:.0f}%) s{auto.SPLIT} | tensor-core {tc_t['graph_us']:.2f}"
+              + (f" | {len(errors)} errors: {errors[0][:200]}" if errors else ""), flush=True)
         del packs, first
         torch.cuda.empty_cache()
     return rows
 
 
-def gemv_stack(spec: str, ms, dtype, sms: int) -> list[dict]:
-    """Per-token time of the 7B stack under each GEMV heuristic (and the tensor-core plan)."""
+def gemv_stack(spec: str, dtype, sms: int) -> list[dict]:
+    """Per-token time of the 7B stack at M = 1 under each GEMV heuristic (and the tensor-core plan)."""
     rows = []
     weights = [(random_packed(spec, n, k), n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_LAYER]
-    for m in ms:
-        xs = {k: torch.randn(m, k, device=DEVICE).to(dtype) for k in (4096, 11008)}
-        plans = {name: {(n, k): gemv_plan(m, n, k, 128, sms, **kw) for _, n, k in weights}
-                 for name, kw in GEMV_HEURISTICS.items()}
-        plans["tensor-core"] = {(n, k): choose_plan(m, n, k, 128, sms, False) for _, n, k in weights}
-        for name, plan in plans.items():
-            calls = [lambda p=p, c=plan[(n, k)], xx=xs[k]: quantized_matmul(xx, p, None, c) for p, n, k in weights]
-            t = time_sequence(calls, repeats=10)
-            row = {"spec": spec, "M": m, "plan": name, "graph_ms": t["graph_us"] * len(calls) / 1e3,
-                   "eager_ms": t["eager_us"] * len(calls) / 1e3}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    bkg = group_tile(weights[0][0])
+    floor_ms = sum(p.nbytes for p, _, _ in weights) / (READ_CEILING_TBS * 1e12) * 1e3
+    xs = {k: torch.randn(1, k, device=DEVICE).to(dtype) for k in (4096, 11008)}
+    kind = {"int4": 0, "int4-asym": 0, "nf4": 1}.get(weights[0][0].scheme.format, 2)
+    plans = {name: {(n, k): gemv_plan(n, k, bkg, kind, sms, **kw) for _, n, k in weights}
+             for name, kw in GEMV_HEURISTICS.items()}
+    plans["tensor-core"] = {(n, k): choose_plan(1, n, k, bkg, sms, False) for _, n, k in weights}
+    for name, plan in plans.items():
+        calls = [lambda p=p, c=plan[(n, k)], xx=xs[k]: quantized_matmul(xx, p, None, c) for p, n, k in weights]
+        t = time_sequence(calls, repeats=10)
+        row = {"spec": spec, "M": 1, "plan": name, "graph_ms": t["graph_us"] * len(calls) / 1e3,
+               "eager_ms": t["eager_us"] * len(calls) / 1e3, "floor_ms": floor_ms}
+        rows.append(row)
+        print(f"stack {spec} {name}: graph {row['graph_ms']:.3f} ms ({100 * floor_ms / row['graph_ms']:.0f}% of "
+              f"the {floor_ms:.3f} ms floor), eager {row['eager_ms']:.3f} ms", flush=True)
+    del weights
+    torch.cuda.empty_cache()
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path, default=Path("sweep.json"))
-    parser.add_argument("--spec", default="int4/g128")
+    parser.add_argument("--spec", default="int4/g128", help="comma-separated specs (--gemv)")
     parser.add_argument("--ms", default="1,16")
     parser.add_argument("--gemv", action="store_true", help="sweep the small-M GEMV kernel")
-    parser.add_argument("--gemv-ms", default="1,4", help="M values of the GEMV sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.gemv:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        gemv_ms = [int(v) for v in args.gemv_ms.split(",")]
-        rows = gemv_sweep(args.spec, SHAPES, gemv_ms, torch.bfloat16, sms)
-        rows += gemv_stack(args.spec, gemv_ms, torch.bfloat16, sms)
+        rows = []
+        for spec in args.spec.split(","):
+            rows += gemv_sweep(spec, SHAPES[:3], torch.bfloat16, sms)
+            rows += gemv_stack(spec, torch.bfloat16, sms)
         args.json.write_text(json.dumps(rows))
         return
     ms = [int(v) for v in args.ms.split(",")]

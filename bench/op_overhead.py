@@ -1,12 +1,13 @@
-"""Host time of one eager QuantLinear call at decode size (M = 1): through the operator
-(torch.ops.modelpress.quant_linear, what QuantLinear.forward runs) against the backend chain called directly
-(what QuantLinear.forward ran before the operator existed), under no_grad and inference_mode.
+"""Host time of one eager QuantLinear call at decode size (M = 1): QuantLinear.forward (on CUDA: the prepared
+launcher, triton_backend.prepared_linear), the operator (torch.ops.modelpress.quant_linear, what
+torch.compile traces and what CPU calls run) and the backend chain called directly, under no_grad and
+inference_mode.
 
     PYTHONPATH=src python bench/op_overhead.py [--device cuda] [--spec int4/g128] [--calls 2000]
 
-A 4096 x 4096 layer's kernel takes a few microseconds on a GPU, far below the host time of a call, so the
-wall time of many back-to-back calls (synchronized once at the end) is the host time per call. Best of
-`--repeats` runs, in microseconds.
+The wall time of many back-to-back calls (synchronized once at the end) is the host time per call as long
+as the kernel is shorter than that: use a small layer (--features 256) on a GPU, where a 4096 x 4096 kernel
+takes several microseconds itself. Best of `--repeats` runs, in microseconds.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def main() -> None:
     weight = torch.randn(n, k, device=device) * 0.02
     layer = QuantLinear(quantize_weight(weight, WeightScheme.parse(args.spec))).to(device)
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-    calls = {"operator (QuantLinear.forward)": lambda: layer(x),
+    calls = {"QuantLinear.forward": lambda: layer(x),
+             "operator": lambda: layer._operator(x),
              "backend chain directly": lambda: linear_forward(x, layer.packed, layer.bias)}
     print(f"{args.spec} {n}x{k}, M = 1, bf16, {device}: host microseconds per eager call")
     print("| call | no_grad | inference_mode |\n| --- | ---: | ---: |")

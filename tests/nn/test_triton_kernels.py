@@ -18,12 +18,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from modelpress.nn.triton_backend import (
-    GEMV_MAX_M,
     KernelConfig,
     choose_plan,
     dequantize,
     fused_matmul,
-    gemv_plan,
     plan_for,
     quantized_matmul,
     triton_linear,
@@ -129,58 +127,3 @@ def test_quant_linear_dispatches_to_triton_on_cuda_only():
     dq = make_packed("int4/g64/dq", N, K, seed=5)
     assert triton_linear(x, dq, None) is None
     assert relative_error(layer(x).reshape(-1, N), reference(x.reshape(-1, K), layer.packed, layer.bias)) < 1.5e-3
-
-
-# ---------------------------------------------------------------------------------------------- small-M GEMV
-GEMV_SPECS = ["int4/g128", "int4-asym/g128", "int4/g64", "int4-asym/g32", "int4/g96", "int4/tensor", "int4/channel"]
-GEMV_CONFIGS = [  # (BM, BN, SPLIT, num_warps): one row block and several, one split and several
-    (1, 16, 1, 1), (2, 32, 3, 1), (4, 64, 2, 2), (8, 128, 4, 4),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("spec", GEMV_SPECS)
-def test_gemv_matches_float64(spec, dtype):
-    """K = 576 leaves a ragged last group for g128 and K tails for every step width; N = 100 is no multiple
-    of any BN; M runs over odd values and block edges; activation-order permutation and bias included."""
-    packed = make_packed(spec, 100, 576, seed=GEMV_SPECS.index(spec), perm=True)
-    bias = torch.randn(100, device=DEVICE).to(dtype)
-    for bm, bn, split, warps in GEMV_CONFIGS:
-        config = KernelConfig(BM=bm, BN=bn, BKG=128, SPLIT=split, num_warps=warps, gemv=True)
-        for m in sorted({1, 3, bm, bm + 1} - {0}):
-            x = torch.randn(m, 576, device=DEVICE).to(dtype)
-            y = run_poisoned(x, packed, bias if m % 2 else None, config)
-            assert torch.isfinite(y).all(), f"{spec} M={m} {config}: unwritten or non-finite outputs"
-            err = relative_error(y, reference(x, packed, bias if m % 2 else None))
-            assert err < TOLERANCE[dtype], f"{spec} M={m} {config} {dtype}: relative error {err:.2e}"
-
-
-@pytest.mark.parametrize("spec", ["int4/g128", "int4-asym/g64"])
-def test_gemv_even_shapes_and_determinism(spec):
-    """Shapes where every step is full (no masks), the automatic plan, and bitwise-equal repeated results
-    with split-K (partial sums are added in a fixed order, not by atomics)."""
-    packed = make_packed(spec, 256, 1024, seed=9)
-    for m in range(1, GEMV_MAX_M + 2):  # the automatic plan up to GEMV_MAX_M, explicit configs past it
-        config = plan_for(m, packed, DEVICE)
-        assert config.gemv == (m <= GEMV_MAX_M)
-        if not config.gemv:
-            config = KernelConfig(BM=4, BN=128, BKG=128, SPLIT=2, num_warps=4, gemv=True)
-        x = torch.randn(m, 1024, device=DEVICE, dtype=torch.bfloat16)
-        y = run_poisoned(x, packed, None, config)
-        assert relative_error(y, reference(x, packed, None)) < TOLERANCE[torch.bfloat16]
-        split = KernelConfig(BM=config.BM, BN=64, BKG=128, SPLIT=8, num_warps=4, gemv=True)
-        first = fused_matmul(x, packed, None, split)
-        assert all(torch.equal(first, fused_matmul(x, packed, None, split)) for _ in range(3))
-        assert relative_error(first, reference(x, packed, None)) < TOLERANCE[torch.bfloat16]
-
-
-def test_gemv_plan_selection():
-    assert choose_plan(1, 4096, 4096, 128, 132, True).gemv
-    assert choose_plan(GEMV_MAX_M, 11008, 4096, 128, 132, True).gemv
-    assert not choose_plan(GEMV_MAX_M + 1, 4096, 4096, 128, 132, True).gemv
-    assert not choose_plan(1, 4096, 4096, 128, 132, False).gemv  # formats the GEMV does not decode
-    assert plan_for(1, make_packed("int4/g128", 64, 256, seed=1), DEVICE).gemv
-    assert not plan_for(1, make_packed("nf4/g64", 64, 256, seed=1), DEVICE).gemv
-    assert not plan_for(1, make_packed("int8/channel", 64, 256, seed=1), DEVICE).gemv
-    plan = gemv_plan(1, 4096, 4096, 128, 132)
-    assert plan.BM == 1 and plan.BKG == 128 and plan.SPLIT >= 1

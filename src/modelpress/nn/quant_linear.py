@@ -28,6 +28,10 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, getattr(packed, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.scheme_key = scheme_key(self.scheme)  # static operator arguments, computed once
+        # eager CUDA calls: one prepared launcher per (activation shape, dtype), built on first use (see
+        # _eager_cuda); dropped whenever the buffers move (their addresses are part of each launcher)
+        self._launchers: dict = {}
+        self._launchers_for = (0, 0)
 
     @property
     def packed(self) -> PackedWeight:
@@ -46,12 +50,53 @@ class QuantLinear(nn.Module):
         return self.packed.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if x.is_cuda and not grad and not torch.compiler.is_compiling():
+            return self._eager_cuda(x)
         # one operator call (nn/ops.py): torch.compile sees one node, CUDA graphs capture its kernels
         args = (x, self.qdata, self.scale, self.offset, self.scale_scale, self.scale_mean, self.input_perm,
                 self.bias, self.scheme_key, self.out_features, self.in_features)
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+        if grad:
             return quant_linear_differentiable(*args)
         return quant_linear(*args)
+
+    def _eager_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """The operator's result through a launcher prepared for x's shape and dtype (triton_backend.
+        prepared_linear): no operator dispatch, backend chain or kernel argument binding per call, which at
+        decode size cost several times the kernel's own run time. Falls back to the operator for anything
+        the launcher was not prepared for (non-contiguous or misaligned x, formats the kernels don't read)."""
+        where = (self._buffers["qdata"].data_ptr(), self._buffers["scale"].data_ptr())
+        if where != self._launchers_for:
+            self._launchers = {}
+            self._launchers_for = where
+        key = (x.shape, x.dtype)
+        fn = self._launchers.get(key)
+        if fn is None:
+            fn = self._launchers[key] = self._prepare(x)
+        if x.is_contiguous() and not x.data_ptr() % 16:
+            return fn(x)
+        return self._operator(x)
+
+    def train(self, mode: bool = True) -> QuantLinear:
+        self._launchers = {}  # a launcher holds the bias converted to the activation dtype: rebuild after training
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_launchers": {}, "_launchers_for": (0, 0)}  # launchers hold device addresses
+
+    def _prepare(self, x: torch.Tensor):
+        from modelpress.nn.triton_backend import prepared_linear
+
+        if x.is_contiguous() and not x.data_ptr() % 16:
+            fn = prepared_linear(x, self.packed, self.bias)
+            if fn is not None:
+                return fn
+        return self._operator
+
+    def _operator(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.qdata, self.scale, self.offset, self.scale_scale, self.scale_mean,
+                            self.input_perm, self.bias, self.scheme_key, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.spec}, "

@@ -4,19 +4,20 @@
 bfloat16 CUDA tensor, Triton imports, and the weight's scheme is one the kernels read: int4 and int8
 (symmetric or asymmetric), nf4, fp8-e4m3 and fp8-e5m2, with group sizes whose largest power-of-two
 divisor is at least 32 for 4-bit formats and 16 for 8-bit ones (or per-channel / per-tensor scales),
-without double quantization. Nothing is converted or cached per layer: the kernels read the stored qdata,
+without double quantization. No weight is converted or copied: the kernels read the stored qdata,
 scale and offset tensors directly.
 
 Up to M = 64 (decode, small batches) one fused kernel streams the weight once; from M = 65 up (prefill) a
 dequantize kernel writes the weight in the activation dtype and cuBLAS multiplies (`choose_plan`). For the
-4-bit integer formats at the smallest M (decode) a CUDA-core GEMV kernel (gemv_int4_kernel) replaces the
-tensor-core one.
+4-bit formats at M = 1 (decode) a CUDA-core GEMV kernel (triton_gemv.py) replaces the tensor-core one.
+`prepared_linear` fixes everything about a call but x, for QuantLinear's eager CUDA path.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +32,14 @@ _FORMAT_KINDS = {  # format name -> (kernel kind, code zero)
 }
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
 DEQUANT_MIN_M = 65  # from here up, dequantize-then-cuBLAS beats the fused kernel (bench/kernel_sweep.py, H100)
-GEMV_MAX_M = 1  # up to here the GEMV kernel serves int4 / int4-asym (bench/kernel_sweep.py --gemv, H100: at
-# M = 4 it was 1.3-1.8x slower than the tensor-core kernel, which costs the same at any M up to 16)
-GEMV_KINDS = (0,)  # kernel kinds the GEMV kernel decodes (int4, symmetric or asymmetric)
+GEMV_MAX_M = 1  # up to here the GEMV kernels (triton_gemv.py) serve every format; M >= 2 takes the tensor cores
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile shape and launch options of one fused launch (BKG: columns per group sub-tile, SUB sub-tiles
     per loop step, SPLIT ways of splitting K; dequant=True means dequantize then cuBLAS instead; gemv=True
-    means the CUDA-core GEMV kernel, 4-bit integer formats only, which uses BM, BN, BKG, SPLIT, num_warps)."""
+    means a CUDA-core GEMV kernel of triton_gemv.py, M = 1 only, which uses BN, BKG, SUB, SPLIT, num_warps)."""
 
     BM: int = 16
     BN: int = 64
@@ -106,41 +105,47 @@ def _pow2_at_least(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-# GEMV tiles: BN rows per program and warps; K is split (powers of two) into the most splits that keep the
-# grid within GEMV_PROGRAMS_PER_SM programs per multiprocessor and at least GEMV_MIN_STEPS loop steps per
-# split (bench/kernel_sweep.py --gemv on an H100, M = 1: BN 64 with 4 warps was best or within 3% of best
-# on every Llama-2/3 shape, at the split this rule picks: 8 for 4096x4096 and 4096x11008, 4 for 11008x4096
-# and 14336x4096, 2 for 28672x8192).
-GEMV_BN = 64
-GEMV_WARPS = 4
-GEMV_PROGRAMS_PER_SM = 7.0
+# GEMV tiles per kernel kind (bench/kernel_sweep.py --gemv on an H200, M = 1, 7B shapes): BN rows x SUB group
+# tiles of at most 128 columns per loop step, num_warps, and the programs per multiprocessor that K is split
+# towards (powers of two, keeping at least GEMV_MIN_STEPS loop steps per split). int4: BN 128, one tile per
+# step, ~4 programs per SM was best or within 3% of best on all three shapes; nf4 (more decode work per
+# weight) preferred 64 rows x 2 tiles and more splits. For the 8-bit formats the tensor-core kernel was
+# faster than the GEMV at M = 1 (7B stack 3.18 vs 3.60 ms for fp8-e4m3, 3.36 vs 3.60 ms for int8), so the
+# plan keeps them there; gemv8_kernel stays for explicit configs and the sweep.
+GEMV_TILES = {0: (128, 1, 4, 4.0), 1: (64, 2, 4, 8.0)}  # kind -> (BN, SUB, num_warps, programs per SM)
 GEMV_MIN_STEPS = 2
 
 
-def gemv_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, bn: int = GEMV_BN, warps: int = GEMV_WARPS,
-              programs_per_sm: float = GEMV_PROGRAMS_PER_SM, min_steps: int = GEMV_MIN_STEPS) -> KernelConfig:
-    """GEMV tiles for small M: BM = M rounded up to a power of two, BN rows per program, BKG columns (at most
-    128) per step, K split until the grid fills the machine."""
+def gemv_plan(n: int, k: int, bkg: int, kind: int = 0, sms: int = 132, bn: int | None = None,
+              sub: int | None = None, warps: int | None = None, programs_per_sm: float | None = None,
+              min_steps: int = GEMV_MIN_STEPS) -> KernelConfig:
+    """GEMV tiles for M = 1: BN rows per program, SUB tiles of BKG (at most 128) columns per step, K split
+    until the grid fills the machine. kind: the kernel kind (0 int4, 1 nf4; others take int4's tiles)."""
+    tile_bn, tile_sub, tile_warps, tile_programs = GEMV_TILES.get(kind, GEMV_TILES[0])
+    bn, sub, warps = bn or tile_bn, sub or tile_sub, warps or tile_warps
+    programs_per_sm = programs_per_sm or tile_programs
     step = min(bkg, 128)
-    bm = _pow2_at_least(m)
-    blocks = _cdiv(m, bm) * _cdiv(n, bn)
+    while sub > 1 and k < step * sub * min_steps:  # short rows: fewer sub-tiles rather than idle ones
+        sub //= 2
+    blocks = _cdiv(n, bn)
     split = 1
-    while blocks * split * 2 <= programs_per_sm * sms and k // (step * split * 2) >= min_steps:
+    while blocks * split * 2 <= programs_per_sm * sms and k // (step * sub * split * 2) >= min_steps:
         split *= 2
-    return KernelConfig(BM=bm, BN=bn, BKG=step, SPLIT=split, num_warps=warps, num_stages=1, gemv=True)
+    return KernelConfig(BM=1, BN=bn, BKG=step, SUB=sub, SPLIT=split, num_warps=warps, num_stages=1, gemv=True)
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False) -> KernelConfig:
-    """Tiles by size of M. Up to GEMV_MAX_M, for formats the GEMV kernel decodes (gemv_ok), the CUDA-core
-    GEMV (gemv_plan). Otherwise up to M = 64 the tensor-core kernel streams the weight once in (BM x 64)
-    tiles, K split until there are about eight programs per multiprocessor (each keeps only two tiles of
-    memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
+def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, kind: int = 0
+                ) -> KernelConfig:
+    """Tiles by size of M. Up to GEMV_MAX_M, for weights the GEMV serves (gemv_ok) the CUDA-core GEMV
+    (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
+    in (BM x 64) tiles, K split until there are about eight programs per multiprocessor (each keeps only two
+    tiles of memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
     cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV)."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
     if gemv_ok and m <= GEMV_MAX_M:
-        return gemv_plan(m, n, k, bkg, sms)
+        return gemv_plan(n, k, bkg, kind, sms)
     step = min(bkg, 128)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     blocks = _cdiv(m, bm) * _cdiv(n, 64)
@@ -153,14 +158,16 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
 def plan_for(m: int, packed: PackedWeight, device: torch.device) -> KernelConfig:
     n, k = packed.shape
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
-    return choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed))
+    kind = _FORMAT_KINDS.get(packed.scheme.format, (0,))[0]
+    return choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind)
 
 
 def gemv_supported(packed: PackedWeight) -> bool:
-    """Whether the GEMV kernel reads this weight: a 4-bit integer format whose qdata views as int32 rows."""
-    kind = _FORMAT_KINDS.get(packed.scheme.format, (None,))[0]
+    """Whether the plan sends M = 1 to a GEMV kernel: a 4-bit format (int4, int4-asym, nf4; see GEMV_TILES for
+    8-bit) whose qdata rows view as uint32 words (codes are decoded a word at a time)."""
     q = packed.qdata
-    return (kind in GEMV_KINDS and q.dim() == 2 and q.stride(1) == 1 and q.stride(0) % 4 == 0
+    return (packed.scheme.format in _FORMAT_KINDS and packed.scheme.bits == 4 and q.dim() == 2
+            and q.stride(1) == 1 and q.stride(0) % 4 == 0
             and q.shape[1] % 4 == 0 and q.storage_offset() % 4 == 0)
 
 
@@ -221,86 +228,87 @@ def _gemv_launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tupl
                  has_perm: bool, has_bias: bool, config: KernelConfig) -> _Launch:
     n, k = shape
     kind, zero = _FORMAT_KINDS[scheme.format]
-    if kind not in GEMV_KINDS:
-        raise ValueError(f"{scheme.spec}: the GEMV kernel reads int4 and int4-asym only")
+    if m != 1:
+        raise ValueError(f"the GEMV kernels take one row of activations, got M = {m}")
     bkg = min(config.BKG, 128, _group_tile(scheme, shape, scale_shape) or 0)
-    if bkg < 8:
+    if bkg < 16:
         raise ValueError(f"{scheme.spec}: no tile of {config.BKG} columns fits its groups")
-    k_per_split = _cdiv(_cdiv(k, config.SPLIT), bkg) * bkg
+    step = bkg * config.SUB
+    k_per_split = _cdiv(_cdiv(k, config.SPLIT), step) * step
     split = _cdiv(k, k_per_split)
-    constants = {"ZERO": zero, "AFFINE": scheme.qformat.affine, "HAS_PERM": has_perm, "HAS_BIAS": has_bias,
-                 "SPLIT_K": split > 1, "EVEN_K": k % bkg == 0, "BM": config.BM, "BN": config.BN, "BKG": bkg,
-                 "num_warps": config.num_warps, "num_stages": 1}
-    grid = (_cdiv(m, config.BM), _cdiv(n, config.BN), split)
+    constants = {"KIND": kind, "ZERO": zero, "AFFINE": scheme.qformat.affine, "HAS_PERM": has_perm,
+                 "HAS_BIAS": has_bias, "SPLIT_K": split > 1, "SPLITS": _pow2_at_least(split), "EVEN_K": k % step == 0,
+                 "BN": config.BN, "BKG": bkg,
+                 "SUB": config.SUB, "num_warps": config.num_warps, "num_stages": 1}
+    grid = (1, _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)
 
 
-_EXPONENT_BITS = 0x4B000000  # float32 bits of 2**23, a run-time argument of gemv_int4_kernel
+_EXPONENT_BITS = 0x4B000000  # float32 bits of 2**23, a run-time argument of gemv4_kernel
+
+
+def _workspace(device: torch.device, numel: int, cache: dict = {}) -> torch.Tensor:  # noqa: B006
+    """Per-device float32 scratch for split-K partial sums (launches on one device run one after another).
+    A larger one replaces it when needed; the old ones stay allocated, since captured CUDA graphs may hold
+    their addresses."""
+    held = cache.setdefault(device, [])
+    if not held or held[-1].numel() < numel:
+        held.append(torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device))
+    return held[-1]
 
 
 def _outputs(x2: torch.Tensor, n: int, plan: _Launch, out: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output y (M, N), and for split-K launches the float32 partial sums (split, M, N) and the tile locks
+    """The output y (M, N), and for split-K launches the float32 partial sums (split · M · N) and the tile locks
     (without split-K the kernel never touches them: y stands in)."""
     m = x2.shape[0]
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
     split = plan.grid[2]
     if split == 1:
         return y, y, y
-    workspace = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    return y, workspace, _split_locks(x2.device, plan.grid[0] * plan.grid[1])
+    return y, _workspace(x2.device, split * m * n), _split_locks(x2.device, plan.grid[0] * plan.grid[1])
 
 
-def gemv_matmul(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, config: KernelConfig,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, N) = x2 (M, K) @ W^T (+ bias) through the GEMV kernel (config.gemv; int4 formats)."""
-    from modelpress.nn.triton_kernels import gemv_int4_kernel
+def _kernel_call(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, config: KernelConfig,
+                 use_asm: bool | None, out: torch.Tensor | None) -> tuple:
+    """(jit kernel, grid, positional arguments, keyword constants, y) of one fused launch: the GEMV kernels
+    for a gemv config, else the tensor-core kernel."""
+    from modelpress.nn import triton_gemv, triton_kernels
 
     m, k = x2.shape
     n = packed.shape[0]
     scale = packed.scale
-    plan = _gemv_launch(packed.scheme, packed.shape, tuple(scale.shape), m, packed.input_perm is not None,
-                        bias is not None, config)
+    has_perm = packed.input_perm is not None
+    launch = _gemv_launch if config.gemv else _launch
+    plan = launch(packed.scheme, packed.shape, tuple(scale.shape), m, has_perm, bias is not None, config)
     y, workspace, locks = _outputs(x2, n, plan, out)
-    words = packed.qdata.view(torch.int32)
+    kind = plan.constants["KIND"]
     stride_sn, stride_sg = _scale_strides(scale)
-    gemv_int4_kernel[plan.grid](
-        x2, words, scale, packed.offset if packed.offset is not None else scale,
-        packed.input_perm if packed.input_perm is not None else scale,
-        bias if bias is not None else scale, y, workspace, locks,
-        m, n, k, plan.group_size, plan.k_per_split, _EXPONENT_BITS,
-        x2.stride(0), words.stride(0), stride_sn, stride_sg, y.stride(0),
-        **plan.constants,
-    )
-    return y
+    offset = packed.offset if packed.offset is not None else scale
+    perm = packed.input_perm if has_perm else scale
+    table = _table(kind, x2.device, torch.float32 if config.gemv else x2.dtype) if kind == 1 else scale
+    bias_arg = bias if bias is not None else scale
+    asm = {"USE_ASM": (not _interpreting()) if use_asm is None else use_asm}
+    if config.gemv and kind <= 1:
+        words = packed.qdata.view(torch.int32)
+        args = (x2, words, scale, offset, perm, table, bias_arg, y, workspace, locks, n, k, plan.group_size,
+                plan.k_per_split, _EXPONENT_BITS, words.stride(0), stride_sn, stride_sg)
+        return triton_gemv.gemv4_kernel, plan.grid, args, {**plan.constants, **asm}, y
+    if config.gemv:
+        args = (x2, packed.qdata, scale, offset, perm, bias_arg, y, workspace, locks, n, k, plan.group_size,
+                plan.k_per_split, packed.qdata.stride(0), stride_sn, stride_sg)
+        return triton_gemv.gemv8_kernel, plan.grid, args, plan.constants, y
+    args = (x2, packed.qdata, scale, offset, perm, table, bias_arg, y, workspace, locks, m, n, k, plan.group_size,
+            plan.k_per_split, x2.stride(0), packed.qdata.stride(0), stride_sn, stride_sg, y.stride(0))
+    return triton_kernels.quant_matmul_kernel, plan.grid, args, {**plan.constants, **asm}, y
 
 
 def fused_matmul(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, config: KernelConfig,
                  use_asm: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = x2 (M, K) @ W^T (+ bias) in one launch. `out`, if given, is an (M, N) tensor of x's dtype
-    with unit column stride that receives y. A gemv config goes to gemv_matmul (use_asm does not apply)."""
-    from modelpress.nn.triton_kernels import quant_matmul_kernel
-
-    if config.gemv:
-        return gemv_matmul(x2, packed, bias, config, out=out)
-
-    m, k = x2.shape
-    n = packed.shape[0]
-    scale = packed.scale
-    plan = _launch(packed.scheme, packed.shape, tuple(scale.shape), m, packed.input_perm is not None,
-                   bias is not None, config)
-    y, workspace, locks = _outputs(x2, n, plan, out)
-    kind = plan.constants["KIND"]
-    stride_sn, stride_sg = _scale_strides(scale)
-    quant_matmul_kernel[plan.grid](
-        x2, packed.qdata, scale, packed.offset if packed.offset is not None else scale,
-        packed.input_perm if packed.input_perm is not None else scale,
-        _table(kind, x2.device, x2.dtype) if kind == 1 else scale,
-        bias if bias is not None else scale, y, workspace, locks,
-        m, n, k, plan.group_size, plan.k_per_split,
-        x2.stride(0), packed.qdata.stride(0), stride_sn, stride_sg, y.stride(0),
-        USE_ASM=(not _interpreting()) if use_asm is None else use_asm, **plan.constants,
-    )
+    with unit column stride that receives y. A gemv config (M = 1) runs a GEMV kernel of triton_gemv.py."""
+    kernel, grid, args, constants, y = _kernel_call(x2, packed, bias, config, use_asm, out)
+    kernel[grid](*args, **constants)
     return y
 
 
@@ -352,6 +360,88 @@ def triton_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     if not supports(packed) or not triton_available():
         return None
     return quantized_matmul(x, packed, bias)
+
+
+def prepared_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
+                    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """fn(x) -> triton_linear(x, packed, bias) for activations of x's shape and dtype on x's device (contiguous,
+    16-byte aligned, as x is), with every host decision taken now; None where triton_linear would not serve x.
+
+    Decode-sized calls (the fused kernels) launch the compiled kernel directly: the plan, grid, constants and
+    every pointer but x's and y's are fixed here, so a call costs an output allocation and one launcher call
+    (a few µs) instead of the backend chain and Triton's argument binding. The caller keeps `packed` and
+    `bias` alive while it uses fn (fn holds raw pointers to them); `QuantLinear` does."""
+    if not x.is_cuda or x.dtype not in _ACT_DTYPES or x.shape[-1] == 0 or not packed.qdata.is_cuda:
+        return None
+    if not supports(packed) or not triton_available():
+        return None
+    n, k = packed.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    config = plan_for(m, packed, x.device) if m else KernelConfig(dequant=True)
+    if config.dequant or _interpreting() or not x2.is_contiguous() or x2.data_ptr() % 16:
+        return functools.partial(quantized_matmul, packed=packed, bias=bias)
+    bias = None if bias is None else bias.to(x.dtype)
+    kernel, grid, args, constants, y = _kernel_call(x2, packed, bias, config, None, None)
+    compiled = kernel[grid](*args, **constants)  # compiles on first use; launches once
+    try:
+        return _direct_launch(compiled, kernel.arg_names, grid, args, constants, y, (*x.shape[:-1], n), bias)
+    except AttributeError:  # a Triton whose launcher is laid out otherwise: its own (slower) launch path
+        return functools.partial(quantized_matmul, packed=packed, bias=bias)
+
+
+def _direct_launch(compiled, arg_names: list[str], grid: tuple[int, int, int], args: tuple, constants: dict,
+                   y: torch.Tensor, out_shape: tuple[int, ...], keep: object) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A launcher of `compiled` (what Triton's JIT returned) taking only x: the argument list as Triton binds it
+    (every parameter in order, constants included), tensors other than x and y replaced by their addresses."""
+    y_slots = [i for i, arg in enumerate(args) if arg is y]  # y also stands in for unused split-K buffers
+    template = [arg.data_ptr() if isinstance(arg, torch.Tensor) else arg for arg in args]
+    template += [constants[name] for name in arg_names[len(args):]]
+    runner = compiled.run
+    if _launch_hooks_set():  # a profiler's launch hooks expect Triton's own launch path
+        return functools.partial(_bound_call, compiled, grid, template, y_slots, out_shape, keep)
+    stream = torch._C._cuda_getCurrentRawStream
+    device, index, dtype = y.device, y.device.index, y.dtype
+    gx, gy, gz = grid
+    function = compiled.function
+    meta = (compiled.packed_metadata, None, None, None)
+    if runner.global_scratch_size or runner.profile_scratch_size:  # Triton's launcher allocates the scratch
+        launch = runner
+        head: tuple = ()
+    else:  # the compiled C launch function itself, as CudaLauncher.__call__ would call it
+        launch = runner.launch
+        head = (runner.launch_cooperative_grid, runner.launch_pdl, None, None)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(out_shape, dtype=dtype, device=device)
+        values = template.copy()
+        values[0] = x
+        for slot in y_slots:
+            values[slot] = out
+        launch(gx, gy, gz, stream(index), function, *head, *meta, *values)
+        return out
+
+    fn.keep = keep  # type: ignore[attr-defined]  # the converted bias, if any, lives as long as fn
+    return fn
+
+
+def _bound_call(compiled, grid, template, y_slots, out_shape, keep, x):
+    """The slow twin of _direct_launch's fn, through CompiledKernel's own launch (which runs launch hooks)."""
+    out = x.new_empty(out_shape)
+    values = template.copy()
+    values[0] = x
+    for slot in y_slots:
+        values[slot] = out
+    compiled[grid](*values)
+    return out
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a profiler hooks Triton's launches (Triton 3.6 keeps an empty HookChain when none does)."""
+    from triton import knobs
+
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
 
 def _register() -> None:

@@ -12,6 +12,7 @@ How the main loop avoids work per weight (decode is memory-bound: at 3 TB/s an H
   product once, not every weight; the affine offset adds offset · sum_k x[m, k] the same way.
 - 4-bit codes are split into the even-k (low nibble) and odd-k (high nibble) halves; each half is
   multiplied by the matching even/odd columns of x, so no interleaving shuffle is needed.
+- NF4 levels are looked up in registers by byte permutes (nf4_ptx.py), not gathered from memory.
 - On the GPU the nibbles become half floats with the exponent trick: (code | 0x6400) read as float16 is
   1024 + code, so a byte permute, a masked OR and one packed subtract give two weights (inline PTX, see
   int4_asm). The portable fallback (also what TRITON_INTERPRET runs) uses the float32 version of the same
@@ -25,6 +26,8 @@ import struct
 
 import triton
 import triton.language as tl
+
+from modelpress.nn.nf4_ptx import bytes_to_pairs, nf4_levels
 
 # Format kinds understood by the kernels.
 KIND_INT4 = 0  # code - zero                       (zero 8 for symmetric int4, 0 for asymmetric)
@@ -81,6 +84,8 @@ ASM_F16_Z8: tl.constexpr = tl.constexpr(int4_asm(False, 8))
 ASM_F16_Z0: tl.constexpr = tl.constexpr(int4_asm(False, 0))
 ASM_BF16_Z8: tl.constexpr = tl.constexpr(int4_asm(True, 8))
 ASM_BF16_Z0: tl.constexpr = tl.constexpr(int4_asm(True, 0))
+ASM_NF4_F16: tl.constexpr = tl.constexpr(bytes_to_pairs(nf4_levels(), bf16=False))
+ASM_NF4_BF16: tl.constexpr = tl.constexpr(bytes_to_pairs(nf4_levels(), bf16=True))
 
 
 @triton.jit
@@ -93,7 +98,14 @@ def _magic_f32(code, ZERO: tl.constexpr):
 def _decode_nibbles(q, table_ptr, KIND: tl.constexpr, ZERO: tl.constexpr, ACT: tl.constexpr,
                     USE_ASM: tl.constexpr):
     """uint8 tile -> (low-nibble values, high-nibble values), both in the activation dtype."""
-    if KIND == 1:
+    if KIND == 1 and USE_ASM:  # levels looked up in registers (nf4_ptx.py)
+        if ACT == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(ASM_NF4_BF16, "=r,=r,=r,=r,r", [q], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(ASM_NF4_F16, "=r,=r,=r,=r,r", [q], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+    elif KIND == 1:
         qi = q.to(tl.int32)
         lo = tl.load(table_ptr + (qi & 15))
         hi = tl.load(table_ptr + (qi >> 4))
@@ -315,142 +327,3 @@ def dequantize_kernel(
         q = tl.load(q_ptr + offs_n[:, None] * stride_qn + cols[None, :], mask=mask, other=0)
         w = _decode_bytes(q, KIND, ZERO, tl.float32) * s + o
     tl.store(w_ptr + offs_n[:, None] * K + cols[None, :], w.to(ACT), mask=mask)
-
-
-
-# ------------------------------------------------------------------------------------------ small-M GEMV
-# For M = 1..8 (decode) a CUDA-core kernel beats padding M to 16 for the tensor cores: no shared memory,
-# few registers, so many warps per multiprocessor keep enough weight bytes in flight.
-#
-# Each program owns BN rows and a K-slice, loads the 4-bit codes as int32 words (8 codes, 16-byte loads
-# per thread) and decodes each code with one LOP3 and one FADD: a nibble at bits [4p, 4p + 4) of a word,
-# ORed into the exponent bits of 2**(23 - 4p), reads as the float32 2**(23 - 4p) + code (the nibble's lowest
-# bit is that float's units bit); subtracting 2**(23 - 4p) + zero leaves code - zero exactly. Codes 0-3 sit
-# at p = 0..3 of the word, codes 4-7 at p = 1..4 of the word shifted right by 12. The eight products of a
-# word chain into FMAs, the group scale multiplies each word's sum once; float32 throughout.
-
-
-@triton.jit
-def _nibble(word, exponent_bits, MASK: tl.constexpr, MAGIC: tl.constexpr):
-    """code - zero as float32 for the nibble MASK = 0xF << 4p of each uint32 in `word`. exponent_bits: the bits
-    of 2**(23 - 4p) (a run-time value, so that the AND and the OR fuse into one LOP3 with a register operand);
-    MAGIC: 2**(23 - 4p) + zero."""
-    return ((word & MASK) | exponent_bits).to(tl.float32, bitcast=True) - MAGIC
-
-
-@triton.jit
-def _load_x8(x_ptr, perm_ptr, offs_m, m_mask, word_cols, K, stride_xm, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
-    """(BM, BKW, 8) float32: x[m, 8 w + i] for the words w of `word_cols` (stored-order columns mapped through
-    input_perm); 0 outside M and K. Each word's eight values are contiguous."""
-    cols = (word_cols * 8)[:, None] + tl.arange(0, 8)[None, :]  # (BKW, 8)
-    if EVEN_K:
-        col_mask = cols >= 0
-    else:
-        col_mask = cols < K
-    if HAS_PERM:
-        src = tl.load(perm_ptr + cols, mask=col_mask, other=0)
-    else:
-        src = cols
-    ptrs = x_ptr + offs_m[:, None, None] * stride_xm + src[None, :, :]
-    return tl.load(ptrs, mask=m_mask[:, None, None] & col_mask[None, :, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _split8(xt):
-    """(A, B, 8) -> the eight (A, B) slices along the last axis, in order."""
-    A: tl.constexpr = xt.shape[0]
-    B: tl.constexpr = xt.shape[1]
-    even, odd = tl.split(tl.reshape(xt, (A, B, 4, 2)))  # x[8w + 2p], x[8w + 2p + 1]
-    e0, e2 = tl.split(tl.reshape(even, (A, B, 2, 2)))  # x[8w + 4r], x[8w + 4r + 2]
-    o1, o3 = tl.split(tl.reshape(odd, (A, B, 2, 2)))  # x[8w + 4r + 1], x[8w + 4r + 3]
-    x0, x4 = tl.split(e0)
-    x2, x6 = tl.split(e2)
-    x1, x5 = tl.split(o1)
-    x3, x7 = tl.split(o3)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def gemv_int4_kernel(
-    x_ptr, w_ptr, scale_ptr, offset_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
-    M, N, K, group_size, k_per_split, exponent_bits,
-    stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
-    ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr,
-):
-    """4-bit weight-only GEMV for small M. Grid: (M blocks, N blocks, K splits); w is qdata viewed as int32
-    (N, row_bytes / 4); exponent_bits is 0x4B000000. Each loop step covers BKG columns (BKG divides the group size, so one scale per row
-    per step); the next step's words, scales and x are loaded before the current step is decoded. Split-K
-    partial sums go through ws (splits, M, N) and are added in split order by the last program of a tile
-    to arrive (counted in lock, which it resets), so results do not depend on timing."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    BKW: tl.constexpr = BKG // 8
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows = tl.minimum(offs_n, N - 1)  # rows past N re-read the last row (results masked at the store)
-    words = tl.arange(0, BKW)
-    words3 = words[None, None, :]
-    w_rows = w_ptr + rows[None, :, None] * stride_wn  # (1, BN, 1): the weight tile is loaded as 3-D
-    s_rows = scale_ptr + rows * stride_sn
-    o_rows = offset_ptr + rows * stride_sn
-    k_begin = pid_k * k_per_split
-    k_end = min(k_begin + k_per_split, K)
-    k_last = k_begin + ((k_end - k_begin - 1) // BKG) * BKG  # start of this program's last step
-    acc = tl.zeros((BM, BN, BKW), tl.float32)
-    e0 = exponent_bits.to(tl.uint32, bitcast=True)  # bits of 2**23, 2**19, 2**15, 2**11, 2**7
-    e1 = e0 - 0x02000000
-    e2 = e0 - 0x04000000
-    e3 = e0 - 0x06000000
-    e4 = e0 - 0x08000000
-
-    kw = tl.multiple_of(k_begin // 8, BKW)
-    if EVEN_K:
-        w_next = tl.load(w_rows + kw + words3)
-    else:
-        w_next = tl.load(w_rows + kw + words3, mask=(kw + words3) * 8 < K, other=0)
-    s_next = tl.load(s_rows + (k_begin // group_size) * stride_sg).to(tl.float32)
-    if AFFINE:
-        o_next = tl.load(o_rows + (k_begin // group_size) * stride_sg).to(tl.float32)
-    else:
-        o_next = s_next
-    x_next = _load_x8(x_ptr, perm_ptr, offs_m, m_mask, k_begin // 8 + words, K, stride_xm, HAS_PERM, EVEN_K)
-    for k0 in range(k_begin, k_end, BKG):
-        w = w_next
-        s = s_next
-        o = o_next
-        xt = x_next
-        k1 = min(k0 + BKG, k_last)  # prefetch the next step (the last step re-reads itself)
-        kw = tl.multiple_of(k1 // 8, BKW)
-        if EVEN_K:
-            w_next = tl.load(w_rows + kw + words3)
-        else:
-            w_next = tl.load(w_rows + kw + words3, mask=(kw + words3) * 8 < K, other=0)
-        s_next = tl.load(s_rows + (k1 // group_size) * stride_sg).to(tl.float32)
-        if AFFINE:
-            o_next = tl.load(o_rows + (k1 // group_size) * stride_sg).to(tl.float32)
-
-        x_next = _load_x8(x_ptr, perm_ptr, offs_m, m_mask, k1 // 8 + words, K, stride_xm, HAS_PERM, EVEN_K)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xt)
-
-        lo = w.to(tl.uint32, bitcast=True)  # codes 0-3 at nibbles p = 0..3
-        hi = lo >> 12  # codes 4-7 at nibbles p = 1..4
-        part = _nibble(lo, e0, 0xF, 8388608.0 + ZERO) * x0[:, None, :]
-        part += _nibble(lo, e1, 0xF0, 524288.0 + ZERO) * x1[:, None, :]
-        part += _nibble(lo, e2, 0xF00, 32768.0 + ZERO) * x2[:, None, :]
-        part += _nibble(lo, e3, 0xF000, 2048.0 + ZERO) * x3[:, None, :]
-        part += _nibble(hi, e1, 0xF0, 524288.0 + ZERO) * x4[:, None, :]
-        part += _nibble(hi, e2, 0xF00, 32768.0 + ZERO) * x5[:, None, :]
-        part += _nibble(hi, e3, 0xF000, 2048.0 + ZERO) * x6[:, None, :]
-        part += _nibble(hi, e4, 0xF0000, 128.0 + ZERO) * x7[:, None, :]
-        acc += part * s[None, :, None]
-        if AFFINE:  # W = scale · code + offset: add offset · (sum of the word's eight x)
-            x_sum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            acc += x_sum[:, None, :] * o[None, :, None]
-
-    out = tl.sum(acc, axis=2)  # (BM, BN)
-    _store_tile(out, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k, M, N,
-                stride_ym, SPLIT_K, HAS_BIAS, BM, BN)
