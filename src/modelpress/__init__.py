@@ -44,6 +44,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "LoadedModel": ("modelpress.io.model", "LoadedModel"),
     "WeightScheme": ("modelpress.formats.scheme", "WeightScheme"),
     "ExportOptions": ("modelpress.export.base", "ExportOptions"),
+    "plan": ("modelpress.planner", "plan_model"),
+    "Budget": ("modelpress.planner", "Budget"),
     "ModelpressConfig": ("modelpress.hf", "ModelpressConfig"),   # importing modelpress.hf registers it (hf.py)
     "hf": ("modelpress.hf", None),
 }
@@ -80,4 +82,6 @@ if TYPE_CHECKING:
     from modelpress.formats.scheme import WeightScheme
     from modelpress.hf import ModelpressConfig
     from modelpress.io.model import LoadedModel
+    from modelpress.planner import Budget
+    from modelpress.planner import plan_model as plan
     from modelpress.python_api import evaluate, load, prune, quantize, save
