@@ -91,7 +91,7 @@ def plan_model(model, budget: Budget, runtime_name: str = "modelpress", method: 
     loaded = as_loaded(model, tokenizer)
     resident = fc.resident_bytes()
     ids, info = calibration_ids(loaded.tokenizer, calibration)
-    costs, measured = measure(loaded.model, target, ids[:SENSITIVITY_WINDOWS])
+    costs, measured = measure(loaded.model, target, ids[:SENSITIVITY_WINDOWS], budget)
     notes = list(measured.pop("notes"))
     chosen_method = method
     try:
@@ -113,8 +113,9 @@ def plan_model(model, budget: Budget, runtime_name: str = "modelpress", method: 
                 sensitivity={k: measured[k] for k in ("windows", "positions", "seconds")}, notes=notes)
 
 
-def measure(model, target: Runtime, windows: torch.Tensor) -> tuple[LayerCosts, dict]:
-    """Per layer and candidate the runtime holds: estimated KL, stored bits; plus the timings a forecast needs."""
+def measure(model, target: Runtime, windows: torch.Tensor, budget: Budget) -> tuple[LayerCosts, dict]:
+    """Per layer and candidate the runtime holds: estimated KL, stored bits; plus the timings a forecast needs.
+    A size budget no mix can meet is refused before the sensitivity pass, the one costly step."""
     from modelpress.eval.sensitivity import LayerCandidates, fisher_sensitivity, rtn_candidates
     from modelpress.eval.size import measure_size
     from modelpress.formats.scheme import WeightScheme
@@ -143,13 +144,16 @@ def measure(model, target: Runtime, windows: torch.Tensor) -> tuple[LayerCosts, 
                                           {s: c.packed[s] for s, c in held.items()},
                                           {s: c.bits[s] for s, c in held.items()}))
     del per_scheme
+    rest = measure_size(model).weight_bytes - sum(fc.float_weight_bytes(m) for m in modules.values())
+    bits = {c.name: dict(c.bits) for c in candidates}
+    parameters = {c.name: c.parameters for c in candidates}
+    if budget.max_kl is None:                 # feasibility does not depend on the scores
+        solve(budget, LayerCosts({name: dict.fromkeys(b, 0.0) for name, b in bits.items()}, bits, parameters, rest))
     start = time.perf_counter()
     scores = fisher_sensitivity(model, candidates, windows, batch_size=SENSITIVITY_BATCH,
                                 positions=SENSITIVITY_POSITIONS)
     packed_bytes = {c.name: {s: p.nbytes for s, p in c.packed.items()} for c in candidates}
-    rest = measure_size(model).weight_bytes - sum(fc.float_weight_bytes(m) for m in modules.values())
-    costs = LayerCosts(scores, {c.name: dict(c.bits) for c in candidates}, {c.name: c.parameters for c in candidates},
-                       rest)
+    costs = LayerCosts(scores, bits, parameters, rest)
     return costs, {"rtn_seconds": seconds, "packed_bytes": packed_bytes, "modules": modules, "skip": DEFAULT_SKIP,
                    "windows": int(windows.shape[0]), "positions": SENSITIVITY_POSITIONS,
                    "seconds": round(time.perf_counter() - start, 3), "notes": notes}
