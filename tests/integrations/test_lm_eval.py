@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_llama, char_tokenizer
+from conftest import build_tiny_llama, char_tokenizer, save_tiny_llama
 
 pytest.importorskip("lm_eval")
 
@@ -70,7 +70,7 @@ def test_lm_requests_match_the_model(quantized):
     assert generated == greedy.split("\n")[0]
 
 
-def test_multiple_choice_task_file(quantized, tmp_path):
+def write_task(tmp_path):
     (tmp_path / "tiny_mc.jsonl").write_text("\n".join(json.dumps({"question": q, "choices": c, "answer": a})
                                                       for q, c, a in DOCS) + "\n")
     (tmp_path / "tiny_mc.yaml").write_text(
@@ -78,9 +78,17 @@ def test_multiple_choice_task_file(quantized, tmp_path):
         + "\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
         "    aggregation: mean\n    higher_is_better: true\n")
-    report = evaluate_tasks(quantized, [tmp_path / "tiny_mc.yaml"], batch_size=4)
-    picks = [max(range(len(c)), key=lambda i: loglikelihood(quantized, q, " " + c[i])) for q, c, _ in DOCS]
-    expected = sum(p == a for p, (_, _, a) in zip(picks, DOCS)) / len(DOCS)
+    return tmp_path / "tiny_mc.yaml"
+
+
+def expected_accuracy(loaded) -> float:
+    picks = [max(range(len(c)), key=lambda i: loglikelihood(loaded, q, " " + c[i])) for q, c, _ in DOCS]
+    return sum(p == a for p, (_, _, a) in zip(picks, DOCS)) / len(DOCS)
+
+
+def test_multiple_choice_task_file(quantized, tmp_path):
+    report = evaluate_tasks(quantized, [write_task(tmp_path)], batch_size=4)
+    expected = expected_accuracy(quantized)
     assert report.results["tiny_mc"]["acc"] == pytest.approx(expected)
     assert report.samples["tiny_mc"] == len(DOCS)
     assert json.loads(json.dumps(report.to_json()))["results"]["tiny_mc"]["acc"] == pytest.approx(expected)
@@ -92,3 +100,17 @@ def test_unknown_task_is_named(quantized, tmp_path):
         evaluate_tasks(quantized, [tmp_path / "bad.yaml"])
     with pytest.raises(ModelpressError, match="does not exist"):
         evaluate_tasks(quantized, [tmp_path / "missing.yaml"])
+
+
+def test_eval_command_reports_task_accuracy_beside_ppl(tmp_path, capsys):
+    from modelpress.cli import main
+
+    path = save_tiny_llama(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("Snow is white and grass is green. " * 20)
+    code = main(["eval", str(path), "--reference", "none", "--text", str(tmp_path / "text.txt"), "--windows", "1",
+                 "--seq-len", "32", "--no-speed", "--tasks", str(write_task(tmp_path)), "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    acc = report["extra"]["tasks"]["results"]["tiny_mc"]["acc"]
+    assert acc == pytest.approx(expected_accuracy(modelpress.load(str(path))))
+    assert "tiny_mc acc" in capsys.readouterr().out
