@@ -11,9 +11,13 @@ round-to-nearest, Fisher-weighted output change on a few calibration windows); t
 (planner/budget.py); the runtime decides the candidates (planner/runtimes.py); the run is an ordinary
 quantizer from the registry with the map as its per-layer `schemes`: no second engine.
 
-How the method is picked: RTN, whose KL the estimate describes, unless a `max_kl` bound cannot be met by
-RTN's estimate with the runtime's formats; then GPTQ, whose per-layer error is lower than RTN's (its
-forecast KL is then the RTN estimate, an upper bound). `method=` names one instead.
+The KL forecast is measured: the Fisher scores rank the choices, then the RTN mix (its candidates are already
+packed in memory) is run against the float model on the sensitivity windows; a KL budget is held to that
+measured KL (planner._solve_checked).
+
+How the method is picked: RTN, whose KL the check measures, unless a `max_kl` bound cannot be met by RTN
+with the runtime's formats; then GPTQ, whose per-layer error is lower than RTN's (its forecast KL is then the
+RTN mix's, an upper bound). `method=` names one instead.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = ["RUNTIMES", "Budget", "Plan", "apply_plan", "plan_model"]
 SENSITIVITY_WINDOWS = 8       # calibration windows scored (MixedConfig.sensitivity_samples' default)
 SENSITIVITY_POSITIONS = 128   # token positions per window where the output change is formed
 SENSITIVITY_BATCH = 2
+KL_CHECK_ROUNDS = 3           # re-solves of a KL budget against the measured KL
 
 
 @dataclass(frozen=True)
@@ -93,24 +98,25 @@ def plan_model(model, budget: Budget, runtime_name: str = "modelpress", method: 
     ids, info = calibration_ids(loaded.tokenizer, calibration)
     costs, measured = measure(loaded.model, target, ids[:SENSITIVITY_WINDOWS], budget)
     notes = list(measured.pop("notes"))
-    chosen_method = method
+    chosen_method = "rtn" if method == "auto" else method
+    windows = ids[:SENSITIVITY_WINDOWS]
     try:
-        choice = solve(budget, costs)
-        chosen_method = "rtn" if method == "auto" else method
+        choice, ratio, measured_kl = _solve_checked(loaded.model, budget, costs, measured, windows)
     except ModelpressError:
         if method != "auto" or budget.max_kl is None:
             raise
-        choice = solve(Budget(max_bits=costs.bits_range()[1]), costs)
+        choice, ratio, measured_kl = _solve_checked(loaded.model, Budget(max_bits=costs.bits_range()[1]), costs,
+                                                    measured, windows)
         chosen_method = "gptq"
-        notes.append(f"RTN's estimate misses --max-kl {budget.max_kl} even with the widest formats "
-                     f"(KL {choice.estimated_kl:.4f}): GPTQ with them; its KL is below that estimate, by how much "
-                     f"is not forecast")
+        notes.append(f"RTN misses --max-kl {budget.max_kl} even with the widest formats (KL {measured_kl:.4f} "
+                     f"measured): GPTQ with them; its KL is below RTN's, by how much is not forecast")
+    measured["kl_check"] = {"fisher_estimate": choice.estimated_kl, "measured_rtn": measured_kl, "ratio": ratio}
     forecast = _forecast(loaded.model, costs, choice.schemes, chosen_method, ids, measured, resident)
     return Plan(model=loaded.source, runtime=target.name, method=chosen_method, budget=asdict(budget),
                 skip=measured["skip"], schemes=dict(choice.schemes),
                 estimated_kl={name: costs.scores[name][spec] for name, spec in choice.schemes.items()},
                 forecast=forecast, calibration=info,
-                sensitivity={k: measured[k] for k in ("windows", "positions", "seconds")}, notes=notes)
+                sensitivity={k: measured[k] for k in ("windows", "positions", "seconds", "kl_check")}, notes=notes)
 
 
 def measure(model, target: Runtime, windows: torch.Tensor, budget: Budget) -> tuple[LayerCosts, dict]:
@@ -155,6 +161,7 @@ def measure(model, target: Runtime, windows: torch.Tensor, budget: Budget) -> tu
     packed_bytes = {c.name: {s: p.nbytes for s, p in c.packed.items()} for c in candidates}
     costs = LayerCosts(scores, bits, parameters, rest)
     return costs, {"rtn_seconds": seconds, "packed_bytes": packed_bytes, "modules": modules, "skip": DEFAULT_SKIP,
+                   "candidates": {c.name: c for c in candidates},
                    "windows": int(windows.shape[0]), "positions": SENSITIVITY_POSITIONS,
                    "seconds": round(time.perf_counter() - start, 3), "notes": notes}
 
@@ -180,13 +187,67 @@ def _forecast(model, costs: LayerCosts, chosen: dict[str, str], method: str, ids
                        for block in stack.blocks)
         hidden = model.get_input_embeddings().weight.shape[1]
         peak = fc.peak_bytes(resident, packed, largest, (int(ids.shape[0]), int(ids.shape[1]), hidden), hessians)
-    basis = "sum of per-layer Fisher scores, round-to-nearest deltas"
+    basis = f"RTN mix measured on the {measured['windows']} sensitivity windows"
     if method != "rtn":
         basis += f" (an upper bound for {method})"
     return fc.Forecast(weight_bytes=costs.rest_bytes + packed,
                        bits_per_weight=round(quantized_bits / costs.total_parameters, 6),
-                       kl_divergence=sum(costs.scores[name][spec] for name, spec in chosen.items()),
+                       kl_divergence=measured["kl_check"]["measured_rtn"],
                        kl_basis=basis, seconds=round(seconds, 3), peak_memory_bytes=int(peak))
+
+
+def _solve_checked(model, budget: Budget, costs: LayerCosts, measured: dict, windows: torch.Tensor):
+    """The knapsack's choice, its real KL measured once (RTN, on the sensitivity windows) and the ratio of
+    that KL to the Fisher estimate. A KL bound is met on the measured KL: the Fisher scores rank the choices,
+    and the bound they are held to is divided by the measured ratio until the measured KL meets it."""
+    choice = solve(budget, costs)
+    kl = measured_mix_kl(model, measured, choice.schemes, windows)
+    ratio = kl / choice.estimated_kl if choice.estimated_kl > 0 else 1.0
+    for _ in range(KL_CHECK_ROUNDS if budget.max_kl is not None else 0):
+        if kl <= budget.max_kl:
+            break
+        choice = solve(Budget(max_kl=budget.max_kl * choice.estimated_kl / kl), costs)
+        kl = measured_mix_kl(model, measured, choice.schemes, windows)
+        ratio = kl / choice.estimated_kl if choice.estimated_kl > 0 else ratio
+    else:
+        if budget.max_kl is not None and kl > budget.max_kl:
+            raise ModelpressError(f"--max-kl {budget.max_kl}: the closest plan measures KL {kl:.4f}")
+    return choice, ratio, kl
+
+
+@torch.no_grad()
+def measured_mix_kl(model, measured: dict, chosen: dict[str, str], windows: torch.Tensor) -> float:
+    """KL (nats/token) of the model with every chosen layer swapped for its RTN candidate, against the float
+    model, on `windows`: the packed candidates are already in memory, so this costs two forwards per window.
+    The float layers are put back afterwards."""
+    import torch.nn.functional as F
+
+    from modelpress.nn.layers import replace_module
+    from modelpress.nn.quant_linear import QuantLinear
+
+    modules = measured["modules"]
+    quantized = {name: QuantLinear(measured["candidates"][name].packed[spec], getattr(modules[name], "bias", None))
+                 for name, spec in chosen.items()}
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for window in windows.split(1):
+            window = window.to(device)
+            ref = F.log_softmax(model(window, use_cache=False).logits[:, :-1].float(), -1)
+            for name, layer in quantized.items():
+                replace_module(model, name, layer.to(device))
+            try:
+                got = F.log_softmax(model(window, use_cache=False).logits[:, :-1].float(), -1)
+            finally:
+                for name in quantized:
+                    replace_module(model, name, modules[name])
+            total += float((ref.exp() * (ref - got)).sum())
+            tokens += ref.shape[1]
+    finally:
+        model.train(was_training)
+    return total / tokens
 
 
 def apply_plan(model, plan: Plan, calibration=None, tokenizer=None):
