@@ -34,7 +34,8 @@ modelpress.quantize(model, config)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 modelpress.save(model, sys.argv[2])
-print(json.dumps({"seconds": seconds, "peak_memory_bytes": peak, "weight_bytes": measure_size(model.model).weight_bytes}))
+size = measure_size(model.model).weight_bytes
+print(json.dumps({"seconds": seconds, "peak_memory_bytes": peak, "weight_bytes": size}))
 """
 
 
@@ -79,8 +80,9 @@ def main() -> int:
         "seconds": (f.seconds, real["seconds"]),
         "peak_memory_bytes": (f.peak_memory_bytes, real["peak_memory_bytes"]),
     }
+    counts = {spec: list(plan.schemes.values()).count(spec) for spec in sorted(set(plan.schemes.values()))}
     print(f"plan ({args.runtime}, {plan.method}, {Budget(args.max_gb, args.max_bits, args.max_kl).describe()}) "
-          f"in {plan_seconds:.1f} s; schemes: {dict((s, list(plan.schemes.values()).count(s)) for s in set(plan.schemes.values()))}")
+          f"in {plan_seconds:.1f} s; schemes: {counts}")
     print(f"{'quantity':<18} {'forecast':>16} {'real':>16} {'real/forecast':>14}")
     for key, (forecast, measured) in rows.items():
         print(f"{key:<18} {forecast:>16.6g} {measured:>16.6g} {measured / forecast:>14.4f}")

@@ -1,7 +1,6 @@
 """The planner (modelpress/planner): its forecast against the real run on a tiny model (bytes exact), budgets met,
 only formats the runtime holds exactly (checked by exporting), the recipe it writes, and the command."""
 
-import dataclasses
 import functools
 import json
 

@@ -1,7 +1,7 @@
 """modelpress as a transformers quantization method: `AutoModelForCausalLM.from_pretrained` loads our packed
 layers, or quantizes with round-to-nearest at load time, the way bitsandbytes users are used to.
 
-    import modelpress.hf                       # registers "modelpress" with transformers (also: modelpress.hf.register())
+    import modelpress.hf              # registers "modelpress" with transformers (or: modelpress.hf.register())
     model = AutoModelForCausalLM.from_pretrained("smollm2-gptq4")                # a `modelpress.save` directory
     model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M",
                                                  quantization_config=ModelpressConfig("nf4/g64"))

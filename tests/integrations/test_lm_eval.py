@@ -74,7 +74,8 @@ def write_task(tmp_path):
     (tmp_path / "tiny_mc.jsonl").write_text("\n".join(json.dumps({"question": q, "choices": c, "answer": a})
                                                       for q, c, a in DOCS) + "\n")
     (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(tmp_path / "tiny_mc.jsonl")
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+        + str(tmp_path / "tiny_mc.jsonl")
         + "\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
         "    aggregation: mean\n    higher_is_better: true\n")
@@ -108,7 +109,8 @@ def test_eval_command_reports_task_accuracy_beside_ppl(tmp_path, capsys):
     path = save_tiny_llama(tmp_path / "tiny")
     (tmp_path / "text.txt").write_text("Snow is white and grass is green. " * 20)
     code = main(["eval", str(path), "--reference", "none", "--text", str(tmp_path / "text.txt"), "--windows", "1",
-                 "--seq-len", "32", "--no-speed", "--tasks", str(write_task(tmp_path)), "--json", str(tmp_path / "r.json")])
+                 "--seq-len", "32", "--no-speed", "--tasks", str(write_task(tmp_path)),
+                 "--json", str(tmp_path / "r.json")])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     acc = report["extra"]["tasks"]["results"]["tiny_mc"]["acc"]
