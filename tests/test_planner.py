@@ -15,7 +15,7 @@ from modelpress.eval.size import measure_size
 from modelpress.planner import Budget, apply_plan, plan_model
 from modelpress.planner.runtimes import RUNTIMES
 
-IDS = torch.randint(0, 320, (4, 48), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
 @functools.cache

@@ -12,7 +12,8 @@ says the packed candidate maps losslessly (the same functions `modelpress export
                 (encode_kquant_lossless); round-to-nearest and GPTQ scales do not, so no candidate here
                 targets them, but the check accepts one that does.
 - transformers  compressed-tensors pack-quantized symmetric integers (export/ct_layers.convert_packed),
-                which need the group size to divide the row (K = 576 rules out g128 on SmolLM2's q_proj).
+                (a row that a group size does not divide, K = 576 with g128, is written exactly with smaller
+                groups and repeated scales: lossless, a few more scale bytes in the export than here).
                 Asymmetric RTN keeps float offsets, which compressed-tensors' integer zero points re-round.
 """
 
