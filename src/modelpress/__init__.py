@@ -8,7 +8,8 @@ The Python API (docs/api.md), imported on first use so that `import modelpress` 
 
 Configs: RTN, GPTQ, AWQ, SmoothQuant, Mixed (quantizers, registered in algorithms/quantize) and Magnitude,
 Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
-exporters' package; calling it exports (see export/__init__.py).
+exporters' package; calling it exports (see export/__init__.py). `ModelpressConfig` (modelpress.hf) is the
+transformers quantization config: using it, or importing modelpress.hf, registers the "modelpress" method.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "LoadedModel": ("modelpress.io.model", "LoadedModel"),
     "WeightScheme": ("modelpress.formats.scheme", "WeightScheme"),
     "ExportOptions": ("modelpress.export.base", "ExportOptions"),
+    "plan": ("modelpress.planner", "plan_model"),
+    "Budget": ("modelpress.planner", "Budget"),
+    "ModelpressConfig": ("modelpress.hf", "ModelpressConfig"),   # importing modelpress.hf registers it (hf.py)
+    "hf": ("modelpress.hf", None),
 }
 
 __all__ = sorted(_LAZY)
@@ -75,5 +80,8 @@ if TYPE_CHECKING:
     from modelpress.api import CalibrationSettings, EvalReport, EvalSettings, PruningReport, QuantizeReport
     from modelpress.export.base import ExportOptions
     from modelpress.formats.scheme import WeightScheme
+    from modelpress.hf import ModelpressConfig
     from modelpress.io.model import LoadedModel
+    from modelpress.planner import Budget
+    from modelpress.planner import plan_model as plan
     from modelpress.python_api import evaluate, load, prune, quantize, save

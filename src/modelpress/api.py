@@ -52,7 +52,8 @@ class EvalReport:
 @dataclass(frozen=True)
 class EvalSettings:
     """`bos`: start every window with the BOS token when the tokenizer adds one (io/text.py); `score`: which
-    positions are scored (eval/quality.py: "all" or llama.cpp's "second-half")."""
+    positions are scored (eval/quality.py: "all" or llama.cpp's "second-half"); `tasks`: lm-eval task files or
+    names whose accuracy joins the report (`extra["tasks"]`, eval/tasks.py; needs the `tasks` extra)."""
 
     text: str | None = None
     windows: int = 40
@@ -61,9 +62,12 @@ class EvalSettings:
     decode_tokens: int = 32
     bos: bool = True
     score: str = "all"
+    tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         first_scored(self.seq_len, self.score)      # validates the name
+        if isinstance(self.tasks, str):
+            raise ModelpressError(f"tasks is a tuple of task files or names, e.g. ({self.tasks!r},)")
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,10 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
             bos=windows.bos is not None,
             score=settings.score,
         )
+        if settings.tasks:
+            from modelpress.eval.tasks import evaluate_tasks
+
+            reports[name].extra["tasks"] = evaluate_tasks(loaded, list(settings.tasks)).to_json()
     return reports
 
 

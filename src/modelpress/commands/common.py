@@ -33,7 +33,7 @@ def eval_settings(args: argparse.Namespace):
     from modelpress.api import EvalSettings
 
     return EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed,
-                        bos=not args.no_bos, score=args.score)
+                        bos=not args.no_bos, score=args.score, tasks=tuple(getattr(args, "tasks", None) or ()))
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resume_help: str) -> None:

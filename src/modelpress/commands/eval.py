@@ -1,4 +1,6 @@
-"""modelpress eval MODEL [--reference MODEL] [--text FILE] [--json OUT]"""
+"""modelpress eval MODEL [--reference MODEL] [--text FILE] [--tasks FILE|NAME ...] [--json OUT]
+
+--tasks adds lm-eval task accuracy (eval/tasks.py; the optional `tasks` extra) as columns beside PPL and KL."""
 
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ def add_parser(sub) -> None:
                    help="model to compare against (default: the float model a compressed model was made from; 'none' to skip)")
     add_text_arguments(p)
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="lm-eval tasks to score too: task YAML files (lm-eval's format) or lm-eval task names "
+                        "(needs pip install 'modelpress[tasks]')")
     add_json_argument(p)
     p.set_defaults(func=run)
 
@@ -39,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     reference = load_model(ref_spec) if ref_spec else None
     settings = eval_settings(args)
     report = evaluate_models({"model": loaded}, reference, settings)["model"]
-    print(format_table([report.to_dict()], COLUMNS))
+    row, columns = report.to_dict(), list(COLUMNS)
+    for task, metrics in report.extra.get("tasks", {}).get("results", {}).items():
+        for metric, value in metrics.items():
+            row[f"{task} {metric}"] = value
+            columns.append((f"{task} {metric}", f"{task} {metric}"))
+    print(format_table([row], columns))
     write_json(args.json, report.to_dict())
     return 0

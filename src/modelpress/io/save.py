@@ -6,7 +6,9 @@ A saved directory holds
 - modelpress.json     what each compressed layer is (kind, scheme, shape), tied names, the float model it
                       was made from, the size and sha256 of model.safetensors (`files`, see io/integrity.py)
                       and the report of the run that made it
-- config.json + tokenizer files, as transformers writes them
+- config.json + tokenizer files, as transformers writes them; config.json's `quantization_config` names the
+                      "modelpress" method with the same layer records, so that transformers'
+                      `from_pretrained` loads the directory once modelpress.hf is imported (hf.py)
 Loading rebuilds the architecture from config.json with empty weights, swaps in empty compressed layers
 from modelpress.json, and assigns the stored tensors: nothing is randomly initialised and then thrown away.
 """
@@ -59,7 +61,13 @@ def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = 
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        config.save_pretrained(tmp)
+        if layers:
+            config.quantization_config = hf_quantization_config(layers)
+        try:
+            config.save_pretrained(tmp)
+        finally:
+            if layers:
+                del config.quantization_config
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
@@ -67,6 +75,14 @@ def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = 
         meta["files"] = describe_files(tmp, list(CHECKED_FILES))
         (tmp / MODELPRESS_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return Path(out_dir)
+
+
+HF_QUANT_METHOD = "modelpress"   # the quantization method modelpress.hf registers with transformers
+
+
+def hf_quantization_config(layers: dict[str, dict]) -> dict:
+    """config.json's `quantization_config` for a saved model (modelpress.hf.ModelpressConfig reads it)."""
+    return {"quant_method": HF_QUANT_METHOD, "scheme": None, "skip": [], "layers": layers}
 
 
 def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -184,6 +200,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", trust_
     except (SafetensorError, OSError) as err:
         raise ModelpressError(f"cannot read {path / WEIGHTS_FILE}: {err}") from None
     config = read_config(path, trust_remote_code)
+    qconfig = getattr(config, "quantization_config", None)
+    if isinstance(qconfig, dict) and qconfig.get("quant_method") == HF_QUANT_METHOD:
+        del config.quantization_config   # the layers come from modelpress.json; a later export must not carry it
     model = build_empty_model(path, config, meta["model_class"], trust_remote_code)
     for name, record in meta["layers"].items():
         install_layer(model, name, record, path / MODELPRESS_FILE)
