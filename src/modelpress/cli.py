@@ -23,6 +23,7 @@ COMMANDS = {
     "distill": "train a student model on a teacher's soft targets (knowledge distillation)",
     "finetune": "recover a compressed model's quality: LoRA/QLoRA adapters or QAT",
     "export": "write a model as GGUF, compressed-tensors, a float HF directory or PEFT adapters",
+    "compress": "run a recipe: prune, quantize, recover, evaluate, export",
 }
 
 
