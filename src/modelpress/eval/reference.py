@@ -116,7 +116,8 @@ def score_against(model: nn.Module, reference: ReferenceLogits, score: str = "al
             mine = logp.gather(-1, picked)
             my_tail = torch.logsumexp(logp.scatter(-1, picked, float("-inf")), dim=-1)
             ref_tail = reference.tail[i, first:]                                     # type: ignore[index]
-            kl += ((ref.exp() * (ref - mine)).sum() + (ref_tail.exp() * (ref_tail - my_tail)).sum()).item()
+            tail = torch.where(torch.isneginf(ref_tail), 0.0, ref_tail.exp() * (ref_tail - my_tail))  # k = V: no tail
+            kl += ((ref.exp() * (ref - mine)).sum() + tail.sum()).item()
         agree += int((top1[i, first:] == logp.argmax(-1)).sum())
         tokens += targets.numel()
     return QualityResult(perplexity=float(torch.exp(torch.tensor(nll / tokens))), kl_divergence=kl / tokens,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from modelpress.eval.quality import QualityResult
-from modelpress.eval.reference import ReferenceLogits, score_against
+from modelpress.eval.reference import ReferenceLogits, compute_reference, reference_perplexity, score_against
 from modelpress.nn.layers import linear_weight, replace_module
 from modelpress.nn.registry import compressed_module_kind
 from modelpress.recipe.stages import Gate
@@ -71,6 +71,13 @@ def check_gate(gate: Gate, quality: QualityResult, reference_perplexity: float, 
         result.method = (f"measured: KL of the float model with only that layer compressed, on {probe.windows.shape[0]} "
                          f"windows of {probe.windows.shape[1]} tokens")
     return result
+
+
+def gate_model(gate: Gate, original: nn.Module, compressed: nn.Module, windows: torch.Tensor) -> GateResult:
+    """`compressed` scored against `original` (exact distributions) on token windows (W, T), and judged."""
+    reference = compute_reference(original, windows)
+    quality = score_against(compressed, reference)
+    return check_gate(gate, quality, reference_perplexity(reference), original, compressed, reference)
 
 
 @torch.no_grad()
