@@ -66,8 +66,8 @@ def add_parser(sub) -> None:
     add_calibration_arguments(p, "calibration (gptq, awq, smoothquant, mixed precision's sensitivity)",
                               "save progress after every block to DIR and continue from it if it holds an earlier run")
     p.add_argument("--max-kl", type=float, default=None, metavar="X",
-                   help="quality gate: if the KL divergence against the float model (8 windows of the evaluation "
-                        "text) exceeds X, save nothing, exit 1 and print the layers that cost most")
+                   help="quality gate: if the KL divergence against the float model (8 evaluation windows of the "
+                        "--calib-text) exceeds X, save nothing, exit 1 and print the layers that cost most")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
     info = quantize_model(loaded, config, calibration).to_json()
-    if float_model is not None and not passes_gate(args.max_kl, float_model, loaded):
+    if float_model is not None and not passes_gate(args, float_model, loaded):
         return 1
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
@@ -103,16 +103,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def passes_gate(max_kl: float, float_model, loaded) -> bool:
-    """--max-kl: the quantized model against the float one on 8 evaluation windows; a miss prints the layers
-    that cost most (recipe/gate.py) and nothing is saved."""
+def passes_gate(args: argparse.Namespace, float_model, loaded) -> bool:
+    """--max-kl: the quantized model against the float one on 8 evaluation windows of the calibration text
+    (the part calibration leaves out); a miss prints the layers that cost most (recipe/gate.py), saves nothing."""
     from modelpress.api import EvalSettings
     from modelpress.python_api import eval_windows
     from modelpress.recipe import Gate
     from modelpress.recipe.gate import gate_model
 
-    windows = eval_windows(loaded.tokenizer, None, EvalSettings(windows=8, speed=False))[1].eval
-    verdict = gate_model(Gate(max_kl=max_kl), float_model, loaded.model, windows)
+    windows = eval_windows(loaded.tokenizer, args.calib_text, EvalSettings(windows=8, speed=False))[1].eval
+    verdict = gate_model(Gate(max_kl=args.max_kl), float_model, loaded.model, windows)
     if not verdict.passed:
         print(verdict.describe(), file=sys.stdout)
         print("nothing saved", file=sys.stdout)
@@ -132,7 +132,7 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
     loaded = load_model(args.model)
     float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
     info = quantize_model(loaded, config, calibration).to_json()
-    if float_model is not None and not passes_gate(args.max_kl, float_model, loaded):
+    if float_model is not None and not passes_gate(args, float_model, loaded):
         return 1
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,

@@ -89,7 +89,8 @@ def compress_model(original: LoadedModel, recipe: Recipe, data: Calibration, out
     needs_calibration = any(stage_type(s).calibrated for s in recipe.stages)
     ids, data_info = (calibration_ids(original.tokenizer, _calibration(recipe, data)) if needs_calibration
                       else (None, None))
-    _claim(out, {"model": original.source, "weights": fingerprint, "recipe": _plain(recipe), "data": _plain(data_info),
+    stages = _plain(dataclasses.replace(recipe, gate=None))   # the gate changes no output: relaxing it resumes
+    _claim(out, {"model": original.source, "weights": fingerprint, "recipe": stages, "data": _plain(data_info),
                  "calibration": None if ids is None else _plain(ids)})
     cache = ReferenceCache(out / "reference")
     windows = eval_windows(original.tokenizer, recipe.evaluation.text, recipe.evaluation)[1].eval
@@ -163,6 +164,7 @@ class _Run:
         if (folder / STAGE_FILE).exists():
             result = _read_stage(folder)
             self.report.resumed_stages += 1
+            shutil.rmtree(_resume_dir(folder), ignore_errors=True)   # killed between the rename and this clean-up
         else:
             if kind == "export":
                 self.check_gate_once()

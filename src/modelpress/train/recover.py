@@ -120,10 +120,14 @@ def recover(model: nn.Module, config: Training, teacher: nn.Module, ids: torch.T
     """Train `model` in place toward `teacher` on the token windows `ids` (n, T), as `config` says; the report."""
     recoverer = recoverer_for(config)
     data = TaskData(ids[: config.windows])
-    recoverer.prepare(model, config)
     freeze = getattr(config, "freeze", EMBEDDINGS)
-    result = distill(model, teacher, data, config.distill_config(freeze), config.train_config())
-    notes = recoverer.finish(model, config, data.input_ids)
+    # adapters' initial values and dropout draw from torch's global generator: seeded here (and restored
+    # after), so the result depends on `seed` alone, not on what the process ran before (a resumed pipeline)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        recoverer.prepare(model, config)
+        result = distill(model, teacher, data, config.distill_config(freeze), config.train_config())
+        notes = recoverer.finish(model, config, data.input_ids)
     return {"method": recoverer.name, "windows": len(data), "seq_len": int(ids.shape[1]), **result.to_dict(),
             **notes}
 
