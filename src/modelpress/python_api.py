@@ -136,17 +136,21 @@ def compress(model: ModelLike, recipe, data: Calibration = None, out: str | Path
     Returns a CompressReport whose `.loaded` is the final model; a missed quality gate raises GateFailed."""
     import tempfile
 
-    from modelpress.recipe import Recipe, load_recipe, stage_names
-    from modelpress.recipe.run import compress_model
+    from modelpress.recipe import Export, Recipe, load_recipe
+    from modelpress.recipe.run import compress_model, final_model
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     elif not isinstance(recipe, Recipe):
         recipe = Recipe(tuple(recipe))
+    loaded = as_loaded(model, tokenizer)
     if out is not None:
-        return compress_model(as_loaded(model, tokenizer), recipe, data, out)
-    exports = [s for s in recipe.stages if stage_names()["export"].config_type is type(s)]
-    if exports:
+        report = compress_model(loaded, recipe, data, out)
+        report.loaded = final_model(report, loaded)
+        return report
+    if any(isinstance(stage, Export) for stage in recipe.stages):
         raise ModelpressError("a recipe with an export stage needs out= (the directory the exports go to)")
     with tempfile.TemporaryDirectory(prefix="modelpress-compress-") as tmp:
-        return compress_model(as_loaded(model, tokenizer), recipe, data, Path(tmp) / "run")
+        report = compress_model(loaded, recipe, data, Path(tmp) / "run")
+        report.loaded = final_model(report, loaded)      # read before the directory goes
+        return report

@@ -89,9 +89,9 @@ def run_fingerprint(algorithm_description: str, block_path: str, num_blocks: int
         "batch_size": batch_size,
     }
     if settings is not None:
-        fingerprint["settings"] = _plain(settings)
+        fingerprint["settings"] = plain_data(settings)
     if config is not None:
-        fingerprint["config"] = f"sha256:{hashlib.sha256(json.dumps(_plain(config)).encode()).hexdigest()[:16]}"
+        fingerprint["config"] = f"sha256:{hashlib.sha256(json.dumps(plain_data(config)).encode()).hexdigest()[:16]}"
     return json.loads(json.dumps(fingerprint))   # as it reads back from state.json (tuples become lists)
 
 
@@ -100,7 +100,7 @@ def config_description(name: str, config: object) -> str:
     Derived from dataclasses.asdict, so no field (`skip` was one) can be left out of the resume check; a long
     value (a per-layer scheme map) enters as a digest."""
     parts = []
-    for key, value in _plain(config).items():   # type: ignore[union-attr]
+    for key, value in plain_data(config).items():   # type: ignore[union-attr]
         text = str(value) if value is None or isinstance(value, (str, bool, int, float)) else json.dumps(value)
         if len(text) > 80:
             text = f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
@@ -108,7 +108,7 @@ def config_description(name: str, config: object) -> str:
     return " ".join([name, *parts])
 
 
-def _plain(value: object) -> object:
+def plain_data(value: object) -> object:
     """A dataclass (or anything) as sorted JSON-ready data, the same in every process."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from modelpress.api import Calibration, CalibrationSettings, EvalSettings, calibration_ids, prune_model, quantize_model
-from modelpress.engine.resume import _plain
+from modelpress.engine.resume import plain_data
 from modelpress.errors import ModelpressError
 from modelpress.eval.reference import ReferenceCache, ReferenceLogits, model_fingerprint, reference_perplexity, score_against
 from modelpress.eval.size import measure_size
@@ -70,12 +70,13 @@ class CompressReport:
     gate: GateResult | None = None
     seconds: float = 0.0
     resumed_stages: int = 0                            # stages found finished in `out` and not run again
-    loaded: LoadedModel | None = field(default=None, repr=False)   # the final model (not serialised)
+    model_dir: str | None = None                       # the final model as saved (None: no stage changed it)
+    loaded: LoadedModel | None = field(default=None, repr=False)   # the final model, from Python (not serialised)
 
     def to_json(self) -> dict:
         return {"model": self.model, "out": self.out, "reference": self.reference,
                 "stages": [s.to_json() for s in self.stages], "gate": None if self.gate is None else self.gate.to_json(),
-                "seconds": round(self.seconds, 2), "resumed_stages": self.resumed_stages}
+                "seconds": round(self.seconds, 2), "resumed_stages": self.resumed_stages, "model_dir": self.model_dir}
 
 
 def compress_model(original: LoadedModel, recipe: Recipe, data: Calibration, out: str | Path) -> CompressReport:
@@ -89,9 +90,9 @@ def compress_model(original: LoadedModel, recipe: Recipe, data: Calibration, out
     needs_calibration = any(stage_type(s).calibrated for s in recipe.stages)
     ids, data_info = (calibration_ids(original.tokenizer, _calibration(recipe, data)) if needs_calibration
                       else (None, None))
-    stages = _plain(dataclasses.replace(recipe, gate=None))   # the gate changes no output: relaxing it resumes
-    _claim(out, {"model": original.source, "weights": fingerprint, "recipe": stages, "data": _plain(data_info),
-                 "calibration": None if ids is None else _plain(ids)})
+    stages = plain_data(dataclasses.replace(recipe, gate=None))   # the gate changes no output: relaxing it resumes
+    _claim(out, {"model": original.source, "weights": fingerprint, "recipe": stages, "data": plain_data(data_info),
+                 "calibration": None if ids is None else plain_data(ids)})
     cache = ReferenceCache(out / "reference")
     windows = eval_windows(original.tokenizer, recipe.evaluation.text, recipe.evaluation)[1].eval
     reference = cache.get(original.model, fingerprint, windows, recipe.reference_top_k)
@@ -103,10 +104,17 @@ def compress_model(original: LoadedModel, recipe: Recipe, data: Calibration, out
     for index, stage in enumerate(recipe.stages, 1):
         run.stage(index, stage)
     run.check_gate_once()
-    report.loaded = run.current()
+    report.model_dir = None if run.model_dir is None else str(run.model_dir)
     report.seconds = time.perf_counter() - start
     write_reports(report, out)
     return report
+
+
+def final_model(report: CompressReport, original: LoadedModel) -> LoadedModel:
+    """The model the run ended with: loaded from its stage folder (the float model if no stage changed it)."""
+    if report.model_dir is None:
+        return original
+    return load_model(report.model_dir)
 
 
 def _calibration(recipe: Recipe, data: Calibration) -> Calibration:
@@ -170,7 +178,7 @@ class _Run:
                 self.check_gate_once()
             start = time.perf_counter()
             with atomic_directory(folder, overwrite=folder.exists()) as tmp:
-                result = StageResult(index, name, kind, _plain(config), 0.0, {})   # type: ignore[arg-type]
+                result = StageResult(index, name, kind, plain_data(config), 0.0, {})   # type: ignore[arg-type]
                 self._run(config, kind, folder, tmp, result)
                 result.seconds = round(time.perf_counter() - start, 3)
                 (tmp / STAGE_FILE).write_text(json.dumps(result.to_json(), indent=1))

@@ -176,7 +176,7 @@ def _field_value(config_type: type, key: str, node: yaml.Node, where: _Where) ->
     hint = _hints(config_type).get(key)
     if hint is not None and not _accepts(hint, value):
         raise RecipeError(f"{where.at(node)}: {key} should be {_describe(hint)}, got {value!r}")
-    return _convert(hint, value)
+    return tuple(value) if isinstance(value, list) else value   # YAML lists: the tuples frozen configs hold
 
 
 def _hints(config_type: type) -> dict[str, object]:
@@ -215,14 +215,9 @@ def _accepts(hint: object, value: object) -> bool:
     if origin is tuple:
         item = _args(hint)[0] if _args(hint) else typing.Any
         return isinstance(value, list) and all(_accepts(item, v) for v in value)
-    if origin in (dict, Mapping) or hint in (dict, Mapping) or origin is typing.get_origin(Mapping[str, int]):
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
         return isinstance(value, dict)
     return False            # a Python object (a function, a scheme object): not something YAML can write
-
-
-def _convert(hint: object, value: object) -> object:
-    """YAML lists become the tuples frozen configs hold."""
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _describe(hint: object) -> str:
