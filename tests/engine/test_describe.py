@@ -32,7 +32,8 @@ def algorithms(config):
 def test_every_field_changes_the_description(config):
     base = algorithms(config).describe()
     assert base == algorithms(dataclasses.replace(config)).describe()      # the same config: the same line
-    for name in ("skip",) + tuple(f.name for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), bool)):
+    flags = tuple(f.name for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), bool))
+    for name in ("skip", *flags):
         value = getattr(config, name)
         changed = ("lm_head", "*down_proj") if name == "skip" else (not value)
         try:

@@ -13,14 +13,21 @@ import argparse
 import dataclasses
 import sys
 
-from modelpress.commands.common import add_json_argument, add_model_argument, check_output_paths, format_table, write_json
+from modelpress.commands.common import (
+    add_json_argument,
+    add_model_argument,
+    check_output_paths,
+    format_table,
+    write_json,
+)
 from modelpress.recipe import Gate, load_recipe
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compress", help="run a recipe: prune, quantize, recover, evaluate, export")
     add_model_argument(p)
-    p.add_argument("--recipe", required=True, metavar="FILE", help="recipe YAML (docs/recipes.md; recipes/ has examples)")
+    p.add_argument("--recipe", required=True, metavar="FILE",
+                   help="recipe YAML (docs/recipes.md; recipes/ has examples)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="run directory: stage outputs, reports, exports; resumed if it holds the same run")
     p.add_argument("--max-kl", type=float, default=None, metavar="X",

@@ -52,8 +52,8 @@ class ReferenceLogits:
         depend only on that prefix, so they are the reference's for the shorter windows too."""
         p = tokens - 1
         cut = (lambda t: None if t is None else t[:windows, :p].contiguous())
-        return ReferenceLogits(self.windows[:windows, :tokens].contiguous(), cut(self.target), cut(self.logprobs),  # type: ignore[arg-type]
-                               cut(self.indices), cut(self.tail))
+        return ReferenceLogits(self.windows[:windows, :tokens].contiguous(), cut(self.target),  # type: ignore[arg-type]
+                               cut(self.logprobs), cut(self.indices), cut(self.tail))  # type: ignore[arg-type]
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -68,7 +68,8 @@ def check_gate(gate: Gate, quality: QualityResult, reference_perplexity: float, 
                                  min(ATTRIBUTION_TOKENS, reference.windows.shape[1]))
         ranked, result.unattributed = layer_attribution(original, compressed, probe)
         result.attribution = ranked[: gate.attribution_layers]
-        result.method = (f"measured: KL of the float model with only that layer compressed, on {probe.windows.shape[0]} "
+        result.method = (f"measured: KL of the float model with only that layer compressed, on "
+                         f"{probe.windows.shape[0]} "
                          f"windows of {probe.windows.shape[1]} tokens")
     return result
 

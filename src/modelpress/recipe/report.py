@@ -36,10 +36,11 @@ def markdown(report) -> str:
     exports = [s for s in report.stages if s.kind == "export"]
     for stage in exports:
         for target in stage.report.get("targets", []):
-            lines.append(f"\nexport {target['target']}: {target['file_bytes']:,} bytes, "
-                         f"{'lossless' if target['lossless'] else 're-rounded layers: ' + str(target['re_rounded_layers'])}")
+            exact = "lossless" if target["lossless"] else f"re-rounded layers: {target['re_rounded_layers']}"
+            lines.append(f"\nexport {target['target']}: {target['file_bytes']:,} bytes, {exact}")
     if report.gate is not None:
-        lines += ["", "## quality gate", "", "passed" if report.gate.passed else "```\n" + report.gate.describe() + "\n```"]
+        verdict = "passed" if report.gate.passed else f"```\n{report.gate.describe()}\n```"
+        lines += ["", "## quality gate", "", verdict]
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,13 @@ import torch
 from modelpress.api import Calibration, CalibrationSettings, EvalSettings, calibration_ids, prune_model, quantize_model
 from modelpress.engine.resume import plain_data
 from modelpress.errors import ModelpressError
-from modelpress.eval.reference import ReferenceCache, ReferenceLogits, model_fingerprint, reference_perplexity, score_against
+from modelpress.eval.reference import (
+    ReferenceCache,
+    ReferenceLogits,
+    model_fingerprint,
+    reference_perplexity,
+    score_against,
+)
 from modelpress.eval.size import measure_size
 from modelpress.io.atomic import atomic_directory, atomic_file
 from modelpress.io.model import LoadedModel, load_model
@@ -75,7 +81,8 @@ class CompressReport:
 
     def to_json(self) -> dict:
         return {"model": self.model, "out": self.out, "reference": self.reference,
-                "stages": [s.to_json() for s in self.stages], "gate": None if self.gate is None else self.gate.to_json(),
+                "stages": [s.to_json() for s in self.stages],
+                "gate": None if self.gate is None else self.gate.to_json(),
                 "seconds": round(self.seconds, 2), "resumed_stages": self.resumed_stages, "model_dir": self.model_dir}
 
 
@@ -248,7 +255,8 @@ class _Run:
                    "seq_len": int(windows.eval.shape[1]), "score": settings.score}
         if settings.speed:
             speed = measure_speed(loaded.model, windows.eval[:1], settings.decode_tokens)
-            details.update(prefill_tokens_per_s=speed.prefill_tokens_per_s, decode_tokens_per_s=speed.decode_tokens_per_s)
+            details.update(prefill_tokens_per_s=speed.prefill_tokens_per_s,
+                           decode_tokens_per_s=speed.decode_tokens_per_s)
         return details, quality
 
     def check_gate_once(self) -> None:
@@ -262,11 +270,13 @@ class _Run:
         from modelpress.eval.quality import QualityResult
 
         q = self.last_quality
-        quality = QualityResult(q["perplexity"], q["kl_divergence"], q["top1_agreement"], q["scored_tokens"], q["windows"])
+        quality = QualityResult(q["perplexity"], q["kl_divergence"], q["top1_agreement"], q["scored_tokens"],
+                                q["windows"])
         reference_ppl = q["perplexity"] / q["perplexity_ratio"]
         verdict = check_gate(gate, quality, reference_ppl)
         if not verdict.passed:
-            verdict = check_gate(gate, quality, reference_ppl, self.original.model, self.current().model, self.reference)
+            compressed = self.current().model
+            verdict = check_gate(gate, quality, reference_ppl, self.original.model, compressed, self.reference)
         self.report.gate = verdict
         if not verdict.passed:
             from modelpress.recipe.report import write_reports

@@ -105,7 +105,8 @@ def _value(node: yaml.Node) -> object:
 
 def _stages(node: yaml.Node, where: _Where) -> list[object]:
     if not isinstance(node, yaml.SequenceNode) or not node.value:
-        raise RecipeError(f"{where.at(node)}: `stages` should be a non-empty list, e.g. `- gptq: {{scheme: int4/g128}}`")
+        raise RecipeError(f"{where.at(node)}: `stages` should be a non-empty list, e.g. "
+                          f"`- gptq: {{scheme: int4/g128}}`")
     names = stage_names()
     stages = []
     for item in node.value:

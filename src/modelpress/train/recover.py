@@ -51,7 +51,8 @@ class Training:
         self.distill_config()          # validates top_k, temperature
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, precision=self.precision,  # type: ignore[arg-type]
+        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                           precision=self.precision,  # type: ignore[arg-type]
                            seed=self.seed, log_every=max(1, self.steps // 10))
 
     def distill_config(self, freeze: tuple[str, ...] = EMBEDDINGS) -> DistillConfig:

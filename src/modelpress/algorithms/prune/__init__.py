@@ -31,13 +31,15 @@ class Pruner:
 
 PRUNERS: dict[type, Pruner] = {
     MagnitudeConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_magnitude(m, c), calibrated=False,
-                              name="magnitude"),
-    WandaConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True, "wanda"),
-    SparseGPTConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True, "sparsegpt"),
+                            name="magnitude"),
+    WandaConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True,
+                        name="wanda"),
+    SparseGPTConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True,
+                            name="sparsegpt"),
     StructuredConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_structured(m, c, ids), calibrated=True,
-                               name="structured"),
+                             name="structured"),
     ExpertPruneConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_experts(m, c, ids), calibrated=True,
-                                name="experts"),
+                              name="experts"),
 }
 
 PruneConfig = MagnitudeConfig | WandaConfig | SparseGPTConfig | StructuredConfig | ExpertPruneConfig
