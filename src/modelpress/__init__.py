@@ -5,6 +5,7 @@ The Python API (docs/api.md), imported on first use so that `import modelpress` 
     load(spec=None) -> LoadedModel                   quantize(model, GPTQ("int4/g128"), calibration=...)
     prune(model, SparseGPT(0.5), calibration=...)    evaluate(model, reference=..., text=...) -> EvalReport
     save(model, path)                                export(model, ["gguf"], path)
+    compress(model, Recipe([Structured(...), GPTQ("int4/g32"), LoRA(), Evaluate(), Export()]), data, out)
 
 Configs: RTN, GPTQ, AWQ, SmoothQuant, Mixed (quantizers, registered in algorithms/quantize) and Magnitude,
 Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
@@ -26,6 +27,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "evaluate": ("modelpress.python_api", "evaluate"),
     "save": ("modelpress.python_api", "save"),
     "export": ("modelpress.export", None),           # the package, callable (export/__init__.py)
+    "compress": ("modelpress.python_api", "compress"),
+    "Recipe": ("modelpress.recipe.stages", "Recipe"),
+    "Gate": ("modelpress.recipe.stages", "Gate"),
+    "Export": ("modelpress.recipe.stages", "Export"),
+    "Evaluate": ("modelpress.api", "EvalSettings"),
+    "Distill": ("modelpress.train.recover", "Distill"),
+    "LoRA": ("modelpress.train.recover", "LoRA"),
+    "QAT": ("modelpress.train.recover", "QAT"),
     "RTN": ("modelpress.algorithms.quantize", "RTNConfig"),
     "GPTQ": ("modelpress.algorithms.quantize", "GPTQConfig"),
     "AWQ": ("modelpress.algorithms.quantize", "AWQConfig"),
@@ -82,6 +91,9 @@ if TYPE_CHECKING:
     from modelpress.formats.scheme import WeightScheme
     from modelpress.hf import ModelpressConfig
     from modelpress.io.model import LoadedModel
+    from modelpress.api import EvalSettings as Evaluate
     from modelpress.planner import Budget
     from modelpress.planner import plan_model as plan
-    from modelpress.python_api import evaluate, load, prune, quantize, save
+    from modelpress.python_api import compress, evaluate, load, prune, quantize, save
+    from modelpress.recipe.stages import Export, Gate, Recipe
+    from modelpress.train.recover import QAT, Distill, LoRA

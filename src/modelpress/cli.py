@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": "recover a compressed model's quality: LoRA/QLoRA adapters or QAT",
     "export": "write a model as GGUF, compressed-tensors, a float HF directory or PEFT adapters",
     "plan": "plan a quantization for a size, bits or KL budget on a runtime, with a forecast",
+    "compress": "run a recipe: prune, quantize, recover, evaluate, export",
 }
 
 

@@ -1,4 +1,5 @@
-"""The Python API, re-exported from `modelpress` (docs/api.md): load, quantize, prune, evaluate, save, export.
+"""The Python API, re-exported from `modelpress` (docs/api.md): load, quantize, prune, evaluate, save, export,
+compress.
 
     model = modelpress.load()                                         # the default model, or a path / hub id
     report = modelpress.quantize(model, GPTQ("int4/g128"), calibration=texts)   # in place, like torchao's quantize_
@@ -126,3 +127,30 @@ def export(model: ModelLike, targets: Sequence[str], path: str | Path, tokenizer
     if isinstance(targets, str):
         raise ModelpressError(f"targets is a list of export targets, e.g. [{targets!r}]")
     return export_model(as_loaded(model, tokenizer), list(targets), path, options, overwrite)
+
+
+def compress(model: ModelLike, recipe, data: Calibration = None, out: str | Path | None = None, tokenizer=None):
+    """Run a recipe (a Recipe, a YAML file, or a list of stage configs) on `model`, left unchanged: each stage's
+    model and report go to `out` (resumed if `out` holds the same run; None: a temporary directory, then no
+    export stage). `data`: calibration and training windows (None: the recipe's calibration settings).
+    Returns a CompressReport whose `.loaded` is the final model; a missed quality gate raises GateFailed."""
+    import tempfile
+
+    from modelpress.recipe import Export, Recipe, load_recipe
+    from modelpress.recipe.run import compress_model, final_model
+
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = Recipe(tuple(recipe))
+    loaded = as_loaded(model, tokenizer)
+    if out is not None:
+        report = compress_model(loaded, recipe, data, out)
+        report.loaded = final_model(report, loaded)
+        return report
+    if any(isinstance(stage, Export) for stage in recipe.stages):
+        raise ModelpressError("a recipe with an export stage needs out= (the directory the exports go to)")
+    with tempfile.TemporaryDirectory(prefix="modelpress-compress-") as tmp:
+        report = compress_model(loaded, recipe, data, Path(tmp) / "run")
+        report.loaded = final_model(report, loaded)      # read before the directory goes
+        return report

@@ -80,7 +80,7 @@ def test_gptq_killed_twice_then_resumed_is_bit_identical(tmp_path, tiny_text):
 
 
 @pytest.mark.parametrize("changed", [("--group-size", "64"), ("--calib-samples", "4"), ("--calib-seq-len", "32"),
-                                     ("--format", "int8"), ("--no-static-groups",)])
+                                     ("--format", "int8"), ("--no-static-groups",), ("--skip", "lm_head", "*down_proj")])
 def test_resume_from_the_cli_refuses_a_run_with_other_settings(tmp_path, tiny_text, capsys, changed):
     model = save_tiny_llama(tmp_path / "m", num_hidden_layers=2)
     resume = tmp_path / "resume"

@@ -10,6 +10,7 @@ METHOD is any name in the quantizer registry (algorithms/quantize): choices, hel
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 from modelpress.algorithms.quantize import MixedConfig, config_for_method, method_help, method_names
@@ -69,6 +70,9 @@ def add_parser(sub) -> None:
                        help="calibration windows for the per-layer sensitivity pass (default 8)")
     add_calibration_arguments(p, "calibration (gptq, awq, smoothquant, mixed precision's sensitivity)",
                               "save progress after every block to DIR and continue from it if it holds an earlier run")
+    p.add_argument("--max-kl", type=float, default=None, metavar="X",
+                   help="quality gate: if the KL divergence against the float model (8 evaluation windows of the "
+                        "--calib-text) exceeds X, save nothing, exit 1 and print the layers that cost most")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -91,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
         options["grid"] = args.grid
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
     loaded = load_model(args.model)
+    float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
     info = quantize_model(loaded, config, calibration).to_json()
+    if float_model is not None and not passes_gate(args, float_model, loaded):
+        return 1
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
               "quantized_parameters": size.quantized_parameters, "source": loaded.source}
@@ -101,6 +108,22 @@ def run(args: argparse.Namespace) -> int:
           f"of weights in all -> {args.out}", file=sys.stdout)
     write_json(args.json, report)
     return 0
+
+
+def passes_gate(args: argparse.Namespace, float_model, loaded) -> bool:
+    """--max-kl: the quantized model against the float one on 8 evaluation windows of the calibration text
+    (the part calibration leaves out); a miss prints the layers that cost most (recipe/gate.py), saves nothing."""
+    from modelpress.api import EvalSettings
+    from modelpress.python_api import eval_windows
+    from modelpress.recipe import Gate
+    from modelpress.recipe.gate import gate_model
+
+    windows = eval_windows(loaded.tokenizer, args.calib_text, EvalSettings(windows=8, speed=False))[1].eval
+    verdict = gate_model(Gate(max_kl=args.max_kl), float_model, loaded.model, windows)
+    if not verdict.passed:
+        print(verdict.describe(), file=sys.stdout)
+        print("nothing saved", file=sys.stdout)
+    return verdict.passed
 
 
 def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> int:
@@ -114,7 +137,10 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
                          method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip),
                          static_groups=args.static_groups)
     loaded = load_model(args.model)
+    float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
     info = quantize_model(loaded, config, calibration).to_json()
+    if float_model is not None and not passes_gate(args, float_model, loaded):
+        return 1
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
               "quantized_parameters": size.quantized_parameters, "source": loaded.source}

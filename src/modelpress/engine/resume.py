@@ -89,13 +89,26 @@ def run_fingerprint(algorithm_description: str, block_path: str, num_blocks: int
         "batch_size": batch_size,
     }
     if settings is not None:
-        fingerprint["settings"] = _plain(settings)
+        fingerprint["settings"] = plain_data(settings)
     if config is not None:
-        fingerprint["config"] = f"sha256:{hashlib.sha256(json.dumps(_plain(config)).encode()).hexdigest()[:16]}"
+        fingerprint["config"] = f"sha256:{hashlib.sha256(json.dumps(plain_data(config)).encode()).hexdigest()[:16]}"
     return json.loads(json.dumps(fingerprint))   # as it reads back from state.json (tuples become lists)
 
 
-def _plain(value: object) -> object:
+def config_description(name: str, config: object) -> str:
+    """`name` and every field of the dataclass `config` as one line: what an algorithm's describe() returns.
+    Derived from dataclasses.asdict, so no field (`skip` was one) can be left out of the resume check; a long
+    value (a per-layer scheme map) enters as a digest."""
+    parts = []
+    for key, value in plain_data(config).items():   # type: ignore[union-attr]
+        text = str(value) if value is None or isinstance(value, (str, bool, int, float)) else json.dumps(value)
+        if len(text) > 80:
+            text = f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        parts.append(f"{key}={text}")
+    return " ".join([name, *parts])
+
+
+def plain_data(value: object) -> object:
     """A dataclass (or anything) as sorted JSON-ready data, the same in every process."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)
@@ -107,6 +120,8 @@ def _json_default(value: object) -> object:
         return sorted(map(str, value))
     if isinstance(value, torch.Tensor):
         return f"{tuple(value.shape)} sha256:{hashlib.sha256(value.detach().cpu().numpy().tobytes()).hexdigest()[:16]}"
+    if callable(value) and hasattr(value, "__qualname__"):   # a function's repr holds its address: differs per process
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     return repr(value)
 
 

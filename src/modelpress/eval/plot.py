@@ -67,3 +67,28 @@ def plot_kl_vs_bits(rows: Sequence[dict], path: str, series_key: str = "library"
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_stages(rows: Sequence[dict], path: str) -> None:
+    """A pipeline's stages in order (the float model first): weight bytes and KL divergence after each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax_size, ax_kl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_size.bar(x, [r["weight_bytes"] / 2**20 for r in rows], color="tab:blue")
+    ax_size.set_ylabel("weights (MiB, as stored)")
+    kl = [(i, r["kl_divergence"]) for i, r in zip(x, rows) if r.get("kl_divergence") is not None]
+    ax_kl.plot([i for i, _ in kl], [v for _, v in kl], marker="o", color="tab:red")
+    ax_kl.set_ylabel("KL divergence vs float (nats/token)")
+    for ax in (ax_size, ax_kl):
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    fig.suptitle("size and quality after each stage")
+    fig.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)

@@ -26,14 +26,20 @@ from modelpress.formats.packed import check_finite_tensors
 class Pruner:
     run: Callable                 # (model, config, calibration_ids, device, resume_dir, batch_size) -> report
     calibrated: bool
+    name: str                     # the method's name in recipes (a stage `structured: {...}`) and reports
 
 
 PRUNERS: dict[type, Pruner] = {
-    MagnitudeConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_magnitude(m, c), calibrated=False),
-    WandaConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True),
-    SparseGPTConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True),
-    StructuredConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_structured(m, c, ids), calibrated=True),
-    ExpertPruneConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_experts(m, c, ids), calibrated=True),
+    MagnitudeConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_magnitude(m, c), calibrated=False,
+                            name="magnitude"),
+    WandaConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True,
+                        name="wanda"),
+    SparseGPTConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_calibrated(m, c, ids, dev, resume, bs), True,
+                            name="sparsegpt"),
+    StructuredConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_structured(m, c, ids), calibrated=True,
+                             name="structured"),
+    ExpertPruneConfig: Pruner(lambda m, c, ids, dev, resume, bs: prune_experts(m, c, ids), calibrated=True,
+                              name="experts"),
 }
 
 PruneConfig = MagnitudeConfig | WandaConfig | SparseGPTConfig | StructuredConfig | ExpertPruneConfig

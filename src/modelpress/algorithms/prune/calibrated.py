@@ -26,6 +26,7 @@ from modelpress.algorithms.prune.wanda import SquaredNormSum, WandaConfig, wanda
 from modelpress.algorithms.quantize.gptq import HessianSum
 from modelpress.engine.algorithm import InputGroup, LayerSolution, LayerTarget
 from modelpress.engine.blocks import BlockStack, find_blocks
+from modelpress.engine.resume import config_description
 from modelpress.engine.runner import EngineSettings, run_sequential
 from modelpress.formats.packed import PackedWeight
 from modelpress.nn.layers import replace_module
@@ -46,6 +47,7 @@ class LayerPruner:
     sparsity: float
     pattern: NMPattern | None
     compress: bool
+    config: WandaConfig | SparseGPTConfig | None = None   # every field enters describe() (the resume check)
     _stats: dict = field(default_factory=dict)
     _pending: dict[str, _Pruned] = field(default_factory=dict)
 
@@ -94,7 +96,7 @@ class LayerPruner:
 @dataclass
 class WandaPruner(LayerPruner):
     def describe(self) -> str:
-        return f"wanda sparsity={self.sparsity:g} pattern={self.pattern and self.pattern.spec}"
+        return config_description("wanda", self.config)
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
         acc = self._stats.get(group.key)
@@ -110,17 +112,12 @@ class WandaPruner(LayerPruner):
 
 @dataclass
 class SparseGPTPruner(LayerPruner):
-    config: SparseGPTConfig | None = None
-
     @property
     def sequential(self) -> bool:  # type: ignore[override]
         return self.config.true_sequential  # type: ignore[union-attr]
 
     def describe(self) -> str:
-        c = self.config
-        scheme = c.scheme.spec if c.scheme else None  # type: ignore[union-attr]
-        return (f"sparsegpt sparsity={self.sparsity:g} pattern={self.pattern and self.pattern.spec} "
-                f"scheme={scheme} block={c.block_size} damp={c.damp} true_sequential={c.true_sequential}")  # type: ignore[union-attr]
+        return config_description("sparsegpt", self.config)
 
     def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
         k = inputs.shape[-1]
@@ -183,7 +180,7 @@ def prune_calibrated(model: nn.Module, config: WandaConfig | SparseGPTConfig, ca
         algorithm: LayerPruner = SparseGPTPruner(**common, config=config)
         method = "sparsegpt" + (f"+{config.scheme.spec}" if config.scheme else "")
     else:
-        algorithm = WandaPruner(**common)
+        algorithm = WandaPruner(**common, config=config)
         method = "wanda"
     run = run_sequential(model, algorithm, calibration_ids, device, resume_dir=resume_dir,
                          settings=EngineSettings(batch_size=batch_size, skip=config.skip))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from modelpress.algorithms.quantize.gptq import GPTQ, GPTQConfig, HessianSum, layer_objective, storage_rounded
-from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme, schemes_digest
+from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme
 from modelpress.algorithms.quantize.smoothing import (
     EXPERT_REASON,
     FoldSearch,
@@ -44,6 +44,7 @@ from modelpress.algorithms.quantize.smoothing import (
 from modelpress.engine.algorithm import InputGroup, LayerSolution
 from modelpress.engine.blocks import BlockStack
 from modelpress.engine.context import BlockContext
+from modelpress.engine.resume import config_description
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight, fake_quantize, group_view_reduce, quantize_weight
@@ -253,10 +254,8 @@ class AWQ:
         return self._inner.sequential if self._inner is not None else False
 
     def describe(self) -> str:
-        c = self.config
         inner = f" then {self._inner.describe()}" if self._inner is not None else ""
-        return (f"awq scheme={c.scheme.spec} scale_grid={c.scale_grid} duo_scaling={c.duo_scaling} clip={c.clip} "
-                f"clip_grid={c.clip_grid} max_shrink={c.max_shrink} solver={c.solver}{schemes_digest(c.schemes)}{inner}")
+        return config_description("awq", self.config) + inner
 
     def prepare_block(self, context: BlockContext) -> None:
         self._prefix = f"{self.stack.block_name(context.index)}." if self.stack is not None else ""

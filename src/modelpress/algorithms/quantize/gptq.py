@@ -48,10 +48,11 @@ import torch
 from torch import nn
 
 from modelpress.algorithms.quantize.gguf_grid import gguf_grid, gguf_scheme
-from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme, schemes_digest
+from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_scheme
 from modelpress.engine.algorithm import InputGroup, LayerSolution, LayerTarget
 from modelpress.engine.blocks import BlockStack
 from modelpress.engine.context import BlockContext
+from modelpress.engine.resume import config_description
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import (
@@ -444,12 +445,7 @@ class GPTQ:
         return self.config.true_sequential
 
     def describe(self) -> str:
-        c = self.config
-        name = c.grid if isinstance(c.grid, str) else getattr(c.grid, "__qualname__", type(c.grid).__name__)
-        grid = "" if c.grid is None else f" grid={name}"
-        return (f"gptq scheme={c.scheme.spec} damp={c.damp} block={c.block_size} act_order={c.act_order} "
-                f"static_groups={c.static_groups} true_sequential={c.true_sequential} shrink_steps={c.shrink_steps} "
-                f"keep_better_of_rtn={c.keep_better_of_rtn}{grid}{schemes_digest(c.schemes)}")
+        return config_description("gptq", self.config)
 
     def prepare_block(self, context: BlockContext) -> None:
         self._prefix = f"{self.stack.block_name(context.index)}." if self.stack is not None else ""

@@ -17,7 +17,6 @@ override; `layer_scheme` below is the one rule they all resolve a layer's scheme
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -105,12 +104,3 @@ def check_layer_schemes(schemes: Mapping[str, WeightScheme] | None) -> None:
 def layer_scheme(default: WeightScheme, schemes: Mapping[str, WeightScheme] | None, name: str) -> WeightScheme:
     """The scheme of layer `name` (its full name in the model): its override, else the default."""
     return default if schemes is None else schemes.get(name, default)
-
-
-def schemes_digest(schemes: Mapping[str, WeightScheme] | None) -> str:
-    """A short fingerprint of a per-layer override, for resume checks ("" without one)."""
-    if not schemes:
-        return ""
-    text = ";".join(f"{name}={schemes[name].spec}" for name in sorted(schemes))
-    return f" schemes={hashlib.sha256(text.encode()).hexdigest()[:12]}"
-

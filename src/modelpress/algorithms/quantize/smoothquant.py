@@ -30,6 +30,7 @@ from modelpress.algorithms.quantize.smoothing import (
 )
 from modelpress.engine.algorithm import InputGroup, LayerSolution
 from modelpress.engine.context import BlockContext
+from modelpress.engine.resume import config_description
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
 from modelpress.formats.scheme import WeightScheme, as_scheme
@@ -95,8 +96,7 @@ class SmoothQuant:
     sequential = False
 
     def describe(self) -> str:
-        c = self.config
-        return f"smoothquant alpha={c.alpha} in_layer_smoothing={c.in_layer_smoothing} scheme={c.scheme.spec}"
+        return config_description("smoothquant", self.config)
 
     def prepare_block(self, context: BlockContext) -> None:
         groups = foldable_groups(context)
