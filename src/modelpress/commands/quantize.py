@@ -20,6 +20,7 @@ from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     calibration_settings,
+    start_ranks,
     check_output_paths,
     group_size_arg,
     positive_int,
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_paths(args)
     if (args.format is None) == (args.target_bits is None):
         raise ModelpressError("give either --format (one scheme for every layer) or --target-bits (mixed precision)")
+    ranks = start_ranks(args)          # under torchrun: every rank calibrates its share, rank 0 writes
     calibration = calibration_settings(args)
     if args.target_bits is not None:
         return _run_mixed(args, calibration)
@@ -85,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
     loaded = load_model(args.model)
     info = quantize_model(loaded, config, calibration).to_json()
+    if not ranks.is_main:
+        return 0
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
-              "quantized_parameters": size.quantized_parameters, "source": loaded.source}
+              "quantized_parameters": size.quantized_parameters, "source": loaded.source, "ranks": ranks.world}
     save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     print(f"quantized {info['layers']} layers to {scheme.spec} in {info['seconds']:.1f} s: "
           f"{size.bits_per_weight:.3f} bits/weight over quantized layers, {size.weight_bytes / 2**20:.1f} MiB "
