@@ -148,3 +148,84 @@ def test_more_ranks_than_batches_is_refused(monkeypatch):
     monkeypatch.setattr(Ranks, "active", classmethod(lambda cls: Ranks(0, 4)))
     with pytest.raises(ModelpressError, match="3 calibration batches for 4 ranks"):
         quantize_gptq(build_tiny_llama(), GPTQConfig("int4/g32"), calibration()[:6], batch_size=2)
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes below `pid` (from /proc): torchrun starts its workers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL torchrun and every worker at once, as a lost machine would."""
+    import signal
+
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_killed_two_rank_cli_run_resumes_from_the_last_finished_block(tmp_path, tiny_text):
+    """torchrun with 2 ranks, SIGKILLed (the whole job) once 2 of 4 blocks are committed, then started again:
+    it resumes from block 2 and writes what a single process writes."""
+    import subprocess
+    import sys
+    import time
+
+    import modelpress
+    from conftest import save_tiny_llama
+    from test_resume_kill import blocks_done, quantize_argv
+
+    from modelpress.cli import main
+
+    model = save_tiny_llama(tmp_path / "m", num_hidden_layers=4)
+    resume, out = tmp_path / "resume", tmp_path / "out"
+    argv = quantize_argv(model, tiny_text, resume, out, "--calib-batch-size", "2")
+    env = {**os.environ, "PYTHONPATH": str(Path(modelpress.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+               "--master-port", str(free_port()), "-m", "modelpress", *argv]
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while blocks_done(resume) < 2:
+            assert job.poll() is None, job.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.005)
+        kill_job(job.pid)
+        job.wait(timeout=30)
+    finally:
+        if job.poll() is None:
+            kill_job(job.pid)
+            job.wait()
+    done = blocks_done(resume)
+    assert 2 <= done < 4 and not out.exists()
+    assert sorted(p.name for p in resume.glob("hidden-*")) == [f"hidden-{done:04d}-rank{r}of2.safetensors"
+                                                              for r in range(WORLD)]
+    finished = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    assert finished.returncode == 0, [l for l in finished.stderr.decode().splitlines() if "error" in l]
+    report = json.loads((out / "modelpress.json").read_text())["report"]
+    assert report["resumed_from_block"] == done and report["ranks"] == WORLD
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(quantize_argv(model, tiny_text, tmp_path / "r1", tmp_path / "single", "--calib-batch-size", "2")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    expected, got = load_file(tmp_path / "single" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
