@@ -1,18 +1,27 @@
 """modelpress quantize MODEL --method METHOD [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--no-static-groups] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
+[--symmetric|--asymmetric] [--no-static-groups] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
 included, at the least estimated KL divergence; the map is in the saved model and the report.
 
-METHOD is any name in the quantizer registry (algorithms/quantize): choices, help and errors come from it."""
+METHOD is any name in the quantizer registry (algorithms/quantize): choices, help and errors come from it.
+Under `torchrun --nproc-per-node N -m modelpress quantize ...` the ranks share the calibration data and rank 0
+writes the output (docs/distributed.md); --stream reads the model block by block (engine/stream.py)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 from modelpress.algorithms.quantize import MixedConfig, config_for_method, method_help, method_names
+from modelpress.algorithms.quantize.awq import AWQConfig
+from modelpress.algorithms.quantize.gptq import GPTQConfig
 from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, parse_candidates
 from modelpress.api import CalibrationSettings, quantize_model
 from modelpress.commands.common import (
@@ -29,7 +38,7 @@ from modelpress.commands.common import (
 from modelpress.errors import ModelpressError
 from modelpress.eval.size import measure_size
 from modelpress.formats.scheme import scheme_for
-from modelpress.io.model import load_model
+from modelpress.io.model import LoadedModel, load_model, load_streamed
 from modelpress.io.save import save_compressed
 from modelpress.nn.layers import DEFAULT_SKIP
 
@@ -65,6 +74,9 @@ def add_parser(sub) -> None:
                        help="calibration windows for the per-layer sensitivity pass (default 8)")
     add_calibration_arguments(p, "calibration (gptq, awq, smoothquant, mixed precision's sensitivity)",
                               "save progress after every block to DIR and continue from it if it holds an earlier run")
+    p.add_argument("--stream", action="store_true",
+                   help="read the model (an HF safetensors directory, sharded or not) one block at a time instead of "
+                        "loading it: host memory about one block plus calibration activations; gptq, awq, awq-gptq")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -85,19 +97,39 @@ def run(args: argparse.Namespace) -> int:
     if not args.static_groups:
         options["static_groups"] = False
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
-    loaded = load_model(args.model)
-    info = quantize_model(loaded, config, calibration).to_json()
-    if not ranks.is_main:
-        return 0
-    size = measure_size(loaded.model)
-    report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
-              "quantized_parameters": size.quantized_parameters, "source": loaded.source, "ranks": ranks.world}
-    save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
+    with _model_for(args, config) as loaded:
+        info = quantize_model(loaded, config, calibration).to_json()
+        if not ranks.is_main:
+            return 0
+        size = measure_size(loaded.model)
+        report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
+                  "quantized_parameters": size.quantized_parameters, "source": loaded.source, "ranks": ranks.world,
+                  "streamed": args.stream}
+        save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     print(f"quantized {info['layers']} layers to {scheme.spec} in {info['seconds']:.1f} s: "
           f"{size.bits_per_weight:.3f} bits/weight over quantized layers, {size.weight_bytes / 2**20:.1f} MiB "
           f"of weights in all -> {args.out}", file=sys.stdout)
     write_json(args.json, report)
     return 0
+
+
+@contextlib.contextmanager
+def _model_for(args: argparse.Namespace, config) -> Iterator[LoadedModel]:
+    """The model to quantize: loaded, or with --stream opened block by block; the streamed blocks' work
+    directory (a hidden sibling of --out, removed afterwards) lives as long as the context."""
+    if not args.stream:
+        yield load_model(args.model)
+        return
+    if not isinstance(config, (GPTQConfig, AWQConfig)):
+        raise ModelpressError(f"--stream works with the block-by-block methods (gptq, awq, awq-gptq); {args.method} "
+                              f"changes every weight at once and needs the model in memory")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-blocks-", dir=out.parent))
+    try:
+        yield load_streamed(args.model, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> int:
@@ -107,6 +139,9 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
     if args.alpha is not None:
         raise ModelpressError("--alpha does not apply to mixed precision (--target-bits)")
+    if args.stream:
+        raise ModelpressError("--stream works with one --format (mixed precision measures every layer of the whole "
+                              "model first)")
     config = MixedConfig(target_bits=args.target_bits, candidates=parse_candidates(args.candidates),
                          method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip),
                          static_groups=args.static_groups)

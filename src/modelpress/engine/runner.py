@@ -34,7 +34,7 @@ from modelpress.engine.capture import BlockCall, capture_inputs, run_block
 from modelpress.engine.context import BlockContext
 from modelpress.engine.distributed import Ranks
 from modelpress.engine.plan import BlockPlan, plan_block
-from modelpress.engine.stream import BlockSource
+from modelpress.engine.stream import BlockSource, source_of
 from modelpress.engine.resume import ResumeState, ResumeStore, run_fingerprint
 from modelpress.engine.targets import BlockTargets, ExpertCallWatcher, apply_dense, find_targets, install_compressed
 from modelpress.errors import ModelpressError
@@ -86,7 +86,7 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
     if len(batches) < ranks.world:
         raise ModelpressError(f"{len(batches)} calibration batches for {ranks.world} ranks: every rank needs at "
                               f"least one; use a smaller calibration batch size or more samples")
-    source = source or BlockSource()
+    source = source or source_of(model)
     stack = find_blocks(model)
     has_experts = any(find_targets(b, settings.skip).expert_params for b in stack.blocks)
     if has_experts:

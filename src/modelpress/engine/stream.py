@@ -10,8 +10,10 @@ safetensors files only while the engine works on it:
 
 So host memory holds one float block, its compressed form and the calibration activations, whatever the
 depth. `BlockSource` (the base class) is the in-memory case: blocks are already there and stay there.
-Non-persistent buffers (rotary tables) are computed at construction, not stored: they are built for real
-(see `parameters_on_meta`).
+Non-persistent buffers (rotary tables) are computed at construction, not stored: they are built for real.
+A streamed model carries its source (`attach`), so the engine (`source_of`) and the saver find the blocks
+without every quantizer passing it along; methods that touch every weight outside the engine (RTN,
+SmoothQuant's final pass) cannot stream and say so.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from modelpress.engine.blocks import BlockStack
 from modelpress.errors import ModelpressError
+from modelpress.io.streamed_safetensors import read_header, read_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -53,8 +55,7 @@ class Checkpoint:
                 raise ModelpressError(f"{index} has no weight_map; it is not a sharded safetensors index")
             self.files = {name: self.dir / file for name, file in weight_map.items()}
         elif (self.dir / SINGLE_FILE).exists():
-            with safe_open(self.dir / SINGLE_FILE, "pt") as handle:
-                self.files = {name: self.dir / SINGLE_FILE for name in handle.keys()}
+            self.files = {name: self.dir / SINGLE_FILE for name in read_header(self.dir / SINGLE_FILE)[0]}
         else:
             raise ModelpressError(f"{self.dir} has neither {SINGLE_FILE} nor {INDEX_FILE}: streaming reads safetensors only")
 
@@ -67,41 +68,22 @@ class Checkpoint:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, wanted in by_file.items():
-            with safe_open(file, "pt") as handle:
-                for name in wanted:
-                    tensor = handle.get_tensor(name)
-                    out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            for name, tensor in read_tensors(file, wanted).items():
+                out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return out
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the context lives on the meta device; buffers are built for real
-    (rotary tables are computed, not stored). A parameter is created by its module as an uninitialised CPU
-    tensor (untouched pages cost no memory) and replaced at once, so no initialisation runs on real data."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
 def build_on_meta(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of an HF directory with every parameter on meta (see `parameters_on_meta`)."""
+    """The model of an HF directory with every parameter on meta; buffers built for real (rotary tables
+    are computed at construction, not stored). accelerate's context, as io/save.py loads with."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from modelpress.io.model import is_causal_lm
 
     config = AutoConfig.from_pretrained(directory)
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-    with parameters_on_meta():
+    with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype)
     return model.eval()
 
@@ -133,9 +115,29 @@ def load_outside_blocks(model: nn.Module, stack: BlockStack, checkpoint: Checkpo
 class CheckpointBlocks(BlockSource):
     """Blocks read from `checkpoint` when held and, once compressed, written to `out_dir` and dropped."""
 
-    def __init__(self, checkpoint: Checkpoint, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        self.checkpoint, self.dtype = checkpoint, dtype
+    def __init__(self, checkpoint: Checkpoint, stack: BlockStack, out_dir: str | Path,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.checkpoint, self.stack, self.dtype = checkpoint, stack, dtype
         self.out_dir = Path(out_dir)
+        self._open: tuple[int, dict[str, torch.Tensor]] | None = None   # the one compressed block read back
+
+    def stored_tensor(self, name: str) -> torch.Tensor:
+        """A tensor of a compressed block by its full name, read back from `out_dir`; one block file is
+        held at a time, so reading in state-dict order keeps memory at one compressed block."""
+        from safetensors.torch import load_file
+
+        head = f"{self.stack.path}."
+        index_text = name[len(head):].split(".", 1)[0] if name.startswith(head) else ""
+        if not index_text.isdigit():
+            raise ModelpressError(f"{name} is not inside the streamed blocks {self.stack.path}")
+        index = int(index_text)
+        if self._open is None or self._open[0] != index:
+            path = self.block_file(index)
+            if not path.exists():
+                raise ModelpressError(f"block {index} was never compressed ({path} is missing); run the "
+                                      f"calibration to the end before saving")
+            self._open = (index, load_file(str(path)))
+        return self._open[1][name[len(f"{head}{index}."):]]
 
     def block_file(self, index: int) -> Path:
         return self.out_dir / f"block-{index:04d}.safetensors"
@@ -156,20 +158,42 @@ class CheckpointBlocks(BlockSource):
             release(stack.blocks[index])
 
     def _write(self, stack: BlockStack, index: int) -> None:
-        from modelpress.engine.resume import block_records
-        from modelpress.io.atomic import atomic_file
-
-        block = stack.blocks[index]
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
-        state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in stack.blocks[index].state_dict().items()}
         path = self.block_file(index)
         tmp = path.with_name(f".{path.name}.partial")
         save_file(state, str(tmp))
         tmp.replace(path)
-        with atomic_file(path.with_suffix(".json")) as handle:
-            json.dump(block_records(block), handle, sort_keys=True)
+        if self._open is not None and self._open[0] == index:
+            self._open = None
+
+
+ATTRIBUTE = "modelpress_block_source"
+
+
+def attach(model: nn.Module, source: BlockSource) -> None:
+    """Mark `model` as streamed: its blocks come from (and go to) `source`."""
+    setattr(model, ATTRIBUTE, source)
+
+
+def source_of(model: nn.Module) -> BlockSource:
+    """Where the engine finds `model`'s blocks: its attached source, or memory."""
+    return getattr(model, ATTRIBUTE, None) or BlockSource()
+
+
+def open_streamed(directory: str | Path, work_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An HF safetensors model ready to calibrate block by block: built on meta, everything outside the
+    blocks read, the blocks left on disk (compressed blocks go to `work_dir`)."""
+    from modelpress.engine.blocks import find_blocks
+
+    checkpoint = Checkpoint(directory)
+    model = build_on_meta(directory, dtype)
+    stack = find_blocks(model)
+    load_outside_blocks(model, stack, checkpoint, dtype)
+    attach(model, CheckpointBlocks(checkpoint, stack, work_dir, dtype))
+    return model
 
 
 def release(module: nn.Module) -> None:
