@@ -1,7 +1,7 @@
 """Data-parallel calibration and evaluation with 2 gloo processes on the CPU (issue 15, items 2-4).
 
-One spawn of 2 ranks quantizes a tiny Llama with GPTQ and Wanda-prunes another copy, and evaluates; the
-test process does the same single-process and compares. Tolerances (docs/distributed.md): codes identical
+One spawn of 2 ranks quantizes a tiny Llama with GPTQ and with AWQ, Wanda-prunes another copy, and
+evaluates; the test process does the same single-process and compares. Tolerances (docs/distributed.md): codes identical
 in >= 99.9% of weights and KL(single ‖ distributed) <= 1e-6; evaluation numbers identical (==).
 """
 
@@ -22,6 +22,7 @@ from tiny_models import token_ids
 
 from modelpress.algorithms.prune.calibrated import prune_calibrated
 from modelpress.algorithms.prune.wanda import WandaConfig
+from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
 from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
 from modelpress.engine.distributed import Ranks
 from modelpress.errors import ModelpressError
@@ -48,20 +49,21 @@ def eval_windows() -> torch.Tensor:
 
 
 def compress_and_evaluate(out: Path) -> dict:
-    """What each side runs: GPTQ, Wanda and evaluation of both against the float model."""
+    """What each side runs: GPTQ, AWQ, Wanda and evaluation of all three against the float model."""
     reference = build_tiny_llama(num_hidden_layers=BLOCKS)
     gptq = build_tiny_llama(num_hidden_layers=BLOCKS)
     quantize_gptq(gptq, GPTQConfig("int4/g32"), calibration(), batch_size=2)
+    awq = build_tiny_llama(num_hidden_layers=BLOCKS)
+    quantize_awq(awq, AWQConfig("int4/g32"), calibration(), batch_size=2)
     wanda = build_tiny_llama(num_hidden_layers=BLOCKS)
     prune_calibrated(wanda, WandaConfig(sparsity=0.5), calibration(), batch_size=2)
-    quality = evaluate_quality({"gptq": gptq, "wanda": wanda}, eval_windows(), reference=reference)
+    quality = evaluate_quality({"gptq": gptq, "awq": awq, "wanda": wanda}, eval_windows(), reference=reference)
     if Ranks.active().is_main:
-        save_file({k: v.contiguous() for k, v in gptq.state_dict().items() if k != "lm_head.weight"},
-                  str(out / "gptq.safetensors"))
-        save_file({k: v.contiguous() for k, v in wanda.state_dict().items() if k != "lm_head.weight"},
-                  str(out / "wanda.safetensors"))
+        for name, model in (("gptq", gptq), ("awq", awq), ("wanda", wanda)):
+            save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                      str(out / f"{name}.safetensors"))
         (out / "quality.json").write_text(json.dumps({k: vars(v) for k, v in quality.items()}))
-    return {"gptq": gptq, "wanda": wanda, "reference": reference, "quality": quality}
+    return {"gptq": gptq, "awq": awq, "wanda": wanda, "reference": reference, "quality": quality}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -104,18 +106,19 @@ def codes_of(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     return {n: unpack_codes(state[f"{n}.qdata"], m.scheme.bits, m.in_features) for n, m in layers.items()}
 
 
-def test_gptq_across_two_ranks_equals_one_process(runs):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantization_across_two_ranks_equals_one_process(runs, method):
+    import copy
+
     out, single = runs
-    model = single["gptq"]
-    theirs = load_file(out / "gptq.safetensors")
+    model = single[method]
+    theirs = load_file(out / f"{method}.safetensors")
     ours = codes_of(model.state_dict(), model)
     codes = codes_of(theirs, model)
     assert len(codes) == 7 * BLOCKS
     same = sum(int((codes[n] == ours[n]).sum()) for n in ours)
     total = sum(c.numel() for c in ours.values())
     assert same / total >= 0.999, f"{total - same} of {total} codes differ"
-    import copy
-
     distributed = copy.deepcopy(model)
     distributed.load_state_dict(theirs, strict=False)
     kl = evaluate_quality({"dist": distributed}, eval_windows(), reference=model)["dist"].kl_divergence

@@ -130,8 +130,7 @@ class Ranks:
         if not failed:
             return
         rank, message = failed[0]
-        text = message if self.world == 1 else f"rank {rank} of {self.world} failed: {message}"
-        raise ModelpressError(text) from error
+        raise ModelpressError(f"rank {rank} of {self.world} failed: {message}") from error
 
     def on_main(self, step: Callable[[], T]) -> T:
         """`step()` run on rank 0 only, its result (or its failure) on every rank."""
