@@ -49,11 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ModelpressError as err:
-        print(f"modelpress {args.command}: error: {err}", file=sys.stderr)
+        if _is_main_rank():   # under torchrun every rank raises the same agreed error: print it once
+            print(f"modelpress {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"modelpress {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _is_main_rank() -> bool:
+    from modelpress.engine.distributed import Ranks
+
+    return Ranks.active().is_main
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,17 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resum
     calib.add_argument("--device", default="cpu", help="device the blocks are calibrated on, e.g. cpu or cuda (default cpu)")
 
 
+def start_ranks(args: argparse.Namespace):
+    """Under torchrun (engine/distributed.py): join the process group (gloo on CPU, NCCL on CUDA) and make
+    `args.device` this rank's device. A single process gets Ranks() and its arguments unchanged."""
+    from modelpress.engine.distributed import init_from_environment
+
+    ranks, device = init_from_environment(getattr(args, "device", None) or "cpu")
+    if hasattr(args, "device"):
+        args.device = device
+    return ranks
+
+
 def calibration_settings(args: argparse.Namespace):
     """The CalibrationSettings the calibration arguments describe."""
     from modelpress.api import CalibrationSettings

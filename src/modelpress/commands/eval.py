@@ -12,6 +12,7 @@ from modelpress.commands.common import (
     add_model_argument,
     add_text_arguments,
     check_output_paths,
+    start_ranks,
     eval_settings,
     format_table,
     write_json,
@@ -39,11 +40,14 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_paths(args)
+    ranks = start_ranks(args)          # under torchrun: windows split across ranks, the same numbers
     loaded = load_model(args.model)
     ref_spec = default_reference(loaded) if args.reference == "auto" else (None if args.reference == "none" else args.reference)
     reference = load_model(ref_spec) if ref_spec else None
     settings = eval_settings(args)
     report = evaluate_models({"model": loaded}, reference, settings)["model"]
+    if not ranks.is_main:
+        return 0
     row, columns = report.to_dict(), list(COLUMNS)
     for task, metrics in report.extra.get("tasks", {}).get("results", {}).items():
         for metric, value in metrics.items():

@@ -1,19 +1,28 @@
 """modelpress quantize MODEL --method METHOD [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--calib-text FILE] [--calib-samples N] [--resume DIR] --out DIR
+[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
 included, at the least estimated KL divergence; the map is in the saved model and the report.
 
-METHOD is any name in the quantizer registry (algorithms/quantize): choices, help and errors come from it."""
+METHOD is any name in the quantizer registry (algorithms/quantize): choices, help and errors come from it.
+Under `torchrun --nproc-per-node N -m modelpress quantize ...` the ranks share the calibration data and rank 0
+writes the output (docs/distributed.md); --stream reads the model block by block (engine/stream.py)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 from modelpress.algorithms.quantize import MixedConfig, config_for_method, method_help, method_names
+from modelpress.algorithms.quantize.awq import AWQConfig
+from modelpress.algorithms.quantize.gptq import GPTQConfig
 from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, parse_candidates
 from modelpress.api import CalibrationSettings, quantize_model
 from modelpress.commands.common import (
@@ -21,6 +30,7 @@ from modelpress.commands.common import (
     add_json_argument,
     add_model_argument,
     calibration_settings,
+    start_ranks,
     check_output_paths,
     group_size_arg,
     positive_int,
@@ -29,7 +39,7 @@ from modelpress.commands.common import (
 from modelpress.errors import ModelpressError
 from modelpress.eval.size import measure_size
 from modelpress.formats.scheme import scheme_for
-from modelpress.io.model import load_model
+from modelpress.io.model import LoadedModel, load_model, load_streamed
 from modelpress.io.save import save_compressed
 from modelpress.nn.layers import DEFAULT_SKIP
 
@@ -73,6 +83,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-kl", type=float, default=None, metavar="X",
                    help="quality gate: if the KL divergence against the float model (8 evaluation windows of the "
                         "--calib-text) exceeds X, save nothing, exit 1 and print the layers that cost most")
+    p.add_argument("--stream", action="store_true",
+                   help="read the model (an HF safetensors directory, sharded or not) one block at a time instead of "
+                        "loading it: host memory about one block plus calibration activations; gptq, awq, awq-gptq")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -83,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_paths(args)
     if (args.format is None) == (args.target_bits is None):
         raise ModelpressError("give either --format (one scheme for every layer) or --target-bits (mixed precision)")
+    ranks = start_ranks(args)          # under torchrun: every rank calibrates its share, rank 0 writes
     calibration = calibration_settings(args)
     if args.target_bits is not None:
         return _run_mixed(args, calibration)
@@ -94,15 +108,20 @@ def run(args: argparse.Namespace) -> int:
     if args.grid is not None:
         options["grid"] = args.grid
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
-    loaded = load_model(args.model)
-    float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
-    info = quantize_model(loaded, config, calibration).to_json()
-    if float_model is not None and not passes_gate(args, float_model, loaded):
-        return 1
-    size = measure_size(loaded.model)
-    report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
-              "quantized_parameters": size.quantized_parameters, "source": loaded.source}
-    save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
+    if args.stream and args.max_kl is not None:
+        raise ModelpressError("--max-kl compares against the float model in memory; it does not combine with --stream")
+    with _model_for(args, config) as loaded:
+        float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
+        info = quantize_model(loaded, config, calibration).to_json()
+        if not ranks.is_main:
+            return 0
+        if float_model is not None and not passes_gate(args, float_model, loaded):
+            return 1
+        size = measure_size(loaded.model)
+        report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
+                  "quantized_parameters": size.quantized_parameters, "source": loaded.source, "ranks": ranks.world,
+                  "streamed": args.stream}
+        save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     print(f"quantized {info['layers']} layers to {scheme.spec} in {info['seconds']:.1f} s: "
           f"{size.bits_per_weight:.3f} bits/weight over quantized layers, {size.weight_bytes / 2**20:.1f} MiB "
           f"of weights in all -> {args.out}", file=sys.stdout)
@@ -126,6 +145,25 @@ def passes_gate(args: argparse.Namespace, float_model, loaded) -> bool:
     return verdict.passed
 
 
+@contextlib.contextmanager
+def _model_for(args: argparse.Namespace, config) -> Iterator[LoadedModel]:
+    """The model to quantize: loaded, or with --stream opened block by block; the streamed blocks' work
+    directory (a hidden sibling of --out, removed afterwards) lives as long as the context."""
+    if not args.stream:
+        yield load_model(args.model)
+        return
+    if not isinstance(config, (GPTQConfig, AWQConfig)):
+        raise ModelpressError(f"--stream works with the block-by-block methods (gptq, awq, awq-gptq); {args.method} "
+                              f"changes every weight at once and needs the model in memory")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-blocks-", dir=out.parent))
+    try:
+        yield load_streamed(args.model, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> int:
     per_format = [a for a in ("group_size", "double_quant") if getattr(args, a) not in (None, False)]
     if per_format or args.symmetric is not None:
@@ -133,6 +171,9 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
     if args.alpha is not None or args.grid is not None:
         raise ModelpressError("--alpha and --grid do not apply to mixed precision (--target-bits)")
+    if args.stream:
+        raise ModelpressError("--stream works with one --format (mixed precision measures every layer of the whole "
+                              "model first)")
     config = MixedConfig(target_bits=args.target_bits, candidates=parse_candidates(args.candidates),
                          method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip),
                          static_groups=args.static_groups)

@@ -11,6 +11,12 @@ observed with the earlier levels already compressed.
 Optionally, `prepare_block(context)` (engine/context.py) runs once per block before step 1, for
 algorithms that edit the block as a whole first (AWQ, SmoothQuant: per-channel scales folded into the
 norm or linear layer that produces a group's input).
+Data-parallel runs (engine/distributed.py) add two optional steps, both skipped in a single process:
+- `reduce(group, ranks)` after a level's observation: make the group's statistics the sum over ranks
+  (`ranks.sum_(tensor)`, row counts with `ranks.sum_ints`); without it the algorithm's statistics must
+  need no reduction (prepare_block reduced them itself, or there are none);
+- `adopt(group, solutions)` on every rank that did not solve the group itself: keep whatever `solve`
+  would have kept (pruners remember masks for `finish_block`); `LayerSolution.payload` carries it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class LayerSolution:
 
     value: PackedWeight | torch.Tensor
     notes: dict = field(default_factory=dict)
+    payload: object = None           # the algorithm's own data for `adopt` on other ranks (plain tensors only)
 
 
 class LayerAlgorithm(Protocol):

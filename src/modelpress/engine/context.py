@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from modelpress.engine.capture import BlockCall, run_block
+from modelpress.engine.distributed import Ranks
 from modelpress.engine.plan import BlockPlan
 from modelpress.engine.targets import BlockTargets
 
@@ -29,6 +30,8 @@ class BlockContext:
     plan: BlockPlan
     hidden: list[torch.Tensor]      # per batch: the block's input hidden states
     calls: list[BlockCall]          # per batch: the block's other arguments
+    ranks: Ranks = Ranks()          # data-parallel runs: hidden/calls are this rank's share of the batches;
+                                    # statistics gathered here must be reduced over ranks (engine/distributed.py)
 
     def outputs(self, batches: int | None = None) -> Iterator[torch.Tensor]:
         """The block's output hidden states, batch by batch (the first `batches` only, if given)."""

@@ -4,12 +4,15 @@ Directory layout (safetensors + JSON, no pickle):
 - state.json                  commit point, rewritten atomically after each block: fingerprint of the run,
                               blocks done, the record of every compressed module, per-layer notes
 - block-0003.safetensors      block 3's state dict once compressed
-- hidden-0004.safetensors     the hidden states block 4 starts from ("batch.0", "batch.1", ...)
+- hidden-0004.safetensors     the hidden states block 4 starts from ("batch.0", "batch.1", ...); in a run of
+                              N ranks, one file per rank: hidden-0004-rank1of2.safetensors holds rank 1's
+                              share of the batches (engine/distributed.py). Rank 0 writes everything else.
 state.json records the sha256 of every tensor file it commits and a digest of its own content, so a damaged
 file (a flipped byte that still parses) is refused by name rather than resumed into another model.
 A run killed at any moment leaves either the previous commit or the new one. A resumed run restores the
 finished blocks, loads the hidden states and goes on with the next block; everything it computes from
-there is what an uninterrupted run computes.
+there is what an uninterrupted run computes. A distributed run resumes with the same number of ranks (the
+fingerprint holds it), each rank from its own hidden file.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from modelpress.engine.distributed import Ranks
 from modelpress.errors import ModelpressError
 from modelpress.io.atomic import atomic_file, remove_stale_siblings
 from modelpress.io.integrity import file_sha256
@@ -76,7 +80,7 @@ def check_state(saved: dict) -> ResumeState:
 
 
 def run_fingerprint(algorithm_description: str, block_path: str, num_blocks: int, calibration_ids: torch.Tensor,
-                    batch_size: int, settings: object = None, config: object = None) -> dict:
+                    batch_size: int, settings: object = None, config: object = None, ranks: int = 1) -> dict:
     """What a resumed run must share with the saved one. `settings` (the engine's: skip, batch size) and
     `config` (the algorithm's) enter with every dataclass field, so a field added later is covered without
     anyone remembering to add it to describe()."""
@@ -92,6 +96,8 @@ def run_fingerprint(algorithm_description: str, block_path: str, num_blocks: int
         fingerprint["settings"] = plain_data(settings)
     if config is not None:
         fingerprint["config"] = f"sha256:{hashlib.sha256(json.dumps(plain_data(config)).encode()).hexdigest()[:16]}"
+    if ranks > 1:   # each rank's hidden file holds its share of the batches: resumable with as many ranks
+        fingerprint["ranks"] = ranks
     return json.loads(json.dumps(fingerprint))   # as it reads back from state.json (tuples become lists)
 
 
@@ -131,8 +137,15 @@ def block_records(block: nn.Module) -> dict[str, dict]:
 
 
 class ResumeStore:
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, ranks: Ranks = Ranks()) -> None:
         self.dir = Path(directory)
+        self.ranks = ranks
+
+    def hidden_name(self, index: int) -> str:
+        """This rank's file of the inputs of block `index`."""
+        r = self.ranks
+        return f"hidden-{index:04d}.safetensors" if not r.distributed else \
+            f"hidden-{index:04d}-rank{r.rank}of{r.world}.safetensors"
 
     def load(self, fingerprint: dict) -> ResumeState:
         """The saved state if it belongs to this run, a fresh one if there is none; an error if it belongs
@@ -187,17 +200,30 @@ class ResumeStore:
         state.files[name] = file_sha256(self.dir / name)
 
     def commit_block(self, state: ResumeState, index: int, block: nn.Module, next_hidden: list[torch.Tensor]) -> None:
-        """Save block `index` as finished, with the inputs of block index + 1."""
-        self._write_tensors(state, f"block-{index:04d}.safetensors", block.state_dict())
-        self._write_tensors(state, f"hidden-{index + 1:04d}.safetensors",
-                            {f"batch.{i}": h for i, h in enumerate(next_hidden)})
-        state.files.pop(f"hidden-{index:04d}.safetensors", None)
+        """Save block `index` as finished, with the inputs of block index + 1. Across ranks: rank 0 writes the
+        block, each rank its hidden states; state.json (rank 0) commits once every rank's file is written."""
+        ranks, before = self.ranks, dict(state.files)
+        error = None
+        try:
+            if ranks.is_main:
+                self._write_tensors(state, f"block-{index:04d}.safetensors", block.state_dict())
+            self._write_tensors(state, self.hidden_name(index + 1), {f"batch.{i}": h for i, h in enumerate(next_hidden)})
+        except Exception as err:  # noqa: BLE001 - every rank raises it together in check()
+            error = err
+        ranks.check(error)
+        for written in ranks.gather({k: v for k, v in state.files.items() if before.get(k) != v}):
+            state.files.update(written)
+        old = [name for name in state.files if name.startswith(f"hidden-{index:04d}")]
+        for name in old:
+            state.files.pop(name)
         state.blocks_done = index + 1
         state.records[str(index)] = block_records(block)
         state.digest = state_digest(state)
-        with atomic_file(self.dir / STATE_FILE) as handle:
-            json.dump(asdict(state), handle, indent=1, sort_keys=True)
-        (self.dir / f"hidden-{index:04d}.safetensors").unlink(missing_ok=True)
+        if ranks.is_main:
+            with atomic_file(self.dir / STATE_FILE) as handle:
+                json.dump(asdict(state), handle, indent=1, sort_keys=True)
+        ranks.barrier()
+        (self.dir / self.hidden_name(index)).unlink(missing_ok=True)
 
     def restore_block(self, state: ResumeState, index: int, block: nn.Module) -> None:
         for name, record in state.records.get(str(index), {}).items():
@@ -213,7 +239,7 @@ class ResumeStore:
             raise self.damaged(self.dir / name, err) from None
 
     def load_hidden(self, state: ResumeState, device: torch.device) -> list[torch.Tensor]:
-        name = f"hidden-{state.blocks_done:04d}.safetensors"
+        name = self.hidden_name(state.blocks_done)
         tensors = self._read_tensors(state, name, device)
         try:
             return [tensors[f"batch.{i}"] for i in range(len(tensors))]

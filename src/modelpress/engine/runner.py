@@ -7,10 +7,19 @@ at a time.
         → run the block again to get the next block's inputs → move back → (save for resume)
 
 Layers outside the repeated blocks (a BERT pooler, a detached head) are not touched here; callers decide.
+
+Under torchrun (engine/distributed.py) every rank runs this same loop on its share of the calibration
+batches: statistics are reduced across ranks after each observation pass, the solves of a level are split
+across ranks and broadcast, so every rank installs the same weights and carries its own batches' hidden
+states to the next block. Rank 0 writes the shared resume files; each rank writes its own hidden states.
+
+Blocks may live on disk instead of in memory (engine/stream.py): a `BlockSource` materializes block i
+before it is compressed and releases it afterwards, so host memory holds about one block at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -23,10 +32,13 @@ from modelpress.engine.algorithm import InputGroup, LayerAlgorithm, LayerSolutio
 from modelpress.engine.blocks import BlockStack, find_blocks
 from modelpress.engine.capture import BlockCall, capture_inputs, run_block
 from modelpress.engine.context import BlockContext
+from modelpress.engine.distributed import Ranks
 from modelpress.engine.plan import BlockPlan, plan_block
+from modelpress.engine.stream import BlockSource, source_of
 from modelpress.engine.resume import ResumeState, ResumeStore, run_fingerprint
 from modelpress.engine.targets import BlockTargets, ExpertCallWatcher, apply_dense, find_targets, install_compressed
 from modelpress.errors import ModelpressError
+from modelpress.formats.packed import PackedWeight
 from modelpress.nn.layers import DEFAULT_SKIP
 from modelpress.nn.quant_experts import QuantExperts
 from modelpress.progress import progress
@@ -61,59 +73,70 @@ class _StopBlock(Exception):
 
 def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids: torch.Tensor,
                    device: str | torch.device = "cpu", resume_dir: str | None = None,
-                   settings: EngineSettings = EngineSettings()) -> RunReport:
-    """Compress `model`'s blocks in place with `algorithm`, from calibration token ids (n, seq_len)."""
+                   settings: EngineSettings = EngineSettings(), source: BlockSource | None = None) -> RunReport:
+    """Compress `model`'s blocks in place with `algorithm`, from calibration token ids (n, seq_len).
+    `source` (engine/stream.py): where blocks come from and go to when they are not all held in memory."""
     start = time.perf_counter()
     device = torch.device(device)
     if calibration_ids.dim() != 2 or calibration_ids.shape[0] == 0:
         raise ModelpressError(f"calibration ids must be (samples, seq_len) with samples > 0, got "
                               f"{tuple(calibration_ids.shape)}")
+    ranks = Ranks.active()
+    batches = calibration_ids.split(settings.batch_size)
+    if len(batches) < ranks.world:
+        raise ModelpressError(f"{len(batches)} calibration batches for {ranks.world} ranks: every rank needs at "
+                              f"least one; use a smaller calibration batch size or more samples")
+    source = source or source_of(model)
     stack = find_blocks(model)
     has_experts = any(find_targets(b, settings.skip).expert_params for b in stack.blocks)
     if has_experts:
         QuantExperts.prepare_model(model)   # the eager expert loop is what lets experts be observed one by one
-    store = ResumeStore(resume_dir) if resume_dir is not None else None
+    store = ResumeStore(resume_dir, ranks) if resume_dir is not None else None
     state = ResumeState(run_fingerprint(algorithm.describe(), stack.path, len(stack), calibration_ids,
-                                        settings.batch_size, settings, getattr(algorithm, "config", None)))
+                                        settings.batch_size, settings, getattr(algorithm, "config", None),
+                                        ranks=ranks.world))
     if store is not None:
         state = store.load(state.fingerprint)
     report = RunReport(len(stack), stack.path, 0, list(state.unobserved), dict(state.notes),
                        resumed_from_block=state.blocks_done or None)
 
     with torch.no_grad():
-        captured = capture_inputs(model, stack, calibration_ids, device, settings.batch_size)
+        with source.holding(stack, 0):
+            captured = capture_inputs(model, stack, torch.cat(ranks.share(batches)), device, settings.batch_size)
         hidden = captured.hidden
         for index in range(state.blocks_done):
-            store.restore_block(state, index, stack.blocks[index])  # type: ignore[union-attr]
+            with source.holding(stack, index, keep=True):
+                store.restore_block(state, index, stack.blocks[index])  # type: ignore[union-attr]
         if state.blocks_done:
             hidden = store.load_hidden(state, device)  # type: ignore[union-attr]
     report.layers = len(report.notes)
 
     for index in range(state.blocks_done, len(stack)):
-        block = stack.blocks[index]
-        home = next(block.parameters()).device
-        block.to(device)
-        calls = captured.calls[index]
-        targets, solved, unobserved = _compress_block(stack, index, algorithm, hidden, calls, settings)
-        with torch.no_grad():
-            hidden = [run_block(block, h, c) for h, c in zip(hidden, calls)]
-        install_compressed(block, targets, solved)
-        algorithm.finish_block(index)
-        block.to(home)
-        prefix = stack.block_name(index)
-        for name, solution in solved.items():
-            report.notes[f"{prefix}.{name}"] = solution.notes
-        report.unobserved += [f"{prefix}.{name}" for name in unobserved]
-        report.layers += len(solved)
-        if store is not None:
-            state.notes, state.unobserved = report.notes, report.unobserved
-            store.commit_block(state, index, block, hidden)
+        with source.holding(stack, index, keep=True):
+            block = stack.blocks[index]
+            home = next(block.parameters()).device
+            block.to(device)
+            calls = captured.calls[index]
+            targets, solved, unobserved = _compress_block(stack, index, algorithm, hidden, calls, settings, ranks)
+            with torch.no_grad():
+                hidden = [run_block(block, h, c) for h, c in zip(hidden, calls)]
+            install_compressed(block, targets, solved)
+            algorithm.finish_block(index)
+            block.to(home)
+            prefix = stack.block_name(index)
+            for name, solution in solved.items():
+                report.notes[f"{prefix}.{name}"] = solution.notes
+            report.unobserved += [f"{prefix}.{name}" for name in unobserved]
+            report.layers += len(solved)
+            if store is not None:
+                state.notes, state.unobserved = report.notes, report.unobserved
+                store.commit_block(state, index, block, hidden)
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hidden: list[torch.Tensor],
-                    calls: list[BlockCall], settings: EngineSettings
+                    calls: list[BlockCall], settings: EngineSettings, ranks: Ranks = Ranks()
                     ) -> tuple[BlockTargets, dict[str, LayerSolution], list[str]]:
     """Solve every target of block `index` (solved layers hold their dequantized weights afterwards);
     returns the targets, the solutions by name and the targets never observed."""
@@ -125,13 +148,13 @@ def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hi
     prepare = getattr(algorithm, "prepare_block", None)   # optional: whole-block edits before any layer is solved
     if prepare is not None:
         with torch.no_grad():
-            prepare(BlockContext(index, block, targets, plan, hidden, calls))
+            prepare(BlockContext(index, block, targets, plan, hidden, calls, ranks))
     levels = plan.levels if algorithm.sequential else (None,)
     steps = len(levels) * len(hidden)
     desc = f"block {index + 1}/{len(stack)}"
     solved: dict[str, LayerSolution] = {}
     unobserved: list[str] = []
-    work = _block_steps(block, targets, plan, levels, algorithm, hidden, calls, solved, unobserved)
+    work = _block_steps(block, targets, plan, levels, algorithm, hidden, calls, solved, unobserved, ranks)
     for _ in progress(work, desc=desc, total=steps):
         pass
     return targets, solved, unobserved
@@ -139,31 +162,80 @@ def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hi
 
 def _block_steps(block: nn.Module, targets: BlockTargets, plan: BlockPlan, levels: tuple, algorithm: LayerAlgorithm,
                  hidden: list[torch.Tensor], calls: list[BlockCall], solved: dict[str, LayerSolution],
-                 unobserved: list[str]) -> Iterator[None]:
+                 unobserved: list[str], ranks: Ranks) -> Iterator[None]:
     """Observe and solve level by level (or everything at once when `levels` is (None,)); yields per batch."""
     for level in levels:
         groups = plan.groups if level is None else plan.at_level(level)
         rows = {g.key: 0 for g in groups}
         stop_after = level if level is not None and level in plan.early_stop else None
-        with _observing(block, targets, plan, groups, algorithm, rows, stop_after) as observing, torch.no_grad():
-            for h, c in zip(hidden, calls):
-                observing.new_forward()
-                try:
-                    run_block(block, h, c)
-                except _StopBlock:
-                    pass
-                yield None
-        for group in groups:
-            # refresh weights: earlier levels may have changed modules this group reads from
-            fresh = InputGroup(group.key, tuple(targets.target(block, t.name) for t in group.targets), group.level)
-            solutions = algorithm.solve(fresh)
-            if len(solutions) != len(fresh.targets):
-                raise ModelpressError(f"algorithm returned {len(solutions)} solutions for {len(fresh.targets)} layers")
-            for target, solution in zip(fresh.targets, solutions):
+        error = None
+        try:
+            with _observing(block, targets, plan, groups, algorithm, rows, stop_after) as observing, torch.no_grad():
+                for h, c in zip(hidden, calls):
+                    observing.new_forward()
+                    try:
+                        run_block(block, h, c)
+                    except _StopBlock:
+                        pass
+                    yield None
+        except Exception as err:  # noqa: BLE001 - every rank raises it together in check()
+            error = err
+        ranks.check(error)
+        if ranks.distributed:
+            rows = dict(zip(rows, ranks.sum_ints(list(rows.values()))))
+            reduce = getattr(algorithm, "reduce", None)
+            if reduce is not None:
+                for group in groups:
+                    reduce(group, ranks)
+        # refresh weights: earlier levels may have changed modules this group reads from
+        fresh = [InputGroup(g.key, tuple(targets.target(block, t.name) for t in g.targets), g.level) for g in groups]
+        for group, solutions in zip(fresh, _solve_groups(algorithm, fresh, ranks, hidden[0].device)):
+            if len(solutions) != len(group.targets):
+                raise ModelpressError(f"algorithm returned {len(solutions)} solutions for {len(group.targets)} layers")
+            for target, solution in zip(group.targets, solutions):
                 solved[target.name] = solution
                 if rows[group.key] == 0:
                     unobserved.append(target.name)
         apply_dense(block, targets, {t.name: solved[t.name] for g in groups for t in g.targets})
+
+
+def _solve_groups(algorithm: LayerAlgorithm, groups: list[InputGroup], ranks: Ranks, device: torch.device
+                  ) -> list[list[LayerSolution]]:
+    """Every group's solutions. Across ranks: each group solved by one rank (balanced by weight size) and
+    broadcast from it; ranks that receive a group's solutions let the algorithm `adopt` them."""
+    if not ranks.distributed:
+        return [algorithm.solve(g) for g in groups]
+    owners = ranks.assign([sum(t.weight.numel() * t.weight.shape[-1] for t in g.targets) for g in groups])
+    mine: dict[int, list[LayerSolution]] = {}
+    error = None
+    try:
+        for i, group in enumerate(groups):
+            if owners[i] == ranks.rank:
+                mine[i] = [_moved(s, torch.device("cpu")) for s in algorithm.solve(group)]
+    except Exception as err:  # noqa: BLE001 - every rank raises it together in check()
+        error = err
+    ranks.check(error)
+    found: dict[int, list[LayerSolution]] = {}
+    for rank in range(ranks.world):
+        found.update(ranks.broadcast(mine if rank == ranks.rank else None, src=rank))
+    adopt = getattr(algorithm, "adopt", None)
+    results = []
+    for i, group in enumerate(groups):
+        solutions = [_moved(s, device) for s in found[i]]
+        if owners[i] != ranks.rank and adopt is not None:
+            adopt(group, solutions)
+        results.append(solutions)
+    return results
+
+
+def _moved(value: object, device: torch.device) -> object:
+    """A solution (and the tensors, packed weights and dataclasses inside it) on `device`."""
+    if isinstance(value, (torch.Tensor, PackedWeight)):
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = {f.name: _moved(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **moved)
+    return value
 
 
 class _observing:

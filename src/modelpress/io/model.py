@@ -102,6 +102,27 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32,
     return load_hf(resolved, dtype, trust_remote_code)
 
 
+def load_streamed(spec: str, work_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """An HF directory of safetensors opened for block-by-block calibration (engine/stream.py): only the
+    weights outside the repeated blocks are read now; compressed blocks go to `work_dir`."""
+    from transformers import AutoTokenizer
+
+    from modelpress.engine.stream import open_streamed
+
+    path = Path(spec)
+    if not (path.is_dir() and (path / "config.json").exists()) or (path / MODELPRESS_FILE).exists():
+        raise ModelpressError(f"--stream reads a Hugging Face model directory (config.json and safetensors); "
+                              f"{spec} is not one")
+    check_remote_code(path)
+    model = open_streamed(path, work_dir, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):
+        tokenizer = None
+        log.warning("model %s has no loadable tokenizer", spec)
+    return LoadedModel(model, tokenizer, source=spec, float_source=spec)
+
+
 def looks_like_path(spec: str) -> bool:
     """Hub ids are `name` or `org/name`; anything with more slashes, a dot-prefix or ~ is a path."""
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")

@@ -47,7 +47,9 @@ def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = 
         kind = compressed_module_kind(module)
         if kind is not None:
             layers[name] = {"kind": kind, **module.record()}
-    tensors, tied = _dedupe_tied(model.state_dict())
+    state = model.state_dict()
+    streamed = {n for n, t in state.items() if t.is_meta}     # blocks a streamed run left on disk (engine/stream.py)
+    tensors, tied = _dedupe_tied({n: t for n, t in state.items() if n not in streamed})
     meta = {
         "format_version": FORMAT_VERSION,
         "library": f"modelpress {modelpress.__version__}",
@@ -70,8 +72,12 @@ def save_compressed(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = 
                 del config.quantization_config
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", "producer": "modelpress"})
+        if streamed:
+            _save_streamed(model, {n: t for n, t in state.items() if n in tensors or n in streamed},
+                           tmp / WEIGHTS_FILE)
+        else:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+                      metadata={"format": "pt", "producer": "modelpress"})
         meta["files"] = describe_files(tmp, list(CHECKED_FILES))
         (tmp / MODELPRESS_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return Path(out_dir)
@@ -83,6 +89,20 @@ HF_QUANT_METHOD = "modelpress"   # the quantization method modelpress.hf registe
 def hf_quantization_config(layers: dict[str, dict]) -> dict:
     """config.json's `quantization_config` for a saved model (modelpress.hf.ModelpressConfig reads it)."""
     return {"quant_method": HF_QUANT_METHOD, "scheme": None, "skip": [], "layers": layers}
+
+
+def _save_streamed(model: nn.Module, specs: dict[str, torch.Tensor], file: Path) -> None:
+    """model.safetensors written tensor by tensor; meta tensors read back from the blocks' files."""
+    from modelpress.engine.stream import source_of
+    from modelpress.io.streamed_safetensors import write_streamed
+
+    source = source_of(model)
+    stored = getattr(source, "stored_tensor", None)
+    if stored is None:
+        raise ModelpressError("the model has weights on the meta device and no streamed source holding them; "
+                              "only a model opened with --stream (engine/stream.py) can be saved that way")
+    write_streamed(file, specs, lambda name: specs[name] if not specs[name].is_meta else stored(name),
+                   metadata={"format": "pt", "producer": "modelpress"})
 
 
 def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

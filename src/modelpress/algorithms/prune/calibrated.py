@@ -26,6 +26,7 @@ from modelpress.algorithms.prune.wanda import SquaredNormSum, WandaConfig, wanda
 from modelpress.algorithms.quantize.gptq import HessianSum
 from modelpress.engine.algorithm import InputGroup, LayerSolution, LayerTarget
 from modelpress.engine.blocks import BlockStack, find_blocks
+from modelpress.engine.distributed import Ranks
 from modelpress.engine.resume import config_description
 from modelpress.engine.runner import EngineSettings, run_sequential
 from modelpress.formats.packed import PackedWeight
@@ -73,7 +74,20 @@ class LayerPruner:
         notes["dense_bytes"] = dense_bytes
         values = pruned.values
         kept = values.dequantize(weight.dtype).reshape(-1) if isinstance(values, PackedWeight) else values
-        return LayerSolution(scatter_dense(pruned.mask, kept, weight.dtype), notes)
+        return LayerSolution(scatter_dense(pruned.mask, kept, weight.dtype), notes, payload=pruned)
+
+    def reduce(self, group: InputGroup, ranks: Ranks) -> None:
+        """Data-parallel runs: the group's statistics summed over ranks (a rank that saw none adds zeros)."""
+        weight = group.targets[0].weight
+        self._stats.setdefault(group.key, self.empty_stats(weight.shape[-1], weight.device)).reduce(ranks)
+
+    def adopt(self, group: InputGroup, solutions: list[LayerSolution]) -> None:
+        """Masks of a group another rank solved, for finish_block's swap to SparseLinear."""
+        for target, solution in zip(group.targets, solutions):
+            self._pending[target.name] = solution.payload  # type: ignore[assignment]
+
+    def empty_stats(self, k: int, device: torch.device):
+        raise NotImplementedError(f"{type(self).__name__} must implement empty_stats")
 
     def prune(self, target: LayerTarget, stats) -> tuple[_Pruned, dict]:
         """Each calibrated pruner (Wanda, SparseGPT) supplies its own rule."""
@@ -104,6 +118,9 @@ class WandaPruner(LayerPruner):
             acc = self._stats[group.key] = SquaredNormSum(inputs.shape[-1], inputs.device)
         acc.add(inputs)
 
+    def empty_stats(self, k: int, device: torch.device) -> SquaredNormSum:
+        return SquaredNormSum(k, device)
+
     def prune(self, target: LayerTarget, stats: SquaredNormSum) -> tuple[_Pruned, dict]:
         weight = target.weight.detach()
         mask = wanda_mask(weight, stats.norm(), self.sparsity, self.pattern)
@@ -123,8 +140,11 @@ class SparseGPTPruner(LayerPruner):
         k = inputs.shape[-1]
         acc = self._stats.get(group.key)
         if acc is None:
-            acc = self._stats[group.key] = HessianSum(torch.zeros(k, k, device=inputs.device))
+            acc = self._stats[group.key] = HessianSum.zeros(k, inputs.device)
         acc.add(inputs)
+
+    def empty_stats(self, k: int, device: torch.device) -> HessianSum:
+        return HessianSum.zeros(k, device)
 
     def solve(self, group: InputGroup) -> list[LayerSolution]:
         stats = self._stats.get(group.key)

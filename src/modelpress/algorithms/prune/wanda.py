@@ -37,6 +37,11 @@ class SquaredNormSum:
         self.sum += x.double().pow(2).sum(dim=0)
         self.rows += x.shape[0]
 
+    def reduce(self, ranks) -> None:
+        """Sum and row count over all ranks (engine/distributed.py)."""
+        ranks.sum_(self.sum)
+        self.rows = ranks.sum_ints([self.rows])[0]
+
     def norm(self) -> torch.Tensor:
         return self.sum.sqrt().float()
 

@@ -44,6 +44,7 @@ from modelpress.algorithms.quantize.smoothing import (
 from modelpress.engine.algorithm import InputGroup, LayerSolution
 from modelpress.engine.blocks import BlockStack
 from modelpress.engine.context import BlockContext
+from modelpress.engine.distributed import Ranks
 from modelpress.engine.resume import config_description
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
@@ -268,7 +269,7 @@ class AWQ:
                 for target in group.targets:
                     self._scaling[target.name] = {"scaled": False, "reason": EXPERT_REASON}
         stats = collect_stats(context, groups, hessian=True)
-        producers = search_producers(context, groups)
+        producers = context.ranks.on_main(lambda: search_producers(context, groups))
         for group in deepest_first(groups):
             found = stats.get(group.key)
             if found is None or found.rows == 0:
@@ -310,8 +311,16 @@ class AWQ:
         acc = self._observed.get(group.key)
         if acc is None:
             k = inputs.shape[-1]
-            acc = self._observed[group.key] = HessianSum(torch.zeros(k, k, device=inputs.device))
+            acc = self._observed[group.key] = HessianSum.zeros(k, inputs.device)
         acc.add(inputs)
+
+    def reduce(self, group: InputGroup, ranks: Ranks) -> None:
+        """Data-parallel runs: what observe gathered, summed over ranks (prepare_block reduced its own)."""
+        if self._inner is not None:
+            self._inner.reduce(group, ranks)
+        elif group.key not in self._hessians:
+            weight = group.targets[0].weight
+            self._observed.setdefault(group.key, HessianSum.zeros(weight.shape[-1], weight.device)).reduce(ranks)
 
     def solve(self, group: InputGroup) -> list[LayerSolution]:
         if self._inner is not None:

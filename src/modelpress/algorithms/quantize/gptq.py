@@ -52,6 +52,7 @@ from modelpress.algorithms.quantize.mixed import check_layer_schemes, layer_sche
 from modelpress.engine.algorithm import InputGroup, LayerSolution, LayerTarget
 from modelpress.engine.blocks import BlockStack
 from modelpress.engine.context import BlockContext
+from modelpress.engine.distributed import Ranks
 from modelpress.engine.resume import config_description
 from modelpress.engine.runner import RunReport
 from modelpress.errors import ModelpressError
@@ -417,18 +418,32 @@ def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torc
 
 @dataclass
 class HessianSum:
-    """Running X^T X over calibration rows (float32)."""
+    """Running X^T X over calibration rows, summed in float64: the order batches (or ranks, engine/distributed.py)
+    are added in then changes the sum by ~1e-16 relative, and `mean()` rounds to the same float32 Hessian."""
 
     sum: torch.Tensor
     rows: int = 0
 
+    def __post_init__(self) -> None:
+        self.sum = self.sum.double()
+
+    @classmethod
+    def zeros(cls, k: int, device: torch.device | str) -> HessianSum:
+        return cls(torch.zeros(k, k, dtype=torch.float64, device=device))
+
     def add(self, inputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
         self.sum.addmm_(x.t(), x)
         self.rows += x.shape[0]
 
+    def reduce(self, ranks: Ranks) -> None:
+        """Sum and row count over all ranks (every rank must call it, in the same order)."""
+        ranks.sum_(self.sum)
+        self.rows = ranks.sum_ints([self.rows])[0]
+
     def mean(self) -> torch.Tensor:
-        return self.sum / max(self.rows, 1)
+        """(K, K) float32 X^T X / rows."""
+        return (self.sum / max(self.rows, 1)).float()
 
 
 @dataclass
@@ -459,8 +474,13 @@ class GPTQ:
         k = inputs.shape[-1]
         acc = self._hessians.get(group.key)
         if acc is None:
-            acc = self._hessians[group.key] = HessianSum(torch.zeros(k, k, device=inputs.device))
+            acc = self._hessians[group.key] = HessianSum.zeros(k, inputs.device)
         acc.add(inputs)
+
+    def reduce(self, group: InputGroup, ranks: Ranks) -> None:
+        """Data-parallel runs: the group's Hessian summed over ranks (a rank that saw none adds zeros)."""
+        weight = group.targets[0].weight
+        self._hessians.setdefault(group.key, HessianSum.zeros(weight.shape[-1], weight.device)).reduce(ranks)
 
     def solve(self, group: InputGroup) -> list[LayerSolution]:
         acc = self._hessians.pop(group.key, None)

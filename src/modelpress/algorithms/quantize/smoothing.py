@@ -34,6 +34,7 @@ from torch import nn
 from modelpress.algorithms.quantize.gptq import HessianSum
 from modelpress.engine.algorithm import InputGroup
 from modelpress.engine.context import BlockContext
+from modelpress.engine.distributed import Ranks
 from modelpress.nn.layers import is_linear, linear_weight
 
 
@@ -67,28 +68,36 @@ EXPERT_REASON = ("slice of fused expert weights: it reads only the tokens routed
 class ChannelStats:
     """Running statistics of one group's input x (..., K), in float32."""
 
-    abs_sum: torch.Tensor                   # (K,) sum of |x| over rows
+    abs_sum: torch.Tensor                   # (K,) sum of |x| over rows (float64, like HessianSum)
     abs_max: torch.Tensor                   # (K,) max of |x| over rows
     hessian: HessianSum | None = None       # X^T X, when asked for
     rows: int = 0
 
     @classmethod
     def empty(cls, k: int, device: torch.device, hessian: bool) -> ChannelStats:
-        zeros = torch.zeros(k, device=device)
-        return cls(zeros, zeros.clone(), HessianSum(torch.zeros(k, k, device=device)) if hessian else None)
+        return cls(torch.zeros(k, dtype=torch.float64, device=device), torch.zeros(k, device=device),
+                   HessianSum.zeros(k, device) if hessian else None)
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         a = x.abs()
-        self.abs_sum += a.sum(dim=0)
+        self.abs_sum += a.double().sum(dim=0)
         torch.maximum(self.abs_max, a.amax(dim=0), out=self.abs_max)
         if self.hessian is not None:
             self.hessian.add(x)
         self.rows += x.shape[0]
 
+    def reduce(self, ranks: Ranks) -> None:
+        """Sums, maxima and row counts over all ranks (every rank calls it, in the same order)."""
+        ranks.sum_(self.abs_sum)
+        ranks.max_(self.abs_max)
+        if self.hessian is not None:
+            self.hessian.reduce(ranks)
+        self.rows = ranks.sum_ints([self.rows])[0]
+
     @property
     def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / max(self.rows, 1)
+        return (self.abs_sum / max(self.rows, 1)).float()
 
 
 # ---- the fold: pure edits of weights ----------------------------------------------------------------------
@@ -157,6 +166,10 @@ def collect_stats(context: BlockContext, groups: list[InputGroup], hessian: bool
     finally:
         for handle in handles:
             handle.remove()
+    if context.ranks.distributed:     # this rank saw its share of the batches: sum over all of them
+        for group in groups:
+            weight = linear_weight(context.targets.linears[group.key])
+            stats.setdefault(group.key, ChannelStats.empty(weight.shape[-1], weight.device, hessian)).reduce(context.ranks)
     return stats
 
 

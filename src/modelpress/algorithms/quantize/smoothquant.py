@@ -106,7 +106,7 @@ class SmoothQuant:
                 for target in group.targets:
                     self._notes[target.name] = {"smoothing": "none", "reason": FLOAT_EXPERTS_REASON}
         stats = collect_stats(context, groups, hessian=False)
-        producers = search_producers(context, groups)
+        producers = context.ranks.on_main(lambda: search_producers(context, groups))
         for group in deepest_first(groups):
             found = stats.get(group.key)
             if found is None or found.rows == 0:
