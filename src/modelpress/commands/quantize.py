@@ -14,7 +14,7 @@ import sys
 
 from modelpress.algorithms.quantize import MixedConfig, config_for_method, method_help, method_names
 from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, parse_candidates
-from modelpress.api import CalibrationSettings, quantize_model
+from modelpress.api import CalibrationSettings, EvalSettings, diagnose_calibration_text, quantize_model
 from modelpress.commands.common import (
     add_calibration_arguments,
     add_json_argument,
@@ -64,6 +64,9 @@ def add_parser(sub) -> None:
                        help="calibration windows for the per-layer sensitivity pass (default 8)")
     add_calibration_arguments(p, "calibration (gptq, awq, smoothquant, mixed precision's sensitivity)",
                               "save progress after every block to DIR and continue from it if it holds an earlier run")
+    p.add_argument("--diagnose", nargs="?", const="default", default=None, metavar="TEXT",
+                   help="before quantizing, print how well the calibration windows cover TEXT (default: the embedded "
+                        "evaluation corpus): token coverage and per-block activation distance; also in --json")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -84,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
         options["static_groups"] = False
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
     loaded = load_model(args.model)
+    diagnostics = _diagnose(args, loaded, calibration)
     info = quantize_model(loaded, config, calibration).to_json()
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
-              "quantized_parameters": size.quantized_parameters, "source": loaded.source}
+              "quantized_parameters": size.quantized_parameters, "source": loaded.source, **diagnostics}
     save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     print(f"quantized {info['layers']} layers to {scheme.spec} in {info['seconds']:.1f} s: "
           f"{size.bits_per_weight:.3f} bits/weight over quantized layers, {size.weight_bytes / 2**20:.1f} MiB "
@@ -124,3 +128,15 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
           file=sys.stdout)
     write_json(args.json, report)
     return 0
+
+
+def _diagnose(args: argparse.Namespace, loaded, calibration: CalibrationSettings) -> dict:
+    """--diagnose: the calibration diagnostics, printed and returned as a report entry ({} when not asked)."""
+    if args.diagnose is None:
+        return {}
+    evaluation = EvalSettings(text=None if args.diagnose == "default" else args.diagnose, seq_len=calibration.seq_len,
+                              speed=False, bos=calibration.bos)
+    diagnostics = diagnose_calibration_text(loaded, calibration, evaluation)
+    for line in diagnostics.lines():
+        print(line, file=sys.stdout)
+    return {"calibration_diagnostics": {"evaluation_text": args.diagnose, **diagnostics.to_json()}}
