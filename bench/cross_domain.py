@@ -18,6 +18,7 @@ after them (a mix: after each part's), so calibration never sees evaluation text
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import sys
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.calibrated import RowSpec
+from bench.peers.compare import with_weights
+from bench.peers.rows import stored_weights
 from bench.scoring import materialize, release_memory, score, shared_copy, table, write_json
 
 from modelpress.api import EvalSettings, prepare_windows
@@ -68,11 +71,18 @@ def build_free(key: str, model: torch.nn.Module) -> dict:
 
 
 def build_rows(base, args) -> list[tuple[dict, torch.nn.Module]]:
-    """(fields, float32 model holding the stored weights) for every row and calibration corpus."""
+    """(fields, float32 model holding the stored weights) for every row and calibration corpus. With
+    --cache DIR each built row is kept there (its stored weights as float32) and reused by a later run."""
     built = []
     for key in args.rows:
         free = key.partition(":")[0] in FREE
         for calib in ([None] if free else args.calib):
+            cached = None if args.cache is None else Path(args.cache) / f"{key}@{calib}".replace("/", "_")
+            if cached is not None and (cached / "row.json").exists():
+                fields = json.loads((cached / "row.json").read_text())
+                built.append((fields, with_weights(base.model, torch.load(cached / "weights.pt", weights_only=True))))
+                log.info("reused %s (calibration %s) from %s", key, fields["calibration"], cached)
+                continue
             model = shared_copy(base.model)
             if free:
                 fields = build_free(key, model)
@@ -82,6 +92,10 @@ def build_rows(base, args) -> list[tuple[dict, torch.nn.Module]]:
             fields.update(row=key, calibration=calib or "-")
             log.info("built %s (calibration %s) in %.1f s", key, fields["calibration"], fields["quantize_seconds"])
             built.append((fields, materialize(model)))
+            if cached is not None:
+                cached.mkdir(parents=True, exist_ok=True)
+                torch.save(stored_weights(model), cached / "weights.pt")
+                (cached / "row.json").write_text(json.dumps(fields, default=str))
             release_memory()
     return built
 
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=None, metavar="DIR", help="keep built rows in DIR and reuse them")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "cross_domain.json"), metavar="OUT")
     args = p.parse_args(argv)
