@@ -45,7 +45,8 @@ class CalibrationDiagnostics:
                 "calibration_distinct_tokens": self.calibration_distinct_tokens,
                 "evaluation_distinct_tokens": self.evaluation_distinct_tokens,
                 "token_coverage": self.token_coverage, "mean_activation_distance": self.mean_distance,
-                "block_activation_distance": list(self.block_distance), "layer_activation_distance": self.layer_distance}
+                "block_activation_distance": list(self.block_distance),
+                "layer_activation_distance": self.layer_distance}
 
     def lines(self) -> list[str]:
         blocks = " ".join(f"{d:.3f}" for d in self.block_distance)
