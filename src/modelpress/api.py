@@ -16,6 +16,7 @@ from modelpress.eval.size import measure_size
 from modelpress.eval.speed import measure_speed
 from modelpress.formats.scheme import WeightScheme
 from modelpress.io.model import LoadedModel, load_model
+from modelpress.io.corpora import mix_parts
 from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows, tokenizer_bos
 from modelpress.nn.layers import DEFAULT_SKIP
 
@@ -92,8 +93,21 @@ def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tenso
     bos = tokenizer_bos(tokenizer) if settings.bos else None
     step = settings.seq_len - (bos is not None)               # text tokens per window
     reserved = -(-settings.eval_tokens // step)               # whole calibration windows covering the eval text
-    windows = make_windows(tokenizer, load_text(settings.text), settings.seq_len, reserved, settings.samples, bos)
-    return windows.calibration
+    parts = mix_parts(settings.text) if settings.text else None
+    if parts is None:
+        windows = make_windows(tokenizer, load_text(settings.text), settings.seq_len, reserved, settings.samples, bos)
+        return windows.calibration
+    # a mix: each corpus cut after its own evaluation windows, then one window of each in turn
+    each = [make_windows(tokenizer, load_text(name), settings.seq_len, reserved, settings.samples, bos).calibration
+            for name in parts]
+    return interleave(each, settings.samples)
+
+
+def interleave(parts: list[torch.Tensor], count: int) -> torch.Tensor:
+    """Up to `count` rows taken in turn from each (n_i, L) tensor: row 0 of each, then row 1 of each, ...;
+    a part that runs out leaves its turns to the others."""
+    rows = [part[i] for i in range(max(p.shape[0] for p in parts)) for part in parts if i < part.shape[0]]
+    return torch.stack(rows[:count])
 
 
 Calibration = CalibrationSettings | torch.Tensor | Sequence[str] | str | None
@@ -183,6 +197,17 @@ def prune_model(loaded: LoadedModel, config, calibration: Calibration = None) ->
     report = prune(loaded.model, config, ids, device=settings.device, resume_dir=settings.resume_dir,
                    batch_size=settings.batch_size)
     return PruningReport(report, round(time.perf_counter() - start, 3), info)
+
+
+def diagnose_calibration_text(loaded: LoadedModel, calibration: CalibrationSettings, evaluation: EvalSettings,
+                              max_windows: int = 16):
+    """Token coverage and activation distance (eval/calibration.py) of the calibration windows `calibration`
+    describes against the evaluation windows of `evaluation`, on the model as loaded (float)."""
+    from modelpress.eval.calibration import diagnose_calibration
+
+    ids = calibration_windows(loaded.tokenizer, calibration)
+    _, windows = prepare_windows(loaded.tokenizer, evaluation)
+    return diagnose_calibration(loaded.model, ids, windows.eval, max_windows, calibration.batch_size)
 
 
 def prepare_windows(tokenizer, settings: EvalSettings, calib_samples: int = 0) -> tuple[TextSource, TokenWindows]:

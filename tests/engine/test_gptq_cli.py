@@ -51,3 +51,16 @@ def test_no_static_groups_is_refused_for_methods_without_gptq(tiny_llama_dir, tm
                  "--out", str(tmp_path / "q")]) == 2
     assert "applies to methods gptq and awq-gptq" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_diagnose_prints_and_reports_calibration_coverage(tiny_llama_dir, tiny_text, tmp_path, capsys):
+    report_file = tmp_path / "q.json"
+    assert main(["quantize", str(tiny_llama_dir), "--method", "gptq", "--format", "int4", "--group-size", "32",
+                 "--calib-text", str(tiny_text), "--calib-samples", "4", "--calib-seq-len", "64",
+                 "--diagnose", str(tiny_text), "--out", str(tmp_path / "q"), "--json", str(report_file)]) == 0
+    out = capsys.readouterr().out
+    assert "token coverage" in out and "activation distance" in out
+    diagnostics = json.loads(report_file.read_text())["calibration_diagnostics"]
+    assert diagnostics["evaluation_text"] == str(tiny_text) and diagnostics["calibration_windows"] == 4
+    assert 0 < diagnostics["token_coverage"] <= 1
+    assert len(diagnostics["block_activation_distance"]) == 2 and diagnostics["mean_activation_distance"] > 0

@@ -24,7 +24,7 @@ from modelpress.algorithms.quantize import MixedConfig, config_for_method, metho
 from modelpress.algorithms.quantize.awq import AWQConfig
 from modelpress.algorithms.quantize.gptq import GPTQConfig
 from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, parse_candidates
-from modelpress.api import CalibrationSettings, quantize_model
+from modelpress.api import CalibrationSettings, EvalSettings, diagnose_calibration_text, quantize_model
 from modelpress.commands.common import (
     add_calibration_arguments,
     add_json_argument,
@@ -86,6 +86,9 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", action="store_true",
                    help="read the model (an HF safetensors directory, sharded or not) one block at a time instead of "
                         "loading it: host memory about one block plus calibration activations; gptq, awq, awq-gptq")
+    p.add_argument("--diagnose", nargs="?", const="default", default=None, metavar="TEXT",
+                   help="before quantizing, print how well the calibration windows cover TEXT (default: the embedded "
+                        "evaluation corpus): token coverage and per-block activation distance; also in --json")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -108,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
     if args.grid is not None:
         options["grid"] = args.grid
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
-    if args.stream and args.max_kl is not None:
-        raise ModelpressError("--max-kl compares against the float model in memory; it does not combine with --stream")
+    if args.stream and (args.max_kl is not None or args.diagnose is not None):
+        raise ModelpressError("--max-kl and --diagnose need the float model in memory; they do not combine with --stream")
     with _model_for(args, config) as loaded:
+        diagnostics = _diagnose(args, loaded, calibration)
         float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
         info = quantize_model(loaded, config, calibration).to_json()
         if not ranks.is_main:
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         size = measure_size(loaded.model)
         report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
                   "quantized_parameters": size.quantized_parameters, "source": loaded.source, "ranks": ranks.world,
-                  "streamed": args.stream}
+                  "streamed": args.stream, **diagnostics}
         save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     print(f"quantized {info['layers']} layers to {scheme.spec} in {info['seconds']:.1f} s: "
           f"{size.bits_per_weight:.3f} bits/weight over quantized layers, {size.weight_bytes / 2**20:.1f} MiB "
@@ -198,3 +202,15 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
           file=sys.stdout)
     write_json(args.json, report)
     return 0
+
+
+def _diagnose(args: argparse.Namespace, loaded, calibration: CalibrationSettings) -> dict:
+    """--diagnose: the calibration diagnostics, printed and returned as a report entry ({} when not asked)."""
+    if args.diagnose is None:
+        return {}
+    evaluation = EvalSettings(text=None if args.diagnose == "default" else args.diagnose, seq_len=calibration.seq_len,
+                              speed=False, bos=calibration.bos)
+    diagnostics = diagnose_calibration_text(loaded, calibration, evaluation)
+    for line in diagnostics.lines():
+        print(line, file=sys.stdout)
+    return {"calibration_diagnostics": {"evaluation_text": args.diagnose, **diagnostics.to_json()}}

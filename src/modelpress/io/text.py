@@ -1,8 +1,9 @@
 """Text for calibration and evaluation, and the fixed token windows cut from it.
 
 Sources: the embedded default corpus (the English documentation topics that ship with Python in
-`pydoc_data`, so no network is needed), a UTF-8 file, or `hf:PATH[:CONFIG[:SPLIT]]` for a Hugging Face
-dataset when `datasets` and a network are available.
+`pydoc_data`, so no network is needed), another named offline corpus (`docs`, `bible`, `dialogue`: see
+io/corpora.py), a UTF-8 file, or `hf:PATH[:CONFIG[:SPLIT]]` for a Hugging Face dataset when `datasets`
+and a network are available. A name of a corpus wins over a file of the same name (give ./NAME for the file).
 
 Windows: the text is tokenized once (without special tokens); evaluation windows are the first
 `eval_windows` blocks and calibration samples come strictly after them, so the two never overlap and the
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from modelpress.errors import ModelpressError
+from modelpress.io.corpora import CORPORA, corpus_text, docs_text, mix_parts
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,18 @@ class TextSource:
 
 
 def default_corpus() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    return docs_text()
 
 
 def load_text(spec: str | None = None) -> TextSource:
     if spec is None or spec == DEFAULT_TEXT:
         return TextSource("default (pydoc_data topics)", default_corpus())
+    if spec in CORPORA:
+        description, text = corpus_text(spec)
+        return TextSource(f"{spec} ({description})", text)
+    if mix_parts(spec) is not None:
+        raise ModelpressError(f"{spec!r} is a calibration mix (windows from several corpora), not one text: "
+                              f"use it for calibration, and evaluate on one of its corpora ({', '.join(CORPORA)})")
     if spec.startswith("hf:"):
         return TextSource(spec, _load_dataset_text(spec[3:]))
     path = Path(spec)
