@@ -102,7 +102,7 @@ def test_gptq_and_awq_honour_per_layer_schemes_and_an_all_default_map_changes_no
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     override = {"model.layers.0.self_attn.q_proj": INT8, "model.layers.1.mlp.down_proj": INT3}
     for run, config in ((quantize_gptq, GPTQConfig(scheme=INT4, schemes=override)),
-                        (quantize_awq, AWQConfig(scheme=INT4, schemes=override, grid=4, clip_grid=4))):
+                        (quantize_awq, AWQConfig(scheme=INT4, schemes=override, scale_grid=4, clip_grid=4))):
         mixed = copy.deepcopy(model)
         run(mixed, config, ids)
         got = {n: m.scheme for n, m in quant_layers(mixed).items()}
