@@ -9,6 +9,11 @@ the ratios, not the absolute numbers. Rows:
                           (float32 models only: the slowest rows)
 - SCHEME + head           the output head quantized too (RTN leaves it float), --head
 - ... bf16                the model cast to bfloat16 first (activations bf16 throughout), --bf16
+- llama.cpp TYPE (SCHEME) the SCHEME row exported to GGUF (losslessly: int4 -> Q4_0, int4-asym -> Q4_1, int8 ->
+                          Q8_0; its tied head is Q8_0 as in the source GGUF) and run by llama.cpp itself
+                          (modelpress-decode, scripts/llamacpp/decode.cpp: its C API, greedy, batch 1) with the
+                          same prompts and thread count, in the same rounds, --llamacpp (needs
+                          `bash scripts/install_llamacpp.sh`)
 Each thread count given to --threads gets its own full run (on a machine shared with other work, two
 OpenMP threads can lose whole scheduler slices at every parallel region; one thread shows the kernels alone).
 Quality of the fast path is checked against the reference path of the same model on the prefill prompt:
@@ -16,6 +21,7 @@ top-1 agreement, max |logit difference|, KL(reference || fast), and whether gree
 
     .venv/bin/python bench/cpu_decode.py --json bench/results/cpu_decode.json
     .venv/bin/python bench/cpu_decode.py --reference --head --bf16 --threads 2 1     # everything
+    .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 --llamacpp --threads 2 1   # against llama.cpp
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import copy
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +60,9 @@ DECODE_PROMPT_TOKENS = 16
 @dataclass
 class Row:
     name: str
-    model: nn.Module
+    model: nn.Module | None
     fast: bool = True                      # False: the CPU backend is disabled for this row
+    gguf: Path | None = None               # a llama.cpp row: the GGUF it runs (model is None)
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)  # seconds per generated token, one per round
     tokens: torch.Tensor | None = None     # greedy tokens of the last round
@@ -129,6 +138,37 @@ def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool
     return rows
 
 
+def llamacpp_rows(rows: list[Row], loaded, workdir: Path) -> list[Row]:
+    """Each fast float32 scheme row exported to GGUF; only lossless exports (the same weights) make a row."""
+    from modelpress.export import export_model
+    from modelpress.io.model import LoadedModel
+
+    made = []
+    for row in rows:
+        if not row.fast or row.name == "float32" or " " in row.name:
+            continue
+        out = workdir / row.name.replace("/", "-")
+        result = export_model(LoadedModel(row.model, loaded.tokenizer, source=loaded.source,
+                                          float_source=loaded.source), ["gguf"], out)[0]
+        if not result.lossless:
+            print(f"{row.name}: its GGUF is not lossless, no llama.cpp row", file=sys.stderr)
+            continue
+        types = result.notes[0].split(";")[0].removeprefix("linear layers: ")
+        made.append(Row(f"llama.cpp {types} ({row.name})", None, gguf=out / "gguf" / "model.gguf"))
+    return made
+
+
+def time_llamacpp(row: Row, prompt: torch.Tensor, new_tokens: int) -> None:
+    from modelpress.export import llamacpp
+
+    threads = torch.get_num_threads()
+    prefill, _, _ = llamacpp.decode(row.gguf, prompt[0], 1, threads)
+    _, per_token, tokens = llamacpp.decode(row.gguf, prompt[0, :DECODE_PROMPT_TOKENS], new_tokens, threads)
+    row.prefill_s.append(prefill)
+    row.decode_s.append(per_token)
+    row.tokens = torch.tensor(tokens)
+
+
 @torch.no_grad()
 def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: int, reference_tokens: int) -> None:
     """Fill each row's timings: `repeats` rounds, every row once per round (reference rows decode fewer tokens:
@@ -136,11 +176,18 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
     decode_prompt = prompt[:, :DECODE_PROMPT_TOKENS]
     for row in rows:
         row.prefill_s, row.decode_s = [], []
+        if row.gguf is not None:
+            time_llamacpp(row, prompt, 2)   # warm-up: the file in the page cache
+            row.prefill_s, row.decode_s = [], []
+            continue
         with row.context():  # warm-up: builds the prepared weights, touches every page once
             time_prefill(row.model, prompt)
             time_decode(row.model, decode_prompt, 2)
     for round_ in range(repeats):
         for row in rows:
+            if row.gguf is not None:
+                time_llamacpp(row, prompt, new_tokens)
+                continue
             with row.context():
                 row.prefill_s.append(time_prefill(row.model, prompt))
                 tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
@@ -191,6 +238,8 @@ def main() -> None:
     parser.add_argument("--reference-tokens", type=int, default=8, help="tokens decoded per reference-row repeat")
     parser.add_argument("--bf16", action="store_true", help="also time bfloat16 copies of every model")
     parser.add_argument("--head", action="store_true", help="also time each scheme with the output head quantized")
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="also run each scheme's lossless GGUF export in llama.cpp (same prompts and threads)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -198,6 +247,9 @@ def main() -> None:
     ids = torch.tensor(loaded.tokenizer(default_corpus(), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
     prompt = ids[None]
     rows = build_rows(loaded.model.eval(), args.schemes, args.reference, args.bf16, args.head)
+    workdir = Path(tempfile.mkdtemp(prefix="modelpress-cpu-decode-"))
+    if args.llamacpp:
+        rows += llamacpp_rows(rows, loaded, workdir)
 
     results, load = [], []
     for threads in args.threads:
@@ -211,11 +263,17 @@ def main() -> None:
                             "prefill_tokens_per_s": prompt.shape[1] / statistics.median(row.prefill_s),
                             "decode_s_per_token": row.decode_s, "prefill_s": row.prefill_s,
                             "packed_bytes": None, "prepared_bytes": None, "float32_bytes": None})
-            if any(isinstance(m, QuantLinear) for m in row.model.modules()):
+            if row.gguf is not None:
+                mine = next(r for r in rows if row.name.endswith(f"({r.name})"))
+                common = min(row.tokens.numel(), mine.tokens.numel())
+                results[-1]["greedy_tokens_equal_to_ours"] = [int((row.tokens[:common] == mine.tokens[:common]).sum()),
+                                                              common]
+            elif any(isinstance(m, QuantLinear) for m in row.model.modules()):
                 results[-1].update(layer_bytes(row.model))
                 if row.fast:
                     results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens)
 
+    shutil.rmtree(workdir, ignore_errors=True)
     table = markdown(results)
     print(table)
     if args.json is not None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 RUN = """
-import json, resource, sys, time
+import json, sys, time
 import modelpress
 from modelpress.algorithms.quantize import config_for_method
 from modelpress.eval.size import measure_size
@@ -32,7 +32,9 @@ config = config_for_method(plan["method"], max(set(plan["schemes"].values()), ke
 start = time.perf_counter()
 modelpress.quantize(model, config)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this process's own peak: ru_maxrss would include the parent's resident set at fork time (Linux keeps it
+# across exec), which made an earlier check report the planning process's 5.3 GB as the run's peak
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 modelpress.save(model, sys.argv[2])
 size = measure_size(model.model).weight_bytes
 print(json.dumps({"seconds": seconds, "peak_memory_bytes": peak, "weight_bytes": size}))

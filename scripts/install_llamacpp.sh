@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's tools and modelpress-logits into $MODELPRESS_LLAMA_CPP (default ~/.cache/modelpress/llama.cpp).
+# Build llama.cpp's tools and modelpress-logits / modelpress-decode into $MODELPRESS_LLAMA_CPP (default ~/.cache/modelpress/llama.cpp).
 # They judge GGUF exports in tests (skipped without them) and in bench/export.py. Sources: the llama.cpp vendored in
 # the llama-cpp-python 0.3.36 source distribution (from PyPI). About 10 minutes on 2 cores; run once.
 set -euo pipefail
@@ -18,6 +18,8 @@ cmake --build "$SRC/build" -j"$(nproc)" --target llama-perplexity llama-quantize
 for tool in llama-perplexity llama-quantize llama-imatrix; do
   ln -sf "$SRC/build/bin/$tool" "$DEST/bin/$tool"
 done
-g++ -O2 -std=c++17 scripts/llamacpp/logits.cpp -I"$SRC/include" -I"$SRC/ggml/include" -L"$SRC/build/bin" -lllama \
-  -Wl,-rpath,"$SRC/build/bin" -o "$DEST/bin/modelpress-logits"
+for tool in logits decode; do   # ours, on llama.cpp's C API: scripts/llamacpp/*.cpp
+  g++ -O2 -std=c++17 "scripts/llamacpp/$tool.cpp" -I"$SRC/include" -I"$SRC/ggml/include" -L"$SRC/build/bin" -lllama \
+    -Wl,-rpath,"$SRC/build/bin" -o "$DEST/bin/modelpress-$tool"
+done
 echo "llama.cpp tools in $DEST/bin"

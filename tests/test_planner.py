@@ -145,3 +145,18 @@ def test_budget_needs_exactly_one_bound():
         Budget(max_bits=-1)
     with pytest.raises(ModelpressError, match="unknown runtime"):
         plan_model(build_tiny_llama(), Budget(max_bits=4), "vllm", calibration=IDS)
+
+
+def test_the_memory_baseline_counts_mapped_weight_files_whole(tmp_path):
+    # a safetensors file is mapped lazily: its pages become resident only as weights are read, which a
+    # quantizer does for every weight, so the forecast's baseline counts the mapping whole from the start
+    from safetensors.torch import load_file, save_file
+
+    from modelpress.planner.forecast import mapped_weight_file_bytes, resident_bytes
+
+    save_file({"w": torch.randn(1024, 1024)}, tmp_path / "w.safetensors")
+    before_mapped, before = mapped_weight_file_bytes(), resident_bytes()
+    tensors = load_file(tmp_path / "w.safetensors")
+    assert mapped_weight_file_bytes() - before_mapped >= 4 * 2**20
+    assert resident_bytes() - before >= 4 * 2**20 - 2**20   # counted before a single page is read
+    assert tensors["w"].shape == (1024, 1024)

@@ -17,7 +17,8 @@ from modelpress.eval.speed import measure_speed
 from modelpress.formats.scheme import WeightScheme
 from modelpress.io.model import LoadedModel, load_model
 from modelpress.io.corpora import mix_parts
-from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows, tokenizer_bos
+from modelpress.io.text import (TextSource, TokenWindows, check_bos_mode, load_text, make_windows, tokenizer_bos,
+                                window_stride)
 from modelpress.nn.layers import DEFAULT_SKIP
 
 
@@ -40,6 +41,7 @@ class EvalReport:
     prefill_tokens_per_s: float | None = None
     decode_tokens_per_s: float | None = None
     bos: bool = False                  # every window started with the tokenizer's BOS token
+    bos_mode: str = "overwrite"        # how text follows that BOS (io/text.py): llama.cpp's "overwrite" or "prepend"
     score: str = "all"                 # scored positions: "all" but the first, or llama.cpp's "second-half"
     extra: dict = field(default_factory=dict)
 
@@ -52,7 +54,8 @@ class EvalReport:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """`bos`: start every window with the BOS token when the tokenizer adds one (io/text.py); `score`: which
+    """`bos`: start every window with the BOS token when the tokenizer adds one, `bos_mode`: llama.cpp's
+    "overwrite" or "prepend" (io/text.py); `score`: which
     positions are scored (eval/quality.py: "all" or llama.cpp's "second-half"); `tasks`: lm-eval task files or
     names whose accuracy joins the report (`extra["tasks"]`, eval/tasks.py; needs the `tasks` extra)."""
 
@@ -62,11 +65,13 @@ class EvalSettings:
     speed: bool = True
     decode_tokens: int = 32
     bos: bool = True
+    bos_mode: str = "overwrite"
     score: str = "all"
     tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         first_scored(self.seq_len, self.score)      # validates the name
+        check_bos_mode(self.bos_mode)
         if isinstance(self.tasks, str):
             raise ModelpressError(f"tasks is a tuple of task files or names, e.g. ({self.tasks!r},)")
 
@@ -84,6 +89,10 @@ class CalibrationSettings:
     resume_dir: str | None = None
     eval_tokens: int = 40 * 512
     bos: bool = True                   # start every window with the BOS token when the tokenizer adds one
+    bos_mode: str = "overwrite"        # how text follows that BOS (io/text.py), as for evaluation
+
+    def __post_init__(self) -> None:
+        check_bos_mode(self.bos_mode)
 
 
 def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
@@ -91,15 +100,15 @@ def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tenso
     if tokenizer is None:
         raise ModelpressError("the model has no tokenizer; calibration needs one to cut text into windows")
     bos = tokenizer_bos(tokenizer) if settings.bos else None
-    step = settings.seq_len - (bos is not None)               # text tokens per window
+    step = window_stride(settings.seq_len, bos, settings.bos_mode)     # text tokens from one window to the next
     reserved = -(-settings.eval_tokens // step)               # whole calibration windows covering the eval text
     parts = mix_parts(settings.text) if settings.text else None
-    if parts is None:
-        windows = make_windows(tokenizer, load_text(settings.text), settings.seq_len, reserved, settings.samples, bos)
-        return windows.calibration
+    names = [settings.text] if parts is None else list(parts)
     # a mix: each corpus cut after its own evaluation windows, then one window of each in turn
-    each = [make_windows(tokenizer, load_text(name), settings.seq_len, reserved, settings.samples, bos).calibration
-            for name in parts]
+    each = [make_windows(tokenizer, load_text(name), settings.seq_len, reserved, settings.samples, bos,
+                         settings.bos_mode).calibration for name in names]
+    if parts is None:
+        return each[0]
     return interleave(each, settings.samples)
 
 
@@ -141,7 +150,7 @@ def text_windows(tokenizer, texts: list[str], settings: CalibrationSettings) -> 
     bos = tokenizer_bos(tokenizer) if settings.bos else None
     tokens = len(tokenizer(source.text, add_special_tokens=False)["input_ids"])
     seq_len = min(settings.seq_len, tokens + (bos is not None))
-    return make_windows(tokenizer, source, seq_len, 0, settings.samples, bos).calibration
+    return make_windows(tokenizer, source, seq_len, 0, settings.samples, bos, settings.bos_mode).calibration
 
 
 @dataclass(frozen=True)
@@ -215,7 +224,8 @@ def prepare_windows(tokenizer, settings: EvalSettings, calib_samples: int = 0) -
         raise ModelpressError("the model has no tokenizer; evaluation needs one to cut text into windows")
     source = load_text(settings.text)
     bos = tokenizer_bos(tokenizer) if settings.bos else None
-    return source, make_windows(tokenizer, source, settings.seq_len, settings.windows, calib_samples, bos)
+    return source, make_windows(tokenizer, source, settings.seq_len, settings.windows, calib_samples, bos,
+                                settings.bos_mode)
 
 
 def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel | None,
@@ -257,6 +267,7 @@ def evaluate_models(candidates: dict[str, LoadedModel], reference: LoadedModel |
             prefill_tokens_per_s=None if speed is None else speed.prefill_tokens_per_s,
             decode_tokens_per_s=None if speed is None else speed.decode_tokens_per_s,
             bos=windows.bos is not None,
+            bos_mode=windows.bos_mode,
             score=settings.score,
         )
         if settings.tasks:

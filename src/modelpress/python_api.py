@@ -33,7 +33,7 @@ from modelpress.api import (
 from modelpress.errors import ModelpressError
 from modelpress.export.base import ExportOptions, ExportResult
 from modelpress.io.model import LoadedModel, load_model
-from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows, tokenizer_bos
+from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows, tokenizer_bos, windows_in
 
 ModelLike = LoadedModel | nn.Module
 Text = str | Sequence[str] | torch.Tensor | None
@@ -98,13 +98,12 @@ def eval_windows(tokenizer, text: Text, settings: EvalSettings) -> tuple[TextSou
     else:
         source = TextSource(f"{len(text)} texts", "\n\n".join(text))
     bos = tokenizer_bos(tokenizer) if settings.bos else None
-    step_limit = settings.seq_len - (bos is not None)
     tokens = len(tokenizer(source.text, add_special_tokens=False)["input_ids"])
-    step = min(step_limit, tokens)
-    count = min(settings.windows, tokens // step) if step > 0 else 0
-    if count == 0 or step + (bos is not None) < 2:
+    seq_len = min(settings.seq_len, tokens + (bos is not None))     # one shorter window for a short text
+    count = min(settings.windows, windows_in(tokens, seq_len, bos, settings.bos_mode))
+    if count == 0 or seq_len - (bos is not None) < 1 or seq_len < 2:
         raise ModelpressError(f"text {source.name} has {tokens} tokens: too short for an evaluation window")
-    return source, make_windows(tokenizer, source, step + (bos is not None), count, 0, bos)
+    return source, make_windows(tokenizer, source, seq_len, count, 0, bos, settings.bos_mode)
 
 
 def save(model: ModelLike, path: str | Path, tokenizer=None, overwrite: bool = False,

@@ -98,3 +98,42 @@ def test_save_and_load_give_identical_logits(family, method, runs, tmp_path):
     back = load_compressed(tmp_path / "out").model
     with torch.no_grad():
         assert torch.equal(quantized(EVALUATION).logits, back(EVALUATION).logits)
+
+
+# ---- export (issue 16 item 3): every family leaves modelpress, or is refused before anything is written -----
+
+CT_REFUSED = {"gpt2": "Conv1D", "mixtral": "quant_experts", "qwen2_moe": "quant_experts"}
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def plain_logits(folder) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(EVALUATION).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gptq_models_export_to_what_transformers_loads(family, runs, tmp_path):
+    from modelpress.errors import ModelpressError
+    from modelpress.export import ExportOptions, export_model
+
+    _, quantized, _ = runs(family, "gptq")
+    loaded = LoadedModel(quantized, None, source=family, float_source=family)
+    with torch.no_grad():
+        ours = quantized(EVALUATION).logits
+    # hf: the dequantized weights in the plain architecture (GPT-2's Conv1D layout included)
+    export_model(loaded, ["hf"], tmp_path / "hf", ExportOptions(hf_dtype="float32"))
+    assert torch.allclose(plain_logits(tmp_path / "hf" / "hf"), ours, atol=1e-4)
+    # compressed-tensors: bit for bit where transformers can hold the layers, else refused and nothing written
+    if family in CT_REFUSED:
+        with pytest.raises(ModelpressError, match=CT_REFUSED[family]):
+            export_model(loaded, ["compressed-tensors"], tmp_path / "ct")
+        assert not (tmp_path / "ct").exists()
+    else:
+        result = export_model(loaded, ["compressed-tensors"], tmp_path / "ct")[0]
+        assert result.lossless
+        assert torch.allclose(plain_logits(tmp_path / "ct" / "compressed-tensors"), ours, atol=1e-4)
+    if family not in GGUF_ARCHS:   # GGUF: the four architectures it writes are tested in tests/export
+        with pytest.raises(ModelpressError, match="does not know architecture"):
+            export_model(loaded, ["gguf"], tmp_path / "gguf")

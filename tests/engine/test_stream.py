@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, char_tokenizer
 from safetensors.torch import load_file
 from tiny_models import token_ids
 
@@ -137,3 +137,27 @@ def _child(model_dir: str, work: str) -> None:
 
 if __name__ == "__main__":
     _child(*sys.argv[1:3])
+
+
+@pytest.mark.parametrize("method", [["wanda", "--sparsity", "0.5"], ["sparsegpt", "--pattern", "2:4"]])
+def test_streamed_pruning_from_shards_equals_in_memory_pruning(tmp_path, method):
+    build_tiny_llama(num_hidden_layers=3).save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    common = ["prune", str(tmp_path / "m"), "--method", *method, "--calib-text", "default", "--calib-samples", "4",
+              "--calib-seq-len", "32"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--stream", "--out", str(tmp_path / "streamed")]) == 0
+    expected = load_file(tmp_path / "plain" / "model.safetensors")
+    got = load_file(tmp_path / "streamed" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert not list(tmp_path.glob(".streamed.*"))   # the block work directory is gone
+
+
+def test_streamed_pruning_refuses_pruners_that_need_the_whole_model(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "o"
+    assert main(["prune", str(tiny_llama_dir), "--stream", "--method", "magnitude", "--sparsity", "0.5",
+                 "--out", str(out)]) == 2
+    assert "--stream works with the block-by-block pruners (wanda, sparsegpt)" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))

@@ -125,7 +125,7 @@ def test_ragged_rows_become_smaller_groups(tmp_path):
     groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
     sizes = {g["weights"]["group_size"]: g["targets"] for g in groups.values()}
     assert sizes[64] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"] and 128 in sizes
-    assert result.lossless and any("gcd(K, group size)" in note for note in result.notes)
+    assert result.lossless and any("rows the group size does not divide" in note for note in result.notes)
     # the ragged layers pay one more fp16 scale per 128 weights: 16 / 64 instead of 16 / 128 bits
     assert result.linear_bits_per_weight > 4 + 16 / 128
 
@@ -214,6 +214,39 @@ def test_asymmetric_float_offsets_are_re_rounded_to_integer_zero_points(tmp_path
     assert torch.equal(ct_decompress(folder, name).float(), result.runtime_weights[name])
     theirs = load_hf(folder, dequantize=True)   # transformers 5.23 loads zero points only dequantized
     assert torch.equal(theirs.get_submodule(name).weight, result.runtime_weights[name])
+
+
+def test_asymmetric_layers_of_different_row_lengths_share_one_group_size_and_load(tmp_path):
+    # down_proj's K = 576 makes its own groups 64 wide, the others' 128: transformers decompresses asymmetric
+    # checkpoints with one config group's arguments, so every asymmetric layer is written with groups of 64
+    loaded = quantize(tiny(intermediate=576), with_scheme("int4-asym/g128"))
+    result, folder = export(loaded, tmp_path, windows=ids(1))
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert [g["weights"]["group_size"] for g in config["config_groups"].values()] == [64]
+    theirs = load_hf(folder, dequantize=True)
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"):
+        assert torch.equal(ct_decompress(folder, name).float(), result.runtime_weights[name])
+        assert torch.equal(theirs.get_submodule(name).weight, result.runtime_weights[name])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_integer_zero_point_schemes_export_losslessly(method, tmp_path):
+    scheme = WeightScheme.parse("int4-asym/g128/zp")
+    if method == "rtn":
+        make = with_scheme("int4-asym/g128/zp")
+    else:   # GPTQ's ranges go through the same storage rule, so its solution sits on an integer-zero grid too
+        from modelpress.algorithms.quantize.gptq import gptq_quantize
+
+        def make(name, linear):
+            x = torch.randn(512, linear.in_features, generator=torch.Generator().manual_seed(5))
+            return QuantLinear(gptq_quantize(linear.weight.detach().float(), x.T @ x / 512, scheme))
+    loaded = quantize(tiny(), make)
+    result, folder = export(loaded, tmp_path)
+    assert result.lossless and not result.runtime_weights
+    name = "model.layers.0.mlp.up_proj"
+    exact = loaded.model.get_submodule(name).packed.dequantize()
+    assert torch.equal(ct_decompress(folder, name).float(), exact)
+    assert kl(loaded.model, load_hf(folder, dequantize=True), ids()) <= 1e-6
 
 
 def test_integer_offsets_are_exact_zero_points():

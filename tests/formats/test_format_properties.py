@@ -210,3 +210,27 @@ def test_tiny_weights_keep_their_relative_precision(fmt):
     big_error = (big.dequantize() - w).norm() / w.norm()
     small_error = (small.dequantize() - small_w).norm() / small_w.norm()
     assert small_error <= big_error * 1.5 + 1e-3, (float(small_error), float(big_error))
+
+
+# ---- integer zero points (/zp) -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["int4-asym/g128/zp", "int3-asym/g64/zp", "int8-asym/channel/zp/float32",
+                                  "int2-asym/g32/zp/bfloat16"])
+def test_integer_zero_points_store_offsets_that_are_integer_multiples_of_the_scale(spec):
+    scheme = WeightScheme.parse(spec)
+    assert scheme.integer_zero and WeightScheme.parse(scheme.spec) == scheme
+    w = weights(256) + 0.3 * torch.rand(ROWS, 1)   # groups that are not centred on zero
+    p = quantize_weight(w, scheme)
+    zero = -p.offset.float() / p.scale.float()
+    assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 2 ** scheme.bits - 1
+    # still round to nearest on its own grid, within half a step (plus the clip of a shifted range) of the weight
+    err = (p.dequantize() - w).abs()
+    step = expand_groups(p.scale.float(), ROWS, 256, scheme.group_length(256))
+    assert (err <= 1.0 * step + 1e-6).all()
+
+
+def test_integer_zero_points_refuse_what_cannot_hold_them():
+    for spec, words in [("int4/g128/zp", "asymmetric"), ("int4-asym/g128/zp/dq", "double-quantized"),
+                        ("int4-asym/g128/zp/bfloat16", "float32"), ("nf4/g64/zp", "asymmetric")]:
+        with pytest.raises(Exception, match=words):
+            WeightScheme.parse(spec)

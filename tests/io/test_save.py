@@ -19,7 +19,8 @@ def quantized_tiny(spec: str) -> LoadedModel:
     return LoadedModel(model, char_tokenizer(), source="tiny", float_source="tiny-float")
 
 
-@pytest.mark.parametrize("spec", ["int4/g32", "int3-asym/g64", "nf4/g64/dq", "fp8-e4m3/channel", "ternary/tensor"])
+@pytest.mark.parametrize("spec", ["int4/g32", "int3-asym/g64", "int4-asym/g32/zp", "nf4/g64/dq", "fp8-e4m3/channel",
+                                  "ternary/tensor"])
 def test_reload_is_bit_identical_with_identical_logits(tmp_path, spec):
     loaded = quantized_tiny(spec)
     save_compressed(loaded, tmp_path / "out")
@@ -34,6 +35,16 @@ def test_reload_is_bit_identical_with_identical_logits(tmp_path, spec):
         assert torch.equal(loaded.model(ids).logits, again.model(ids).logits)
     assert again.float_source == "tiny-float"
     assert sum(isinstance(m, QuantLinear) for m in again.model.modules()) == 14  # 2 blocks x 7 linears
+
+
+def test_tied_weights_stay_one_parameter(tmp_path):
+    loaded = quantized_tiny("int4/g32")
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    save_compressed(loaded, tmp_path / "out")
+    again = load_compressed(tmp_path / "out").model
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    names = {n for n, _ in again.named_parameters()}
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
 
 
 def test_saved_file_holds_packed_bytes_not_float_weights(tmp_path):

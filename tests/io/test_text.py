@@ -67,15 +67,30 @@ def test_bos_is_detected_from_the_tokenizer():
     assert tokenizer_bos(char_tokenizer()) is None        # has a bos_token but does not add it
 
 
-def test_every_window_starts_with_exactly_one_bos_and_the_text_runs_on():
+def test_bos_windows_prepend_tile_the_text_with_no_gap():
     source = TextSource("t", default_corpus()[:50_000])
     tok = bos_tokenizer()
-    windows = make_windows(tok, source, seq_len=64, eval_windows=10, calib_samples=20, bos=tokenizer_bos(tok))
+    windows = make_windows(tok, source, seq_len=64, eval_windows=10, calib_samples=20, bos=tokenizer_bos(tok),
+                           bos_mode="prepend")
     both = torch.cat([windows.eval, windows.calibration])
-    assert both.shape == (30, 64) and windows.bos == BOS
+    assert both.shape == (30, 64) and windows.bos == BOS and windows.bos_mode == "prepend"
     assert (both[:, 0] == BOS).all() and not (both[:, 1:] == BOS).any()
     stream = torch.tensor(tok(source.text, add_special_tokens=False)["input_ids"])
     assert torch.equal(both[:, 1:].flatten(), stream[: 30 * 63])    # 63 text tokens per window, no gap
+
+
+def test_bos_windows_overwrite_are_llama_cpp_chunks():
+    """llama-perplexity: tokenize with the BOS, cut blocks of n_ctx, set each block's first token to BOS."""
+    source = TextSource("t", default_corpus()[:50_000])
+    tok = bos_tokenizer()
+    windows = make_windows(tok, source, seq_len=64, eval_windows=10, calib_samples=20, bos=tokenizer_bos(tok))
+    assert windows.bos_mode == "overwrite"                 # the default
+    both = torch.cat([windows.eval, windows.calibration])
+    assert (both[:, 0] == BOS).all() and not (both[:, 1:] == BOS).any()
+    chunks = torch.tensor(tok(source.text)["input_ids"])[: 30 * 64].view(30, 64).clone()
+    assert chunks[0, 0] == BOS                             # the tokenizer's own BOS starts the text
+    chunks[:, 0] = BOS
+    assert torch.equal(both, chunks)
 
 
 def test_settings_apply_the_bos_rule_to_evaluation_and_calibration(tiny_text):
@@ -83,14 +98,21 @@ def test_settings_apply_the_bos_rule_to_evaluation_and_calibration(tiny_text):
     _, on = prepare_windows(tok, EvalSettings(text=str(tiny_text), windows=4, seq_len=32))
     _, off = prepare_windows(tok, EvalSettings(text=str(tiny_text), windows=4, seq_len=32, bos=False))
     assert (on.eval[:, 0] == BOS).all() and not (off.eval == BOS).any()
-    calib = calibration_windows(tok, CalibrationSettings(text=str(tiny_text), samples=3, seq_len=32, eval_tokens=4 * 32))
-    assert (calib[:, 0] == BOS).all() and not (calib[:, 1:] == BOS).any()
-    # calibration text starts after whole 31-token blocks covering the 4 x 32 evaluation tokens
     stream = torch.tensor(tok(tiny_text.read_text(), add_special_tokens=False)["input_ids"])
-    assert torch.equal(calib[:, 1:].flatten(), stream[5 * 31: 8 * 31])
+    for mode, stride in (("overwrite", 32), ("prepend", 31)):
+        calib = calibration_windows(tok, CalibrationSettings(text=str(tiny_text), samples=3, seq_len=32,
+                                                             eval_tokens=4 * 32, bos_mode=mode))
+        assert (calib[:, 0] == BOS).all() and not (calib[:, 1:] == BOS).any()
+        # calibration text starts after whole windows covering the 4 x 32 evaluation tokens: 4 of 32 text
+        # tokens under overwrite (32 from one start to the next, 31 read), 5 of 31 under prepend
+        first = -(-4 * 32 // stride)
+        expected = torch.stack([stream[(first + i) * stride: (first + i) * stride + 31] for i in range(3)])
+        assert torch.equal(calib[:, 1:], expected), mode
     plain = calibration_windows(tok, CalibrationSettings(text=str(tiny_text), samples=3, seq_len=32,
                                                          eval_tokens=4 * 32, bos=False))
     assert not (plain == BOS).any()
+    with pytest.raises(ModelpressError, match="BOS window rule 'skip'"):
+        EvalSettings(bos_mode="skip")
 
 
 def test_a_tokenizer_without_bos_gives_the_same_windows_either_way(tiny_text):
@@ -108,6 +130,7 @@ def test_the_report_says_which_windows_and_scoring_were_used(tiny_text):
         settings = EvalSettings(text=str(tiny_text), windows=2, seq_len=32, speed=False, bos=bos, score=score)
         report = evaluate_models({"m": loaded}, None, settings)["m"]
         assert report.to_dict()["bos"] is bos and report.to_dict()["score"] == score
+        assert report.to_dict()["bos_mode"] == "overwrite"
 
 
 def test_text_file_errors(tmp_path):
@@ -124,3 +147,26 @@ def test_text_file_errors(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("hello world", encoding="utf-8")
     assert load_text(str(good)).text == "hello world"
+
+
+def test_the_cli_passes_the_bos_rule_to_evaluation_and_calibration():
+    from modelpress.cli import build_parser
+    from modelpress.commands.common import calibration_settings, eval_settings
+
+    def parse(argv):
+        return build_parser(argv).parse_args(argv)
+
+    assert calibration_settings(parse(["quantize", "m", "--method", "gptq", "--out", "o",
+                                       "--calib-bos-mode", "prepend"])).bos_mode == "prepend"
+    assert eval_settings(parse(["eval", "m", "--bos-mode", "prepend"])).bos_mode == "prepend"
+    assert eval_settings(parse(["eval", "m"])).bos_mode == "overwrite"
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "prepend"])
+def test_a_text_shorter_than_a_window_is_one_bos_led_window_either_way(mode):
+    from modelpress.python_api import eval_windows
+
+    tok = bos_tokenizer()
+    _, windows = eval_windows(tok, ["hello there"], EvalSettings(seq_len=64, bos_mode=mode))
+    text = tok("hello there", add_special_tokens=False)["input_ids"]
+    assert windows.eval.tolist() == [[BOS, *text]]

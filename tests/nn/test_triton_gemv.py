@@ -59,9 +59,21 @@ def run_poisoned(x, packed, bias, config, **kwargs):
     return y
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["sub1", "sub2-split3"])
+# The Gluon GEMV (nn/gluon_gemv.py, 4-bit formats, CUDA only): one row per thread without split-K; two rows per
+# thread with a K split of 3 launched as a programmatic dependent launch; warps along K and a cp.async ring.
+GLUON_CONFIGS = [KernelConfig(BM=1, BN=32, BKG=128, SUB=1, SPLIT=1, num_warps=1, gemv=True, gluon=True),
+                 KernelConfig(BM=1, BN=16, BKG=128, SUB=2, SPLIT=3, num_warps=2, gemv=True, gluon=True,
+                              rows_per_thread=2, pdl=True),
+                 KernelConfig(BM=1, BN=16, BKG=128, SUB=4, SPLIT=2, num_warps=4, gemv=True, gluon=True,
+                              warps_k=2, stages=3, pdl=True)]
+
+
+@pytest.mark.parametrize("config", CONFIGS + GLUON_CONFIGS,
+                         ids=["sub1", "sub2-split3", "gluon", "gluon-split3-pdl", "gluon-ring-warpsk"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_gemv_matches_float64(spec, config):
+    if config.gluon and (not CUDA or WeightScheme.parse(spec).bits != 4):
+        pytest.skip("the Gluon GEMV runs on CUDA only and reads 4-bit codes")
     packed = make_packed(spec, N, K, seed=SPECS.index(spec))
     dtypes = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
     for dtype in dtypes:
@@ -70,7 +82,7 @@ def test_gemv_matches_float64(spec, config):
         y = run_poisoned(x, packed, bias, config)
         err = relative_error(y, x, packed, bias)
         assert err < TOLERANCE[dtype], f"{spec} {config} {dtype}: relative error {err:.2e}"
-        if CUDA and packed.scheme.format == "nf4":  # the table gather (interpreter path) agrees with the PTX
+        if CUDA and packed.scheme.format == "nf4" and not config.gluon:  # the table gather agrees with the PTX
             portable = run_poisoned(x, packed, bias, config, use_asm=False)
             assert relative_error(portable, x, packed, bias) < TOLERANCE[dtype]
 
@@ -157,3 +169,34 @@ def test_eager_launcher_under_cuda_graph(cuda):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(y, _operator(layer, x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("spec", ["int4/g128", "nf4/g64"])
+@torch.no_grad()
+def test_gluon_pdl_chain_under_cuda_graph(cuda, spec, stages):
+    """Programmatic dependent launches read x only after the previous kernel finished: a chain of GEMVs whose
+    inputs are the previous outputs (straight GEMV to GEMV, and with a torch kernel between), replayed from a
+    CUDA graph with PDL, equals the same chain run eagerly without PDL bit for bit."""
+    packs = [make_packed(spec, 256, 256, seed=s, perm=False) for s in range(6)]
+    base = dict(BM=1, BN=32, BKG=64, SUB=2, SPLIT=2, num_warps=2, gemv=True, gluon=True, stages=stages)
+    pdl, plain = KernelConfig(**base, pdl=True), KernelConfig(**base)
+    x = torch.randn(1, 256, device=cuda, dtype=torch.bfloat16)
+
+    def chain(config, normalize):
+        y = x
+        for packed in packs:
+            y = fused_matmul(y, packed, None, config)
+            if normalize:
+                y = y / y.float().norm().to(y.dtype)
+        return y
+
+    for normalize in (False, True):
+        chain(pdl, normalize)  # compiles outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(pdl, normalize)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(got, chain(plain, normalize))

@@ -165,6 +165,13 @@ def test_quantize_max_kl_saves_nothing_on_a_miss(work, tmp_path, capsys):
     assert main([*argv, "--max-kl", "100"]) == 0 and (tmp_path / "q" / "model.safetensors").exists()
 
 
+def test_quantize_max_kl_with_a_calibration_mix(work, tmp_path):
+    # a mix is no text: the gate scores the evaluation windows of its first corpus
+    argv = ["quantize", str(work / "m"), "--format", "int4", "--group-size", "32", "--calib-text", "mix:docs,dialogue",
+            "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(tmp_path / "q")]
+    assert main([*argv, "--max-kl", "100"]) == 0 and (tmp_path / "q" / "model.safetensors").exists()
+
+
 def run_and_kill(argv: list[str], when, timeout: float = 120.0) -> None:
     """Run the CLI in a child process and SIGKILL it as soon as `when()` holds (polled every ms)."""
     env = {**os.environ, "PYTHONPATH": str(Path(modelpress.__file__).parents[1]),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from modelpress.errors import ModelpressError
@@ -24,6 +27,9 @@ def add_text_arguments(parser: argparse.ArgumentParser, windows: int = 40) -> No
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--no-bos", action="store_true",
                         help="do not start windows with the BOS token (by default they do when the tokenizer adds one)")
+    parser.add_argument("--bos-mode", choices=("overwrite", "prepend"), default="overwrite",
+                        help="how text follows the BOS: llama.cpp's overwrite (default: the first token of each "
+                             "block becomes BOS) or prepend (BOS before the text, no token skipped)")
     parser.add_argument("--score", choices=("all", "second-half"), default="all",
                         help="positions scored: all but the first (default), or llama.cpp's second half of each window")
 
@@ -33,7 +39,7 @@ def eval_settings(args: argparse.Namespace):
     from modelpress.api import EvalSettings
 
     return EvalSettings(text=args.text, windows=args.windows, seq_len=args.seq_len, speed=not args.no_speed,
-                        bos=not args.no_bos, score=args.score, tasks=tuple(getattr(args, "tasks", None) or ()))
+                        bos=not args.no_bos, bos_mode=args.bos_mode, score=args.score, tasks=tuple(getattr(args, "tasks", None) or ()))
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resume_help: str) -> None:
@@ -47,6 +53,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resum
     calib.add_argument("--resume", default=None, metavar="DIR", help=resume_help)
     calib.add_argument("--calib-no-bos", action="store_true",
                        help="do not start calibration windows with the BOS token the tokenizer adds")
+    calib.add_argument("--calib-bos-mode", choices=("overwrite", "prepend"), default="overwrite",
+                       help="how calibration text follows the BOS: llama.cpp's overwrite (default) or prepend")
     calib.add_argument("--device", default="cpu", help="device the blocks are calibrated on, e.g. cpu or cuda (default cpu)")
 
 
@@ -67,7 +75,7 @@ def calibration_settings(args: argparse.Namespace):
 
     return CalibrationSettings(text=args.calib_text, samples=args.calib_samples, seq_len=args.calib_seq_len,
                                batch_size=args.calib_batch_size, device=args.device, resume_dir=args.resume,
-                               bos=not args.calib_no_bos)
+                               bos=not args.calib_no_bos, bos_mode=args.calib_bos_mode)
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
@@ -141,3 +149,22 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def model_for(args: argparse.Namespace, stream: bool) -> Iterator:
+    """The model a command works on: loaded, or with `stream` opened block by block (engine/stream.py). The
+    streamed blocks' work directory (a hidden sibling of --out, removed afterwards) lives as long as the context."""
+    from modelpress.io.model import load_model, load_streamed
+
+    if not stream:
+        yield load_model(args.model)
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-blocks-", dir=out.parent))
+    try:
+        yield load_streamed(args.model, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+

@@ -1,5 +1,5 @@
 """modelpress prune MODEL --method magnitude|wanda|sparsegpt|structured --sparsity S [--pattern 2:4]
-[--target neurons|heads|layers|experts] [--quantize FORMAT] [--calib-text FILE] [--calib-samples N] --out DIR"""
+[--target neurons|heads|layers|experts] [--quantize FORMAT] [--calib-text FILE] [--calib-samples N] [--stream] --out DIR"""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from modelpress.commands.common import (
     calibration_settings,
     check_output_paths,
     group_size_arg,
+    model_for,
     write_json,
 )
 from modelpress.errors import ModelpressError
 from modelpress.formats.scheme import scheme_for
-from modelpress.io.model import load_model
 from modelpress.io.save import save_compressed
 from modelpress.nn.layers import DEFAULT_SKIP
 
@@ -57,6 +57,10 @@ def add_parser(sub) -> None:
                    help="layer name patterns left unpruned (default: lm_head)")
     add_calibration_arguments(p, "calibration (wanda, sparsegpt, structured)",
                               "wanda/sparsegpt: save progress after every block to DIR and continue from it")
+    p.add_argument("--stream", action="store_true",
+                   help="wanda, sparsegpt: read the model (an HF safetensors directory, sharded or not) one block at "
+                        "a time instead of loading it (engine/stream.py): host memory about one block plus "
+                        "calibration activations")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_json_argument(p)
@@ -91,11 +95,14 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     check_output_paths(args)
     config = build_config(args)
-    loaded = load_model(args.model)
+    if args.stream and (args.method not in ("wanda", "sparsegpt") or args.dense):
+        raise ModelpressError("--stream works with the block-by-block pruners (wanda, sparsegpt) storing sparse "
+                              f"layers; {args.method}{' --dense' if args.dense else ''} needs the model in memory")
     calibration = calibration_settings(args)
-    info = prune_model(loaded, config, calibration).to_json()
-    report = {**info, "source": loaded.source}
-    save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
+    with model_for(args, args.stream) as loaded:
+        info = prune_model(loaded, config, calibration).to_json()
+        report = {**info, "source": loaded.source, "streamed": args.stream}
+        save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     print(_summary_line(info, args.out), file=sys.stdout)
     write_json(args.json, report)
     return 0

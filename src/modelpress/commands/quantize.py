@@ -12,13 +12,8 @@ writes the output (docs/distributed.md); --stream reads the model block by block
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 from modelpress.algorithms.quantize import MixedConfig, config_for_method, method_help, method_names
 from modelpress.algorithms.quantize.awq import AWQConfig
@@ -33,13 +28,14 @@ from modelpress.commands.common import (
     start_ranks,
     check_output_paths,
     group_size_arg,
+    model_for,
     positive_int,
     write_json,
 )
 from modelpress.errors import ModelpressError
 from modelpress.eval.size import measure_size
 from modelpress.formats.scheme import scheme_for
-from modelpress.io.model import LoadedModel, load_model, load_streamed
+from modelpress.io.model import load_model
 from modelpress.io.save import save_compressed
 from modelpress.nn.layers import DEFAULT_SKIP
 
@@ -59,6 +55,10 @@ def add_parser(sub) -> None:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric grid with a per-group offset")
     p.add_argument("--double-quant", action="store_true", help="quantize the scales to int8 (NF4-style double quantization)")
     p.add_argument("--scale-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--integer-zero-points", action="store_true",
+                   help="with --asymmetric: integer zero points (offset = -z * scale, scales kept to 7 significant "
+                        "bits at 4 bits), as compressed-tensors/vLLM store them, so the model exports there "
+                        "losslessly (spec suffix /zp)")
     p.add_argument("--no-static-groups", dest="static_groups", action="store_false",
                    help="gptq, awq-gptq: store activation order as a column permutation, groups cut in that order "
                         "(the older layout: 32 more bits per input column, not exportable to GGUF or "
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if args.target_bits is not None:
         return _run_mixed(args, calibration)
     group = None if args.group_size is None else group_size_arg(args.group_size)
-    scheme = scheme_for(args.format, group, args.symmetric, args.double_quant, args.scale_dtype)
+    scheme = scheme_for(args.format, group, args.symmetric, args.double_quant, args.scale_dtype,
+                        args.integer_zero_points)
     options = {"alpha": args.alpha} if args.alpha is not None else {}
     if not args.static_groups:
         options["static_groups"] = False
@@ -135,13 +136,17 @@ def run(args: argparse.Namespace) -> int:
 
 def passes_gate(args: argparse.Namespace, float_model, loaded) -> bool:
     """--max-kl: the quantized model against the float one on 8 evaluation windows of the calibration text
-    (the part calibration leaves out); a miss prints the layers that cost most (recipe/gate.py), saves nothing."""
+    (the part calibration leaves out; for a calibration mix, of its first corpus); a miss prints the layers that cost most (recipe/gate.py), saves nothing."""
     from modelpress.api import EvalSettings
     from modelpress.python_api import eval_windows
     from modelpress.recipe import Gate
     from modelpress.recipe.gate import gate_model
 
-    windows = eval_windows(loaded.tokenizer, args.calib_text, EvalSettings(windows=8, speed=False))[1].eval
+    from modelpress.io.corpora import mix_parts
+
+    parts = mix_parts(args.calib_text) if isinstance(args.calib_text, str) else None
+    text = parts[0] if parts else args.calib_text   # a mix is no text: its first corpus's evaluation windows
+    windows = eval_windows(loaded.tokenizer, text, EvalSettings(windows=8, speed=False))[1].eval
     verdict = gate_model(Gate(max_kl=args.max_kl), float_model, loaded.model, windows)
     if not verdict.passed:
         print(verdict.describe(), file=sys.stdout)
@@ -149,29 +154,20 @@ def passes_gate(args: argparse.Namespace, float_model, loaded) -> bool:
     return verdict.passed
 
 
-@contextlib.contextmanager
-def _model_for(args: argparse.Namespace, config) -> Iterator[LoadedModel]:
-    """The model to quantize: loaded, or with --stream opened block by block; the streamed blocks' work
-    directory (a hidden sibling of --out, removed afterwards) lives as long as the context."""
-    if not args.stream:
-        yield load_model(args.model)
-        return
-    if not isinstance(config, (GPTQConfig, AWQConfig)):
+def _model_for(args: argparse.Namespace, config):
+    """The model to quantize: loaded, or with --stream opened block by block (block-by-block methods only)."""
+    if args.stream and not isinstance(config, (GPTQConfig, AWQConfig)):
         raise ModelpressError(f"--stream works with the block-by-block methods (gptq, awq, awq-gptq); {args.method} "
                               f"changes every weight at once and needs the model in memory")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-blocks-", dir=out.parent))
-    try:
-        yield load_streamed(args.model, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return model_for(args, args.stream)
 
 
 def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> int:
-    per_format = [a for a in ("group_size", "double_quant") if getattr(args, a) not in (None, False)]
+    per_format = [a for a in ("group_size", "double_quant", "integer_zero_points")
+                  if getattr(args, a) not in (None, False)]
     if per_format or args.symmetric is not None:
-        raise ModelpressError("--group-size, --symmetric/--asymmetric and --double-quant describe one --format; with "
+        raise ModelpressError("--group-size, --symmetric/--asymmetric, --double-quant and --integer-zero-points "
+                              "describe one --format; with "
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
     if args.alpha is not None or args.grid is not None:
         raise ModelpressError("--alpha and --grid do not apply to mixed precision (--target-bits)")
@@ -209,7 +205,8 @@ def _diagnose(args: argparse.Namespace, loaded, calibration: CalibrationSettings
     if args.diagnose is None:
         return {}
     evaluation = EvalSettings(text=None if args.diagnose == "default" else args.diagnose, seq_len=calibration.seq_len,
-                              speed=False, bos=calibration.bos)
+                              speed=False, bos=calibration.bos,
+                              bos_mode=calibration.bos_mode)
     diagnostics = diagnose_calibration_text(loaded, calibration, evaluation)
     for line in diagnostics.lines():
         print(line, file=sys.stdout)

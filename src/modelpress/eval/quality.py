@@ -24,6 +24,7 @@ from torch import nn
 
 from modelpress.engine.distributed import Ranks
 from modelpress.errors import ModelpressError
+from modelpress.nn.backends import decoded_once
 from modelpress.progress import progress
 
 
@@ -57,6 +58,7 @@ FIELDS = ("nll", "kl", "agree", "tokens")   # per batch and model: the sums the 
 
 
 @torch.no_grad()
+@decoded_once()   # packed weights decoded once per evaluation, not per forward
 def evaluate_quality(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn.Module | None = None,
                      batch_size: int = 1, score: str = "all") -> dict[str, QualityResult]:
     if windows.numel() == 0 or windows.dim() != 2 or windows.shape[1] < 2:

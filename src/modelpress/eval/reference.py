@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from modelpress.errors import ModelpressError
+from modelpress.nn.backends import decoded_once
 from modelpress.eval.quality import QualityResult, first_scored, next_token_logits
 from modelpress.io.atomic import atomic_file
 from modelpress.progress import progress
@@ -73,6 +74,7 @@ def cache_key(fingerprint: str, windows: torch.Tensor, top_k: int | None) -> str
 
 
 @torch.no_grad()
+@decoded_once()   # packed weights decoded once per evaluation, not per forward
 def compute_reference(model: nn.Module, windows: torch.Tensor, top_k: int | None = None) -> ReferenceLogits:
     """Run the reference once over every window and keep its distributions (exact, or top-k with the tail)."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
@@ -97,6 +99,7 @@ def compute_reference(model: nn.Module, windows: torch.Tensor, top_k: int | None
 
 
 @torch.no_grad()
+@decoded_once()   # packed weights decoded once per evaluation, not per forward
 def score_against(model: nn.Module, reference: ReferenceLogits, score: str = "all") -> QualityResult:
     """Perplexity of `model` and its KL(reference ‖ model) and top-1 agreement, over the reference's windows."""
     windows = reference.windows

@@ -107,3 +107,19 @@ EXPORTER_MODULES: tuple[str, ...] = ("gguf", "compressed_tensors", "hf", "peft")
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def conv1d_names(model: torch.nn.Module) -> set[str]:
+    """Where the model's plain architecture has a transformers Conv1D (GPT-2 style, weight (in, out)): a layer
+    modelpress replaced no longer says, so an empty skeleton of the architecture is built to ask."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return set()
+    from accelerate import init_empty_weights
+
+    from modelpress.nn.layers import is_conv1d
+
+    with init_empty_weights(include_buffers=False):
+        skeleton = type(model)(config)
+    return {name for name, module in skeleton.named_modules() if is_conv1d(module)}
+

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.export.base import (EXPORT_MARKER_FILE, ExportOptions, ExportResult, LayerExport, folder_bytes,
-                                     register_exporter)
-from modelpress.export.ct_layers import CTLayer, CTScheme, convert_packed, float_layer, folded_w8a8, w8a8_int
+from modelpress.export.base import (EXPORT_MARKER_FILE, ExportOptions, ExportResult, LayerExport, conv1d_names,
+                                     folder_bytes, register_exporter)
+from modelpress.export.ct_layers import (ASYM_FORMATS, CTLayer, CTScheme, convert_packed, float_layer, folded_w8a8,
+                                         natural_group_size, uniform_group_size, w8a8_int)
 from modelpress.formats.packed import quantize_weight
 from modelpress.io.model import LoadedModel
 from modelpress.nn.dynamic import DynamicInt8Linear
@@ -56,11 +57,13 @@ def export_compressed_tensors(loaded: LoadedModel, folder: Path, options: Export
 def convert_layers(model: nn.Module) -> tuple[dict[str, CTLayer], list[str]]:
     """Every linear layer but the output head, converted; and the names of those whose weight is 2:4 sparse."""
     heads = output_head_names(model)
+    refuse_conv1d(model, heads)
+    asym_size = asymmetric_group_size(model, heads)
     layers, sparse = {}, []
     for name, module in model.named_modules():
         if name in heads:
             continue
-        layer = convert_module(name, module)
+        layer = convert_module(name, module, asym_size)
         if layer is None:
             continue
         layers[name] = layer
@@ -70,13 +73,36 @@ def convert_layers(model: nn.Module) -> tuple[dict[str, CTLayer], list[str]]:
     return layers, sparse
 
 
-def convert_module(name: str, module: nn.Module) -> CTLayer | None:
+def refuse_conv1d(model: nn.Module, heads) -> None:
+    """compressed-tensors swaps only nn.Linear modules for its quantized ones: a quantized layer where the
+    architecture has a transformers Conv1D (GPT-2's c_attn, c_fc, ...) would be left out, and transformers would
+    fill it with random weights. Refused before anything is written."""
+    conv1d = conv1d_names(model)
+    compressed = [name for name, module in model.named_modules() if name in conv1d and name not in heads
+                  and not is_linear(module)]
+    if compressed:
+        raise ModelpressError(f"{len(compressed)} compressed layer(s) (e.g. {compressed[0]}) sit where "
+                              f"{type(model).__name__} has a Conv1D, which compressed-tensors cannot quantize "
+                              "(it replaces nn.Linear modules only; transformers would load random weights "
+                              "there); export this model as hf instead")
+
+
+def asymmetric_group_size(model: nn.Module, heads: set[str] | list[str]) -> int | None:
+    """The one group size every asymmetric layer is written with when their own sizes differ (else None)."""
+    sizes = [natural_group_size(m.packed.scheme, m.packed.shape[1]) for name, m in model.named_modules()
+             if isinstance(m, QuantLinear) and name not in heads and m.packed.scheme.format in ASYM_FORMATS]
+    if None in sizes:   # a per-tensor asymmetric layer cannot share a config group with grouped ones
+        return None
+    return uniform_group_size(sizes)  # type: ignore[arg-type]
+
+
+def convert_module(name: str, module: nn.Module, asym_group_size: int | None = None) -> CTLayer | None:
     if isinstance(module, W8A8Linear) and module.smooth is not None:
         return folded_w8a8(module.packed, module.smooth)
     if isinstance(module, DynamicInt8Linear):   # W8A8Linear without in-layer factors included
         return w8a8_int(module.packed)
     if isinstance(module, QuantLinear):
-        return convert_packed(module.packed)
+        return convert_packed(module.packed, asym_group_size)
     if isinstance(module, SparseLinear):
         return sparse_layer(module)
     kind = compressed_module_kind(module)
@@ -247,8 +273,9 @@ def export_notes(model: nn.Module, layers: dict[str, CTLayer], sparse: list[str]
                      "run 4 and 8 bits")
     regrouped = [name for name, layer in layers.items() if layer.regrouped]
     if regrouped:
-        notes.append(f"{len(regrouped)} layer(s) have rows their group size does not divide (e.g. {regrouped[0]}): "
-                     "written with groups of gcd(K, group size), each scale repeated: exact, with more scale bytes")
+        notes.append(f"{len(regrouped)} layer(s) written with groups smaller than their own (e.g. {regrouped[0]}: rows "
+                     "the group size does not divide, or asymmetric layers sharing one group size), each scale "
+                     "repeated: exact, with more scale bytes")
     odd = [name for name, layer in layers.items() if layer.scheme is not None
            and dict(layer.scheme.weights)["group_size"] not in (None, 32, 64, 128)]
     if odd:
@@ -257,7 +284,9 @@ def export_notes(model: nn.Module, layers: dict[str, CTLayer], sparse: list[str]
     if any(not dict(layer.scheme.weights)["symmetric"] for layer in layers.values() if layer.scheme is not None):
         notes.append("asymmetric layers: transformers 5.23 with compressed-tensors 0.20 loads zero points only with "
                      "CompressedTensorsConfig(dequantize=True) (modelpress eval does this), and then only when one "
-                     "config group covers every quantized layer")
+                     "config group covers every quantized layer (asymmetric layers are written with one group size "
+                     "for that)" + ("" if len(labels) == 1
+                                    else "; this model has several config groups, so it will not load that way"))
     if sparse:
         notes.append(f"{len(sparse)} layer(s) are 2:4 sparse, stored dense with a 2:4 sparsity_config")
     dtype = model_dtype(model)

@@ -83,17 +83,34 @@ def weight_args(bits: int, kind: str, strategy: str, group_size: int | None, sym
 
 # ---- grouping ----------------------------------------------------------------------------------------
 
-def ct_grouping(scheme: WeightScheme, k: int) -> tuple[str, int | None, int]:
+def ct_grouping(scheme: WeightScheme, k: int, size: int | None = None) -> tuple[str, int | None, int]:
     """(strategy, group_size, repeat): compressed-tensors wants K to be a multiple of the group size. A row with
     a ragged last group (K=576, g128: 4 groups of 128 and one of 64) is written with groups of gcd(K, g) and
-    every scale repeated `repeat` times: the same weights, exactly, with more scale bytes."""
-    if scheme.granularity in ("tensor", "channel"):
-        return scheme.granularity, None, 1
+    every scale repeated `repeat` times: the same weights, exactly, with more scale bytes. `size` forces a
+    group size (a divisor of K and of our group length; see uniform_group_size)."""
+    if scheme.granularity == "tensor":
+        return "tensor", None, 1
     g = scheme.group_length(k)
-    if g == k:
-        return "channel", None, 1
-    size = math.gcd(k, g)
+    if size is None:
+        if g == k:
+            return "channel", None, 1
+        size = math.gcd(k, g)
+    if k % size or g % size:
+        raise ValueError(f"group size {size} does not divide K={k} and the group length {g}")
     return "group", size, g // size
+
+
+def natural_group_size(scheme: WeightScheme, k: int) -> int | None:
+    """The group size ct_grouping picks by itself (the row length for per-channel), None per tensor."""
+    return None if scheme.granularity == "tensor" else math.gcd(k, scheme.group_length(k))
+
+
+def uniform_group_size(sizes: list[int]) -> int | None:
+    """One group size for layers whose own sizes differ (K=576 at g128 is g64, K=1536 is g128): their gcd.
+    transformers 5.23 decompresses asymmetric checkpoints (dequantize=True) with one config group's arguments
+    for every layer, so asymmetric layers must share a config group to load; repeating each scale and zero
+    point keeps every weight exact."""
+    return math.gcd(*sizes) if len(set(sizes)) > 1 else None
 
 
 def ct_scales(per_group: torch.Tensor, strategy: str, repeat: int, k: int, size: int | None) -> torch.Tensor:
@@ -154,12 +171,12 @@ def integer_zero_points(p: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, to
     return q.to(torch.int8), scale, z.to(torch.int8), exact
 
 
-def asymmetric_int(p: PackedWeight, reason: str = "") -> CTLayer:
+def asymmetric_int(p: PackedWeight, reason: str = "", group_size: int | None = None) -> CTLayer:
     n, k = p.shape
     bits = p.scheme.bits
     half = 2 ** (bits - 1)
     q, scale, z, exact = integer_zero_points(p)
-    strategy, size, repeat = ct_grouping(p.scheme, k)
+    strategy, size, repeat = ct_grouping(p.scheme, k, group_size)
     stored = scale if p.scale_scale is not None else scale.to(p.scale.dtype)
     zero = ct_scales(z, strategy, repeat, k, size)
     if strategy != "tensor":  # per group or channel, zero points pack along the rows: (ceil(N·b/32), G)
@@ -170,7 +187,8 @@ def asymmetric_int(p: PackedWeight, reason: str = "") -> CTLayer:
                "weight_zero_point": zero}
     if not exact:
         reason = _join(reason, f"float offsets rounded to integer zero points in [{-half}, {half - 1}] and the "
-                               "codes re-rounded on that grid")
+                               "codes re-rounded on that grid (quantize with integer zero points, "
+                               f"{p.scheme.spec}/zp or --integer-zero-points, to export losslessly)")
     scheme = CTScheme("pack-quantized", weight_args(bits, "int", strategy, size, symmetric=False))
     g = p.scheme.group_length(k)
 
@@ -220,8 +238,9 @@ def fp8_e4m3(p: PackedWeight, reason: str = "") -> CTLayer:
 
 # ---- choosing ------------------------------------------------------------------------------------------
 
-def convert_packed(p: PackedWeight) -> CTLayer:
-    """The compressed-tensors layer for a PackedWeight: exact where a scheme matches, else re-rounded."""
+def convert_packed(p: PackedWeight, asym_group_size: int | None = None) -> CTLayer:
+    """The compressed-tensors layer for a PackedWeight: exact where a scheme matches, else re-rounded.
+    `asym_group_size` forces the group size of asymmetric layers (uniform_group_size)."""
     reason = ""
     if p.input_perm is not None:
         p, reason = _without_permutation(p)
@@ -229,7 +248,7 @@ def convert_packed(p: PackedWeight) -> CTLayer:
     if fmt in INT_FORMATS:
         return symmetric_int(p, reason)
     if fmt in ASYM_FORMATS:
-        return asymmetric_int(p, reason)
+        return asymmetric_int(p, reason, asym_group_size)
     if fmt == "ternary":
         return ternary_as_int2(p, reason)
     if fmt == "fp8-e4m3":

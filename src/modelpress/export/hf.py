@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from modelpress.errors import ModelpressError
-from modelpress.export.base import ExportOptions, ExportResult, LayerExport, folder_bytes, register_exporter
+from modelpress.export.base import (ExportOptions, ExportResult, LayerExport, conv1d_names, folder_bytes,
+                                     register_exporter)
 from modelpress.export.dense import Adapters, DenseLayer, dense_layers, plain_state
 from modelpress.export.hf_config import fit_config
 from modelpress.io.model import LoadedModel, quiet_loading
@@ -91,21 +92,19 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], layers: dict[str, 
     return result
 
 
-def _orient(state: dict[str, torch.Tensor], layers: dict[str, DenseLayer], target: nn.Module) -> None:
+def _orient(state: dict[str, torch.Tensor], layers: dict[str, DenseLayer], conv1d: set[str]) -> None:
     """Dense (N, K) weights go into a transformers Conv1D as (K, N)."""
     for name, layer in layers.items():
-        if layer.linear and is_conv1d(target.get_submodule(name)):
+        if layer.linear and name in conv1d:
             state[f"{name}.weight"] = state[f"{name}.weight"].t()
 
 
-def _build(cls: type[nn.Module], config, state: dict[str, torch.Tensor], dtype: torch.dtype,
-           layers: dict[str, DenseLayer]) -> nn.Module:
-    """The plain architecture holding `state` in `dtype`, with no tensor allocated twice."""
+def _build(cls: type[nn.Module], config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """The plain architecture holding `state` (in its layout) in `dtype`, with no tensor allocated twice."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         target = cls(config)
-    _orient(state, layers, target)
     converted = {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in state.items()}
     target.load_state_dict(converted, strict=True, assign=True)
     if callable(getattr(target, "tie_weights", None)):
@@ -135,9 +134,10 @@ def write_hf(loaded: LoadedModel, folder: Path, dtype: torch.dtype, adapters: Ad
         raise ModelpressError(f"{type(model).__name__} is not a transformers model; the hf export needs one")
     layers = dense_layers(model, adapters)
     state = plain_state(model, layers)
+    result = _report(model, state, layers, dtype)   # on (N, K) weights, as modelpress computes with them
+    _orient(state, layers, conv1d_names(model))
     config, changes = plain_config(model, {k: tuple(v.shape) for k, v in state.items()}, dtype)
-    result = _report(model, state, layers, dtype)
-    target = _build(type(model), config, state, dtype, layers)
+    target = _build(type(model), config, state, dtype)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         target.generation_config = copy.deepcopy(generation)

@@ -67,3 +67,16 @@ def perplexity(gguf: str | Path, text: str | Path, seq_len: int, chunks: int, th
     if found is None:
         raise ModelpressError(f"llama-perplexity printed no final estimate for {gguf}: {output.strip()[-300:]}")
     return float(found.group(1))
+
+
+def decode(gguf: str | Path, prompt: torch.Tensor, new_tokens: int, threads: int) -> tuple[float, float, list[int]]:
+    """llama.cpp's batch-1 greedy decode of a GGUF (modelpress-decode): (prefill seconds for the prompt, seconds
+    per decoded token after the first, the greedy tokens). For speed comparisons on the same thread count."""
+    with tempfile.TemporaryDirectory(prefix="modelpress-llamacpp-") as tmp:
+        tokens = Path(tmp) / "prompt.i32"
+        prompt.reshape(-1).to(torch.int32).numpy().tofile(tokens)
+        output = run([tool("modelpress-decode"), gguf, tokens, prompt.numel(), new_tokens, threads])
+    found = re.search(r"^([\d.]+) ([\d.]+)((?: \d+)*)$", output, re.MULTILINE)   # its one line on stdout
+    if found is None:
+        raise ModelpressError(f"modelpress-decode printed no timings for {gguf}: {output.strip()[-300:]}")
+    return float(found.group(1)), float(found.group(2)), [int(t) for t in found.group(3).split()]

@@ -1,8 +1,9 @@
 """WeightScheme: a number format plus how weights are grouped under one scale, and how scales are stored.
 
-Spec strings name a scheme in one token, for the CLI and reports: FORMAT[/GRANULARITY][/dq], where
+Spec strings name a scheme in one token, for the CLI and reports: FORMAT[/GRANULARITY][/dq][/zp][/DTYPE], where
 GRANULARITY is gN (groups of N consecutive inputs of a row), `channel` (one scale per output row) or
-`tensor`. Examples: int4/g128, int4-asym/g32, int8/channel, nf4/g64/dq, fp8-e4m3/tensor.
+`tensor`; `zp` gives an asymmetric format integer zero points. Examples: int4/g128, int4-asym/g32,
+int4-asym/g128/zp, int8/channel, nf4/g64/dq, fp8-e4m3/tensor.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class WeightScheme:
     scale_dtype: str = "float16"
     double_quant: bool = False
     double_quant_block: int = 256
+    integer_zero: bool = False   # asymmetric: offset = −z·scale with an integer z (see stored_ranges)
 
     def __post_init__(self) -> None:
         get_format(self.format)  # raises with the list of known formats
@@ -40,8 +42,24 @@ class WeightScheme:
             raise ModelpressError(f"{self.granularity} granularity takes no group size (got {self.group_size})")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ModelpressError(f"scale dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
-        if self.double_quant and self.double_quant_block <= 0:
-            raise ModelpressError(f"double-quant block must be positive, got {self.double_quant_block}")
+        for name in ("double_quant", "integer_zero"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelpressError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        block = self.double_quant_block
+        if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+            raise ModelpressError(f"double-quant block must be a positive integer, got {block!r}")
+        if self.integer_zero:
+            self._check_integer_zero()
+
+    def _check_integer_zero(self) -> None:
+        if not self.qformat.affine:
+            raise ModelpressError(f"integer zero points (zp) apply to asymmetric formats (int4-asym, ...), "
+                                  f"not {self.format}")
+        if self.double_quant:
+            raise ModelpressError("integer zero points (zp) need the scales as stored, not double-quantized (dq)")
+        if self.zero_scale_bits < 6:
+            raise ModelpressError(f"{self.format} with integer zero points would keep only {self.zero_scale_bits} "
+                                  f"significant bits of each {self.scale_dtype} scale; use float32 scales")
 
     @property
     def qformat(self) -> QFormat:
@@ -50,6 +68,14 @@ class WeightScheme:
     @property
     def bits(self) -> int:
         return self.qformat.bits
+
+    @property
+    def zero_scale_bits(self) -> int:
+        """Significant bits a scale keeps under integer zero points, so that z·scale (z < 2^bits) is exact in
+        the scale dtype: the offset is then stored exactly and equals −z·scale (what compressed-tensors,
+        AutoGPTQ and vLLM store), and the model exports with no re-rounding."""
+        significand = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24}[self.torch_scale_dtype]
+        return significand - self.bits
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -66,7 +92,7 @@ class WeightScheme:
     @property
     def spec(self) -> str:
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        extra = "/dq" if self.double_quant else ""
+        extra = ("/dq" if self.double_quant else "") + ("/zp" if self.integer_zero else "")
         dtype = "" if self.scale_dtype == "float16" else f"/{self.scale_dtype}"
         return f"{self.format}/{gran}{extra}{dtype}"
 
@@ -95,10 +121,26 @@ class WeightScheme:
         scale = scale.float()
         if (scale > finfo.max).any():
             raise ModelpressError(f"{name}: a scale exceeds {self.scale_dtype} range; use float32 scales")
+        if self.integer_zero and offset is not None:
+            return self._integer_zero_ranges(scale, offset.float())
         scale = scale.clamp(min=finfo.tiny * finfo.eps).to(dtype)
         if offset is not None:
             offset = offset.float().clamp(-finfo.max, finfo.max).to(dtype)
         return scale, offset
+
+    def _integer_zero_ranges(self, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """offset = −z·scale with an integer code z: the grid holds 0 exactly, so a range that does not reach 0
+        is first widened to it (as AutoGPTQ does); scales are rounded to zero_scale_bits significant bits and z
+        is the code nearest to −offset/scale: the products are exact, so the offset is stored exactly."""
+        finfo = torch.finfo(self.torch_scale_dtype)
+        top = 2 ** self.bits - 1
+        low, high = offset.clamp(max=0), (offset + top * scale).clamp(min=0)
+        scale = ((high - low) / top).clamp(min=finfo.smallest_normal)
+        mantissa, exponent = torch.frexp(scale)
+        step = 2.0 ** self.zero_scale_bits
+        scale = torch.ldexp(torch.round(mantissa * step) / step, exponent)
+        zero = torch.round(-low / scale).clamp(0, top)
+        return scale.to(self.torch_scale_dtype), (-zero * scale).to(self.torch_scale_dtype)
 
     def round_trip(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """x rounded to the nearest level of the grid `scale` (and `offset`, the value of code 0), both already
@@ -123,10 +165,12 @@ class WeightScheme:
                 fields.update(granularity="group", group_size=int(part[1:]))
             elif part == "dq":
                 fields["double_quant"] = True
+            elif part == "zp":
+                fields["integer_zero"] = True
             elif part in SCALE_DTYPES:
                 fields["scale_dtype"] = part
             else:
-                raise ModelpressError(f"cannot read {part!r} in scheme spec {spec!r}; expected gN, channel, tensor or dq")
+                raise ModelpressError(f"cannot read {part!r} in scheme spec {spec!r}; expected gN, channel, tensor, dq, zp or a scale dtype")
         return cls(**fields)
 
     def with_grouping(self, group_size: int | str | None) -> WeightScheme:
@@ -147,7 +191,7 @@ def default_grouping(format_name: str) -> dict:
 
 
 def scheme_for(format_name: str, group_size: int | str | None = None, symmetric: bool | None = None,
-               double_quant: bool = False, scale_dtype: str = "float16") -> WeightScheme:
+               double_quant: bool = False, scale_dtype: str = "float16", integer_zero: bool = False) -> WeightScheme:
     """Build a scheme from CLI-style pieces; `symmetric=False` picks the -asym variant of an int format."""
     name = format_name.lower()
     if symmetric is False and not name.endswith("-asym"):
@@ -156,7 +200,8 @@ def scheme_for(format_name: str, group_size: int | str | None = None, symmetric:
         name = f"{name}-asym"
     if symmetric is True and name.endswith("-asym"):
         raise ModelpressError(f"format {format_name!r} is asymmetric but --symmetric was given")
-    base = WeightScheme(format=name, scale_dtype=scale_dtype, double_quant=double_quant, **default_grouping(name))
+    base = WeightScheme(format=name, scale_dtype=scale_dtype, double_quant=double_quant, integer_zero=integer_zero,
+                        **default_grouping(name))
     return base.with_grouping(group_size)
 
 

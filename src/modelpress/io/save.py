@@ -238,6 +238,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", trust_
     left = [n for n, t in _all_tensors(model) if t.is_meta]
     if left:
         raise ModelpressError(f"{path}: tensors missing from {WEIGHTS_FILE}: {left[:5]}")
+    _retie(model, meta["tied"])
     for kind in sorted({record["kind"] for record in meta["layers"].values()}):
         prepare = getattr(module_for_kind(kind), "prepare_model", None)  # e.g. QuantExperts: eager expert loop
         if prepare is not None:
@@ -248,6 +249,17 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", trust_
     except (OSError, ValueError):
         tokenizer = None
     return LoadedModel(model.to(device), tokenizer, source=str(path), float_source=meta["float_source"])
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """load_state_dict(assign=True) gives each name its own Parameter, even over one storage; tied names get
+    their original's Parameter back, so the model is tied as it was (an exporter or optimizer that walks
+    named_parameters() then sees one tensor, not two: a GGUF export would otherwise write the head twice)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, original in tied.items():
+        if name in params and original in params:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, params[original])
 
 
 def _all_tensors(model: nn.Module):

@@ -7,10 +7,15 @@ and a network are available. A name of a corpus wins over a file of the same nam
 
 Windows: the text is tokenized once (without special tokens); evaluation windows are the first
 `eval_windows` blocks and calibration samples come strictly after them, so the two never overlap and the
-same text always gives the same windows. When the tokenizer starts every text with a BOS token (see
-`tokenizer_bos`), each window is that BOS followed by `seq_len - 1` text tokens, as llama.cpp's
-perplexity tool cuts them: a model trained on BOS-led sequences is then scored on inputs like those it
-saw. Otherwise a window is `seq_len` text tokens.
+same text always gives the same windows. Without a BOS a window is `seq_len` text tokens. When the
+tokenizer starts every text with a BOS token (see `tokenizer_bos`), every window starts with that BOS and
+`seq_len - 1` text tokens follow, so a model trained on BOS-led sequences is scored on inputs like those it
+saw. Two rules for where those text tokens come from (`bos_mode`):
+- "overwrite" (the default; llama.cpp's `llama-perplexity`): the text is tokenized with its BOS in front,
+  [BOS] t0 t1 ..., cut into blocks of `seq_len`, and the first token of every block is replaced by BOS.
+  Window i is BOS + t[i*seq_len : i*seq_len + seq_len - 1]: one text token between windows is never seen.
+  Figures then compare with llama.cpp's token for token.
+- "prepend": BOS + t[i*(seq_len-1) : (i+1)*(seq_len-1)]: the windows tile the text with no gap.
 """
 
 from __future__ import annotations
@@ -100,27 +105,53 @@ def tokenizer_bos(tokenizer) -> int | None:
     return int(bos) if len(ids) > 0 and ids[0] == bos else None
 
 
+BOS_MODES = ("overwrite", "prepend")
+
+
+def check_bos_mode(bos_mode: str) -> None:
+    if bos_mode not in BOS_MODES:
+        raise ModelpressError(f"unknown BOS window rule {bos_mode!r}; choose one of {', '.join(BOS_MODES)} "
+                              "(overwrite: llama.cpp's, the first token of each block becomes BOS; prepend: BOS "
+                              "before the text, no token skipped)")
+
+
+def window_stride(seq_len: int, bos: int | None, bos_mode: str = "overwrite") -> int:
+    """Text tokens from the start of one window to the start of the next: `seq_len`, less the BOS under
+    "prepend" (under "overwrite" the BOS takes the place of a text token, which is skipped)."""
+    check_bos_mode(bos_mode)
+    return seq_len - (bos is not None and bos_mode == "prepend")
+
+
+def windows_in(tokens: int, seq_len: int, bos: int | None, bos_mode: str = "overwrite") -> int:
+    """How many whole windows of `seq_len` a text of `tokens` text tokens gives."""
+    if bos is not None and bos_mode == "overwrite":
+        return (tokens + 1) // seq_len                  # the stream [BOS] + text, cut into blocks
+    return tokens // window_stride(seq_len, bos, bos_mode)
+
+
 @dataclass(frozen=True)
 class TokenWindows:
     """Evaluation windows (n_eval, seq_len) and calibration samples (n_calib, seq_len), disjoint.
-    With `bos` set, column 0 of every window is that token and the rest is text."""
+    With `bos` set, column 0 of every window is that token and the rest is text, cut by `bos_mode`."""
 
     eval: torch.Tensor
     calibration: torch.Tensor
     total_tokens: int
     bos: int | None = None
+    bos_mode: str = "overwrite"
 
 
 def make_windows(tokenizer, source: TextSource, seq_len: int = 512, eval_windows: int = 40,
-                 calib_samples: int = 0, bos: int | None = None) -> TokenWindows:
+                 calib_samples: int = 0, bos: int | None = None, bos_mode: str = "overwrite") -> TokenWindows:
     """Cut `eval_windows` evaluation windows, then up to `calib_samples` calibration windows, from the text.
-    `bos`: a token id to put at the start of every window (seq_len - 1 text tokens follow), or None.
-    A text too short for the calibration windows asked gives fewer of them, with a warning."""
+    `bos`: a token id to start every window with (seq_len - 1 text tokens follow), or None; `bos_mode`: how
+    the text tokens are placed after it (module docstring). A text too short for the calibration windows
+    asked gives fewer of them, with a warning."""
     if seq_len <= 1 or (bos is not None and seq_len <= 2):
         raise ModelpressError(f"window length must be at least {3 if bos is not None else 2} tokens, got {seq_len}")
+    check_bos_mode(bos_mode)
     ids = torch.tensor(tokenizer(source.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    step = seq_len - (bos is not None)                    # text tokens per window
-    whole = ids.numel() // step
+    whole = windows_in(ids.numel(), seq_len, bos, bos_mode)
     if whole == 0:
         raise ModelpressError(f"text {source.name} has {ids.numel()} tokens, fewer than one window of {seq_len}")
     if eval_windows > whole or (calib_samples and eval_windows >= whole):
@@ -128,13 +159,20 @@ def make_windows(tokenizer, source: TextSource, seq_len: int = 512, eval_windows
             f"text {source.name} has {ids.numel()} tokens = {whole} windows of {seq_len}; asked for "
             f"{eval_windows} evaluation + {calib_samples} calibration windows"
         )
-    blocks = ids[: whole * step].view(whole, step)
-    if bos is not None:
-        blocks = torch.cat([torch.full((whole, 1), bos, dtype=torch.long), blocks], dim=1)
+    if bos is None:
+        blocks = ids[: whole * seq_len].view(whole, seq_len)
+    elif bos_mode == "overwrite":                        # llama.cpp: [BOS] + text in blocks, column 0 := BOS
+        stream = torch.cat([torch.tensor([bos]), ids])
+        blocks = stream[: whole * seq_len].view(whole, seq_len).clone()
+        blocks[:, 0] = bos
+    else:
+        step = seq_len - 1
+        blocks = torch.cat([torch.full((whole, 1), bos, dtype=torch.long), ids[: whole * step].view(whole, step)], 1)
     calibration = blocks[eval_windows : eval_windows + calib_samples]
     if calib_samples:
         _check_calibration(source, calibration, calib_samples, seq_len)
-    return TokenWindows(eval=blocks[:eval_windows], calibration=calibration, total_tokens=ids.numel(), bos=bos)
+    return TokenWindows(eval=blocks[:eval_windows], calibration=calibration, total_tokens=ids.numel(), bos=bos,
+                        bos_mode=bos_mode)
 
 
 def _check_calibration(source: TextSource, calibration: torch.Tensor, asked: int, seq_len: int) -> None:

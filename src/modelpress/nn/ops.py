@@ -32,13 +32,14 @@ Tensor = torch.Tensor
 def scheme_key(scheme: WeightScheme) -> str:
     """A WeightScheme as one string (the operator's static "format id"); `scheme_of_key` inverts it."""
     return (f"{scheme.format}:{scheme.granularity}:{scheme.group_size or 0}:{scheme.scale_dtype}:"
-            f"{int(scheme.double_quant)}:{scheme.double_quant_block}")
+            f"{int(scheme.double_quant)}:{scheme.double_quant_block}:{int(scheme.integer_zero)}")
 
 
 def scheme_of_key(key: str) -> WeightScheme:
-    fmt, granularity, group, scale_dtype, double_quant, block = key.split(":")
+    fmt, granularity, group, scale_dtype, double_quant, block, integer_zero = key.split(":")
     return WeightScheme(format=fmt, granularity=granularity, group_size=int(group) or None,  # type: ignore[arg-type]
-                        scale_dtype=scale_dtype, double_quant=bool(int(double_quant)), double_quant_block=int(block))
+                        scale_dtype=scale_dtype, double_quant=bool(int(double_quant)), double_quant_block=int(block),
+                        integer_zero=bool(int(integer_zero)))
 
 
 @dataclass(frozen=True)

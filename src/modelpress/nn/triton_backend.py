@@ -9,7 +9,8 @@ scale and offset tensors directly.
 
 Up to M = 64 (decode, small batches) one fused kernel streams the weight once; from M = 65 up (prefill) a
 dequantize kernel writes the weight in the activation dtype and cuBLAS multiplies (`choose_plan`). For the
-4-bit formats at M = 1 (decode) a CUDA-core GEMV kernel (triton_gemv.py) replaces the tensor-core one.
+4-bit formats at M = 1 (decode) a CUDA-core GEMV kernel replaces the tensor-core one: gluon_gemv.py's (launched as
+a programmatic dependent launch) where Triton has Gluon, else triton_gemv.py's.
 `prepared_linear` fixes everything about a call but x, for QuantLinear's eager CUDA path.
 """
 
@@ -39,7 +40,10 @@ GEMV_MAX_M = 1  # up to here the GEMV kernels (triton_gemv.py) serve every forma
 class KernelConfig:
     """Tile shape and launch options of one fused launch (BKG: columns per group sub-tile, SUB sub-tiles
     per loop step, SPLIT ways of splitting K; dequant=True means dequantize then cuBLAS instead; gemv=True
-    means a CUDA-core GEMV kernel of triton_gemv.py, M = 1 only, which uses BN, BKG, SUB, SPLIT, num_warps)."""
+    means a CUDA-core GEMV kernel of triton_gemv.py, M = 1 only, which uses BN, BKG, SUB, SPLIT, num_warps;
+    gluon=True (4-bit formats) means gluon_gemv.py's kernel instead, with rows_per_thread rows per thread, all
+    warps_k of the warps along K and the rest along the rows, words through a cp.async ring of `stages` steps
+    when stages > 1, and pdl=True launches it as a programmatic dependent launch)."""
 
     BM: int = 16
     BN: int = 64
@@ -50,6 +54,11 @@ class KernelConfig:
     num_stages: int = 3
     dequant: bool = False
     gemv: bool = False
+    gluon: bool = False
+    rows_per_thread: int = 1
+    warps_k: int = 1
+    stages: int = 1
+    pdl: bool = False
 
 
 @functools.cache
@@ -118,9 +127,15 @@ GEMV_MIN_STEPS = 2
 
 def gemv_plan(n: int, k: int, bkg: int, kind: int = 0, sms: int = 132, bn: int | None = None,
               sub: int | None = None, warps: int | None = None, programs_per_sm: float | None = None,
-              min_steps: int = GEMV_MIN_STEPS) -> KernelConfig:
+              min_steps: int = GEMV_MIN_STEPS, gluon: bool | None = None) -> KernelConfig:
     """GEMV tiles for M = 1: BN rows per program, SUB tiles of BKG (at most 128) columns per step, K split
-    until the grid fills the machine. kind: the kernel kind (0 int4, 1 nf4; others take int4's tiles)."""
+    until the grid fills the machine. kind: the kernel kind (0 int4, 1 nf4; others take int4's tiles).
+    4-bit kinds take the Gluon kernel (gluon_gemv_plan) where it can run, unless gluon=False or a tile
+    argument asks for the Triton kernel's."""
+    if gluon is None:
+        gluon = kind <= 1 and bn is None and sub is None and warps is None and gluon_gemv_available()
+    if gluon:
+        return gluon_gemv_plan(n, k, bkg, sms, programs_per_sm or GLUON_PROGRAMS_PER_SM, min_steps)
     tile_bn, tile_sub, tile_warps, tile_programs = GEMV_TILES.get(kind, GEMV_TILES[0])
     bn, sub, warps = bn or tile_bn, sub or tile_sub, warps or tile_warps
     programs_per_sm = programs_per_sm or tile_programs
@@ -132,6 +147,55 @@ def gemv_plan(n: int, k: int, bkg: int, kind: int = 0, sms: int = 132, bn: int |
     while blocks * split * 2 <= programs_per_sm * sms and k // (step * sub * split * 2) >= min_steps:
         split *= 2
     return KernelConfig(BM=1, BN=bn, BKG=step, SUB=sub, SPLIT=split, num_warps=warps, num_stages=1, gemv=True)
+
+
+# The Gluon GEMV's plan (bench/kernel_sweep.py --gluon and --gluon-pipelines on an H200, M = 1, 7B shapes, PDL on).
+# Layout, ring depth and split moved the time by little on 4096-row shapes (within ~10% of each other for the good
+# families) while more K splits past ~4 programs per SM, cp.async rings with fewer programs, and warps along K
+# without split-K on long rows (4096x11008) were slower. Where the rows alone make >= 2.5 programs per SM
+# (11008x4096), 16-64 rows per program with the 4 warps along K and no split-K won: 13.3 vs 14.9 µs int4, 16.9 vs
+# 20.4 µs nf4, against the Triton GEMV. Otherwise 4 rows per thread, 2 group tiles per step, K split towards 4
+# programs per SM (int4 4096x4096: 7.0 vs 8.0 µs).
+GLUON_PROGRAMS_PER_SM = 4.0
+GLUON_NO_SPLIT_PROGRAMS_PER_SM = 2.5
+
+
+def gluon_rows(bkg: int, rows_per_thread: int, sub: int, warps: int, warps_k: int = 1) -> int:
+    """The rows (BN) that gluon_gemv's layout covers exactly: 4 words per thread across a sub-tile of bkg
+    columns, the remaining lanes across sub-tiles and rows, warps_k warps along K and the rest along rows."""
+    words_threads = bkg // 32
+    sub_threads = min(sub // warps_k, 32 // words_threads)
+    return rows_per_thread * (32 // (words_threads * sub_threads)) * (warps // warps_k)
+
+
+def gluon_gemv_plan(n: int, k: int, bkg: int, sms: int = 132, programs_per_sm: float = GLUON_PROGRAMS_PER_SM,
+                    min_steps: int = GEMV_MIN_STEPS) -> KernelConfig:
+    """Plan of the Gluon GEMV (see the table's comment above), launched with PDL."""
+    step = min(bkg, 128)
+    base = dict(BM=1, BKG=step, num_warps=4, num_stages=1, gemv=True, gluon=True, rows_per_thread=4, pdl=True)
+    rows_k = gluon_rows(step, 4, 8, 4, 4)
+    if _cdiv(n, rows_k) >= GLUON_NO_SPLIT_PROGRAMS_PER_SM * sms and k >= step * 8 * min_steps:
+        return KernelConfig(BN=rows_k, SUB=8, SPLIT=1, warps_k=4, stages=4, **base)
+    sub = 2 if k >= step * 2 * min_steps else 1
+    bn = gluon_rows(step, 4, sub, 4)
+    blocks, split = _cdiv(n, bn), 1
+    while blocks * split * 2 <= programs_per_sm * sms and k // (step * sub * split * 2) >= min_steps:
+        split *= 2
+    return KernelConfig(BN=bn, SUB=sub, SPLIT=split, **base)
+
+
+@functools.cache
+def gluon_gemv_available() -> bool:
+    """Whether the Gluon GEMV can run: Triton with Gluon, not under the interpreter (which runs no Gluon)."""
+    if _interpreting() or not triton_available():
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa: F401
+
+        from modelpress.nn import gluon_gemv  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -240,6 +304,12 @@ def _gemv_launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tupl
                  "HAS_BIAS": has_bias, "SPLIT_K": split > 1, "SPLITS": _pow2_at_least(split), "EVEN_K": k % step == 0,
                  "BN": config.BN, "BKG": bkg,
                  "SUB": config.SUB, "num_warps": config.num_warps, "num_stages": 1}
+    if config.gluon:
+        if kind > 1:
+            raise ValueError(f"{scheme.spec}: the Gluon GEMV reads 4-bit codes only")
+        constants.update(RPT=config.rows_per_thread, WARPS=config.num_warps, WARPS_K=config.warps_k,
+                         STAGES=config.stages, PDL=config.pdl,
+                         launch_pdl=config.pdl)
     grid = (1, _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)
 
@@ -293,6 +363,10 @@ def _kernel_call(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         words = packed.qdata.view(torch.int32)
         args = (x2, words, scale, offset, perm, table, bias_arg, y, workspace, locks, n, k, plan.group_size,
                 plan.k_per_split, _EXPONENT_BITS, words.stride(0), stride_sn, stride_sg)
+        if config.gluon:
+            from modelpress.nn import gluon_gemv
+
+            return gluon_gemv.gemv4_gluon_kernel, plan.grid, args, {**plan.constants, **asm}, y
         return triton_gemv.gemv4_kernel, plan.grid, args, {**plan.constants, **asm}, y
     if config.gemv:
         args = (x2, packed.qdata, scale, offset, perm, bias_arg, y, workspace, locks, n, k, plan.group_size,
