@@ -132,3 +132,31 @@ def test_qat_on_a_packed_grid_refuses_double_quantized_scales():
     layer = QuantLinear(quantize_weight(torch.randn(8, 64), scheme))
     with pytest.raises(Exception, match="double quantization"):
         FakeQuantLinear.from_packed(layer)
+
+
+def test_the_qat_stage_trains_a_packed_model_on_its_own_grid():
+    """recover(QAT()) after PTQ: the layers stay on the PTQ grid (same scales), move toward the teacher, and a
+    scheme given for an already packed model, or none for a float one, is refused before any training."""
+    from modelpress.algorithms.quantize import RTNConfig, quantize_rtn
+    from modelpress.errors import ModelpressError
+    from modelpress.train.recover import QAT, recover
+
+    teacher = build_tiny_llama(0)
+    student = build_tiny_llama(0)
+    quantize_rtn(student, RTNConfig("int3/g32"))
+    scales = {n: m.packed.scale.clone() for n, m in student.named_modules() if isinstance(m, QuantLinear)}
+    ids = torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(0))
+    loss = distillation_loss_fn(student, teacher, TaskData(ids), DistillConfig(freeze=("embed_tokens",)))
+    with torch.no_grad():
+        before = loss(torch.arange(6)).item()
+    with pytest.raises(ModelpressError, match="drop scheme"):
+        recover(student, QAT(scheme="int4/g32", steps=2, windows=6), teacher, ids)
+    with pytest.raises(ModelpressError, match="needs a scheme"):
+        recover(build_tiny_llama(0), QAT(steps=2, windows=6), teacher, ids)
+    report = recover(student, QAT(steps=40, lr=1e-3, windows=6, batch_size=3, top_k=None), teacher, ids)
+    assert report["converted_layers"] == len(scales)
+    after = {n: m for n, m in student.named_modules() if isinstance(m, QuantLinear)}
+    assert after.keys() == scales.keys() and all(torch.equal(after[n].packed.scale, s) for n, s in scales.items())
+    loss = distillation_loss_fn(student, teacher, TaskData(ids), DistillConfig(freeze=("embed_tokens",)))
+    with torch.no_grad():
+        assert loss(torch.arange(6)).item() < 0.8 * before

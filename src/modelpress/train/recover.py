@@ -7,7 +7,9 @@ calibration windows, through distill.py's loop; only what is trained differs:
 - Distill: every float parameter the model still has (minus `freeze`), e.g. after structured pruning;
 - LoRA:    low-rank adapters over the frozen (packed) layers, then folded in and re-quantized (`merge`);
            on a float model, `quantize` (a scheme spec) first quantizes it with RTN: QLoRA;
-- QAT:     fake-quantized float weights at `scheme`, then converted to packed layers.
+- QAT:     fake-quantized float weights at `scheme`, then converted to packed layers; on a model that is
+           already packed (after a gptq/awq stage) the weights train on its own grid (scales, offsets, column
+           order kept) and `scheme` must be left out: the recovery that pays most after GPTQ.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from modelpress.nn.layers import DEFAULT_SKIP
 from modelpress.train.data import TaskData
 from modelpress.train.distill import DistillConfig, distill
 from modelpress.train.lora import MERGE_METHODS, LoRAConfig, add_lora, merge_lora
-from modelpress.train.qat import convert_qat, prepare_qat
+from modelpress.train.qat import convert_qat, prepare_qat, prepare_qat_from_packed
 from modelpress.train.trainer import TrainConfig
 
 EMBEDDINGS = ("embed_tokens", "word_embeddings")   # kept fixed by default: large, and tied to the head
@@ -84,12 +86,13 @@ class LoRA(Training):
 
 @dataclass(frozen=True)
 class QAT(Training):
-    scheme: str = "int4/g128"
+    scheme: str | None = None          # None: train on the packed model's own grid (the model must be packed)
     skip: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        WeightScheme.parse(self.scheme)
+        if self.scheme is not None:
+            WeightScheme.parse(self.scheme)
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,18 @@ def _finish_lora(model: nn.Module, config: LoRA, ids: torch.Tensor) -> dict:
 
 
 def _prepare_qat(model: nn.Module, config: QAT) -> None:
-    prepare_qat(model, WeightScheme.parse(config.scheme), config.skip)
+    from modelpress.nn.quant_linear import QuantLinear
+
+    packed = any(isinstance(m, QuantLinear) for m in model.modules())
+    if packed and config.scheme is not None:
+        raise ModelpressError(f"qat scheme={config.scheme!r}: the model is already quantized, so QAT trains on its "
+                              "own grid; drop scheme")
+    if packed:
+        prepare_qat_from_packed(model)
+    elif config.scheme is None:
+        raise ModelpressError("qat on a float model needs a scheme (e.g. scheme: int4/g128)")
+    else:
+        prepare_qat(model, WeightScheme.parse(config.scheme), config.skip)
 
 
 def _finish_qat(model: nn.Module, config: QAT, ids: torch.Tensor) -> dict:
