@@ -7,7 +7,8 @@ the ratios, not the absolute numbers. Rows:
 - SCHEME                  round-to-nearest quantized linear layers on the CPU backend (nn/cpu_backend.py)
 - SCHEME reference        the same model with that backend disabled (dequantize, then F.linear), --reference
                           (float32 models only: the slowest rows)
-- SCHEME + head           the output head quantized too (RTN leaves it float), --head
+- SCHEME + head HEAD      the output head quantized too, to HEAD (RTN leaves it float): --head HEAD, or --head
+                          alone for the row's own scheme; --head int8/g32 is the Q8_0 head of the llama.cpp rows
 - ... bf16                the model cast to bfloat16 first (activations bf16 throughout), --bf16
 - llama.cpp TYPE (SCHEME) the SCHEME row exported to GGUF (losslessly: int4 -> Q4_0, int4-asym -> Q4_1, int8 ->
                           Q8_0; its tied head is Q8_0 as in the source GGUF) and run by llama.cpp itself
@@ -118,7 +119,8 @@ def quantize_head(model: nn.Module, scheme: WeightScheme) -> None:
         replace_module(model, name, quantize_layer(model.get_submodule(name), scheme, name=name))
 
 
-def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool, head: bool) -> list[Row]:
+def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool, head: str | None) -> list[Row]:
+    """head: None (float head only), "same" (each row's scheme) or a scheme for every row's head."""
     rows = []
     for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
         suffix = "" if dtype == torch.float32 else " bf16"
@@ -131,10 +133,11 @@ def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool
             rows.append(Row(spec + suffix, quantized))
             if reference and dtype == torch.float32:
                 rows.append(Row(f"{spec} reference", quantized, fast=False))
-            if head:
+            if head is not None:
+                head_scheme = scheme if head == "same" else WeightScheme.parse(head)
                 with_head = copy.deepcopy(quantized)
-                quantize_head(with_head, scheme)
-                rows.append(Row(f"{spec}{suffix} + head", with_head))
+                quantize_head(with_head, head_scheme)
+                rows.append(Row(f"{spec}{suffix} + head {head_scheme.spec}", with_head))
     return rows
 
 
@@ -237,7 +240,8 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also time each quantized model on the reference path")
     parser.add_argument("--reference-tokens", type=int, default=8, help="tokens decoded per reference-row repeat")
     parser.add_argument("--bf16", action="store_true", help="also time bfloat16 copies of every model")
-    parser.add_argument("--head", action="store_true", help="also time each scheme with the output head quantized")
+    parser.add_argument("--head", nargs="?", const="same", default=None, metavar="SCHEME",
+                        help="also time each scheme with the output head quantized, to SCHEME (default: the row's)")
     parser.add_argument("--llamacpp", action="store_true",
                         help="also run each scheme's lossless GGUF export in llama.cpp (same prompts and threads)")
     parser.add_argument("--json", type=Path, default=None)
