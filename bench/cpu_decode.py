@@ -15,6 +15,8 @@ the ratios, not the absolute numbers. Rows:
                           (modelpress-decode, scripts/llamacpp/decode.cpp: its C API, greedy, batch 1) with the
                           same prompts and thread count, in the same rounds, --llamacpp (needs
                           `bash scripts/install_llamacpp.sh`)
+Decode is timed in `modelpress generate`'s loop from the first new token to the last, as llama.cpp's rows are
+(--decode-loop transformers: model.generate, the prefill included, as in the tables before 2026-12-04).
 Each thread count given to --threads gets its own full run (on a machine shared with other work, two
 OpenMP threads can lose whole scheduler slices at every parallel region; one thread shows the kernels alone).
 Quality of the fast path is checked against the reference path of the same model on the prefill prompt:
@@ -49,6 +51,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.formats.scheme import WeightScheme
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.sampling import SamplingConfig
 from modelpress.io.model import load_model
 from modelpress.io.text import default_corpus
 from modelpress.nn.cpu_backend import CPU_BACKEND, prepared_nbytes
@@ -78,7 +82,17 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str) -> tuple[float, torch.Tensor]:
+    """(seconds per token, greedy tokens). loop "modelpress": `modelpress generate`'s loop (inference.decoding,
+    eager path), timed from the first new token to the last as llama.cpp's rows are (prefill excluded);
+    "transformers": model.generate, the whole call over the new tokens (prefill included)."""
+    if loop == "modelpress":
+        stamps: list[float] = []
+        settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0),
+                                      decode="eager")
+        result = generate(model, ids, settings,
+                          on_tokens=lambda _: stamps.append(time.perf_counter()))
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), torch.tensor(result.tokens)
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0)
@@ -173,7 +187,8 @@ def time_llamacpp(row: Row, prompt: torch.Tensor, new_tokens: int) -> None:
 
 
 @torch.no_grad()
-def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: int, reference_tokens: int) -> None:
+def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: int, reference_tokens: int,
+              loop: str) -> None:
     """Fill each row's timings: `repeats` rounds, every row once per round (reference rows decode fewer tokens:
     the rate per token is what is compared)."""
     decode_prompt = prompt[:, :DECODE_PROMPT_TOKENS]
@@ -185,7 +200,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             continue
         with row.context():  # warm-up: builds the prepared weights, touches every page once
             time_prefill(row.model, prompt)
-            time_decode(row.model, decode_prompt, 2)
+            time_decode(row.model, decode_prompt, 2, loop)
     for round_ in range(repeats):
         for row in rows:
             if row.gguf is not None:
@@ -194,17 +209,17 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             with row.context():
                 row.prefill_s.append(time_prefill(row.model, prompt))
                 tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
-                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens)
+                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens, loop)
                 row.decode_s.append(per_token)
         print(f"{torch.get_num_threads()} threads: round {round_ + 1}/{repeats} done", file=sys.stderr, flush=True)
 
 
-def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int) -> dict:
+def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int, loop: str) -> dict:
     quality = fast_vs_reference(row.model, prompt)
     reference = next((r for r in rows if r.model is row.model and not r.fast), None)
     if reference is None:
         with CPU_BACKEND.disabled(), torch.no_grad():
-            _, reference_tokens = time_decode(row.model, prompt[:, :DECODE_PROMPT_TOKENS], new_tokens)
+            _, reference_tokens = time_decode(row.model, prompt[:, :DECODE_PROMPT_TOKENS], new_tokens, loop)
     else:
         reference_tokens = reference.tokens
     common = min(row.tokens.numel(), reference_tokens.numel())
@@ -244,6 +259,9 @@ def main() -> None:
                         help="also time each scheme with the output head quantized, to SCHEME (default: the row's)")
     parser.add_argument("--llamacpp", action="store_true",
                         help="also run each scheme's lossless GGUF export in llama.cpp (same prompts and threads)")
+    parser.add_argument("--decode-loop", choices=("modelpress", "transformers"), default="modelpress",
+                        help="modelpress: `modelpress generate`'s loop, prefill excluded as in llama.cpp's rows "
+                             "(default); transformers: model.generate, prefill included (the tables before 2026-12-04)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -259,7 +277,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         load.append(os.getloadavg()[0])
-        time_rows(rows, prompt, args.new_tokens, args.repeats, args.reference_tokens)
+        time_rows(rows, prompt, args.new_tokens, args.repeats, args.reference_tokens, args.decode_loop)
         load.append(os.getloadavg()[0])
         for row in rows:
             results.append({"threads": threads, "name": row.name, "fast_path": row.fast,
@@ -275,7 +293,7 @@ def main() -> None:
             elif any(isinstance(m, QuantLinear) for m in row.model.modules()):
                 results[-1].update(layer_bytes(row.model))
                 if row.fast:
-                    results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens)
+                    results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens, args.decode_loop)
 
     shutil.rmtree(workdir, ignore_errors=True)
     table = markdown(results)
@@ -286,7 +304,7 @@ def main() -> None:
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
                 "load_average_1min_before_after": load, "prefill_tokens": prompt.shape[1],
                 "decode_prompt_tokens": DECODE_PROMPT_TOKENS, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "reference_tokens": args.reference_tokens,
+                "reference_tokens": args.reference_tokens, "decode_loop": args.decode_loop,
                 "kernel_calls": dict(CPU_BACKEND.calls)}
         args.json.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
 
