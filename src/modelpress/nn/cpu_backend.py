@@ -335,7 +335,7 @@ class CpuBackend:
         return entry.prepared
 
     def __call__(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if not self.enabled or x.device.type != "cpu" or packed.qdata.device.type != "cpu":
+        if not self.enabled or not x.is_cpu or not packed.qdata.is_cpu:  # is_cpu: no device object per call
             return None
         if x.dtype not in _ACT_DTYPES or (x.dtype == torch.float32 and not self.round_float32):
             return None
