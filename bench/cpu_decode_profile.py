@@ -3,6 +3,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode_profile.py --scheme int4/g32 --threads 1
     OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode_profile.py --scheme int8/g32 --head int8/g32
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode_profile.py --head int8/g32 --compile   # + torch.compile
 
 Hooks add their own cost (two Python calls per module): read the shares, and the bare step time beside them.
 """
@@ -85,6 +86,26 @@ def hooked_breakdown(model: nn.Module, steps: int) -> dict[str, tuple[float, flo
     return out
 
 
+def static_steps_ms(model: nn.Module, steps: int, compiled: bool) -> tuple[float, float]:
+    """(median ms per decode step on a static KV cache, seconds spent before the first timed step), the steps
+    run by the model as it is or by torch.compile of it (inductor: needs a C++ compiler)."""
+    from modelpress.inference.static_decode import StaticDecoder
+
+    start = time.perf_counter()
+    decoder = StaticDecoder(model, len(PROMPT) + steps + 2, graph=False)
+    decoder.prefill(PROMPT)  # eager: its length differs from a step's
+    if compiled:
+        decoder.model = torch.compile(model, dynamic=False)
+    decoder.step(5)  # compiles, when asked to
+    setup = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        decoder.step(5)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), setup
+
+
 def per_token(fn, new_tokens: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -101,6 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time static-cache decode steps through torch.compile (minutes of compiling)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,6 +143,11 @@ def main() -> None:
         print(f"{args.scheme} (head {args.head or 'float'}), {args.threads} thread(s), ms per token: bare forward "
               f"{bare:.1f}; transformers generate {hf:.1f}; modelpress generate eager {ours['eager']:.1f}, "
               f"static cache {ours['static']:.1f} (generate times include the 16-token prefill)")
+        if args.compile:
+            eager_ms, _ = static_steps_ms(model, args.steps, compiled=False)
+            compiled_ms, setup = static_steps_ms(model, args.steps, compiled=True)
+            print(f"static-cache steps: eager {eager_ms:.1f} ms, torch.compile {compiled_ms:.1f} ms "
+                  f"(after {setup:.0f} s of compiling)")
         for kind, (calls, ms) in sorted(hooked_breakdown(model, args.steps).items(), key=lambda kv: -kv[1][1]):
             print(f"  {kind:40s} {calls:6.0f} calls/step {ms:8.2f} ms/step")
         from torch.profiler import ProfilerActivity, profile
