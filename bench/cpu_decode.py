@@ -7,13 +7,16 @@ the ratios, not the absolute numbers. Rows:
 - SCHEME                  round-to-nearest quantized linear layers on the CPU backend (nn/cpu_backend.py)
 - SCHEME reference        the same model with that backend disabled (dequantize, then F.linear), --reference
                           (float32 models only: the slowest rows)
-- SCHEME + head           the output head quantized too (RTN leaves it float), --head
+- SCHEME + head HEAD      the output head quantized too, to HEAD (RTN leaves it float): --head HEAD, or --head
+                          alone for the row's own scheme; --head int8/g32 is the Q8_0 head of the llama.cpp rows
 - ... bf16                the model cast to bfloat16 first (activations bf16 throughout), --bf16
 - llama.cpp TYPE (SCHEME) the SCHEME row exported to GGUF (losslessly: int4 -> Q4_0, int4-asym -> Q4_1, int8 ->
                           Q8_0; its tied head is Q8_0 as in the source GGUF) and run by llama.cpp itself
                           (modelpress-decode, scripts/llamacpp/decode.cpp: its C API, greedy, batch 1) with the
                           same prompts and thread count, in the same rounds, --llamacpp (needs
                           `bash scripts/install_llamacpp.sh`)
+Decode is timed in `modelpress generate`'s loop from the first new token to the last, as llama.cpp's rows are
+(--decode-loop transformers: model.generate, the prefill included, as in the tables before 2026-12-04).
 Each thread count given to --threads gets its own full run (on a machine shared with other work, two
 OpenMP threads can lose whole scheduler slices at every parallel region; one thread shows the kernels alone).
 Quality of the fast path is checked against the reference path of the same model on the prefill prompt:
@@ -48,6 +51,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.formats.scheme import WeightScheme
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.sampling import SamplingConfig
 from modelpress.io.model import load_model
 from modelpress.io.text import default_corpus
 from modelpress.nn.cpu_backend import CPU_BACKEND, prepared_nbytes
@@ -77,7 +82,17 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str) -> tuple[float, torch.Tensor]:
+    """(seconds per token, greedy tokens). loop "modelpress": `modelpress generate`'s loop (inference.decoding,
+    eager path), timed from the first new token to the last as llama.cpp's rows are (prefill excluded);
+    "transformers": model.generate, the whole call over the new tokens (prefill included)."""
+    if loop == "modelpress":
+        stamps: list[float] = []
+        settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0),
+                                      decode="eager")
+        result = generate(model, ids, settings,
+                          on_tokens=lambda _: stamps.append(time.perf_counter()))
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), torch.tensor(result.tokens)
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0)
@@ -118,7 +133,8 @@ def quantize_head(model: nn.Module, scheme: WeightScheme) -> None:
         replace_module(model, name, quantize_layer(model.get_submodule(name), scheme, name=name))
 
 
-def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool, head: bool) -> list[Row]:
+def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool, head: str | None) -> list[Row]:
+    """head: None (float head only), "same" (each row's scheme) or a scheme for every row's head."""
     rows = []
     for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
         suffix = "" if dtype == torch.float32 else " bf16"
@@ -131,10 +147,11 @@ def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool
             rows.append(Row(spec + suffix, quantized))
             if reference and dtype == torch.float32:
                 rows.append(Row(f"{spec} reference", quantized, fast=False))
-            if head:
+            if head is not None:
+                head_scheme = scheme if head == "same" else WeightScheme.parse(head)
                 with_head = copy.deepcopy(quantized)
-                quantize_head(with_head, scheme)
-                rows.append(Row(f"{spec}{suffix} + head", with_head))
+                quantize_head(with_head, head_scheme)
+                rows.append(Row(f"{spec}{suffix} + head {head_scheme.spec}", with_head))
     return rows
 
 
@@ -170,7 +187,8 @@ def time_llamacpp(row: Row, prompt: torch.Tensor, new_tokens: int) -> None:
 
 
 @torch.no_grad()
-def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: int, reference_tokens: int) -> None:
+def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: int, reference_tokens: int,
+              loop: str) -> None:
     """Fill each row's timings: `repeats` rounds, every row once per round (reference rows decode fewer tokens:
     the rate per token is what is compared)."""
     decode_prompt = prompt[:, :DECODE_PROMPT_TOKENS]
@@ -182,7 +200,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             continue
         with row.context():  # warm-up: builds the prepared weights, touches every page once
             time_prefill(row.model, prompt)
-            time_decode(row.model, decode_prompt, 2)
+            time_decode(row.model, decode_prompt, 2, loop)
     for round_ in range(repeats):
         for row in rows:
             if row.gguf is not None:
@@ -191,17 +209,17 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             with row.context():
                 row.prefill_s.append(time_prefill(row.model, prompt))
                 tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
-                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens)
+                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens, loop)
                 row.decode_s.append(per_token)
         print(f"{torch.get_num_threads()} threads: round {round_ + 1}/{repeats} done", file=sys.stderr, flush=True)
 
 
-def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int) -> dict:
+def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int, loop: str) -> dict:
     quality = fast_vs_reference(row.model, prompt)
     reference = next((r for r in rows if r.model is row.model and not r.fast), None)
     if reference is None:
         with CPU_BACKEND.disabled(), torch.no_grad():
-            _, reference_tokens = time_decode(row.model, prompt[:, :DECODE_PROMPT_TOKENS], new_tokens)
+            _, reference_tokens = time_decode(row.model, prompt[:, :DECODE_PROMPT_TOKENS], new_tokens, loop)
     else:
         reference_tokens = reference.tokens
     common = min(row.tokens.numel(), reference_tokens.numel())
@@ -237,9 +255,13 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also time each quantized model on the reference path")
     parser.add_argument("--reference-tokens", type=int, default=8, help="tokens decoded per reference-row repeat")
     parser.add_argument("--bf16", action="store_true", help="also time bfloat16 copies of every model")
-    parser.add_argument("--head", action="store_true", help="also time each scheme with the output head quantized")
+    parser.add_argument("--head", nargs="?", const="same", default=None, metavar="SCHEME",
+                        help="also time each scheme with the output head quantized, to SCHEME (default: the row's)")
     parser.add_argument("--llamacpp", action="store_true",
                         help="also run each scheme's lossless GGUF export in llama.cpp (same prompts and threads)")
+    parser.add_argument("--decode-loop", choices=("modelpress", "transformers"), default="modelpress",
+                        help="modelpress: `modelpress generate`'s loop, prefill excluded as in llama.cpp's rows "
+                             "(default); transformers: model.generate, prefill included (the tables before 2026-12-04)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -255,7 +277,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         load.append(os.getloadavg()[0])
-        time_rows(rows, prompt, args.new_tokens, args.repeats, args.reference_tokens)
+        time_rows(rows, prompt, args.new_tokens, args.repeats, args.reference_tokens, args.decode_loop)
         load.append(os.getloadavg()[0])
         for row in rows:
             results.append({"threads": threads, "name": row.name, "fast_path": row.fast,
@@ -271,7 +293,7 @@ def main() -> None:
             elif any(isinstance(m, QuantLinear) for m in row.model.modules()):
                 results[-1].update(layer_bytes(row.model))
                 if row.fast:
-                    results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens)
+                    results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens, args.decode_loop)
 
     shutil.rmtree(workdir, ignore_errors=True)
     table = markdown(results)
@@ -282,7 +304,7 @@ def main() -> None:
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
                 "load_average_1min_before_after": load, "prefill_tokens": prompt.shape[1],
                 "decode_prompt_tokens": DECODE_PROMPT_TOKENS, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "reference_tokens": args.reference_tokens,
+                "reference_tokens": args.reference_tokens, "decode_loop": args.decode_loop,
                 "kernel_calls": dict(CPU_BACKEND.calls)}
         args.json.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
 

@@ -61,6 +61,31 @@ def test_opcheck(spec):
         torch.library.opcheck(quant_linear, op_args(layer, x))  # schema, fake tensors, AOT dispatch
 
 
+@torch.no_grad()
+def test_eager_cpu_calls_skip_the_operator_and_follow_the_buffers(monkeypatch):
+    """Eager CPU calls without autograd run the operator's implementation directly (no dispatch per call), on
+    whatever tensors the buffers are now: replacing a buffer, or moving the layer, is seen at the next call."""
+    import copy
+    import pickle
+
+    from modelpress.nn import quant_linear as module
+
+    layer = make_layer("int4/g32", perm=True, bias=True)
+    x = torch.randn(1, K)
+    expected = quant_linear(*op_args(layer, x))
+
+    def no_operator(*args):
+        raise AssertionError("the operator was called")
+
+    monkeypatch.setattr(module, "quant_linear", no_operator)
+    assert torch.equal(layer(x), expected)
+    layer.scale = layer.scale * 2  # a new tensor in the buffer slot, not an in-place edit
+    assert torch.allclose(layer(x) - layer.bias, 2 * (expected - layer.bias), rtol=1e-5, atol=1e-5)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), layer.to(torch.device("cpu"))):
+        assert torch.equal(other(x), layer(x))
+    assert copy.deepcopy(layer).__dict__["_view"] is None  # the cached view is never copied or pickled
+
+
 def test_backward_matches_dequantized_weight():
     layer = make_layer("int4-asym/g32", perm=True, bias=True)
     layer.bias.requires_grad_(True)

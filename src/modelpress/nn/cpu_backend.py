@@ -6,6 +6,8 @@ Served here (anything else returns None, and the reference path takes it):
   aten._weight_int4pack_mm_for_cpu;
 - formats with integer levels and one scale per row or per tensor (int8/channel, int8-asym/channel, and the
   narrower ints when the int4 kernel cannot take them), on aten._weight_int8pack_mm;
+- formats with integer levels that fit an 8-bit grid and groups the int4 kernel can take (int8/g32, which is
+  GGUF's Q8_0, int8-asym/g32, int5/int6 with such groups), on the int4 kernel as two 4-bit halves (below);
 for CPU tensors, float32 / bfloat16 / float16 activations, and not while autograd needs a gradient.
 
 Numerics: these kernels are fast only with bfloat16 activations (float32 ones take a path 10-100x slower
@@ -24,6 +26,14 @@ int8-asym), so z sits mid-group and rounding s and z to bfloat16 costs nothing t
 group is cut into kernel groups of the largest allowed size dividing both the group length and K (K = 576
 with g128: groups of 64, each stored scale used twice); when no such size exists, K is padded with zero
 columns (and x with zeros). Rows are padded to a multiple of 16 and cut off the output.
+
+8-bit levels with groups, as two int4 halves: q in -128..127 is 16 * h + l with h = floor(q / 16) in -8..7 and
+l in 0..15, so s * q + z = (16 s) * h + (s * l + z). The kernel runs one matrix of 2K columns, codes h + 8
+(scale 16 s, zero 0) then l (scale s, zero 8 s + z), against x written twice: one call, its own float32 sum
+of both halves. 16 s and 8 s are exact in bfloat16 whenever s is, so the product is the stored weight's with
+s and z rounded to bfloat16, as for int4. It reads K * N bytes of codes, as int8 does; aten's int8 kernel has
+one scale per row, and cutting x into groups (one call, or one row of a block-diagonal x, per group) measured
+several times slower at M = 1 than these halves.
 
 Threads: calls with at most SMALL_M_ROWS activation rows (decode) run the kernel on one thread
 (`CpuBackend.small_m_threads`). They are memory-bound, and each enters an OpenMP parallel region: on this
@@ -64,12 +74,13 @@ _KERNEL_DTYPE = torch.bfloat16
 
 @dataclass(frozen=True)
 class Int4Prepared:
-    weight: torch.Tensor       # uint8, the kernel's packed layout of (rows, padded_k) codes
-    scale_zero: torch.Tensor   # bfloat16 (padded_k // group, rows, 2): s and z per kernel group and row
+    weight: torch.Tensor       # uint8, the kernel's packed layout of (rows, copies * padded_k) codes
+    scale_zero: torch.Tensor   # bfloat16 (copies * padded_k // group, rows, 2): s and z per kernel group and row
     group: int                 # kernel group size
     padded_k: int              # K rounded up to a multiple of `group`
     out_features: int          # N (rows beyond it are padding)
     input_perm: torch.Tensor | None  # int64 (K,), gathered from x before the matmul
+    copies: int = 1            # 2: 8-bit levels as two 4-bit halves, x written twice (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,14 @@ def int8_fits(packed: PackedWeight) -> bool:
     return one_group and centered_levels(packed.scheme.qformat, 256) is not None
 
 
+def int8_halves_plan(packed: PackedWeight) -> tuple[int, int] | None:
+    """(kernel group, padded K) for 8-bit levels with groups on the int4 kernel as two halves, or None."""
+    if centered_levels(packed.scheme.qformat, 256) is None:
+        return None
+    k = packed.shape[1]
+    return int4_kernel_grouping(packed.scheme.group_length(k), k)
+
+
 def _weight_terms(packed: PackedWeight, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (N, K) int64, s and z (N, G) float32 with W = s * q + z per group (per-tensor values broadcast)."""
     n = packed.shape[0]
@@ -143,22 +162,45 @@ def _perm(packed: PackedWeight) -> torch.Tensor | None:
     return None if packed.input_perm is None else packed.input_perm.long()
 
 
+def _int4_layout(halves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], stored_group: int, group: int,
+                 padded_k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel codes (rows, len(halves) * padded_k) and bfloat16 (groups, rows, 2) scales and zeros for weights
+    sum over halves of (c - 8) * s + z, each half given as (codes c (N, K), s (N, G), z (N, G))."""
+    k = halves[0][0].shape[1]
+    # stored group of each kernel group; padding columns belong to the last one
+    owner = (torch.arange(padded_k // group) * group // stored_group).clamp(max=halves[0][1].shape[1] - 1)
+    rows = -(-n // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
+    codes = torch.full((rows, len(halves) * padded_k), 8, dtype=torch.int32)  # the kernel reads w = (c - 8) * s + z
+    params = torch.zeros(len(halves) * padded_k // group, rows, 2)
+    for i, (c, scale, zero) in enumerate(halves):
+        codes[:n, i * padded_k: i * padded_k + k] = c.to(torch.int32)
+        g0 = i * padded_k // group
+        params[g0: g0 + padded_k // group, :n, 0] = scale[:, owner].t()
+        params[g0: g0 + padded_k // group, :n, 1] = zero[:, owner].t()
+    return codes, params.to(_KERNEL_DTYPE).contiguous()
+
+
 def prepare_int4(packed: PackedWeight, group: int, padded_k: int) -> Int4Prepared:
     n, k = packed.shape
     q, scale, zero = _weight_terms(packed, 16)
-    stored_group = packed.scheme.group_length(k)
-    # stored group of each kernel group; padding columns belong to the last one
-    owner = (torch.arange(padded_k // group) * group // stored_group).clamp(max=scale.shape[1] - 1)
-    rows = -(-n // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
-    codes = torch.full((rows, padded_k), 8, dtype=torch.int32)  # the kernel reads w = (c - 8) * s + z
-    codes[:n, :k] = (q + 8).to(torch.int32)
-    params = torch.zeros(padded_k // group, rows, 2)
-    params[:, :n, 0] = scale[:, owner].t()
-    params[:, :n, 1] = zero[:, owner].t()
+    codes, params = _int4_layout([(q + 8, scale, zero)], packed.scheme.group_length(k), group, padded_k, n)
     return Int4Prepared(
-        weight=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
-        scale_zero=params.to(_KERNEL_DTYPE).contiguous(),
+        weight=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scale_zero=params,
         group=group, padded_k=padded_k, out_features=n, input_perm=_perm(packed),
+    )
+
+
+def prepare_int8_halves(packed: PackedWeight, group: int, padded_k: int) -> Int4Prepared:
+    """8-bit levels q = 16 h + l as two int4 halves of one kernel matrix (see the module doc)."""
+    n, k = packed.shape
+    q, scale, zero = _weight_terms(packed, 256)
+    high = torch.div(q, 16, rounding_mode="floor")  # -8..7
+    low = q - 16 * high                              # 0..15
+    halves = [(high + 8, 16 * scale, torch.zeros_like(zero)), (low, scale, zero + 8 * scale)]
+    codes, params = _int4_layout(halves, packed.scheme.group_length(k), group, padded_k, n)
+    return Int4Prepared(
+        weight=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scale_zero=params,
+        group=group, padded_k=padded_k, out_features=n, input_perm=_perm(packed), copies=2,
     )
 
 
@@ -182,6 +224,8 @@ def int4_matmul(x2: torch.Tensor, prep: Int4Prepared) -> torch.Tensor:
         xb = xb.index_select(1, prep.input_perm)
     if prep.padded_k != xb.shape[1]:
         xb = F.pad(xb, (0, prep.padded_k - xb.shape[1]))
+    if prep.copies > 1:
+        xb = torch.cat([xb] * prep.copies, dim=1)  # (M, copies * padded_k); repeat() costs 5x more here
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), prep.weight, prep.group, prep.scale_zero)
     return y if y.shape[1] == prep.out_features else y[:, : prep.out_features]
 
@@ -206,6 +250,9 @@ def prepare(packed: PackedWeight) -> Prepared | None:
         return prepare_int4(packed, *plan)
     if int8_fits(packed):
         return prepare_int8(packed)
+    plan = int8_halves_plan(packed)
+    if plan is not None:
+        return prepare_int8_halves(packed, *plan)
     return None
 
 
@@ -246,7 +293,8 @@ def _packed_tensors(packed: PackedWeight) -> tuple[torch.Tensor | None, ...]:
 
 
 class CpuBackend:
-    """Backend entry (see backends.py). `calls` counts calls served per kernel ("int4", "int8");
+    """Backend entry (see backends.py). `calls` counts calls served per kernel ("int4", "int8",
+    "int8 as int4 halves");
     `with backend.disabled():` sends every call to the next backend (to compare against the reference);
     `with backend.fast():` lets float32 activations through too (rounded to bfloat16, see the module doc)."""
 
@@ -287,7 +335,7 @@ class CpuBackend:
         return entry.prepared
 
     def __call__(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if not self.enabled or x.device.type != "cpu" or packed.qdata.device.type != "cpu":
+        if not self.enabled or not x.is_cpu or not packed.qdata.is_cpu:  # is_cpu: no device object per call
             return None
         if x.dtype not in _ACT_DTYPES or (x.dtype == torch.float32 and not self.round_float32):
             return None
@@ -306,7 +354,7 @@ class CpuBackend:
             torch.set_num_threads(limit)
         try:
             if isinstance(prep, Int4Prepared):
-                y, kind = int4_matmul(x2, prep), "int4"
+                y, kind = int4_matmul(x2, prep), "int4" if prep.copies == 1 else "int8 as int4 halves"
             else:
                 y, kind = int8_matmul(x2, prep), "int8"
         finally:

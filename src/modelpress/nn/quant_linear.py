@@ -3,6 +3,10 @@
 The packed tensors are registered buffers, so `.to(device)`, `state_dict()` and safetensors see exactly
 the bytes that are stored. `forward` hands the packed weight to a backend (backends.py): a fused kernel
 where one fits the device and format, otherwise dequantize-then-matmul in the activation dtype.
+
+Eager calls without autograd skip the operator (nn/ops.py) and call what it would run: on CUDA a prepared
+launcher, on the CPU the backend chain itself (`linear_forward`). At batch-1 decode on the CPU the operator's
+dispatch into its Python implementation cost 20-50 us per call, as much as the int4 kernel on these layers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import nn
 
 from modelpress.formats.packed import PackedWeight, empty_packed
 from modelpress.formats.scheme import WeightScheme
+from modelpress.nn.backends import linear_forward
 from modelpress.nn.ops import quant_linear, quant_linear_differentiable, scheme_key
 from modelpress.nn.registry import register_module_kind
 
@@ -32,6 +37,13 @@ class QuantLinear(nn.Module):
         # _eager_cuda); dropped whenever the buffers move (their addresses are part of each launcher)
         self._launchers: dict = {}
         self._launchers_for = (0, 0)
+        self._view: PackedWeight | None = None  # `packed`, kept while the buffers are the same tensors
+
+    def _packed_view(self) -> PackedWeight:
+        view = self.__dict__.get("_view")  # absent in modules pickled before it existed
+        if view is None or any(getattr(view, name) is not self._buffers[name] for name in PackedWeight.TENSOR_NAMES):
+            view = self._view = self.packed
+        return view
 
     @property
     def packed(self) -> PackedWeight:
@@ -51,8 +63,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
-        if x.is_cuda and not grad and not torch.compiler.is_compiling():
-            return self._eager_cuda(x)
+        if not grad and not torch.compiler.is_compiling():
+            if x.is_cuda:
+                return self._eager_cuda(x)
+            if x.device.type == "cpu":
+                return linear_forward(x, self._packed_view(), self.bias)
         # one operator call (nn/ops.py): torch.compile sees one node, CUDA graphs capture its kernels
         args = (x, self.qdata, self.scale, self.offset, self.scale_scale, self.scale_mean, self.input_perm,
                 self.bias, self.scheme_key, self.out_features, self.in_features)
@@ -83,7 +98,8 @@ class QuantLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_launchers": {}, "_launchers_for": (0, 0)}  # launchers hold device addresses
+        # launchers hold device addresses; the view holds the buffers a second time
+        return {**state, "_launchers": {}, "_launchers_for": (0, 0), "_view": None}
 
     def _prepare(self, x: torch.Tensor):
         from modelpress.nn.triton_backend import prepared_linear
