@@ -7,7 +7,7 @@ The Python API (docs/api.md), imported on first use so that `import modelpress` 
     save(model, path)                                export(model, ["gguf"], path)
     compress(model, Recipe([Structured(...), GPTQ("int4/g32"), LoRA(), Evaluate(), Export()]), data, out)
 
-Configs: RTN, GPTQ, AWQ, SmoothQuant, Mixed (quantizers, registered in algorithms/quantize) and Magnitude,
+Configs: RTN, GPTQ, AWQ, SmoothQuant, Mixed, Head (the output head; quantizers, registered in algorithms/quantize) and Magnitude,
 Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
 exporters' package; calling it exports (see export/__init__.py). `ModelpressConfig` (modelpress.hf) is the
 transformers quantization config: using it, or importing modelpress.hf, registers the "modelpress" method.
@@ -40,6 +40,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "AWQ": ("modelpress.algorithms.quantize", "AWQConfig"),
     "SmoothQuant": ("modelpress.algorithms.quantize", "SmoothQuantConfig"),
     "Mixed": ("modelpress.algorithms.quantize", "MixedConfig"),
+    "Head": ("modelpress.algorithms.quantize", "HeadConfig"),
     "Magnitude": ("modelpress.algorithms.prune", "MagnitudeConfig"),
     "Wanda": ("modelpress.algorithms.prune", "WandaConfig"),
     "SparseGPT": ("modelpress.algorithms.prune", "SparseGPTConfig"),
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
     from modelpress.algorithms.prune import WandaConfig as Wanda
     from modelpress.algorithms.quantize import AWQConfig as AWQ
     from modelpress.algorithms.quantize import GPTQConfig as GPTQ
+    from modelpress.algorithms.quantize import HeadConfig as Head
     from modelpress.algorithms.quantize import MixedConfig as Mixed
     from modelpress.algorithms.quantize import RTNConfig as RTN
     from modelpress.algorithms.quantize import SmoothQuantConfig as SmoothQuant

@@ -4,6 +4,7 @@ in eval/; this file only wires them together for the CLI and for Python users.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -168,9 +169,24 @@ class QuantizeReport:
                 **calibration, **self.details}
 
 
-def quantize_model(loaded: LoadedModel, config, calibration: Calibration = None) -> QuantizeReport:
+def quantize_model(loaded: LoadedModel, config, calibration: Calibration = None,
+                   head: WeightScheme | str | None = None) -> QuantizeReport:
     """Quantize `loaded.model` in place as `config` says: one of the registered quantizer configs
-    (algorithms/quantize: RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, MixedConfig)."""
+    (algorithms/quantize: RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, MixedConfig, HeadConfig).
+    `head`: a scheme for the output head (and the embedding tied to it), quantized round-to-nearest after
+    the method ran; its report joins the method's details under "head". None leaves the head float."""
+    from modelpress.algorithms.quantize import HeadConfig
+
+    head_config = None if head is None else HeadConfig(head)    # a bad spec fails before any work
+    report = _quantize_once(loaded, config, calibration)
+    if head_config is None:
+        return report
+    head_report = _quantize_once(loaded, head_config, None)
+    return dataclasses.replace(report, seconds=round(report.seconds + head_report.seconds, 3),
+                               details={**report.details, **head_report.details})
+
+
+def _quantize_once(loaded: LoadedModel, config, calibration: Calibration) -> QuantizeReport:
     from modelpress.algorithms.quantize import method_of, quantizer_for
 
     quantizer = quantizer_for(config)

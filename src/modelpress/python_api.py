@@ -31,6 +31,7 @@ from modelpress.api import (
     quantize_model,
 )
 from modelpress.errors import ModelpressError
+from modelpress.formats.scheme import WeightScheme
 from modelpress.export.base import ExportOptions, ExportResult
 from modelpress.io.model import LoadedModel, load_model
 from modelpress.io.text import TextSource, TokenWindows, load_text, make_windows, tokenizer_bos, windows_in
@@ -55,11 +56,13 @@ def as_loaded(model: ModelLike, tokenizer=None) -> LoadedModel:
     raise ModelpressError(f"expected a LoadedModel (modelpress.load) or a torch nn.Module, got {type(model).__name__}")
 
 
-def quantize(model: ModelLike, config, calibration: Calibration = None, tokenizer=None) -> QuantizeReport:
-    """Quantize `model` in place as `config` says (RTN, GPTQ, AWQ, SmoothQuant, Mixed). Calibrated methods take
-    `calibration`: token ids (samples, seq_len), texts (with a tokenizer), a text file, or CalibrationSettings
-    (None: the default corpus)."""
-    return quantize_model(as_loaded(model, tokenizer), config, calibration)
+def quantize(model: ModelLike, config, calibration: Calibration = None, tokenizer=None,
+             head: WeightScheme | str | None = None) -> QuantizeReport:
+    """Quantize `model` in place as `config` says (RTN, GPTQ, AWQ, SmoothQuant, Mixed, Head). Calibrated methods
+    take `calibration`: token ids (samples, seq_len), texts (with a tokenizer), a text file, or
+    CalibrationSettings (None: the default corpus). `head` (e.g. "int8/g32"): also quantize the output head, and
+    the embedding tied to it as one packed table, round-to-nearest after the method (None: left float)."""
+    return quantize_model(as_loaded(model, tokenizer), config, calibration, head)
 
 
 def prune(model: ModelLike, config, calibration: Calibration = None, tokenizer=None) -> PruningReport:

@@ -1,5 +1,5 @@
 """modelpress quantize MODEL --method METHOD [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
+[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--head SCHEME] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
@@ -34,7 +34,7 @@ from modelpress.commands.common import (
 )
 from modelpress.errors import ModelpressError
 from modelpress.eval.size import measure_size
-from modelpress.formats.scheme import scheme_for
+from modelpress.formats.scheme import WeightScheme, scheme_for
 from modelpress.io.model import load_model
 from modelpress.io.save import save_compressed
 from modelpress.nn.layers import DEFAULT_SKIP
@@ -69,7 +69,12 @@ def add_parser(sub) -> None:
                         "-> Q3_K, int2-asym/g16 -> Q2_K on rows of whole 256-blocks, with float32 scales; float16 "
                         "32-blocks otherwise), so `export --to gguf` holds the result bit for bit")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="PATTERN",
-                   help="layer name patterns left in float (default: lm_head; the output head is always skipped)")
+                   help="layer name patterns left in float (default: lm_head; the method always skips the output "
+                        "head: see --head)")
+    p.add_argument("--head", default=None, metavar="SCHEME",
+                   help="after the method, quantize the output head round-to-nearest to SCHEME (a scheme spec, e.g. "
+                        "int8/g32, llama.cpp's Q8_0, or int4/g32); a head tied to the token embedding stays tied, "
+                        "one packed table for both (default: none, the head stays float)")
     mixed = p.add_argument_group("mixed precision (instead of --format)")
     mixed.add_argument("--target-bits", type=float, default=None, metavar="B",
                        help="average stored bits per quantized weight, scales included (e.g. 4.5): each layer gets "
@@ -99,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_paths(args)
     if (args.format is None) == (args.target_bits is None):
         raise ModelpressError("give either --format (one scheme for every layer) or --target-bits (mixed precision)")
+    head = _head(args)
     ranks = start_ranks(args)          # under torchrun: every rank calibrates its share, rank 0 writes
     calibration = calibration_settings(args)
     if args.target_bits is not None:
-        return _run_mixed(args, calibration)
+        return _run_mixed(args, calibration, head)
     group = None if args.group_size is None else group_size_arg(args.group_size)
     scheme = scheme_for(args.format, group, args.symmetric, args.double_quant, args.scale_dtype,
                         args.integer_zero_points)
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     with _model_for(args, config) as loaded:
         diagnostics = _diagnose(args, loaded, calibration)
         float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
-        info = quantize_model(loaded, config, calibration).to_json()
+        info = quantize_model(loaded, config, calibration, head).to_json()
         if not ranks.is_main:
             return 0
         if float_model is not None and not passes_gate(args, float_model, loaded):
@@ -127,11 +133,20 @@ def run(args: argparse.Namespace) -> int:
                   "quantized_parameters": size.quantized_parameters, "source": loaded.source, "ranks": ranks.world,
                   "streamed": args.stream, **diagnostics}
         save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
-    print(f"quantized {info['layers']} layers to {scheme.spec} in {info['seconds']:.1f} s: "
+    head_note = f" (+ output head {info['head']['scheme']}{', tied embedding' if info['head']['tied_embedding'] else ''})" \
+        if "head" in info else ""
+    print(f"quantized {info['layers']} layers to {scheme.spec}{head_note} in {info['seconds']:.1f} s: "
           f"{size.bits_per_weight:.3f} bits/weight over quantized layers, {size.weight_bytes / 2**20:.1f} MiB "
           f"of weights in all -> {args.out}", file=sys.stdout)
     write_json(args.json, report)
     return 0
+
+
+def _head(args: argparse.Namespace) -> WeightScheme | None:
+    """--head SCHEME, checked before the model is loaded; none (the default) leaves the head float."""
+    if args.head is None or args.head.strip().lower() == "none":
+        return None
+    return WeightScheme.parse(args.head)
 
 
 def passes_gate(args: argparse.Namespace, float_model, loaded) -> bool:
@@ -162,7 +177,7 @@ def _model_for(args: argparse.Namespace, config):
     return model_for(args, args.stream)
 
 
-def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> int:
+def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings, head: WeightScheme | None) -> int:
     per_format = [a for a in ("group_size", "double_quant", "integer_zero_points")
                   if getattr(args, a) not in (None, False)]
     if per_format or args.symmetric is not None:
@@ -179,7 +194,7 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings) -> in
                          static_groups=args.static_groups)
     loaded = load_model(args.model)
     float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
-    info = quantize_model(loaded, config, calibration).to_json()
+    info = quantize_model(loaded, config, calibration, head).to_json()
     if float_model is not None and not passes_gate(args, float_model, loaded):
         return 1
     size = measure_size(loaded.model)

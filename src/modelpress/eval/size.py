@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from modelpress.nn.quant_embedding import QuantEmbedding
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.sparse_linear import SparseLinear
 
-# compressed layers whose stored tensors stand for an (out, in) weight; SparseLinear: bitmask + kept values
-_COMPRESSED = (QuantLinear, SparseLinear)
+# compressed layers whose stored tensors stand for an (out, in) weight; SparseLinear: bitmask + kept values;
+# QuantEmbedding: a (vocabulary, dim) table, counted once when it shares its tensors with a tied head
+_COMPRESSED = (QuantLinear, SparseLinear, QuantEmbedding)
 _STORED_NAMES = ("qdata", "scale", "offset", "scale_scale", "scale_mean", "input_perm", "mask", "values")
 
 
@@ -37,8 +39,15 @@ def measure_size(model: nn.Module) -> SizeResult:
     seen: set = set()
     total_bytes = 0
     parameters = 0
-    quant_modules = {name: m for name, m in model.named_modules() if isinstance(m, _COMPRESSED)}
-    packed_names = {f"{name}.{t}" for name in quant_modules for t in _STORED_NAMES}
+    compressed = {name: m for name, m in model.named_modules() if isinstance(m, _COMPRESSED)}
+    packed_names = {f"{name}.{t}" for name in compressed for t in _STORED_NAMES}
+    quant_modules, tables = {}, set()
+    for name, module in compressed.items():   # a tied embedding and head: one table
+        first = next(iter(module.buffers()), None)
+        key = None if first is None else (first.untyped_storage().data_ptr(), first.storage_offset())
+        if key is None or key not in tables:
+            quant_modules[name] = module
+            tables.add(key)
     for name, tensor in _persistent_tensors(model):
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:

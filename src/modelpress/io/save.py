@@ -254,12 +254,16 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", trust_
 def _retie(model: nn.Module, tied: dict[str, str]) -> None:
     """load_state_dict(assign=True) gives each name its own Parameter, even over one storage; tied names get
     their original's Parameter back, so the model is tied as it was (an exporter or optimizer that walks
-    named_parameters() then sees one tensor, not two: a GGUF export would otherwise write the head twice)."""
+    named_parameters() then sees one tensor, not two: a GGUF export would otherwise write the head twice).
+    Tied buffers (a QuantEmbedding sharing its packed table with the head) get the original's tensor."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     for name, original in tied.items():
+        owner, _, attr = name.rpartition(".")
         if name in params and original in params:
-            owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, params[original])
+        elif name in buffers and original in buffers:
+            model.get_submodule(owner)._buffers[attr] = buffers[original]
 
 
 def _all_tensors(model: nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
 from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
+from modelpress.algorithms.quantize.head import HeadConfig, quantize_head
 from modelpress.algorithms.quantize.mixed_run import MixedConfig, quantize_mixed
 from modelpress.algorithms.quantize.registry import (
     QUANTIZERS,
@@ -53,6 +54,11 @@ def _smoothquant(model, config, ids, device, resume_dir, batch_size) -> Quantize
     return QuantizeRun(report.layers, config.scheme.spec, report.summary())
 
 
+def _head(model, config, ids, device, resume_dir, batch_size) -> QuantizeRun:
+    report = quantize_head(model, config)
+    return QuantizeRun(1, config.scheme.spec, {"head": report.to_json()})
+
+
 register_quantizer(RTNConfig, Quantizer("rtn", _rtn, calibrated=False, help="round to nearest"))
 register_quantizer(GPTQConfig, Quantizer("gptq", _gptq, calibrated=True, help="calibrated, error-compensating"))
 register_quantizer(AWQConfig, Quantizer("awq", _awq, calibrated=True, variants={"awq-gptq": {"solver": "gptq"}},
@@ -62,11 +68,14 @@ register_quantizer(SmoothQuantConfig, Quantizer(
     help="W8A8: int8 weights and per-token int8 activations; use --format int8"))
 register_quantizer(MixedConfig, Quantizer("mixed", quantize_mixed, calibrated=True, per_layer=False,
                                           help="a scheme per layer for a bit budget"))
+register_quantizer(HeadConfig, Quantizer("head", _head, calibrated=False, per_layer=False, linear_layers=False,
+                                         help="the output head (and the embedding tied to it), round to nearest"))
 
 __all__ = [
     "QUANTIZERS",
     "AWQConfig",
     "GPTQConfig",
+    "HeadConfig",
     "MixedConfig",
     "QuantizeRun",
     "Quantizer",

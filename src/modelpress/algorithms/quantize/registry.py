@@ -40,6 +40,7 @@ class Quantizer:
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     resumable: bool = True          # can save progress per block and continue (CalibrationSettings.resume_dir)
     per_layer: bool = True          # honours `schemes` (layer name -> scheme), so mixed precision can use it
+    linear_layers: bool = True      # quantizes the decoder's linear layers (a `--method`); False: the output head
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -85,8 +86,10 @@ def method_of(config: object) -> str:
 
 
 def takes_scheme(config_type: type) -> bool:
-    """Methods configured by one weight scheme (a `scheme` field); mixed precision takes candidates instead."""
-    return "scheme" in {f.name for f in dataclasses.fields(config_type)}
+    """Methods of the linear layers configured by one weight scheme (a `scheme` field): the `--method` choices.
+    Mixed precision takes candidates instead; the output head's quantizer is a step after a method, no method."""
+    quantizer = QUANTIZERS.get(config_type)
+    return (quantizer is None or quantizer.linear_layers) and "scheme" in {f.name for f in dataclasses.fields(config_type)}
 
 
 def method_names() -> tuple[str, ...]:
