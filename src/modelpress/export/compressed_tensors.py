@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from modelpress.formats.packed import quantize_weight
 from modelpress.io.model import LoadedModel
 from modelpress.nn.dynamic import DynamicInt8Linear
 from modelpress.nn.layers import is_linear, linear_weight, output_head_names
+from modelpress.nn.quant_embedding import QuantEmbedding
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.registry import compressed_module_kind
 from modelpress.nn.sparse_linear import SparseLinear, is_semi_structured
@@ -39,17 +41,56 @@ WEIGHTS_FILE = "model.safetensors"
 def export_compressed_tensors(loaded: LoadedModel, folder: Path, options: ExportOptions) -> ExportResult:
     model = loaded.model
     layers, sparse = convert_layers(model)
+    tables = packed_tables(model)
     config = quantization_config(model, layers, sparse)
-    files = write_folder(loaded, folder, layers, config)
+    files = write_folder(loaded, folder, layers, config, tables)
     exports = [LayerExport(name, source_label(model.get_submodule(name)), layer.target, layer.lossless, layer.reason)
                for name, layer in layers.items()]
+    exports += [table.export for table in tables.values()]
     weights = sum(_weight_count(layer) for layer in layers.values())
     stored = sum(layer.stored_bytes for layer in layers.values())
     return ExportResult(target="compressed-tensors", files=files, layers=exports, file_bytes=folder_bytes(folder),
                         linear_bits_per_weight=8 * stored / weights if weights else None,
-                        notes=export_notes(model, layers, sparse),
-                        runtime_weights={n: layer.runtime_weight for n, layer in layers.items()
-                                         if layer.runtime_weight is not None})
+                        notes=export_notes(model, layers, sparse) + [t.note for t in tables.values()],
+                        runtime_weights={**{n: layer.runtime_weight for n, layer in layers.items()
+                                            if layer.runtime_weight is not None},
+                                         **{n: t.runtime for n, t in tables.items() if t.runtime is not None}})
+
+
+@dataclass
+class FloatTable:
+    """A quantized output head or embedding (`quantize --head`), written as the float `weight` its
+    architecture has: compressed-tensors quantizes Linear modules it targets, never an embedding, and a tied
+    head shares the embedding's tensor."""
+
+    weight: torch.Tensor               # (N, K) in the model's dtype, as written
+    export: LayerExport
+    note: str
+    runtime: torch.Tensor | None       # float32 weight the runtime computes with, when the dtype rounded it
+
+
+def packed_tables(model: nn.Module) -> dict[str, FloatTable]:
+    heads = output_head_names(model)
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    dtype = model_dtype(model)
+    target = str(dtype).removeprefix("torch.")
+    tables = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantEmbedding)) or (name not in heads and module is not embedding):
+            continue
+        exact = module.dequantized_weight(torch.float32)
+        weight = exact.to(dtype)
+        error = float((weight.float() - exact).abs().max())
+        lossless = error == 0
+        reason = "" if lossless else f"max abs error {error:.3g} rounding to {target}"
+        export = LayerExport(name, module.scheme.spec, target, lossless, reason)
+        what = "bit for bit" if lossless else reason
+        note = (f"{name}: {module.scheme.spec} written dequantized as {target} ({what}); compressed-tensors keeps "
+                f"the output head and embeddings float")
+        runtime = None if lossless or isinstance(module, QuantEmbedding) else weight.float()
+        tables[name] = FloatTable(weight, export, note, runtime)
+    return tables
 
 
 # ---- which layer becomes what ----------------------------------------------------------------------------
@@ -61,7 +102,7 @@ def convert_layers(model: nn.Module) -> tuple[dict[str, CTLayer], list[str]]:
     asym_size = asymmetric_group_size(model, heads)
     layers, sparse = {}, []
     for name, module in model.named_modules():
-        if name in heads:
+        if name in heads or isinstance(module, QuantEmbedding):   # written float (packed_tables)
             continue
         layer = convert_module(name, module, asym_size)
         if layer is None:
@@ -163,7 +204,9 @@ def quantization_config(model: nn.Module, layers: dict[str, CTLayer], sparse: li
     for name, layer in layers.items():
         if layer.scheme is not None:
             groups.setdefault(layer.scheme, []).append(name)
-    linear_names = [name for name, module in model.named_modules() if is_linear(module) or name in layers]
+    heads = output_head_names(model)   # float in the file, quantized by `--head` or not: never a target
+    linear_names = [name for name, module in model.named_modules()
+                    if is_linear(module) or name in layers or name in heads]
     quantized = {name for names in groups.values() for name in names}
     ignore = [name for name in linear_names if name not in quantized]
     if len(groups) == 1:   # one scheme for every quantized layer: the usual "Linear" target
@@ -199,9 +242,10 @@ def sparsity_config(model: nn.Module, layers: dict[str, CTLayer], sparse: list[s
 
 # ---- files -----------------------------------------------------------------------------------------------
 
-def write_folder(loaded: LoadedModel, folder: Path, layers: dict[str, CTLayer], qconfig: dict) -> list[str]:
+def write_folder(loaded: LoadedModel, folder: Path, layers: dict[str, CTLayer], qconfig: dict,
+                 tables: dict[str, FloatTable]) -> list[str]:
     model = loaded.model
-    tensors = checkpoint_tensors(model, layers)
+    tensors = checkpoint_tensors(model, layers, tables)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "producer": "modelpress"})
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
@@ -223,15 +267,25 @@ def write_folder(loaded: LoadedModel, folder: Path, layers: dict[str, CTLayer], 
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def checkpoint_tensors(model: nn.Module, layers: dict[str, CTLayer]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: nn.Module, layers: dict[str, CTLayer],
+                       tables: dict[str, FloatTable] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with every converted layer's own tensors replaced by its compressed-tensors ones
-    (its bias kept); a tensor tied to an earlier one is written once when the config ties them."""
+    (its bias kept), and quantized head / embedding tables by their float `weight`; a tensor tied to an
+    earlier one is written once when the config ties them."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tables = tables or {}
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
+    written_tables: set[int] = set()
     for name, tensor in model.state_dict().items():
         owner, _, local = name.rpartition(".")
         if owner in layers and local != "bias":
+            continue
+        if owner in tables and local != "bias":
+            qdata = model.get_submodule(owner)._buffers["qdata"]
+            if local == "qdata" and not (tied and id(qdata) in written_tables):
+                out[f"{owner}.weight"] = tables[owner].weight
+                written_tables.add(id(qdata))
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if tensor.numel() and key in seen:
@@ -248,7 +302,7 @@ def checkpoint_tensors(model: nn.Module, layers: dict[str, CTLayer]) -> dict[str
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's float tensors (its embeddings and norms): what transformers builds it in."""
-    for tensor in model.state_dict().values():
+    for tensor in model.parameters():   # not packed buffers: a QuantEmbedding's float16 scales come first
         if tensor.is_floating_point() and tensor.dtype.itemsize >= 2:
             return tensor.dtype
     return torch.float32

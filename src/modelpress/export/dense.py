@@ -6,6 +6,7 @@ gives them: what a float export (`--to hf`, the base of `--to peft`) writes in p
     SparseLinear                         weight = the dense (N, K) weight, zeros where pruned
     ResizedLinear                        weight, bias as they are (a plain Linear of another width)
     QuantExperts                         the fused (experts, ...) parameter it replaced, dequantized
+    QuantEmbedding                       weight = the dequantized (V, D) table
     LoRALinear                           its base, with (α / r)·B A added ("merge") or left out ("drop")
 
 Weights come out in float32 and (N, K) orientation; the writer transposes where the architecture keeps a
@@ -24,6 +25,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.nn.dynamic import DynamicInt8Linear
+from modelpress.nn.quant_embedding import QuantEmbedding
 from modelpress.nn.quant_experts import QuantExperts
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.registry import compressed_module_kind
@@ -67,6 +69,12 @@ def _with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, tor
 @dense_for(QuantLinear)
 def _quant_linear(module: QuantLinear) -> DenseLayer:
     return DenseLayer(_with_bias(module.dequantized_weight(torch.float32), module.bias), module.scheme.spec)
+
+
+@dense_for(QuantEmbedding)
+def _quant_embedding(module: QuantEmbedding) -> DenseLayer:
+    return DenseLayer({"weight": module.dequantized_weight(torch.float32)}, f"{module.scheme.spec} embedding",
+                      linear=False)
 
 
 @dense_for(DynamicInt8Linear)

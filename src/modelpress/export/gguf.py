@@ -31,6 +31,7 @@ from modelpress.export.base import ExportOptions, ExportResult, LayerExport, fol
 from modelpress.export.modelfile import write_modelfile
 from modelpress.formats.packed import PackedWeight
 from modelpress.io.model import LoadedModel
+from modelpress.nn.layers import output_head_names
 from modelpress.nn.registry import compressed_module_kind
 
 Q = GGMLQuantizationType
@@ -66,11 +67,27 @@ def export_gguf(loaded: LoadedModel, folder: Path, options: ExportOptions) -> Ex
     layers: list[LayerExport] = []
     runtime: dict[str, torch.Tensor] = {}
     owned = set()
+    tables = table_names(model)
+    written: dict[int, str] = {}     # id of a packed qdata tensor -> the layer written with it
+    notes: list[str] = []
     for name, module in model.named_modules():
         if compressed_module_kind(module) in (None, *FLOAT_KINDS):
             continue
         owned.update(f"{name}.{p}" for p, _ in module.named_parameters())
+        qdata = module._buffers.get("qdata")
+        if qdata is not None and id(qdata) in written:
+            # a head tied to its embedding: llama.cpp reads token_embd for the output when `output` is absent
+            notes.append(f"{name}: tied to {written[id(qdata)]}, written once as its tensor")
+            if written[id(qdata)] in runtime:
+                runtime[name] = runtime[written[id(qdata)]]
+            continue
+        if qdata is not None:
+            written[id(qdata)] = name
         tensor, layer, weight = compressed_tensor(name, module, options)
+        if name in tables:
+            tensor.linear = False    # the embedding and output head, float or not, are not decoder linear layers
+            notes.append(f"{name}: {layer.source} -> {layer.target}, "
+                         + ("bit for bit" if layer.lossless else f"re-rounded ({layer.reason})"))
         tensors.append(tensor)
         layers.append(layer)
         if weight is not None:
@@ -98,10 +115,19 @@ def export_gguf(loaded: LoadedModel, folder: Path, options: ExportOptions) -> Ex
     linear = [t for t in tensors if t.linear]
     bits = 8 * sum(t.data.nbytes for t in linear) / max(1, sum(t.elements for t in linear))
     mix = Counter(t.qtype.name for t in linear)
-    notes = [f"linear layers: {', '.join(f'{count} {kind}' for kind, count in mix.most_common())}; "
-             f"{bits:.3f} bits per weight as stored in the file"]
+    notes.insert(0, f"linear layers: {', '.join(f'{count} {kind}' for kind, count in mix.most_common())}; "
+                    f"{bits:.3f} bits per weight as stored in the file")
     return ExportResult(target="gguf", files=[GGUF_FILE, "Modelfile"], layers=layers, file_bytes=folder_bytes(folder),
                         linear_bits_per_weight=bits, notes=notes, runtime_weights=runtime)
+
+
+def table_names(model: nn.Module) -> set[str]:
+    """Module names of the input embedding and the output head (quantized by `quantize --head` or not)."""
+    names = set(output_head_names(model))
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    names.update(name for name, module in model.named_modules() if embedding is not None and module is embedding)
+    return names
 
 
 def fitted_config(model: nn.Module):

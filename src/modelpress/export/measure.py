@@ -16,6 +16,7 @@ from torch import nn
 
 from modelpress.eval.quality import next_token_logits
 from modelpress.nn.layers import replace_module
+from modelpress.nn.quant_embedding import QuantEmbedding
 
 
 @contextlib.contextmanager
@@ -25,9 +26,10 @@ def swapped_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Itera
     originals = {}
     for name, weight in weights.items():
         module = model.get_submodule(name)
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, (nn.Embedding, QuantEmbedding)):
             originals[name] = module
-            replace_module(model, name, nn.Embedding.from_pretrained(weight.to(module.weight.dtype), freeze=True,
+            dtype = module.dtype if isinstance(module, QuantEmbedding) else module.weight.dtype
+            replace_module(model, name, nn.Embedding.from_pretrained(weight.to(dtype), freeze=True,
                                                                      padding_idx=module.padding_idx))
             continue
         bias = getattr(module, "bias", None)
