@@ -125,12 +125,12 @@ def fast_vs_reference(model: nn.Module, ids: torch.Tensor) -> dict:
 
 
 def quantize_head(model: nn.Module, scheme: WeightScheme) -> None:
-    """Also quantize the output head (RTN skips it): shows what the float head costs each decode step."""
-    from modelpress.algorithms.quantize.rtn import quantize_layer
-    from modelpress.nn.layers import output_head_names, replace_module
+    """Also quantize the output head (RTN skips it) as `quantize --head` does: the tied embedding becomes a
+    QuantEmbedding over the same packed table. Shows what the float head costs each decode step."""
+    from modelpress.algorithms.quantize.head import HeadConfig
+    from modelpress.algorithms.quantize.head import quantize_head as quantize_output_head
 
-    for name in output_head_names(model):
-        replace_module(model, name, quantize_layer(model.get_submodule(name), scheme, name=name))
+    quantize_output_head(model, HeadConfig(scheme))
 
 
 def build_rows(model: nn.Module, schemes: list[str], reference: bool, bf16: bool, head: str | None) -> list[Row]:

@@ -157,3 +157,25 @@ def test_docs_api_examples_run(tmp_path, monkeypatch):
     docs = Path(__file__).resolve().parents[1] / "docs" / "api.md"
     result = doctest.testfile(str(docs), module_relative=False, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.attempted > 10 and result.failed == 0
+
+
+def test_head_through_the_api_equals_the_cli_and_is_a_recipe_stage(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.recipe.yaml_recipe import parse_recipe
+
+    out = tmp_path / "cli"
+    assert main(["quantize", str(tiny_llama_dir), "--format", "int4", "--group-size", "32", "--head", "int8/g32",
+                 "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    report = modelpress.quantize(model, RTN("int4/g32"), head="int8/g32")
+    assert report.details["head"]["tied_embedding"] == "model.embed_tokens"
+    saved = modelpress.load(str(out)).model
+    left, right = packed(saved), packed(model)
+    assert left.keys() == right.keys() and len(left) == 15      # 14 linear layers and the head
+    for name, tensors in left.items():
+        for key, value in tensors.items():
+            assert (value is None and right[name][key] is None) or torch.equal(value, right[name][key]), (name, key)
+    assert saved.model.embed_tokens.qdata is saved.lm_head.qdata
+    recipe = parse_recipe("stages:\n  - rtn: {scheme: int4/g32}\n  - head: {scheme: int8/g32}\n")
+    assert recipe.stages[1] == modelpress.Head("int8/g32")

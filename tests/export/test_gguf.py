@@ -286,3 +286,94 @@ def test_the_bos_rule_travels_through_the_gguf_and_back(bpe_tokenizer, tmp_path,
     back.tokenizer.add_bos_token = not bos
     export_model(back, ["gguf"], again)
     assert GGUFReader(str(again / "gguf" / GGUF_FILE)).fields["tokenizer.ggml.add_bos_token"].contents() == (not bos)
+
+
+# ---- a quantized output head (`quantize --head`) ---------------------------------------------------------
+
+def with_head(loaded: LoadedModel, spec: str, head: str) -> LoadedModel:
+    from modelpress.algorithms.quantize import HeadConfig
+    from modelpress.api import quantize_model
+
+    quantize_all(loaded, spec)
+    quantize_model(loaded, HeadConfig(head))
+    return loaded
+
+
+@pytest.mark.parametrize("head,qtype", [("int8/g32", Q.Q8_0), ("int4/g32", Q.Q4_0), ("int4-asym/g32", Q.Q4_1)])
+def test_tied_quantized_head_is_token_embd_once_bit_for_bit(head, qtype, bpe_tokenizer, tmp_path):
+    loaded = with_head(tiny("llama", bpe_tokenizer), "int4/g32", head)
+    result = export_model(loaded, ["gguf"], tmp_path / "out")[0]
+    assert result.lossless and not result.runtime_weights
+    assert result.linear_bits_per_weight == pytest.approx(4.5)     # the table is not a decoder linear layer
+    assert any(n.startswith(f"model.embed_tokens: {head} -> {qtype.name}, bit for bit") for n in result.notes)
+    assert any(n.startswith("lm_head: tied to model.embed_tokens") for n in result.notes)
+    reader = GGUFReader(str(tmp_path / "out" / "gguf" / GGUF_FILE))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["token_embd.weight"] == qtype and "output.weight" not in types
+    weights = gguf_weights(tmp_path / "out" / "gguf" / GGUF_FILE)
+    assert torch.equal(weights["token_embd.weight"], loaded.model.model.embed_tokens.dequantized_weight())
+
+
+def test_untied_quantized_head_is_its_own_output_tensor(bpe_tokenizer, tmp_path):
+    loaded = tiny("llama", bpe_tokenizer)
+    loaded.model.lm_head.weight = torch.nn.Parameter(loaded.model.lm_head.weight.detach().clone() * 2)
+    loaded.model.config.tie_word_embeddings = False
+    with_head(loaded, "int4/g32", "int8/g32")
+    result = export_model(loaded, ["gguf"], tmp_path / "out", ExportOptions(gguf_float_type="F32"))[0]
+    assert result.lossless
+    weights = gguf_weights(tmp_path / "out" / "gguf" / GGUF_FILE)
+    assert torch.equal(weights["output.weight"], loaded.model.lm_head.dequantized_weight())
+    assert torch.equal(weights["token_embd.weight"], loaded.model.model.embed_tokens.weight.detach())
+
+
+def test_float_exports_write_the_dequantized_table_and_say_so(bpe_tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    loaded = with_head(tiny("llama", bpe_tokenizer), "int4/g32", "int8/g32")
+    ct, hf = export_model(loaded, ["compressed-tensors", "hf"], tmp_path / "out")
+    table = loaded.model.model.embed_tokens.dequantized_weight()
+    ct_layers = {layer.name: layer for layer in ct.layers}
+    assert ct_layers["model.embed_tokens"].lossless and ct_layers["model.embed_tokens"].target == "float32"
+    assert any("compressed-tensors keeps the output head and embeddings float" in n for n in ct.notes)
+    with safe_open(tmp_path / "out" / "compressed-tensors" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), table)
+        assert not any(k.startswith("lm_head") or k.endswith(".qdata") and "embed" in k for k in f.keys())
+    hf_layers = {layer.name: layer for layer in hf.layers}
+    exact = torch.equal(table.half().float(), table)
+    assert hf_layers["model.embed_tokens"].lossless == exact          # int8 x fp16 scale needs more than fp16
+    assert hf_layers["model.embed_tokens"].source == "int8/g32 embedding"
+
+
+@needs_llamacpp
+def test_llama_cpp_runs_a_quantized_tied_head_with_our_logits(bpe_tokenizer, tmp_path):
+    loaded = tiny("llama", bpe_tokenizer, seed=3)
+    for param in loaded.model.parameters():  # sharper distributions than init's, so the KL means something
+        param.data.mul_(4.0 if param.dim() == 2 else 1.0)
+    with_head(loaded, "int4/g32", "int8/g32")
+    export_model(loaded, ["gguf"], tmp_path / "out")
+    windows = torch.randint(0, len(bpe_tokenizer), (2, 64), generator=torch.Generator().manual_seed(1))
+    theirs = torch.log_softmax(llamacpp.logits(tmp_path / "out" / "gguf" / GGUF_FILE, windows, threads=2), -1)
+    with torch.no_grad():
+        ours = torch.log_softmax(loaded.model(input_ids=windows).logits.float(), -1)
+    kl = (ours.exp() * (ours - theirs)).sum(-1).mean().item()
+    assert kl < 1e-2, kl
+
+
+@pytest.mark.slow
+def test_default_model_head_int8_g32_is_the_source_q8_0_token_embd(default_model, tmp_path):
+    """The default model's embedding is dequantized Q8_0: int8/g32 with float16 scales reproduces it, so the
+    exported token_embd is the source GGUF's byte for byte."""
+    import copy
+
+    from modelpress.algorithms.quantize import HeadConfig
+    from modelpress.api import quantize_model
+
+    loaded = copy.deepcopy(default_model)
+    quantize_model(loaded, HeadConfig("int8/g32"))
+    result = export_model(loaded, ["gguf"], tmp_path / "out")[0]
+    assert any(n.startswith("model.embed_tokens: int8/g32 -> Q8_0, bit for bit") for n in result.notes)
+    ours = {t.name: t for t in GGUFReader(str(tmp_path / "out" / "gguf" / GGUF_FILE)).tensors}
+    theirs = {t.name: t for t in GGUFReader(str(default_gguf_path())).tensors}
+    assert ours["token_embd.weight"].tensor_type == theirs["token_embd.weight"].tensor_type == Q.Q8_0
+    assert np.array_equal(np.asarray(ours["token_embd.weight"].data).view(np.uint8),
+                          np.asarray(theirs["token_embd.weight"].data).view(np.uint8))

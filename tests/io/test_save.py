@@ -99,3 +99,55 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelpressError, match="model.safetensors is damaged"):
         load_model(str(tmp_path / "out"))
+
+
+def test_quantized_tied_head_round_trips_bit_for_bit_with_one_stored_table(tmp_path):
+    from modelpress.api import quantize_model
+    from modelpress.nn.quant_embedding import QuantEmbedding
+
+    loaded = LoadedModel(build_tiny_llama(), char_tokenizer(), source="tiny", float_source="tiny-float")
+    quantize_model(loaded, RTNConfig("int4/g32"), head="int8/g32")
+    save_compressed(loaded, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "modelpress.json").read_text())
+    assert meta["layers"]["model.embed_tokens"]["kind"] == "quant_embedding"
+    assert meta["layers"]["lm_head"]["kind"] == "quant_linear"
+    assert meta["tied"] == {"lm_head.qdata": "model.embed_tokens.qdata", "lm_head.scale": "model.embed_tokens.scale"}
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.qdata" in keys and not any(k.startswith("lm_head") for k in keys)
+    assert not any(k.endswith("embed_tokens.weight") for k in keys)
+    again = load_compressed(tmp_path / "out").model
+    embedding = again.model.embed_tokens
+    assert isinstance(embedding, QuantEmbedding) and embedding.tied_head is again.lm_head
+    assert embedding.qdata is again.lm_head.qdata and embedding.scale is again.lm_head.scale
+    before, after = loaded.model.state_dict(), again.state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
+    ids = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, again(ids).logits)
+
+
+def test_quantize_head_flag_end_to_end_shrinks_the_saved_model(tiny_llama_dir, tiny_text, tmp_path, capsys):
+    from modelpress.cli import main
+
+    plain, head = tmp_path / "plain", tmp_path / "head"
+    common = ["quantize", str(tiny_llama_dir), "--format", "int4", "--group-size", "32"]
+    assert main(common + ["--out", str(plain)]) == 0
+    assert main(common + ["--head", "int8/g32", "--out", str(head), "--json", str(tmp_path / "q.json")]) == 0
+    assert "output head int8/g32, tied embedding" in capsys.readouterr().out
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["head"]["tied_embedding"] == "model.embed_tokens"
+    size = {p: (p / "model.safetensors").stat().st_size for p in (plain, head)}
+    table = report["head"]["float_bytes"] - report["head"]["packed_bytes"]
+    assert size[plain] - size[head] == pytest.approx(table, abs=4096)    # the float table, now packed, once
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(head), "--text", str(tiny_text), "--windows", "2", "--seq-len", "64", "--no-speed",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["kl_divergence"] > 0 and data["reference"] == str(tiny_llama_dir)
+    assert main(common + ["--head", "int4/g32/dq", "--out", str(tmp_path / "bad")]) == 2
+    assert "double-quantized" in capsys.readouterr().err and not (tmp_path / "bad").exists()
