@@ -89,7 +89,18 @@ def test_the_head_shrinks_the_model_and_is_counted_once():
 def test_a_move_keeps_the_tied_tensors_one_set():
     model = build_tiny_llama()
     quantize_model(LoadedModel(model, None, "tiny", "tiny"), RTNConfig("int4/g32"), head="int8/g32")
-    model._apply(lambda t: t.clone())      # what .to(device) does: a new tensor per buffer
+    moved: set[int] = set()
+
+    def move(tensor):   # what .to(device) does: a new tensor per buffer, a tensor already there as it is
+        if id(tensor) in moved:
+            return tensor
+        new = tensor.clone()
+        moved.add(id(new))
+        return new
+
+    old = model.lm_head.qdata
+    model._apply(move)
+    assert model.lm_head.qdata is not old
     assert model.model.embed_tokens.qdata is model.lm_head.qdata
     assert model.model.embed_tokens.scale is model.lm_head.scale
     copied = copy.deepcopy(model)
