@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--workdir", default="/tmp/modelpress-bench-export")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "export.json"), metavar="OUT")
+    p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads (default 2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
