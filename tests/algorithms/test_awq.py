@@ -37,6 +37,7 @@ class RandomFold:
 
     def __init__(self) -> None:
         self.producers: dict[str, str | None] = {}
+        self.labels: dict[str, str] = {}
 
     def describe(self) -> str:
         return "random fold"
@@ -49,8 +50,9 @@ class RandomFold:
             producer = found[group.key]
             self.producers[f"{context.index}.{group.key}"] = None if producer is None else producer.name
             if producer is not None:
+                self.labels[f"{context.index}.{group.key}"] = producer.label
                 k = group.targets[0].weight.shape[1]
-                apply_fold(context, producer, group, 2.0 ** (torch.rand(k, generator=gen) * 6 - 3))
+                apply_fold(context, producer, group, producer.tie(2.0 ** (torch.rand(k, generator=gen) * 6 - 3)))
 
     def observe(self, group, inputs) -> None:
         pass
@@ -70,8 +72,8 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("kv_heads, o_producer", [(6, "self_attn.v_proj"), (2, None)])
-def test_folds_leave_the_float_llama_unchanged_and_producers_follow_data_flow(kv_heads, o_producer):
+@pytest.mark.parametrize("kv_heads", [6, 2])
+def test_folds_leave_the_float_llama_unchanged_and_producers_follow_data_flow(kv_heads):
     model = build_tiny_llama(num_key_value_heads=kv_heads)
     ids = calibration_ids()
     with torch.no_grad():
@@ -87,8 +89,28 @@ def test_folds_leave_the_float_llama_unchanged_and_producers_follow_data_flow(kv
         assert algo.producers[f"{i}.self_attn.q_proj"] == "input_layernorm"
         assert algo.producers[f"{i}.mlp.gate_proj"] == "post_attention_layernorm"
         assert algo.producers[f"{i}.mlp.down_proj"] == "mlp.up_proj"       # through act(gate) * up
-        # v_proj -> o_proj only when each query head has its own value head
-        assert algo.producers[f"{i}.self_attn.o_proj"] == o_producer
+        # v_proj -> o_proj, also when a value head serves several query heads (scales tied, Producer.tie)
+        assert algo.producers[f"{i}.self_attn.o_proj"] == "self_attn.v_proj"
+
+
+def test_fused_qkv_with_grouped_query_attention_folds_into_its_value_rows():
+    """Phi-3's qkv_proj holds 64 query, 32 key and 32 value rows (4 query heads share 2 value heads): o_proj's
+    scales are tied in pairs and folded into the last 32 rows, found from the data."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    model = Phi3ForCausalLM(config).eval()
+    ids = calibration_ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    algo = RandomFold()
+    run_sequential(model, algo, ids, settings=EngineSettings(batch_size=4))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    assert algo.producers["0.self_attn.o_proj"] == algo.producers["1.self_attn.o_proj"] == "self_attn.qkv_proj"
+    assert algo.labels["0.self_attn.o_proj"] == "self_attn.qkv_proj[96:128] (each row feeds 2 input channels)"
 
 
 def first_block_context(model, ids):
@@ -248,7 +270,9 @@ def test_awq_beats_rtn_on_a_model_with_outlier_channels(solver):
         scaling = layer_notes.get("awq", layer_notes)
         if "scale_objective" in scaling:
             assert scaling["scale_objective"] <= scaling["scale_rtn_objective"], name
-    assert "model.layers.0.self_attn.o_proj" in report.summary()["unscaled_layers"]   # GQA: nothing to fold into
+    # grouped-query attention: o_proj's scales tied over the query heads sharing a value head, folded into v_proj
+    o_proj = notes["model.layers.0.self_attn.o_proj"]
+    assert o_proj.get("awq", o_proj)["producer"] == "self_attn.v_proj (each row feeds 3 input channels)"
     assert logits_error(awq, reference, held_out) < 0.8 * logits_error(rtn, reference, held_out)
 
 
@@ -272,8 +296,7 @@ def test_quantize_model_runs_awq_from_the_api(tiny_llama_dir, tiny_text):
     assert info["method"] == "awq" and info["layers"] == 14 and info["calibration"]["samples"] == 4
     unscaled = info["unscaled_layers"]
     assert info["scaled_layers"] + len(unscaled) == 14
-    for i in range(2):   # grouped-query attention: nothing to fold o_proj's scales into
-        assert unscaled[f"model.layers.{i}.self_attn.o_proj"].startswith("no exact fold: scaling self_attn.q_proj")
+    assert not any(reason.startswith("no ") for reason in unscaled.values())   # every group has a producer
 
 
 @pytest.mark.slow
@@ -291,8 +314,10 @@ def test_awq_beats_rtn_on_the_default_model(default_model):
     report = quantize_awq(awq, AWQConfig(scheme, scale_grid=10, clip_grid=10), ids)   # coarse grids: ~1 CPU minute
     summary = report.summary()
     assert summary["scaled_layers"] >= 150               # q, k, v, gate, up (and down where it pays) of 30 blocks
-    no_producer = [n for n, why in summary["unscaled_layers"].items() if why.startswith("no exact fold")]
-    assert sorted(no_producer) == sorted(f"model.layers.{i}.self_attn.o_proj" for i in range(30))
+    assert not [n for n, why in summary["unscaled_layers"].items() if why.startswith("no ")]   # all have producers
+    # 9 query heads share 3 value heads: o_proj's scales are tied in threes and folded into v_proj
+    assert all(report.run.notes[f"model.layers.{i}.self_attn.o_proj"]["producer"]
+               == "self_attn.v_proj (each row feeds 3 input channels)" for i in range(30))
     assert all(report.run.notes[f"model.layers.{i}.mlp.down_proj"]["producer"] == "mlp.up_proj" for i in range(30))
     rtn = copy.deepcopy(default_model.model)
     quantize_rtn(rtn, RTNConfig(scheme))

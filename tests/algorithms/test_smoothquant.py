@@ -70,11 +70,38 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(kv_heads):
     with torch.no_grad():
         after = model(tokens).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
-    smoothing = {name.split("layers.0.")[1]: n["smoothing"] for name, n in run.notes.items() if "layers.0." in name}
-    assert smoothing["self_attn.q_proj"] == smoothing["mlp.gate_proj"] == smoothing["mlp.down_proj"] == "folded"
-    # o_proj: folded into v_proj when every query head has its own value head, else kept in the layer
-    assert smoothing["self_attn.o_proj"] == ("folded" if kv_heads == 6 else "in layer")
-    assert bool(algorithm.in_layer) == (kv_heads == 2)
+    notes = {name.split("layers.0.")[1]: n for name, n in run.notes.items() if "layers.0." in name}
+    assert all(n["smoothing"] == "folded" for n in notes.values())
+    # o_proj: folded into v_proj, whose rows each feed one channel (6 value heads) or, with grouped-query
+    # attention (2 value heads for 6 query heads), 3 channels whose factors are tied
+    expected = "self_attn.v_proj" + ("" if kv_heads == 6 else " (each row feeds 3 input channels)")
+    assert notes["self_attn.o_proj"]["producer"] == expected
+    assert not algorithm.in_layer
+
+
+def test_value_rows_behind_grouped_query_attention_are_mapped_from_the_data():
+    from modelpress.algorithms.quantize.smoothing import Producer, search_producers
+
+    model = outlier_llama(kv_heads=2)                    # 6 query heads of 16 share 2 value heads
+    found = {}
+
+    class Spy(SmoothQuant):
+        def prepare_block(self, context):
+            found.update(search_producers(context, context.plan.groups))
+            super().prepare_block(context)
+
+    run_sequential(model, Spy(SmoothQuantConfig()), ids(0), settings=EngineSettings(batch_size=4))
+    producer = found["self_attn.o_proj"].producer
+    channel = torch.arange(96)
+    head, dim = channel // 16, channel % 16
+    assert producer.name == "self_attn.v_proj"
+    assert producer.columns == tuple(((head // 3) * 16 + dim).tolist())   # query head h reads value head h // 3
+    scale = torch.rand(96) + 0.5
+    tied = producer.tie(scale)
+    for row in range(32):                                # one factor per value row: the geometric mean
+        mine = tied[torch.tensor(producer.columns) == row]
+        torch.testing.assert_close(mine, scale[torch.tensor(producer.columns) == row].log().mean().exp().expand(3))
+    assert Producer("x", "norm").tie(scale) is scale
 
 
 def test_w8a8_is_close_to_float_and_beats_unsmoothed_w8a8_with_outlier_channels():
@@ -87,7 +114,7 @@ def test_w8a8_is_close_to_float_and_beats_unsmoothed_w8a8_with_outlier_channels(
     report = quantize_smoothquant(smooth, SmoothQuantConfig(alpha=0.5), tokens, batch_size=4)
     layers = [m for n, m in smooth.named_modules() if n.endswith("_proj")]
     assert len(layers) == 14 and all(isinstance(m, W8A8Linear) for m in layers)
-    assert report.layers == 14 and len(report.in_layer) == 2
+    assert report.layers == 14 and not report.in_layer      # o_proj's factors folded into v_proj, tied
     ours, theirs = relative_error(smooth, reference, held_out), relative_error(plain, reference, held_out)
     assert ours < 0.06                 # W8A8 with smoothing: 4% here
     assert ours < 0.5 * theirs         # plain per-token W8A8 (DynamicInt8Linear): 10%
@@ -147,6 +174,9 @@ def test_w8a8_cuda_path_matches_the_cpu_path(cuda):
 def test_w8a8_model_saves_and_loads_with_its_in_layer_factors(tmp_path):
     model = outlier_llama()
     quantize_smoothquant(model, SmoothQuantConfig(alpha=0.5), ids(0), batch_size=4)
+    attention = model.model.layers[0].self_attn       # a layer that divides its input itself (no producer)
+    float_o_proj = build_tiny_llama().model.layers[0].self_attn.o_proj
+    attention.o_proj = W8A8Linear.from_linear(float_o_proj, SmoothQuantConfig().scheme, smooth=torch.rand(96) + 0.5)
     tokens = ids(2, n=2)
     with torch.no_grad():
         before = model(tokens).logits
@@ -175,7 +205,7 @@ def test_quantize_model_runs_smoothquant_from_the_api(tiny_llama_dir, tiny_text)
     calibration = CalibrationSettings(text=str(tiny_text), samples=4, seq_len=32, batch_size=2, eval_tokens=256)
     info = quantize_model(loaded, SmoothQuantConfig("int8", alpha=0.6), calibration).to_json()
     assert info["method"] == "smoothquant" and info["alpha"] == 0.6 and info["layers"] == 14
-    assert info["folded_layers"] == 12 and len(info["in_layer_smoothing"]) == 2
+    assert info["folded_layers"] == 14 and not info["in_layer_smoothing"]
     with pytest.raises(ModelpressError, match="resume"):
         quantize_model(load_model(str(tiny_llama_dir)), SmoothQuantConfig(),
                        CalibrationSettings(resume_dir=str(tiny_llama_dir)))
@@ -191,7 +221,7 @@ def test_w8a8_smoothquant_stays_close_to_float_on_the_default_model(default_mode
     tokens = calibration_windows(default_model.tokenizer, CalibrationSettings(samples=4, seq_len=256))
     model = copy.deepcopy(default_model.model)
     report = quantize_smoothquant(model, SmoothQuantConfig(alpha=0.5), tokens)
-    assert report.layers == 210 and len(report.in_layer) == 30      # o_proj behind grouped-query attention
+    assert report.layers == 210 and not report.in_layer     # o_proj behind grouped-query attention: tied, folded
     windows = make_windows(default_model.tokenizer, load_text(None), seq_len=256, eval_windows=4).eval
     with torch.no_grad():
         result = evaluate_quality({"w8a8": model, "float": default_model.model}, windows,

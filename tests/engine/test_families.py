@@ -21,10 +21,12 @@ CALIBRATION = token_ids(256, 8, 32, seed=0)
 EVALUATION = token_ids(256, 4, 32, seed=1)
 
 # where AWQ must find a producer to fold into (block-relative layer -> producer), by data flow alone
+GQA = {"self_attn.o_proj": "self_attn.v_proj (each row feeds 2 input channels)"}   # 4 query heads, 2 value heads
 EXPECTED_FOLDS = {
-    "llama": {"mlp.down_proj": "mlp.up_proj"},
-    "gemma2": {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "pre_feedforward_layernorm"},  # 1 + w
-    "gemma3": {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "pre_feedforward_layernorm"},
+    "llama": {"mlp.down_proj": "mlp.up_proj", **GQA},
+    "mistral": GQA, "qwen2": GQA, "qwen3": GQA, "qwen2_moe": GQA,   # (Mixtral: RTN scores best for o_proj)
+    "gemma2": {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "pre_feedforward_layernorm", **GQA},  # 1 + w
+    "gemma3": {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "pre_feedforward_layernorm", **GQA},
     "phi3": {"self_attn.qkv_proj": "input_layernorm", "mlp.down_proj": "mlp.gate_up_proj[96:192]",  # "up" half
              "self_attn.o_proj": "self_attn.qkv_proj[128:192]"},                                    # values
     "gpt2": {"attn.c_proj": "attn.c_attn[128:192]", "mlp.c_fc": "ln_2"},

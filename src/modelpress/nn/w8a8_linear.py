@@ -4,7 +4,7 @@ kept in the layer.
 
 SmoothQuant moves activation outliers into the weights: y = (x / s) (W diag(s))^T. Normally x / s is folded
 into the operation producing x (a norm, a linear layer) and this layer is exactly a DynamicInt8Linear.
-Where no such operation exists (o_proj behind grouped-query attention), the layer keeps `smooth` (K,)
+Where no such operation exists (a layer behind a nonlinearity, say), the layer keeps `smooth` (K,)
 itself and divides its input by it before quantizing the input per token; the stored weight is then
 already W diag(s):
     y[m, n] = sx[m] · sw[n] · Σ_k qx[m, k] · qw[n, k] + bias[n],   qx = round((x / smooth) / sx).

@@ -12,8 +12,9 @@ Per group of layers reading one input, with X its calibration activations and H 
   minimise that group's share of the output error, D_g H_gg D_g^T; rows where the shrunk ranges do not
   lower the row's full output error keep the format's default range, so clipping never raises the layer
   objective.
-Groups whose input has no producer to fold into (o_proj behind grouped-query attention, say) are not
-scaled; they still get the clip search. With solver "gptq" the scales are folded first and GPTQ then
+Groups whose input has no producer to fold into are not scaled; they still get the clip search. Behind
+grouped-query attention (v_proj feeding several query heads' channels of o_proj's input) the candidate
+scales are tied over the channels one value row feeds before they are scored (smoothing.py). With solver "gptq" the scales are folded first and GPTQ then
 solves the scaled layers (no clip search: GPTQ picks its own group ranges). With a per-layer `schemes`
 override (mixed precision), each layer of a group is scored and quantized under its own scheme.
 
@@ -144,9 +145,10 @@ class ScaleSearch:
 
 def search_scales(mean_abs_x: torch.Tensor, weights: list[torch.Tensor], hessian: torch.Tensor,
                   scheme: WeightScheme, grid: int = 20, duo_scaling: bool = False,
-                  layer_schemes: list[WeightScheme] | None = None) -> ScaleSearch:
+                  layer_schemes: list[WeightScheme] | None = None, tie=None) -> ScaleSearch:
     """The grid search of AWQ for one group of layers reading the same input (see module docstring).
-    `layer_schemes` (parallel to `weights`) scores each layer under its own scheme."""
+    `layer_schemes` (parallel to `weights`) scores each layer under its own scheme; `tie` (Producer.tie)
+    makes every candidate foldable into a producer whose rows feed several channels."""
     k = mean_abs_x.shape[0]
     ones = torch.ones(k, device=hessian.device)
     rtn = scaled_objective(weights, ones, hessian, scheme, layer_schemes)
@@ -160,6 +162,8 @@ def search_scales(mean_abs_x: torch.Tensor, weights: list[torch.Tensor], hessian
             if alpha == 0 and not duo:
                 continue                                    # that is RTN, already scored
             scale = candidate_scale(mean_abs_x.to(hessian.device), alpha, weight_mean)
+            if tie is not None:
+                scale = tie(scale)
             loss = scaled_objective(weights, scale, hessian, scheme, layer_schemes)
             if loss < best.objective:
                 best = ScaleSearch(scale, alpha, duo, loss, rtn)
@@ -292,7 +296,8 @@ class AWQ:
         c = self.config
         weights = [linear_weight(context.targets.linears[t.name]).detach().float() for t in group.targets]
         schemes = [self.scheme_for(t.name) for t in group.targets]
-        found = search_scales(mean_abs, weights, hessian, schemes[0], c.scale_grid, c.duo_scaling, schemes)
+        found = search_scales(mean_abs, weights, hessian, schemes[0], c.scale_grid, c.duo_scaling, schemes,
+                              producer.tie)
         scaled = found.alpha > 0 or found.duo
         notes = {"scaled": scaled, "producer": producer.label, "alpha": found.alpha, "duo": found.duo,
                  "scale_objective": found.objective, "scale_rtn_objective": found.rtn_objective}

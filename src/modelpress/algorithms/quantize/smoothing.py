@@ -7,8 +7,12 @@ nothing when it can be folded into whatever produced x:
   multiplies by (1 + weight) (Gemma's RMSNorm stores the weight offset by one) gets (1 + weight) / s - 1;
 - a linear layer whose output channels reach x one to one through operations that commute with a
   per-channel scale: its rows (and bias) divided by s. Examples: up_proj -> (act(gate) * up) -> down_proj;
-  v_proj -> attention -> o_proj when every attention head has its own value head (with grouped-query
-  attention v_proj has fewer outputs than o_proj has inputs, and no fold exists);
+  v_proj -> attention -> o_proj when every attention head has its own value head;
+- a linear layer whose output channels each reach several channels of x (grouped-query attention: a value
+  head serves several query heads, so v_proj has fewer outputs than o_proj has inputs): the fold exists
+  only for scales tied across the channels of x one row feeds. `Producer.columns` is that map, found from
+  the data (random scales folded into the rows only, then read back from x), and `Producer.tie` makes any
+  scales tied (their geometric mean over the channels of a row) before they are folded;
 - a K-row slice of a fused linear layer with a multiple of K outputs: the "up" half of Phi-3's
   gate_up_proj before down_proj, the value third of GPT-2's c_attn (or Phi-3's qkv_proj) before the
   attention output projection.
@@ -45,12 +49,29 @@ PRODUCER_KINDS = ("norm", "offset_norm", "linear")
 class Producer:
     name: str      # module path inside the block
     kind: str      # "norm": an elementwise affine weight (and bias); "offset_norm": output * (1 + weight);
-                   # "linear": output rows (and bias)
+                   # "linear": output rows (and bias); "spread": a candidate linear producer with fewer rows
+                   # than channels, whose `columns` are not read yet (never accepted as such)
     rows: tuple[int, int] | None = None     # linear only: the K output rows that x is made of (fused layers)
+    columns: tuple[int, ...] | None = None  # linear only: for each of x's K channels, the producer row (of
+                                            # fewer than K) it comes from (grouped-query attention)
 
     @property
     def label(self) -> str:
-        return self.name if self.rows is None else f"{self.name}[{self.rows[0]}:{self.rows[1]}]"
+        name = self.name if self.rows is None else f"{self.name}[{self.rows[0]}:{self.rows[1]}]"
+        if self.columns is not None:
+            name += f" (each row feeds {len(self.columns) // (max(self.columns) + 1)} input channels)"
+        return name
+
+    def tie(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` (K,) made foldable into this producer: unchanged, or for a producer whose rows feed
+        several channels, the geometric mean over each row's channels, given to all of them."""
+        if self.columns is None:
+            return scale
+        index = torch.tensor(self.columns, device=scale.device)
+        rows = int(index.max()) + 1
+        logs = torch.zeros(rows, device=scale.device).index_add_(0, index, scale.float().log())
+        counts = torch.zeros(rows, device=scale.device).index_add_(0, index, torch.ones_like(logs[index]))
+        return (logs / counts).exp()[index].to(scale.dtype)
 
 
 @dataclass(frozen=True)
@@ -108,11 +129,27 @@ def _set(t: torch.Tensor, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def fold_scales(producer: nn.Module, kind: str, consumers: Iterable[nn.Module], scale: torch.Tensor,
-                rows: tuple[int, int] | None = None) -> None:
+                rows: tuple[int, int] | None = None, columns: tuple[int, ...] | None = None) -> None:
     """Divide the producer's output channels by `scale` (K,) and multiply the consumers' input columns by it,
     in float32, in place. The group's outputs are unchanged up to rounding of the stored weights.
-    `rows` (linear producers only) picks the K output rows of a fused layer that make up the input."""
+    `rows` (linear producers only) picks the K output rows of a fused layer that make up the input;
+    `columns` maps each input channel to the producer row it comes from (the scale must be tied over them)."""
     s = scale.float()
+    if columns is not None:
+        index = torch.tensor(columns, device=s.device)
+        row_scale = torch.ones(int(index.max()) + 1, device=s.device).index_copy_(0, index, s)
+        if not torch.allclose(row_scale[index], s, rtol=1e-6):
+            raise ValueError("scales folded into a producer whose rows feed several channels must be tied "
+                             "(Producer.tie)")
+        _divide_rows(producer, row_scale, rows)
+    else:
+        _divide_producer(producer, kind, s, rows)
+    for module in consumers:
+        weight = linear_weight(module)                        # (out, K)
+        _set(weight, weight.float() * s.to(weight.device)[None, :])
+
+
+def _divide_producer(producer: nn.Module, kind: str, s: torch.Tensor, rows: tuple[int, int] | None) -> None:
     if kind == "norm":
         for param in (producer.weight, getattr(producer, "bias", None)):
             if param is not None:
@@ -120,15 +157,16 @@ def fold_scales(producer: nn.Module, kind: str, consumers: Iterable[nn.Module], 
     elif kind == "offset_norm":                               # y = norm(x) * (1 + weight)
         _set(producer.weight, (1 + producer.weight.float()) / s.to(producer.weight.device) - 1)
     else:
-        start, stop = rows if rows is not None else (0, linear_weight(producer).shape[0])
-        weight = linear_weight(producer)[start:stop]          # (K, in): a view, also for Conv1D
-        _set(weight, weight.float() / s.to(weight.device)[:, None])
-        bias = getattr(producer, "bias", None)
-        if bias is not None:
-            _set(bias[start:stop], bias[start:stop].float() / s.to(bias.device))
-    for module in consumers:
-        weight = linear_weight(module)                        # (out, K)
-        _set(weight, weight.float() * s.to(weight.device)[None, :])
+        _divide_rows(producer, s, rows)
+
+
+def _divide_rows(producer: nn.Module, s: torch.Tensor, rows: tuple[int, int] | None) -> None:
+    start, stop = rows if rows is not None else (0, linear_weight(producer).shape[0])
+    weight = linear_weight(producer)[start:stop]              # (len(s), in): a view, also for Conv1D
+    _set(weight, weight.float() / s.to(weight.device)[:, None])
+    bias = getattr(producer, "bias", None)
+    if bias is not None:
+        _set(bias[start:stop], bias[start:stop].float() / s.to(bias.device))
 
 
 # ---- plumbing: statistics and producers of a block's groups -----------------------------------------------
@@ -246,7 +284,54 @@ def _candidates(context: BlockContext, group: InputGroup, trace: _Trace) -> list
             found.append(Producer(name, "linear"))
         elif n % k == 0:                                    # fused (gate_up, qkv): each K-row slice, last first
             found += [Producer(name, "linear", (start, start + k)) for start in range(n - k, -1, -k)]
+        if n < k and k % n == 0:                            # v_proj behind grouped-query attention
+            found.append(Producer(name, "spread"))
+        elif n > k and (n - k) % 2 == 0 and k % ((n - k) // 2) == 0:
+            m = (n - k) // 2                                # a fused qkv with grouped-query attention:
+            found.append(Producer(name, "spread", (n - m, n)))  # K query rows, then m key and m value rows
     return found
+
+
+def _spread_columns(context: BlockContext, producer: Producer, group: InputGroup,
+                    inputs: torch.Tensor) -> tuple[int, ...] | None:
+    """For a linear producer with fewer (selected) rows than the group has inputs: the row each input
+    channel comes from, read off the data. Rows whose index has bit b set are doubled, one bit at a time;
+    the channels that double with them spell their row's index. None unless every channel scales by exactly
+    1 or 2 each time (the path from rows to channels is linear and one to many)."""
+    module = context.block.get_submodule(producer.name)
+    start, stop = producer.rows if producer.rows is not None else (0, linear_weight(module).shape[0])
+    m = stop - start
+    base = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+    energy = (base * base).sum(dim=0)
+    if bool((energy == 0).any()):
+        return None                                          # a silent channel says nothing about its row
+    consumer = context.targets.linears[group.targets[0].name]
+    index = torch.arange(m)
+    columns = torch.zeros(inputs.shape[-1], dtype=torch.long)
+    for bit in range(max(m - 1, 1).bit_length()):
+        double = ((index >> bit) & 1).float() + 1
+        seen: list[torch.Tensor] = []
+        handle = consumer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]) if not seen else None)
+        saved = [p.detach().clone() for p in module.parameters(recurse=False)]
+        try:
+            with torch.no_grad():
+                _divide_rows(module, 1 / double.to(base.device), producer.rows)
+            next(context.outputs(1))
+        finally:
+            handle.remove()
+            with torch.no_grad():
+                for param, value in zip(module.parameters(recurse=False), saved):
+                    param.copy_(value)
+        if not seen or seen[0].shape != inputs.shape:
+            return None
+        ratio = (seen[0].detach().reshape(base.shape).float() * base).sum(dim=0) / energy
+        one, two = (ratio - 1).abs() < 1e-2, (ratio - 2).abs() < 2e-2
+        if not bool((one | two).all()):
+            return None
+        columns |= two.cpu().long() << bit
+    if int(columns.max()) >= m:
+        return None
+    return tuple(columns.tolist())
 
 
 def _fold_tolerance(dtype: torch.dtype) -> float:
@@ -266,11 +351,11 @@ def _fold_is_exact(context: BlockContext, producer: Producer, group: InputGroup,
     touched = list(module.parameters(recurse=False)) + [m.weight for m in consumers]
     saved = [p.detach().clone() for p in touched]
     gen = torch.Generator().manual_seed(1234 + context.index)
-    scale = (2.0 ** (torch.rand(inputs.shape[-1], generator=gen) * 4 - 2)).to(inputs.device)
+    scale = producer.tie((2.0 ** (torch.rand(inputs.shape[-1], generator=gen) * 4 - 2)).to(inputs.device))
     seen: list[torch.Tensor] = []
     handle = consumers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]) if not seen else None)
     try:
-        fold_scales(module, producer.kind, consumers, scale, producer.rows)
+        fold_scales(module, producer.kind, consumers, scale, producer.rows, producer.columns)
         output = next(context.outputs(1))
     finally:
         handle.remove()
@@ -283,6 +368,18 @@ def _fold_is_exact(context: BlockContext, producer: Producer, group: InputGroup,
             and _relative_error(output, reference) <= tolerance)
 
 
+def _resolved(context: BlockContext, group: InputGroup, inputs: torch.Tensor, candidates: list[Producer]):
+    """The candidates in order, each "spread" one replaced by a linear producer with its channel map (lazily:
+    a map is read only when every earlier candidate failed), or dropped when none is found."""
+    for candidate in candidates:
+        if candidate.kind != "spread":
+            yield candidate
+            continue
+        columns = _spread_columns(context, candidate, group, inputs)
+        if columns is not None:
+            yield Producer(candidate.name, "linear", candidate.rows, columns)
+
+
 def search_producers(context: BlockContext, groups: list[InputGroup]) -> dict[str, FoldSearch]:
     """For each group (by key), the module a per-channel scale of its input can be folded into, or the
     reason there is none. No module serves two groups."""
@@ -292,13 +389,14 @@ def search_producers(context: BlockContext, groups: list[InputGroup]) -> dict[st
     for group in groups:
         x = trace.group_inputs.get(group.key)
         candidates = [c for c in _candidates(context, group, trace) if (c.name, c.rows) not in taken]
-        accepted = next((c for c in candidates if _fold_is_exact(context, c, group, x, reference)), None)
+        accepted = next((c for c in _resolved(context, group, x, candidates)
+                         if _fold_is_exact(context, c, group, x, reference)), None)
         if accepted is not None:
             taken.add((accepted.name, accepted.rows))
             found[group.key] = FoldSearch(accepted)
         elif not candidates:
             found[group.key] = FoldSearch(None, "no norm or linear layer produces this input with matching "
-                                                "channels (e.g. o_proj behind grouped-query attention)")
+                                                "channels")
         else:
             tried = ", ".join(dict.fromkeys(c.label for c in candidates))
             found[group.key] = FoldSearch(None, f"no exact fold: scaling {tried} would change the block's output "
@@ -314,4 +412,5 @@ def find_producers(context: BlockContext, groups: list[InputGroup]) -> dict[str,
 def apply_fold(context: BlockContext, producer: Producer, group: InputGroup, scale: torch.Tensor) -> None:
     """Fold `scale` into a group found by find_producers: producer output / scale, group columns * scale."""
     consumers = [context.targets.linears[t.name] for t in group.targets]
-    fold_scales(context.block.get_submodule(producer.name), producer.kind, consumers, scale, producer.rows)
+    fold_scales(context.block.get_submodule(producer.name), producer.kind, consumers, scale, producer.rows,
+                producer.columns)

@@ -115,6 +115,8 @@ class SmoothQuant:
             factors = smoothing_factors(found.abs_max, input_channel_max([linear_weight(m) for m in modules]),
                                         self.config.alpha)
             producer = producers[group.key].producer
+            if producer is not None:
+                factors = producer.tie(factors)
             notes = {"alpha": self.config.alpha, "activation_absmax": float(found.abs_max.max()),
                      "smoothed_activation_absmax": float((found.abs_max / factors).max())}
             if producer is not None:
