@@ -75,6 +75,21 @@ def test_tied_head_keeps_one_packed_table_and_the_reference_logits():
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
+def test_tied_head_moves_to_cuda_as_one_table_with_the_cpu_logits(cuda):
+    model = build_tiny_llama()
+    quantize_model(LoadedModel(model, None, "tiny", "tiny"), RTNConfig("int4/g32"), head="int8/g32")
+    ids = torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.to(cuda)
+        embedding, head = model.model.embed_tokens, model.lm_head
+        for name in PackedWeight.TENSOR_NAMES:                 # still one packed table set, now on the GPU
+            mine = getattr(embedding, name)
+            assert mine is getattr(head, name) and (mine is None or mine.device.type == "cuda")
+        got = model(ids.to(cuda)).logits.cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_the_head_shrinks_the_model_and_is_counted_once():
     without = build_tiny_llama()
     quantize_rtn(without, RTNConfig("int4/g32"))
