@@ -63,6 +63,8 @@ def test_shipped_recipes_parse(path):
     ("stages:\n  - awq-gptq: {scheme: int4/g32, solver: rtn}\n", 2, ["awq-gptq fixes solver='gptq'"]),
     ("stages:\n  - export: {targets: [gguf, onnx]}\n", 2, ["export.targets", "onnx"]),
     ("calibration: {resume_dir: /tmp/x}\nstages: [evaluate]\n", 1, ["resume_dir is set by the pipeline"]),
+    ("stages:\n  - structured: {sparsity: 0.2, multiple_of: 8}\n  - export: {targets: [gguf]}\n", 1,
+     ["stage 1 (structured)", "multiple_of 8", "GGUF blocks of 32", "set multiple_of to 32"]),
     ("stages:\n  - gptq: {scheme: int4/g32}\n    rtn: {scheme: int4/g32}\n", 2, ["a stage is one name"]),
 ])
 def test_mistakes_name_the_key_and_line(text, line, words):

@@ -13,6 +13,7 @@ YAML loader, `modelpress compress` and the reports name stages only through it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -113,6 +114,26 @@ class Recipe:
             raise ModelpressError("calibration.resume_dir is set by the pipeline (its output directory); leave it out")
         if self.reference_top_k is not None and (not isinstance(self.reference_top_k, int) or self.reference_top_k < 1):
             raise ModelpressError(f"reference_top_k must be a positive integer or null, got {self.reference_top_k!r}")
+        _check_pruned_widths(self.stages)
+
+
+GGUF_BLOCK = 32     # every GGUF quantized type stores rows in whole blocks of 32 (k-quants: 256)
+
+
+def _check_pruned_widths(stages: tuple) -> None:
+    """Structured neuron pruning before a GGUF export must keep whole blocks of 32 inputs per row: a pruned
+    down_proj with 1456 inputs has no quantized GGUF type and would be written as F16 (re-rounded, 3.5x the
+    bytes). Refused before any work, with the value that works."""
+    for index, stage in enumerate(stages):
+        multiple = getattr(stage, "multiple_of", None)
+        if stage_type(stage).kind != "prune" or getattr(stage, "target", None) != "neurons" or multiple is None:
+            continue
+        for later in stages[index + 1:]:
+            if isinstance(later, Export) and "gguf" in later.targets and multiple % GGUF_BLOCK:
+                raise ModelpressError(
+                    f"stage {index + 1} ({stage_name(stage)}): multiple_of {multiple} keeps neuron counts that are "
+                    f"not whole GGUF blocks of {GGUF_BLOCK}, and a later stage exports to gguf (pruned layers "
+                    f"would be written as F16); set multiple_of to {math.lcm(multiple, GGUF_BLOCK)}")
 
 
 @dataclass(frozen=True)

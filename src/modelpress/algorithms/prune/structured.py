@@ -50,7 +50,8 @@ class StructuredConfig:
     target: Target = "neurons"
     sparsity: float = 0.25          # fraction of the target removed: neurons, key/value groups, or layers
     uniform: bool = True            # same width in every layer (a standard model of the architecture)
-    multiple_of: int = 8            # neurons kept per layer: a multiple of this (tensor-core friendly widths)
+    multiple_of: int = 32           # neurons kept per layer: a multiple of this (whole GGUF blocks and
+                                    # quantization groups of 32; tensor-core friendly widths)
     batch_size: int = 4             # calibration windows per forward
 
     def __post_init__(self) -> None:
