@@ -72,17 +72,22 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("kv_heads", [6, 2])
-def test_folds_leave_the_float_llama_unchanged_and_producers_follow_data_flow(kv_heads):
-    model = build_tiny_llama(num_key_value_heads=kv_heads)
+def random_folds_keep_the_model(model) -> RandomFold:
+    """Fold random scales into every producer found: the float model's logits must not change."""
     ids = calibration_ids()
     with torch.no_grad():
         before = model(ids).logits
     algo = RandomFold()
     run_sequential(model, algo, ids, settings=EngineSettings(batch_size=4))
     with torch.no_grad():
-        after = model(ids).logits
-    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    return algo
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2])
+def test_folds_leave_the_float_llama_unchanged_and_producers_follow_data_flow(kv_heads):
+    model = build_tiny_llama(num_key_value_heads=kv_heads)
+    algo = random_folds_keep_the_model(model)
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, build_tiny_llama(
         num_key_value_heads=kv_heads).model.layers[0].input_layernorm.weight)  # the folds did happen
     for i in range(2):
@@ -101,14 +106,7 @@ def test_fused_qkv_with_grouped_query_attention_folds_into_its_value_rows():
     torch.manual_seed(0)
     config = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
-    model = Phi3ForCausalLM(config).eval()
-    ids = calibration_ids()
-    with torch.no_grad():
-        before = model(ids).logits
-    algo = RandomFold()
-    run_sequential(model, algo, ids, settings=EngineSettings(batch_size=4))
-    with torch.no_grad():
-        assert torch.allclose(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    algo = random_folds_keep_the_model(Phi3ForCausalLM(config).eval())
     assert algo.producers["0.self_attn.o_proj"] == algo.producers["1.self_attn.o_proj"] == "self_attn.qkv_proj"
     assert algo.labels["0.self_attn.o_proj"] == "self_attn.qkv_proj[96:128] (each row feeds 2 input channels)"
 
