@@ -176,8 +176,11 @@ def quantize_model(loaded: LoadedModel, config, calibration: Calibration = None,
     `head`: a scheme for the output head (and the embedding tied to it), quantized round-to-nearest after
     the method ran; its report joins the method's details under "head". None leaves the head float."""
     from modelpress.algorithms.quantize import HeadConfig
+    from modelpress.algorithms.quantize.head import check_head
 
     head_config = None if head is None else HeadConfig(head)    # a bad spec fails before any work
+    if head_config is not None:
+        check_head(loaded.model, head_config)                   # so does a head it cannot take
     report = _quantize_once(loaded, config, calibration)
     if head_config is None:
         return report

@@ -142,3 +142,7 @@ def test_head_is_no_method_and_refusals_name_the_problem():
         quantize_model(LoadedModel(model, None, "tiny", "tiny"), HeadConfig("int8/g32"))
     with pytest.raises(ModelpressError, match="unknown number format"):
         quantize_model(LoadedModel(build_tiny_llama(), None, "tiny", "tiny"), RTNConfig("int4/g32"), head="int7")
+    fresh = build_tiny_llama()          # a head the tied embedding cannot gather fails before the method runs
+    with pytest.raises(ModelpressError, match="double-quantized"):
+        quantize_model(LoadedModel(fresh, None, "tiny", "tiny"), RTNConfig("int4/g32"), head="nf4/g64/dq")
+    assert not any(isinstance(m, QuantLinear) for m in fresh.modules())

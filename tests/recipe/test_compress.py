@@ -157,6 +157,19 @@ def test_python_gate_raises_and_out_is_needed_for_exports(work):
         modelpress.compress(loaded, [RTNConfig("int4/g32"), Export(("hf",))])
 
 
+def test_a_head_stage_that_cannot_run_fails_before_any_stage_runs(work, tmp_path):
+    from modelpress.algorithms.quantize import HeadConfig
+
+    loaded = load_model(str(work / "m"))             # tied head: its embedding cannot gather /dq scales
+    text = str(work / "text.txt")
+    recipe = Recipe([GPTQConfig("int4/g32"), HeadConfig("nf4/g64/dq")],
+                    calibration=CalibrationSettings(text=text, samples=4, seq_len=64),
+                    evaluation=EvalSettings(text=text, windows=2, seq_len=64, speed=False))
+    with pytest.raises(ModelpressError, match="double-quantized"):
+        modelpress.compress(loaded, recipe, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_quantize_max_kl_saves_nothing_on_a_miss(work, tmp_path, capsys):
     argv = ["quantize", str(work / "m"), "--format", "int2", "--group-size", "32", "--calib-text",
             str(work / "text.txt"), "--out", str(tmp_path / "q")]

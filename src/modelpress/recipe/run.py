@@ -91,8 +91,14 @@ def compress_model(original: LoadedModel, recipe: Recipe, data: Calibration, out
     from modelpress.python_api import eval_windows
     from modelpress.recipe.report import write_reports
 
+    from modelpress.algorithms.quantize import HeadConfig
+    from modelpress.algorithms.quantize.head import check_head
+
     start = time.perf_counter()
     out = Path(out)
+    for stage in recipe.stages:            # a head stage that must fail fails before the stages ahead of it run
+        if isinstance(stage, HeadConfig):
+            check_head(original.model, stage)
     fingerprint = model_fingerprint(original.model)
     needs_calibration = any(stage_type(s).calibrated for s in recipe.stages)
     ids, data_info = (calibration_ids(original.tokenizer, _calibration(recipe, data)) if needs_calibration
