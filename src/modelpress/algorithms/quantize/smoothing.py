@@ -10,9 +10,10 @@ nothing when it can be folded into whatever produced x:
   v_proj -> attention -> o_proj when every attention head has its own value head;
 - a linear layer whose output channels each reach several channels of x (grouped-query attention: a value
   head serves several query heads, so v_proj has fewer outputs than o_proj has inputs): the fold exists
-  only for scales tied across the channels of x one row feeds. `Producer.columns` is that map, found from
-  the data (random scales folded into the rows only, then read back from x), and `Producer.tie` makes any
-  scales tied (their geometric mean over the channels of a row) before they are folded;
+  only for scales tied across the channels of x one row feeds. `Producer.columns` is that map, read from
+  the data (the rows doubled one bit of their index at a time, the channels of x that double with them
+  spelling the index), and `Producer.tie` makes any scales tied (their geometric mean over the channels of
+  a row) before they are folded;
 - a K-row slice of a fused linear layer with a multiple of K outputs: the "up" half of Phi-3's
   gate_up_proj before down_proj, the value third of GPT-2's c_attn (or Phi-3's qkv_proj) before the
   attention output projection.
