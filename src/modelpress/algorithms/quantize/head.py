@@ -49,17 +49,21 @@ class HeadReport:
 def check_head(model: nn.Module, config: HeadConfig) -> None:
     """Everything quantize_head would refuse, checked without changing the model: callers run it before a
     long method (GPTQ, a recipe) so that a head it cannot take fails first, not after hours."""
-    _, head = _output_head(model)
-    _, embedding = _tied_embedding(model, head)
+    _head_and_embedding(model, config)
+
+
+def _head_and_embedding(model: nn.Module, config: HeadConfig):
+    """(head name, head, tied embedding name, tied embedding), the embedding None when untied; refusals here."""
+    name, head = _output_head(model)
+    embedding_name, embedding = _tied_embedding(model, head)
     if embedding is not None:
         check_gatherable(config.scheme)  # type: ignore[arg-type]
+    return name, head, embedding_name, embedding
 
 
 def quantize_head(model: nn.Module, config: HeadConfig) -> HeadReport:
     """Quantize `model`'s output head in place (and its tied embedding with it, sharing one packed table)."""
-    check_head(model, config)
-    name, head = _output_head(model)
-    embedding_name, embedding = _tied_embedding(model, head)
+    name, head, embedding_name, embedding = _head_and_embedding(model, config)
     scheme: WeightScheme = config.scheme  # type: ignore[assignment]
     weight = linear_weight(head)
     packed = quantize_weight(weight, scheme, name=f"output head {name}")

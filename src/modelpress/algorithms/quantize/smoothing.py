@@ -310,22 +310,12 @@ def _spread_columns(context: BlockContext, producer: Producer, group: InputGroup
     index = torch.arange(m)
     columns = torch.zeros(inputs.shape[-1], dtype=torch.long)
     for bit in range(max(m - 1, 1).bit_length()):
-        double = ((index >> bit) & 1).float() + 1
-        seen: list[torch.Tensor] = []
-        handle = consumer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]) if not seen else None)
-        saved = [p.detach().clone() for p in module.parameters(recurse=False)]
-        try:
-            with torch.no_grad():
-                _divide_rows(module, 1 / double.to(base.device), producer.rows)
-            next(context.outputs(1))
-        finally:
-            handle.remove()
-            with torch.no_grad():
-                for param, value in zip(module.parameters(recurse=False), saved):
-                    param.copy_(value)
-        if not seen or seen[0].shape != inputs.shape:
+        double = (((index >> bit) & 1).float() + 1).to(base.device)
+        seen, _ = _trial(context, list(module.parameters(recurse=False)), consumer,
+                         lambda: _divide_rows(module, 1 / double, producer.rows))
+        if seen is None or seen.shape != inputs.shape:
             return None
-        ratio = (seen[0].detach().reshape(base.shape).float() * base).sum(dim=0) / energy
+        ratio = (seen.detach().reshape(base.shape).float() * base).sum(dim=0) / energy
         one, two = (ratio - 1).abs() < 1e-2, (ratio - 2).abs() < 2e-2
         if not bool((one | two).all()):
             return None
@@ -343,29 +333,39 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30))
 
 
+def _trial(context: BlockContext, params: list[torch.Tensor], consumer: nn.Module, edit
+           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Apply `edit()` to the weights, run the block on its first batch, restore `params` (every tensor the edit
+    touches) and return (what `consumer` read first, or None, the block's output)."""
+    saved = [p.detach().clone() for p in params]
+    seen: list[torch.Tensor] = []
+    handle = consumer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]) if not seen else None)
+    try:
+        with torch.no_grad():
+            edit()
+        output = next(context.outputs(1))
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
+    return (seen[0] if seen else None), output
+
+
 def _fold_is_exact(context: BlockContext, producer: Producer, group: InputGroup, inputs: torch.Tensor,
                    reference: torch.Tensor) -> bool:
     """Fold random scales s in [1/4, 4]: the group must then read exactly inputs / s, and the block's output
     must not change (the producer's output reaches nothing but the group)."""
     module = context.block.get_submodule(producer.name)
     consumers = [context.targets.linears[t.name] for t in group.targets]
-    touched = list(module.parameters(recurse=False)) + [m.weight for m in consumers]
-    saved = [p.detach().clone() for p in touched]
     gen = torch.Generator().manual_seed(1234 + context.index)
     scale = producer.tie((2.0 ** (torch.rand(inputs.shape[-1], generator=gen) * 4 - 2)).to(inputs.device))
-    seen: list[torch.Tensor] = []
-    handle = consumers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]) if not seen else None)
-    try:
-        fold_scales(module, producer.kind, consumers, scale, producer.rows, producer.columns)
-        output = next(context.outputs(1))
-    finally:
-        handle.remove()
-        with torch.no_grad():
-            for param, value in zip(touched, saved):
-                param.copy_(value)
+    seen, output = _trial(context, list(module.parameters(recurse=False)) + [m.weight for m in consumers],
+                          consumers[0], lambda: fold_scales(module, producer.kind, consumers, scale, producer.rows,
+                                                            producer.columns))
     tolerance = _fold_tolerance(reference.dtype)
-    return (bool(seen) and seen[0].shape == inputs.shape
-            and _relative_error(seen[0].float() * scale, inputs) <= tolerance
+    return (seen is not None and seen.shape == inputs.shape
+            and _relative_error(seen.float() * scale, inputs) <= tolerance
             and _relative_error(output, reference) <= tolerance)
 
 
