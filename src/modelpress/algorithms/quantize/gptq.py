@@ -243,7 +243,9 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
         lower, info = torch.linalg.cholesky_ex(h)
         if info == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower                  # K x K each: keep at most two alive (K = 28672 is 3.3 GB in float32)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return upper
         extra = damp * 10 ** (attempt + 1) * torch.mean(torch.diag(h)) + 1e-8
@@ -447,8 +449,16 @@ class HessianSum:
         self.rows = ranks.sum_ints([self.rows])[0]
 
     def mean(self) -> torch.Tensor:
-        """(K, K) float32 X^T X / rows."""
-        return (self.sum / max(self.rows, 1)).float()
+        """(K, K) float32 X^T X / rows, made a slab of rows at a time (no float64 K x K temporary)."""
+        out = torch.empty(self.sum.shape, dtype=torch.float32, device=self.sum.device)
+        step = max(1, (1 << 22) // max(self.sum.shape[-1], 1))
+        for i in range(0, self.sum.shape[0], step):
+            out[i : i + step] = self.sum[i : i + step] / max(self.rows, 1)
+        return out
+
+    def release(self) -> None:
+        """Drop the float64 sum (the row count stays): a solver that holds `mean()` needs nothing else."""
+        self.sum = self.sum.new_empty(0)
 
 
 @dataclass
@@ -499,6 +509,7 @@ class GPTQ:
     def _solve(self, group: InputGroup, acc: HessianSum) -> list[LayerSolution]:
         start = time.perf_counter()
         hessian = acc.mean()
+        acc.release()
         weights = [t.weight.detach().float() for t in group.targets]
         results: list[LayerSolution | None] = [None] * len(weights)
         # layers reading the same input share H, and GPTQ treats rows independently: solve those with one
