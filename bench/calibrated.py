@@ -80,7 +80,8 @@ class RowSpec:
         return cls(key, method, WeightScheme.parse(spec), options, samples)
 
     def run(self, model: torch.nn.Module, tokenizer, device: str, text: str | None) -> dict:
-        ids = calibration_windows(tokenizer, CalibrationSettings(text=text, samples=self.samples))
+        ids = calibration_windows(tokenizer, CalibrationSettings(text=text, samples=self.samples,
+                                                                        device=device), model)
         start = time.perf_counter()
         if self.method == "gptq":
             report = quantize_gptq(model, GPTQConfig(scheme=self.scheme, **self.options), ids, device=device)

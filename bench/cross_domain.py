@@ -1,8 +1,9 @@
 """Benchmark: calibrate on corpus A, evaluate on corpus B, for every calibrated method, beside
 calibration-free rows (RTN, bitsandbytes NF4, HQQ) on the same B windows.
 
-Corpora are the named offline ones (io/corpora.py: docs, bible, dialogue) and calibration mixes (`mix`,
-`mix:docs,bible`). A row is METHOD:SCHEME[+OPTION[=VALUE]]... as in bench/calibrated.py (gptq, awq,
+Corpora are the named offline ones (io/corpora.py: docs, bible, dialogue), calibration mixes (`mix`,
+`mix:docs,bible`) and `generated` (io/generated.py: windows the float model samples itself; as an evaluation
+corpus, other samples than calibration's, seed 1). A row is METHOD:SCHEME[+OPTION[=VALUE]]... as in bench/calibrated.py (gptq, awq,
 awq-gptq with `samples=N`), or a calibration-free row: `rtn:SCHEME`, `bnb:nf4` (bitsandbytes NF4, blocks
 of 64, double-quantized absmax) and `hqq:4` (HQQ 4-bit, groups of 64). Calibrated rows are built once per
 calibration corpus, calibration-free ones once; every model is scored on every evaluation corpus against
@@ -39,12 +40,14 @@ from modelpress.api import EvalSettings, prepare_windows
 from modelpress.errors import ModelpressError
 from modelpress.eval.size import measure_size
 from modelpress.formats.scheme import WeightScheme
+from modelpress.io.generated import GENERATED, generated_windows
 from modelpress.io.model import load_model
 
 log = logging.getLogger("bench.cross_domain")
 
 ROWS = ["gptq:int4/g128", "awq-gptq:int3-asym/g128", "awq:int4/g128", "rtn:int4-asym/g128", "bnb:nf4", "hqq:4"]
 FREE = ("rtn", "bnb", "hqq")      # rows that take no calibration data
+EVAL_SEED = 1                     # `--eval generated`: samples the calibration (seed 0) never saw
 
 
 def build_free(key: str, model: torch.nn.Module) -> dict:
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", nargs="+", default=["docs", "bible", "dialogue"], metavar="B", help="evaluation corpora")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where models are calibrated and scored (cpu, cuda); "
+                   "the peers bnb and hqq need their own devices")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=None, metavar="DIR", help="keep built rows in DIR and reuse them")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -119,14 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)   # quanto/hqq want no_grad rather than inference_mode
     start = time.perf_counter()
     base = load_model(None)
-    base.model.float().eval()
+    base.model.float().eval().to(args.device)     # every row is built, scored and compared on --device
     built = build_rows(base, args)
     results, floats = [], {}
     for corpus in args.eval:
-        source, windows = prepare_windows(base.tokenizer, EvalSettings(text=corpus, windows=args.windows,
-                                                                       seq_len=args.seq_len, speed=False))
+        if corpus == GENERATED:   # in-domain for `generated` calibration: other samples of the float model
+            eval_ids = generated_windows(base.model, base.tokenizer, args.windows, args.seq_len, seed=EVAL_SEED)
+        else:
+            eval_ids = prepare_windows(base.tokenizer, EvalSettings(text=corpus, windows=args.windows,
+                                                                    seq_len=args.seq_len, speed=False))[1].eval
         names = {f"{f['row']} @ {f['calibration']}": m for f, m in built}
-        scores = score(base.model, names, windows.eval)
+        scores = score(base.model, names, eval_ids)
         floats[corpus] = scores["float"].fields()
         rtn_kl = {}
         for fields, _ in built:

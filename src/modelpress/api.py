@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.eval.quality import evaluate_quality, first_scored
@@ -18,6 +19,7 @@ from modelpress.eval.speed import measure_speed
 from modelpress.formats.scheme import WeightScheme
 from modelpress.io.model import LoadedModel, load_model
 from modelpress.io.corpora import mix_parts
+from modelpress.io.generated import GENERATED, generated_windows
 from modelpress.io.text import (TextSource, TokenWindows, check_bos_mode, load_text, make_windows, tokenizer_bos,
                                 window_stride)
 from modelpress.nn.layers import DEFAULT_SKIP
@@ -96,18 +98,23 @@ class CalibrationSettings:
         check_bos_mode(self.bos_mode)
 
 
-def calibration_windows(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
-    """(samples, seq_len) token ids for calibration, disjoint from the evaluation windows."""
+def calibration_windows(tokenizer, settings: CalibrationSettings, model: nn.Module | None = None) -> torch.Tensor:
+    """(samples, seq_len) token ids for calibration, disjoint from the evaluation windows; text `generated`:
+    windows sampled from `model` itself (io/generated.py), which must then be given, still in float."""
     if tokenizer is None:
         raise ModelpressError("the model has no tokenizer; calibration needs one to cut text into windows")
+    parts = mix_parts(settings.text) if settings.text else None
+    names = [settings.text] if parts is None else list(parts)
+    if GENERATED in names and model is None:
+        raise ModelpressError("calibration text 'generated' is sampled from the model: pass the model")
     bos = tokenizer_bos(tokenizer) if settings.bos else None
     step = window_stride(settings.seq_len, bos, settings.bos_mode)     # text tokens from one window to the next
     reserved = -(-settings.eval_tokens // step)               # whole calibration windows covering the eval text
-    parts = mix_parts(settings.text) if settings.text else None
-    names = [settings.text] if parts is None else list(parts)
+    share = -(-settings.samples // len(names))                # a generated part samples only its turns
     # a mix: each corpus cut after its own evaluation windows, then one window of each in turn
-    each = [make_windows(tokenizer, load_text(name), settings.seq_len, reserved, settings.samples, bos,
-                         settings.bos_mode).calibration for name in names]
+    each = [generated_windows(model, tokenizer, share, settings.seq_len, device=settings.device) if name == GENERATED
+            else make_windows(tokenizer, load_text(name), settings.seq_len, reserved, settings.samples, bos,
+                              settings.bos_mode).calibration for name in names]
     if parts is None:
         return each[0]
     return interleave(each, settings.samples)
@@ -125,8 +132,8 @@ Calibration = CalibrationSettings | torch.Tensor | Sequence[str] | str | None
 (samples, seq_len), texts (joined, cut into windows of up to 512 tokens; needs a tokenizer) or a text file."""
 
 
-def calibration_ids(tokenizer, calibration: Calibration) -> tuple[torch.Tensor, dict]:
-    """Token ids (samples, seq_len) and their description for the report."""
+def calibration_ids(tokenizer, calibration: Calibration, model: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+    """Token ids (samples, seq_len) and their description for the report (`model`: for text `generated`)."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.is_floating_point() or calibration.numel() == 0:
             raise ModelpressError(f"calibration token ids must be a non-empty integer tensor (samples, seq_len), "
@@ -134,7 +141,7 @@ def calibration_ids(tokenizer, calibration: Calibration) -> tuple[torch.Tensor, 
         ids, text = calibration.long(), "token ids"
     elif calibration is None or isinstance(calibration, (CalibrationSettings, str)):
         settings = calibration if isinstance(calibration, CalibrationSettings) else CalibrationSettings(calibration)
-        ids, text = calibration_windows(tokenizer, settings), settings.text or "default"
+        ids, text = calibration_windows(tokenizer, settings, model), settings.text or "default"
     else:
         ids, text = text_windows(tokenizer, list(calibration), CalibrationSettings()), "texts"
     return ids, {"text": text, "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
@@ -196,7 +203,7 @@ def _quantize_once(loaded: LoadedModel, config, calibration: Calibration) -> Qua
     settings = calibration if isinstance(calibration, CalibrationSettings) else CalibrationSettings()
     if settings.resume_dir is not None and not quantizer.resumable:
         raise ModelpressError(f"{method_of(config)} runs in one short pass and cannot resume; drop --resume")
-    ids, info = calibration_ids(loaded.tokenizer, calibration) if quantizer.calibrated else (None, None)
+    ids, info = calibration_ids(loaded.tokenizer, calibration, loaded.model) if quantizer.calibrated else (None, None)
     start = time.perf_counter()
     run = quantizer.run(loaded.model, config, ids, settings.device, settings.resume_dir, settings.batch_size)
     return QuantizeReport(run.method or method_of(config), run.scheme, run.layers, round(time.perf_counter() - start, 3), info,
@@ -220,7 +227,8 @@ def prune_model(loaded: LoadedModel, config, calibration: Calibration = None) ->
     from modelpress.algorithms.prune import prune, pruner_for
 
     settings = calibration if isinstance(calibration, CalibrationSettings) else CalibrationSettings()
-    ids, info = calibration_ids(loaded.tokenizer, calibration) if pruner_for(config).calibrated else (None, None)
+    ids, info = (calibration_ids(loaded.tokenizer, calibration, loaded.model) if pruner_for(config).calibrated
+                 else (None, None))
     start = time.perf_counter()
     report = prune(loaded.model, config, ids, device=settings.device, resume_dir=settings.resume_dir,
                    batch_size=settings.batch_size)
@@ -233,7 +241,7 @@ def diagnose_calibration_text(loaded: LoadedModel, calibration: CalibrationSetti
     describes against the evaluation windows of `evaluation`, on the model as loaded (float)."""
     from modelpress.eval.calibration import diagnose_calibration
 
-    ids = calibration_windows(loaded.tokenizer, calibration)
+    ids = calibration_windows(loaded.tokenizer, calibration, loaded.model)
     _, windows = prepare_windows(loaded.tokenizer, evaluation)
     return diagnose_calibration(loaded.model, ids, windows.eval, max_windows, calibration.batch_size)
 

@@ -46,7 +46,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resum
     """--calib-text/-samples/-seq-len/-batch-size, --resume and --device, as one argument group."""
     calib = parser.add_argument_group(title)
     calib.add_argument("--calib-text", default=None, metavar="FILE",
-                       help="UTF-8 text file or hf:PATH[:CONFIG[:SPLIT]] (default: embedded corpus, after its evaluation windows)")
+                       help="UTF-8 text file, hf:PATH[:CONFIG[:SPLIT]], a named corpus (docs, bible, dialogue), a mix "
+                            "(mix, mix:A,B), or 'generated': windows the float model samples itself (default: embedded "
+                            "corpus, after its evaluation windows)")
     calib.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows (default 128)")
     calib.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration window (default 512)")
     calib.add_argument("--calib-batch-size", type=positive_int, default=8, help="windows per block forward (default 8)")

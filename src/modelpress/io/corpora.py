@@ -106,10 +106,10 @@ def mix_parts(spec: str) -> tuple[str, ...] | None:
     if spec != MIX and not spec.startswith(MIX + ":"):
         return None
     parts = MIX_PARTS if spec == MIX else tuple(p.strip() for p in spec[len(MIX) + 1:].split(",") if p.strip())
-    unknown = [p for p in parts if p not in CORPORA]
+    unknown = [p for p in parts if p not in CORPORA and p != "generated"]
     if not parts or unknown or len(set(parts)) != len(parts):
         raise ModelpressError(f"calibration mix {spec!r}: give distinct named corpora after 'mix:', from "
-                              f"{', '.join(CORPORA)} (e.g. mix:docs,bible)")
+                              f"{', '.join(CORPORA)} or generated (e.g. mix:docs,bible)")
     return parts
 
 

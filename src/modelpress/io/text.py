@@ -55,6 +55,9 @@ def load_text(spec: str | None = None) -> TextSource:
     if spec in CORPORA:
         description, text = corpus_text(spec)
         return TextSource(f"{spec} ({description})", text)
+    if spec == "generated":
+        raise ModelpressError("'generated' is a calibration source (windows the model samples itself), not a text: "
+                              f"use it for calibration, and evaluate on a text ({', '.join(CORPORA)}, a file)")
     if mix_parts(spec) is not None:
         raise ModelpressError(f"{spec!r} is a calibration mix (windows from several corpora), not one text: "
                               f"use it for calibration, and evaluate on one of its corpora ({', '.join(CORPORA)})")

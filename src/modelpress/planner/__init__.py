@@ -95,7 +95,7 @@ def plan_model(model, budget: Budget, runtime_name: str = "modelpress", method: 
                               f"or 'auto', got {method!r}")
     loaded = as_loaded(model, tokenizer)
     resident = fc.resident_bytes()
-    ids, info = calibration_ids(loaded.tokenizer, calibration)
+    ids, info = calibration_ids(loaded.tokenizer, calibration, loaded.model)
     costs, measured = measure(loaded.model, target, ids[:SENSITIVITY_WINDOWS], budget)
     notes = list(measured.pop("notes"))
     chosen_method = "rtn" if method == "auto" else method

@@ -101,7 +101,7 @@ def compress_model(original: LoadedModel, recipe: Recipe, data: Calibration, out
             check_head(original.model, stage)
     fingerprint = model_fingerprint(original.model)
     needs_calibration = any(stage_type(s).calibrated for s in recipe.stages)
-    ids, data_info = (calibration_ids(original.tokenizer, _calibration(recipe, data)) if needs_calibration
+    ids, data_info = (calibration_ids(original.tokenizer, _calibration(recipe, data), original.model) if needs_calibration
                       else (None, None))
     stages = plain_data(dataclasses.replace(recipe, gate=None))   # the gate changes no output: relaxing it resumes
     _claim(out, {"model": original.source, "weights": fingerprint, "recipe": stages, "data": plain_data(data_info),
