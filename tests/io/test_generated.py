@@ -93,3 +93,18 @@ def test_a_mix_takes_turns_between_a_corpus_and_generated_windows():
     generated = generated_windows(model, tokenizer, 3, 16)         # a part samples only its turns: ceil(5 / 2)
     assert mixed.shape == (5, 16)
     assert torch.equal(mixed[0::2], docs[:3]) and torch.equal(mixed[1::2], generated[:2])
+
+
+def test_a_users_text_file_joins_a_mix_with_generated_windows(tmp_path):
+    from modelpress.io.corpora import mix_parts
+
+    model, tokenizer = build_tiny_llama(), char_tokenizer()
+    text = tmp_path / "mine.txt"
+    text.write_text("Our support tickets, one per paragraph.\n\n" * 1000, encoding="utf-8")
+    spec = f"mix:{text},generated"
+    assert mix_parts(spec) == (str(text), "generated")
+    mixed = calibration_windows(tokenizer, CalibrationSettings(text=spec, samples=4, seq_len=16), model)
+    own = calibration_windows(tokenizer, CalibrationSettings(text=str(text), samples=4, seq_len=16))
+    assert torch.equal(mixed[0::2], own[:2]) and torch.equal(mixed[1::2], generated_windows(model, tokenizer, 2, 16))
+    with pytest.raises(ModelpressError, match="not found: .*missing.txt"):
+        mix_parts(f"mix:{tmp_path / 'missing.txt'},generated")

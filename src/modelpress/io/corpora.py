@@ -12,7 +12,8 @@ text of another domain then lands exactly there. These corpora are real text ava
 - `dialogue`: the English conversations of the PyPI package `chatterbot-corpus` (BSD-3-Clause): short
   questions and answers on 20 everyday topics. Conversational style; turns alternate lines.
 
-`mix` (or `mix:NAME,NAME,...`) is a calibration set, not a text: calibration windows are cut from each
+`mix` (or `mix:PART,PART,...`, each part a named corpus, a text file, or `generated`: windows the model
+samples itself, io/generated.py) is a calibration set, not a text: calibration windows are cut from each
 corpus after that corpus's own evaluation windows (so a mix never overlaps the evaluation text of any of
 its parts) and taken in turn, one window of each corpus after the other. Its parts are `MIX_PARTS`.
 """
@@ -106,10 +107,11 @@ def mix_parts(spec: str) -> tuple[str, ...] | None:
     if spec != MIX and not spec.startswith(MIX + ":"):
         return None
     parts = MIX_PARTS if spec == MIX else tuple(p.strip() for p in spec[len(MIX) + 1:].split(",") if p.strip())
-    unknown = [p for p in parts if p not in CORPORA and p != "generated"]
+    unknown = [p for p in parts if p not in CORPORA and p != "generated" and not Path(p).is_file()]
     if not parts or unknown or len(set(parts)) != len(parts):
-        raise ModelpressError(f"calibration mix {spec!r}: give distinct named corpora after 'mix:', from "
-                              f"{', '.join(CORPORA)} or generated (e.g. mix:docs,bible)")
+        raise ModelpressError(f"calibration mix {spec!r}: give distinct parts after 'mix:': named corpora "
+                              f"({', '.join(CORPORA)}), generated, or text files (e.g. mix:docs,bible or "
+                              f"mix:my_text.txt,generated)" + (f"; not found: {', '.join(unknown)}" if unknown else ""))
     return parts
 
 
