@@ -93,6 +93,8 @@ class CalibrationSettings:
     eval_tokens: int = 40 * 512
     bos: bool = True                   # start every window with the BOS token when the tokenizer adds one
     bos_mode: str = "overwrite"        # how text follows that BOS (io/text.py), as for evaluation
+    # token ids already cut from these settings (a recipe cuts, or samples, them once for all its stages)
+    windows: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_bos_mode(self.bos_mode)
@@ -101,6 +103,8 @@ class CalibrationSettings:
 def calibration_windows(tokenizer, settings: CalibrationSettings, model: nn.Module | None = None) -> torch.Tensor:
     """(samples, seq_len) token ids for calibration, disjoint from the evaluation windows; text `generated`:
     windows sampled from `model` itself (io/generated.py), which must then be given, still in float."""
+    if settings.windows is not None:
+        return settings.windows
     if tokenizer is None:
         raise ModelpressError("the model has no tokenizer; calibration needs one to cut text into windows")
     parts = mix_parts(settings.text) if settings.text else None

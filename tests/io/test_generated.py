@@ -108,3 +108,48 @@ def test_a_users_text_file_joins_a_mix_with_generated_windows(tmp_path):
     assert torch.equal(mixed[0::2], own[:2]) and torch.equal(mixed[1::2], generated_windows(model, tokenizer, 2, 16))
     with pytest.raises(ModelpressError, match="not found: .*missing.txt"):
         mix_parts(f"mix:{tmp_path / 'missing.txt'},generated")
+
+
+def test_a_recipe_samples_generated_windows_once_from_the_float_model(tmp_path, monkeypatch):
+    """Every calibrated stage of a pipeline reads the windows sampled from the original float model before the
+    first stage, not new samples of the model as the earlier stages left it."""
+    import modelpress
+    import modelpress.api as api
+    import modelpress.algorithms.prune.calibrated as calibrated
+    import modelpress.engine.runner as runner
+    from modelpress.algorithms.prune.wanda import WandaConfig
+    from modelpress.algorithms.quantize import GPTQConfig
+    from modelpress.api import EvalSettings
+    from modelpress.io.model import LoadedModel
+    from modelpress.io.text import default_corpus
+    from modelpress.recipe import Recipe
+
+    text = tmp_path / "text.txt"
+    text.write_text(default_corpus()[:60_000], encoding="utf-8")
+    model, tokenizer = build_tiny_llama(seed=4), char_tokenizer()
+    float_weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    seen, windows = [], []
+
+    def sampler(sampled, *args, **kwargs):
+        seen.append(sampled.model.layers[0].mlp.up_proj.weight.detach().clone())
+        windows.append(generated_windows(sampled, *args, **kwargs))
+        return windows[-1]
+
+    monkeypatch.setattr(api, "generated_windows", sampler)
+    stage_ids = []
+    real_run = runner.run_sequential
+
+    def run_sequential(model, algorithm, ids, *args, **kwargs):
+        stage_ids.append(ids.clone())
+        return real_run(model, algorithm, ids, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_sequential", run_sequential)
+    monkeypatch.setattr(calibrated, "run_sequential", run_sequential)     # the pruners import it by name
+    recipe = Recipe([WandaConfig(sparsity=0.5, compress=False), GPTQConfig("int4/g32")],
+                    calibration=CalibrationSettings(text="generated", samples=4, seq_len=24),
+                    evaluation=EvalSettings(text=str(text), windows=2, seq_len=32, speed=False), reference_top_k=None)
+    modelpress.compress(LoadedModel(model, tokenizer, "tiny", "tiny"), recipe, out=tmp_path / "out")
+    assert len(seen) == 1 and torch.equal(seen[0], float_weight)     # sampled once, from the float model
+    assert len(stage_ids) == 2 and all(torch.equal(ids, windows[0]) for ids in stage_ids)   # Wanda, then GPTQ
+    with pytest.raises(ModelpressError, match="set by the pipeline"):
+        Recipe([GPTQConfig("int4/g32")], calibration=CalibrationSettings(windows=torch.zeros(1, 4, dtype=torch.long)))

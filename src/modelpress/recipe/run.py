@@ -236,11 +236,12 @@ class _Run:
         save_compressed(saved, tmp / "model", report={"stage": result.name, **result.report})
 
     def _calibration(self, folder: Path) -> Calibration:
-        """Settings (with the stage's resume directory: a killed calibrated stage goes on from its last block)
-        that cut the same windows as `ids`; ids or texts given from Python go as they are (no mid-stage resume)."""
+        """Settings holding the run's windows `ids` (cut, or sampled from the float model, once before the first
+        stage) and the stage's resume directory: a killed calibrated stage goes on from its last block. Ids or
+        texts given from Python go as they are (no mid-stage resume)."""
         data = _calibration(self.recipe, self.data)
         if isinstance(data, CalibrationSettings):
-            return dataclasses.replace(data, resume_dir=str(_resume_dir(folder)))
+            return dataclasses.replace(data, resume_dir=str(_resume_dir(folder)), windows=self.ids)
         return self.ids
 
     def _ids(self) -> torch.Tensor:

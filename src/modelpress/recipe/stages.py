@@ -112,6 +112,9 @@ class Recipe:
             stage_name(stage, f"stage {index + 1}")
         if self.calibration.resume_dir is not None:
             raise ModelpressError("calibration.resume_dir is set by the pipeline (its output directory); leave it out")
+        if self.calibration.windows is not None:
+            raise ModelpressError("calibration.windows is set by the pipeline (the windows it cuts once); give "
+                                  "calibration.text, or token ids as the run's data from Python")
         if self.reference_top_k is not None and (not isinstance(self.reference_top_k, int) or self.reference_top_k < 1):
             raise ModelpressError(f"reference_top_k must be a positive integer or null, got {self.reference_top_k!r}")
         _check_pruned_widths(self.stages)
