@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modelpress.errors import ModelpressError
+from modelpress.io.generated import GENERATED
 
 MIX = "mix"
 MIX_PARTS = ("docs", "bible", "dialogue")
@@ -107,7 +108,7 @@ def mix_parts(spec: str) -> tuple[str, ...] | None:
     if spec != MIX and not spec.startswith(MIX + ":"):
         return None
     parts = MIX_PARTS if spec == MIX else tuple(p.strip() for p in spec[len(MIX) + 1:].split(",") if p.strip())
-    unknown = [p for p in parts if p not in CORPORA and p != "generated" and not Path(p).is_file()]
+    unknown = [p for p in parts if p not in CORPORA and p != GENERATED and not Path(p).is_file()]
     if not parts or unknown or len(set(parts)) != len(parts):
         raise ModelpressError(f"calibration mix {spec!r}: give distinct parts after 'mix:': named corpora "
                               f"({', '.join(CORPORA)}), generated, or text files (e.g. mix:docs,bible or "

@@ -50,7 +50,7 @@ def generated_windows(model: nn.Module, tokenizer, samples: int, seq_len: int, s
     if temperature <= 0:
         raise ModelpressError(f"sampling temperature must be positive, got {temperature}")
     home = next(model.parameters()).device
-    if home.type == "meta" or any(p.is_meta for p in model.parameters()):
+    if any(p.is_meta for p in model.parameters()):
         raise ModelpressError("calibration text 'generated' samples from the whole model, and this one is streamed "
                               "from disk block by block (--stream); give a calibration text instead")
     device = home if device is None else torch.device(device)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from modelpress.errors import ModelpressError
+from modelpress.io.generated import GENERATED
 from modelpress.io.corpora import CORPORA, corpus_text, docs_text, mix_parts
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def load_text(spec: str | None = None) -> TextSource:
     if spec in CORPORA:
         description, text = corpus_text(spec)
         return TextSource(f"{spec} ({description})", text)
-    if spec == "generated":
+    if spec == GENERATED:
         raise ModelpressError("'generated' is a calibration source (windows the model samples itself), not a text: "
                               f"use it for calibration, and evaluate on a text ({', '.join(CORPORA)}, a file)")
     if mix_parts(spec) is not None:
