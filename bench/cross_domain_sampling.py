@@ -1,0 +1,139 @@
+"""Does the way calibration text is sampled from the model change how int3 generalizes? (issue 16 item 5)
+
+`--calib-text generated` samples windows from the float model at temperature 1, each from its document-start
+token (io/generated.py). This bench tries variants of that sampling for one calibrated scheme (AWQ+GPTQ
+int3-asym/g128 by default) and scores each model, as soon as it is built, on other generated samples
+(seed 1, temperature 1: the "in-domain" text) and on the named corpora, reporting the worst ratio
+out-of-domain dPPL / in-domain dPPL.
+
+A variant is SAMPLING/METHOD, SAMPLING one of
+  gen           io/generated.py itself (temperature 1, from the start token)
+  s:t=X,r=N     temperature X, and N tokens after the start token drawn uniformly from the vocabulary's
+                ordinary tokens (LLM-QAT's data-free trick) before sampling continues
+and METHOD one of awq-gptq, awq-gptq-duo (AWQ's duo scaling) or gptq[=DAMP].
+
+    PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
+        s:t=0.8,r=1/awq-gptq s:r=1/gptq=0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.scoring import materialize, release_memory, score, shared_copy, write_json
+
+from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
+from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
+from modelpress.api import EvalSettings, prepare_windows
+from modelpress.errors import ModelpressError
+from modelpress.io.generated import generated_windows, start_token
+from modelpress.io.model import load_model
+
+log = logging.getLogger("bench.cross_domain_sampling")
+
+
+@torch.no_grad()
+def sample(model, tokenizer, count: int, seq_len: int, seed: int, temperature: float = 1.0, random_first: int = 0,
+           batch: int = 128) -> torch.Tensor:
+    """(count, seq_len) windows: the start token, `random_first` uniform ordinary tokens, then the model's
+    samples at `temperature` (random_first=0, temperature=1 is io/generated.py's distribution)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(model.config.vocab_size) if i not in special], device=device)
+    rows = []
+    for begin in range(0, count, batch):
+        n = min(batch, count - begin)
+        ids = torch.full((n, seq_len), start_token(tokenizer), dtype=torch.long, device=device)
+        for j in range(1, 1 + random_first):
+            ids[:, j] = vocab[torch.randint(len(vocab), (n,), generator=generator, device=device)]
+        out = model(input_ids=ids[:, : 1 + random_first], use_cache=True)
+        for position in range(1 + random_first, seq_len):
+            probs = torch.softmax(out.logits[:, -1].float() / temperature, -1)
+            ids[:, position] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            out = model(input_ids=ids[:, position : position + 1], past_key_values=out.past_key_values, use_cache=True)
+        rows.append(ids.cpu())
+    return torch.cat(rows)
+
+
+def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torch.Tensor:
+    if spec == "gen":
+        return generated_windows(model, tokenizer, samples, seq_len, seed=0)
+    if not spec.startswith("s:"):
+        raise ModelpressError(f"sampling {spec!r}: expected gen or s:t=X,r=N")
+    options = dict(part.split("=") for part in spec[2:].split(","))
+    return sample(model, tokenizer, samples, seq_len, 0, float(options.get("t", 1)), int(options.get("r", 0)))
+
+
+def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
+    name, _, damp = method.partition("=")
+    if name in ("awq-gptq", "awq-gptq-duo"):
+        quantize_awq(model, AWQConfig(scheme=scheme, solver="gptq", duo_scaling=name.endswith("duo")), ids, device=device)
+    elif name == "gptq":
+        quantize_gptq(model, GPTQConfig(scheme=scheme, damp=float(damp or 0.1)), ids, device=device)
+    else:
+        raise ModelpressError(f"method {method!r}: expected awq-gptq, awq-gptq-duo or gptq[=DAMP]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="+", metavar="SAMPLING/METHOD")
+    p.add_argument("--scheme", default="int3-asym/g128")
+    p.add_argument("--eval", nargs="+", default=["bible", "docs", "dialogue"], metavar="B")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "cross_domain_sampling.json"), metavar="OUT")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    base = load_model(None)
+    model, tokenizer = base.model.float().eval().to(args.device), base.tokenizer
+    evals = {"generated": generated_windows(model, tokenizer, args.windows, args.seq_len, seed=1)}
+    for corpus in args.eval:
+        evals[corpus] = prepare_windows(tokenizer, EvalSettings(text=corpus, windows=args.windows,
+                                                                seq_len=args.seq_len, speed=False))[1].eval
+    windows, rows = {}, []
+    for variant in args.variants:   # each row is scored and saved as soon as it is built
+        sampling, _, method = variant.partition("/")
+        if sampling not in windows:
+            windows[sampling] = calibration(sampling, model, tokenizer, args.samples, args.seq_len)
+        candidate = shared_copy(model)
+        built = time.perf_counter()
+        build(candidate, method, args.scheme, windows[sampling], args.device)
+        row = {"variant": variant, "scheme": args.scheme, "quantize_seconds": round(time.perf_counter() - built, 1)}
+        candidate = materialize(candidate)
+        for corpus, ids in evals.items():
+            scores = score(model, {variant: candidate}, ids)
+            fields = scores[variant].fields()
+            row[corpus] = {"delta_perplexity": fields["perplexity"] / scores["float"].fields()["perplexity"] - 1,
+                           "kl_divergence": fields["kl_divergence"]}
+        row["worst_ratio"] = max(row[c]["delta_perplexity"] for c in args.eval) / row["generated"]["delta_perplexity"]
+        rows.append(row)
+        print(variant, " | ".join(f"{c} {row[c]['delta_perplexity']:+.1%} KL {row[c]['kl_divergence']:.3f}"
+                                  for c in evals), f"| worst/in-domain {row['worst_ratio']:.2f}x", flush=True)
+        write_json(Path(args.json), {"model": base.source, "device": args.device, "torch": torch.__version__,
+                                     "python": platform.python_version(), "samples": args.samples,
+                                     "windows": args.windows, "seq_len": args.seq_len, "rows": rows,
+                                     "seconds": round(time.perf_counter() - start, 1)})
+        del candidate
+        release_memory()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
