@@ -13,11 +13,20 @@ from modelpress.formats import WeightScheme, quantize_weight
 from modelpress.formats.packed import PackedWeight
 from modelpress.formats.packing import pack_codes
 from modelpress.nn.backends import backend_names, linear_forward, reference_linear
-from modelpress.nn.cpu_backend import CPU_BACKEND, Int4Prepared, Int8Prepared, prepare, prepared_nbytes
+from modelpress.nn.cpu_backend import (
+    CPU_BACKEND,
+    DIGITS_MAX_ROWS,
+    Int4Prepared,
+    Int8Prepared,
+    prepare,
+    prepared_nbytes,
+)
 from modelpress.nn.quant_linear import QuantLinear
 
 BF16_STEP = 2.0**-8  # bfloat16 keeps 8 significant bits: rounding moves a value by at most half this, relatively
-HALVES = "int8 as int4 halves"
+HALVES = "8-bit levels as int4 digits"
+GRID = "12-bit levels as int4 digits (12-bit grid)"  # lookup levels rounded to 12-bit integers
+GRID_STEP = 2.0**-11  # that grid's step, relative to the group's largest weight (rounding moves half of it)
 
 # (spec, N, K, kernel): ragged last groups (576 = 4*128 + 64; 100 = 3*32 + 4), N not a multiple of 16,
 # the narrower integer formats and ternary on the int4 kernel, one-group-per-row schemes on the int8 kernel
@@ -44,9 +53,16 @@ SERVED = [
     ("int8-asym/g64", 40, 200, HALVES),
     ("int8/g128/dq", 32, 576, HALVES),
     ("int6/g32", 24, 96, HALVES),
+    ("fp4/g32", 40, 96, HALVES),  # half-integer levels, doubled: exact
+    # lookup formats whose levels are no integers, on a 12-bit grid as three digits
+    ("nf4/g64", 48, 576, GRID),
+    ("nf4/g64/dq", 17, 200, GRID),
+    ("nf4/channel", 20, 96, GRID),
+    ("fp8-e4m3/channel", 33, 128, GRID),
+    ("fp8-e5m2/channel", 16, 64, GRID),
 ]
-FALLBACK = ["nf4/g64", "fp4/g32", "fp8-e4m3/channel", "int8/g16", "int4/g16", "int4/g48"]
-INT4_KERNEL = ("int4", HALVES)  # kinds that run on the int4 kernel: bfloat16 scales and zero points
+FALLBACK = ["nf4/g16", "fp4/g16", "int8/g16", "int4/g16", "int4/g48"]
+INT4_KERNEL = ("int4", HALVES, GRID)  # kinds that run on the int4 kernel: bfloat16 scales and zero points
 
 
 def random_packed(spec: str, n: int, k: int, seed: int = 0, perm: bool = False) -> PackedWeight:
@@ -60,6 +76,13 @@ def random_packed(spec: str, n: int, k: int, seed: int = 0, perm: bool = False) 
 
 def reference64(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x.double(), packed.dequantize(torch.float64), None if bias is None else bias.double())
+
+
+def read_back(packed: PackedWeight) -> torch.Tensor:
+    """(N, K) float64: the weight the kernel uses, multiplied out of the identity in calls of at most
+    DIGITS_MAX_ROWS rows (the most that layouts of several digits serve)."""
+    eye = torch.eye(packed.shape[1])
+    return torch.cat([CPU_BACKEND(rows, packed, None) for rows in eye.split(DIGITS_MAX_ROWS)]).double().t()
 
 
 def calls() -> dict:
@@ -99,14 +122,16 @@ def test_weight_seen_by_the_kernel_is_the_stored_weight(spec, n, k, kernel):
     packed = random_packed(spec, n, k)
     prep = prepare(packed)
     assert isinstance(prep, Int4Prepared if kernel in INT4_KERNEL else Int8Prepared)
-    assert kernel != HALVES or prep.copies == 2
-    seen = CPU_BACKEND(torch.eye(k), packed, None).double().t()  # (N, K)
+    if kernel in INT4_KERNEL:
+        assert prep.copies == {"int4": 1, HALVES: 2, GRID: 3}[kernel] and prep.exact == (kernel != GRID)
+    seen = read_back(packed)  # (N, K)
     w = packed.dequantize(torch.float64)
     row_max = w.abs().amax(dim=1, keepdim=True)
     # int4 kernel: bf16 scales and zero points (|q*s| + |z| <= 4 * row max; for the two halves of 8-bit levels
-    # |16 h s| + |(l - 8) s| + |8 s + z| <= 144 s + |z|, also below 4 * row max), bf16 output
+    # |16 h s| + |(l - 8) s| + |8 s + z| <= 144 s + |z|, also below 4 * row max), bf16 output; the 12-bit grid
+    # moves a weight by at most half its step, relative to the group's (so at most the row's) largest level
     if kernel in INT4_KERNEL:
-        bound = BF16_STEP / 2 * (4 * row_max + 2 * w.abs())
+        bound = BF16_STEP / 2 * (4 * row_max + 2 * w.abs()) + (GRID_STEP / 2 * row_max if kernel == GRID else 0)
     else:  # exact int8 levels, float32 scales applied after the kernel
         bound = 1e-6 * (row_max + w.abs())
     assert ((seen - w).abs() <= bound).all(), (seen - w).abs().max().item()
@@ -131,6 +156,8 @@ def test_random_inputs_match_the_reference_within_bfloat16_rounding(spec, n, k, 
     x_abs = x.double().abs()
     bound = BF16_STEP / 2 * (x_abs @ w.abs().t() + x_abs.sum(-1, keepdim=True) * row_term
                              + (ref - bias.double()).abs())
+    if kernel == GRID:
+        bound = bound + GRID_STEP / 2 * x_abs.sum(-1, keepdim=True) * w.abs().amax(dim=1)
     # the kernels round partial sums too (seen up to 1.7x the two-rounding model over 20 seeds): margin 2.5
     bound = 2.5 * bound + 1e-5
     assert ((y.double() - ref).abs() <= bound).all()
@@ -159,9 +186,49 @@ def test_8bit_halves_give_back_every_level_exactly(spec):
     offset = None if not scheme.qformat.affine else torch.zeros(n, groups, dtype=torch.float16)
     packed = PackedWeight(scheme, (n, k), pack_codes(codes, 8), torch.ones(n, groups, dtype=torch.float16), offset)
     assert isinstance(prepare(packed), Int4Prepared)
-    seen = CPU_BACKEND(torch.eye(k), packed, None).double().t()
+    seen = read_back(packed)
     assert torch.equal(seen, packed.dequantize(torch.float64))
     assert torch.equal(seen.unique(), scheme.qformat.levels.double())
+
+
+@pytest.mark.parametrize("spec,exact", [("nf4/g64", False), ("fp4/g32", True), ("fp8-e4m3/channel", False)])
+def test_lookup_levels_read_back_within_the_grid(spec, exact):
+    """Unit scales: every code's level read back through the kernel, exactly for fp4 (half-integers, doubled),
+    within half a 12-bit step of the largest level for NF4 and fp8 (whose levels are no integers)."""
+    scheme = WeightScheme.parse(spec)
+    fmt = scheme.qformat
+    levels = torch.nan_to_num(fmt.levels.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    n, k = 16, 256
+    codes = torch.arange(k).remainder(len(levels)).to(torch.uint8).repeat(n, 1)
+    groups = scheme.num_groups(k)
+    scale = torch.ones(n, groups, dtype=torch.float16)
+    packed = PackedWeight(scheme, (n, k), pack_codes(codes, fmt.bits), scale, None)
+    seen = read_back(packed)
+    wanted = torch.nan_to_num(packed.dequantize(torch.float64), nan=0.0)
+    error = (seen - wanted).abs()
+    largest = levels.abs().max()
+    if exact:
+        assert torch.equal(seen, wanted)
+    else:  # half a grid step, plus bf16 rounding of the three digit scales and the output
+        assert error.max() <= largest * (GRID_STEP / 2 + 4 * BF16_STEP / 2) and error.max() > 0
+        assert error.mean() <= largest * GRID_STEP
+
+
+@pytest.mark.parametrize("spec,kernel", [("int8/g32", HALVES), ("nf4/g64", GRID), ("int4/g32", "int4")])
+def test_large_calls_on_several_digits_take_the_reference_path(spec, kernel):
+    """Prefill-sized calls: the int4 kernel's time grows with rows x digits, so layouts of several digits
+    serve up to DIGITS_MAX_ROWS rows and leave larger calls to decode-then-F.linear; one digit serves all."""
+    packed = random_packed(spec, 32, 128)
+    small, large = torch.randn(DIGITS_MAX_ROWS, 128), torch.randn(DIGITS_MAX_ROWS + 1, 128)
+    before = calls().get(kernel, 0)
+    assert CPU_BACKEND(small, packed, None) is not None
+    served_large = CPU_BACKEND(large, packed, None)
+    assert calls()[kernel] == before + 1 + (kernel == "int4")
+    if kernel == "int4":
+        assert served_large is not None
+    else:
+        assert served_large is None
+        assert torch.equal(linear_forward(large, packed, None), reference_linear(large, packed, None))
 
 
 @pytest.mark.parametrize("spec", FALLBACK)

@@ -8,6 +8,10 @@ Served here (anything else returns None, and the reference path takes it):
   narrower ints when the int4 kernel cannot take them), on aten._weight_int8pack_mm;
 - formats with integer levels that fit an 8-bit grid and groups the int4 kernel can take (int8/g32, which is
   GGUF's Q8_0, int8-asym/g32, int5/int6 with such groups), on the int4 kernel as two 4-bit halves (below);
+  fp4, whose levels are half-integers, the same way;
+- lookup formats whose levels are not integers (nf4, fp8-e4m3, fp8-e5m2) with such groups, on the int4 kernel
+  as three 4-bit digits of a 12-bit integer grid: approximate, each level within 2^-12 of the largest
+  (below);
 for CPU tensors, float32 / bfloat16 / float16 activations, and not while autograd needs a gradient.
 
 Numerics: these kernels are fast only with bfloat16 activations (float32 ones take a path 10-100x slower
@@ -34,6 +38,16 @@ of both halves. 16 s and 8 s are exact in bfloat16 whenever s is, so the product
 s and z rounded to bfloat16, as for int4. It reads K * N bytes of codes, as int8 does; aten's int8 kernel has
 one scale per row, and cutting x into groups (one call, or one row of a block-diagonal x, per group) measured
 several times slower at M = 1 than these halves.
+
+Digits in general: levels that are integers after doubling at most three times (fp4's ±0.5 ... ±6 times 2)
+and fit 4 * D bits are written as D base-16 digits, the top one signed (-8..7), the others 0..15, with scales
+16^i s (D = 2 is the halves above). Levels that are no such integers (NF4's, the fp8 values) are rounded, per
+group, to a grid of 12-bit integers q = round(2047 L / m), m the largest |level| the group uses, with scale
+s m / 2047: each weight moves by at most 2^-12 of its group's largest weight, the size of bfloat16's
+rounding of a weight an eighth of that (NF4's smallest non-zero level is 0.08 of its largest). The kernel reads 1.5 bytes per weight for
+those: a CPU matmul three times int4's, against the reference path's decode of every weight on every call
+(which made an NF4 model decode 7x slower than float32). Such formats are served only where bfloat16
+rounding is already accepted (bfloat16 / float16 activations, or float32 inside fast_cpu()), like the rest.
 
 Threads: calls with at most SMALL_M_ROWS activation rows (decode) run the kernel on one thread
 (`CpuBackend.small_m_threads`). They are memory-bound, and each enters an OpenMP parallel region: on this
@@ -67,7 +81,13 @@ from modelpress.formats.scheme import WeightScheme
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes aten._weight_int4pack_mm_for_cpu accepts
 INT4_ROW_MULTIPLE = 16
 SMALL_M_ROWS = 8  # calls with at most this many rows run on `CpuBackend.small_m_threads` threads
+# levels as several digits: calls with more rows decode the weight and run F.linear instead (the kernel's
+# time grows with rows x digits; measured on one thread, 1536 x 576, the reference path wins from 64 rows
+# for int8/g32, 64-128 for fp8-e4m3 and NF4; bench/cpu_decode.py's prefill column)
+DIGITS_MAX_ROWS = 64
 INT8_K_MULTIPLE = 32  # aten._weight_int8pack_mm reads out of bounds (segfaults) for M > 1 and K % 16 != 0
+MAX_DIGITS = 3  # 4-bit digits per level at most: exact integer levels up to 12 bits, the rest rounded to 12 bits
+MAX_DOUBLINGS = 3  # levels that are integers after doubling up to this many times (fp4: once) are exact
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_DTYPE = torch.bfloat16
 
@@ -80,7 +100,8 @@ class Int4Prepared:
     padded_k: int              # K rounded up to a multiple of `group`
     out_features: int          # N (rows beyond it are padding)
     input_perm: torch.Tensor | None  # int64 (K,), gathered from x before the matmul
-    copies: int = 1            # 2: 8-bit levels as two 4-bit halves, x written twice (see the module doc)
+    copies: int = 1            # D > 1: levels as D 4-bit digits, x written D times (see the module doc)
+    exact: bool = True         # False: levels rounded to a 12-bit grid (lookup formats, see the module doc)
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,49 @@ def centered_levels(fmt: QFormat, span: int) -> tuple[torch.Tensor, int] | None:
     return q, center
 
 
+@dataclass(frozen=True)
+class DigitLevels:
+    """A format's levels on an integer grid: level = unit * (q + center) per code; `digits` 4-bit digits hold q."""
+
+    q: torch.Tensor   # per code: int64 q when exact, else the float64 level (put on a grid per group)
+    center: int
+    unit: float
+    digits: int
+    exact: bool
+
+
+def _digits_for(q: torch.Tensor) -> int | None:
+    for digits in range(1, MAX_DIGITS + 1):
+        half = 8 * 16 ** (digits - 1)
+        if q.min() >= -half and q.max() <= half - 1:
+            return digits
+    return None
+
+
+def digit_levels(fmt: QFormat) -> DigitLevels | None:
+    """The format's levels as D 4-bit digits (D <= MAX_DIGITS): exactly when they are integers after at most
+    MAX_DOUBLINGS doublings, else (scale-only lookup formats) rounded to a 12-bit grid; None for affine formats
+    with levels that are no such integers."""
+    # fp8's NaN (and e5m2's infinite) codes never hold a weight
+    levels = torch.nan_to_num(fmt.levels.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    for doublings in range(MAX_DOUBLINGS + 1):
+        scaled = levels * 2**doublings
+        if not torch.equal(scaled, scaled.round()):
+            continue
+        integer = scaled.long()
+        center = (int(integer.min()) + int(integer.max()) + 1) // 2 if fmt.affine else 0
+        digits = _digits_for(integer - center)
+        if digits is not None:
+            return DigitLevels(integer - center, center, 2.0**-doublings, digits, exact=True)
+        break
+    if fmt.affine:
+        return None
+    return DigitLevels(levels, 0, 1.0, MAX_DIGITS, exact=False)
+
+
+GRID_TOP = 8 * 16 ** (MAX_DIGITS - 1) - 1   # 2047: the 12-bit grid's largest integer
+
+
 def int4_kernel_grouping(group: int, k: int) -> tuple[int, int] | None:
     """(kernel group size, padded K) for stored groups of `group` columns in rows of K, or None."""
     for size in INT4_KERNEL_GROUPS:
@@ -137,25 +201,38 @@ def int8_fits(packed: PackedWeight) -> bool:
     return one_group and centered_levels(packed.scheme.qformat, 256) is not None
 
 
-def int8_halves_plan(packed: PackedWeight) -> tuple[int, int] | None:
-    """(kernel group, padded K) for 8-bit levels with groups on the int4 kernel as two halves, or None."""
-    if centered_levels(packed.scheme.qformat, 256) is None:
+def digits_plan(packed: PackedWeight) -> tuple[int, int, DigitLevels] | None:
+    """(kernel group, padded K, levels) for levels as several 4-bit digits on the int4 kernel, or None."""
+    levels = digit_levels(packed.scheme.qformat)
+    if levels is None:
         return None
     k = packed.shape[1]
-    return int4_kernel_grouping(packed.scheme.group_length(k), k)
+    grouping = int4_kernel_grouping(packed.scheme.group_length(k), k)
+    return None if grouping is None else (*grouping, levels)
 
 
-def _weight_terms(packed: PackedWeight, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _weight_terms(packed: PackedWeight, levels: DigitLevels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (N, K) int64, s and z (N, G) float32 with W = s * q + z per group (per-tensor values broadcast)."""
-    n = packed.shape[0]
-    q_of_code, center = centered_levels(packed.scheme.qformat, span)  # type: ignore[misc]
-    q = q_of_code[packed.codes().long()]
-    scale = packed.group_scales()
+    n, k = packed.shape
+    q = levels.q[packed.codes().long()]
+    scale = packed.group_scales() * levels.unit
     if scale.shape == (1, 1):
         scale = scale.expand(n, 1)
+    if not levels.exact:   # each group's largest level used -> GRID_TOP (see the module doc)
+        group = k if scale.shape[1] == 1 else packed.scheme.group_length(k)
+        owner = (torch.arange(k) // group).expand(n, k)
+        largest = torch.zeros(n, scale.shape[1], dtype=torch.float64).scatter_reduce(1, owner, q.abs(), "amax")
+        largest = torch.where(largest > 0, largest, torch.ones_like(largest))
+        q = (q / largest.gather(1, owner) * GRID_TOP).round().long()
+        scale = (scale.double() * largest / GRID_TOP).float()
     if packed.offset is None:
         return q, scale, torch.zeros_like(scale)
-    return q, scale, packed.offset.float().expand_as(scale) + center * scale
+    return q, scale, packed.offset.float().expand_as(scale) + levels.center * scale
+
+
+def _integer_levels(packed: PackedWeight, span: int) -> DigitLevels:
+    q, center = centered_levels(packed.scheme.qformat, span)  # type: ignore[misc]
+    return DigitLevels(q, center, 1.0, 1 if span <= 16 else 2, exact=True)
 
 
 def _perm(packed: PackedWeight) -> torch.Tensor | None:
@@ -182,7 +259,7 @@ def _int4_layout(halves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
 
 def prepare_int4(packed: PackedWeight, group: int, padded_k: int) -> Int4Prepared:
     n, k = packed.shape
-    q, scale, zero = _weight_terms(packed, 16)
+    q, scale, zero = _weight_terms(packed, _integer_levels(packed, 16))
     codes, params = _int4_layout([(q + 8, scale, zero)], packed.scheme.group_length(k), group, padded_k, n)
     return Int4Prepared(
         weight=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scale_zero=params,
@@ -190,23 +267,30 @@ def prepare_int4(packed: PackedWeight, group: int, padded_k: int) -> Int4Prepare
     )
 
 
-def prepare_int8_halves(packed: PackedWeight, group: int, padded_k: int) -> Int4Prepared:
-    """8-bit levels q = 16 h + l as two int4 halves of one kernel matrix (see the module doc)."""
+def prepare_digits(packed: PackedWeight, group: int, padded_k: int, levels: DigitLevels) -> Int4Prepared:
+    """Levels q = sum_i 16^i d_i as D int4 digit matrices side by side in one kernel matrix: the top digit
+    signed (code d + 8, scale 16^(D-1) s, zero 0), the others 0..15 (code d, scale 16^i s, zero 8 16^i s,
+    which cancels the kernel's - 8), the format's own zero point on the lowest (see the module doc)."""
     n, k = packed.shape
-    q, scale, zero = _weight_terms(packed, 256)
-    high = torch.div(q, 16, rounding_mode="floor")  # -8..7
-    low = q - 16 * high                              # 0..15
-    halves = [(high + 8, 16 * scale, torch.zeros_like(zero)), (low, scale, zero + 8 * scale)]
-    codes, params = _int4_layout(halves, packed.scheme.group_length(k), group, padded_k, n)
+    q, scale, zero = _weight_terms(packed, levels)
+    parts, rest = [], q
+    for i in range(levels.digits - 1):
+        low = torch.remainder(rest, 16)                  # 0..15
+        rest = torch.div(rest - low, 16, rounding_mode="floor")
+        parts.append((low, 16**i * scale, 8 * 16**i * scale + (zero if i == 0 else 0)))
+    top = 16 ** (levels.digits - 1)
+    parts.append((rest + 8, top * scale, zero if levels.digits == 1 else torch.zeros_like(zero)))  # rest in -8..7
+    codes, params = _int4_layout(parts[::-1], packed.scheme.group_length(k), group, padded_k, n)
     return Int4Prepared(
         weight=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scale_zero=params,
-        group=group, padded_k=padded_k, out_features=n, input_perm=_perm(packed), copies=2,
+        group=group, padded_k=padded_k, out_features=n, input_perm=_perm(packed), copies=levels.digits,
+        exact=levels.exact,
     )
 
 
 def prepare_int8(packed: PackedWeight) -> Int8Prepared:
     n, k = packed.shape
-    q, scale, zero = _weight_terms(packed, 256)
+    q, scale, zero = _weight_terms(packed, _integer_levels(packed, 256))
     padded_k = -(-k // INT8_K_MULTIPLE) * INT8_K_MULTIPLE
     weight = torch.zeros(n, padded_k, dtype=torch.int8)
     weight[:, :k] = q
@@ -250,10 +334,17 @@ def prepare(packed: PackedWeight) -> Prepared | None:
         return prepare_int4(packed, *plan)
     if int8_fits(packed):
         return prepare_int8(packed)
-    plan = int8_halves_plan(packed)
+    plan = digits_plan(packed)
     if plan is not None:
-        return prepare_int8_halves(packed, *plan)
+        return prepare_digits(packed, *plan)
     return None
+
+
+def int4_kind(prep: Int4Prepared) -> str:
+    """The counter name of a call on the int4 kernel (see CpuBackend.calls)."""
+    if prep.copies == 1:
+        return "int4"
+    return f"{4 * prep.copies}-bit levels as int4 digits" + ("" if prep.exact else " (12-bit grid)")
 
 
 def prepared_nbytes(prep: Prepared) -> int:
@@ -294,7 +385,7 @@ def _packed_tensors(packed: PackedWeight) -> tuple[torch.Tensor | None, ...]:
 
 class CpuBackend:
     """Backend entry (see backends.py). `calls` counts calls served per kernel ("int4", "int8",
-    "int8 as int4 halves");
+    "8-bit levels as int4 digits", "12-bit levels as int4 digits (12-bit grid)", see int4_kind);
     `with backend.disabled():` sends every call to the next backend (to compare against the reference);
     `with backend.fast():` lets float32 activations through too (rounded to bfloat16, see the module doc)."""
 
@@ -348,13 +439,15 @@ class CpuBackend:
         if prep is None:
             return None
         x2 = x.reshape(-1, k)
+        if isinstance(prep, Int4Prepared) and prep.copies > 1 and x2.shape[0] > DIGITS_MAX_ROWS:
+            return None
         threads = torch.get_num_threads()
         limit = self.small_m_threads if x2.shape[0] <= SMALL_M_ROWS else None
         if limit is not None and limit < threads:
             torch.set_num_threads(limit)
         try:
             if isinstance(prep, Int4Prepared):
-                y, kind = int4_matmul(x2, prep), "int4" if prep.copies == 1 else "int8 as int4 halves"
+                y, kind = int4_matmul(x2, prep), int4_kind(prep)
             else:
                 y, kind = int8_matmul(x2, prep), "int8"
         finally:
