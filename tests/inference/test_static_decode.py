@@ -50,6 +50,32 @@ def test_static_cache_with_quantized_model():
     assert greedy(model, "static").tokens == greedy(model, "eager").tokens
 
 
+def test_packed_layers_take_the_cpu_kernels_unless_turned_off():
+    """generate on the CPU runs packed layers on the backend's int4 kernel (bfloat16 inside) by default, from
+    Python as from the CLI; cpu_kernels=False keeps the exact reference path, whose tokens equal a float model
+    holding the dequantized weights."""
+    from modelpress.nn.cpu_backend import CPU_BACKEND
+    from modelpress.nn.quant_linear import QuantLinear
+
+    model = build_tiny_llama()
+    quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
+    layers = sum(isinstance(m, QuantLinear) for m in model.modules())
+    settings = dict(max_new_tokens=4, decode="eager", sampling=SamplingConfig(temperature=0.0))
+    before = CPU_BACKEND.calls["int4"]
+    fast = generate(model, PROMPT, GenerationSettings(**settings))
+    assert CPU_BACKEND.calls["int4"] - before == layers * 4   # the prompt and 3 steps, every layer
+    before = CPU_BACKEND.calls["int4"]
+    exact = generate(model, PROMPT, GenerationSettings(**settings, cpu_kernels=False))
+    assert CPU_BACKEND.calls["int4"] == before and not CPU_BACKEND.round_float32
+    dense = build_tiny_llama()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                dense.get_submodule(name).weight.copy_(module.dequantized_weight(torch.float32))
+    assert exact.tokens == generate(dense, PROMPT, GenerationSettings(**settings)).tokens
+    assert len(fast.tokens) == 4
+
+
 def test_auto_is_eager_on_cpu():
     assert greedy(build_tiny_llama(), "auto", tokens=3).decode_path == "eager"
 

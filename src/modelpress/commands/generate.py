@@ -119,8 +119,6 @@ def load_draft(args: argparse.Namespace, target, tokenizer, device: torch.device
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelpress.nn.cpu_backend import fast_cpu
-
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
     loaded = load_model(args.model)
@@ -137,13 +135,13 @@ def run(args: argparse.Namespace) -> int:
     # a float cache is left to generate (static and graph-captured on CUDA); a quantized one is used as it is
     cache = None if args.kv_cache == "float" else make_kv_cache(model, KVCacheConfig(args.kv_cache))
     printer = StreamPrinter(tokenizer)
-    with fast_cpu():  # packed int4/int8 CPU kernels, bfloat16 inside (nn/cpu_backend.py)
-        if args.draft or args.self_speculative:
-            draft = load_draft(args, model, tokenizer, device, dtype)
-            result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
-                                          target_cache=cache, generator=generator, on_tokens=printer)
-        else:
-            result = generate(model, ids, settings, cache=cache, generator=generator, on_tokens=printer)
+    # packed layers take the CPU kernels (bfloat16 inside, nn/cpu_backend.py): GenerationSettings.cpu_kernels
+    if args.draft or args.self_speculative:
+        draft = load_draft(args, model, tokenizer, device, dtype)
+        result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
+                                      target_cache=cache, generator=generator, on_tokens=printer)
+    else:
+        result = generate(model, ids, settings, cache=cache, generator=generator, on_tokens=printer)
     sys.stdout.write("\n")
     summary = f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s"
     if result.acceptance_rate is not None:

@@ -15,6 +15,7 @@ tokens/s counts every new token over the whole call, prompt prefill (and graph c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -40,6 +41,9 @@ class GenerationSettings:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eos_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (it is kept)
     decode: str = "auto"  # one of DECODE_PATHS (see the module docstring)
+    # float32 activations of packed layers on the CPU take the int4/int8 kernels, bfloat16 inside
+    # (nn/cpu_backend.py fast_cpu); False: the exact dequantize-then-matmul reference path
+    cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -191,6 +195,20 @@ def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: Ge
              cache: Cache | None = None, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None) -> GenerationResult:
     """Sample (or pick greedily) one token per forward pass; `on_tokens` sees each token as it is made."""
+    with cpu_kernels(settings):
+        return _generate(model, input_ids, settings, cache, generator, on_tokens)
+
+
+def cpu_kernels(settings: GenerationSettings) -> contextlib.AbstractContextManager:
+    """The context a generation runs in: the CPU backend's kernels for float32 activations, if asked."""
+    from modelpress.nn.cpu_backend import fast_cpu
+
+    return fast_cpu() if settings.cpu_kernels else contextlib.nullcontext()
+
+
+def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: GenerationSettings,
+              cache: Cache | None, generator: torch.Generator | None,
+              on_tokens: TokenCallback | None) -> GenerationResult:
     prompt = prompt_list(input_ids)
     start = time.perf_counter()
     stepper, logits, path = _start(model, prompt, settings, cache)

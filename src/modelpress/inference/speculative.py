@@ -29,6 +29,7 @@ from modelpress.inference.decoding import (
     GenerationResult,
     GenerationSettings,
     TokenCallback,
+    cpu_kernels,
     finish,
     forward_logits,
     prompt_list,
@@ -112,6 +113,15 @@ def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.T
                          target_cache: Cache | None = None, draft_cache: Cache | None = None,
                          generator: torch.Generator | None = None,
                          on_tokens: TokenCallback | None = None) -> GenerationResult:
+    with cpu_kernels(settings):
+        return _speculative_generate(target, draft, input_ids, settings, config, target_cache, draft_cache,
+                                     generator, on_tokens)
+
+
+def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.Tensor | list[int],
+                          settings: GenerationSettings, config: SpeculativeConfig, target_cache: Cache | None,
+                          draft_cache: Cache | None, generator: torch.Generator | None,
+                          on_tokens: TokenCallback | None) -> GenerationResult:
     check_same_vocabulary(target, draft)
     tokens = prompt_list(input_ids)
     prompt_length = len(tokens)
