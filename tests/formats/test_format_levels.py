@@ -68,3 +68,6 @@ def test_fp8_levels_are_the_dtype_bit_patterns():
         ours = get_format(name).decode(codes)
         theirs = codes.view(dtype).float()
         assert torch.equal(torch.nan_to_num(ours, nan=7.0), torch.nan_to_num(theirs, nan=7.0))
+        grid = codes.view(16, 16).t()   # 2-D and not contiguous, as codes unpacked from rows can be
+        assert torch.equal(torch.nan_to_num(get_format(name).decode(grid), nan=7.0),
+                           torch.nan_to_num(grid.contiguous().view(dtype).float(), nan=7.0))
