@@ -306,6 +306,30 @@ def test_tiny_model_logits_match_the_reference(tiny_llama):
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+def test_layouts_of_several_digits_stay_within_their_budget():
+    """Three-digit layouts take 1.5 bytes per weight: past CpuBackend.digits_budget a layer keeps the reference
+    path (bit for bit), and the bytes come back when a layer is freed."""
+    import gc
+
+    first, second = (QuantLinear(random_packed("nf4/g64", 32, 128, seed=s)) for s in (0, 1))
+    x = torch.randn(1, 128)
+    budget, held = CPU_BACKEND.digits_budget, CPU_BACKEND.digits_bytes
+    try:
+        first(x)
+        size = CPU_BACKEND.digits_bytes - held
+        assert size == prepared_nbytes(CPU_BACKEND.prepared(first.packed)) > 1.4 * 32 * 128
+        CPU_BACKEND.digits_budget = held + size   # room for the first layer only
+        assert CPU_BACKEND.prepared(second.packed) is None
+        with CPU_BACKEND.disabled():
+            reference = second(x)
+        assert torch.equal(second(x), reference) and CPU_BACKEND.digits_bytes == held + size
+        del first
+        gc.collect()
+        assert CPU_BACKEND.digits_bytes == held
+    finally:
+        CPU_BACKEND.digits_budget = budget
+
+
 def test_prepared_weights_are_freed_with_the_layer():
     import gc
     import weakref

@@ -58,7 +58,10 @@ whose small F.linear calls stay on one thread). Prefill-sized calls keep the con
 Prepared tensors are built on a layer's first call and cached by the backend, one entry per qdata tensor
 (freed with it), checked on every call against the identity and version counter of each packed tensor, so
 moving, reloading or editing a layer rebuilds them. They are not module buffers: state_dict and saved
-files never see them. Their size is about the packed size (prepared_nbytes); no float weight is kept.
+files never see them. Their size is about the packed size (prepared_nbytes) for one digit; layouts of several
+take 0.5 byte per weight and digit (three digits: 1.5 bytes, 2.8x NF4's packed 0.53), so they are built only
+while their total stays under `CpuBackend.digits_budget` (4 GiB by default): a layer past it keeps the reference
+path. No float weight is kept.
 Inference-mode tensors have no version counter: an in-place edit of one inside inference_mode goes unseen.
 """
 
@@ -85,6 +88,9 @@ SMALL_M_ROWS = 8  # calls with at most this many rows run on `CpuBackend.small_m
 # time grows with rows x digits; measured on one thread, 1536 x 576, the reference path wins from 64 rows
 # for int8/g32, 64-128 for fp8-e4m3 and NF4; bench/cpu_decode.py's prefill column)
 DIGITS_MAX_ROWS = 64
+# layouts of several digits take 0.5 byte per weight and digit, up to 3x a 4-bit packed weight: they are built
+# while the total they take stays under this (later layers keep the reference path; CpuBackend.digits_budget)
+DIGITS_BUDGET_BYTES = 4 * 2**30
 INT8_K_MULTIPLE = 32  # aten._weight_int8pack_mm reads out of bounds (segfaults) for M > 1 and K % 16 != 0
 MAX_DIGITS = 3  # 4-bit digits per level at most: exact integer levels up to 12 bits, the rest rounded to 12 bits
 MAX_DOUBLINGS = 3  # levels that are integers after doubling up to this many times (fp4: once) are exact
@@ -366,6 +372,7 @@ class _Entry:
     """A prepared form and what it was built from: the packed tensors (weakly) and their versions."""
 
     prepared: Prepared | None
+    charged: int   # bytes counted against CpuBackend.digits_budget (layouts of several digits)
     scheme: WeightScheme
     sources: tuple[weakref.ref | None, ...]
     versions: tuple[int, ...]
@@ -395,6 +402,8 @@ class CpuBackend:
         self.enabled = True
         self.round_float32 = False
         self.small_m_threads: int | None = 1  # None: small calls use the configured thread count too
+        self.digits_budget = DIGITS_BUDGET_BYTES
+        self.digits_bytes = 0   # held now by layouts of several digits
 
     @contextmanager
     def fast(self) -> Iterator[None]:
@@ -418,12 +427,26 @@ class CpuBackend:
         key = id(packed.qdata)
         entry = self._entries.get(key)
         if entry is None or not entry.matches(packed, tensors):
-            entry = _Entry(prepare(packed), packed.scheme, tuple(None if t is None else weakref.ref(t) for t in tensors),
+            if entry is not None:
+                self.digits_bytes -= entry.charged
+            prepared, charged = prepare(packed), 0
+            if isinstance(prepared, Int4Prepared) and prepared.copies > 1:
+                charged = prepared_nbytes(prepared)
+                if self.digits_bytes + charged > self.digits_budget:
+                    prepared, charged = None, 0
+                self.digits_bytes += charged
+            entry = _Entry(prepared, charged, packed.scheme,
+                           tuple(None if t is None else weakref.ref(t) for t in tensors),
                            tuple(-1 if t is None else _version(t) for t in tensors))
             if key not in self._entries:
-                weakref.finalize(packed.qdata, self._entries.pop, key, None)
+                weakref.finalize(packed.qdata, self._drop, key)
             self._entries[key] = entry
         return entry.prepared
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.digits_bytes -= entry.charged
 
     def __call__(self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
         if not self.enabled or not x.is_cpu or not packed.qdata.is_cpu:  # is_cpu: no device object per call
