@@ -165,7 +165,7 @@ def test_random_inputs_match_the_reference_within_bfloat16_rounding(spec, n, k, 
     assert (y.double() - ref).abs().mean() < 2e-3 * (x_abs @ w.abs().t()).mean()
 
 
-@pytest.mark.parametrize("spec", ["int4-asym/g32", "int8/g32"])
+@pytest.mark.parametrize("spec", ["int4-asym/g32", "int8/g32", "nf4/g32"])
 def test_one_row_and_gptq_input_order(spec):
     packed = random_packed(spec, 64, 160, seed=2, perm=True)
     x = torch.randn(1, 160)
