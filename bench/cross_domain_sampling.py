@@ -78,7 +78,8 @@ def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torc
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
     name, _, damp = method.partition("=")
     if name in ("awq-gptq", "awq-gptq-duo"):
-        quantize_awq(model, AWQConfig(scheme=scheme, solver="gptq", duo_scaling=name.endswith("duo")), ids, device=device)
+        config = AWQConfig(scheme=scheme, solver="gptq", duo_scaling=name.endswith("duo"))
+        quantize_awq(model, config, ids, device=device)
     elif name == "gptq":
         quantize_gptq(model, GPTQConfig(scheme=scheme, damp=float(damp or 0.1)), ids, device=device)
     else:

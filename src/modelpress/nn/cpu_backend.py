@@ -44,10 +44,11 @@ and fit 4 * D bits are written as D base-16 digits, the top one signed (-8..7), 
 16^i s (D = 2 is the halves above). Levels that are no such integers (NF4's, the fp8 values) are rounded, per
 group, to a grid of 12-bit integers q = round(2047 L / m), m the largest |level| the group uses, with scale
 s m / 2047: each weight moves by at most 2^-12 of its group's largest weight, the size of bfloat16's
-rounding of a weight an eighth of that (NF4's smallest non-zero level is 0.08 of its largest). The kernel reads 1.5 bytes per weight for
-those: a CPU matmul three times int4's, against the reference path's decode of every weight on every call
-(which made an NF4 model decode 7x slower than float32). Such formats are served only where bfloat16
-rounding is already accepted (bfloat16 / float16 activations, or float32 inside fast_cpu()), like the rest.
+rounding of a weight an eighth of that (NF4's smallest non-zero level is 0.08 of its largest). The kernel
+reads 1.5 bytes per weight for those: a CPU matmul three times int4's, against the reference path's decode
+of every weight on every call (which made an NF4 model decode 7x slower than float32). Such formats are
+served only where bfloat16 rounding is already accepted (bfloat16 / float16 activations, or float32 inside
+fast_cpu()), like the rest.
 
 Threads: calls with at most SMALL_M_ROWS activation rows (decode) run the kernel on one thread
 (`CpuBackend.small_m_threads`). They are memory-bound, and each enters an OpenMP parallel region: on this
@@ -236,10 +237,6 @@ def _weight_terms(packed: PackedWeight, levels: DigitLevels) -> tuple[torch.Tens
     return q, scale, packed.offset.float().expand_as(scale) + levels.center * scale
 
 
-def _integer_levels(packed: PackedWeight, span: int) -> DigitLevels:
-    q, center = centered_levels(packed.scheme.qformat, span)  # type: ignore[misc]
-    return DigitLevels(q, center, 1.0, 1 if span <= 16 else 2, exact=True)
-
 
 def _perm(packed: PackedWeight) -> torch.Tensor | None:
     return None if packed.input_perm is None else packed.input_perm.long()
@@ -265,7 +262,7 @@ def _int4_layout(halves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
 
 def prepare_int4(packed: PackedWeight, group: int, padded_k: int) -> Int4Prepared:
     n, k = packed.shape
-    q, scale, zero = _weight_terms(packed, _integer_levels(packed, 16))
+    q, scale, zero = _weight_terms(packed, digit_levels(packed.scheme.qformat))  # type: ignore[arg-type]
     codes, params = _int4_layout([(q + 8, scale, zero)], packed.scheme.group_length(k), group, padded_k, n)
     return Int4Prepared(
         weight=torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scale_zero=params,
@@ -296,7 +293,7 @@ def prepare_digits(packed: PackedWeight, group: int, padded_k: int, levels: Digi
 
 def prepare_int8(packed: PackedWeight) -> Int8Prepared:
     n, k = packed.shape
-    q, scale, zero = _weight_terms(packed, _integer_levels(packed, 256))
+    q, scale, zero = _weight_terms(packed, digit_levels(packed.scheme.qformat))  # type: ignore[arg-type]
     padded_k = -(-k // INT8_K_MULTIPLE) * INT8_K_MULTIPLE
     weight = torch.zeros(n, padded_k, dtype=torch.int8)
     weight[:, :k] = q
