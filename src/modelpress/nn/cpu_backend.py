@@ -221,7 +221,8 @@ def digits_plan(packed: PackedWeight) -> tuple[int, int, DigitLevels] | None:
 def _weight_terms(packed: PackedWeight, levels: DigitLevels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (N, K) int64, s and z (N, G) float32 with W = s * q + z per group (per-tensor values broadcast)."""
     n, k = packed.shape
-    q = levels.q[packed.codes().long()]
+    codes = packed.codes()
+    q = levels.q.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
     scale = packed.group_scales() * levels.unit
     if scale.shape == (1, 1):
         scale = scale.expand(n, 1)
@@ -276,11 +277,10 @@ def prepare_digits(packed: PackedWeight, group: int, padded_k: int, levels: Digi
     which cancels the kernel's - 8), the format's own zero point on the lowest (see the module doc)."""
     n, k = packed.shape
     q, scale, zero = _weight_terms(packed, levels)
-    parts, rest = [], q
-    for i in range(levels.digits - 1):
-        low = torch.remainder(rest, 16)                  # 0..15
-        rest = torch.div(rest - low, 16, rounding_mode="floor")
-        parts.append((low, 16**i * scale, 8 * 16**i * scale + (zero if i == 0 else 0)))
+    parts, rest = [], q.to(torch.int32)
+    for i in range(levels.digits - 1):   # two's complement: & 15 is the remainder mod 16, >> 4 the floor quotient
+        parts.append((rest & 15, 16**i * scale, 8 * 16**i * scale + (zero if i == 0 else 0)))
+        rest = rest >> 4
     top = 16 ** (levels.digits - 1)
     parts.append((rest + 8, top * scale, zero if levels.digits == 1 else torch.zeros_like(zero)))  # rest in -8..7
     codes, params = _int4_layout(parts[::-1], packed.scheme.group_length(k), group, padded_k, n)
