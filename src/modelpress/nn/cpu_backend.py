@@ -146,7 +146,7 @@ def centered_levels(fmt: QFormat, span: int) -> tuple[torch.Tensor, int] | None:
 class DigitLevels:
     """A format's levels on an integer grid: level = unit * (q + center) per code; `digits` 4-bit digits hold q."""
 
-    q: torch.Tensor   # per code: int64 q when exact, else the float64 level (put on a grid per group)
+    q: torch.Tensor   # per code: int64 q when exact, else the float32 level (put on a grid per group)
     center: int
     unit: float
     digits: int
@@ -179,7 +179,7 @@ def digit_levels(fmt: QFormat) -> DigitLevels | None:
         break
     if fmt.affine:
         return None
-    return DigitLevels(levels, 0, 1.0, MAX_DIGITS, exact=False)
+    return DigitLevels(levels.float(), 0, 1.0, MAX_DIGITS, exact=False)
 
 
 GRID_TOP = 8 * 16 ** (MAX_DIGITS - 1) - 1   # 2047: the 12-bit grid's largest integer
@@ -229,10 +229,10 @@ def _weight_terms(packed: PackedWeight, levels: DigitLevels) -> tuple[torch.Tens
     if not levels.exact:   # each group's largest level used -> GRID_TOP (see the module doc)
         group = k if scale.shape[1] == 1 else packed.scheme.group_length(k)
         owner = (torch.arange(k) // group).expand(n, k)
-        largest = torch.zeros(n, scale.shape[1], dtype=torch.float64).scatter_reduce(1, owner, q.abs(), "amax")
+        largest = torch.zeros(n, scale.shape[1]).scatter_reduce(1, owner, q.abs(), "amax")
         largest = torch.where(largest > 0, largest, torch.ones_like(largest))
         q = (q / largest.gather(1, owner) * GRID_TOP).round().long()
-        scale = (scale.double() * largest / GRID_TOP).float()
+        scale = scale * largest / GRID_TOP
     if packed.offset is None:
         return q, scale, torch.zeros_like(scale)
     return q, scale, packed.offset.float().expand_as(scale) + levels.center * scale
