@@ -8,8 +8,9 @@ out-of-domain dPPL / in-domain dPPL.
 
 A variant is SAMPLING/METHOD, SAMPLING one of
   gen           io/generated.py itself (temperature 1, from the start token)
-  s:t=X,r=N     temperature X, and N tokens after the start token drawn uniformly from the vocabulary's
-                ordinary tokens (LLM-QAT's data-free trick) before sampling continues
+  s:t=X,r=N,u=F temperature X, and N tokens after the start token drawn uniformly from the vocabulary's
+                ordinary tokens (LLM-QAT's data-free trick) before sampling continues; a fraction F of the
+                windows wholly uniform random tokens after the start token (every embedding row seen)
 and METHOD one of awq-gptq, awq-gptq-duo (AWQ's duo scaling) or gptq[=DAMP].
 
     PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
@@ -72,7 +73,17 @@ def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torc
     if not spec.startswith("s:"):
         raise ModelpressError(f"sampling {spec!r}: expected gen or s:t=X,r=N")
     options = dict(part.split("=") for part in spec[2:].split(","))
-    return sample(model, tokenizer, samples, seq_len, 0, float(options.get("t", 1)), int(options.get("r", 0)))
+    uniform = round(float(options.get("u", 0)) * samples)
+    temperature, random_first = float(options.get("t", 1)), int(options.get("r", 0))
+    sampled = sample(model, tokenizer, samples - uniform, seq_len, 0, temperature, random_first)
+    if not uniform:
+        return sampled
+    generator = torch.Generator().manual_seed(0)
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(model.config.vocab_size) if i not in special])
+    noise = vocab[torch.randint(len(vocab), (uniform, seq_len), generator=generator)]
+    noise[:, 0] = start_token(tokenizer)
+    return torch.cat([sampled, noise])
 
 
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
