@@ -46,8 +46,9 @@ class CodebookFormat(QFormat):
         table = self._tables.get(codes.device)  # type: ignore[attr-defined]
         if table is None:
             table = self._tables[codes.device] = torch.tensor(self.table, device=codes.device)  # type: ignore[attr-defined]
-        # index_select: 4x faster than table[codes.long()] on the CPU, the same values
-        return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+        if codes.is_cpu:   # index_select: 4x faster than advanced indexing on the CPU, the same values
+            return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+        return table[codes.long()]
 
     def scale_for(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return absmax_scale(groups, max(abs(v) for v in self.table)), None
