@@ -43,6 +43,12 @@ from modelpress.io.model import load_model
 log = logging.getLogger("bench.cross_domain_sampling")
 
 
+def ordinary_tokens(model, tokenizer) -> torch.Tensor:
+    """Ids of the vocabulary's tokens that are not special ones (what random tokens are drawn from)."""
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(model.config.vocab_size) if i not in special])
+
+
 @torch.no_grad()
 def sample(model, tokenizer, count: int, seq_len: int, seed: int, temperature: float = 1.0, random_first: int = 0,
            batch: int = 128) -> torch.Tensor:
@@ -50,8 +56,7 @@ def sample(model, tokenizer, count: int, seq_len: int, seed: int, temperature: f
     samples at `temperature` (random_first=0, temperature=1 is io/generated.py's distribution)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    special = set(tokenizer.all_special_ids)
-    vocab = torch.tensor([i for i in range(model.config.vocab_size) if i not in special], device=device)
+    vocab = ordinary_tokens(model, tokenizer).to(device)
     rows = []
     for begin in range(0, count, batch):
         n = min(batch, count - begin)
@@ -79,8 +84,7 @@ def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torc
     if not uniform:
         return sampled
     generator = torch.Generator().manual_seed(0)
-    special = set(tokenizer.all_special_ids)
-    vocab = torch.tensor([i for i in range(model.config.vocab_size) if i not in special])
+    vocab = ordinary_tokens(model, tokenizer)
     noise = vocab[torch.randint(len(vocab), (uniform, seq_len), generator=generator)]
     noise[:, 0] = start_token(tokenizer)
     return torch.cat([sampled, noise])

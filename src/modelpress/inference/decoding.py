@@ -195,11 +195,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: Ge
              cache: Cache | None = None, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None) -> GenerationResult:
     """Sample (or pick greedily) one token per forward pass; `on_tokens` sees each token as it is made."""
-    with cpu_kernels(settings):
+    with kernel_context(settings):
         return _generate(model, input_ids, settings, cache, generator, on_tokens)
 
 
-def cpu_kernels(settings: GenerationSettings) -> contextlib.AbstractContextManager:
+def kernel_context(settings: GenerationSettings) -> contextlib.AbstractContextManager:
     """The context a generation runs in: the CPU backend's kernels for float32 activations, if asked."""
     from modelpress.nn.cpu_backend import fast_cpu
 

@@ -29,9 +29,9 @@ from modelpress.inference.decoding import (
     GenerationResult,
     GenerationSettings,
     TokenCallback,
-    cpu_kernels,
     finish,
     forward_logits,
+    kernel_context,
     prompt_list,
 )
 from modelpress.inference.sampling import next_token_probs, sample
@@ -113,7 +113,7 @@ def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.T
                          target_cache: Cache | None = None, draft_cache: Cache | None = None,
                          generator: torch.Generator | None = None,
                          on_tokens: TokenCallback | None = None) -> GenerationResult:
-    with cpu_kernels(settings):
+    with kernel_context(settings):
         return _speculative_generate(target, draft, input_ids, settings, config, target_cache, draft_cache,
                                      generator, on_tokens)
 
