@@ -54,15 +54,22 @@ def random_packed(spec: str, n: int, k: int) -> PackedWeight:
     return PackedWeight(scheme=scheme, shape=(n, k), qdata=qdata, scale=scale, offset=offset)
 
 
-def ours(spec: str):
-    """A QuantLinear layer, called as a model calls it (on CUDA in eager mode: its prepared launcher)."""
-    from modelpress.nn import QuantLinear
+def ours(spec: str, half: bool = True):
+    """A QuantLinear layer, called as a model calls it (on CUDA in eager mode: its prepared launcher). half=False:
+    the Gluon GEMV's float32 products instead of float16 pairs (fixed when the layer prepares its launcher)."""
+    from modelpress.nn import QuantLinear, triton_backend
 
     def build(n, k):
         return QuantLinear(random_packed(spec, n, k))
 
     def call(layer, x):
-        return layer(x)
+        if half:
+            return layer(x)
+        triton_backend.HALF_PRODUCTS = False
+        try:
+            return layer(x)
+        finally:
+            triton_backend.HALF_PRODUCTS = True
 
     return build, call
 
@@ -277,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=Path("kernels.json"))
     parser.add_argument("--quick", action="store_true", help="the three 7B shapes only")
     parser.add_argument("--ms", default="1,16,256,2048")
+    parser.add_argument("--float32-products", action="store_true",
+                        help="also time the Gluon GEMV with float32 products (half=False) for int4/g128 and nf4/g64")
     args = parser.parse_args(argv)
     import triton
 
@@ -286,13 +295,17 @@ def main(argv: list[str] | None = None) -> None:
              "int4/g128": ours("int4/g128")}
     formats = {spec: ours(spec) for spec in ("int4-asym/g128", "int4/g32", "nf4/g64", "int8/channel",
                                             "fp8-e4m3/channel")}
+    if args.float32_products:  # the Gluon GEMV's earlier inner product, beside the float16-pair one
+        formats |= {f"{spec} f32": ours(spec, half=False) for spec in ("int4/g128", "nf4/g64")}
     shapes = SHAPES[:3] if args.quick else SHAPES  # --quick: the three Llama-2-7B shapes
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "read_tbs": read_bandwidth_tbs(), "host_overhead_us": host_overhead_us()}
     print(json.dumps(result), flush=True)
     result["shapes"] = run_shapes(impls, ms, shapes) + run_shapes(formats, [1, 16], shapes)
-    result["stack"] = run_stack({k: impls[k] for k in ("bf16", "torch-int4", "fp8-cublas", "int4/g128")}
-                                | {"nf4/g64": formats["nf4/g64"]}, [1, 16])
+    stack = {k: impls[k] for k in ("bf16", "torch-int4", "fp8-cublas", "int4/g128")} | {"nf4/g64": formats["nf4/g64"]}
+    if args.float32_products:
+        stack |= {k: formats[k] for k in ("int4/g128 f32", "nf4/g64 f32")}
+    result["stack"] = run_stack(stack, [1, 16])
     args.json.write_text(json.dumps(result, indent=1))
     print(format_tables(result))
 

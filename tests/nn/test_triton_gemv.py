@@ -87,6 +87,34 @@ def test_gemv_matches_float64(spec, config):
             assert relative_error(portable, x, packed, bias) < TOLERANCE[dtype]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=["gluon", "gluon-split3-pdl", "gluon-ring-warpsk"])
+@pytest.mark.parametrize("spec", ["int4/g128", "int4-asym/g32", "int4/g96", "int4/channel", "nf4/g64"])
+def test_gluon_half_products_match_float64(cuda, spec, config):
+    """The Gluon GEMV's float16-pair inner product (HALF: weights without an input permutation, 16-bit
+    activations), against float64 and against its own float32 inner product (half=False): ordinary activations,
+    and activations with outlier channels up to 3e4 (the float16 products see them scaled by 2**-8, so they
+    neither overflow nor lose the small ones)."""
+    from dataclasses import replace
+
+    packed = make_packed(spec, N, K, seed=SPECS.index(spec) if spec in SPECS else 7, perm=False)
+    for dtype in (torch.float16, torch.bfloat16):
+        for outliers in (False, True):
+            gen = torch.Generator().manual_seed(3)
+            x = torch.randn(1, K, generator=gen)
+            if outliers:
+                x[0, torch.randperm(K, generator=gen)[:4]] = torch.tensor([3e4, -2e4, 1e4, -5e3])
+            x = x.to(DEVICE, dtype)
+            bias = torch.randn(N, device=DEVICE).to(dtype) if dtype == torch.float16 else None
+            y = run_poisoned(x, packed, bias, config)
+            err = relative_error(y, x, packed, bias)
+            assert err < TOLERANCE[dtype], f"{spec} {config} {dtype} outliers={outliers}: relative error {err:.2e}"
+            full = run_poisoned(x, packed, bias, replace(config, half=False))
+            assert relative_error(full, x, packed, bias) < TOLERANCE[dtype]
+            gap = ((y.double() - full.double()).norm() / full.double().norm()).item()
+            assert gap < TOLERANCE[dtype], f"{spec} {dtype}: float16-pair and float32 products differ by {gap:.2e}"
+
+
 def test_gemv_auto_plan_even_shape_and_determinism():
     """A shape with no tails (no masks) under the automatic plan, and bitwise-equal repeated results with
     split-K (partial sums are added in a fixed order, not by atomics)."""

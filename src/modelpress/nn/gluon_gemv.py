@@ -29,9 +29,18 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
+from modelpress.nn import half_dot_ptx
 from modelpress.nn.nf4_ptx import nf4_levels, word_to_f32
 
 ASM_NF4: gl.constexpr = gl.constexpr(word_to_f32(nf4_levels()))
+X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / half_dot_ptx.X_SCALE)
+
+
+def half_asm(kind: int, zero: int, affine: bool, bf16: bool) -> tuple[str, str]:
+    """(DOT_ASM, PAIRS_ASM): the kernel's constants for HALF=True (half_dot_ptx): the word-times-pairs inner
+    product of 4-bit kind `kind` (0 int4, 1 nf4) and the activation pairing it reads."""
+    dot = half_dot_ptx.nf4_dot() if kind == 1 else half_dot_ptx.int4_dot(zero)
+    return dot, half_dot_ptx.x_pairs(interleaved=kind == 0, bf16=bf16, with_sum=affine)
 
 
 @gluon.jit
@@ -73,21 +82,26 @@ def gemv4_gluon_kernel(
     HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, SPLITS: gl.constexpr, EVEN_K: gl.constexpr,
     USE_ASM: gl.constexpr, PDL: gl.constexpr, BN: gl.constexpr, BKG: gl.constexpr, SUB: gl.constexpr,
     RPT: gl.constexpr, WARPS: gl.constexpr, WARPS_K: gl.constexpr, STAGES: gl.constexpr,
+    HALF: gl.constexpr = False, DOT_ASM: gl.constexpr = "", PAIRS_ASM: gl.constexpr = "",
 ):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes (int4 / int4-asym: KIND 0, nf4: KIND 1), as
     triton_gemv.gemv4_kernel (same grid and arguments; table_ptr unused: nf4 decodes in registers).
     RPT: rows per thread. WARPS: num_warps, WARPS_K of them along the sub-tiles (K), the rest along the rows.
     STAGES > 1: the words go through a ring of STAGES steps in shared memory filled by cp.async, STAGES - 1
     steps ahead (each thread reads back the chunks it copied; Triton's barrier pass still adds two barriers per
-    step). STAGES = 1: the next step's words are prefetched into registers."""
+    step). STAGES = 1: the next step's words are prefetched into registers.
+    HALF: 16-bit activations are read as pairs (one 32-bit word each), turned into scaled float16 pairs by
+    PAIRS_ASM once per thread and step, and each weight word's eight products are summed in float16 pairs by
+    DOT_ASM (half_dot_ptx; gluon_gemv.half_asm gives both); sums are float32 from the word up."""
     WPG: gl.constexpr = BKG // 8  # words per group sub-tile (4, 8 or 16)
     TW: gl.constexpr = WPG // 4  # threads across a sub-tile's words, 4 words (16 bytes) each
     TS: gl.constexpr = SUB // WARPS_K if SUB // WARPS_K * TW <= 32 else 32 // TW  # threads across sub-tiles
     TR: gl.constexpr = 32 // (TW * TS)
-    P4: gl.constexpr = gl.BlockedLayout([RPT, 1, 4, 8], [TR, TS, TW, 1], [WARPS // WARPS_K, WARPS_K, 1, 1],
+    CODES: gl.constexpr = 4 if HALF else 8  # per word, x as 4 pairs (HALF) or as 8 values
+    P4: gl.constexpr = gl.BlockedLayout([RPT, 1, 4, CODES], [TR, TS, TW, 1], [WARPS // WARPS_K, WARPS_K, 1, 1],
                                         [3, 2, 1, 0])
     W3: gl.constexpr = gl.SliceLayout(3, P4)  # (BN, SUB, WPG) words
-    X3: gl.constexpr = gl.SliceLayout(0, P4)  # (SUB, WPG, 8) activations
+    X3: gl.constexpr = gl.SliceLayout(0, P4)  # (SUB, WPG, CODES) activations
     S2: gl.constexpr = gl.SliceLayout(2, W3)  # (BN, SUB) scales
     ROW: gl.constexpr = gl.SliceLayout(1, S2)  # (BN,)
     STEP: gl.constexpr = BKG * SUB
@@ -102,10 +116,12 @@ def gemv4_gluon_kernel(
     step_words = w_sub[:, None] * WPG + w_word[None, :]
     x_sub = gl.arange(0, SUB, layout=gl.SliceLayout(1, gl.SliceLayout(2, X3)))
     x_word = gl.arange(0, WPG, layout=gl.SliceLayout(0, gl.SliceLayout(2, X3)))
-    x_code = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, X3)))
-    x_cols = ((x_sub[:, None] * WPG + x_word[None, :]) * 8)[:, :, None] + x_code[None, None, :]  # (SUB, WPG, 8)
-    code_idx = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, P4))))
-    code_idx = code_idx[None, None, None, :]  # (1, 1, 1, 8)
+    x_code = gl.arange(0, CODES, layout=gl.SliceLayout(0, gl.SliceLayout(1, X3)))
+    # (SUB, WPG, CODES): columns of x from the step's first, or with HALF the step's 32-bit pairs of x
+    x_cols = ((x_sub[:, None] * WPG + x_word[None, :]) * CODES)[:, :, None] + x_code[None, None, :]
+    if not HALF:
+        code_idx = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, P4))))
+        code_idx = code_idx[None, None, None, :]  # (1, 1, 1, 8)
     sub_cols = gl.arange(0, SUB, layout=gl.SliceLayout(0, S2)) * BKG  # first column of each sub-tile
 
     w_rows = w_ptr + rows[:, None, None] * stride_wn
@@ -138,7 +154,19 @@ def gemv4_gluon_kernel(
     if PDL:  # weights are ours; x and every output belong to the kernels around us
         _gdc_launch_dependents()
         _gdc_wait()
-    x_next = _load_x(x_ptr, perm_ptr, k_begin + x_cols, K, HAS_PERM, EVEN_K)
+    if HALF:
+        x_next = _load_x_pairs(x_ptr, k_begin, x_cols, K, EVEN_K)
+    else:
+        x_next = _load_x(x_ptr, perm_ptr, k_begin + x_cols, K, HAS_PERM, EVEN_K)
+
+    if HALF:  # nf4's lookup table, loaded once (ptxas copies constants into registers before every use)
+        zero = gl.full([1, 1, 1], 0, gl.int32, W3)
+        t0, t1, t2, t3, t4, t5, t6, t7 = zero, zero, zero, zero, zero, zero, zero, zero
+        if KIND == 1:
+            t0, t1, t2, t3 = (zero + gl.load(table_ptr), zero + gl.load(table_ptr + 1),
+                              zero + gl.load(table_ptr + 2), zero + gl.load(table_ptr + 3))
+            t4, t5, t6, t7 = (zero + gl.load(table_ptr + 4), zero + gl.load(table_ptr + 5),
+                              zero + gl.load(table_ptr + 6), zero + gl.load(table_ptr + 7))
 
     acc = gl.zeros((BN, SUB, WPG), gl.float32, layout=W3)
     i = 0
@@ -168,16 +196,30 @@ def gemv4_gluon_kernel(
         s_next = gl.load(s_rows + ((k1 + sub_cols) // group_size)[None, :] * stride_sg, mask=s_mask, other=0.0)
         if AFFINE:
             o_next = gl.load(o_rows + ((k1 + sub_cols) // group_size)[None, :] * stride_sg, mask=s_mask, other=0.0)
-        x_next = _load_x(x_ptr, perm_ptr, k1 + x_cols, K, HAS_PERM, EVEN_K)
-
-        values = _codes(w[:, :, :, None], code_idx, exponent_bits, KIND, ZERO, USE_ASM)  # (BN, SUB, WPG, 8)
-        part = gl.sum(values * xt[None, :, :, :], axis=3)  # (BN, SUB, WPG), inside each thread
+        if HALF:
+            x_next = _load_x_pairs(x_ptr, k1, x_cols, K, EVEN_K)
+            if AFFINE:
+                pairs, sums = gl.inline_asm_elementwise(PAIRS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [xt],
+                                                        dtype=(gl.int32, gl.float32), is_pure=True, pack=4)
+                x_sum = _first_of_four(sums, gl.SliceLayout(0, W3))  # the asm leaves each word's sum in slot 0
+            else:
+                pairs = gl.inline_asm_elementwise(PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r", [xt], dtype=gl.int32,
+                                                  is_pure=True, pack=4)
+            part = _half_dot(w, pairs, t0, t1, t2, t3, t4, t5, t6, t7, DOT_ASM, gl.SliceLayout(0, W3))
+        else:
+            x_next = _load_x(x_ptr, perm_ptr, k1 + x_cols, K, HAS_PERM, EVEN_K)
+            values = _codes(w[:, :, :, None], code_idx, exponent_bits, KIND, ZERO, USE_ASM)  # (BN, SUB, WPG, 8)
+            part = gl.sum(values * xt[None, :, :, :], axis=3)  # (BN, SUB, WPG), inside each thread
+            if AFFINE:
+                x_sum = gl.convert_layout(gl.sum(xt, axis=2), gl.SliceLayout(0, W3), assert_trivial=True)
         acc += part * s[:, :, None]
         if AFFINE:  # W = scale · code + offset: add offset · (sum of the word's eight x)
-            x_sum = gl.convert_layout(gl.sum(xt, axis=2), gl.SliceLayout(0, W3), assert_trivial=True)
             acc += x_sum[None, :, :] * o[:, :, None]
 
-    _store_row(gl.sum(gl.sum(acc, axis=2), axis=1), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, offs_n < N, pid_n,
+    rows_out = gl.sum(gl.sum(acc, axis=2), axis=1)
+    if HALF:
+        rows_out = rows_out * X_UNSCALE
+    _store_row(rows_out, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, offs_n < N, pid_n,
                pid_k, N, SPLIT_K, SPLITS, HAS_BIAS, WARPS)
 
 
@@ -190,6 +232,41 @@ def _copy_step(slot, w_rows, k0, k_end, step_words, WPG: gl.constexpr, EVEN_K: g
     else:
         mask = (kw + step_words) * 8 < k_end
     async_copy.async_copy_global_to_shared(slot, w_rows + kw + step_words[None, :, :], mask=mask[None, :, :])
+
+
+@gluon.jit
+def _load_x_pairs(x_ptr, k0, pairs, K, EVEN_K: gl.constexpr):
+    """The 16-bit activations from column k0 (even) on as 32-bit words of two: word i holds columns k0 + 2i and
+    k0 + 2i + 1 (K is a multiple of 8: the codes are read as uint32 words of eight); 0 past K."""
+    words = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + k0 // 2
+    if EVEN_K:
+        return gl.load(words + pairs)
+    return gl.load(words + pairs, mask=k0 + 2 * pairs < K, other=0)
+
+
+@gluon.jit
+def _half_dot(w, pairs, t0, t1, t2, t3, t4, t5, t6, t7, DOT_ASM: gl.constexpr, XL: gl.constexpr):
+    """(BN, SUB, WPG) float32 products of each weight word w with its eight activations, given as the (SUB, WPG, 4)
+    float16 pairs of half_dot_ptx.x_pairs (scaled by its X_SCALE); the sum of a thread's four words in the first
+    one's slot, 0 in the others. t0..t7: nf4's table (half_dot_ptx.nf4_table_words) as (1, 1, 1) tensors.
+    XL: the (SUB, WPG) slice of w's layout."""
+    even, odd = gl.split(gl.reshape(pairs, [pairs.shape[0], pairs.shape[1], 2, 2]))  # pairs (0, 2), (1, 3)
+    p0, p2 = gl.split(even)
+    p1, p3 = gl.split(odd)
+    p0 = gl.convert_layout(p0, XL, assert_trivial=True)[None, :, :]
+    p1 = gl.convert_layout(p1, XL, assert_trivial=True)[None, :, :]
+    p2 = gl.convert_layout(p2, XL, assert_trivial=True)[None, :, :]
+    p3 = gl.convert_layout(p3, XL, assert_trivial=True)[None, :, :]
+    # pack=4: one asm call per thread takes its four consecutive words (16 bytes, one group) and their pairs
+    return gl.inline_asm_elementwise(DOT_ASM, "=r,=r,=r,=r" + ",r" * 52, [w, p0, p1, p2, p3, t0, t1, t2, t3, t4, t5, t6, t7],
+                                     dtype=gl.float32, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _first_of_four(t, XL: gl.constexpr):
+    """t[:, :, 0] of a (SUB, WPG, 4) tensor, in layout XL."""
+    even, odd = gl.split(gl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))
+    return gl.convert_layout(gl.split(even)[0], XL, assert_trivial=True)
 
 
 @gluon.jit

@@ -1,0 +1,135 @@
+"""Compile the M = 1 Gluon GEMV for an H100/H200 (sm_90) on a machine without a GPU and count its SASS.
+
+Triton's wheel carries ptxas and nvdisasm, so a kernel can be built for any target offline. This prints the
+instructions of the kernel's main loop (the basic block with the most instructions that branches back to
+itself) by opcode, and per weight: the GEMV streams weights, so instructions per weight bound its rate where
+issue, not memory, is the limit (an SM issues 4 warp-instructions per cycle).
+
+    PYTHONPATH=src python bench/sass.py --spec int4/g128 --n 4096 --k 4096
+    PYTHONPATH=src python bench/sass.py --spec nf4/g64 --n 11008 --k 4096 --dump nf4.sass
+
+Needs Triton with Gluon (pip install triton) but no GPU and no CUDA driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def compile_gemv(spec: str, n: int, k: int, half: bool, kernel_name: str = "gemv4_gluon_kernel"):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from modelpress.formats.scheme import WeightScheme
+    from modelpress.nn import gluon_gemv, triton_backend
+
+    scheme = WeightScheme.parse(spec)
+    config = triton_backend.gluon_gemv_plan(n, k, min(scheme.group_size or 128, 128))
+    scale_shape = (n, k // scheme.group_size) if scheme.group_size else (n, 1)
+    launch = triton_backend._gemv_launch(scheme, (n, k), scale_shape, 1, False, False, config)
+    constants = {**launch.constants, "USE_ASM": True}
+    if half:
+        dot, pairs = gluon_gemv.half_asm(constants["KIND"], constants["ZERO"], constants["AFFINE"], bf16=True)
+        constants.update(HALF=True, DOT_ASM=dot, PAIRS_ASM=pairs)
+    options = {"num_warps": constants.pop("num_warps"), "num_stages": constants.pop("num_stages")}
+    constants.pop("launch_pdl", None)
+    scale = "fp16" if scheme.scale_dtype == "float16" else "fp32"
+    split = launch.grid[2] > 1
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": f"*{scale}", "offset_ptr": f"*{scale}",
+                 "perm_ptr": f"*{scale}", "table_ptr": "*i32" if half else f"*{scale}", "bias_ptr": f"*{scale}", "y_ptr": "*bf16",
+                 "ws_ptr": "*fp32" if split else "*bf16", "lock_ptr": "*i32" if split else "*bf16",
+                 "N": "i32", "K": "i32", "group_size": "i32", "k_per_split": "i32", "exponent_bits": "i32",
+                 "stride_wn": "i32", "stride_sn": "i32", "stride_sg": "i32"}
+    kernel = getattr(gluon_gemv, kernel_name)
+    for name in kernel.arg_names:
+        if name not in signature:
+            signature[name] = "constexpr"
+    # what Triton's launcher specializes on at run time: 16-byte aligned pointers, integers divisible by 16
+    values = {"N": n, "K": k, "group_size": launch.group_size, "k_per_split": launch.k_per_split,
+              "exponent_bits": 0x4B000000, "stride_wn": k // 8, "stride_sn": scale_shape[1], "stride_sg": 1}
+    aligned = [name for name, kind in signature.items()
+               if kind.startswith("*") or (kind == "i32" and values[name] % 16 == 0)]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = GluonASTSource(kernel, signature, constants, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled, config, launch
+
+
+def sass_of(cubin: bytes) -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    tool = Path(nv.__file__).parent / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), "-c", "-hex", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> str:
+    """cuobjdump's "REG:.. STACK:.. SHARED:.." line of the kernel."""
+    from triton.backends.nvidia import compiler as nv
+
+    tool = Path(nv.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:\d+.*", out)
+    return found.group(0).strip() if found else "?"
+
+
+def main_loop(sass: str) -> list[str]:
+    """Opcodes of the largest basic block that ends in a branch back to its own label."""
+    blocks: dict[str, list[str]] = {}
+    label, current = None, []
+    best: list[str] = []
+    for line in sass.splitlines():
+        m = re.match(r"^\.(L_x_\d+):", line.strip())
+        if m:
+            label, current = m.group(1), []
+            blocks[label] = current
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*?);", line)
+        if m and label is not None:
+            current.append(m.group(2))
+            if m.group(2).startswith("BRA") and label in m.group(3) and len(current) > len(best):
+                best = list(current)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default="int4/g128")
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--kernel", default="gemv4_gluon_kernel")
+    p.add_argument("--float32", action="store_true", help="the float32 inner product instead of HALF")
+    p.add_argument("--dump", type=Path, default=None, help="write the whole SASS here")
+    args = p.parse_args()
+    compiled, config, launch = compile_gemv(args.spec, args.n, args.k, not args.float32, args.kernel)
+    sass = sass_of(compiled.asm["cubin"])
+    if args.dump:
+        args.dump.write_text(sass)
+    loop = main_loop(sass)
+    step = launch.constants["BKG"] * launch.constants["SUB"]
+    threads = config.num_warps * 32
+    weights_per_thread = config.BN * step / threads
+    counts = collections.Counter(op.split(".")[0] for op in loop)
+    print(f"{args.spec} {args.n}x{args.k}: BN {config.BN}, step {step} columns, {threads} threads, "
+          f"{weights_per_thread:.0f} weights per thread per loop step; {resource_usage(compiled.asm['cubin'])}")
+    print(f"loop: {len(loop)} instructions, {len(loop) / weights_per_thread:.2f} per weight")
+    print("  " + ", ".join(f"{op} {c}" for op, c in counts.most_common()))
+
+
+if __name__ == "__main__":
+    main()
