@@ -11,7 +11,7 @@ attention mask, as with StaticCache. Each token reads the same numbers as Quanti
 - per-token modes (int8, fp8; every KIVI value): a token's codes depend on that token alone, so they are
   written on arrival, whatever the float window;
 - float window (KIVI, or a per-token mode given a residual length): the newest tokens are also kept in
-  float in a ring of R + 2G slots (R the window, G the key token group); attention reads the ring for
+  float in a ring of R + 2G slots (R the window, G the key token group; at most max_len); attention reads the ring for
   positions >= Q = G * floor((L - R) / G) (L tokens so far, Q the eager cache's quantized length) and the
   codes below;
 - KIVI keys (per channel over groups of G tokens): every call re-quantizes, from the ring, the newest
@@ -70,7 +70,8 @@ class StaticQuantizedLayer(_StaticLayer):
         self.group = max(self.key_codec.token_group, self.value_codec.token_group)  # G
         self.residual = config.residual                                             # R
         self.windowed = self.residual > 0 or self.key_codec.layout == "channel"
-        self.ring_len = self.residual + 2 * self.group if self.windowed else 0      # W
+        # W: R + 2G slots, or max_len when that is fewer (then slot = position, nothing is overwritten)
+        self.ring_len = min(self.residual + 2 * self.group, owner.max_len) if self.windowed else 0
         self.stored: tuple[QuantizedStates, QuantizedStates] | None = None
         self.ring: tuple[torch.Tensor, torch.Tensor] | None = None                  # (B, H, W, D) each
 
