@@ -16,7 +16,7 @@ from modelpress.errors import ModelpressError
 from modelpress.formats.base import get_format
 from modelpress.inference import kv_quant
 from modelpress.inference.decoding import EagerSteps, GenerationSettings, generate
-from modelpress.inference.kv_cache import KVCacheConfig, QuantizedKVCache, QuantizedKVLayer
+from modelpress.inference.kv_cache import KVCacheConfig, QuantizedKVCache, QuantizedKVLayer, cache_nbytes
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.static_decode import StaticCache, StaticDecoder
 from modelpress.inference.static_kv import StaticQuantizedCache
@@ -103,6 +103,7 @@ def test_bytes_fall_1_9x_at_8_bit_against_a_16_bit_static_cache():
         nbytes = allocated(quantized)
         assert nbytes == 2 * 3 * 2048 * (64 + 2)            # one code a channel + one fp16 scale a head vector
         assert float_bytes / nbytes >= 1.9 and quantized.bytes_per_token() == nbytes / 2048
+        assert cache_nbytes(quantized) == nbytes
     # KIVI 4-bit: packed codes + scales (+ offsets) of every position, plus a float ring of 128 + 2 x 128 tokens
     kivi = allocated(StaticQuantizedCache(KVCacheConfig("int4"), 1, 2048))
     codes = 2 * 3 * 2048 * 32
