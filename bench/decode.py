@@ -30,6 +30,17 @@ figure (prefill and capture included) and "decode tok/s" the rate from the secon
 decoding: the graph path captures during its first step).
 
     PYTHONPATH=src python bench/decode.py --user-path --formats int4/g128 nf4/g64 --steps 128
+
+`--kv-cache MODES` (user path) repeats each call with `GenerationSettings.kv_cache` set to each mode (float,
+int8, fp8, int4, int2): the auto path then decodes on static_kv.StaticQuantizedCache (codes written at the
+position, the whole static buffer dequantized for attention every step), the eager path on QuantizedKVCache.
+"kv MB" is what the static cache allocates for prompt + steps positions (bfloat16 states for float).
+Rows are written to the JSON as they are measured.
+
+    PYTHONPATH=src python bench/decode.py --user-path --formats int4/g128 --kv-cache float int8 fp8 \
+        --prompt 2048 --steps 128
+    PYTHONPATH=src python bench/decode.py --user-path --device cpu --tiny --formats int4/g128 \
+        --kv-cache float int8 fp8 int4 --prompt 16 --steps 8        # the code path on the CPU
 """
 
 from __future__ import annotations
@@ -54,8 +65,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.formats.scheme import WeightScheme
 from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.static_decode import StaticCache
+from modelpress.inference.static_kv import make_static_cache
 from modelpress.nn.quant_linear import QuantLinear
 
 SHAPES = {  # Llama-2-7B and a tiny model of the same architecture (CPU test of the code path)
@@ -348,40 +361,72 @@ def measure(name: str, model: nn.Module, prompts: dict, args, timer: Timer, devi
     return rows
 
 
-def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, base: dict) -> list[dict]:
-    """generate() at batch 1 on each decode path; tokens/s of the whole call and of the decode alone."""
+def static_kv_bytes(config: LlamaConfig, mode: str, max_len: int) -> int:
+    """Bytes the static cache of `mode` allocates for `max_len` positions of bfloat16 states: one layer built on
+    the CPU, times the layers."""
+    heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = make_static_cache(1, max_len, KVCacheConfig(mode))
+    cache.index = torch.zeros(1, dtype=torch.long)
+    states = torch.zeros(1, heads, 1, head_dim, dtype=torch.bfloat16)
+    cache.update(states, states, 0)
+    return cache.kv_bytes() * config.num_hidden_layers
+
+
+def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, base: dict,
+                      on_row=None) -> list[dict]:
+    """generate() at batch 1 on each decode path and KV cache mode; tokens/s of the whole call and of the
+    decode alone. `on_row(rows)` is called after each row (the JSON is written as rows come)."""
     rows = []
     ids = prompt[0].tolist()
-    for path in ("eager", "auto"):
-        warm = GenerationSettings(max_new_tokens=4, decode=path, sampling=SamplingConfig(temperature=0.0))
-        generate(model, ids, warm)
-        settings = GenerationSettings(max_new_tokens=args.steps, decode=path, sampling=SamplingConfig(temperature=0.0))
-        stamps: list[float] = []
-        result = generate(model, ids, settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
-        # from the second token on: the first step of the graph path also warms up and captures
-        decode_tps = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
-        row = {"model": name, "path": path, "ran": result.decode_path, "new_tokens": len(result.tokens),
-               "seconds": result.seconds, "call_tokens_per_s": result.tokens_per_s,
-               "decode_tokens_per_s": decode_tps, "tokens": result.tokens}
-        ref = base.get(path)
-        if ref is None:
-            base[path] = row
-        else:
-            row["decode_vs_bf16"] = decode_tps / ref["decode_tokens_per_s"] if decode_tps else None
-            row["same_tokens_as_bf16"] = token_agreement([ref["tokens"]], [result.tokens])
-        rows.append(row)
-        print(f"  {name} {path} ({result.decode_path}): {result.tokens_per_s:.1f} tok/s per call, "
-              f"{fmt(decode_tps, '.1f')} tok/s decoding", file=sys.stderr, flush=True)
+    for kv in args.kv_cache:
+        for path in args.paths:
+            row = user_row(name, model, ids, path, kv, args)
+            compare_user_row(row, base, rows)
+            rows.append(row)
+            if on_row is not None:
+                on_row(rows)
+            print(f"  {name} {path} ({row['ran']}) kv {kv}: {row['call_tokens_per_s']:.1f} tok/s per call, "
+                  f"{fmt(row['decode_tokens_per_s'], '.1f')} tok/s decoding", file=sys.stderr, flush=True)
     return rows
 
 
+def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, args) -> dict:
+    greedy = SamplingConfig(temperature=0.0)
+    generate(model, ids, GenerationSettings(max_new_tokens=4, decode=path, sampling=greedy, kv_cache=kv))  # warm-up
+    settings = GenerationSettings(max_new_tokens=args.steps, decode=path, sampling=greedy, kv_cache=kv)
+    stamps: list[float] = []
+    result = generate(model, ids, settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
+    # from the second token on: the first step of the graph path also warms up and captures
+    decode_tps = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
+    return {"model": name, "path": path, "ran": result.decode_path, "kv_cache": kv,
+            "kv_bytes_static": static_kv_bytes(model.config, kv, len(ids) + args.steps),
+            "new_tokens": len(result.tokens), "seconds": result.seconds, "call_tokens_per_s": result.tokens_per_s,
+            "decode_tokens_per_s": decode_tps, "tokens": result.tokens}
+
+
+def compare_user_row(row: dict, base: dict, rows: list[dict]) -> None:
+    """Against the bf16 model on the same path and KV mode, and against the same model's float KV cache."""
+    decode_tps = row["decode_tokens_per_s"]
+    ref = base.setdefault((row["path"], row["kv_cache"]), row)
+    if ref is not row:
+        row["decode_vs_bf16"] = decode_tps / ref["decode_tokens_per_s"] if decode_tps else None
+        row["same_tokens_as_bf16"] = token_agreement([ref["tokens"]], [row["tokens"]])
+    float_kv = next((r for r in rows if r["path"] == row["path"] and r["kv_cache"] == "float"), None)
+    if float_kv is not None and row["kv_cache"] != "float":
+        row["decode_vs_float_kv"] = decode_tps / float_kv["decode_tokens_per_s"] if decode_tps else None
+        row["same_tokens_as_float_kv"] = token_agreement([float_kv["tokens"]], [row["tokens"]])
+
+
 def user_table(rows: list[dict]) -> str:
-    lines = ["| model | decode path (ran) | call tok/s | decode tok/s | decode vs bf16 | same tokens as bf16 |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | decode path (ran) | KV cache | kv MB | call tok/s | decode tok/s | decode vs bf16 "
+             "| same tokens as bf16 | decode vs float KV | same tokens as float KV |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['path']} ({r['ran']}) | {r['call_tokens_per_s']:.1f} | "
-                     f"{fmt(r['decode_tokens_per_s'], '.1f')} | {fmt(r.get('decode_vs_bf16'), '.2f')} | "
-                     f"{fmt(r.get('same_tokens_as_bf16'), '.0%')} |")
+        lines.append(f"| {r['model']} | {r['path']} ({r['ran']}) | {r['kv_cache']} | {r['kv_bytes_static'] / 1e6:.1f} "
+                     f"| {r['call_tokens_per_s']:.1f} | {fmt(r['decode_tokens_per_s'], '.1f')} "
+                     f"| {fmt(r.get('decode_vs_bf16'), '.2f')} | {fmt(r.get('same_tokens_as_bf16'), '.0%')} "
+                     f"| {fmt(r.get('decode_vs_float_kv'), '.2f')} | {fmt(r.get('same_tokens_as_float_kv'), '.0%')} |")
     return "\n".join(lines)
 
 
@@ -418,6 +463,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--user-path", action="store_true",
                    help="time modelpress's generate() at batch 1, eager and auto (CUDA graph) paths; no peers")
+    p.add_argument("--kv-cache", nargs="+", default=["float"], choices=CACHE_MODES, metavar="MODE",
+                   help=f"user path: KV cache modes to time, each on every path ({', '.join(CACHE_MODES)}; "
+                        "default float)")
+    p.add_argument("--paths", nargs="+", default=["eager", "auto"], choices=["eager", "auto", "static", "graph"],
+                   help="user path: decode paths to time (default eager auto)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -461,6 +511,7 @@ def main() -> None:
         prompts = {1: prompts.get(1, torch.randint(0, config.vocab_size, (1, args.prompt), device=device,
                                                    generator=gen))}
         meta["mode"] = "user path: modelpress.inference.decoding.generate, batch 1, greedy"
+        meta["kv_cache_modes"], meta["paths"] = args.kv_cache, args.paths
     if not args.no_peers:
         for name, build in PEERS.items():
             if device.type != "cuda":
@@ -484,7 +535,8 @@ def main() -> None:
             continue
         built_s = time.perf_counter() - t0
         if args.user_path:
-            new = measure_user_path(name, candidate, prompts[1], args, base)
+            new = measure_user_path(name, candidate, prompts[1], args, base,
+                                    on_row=lambda done: write(args.json, meta, rows + done, began))
         else:
             new = measure(name, candidate, prompts, args, timer, device, base)
         for row in new:

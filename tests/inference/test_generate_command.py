@@ -34,8 +34,9 @@ def test_generate_streams_text_and_reports_speed(tiny_llama_dir, tmp_path, capsy
 
 
 @pytest.mark.parametrize("extra", [["--self-speculative", "int4/g32"], ["--draft", "OTHER"], ["--kv-cache", "int8"],
-                                   ["--draft", "OTHER", "--kv-cache", "int4", "--draft-tokens", "2"]],
-                         ids=["self", "draft", "int8-cache", "draft-int4-cache"])
+                                   ["--draft", "OTHER", "--kv-cache", "int4", "--draft-tokens", "2"],
+                                   ["--self-speculative", "int4/g32", "--kv-cache", "int8"]],
+                         ids=["self", "draft", "int8-cache", "draft-int4-cache", "self-int8-cache"])
 def test_greedy_text_is_the_same_in_every_mode(tiny_llama_dir, tmp_path, capsys, extra):
     other = save_tiny_llama(tmp_path / "other", seed=1)
     extra = [str(other) if e == "OTHER" else e for e in extra]
@@ -44,7 +45,8 @@ def test_greedy_text_is_the_same_in_every_mode(tiny_llama_dir, tmp_path, capsys,
     assert run_cli(*base, *extra, "--json", tmp_path / "mode.json") == 0
     plain, mode = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "mode"))
     assert mode["tokens"] == plain["tokens"]
-    if "--kv-cache" not in extra or "--draft" in extra:
+    assert mode["kv_cache"] == (extra[extra.index("--kv-cache") + 1] if "--kv-cache" in extra else "float")
+    if "--draft" in extra or "--self-speculative" in extra:
         assert mode["acceptance_rate"] is not None and "draft acceptance" in capsys.readouterr().err
 
 
@@ -71,3 +73,14 @@ def test_bad_generate_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, capsy
     assert run_cli("generate", tiny_llama_dir, "--prompt", "hi", "--max-new-tokens", "3", "--device", "cpu", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_kv_cache_decodes_on_the_captured_static_path_on_cuda(cuda, tiny_llama_dir, tmp_path, mode):
+    base = ["generate", tiny_llama_dir, "--prompt", "the cat", "--max-new-tokens", "10", "--device", "cuda"]
+    assert run_cli(*base, "--kv-cache", mode, "--json", tmp_path / "graph.json") == 0
+    assert run_cli(*base, "--kv-cache", mode, "--eager", "--json", tmp_path / "eager.json") == 0
+    graph, eager = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("graph", "eager"))
+    assert graph["decode_path"] == "graph" and eager["decode_path"] == "eager" and graph["kv_cache"] == mode
+    assert graph["tokens"] == eager["tokens"]

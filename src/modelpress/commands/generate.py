@@ -39,7 +39,9 @@ def add_parser(sub) -> None:
                        help="speculative decoding with a low-bit RTN copy of the model as draft, e.g. int4/g128")
     p.add_argument("--draft-tokens", type=positive_int, default=4,
                    help="tokens the draft proposes per round (default 4)")
-    p.add_argument("--kv-cache", default="float", choices=CACHE_MODES, help="KV cache of the model (default float)")
+    p.add_argument("--kv-cache", default="float", choices=CACHE_MODES,
+                   help="KV cache of the model (default float); a quantized one also takes the static, "
+                        "graph-captured path on CUDA")
     p.add_argument("--eager", "--no-compile", dest="eager", action="store_true",
                    help="decode eagerly (DynamicCache, one Python-driven forward per token) instead of the default "
                         "on CUDA: a static KV cache with the decode step captured in a CUDA graph")
@@ -129,19 +131,20 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids(model, tokenizer),
                                   sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
-                                  decode="eager" if args.eager else "auto")
+                                  decode="eager" if args.eager else "auto", kv_cache=args.kv_cache)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    # a float cache is left to generate (static and graph-captured on CUDA); a quantized one is used as it is
-    cache = None if args.kv_cache == "float" else make_kv_cache(model, KVCacheConfig(args.kv_cache))
     printer = StreamPrinter(tokenizer)
     # packed layers take the CPU kernels (bfloat16 inside, nn/cpu_backend.py): GenerationSettings.cpu_kernels
     if args.draft or args.self_speculative:
         draft = load_draft(args, model, tokenizer, device, dtype)
+        # speculative decoding takes a target cache, not settings.kv_cache: a quantized one is built here
+        cache = None if args.kv_cache == "float" else make_kv_cache(model, KVCacheConfig(args.kv_cache))
         result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
                                       target_cache=cache, generator=generator, on_tokens=printer)
     else:
-        result = generate(model, ids, settings, cache=cache, generator=generator, on_tokens=printer)
+        # generate builds the cache for the path it takes: static (graph-captured on CUDA) or eager
+        result = generate(model, ids, settings, generator=generator, on_tokens=printer)
     sys.stdout.write("\n")
     summary = f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s"
     if result.acceptance_rate is not None:

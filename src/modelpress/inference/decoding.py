@@ -6,6 +6,9 @@ Decode paths (`GenerationSettings.decode`):
 - static: a static KV cache written at a device position (static_decode.py), steps run eagerly;
 - graph: the static cache with the decode step captured once in a CUDA graph and replayed (CUDA only);
 - auto (default): graph on CUDA, eager elsewhere.
+`GenerationSettings.kv_cache` picks the KV cache's mode (kv_cache.CACHE_MODES): float, or a quantized mode
+that generate builds for the path it takes: static_kv.StaticQuantizedCache on the static and graph paths,
+kv_cache.QuantizedKVCache on the eager one (same quantized numbers for every token on either).
 A static path falls back to eager, with a logged reason, for a caller-supplied cache, a model with sliding-
 window or other non-full attention layers, flash-attention kernels (no 4-D masks), or a prompt the static
 prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly.
@@ -28,6 +31,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from modelpress.errors import ModelpressError
+from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig, check_full_attention, make_kv_cache
 from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
 
 TokenCallback = Callable[[list[int]], None]
@@ -44,12 +48,21 @@ class GenerationSettings:
     # float32 activations of packed layers on the CPU take the int4/int8 kernels, bfloat16 inside
     # (nn/cpu_backend.py fast_cpu); False: the exact dequantize-then-matmul reference path
     cpu_kernels: bool = True
+    # the KV cache generate builds: a mode of CACHE_MODES (default residual and groups), or a KVCacheConfig;
+    # ignored when a cache is passed to generate
+    kv_cache: str | KVCacheConfig = "float"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ModelpressError(f"max new tokens must be a positive integer, got {self.max_new_tokens}")
         if self.decode not in DECODE_PATHS:
             raise ModelpressError(f"unknown decode path {self.decode!r}; choose one of {', '.join(DECODE_PATHS)}")
+        if not isinstance(self.kv_cache, KVCacheConfig) and self.kv_cache not in CACHE_MODES:
+            raise ModelpressError(f"unknown KV cache mode {self.kv_cache!r}; choose one of {', '.join(CACHE_MODES)}")
+
+    @property
+    def kv_config(self) -> KVCacheConfig:
+        return self.kv_cache if isinstance(self.kv_cache, KVCacheConfig) else KVCacheConfig(self.kv_cache)
 
 
 @dataclass
@@ -142,8 +155,6 @@ def decode_path(model: nn.Module, settings: GenerationSettings, cache: Cache | N
 
 def static_cache_obstacle(model: nn.Module, cache: Cache | None) -> str | None:
     """Why the static cache cannot serve this call, or None."""
-    from modelpress.inference.kv_cache import check_full_attention
-
     if cache is not None:
         return "a KV cache was given (it is used as it is)"
     config = getattr(model, "config", None)
@@ -160,11 +171,14 @@ def static_cache_obstacle(model: nn.Module, cache: Cache | None) -> str | None:
 
 
 class EagerSteps:
-    """The eager path with the interface of StaticDecoder: prefill(prompt) and step(token) -> (1, V) logits."""
+    """The eager path with the interface of StaticDecoder: prefill(prompt) and step(token) -> (1, V) logits.
+    Without a given cache it builds one for `kv_cache` (float: DynamicCache; else a QuantizedKVCache)."""
 
-    def __init__(self, model: nn.Module, cache: Cache | None) -> None:
+    def __init__(self, model: nn.Module, cache: Cache | None, kv_cache: KVCacheConfig | None = None) -> None:
         self.model = model
-        self.cache = DynamicCache(config=model.config) if cache is None else cache
+        if cache is None:
+            cache = DynamicCache(config=model.config) if kv_cache is None else make_kv_cache(model, kv_cache)
+        self.cache = cache
 
     def prefill(self, prompt: list[int]) -> torch.Tensor:
         return forward_logits(self.model, prompt, self.cache, last_only=True)[-1:]
@@ -177,16 +191,19 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
     """(stepper, first logits, path that ran): the chosen path's prefill, or the eager one if that fails."""
     from modelpress.inference.static_decode import StaticDecoder
 
+    kv_cache = settings.kv_config
+    if cache is not None and kv_cache.mode != "float":
+        log.warning("the given KV cache is used as it is; GenerationSettings.kv_cache=%r is ignored", kv_cache.mode)
     path = decode_path(model, settings, cache)
     if path != "eager":
         decoder = StaticDecoder(model, len(prompt) + settings.max_new_tokens, graph=path == "graph",
-                                keep_last_only=supports_logits_to_keep(model))
+                                keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache)
         try:
             return decoder, decoder.prefill(prompt), path
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, decode eagerly)
             log.warning("static-cache prefill failed (%s: %s); decoding eagerly", type(err).__name__,
                         str(err).splitlines()[0][:300] if str(err) else "")
-    steps = EagerSteps(model, cache)
+    steps = EagerSteps(model, cache, kv_cache)
     return steps, steps.prefill(prompt), "eager"
 
 

@@ -250,8 +250,9 @@ class QuantizedKVCache(Cache):
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Stored bytes of any cache: ours report their own; float caches are summed from their key/value tensors."""
-    if isinstance(cache, QuantizedKVCache):
+    """Stored bytes of any cache: ours (QuantizedKVCache, static_kv.StaticQuantizedCache) report their own; float
+    caches are summed from their key/value tensors."""
+    if callable(getattr(cache, "nbytes", None)):
         return cache.nbytes()
     total = 0
     for layer in cache.layers:

@@ -6,6 +6,9 @@ tensor rebuilt from the position, so a decode step (one token in, logits out, po
 host value and no allocation that depends on the step: it can be captured once in a CUDA graph and replayed,
 which removes the per-layer Python and kernel-launch overhead that dominates eager batch-1 decoding.
 
+With a quantized KV mode the cache is static_kv.StaticQuantizedCache: the same interface, codes and scales
+written at the index and dequantized for attention.
+
 `StaticDecoder.prefill(prompt)` runs the prompt eagerly (its length varies); `step(token)` feeds one token.
 With `graph=True` the first step captures the step (after two warm-up runs that write, then rewind, the same
 cache slot the real step writes) and later steps replay it; a capture that fails is logged and the steps run
@@ -15,10 +18,14 @@ eagerly on the same static cache.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+if TYPE_CHECKING:
+    from modelpress.inference.kv_cache import KVCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +103,15 @@ class StaticDecoder:
 
     WARMUP_RUNS = 2
 
-    def __init__(self, model: nn.Module, max_len: int, graph: bool, keep_last_only: bool = True) -> None:
+    def __init__(self, model: nn.Module, max_len: int, graph: bool, keep_last_only: bool = True,
+                 kv_cache: KVCacheConfig | None = None) -> None:
+        from modelpress.inference.static_kv import make_static_cache  # it builds on this module
+
         self.model, self.max_len, self.use_graph = model, max_len, graph
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        self.cache = StaticCache(num_decoder_layers(model), max_len)
+        # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them
+        self.cache = make_static_cache(num_decoder_layers(model), max_len, kv_cache)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.kv_arange = torch.arange(max_len, device=device)

@@ -1,0 +1,247 @@
+"""The static quantized KV cache (inference/static_kv.py): attention reads bit for bit the states the eager
+QuantizedKVCache gives it, greedy decoding on the static (and, on CUDA, graph) path gives the eager
+quantized cache's tokens with the same codes, the buffers really are smaller, and the decode step reads no
+host value (so it can be captured)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modelpress.errors import ModelpressError
+from modelpress.formats.base import get_format
+from modelpress.inference import kv_quant
+from modelpress.inference.decoding import EagerSteps, GenerationSettings, generate
+from modelpress.inference.kv_cache import KVCacheConfig, QuantizedKVCache, QuantizedKVLayer, cache_nbytes
+from modelpress.inference.sampling import SamplingConfig
+from modelpress.inference.static_decode import StaticCache, StaticDecoder
+from modelpress.inference.static_kv import StaticQuantizedCache
+
+PROMPT = [5, 17, 33, 2, 90, 41, 7]
+# KIVI with small groups and window so that a short decode quantizes several key groups
+SMALL_KIVI = {"int4": KVCacheConfig("int4", residual_length=4, group_size=4),
+              "int2": KVCacheConfig("int2", residual_length=5, group_size=4, value_group_size=8)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # a larger init spread than the default so that greedy tokens vary (and quantization changes some)
+    return build_tiny_llama(0, initializer_range=0.2)
+
+
+def config(mode: str) -> KVCacheConfig:
+    return SMALL_KIVI.get(mode) or KVCacheConfig(mode)
+
+
+def states(t: int, seed: int) -> torch.Tensor:
+    x = torch.randn(1, 2, t, 16, generator=torch.Generator().manual_seed(seed))
+    x[..., 3] *= 20  # an outlier channel, as real keys have
+    return x
+
+
+# ---- the layer: the eager cache's numbers ----
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4", "int2", "int8-window"])
+def test_attention_reads_the_eager_quantized_cache_states_bit_for_bit(mode):
+    """A 13-token prefill, then one token a call: after every call the static cache's (B, H, max_len, D)
+    states equal the eager cache's (B, H, L, D) on the first L positions (exact float window included)."""
+    cfg = KVCacheConfig("int8", residual_length=3) if mode == "int8-window" else config(mode)
+    keys_in, values_in = states(40, 0), states(40, 1)
+    eager, static = QuantizedKVLayer(cfg), StaticQuantizedCache(cfg, num_layers=1, max_len=45)
+    start = 0
+    for length in [13, *range(14, 41)]:
+        new_k, new_v = keys_in[:, :, start:length], values_in[:, :, start:length]
+        want = eager.update(new_k, new_v)
+        static.index = torch.arange(start, length)
+        got = static.update(new_k, new_v, 0)
+        assert got[0].shape == got[1].shape == (1, 2, 45, 16)
+        assert torch.equal(got[0][:, :, :length], want[0]) and torch.equal(got[1][:, :, :length], want[1])
+        start = length
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()  # unwritten positions too
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_returned_states_are_the_dequantized_codes_not_the_inputs(mode):
+    cfg = KVCacheConfig(mode)
+    fmt = get_format(cfg.codecs()[0].format)
+    x = states(9, 0)
+    cache = StaticQuantizedCache(cfg, num_layers=1, max_len=12)
+    cache.index = torch.arange(9)
+    keys, values = cache.update(x, 2 * x, 0)
+    expected = kv_quant.dequantize_per_token(kv_quant.quantize_per_token(x, fmt), fmt, torch.float32)
+    assert torch.equal(keys[:, :, :9], expected) and not torch.equal(keys[:, :, :9], x)
+    stored = cache.layers[0].stored[0]
+    assert stored.qdata.dtype == torch.uint8 and stored.qdata.shape == (1, 2, 12, 16)
+    assert torch.equal(stored.qdata[:, :, :9], kv_quant.quantize_per_token(x, fmt).qdata)
+    assert torch.equal(keys[:, :, 9:], torch.zeros_like(keys[:, :, 9:]))  # unwritten: zero codes x zero scales
+
+
+def test_bytes_fall_1_9x_at_8_bit_against_a_16_bit_static_cache():
+    """Computed from the allocated buffers: bfloat16 states of SmolLM2-like heads (3 x 64), 2048 positions."""
+    def allocated(cache: StaticCache) -> int:
+        x = torch.zeros(1, 3, 1, 64, dtype=torch.bfloat16)
+        cache.index = torch.arange(1)
+        cache.update(x, x, 0)
+        return cache.kv_bytes()
+
+    float_bytes = allocated(StaticCache(1, 2048))
+    assert float_bytes == 2 * 3 * 64 * 2048 * 2
+    for mode in ("int8", "fp8"):
+        quantized = StaticQuantizedCache(KVCacheConfig(mode), 1, 2048)
+        nbytes = allocated(quantized)
+        assert nbytes == 2 * 3 * 2048 * (64 + 2)            # one code a channel + one fp16 scale a head vector
+        assert float_bytes / nbytes >= 1.9 and quantized.bytes_per_token() == nbytes / 2048
+        assert cache_nbytes(quantized) == nbytes
+    # KIVI 4-bit: packed codes + scales (+ offsets) of every position, plus a float ring of 128 + 2 x 128 tokens
+    kivi = allocated(StaticQuantizedCache(KVCacheConfig("int4"), 1, 2048))
+    codes = 2 * 3 * 2048 * 32
+    scales = 3 * (2048 // 128) * 64 * 2 * 2 + 3 * 2048 * 2 * 2  # keys per channel and group; values per token
+    assert kivi == codes + scales + 2 * 3 * 384 * 64 * 2
+    assert float_bytes / kivi > 2.1
+
+
+# ---- decoding through generate ----
+
+def teacher_forced(stepper, tokens: list[int]) -> list[torch.Tensor]:
+    out = [stepper.prefill(PROMPT).clone()]
+    for token in tokens:
+        out.append(stepper.step(token).clone())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
+def test_static_quantized_decode_matches_the_eager_quantized_cache(model, mode):
+    settings = dict(max_new_tokens=16, sampling=SamplingConfig(temperature=0.0), kv_cache=config(mode))
+    static = generate(model, PROMPT, GenerationSettings(decode="static", **settings))
+    eager = generate(model, PROMPT, GenerationSettings(decode="eager", **settings))
+    plain = generate(model, PROMPT, GenerationSettings(decode="static", **{**settings, "kv_cache": "float"}))
+    assert static.decode_path == "static" and eager.decode_path == "eager"
+    assert static.tokens == eager.tokens
+    with torch.no_grad():
+        steps = EagerSteps(model, None, config(mode))
+        decoder = StaticDecoder(model, len(PROMPT) + 16, graph=False, kv_cache=config(mode))
+        floats = StaticDecoder(model, len(PROMPT) + 16, graph=False)
+        ref, got = teacher_forced(steps, eager.tokens[:15]), teacher_forced(decoder, eager.tokens[:15])
+        float_logits = teacher_forced(floats, eager.tokens[:15])
+    assert isinstance(steps.cache, QuantizedKVCache)
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert max((a - f).abs().max().item() for a, f in zip(got, float_logits)) > 1e-4  # attention read codes
+    # the same codes (and scales) in every layer, for every token the eager cache holds quantized
+    for eager_layer, static_layer in zip(steps.cache.layers, decoder.cache.layers):
+        length = eager_layer.quantized_length
+        assert length >= (8 if mode == "int4" else 22)
+        for want, have in zip(eager_layer.stored, static_layer.stored):
+            assert torch.equal(have.qdata[:, :, :length], want.qdata)
+            rows = want.scale.shape[2]
+            assert torch.equal(have.scale[:, :, :rows], want.scale)
+    assert static.tokens != plain.tokens  # quantization changed the greedy text of this model
+
+
+def test_default_kivi_modes_take_the_static_path(model):
+    """int4/int2 with the default 128-token window and groups: static like the others (the short decode
+    stays in the float window, so its tokens are the float cache's)."""
+    for mode in ("int4", "int2"):
+        settings = dict(max_new_tokens=6, sampling=SamplingConfig(temperature=0.0), kv_cache=mode)
+        static = generate(model, PROMPT, GenerationSettings(decode="static", **settings))
+        assert static.decode_path == "static"
+        assert static.tokens == generate(model, PROMPT, GenerationSettings(decode="eager", **settings)).tokens
+
+
+class HostReads(TorchDispatchMode):
+    """Records ops that read a device value on the host or copy host data to the device: each would break or
+    freeze a CUDA graph capture."""
+
+    WATCHED = (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.is_nonzero,
+               torch.ops.aten.equal, torch.ops.aten.lift_fresh)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.WATCHED:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
+def test_quantized_decode_step_reads_no_host_value(model, mode):
+    decoder = StaticDecoder(model, len(PROMPT) + 12, graph=False, kv_cache=config(mode))
+    with torch.no_grad():
+        decoder.prefill(PROMPT)
+        for token in (3, 4, 5, 6, 7):  # KIVI: past the window, a key group is re-quantized every step
+            decoder.step(token)
+        watch = HostReads()
+        with watch:
+            decoder.step(8)
+    assert isinstance(decoder.cache, StaticQuantizedCache) and decoder.cache.is_compileable
+    assert watch.found == []
+
+
+# ---- settings ----
+
+def test_unknown_kv_cache_mode_is_refused_with_the_value():
+    with pytest.raises(ModelpressError, match="unknown KV cache mode 'int3'"):
+        GenerationSettings(kv_cache="int3")
+
+
+def test_a_given_cache_is_used_as_it_is(model, caplog):
+    from modelpress.inference.kv_cache import make_kv_cache
+
+    cache = make_kv_cache(model, KVCacheConfig("fp8"))
+    settings = GenerationSettings(max_new_tokens=3, decode="static", kv_cache="int8",
+                                  sampling=SamplingConfig(temperature=0.0))
+    with caplog.at_level(logging.WARNING, logger="modelpress.inference.decoding"):
+        result = generate(model, PROMPT, settings, cache=cache)
+    assert result.decode_path == "eager" and cache.get_seq_length() == len(PROMPT) + 2
+    assert "kv_cache='int8' is ignored" in caplog.text and "a KV cache was given" in caplog.text
+
+
+# ---- CUDA: the captured step ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
+def test_graph_step_with_a_quantized_cache_matches_the_eager_step_on_cuda(cuda, dtype, mode):
+    model = build_tiny_llama(0, initializer_range=0.2).to(cuda, dtype)
+    tokens = generate(model, PROMPT, GenerationSettings(max_new_tokens=12, decode="static", kv_cache=config(mode),
+                                                        sampling=SamplingConfig(temperature=0.0))).tokens
+    with torch.no_grad():
+        ref = teacher_forced(StaticDecoder(model, len(PROMPT) + 12, graph=False, kv_cache=config(mode)), tokens[:11])
+        graphed = StaticDecoder(model, len(PROMPT) + 12, graph=True, kv_cache=config(mode))
+        got = teacher_forced(graphed, tokens[:11])
+        eager = teacher_forced(EagerSteps(model, None, config(mode)), tokens[:11])
+    assert graphed.graph is not None, graphed.graph_error
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(ref, got):  # the same step on the same static cache, replayed
+        assert torch.allclose(a, b, atol=tol, rtol=tol)
+    # the eager QuantizedKVCache: attention over L, not max_len, positions, so bfloat16 rounding differs and
+    # can flip a code now and then; float32 agrees to rounding
+    scale = max(a.abs().max().item() for a in eager)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, b in zip(eager, got):
+        assert (a - b).abs().max().item() <= tol * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
+def test_generate_with_a_quantized_cache_on_cuda_captures(cuda, mode):
+    model = build_tiny_llama(0, initializer_range=0.2).to(cuda)
+    settings = dict(max_new_tokens=16, sampling=SamplingConfig(temperature=0.0), kv_cache=config(mode))
+    result = generate(model, PROMPT, GenerationSettings(**settings))
+    eager = generate(model, PROMPT, GenerationSettings(decode="eager", **settings))
+    assert result.decode_path == "graph"
+    assert result.tokens == eager.tokens
