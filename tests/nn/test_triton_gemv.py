@@ -102,8 +102,9 @@ def test_gluon_half_products_match_float64(cuda, spec, config):
         for outliers in (False, True):
             gen = torch.Generator().manual_seed(3)
             x = torch.randn(1, K, generator=gen)
-            if outliers:
-                x[0, torch.randperm(K, generator=gen)[:4]] = torch.tensor([3e4, -2e4, 1e4, -5e3])
+            if outliers:  # float16 outputs must stay finite too: smaller outliers there
+                big = torch.tensor([3e4, -2e4, 1e4, -5e3]) * (1.0 if dtype == torch.bfloat16 else 0.1)
+                x[0, torch.randperm(K, generator=gen)[:4]] = big
             x = x.to(DEVICE, dtype)
             bias = torch.randn(N, device=DEVICE).to(dtype) if dtype == torch.float16 else None
             y = run_poisoned(x, packed, bias, config)

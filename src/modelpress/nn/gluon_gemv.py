@@ -159,14 +159,8 @@ def gemv4_gluon_kernel(
     else:
         x_next = _load_x(x_ptr, perm_ptr, k_begin + x_cols, K, HAS_PERM, EVEN_K)
 
-    if HALF:  # nf4's lookup table, loaded once (ptxas copies constants into registers before every use)
-        zero = gl.full([1, 1, 1], 0, gl.int32, W3)
-        t0, t1, t2, t3, t4, t5, t6, t7 = zero, zero, zero, zero, zero, zero, zero, zero
-        if KIND == 1:
-            t0, t1, t2, t3 = (zero + gl.load(table_ptr), zero + gl.load(table_ptr + 1),
-                              zero + gl.load(table_ptr + 2), zero + gl.load(table_ptr + 3))
-            t4, t5, t6, t7 = (zero + gl.load(table_ptr + 4), zero + gl.load(table_ptr + 5),
-                              zero + gl.load(table_ptr + 6), zero + gl.load(table_ptr + 7))
+    if HALF:  # the address of nf4's lookup table (read by the asm), as a (1, 1, 1) tensor
+        table = table_ptr + gl.full([1, 1, 1], 0, gl.int32, W3)
 
     acc = gl.zeros((BN, SUB, WPG), gl.float32, layout=W3)
     i = 0
@@ -205,7 +199,7 @@ def gemv4_gluon_kernel(
             else:
                 pairs = gl.inline_asm_elementwise(PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r", [xt], dtype=gl.int32,
                                                   is_pure=True, pack=4)
-            part = _half_dot(w, pairs, t0, t1, t2, t3, t4, t5, t6, t7, DOT_ASM, gl.SliceLayout(0, W3))
+            part = _half_dot(w, pairs, table, DOT_ASM, gl.SliceLayout(0, W3))
         else:
             x_next = _load_x(x_ptr, perm_ptr, k1 + x_cols, K, HAS_PERM, EVEN_K)
             values = _codes(w[:, :, :, None], code_idx, exponent_bits, KIND, ZERO, USE_ASM)  # (BN, SUB, WPG, 8)
@@ -245,10 +239,10 @@ def _load_x_pairs(x_ptr, k0, pairs, K, EVEN_K: gl.constexpr):
 
 
 @gluon.jit
-def _half_dot(w, pairs, t0, t1, t2, t3, t4, t5, t6, t7, DOT_ASM: gl.constexpr, XL: gl.constexpr):
+def _half_dot(w, pairs, table, DOT_ASM: gl.constexpr, XL: gl.constexpr):
     """(BN, SUB, WPG) float32 products of each weight word w with its eight activations, given as the (SUB, WPG, 4)
     float16 pairs of half_dot_ptx.x_pairs (scaled by its X_SCALE); the sum of a thread's four words in the first
-    one's slot, 0 in the others. t0..t7: nf4's table (half_dot_ptx.nf4_table_words) as (1, 1, 1) tensors.
+    one's slot, 0 in the others. table: nf4's table address (half_dot_ptx.nf4_table_words), (1, 1, 1).
     XL: the (SUB, WPG) slice of w's layout."""
     even, odd = gl.split(gl.reshape(pairs, [pairs.shape[0], pairs.shape[1], 2, 2]))  # pairs (0, 2), (1, 3)
     p0, p2 = gl.split(even)
@@ -258,7 +252,7 @@ def _half_dot(w, pairs, t0, t1, t2, t3, t4, t5, t6, t7, DOT_ASM: gl.constexpr, X
     p2 = gl.convert_layout(p2, XL, assert_trivial=True)[None, :, :]
     p3 = gl.convert_layout(p3, XL, assert_trivial=True)[None, :, :]
     # pack=4: one asm call per thread takes its four consecutive words (16 bytes, one group) and their pairs
-    return gl.inline_asm_elementwise(DOT_ASM, "=r,=r,=r,=r" + ",r" * 52, [w, p0, p1, p2, p3, t0, t1, t2, t3, t4, t5, t6, t7],
+    return gl.inline_asm_elementwise(DOT_ASM, "=r,=r,=r,=r" + ",r" * 20 + ",l" * 4, [w, p0, p1, p2, p3, table],
                                      dtype=gl.float32, is_pure=True, pack=4)
 
 

@@ -63,7 +63,7 @@ def x_pairs(interleaved: bool, bf16: bool, with_sum: bool) -> str:
 WORDS = 4  # weight words per dot: a thread's 16-byte load, 32 codes of one group
 
 
-TABLE_REGS = 8  # a dot's last inputs: nf4's lookup table (nf4_table_words), unused by int4
+TABLE_REGS = 1  # a dot's last input: the address of nf4's lookup table (nf4_table_words), unused by int4
 
 
 def _operands(words: int) -> tuple[list[str], list[list[str]], list[str]]:
@@ -79,20 +79,24 @@ def _operands(words: int) -> tuple[list[str], list[list[str]], list[str]]:
 
 def constraints(words: int = WORDS) -> str:
     """The inline-asm constraint string of int4_dot / nf4_dot."""
-    return ",".join(["=r"] * words + ["r"] * (words * (5 + TABLE_REGS)))
+    return ",".join(["=r"] * words + ["r"] * (words * 5) + ["l"] * words)
 
 
 def nf4_table_words(levels: list[float]) -> list[int]:
-    """nf4_dot's table inputs: the levels' float16 bit patterns in nf4_ptx's eight byte-plane registers. Passed as
-    operands (from a tensor loaded once per kernel), not as mov immediates: ptxas keeps immediates in uniform
-    registers and copies them back before every byte permute."""
-    return table_planes([f16_bits(v) for v in levels])
+    """nf4_dot's table in memory: the levels' float16 bit patterns in nf4_ptx's eight byte-plane registers, once
+    per lane of a warp (32 x 8 words, lane i reads copy i)."""
+    return table_planes([f16_bits(v) for v in levels]) * 32
 
 
 def _finish(words: int) -> list[str]:
-    """Widen the float16 pair sum to float32 in $0; the other outputs are 0 (the kernel sums over them)."""
-    return (["mov.b32 {h0, h1}, acc;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;", "add.f32 $0, f0, f1;"]
-            + [f"mov.b32 ${i}, 0;" for i in range(1, words)])
+    """Add the words' pair sums (a tree of HADD2), widen to float32 in $0; the other outputs are 0."""
+    sums = [f"acc{w}" for w in range(words)]
+    lines = []
+    while len(sums) > 1:
+        lines += [f"add.f16x2 {a}, {a}, {b};" for a, b in zip(sums[::2], sums[1::2])]
+        sums = sums[::2]
+    return (lines + [f"mov.b32 {{h0, h1}}, {sums[0]};", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;",
+                     "add.f32 $0, f0, f1;"] + [f"mov.b32 ${i}, 0;" for i in range(1, words)])
 
 
 def int4_dot(zero: int, words: int = WORDS) -> str:
@@ -100,7 +104,7 @@ def int4_dot(zero: int, words: int = WORDS) -> str:
     pairs of x_pairs(interleaved=True); operands as _operands. Products and their sum are float16 pairs:
     |sum| <= 4 * words * 8 * max|x| * X_SCALE."""
     word_regs, pairs, _ = _operands(words)
-    lines = ["{", ".reg .b32 q, lo, hi, acc, k0, k1, k16;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;",
+    lines = ["{", ".reg .b32 q, lo, hi, k0, k1, k16;", f".reg .b32 acc<{words}>;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;",
              f"mov.b32 k0, {_f16x2(1024.0 + zero)};", f"mov.b32 k1, {_f16x2(-(64.0 + zero))};",
              f"mov.b32 k16, {_f16x2(1.0 / 16)};"]
     for w, word in enumerate(word_regs):
@@ -111,9 +115,9 @@ def int4_dot(zero: int, words: int = WORDS) -> str:
             lines += [f"lop3.b32 lo, {src}, 0x000F000F, 0x64006400, 0xEA;",  # (w & mask) | 1024s: 1024 + code
                       f"lop3.b32 hi, {src}, 0x00F000F0, 0x64006400, 0xEA;",  # 1024 + 16 code
                       "sub.f16x2 lo, lo, k0;", "fma.rn.f16x2 hi, hi, k16, k1;"]  # code - zero, exactly
-            lines.append(f"mul.f16x2 acc, lo, {first};" if w == 0 and half == 0 else
-                         f"fma.rn.f16x2 acc, lo, {first}, acc;")
-            lines.append(f"fma.rn.f16x2 acc, hi, {second}, acc;")
+            acc = f"acc{w}"
+            lines.append(f"mul.f16x2 {acc}, lo, {first};" if half == 0 else f"fma.rn.f16x2 {acc}, lo, {first}, {acc};")
+            lines.append(f"fma.rn.f16x2 {acc}, hi, {second}, {acc};")
     return "\n".join(lines + _finish(words) + ["}"])
 
 
@@ -122,13 +126,15 @@ def nf4_dot(words: int = WORDS) -> str:
     (x_pairs(interleaved=False)); the levels, as float16 (2**-11 relative), come in the table operands
     (nf4_table_words) and are looked up as in nf4_ptx."""
     word_regs, pairs, table = _operands(words)
-    lines = ["{", _REGS + ".reg .b32 acc;\n.reg .b16 h0, h1;\n.reg .f32 f0, f1;"]
-    lines += [f"mov.b32 t{i}, {reg};" for i, reg in enumerate(table)]
+    lines = ["{", _REGS + f".reg .b32 acc<{words}>;\n.reg .b16 h0, h1;\n.reg .f32 f0, f1;",
+             # the table from memory (an L1 hit), each lane from its own copy: values ptxas sees as per-thread,
+             # so it keeps them in ordinary registers (uniform ones must be copied back before every permute)
+             ".reg .u32 lane;\n.reg .u64 at;", "mov.u32 lane, %laneid;", f"mad.wide.u32 at, lane, 32, {table[0]};",
+             "ld.global.nc.v4.b32 {t0, t1, t2, t3}, [at];", "ld.global.nc.v4.b32 {t4, t5, t6, t7}, [at+16];"]
     for w, word in enumerate(word_regs):
         lines += [f"and.b32 s, {word}, 0x77777777;", f"shl.b32 sh, {word}, 4;",
                   _four(word, "0xD9C8", "p", "q"),  # levels of codes (0, 1) in p, (2, 3) in q
-                  f"mul.f16x2 acc, p, {pairs[w][0]};" if w == 0 else f"fma.rn.f16x2 acc, p, {pairs[w][0]}, acc;",
-                  f"fma.rn.f16x2 acc, q, {pairs[w][1]}, acc;",
+                  f"mul.f16x2 acc{w}, p, {pairs[w][0]};", f"fma.rn.f16x2 acc{w}, q, {pairs[w][1]}, acc{w};",
                   "shr.b32 s, s, 16;", _four(word, "0xFBEA", "p", "q"),  # codes (4, 5), (6, 7)
-                  f"fma.rn.f16x2 acc, p, {pairs[w][2]}, acc;", f"fma.rn.f16x2 acc, q, {pairs[w][3]}, acc;"]
+                  f"fma.rn.f16x2 acc{w}, p, {pairs[w][2]}, acc{w};", f"fma.rn.f16x2 acc{w}, q, {pairs[w][3]}, acc{w};"]
     return "\n".join(lines + _finish(words) + ["}"])
