@@ -63,6 +63,7 @@ class GenerationResult:
     accepted: int = 0          # draft tokens accepted
     rounds: int = 0            # draft-then-verify rounds
     decode_path: str = "eager"  # the path that ran: eager, static or graph (static with a failed capture)
+    capture_seconds: float = 0.0  # CUDA-graph warm-up and capture, included in `seconds`
 
     @property
     def tokens_per_s(self) -> float:
@@ -77,7 +78,7 @@ class GenerationResult:
                 "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
                 "draft_forwards": self.draft_forwards, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "decode_path": self.decode_path,
-                "tokens": self.tokens}
+                "capture_seconds": self.capture_seconds, "tokens": self.tokens}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -225,4 +226,5 @@ def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: G
     if path == "graph" and getattr(stepper, "graph", None) is None and forwards > 1:
         path = "static"
     return GenerationResult(tokens=new, prompt_tokens=len(prompt), seconds=time.perf_counter() - start,
-                            target_forwards=forwards, decode_path=path)
+                            target_forwards=forwards, decode_path=path,
+                            capture_seconds=getattr(stepper, "capture_seconds", 0.0))
