@@ -147,7 +147,8 @@ class StaticDecoder:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
         allowed = self.kv_arange[None, :] <= positions[:, None]  # (T, L): causal over the static buffer
-        mask = torch.where(allowed, 0.0, self.masked).to(self.mask_dtype)[None, None]
+        mask = self._mask_values(torch.empty(1, 1, len(prompt), self.max_len, dtype=self.mask_dtype,
+                                             device=self.device), allowed)
         self.cache.index = positions
         out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, **self.extra).logits
@@ -199,13 +200,17 @@ class StaticDecoder:
                 mask=torch.zeros(1, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device))
         return self.blocks[t]
 
+    def _mask_values(self, mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Fill the additive mask (1, 1, T, L) in place from `allowed` (T, L): 0, or the dtype's minimum."""
+        return mask.zero_().masked_fill_(~allowed, self.masked)
+
     def _run(self, block: _Block) -> None:
         """One forward of the block's tokens at the device position: no host value and no shape that depends on
         the position, so it can be captured once and replayed at any position."""
         block.positions.copy_(self.pos + block.offsets)
         self.cache.index = block.positions[0]
         allowed = self.kv_arange <= block.positions[0, :, None]  # (T, L): each query sees itself and the past
-        block.mask.copy_(torch.where(allowed, 0.0, self.masked)[None, None])
+        self._mask_values(block.mask, allowed)
         out = self.model(input_ids=block.ids, position_ids=block.positions, attention_mask=block.mask,
                          past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
         if block.logits is None:
