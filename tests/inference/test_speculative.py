@@ -11,8 +11,8 @@ from conftest import build_tiny_llama
 from transformers.cache_utils import DynamicCache
 
 from modelpress.errors import ModelpressError
-from modelpress.inference import speculative
 from modelpress.formats.scheme import WeightScheme
+from modelpress.inference import speculative
 from modelpress.inference.decoding import GenerationSettings, generate
 from modelpress.inference.kv_cache import KVCacheConfig, make_kv_cache
 from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
