@@ -322,6 +322,20 @@ def test_a_given_cache_takes_the_eager_path(float_models, caplog):
         assert "a KV cache was given" in caplog.text and "runs both models eagerly" in caplog.text
 
 
+def test_a_failed_static_prefill_falls_back_to_eager(float_models, monkeypatch, caplog):
+    target, drafts = float_models
+    expected = speculative_generate(target, drafts["perturbed"], [5, 17, 99], greedy("eager", 8)).tokens
+
+    def broken(self, prompt):
+        raise RuntimeError("no 4-D masks here")
+
+    monkeypatch.setattr(StaticDecoder, "prefill", broken)
+    with caplog.at_level(logging.WARNING, logger="modelpress.inference.speculative"):
+        result = speculative_generate(target, drafts["perturbed"], [5, 17, 99], greedy("static", 8))
+    assert result.decode_path == "eager" and result.tokens == expected
+    assert "static-cache prefill failed (RuntimeError: no 4-D masks here)" in caplog.text
+
+
 def test_graph_on_cpu_runs_static_and_auto_runs_eager(float_models):
     target, drafts = float_models
     assert speculative_generate(target, drafts["perturbed"], [4, 5], greedy("graph", 4)).decode_path == "static"

@@ -8,7 +8,8 @@ Decode paths (`GenerationSettings.decode`):
 - auto (default): graph on CUDA, eager elsewhere.
 A static path falls back to eager, with a logged reason, for a caller-supplied cache, a model with sliding-
 window or other non-full attention layers, flash-attention kernels (no 4-D masks), or a prompt the static
-prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly.
+prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly. Speculative decoding
+(speculative.py) takes the same paths, with a verify pass of k+1 tokens and rewinds on the static cache.
 
 tokens/s counts every new token over the whole call, prompt prefill (and graph capture) included.
 """
@@ -58,7 +59,7 @@ class GenerationResult:
     prompt_tokens: int
     seconds: float
     target_forwards: int       # forward passes of the (target) model, prefill included
-    draft_forwards: int = 0
+    draft_forwards: int = 0    # forward passes of the draft (the static path's prefill and catch-up steps included)
     drafted: int = 0           # draft tokens proposed
     accepted: int = 0          # draft tokens accepted
     rounds: int = 0            # draft-then-verify rounds

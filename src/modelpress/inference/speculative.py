@@ -237,18 +237,18 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
     # with k <= remaining - 1 no pass writes past slot prompt + max_new_tokens - 2; draft_tokens + 1 more slots
     # would hold even a verify pass of a full k + 1 tokens started at the last position
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
-    decoders = tuple(StaticDecoder(model, max_len, graph=path == "graph",
-                                   keep_last_only=supports_logits_to_keep(model))
-                     for model, path in ((target, paths[0]), (draft, paths[1])))
+    verifier, drafter = (StaticDecoder(model, max_len, graph=path == "graph",
+                                       keep_last_only=supports_logits_to_keep(model))
+                         for model, path in ((target, paths[0]), (draft, paths[1])))
     if len(tokens) > 1:
         try:
-            for decoder in decoders:
-                decoder.prefill(tokens[:-1])
+            verifier.prefill(tokens[:-1])
+            drafter.prefill(tokens[:-1])
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, run eagerly)
             log.warning("static-cache prefill failed (%s: %s); speculative decoding runs eagerly",
                         type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
             return None
-    return decoders  # type: ignore[return-value]
+    return verifier, drafter
 
 
 def _draft_steps(drafter: StaticDecoder, tokens: list[int], k: int, settings: GenerationSettings,

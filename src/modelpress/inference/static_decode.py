@@ -184,8 +184,9 @@ class StaticDecoder:
 
     def rewind(self, tokens: int) -> None:
         """Move the position back by `tokens` (rejected speculative tokens). Their keys/values stay in the
-        buffer, but harmlessly: every query's mask admits only slots at or before its own position, so no later
-        forward attends to a slot at or past the rewound position before writing it again itself."""
+        buffer but are never read: each query's mask admits only slots at or before its own position, and a
+        forward writes its own slots (pos..pos+T-1) before attending, so a stale slot is masked out until the
+        forward that reaches it overwrites it."""
         if not 0 <= tokens <= self.position:
             raise ValueError(f"cannot rewind {tokens} tokens from position {self.position}")
         self.position -= tokens
