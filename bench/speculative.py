@@ -1,30 +1,41 @@
 """Benchmark: speculative decoding of the default model with self-speculative low-bit drafts (RTN copies of
-the target), greedy and sampled: acceptance rate, tokens per target pass, tokens/s and speedup over plain
-decoding of the target, all in one process with the configurations interleaved prompt by prompt (shared
-machines drift; compare the ratios).
+the target) or separate draft models, greedy and sampled: acceptance rate, tokens per target pass, tokens/s and
+speedup over plain decoding of the target on the same decode path, all in one process with the configurations
+interleaved prompt by prompt (shared machines drift; compare the ratios).
 
+Decode paths (--decode, several to compare them in one run; --eager is --decode eager): auto (the default: CUDA
+graphs on the static cache on CUDA, eager elsewhere), eager, static, graph; each row says the path that ran.
 Prompts are consecutive 48-token pieces of the embedded corpus taken 10 windows apart; every run makes
-exactly --new-tokens tokens (no end-of-sequence stop). tokens/s includes the prompt prefill. Greedy runs
-also check that the speculative output is identical to the target's own greedy output. "draft cost" is
-the median time of one single-token decode step of the draft over that of the target.
+exactly --new-tokens tokens (no end-of-sequence stop). tokens/s includes the prompt prefill and, on the graph
+path, the capture of each call's graphs (a new decoder per call); "decode tok/s" leaves the capture out. Greedy
+runs also check that the speculative output is identical to the target's own greedy output on the same path.
+"draft cost" is the median time of one single-token decode step of the draft over that of the target, both on
+the path of the row. The JSON file is rewritten after every run, so a run cut short keeps what it measured.
 
     .venv/bin/python bench/speculative.py --json bench/results/speculative_cpu.json
     python bench/speculative.py --device cuda --dtype bfloat16 --json speculative_gpu.json
     PYTHONPATH=src python bench/speculative.py --device cuda --dtype bfloat16 --random-target llama2-7b \
-        --drafts int8/channel int4/g128 --json $OUT/speculative_h100.json   # no model files needed
+        --drafts int8/channel int4/g128 --random-draft llama-1b --decode auto eager --new-tokens 128 \
+        --json $OUT/speculative_h200.json   # no model files needed
+    PYTHONPATH=src python bench/speculative.py --device cpu --random-target tiny --drafts int8/channel \
+        --random-draft tiny --decode auto static --prompts 1 --new-tokens 8 --json /tmp/spec.json  # code path
 
 --random-target SHAPE replaces the model with a RANDOM-weight Llama of that shape (bench/decode.py builds it
-on the device; prompts are random tokens). What its figures mean: draft cost, tokens/s and speedup are real
-costs of the kernels and of the draft-verify loop at that shape; acceptance only says how closely each RTN
-copy's next-token distribution tracks the random target's. For the int8/channel self-draft (error far below
-the logits' spread) that is close to what a self-speculative int8 draft of a real model gets; for 4-bit drafts
-random weights (no outliers, no structure) make acceptance unrepresentative of real models, either way.
+on the device; prompts are random tokens); --random-draft SHAPE adds a RANDOM-weight draft of another shape
+(e.g. llama-1b) with the target's vocabulary. What their figures mean: draft cost, tokens/s and speedup are real
+costs of the kernels and of the draft-verify loop at that shape; acceptance only says how closely each draft's
+next-token distribution tracks the random target's. For the int8/channel self-draft (error far below the
+logits' spread) that is close to what a self-speculative int8 draft of a real model gets; for 4-bit drafts
+random weights (no outliers, no structure) make acceptance unrepresentative of real models, and an independent
+random draft is accepted about as often as chance, so its rows measure the cost of a draft of that size, not
+its speedup on real text.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -38,16 +49,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from modelpress.formats.scheme import WeightScheme
-from modelpress.inference.decoding import GenerationSettings, forward_logits, generate
+from modelpress.inference.decoding import DECODE_PATHS, GenerationSettings, decode_path, forward_logits, generate
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
+from modelpress.inference.static_decode import StaticDecoder
 from modelpress.io.model import load_model
 from modelpress.io.text import load_text, make_windows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COLUMNS = [("temperature", "temp"), ("config", "config"), ("draft_cost", "draft cost"),
+COLUMNS = [("temperature", "temp"), ("path", "path (ran)"), ("config", "config"), ("draft_cost", "draft cost"),
            ("acceptance_rate", "accept"), ("tokens_per_target_pass", "tok/target pass"),
-           ("tokens_per_s", "tok/s"), ("speedup", "speedup"), ("identical", "= target greedy")]
+           ("tokens_per_s", "tok/s"), ("decode_tokens_per_s", "decode tok/s"), ("speedup", "speedup"),
+           ("identical", "= target greedy")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,6 +73,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drafts", nargs="*", default=["int8/channel", "int4/g128", "int4-asym/g32"], metavar="SCHEME",
                    help="self-speculative drafts: RTN copies of the target under these schemes")
     p.add_argument("--draft-model", nargs="*", default=[], metavar="MODEL", help="separate draft models")
+    p.add_argument("--random-draft", nargs="*", default=[], metavar="SHAPE",
+                   help="with --random-target: RANDOM-weight drafts of these shapes (e.g. llama-1b), target's vocabulary")
+    p.add_argument("--decode", nargs="+", default=["auto"], choices=DECODE_PATHS,
+                   help="decode paths to run, interleaved (default auto: CUDA graphs on CUDA, eager elsewhere)")
+    p.add_argument("--eager", action="store_true", help="the same as --decode eager")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -71,7 +89,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: shared machines)")
     p.add_argument("--json", default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.eager:
+        args.decode = ["eager"]
+    if args.random_draft and not args.random_target:
+        p.error("--random-draft needs --random-target (a real target needs a real draft: --draft-model)")
+    return args
 
 
 def pick_prompts(tokenizer, args) -> list[list[int]]:
@@ -81,17 +104,25 @@ def pick_prompts(tokenizer, args) -> list[list[int]]:
 
 
 @torch.no_grad()
-def step_seconds(model, prompt: list[int], repeats: int = 7) -> float:
-    """Median time of one single-token decode step after the prompt."""
+def step_seconds(model, prompt: list[int], path: str, repeats: int = 7) -> float:
+    """Median time of one single-token decode step after the prompt, on `path` (eager, static or graph; the
+    graph's capture happens in an untimed first step)."""
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
+    if path == "eager":
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
+        step = lambda: forward_logits(model, prompt[-1:], cache, last_only=True)
+    else:
+        decoder = StaticDecoder(model, len(prompt) + repeats + 1, graph=path == "graph")
+        decoder.prefill(prompt)
+        decoder.step(prompt[-1])
+        step = lambda: decoder.step(prompt[-1])
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        forward_logits(model, prompt[-1:], cache, last_only=True)
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
@@ -112,48 +143,97 @@ def random_target(args, device: torch.device):
     gen = torch.Generator().manual_seed(args.seed + 1)
     prompts = [torch.randint(0, config.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
                for _ in range(args.prompts)]
-    return target, prompts, f"RANDOM weights, {args.random_target} shape"
+    drafts = {}
+    for i, shape in enumerate(args.random_draft):
+        if shape not in SHAPES:
+            raise SystemExit(f"--random-draft: unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+        draft_config = llama_config(shape)
+        draft_config.vocab_size = config.vocab_size  # a draft must score the target's tokens
+        drafts[f"draft RANDOM {shape}"] = random_llama(draft_config, device, dtype=DTYPES[args.dtype],
+                                                       seed=args.seed + 2 + i)
+    return target, drafts, prompts, f"RANDOM weights, {args.random_target} shape"
 
 
-def run_all(target, drafts: dict, prompts, args) -> list[dict]:
+class Report:
+    """The JSON file, rewritten (atomically) after every run: meta, the runs so far, the summary rows so far."""
+
+    def __init__(self, path: str | None, meta: dict) -> None:
+        self.path = Path(path) if path else None
+        self.meta, self.runs, self.rows = meta, [], []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add_run(self, run: dict) -> None:
+        self.runs.append(run)
+        self.write()
+
+    def add_rows(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        partial = self.path.with_suffix(self.path.suffix + ".partial")
+        partial.write_text(json.dumps({"meta": self.meta, "rows": self.rows, "runs": self.runs}, indent=1) + "\n")
+        partial.replace(self.path)
+
+
+def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) -> None:
     device = next(target.parameters()).device
-    rows = []
     for temperature in args.temperatures:
-        settings = GenerationSettings(max_new_tokens=args.new_tokens,
-                                      sampling=SamplingConfig(temperature, top_p=args.top_p))
-        runs: dict[str, list] = {"target": [], **{name: [] for name in drafts}}
-        identical: dict[str, list[bool]] = {name: [] for name in drafts}
+        runs = {(path, name): [] for path in args.decode for name in ["target", *drafts]}
+        identical: dict = {key: [] for key in runs if key[1] != "target"}
         for i, prompt in enumerate(prompts):
             seed = args.seed + i
-            base = generate(target, prompt, settings, generator=torch.Generator(device=device).manual_seed(seed))
-            runs["target"].append(base)
-            for name, draft in drafts.items():
-                result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(args.draft_tokens),
-                                              generator=torch.Generator(device=device).manual_seed(seed))
-                identical[name].append(result.tokens == base.tokens)
-                runs[name].append(result)
-            print(f"temperature {temperature}, prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
-        rows += summarize(temperature, runs, identical)
-    return rows
+            for path in args.decode:
+                settings = GenerationSettings(max_new_tokens=args.new_tokens, decode=path,
+                                              sampling=SamplingConfig(temperature, top_p=args.top_p))
+                base = generate(target, prompt, settings, generator=torch.Generator(device=device).manual_seed(seed))
+                record(report, runs, temperature, path, "target", i, base)
+                for name, draft in drafts.items():
+                    result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(args.draft_tokens),
+                                                  generator=torch.Generator(device=device).manual_seed(seed))
+                    identical[(path, name)].append(result.tokens == base.tokens)
+                    record(report, runs, temperature, path, name, i, result, identical=result.tokens == base.tokens)
+            print(f"temperature {temperature}, prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+        report.add_rows(summarize(temperature, runs, identical, costs))
 
 
-def summarize(temperature: float, runs: dict, identical: dict) -> list[dict]:
+def record(report: Report, runs: dict, temperature: float, path: str, name: str, prompt: int, result,
+           identical: bool | None = None) -> None:
+    runs[(path, name)].append(result)
+    run = {"temperature": temperature, "path": path, "ran": result.decode_path, "config": name, "prompt": prompt,
+           **{k: v for k, v in result.to_dict().items() if k != "tokens"}}
+    if identical is not None:
+        run["identical"] = identical
+    report.add_run(run)
+
+
+def summarize(temperature: float, runs: dict, identical: dict, costs: dict) -> list[dict]:
     rows = []
-    base_rate = None
-    for name, results in runs.items():
+    base_rate = {}
+    for (path, name), results in runs.items():
         tokens = sum(len(r.tokens) for r in results)
         seconds = sum(r.seconds for r in results)
+        capture = sum(r.capture_seconds for r in results)
         drafted = sum(r.drafted for r in results)
         rate = tokens / seconds
-        base_rate = rate if name == "target" else base_rate
+        if name == "target":
+            base_rate[path] = rate
         verify_passes = sum(r.rounds for r in results) if name != "target" else tokens
-        row = {"temperature": temperature, "config": name, "new_tokens": tokens, "seconds": seconds,
-               "tokens_per_s": rate, "speedup": rate / base_rate,
+        ran = sorted({r.decode_path for r in results})
+        row = {"temperature": temperature, "path": f"{path} ({'/'.join(ran)})", "config": name,
+               "new_tokens": tokens, "seconds": seconds, "capture_seconds": capture, "tokens_per_s": rate,
+               "decode_tokens_per_s": tokens / (seconds - capture) if seconds > capture else None,
+               "speedup": rate / base_rate[path],
                "acceptance_rate": sum(r.accepted for r in results) / drafted if drafted else None,
                "tokens_per_target_pass": tokens / verify_passes,
-               "rounds": sum(r.rounds for r in results)}
+               "rounds": sum(r.rounds for r in results),
+               "draft_cost": costs[path][name] if name != "target" else None,
+               "target_step_ms": costs[path]["target_step_ms"]}
         if name != "target" and temperature == 0:
-            row["identical"] = f"{sum(identical[name])}/{len(results)}"
+            row["identical"] = f"{sum(identical[(path, name)])}/{len(results)}"
         rows.append(row)
     return rows
 
@@ -164,43 +244,56 @@ def fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str]) -> dict[str, dict[str, float]]:
+    """{path: {config: median step time over the target's}} on each path that runs (round robin, 3 rounds)."""
+    costs = {}
+    for path in paths:
+        settings = GenerationSettings(decode=path)
+        ran = {name: decode_path(model, settings, None) for name, model in [("target", target), *drafts.items()]}
+        times: dict[str, list[float]] = {name: [] for name in ran}
+        for _ in range(3):
+            for name, model in [("target", target), *drafts.items()]:
+                times[name].append(step_seconds(model, prompt, ran[name]))
+        target_s = statistics.median(times["target"])
+        costs[path] = {name: statistics.median(v) / target_s for name, v in times.items()}
+        costs[path]["target_step_ms"] = 1000 * target_s
+    return costs
+
+
 def main() -> None:
     args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.random_target:
-        target, prompts, source = random_target(args, device)
+        target, drafts, prompts, source = random_target(args, device)
     else:
         loaded = load_model(args.model)
-        target, source = loaded.model.to(device).to(DTYPES[args.dtype]).eval(), loaded.source
+        target, source, drafts = loaded.model.to(device).to(DTYPES[args.dtype]).eval(), loaded.source, {}
         prompts = pick_prompts(loaded.tokenizer, args)
-    drafts = {f"self {spec}": low_bit_draft(target, WeightScheme.parse(spec)) for spec in args.drafts}
+    drafts = {**{f"self {spec}": low_bit_draft(target, WeightScheme.parse(spec)) for spec in args.drafts}, **drafts}
     for spec in args.draft_model:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
-    warm = GenerationSettings(max_new_tokens=4, sampling=SamplingConfig(0.0))
-    for draft in drafts.values():  # first calls build kernels' prepared weights
-        speculative_generate(target, draft, prompts[0], warm, SpeculativeConfig(2))
-    costs = {"target": [], **{name: [] for name in drafts}}
-    for _ in range(3):  # round robin
-        for name, model in [("target", target), *drafts.items()]:
-            costs[name].append(step_seconds(model, prompts[0]))
-    cost = {name: statistics.median(v) / statistics.median(costs["target"]) for name, v in costs.items()}
-    rows = run_all(target, drafts, prompts, args)
-    for row in rows:
-        row["draft_cost"] = cost[row["config"]] if row["config"] != "target" else None
-        row["target_step_ms"] = 1000 * statistics.median(costs["target"])
+    for path in args.decode:  # first calls build kernels' prepared weights and compile kernels for each T
+        warm = GenerationSettings(max_new_tokens=args.draft_tokens + 2, decode=path, sampling=SamplingConfig(0.0))
+        generate(target, prompts[0], warm)
+        for draft in drafts.values():
+            speculative_generate(target, draft, prompts[0], warm, SpeculativeConfig(args.draft_tokens))
+    costs = draft_costs(target, drafts, prompts[0], args.decode)
+    meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens, "top_p": args.top_p,
+            "decode": args.decode, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "step_costs": costs,
+            "complete": False}
+    report = Report(args.json, meta)
+    run_all(target, drafts, prompts, args, report, costs)
+    meta["complete"] = True
+    report.write()
     print("| " + " | ".join(h for _, h in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
-    for row in rows:
+    for row in report.rows:
         print("| " + " | ".join(fmt(row.get(k)) for k, _ in COLUMNS) + " |")
-    if args.json:
-        meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens, "top_p": args.top_p,
-                "device": args.device, "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(),
-                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -84,3 +84,22 @@ def test_quantized_kv_cache_decodes_on_the_captured_static_path_on_cuda(cuda, ti
     graph, eager = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("graph", "eager"))
     assert graph["decode_path"] == "graph" and eager["decode_path"] == "eager" and graph["kv_cache"] == mode
     assert graph["tokens"] == eager["tokens"]
+
+
+@pytest.mark.gpu
+def test_speculative_generate_on_cuda_takes_the_graph_path_unless_eager(cuda, tiny_llama_dir, tmp_path):
+    base = ["generate", tiny_llama_dir, "--prompt", "the cat", "--max-new-tokens", "12", "--device", "cuda",
+            "--self-speculative", "int8/channel", "--draft-tokens", "3"]
+    assert run_cli(*base, "--json", tmp_path / "auto.json") == 0
+    assert run_cli(*base, "--eager", "--json", tmp_path / "eager.json") == 0
+    auto, eager = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("auto", "eager"))
+    assert (auto["decode_path"], eager["decode_path"]) == ("graph", "eager")
+    assert auto["tokens"] == eager["tokens"] and auto["rounds"] >= 1
+
+
+def test_speculative_generate_with_eager_reports_the_eager_path(tiny_llama_dir, tmp_path):
+    report = tmp_path / "g.json"
+    assert run_cli("generate", tiny_llama_dir, "--prompt", "the cat", "--max-new-tokens", "6", "--device", "cpu",
+                   "--self-speculative", "int8/channel", "--eager", "--json", report) == 0
+    data = json.loads(report.read_text())
+    assert data["decode_path"] == "eager" and data["acceptance_rate"] is not None

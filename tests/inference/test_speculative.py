@@ -1,18 +1,23 @@
 """Speculative decoding: greedy output identical to the target's own, and sampled tokens distributed as the
-target's (chi-square against the exact target distribution, with a test that a wrong rule fails)."""
+target's (chi-square against the exact target distribution, with a test that a wrong rule fails), on the eager
+path (DynamicCache + crop) and the static-cache path (StaticDecoder + rewind; CUDA graphs on the GPU)."""
 
 import copy
+import logging
 
 import pytest
 import torch
 from conftest import build_tiny_llama
+from transformers.cache_utils import DynamicCache
 
 from modelpress.errors import ModelpressError
 from modelpress.formats.scheme import WeightScheme
+from modelpress.inference import speculative
 from modelpress.inference.decoding import GenerationSettings, generate
 from modelpress.inference.kv_cache import KVCacheConfig, make_kv_cache
 from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate, verify_draft
+from modelpress.inference.static_decode import StaticDecoder
 
 ALPHA = 1e-3  # a correct sampler passes at this level; the wrong rules below land at p < 1e-12
 
@@ -156,6 +161,25 @@ def test_greedy_speculative_output_with_an_int8_target_cache(models):
     draft.double()
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_settings_kv_cache_is_the_target_cache_of_speculation(models, decode):
+    """GenerationSettings.kv_cache="int8" quantizes the target's cache on either path: greedy speculation equals
+    the target's own greedy decode with that cache (and differs from the float cache's somewhere in the logits,
+    checked by the KV cache tests), and the static path really ran."""
+    target, drafts = models
+    target, draft = target.float(), drafts["perturbed"].float()
+    try:
+        settings = GenerationSettings(max_new_tokens=20, sampling=SamplingConfig(temperature=0), decode=decode,
+                                      kv_cache="int8")
+        prompt = [5, 17, 99, 3]
+        expected = generate(target, prompt, settings).tokens
+        result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(3))
+        assert result.tokens == expected and result.decode_path == decode
+    finally:
+        target.double()
+        draft.double()
+
+
 def exact_two_token_distributions(model, prompt, sampling):
     """The target's exact distribution of the first new token and the marginal of the second."""
     with torch.no_grad():
@@ -166,7 +190,8 @@ def exact_two_token_distributions(model, prompt, sampling):
     return first, first @ second_given
 
 
-def test_end_to_end_sampled_tokens_follow_the_target_distribution():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_end_to_end_sampled_tokens_follow_the_target_distribution(decode):
     config = {"vocab_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": False,
               "initializer_range": 0.15}
@@ -175,11 +200,12 @@ def test_end_to_end_sampled_tokens_follow_the_target_distribution():
     prompt = [3, 5, 7]
     first_p, second_p = exact_two_token_distributions(target, prompt, sampling)
     draft_first, _ = exact_two_token_distributions(draft, prompt, sampling)
-    settings = GenerationSettings(max_new_tokens=2, sampling=sampling)
+    settings = GenerationSettings(max_new_tokens=2, sampling=sampling, decode=decode)
     g = torch.Generator().manual_seed(0)
     runs = [speculative_generate(target, draft, prompt, settings, SpeculativeConfig(3), generator=g)
             for _ in range(300)]
     tokens = torch.tensor([r.tokens for r in runs])
+    assert {r.decode_path for r in runs} == {decode}
     assert chi_square_p_value(tokens[:, 0], first_p) > ALPHA
     assert chi_square_p_value(tokens[:, 1], second_p) > ALPHA
     accepted = sum(r.accepted for r in runs) / sum(r.drafted for r in runs)
@@ -215,6 +241,147 @@ def test_generation_stops_at_end_of_sequence(models):
     cut = full[: full.index(eos) + 1]
     assert generate(target, [9, 10], stop).tokens == cut
     assert speculative_generate(target, drafts["perturbed"], [9, 10], stop, SpeculativeConfig(4)).tokens == cut
+
+
+
+# ---- decode paths: the static cache (decode="static" on the CPU; "auto" takes CUDA graphs on the GPU) ----
+
+def greedy(decode: str, tokens: int = 16) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=tokens, decode=decode, sampling=SamplingConfig(temperature=0))
+
+
+@pytest.fixture(scope="module")
+def float_models(models):
+    target, drafts = models
+    return copy.deepcopy(target).float(), {name: copy.deepcopy(d).float() for name, d in drafts.items()}
+
+
+@pytest.fixture
+def decoders(monkeypatch):
+    """The StaticDecoders speculative_generate builds, in order: the target's, then the draft's."""
+    made: list[StaticDecoder] = []
+
+    class Recorded(StaticDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(speculative, "StaticDecoder", Recorded)
+    return made
+
+
+@pytest.mark.parametrize("draft_name", ["independent", "perturbed"])
+def test_static_path_greedy_equals_the_eager_path_and_the_target(float_models, draft_name):
+    """float32: the static path's verify pass (k+1 tokens at once) and the target's own steps agree on every
+    argmax, and every decision of the round (drafted, accepted) is the eager path's."""
+    target, drafts = float_models
+    g = torch.Generator().manual_seed(1)
+    rates = []
+    for length in (1, 6):
+        prompt = torch.randint(3, 320, (1, length), generator=g)
+        expected = generate(target, prompt, greedy("eager")).tokens
+        for k in (1, 3, 5):
+            static = speculative_generate(target, drafts[draft_name], prompt, greedy("static"), SpeculativeConfig(k))
+            eager = speculative_generate(target, drafts[draft_name], prompt, greedy("eager"), SpeculativeConfig(k))
+            assert (static.decode_path, eager.decode_path) == ("static", "eager")
+            assert static.tokens == eager.tokens == expected, (length, k)
+            assert (static.rounds, static.drafted, static.accepted, static.target_forwards) == \
+                (eager.rounds, eager.drafted, eager.accepted, eager.target_forwards)
+            rates.append(static.acceptance_rate)
+    if draft_name == "independent":
+        assert max(rates) < 0.2  # drafts rejected almost every round
+    else:
+        assert 0.1 < sum(rates) / len(rates) < 0.95
+
+
+def shifted_head_copy(model):
+    """The model with its output rows rolled by one: its argmax is always the model's argmax - 1 (mod V)."""
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        draft.lm_head.weight.copy_(torch.roll(model.lm_head.weight, -1, dims=0))
+    return draft
+
+
+@pytest.mark.parametrize("length", [1, 6])
+@pytest.mark.parametrize("kind", ["always right", "always wrong"])
+def test_static_positions_follow_the_tokens(models, decoders, kind, length):
+    """After each round with n tokens so far: the target has seen all but the newest (n-1); the draft n-1 after
+    a rejection, n-2 after a round that kept all k drafts (it never fed the last), unchanged after k = 0."""
+    target, _ = models
+    draft = target if kind == "always right" else shifted_head_copy(target)
+    prompt = list(range(40, 40 + length))
+    seen = []
+
+    def record(new):
+        verifier, drafter = decoders
+        seen.append((len(new), verifier.position, drafter.position))
+
+    result = speculative_generate(target, draft, prompt, greedy("static"), SpeculativeConfig(3), on_tokens=record)
+    assert len(decoders) == 2 and len(result.tokens) == 16
+    if kind == "always right":  # 4 rounds of 3 drafts + the bonus token
+        assert result.accepted == result.drafted == 12
+        assert seen == [(4, length + 4 * r - 1, length + 4 * r - 2) for r in range(1, 5)]
+    else:  # 16 rounds of one token; the last drafts nothing (k = 0), so the draft stays where it was
+        assert result.accepted == 0 and result.drafted == 3 * 13 + 2 + 1
+        assert seen == [(1, length + r - 1, length + r - 1) for r in range(1, 16)] + [(1, length + 15, length + 14)]
+    assert decoders[0].position == length + len(result.tokens) - 1
+
+
+def test_a_given_cache_takes_the_eager_path(float_models, caplog):
+    target, drafts = float_models
+    draft, prompt = drafts["perturbed"], [5, 17, 99, 3]
+    expected = speculative_generate(target, draft, prompt, greedy("static", 12), SpeculativeConfig(3))
+    assert expected.decode_path == "static"
+    for given in ({"target_cache": DynamicCache(config=target.config)},
+                  {"draft_cache": DynamicCache(config=draft.config)}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="modelpress.inference"):
+            result = speculative_generate(target, draft, prompt, greedy("static", 12), SpeculativeConfig(3), **given)
+        assert result.decode_path == "eager" and result.tokens == expected.tokens
+        assert "a KV cache was given" in caplog.text and "runs both models eagerly" in caplog.text
+
+
+def test_a_failed_static_prefill_falls_back_to_eager(float_models, monkeypatch, caplog):
+    target, drafts = float_models
+    expected = speculative_generate(target, drafts["perturbed"], [5, 17, 99], greedy("eager", 8)).tokens
+
+    def broken(self, prompt):
+        raise RuntimeError("no 4-D masks here")
+
+    monkeypatch.setattr(StaticDecoder, "prefill", broken)
+    with caplog.at_level(logging.WARNING, logger="modelpress.inference.speculative"):
+        result = speculative_generate(target, drafts["perturbed"], [5, 17, 99], greedy("static", 8))
+    assert result.decode_path == "eager" and result.tokens == expected
+    assert "static-cache prefill failed (RuntimeError: no 4-D masks here)" in caplog.text
+
+
+def test_graph_on_cpu_runs_static_and_auto_runs_eager(float_models):
+    target, drafts = float_models
+    assert speculative_generate(target, drafts["perturbed"], [4, 5], greedy("graph", 4)).decode_path == "static"
+    assert speculative_generate(target, drafts["perturbed"], [4, 5], greedy("auto", 4)).decode_path == "eager"
+
+
+@pytest.mark.gpu
+def test_graph_speculation_on_cuda_equals_eager_and_replays(cuda, decoders):
+    """auto on CUDA captures one graph per forward length (the draft's single step; the target's k+1, and a
+    shorter last round's) and replays them: every verify pass and every draft step after the prefill."""
+    target = build_tiny_llama(0, **TINY).to(cuda)  # float32
+    draft = perturbed_copy(build_tiny_llama(0, **TINY), 0.1, 7).to(cuda)
+    prompt = [5, 17, 99, 3, 250, 41]
+    expected = generate(target, prompt, greedy("eager", 24)).tokens
+    for k in (1, 3, 5):
+        decoders.clear()
+        graph = speculative_generate(target, draft, prompt, greedy("auto", 24), SpeculativeConfig(k))
+        eager = speculative_generate(target, draft, prompt, greedy("eager", 24), SpeculativeConfig(k))
+        verifier, drafter = decoders
+        assert verifier.graph_error is None and drafter.graph_error is None, (verifier.graph_error,
+                                                                              drafter.graph_error)
+        assert graph.decode_path == "graph" and eager.decode_path == "eager"
+        assert graph.tokens == eager.tokens == expected, k
+        assert 0 < graph.acceptance_rate < 1  # accepted and rejected drafts, so rewinds of both decoders
+        assert verifier.captures == len(verifier.blocks) and verifier.replays == graph.rounds
+        assert drafter.captures == 1 and drafter.replays == graph.draft_forwards - 1  # 1: the prefill
+        assert graph.capture_seconds > 0
 
 
 @pytest.mark.slow

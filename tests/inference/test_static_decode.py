@@ -7,10 +7,11 @@ import logging
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.formats import WeightScheme
-from modelpress.inference.decoding import EagerSteps, GenerationSettings, generate
+from modelpress.inference.decoding import EagerSteps, GenerationSettings, forward_logits, generate
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.static_decode import StaticDecoder
 from conftest import build_tiny_llama
@@ -76,6 +77,50 @@ def test_packed_layers_take_the_cpu_kernels_unless_turned_off():
     assert len(fast.tokens) == 4
 
 
+def forward_and_rewind(decoder: StaticDecoder) -> list[torch.Tensor]:
+    """Logits of: 4 tokens at once; 3 of them rejected, then 4 others (same length: a graph replays at another
+    position); 2 rejected, then one step and a 2-token forward. Positions 7 -> 11 -> 8 -> 12 -> 10 -> 11 -> 13."""
+    decoder.prefill(PROMPT)
+    out = [decoder.forward([11, 12, 13, 14]).clone()]
+    decoder.rewind(3)
+    out.append(decoder.forward([50, 51, 52, 53]).clone())
+    decoder.rewind(2)
+    out.append(decoder.step(60).clone())
+    out.append(decoder.forward([61, 62]).clone())
+    return out
+
+
+def test_forward_scores_every_token_and_rewound_tokens_are_forgotten():
+    """forward(T tokens) gives the (T, V) logits a DynamicCache gives for the same sequence; after a rewind the
+    stale keys/values past the position (slot 11 still holds 53 while 60 is scored at 10) are never seen."""
+    model = build_tiny_llama()
+    with torch.no_grad():
+        decoder = StaticDecoder(model, len(PROMPT) + 8, graph=False)
+        got = forward_and_rewind(decoder)
+        seen = [11, 50, 51, 60, 61, 62]  # what the decoder holds at the end, after the prompt
+        ref = forward_logits(model, PROMPT + [11, 12, 13, 14], DynamicCache(config=model.config))[-4:]
+        cache = DynamicCache(config=model.config)
+        ref_tail = forward_logits(model, PROMPT + seen[:1] + [50, 51, 52, 53], cache)[-4:]
+        cache.crop(-2)
+        ref_steps = forward_logits(model, [60, 61, 62], cache)
+    assert decoder.position == len(PROMPT) + len(seen) == 13
+    assert [g.shape for g in got] == [(4, 320), (4, 320), (1, 320), (2, 320)]
+    for a, b in zip([ref, ref_tail, ref_steps[:1], ref_steps[1:]], got):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_and_rewind_refuse_positions_outside_the_cache():
+    decoder = StaticDecoder(build_tiny_llama(), 10, graph=False)
+    with torch.no_grad():
+        decoder.prefill(PROMPT)
+        with pytest.raises(ValueError, match="4 tokens at position 7 overrun the static cache of 10"):
+            decoder.forward([1, 2, 3, 4])
+        with pytest.raises(ValueError, match="cannot rewind 8 tokens from position 7"):
+            decoder.rewind(8)
+        with pytest.raises(ValueError, match="at least one token"):
+            decoder.forward([])
+    assert decoder.position == 7
+
 def test_auto_is_eager_on_cpu():
     assert greedy(build_tiny_llama(), "auto", tokens=3).decode_path == "eager"
 
@@ -126,3 +171,20 @@ def test_generate_on_cuda_captures_by_default(cuda):
     result, eager = greedy(model, "auto"), greedy(model, "eager")
     assert result.decode_path == "graph"
     assert result.tokens == eager.tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_forward_and_rewind_match_eager_on_cuda(cuda, dtype):
+    """One graph per forward length (4, 1, 2), captured once and replayed at whatever position the rewinds left."""
+    model = build_tiny_llama().to(cuda, dtype)
+    with torch.no_grad():
+        ref = forward_and_rewind(StaticDecoder(model, len(PROMPT) + 8, graph=False))
+        graphed = StaticDecoder(model, len(PROMPT) + 8, graph=True)
+        got = forward_and_rewind(graphed)
+    assert graphed.graph_error is None, graphed.graph_error
+    assert (graphed.captures, graphed.replays, sorted(graphed.blocks)) == (3, 4, [1, 2, 4])
+    assert graphed.position == 13 and int(graphed.pos) == 13
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=tol, rtol=tol)

@@ -184,9 +184,11 @@ def test_quantized_decode_step_reads_no_host_value(model, mode):
         decoder.prefill(PROMPT)
         for token in (3, 4, 5, 6, 7):  # KIVI: past the window, a key group is re-quantized every step
             decoder.step(token)
+        block = decoder._block(1)  # what a graph captures: the run, after the token id is written in place
+        block.ids.fill_(8)
         watch = HostReads()
         with watch:
-            decoder.step(8)
+            decoder._run(block)
     assert isinstance(decoder.cache, StaticQuantizedCache) and decoder.cache.is_compileable
     assert watch.found == []
 

@@ -14,7 +14,7 @@ import torch
 from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
 from modelpress.errors import ModelpressError
 from modelpress.inference.decoding import GenerationSettings, generate
-from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig, make_kv_cache
+from modelpress.inference.kv_cache import CACHE_MODES
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
 from modelpress.io.model import load_model
@@ -138,10 +138,9 @@ def run(args: argparse.Namespace) -> int:
     # packed layers take the CPU kernels (bfloat16 inside, nn/cpu_backend.py): GenerationSettings.cpu_kernels
     if args.draft or args.self_speculative:
         draft = load_draft(args, model, tokenizer, device, dtype)
-        # speculative decoding takes a target cache, not settings.kv_cache: a quantized one is built here
-        cache = None if args.kv_cache == "float" else make_kv_cache(model, KVCacheConfig(args.kv_cache))
+        # the target's KV cache follows settings.kv_cache on either path, as in generate
         result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
-                                      target_cache=cache, generator=generator, on_tokens=printer)
+                                      generator=generator, on_tokens=printer)
     else:
         # generate builds the cache for the path it takes: static (graph-captured on CUDA) or eager
         result = generate(model, ids, settings, generator=generator, on_tokens=printer)

@@ -11,7 +11,8 @@ that generate builds for the path it takes: static_kv.StaticQuantizedCache on th
 kv_cache.QuantizedKVCache on the eager one (same quantized numbers for every token on either).
 A static path falls back to eager, with a logged reason, for a caller-supplied cache, a model with sliding-
 window or other non-full attention layers, flash-attention kernels (no 4-D masks), or a prompt the static
-prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly.
+prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly. Speculative decoding
+(speculative.py) takes the same paths, with a verify pass of k+1 tokens and rewinds on the static cache.
 
 tokens/s counts every new token over the whole call, prompt prefill (and graph capture) included.
 """
@@ -71,11 +72,12 @@ class GenerationResult:
     prompt_tokens: int
     seconds: float
     target_forwards: int       # forward passes of the (target) model, prefill included
-    draft_forwards: int = 0
+    draft_forwards: int = 0    # forward passes of the draft (the static path's prefill and catch-up steps included)
     drafted: int = 0           # draft tokens proposed
     accepted: int = 0          # draft tokens accepted
     rounds: int = 0            # draft-then-verify rounds
     decode_path: str = "eager"  # the path that ran: eager, static or graph (static with a failed capture)
+    capture_seconds: float = 0.0  # CUDA-graph warm-up and capture, included in `seconds`
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,7 +92,7 @@ class GenerationResult:
                 "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
                 "draft_forwards": self.draft_forwards, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "decode_path": self.decode_path,
-                "tokens": self.tokens}
+                "capture_seconds": self.capture_seconds, "tokens": self.tokens}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -242,4 +244,5 @@ def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: G
     if path == "graph" and getattr(stepper, "graph", None) is None and forwards > 1:
         path = "static"
     return GenerationResult(tokens=new, prompt_tokens=len(prompt), seconds=time.perf_counter() - start,
-                            target_forwards=forwards, decode_path=path)
+                            target_forwards=forwards, decode_path=path,
+                            capture_seconds=getattr(stepper, "capture_seconds", 0.0))

@@ -11,11 +11,18 @@ Cache bookkeeping, per round, with n tokens so far (prompt + generated) and `las
 - the draft cache holds at most n-1 tokens; it catches up on what it has not seen, drafts d1..dk, and is
   cropped to n + min(a, k-1) entries (dk itself was never fed to it).
 The self-speculative draft is a low-bit copy of the target (`low_bit_draft`).
+
+Decode paths (GenerationSettings.decode, resolved per model by decoding.decode_path): eager runs both models
+on DynamicCaches as above (also whenever a cache is given). static and graph give each model a StaticDecoder
+(static_decode.py) with the same bookkeeping: "crop to m entries" becomes "rewind to position m", the draft
+catches up and drafts with single steps, and the target verifies with one T = k+1 token forward; under graph
+each forward length is captured once in a CUDA graph and replayed. If either model must decode eagerly, both do.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 
@@ -29,12 +36,18 @@ from modelpress.inference.decoding import (
     GenerationResult,
     GenerationSettings,
     TokenCallback,
+    decode_path,
     finish,
     forward_logits,
     kernel_context,
     prompt_list,
+    supports_logits_to_keep,
 )
+from modelpress.inference.kv_cache import make_kv_cache
 from modelpress.inference.sampling import next_token_probs, sample
+from modelpress.inference.static_decode import StaticDecoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,8 +137,15 @@ def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.
                           on_tokens: TokenCallback | None) -> GenerationResult:
     check_same_vocabulary(target, draft)
     tokens = prompt_list(input_ids)
+    paths = speculation_paths(target, draft, settings, target_cache, draft_cache)
+    if paths != ("eager", "eager"):
+        result = _static_speculation(target, draft, tokens, settings, config, paths, generator, on_tokens)
+        if result is not None:
+            return result
     prompt_length = len(tokens)
-    target_cache = DynamicCache(config=target.config) if target_cache is None else target_cache
+    if target_cache is None:  # settings.kv_cache is the target's KV cache (the draft's stays float)
+        kv = settings.kv_config
+        target_cache = DynamicCache(config=target.config) if kv.mode == "float" else make_kv_cache(target, kv)
     draft_cache = DynamicCache(config=draft.config) if draft_cache is None else draft_cache
     result = GenerationResult(tokens=[], prompt_tokens=prompt_length, seconds=0.0, target_forwards=0)
     start = time.perf_counter()
@@ -139,23 +159,121 @@ def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.
         result.draft_forwards += k
         logits = forward_logits(target, tokens[-1:] + drafts, target_cache)     # (k+1, V)
         result.target_forwards += 1
-        target_probs = next_token_probs(logits, settings.sampling)
-        device = target_probs.device
-        accepted, next_token = verify_draft(target_probs.unsqueeze(0), draft_probs.to(device).unsqueeze(0),
-                                            torch.tensor([drafts], dtype=torch.long, device=device), generator)
-        a = int(accepted)
+        a, next_token = _judge(logits, draft_probs, drafts, settings, generator)
         _crop(target_cache, k - a)
         _crop(draft_cache, k - 1 - a)
-        new, done = finish(drafts[:a] + [int(next_token)], settings)
-        result.rounds, result.drafted, result.accepted = result.rounds + 1, result.drafted + k, result.accepted + a
-        tokens += new
-        result.tokens += new
-        if on_tokens is not None:
-            on_tokens(new)
-        if done or len(result.tokens) >= settings.max_new_tokens:
+        if _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens):
             break
     result.seconds = time.perf_counter() - start
     return result
+
+
+def speculation_paths(target: nn.Module, draft: nn.Module, settings: GenerationSettings,
+                      target_cache: Cache | None, draft_cache: Cache | None) -> tuple[str, str]:
+    """(target path, draft path): both eager, or each static or graph (a model on the eager path, e.g. one given
+    a cache, makes both eager: the loop drives two DynamicCaches or two StaticDecoders)."""
+    paths = decode_path(target, settings, target_cache), decode_path(draft, settings, draft_cache)
+    if "eager" in paths and paths != ("eager", "eager"):
+        log.warning("speculative decoding runs both models eagerly: the %s decodes eagerly",
+                    "target" if paths[0] == "eager" else "draft")
+        return "eager", "eager"
+    return paths
+
+
+def _judge(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int], settings: GenerationSettings,
+           generator: torch.Generator | None) -> tuple[int, int]:
+    """The accept rule on one round: target logits (k+1, V), draft distributions (k, V) -> (accepted, next token)."""
+    target_probs = next_token_probs(logits, settings.sampling)
+    device = target_probs.device
+    accepted, next_token = verify_draft(target_probs.unsqueeze(0), draft_probs.to(device).unsqueeze(0),
+                                        torch.tensor([drafts], dtype=torch.long, device=device), generator)
+    return int(accepted), int(next_token)
+
+
+def _emit(result: GenerationResult, tokens: list[int], new: list[int], k: int, a: int,
+          settings: GenerationSettings, on_tokens: TokenCallback | None) -> bool:
+    """Record a round that drafted k and kept a, emitting `new`; True when generation is done."""
+    new, done = finish(new, settings)
+    result.rounds, result.drafted, result.accepted = result.rounds + 1, result.drafted + k, result.accepted + a
+    tokens += new
+    result.tokens += new
+    if on_tokens is not None:
+        on_tokens(new)
+    return done or len(result.tokens) >= settings.max_new_tokens
+
+
+def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
+                        config: SpeculativeConfig, paths: tuple[str, str], generator: torch.Generator | None,
+                        on_tokens: TokenCallback | None) -> GenerationResult | None:
+    """The loop above on two StaticDecoders, positions in the role of cache lengths (module docstring); None
+    (reason logged) if a static prefill fails, for the caller to run the eager loop."""
+    start = time.perf_counter()
+    result = GenerationResult(tokens=[], prompt_tokens=len(tokens), seconds=0.0, target_forwards=0)
+    decoders = _prefilled_decoders(target, draft, tokens, settings, config, paths)
+    if decoders is None:
+        return None
+    verifier, drafter = decoders
+    result.target_forwards = result.draft_forwards = int(len(tokens) > 1)
+    while True:
+        remaining = settings.max_new_tokens - len(result.tokens)
+        k = min(config.draft_tokens, remaining - 1)
+        drafts, draft_probs, forwards = _draft_steps(drafter, tokens, k, settings, generator)
+        result.draft_forwards += forwards
+        logits = verifier.forward(tokens[-1:] + drafts)  # (k+1, V) at positions n-1 .. n+k-1
+        result.target_forwards += 1
+        a, next_token = _judge(logits, draft_probs, drafts, settings, generator)
+        verifier.rewind(k - a)                       # keeps n + a: the tokens so far and the accepted drafts
+        drafter.rewind(max(0, k - 1 - a))            # keeps n + min(a, k-1) of its n + k-1 (dk was not fed)
+        if _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens):
+            break
+    result.seconds = time.perf_counter() - start
+    result.capture_seconds = verifier.capture_seconds + drafter.capture_seconds
+    result.decode_path = "graph" if verifier.path == drafter.path == "graph" else "static"
+    return result
+
+
+def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
+                        config: SpeculativeConfig, paths: tuple[str, str]
+                        ) -> tuple[StaticDecoder, StaticDecoder] | None:
+    """(target's, draft's) StaticDecoder, both holding the first n-1 tokens (the draft's first step feeds the
+    last); None, with the reason logged, if a prefill fails."""
+    # with k <= remaining - 1 no pass writes past slot prompt + max_new_tokens - 2; draft_tokens + 1 more slots
+    # would hold even a verify pass of a full k + 1 tokens started at the last position
+    max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
+    verifier, drafter = (StaticDecoder(model, max_len, graph=path == "graph",
+                                       keep_last_only=supports_logits_to_keep(model), kv_cache=kv)
+                         for model, path, kv in ((target, paths[0], settings.kv_config), (draft, paths[1], None)))
+    if len(tokens) > 1:
+        try:
+            verifier.prefill(tokens[:-1])
+            drafter.prefill(tokens[:-1])
+        except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, run eagerly)
+            log.warning("static-cache prefill failed (%s: %s); speculative decoding runs eagerly",
+                        type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
+            return None
+    return verifier, drafter
+
+
+def _draft_steps(drafter: StaticDecoder, tokens: list[int], k: int, settings: GenerationSettings,
+                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor, int]:
+    """k tokens drawn from the draft on its static cache, the (k, V) distributions they were drawn from, and
+    the forward passes run: one step per token the draft has not seen (one, or two after a round that kept
+    every draft), then one per draft but the last."""
+    if k == 0:
+        return [], torch.zeros(0, 0), 0
+    unseen = tokens[drafter.position:]
+    for token in unseen[:-1]:
+        drafter.step(token)
+    logits = drafter.step(unseen[-1])  # (1, V), a static buffer: turned into q before the next step
+    drafts: list[int] = []
+    probs = []
+    for i in range(k):
+        q = next_token_probs(logits[-1], settings.sampling)
+        drafts.append(int(sample(q, generator)))
+        probs.append(q)
+        if i < k - 1:
+            logits = drafter.step(drafts[-1])
+    return drafts, torch.stack(probs), len(unseen) + k - 1
 
 
 def _draft(draft: nn.Module, tokens: list[int], cache: Cache, k: int, settings: GenerationSettings,

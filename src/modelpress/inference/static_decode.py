@@ -9,15 +9,19 @@ which removes the per-layer Python and kernel-launch overhead that dominates eag
 With a quantized KV mode the cache is static_kv.StaticQuantizedCache: the same interface, codes and scales
 written at the index and dequantized for attention.
 
-`StaticDecoder.prefill(prompt)` runs the prompt eagerly (its length varies); `step(token)` feeds one token.
-With `graph=True` the first step captures the step (after two warm-up runs that write, then rewind, the same
-cache slot the real step writes) and later steps replay it; a capture that fails is logged and the steps run
+`StaticDecoder.prefill(prompt)` runs the prompt eagerly (its length varies); `step(token)` feeds one token;
+`forward(tokens)` feeds T tokens and returns the logits of all T (speculative decoding's verify pass);
+`rewind(n)` moves the position back n tokens (rejected drafts). With `graph=True` the first forward of each
+length T captures it (after two warm-up runs that write, then rewind, the same cache slots the real forward
+writes) and later forwards of that length replay it; a capture that fails is logged and the forwards run
 eagerly on the same static cache.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -98,6 +102,19 @@ def num_decoder_layers(model: nn.Module) -> int:
     return int(text.num_hidden_layers)
 
 
+@dataclass
+class _Block:
+    """The static device buffers of a T-token forward (one set per T, so the graph captured for T replays on
+    the same addresses)."""
+
+    ids: torch.Tensor        # (1, T) token ids, filled in place before each run
+    offsets: torch.Tensor    # (T,) 0..T-1
+    positions: torch.Tensor  # (1, T) pos..pos+T-1, computed on the device from the decoder's position
+    mask: torch.Tensor       # (1, 1, T, max_len): 0 where a query may attend, the dtype's minimum elsewhere
+    logits: torch.Tensor | None = None  # (T, V) float32, allocated by the first (eager) run
+    graph: torch.cuda.CUDAGraph | None = None
+
+
 class StaticDecoder:
     """One batch-1 decode of at most `max_len` tokens (prompt included) on a StaticCache."""
 
@@ -108,79 +125,137 @@ class StaticDecoder:
         from modelpress.inference.static_kv import make_static_cache  # it builds on this module
 
         self.model, self.max_len, self.use_graph = model, max_len, graph
-        device = next(model.parameters()).device
+        self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them
         self.cache = make_static_cache(num_decoder_layers(model), max_len, kv_cache)
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.kv_arange = torch.arange(max_len, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the position, on the device
+        self.position = 0  # the same position on the host (no device sync to read it)
+        self.kv_arange = torch.arange(max_len, device=self.device)
         self.masked = torch.finfo(dtype).min
-        self.mask = torch.zeros(1, 1, 1, max_len, dtype=dtype, device=device)
-        self.extra = {"logits_to_keep": 1} if keep_last_only else {}
-        self.logits: torch.Tensor | None = None  # (1, V) of the last step, float32; static under a graph
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.mask_dtype = dtype
+        self.extra = {"logits_to_keep": 1} if keep_last_only else {}  # prefill only: forwards return every row
+        self.blocks: dict[int, _Block] = {}
         self.graph_error: str | None = None
+        self.captures = self.replays = 0
+        self.capture_seconds = 0.0  # warm-up and capture time, device work included
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured single-token step, if any."""
+        block = self.blocks.get(1)
+        return block.graph if block is not None else None
+
+    @property
+    def path(self) -> str:
+        """static, or graph while graphs are wanted and none has failed to capture."""
+        return "graph" if self.use_graph and self.graph_error is None else "static"
 
     def prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Run the prompt; (1, V) float32 logits of its last token."""
+        """Run the prompt from position 0; (1, V) float32 logits of its last token."""
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit a static cache of {self.max_len}")
-        device = self.ids.device
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        positions = torch.arange(len(prompt), device=device)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(prompt), device=self.device)
         allowed = self.kv_arange[None, :] <= positions[:, None]  # (T, L): causal over the static buffer
-        mask = torch.where(allowed, 0.0, self.masked).to(self.mask.dtype)[None, None]
+        mask = self._mask_values(torch.empty(1, 1, len(prompt), self.max_len, dtype=self.mask_dtype,
+                                             device=self.device), allowed)
         self.cache.index = positions
         out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, **self.extra).logits
         self.pos.fill_(len(prompt))
+        self.position = len(prompt)
         return out[0, -1:].float()
 
     def step(self, token: int) -> torch.Tensor:
-        """Feed `token` at the current position; (1, V) float32 logits (a static buffer under a graph: read
-        it before the next step)."""
-        self.ids.fill_(token)
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.use_graph and self.graph_error is None:
-            self._capture()
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._step()
+        """Feed `token` at the current position; (1, V) float32 logits (a static buffer: read it before the
+        next step)."""
+        return self.forward([token])
+
+    def forward(self, tokens: list[int]) -> torch.Tensor:
+        """Feed T tokens at positions pos..pos+T-1 and advance the position by T; (T, V) float32 logits of every
+        position (a static buffer, one per T: read it before the next forward of the same length). With graphs,
+        the first forward of each length captures it and every forward replays."""
+        t = len(tokens)
+        if t == 0:
+            raise ValueError("a forward needs at least one token, got none")
+        if self.position + t > self.max_len:
+            raise ValueError(f"{t} tokens at position {self.position} overrun the static cache of {self.max_len}")
+        block = self._block(t)
+        block.ids.copy_(torch.tensor([tokens], dtype=torch.long))
+        if block.graph is None and self.use_graph and self.graph_error is None:
+            block.graph = self._capture(block)
+        if block.graph is not None:
+            block.graph.replay()
+            self.replays += 1
         else:
-            self._step()
-        return self.logits  # type: ignore[return-value]
+            self._run(block)
+        self.position += t
+        return block.logits  # type: ignore[return-value]
 
-    def _step(self) -> None:
-        self.cache.index = self.pos[0]
-        self.mask.copy_(torch.where(self.kv_arange <= self.pos[:, :, None, None], 0.0, self.masked))
-        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
-                         past_key_values=self.cache, use_cache=True, **self.extra).logits
-        if self.logits is None:
-            self.logits = torch.empty(1, out.shape[-1], dtype=torch.float32, device=out.device)
-        self.logits.copy_(out[0, -1:])
-        self.pos.add_(1)
+    def rewind(self, tokens: int) -> None:
+        """Move the position back by `tokens` (rejected speculative tokens). Their keys/values stay in the
+        buffer but are never read: each query's mask admits only slots at or before its own position, and a
+        forward writes its own slots (pos..pos+T-1) before attending, so a stale slot is masked out until the
+        forward that reaches it overwrites it."""
+        if not 0 <= tokens <= self.position:
+            raise ValueError(f"cannot rewind {tokens} tokens from position {self.position}")
+        self.position -= tokens
+        self.pos.fill_(self.position)  # a kernel argument, no sync
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (each run writes the next cache slot, then the position is rewound, so the
-        real step later writes the same values there), then capture one step."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+    def _block(self, t: int) -> _Block:
+        if t not in self.blocks:
+            self.blocks[t] = _Block(
+                ids=torch.zeros(1, t, dtype=torch.long, device=self.device),
+                offsets=torch.arange(t, device=self.device),
+                positions=torch.zeros(1, t, dtype=torch.long, device=self.device),
+                mask=torch.zeros(1, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device))
+        return self.blocks[t]
+
+    def _mask_values(self, mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Fill the additive mask (1, 1, T, L) in place from `allowed` (T, L): 0, or the dtype's minimum."""
+        return mask.zero_().masked_fill_(~allowed, self.masked)
+
+    def _run(self, block: _Block) -> None:
+        """One forward of the block's tokens at the device position: no host value and no shape that depends on
+        the position, so it can be captured once and replayed at any position."""
+        block.positions.copy_(self.pos + block.offsets)
+        self.cache.index = block.positions[0]
+        allowed = self.kv_arange <= block.positions[0, :, None]  # (T, L): each query sees itself and the past
+        self._mask_values(block.mask, allowed)
+        out = self.model(input_ids=block.ids, position_ids=block.positions, attention_mask=block.mask,
+                         past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
+        if block.logits is None:
+            block.logits = torch.empty(out.shape[1:], dtype=torch.float32, device=out.device)
+        block.logits.copy_(out[0])
+        self.pos.add_(block.ids.shape[1])
+
+    def _capture(self, block: _Block) -> torch.cuda.CUDAGraph | None:
+        """Warm up on a side stream (each run writes the block's cache slots, then the position is rewound, so
+        the real forward later writes the same values there), then capture one run; None (reason logged, and
+        no further captures) if that fails."""
+        t = block.ids.shape[1]
+        torch.cuda.synchronize(self.device)
+        began = time.perf_counter()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(stream):
                 for _ in range(self.WARMUP_RUNS):
-                    self._step()
-                    self.pos.sub_(1)
-            torch.cuda.current_stream().wait_stream(stream)
+                    self._run(block)
+                    self.pos.sub_(t)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
             with torch.cuda.graph(graph):
-                self._step()  # recorded, not run: the position is still the real step's
+                self._run(block)  # recorded, not run: the position is still the real forward's
         except Exception as err:  # noqa: BLE001  (any failure to capture means: run eagerly, and say why)
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
+            self.pos.fill_(self.position)  # whatever the failed warm-up left there
             self.graph_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-            log.warning("decode step could not be captured in a CUDA graph (%s); decoding eagerly on the static "
-                        "cache", self.graph_error)
-            return
-        self.graph = graph
+            log.warning("a %d-token forward could not be captured in a CUDA graph (%s); running eagerly on the "
+                        "static cache", t, self.graph_error)
+            return None
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - began
+        self.captures += 1
+        return graph
