@@ -38,15 +38,16 @@ def compile_gemv(spec: str, n: int, k: int, half: bool, kernel_name: str = "gemv
     scale_shape = (n, k // scheme.group_size) if scheme.group_size else (n, 1)
     launch = triton_backend._gemv_launch(scheme, (n, k), scale_shape, 1, False, False, config)
     constants = {**launch.constants, "USE_ASM": True}
+    half = half and constants["KIND"] == 0  # float16-pair products: int4 only
     if half:
-        dot, pairs = gluon_gemv.half_asm(constants["KIND"], constants["ZERO"], constants["AFFINE"], bf16=True)
+        dot, pairs = gluon_gemv.half_asm(constants["ZERO"], constants["AFFINE"], bf16=True)
         constants.update(HALF=True, DOT_ASM=dot, PAIRS_ASM=pairs)
     options = {"num_warps": constants.pop("num_warps"), "num_stages": constants.pop("num_stages")}
     constants.pop("launch_pdl", None)
     scale = "fp16" if scheme.scale_dtype == "float16" else "fp32"
     split = launch.grid[2] > 1
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": f"*{scale}", "offset_ptr": f"*{scale}",
-                 "perm_ptr": f"*{scale}", "table_ptr": "*i32" if half else f"*{scale}", "bias_ptr": f"*{scale}", "y_ptr": "*bf16",
+                 "perm_ptr": f"*{scale}", "table_ptr": f"*{scale}", "bias_ptr": f"*{scale}", "y_ptr": "*bf16",
                  "ws_ptr": "*fp32" if split else "*bf16", "lock_ptr": "*i32" if split else "*bf16",
                  "N": "i32", "K": "i32", "group_size": "i32", "k_per_split": "i32", "exponent_bits": "i32",
                  "stride_wn": "i32", "stride_sn": "i32", "stride_sg": "i32"}

@@ -33,14 +33,13 @@ from modelpress.nn import half_dot_ptx
 from modelpress.nn.nf4_ptx import nf4_levels, word_to_f32
 
 ASM_NF4: gl.constexpr = gl.constexpr(word_to_f32(nf4_levels()))
-X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / half_dot_ptx.X_SCALE)
+DOT_CONSTRAINTS: gl.constexpr = gl.constexpr(half_dot_ptx.dot_constraints())
+PAIRS_CONSTRAINTS: gl.constexpr = gl.constexpr(half_dot_ptx.x_pairs_constraints())
 
 
-def half_asm(kind: int, zero: int, affine: bool, bf16: bool) -> tuple[str, str]:
-    """(DOT_ASM, PAIRS_ASM): the kernel's constants for HALF=True (half_dot_ptx): the word-times-pairs inner
-    product of 4-bit kind `kind` (0 int4, 1 nf4) and the activation pairing it reads."""
-    dot = half_dot_ptx.nf4_dot() if kind == 1 else half_dot_ptx.int4_dot(zero)
-    return dot, half_dot_ptx.x_pairs(interleaved=kind == 0, bf16=bf16, with_sum=affine)
+def half_asm(zero: int, affine: bool, bf16: bool) -> tuple[str, str]:
+    """(DOT_ASM, PAIRS_ASM): the kernel's constants for HALF=True (int4 codes with code zero `zero`; half_dot_ptx)."""
+    return half_dot_ptx.int4_dot(zero), half_dot_ptx.x_pairs(bf16=bf16, with_sum=affine)
 
 
 @gluon.jit
@@ -90,9 +89,10 @@ def gemv4_gluon_kernel(
     STAGES > 1: the words go through a ring of STAGES steps in shared memory filled by cp.async, STAGES - 1
     steps ahead (each thread reads back the chunks it copied; Triton's barrier pass still adds two barriers per
     step). STAGES = 1: the next step's words are prefetched into registers.
-    HALF: 16-bit activations are read as pairs (one 32-bit word each), turned into scaled float16 pairs by
-    PAIRS_ASM once per thread and step, and each weight word's eight products are summed in float16 pairs by
-    DOT_ASM (half_dot_ptx; gluon_gemv.half_asm gives both); sums are float32 from the word up."""
+    HALF (int4 only): 16-bit activations are read as pairs (one 32-bit word each), turned into float16 pairs under
+    a power-of-two scale by PAIRS_ASM once per thread and step, and each thread's four weight words are
+    multiplied and summed in float16 pairs by DOT_ASM (half_dot_ptx; gluon_gemv.half_asm gives both); every sum
+    above that is float32, multiplied back by the scale's inverse."""
     WPG: gl.constexpr = BKG // 8  # words per group sub-tile (4, 8 or 16)
     TW: gl.constexpr = WPG // 4  # threads across a sub-tile's words, 4 words (16 bytes) each
     TS: gl.constexpr = SUB // WARPS_K if SUB // WARPS_K * TW <= 32 else 32 // TW  # threads across sub-tiles
@@ -159,9 +159,6 @@ def gemv4_gluon_kernel(
     else:
         x_next = _load_x(x_ptr, perm_ptr, k_begin + x_cols, K, HAS_PERM, EVEN_K)
 
-    if HALF:  # the address of nf4's lookup table (read by the asm), as a (1, 1, 1) tensor
-        table = table_ptr + gl.full([1, 1, 1], 0, gl.int32, W3)
-
     acc = gl.zeros((BN, SUB, WPG), gl.float32, layout=W3)
     i = 0
     for k0 in range(k_begin, k_end, STEP):
@@ -192,14 +189,13 @@ def gemv4_gluon_kernel(
             o_next = gl.load(o_rows + ((k1 + sub_cols) // group_size)[None, :] * stride_sg, mask=s_mask, other=0.0)
         if HALF:
             x_next = _load_x_pairs(x_ptr, k1, x_cols, K, EVEN_K)
+            # pack=16: one call per thread over its four words' activations (one power-of-two scale for them)
+            pairs, aux = gl.inline_asm_elementwise(PAIRS_ASM, PAIRS_CONSTRAINTS, [xt], dtype=(gl.int32, gl.float32),
+                                                   is_pure=True, pack=16)
+            unscale = _slot(aux, 1, gl.SliceLayout(0, W3))  # (SUB, WPG): 2**s, the inverse of the word's scale
+            part = _half_dot(w, pairs, DOT_ASM, gl.SliceLayout(0, W3)) * unscale[None, :, :]
             if AFFINE:
-                pairs, sums = gl.inline_asm_elementwise(PAIRS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [xt],
-                                                        dtype=(gl.int32, gl.float32), is_pure=True, pack=4)
-                x_sum = _first_of_four(sums, gl.SliceLayout(0, W3))  # the asm leaves each word's sum in slot 0
-            else:
-                pairs = gl.inline_asm_elementwise(PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r", [xt], dtype=gl.int32,
-                                                  is_pure=True, pack=4)
-            part = _half_dot(w, pairs, table, DOT_ASM, gl.SliceLayout(0, W3))
+                x_sum = _slot(aux, 0, gl.SliceLayout(0, W3)) * unscale  # each word's activations, summed
         else:
             x_next = _load_x(x_ptr, perm_ptr, k1 + x_cols, K, HAS_PERM, EVEN_K)
             values = _codes(w[:, :, :, None], code_idx, exponent_bits, KIND, ZERO, USE_ASM)  # (BN, SUB, WPG, 8)
@@ -210,10 +206,7 @@ def gemv4_gluon_kernel(
         if AFFINE:  # W = scale · code + offset: add offset · (sum of the word's eight x)
             acc += x_sum[None, :, :] * o[:, :, None]
 
-    rows_out = gl.sum(gl.sum(acc, axis=2), axis=1)
-    if HALF:
-        rows_out = rows_out * X_UNSCALE
-    _store_row(rows_out, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, offs_n < N, pid_n,
+    _store_row(gl.sum(gl.sum(acc, axis=2), axis=1), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, offs_n < N, pid_n,
                pid_k, N, SPLIT_K, SPLITS, HAS_BIAS, WARPS)
 
 
@@ -239,11 +232,10 @@ def _load_x_pairs(x_ptr, k0, pairs, K, EVEN_K: gl.constexpr):
 
 
 @gluon.jit
-def _half_dot(w, pairs, table, DOT_ASM: gl.constexpr, XL: gl.constexpr):
-    """(BN, SUB, WPG) float32 products of each weight word w with its eight activations, given as the (SUB, WPG, 4)
-    float16 pairs of half_dot_ptx.x_pairs (scaled by its X_SCALE); the sum of a thread's four words in the first
-    one's slot, 0 in the others. table: nf4's table address (half_dot_ptx.nf4_table_words), (1, 1, 1).
-    XL: the (SUB, WPG) slice of w's layout."""
+def _half_dot(w, pairs, DOT_ASM: gl.constexpr, XL: gl.constexpr):
+    """(BN, SUB, WPG) float32 products of the int4 weight words w with their activations, given as the (SUB, WPG,
+    4) float16 pairs of half_dot_ptx.x_pairs (scaled): the sum over a thread's four words in the first word's
+    slot, 0 in the others. XL: the (SUB, WPG) slice of w's layout."""
     even, odd = gl.split(gl.reshape(pairs, [pairs.shape[0], pairs.shape[1], 2, 2]))  # pairs (0, 2), (1, 3)
     p0, p2 = gl.split(even)
     p1, p3 = gl.split(odd)
@@ -252,15 +244,17 @@ def _half_dot(w, pairs, table, DOT_ASM: gl.constexpr, XL: gl.constexpr):
     p2 = gl.convert_layout(p2, XL, assert_trivial=True)[None, :, :]
     p3 = gl.convert_layout(p3, XL, assert_trivial=True)[None, :, :]
     # pack=4: one asm call per thread takes its four consecutive words (16 bytes, one group) and their pairs
-    return gl.inline_asm_elementwise(DOT_ASM, "=r,=r,=r,=r" + ",r" * 20 + ",l" * 4, [w, p0, p1, p2, p3, table],
-                                     dtype=gl.float32, is_pure=True, pack=4)
+    return gl.inline_asm_elementwise(DOT_ASM, DOT_CONSTRAINTS, [w, p0, p1, p2, p3], dtype=gl.float32,
+                                     is_pure=True, pack=4)
 
 
 @gluon.jit
-def _first_of_four(t, XL: gl.constexpr):
-    """t[:, :, 0] of a (SUB, WPG, 4) tensor, in layout XL."""
-    even, odd = gl.split(gl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))
-    return gl.convert_layout(gl.split(even)[0], XL, assert_trivial=True)
+def _slot(t, which: gl.constexpr, XL: gl.constexpr):
+    """t[:, :, which] (which 0 or 1) of a (SUB, WPG, 4) tensor, in layout XL."""
+    even, odd = gl.split(gl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))  # slots (0, 2), (1, 3)
+    if which == 0:
+        return gl.convert_layout(gl.split(even)[0], XL, assert_trivial=True)
+    return gl.convert_layout(gl.split(odd)[0], XL, assert_trivial=True)
 
 
 @gluon.jit

@@ -43,8 +43,9 @@ class KernelConfig:
     means a CUDA-core GEMV kernel of triton_gemv.py, M = 1 only, which uses BN, BKG, SUB, SPLIT, num_warps;
     gluon=True (4-bit formats) means gluon_gemv.py's kernel instead, with rows_per_thread rows per thread, all
     warps_k of the warps along K and the rest along the rows, words through a cp.async ring of `stages` steps
-    when stages > 1, pdl=True launches it as a programmatic dependent launch, and half=True sums each word's
-    products in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation))."""
+    when stages > 1, pdl=True launches it as a programmatic dependent launch, and half=True sums int4 products
+    in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation; nf4 keeps float32
+    products: float16 pairs were slower for it, bench/kernels.py --float32-products))."""
 
     BM: int = 16
     BN: int = 64
@@ -247,17 +248,6 @@ def _table(kind: int, device: torch.device, dtype: torch.dtype, cache: dict = {}
     return cache[key]
 
 
-def _nf4_table_words(device: torch.device, cache: dict = {}) -> torch.Tensor:  # noqa: B006
-    """half_dot_ptx.nf4_table_words as an int32 device tensor (cached per device)."""
-    if device not in cache:
-        from modelpress.formats.base import get_format
-        from modelpress.nn.half_dot_ptx import nf4_table_words
-
-        words = nf4_table_words([float(v) for v in get_format("nf4").levels])
-        cache[device] = torch.tensor(words, dtype=torch.int64).to(torch.int32).to(device)
-    return cache[device]
-
-
 def _scale_strides(t: torch.Tensor) -> tuple[int, int]:
     return (0, 0) if t.shape == (1, 1) else (t.stride(0), t.stride(1))
 
@@ -332,10 +322,10 @@ _EXPONENT_BITS = 0x4B000000  # float32 bits of 2**23, a run-time argument of gem
 
 
 @functools.cache
-def _half_asm(kind: int, zero: int, affine: bool, bf16: bool) -> tuple[str, str]:
+def _half_asm(zero: int, affine: bool, bf16: bool) -> tuple[str, str]:
     from modelpress.nn import gluon_gemv
 
-    return gluon_gemv.half_asm(kind, zero, affine, bf16)
+    return gluon_gemv.half_asm(zero, affine, bf16)
 
 
 def _workspace(device: torch.device, numel: int, cache: dict = {}) -> torch.Tensor:  # noqa: B006
@@ -387,12 +377,10 @@ def _kernel_call(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         if config.gluon:
             from modelpress.nn import gluon_gemv
 
-            half = config.half and HALF_PRODUCTS and asm["USE_ASM"] and not has_perm
-            dot, pairs = _half_asm(kind, plan.constants["ZERO"], plan.constants["AFFINE"],
+            half = config.half and HALF_PRODUCTS and kind == 0 and asm["USE_ASM"] and not has_perm
+            dot, pairs = _half_asm(plan.constants["ZERO"], plan.constants["AFFINE"],
                                    x2.dtype == torch.bfloat16) if half else ("", "")
             constants = {**plan.constants, **asm, "HALF": half, "DOT_ASM": dot, "PAIRS_ASM": pairs}
-            if half and kind == 1:
-                args = (*args[:5], _nf4_table_words(x2.device), *args[6:])
             return gluon_gemv.gemv4_gluon_kernel, plan.grid, args, constants, y
         return triton_gemv.gemv4_kernel, plan.grid, args, {**plan.constants, **asm}, y
     if config.gemv:
