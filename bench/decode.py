@@ -393,8 +393,12 @@ def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, b
 
 def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, args) -> dict:
     greedy = SamplingConfig(temperature=0.0)
-    generate(model, ids, GenerationSettings(max_new_tokens=4, decode=path, sampling=greedy, kv_cache=kv))  # warm-up
-    settings = GenerationSettings(max_new_tokens=args.steps, decode=path, sampling=greedy, kv_cache=kv)
+    decode, _, compiled = path.partition("+")  # "auto+compile": the auto path with GenerationSettings.compile
+    options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile=bool(compiled))
+    began = time.perf_counter()
+    generate(model, ids, GenerationSettings(max_new_tokens=4, **options))  # warm-up (compilation included)
+    warm_s = time.perf_counter() - began
+    settings = GenerationSettings(max_new_tokens=args.steps, **options)
     stamps: list[float] = []
     result = generate(model, ids, settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
     # from the second token on: the first step of the graph path also warms up and captures
@@ -402,7 +406,7 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
     return {"model": name, "path": path, "ran": result.decode_path, "kv_cache": kv,
             "kv_bytes_static": static_kv_bytes(model.config, kv, len(ids) + args.steps),
             "new_tokens": len(result.tokens), "seconds": result.seconds, "call_tokens_per_s": result.tokens_per_s,
-            "decode_tokens_per_s": decode_tps, "tokens": result.tokens}
+            "decode_tokens_per_s": decode_tps, "warm_up_seconds": warm_s, "tokens": result.tokens}
 
 
 def compare_user_row(row: dict, base: dict, rows: list[dict]) -> None:
@@ -466,8 +470,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-cache", nargs="+", default=["float"], choices=CACHE_MODES, metavar="MODE",
                    help=f"user path: KV cache modes to time, each on every path ({', '.join(CACHE_MODES)}; "
                         "default float)")
-    p.add_argument("--paths", nargs="+", default=["eager", "auto"], choices=["eager", "auto", "static", "graph"],
-                   help="user path: decode paths to time (default eager auto)")
+    p.add_argument("--paths", nargs="+", default=["eager", "auto"],
+                   choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile"],
+                   help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 

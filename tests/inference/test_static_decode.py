@@ -45,6 +45,27 @@ def test_static_cache_matches_dynamic_cache():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_static_forward_matches_the_static_one():
+    """GenerationSettings.compile: the static path's forwards through torch.compile (inductor) give the logits of
+    the uncompiled static path, on a model with packed int4 layers (the quant_linear operator inside the
+    compiled graph), and generate reports the path it took."""
+    torch._dynamo.reset()
+    model = build_tiny_llama()
+    quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse("int4/g32")))
+    tokens = [11, 23, 5, 60]
+    with torch.no_grad():
+        ref = step_logits(StaticDecoder(model, len(PROMPT) + 8, graph=False), tokens)
+        got = step_logits(StaticDecoder(model, len(PROMPT) + 8, graph=False, compile=True), tokens)
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    settings = GenerationSettings(max_new_tokens=6, decode="static", compile=True,
+                                  sampling=SamplingConfig(temperature=0.0))
+    result = generate(model, PROMPT, settings)
+    assert result.decode_path == "static"
+    assert result.tokens == generate(model, PROMPT, GenerationSettings(
+        max_new_tokens=6, decode="static", sampling=SamplingConfig(temperature=0.0))).tokens
+
+
 def test_static_cache_with_quantized_model():
     model = build_tiny_llama()
     quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))

@@ -6,6 +6,9 @@ Decode paths (`GenerationSettings.decode`):
 - static: a static KV cache written at a device position (static_decode.py), steps run eagerly;
 - graph: the static cache with the decode step captured once in a CUDA graph and replayed (CUDA only);
 - auto (default): graph on CUDA, eager elsewhere.
+`GenerationSettings.compile` also runs the static and graph paths' forwards through torch.compile (inductor: the
+norms, rotary embeddings and other small kernels of a decoder layer fused), compiled on the first call of each
+token count; the graph path captures the compiled forward.
 `GenerationSettings.kv_cache` picks the KV cache's mode (kv_cache.CACHE_MODES): float, or a quantized mode
 that generate builds for the path it takes: static_kv.StaticQuantizedCache on the static and graph paths,
 kv_cache.QuantizedKVCache on the eager one (same quantized numbers for every token on either).
@@ -46,6 +49,7 @@ class GenerationSettings:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eos_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (it is kept)
     decode: str = "auto"  # one of DECODE_PATHS (see the module docstring)
+    compile: bool = False  # static/graph paths: torch.compile the forward (first call compiles; eager: ignored)
     # float32 activations of packed layers on the CPU take the int4/int8 kernels, bfloat16 inside
     # (nn/cpu_backend.py fast_cpu); False: the exact dequantize-then-matmul reference path
     cpu_kernels: bool = True
@@ -199,7 +203,8 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
     path = decode_path(model, settings, cache)
     if path != "eager":
         decoder = StaticDecoder(model, len(prompt) + settings.max_new_tokens, graph=path == "graph",
-                                keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache)
+                                keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache,
+                                compile=settings.compile)
         try:
             return decoder, decoder.prefill(prompt), path
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, decode eagerly)

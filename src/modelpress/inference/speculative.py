@@ -241,7 +241,8 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
     # would hold even a verify pass of a full k + 1 tokens started at the last position
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
     verifier, drafter = (StaticDecoder(model, max_len, graph=path == "graph",
-                                       keep_last_only=supports_logits_to_keep(model), kv_cache=kv)
+                                       keep_last_only=supports_logits_to_keep(model), kv_cache=kv,
+                                       compile=settings.compile)
                          for model, path, kv in ((target, paths[0], settings.kv_config), (draft, paths[1], None)))
     if len(tokens) > 1:
         try:

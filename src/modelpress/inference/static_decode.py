@@ -119,12 +119,19 @@ class StaticDecoder:
     """One batch-1 decode of at most `max_len` tokens (prompt included) on a StaticCache."""
 
     WARMUP_RUNS = 2
+    COMPILE_LENGTH_STEP = 256  # with compile=True, max_len is rounded up to a multiple of this
 
     def __init__(self, model: nn.Module, max_len: int, graph: bool, keep_last_only: bool = True,
-                 kv_cache: KVCacheConfig | None = None) -> None:
+                 kv_cache: KVCacheConfig | None = None, compile: bool = False) -> None:
         from modelpress.inference.static_kv import make_static_cache  # it builds on this module
 
+        # compiled forwards are specialized to the cache length: round it up, so that calls of nearby lengths
+        # reuse one compilation (and stay under dynamo's recompilation limit)
+        max_len = -(-max_len // self.COMPILE_LENGTH_STEP) * self.COMPILE_LENGTH_STEP if compile else max_len
         self.model, self.max_len, self.use_graph = model, max_len, graph
+        # the T-token forwards (not the prefill, whose length varies) through torch.compile if asked: one
+        # compilation per T and cache length
+        self.forward_model = torch.compile(model, dynamic=False) if compile else model
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them
@@ -223,8 +230,8 @@ class StaticDecoder:
         self.cache.index = block.positions[0]
         allowed = self.kv_arange <= block.positions[0, :, None]  # (T, L): each query sees itself and the past
         self._mask_values(block.mask, allowed)
-        out = self.model(input_ids=block.ids, position_ids=block.positions, attention_mask=block.mask,
-                         past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
+        out = self.forward_model(input_ids=block.ids, position_ids=block.positions, attention_mask=block.mask,
+                                 past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
         if block.logits is None:
             block.logits = torch.empty(out.shape[1:], dtype=torch.float32, device=out.device)
         block.logits.copy_(out[0])
