@@ -75,8 +75,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft-model", nargs="*", default=[], metavar="MODEL", help="separate draft models")
     p.add_argument("--random-draft", nargs="*", default=[], metavar="SHAPE",
                    help="with --random-target: RANDOM-weight drafts of these shapes (e.g. llama-1b), target's vocabulary")
-    p.add_argument("--decode", nargs="+", default=["auto"], choices=DECODE_PATHS,
-                   help="decode paths to run, interleaved (default auto: CUDA graphs on CUDA, eager elsewhere)")
+    p.add_argument("--decode", nargs="+", default=["auto"], choices=[*DECODE_PATHS, "auto+compile", "static+compile"],
+                   help="decode paths to run, interleaved (default auto: CUDA graphs on CUDA, eager elsewhere); "
+                        "+compile: GenerationSettings.compile")
     p.add_argument("--eager", action="store_true", help="the same as --decode eager")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -103,8 +104,14 @@ def pick_prompts(tokenizer, args) -> list[list[int]]:
     return [windows[i * 10].tolist() for i in range(args.prompts)]
 
 
+def path_settings(path: str, **kwargs) -> GenerationSettings:
+    """GenerationSettings for a --decode entry: a decode path, "+compile" for GenerationSettings.compile."""
+    decode, _, compiled = path.partition("+")
+    return GenerationSettings(decode=decode, compile=bool(compiled), **kwargs)
+
+
 @torch.no_grad()
-def step_seconds(model, prompt: list[int], path: str, repeats: int = 7) -> float:
+def step_seconds(model, prompt: list[int], path: str, repeats: int = 7, compile: bool = False) -> float:
     """Median time of one single-token decode step after the prompt, on `path` (eager, static or graph; the
     graph's capture happens in an untimed first step)."""
     device = next(model.parameters()).device
@@ -113,7 +120,7 @@ def step_seconds(model, prompt: list[int], path: str, repeats: int = 7) -> float
         model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
         step = lambda: forward_logits(model, prompt[-1:], cache, last_only=True)
     else:
-        decoder = StaticDecoder(model, len(prompt) + repeats + 1, graph=path == "graph")
+        decoder = StaticDecoder(model, len(prompt) + repeats + 1, graph=path == "graph", compile=compile)
         decoder.prefill(prompt)
         decoder.step(prompt[-1])
         step = lambda: decoder.step(prompt[-1])
@@ -187,8 +194,8 @@ def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) ->
         for i, prompt in enumerate(prompts):
             seed = args.seed + i
             for path in args.decode:
-                settings = GenerationSettings(max_new_tokens=args.new_tokens, decode=path,
-                                              sampling=SamplingConfig(temperature, top_p=args.top_p))
+                settings = path_settings(path, max_new_tokens=args.new_tokens,
+                                         sampling=SamplingConfig(temperature, top_p=args.top_p))
                 base = generate(target, prompt, settings, generator=torch.Generator(device=device).manual_seed(seed))
                 record(report, runs, temperature, path, "target", i, base)
                 for name, draft in drafts.items():
@@ -248,12 +255,12 @@ def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str]) -> di
     """{path: {config: median step time over the target's}} on each path that runs (round robin, 3 rounds)."""
     costs = {}
     for path in paths:
-        settings = GenerationSettings(decode=path)
+        settings = path_settings(path)
         ran = {name: decode_path(model, settings, None) for name, model in [("target", target), *drafts.items()]}
         times: dict[str, list[float]] = {name: [] for name in ran}
         for _ in range(3):
             for name, model in [("target", target), *drafts.items()]:
-                times[name].append(step_seconds(model, prompt, ran[name]))
+                times[name].append(step_seconds(model, prompt, ran[name], compile=settings.compile))
         target_s = statistics.median(times["target"])
         costs[path] = {name: statistics.median(v) / target_s for name, v in times.items()}
         costs[path]["target_step_ms"] = 1000 * target_s
@@ -275,7 +282,7 @@ def main() -> None:
     for spec in args.draft_model:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
     for path in args.decode:  # first calls build kernels' prepared weights and compile kernels for each T
-        warm = GenerationSettings(max_new_tokens=args.draft_tokens + 2, decode=path, sampling=SamplingConfig(0.0))
+        warm = path_settings(path, max_new_tokens=args.draft_tokens + 2, sampling=SamplingConfig(0.0))
         generate(target, prompts[0], warm)
         for draft in drafts.values():
             speculative_generate(target, draft, prompts[0], warm, SpeculativeConfig(args.draft_tokens))
