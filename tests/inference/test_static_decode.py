@@ -4,6 +4,7 @@ tokens and logits as transformers' DynamicCache path; impossible static paths fa
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ def test_static_cache_matches_dynamic_cache():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor compiles C++ on the CPU")
 def test_compiled_static_forward_matches_the_static_one():
     """GenerationSettings.compile: the static path's forwards through torch.compile (inductor) give the logits of
     the uncompiled static path, on a model with packed int4 layers (the quant_linear operator inside the
@@ -55,7 +58,9 @@ def test_compiled_static_forward_matches_the_static_one():
     tokens = [11, 23, 5, 60]
     with torch.no_grad():
         ref = step_logits(StaticDecoder(model, len(PROMPT) + 8, graph=False), tokens)
-        got = step_logits(StaticDecoder(model, len(PROMPT) + 8, graph=False, compile=True), tokens)
+        compiled = StaticDecoder(model, len(PROMPT) + 8, graph=False, compile=True)
+        got = step_logits(compiled, tokens)
+    assert compiled.compile_error is None and compiled.forward_model is not model  # it really ran compiled
     for a, b in zip(ref, got):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
     settings = GenerationSettings(max_new_tokens=6, decode="static", compile=True,
@@ -64,6 +69,22 @@ def test_compiled_static_forward_matches_the_static_one():
     assert result.decode_path == "static"
     assert result.tokens == generate(model, PROMPT, GenerationSettings(
         max_new_tokens=6, decode="static", sampling=SamplingConfig(temperature=0.0))).tokens
+
+
+def test_a_compilation_that_fails_runs_the_forward_uncompiled(caplog):
+    model = build_tiny_llama()
+    decoder = StaticDecoder(model, len(PROMPT) + 8, graph=False, compile=True)
+
+    def broken(**inputs):
+        raise RuntimeError("inductor cannot lower this")
+
+    decoder.forward_model = broken  # what a failed compilation raises at the first compiled call
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        got = step_logits(decoder, [11, 23])
+        ref = step_logits(StaticDecoder(model, len(PROMPT) + 8, graph=False), [11, 23])
+    assert decoder.forward_model is model and "inductor cannot lower this" in decoder.compile_error
+    assert "running it uncompiled" in caplog.text
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(got, ref))  # max_len rounded up: 256
 
 
 def test_static_cache_with_quantized_model():

@@ -132,6 +132,7 @@ class StaticDecoder:
         # the T-token forwards (not the prefill, whose length varies) through torch.compile if asked: one
         # compilation per T and cache length
         self.forward_model = torch.compile(model, dynamic=False) if compile else model
+        self.compile_error: str | None = None
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them
@@ -230,12 +231,26 @@ class StaticDecoder:
         self.cache.index = block.positions[0]
         allowed = self.kv_arange <= block.positions[0, :, None]  # (T, L): each query sees itself and the past
         self._mask_values(block.mask, allowed)
-        out = self.forward_model(input_ids=block.ids, position_ids=block.positions, attention_mask=block.mask,
-                                 past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
+        out = self._call_model(input_ids=block.ids, position_ids=block.positions, attention_mask=block.mask,
+                               past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
         if block.logits is None:
             block.logits = torch.empty(out.shape[1:], dtype=torch.float32, device=out.device)
         block.logits.copy_(out[0])
         self.pos.add_(block.ids.shape[1])
+
+    def _call_model(self, **inputs):
+        """The model on `inputs`, compiled if asked; a compilation that fails (no C++ compiler for inductor on the
+        CPU, an operator it cannot lower) is logged once and the model runs uncompiled from then on. A failed
+        compiled call is simply repeated uncompiled: a forward only writes the cache slots it owns."""
+        if self.forward_model is not self.model:
+            try:
+                return self.forward_model(**inputs)
+            except Exception as err:  # noqa: BLE001  (compilation is an optimization: never a reason to fail)
+                self.compile_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                log.warning("torch.compile of the decode forward failed (%s); running it uncompiled",
+                            self.compile_error)
+                self.forward_model = self.model
+        return self.model(**inputs)
 
     def _capture(self, block: _Block) -> torch.cuda.CUDAGraph | None:
         """Warm up on a side stream (each run writes the block's cache slots, then the position is rewound, so
