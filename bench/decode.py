@@ -1,8 +1,11 @@
 """Benchmark: decode tokens/s of a Llama-2-7B-shaped model with RANDOM weights, bf16 against modelpress's
-weight-only QuantLinear (RTN: int4/g128, nf4/g64, fp8-e4m3/channel, int4-asym/g128), at batch 1 and 16.
+weight-only QuantLinear (RTN: int4/g128, nf4/g64, fp8-e4m3/channel, int4-asym/g128).
 
-    PYTHONPATH=src python bench/decode.py                      # CUDA, the 7B shape; JSON to $OUT/decode_h100.json
-    PYTHONPATH=src python bench/decode.py --device cpu --tiny  # the whole code path on a tiny config (no graphs)
+By default it times what a user gets: `generate` at batch 1 on the --paths decode paths (below, "user path").
+`--harness` times one decode step of a hand-built loop instead, at batch 1 and 16, beside peers:
+
+    PYTHONPATH=src python bench/decode.py --harness            # CUDA, the 7B shape; JSON to $OUT/decode_h100.json
+    PYTHONPATH=src python bench/decode.py --harness --device cpu --tiny  # the code path on a tiny config
 
 The weights are random normals (std 0.02, norms 1): speed does not depend on their values, the generated
 text means nothing. The model is built on the meta device, materialized with `to_empty` on the target
@@ -22,7 +25,7 @@ to read the weights once at 3.08 TB/s (the H100's measured read ceiling); "floor
 step reads (the attention reads the whole static buffer). Peers (PyTorch's int4 tinygemm kernel; bitsandbytes
 NF4 when importable) run the same steps with their own linear modules; missing ones are skipped and named.
 
---user-path measures what a user gets instead: `modelpress.inference.decoding.generate` at batch 1 (greedy,
+The user path (the default; --user-path is accepted and changes nothing) measures what a user gets: `modelpress.inference.decoding.generate` at batch 1 (greedy,
 `--steps` new tokens after the `--prompt`-token prompt), once per decode path: eager (DynamicCache, Python
 per token) and auto (on CUDA: static cache + the decode step captured in a CUDA graph, capture included in
 the call). After one short warm-up call per path (Triton compilation), "call tok/s" is the GenerationResult's
@@ -466,7 +469,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=330.0, help="skip the remaining models after this")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--user-path", action="store_true",
-                   help="time modelpress's generate() at batch 1, eager and auto (CUDA graph) paths; no peers")
+                   help="the default: time modelpress's generate() at batch 1 on the --paths decode paths")
+    p.add_argument("--harness", action="store_true",
+                   help="time one decode step of a hand-built loop instead, eager and graph-replayed, at each "
+                        "--batches size, beside peers (PyTorch's int4 kernel, bitsandbytes NF4)")
     p.add_argument("--kv-cache", nargs="+", default=["float"], choices=CACHE_MODES, metavar="MODE",
                    help=f"user path: KV cache modes to time, each on every path ({', '.join(CACHE_MODES)}; "
                         "default float)")
@@ -474,7 +480,9 @@ def parse_args() -> argparse.Namespace:
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile")
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)
+    return args
 
 
 def main() -> None:
