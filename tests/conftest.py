@@ -12,6 +12,16 @@ os.environ.setdefault("MODELPRESS_QUIET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """One PyTorch thread for the test (tiny models run fastest so, and do not fight other work); the session's
+    setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

@@ -12,13 +12,7 @@ from modelpress.inference import kv_quant
 from modelpress.inference.kv_cache import KVCacheConfig, QuantizedKVCache, QuantizedKVLayer, make_kv_cache
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread (and do not fight other work); restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 def states(b=1, h=2, t=256, d=64, seed=0, dtype=torch.float32):

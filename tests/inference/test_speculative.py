@@ -22,13 +22,7 @@ from modelpress.inference.static_decode import StaticDecoder
 ALPHA = 1e-3  # a correct sampler passes at this level; the wrong rules below land at p < 1e-12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 def chi_square_p_value(tokens: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:

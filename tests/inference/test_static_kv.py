@@ -27,12 +27,7 @@ SMALL_KIVI = {"int4": KVCacheConfig("int4", residual_length=4, group_size=4),
               "int2": KVCacheConfig("int2", residual_length=5, group_size=4, value_group_size=8)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
