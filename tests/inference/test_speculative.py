@@ -174,6 +174,20 @@ def test_settings_kv_cache_is_the_target_cache_of_speculation(models, decode):
         draft.double()
 
 
+def test_a_windowed_kv_cache_is_named_as_approximate(models, caplog):
+    target, drafts = models
+    target, draft = target.float(), drafts["perturbed"].float()
+    try:
+        settings = GenerationSettings(max_new_tokens=4, sampling=SamplingConfig(temperature=0), decode="static",
+                                      kv_cache="int4")
+        with caplog.at_level(logging.WARNING):
+            speculative_generate(target, draft, [5, 17, 99, 3], settings, SpeculativeConfig(2))
+        assert "keeps a float window of 128 tokens" in caplog.text
+    finally:
+        target.double()
+        draft.double()
+
+
 def exact_two_token_distributions(model, prompt, sampling):
     """The target's exact distribution of the first new token and the marginal of the second."""
     with torch.no_grad():

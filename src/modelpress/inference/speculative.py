@@ -136,6 +136,7 @@ def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.
                           draft_cache: Cache | None, generator: torch.Generator | None,
                           on_tokens: TokenCallback | None) -> GenerationResult:
     check_same_vocabulary(target, draft)
+    _warn_if_windowed(settings, target_cache)
     tokens = prompt_list(input_ids)
     paths = speculation_paths(target, draft, settings, target_cache, draft_cache)
     if paths != ("eager", "eager"):
@@ -166,6 +167,19 @@ def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.
             break
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _warn_if_windowed(settings: GenerationSettings, target_cache: Cache | None) -> None:
+    """A KV cache with a float window (KIVI int4/int2, or a residual length) decides what is quantized by the
+    cache's length after each call: a verify pass of k+1 tokens quantizes key groups, and moves tokens out of the
+    window, a few tokens earlier than single steps would, so the accepted tokens follow the target as it decodes
+    in blocks of k+1, not exactly as it decodes token by token (float and per-token int8/fp8 caches: exactly)."""
+    kv = settings.kv_config
+    if target_cache is None and kv.mode != "float" and kv.residual > 0:
+        log.warning("KV cache %r keeps a float window of %d tokens: speculative decoding's verify passes quantize "
+                    "a few tokens earlier than plain decoding does, so its output follows the target with this cache "
+                    "closely but not exactly (float, int8 and fp8 caches without a window: exactly)", kv.mode,
+                    kv.residual)
 
 
 def speculation_paths(target: nn.Module, draft: nn.Module, settings: GenerationSettings,
