@@ -2,6 +2,7 @@
 same greedy text, and bad input that fails in one line."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llama_dir, tmp_path):
     (["--temperature", "-1"], "temperature must be >= 0, got -1.0"),
     (["--self-speculative", "int7"], "unknown number format 'int7'"),
     (["--draft", "BIGVOCAB"], "draft model scores 400 tokens but the target scores 320"),
+    (["--eager", "--compile"], "--compile compiles the static-cache decode step, which --eager turns off"),
 ])
 def test_bad_generate_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, capsys, args, message):
     if "BIGVOCAB" in args:
@@ -68,6 +70,17 @@ def test_bad_generate_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, capsy
     assert run_cli("generate", tiny_llama_dir, "--prompt", "hi", "--max-new-tokens", "3", "--device", "cpu", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor compiles C++ on the CPU")
+def test_compile_decodes_on_the_static_cache_on_the_cpu(tiny_llama_dir, tmp_path):
+    base = ["generate", tiny_llama_dir, "--prompt", "the cat", "--max-new-tokens", "5", "--device", "cpu"]
+    assert run_cli(*base, "--compile", "--json", tmp_path / "compiled.json") == 0
+    assert run_cli(*base, "--json", tmp_path / "plain.json") == 0
+    compiled, plain = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("compiled", "plain"))
+    assert (compiled["decode_path"], plain["decode_path"]) == ("static", "eager")
+    assert compiled["tokens"] == plain["tokens"]
 
 
 @pytest.mark.gpu

@@ -46,8 +46,8 @@ def add_parser(sub) -> None:
                    help="decode eagerly (DynamicCache, one Python-driven forward per token) instead of the default "
                         "on CUDA: a static KV cache with the decode step captured in a CUDA graph")
     p.add_argument("--compile", action="store_true",
-                   help="on the static-cache path (CUDA), run the decode step through torch.compile before capturing "
-                        "it: fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
+                   help="decode on the static cache with its step run through torch.compile (on CUDA, then captured): "
+                        "fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast a float model to this dtype")
     add_json_argument(p)
@@ -123,8 +123,18 @@ def load_draft(args: argparse.Namespace, target, tokenizer, device: torch.device
     return model.to(dtype) if dtype is not None else model
 
 
+def decode_path_of(args: argparse.Namespace, device: torch.device) -> str:
+    """--eager: eager; --compile: the static cache (captured on CUDA), whose forward it compiles; else auto."""
+    if args.eager and args.compile:
+        raise ModelpressError("--compile compiles the static-cache decode step, which --eager turns off; drop one")
+    if args.eager:
+        return "eager"
+    return "static" if args.compile and device.type != "cuda" else "auto"
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    decode = decode_path_of(args, device)
     dtype = DTYPES[args.dtype] if args.dtype else None
     loaded = load_model(args.model)
     if loaded.tokenizer is None:
@@ -134,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids(model, tokenizer),
                                   sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
-                                  decode="eager" if args.eager else "auto", kv_cache=args.kv_cache,
+                                  decode=decode, kv_cache=args.kv_cache,
                                   compile=args.compile)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     generator = torch.Generator(device=device).manual_seed(args.seed)
