@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -179,3 +180,19 @@ def test_head_through_the_api_equals_the_cli_and_is_a_recipe_stage(tiny_llama_di
     assert saved.model.embed_tokens.qdata is saved.lm_head.qdata
     recipe = parse_recipe("stages:\n  - rtn: {scheme: int4/g32}\n  - head: {scheme: int8/g32}\n")
     assert recipe.stages[1] == modelpress.Head("int8/g32")
+
+
+def test_generate_takes_texts_with_a_tokenizer_and_a_draft_model(tiny_llama_dir):
+    from modelpress import GenerationSettings, SamplingConfig
+
+    loaded = modelpress.load(str(tiny_llama_dir))
+    model = loaded.model.double()
+    greedy = GenerationSettings(max_new_tokens=6, sampling=SamplingConfig(temperature=0))
+    with pytest.raises(ModelpressError, match="a text prompt needs a tokenizer"):
+        modelpress.generate(model, "the cat", greedy)
+    ids = loaded.tokenizer("the cat", add_special_tokens=True)["input_ids"]
+    by_text = modelpress.generate(loaded, "the cat", greedy)
+    by_ids = modelpress.generate(model, ids, greedy)
+    with_draft = modelpress.generate(model, torch.tensor(ids), greedy, draft=copy.deepcopy(model))
+    assert by_text.tokens == by_ids.tokens == with_draft.tokens and len(by_ids.tokens) == 6
+    assert with_draft.acceptance_rate == 1.0  # the draft is the model itself

@@ -6,6 +6,7 @@ The Python API (docs/api.md), imported on first use so that `import modelpress` 
     prune(model, SparseGPT(0.5), calibration=...)    evaluate(model, reference=..., text=...) -> EvalReport
     save(model, path)                                export(model, ["gguf"], path)
     compress(model, Recipe([Structured(...), GPTQ("int4/g32"), LoRA(), Evaluate(), Export()]), data, out)
+    generate(model, "prompt", GenerationSettings(max_new_tokens=64), draft="int4/g32") -> GenerationResult
 
 Configs: RTN, GPTQ, AWQ, SmoothQuant, Mixed, Head (the output head; quantizers, registered in algorithms/quantize) and Magnitude,
 Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
@@ -28,6 +29,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "save": ("modelpress.python_api", "save"),
     "export": ("modelpress.export", None),           # the package, callable (export/__init__.py)
     "compress": ("modelpress.python_api", "compress"),
+    "generate": ("modelpress.python_api", "generate"),
+    "GenerationSettings": ("modelpress.inference.decoding", "GenerationSettings"),
+    "SamplingConfig": ("modelpress.inference.sampling", "SamplingConfig"),
+    "SpeculativeConfig": ("modelpress.inference.speculative", "SpeculativeConfig"),
     "Recipe": ("modelpress.recipe.stages", "Recipe"),
     "Gate": ("modelpress.recipe.stages", "Gate"),
     "Export": ("modelpress.recipe.stages", "Export"),
@@ -96,6 +101,9 @@ if TYPE_CHECKING:
     from modelpress.api import EvalSettings as Evaluate
     from modelpress.planner import Budget
     from modelpress.planner import plan_model as plan
-    from modelpress.python_api import compress, evaluate, load, prune, quantize, save
+    from modelpress.inference.decoding import GenerationSettings
+    from modelpress.inference.sampling import SamplingConfig
+    from modelpress.inference.speculative import SpeculativeConfig
+    from modelpress.python_api import compress, evaluate, generate, load, prune, quantize, save
     from modelpress.recipe.stages import Export, Gate, Recipe
     from modelpress.train.recover import QAT, Distill, LoRA

@@ -1,5 +1,5 @@
 """The Python API, re-exported from `modelpress` (docs/api.md): load, quantize, prune, evaluate, save, export,
-compress.
+compress, generate.
 
     model = modelpress.load()                                         # the default model, or a path / hub id
     report = modelpress.quantize(model, GPTQ("int4/g128"), calibration=texts)   # in place, like torchao's quantize_
@@ -156,3 +156,32 @@ def compress(model: ModelLike, recipe, data: Calibration = None, out: str | Path
         report = compress_model(loaded, recipe, data, Path(tmp) / "run")
         report.loaded = final_model(report, loaded)      # read before the directory goes
         return report
+
+
+def generate(model: ModelLike, prompt: str | Sequence[int] | torch.Tensor, settings=None, tokenizer=None,
+             draft: ModelLike | WeightScheme | str | None = None, speculative=None, generator=None, on_tokens=None):
+    """New tokens after `prompt` (a text, which needs a tokenizer, or token ids) at batch 1, on the path
+    `settings` (a GenerationSettings: length, sampling, decode path; inference/decoding.py) resolves: on CUDA a static KV
+    cache with the step captured in a CUDA graph, optionally compiled (`compile=True`) and with a quantized KV
+    cache (`kv_cache="int8"`). `draft`: speculative decoding with a draft model, or with a low-bit RTN copy of
+    the model for a scheme (self-speculation); `speculative`: its SpeculativeConfig. Returns a
+    GenerationResult (tokens, tokens/s, the path that ran, acceptance)."""
+    from modelpress.inference.decoding import GenerationSettings
+    from modelpress.inference.decoding import generate as plain_generate
+    from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
+
+    loaded = as_loaded(model, tokenizer)
+    settings = GenerationSettings() if settings is None else settings
+    if isinstance(prompt, str):
+        if loaded.tokenizer is None:
+            raise ModelpressError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
+        prompt = loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+    if draft is None:
+        return plain_generate(loaded.model, ids, settings, generator=generator, on_tokens=on_tokens)
+    if isinstance(draft, (str, WeightScheme)):
+        draft_model = low_bit_draft(loaded.model, WeightScheme.parse(draft) if isinstance(draft, str) else draft)
+    else:
+        draft_model = as_loaded(draft).model
+    return speculative_generate(loaded.model, draft_model, ids, settings, speculative or SpeculativeConfig(),
+                                generator=generator, on_tokens=on_tokens)
