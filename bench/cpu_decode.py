@@ -72,6 +72,7 @@ class Row:
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)  # seconds per generated token, one per round
     tokens: torch.Tensor | None = None     # greedy tokens of the last round
+    compiled: bool = False                 # decode on the static cache with GenerationSettings.compile
 
     def context(self):
         return CPU_BACKEND.fast() if self.fast else CPU_BACKEND.disabled()
@@ -83,14 +84,16 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str) -> tuple[float, torch.Tensor]:
+def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str,
+                compiled: bool = False) -> tuple[float, torch.Tensor]:
     """(seconds per token, greedy tokens). loop "modelpress": `modelpress generate`'s loop (inference.decoding,
-    eager path), timed from the first new token to the last as llama.cpp's rows are (prefill excluded);
-    "transformers": model.generate, the whole call over the new tokens (prefill included)."""
-    if loop == "modelpress":
+    eager path; compiled: the static path with GenerationSettings.compile), timed from the first new token to the
+    last as llama.cpp's rows are (prefill excluded); "transformers": model.generate, the whole call over the new
+    tokens (prefill included)."""
+    if loop == "modelpress" or compiled:
         stamps: list[float] = []
         settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0),
-                                      decode="eager")
+                                      decode="static" if compiled else "eager", compile=compiled)
         result = generate(model, ids, settings,
                           on_tokens=lambda _: stamps.append(time.perf_counter()))
         return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), torch.tensor(result.tokens)
@@ -214,7 +217,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             continue
         with row.context():  # warm-up: builds the prepared weights, touches every page once
             time_prefill(row.model, prompt)
-            time_decode(row.model, decode_prompt, 2, loop)
+            time_decode(row.model, decode_prompt, 2, loop, row.compiled)  # compiled rows: the compilation
     for round_ in range(repeats):
         for row in rows:
             if row.gguf is not None:
@@ -223,7 +226,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             with row.context():
                 row.prefill_s.append(time_prefill(row.model, prompt))
                 tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
-                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens, loop)
+                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens, loop, row.compiled)
                 row.decode_s.append(per_token)
         print(f"{torch.get_num_threads()} threads: round {round_ + 1}/{repeats} done", file=sys.stderr, flush=True)
 
@@ -276,6 +279,9 @@ def main() -> None:
     parser.add_argument("--decode-loop", choices=("modelpress", "transformers"), default="modelpress",
                         help="modelpress: `modelpress generate`'s loop, prefill excluded as in llama.cpp's rows "
                              "(default); transformers: model.generate, prefill included (the tables before 2026-12-04)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each fast float32 row decoding on the static cache through torch.compile "
+                             "(GenerationSettings.compile; compiled during the warm-up, tens of seconds per model)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -283,6 +289,9 @@ def main() -> None:
     ids = torch.tensor(loaded.tokenizer(default_corpus(), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
     prompt = ids[None]
     rows = build_rows(loaded.model.eval(), args.schemes, args.reference, args.bf16, args.head)
+    if args.compile:
+        rows += [Row(f"{row.name} compiled", row.model, compiled=True) for row in rows
+                 if row.fast and next(row.model.parameters()).dtype == torch.float32]
     workdir = Path(tempfile.mkdtemp(prefix="modelpress-cpu-decode-"))
     if args.llamacpp:
         rows += llamacpp_rows(rows, loaded, workdir)
@@ -306,7 +315,7 @@ def main() -> None:
                                                               common]
             elif any(isinstance(m, QuantLinear) for m in row.model.modules()):
                 results[-1].update(layer_bytes(row.model))
-                if row.fast:
+                if row.fast and not row.compiled:
                     results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens, args.decode_loop)
 
     shutil.rmtree(workdir, ignore_errors=True)

@@ -216,6 +216,25 @@ def test_generate_on_cuda_captures_by_default(cuda):
 
 
 @pytest.mark.gpu
+def test_compiled_step_is_captured_on_cuda(cuda):
+    """GenerationSettings.compile on CUDA: the compiled forward (inductor's kernels and the quant_linear operator's
+    Triton kernels) is captured in the CUDA graph and gives the uncompiled graph path's logits."""
+    torch._dynamo.reset()
+    model = build_tiny_llama().to(cuda)
+    quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
+    tokens = [11, 23, 5, 60]
+    with torch.no_grad():
+        ref = step_logits(StaticDecoder(model, len(PROMPT) + 8, graph=True), tokens)
+        compiled = StaticDecoder(model, len(PROMPT) + 8, graph=True, compile=True)
+        got = step_logits(compiled, tokens)
+    assert compiled.graph is not None and compiled.compile_error is None and compiled.replays == len(tokens)
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (a - b).abs().max()
+    settings = GenerationSettings(max_new_tokens=6, compile=True, sampling=SamplingConfig(temperature=0.0))
+    assert generate(model, PROMPT, settings).decode_path == "graph"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_forward_and_rewind_match_eager_on_cuda(cuda, dtype):
     """One graph per forward length (4, 1, 2), captured once and replayed at whatever position the rewinds left."""
