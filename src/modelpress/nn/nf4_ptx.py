@@ -27,17 +27,11 @@ def bf16_bits(value: float) -> int:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 
 
-def table_planes(bits16: list[int]) -> list[int]:
-    """The 16 levels' 16-bit patterns as the eight 32-bit registers t0..t7 the lookup reads: low bytes of levels
-    0-3, 4-7, 8-11, 12-15, then their high bytes."""
+def _table_movs(bits16: list[int]) -> str:
     planes = []
     for shift in (0, 8):  # low bytes, then high bytes: four levels per register
         planes += [sum(((bits16[4 * r + i] >> shift) & 0xFF) << (8 * i) for i in range(4)) for r in range(4)]
-    return planes
-
-
-def _table_movs(bits16: list[int]) -> str:
-    return "".join(f"mov.b32 t{i}, 0x{v:08X};\n" for i, v in enumerate(table_planes(bits16)))
+    return "".join(f"mov.b32 t{i}, 0x{v:08X};\n" for i, v in enumerate(planes))
 
 
 def _four(word: str, mask_selector: str, first: str, second: str) -> str:
