@@ -1,0 +1,575 @@
+/* Matrix-vector products on packed weights for the CPU, read in PackedWeight's stored layout (no copy).
+
+   y[m, n] = sum_g s[n, g] * sum_{k in g} L(c[n, k]) * x[m, k]  +  o[n, g] * sum_{k in g} x[m, k]
+
+   c: the stored codes, L: the format's level of a code, s / o: the group's scale / offset (fp32, fp16 or bf16,
+   addressed by strides, so per-tensor, per-row and grouped scales are one case). Sums are in float32 and the scale
+   is applied once per group (per lane of a vector, see below), not per weight.
+
+   4 bits (byte j of a row: code 2j in the low nibble, 2j + 1 in the high one). A superblock is 8 VW codes: VW
+   dwords of 8 codes; lane j holds codes 8j..8j+7, nibble i of it (bits 4i..4i+3) is code 8j + i. x is laid out to
+   match once per call, so a shift and a mask give one code of every lane with no shuffle:
+   - planes (float32 products): plane i of superblock c is the vector of x[8 VW c + 8j + i] over lanes j; the level
+     is the code converted to float (linear formats, level = code + bias: int4, int4-asym) or looked up in a
+     16-entry table in registers (nf4, fp4). Exact: the stored weight's levels times float32 x.
+   - pairs (bfloat16 products, linear formats, where the CPU has AVX512_BF16): x rounded to bfloat16, dword j of
+     pair p holding x[128c + 8j + p] and x[128c + 8j + p + 4]; nibbles p and p + 4 of a lane masked in place and
+     ORed with 0x4300 in each half are the bfloat16 values 128 + code, exact, and vdpbf16ps multiplies 32 weights
+     by x's pair in one instruction, summing in float32. Same numbers as PyTorch's int4 CPU kernel (x rounded to
+     bfloat16), twice as fast here.
+   The bias (and pairs' 128) is taken off per lane with the sum of the lane's 8 x values, and so is the offset:
+   total += s * (acc + corr * xsum) + o * xsum. Groups shorter than a superblock (8, 16, 32, 64 codes; 64 at most
+   with AVX2) get their scales and offsets spread over the lanes by one permute; longer ones (a multiple of 8 VW,
+   or one group per row) are one broadcast. Codes past the last whole 8 are done in scalar code.
+   8 bits: L computed from the code: an integer (code + bias), or fp8 e4m3 / e5m2 widened through float16 (exact,
+   subnormals included); float32 products.
+
+   Built by cpu_native.py with -O3 -march=native: AVX-512 where the machine has it, else AVX2 + FMA + F16C, else
+   plain C (which cpu_native.py does not use). Single-threaded: calls are decode sized (a few rows of x),
+   memory-bound, and the backend runs them on one thread. Rows are taken RB at a time: independent accumulators,
+   and each load of x serves RB rows. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MP_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MP_AVX2 1
+#endif
+#if defined(MP_AVX512) && defined(__AVX512BF16__)
+#define MP_BF16 1
+#endif
+#if defined(MP_AVX512) || defined(MP_AVX2)
+#define MP_VECTOR 1
+#include <immintrin.h>
+#endif
+
+enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2 };
+enum { KIND_INT = 0, KIND_E4M3 = 1, KIND_E5M2 = 2 };
+enum { OK = 0, NO_MEMORY = -1, BAD_GROUP = -2 };
+#define RB 4
+#define PREFETCH_BLOCKS 2
+#define INLINE static inline __attribute__((always_inline))
+
+/* 512 (AVX-512), 256 (AVX2 + FMA + F16C) or 0 (plain C); +1 where 4-bit linear formats take bfloat16 products */
+int mp_isa(void) {
+#if defined(MP_BF16)
+    return 513;
+#elif defined(MP_AVX512)
+    return 512;
+#elif defined(MP_AVX2)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+/* ---- scalars: float16 / bfloat16 parameters, fp8 levels ---- */
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;
+    } else {  /* subnormal half: renormalize */
+        exp = 113;
+        while (!(mant & 0x400)) { mant <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static float load_param(const void *base, int type, int64_t index) {
+    if (type == SCALE_F32) return ((const float *)base)[index];
+    uint16_t h = ((const uint16_t *)base)[index];
+#if defined(MP_VECTOR)
+    if (type == SCALE_F16) return _cvtsh_ss(h);
+#else
+    if (type == SCALE_F16) return half_to_float(h);
+#endif
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* count parameters of one row, element g at base[start + g * stride], as float32 into out */
+static void load_params(const void *base, int type, int64_t start, int64_t stride, int64_t count, float *out) {
+    int64_t g = 0;
+#if defined(MP_AVX512)
+    const uint16_t *p = (const uint16_t *)base + start;
+    if (stride == 1 && type == SCALE_F16) {
+        for (; g + 16 <= count; g += 16)
+            _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + g))));
+    } else if (stride == 1 && type == SCALE_BF16) {
+        for (; g + 16 <= count; g += 16) {
+            __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + g)));
+            _mm512_storeu_ps(out + g, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+        }
+    }
+#endif
+    if (stride == 1 && type == SCALE_F32) {
+        memcpy(out, (const float *)base + start, (size_t)count * sizeof(float));
+        return;
+    }
+    for (; g < count; g++) out[g] = load_param(base, type, start + g * stride);
+}
+
+/* 8-bit levels: e5m2 is the top byte of a float16; e4m3's magnitude shifted under float16's wider exponent reads as
+   2^-8 times its value, so the caller's `unit` is 256 for e4m3 and 1 for e5m2 */
+static inline uint16_t fp8_half_bits(uint16_t code, int kind) {
+    return kind == KIND_E5M2 ? (uint16_t)(code << 8) : (uint16_t)(((code & 0x7F) << 7) | ((code & 0x80) << 8));
+}
+
+static float level8_scalar(uint8_t code, int kind, float bias, float unit) {
+    if (kind == KIND_INT) return (float)code + bias;
+    return half_to_float(fp8_half_bits(code, kind)) * unit;
+}
+
+static float bf16_round(float v) {   /* to nearest, ties to even (finite values) */
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* A growing per-thread scratch buffer of floats. */
+static float *scratch(size_t count) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (count > cap) {
+        free(buf);
+        cap = count + 1024;
+        buf = (float *)aligned_alloc(64, ((cap * sizeof(float)) + 63) / 64 * 64);
+        if (!buf) cap = 0;
+    }
+    return buf;
+}
+
+/* ---- the vector unit as one vocabulary: vf holds VW float32 lanes, vi VW int32 lanes ---- */
+
+#if defined(MP_AVX512)
+#define VW 16
+typedef __m512 vf;
+typedef __m512i vi;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSET1(v) _mm512_set1_ps(v)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VCVT(i) _mm512_cvtepi32_ps(i)
+#define VPERM(idx, v) _mm512_permutexvar_ps(idx, v)
+#define VI_SRL(a, n) _mm512_srli_epi32(a, n)
+#define VI_AND15(a) _mm512_and_si512(a, _mm512_set1_epi32(15))
+#define VI_LANE_GROUP(shift) \
+    _mm512_srli_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), shift)
+static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+/* the first `lanes` dwords at p (the rest 0) */
+static inline vi load_lanes(const uint8_t *p, int lanes) {
+    return lanes == VW ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32((__mmask16)((1u << lanes) - 1), p);
+}
+typedef struct { __m512 t; } table16;
+static inline table16 make_table(const float *t) { table16 r = {_mm512_loadu_ps(t)}; return r; }
+static inline vf lookup(vi idx, table16 t) { return _mm512_permutexvar_ps(idx, t.t); }
+/* VW 8-bit codes at p -> their levels */
+static inline vf levels8(const uint8_t *p, int kind, vf bias, vf unit) {
+    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    if (kind == KIND_INT) return _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), bias);
+    __m256i w = _mm256_cvtepu8_epi16(bytes);
+    if (kind == KIND_E5M2) {
+        w = _mm256_slli_epi16(w, 8);
+    } else {
+        w = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7),
+                            _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
+    }
+    return _mm512_mul_ps(_mm512_cvtph_ps(w), unit);
+}
+#elif defined(MP_AVX2)
+#define VW 8
+typedef __m256 vf;
+typedef __m256i vi;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSET1(v) _mm256_set1_ps(v)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VCVT(i) _mm256_cvtepi32_ps(i)
+#define VPERM(idx, v) _mm256_permutevar8x32_ps(v, idx)
+#define VI_SRL(a, n) _mm256_srli_epi32(a, n)
+#define VI_AND15(a) _mm256_and_si256(a, _mm256_set1_epi32(15))
+#define VI_LANE_GROUP(shift) _mm256_srli_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), shift)
+static inline float hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vi load_lanes(const uint8_t *p, int lanes) {
+    if (lanes == VW) return _mm256_loadu_si256((const __m256i *)p);
+    __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_epi32((const int *)p, mask);
+}
+typedef struct { __m256 lo, hi; } table16;
+static inline table16 make_table(const float *t) { table16 r = {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)}; return r; }
+/* 16-entry lookup of 8 indices in 0..15: two 8-entry permutes, chosen by bit 3 */
+static inline vf lookup(vi idx, table16 t) {
+    __m256 a = _mm256_permutevar8x32_ps(t.lo, idx), b = _mm256_permutevar8x32_ps(t.hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  /* bit 3 -> sign bit */
+}
+static inline vf levels8(const uint8_t *p, int kind, vf bias, vf unit) {
+    __m128i bytes = _mm_loadl_epi64((const __m128i *)p);
+    if (kind == KIND_INT) return _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), bias);
+    __m128i w = _mm_cvtepu8_epi16(bytes);
+    if (kind == KIND_E5M2) {
+        w = _mm_slli_epi16(w, 8);
+    } else {
+        w = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7),
+                         _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8));
+    }
+    return _mm256_mul_ps(_mm256_cvtph_ps(w), unit);
+}
+#else
+#define VW 1
+#endif
+
+/* What a block of RB weight rows is multiplied with. */
+typedef struct {
+    int bits;
+    const float *table;            /* 4 bits: the 16 levels */
+    int linear, pairs;             /* 4 bits: levels code + bias, converted; pairs: bfloat16 products */
+    int kind;                      /* 8 bits: KIND_*, with bias and unit */
+    float bias, unit;
+    float corr;                    /* 4 bits: level minus what the vector part reads (bias; bias - 128 for pairs) */
+    const float *xp;               /* 4 bits: x in planes, or pairs of planes (as uint32) */
+    const float *xsum;             /* 4 bits: per lane, the sum of its 8 x values */
+    const float *x;                /* x (rounded to bfloat16 for pairs) */
+    int has_offset;
+    int64_t k, group, groups;
+} operands;
+
+#if defined(MP_VECTOR)
+/* Where the scales of superblock c come from (see the top of the file). */
+typedef struct { int spread; vi lane_group; int64_t per_block, span; } spreading;
+
+static inline spreading make_spreading(int64_t group) {
+    spreading sp;
+    sp.span = 8 * VW;
+    sp.spread = group < sp.span;
+    int shift = 0;
+    while (sp.spread && (8 << shift) < group) shift++;   /* lane j's group within a superblock: 8j >> shift */
+    sp.lane_group = VI_LANE_GROUP(3 + shift);
+    sp.per_block = sp.spread ? sp.span / group : 0;
+    return sp;
+}
+
+INLINE vf block_params(const float *row, spreading sp, int64_t c, int64_t group) {
+    return sp.spread ? VPERM(sp.lane_group, VLOAD(row + c * sp.per_block)) : VSET1(row[c * sp.span / group]);
+}
+
+/* One row of superblock c (4 bits): the products of its 8 VW codes with x, summed per lane. */
+INLINE vf superblock_row(const uint8_t *q, int live, const vf xv[8], const void *xb_in, table16 tab, int linear,
+                         int pairs) {
+    vi w = load_lanes(q, live);
+    vf acc0 = VZERO(), acc1 = VZERO();
+#if defined(MP_BF16)
+    if (pairs) {
+        const float *xf = (const float *)xb_in;   /* unaligned loads: rows of x's layout are not 64-byte aligned */
+        __m512bh xb[4];
+        for (int p = 0; p < 4; p++) xb[p] = (__m512bh)_mm512_loadu_si512(xf + p * VW);
+        const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+        /* (A & B) | C is ternary-logic table 0xEA */
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_ternarylogic_epi32(w, mask, magic, 0xEA), xb[0]);
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 4), mask, magic, 0xEA),
+                                xb[1]);
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 8), mask, magic, 0xEA),
+                                xb[2]);
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 12), mask, magic, 0xEA),
+                                xb[3]);
+        return VADD(acc0, acc1);
+    }
+#else
+    (void)xb_in;
+    (void)pairs;
+#endif
+#pragma GCC unroll 4
+    for (int i = 0; i < 8; i += 2) {
+        vi i0 = i == 0 ? VI_AND15(w) : VI_AND15(VI_SRL(w, 4 * i));
+        vi i1 = VI_AND15(VI_SRL(w, 4 * i + 4));
+        acc0 = VFMA(linear ? VCVT(i0) : lookup(i0, tab), xv[i], acc0);
+        acc1 = VFMA(linear ? VCVT(i1) : lookup(i1, tab), xv[i + 1], acc1);
+    }
+    return VADD(acc0, acc1);
+}
+
+/* 4 bits, every whole superblock: t += s * (acc + corr * xsum) (+ o * xsum) for each of the RB rows, in four named
+   accumulators (an array of them was kept in memory). LINEAR and PAIRS are constants where inlined. */
+INLINE void superblocks4(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
+                         const operands *o, int linear, int pairs, vf total[RB]) {
+    table16 tab = make_table(o->table);
+    spreading sp = make_spreading(o->group);
+    int64_t lanes = o->k / 8, blocks = (lanes + VW - 1) / VW;
+    const vf corr = VSET1(o->corr);
+    const int has_offset = o->has_offset;
+    vf t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
+    for (int64_t c = 0; c < blocks; c++) {
+        int live = lanes - c * VW < VW ? (int)(lanes - c * VW) : VW;
+        vf xs = VLOAD(o->xsum + c * VW);
+        const void *xb = o->xp + 4 * c * VW;
+        vf xv[8];
+        if (!pairs)
+            for (int i = 0; i < 8; i++) xv[i] = VLOAD(o->xp + (8 * c + i) * VW);
+#define ROW(r, t)                                                                                            \
+        {                                                                                                    \
+            vf acc = superblock_row(q[r] + 4 * VW * c, live, xv, xb, tab, linear, pairs);                    \
+            if (linear) acc = VFMA(xs, corr, acc);                                                           \
+            t = VFMA(acc, block_params(scales[r], sp, c, o->group), t);                                      \
+            if (has_offset) t = VFMA(xs, block_params(offsets[r], sp, c, o->group), t);                      \
+        }
+        ROW(0, t0) ROW(1, t1) ROW(2, t2) ROW(3, t3)
+#undef ROW
+    }
+    total[0] = t0, total[1] = t1, total[2] = t2, total[3] = t3;
+}
+
+/* 8 bits: the products of `steps` vector steps of VW codes from q with x, summed per lane */
+INLINE vf steps8(const uint8_t *q, const float *x, int64_t steps, int kind, vf vbias, vf vunit) {
+    vf acc0 = VZERO(), acc1 = VZERO();
+    int64_t c = 0;
+    for (; c + 1 < steps; c += 2) {
+        acc0 = VFMA(levels8(q + VW * c, kind, vbias, vunit), VLOAD(x + VW * c), acc0);
+        acc1 = VFMA(levels8(q + VW * (c + 1), kind, vbias, vunit), VLOAD(x + VW * (c + 1)), acc1);
+    }
+    if (c < steps) acc0 = VFMA(levels8(q + VW * c, kind, vbias, vunit), VLOAD(x + VW * c), acc0);
+    return VADD(acc0, acc1);
+}
+
+/* 8 bits, whole vector steps of every group, scaled per group, in four named accumulators (offsets are the
+   caller's; the rest of each group is left to the scalar code). KIND is a constant where inlined. */
+INLINE void groups8(const uint8_t *const q[RB], const float *const scales[RB], const operands *o, int kind,
+                    vf total[RB]) {
+    const vf vbias = VSET1(o->bias), vunit = VSET1(o->unit);
+    vf t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
+    for (int64_t g = 0; g < o->groups; g++) {
+        int64_t start = g * o->group, end = start + o->group <= o->k ? start + o->group : o->k;
+        int64_t steps = (end - start) / VW;
+        if (steps == 0) continue;
+        const float *x = o->x + start;
+#define ROW(r, t) t = VFMA(steps8(q[r] + start, x, steps, kind, vbias, vunit), VSET1(scales[r][g]), t);
+        ROW(0, t0) ROW(1, t1) ROW(2, t2) ROW(3, t3)
+#undef ROW
+    }
+    total[0] = t0, total[1] = t1, total[2] = t2, total[3] = t3;
+}
+
+/* One function per decode, each with its own register allocation (inlined together, the accumulators of one
+   path were spilled in another's loop); the accumulators are locals so that they stay in registers. */
+#define VECTOR_PATH(name, call)                                                                                \
+    static __attribute__((noinline)) void name(const uint8_t *const q_in[RB], const float *const s_in[RB],    \
+                                               const float *const o_in[RB], const operands *o, vf out[RB]) {   \
+        const uint8_t *q[RB];                                                                                  \
+        const float *scales[RB], *offsets[RB];                                                                 \
+        vf total[RB];                                                                                          \
+        for (int r = 0; r < RB; r++) {                                                                         \
+            q[r] = q_in[r]; scales[r] = s_in[r]; offsets[r] = o_in[r]; total[r] = VZERO();                     \
+        }                                                                                                      \
+        (void)offsets;                                                                                         \
+        call;                                                                                                  \
+        for (int r = 0; r < RB; r++) out[r] = total[r];                                                        \
+    }
+VECTOR_PATH(dot4_linear, superblocks4(q, scales, offsets, o, 1, 0, total))
+VECTOR_PATH(dot4_table, superblocks4(q, scales, offsets, o, 0, 0, total))
+#if defined(MP_BF16)
+VECTOR_PATH(dot4_pairs, superblocks4(q, scales, offsets, o, 1, 1, total))
+#endif
+VECTOR_PATH(dot8_int, groups8(q, scales, o, KIND_INT, total))
+VECTOR_PATH(dot8_e4m3, groups8(q, scales, o, KIND_E4M3, total))
+VECTOR_PATH(dot8_e5m2, groups8(q, scales, o, KIND_E5M2, total))
+#endif
+
+/* out[r] = row r's product with x, offsets included for 4 bits (8 bits: the caller adds them): the vector part,
+   then in scalar code what it left (4 bits: codes past the last whole 8; 8 bits: columns of each group past its
+   whole vector steps). */
+static void block_dot(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
+                      const operands *o, float out[RB]) {
+    float rest[RB] = {0};
+    int64_t from4 = 0;   /* 4 bits: the first code the vector part left */
+#if defined(MP_VECTOR)
+    vf total[RB];
+    if (o->bits == 4) {
+#if defined(MP_BF16)
+        if (o->pairs) dot4_pairs(q, scales, offsets, o, total); else
+#endif
+        if (o->linear) dot4_linear(q, scales, offsets, o, total);
+        else dot4_table(q, scales, offsets, o, total);
+        from4 = o->k / 8 * 8;
+    } else if (o->kind == KIND_INT) {
+        dot8_int(q, scales, offsets, o, total);
+    } else if (o->kind == KIND_E4M3) {
+        dot8_e4m3(q, scales, offsets, o, total);
+    } else {
+        dot8_e5m2(q, scales, offsets, o, total);
+    }
+#endif
+    for (int64_t g = 0; g < o->groups; g++) {
+        int64_t start = g * o->group, end = start + o->group <= o->k ? start + o->group : o->k, from = start;
+        if (o->bits == 4) from = from4 > start ? from4 : start;
+#if defined(MP_VECTOR)
+        else from = start + (end - start) / VW * VW;
+#endif
+        if (from >= end) continue;
+        for (int r = 0; r < RB; r++) {
+            float t = 0.0f, xsum = 0.0f;
+            for (int64_t j = from; j < end; j++) {
+                float level;
+                if (o->bits == 4) {
+                    uint8_t code = (q[r][j / 2] >> (4 * (j & 1))) & 15;
+                    level = o->linear ? (float)code + o->bias : o->table[code];
+                    xsum += o->x[j];
+                } else {
+                    level = level8_scalar(q[r][j], o->kind, o->bias, o->unit);
+                }
+                t += level * o->x[j];
+            }
+            rest[r] += t * scales[r][g] + (o->bits == 4 && o->has_offset ? offsets[r][g] * xsum : 0.0f);
+        }
+    }
+    for (int r = 0; r < RB; r++) {
+#if defined(MP_VECTOR)
+        out[r] = hsum(total[r]) + rest[r];
+#else
+        out[r] = rest[r];
+#endif
+    }
+}
+
+/* Whether the 4-bit vector part can spread this group's scales (see the top of the file). */
+static int group_fits(int64_t group, int64_t k) {
+    int64_t span = 8 * VW;
+    return group >= k || (group < span ? span % group == 0 && group % 8 == 0 : group % span == 0);
+}
+
+/* A packed weight as the kernel reads it (cpu_native.py fills one per layer, once). table: 16 levels (4 bits);
+   linear: those levels are code + bias; kind / bias / unit: the 8-bit decode. scale / offset: type SCALE_*,
+   element (row r, group g) at r * s_n + g * s_g (strides 0 for a shared value); offset NULL for scale-only
+   formats. */
+typedef struct {
+    const uint8_t *qdata;
+    int64_t q_row;
+    const float *table;
+    const void *scale, *offset;
+    int64_t s_n, s_g, o_n, o_g, n, k, group;
+    float bias, unit;
+    int32_t bits, linear, kind, scale_type, offset_type;
+} mp_weight;
+
+/* y (m, n) float32 = x (m, k) float32 @ W^T (see the top of the file). pairs: bfloat16 products where the build
+   has them (linear 4-bit formats only). Returns OK, NO_MEMORY, or BAD_GROUP (4 bits: a group length the vector
+   part cannot take). */
+int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) {
+    const uint8_t *qdata = w->qdata;
+    const float *table = w->table;
+    const void *scale = w->scale, *offset = w->offset;
+    int64_t q_row = w->q_row, s_n = w->s_n, s_g = w->s_g, o_n = w->o_n, o_g = w->o_g;
+    int64_t n = w->n, k = w->k, group = w->group;
+    float bias = w->bias, unit = w->unit;
+    int bits = w->bits, linear = w->linear, kind = w->kind, scale_type = w->scale_type, offset_type = w->offset_type;
+    int64_t groups = (k + group - 1) / group;
+#if defined(MP_BF16)
+    pairs = pairs && bits == 4 && linear;
+#else
+    pairs = 0;
+#endif
+    if (bits == 4 && !group_fits(group, k)) return BAD_GROUP;
+    int64_t lanes = (k / 8 + VW - 1) / VW * VW;   /* 4 bits: lane positions, in whole vectors */
+    int64_t per_x4 = bits == 4 ? 9 * lanes + (pairs ? k : 0) : 0;   /* planes (8 per lane), lane sums, rounded x */
+    int sums8 = bits == 8 && offset != NULL;
+    /* scratch: per row of x, its 4-bit layout or its group sums (8-bit offsets); a block's scales and offsets
+       (+ a vector's worth read past the last of them by the permuted loads) */
+    size_t need = (size_t)(m * per_x4) + (size_t)(sums8 ? m * groups : 0) + 2 * RB * (size_t)groups + 2 * VW + 16;
+    float *buf = scratch(need);
+    if (!buf) return NO_MEMORY;
+    float *sums = buf + m * per_x4, *sblock = sums + (sums8 ? m * groups : 0), *oblock = sblock + RB * groups + VW;
+    if (bits == 4) {
+        for (int64_t i = 0; i < m; i++) {
+            float *xp = buf + i * per_x4, *xsum = xp + 8 * lanes, *xr = xsum + lanes;
+            const float *xi = x + i * k;
+            if (pairs) {
+                for (int64_t j = 0; j < k; j++) xr[j] = bf16_round(xi[j]);
+                xi = xr;
+            }
+            for (int64_t lane = 0; lane < lanes; lane++) {
+                int64_t c = lane / VW, j = lane % VW, whole = lane < k / 8;
+                float t = 0.0f;
+                for (int p = 0; p < 8; p++) t += whole ? xi[8 * lane + p] : 0.0f;
+                xsum[lane] = t;
+                if (pairs) {
+                    uint32_t *xb = (uint32_t *)xp;
+                    for (int p = 0; p < 4; p++) {
+                        uint32_t lo = 0, hi = 0;
+                        if (whole) {
+                            memcpy(&lo, xi + 8 * lane + p, 4);
+                            memcpy(&hi, xi + 8 * lane + p + 4, 4);
+                        }
+                        xb[(4 * c + p) * VW + j] = (lo >> 16) | (hi & 0xFFFF0000u);
+                    }
+                } else {
+                    for (int p = 0; p < 8; p++) xp[(8 * c + p) * VW + j] = whole ? xi[8 * lane + p] : 0.0f;
+                }
+            }
+        }
+    }
+    if (sums8) {
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t g = 0; g < groups; g++) {
+                int64_t end = (g + 1) * group <= k ? (g + 1) * group : k;
+                float t = 0.0f;
+                for (int64_t j = g * group; j < end; j++) t += x[i * k + j];
+                sums[i * groups + g] = t;
+            }
+    }
+    int64_t row_bytes = bits == 4 ? (k + 1) / 2 : k;
+    operands o = {bits, table, linear, pairs, kind, bias, unit, pairs ? bias - 128.0f : bias, NULL, NULL, NULL,
+                  offset != NULL, k, group, groups};
+    for (int64_t r0 = 0; r0 < n; r0 += RB) {
+        const uint8_t *q[RB];
+        const float *s[RB], *off[RB];
+        int live = n - r0 < RB ? (int)(n - r0) : RB;
+#if defined(MP_VECTOR)
+        /* the rows PREFETCH_BLOCKS blocks ahead, towards L2 (the hardware prefetcher follows one stream poorly
+           when it is read as RB interleaved short rows) */
+        int64_t ahead = r0 + PREFETCH_BLOCKS * RB, ahead_end = ahead + RB < n ? ahead + RB : n;
+        for (int64_t row = ahead; row < ahead_end; row++)
+            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch((const char *)(qdata + row * q_row + b), _MM_HINT_T1);
+#endif
+        for (int r = 0; r < RB; r++) {
+            int64_t row = r0 + (r < live ? r : live - 1);   /* a short last block repeats its last row */
+            q[r] = qdata + row * q_row;
+            s[r] = sblock + r * groups;
+            off[r] = oblock + r * groups;
+            load_params(scale, scale_type, row * s_n, s_g, groups, sblock + r * groups);
+            if (offset) load_params(offset, offset_type, row * o_n, o_g, groups, oblock + r * groups);
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float out[RB];
+            float *xp = buf + i * per_x4;
+            o.xp = xp;
+            o.xsum = xp + 8 * lanes;
+            o.x = pairs ? xp + 9 * lanes : x + i * k;
+            block_dot(q, s, off, &o, out);
+            for (int r = 0; r < live; r++) {
+                float v = out[r];
+                if (sums8)
+                    for (int64_t g = 0; g < groups; g++) v += off[r][g] * sums[i * groups + g];
+                y[i * n + r0 + r] = v;
+            }
+        }
+    }
+    return OK;
+}
