@@ -1,5 +1,6 @@
-"""The CPU backend (nn/cpu_backend.py): parity with the reference path, that the fast kernels really run
-for the schemes they serve, fallback for the others, and the per-layer cache of prepared weights."""
+"""The CPU backend (nn/cpu_backend.py) on PyTorch's kernels: parity with the reference path, that the fast kernels
+really run for the schemes they serve, fallback for the others, and the per-layer cache of prepared weights.
+The native kernels it takes for decode-sized calls are tested in test_cpu_native.py."""
 
 from __future__ import annotations
 
@@ -91,9 +92,14 @@ def calls() -> dict:
 
 @pytest.fixture(autouse=True)
 def _fast_float32():
-    """Most tests here exercise the kernels with float32 inputs, which the backend takes only when asked."""
-    with CPU_BACKEND.fast():
-        yield
+    """Most tests here exercise the kernels with float32 inputs, which the backend takes only when asked. They
+    test PyTorch's kernels: decode-sized calls would take the native kernels (tests/nn/test_cpu_native.py)."""
+    native, CPU_BACKEND.native = CPU_BACKEND.native, False
+    try:
+        with CPU_BACKEND.fast():
+            yield
+    finally:
+        CPU_BACKEND.native = native
 
 
 def test_float32_takes_the_exact_reference_path_unless_asked():

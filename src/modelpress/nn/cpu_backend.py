@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from modelpress.formats.base import QFormat
 from modelpress.formats.packed import PackedWeight
 from modelpress.formats.scheme import WeightScheme
+from modelpress.nn import cpu_native
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes aten._weight_int4pack_mm_for_cpu accepts
 INT4_ROW_MULTIPLE = 16
@@ -355,6 +356,20 @@ def prepared_nbytes(prep: Prepared) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def native_rows(plan: cpu_native.NativePlan) -> int:
+    """The most activation rows a call may have to take the native kernels: they decode the weight once per row
+    of x, so where PyTorch's kernels read the layer's exact levels (one 4-bit digit, or int8's two) they win at
+    one row only; for levels PyTorch's kernels take as three digits of a 12-bit grid (nf4, fp8) up to
+    SMALL_M_ROWS (1536 x 576 at one thread: bench/cpu_native.py)."""
+    exact_in_torch = (plan.bits == 4 and plan.linear) or (plan.bits == 8 and plan.kind == 0)
+    return 1 if exact_in_torch else SMALL_M_ROWS
+
+
+def native_kind(plan: cpu_native.NativePlan) -> str:
+    """The counter name of a call on the native kernels (see CpuBackend.calls)."""
+    return f"native {plan.bits}-bit"
+
+
 # ---- plumbing: the backend, its per-layer cache and its counters ----
 
 def _version(t: torch.Tensor) -> int:
@@ -364,15 +379,20 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """A prepared form and what it was built from: the packed tensors (weakly) and their versions."""
+_UNBUILT = object()  # an _Entry form not built yet
 
-    prepared: Prepared | None
-    charged: int   # bytes counted against CpuBackend.digits_budget (layouts of several digits)
+
+@dataclass
+class _Entry:
+    """The forms a layer is served in, each built on the first call that needs it, and what they were built from:
+    the packed tensors (weakly) and their versions."""
+
     scheme: WeightScheme
     sources: tuple[weakref.ref | None, ...]
     versions: tuple[int, ...]
+    prepared: Prepared | None | object = _UNBUILT   # PyTorch kernels' layout
+    charged: int = 0   # bytes of `prepared` counted against CpuBackend.digits_budget (layouts of several digits)
+    native: cpu_native.NativePlan | None | object = _UNBUILT   # the native kernels' plan (no copy of the weight)
 
     def matches(self, packed: PackedWeight, tensors: tuple[torch.Tensor | None, ...]) -> bool:
         if packed.scheme is not self.scheme and packed.scheme != self.scheme:
@@ -401,6 +421,7 @@ class CpuBackend:
         self.small_m_threads: int | None = 1  # None: small calls use the configured thread count too
         self.digits_budget = DIGITS_BUDGET_BYTES
         self.digits_bytes = 0   # held now by layouts of several digits
+        self.native = True      # decode-sized calls take the native kernels (cpu_native.py) where they serve
 
     @contextmanager
     def fast(self) -> Iterator[None]:
@@ -418,27 +439,40 @@ class CpuBackend:
         finally:
             self.enabled = before
 
-    def prepared(self, packed: PackedWeight) -> Prepared | None:
-        """The cached prepared form of this layer's packed tensors (built on first use), or None."""
+    def _entry(self, packed: PackedWeight) -> _Entry:
+        """This layer's cache entry, a fresh one if its packed tensors were replaced or edited since."""
         tensors = _packed_tensors(packed)
         key = id(packed.qdata)
         entry = self._entries.get(key)
         if entry is None or not entry.matches(packed, tensors):
             if entry is not None:
                 self.digits_bytes -= entry.charged
+            else:
+                weakref.finalize(packed.qdata, self._drop, key)
+            entry = _Entry(packed.scheme, tuple(None if t is None else weakref.ref(t) for t in tensors),
+                           tuple(-1 if t is None else _version(t) for t in tensors))
+            self._entries[key] = entry
+        return entry
+
+    def prepared(self, packed: PackedWeight) -> Prepared | None:
+        """The cached prepared form of this layer's packed tensors (built on first use), or None."""
+        entry = self._entry(packed)
+        if entry.prepared is _UNBUILT:
             prepared, charged = prepare(packed), 0
             if isinstance(prepared, Int4Prepared) and prepared.copies > 1:
                 charged = prepared_nbytes(prepared)
                 if self.digits_bytes + charged > self.digits_budget:
                     prepared, charged = None, 0
                 self.digits_bytes += charged
-            entry = _Entry(prepared, charged, packed.scheme,
-                           tuple(None if t is None else weakref.ref(t) for t in tensors),
-                           tuple(-1 if t is None else _version(t) for t in tensors))
-            if key not in self._entries:
-                weakref.finalize(packed.qdata, self._drop, key)
-            self._entries[key] = entry
-        return entry.prepared
+            entry.prepared, entry.charged = prepared, charged
+        return entry.prepared  # type: ignore[return-value]
+
+    def native_plan(self, packed: PackedWeight) -> cpu_native.NativePlan | None:
+        """The cached native-kernel plan of this layer (None: the native kernels do not serve it)."""
+        entry = self._entry(packed)
+        if entry.native is _UNBUILT:
+            entry.native = cpu_native.plan_for(packed)
+        return entry.native  # type: ignore[return-value]
 
     def _drop(self, key: int) -> None:
         entry = self._entries.pop(key, None)
@@ -455,10 +489,16 @@ class CpuBackend:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return None  # the kernels have no backward; the reference path does
+        x2 = x.reshape(-1, k)
+        if self.native and x2.shape[0] <= SMALL_M_ROWS and cpu_native.available():
+            plan = self.native_plan(packed)
+            if plan is not None and x2.shape[0] <= native_rows(plan):
+                y = cpu_native.native_matmul(x2, plan)
+                self.calls[native_kind(plan)] += 1
+                return self._finish(y, x, bias, n)
         prep = self.prepared(packed)
         if prep is None:
             return None
-        x2 = x.reshape(-1, k)
         if isinstance(prep, Int4Prepared) and prep.copies > 1 and x2.shape[0] > DIGITS_MAX_ROWS:
             return None
         threads = torch.get_num_threads()
@@ -474,6 +514,10 @@ class CpuBackend:
             if limit is not None and limit < threads:
                 torch.set_num_threads(threads)
         self.calls[kind] += 1
+        return self._finish(y, x, bias, n)
+
+    @staticmethod
+    def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
         if bias is not None:  # bfloat16 + float32 adds in float32, in one op
             y = torch.add(y, bias if bias.dtype == torch.float32 else bias.float())
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
