@@ -19,18 +19,24 @@ Decode is timed in `modelpress generate`'s loop from the first new token to the 
 (--decode-loop transformers: model.generate, the prefill included, as in the tables before 2026-12-04).
 Each thread count given to --threads gets its own full run (on a machine shared with other work, two
 OpenMP threads can lose whole scheduler slices at every parallel region; one thread shows the kernels alone).
-Quality of the fast path is checked against the reference path of the same model on the prefill prompt, fed
-32 tokens at a time (layouts of several 4-bit digits leave calls of more than 64 rows to the reference path):
-top-1 agreement, max |logit difference|, KL(reference || fast), and whether greedy decode made the same tokens.
+- SCHEME (PyTorch kernels) the same model with decode-sized calls on PyTorch's packed kernels instead of the native
+                          ones (nn/cpu_native.py), --torch-kernels
+Quality of the fast path is checked against the reference path of the same model on the first 128 tokens of the
+prefill prompt, the fast path fed one token at a time (the decode calls generation makes), the reference 32 at a
+time: top-1 agreement, max |logit difference|, KL(reference || fast), and whether greedy decode made the same
+tokens.
 
     .venv/bin/python bench/cpu_decode.py --json bench/results/cpu_decode.json
     .venv/bin/python bench/cpu_decode.py --reference --head --bf16 --threads 2 1     # everything
     .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 --llamacpp --threads 2 1   # against llama.cpp
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 nf4/g64 --head int8/g32 \
+        --llamacpp --torch-kernels --threads 1    # native kernels against PyTorch's and llama.cpp
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -73,9 +79,16 @@ class Row:
     decode_s: list[float] = field(default_factory=list)  # seconds per generated token, one per round
     tokens: torch.Tensor | None = None     # greedy tokens of the last round
     compiled: bool = False                 # decode on the static cache with GenerationSettings.compile
+    native: bool = True                    # False: decode-sized calls on PyTorch's kernels, not the native ones
 
+    @contextlib.contextmanager
     def context(self):
-        return CPU_BACKEND.fast() if self.fast else CPU_BACKEND.disabled()
+        before, CPU_BACKEND.native = CPU_BACKEND.native, self.native
+        try:
+            with CPU_BACKEND.fast() if self.fast else CPU_BACKEND.disabled():
+                yield
+        finally:
+            CPU_BACKEND.native = before
 
 
 def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
@@ -117,24 +130,28 @@ def layer_bytes(model: nn.Module) -> dict:
 
 
 QUALITY_CHUNK = 32  # prompt tokens per forward in the quality check: a call size every CPU layout serves
+QUALITY_TOKENS = 128  # the fast path's logits are taken one token at a time (decode calls, as generation makes)
 
 
-def chunked_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """(T, vocab) float64 logits of ids (1, T), fed QUALITY_CHUNK tokens at a time with a KV cache."""
+def chunked_logits(model: nn.Module, ids: torch.Tensor, chunk: int = QUALITY_CHUNK) -> torch.Tensor:
+    """(T, vocab) float64 logits of ids (1, T), fed `chunk` tokens at a time with a KV cache."""
     cache, logits = None, []
-    for start in range(0, ids.shape[1], QUALITY_CHUNK):
-        out = model(input_ids=ids[:, start:start + QUALITY_CHUNK], past_key_values=cache, use_cache=True)
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits.append(out.logits[0].double())
     return torch.cat(logits)
 
 
 @torch.no_grad()
-def fast_vs_reference(model: nn.Module, ids: torch.Tensor) -> dict:
-    with CPU_BACKEND.fast():
-        fast = chunked_logits(model, ids)
+def fast_vs_reference(row: Row, ids: torch.Tensor) -> dict:
+    """The row's fast path fed one token at a time (the decode-sized calls generation makes) against the reference
+    path, over the first QUALITY_TOKENS tokens of the prompt."""
+    ids = ids[:, :QUALITY_TOKENS]
+    with row.context():
+        fast = chunked_logits(row.model, ids, chunk=1)
     with CPU_BACKEND.disabled():
-        ref = chunked_logits(model, ids)
+        ref = chunked_logits(row.model, ids)
     kl = (F.softmax(ref, -1) * (F.log_softmax(ref, -1) - F.log_softmax(fast, -1))).sum(-1)
     return {"top1_agreement": (fast.argmax(-1) == ref.argmax(-1)).double().mean().item(),
             "max_abs_logit_diff": (fast - ref).abs().max().item(),
@@ -232,7 +249,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
 
 
 def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int, loop: str) -> dict:
-    quality = fast_vs_reference(row.model, prompt)
+    quality = fast_vs_reference(row, prompt)
     reference = next((r for r in rows if r.model is row.model and not r.fast), None)
     if reference is None:
         with CPU_BACKEND.disabled(), torch.no_grad():
@@ -282,6 +299,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time each fast float32 row decoding on the static cache through torch.compile "
                              "(GenerationSettings.compile; compiled during the warm-up, tens of seconds per model)")
+    parser.add_argument("--torch-kernels", action="store_true",
+                        help="also time each fast float32 quantized row with decode-sized calls on PyTorch's kernels "
+                             "instead of the native ones (CpuBackend.native = False)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -289,9 +309,12 @@ def main() -> None:
     ids = torch.tensor(loaded.tokenizer(default_corpus(), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
     prompt = ids[None]
     rows = build_rows(loaded.model.eval(), args.schemes, args.reference, args.bf16, args.head)
+    if args.torch_kernels:
+        rows += [Row(f"{row.name} (PyTorch kernels)", row.model, native=False) for row in rows
+                 if row.fast and row.name != "float32" and next(row.model.parameters()).dtype == torch.float32]
     if args.compile:
         rows += [Row(f"{row.name} compiled", row.model, compiled=True) for row in rows
-                 if row.fast and next(row.model.parameters()).dtype == torch.float32]
+                 if row.fast and row.native and next(row.model.parameters()).dtype == torch.float32]
     workdir = Path(tempfile.mkdtemp(prefix="modelpress-cpu-decode-"))
     if args.llamacpp:
         rows += llamacpp_rows(rows, loaded, workdir)
@@ -304,7 +327,7 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         for row in rows:
             results.append({"threads": threads, "name": row.name, "fast_path": row.fast,
-                            "decode_tokens_per_s": 1 / statistics.median(row.decode_s),
+                            "decode_tokens_per_s": 1 / statistics.median(row.decode_s), "native_kernels": row.native,
                             "prefill_tokens_per_s": prompt.shape[1] / statistics.median(row.prefill_s),
                             "decode_s_per_token": row.decode_s, "prefill_s": row.prefill_s,
                             "packed_bytes": None, "prepared_bytes": None, "float32_bytes": None})

@@ -94,9 +94,11 @@ def test_static_cache_with_quantized_model():
 
 
 def test_packed_layers_take_the_cpu_kernels_unless_turned_off():
-    """generate on the CPU runs packed layers on the backend's int4 kernel (bfloat16 inside) by default, from
-    Python as from the CLI; cpu_kernels=False keeps the exact reference path, whose tokens equal a float model
-    holding the dequantized weights."""
+    """generate on the CPU runs packed layers on the backend's kernels (bfloat16 inside) by default, from
+    Python as from the CLI: the prompt on PyTorch's int4 kernel, each step on the native one where it is built;
+    cpu_kernels=False keeps the exact reference path, whose tokens equal a float model holding the dequantized
+    weights."""
+    from modelpress.nn import cpu_native
     from modelpress.nn.cpu_backend import CPU_BACKEND
     from modelpress.nn.quant_linear import QuantLinear
 
@@ -104,12 +106,15 @@ def test_packed_layers_take_the_cpu_kernels_unless_turned_off():
     quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
     layers = sum(isinstance(m, QuantLinear) for m in model.modules())
     settings = dict(max_new_tokens=4, decode="eager", sampling=SamplingConfig(temperature=0.0))
-    before = CPU_BACKEND.calls["int4"]
+    kinds = ("int4", "native 4-bit")
+    before = [CPU_BACKEND.calls[k] for k in kinds]
     fast = generate(model, PROMPT, GenerationSettings(**settings))
-    assert CPU_BACKEND.calls["int4"] - before == layers * 4   # the prompt and 3 steps, every layer
-    before = CPU_BACKEND.calls["int4"]
+    served = [CPU_BACKEND.calls[k] - b for k, b in zip(kinds, before)]
+    assert sum(served) == layers * 4   # the prompt and 3 steps, every layer
+    assert served[1] == (layers * 3 if cpu_native.available() else 0)   # the steps: one row each
+    before = [CPU_BACKEND.calls[k] for k in kinds]
     exact = generate(model, PROMPT, GenerationSettings(**settings, cpu_kernels=False))
-    assert CPU_BACKEND.calls["int4"] == before and not CPU_BACKEND.round_float32
+    assert [CPU_BACKEND.calls[k] for k in kinds] == before and not CPU_BACKEND.round_float32
     dense = build_tiny_llama()
     with torch.no_grad():
         for name, module in model.named_modules():
