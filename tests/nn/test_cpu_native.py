@@ -28,11 +28,12 @@ BUILDS = {
     "plain": ("-mno-avx512f", "-mno-avx2", "-mno-avx", "-mno-fma", "-mno-f16c"),
 }
 # formats x group layouts: ragged last groups (576 = 4.5 * 128, 1000 = 31.25 * 32), K % 8 != 0 (70, 12: the
-# scalar code), groups spread over a superblock's lanes (g8..g64) or broadcast (g128, g256, per channel, tensor)
+# scalar code), groups spread over a superblock's lanes (g8..g64) or broadcast (g128, g256, per channel, tensor);
+# 8-bit integers in byte planes, or group by group where their groups do not fit the planes (g48) and for fp8
 SPECS = ["int4/g32", "int4-asym/g128", "int4-asym/g64", "int4/g256", "int4/g8", "int4/channel", "int4/tensor",
          "nf4/g64", "nf4/g64/dq", "nf4/g16", "fp4/g32", "int8/g32", "int8/channel", "int8-asym/channel",
          "int8-asym/g32", "fp8-e4m3/channel", "fp8-e5m2/g128", "fp8-e4m3/g32", "int4/g128/bfloat16",
-         "int8/g32/float32"]
+         "int8/g32/float32", "int8/g8", "int8-asym/g48", "int8/g128"]
 SHAPES = [(96, 576), (64, 1000), (33, 70), (5, 12)]
 
 

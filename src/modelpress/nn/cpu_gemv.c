@@ -245,10 +245,11 @@ typedef struct {
     const float *table;            /* 4 bits: the 16 levels */
     int linear, pairs;             /* 4 bits: levels code + bias, converted; pairs: bfloat16 products */
     int kind;                      /* 8 bits: KIND_*, with bias and unit */
+    int planes8;                   /* 8 bits: integer levels in byte planes (see superblocks) */
     float bias, unit;
-    float corr;                    /* 4 bits: level minus what the vector part reads (bias; bias - 128 for pairs) */
-    const float *xp;               /* 4 bits: x in planes, or pairs of planes (as uint32) */
-    const float *xsum;             /* 4 bits: per lane, the sum of its 8 x values */
+    float corr;                    /* planes: level minus what the vector part reads (bias; bias - 128 for pairs) */
+    const float *xp;               /* planes: x in planes, or pairs of planes (as uint32) */
+    const float *xsum;             /* planes: per lane, the sum of its x values (8 for 4 bits, 4 for 8 bits) */
     const float *x;                /* x (rounded to bfloat16 for pairs) */
     int has_offset;
     int64_t k, group, groups;
@@ -258,12 +259,12 @@ typedef struct {
 /* Where the scales of superblock c come from (see the top of the file). */
 typedef struct { int spread; vi lane_group; int64_t per_block, span; } spreading;
 
-static inline spreading make_spreading(int64_t group) {
+static inline spreading make_spreading(int64_t group, int per_lane) {
     spreading sp;
-    sp.span = 8 * VW;
+    sp.span = per_lane * VW;
     sp.spread = group < sp.span;
-    int shift = 0;
-    while (sp.spread && (8 << shift) < group) shift++;   /* lane j's group within a superblock: 8j >> shift */
+    int shift = 0;   /* lane j's group within a superblock: j >> shift (VI_LANE_GROUP takes 8j, so 3 + shift) */
+    while (sp.spread && ((int64_t)per_lane << shift) < group) shift++;
     sp.lane_group = VI_LANE_GROUP(3 + shift);
     sp.per_block = sp.spread ? sp.span / group : 0;
     return sp;
@@ -308,13 +309,34 @@ INLINE vf superblock_row(const uint8_t *q, int live, const vf xv[8], const void 
     return VADD(acc0, acc1);
 }
 
-/* 4 bits, every whole superblock: t += s * (acc + corr * xsum) (+ o * xsum) for each of the RB rows, in four named
-   accumulators (an array of them was kept in memory). LINEAR and PAIRS are constants where inlined. */
-INLINE void superblocks4(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
-                         const operands *o, int linear, int pairs, vf total[RB]) {
-    table16 tab = make_table(o->table);
-    spreading sp = make_spreading(o->group);
-    int64_t lanes = o->k / 8, blocks = (lanes + VW - 1) / VW;
+/* One row of superblock c (8-bit integer codes): lane j holds codes 4j..4j+3, byte b of it is code 4j + b. */
+INLINE vf superblock_row8(const uint8_t *q, int live, const vf xv[8]) {
+    vi w = load_lanes(q, live);
+#if defined(MP_AVX512)
+    const vi bytes = _mm512_set1_epi32(0xFF);
+    vi b0 = _mm512_and_si512(w, bytes), b1 = _mm512_and_si512(_mm512_srli_epi32(w, 8), bytes);
+    vi b2 = _mm512_and_si512(_mm512_srli_epi32(w, 16), bytes), b3 = _mm512_srli_epi32(w, 24);
+#else
+    const vi bytes = _mm256_set1_epi32(0xFF);
+    vi b0 = _mm256_and_si256(w, bytes), b1 = _mm256_and_si256(_mm256_srli_epi32(w, 8), bytes);
+    vi b2 = _mm256_and_si256(_mm256_srli_epi32(w, 16), bytes), b3 = _mm256_srli_epi32(w, 24);
+#endif
+    vf acc0 = VFMA(VCVT(b0), xv[0], VZERO()), acc1 = VFMA(VCVT(b1), xv[1], VZERO());
+    acc0 = VFMA(VCVT(b2), xv[2], acc0);
+    acc1 = VFMA(VCVT(b3), xv[3], acc1);
+    return VADD(acc0, acc1);
+}
+
+/* Every whole superblock (4 bits, or 8-bit integer codes: BITS8): t += s * (acc + corr * xsum) (+ o * xsum) for
+   each of the RB rows, in four named accumulators (an array of them was kept in memory). LINEAR, PAIRS and BITS8
+   are constants where inlined. */
+INLINE void superblocks(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
+                        const operands *o, int linear, int pairs, int bits8, vf total[RB]) {
+    static const float no_table[16];
+    table16 tab = make_table(o->table ? o->table : no_table);   /* used by lookup formats only */
+    int per_lane = bits8 ? 4 : 8, planes = per_lane;
+    spreading sp = make_spreading(o->group, per_lane);
+    int64_t lanes = o->k / per_lane, blocks = (lanes + VW - 1) / VW;
     const vf corr = VSET1(o->corr);
     const int has_offset = o->has_offset;
     vf t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
@@ -324,10 +346,11 @@ INLINE void superblocks4(const uint8_t *const q[RB], const float *const scales[R
         const void *xb = o->xp + 4 * c * VW;
         vf xv[8];
         if (!pairs)
-            for (int i = 0; i < 8; i++) xv[i] = VLOAD(o->xp + (8 * c + i) * VW);
+            for (int i = 0; i < planes; i++) xv[i] = VLOAD(o->xp + (planes * c + i) * VW);
 #define ROW(r, t)                                                                                            \
         {                                                                                                    \
-            vf acc = superblock_row(q[r] + 4 * VW * c, live, xv, xb, tab, linear, pairs);                    \
+            vf acc = bits8 ? superblock_row8(q[r] + 4 * VW * c, live, xv)                                    \
+                           : superblock_row(q[r] + 4 * VW * c, live, xv, xb, tab, linear, pairs);            \
             if (linear) acc = VFMA(xs, corr, acc);                                                           \
             t = VFMA(acc, block_params(scales[r], sp, c, o->group), t);                                      \
             if (has_offset) t = VFMA(xs, block_params(offsets[r], sp, c, o->group), t);                      \
@@ -383,11 +406,12 @@ INLINE void groups8(const uint8_t *const q[RB], const float *const scales[RB], c
         call;                                                                                                  \
         for (int r = 0; r < RB; r++) out[r] = total[r];                                                        \
     }
-VECTOR_PATH(dot4_linear, superblocks4(q, scales, offsets, o, 1, 0, total))
-VECTOR_PATH(dot4_table, superblocks4(q, scales, offsets, o, 0, 0, total))
+VECTOR_PATH(dot4_linear, superblocks(q, scales, offsets, o, 1, 0, 0, total))
+VECTOR_PATH(dot4_table, superblocks(q, scales, offsets, o, 0, 0, 0, total))
 #if defined(MP_BF16)
-VECTOR_PATH(dot4_pairs, superblocks4(q, scales, offsets, o, 1, 1, total))
+VECTOR_PATH(dot4_pairs, superblocks(q, scales, offsets, o, 1, 1, 0, total))
 #endif
+VECTOR_PATH(dot8_planes, superblocks(q, scales, offsets, o, 1, 0, 1, total))
 VECTOR_PATH(dot8_int, groups8(q, scales, o, KIND_INT, total))
 VECTOR_PATH(dot8_e4m3, groups8(q, scales, o, KIND_E4M3, total))
 VECTOR_PATH(dot8_e5m2, groups8(q, scales, o, KIND_E5M2, total))
@@ -399,7 +423,8 @@ VECTOR_PATH(dot8_e5m2, groups8(q, scales, o, KIND_E5M2, total))
 static void block_dot(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
                       const operands *o, float out[RB]) {
     float rest[RB] = {0};
-    int64_t from4 = 0;   /* 4 bits: the first code the vector part left */
+    int planes = o->bits == 4 || o->planes8;   /* the vector part took offsets too */
+    int64_t from_planes = 0;   /* planes: the first code the vector part left */
 #if defined(MP_VECTOR)
     vf total[RB];
     if (o->bits == 4) {
@@ -408,7 +433,10 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
 #endif
         if (o->linear) dot4_linear(q, scales, offsets, o, total);
         else dot4_table(q, scales, offsets, o, total);
-        from4 = o->k / 8 * 8;
+        from_planes = o->k / 8 * 8;
+    } else if (o->planes8) {
+        dot8_planes(q, scales, offsets, o, total);
+        from_planes = o->k / 4 * 4;
     } else if (o->kind == KIND_INT) {
         dot8_int(q, scales, offsets, o, total);
     } else if (o->kind == KIND_E4M3) {
@@ -419,7 +447,7 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
 #endif
     for (int64_t g = 0; g < o->groups; g++) {
         int64_t start = g * o->group, end = start + o->group <= o->k ? start + o->group : o->k, from = start;
-        if (o->bits == 4) from = from4 > start ? from4 : start;
+        if (planes) from = from_planes > start ? from_planes : start;
 #if defined(MP_VECTOR)
         else from = start + (end - start) / VW * VW;
 #endif
@@ -434,10 +462,11 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
                     xsum += o->x[j];
                 } else {
                     level = level8_scalar(q[r][j], o->kind, o->bias, o->unit);
+                    xsum += o->x[j];
                 }
                 t += level * o->x[j];
             }
-            rest[r] += t * scales[r][g] + (o->bits == 4 && o->has_offset ? offsets[r][g] * xsum : 0.0f);
+            rest[r] += t * scales[r][g] + (planes && o->has_offset ? offsets[r][g] * xsum : 0.0f);
         }
     }
     for (int r = 0; r < RB; r++) {
@@ -449,10 +478,10 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
     }
 }
 
-/* Whether the 4-bit vector part can spread this group's scales (see the top of the file). */
-static int group_fits(int64_t group, int64_t k) {
-    int64_t span = 8 * VW;
-    return group >= k || (group < span ? span % group == 0 && group % 8 == 0 : group % span == 0);
+/* Whether superblocks of per_lane * VW codes can take this group's scales (see the top of the file). */
+static int group_fits(int64_t group, int64_t k, int per_lane) {
+    int64_t span = per_lane * VW;
+    return group >= k || (group < span ? span % group == 0 && group % per_lane == 0 : group % span == 0);
 }
 
 /* A packed weight as the kernel reads it (cpu_native.py fills one per layer, once). table: 16 levels (4 bits);
@@ -486,42 +515,49 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
 #else
     pairs = 0;
 #endif
-    if (bits == 4 && !group_fits(group, k)) return BAD_GROUP;
-    int64_t lanes = (k / 8 + VW - 1) / VW * VW;   /* 4 bits: lane positions, in whole vectors */
-    int64_t per_x4 = bits == 4 ? 9 * lanes + (pairs ? k : 0) : 0;   /* planes (8 per lane), lane sums, rounded x */
-    int sums8 = bits == 8 && offset != NULL;
-    /* scratch: per row of x, its 4-bit layout or its group sums (8-bit offsets); a block's scales and offsets
-       (+ a vector's worth read past the last of them by the permuted loads) */
-    size_t need = (size_t)(m * per_x4) + (size_t)(sums8 ? m * groups : 0) + 2 * RB * (size_t)groups + 2 * VW + 16;
+    if (bits == 4 && !group_fits(group, k, 8)) return BAD_GROUP;
+#if defined(MP_VECTOR)
+    int planes8 = bits == 8 && kind == KIND_INT && group_fits(group, k, 4);
+#else
+    int planes8 = 0;
+#endif
+    int per_lane = bits == 4 ? 8 : 4;   /* codes per lane of the planes layout */
+    int64_t lanes = (k / per_lane + VW - 1) / VW * VW;   /* lane positions, in whole vectors */
+    int planes = bits == 4 || planes8;
+    /* per row of x: its planes (per_lane per lane), lane sums and bfloat16-rounded x (pairs) */
+    int64_t per_x = planes ? (per_lane + 1) * lanes + (pairs ? k : 0) : 0;
+    int sums8 = bits == 8 && offset != NULL && !planes8;
+    /* scratch: per row of x, its planes layout or its group sums (other 8-bit layouts' offsets); a block's scales
+       and offsets (+ a vector's worth read past the last of them by the permuted loads) */
+    size_t need = (size_t)(m * per_x) + (size_t)(sums8 ? m * groups : 0) + 2 * RB * (size_t)groups + 2 * VW + 16;
     float *buf = scratch(need);
     if (!buf) return NO_MEMORY;
-    float *sums = buf + m * per_x4, *sblock = sums + (sums8 ? m * groups : 0), *oblock = sblock + RB * groups + VW;
-    if (bits == 4) {
-        for (int64_t i = 0; i < m; i++) {
-            float *xp = buf + i * per_x4, *xsum = xp + 8 * lanes, *xr = xsum + lanes;
-            const float *xi = x + i * k;
-            if (pairs) {
-                for (int64_t j = 0; j < k; j++) xr[j] = bf16_round(xi[j]);
-                xi = xr;
-            }
-            for (int64_t lane = 0; lane < lanes; lane++) {
-                int64_t c = lane / VW, j = lane % VW, whole = lane < k / 8;
-                float t = 0.0f;
-                for (int p = 0; p < 8; p++) t += whole ? xi[8 * lane + p] : 0.0f;
-                xsum[lane] = t;
-                if (pairs) {
-                    uint32_t *xb = (uint32_t *)xp;
-                    for (int p = 0; p < 4; p++) {
-                        uint32_t lo = 0, hi = 0;
-                        if (whole) {
-                            memcpy(&lo, xi + 8 * lane + p, 4);
-                            memcpy(&hi, xi + 8 * lane + p + 4, 4);
-                        }
-                        xb[(4 * c + p) * VW + j] = (lo >> 16) | (hi & 0xFFFF0000u);
+    float *sums = buf + m * per_x, *sblock = sums + (sums8 ? m * groups : 0), *oblock = sblock + RB * groups + VW;
+    for (int64_t i = 0; planes && i < m; i++) {
+        float *xp = buf + i * per_x, *xsum = xp + per_lane * lanes, *xr = xsum + lanes;
+        const float *xi = x + i * k;
+        if (pairs) {
+            for (int64_t j = 0; j < k; j++) xr[j] = bf16_round(xi[j]);
+            xi = xr;
+        }
+        for (int64_t lane = 0; lane < lanes; lane++) {
+            int64_t c = lane / VW, j = lane % VW, whole = lane < k / per_lane;
+            const float *xl = xi + per_lane * lane;
+            float t = 0.0f;
+            for (int p = 0; p < per_lane; p++) t += whole ? xl[p] : 0.0f;
+            xsum[lane] = t;
+            if (pairs) {   /* dword j of pair p: x[8 lane + p] (low half), x[8 lane + p + 4] (high half) */
+                uint32_t *xb = (uint32_t *)xp;
+                for (int p = 0; p < 4; p++) {
+                    uint32_t lo = 0, hi = 0;
+                    if (whole) {
+                        memcpy(&lo, xl + p, 4);
+                        memcpy(&hi, xl + p + 4, 4);
                     }
-                } else {
-                    for (int p = 0; p < 8; p++) xp[(8 * c + p) * VW + j] = whole ? xi[8 * lane + p] : 0.0f;
+                    xb[(4 * c + p) * VW + j] = (lo >> 16) | (hi & 0xFFFF0000u);
                 }
+            } else {
+                for (int p = 0; p < per_lane; p++) xp[(per_lane * c + p) * VW + j] = whole ? xl[p] : 0.0f;
             }
         }
     }
@@ -534,9 +570,11 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
                 sums[i * groups + g] = t;
             }
     }
+#if defined(MP_VECTOR)
     int64_t row_bytes = bits == 4 ? (k + 1) / 2 : k;
-    operands o = {bits, table, linear, pairs, kind, bias, unit, pairs ? bias - 128.0f : bias, NULL, NULL, NULL,
-                  offset != NULL, k, group, groups};
+#endif
+    operands o = {bits, table, linear, pairs, kind, planes8, bias, unit, pairs ? bias - 128.0f : bias, NULL, NULL,
+                  NULL, offset != NULL, k, group, groups};
     for (int64_t r0 = 0; r0 < n; r0 += RB) {
         const uint8_t *q[RB];
         const float *s[RB], *off[RB];
@@ -558,10 +596,10 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
         }
         for (int64_t i = 0; i < m; i++) {
             float out[RB];
-            float *xp = buf + i * per_x4;
+            float *xp = buf + i * per_x;
             o.xp = xp;
-            o.xsum = xp + 8 * lanes;
-            o.x = pairs ? xp + 9 * lanes : x + i * k;
+            o.xsum = xp + per_lane * lanes;
+            o.x = pairs ? xp + (per_lane + 1) * lanes : x + i * k;
             block_dot(q, s, off, &o, out);
             for (int r = 0; r < live; r++) {
                 float v = out[r];
