@@ -365,9 +365,12 @@ def native_rows(plan: cpu_native.NativePlan) -> int:
     return 1 if exact_in_torch else SMALL_M_ROWS
 
 
+_NATIVE_KINDS = {4: "native 4-bit", 8: "native 8-bit"}
+
+
 def native_kind(plan: cpu_native.NativePlan) -> str:
     """The counter name of a call on the native kernels (see CpuBackend.calls)."""
-    return f"native {plan.bits}-bit"
+    return _NATIVE_KINDS[plan.bits]
 
 
 # ---- plumbing: the backend, its per-layer cache and its counters ----
@@ -520,7 +523,9 @@ class CpuBackend:
     def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
         if bias is not None:  # bfloat16 + float32 adds in float32, in one op
             y = torch.add(y, bias if bias.dtype == torch.float32 else bias.float())
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _kernels_available() -> bool:

@@ -170,7 +170,14 @@ typedef __m512i vi;
 #define VI_AND15(a) _mm512_and_si512(a, _mm512_set1_epi32(15))
 #define VI_LANE_GROUP(shift) \
     _mm512_srli_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), shift)
-static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+/* the lane sums of four vectors at once: pairs interleaved, then 128-bit lanes of [t0, t1, t2, t3] added */
+static inline __m128 hsum4(vf t0, vf t1, vf t2, vf t3) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(t0, t1), _mm512_unpackhi_ps(t0, t1));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(t2, t3), _mm512_unpackhi_ps(t2, t3));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 /* the first `lanes` dwords at p (the rest 0) */
 static inline vi load_lanes(const uint8_t *p, int lanes) {
     return lanes == VW ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32((__mmask16)((1u << lanes) - 1), p);
@@ -205,11 +212,11 @@ typedef __m256i vi;
 #define VI_SRL(a, n) _mm256_srli_epi32(a, n)
 #define VI_AND15(a) _mm256_and_si256(a, _mm256_set1_epi32(15))
 #define VI_LANE_GROUP(shift) _mm256_srli_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), shift)
-static inline float hsum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+static inline __m128 hsum4(vf t0, vf t1, vf t2, vf t3) {
+    __m256 s01 = _mm256_add_ps(_mm256_unpacklo_ps(t0, t1), _mm256_unpackhi_ps(t0, t1));
+    __m256 s23 = _mm256_add_ps(_mm256_unpacklo_ps(t2, t3), _mm256_unpackhi_ps(t2, t3));
+    __m256 s = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xEE));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 static inline vi load_lanes(const uint8_t *p, int lanes) {
     if (lanes == VW) return _mm256_loadu_si256((const __m256i *)p);
@@ -469,13 +476,11 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
             rest[r] += t * scales[r][g] + (planes && o->has_offset ? offsets[r][g] * xsum : 0.0f);
         }
     }
-    for (int r = 0; r < RB; r++) {
 #if defined(MP_VECTOR)
-        out[r] = hsum(total[r]) + rest[r];
+    _mm_storeu_ps(out, _mm_add_ps(hsum4(total[0], total[1], total[2], total[3]), _mm_loadu_ps(rest)));
 #else
-        out[r] = rest[r];
+    for (int r = 0; r < RB; r++) out[r] = rest[r];
 #endif
-    }
 }
 
 /* Whether superblocks of per_lane * VW codes can take this group's scales (see the top of the file). */
