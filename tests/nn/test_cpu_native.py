@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from modelpress.formats import WeightScheme, quantize_weight
 from modelpress.formats.packed import PackedWeight, expand_groups
 from modelpress.nn import cpu_native
-from modelpress.nn.cpu_backend import CPU_BACKEND, SMALL_M_ROWS, native_rows
+from modelpress.nn.cpu_backend import CPU_BACKEND, DIGITS_MAX_ROWS, native_rows
 from modelpress.nn.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the native kernels are not built")
@@ -174,8 +174,8 @@ def native_backend():
         yield CPU_BACKEND
 
 
-@pytest.mark.parametrize("spec,rows", [("int4/g128", 1), ("int8/g32", 1), ("nf4/g64", SMALL_M_ROWS),
-                                       ("fp8-e4m3/channel", SMALL_M_ROWS), ("nf4/g16", SMALL_M_ROWS)])
+@pytest.mark.parametrize("spec,rows", [("int4/g128", 1), ("int8/g32", 1), ("fp4/g32", 1), ("nf4/g64", DIGITS_MAX_ROWS),
+                                       ("fp8-e4m3/channel", DIGITS_MAX_ROWS), ("nf4/g16", DIGITS_MAX_ROWS)])
 def test_decode_sized_calls_take_the_native_kernels(spec, rows, native_backend):
     layer = QuantLinear(random_packed(spec, 48, 576), torch.randn(48))
     plan = native_backend.native_plan(layer.packed)
@@ -194,6 +194,20 @@ def test_decode_sized_calls_take_the_native_kernels(spec, rows, native_backend):
     before = native_backend.calls[kind]
     layer(torch.randn(rows + 1, 576))   # past the rows the native kernels take: PyTorch's kernels or the reference
     assert native_backend.calls[kind] == before
+
+
+def test_lookup_formats_never_build_a_digits_layout(native_backend):
+    """NF4 and fp8 (levels PyTorch's kernels take only as three digits of a 12-bit grid, 1.5 bytes per weight)
+    run natively up to DIGITS_MAX_ROWS rows and on the reference path above: no digits layout is built."""
+    layer = QuantLinear(random_packed("nf4/g64", 32, 128, seed=5))
+    held = native_backend.digits_bytes
+    for m in (1, 16, DIGITS_MAX_ROWS, DIGITS_MAX_ROWS + 1):
+        layer(torch.randn(m, 128))
+    assert native_backend.digits_bytes == held
+    from modelpress.nn.cpu_backend import _UNBUILT
+
+    assert native_backend._entries[id(layer.qdata)].prepared is _UNBUILT
+    assert native_backend.needs_digits(layer.packed)
 
 
 def test_native_kernels_keep_the_backend_rules(native_backend):

@@ -1,6 +1,14 @@
-"""The CPU matmul backend: QuantLinear on the CPU runs PyTorch's packed int4 and int8 kernels.
+"""The CPU matmul backend: QuantLinear on the CPU runs the native kernels (decode) or PyTorch's packed int4 and
+int8 kernels.
 
-Served here (anything else returns None, and the reference path takes it):
+Decode-sized calls of 4-bit and 8-bit formats go first to the native kernels (cpu_native.py: compiled on first
+use, they read the stored packed weight as it is, with no prepared copy): calls of one row, or up to
+DIGITS_MAX_ROWS rows for formats PyTorch's kernels take only as three digits of a 12-bit grid (nf4, fp8;
+`native_rows`). Their products are float32, except int4 and int4-asym on CPUs with AVX512_BF16, whose x is
+rounded to bfloat16 as in PyTorch's int4 kernel. `CpuBackend.native = False` turns them off; where they are not
+built (no C compiler, no AVX2), everything below applies to every call.
+
+Served by PyTorch's kernels (anything else returns None, and the reference path takes it):
 - formats whose levels are integers that fit a 4-bit grid (int2/int3/int4, symmetric or asymmetric, and
   ternary) with groups whose length is a multiple of 32 (or one group per row when K is), on
   aten._weight_int4pack_mm_for_cpu;
@@ -69,6 +77,7 @@ Inference-mode tensors have no version counter: an in-place edit of one inside i
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -357,12 +366,22 @@ def prepared_nbytes(prep: Prepared) -> int:
 
 
 def native_rows(plan: cpu_native.NativePlan) -> int:
-    """The most activation rows a call may have to take the native kernels: they decode the weight once per row
-    of x, so where PyTorch's kernels read the layer's exact levels (one 4-bit digit, or int8's two) they win at
-    one row only; for levels PyTorch's kernels take as three digits of a 12-bit grid (nf4, fp8) up to
-    SMALL_M_ROWS (1536 x 576 at one thread: bench/cpu_native.py)."""
-    exact_in_torch = (plan.bits == 4 and plan.linear) or (plan.bits == 8 and plan.kind == 0)
-    return 1 if exact_in_torch else SMALL_M_ROWS
+    """The most activation rows a call may have to take the native kernels. They decode the weight once per row
+    of x, so where PyTorch's kernels read the format's exact levels (int4, int8, fp4...) the native kernels win at
+    one row only (bench/cpu_native.py, 1536 x 576 at one thread). Levels PyTorch's kernels take only rounded to
+    a 12-bit grid, as three digits (nf4, fp8), take the native kernels up to DIGITS_MAX_ROWS, as far as the digits
+    would serve: exact, and without the digits' layout of 1.5 bytes per weight beside the packed one. NF4's native
+    time per row stays at or below the digits' there; fp8's is up to 1.3x above from 4 rows (prompts), the price
+    of that memory."""
+    return 1 if _exact_in_torch(plan.format) else DIGITS_MAX_ROWS
+
+
+@functools.cache
+def _exact_in_torch(format_name: str) -> bool:
+    from modelpress.formats.base import get_format
+
+    levels = digit_levels(get_format(format_name))
+    return levels is not None and levels.exact
 
 
 _NATIVE_KINDS = {4: "native 4-bit", 8: "native 8-bit"}
@@ -411,8 +430,8 @@ def _packed_tensors(packed: PackedWeight) -> tuple[torch.Tensor | None, ...]:
 
 
 class CpuBackend:
-    """Backend entry (see backends.py). `calls` counts calls served per kernel ("int4", "int8",
-    "8-bit levels as int4 digits", "12-bit levels as int4 digits (12-bit grid)", see int4_kind);
+    """Backend entry (see backends.py). `calls` counts calls served per kernel ("native 4-bit", "native 8-bit",
+    "int4", "int8", "8-bit levels as int4 digits", "12-bit levels as int4 digits (12-bit grid)", see int4_kind);
     `with backend.disabled():` sends every call to the next backend (to compare against the reference);
     `with backend.fast():` lets float32 activations through too (rounded to bfloat16, see the module doc)."""
 
@@ -470,6 +489,13 @@ class CpuBackend:
             entry.prepared, entry.charged = prepared, charged
         return entry.prepared  # type: ignore[return-value]
 
+    def needs_digits(self, packed: PackedWeight) -> bool:
+        """Whether this layer's prepared form is (or would be) a layout of several digits."""
+        entry = self._entry(packed)
+        if entry.prepared is not _UNBUILT:
+            return isinstance(entry.prepared, Int4Prepared) and entry.prepared.copies > 1
+        return int4_plan(packed) is None and not int8_fits(packed) and digits_plan(packed) is not None
+
     def native_plan(self, packed: PackedWeight) -> cpu_native.NativePlan | None:
         """The cached native-kernel plan of this layer (None: the native kernels do not serve it)."""
         entry = self._entry(packed)
@@ -493,12 +519,15 @@ class CpuBackend:
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return None  # the kernels have no backward; the reference path does
         x2 = x.reshape(-1, k)
-        if self.native and x2.shape[0] <= SMALL_M_ROWS and cpu_native.available():
+        rows = x2.shape[0]
+        if self.native and rows <= DIGITS_MAX_ROWS and cpu_native.available():
             plan = self.native_plan(packed)
-            if plan is not None and x2.shape[0] <= native_rows(plan):
+            if plan is not None and rows <= native_rows(plan):
                 y = cpu_native.native_matmul(x2, plan)
                 self.calls[native_kind(plan)] += 1
                 return self._finish(y, x, bias, n)
+        if rows > DIGITS_MAX_ROWS and self.needs_digits(packed):
+            return None   # layouts of several digits are not built for calls they would not serve
         prep = self.prepared(packed)
         if prep is None:
             return None

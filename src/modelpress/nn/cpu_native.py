@@ -142,6 +142,7 @@ class NativePlan:
     `scale` for double-quantized scales (decoded once to float32) and `table` (the 16 levels of a 4-bit format)."""
 
     qdata: torch.Tensor
+    format: str             # the format's name
     bits: int
     table: torch.Tensor | None
     linear: bool            # 4 bits: levels are code + bias (converted in registers, not looked up)
@@ -234,7 +235,7 @@ def plan_for(packed: PackedWeight) -> NativePlan | None:
             return None
         kind, bias, unit = decode
     perm = None if packed.input_perm is None else packed.input_perm.long()
-    return NativePlan(q, fmt.bits, table, linear, kind, bias, unit, scale, packed.offset, group, (n, k), perm)
+    return NativePlan(q, fmt.name, fmt.bits, table, linear, kind, bias, unit, scale, packed.offset, group, (n, k), perm)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int]:
