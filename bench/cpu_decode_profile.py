@@ -92,11 +92,11 @@ def static_steps_ms(model: nn.Module, steps: int, compiled: bool) -> tuple[float
     from modelpress.inference.static_decode import StaticDecoder
 
     start = time.perf_counter()
-    decoder = StaticDecoder(model, len(PROMPT) + steps + 2, graph=False)
-    decoder.prefill(PROMPT)  # eager: its length differs from a step's
-    if compiled:
-        decoder.model = torch.compile(model, dynamic=False)
-    decoder.step(5)  # compiles, when asked to
+    decoder = StaticDecoder(model, len(PROMPT) + steps + 2, graph=False, compile=compiled)
+    decoder.prefill(PROMPT)  # compiles the prompt's forward, when asked to
+    decoder.step(5)  # compiles the step's, when asked to
+    if compiled and decoder.compile_error:
+        print(f"torch.compile failed, the steps ran uncompiled: {decoder.compile_error}", file=sys.stderr)
     setup = time.perf_counter() - start
     times = []
     for _ in range(steps):
