@@ -1,8 +1,9 @@
 """Native CPU matrix-vector kernels for decode-sized calls: cpu_gemv.c, compiled on first use for this machine.
 
-`native_matmul(x2, plan)` computes x2 (M, K) float32 @ W^T for a packed weight of 4 or 8 bits straight from its
-stored codes and scales (no prepared copy of the weight), in float32: the stored weight's exact product up to
-the order of float32 additions (cpu_gemv.c says how). `plan_for(packed)` says whether and how a weight is served.
+`native_matmul(x2, plan)` computes x2 (M, K) @ W^T for a packed weight of 4 or 8 bits straight from its stored
+codes and scales (no prepared copy of the weight): in float32, the stored weight's exact product up to the order
+of float32 additions, except that int4 and int4-asym multiply x rounded to bfloat16 where the CPU has AVX512_BF16
+(bfloat16=True, the default; cpu_gemv.c says how). `plan_for(packed)` says whether and how a weight is served.
 
 Building: the C file is compiled with the system's C compiler (`cc`, or $CC) at -O3 -march=native into a shared
 library under ~/.cache/modelpress/native (or $MODELPRESS_CACHE/native), named by a hash of the source, the
