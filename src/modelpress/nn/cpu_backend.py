@@ -476,9 +476,10 @@ class CpuBackend:
             self._entries[key] = entry
         return entry
 
-    def prepared(self, packed: PackedWeight) -> Prepared | None:
-        """The cached prepared form of this layer's packed tensors (built on first use), or None."""
-        entry = self._entry(packed)
+    def prepared(self, packed: PackedWeight, entry: _Entry | None = None) -> Prepared | None:
+        """The cached prepared form of this layer's packed tensors (built on first use), or None. `entry`: this
+        layer's cache entry, if the caller has it already."""
+        entry = entry or self._entry(packed)
         if entry.prepared is _UNBUILT:
             prepared, charged = prepare(packed), 0
             if isinstance(prepared, Int4Prepared) and prepared.copies > 1:
@@ -489,16 +490,16 @@ class CpuBackend:
             entry.prepared, entry.charged = prepared, charged
         return entry.prepared  # type: ignore[return-value]
 
-    def needs_digits(self, packed: PackedWeight) -> bool:
+    def needs_digits(self, packed: PackedWeight, entry: _Entry | None = None) -> bool:
         """Whether this layer's prepared form is (or would be) a layout of several digits."""
-        entry = self._entry(packed)
+        entry = entry or self._entry(packed)
         if entry.prepared is not _UNBUILT:
             return isinstance(entry.prepared, Int4Prepared) and entry.prepared.copies > 1
         return int4_plan(packed) is None and not int8_fits(packed) and digits_plan(packed) is not None
 
-    def native_plan(self, packed: PackedWeight) -> cpu_native.NativePlan | None:
+    def native_plan(self, packed: PackedWeight, entry: _Entry | None = None) -> cpu_native.NativePlan | None:
         """The cached native-kernel plan of this layer (None: the native kernels do not serve it)."""
-        entry = self._entry(packed)
+        entry = entry or self._entry(packed)
         if entry.native is _UNBUILT:
             entry.native = cpu_native.plan_for(packed)
         return entry.native  # type: ignore[return-value]
@@ -520,15 +521,16 @@ class CpuBackend:
             return None  # the kernels have no backward; the reference path does
         x2 = x.reshape(-1, k)
         rows = x2.shape[0]
+        entry = self._entry(packed)
         if self.native and rows <= DIGITS_MAX_ROWS and cpu_native.available():
-            plan = self.native_plan(packed)
+            plan = self.native_plan(packed, entry)
             if plan is not None and rows <= native_rows(plan):
                 y = cpu_native.native_matmul(x2, plan)
                 self.calls[native_kind(plan)] += 1
                 return self._finish(y, x, bias, n)
-        if rows > DIGITS_MAX_ROWS and self.needs_digits(packed):
+        if rows > DIGITS_MAX_ROWS and self.needs_digits(packed, entry):
             return None   # layouts of several digits are not built for calls they would not serve
-        prep = self.prepared(packed)
+        prep = self.prepared(packed, entry)
         if prep is None:
             return None
         if isinstance(prep, Int4Prepared) and prep.copies > 1 and x2.shape[0] > DIGITS_MAX_ROWS:
