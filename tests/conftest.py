@@ -104,3 +104,15 @@ def tiny_text(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(default_corpus()[:60_000], encoding="utf-8")
     return path
+
+
+def random_packed(spec: str, n: int, k: int, seed: int = 0, perm: bool = False):
+    """A packed (N, K) weight of `spec` made like a real layer's: rows of different magnitudes and a few large
+    weights; perm=True also gives it a GPTQ input order."""
+    from modelpress.formats import WeightScheme, quantize_weight
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=generator) * torch.logspace(-2, 0, n)[:, None]
+    weight[torch.rand(n, k, generator=generator) < 0.01] *= 8
+    input_perm = torch.randperm(k, generator=generator) if perm else None
+    return quantize_weight(weight, WeightScheme.parse(spec), input_perm=input_perm)

@@ -9,8 +9,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_packed
 
-from modelpress.formats import WeightScheme, quantize_weight
+from modelpress.formats import WeightScheme
 from modelpress.formats.packed import PackedWeight
 from modelpress.formats.packing import pack_codes
 from modelpress.nn.backends import backend_names, linear_forward, reference_linear
@@ -64,15 +65,6 @@ SERVED = [
 ]
 FALLBACK = ["nf4/g16", "fp4/g16", "int8/g16", "int4/g16", "int4/g48"]
 INT4_KERNEL = ("int4", HALVES, GRID)  # kinds that run on the int4 kernel: bfloat16 scales and zero points
-
-
-def random_packed(spec: str, n: int, k: int, seed: int = 0, perm: bool = False) -> PackedWeight:
-    generator = torch.Generator().manual_seed(seed)
-    # rows of different magnitudes and a few large weights, as in real layers
-    weight = torch.randn(n, k, generator=generator) * torch.logspace(-2, 0, n)[:, None]
-    weight[torch.rand(n, k, generator=generator) < 0.01] *= 8
-    input_perm = torch.randperm(k, generator=generator) if perm else None
-    return quantize_weight(weight, WeightScheme.parse(spec), input_perm=input_perm)
 
 
 def reference64(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_packed
 
-from modelpress.formats import WeightScheme, quantize_weight
 from modelpress.formats.packed import PackedWeight, expand_groups
 from modelpress.nn import cpu_native
 from modelpress.nn.cpu_backend import CPU_BACKEND, DIGITS_MAX_ROWS, native_rows
@@ -54,14 +54,6 @@ def build(name: str, directory: str):
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("native"))
-
-
-def random_packed(spec: str, n: int, k: int, seed: int = 0, perm: bool = False) -> PackedWeight:
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(n, k, generator=generator) * torch.logspace(-2, 0, n)[:, None]
-    weight[torch.rand(n, k, generator=generator) < 0.01] *= 8
-    input_perm = torch.randperm(k, generator=generator) if perm else None
-    return quantize_weight(weight, WeightScheme.parse(spec), input_perm=input_perm)
 
 
 def magnitudes(packed: PackedWeight) -> torch.Tensor:
