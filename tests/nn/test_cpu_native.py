@@ -136,6 +136,24 @@ def test_every_fp8_code_reads_back_its_level(build_dir):
         assert torch.equal(seen, levels[codes.long()]), spec
 
 
+@pytest.mark.parametrize("name", list(BUILDS))
+@pytest.mark.parametrize("spec", ["int4/g32", "nf4/g64", "int8/g32", "fp8-e4m3/channel"])
+def test_non_finite_activations_are_not_hidden(name, spec, build_dir):
+    """A NaN in x makes every output of its row NaN, and an infinity every output of its row non-finite, as in
+    F.linear; no rounding (bfloat16 pairs included) turns them into finite numbers. (Where F.linear gives +-inf
+    the kernel may give NaN: the bias it folds in through the sum of x cancels inf against inf.)"""
+    lib = build(name, build_dir)
+    packed = random_packed(spec, 16, 128, seed=7)
+    plan = cpu_native.plan_for(packed)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(2, 128)
+        x[0, 37] = bad
+        y = cpu_native.native_matmul(x, plan, lib=lib)
+        assert not torch.isfinite(y[0]).any() and torch.isfinite(y[1]).all(), (bad, y)
+        if bad != bad:
+            assert torch.isnan(y[0]).all()
+
+
 def test_gptq_input_order_and_16_bit_activations():
     if not cpu_native.available():
         pytest.skip("the native kernels are not built on this machine")

@@ -132,10 +132,13 @@ static float level8_scalar(uint8_t code, int kind, float bias, float unit) {
     return half_to_float(fp8_half_bits(code, kind)) * unit;
 }
 
-static float bf16_round(float v) {   /* to nearest, ties to even (finite values) */
+static float bf16_round(float v) {   /* to nearest, ties to even; infinities stay, NaNs stay (quiet) NaNs */
     uint32_t u;
     memcpy(&u, &v, 4);
-    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+    if ((u & 0x7F800000u) == 0x7F800000u)
+        u = (u & 0xFFFF0000u) | ((u & 0x007FFFFFu) ? 0x00400000u : 0);
+    else
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
     memcpy(&v, &u, 4);
     return v;
 }
