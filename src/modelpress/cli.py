@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _sync_ranks()
+        return code
     except ModelpressError as err:
         if _is_main_rank():   # under torchrun every rank raises the same agreed error: print it once
             print(f"modelpress {args.command}: error: {err}", file=sys.stderr)
@@ -63,6 +65,17 @@ def _is_main_rank() -> bool:
     from modelpress.engine.distributed import Ranks
 
     return Ranks.active().is_main
+
+
+def _sync_ranks() -> None:
+    """Under torchrun, wait for every rank to finish before the process group is torn down: a rank that leaves
+    while a peer's last collective is still in flight can abort that peer in gloo's teardown ("terminate called
+    without an active exception", seen in tests/engine/test_distributed.py under load). Only on success: after an
+    error that not every rank saw, a barrier would wait forever."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _leave_process_group() -> None:

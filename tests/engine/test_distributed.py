@@ -72,6 +72,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         compress_and_evaluate(Path(out))
+        dist.barrier()   # every rank done before any leaves (as the CLI does: cli._sync_ranks)
     finally:
         dist.destroy_process_group()
 
