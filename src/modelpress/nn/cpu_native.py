@@ -40,8 +40,9 @@ FP8_UNITS = {"fp8-e4m3": 256.0, "fp8-e5m2": 1.0}   # see cpu_gemv.c: e4m3 widene
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MODELPRESS_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "modelpress") / "native"
+    from modelpress.io.model import cache_dir as modelpress_cache   # the project's cache root ($MODELPRESS_CACHE)
+
+    return modelpress_cache() / "native"
 
 
 def _cpu_flags() -> str:
