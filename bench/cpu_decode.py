@@ -20,7 +20,10 @@ Decode is timed in `modelpress generate`'s loop from the first new token to the 
 Each thread count given to --threads gets its own full run (on a machine shared with other work, two
 OpenMP threads can lose whole scheduler slices at every parallel region; one thread shows the kernels alone).
 - SCHEME (PyTorch kernels) the same model with decode-sized calls on PyTorch's packed kernels instead of the native
-                          ones (nn/cpu_native.py), --torch-kernels
+                          ones (nn/cpu_native.py), on the eager path, --torch-kernels
+- SCHEME eager            the same model on generate's eager path (transformers' forward per token, the native
+                          kernels per layer), --eager; the plain rows decode on generate's default CPU path: the
+                          whole step in one native call (inference/native_decode.py) where it serves the model
 Quality of the fast path is checked against the reference path of the same model on the first 128 tokens of the
 prefill prompt, the fast path fed one token at a time (the decode calls generation makes), the reference 32 at a
 time: top-1 agreement, max |logit difference|, KL(reference || fast), and whether greedy decode made the same
@@ -59,6 +62,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.formats.scheme import WeightScheme
 from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.native_decode import NativeDecoder
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.io.model import load_model
 from modelpress.io.text import default_corpus
@@ -80,6 +84,8 @@ class Row:
     tokens: torch.Tensor | None = None     # greedy tokens of the last round
     compiled: bool = False                 # decode on the static cache with GenerationSettings.compile
     native: bool = True                    # False: decode-sized calls on PyTorch's kernels, not the native ones
+    decode: str = "auto"                   # generate's decode path: auto (native where it serves), or eager
+    decode_path: str = ""                  # the path the last round ran
 
     @contextlib.contextmanager
     def context(self):
@@ -97,24 +103,26 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str,
-                compiled: bool = False) -> tuple[float, torch.Tensor]:
-    """(seconds per token, greedy tokens). loop "modelpress": `modelpress generate`'s loop (inference.decoding,
-    eager path; compiled: the static path with GenerationSettings.compile), timed from the first new token to the
-    last as llama.cpp's rows are (prefill excluded); "transformers": model.generate, the whole call over the new
-    tokens (prefill included)."""
+def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str, compiled: bool = False,
+                decode: str = "auto") -> tuple[float, torch.Tensor, str]:
+    """(seconds per token, greedy tokens, decode path). loop "modelpress": `modelpress generate`'s loop
+    (inference.decoding, on `decode`'s path: auto is the native step where it serves the model; compiled: the
+    static path with GenerationSettings.compile), timed from the first new token to the last as llama.cpp's rows
+    are (prefill excluded); "transformers": model.generate, the whole call over the new tokens (prefill
+    included)."""
     if loop == "modelpress" or compiled:
         stamps: list[float] = []
         settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0),
-                                      decode="static" if compiled else "eager", compile=compiled)
+                                      decode="static" if compiled else decode, compile=compiled,
+                                      cpu_kernels=CPU_BACKEND.enabled)
         result = generate(model, ids, settings,
                           on_tokens=lambda _: stamps.append(time.perf_counter()))
-        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), torch.tensor(result.tokens)
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), torch.tensor(result.tokens), result.decode_path
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0)
     made = out.shape[1] - ids.shape[1]
-    return (time.perf_counter() - start) / max(made, 1), out[0, ids.shape[1]:]
+    return (time.perf_counter() - start) / max(made, 1), out[0, ids.shape[1]:], "transformers"
 
 
 def layer_bytes(model: nn.Module) -> dict:
@@ -145,11 +153,16 @@ def chunked_logits(model: nn.Module, ids: torch.Tensor, chunk: int = QUALITY_CHU
 
 @torch.no_grad()
 def fast_vs_reference(row: Row, ids: torch.Tensor) -> dict:
-    """The row's fast path fed one token at a time (the decode-sized calls generation makes) against the reference
-    path, over the first QUALITY_TOKENS tokens of the prompt."""
+    """The row's fast path fed one token at a time (the decode-sized calls generation makes; the native step where
+    the row decoded on it) against the reference path, over the first QUALITY_TOKENS tokens of the prompt."""
     ids = ids[:, :QUALITY_TOKENS]
     with row.context():
-        fast = chunked_logits(row.model, ids, chunk=1)
+        if row.decode_path == "native":   # the native step, as generation ran it (the first token prefilled)
+            native = NativeDecoder(row.model, ids.shape[1])
+            first = native.prefill(ids[0, :1].tolist())
+            fast = torch.cat([first] + [native.step(int(t)) for t in ids[0, 1:]]).double()
+        else:
+            fast = chunked_logits(row.model, ids, chunk=1)
     with CPU_BACKEND.disabled():
         ref = chunked_logits(row.model, ids)
     kl = (F.softmax(ref, -1) * (F.log_softmax(ref, -1) - F.log_softmax(fast, -1))).sum(-1)
@@ -234,7 +247,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             continue
         with row.context():  # warm-up: builds the prepared weights, touches every page once
             time_prefill(row.model, prompt)
-            time_decode(row.model, decode_prompt, 2, loop, row.compiled)  # compiled rows: the compilation
+            time_decode(row.model, decode_prompt, 2, loop, row.compiled, row.decode)  # compiled: the compilation
     for round_ in range(repeats):
         for row in rows:
             if row.gguf is not None:
@@ -243,7 +256,8 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             with row.context():
                 row.prefill_s.append(time_prefill(row.model, prompt))
                 tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
-                per_token, row.tokens = time_decode(row.model, decode_prompt, tokens, loop, row.compiled)
+                per_token, row.tokens, row.decode_path = time_decode(row.model, decode_prompt, tokens, loop,
+                                                                     row.compiled, row.decode)
                 row.decode_s.append(per_token)
         print(f"{torch.get_num_threads()} threads: round {round_ + 1}/{repeats} done", file=sys.stderr, flush=True)
 
@@ -253,7 +267,7 @@ def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int
     reference = next((r for r in rows if r.model is row.model and not r.fast), None)
     if reference is None:
         with CPU_BACKEND.disabled(), torch.no_grad():
-            _, reference_tokens = time_decode(row.model, prompt[:, :DECODE_PROMPT_TOKENS], new_tokens, loop)
+            _, reference_tokens, _ = time_decode(row.model, prompt[:, :DECODE_PROMPT_TOKENS], new_tokens, loop)
     else:
         reference_tokens = reference.tokens
     common = min(row.tokens.numel(), reference_tokens.numel())
@@ -264,17 +278,18 @@ def row_quality(row: Row, rows: list[Row], prompt: torch.Tensor, new_tokens: int
 
 def markdown(results: list[dict]) -> str:
     base = results[0]
-    lines = [("| threads | model | decode tok/s | vs float32 | prefill tok/s | vs float32 "
+    lines = [("| threads | model | decode path | decode tok/s | vs float32 | prefill tok/s | vs float32 "
               "| quantized layers MB (packed / prepared) | fast vs reference: top-1, max dlogit, same greedy tokens |"),
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         base = r if r["name"] == "float32" else base
         size = "" if r["packed_bytes"] is None else f"{r['packed_bytes'] / 1e6:.1f} / {r['prepared_bytes'] / 1e6:.1f}"
         q = r.get("quality")
         quality = "" if q is None else (f"{q['top1_agreement']:.4f}, {q['max_abs_logit_diff']:.3f}, "
                                         f"{q['greedy_tokens_equal']}/{q['greedy_tokens']}")
-        lines.append(f"| {r['threads']} | {r['name']} | {r['decode_tokens_per_s']:.2f} | "
-                     f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | {r['prefill_tokens_per_s']:.0f} | "
+        lines.append(f"| {r['threads']} | {r['name']} | {r['decode_path'] or 'llama.cpp'} | "
+                     f"{r['decode_tokens_per_s']:.2f} | {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | "
+                     f"{r['prefill_tokens_per_s']:.0f} | "
                      f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x | {size} | {quality} |")
     return "\n".join(lines)
 
@@ -299,6 +314,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time each fast float32 row decoding on the static cache through torch.compile "
                              "(GenerationSettings.compile; compiled during the warm-up, tens of seconds per model)")
+    parser.add_argument("--eager", action="store_true",
+                        help="also time each fast float32 row on generate's eager path (transformers' forward per "
+                             "token, the CPU default before the native step)")
     parser.add_argument("--torch-kernels", action="store_true",
                         help="also time each fast float32 quantized row with decode-sized calls on PyTorch's kernels "
                              "instead of the native ones (CpuBackend.native = False)")
@@ -309,9 +327,13 @@ def main() -> None:
     ids = torch.tensor(loaded.tokenizer(default_corpus(), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
     prompt = ids[None]
     rows = build_rows(loaded.model.eval(), args.schemes, args.reference, args.bf16, args.head)
-    if args.torch_kernels:
-        rows += [Row(f"{row.name} (PyTorch kernels)", row.model, native=False) for row in rows
+    if args.torch_kernels:   # on the eager path: the native step always takes the native kernels
+        rows += [Row(f"{row.name} (PyTorch kernels)", row.model, native=False, decode="eager") for row in rows
                  if row.fast and row.name != "float32" and next(row.model.parameters()).dtype == torch.float32]
+    if args.eager:
+        rows += [Row(f"{row.name} eager", row.model, decode="eager") for row in rows
+                 if row.fast and row.native and row.decode == "auto"
+                 and next(row.model.parameters()).dtype == torch.float32]
     if args.compile:
         rows += [Row(f"{row.name} compiled", row.model, compiled=True) for row in rows
                  if row.fast and row.native and next(row.model.parameters()).dtype == torch.float32]
@@ -326,7 +348,7 @@ def main() -> None:
         time_rows(rows, prompt, args.new_tokens, args.repeats, args.reference_tokens, args.decode_loop)
         load.append(os.getloadavg()[0])
         for row in rows:
-            results.append({"threads": threads, "name": row.name, "fast_path": row.fast,
+            results.append({"threads": threads, "name": row.name, "fast_path": row.fast, "decode_path": row.decode_path,
                             "decode_tokens_per_s": 1 / statistics.median(row.decode_s), "native_kernels": row.native,
                             "prefill_tokens_per_s": prompt.shape[1] / statistics.median(row.prefill_s),
                             "decode_s_per_token": row.decode_s, "prefill_s": row.prefill_s,

@@ -9,6 +9,7 @@ import torch
 from conftest import save_tiny_llama
 
 from modelpress.cli import main
+from modelpress.nn import cpu_native
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
@@ -75,12 +76,15 @@ def test_bad_generate_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, capsy
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor compiles C++ on the CPU")
 def test_compile_decodes_on_the_static_cache_on_the_cpu(tiny_llama_dir, tmp_path):
+    """--compile: the static cache; by default the native step (where it serves the model); --eager: eager."""
     base = ["generate", tiny_llama_dir, "--prompt", "the cat", "--max-new-tokens", "5", "--device", "cpu"]
     assert run_cli(*base, "--compile", "--json", tmp_path / "compiled.json") == 0
     assert run_cli(*base, "--json", tmp_path / "plain.json") == 0
-    compiled, plain = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("compiled", "plain"))
-    assert (compiled["decode_path"], plain["decode_path"]) == ("static", "eager")
-    assert compiled["tokens"] == plain["tokens"]
+    assert run_cli(*base, "--eager", "--json", tmp_path / "eager.json") == 0
+    runs = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("compiled", "plain", "eager")]
+    native = "native" if cpu_native.available() else "eager"
+    assert [run["decode_path"] for run in runs] == ["static", native, "eager"]
+    assert runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"]
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from modelpress.inference.kv_cache import KVCacheConfig, make_kv_cache
 from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate, verify_draft
 from modelpress.inference.static_decode import StaticDecoder
+from modelpress.nn import cpu_native
 
 ALPHA = 1e-3  # a correct sampler passes at this level; the wrong rules below land at p < 1e-12
 
@@ -363,10 +364,12 @@ def test_a_failed_static_prefill_falls_back_to_eager(float_models, monkeypatch, 
     assert "static-cache prefill failed (RuntimeError: no 4-D masks here)" in caplog.text
 
 
-def test_graph_on_cpu_runs_static_and_auto_runs_eager(float_models):
+def test_graph_on_cpu_runs_static_and_auto_runs_native(float_models):
+    """auto on the CPU: the native step for both models where it serves them (native_decode.py), else eager."""
     target, drafts = float_models
     assert speculative_generate(target, drafts["perturbed"], [4, 5], greedy("graph", 4)).decode_path == "static"
-    assert speculative_generate(target, drafts["perturbed"], [4, 5], greedy("auto", 4)).decode_path == "eager"
+    auto = "native" if cpu_native.available() else "eager"
+    assert speculative_generate(target, drafts["perturbed"], [4, 5], greedy("auto", 4)).decode_path == auto
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ from modelpress.formats import WeightScheme
 from modelpress.inference.decoding import EagerSteps, GenerationSettings, forward_logits, generate
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.static_decode import StaticDecoder
+from modelpress.nn import cpu_native
 from conftest import build_tiny_llama
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
@@ -168,8 +169,10 @@ def test_forward_and_rewind_refuse_positions_outside_the_cache():
             decoder.forward([])
     assert decoder.position == 7
 
-def test_auto_is_eager_on_cpu():
-    assert greedy(build_tiny_llama(), "auto", tokens=3).decode_path == "eager"
+def test_auto_on_cpu_is_native_where_it_serves_else_eager():
+    assert greedy(build_tiny_llama(), "auto", tokens=3).decode_path == ("native" if cpu_native.available() else "eager")
+    gelu = build_tiny_llama(hidden_act="gelu")   # a decoder the native step does not compute
+    assert greedy(gelu, "auto", tokens=3).decode_path == "eager"
 
 
 def test_graph_on_cpu_falls_back_to_static(caplog):

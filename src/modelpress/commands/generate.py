@@ -43,8 +43,9 @@ def add_parser(sub) -> None:
                    help="KV cache of the model (default float); a quantized one also takes the static, "
                         "graph-captured path on CUDA")
     p.add_argument("--eager", action="store_true",
-                   help="decode eagerly (DynamicCache, one Python-driven forward per token) instead of the default "
-                        "on CUDA: a static KV cache with the decode step captured in a CUDA graph")
+                   help="decode eagerly (DynamicCache, one Python-driven forward per token) instead of the default: "
+                        "on CUDA a static KV cache with the decode step captured in a CUDA graph; on the CPU the whole "
+                        "decode step in one native call (Llama/Mistral/Qwen2/Qwen3 decoders the native kernels serve)")
     p.add_argument("--compile", action="store_true",
                    help="decode on the static cache with its step run through torch.compile (on CUDA, then captured): "
                         "fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
@@ -156,10 +157,11 @@ def run(args: argparse.Namespace) -> int:
         result = speculative_generate(model, draft, ids, settings, SpeculativeConfig(args.draft_tokens),
                                       generator=generator, on_tokens=printer)
     else:
-        # generate builds the cache for the path it takes: static (graph-captured on CUDA) or eager
+        # generate builds the cache for the path it takes: static (graph-captured on CUDA), native or eager
         result = generate(model, ids, settings, generator=generator, on_tokens=printer)
     sys.stdout.write("\n")
-    summary = f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s"
+    summary = (f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s "
+               f"({result.decode_path} path)")
     if result.acceptance_rate is not None:
         summary += (f", draft acceptance {result.acceptance_rate:.1%} over {result.rounds} rounds, "
                     f"{result.target_forwards} target passes")

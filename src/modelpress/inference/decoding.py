@@ -5,7 +5,9 @@ Decode paths (`GenerationSettings.decode`):
 - eager: transformers' DynamicCache, one Python-driven forward per token (any model, any given cache);
 - static: a static KV cache written at a device position (static_decode.py), steps run eagerly;
 - graph: the static cache with the decode step captured once in a CUDA graph and replayed (CUDA only);
-- auto (default): graph on CUDA, eager elsewhere.
+- native: the CPU's whole decode step in one native call per token (native_decode.py; Llama, Mistral, Qwen2 and
+  Qwen3 decoders in float32 whose projections the native kernels serve, float KV cache, CPU kernels on);
+- auto (default): graph on CUDA; native on the CPU where it serves the model and the settings, else eager.
 `GenerationSettings.compile` also runs the static and graph paths' forwards through torch.compile (inductor: the
 norms, rotary embeddings and other small kernels of a decoder layer fused), compiled on the first call of each
 token count; the graph path captures the compiled forward.
@@ -36,10 +38,10 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from modelpress.errors import ModelpressError
 from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig, check_full_attention, make_kv_cache
-from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
+from modelpress.inference.sampling import SamplingConfig, pick
 
 TokenCallback = Callable[[list[int]], None]
-DECODE_PATHS = ("auto", "eager", "static", "graph")
+DECODE_PATHS = ("auto", "eager", "static", "graph", "native")
 log = logging.getLogger(__name__)
 
 
@@ -80,7 +82,7 @@ class GenerationResult:
     drafted: int = 0           # draft tokens proposed
     accepted: int = 0          # draft tokens accepted
     rounds: int = 0            # draft-then-verify rounds
-    decode_path: str = "eager"  # the path that ran: eager, static or graph (static with a failed capture)
+    decode_path: str = "eager"  # the path that ran: eager, static, graph (static with a failed capture) or native
     capture_seconds: float = 0.0  # CUDA-graph warm-up and capture, included in `seconds`
 
     @property
@@ -144,8 +146,14 @@ def decode_path(model: nn.Module, settings: GenerationSettings, cache: Cache | N
     """The path `generate` takes: settings.decode resolved for this model, device and cache (reasons logged)."""
     wanted = settings.decode
     device = model_device(model)
-    if wanted == "auto":
-        wanted = "graph" if device.type == "cuda" else "eager"
+    if wanted == "auto" and device.type == "cuda":
+        wanted = "graph"
+    elif wanted in ("auto", "native"):
+        reason = native_path_obstacle(model, settings, cache)
+        if reason is None:
+            return "native"
+        (log.warning if wanted == "native" else log.info)("not decoding on the native CPU step: %s", reason)
+        wanted = "eager"
     if wanted == "eager":
         return wanted
     reason = static_cache_obstacle(model, cache)
@@ -157,6 +165,23 @@ def decode_path(model: nn.Module, settings: GenerationSettings, cache: Cache | N
                     device)
         return "static"
     return wanted
+
+
+def native_path_obstacle(model: nn.Module, settings: GenerationSettings, cache: Cache | None) -> str | None:
+    """Why the native CPU step cannot serve this call, or None."""
+    from modelpress.inference.native_decode import native_obstacle
+
+    if model_device(model).type != "cpu":
+        return f"the model is on {model_device(model)}, not the CPU"
+    if cache is not None:
+        return "a KV cache was given (it is used as it is)"
+    if settings.kv_config.mode != "float":
+        return f"the {settings.kv_config.mode} KV cache is not on the native step"
+    if settings.compile:
+        return "compile=True asks for the static path"
+    if not settings.cpu_kernels:
+        return "cpu_kernels=False asks for the reference path"
+    return native_obstacle(model)
 
 
 def static_cache_obstacle(model: nn.Module, cache: Cache | None) -> str | None:
@@ -201,6 +226,15 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
     if cache is not None and kv_cache.mode != "float":
         log.warning("the given KV cache is used as it is; GenerationSettings.kv_cache=%r is ignored", kv_cache.mode)
     path = decode_path(model, settings, cache)
+    if path == "native":
+        from modelpress.inference.native_decode import NativeDecoder
+
+        try:
+            native = NativeDecoder(model, len(prompt) + settings.max_new_tokens)
+            return native, native.prefill(prompt), path
+        except ModelpressError as err:   # e.g. heads the step cannot lay out: say why, decode eagerly
+            log.warning("%s; decoding eagerly", err)
+            path = "eager"
     if path != "eager":
         decoder = StaticDecoder(model, len(prompt) + settings.max_new_tokens, graph=path == "graph",
                                 keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache,
@@ -238,7 +272,7 @@ def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: G
     stepper, logits, path = _start(model, prompt, settings, cache)
     forwards, new = 1, []
     while True:
-        token = int(sample(next_token_probs(logits[-1], settings.sampling), generator))
+        token = pick(logits[-1], settings.sampling, generator)
         new.append(token)
         if on_tokens is not None:
             on_tokens([token])

@@ -62,3 +62,11 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """One draw per row: (..., V) probabilities -> (...) int64 tokens."""
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def pick(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> int:
+    """One token from (V,) logits: the argmax when greedy (the token a draw from its one-hot distribution gives,
+    without the 1 ms that drawing from 49k probabilities costs on a CPU), else a draw from next_token_probs."""
+    if config.greedy:
+        return int(logits.argmax())
+    return int(sample(next_token_probs(logits, config), generator))

@@ -16,7 +16,9 @@ Decode paths (GenerationSettings.decode, resolved per model by decoding.decode_p
 on DynamicCaches as above (also whenever a cache is given). static and graph give each model a StaticDecoder
 (static_decode.py) with the same bookkeeping: "crop to m entries" becomes "rewind to position m", the draft
 catches up and drafts with single steps, and the target verifies with one T = k+1 token forward; under graph
-each forward length is captured once in a CUDA graph and replayed. If either model must decode eagerly, both do.
+each forward length is captured once in a CUDA graph and replayed. native (the CPU's default where it serves the
+model) gives a model a NativeDecoder (native_decode.py) with the same interface: its verify pass is k+1 native
+steps and one head call. If either model must decode eagerly, both do.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from modelpress.inference.decoding import (
 )
 from modelpress.inference.kv_cache import make_kv_cache
 from modelpress.inference.sampling import next_token_probs, sample
+from modelpress.inference.native_decode import NativeDecoder
 from modelpress.inference.static_decode import StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -242,7 +245,8 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
             break
     result.seconds = time.perf_counter() - start
     result.capture_seconds = verifier.capture_seconds + drafter.capture_seconds
-    result.decode_path = "graph" if verifier.path == drafter.path == "graph" else "static"
+    ran = {verifier.path, drafter.path}   # graph only if both were captured; native only if both were native
+    result.decode_path = ran.pop() if len(ran) == 1 else "static" if ran == {"graph", "static"} else "mixed"
     return result
 
 
@@ -254,9 +258,7 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
     # with k <= remaining - 1 no pass writes past slot prompt + max_new_tokens - 2; draft_tokens + 1 more slots
     # would hold even a verify pass of a full k + 1 tokens started at the last position
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
-    verifier, drafter = (StaticDecoder(model, max_len, graph=path == "graph",
-                                       keep_last_only=supports_logits_to_keep(model), kv_cache=kv,
-                                       compile=settings.compile)
+    verifier, drafter = (_decoder(model, path, max_len, settings, kv)
                          for model, path, kv in ((target, paths[0], settings.kv_config), (draft, paths[1], None)))
     if len(tokens) > 1:
         try:
@@ -267,6 +269,14 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
                         type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
             return None
     return verifier, drafter
+
+
+def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSettings,
+             kv_cache) -> StaticDecoder | NativeDecoder:
+    if path == "native":
+        return NativeDecoder(model, max_len)
+    return StaticDecoder(model, max_len, graph=path == "graph", keep_last_only=supports_logits_to_keep(model),
+                         kv_cache=kv_cache, compile=settings.compile)
 
 
 def _draft_steps(drafter: StaticDecoder, tokens: list[int], k: int, settings: GenerationSettings,

@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_native.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MP_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -47,7 +49,6 @@
 
 enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2 };
 enum { KIND_INT = 0, KIND_E4M3 = 1, KIND_E5M2 = 2 };
-enum { OK = 0, NO_MEMORY = -1, BAD_GROUP = -2 };
 #define RB 4
 #define PREFETCH_BLOCKS 2
 #define INLINE static inline __attribute__((always_inline))
@@ -492,23 +493,10 @@ static int group_fits(int64_t group, int64_t k, int per_lane) {
     return group >= k || (group < span ? span % group == 0 && group % per_lane == 0 : group % span == 0);
 }
 
-/* A packed weight as the kernel reads it (cpu_native.py fills one per layer, once). table: 16 levels (4 bits);
-   linear: those levels are code + bias; kind / bias / unit: the 8-bit decode. scale / offset: type SCALE_*,
-   element (row r, group g) at r * s_n + g * s_g (strides 0 for a shared value); offset NULL for scale-only
-   formats. */
-typedef struct {
-    const uint8_t *qdata;
-    int64_t q_row;
-    const float *table;
-    const void *scale, *offset;
-    int64_t s_n, s_g, o_n, o_g, n, k, group;
-    float bias, unit;
-    int32_t bits, linear, kind, scale_type, offset_type;
-} mp_weight;
 
 /* y (m, n) float32 = x (m, k) float32 @ W^T (see the top of the file). pairs: bfloat16 products where the build
-   has them (linear 4-bit formats only). Returns OK, NO_MEMORY, or BAD_GROUP (4 bits: a group length the vector
-   part cannot take). */
+   has them (linear 4-bit formats only). Returns MP_OK, MP_NO_MEMORY, or MP_BAD_GROUP (4 bits: a group length the
+   vector part cannot take). */
 int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) {
     const uint8_t *qdata = w->qdata;
     const float *table = w->table;
@@ -523,7 +511,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
 #else
     pairs = 0;
 #endif
-    if (bits == 4 && !group_fits(group, k, 8)) return BAD_GROUP;
+    if (bits == 4 && !group_fits(group, k, 8)) return MP_BAD_GROUP;
 #if defined(MP_VECTOR)
     int planes8 = bits == 8 && kind == KIND_INT && group_fits(group, k, 4);
 #else
@@ -539,7 +527,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
        and offsets (+ a vector's worth read past the last of them by the permuted loads) */
     size_t need = (size_t)(m * per_x) + (size_t)(sums8 ? m * groups : 0) + 2 * RB * (size_t)groups + 2 * VW + 16;
     float *buf = scratch(need);
-    if (!buf) return NO_MEMORY;
+    if (!buf) return MP_NO_MEMORY;
     float *sums = buf + m * per_x, *sblock = sums + (sums8 ? m * groups : 0), *oblock = sblock + RB * groups + VW;
     for (int64_t i = 0; planes && i < m; i++) {
         float *xp = buf + i * per_x, *xsum = xp + per_lane * lanes, *xr = xsum + lanes;
@@ -617,5 +605,5 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
             }
         }
     }
-    return OK;
+    return MP_OK;
 }

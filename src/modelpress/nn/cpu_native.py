@@ -1,11 +1,12 @@
-"""Native CPU matrix-vector kernels for decode-sized calls: cpu_gemv.c, compiled on first use for this machine.
+"""Native CPU matrix-vector kernels for decode-sized calls: cpu_gemv.c, compiled on first use for this machine
+(with cpu_step.c, the whole decode step that inference/native_decode.py drives).
 
 `native_matmul(x2, plan)` computes x2 (M, K) @ W^T for a packed weight of 4 or 8 bits straight from its stored
 codes and scales (no prepared copy of the weight): in float32, the stored weight's exact product up to the order
 of float32 additions, except that int4 and int4-asym multiply x rounded to bfloat16 where the CPU has AVX512_BF16
 (bfloat16=True, the default; cpu_gemv.c says how). `plan_for(packed)` says whether and how a weight is served.
 
-Building: the C file is compiled with the system's C compiler (`cc`, or $CC) at -O3 -march=native into a shared
+Building: the C files are compiled with the system's C compiler (`cc`, or $CC) at -O3 -march=native into a shared
 library under ~/.cache/modelpress/native (or $MODELPRESS_CACHE/native), named by a hash of the source, the
 compiler, the flags and this CPU's feature flags, so a changed file or another machine builds its own; the
 library is written to a temporary name and renamed, so concurrent first uses never load half a file. It is used
@@ -32,7 +33,8 @@ from modelpress.formats.packed import PackedWeight
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_step.c"))   # compiled together
+HEADER = Path(__file__).with_name("cpu_native.h")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KINDS = {"int": 0, "fp8-e4m3": 1, "fp8-e5m2": 2}
@@ -61,14 +63,14 @@ def _compiler() -> str | None:
 
 
 def build(extra_flags: tuple[str, ...] = (), directory: Path | None = None) -> Path:
-    """Compile cpu_gemv.c (if not already built for this source, compiler, flags and CPU) and return the library's
-    path. Raises RuntimeError with the compiler's message if it cannot."""
+    """Compile the library (cpu_gemv.c + cpu_step.c; if not already built for these sources, compiler, flags and
+    CPU) and return its path. Raises RuntimeError with the compiler's message if it cannot."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (cc, or $CC)")
     flags = FLAGS + tuple(extra_flags)
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+    sources = [path.read_bytes() for path in (*SOURCES, HEADER)]
+    key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(flags).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     directory = directory or cache_dir()
     target = directory / f"cpu_gemv-{key}.so"
@@ -78,10 +80,11 @@ def build(extra_flags: tuple[str, ...] = (), directory: Path | None = None) -> P
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([compiler, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
+                              text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            names = " + ".join(path.name for path in SOURCES)
+            raise RuntimeError(f"{compiler} failed on {names}: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -107,6 +110,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mp_isa.argtypes = []
     lib.mp_gemv.restype = ctypes.c_int
     lib.mp_gemv.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    for name, restype, args in (("mp_forward", ctypes.c_int,
+                                 [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]),
+                                ("mp_forward_work", ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64]),
+                                ("mp_check", ctypes.c_int, [ctypes.c_void_p])):
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, args
     return lib
 
 

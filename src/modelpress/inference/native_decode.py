@@ -1,0 +1,258 @@
+"""Decoding on the CPU with the whole decode step in native code (nn/cpu_step.c): one foreign call per token runs
+every block of a Llama-style decoder on the model's own weights (packed weights through the native kernels of
+nn/cpu_gemv.c, float32 ones through a float32 GEMV), where the eager path runs ~30 PyTorch operators per block.
+
+`native_obstacle(model)` says why a model cannot take this path (or None); `NativeDecoder` has the interface of
+StaticDecoder: prefill(prompt), step(token) -> (1, V) and forward(tokens) -> (T, V) float32 logits, rewind(n)
+(so speculative decoding drives it too). The prompt runs through the
+model itself (transformers, with a DynamicCache, its batched kernels), and its keys and values are copied into
+the decoder's own float32 cache; each new token then takes one `mp_forward` call. The embedding and the output head stay
+the model's own modules (any of them: float, quantized, tied), called once per token.
+
+Served: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM in float32 on the CPU, with
+full attention only, a rope whose frequencies do not depend on the sequence length (default, linear, llama3,
+yarn: the model's rotary module computes the table), SiLU MLPs, every projection an nn.Linear or a QuantLinear
+the native kernels serve (4- and 8-bit formats; int3 and others are not). The numbers are those of the eager path
+with the CPU kernels (bfloat16 products for int4 where the CPU has them, exact float32 for the other formats) up to
+the order of float32 additions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from modelpress.errors import ModelpressError
+from modelpress.inference.kv_cache import check_full_attention
+from modelpress.nn import cpu_native
+from modelpress.nn.cpu_backend import CPU_BACKEND
+from modelpress.nn.quant_linear import QuantLinear
+
+FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")   # transformers classes whose decoder layer cpu_step.c computes
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies fixed for every sequence length
+PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+               ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+               ("down", "mlp.down_proj"))
+STATUS = {-1: "no scratch memory", -2: "a packed weight's groups are not served", -3: "position past the cache",
+          -4: "projection shapes that do not fit a decoder block"}
+
+
+class Linear(ctypes.Structure):
+    """cpu_step.c's mp_linear"""
+
+    _fields_ = [("packed", ctypes.POINTER(cpu_native.Weight)), ("weight", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("perm", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
+class Block(ctypes.Structure):
+    """cpu_step.c's mp_block"""
+
+    _fields_ = [(name, Linear) for name, _ in PROJECTIONS] + [
+        (name, ctypes.c_void_p) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "k_cache", "v_cache")] + [
+        ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64)]
+
+
+class Decoder(ctypes.Structure):
+    """cpu_step.c's mp_decoder"""
+
+    _fields_ = [("blocks", ctypes.POINTER(Block)), ("final_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p), ("work", ctypes.c_void_p), ("n_blocks", ctypes.c_int64),
+                ("hidden", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("capacity", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("pairs", ctypes.c_int32)]
+
+
+def _family(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for family in FAMILIES:
+        if name == f"{family}ForCausalLM":
+            return family
+    return None
+
+
+def _float32(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
+
+
+def _plan(module: QuantLinear) -> cpu_native.NativePlan | None:
+    """The layer's native plan, as the CPU backend caches it (built once per packed weight)."""
+    return CPU_BACKEND.native_plan(module._packed_view())
+
+
+def _projection_obstacle(name: str, module: nn.Module) -> str | None:
+    if isinstance(module, QuantLinear):
+        if _plan(module) is None:
+            return f"{name} is {module.scheme.spec}, which the native kernels do not serve"
+        return None if _float32(module.bias) else f"{name}'s bias is not float32"
+    if type(module) is nn.Linear:
+        return None if _float32(module.weight) and _float32(module.bias) else f"{name} is not float32 on the CPU"
+    return f"{name} is a {type(module).__name__}, not an nn.Linear or a QuantLinear"
+
+
+def _norm_eps(norm: nn.Module, family: str) -> float | None:
+    if type(norm).__name__ != f"{family}RMSNorm" or not _float32(norm.weight):
+        return None
+    return float(norm.variance_epsilon)
+
+
+def native_obstacle(model: nn.Module) -> str | None:
+    """Why `model` cannot decode on the native step, or None if it can (the library is built on the first call)."""
+    family = _family(model)
+    if family is None:
+        return f"{type(model).__name__} is not one of the decoders it computes ({', '.join(FAMILIES)})"
+    config = model.config
+    try:
+        check_full_attention(config)
+    except ModelpressError:
+        return "the model has sliding-window or other non-full attention layers"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act is {getattr(config, 'hidden_act', None)!r}, not 'silu'"
+    inner = model.model
+    rope = getattr(inner.rotary_emb, "rope_type", "default")
+    if rope not in STATIC_ROPE:
+        return f"rope type {rope!r} changes its frequencies with the sequence length"
+    epsilons = {_norm_eps(inner.norm, family)}
+    for i, layer in enumerate(inner.layers):
+        if type(layer).__name__ != f"{family}DecoderLayer":
+            return f"layer {i} is a {type(layer).__name__}"
+        attention = layer.self_attn
+        if type(attention).__name__ != f"{family}Attention" or type(layer.mlp).__name__ != f"{family}MLP":
+            return f"layer {i}'s attention or MLP was replaced"
+        for _, path in PROJECTIONS:
+            reason = _projection_obstacle(f"layer {i} {path}", layer.get_submodule(path))
+            if reason is not None:
+                return reason
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [getattr(attention, name) for name in ("q_norm", "k_norm") if hasattr(attention, name)]
+        epsilons.update(_norm_eps(norm, family) for norm in norms)
+    if None in epsilons or len(epsilons) != 1:
+        return "its RMSNorms are not all float32 with one epsilon"
+    if not cpu_native.available():
+        return "the native CPU library is not available (see the log)"
+    return None
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeDecoder:
+    """Batch-1 decoding of `model` (native_obstacle(model) must be None) for up to `capacity` positions."""
+
+    path = "native"
+    capture_seconds = 0.0
+
+    def __init__(self, model: nn.Module, capacity: int, bfloat16: bool = True) -> None:
+        reason = native_obstacle(model)
+        if reason is not None:
+            raise ModelpressError(f"the native decode step cannot run this model: {reason}")
+        self.model, self.capacity, self.position = model, int(capacity), 0
+        self.lib = cpu_native.library()
+        inner = model.model
+        self._keep: list = []   # every tensor and plan whose address the C structs hold
+        blocks = (Block * len(inner.layers))()
+        head_dim = None
+        self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []   # (keys, values) of each block
+        for block, layer in zip(blocks, inner.layers):
+            for name, path in PROJECTIONS:
+                setattr(block, name, self._linear(layer.get_submodule(path)))
+            head_dim = head_dim or self._head_dim(layer)
+            block.heads, block.kv_heads = block.q.n // head_dim, block.k.n // head_dim
+            attention = layer.self_attn
+            block.attn_norm = self._tensor(layer.input_layernorm.weight)
+            block.mlp_norm = self._tensor(layer.post_attention_layernorm.weight)
+            block.q_norm = self._tensor(getattr(attention, "q_norm", None) and attention.q_norm.weight)
+            block.k_norm = self._tensor(getattr(attention, "k_norm", None) and attention.k_norm.weight)
+            keys, values = (torch.zeros(block.kv_heads, self.capacity, head_dim) for _ in range(2))
+            block.k_cache, block.v_cache = self._tensor(keys), self._tensor(values)
+            self.caches.append((keys, values))
+        self.blocks = blocks
+        hidden = inner.norm.weight.numel()
+        cos, sin = self._rope_table(head_dim)
+        decoder = Decoder(blocks=blocks, final_norm=self._tensor(inner.norm.weight), cos=self._tensor(cos),
+                          sin=self._tensor(sin), work=None, n_blocks=len(blocks), hidden=hidden,
+                          head_dim=head_dim, capacity=self.capacity, eps=float(inner.norm.variance_epsilon),
+                          scaling=float(inner.layers[0].self_attn.scaling), pairs=int(bfloat16))
+        status = self.lib.mp_check(ctypes.byref(decoder))
+        if status != 0:
+            raise ModelpressError(f"the native decode step refused the model: {STATUS.get(status, status)}")
+        self.decoder = decoder
+        self.work_tokens = 0   # tokens a forward call's scratch (decoder.work) is sized for
+
+    # ---- building the structs ----
+
+    def _tensor(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach().contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _linear(self, module: nn.Module) -> Linear:
+        n, k = module.out_features, module.in_features
+        linear = Linear(n=n, k=k, bias=self._tensor(module.bias))
+        if isinstance(module, QuantLinear):
+            plan = _plan(module)
+            self._keep.append(plan)
+            linear.packed = ctypes.pointer(plan.weight)
+            if plan.input_perm is not None:
+                linear.perm = self._tensor(plan.input_perm.to(torch.int64))
+        else:
+            linear.weight = self._tensor(module.weight)
+        return linear
+
+    @staticmethod
+    def _head_dim(layer: nn.Module) -> int:
+        return int(layer.self_attn.head_dim)
+
+    def _rope_table(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (capacity, head_dim) from the model's own rotary module, for positions 0..capacity-1."""
+        positions = torch.arange(self.capacity).unsqueeze(0)
+        cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    # ---- decoding ----
+
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        """The prompt through the model (its own batched forward), its keys and values copied into the cache;
+        (1, V) logits of its last position."""
+        from modelpress.inference.decoding import forward_logits
+
+        if len(prompt) > self.capacity:
+            raise ModelpressError(f"the prompt has {len(prompt)} tokens; the cache holds {self.capacity}")
+        cache = DynamicCache(config=self.model.config)
+        logits = forward_logits(self.model, prompt, cache, last_only=True)[-1:]
+        for i, (keys, values) in enumerate(self.caches):
+            layer = cache.layers[i]
+            keys[:, : len(prompt)] = layer.keys[0].float()
+            values[:, : len(prompt)] = layer.values[0].float()
+        self.position = len(prompt)
+        return logits
+
+    def step(self, token: int) -> torch.Tensor:
+        """The next token at the next position: (1, V) float32 logits."""
+        return self.forward([token])
+
+    def forward(self, tokens: list[int]) -> torch.Tensor:
+        """`tokens` at the next positions in one native call: (T, V) float32 logits."""
+        if self.position + len(tokens) > self.capacity:
+            raise ModelpressError(f"{len(tokens)} tokens at position {self.position} overrun the native decode "
+                                  f"cache of {self.capacity}")
+        t = len(tokens)
+        if t > self.work_tokens:
+            self.work = torch.empty(int(self.lib.mp_forward_work(ctypes.byref(self.decoder), t)))
+            self.decoder.work, self.work_tokens = self.work.data_ptr(), t
+        hidden = self.model.model.embed_tokens(torch.tensor([tokens])).reshape(t, -1).float().contiguous()
+        status = self.lib.mp_forward(ctypes.byref(self.decoder), hidden.data_ptr(), t, self.position)
+        if status != 0:
+            raise RuntimeError(f"native decode step failed: {STATUS.get(status, status)}")
+        self.position += t
+        return self.model.lm_head(hidden).float()
+
+    def rewind(self, tokens: int) -> None:
+        """Forget the last `tokens` positions (speculative decoding's rejected drafts): later steps overwrite them."""
+        if not 0 <= tokens <= self.position:
+            raise ValueError(f"cannot rewind {tokens} tokens from position {self.position}")
+        self.position -= tokens

@@ -1,0 +1,205 @@
+"""The native CPU decode step (inference/native_decode.py over nn/cpu_step.c): on every family it computes, float32
+and with packed layers, its logits equal transformers' own forward on a DynamicCache to float32 rounding, token by
+token, several tokens at once and after rewinds; generate and speculative decoding take it on the CPU by default,
+and every model or setting it does not compute is named and decoded eagerly."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers.cache_utils import DynamicCache
+
+from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+from modelpress.errors import ModelpressError
+from modelpress.formats import WeightScheme
+from modelpress.inference.decoding import GenerationSettings, forward_logits, generate
+from modelpress.inference.native_decode import NativeDecoder, native_obstacle
+from modelpress.inference.sampling import SamplingConfig
+from modelpress.inference.speculative import SpeculativeConfig, speculative_generate
+from modelpress.nn import cpu_native
+from modelpress.nn.cpu_backend import fast_cpu
+from modelpress.nn.quant_linear import QuantLinear
+from conftest import random_packed, tiny_llama_config
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="the native CPU library did not build here")
+
+PROMPT = [5, 17, 33, 2, 90, 41, 7]
+SHAPE = dict(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+def randomized(model):
+    """Norm weights and biases away from their initial ones and zeros, so that a step that skipped one would show."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def build(family: str, **overrides):
+    torch.manual_seed(0)
+    if family == "llama":
+        return randomized(LlamaForCausalLM(tiny_llama_config(**overrides)))
+    if family == "llama3-rope":
+        return randomized(LlamaForCausalLM(tiny_llama_config(rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16})))
+    if family == "mistral":
+        return randomized(MistralForCausalLM(MistralConfig(**{**SHAPE, "sliding_window": None, **overrides})))
+    if family == "qwen2":   # biases on q, k and v
+        return randomized(Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=False, **overrides)))
+    if family == "qwen3":   # per-head RMSNorms on q and k
+        return randomized(Qwen3ForCausalLM(Qwen3Config(**SHAPE, **overrides)))
+    raise ValueError(family)
+
+
+def compare(model, tokens: list[int], atol: float = 1e-4) -> NativeDecoder:
+    """Teacher-forced: the prompt, then each of `tokens` alone against the model's own forward on a DynamicCache;
+    then, after a rewind of 3, those 3 tokens in one call against the single steps' logits."""
+    native = NativeDecoder(model, len(PROMPT) + len(tokens) + 4)
+    cache = DynamicCache(config=model.config)
+    assert torch.allclose(native.prefill(PROMPT), forward_logits(model, PROMPT, cache, last_only=True), atol=atol)
+    steps = []
+    for token in tokens:
+        got, ref = native.step(token), forward_logits(model, [token], cache, last_only=True)
+        assert got.shape == ref.shape == (1, model.config.vocab_size)
+        assert torch.allclose(got, ref, atol=atol, rtol=atol), (got - ref).abs().max()
+        steps.append(got.clone())
+    native.rewind(3)
+    together = native.forward(tokens[-3:])
+    assert together.shape == (3, model.config.vocab_size)
+    assert torch.allclose(together, torch.cat(steps[-3:]), atol=atol, rtol=atol)
+    assert native.position == cache.get_seq_length() == len(PROMPT) + len(tokens)
+    return native
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3"])
+@torch.no_grad()
+def test_float_models_give_their_own_logits(family, one_thread):
+    model = build(family)
+    assert native_obstacle(model) is None
+    compare(model, [11, 23, 5, 60, 1, 2])
+
+
+@pytest.mark.parametrize("spec", ["int4/g32", "int4-asym/g64", "nf4/g64", "fp4/g32", "int8/channel", "int8-asym/g32",
+                                  "fp8-e4m3/channel"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@torch.no_grad()
+def test_packed_models_give_the_cpu_kernels_logits(family, spec, one_thread):
+    """Against the eager path with the CPU kernels (fast_cpu, as generate runs): the same packed products (int4
+    rounds x to bfloat16 on both paths where the CPU has AVX512_BF16), so float32 rounding apart."""
+    model = build(family)
+    quantize_rtn(model, RTNConfig(WeightScheme.parse(spec)))
+    assert native_obstacle(model) is None
+    with fast_cpu():
+        compare(model, [11, 23, 5, 60], atol=2e-4)
+
+
+@torch.no_grad()
+def test_an_input_permutation_is_applied(one_thread):
+    """A GPTQ act-order layer reads x in its stored input order: the step gathers x as the layer does."""
+    model = build("llama")
+    layer = model.model.layers[1].mlp.down_proj
+    packed = random_packed("int4/g32", layer.out_features, layer.in_features, seed=3, perm=True)
+    model.model.layers[1].mlp.down_proj = QuantLinear(packed)
+    assert packed.input_perm is not None
+    with fast_cpu():
+        compare(model, [11, 23, 5, 60], atol=2e-4)
+
+
+def greedy(path: str, tokens: int = 10) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=tokens, decode=path, sampling=SamplingConfig(temperature=0.0))
+
+
+@torch.no_grad()
+def test_generate_takes_the_native_step_on_the_cpu_by_default(one_thread):
+    model = build("qwen2")
+    quantize_rtn(model, RTNConfig(WeightScheme.parse("int8/g32")))
+    auto, eager = generate(model, PROMPT, greedy("auto")), generate(model, PROMPT, greedy("eager"))
+    assert (auto.decode_path, eager.decode_path) == ("native", "eager")
+    assert auto.tokens == eager.tokens
+    sampled = [generate(model, PROMPT, GenerationSettings(max_new_tokens=8, decode=path),
+                        generator=torch.Generator().manual_seed(4)).tokens for path in ("native", "eager")]
+    assert sampled[0] == sampled[1]   # the same draws from the same distributions
+
+
+@torch.no_grad()
+def test_speculative_decoding_on_the_native_step_keeps_greedy_output(one_thread):
+    target = build("llama")
+    draft = copy.deepcopy(target)
+    quantize_rtn(draft, RTNConfig(WeightScheme.parse("int4/g32")))
+    plain = generate(target, PROMPT, greedy("eager", 16))
+    result = speculative_generate(target, draft, PROMPT, greedy("auto", 16), SpeculativeConfig(3))
+    assert result.decode_path == "native" and result.tokens == plain.tokens
+    assert result.drafted > 0
+
+
+def quantized(spec: str):
+    model = build("llama")
+    quantize_rtn(model, RTNConfig(WeightScheme.parse(spec)))
+    return model
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: quantized("int3-asym/g32"), "int3-asym/g32, which the native kernels do not serve"),
+    (lambda: build("llama").to(torch.bfloat16), "not float32"),
+    (lambda: build("mistral", sliding_window=8), "sliding-window"),
+    (lambda: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), "GPT2LMHeadModel is not"),
+    (lambda: build("llama", hidden_act="gelu"), "hidden_act"),
+    (lambda: build("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic'"),
+])
+def test_models_it_does_not_compute_are_named(make, reason):
+    assert reason in native_obstacle(make())
+
+
+@torch.no_grad()
+def test_asking_for_it_where_it_cannot_run_decodes_eagerly(caplog, one_thread):
+    model = quantized("int3-asym/g32")
+    with caplog.at_level(logging.WARNING, logger="modelpress.inference.decoding"):
+        result = generate(model, PROMPT, greedy("native", 4))
+    assert result.decode_path == "eager" and "do not serve" in caplog.text
+    float_model = build("llama")
+    for settings in (GenerationSettings(max_new_tokens=3, kv_cache="int8"),
+                     GenerationSettings(max_new_tokens=3, cpu_kernels=False)):
+        assert generate(float_model, PROMPT, settings).decode_path == "eager"
+
+
+@torch.no_grad()
+def test_the_cache_bounds_are_kept(one_thread):
+    model = build("llama")
+    native = NativeDecoder(model, len(PROMPT) + 2)
+    with pytest.raises(ModelpressError, match="cache holds"):
+        native.prefill(PROMPT * 2)
+    native.prefill(PROMPT)
+    native.forward([1, 2])
+    with pytest.raises(ModelpressError, match="overrun"):
+        native.step(3)
+    with pytest.raises(ValueError, match="rewind"):
+        native.rewind(len(PROMPT) + 3)
+    with pytest.raises(ModelpressError, match="cannot run this model"):
+        NativeDecoder(quantized("int3-asym/g32"), 16)
+
+
+@torch.no_grad()
+def test_a_decoder_that_cannot_be_built_decodes_eagerly(monkeypatch, caplog, one_thread):
+    from modelpress.inference import native_decode
+
+    class Refusing:
+        def __init__(self, *args, **kwargs):
+            raise ModelpressError("the native decode step refused the model: shapes")
+
+    monkeypatch.setattr(native_decode, "NativeDecoder", Refusing)
+    model = build("llama")
+    with caplog.at_level(logging.WARNING, logger="modelpress.inference.decoding"):
+        result = generate(model, PROMPT, greedy("auto", 4))
+    assert result.decode_path == "eager" and "refused the model" in caplog.text
+    assert result.tokens == generate(model, PROMPT, greedy("eager", 4)).tokens
