@@ -21,6 +21,8 @@ Each thread count given to --threads gets its own full run (on a machine shared 
 OpenMP threads can lose whole scheduler slices at every parallel region; one thread shows the kernels alone).
 - SCHEME (PyTorch kernels) the same model with decode-sized calls on PyTorch's packed kernels instead of the native
                           ones (nn/cpu_native.py), on the eager path, --torch-kernels
+- SCHEME int8 x           the same model on the native step with x quantized to int8 in blocks of 32 for int4 and
+                          int8 weights (GenerationSettings.cpu_products="int8"), --int8-products
 - SCHEME eager            the same model on generate's eager path (transformers' forward per token, the native
                           kernels per layer), --eager; the plain rows decode on generate's default CPU path: the
                           whole step in one native call (inference/native_decode.py) where it serves the model
@@ -86,6 +88,7 @@ class Row:
     native: bool = True                    # False: decode-sized calls on PyTorch's kernels, not the native ones
     decode: str = "auto"                   # generate's decode path: auto (native where it serves), or eager
     decode_path: str = ""                  # the path the last round ran
+    products: str = "bfloat16"             # GenerationSettings.cpu_products (the native step's products)
 
     @contextlib.contextmanager
     def context(self):
@@ -104,7 +107,7 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str, compiled: bool = False,
-                decode: str = "auto") -> tuple[float, torch.Tensor, str]:
+                decode: str = "auto", products: str = "bfloat16") -> tuple[float, torch.Tensor, str]:
     """(seconds per token, greedy tokens, decode path). loop "modelpress": `modelpress generate`'s loop
     (inference.decoding, on `decode`'s path: auto is the native step where it serves the model; compiled: the
     static path with GenerationSettings.compile), timed from the first new token to the last as llama.cpp's rows
@@ -114,7 +117,7 @@ def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str,
         stamps: list[float] = []
         settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0),
                                       decode="static" if compiled else decode, compile=compiled,
-                                      cpu_kernels=CPU_BACKEND.enabled)
+                                      cpu_kernels=CPU_BACKEND.enabled, cpu_products=products)
         result = generate(model, ids, settings,
                           on_tokens=lambda _: stamps.append(time.perf_counter()))
         return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), torch.tensor(result.tokens), result.decode_path
@@ -158,7 +161,7 @@ def fast_vs_reference(row: Row, ids: torch.Tensor) -> dict:
     ids = ids[:, :QUALITY_TOKENS]
     with row.context():
         if row.decode_path == "native":   # the native step, as generation ran it (the first token prefilled)
-            native = NativeDecoder(row.model, ids.shape[1])
+            native = NativeDecoder(row.model, ids.shape[1], products=row.products)
             first = native.prefill(ids[0, :1].tolist())
             fast = torch.cat([first] + [native.step(int(t)) for t in ids[0, 1:]]).double()
         else:
@@ -247,7 +250,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             continue
         with row.context():  # warm-up: builds the prepared weights, touches every page once
             time_prefill(row.model, prompt)
-            time_decode(row.model, decode_prompt, 2, loop, row.compiled, row.decode)  # compiled: the compilation
+            time_decode(row.model, decode_prompt, 2, loop, row.compiled, row.decode, row.products)  # compiles
     for round_ in range(repeats):
         for row in rows:
             if row.gguf is not None:
@@ -257,7 +260,7 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
                 row.prefill_s.append(time_prefill(row.model, prompt))
                 tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
                 per_token, row.tokens, row.decode_path = time_decode(row.model, decode_prompt, tokens, loop,
-                                                                     row.compiled, row.decode)
+                                                                     row.compiled, row.decode, row.products)
                 row.decode_s.append(per_token)
         print(f"{torch.get_num_threads()} threads: round {round_ + 1}/{repeats} done", file=sys.stderr, flush=True)
 
@@ -287,9 +290,9 @@ def markdown(results: list[dict]) -> str:
         q = r.get("quality")
         quality = "" if q is None else (f"{q['top1_agreement']:.4f}, {q['max_abs_logit_diff']:.3f}, "
                                         f"{q['greedy_tokens_equal']}/{q['greedy_tokens']}")
+        rate = r["decode_tokens_per_s"]
         lines.append(f"| {r['threads']} | {r['name']} | {r['decode_path'] or 'llama.cpp'} | "
-                     f"{r['decode_tokens_per_s']:.2f} | {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | "
-                     f"{r['prefill_tokens_per_s']:.0f} | "
+                     f"{rate:.2f} | {rate / base['decode_tokens_per_s']:.2f}x | {r['prefill_tokens_per_s']:.0f} | "
                      f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x | {size} | {quality} |")
     return "\n".join(lines)
 
@@ -317,6 +320,9 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true",
                         help="also time each fast float32 row on generate's eager path (transformers' forward per "
                              "token, the CPU default before the native step)")
+    parser.add_argument("--int8-products", action="store_true",
+                        help="also time each fast float32 quantized row on the native step with int8 x "
+                             "(GenerationSettings.cpu_products='int8', as llama.cpp's CPU matmuls)")
     parser.add_argument("--torch-kernels", action="store_true",
                         help="also time each fast float32 quantized row with decode-sized calls on PyTorch's kernels "
                              "instead of the native ones (CpuBackend.native = False)")
@@ -330,6 +336,10 @@ def main() -> None:
     if args.torch_kernels:   # on the eager path: the native step always takes the native kernels
         rows += [Row(f"{row.name} (PyTorch kernels)", row.model, native=False, decode="eager") for row in rows
                  if row.fast and row.name != "float32" and next(row.model.parameters()).dtype == torch.float32]
+    if args.int8_products:
+        rows += [Row(f"{row.name} int8 x", row.model, products="int8") for row in rows
+                 if row.fast and row.name != "float32" and row.decode == "auto" and row.native
+                 and next(row.model.parameters()).dtype == torch.float32]
     if args.eager:
         rows += [Row(f"{row.name} eager", row.model, decode="eager") for row in rows
                  if row.fast and row.native and row.decode == "auto"
@@ -349,6 +359,7 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         for row in rows:
             results.append({"threads": threads, "name": row.name, "fast_path": row.fast, "decode_path": row.decode_path,
+                            "cpu_products": row.products,
                             "decode_tokens_per_s": 1 / statistics.median(row.decode_s), "native_kernels": row.native,
                             "prefill_tokens_per_s": prompt.shape[1] / statistics.median(row.prefill_s),
                             "decode_s_per_token": row.decode_s, "prefill_s": row.prefill_s,

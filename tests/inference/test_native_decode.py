@@ -203,3 +203,23 @@ def test_a_decoder_that_cannot_be_built_decodes_eagerly(monkeypatch, caplog, one
         result = generate(model, PROMPT, greedy("auto", 4))
     assert result.decode_path == "eager" and "refused the model" in caplog.text
     assert result.tokens == generate(model, PROMPT, greedy("eager", 4)).tokens
+
+
+@torch.no_grad()
+def test_int8_products_are_an_option_that_really_runs(one_thread):
+    """cpu_products="int8": x quantized to int8 per block of 32 for int8 weights (AVX512_VNNI): close to the exact
+    path, not equal to it; unknown products are refused."""
+    if not cpu_native.products_available("int8"):
+        pytest.skip("this CPU has no AVX512_VNNI")
+    model = build("llama")
+    quantize_rtn(model, RTNConfig(WeightScheme.parse("int8/g32")))
+    with fast_cpu():
+        exact, int8 = (NativeDecoder(model, 16, products=p) for p in ("float32", "int8"))
+        a, b = exact.prefill(PROMPT), int8.prefill(PROMPT)
+        assert torch.equal(a, b)   # the prompt runs through the model itself
+        a, b = exact.step(11), int8.step(11)
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.05 * a.abs().max()
+    settings = GenerationSettings(max_new_tokens=4, cpu_products="int8", sampling=SamplingConfig(temperature=0.0))
+    assert generate(model, PROMPT, settings).decode_path == "native"
+    with pytest.raises(ModelpressError, match="CPU products"):
+        GenerationSettings(cpu_products="int4")

@@ -84,7 +84,7 @@ def test_every_build_matches_float64_in_float32(name, spec, build_dir):
         w = packed.dequantize(torch.float64)
         for m in (1, 3):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-            y = cpu_native.native_matmul(x, plan, lib=lib, bfloat16=False)
+            y = cpu_native.native_matmul(x, plan, lib=lib, products="float32")
             ref = x.double() @ w.t()
             assert y.shape == (m, n) and y.dtype == torch.float32
             assert ((y.double() - ref).abs() <= float32_bound(x, packed)).all(), (spec, n, k, m)
@@ -99,11 +99,55 @@ def test_bfloat16_products_are_the_products_of_rounded_x(spec, build_dir):
         packed = random_packed(spec, n, k, seed=k)
         w = packed.dequantize(torch.float64)
         x = torch.randn(2, k) * 3
-        y = cpu_native.native_matmul(x, cpu_native.plan_for(packed), lib=lib, bfloat16=True)
+        y = cpu_native.native_matmul(x, cpu_native.plan_for(packed), lib=lib, products="bfloat16")
         rounded = x.bfloat16().double() @ w.t()
         assert ((y.double() - rounded).abs() <= 10 * float32_bound(x, packed)).all()  # levels 128 + code: 10x larger
         if k >= 64:
             assert (y.double() - x.double() @ w.t()).abs().max() > 1e-5  # really rounded
+
+
+def int8_blocks(x: torch.Tensor, per_lane: int) -> torch.Tensor:
+    """x as the int8 products see it (cpu_gemv.c): blocks of 32 over the columns its lanes of `per_lane` codes
+    cover, each rounded to the nearest multiple of max|x| / 127; the columns past them unchanged."""
+    whole = x.shape[1] // per_lane * per_lane
+    out = x.clone()
+    for start in range(0, whole, 32):
+        block = x[:, start:min(start + 32, whole)]
+        top = block.abs().amax(1, keepdim=True)
+        inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+        out[:, start:start + block.shape[1]] = torch.round(block * inv) * (top / 127.0)
+    return out
+
+
+@pytest.mark.parametrize("spec", ["int4/g32", "int4-asym/g128", "int4/g8", "int4-asym/g64", "int4/channel", "int8/g32",
+                                  "int8-asym/g64", "int8/channel", "int8/g8"])
+def test_int8_products_are_the_products_of_x_in_int8_blocks(spec, build_dir):
+    """int8 products (AVX512_VNNI): x quantized to int8 per block of 32, integer sums, then float32: the float64
+    product of that quantized x, offsets included, and not the product of x itself."""
+    lib = build("avx512-bf16", build_dir)
+    if not cpu_native.products_available("int8", lib):
+        pytest.skip("this CPU has no AVX512_VNNI")
+    for n, k in SHAPES:
+        packed = random_packed(spec, n, k, seed=k)
+        plan = cpu_native.plan_for(packed)
+        w = packed.dequantize(torch.float64)
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3
+        x[0, : k // 2] = 0.0   # all-zero blocks have a zero scale
+        y = cpu_native.native_matmul(x, plan, lib=lib, products="int8")
+        quantized = int8_blocks(x, 8 if plan.bits == 4 else 4).double() @ w.t()
+        assert ((y.double() - quantized).abs() <= 4 * float32_bound(x, packed)).all(), (spec, n, k)
+        if k >= 64:
+            assert (y.double() - x.double() @ w.t()).abs().max() > 1e-4   # really quantized
+
+
+def test_int8_products_leave_other_formats_exact(build_dir):
+    """Formats int8 products do not serve (lookup and fp8 levels) keep their float32 products."""
+    lib = build("avx512-bf16", build_dir)
+    for spec in ("nf4/g64", "fp8-e4m3/channel", "fp4/g32"):
+        packed = random_packed(spec, 64, 576)
+        plan, x = cpu_native.plan_for(packed), torch.randn(2, 576)
+        assert torch.equal(cpu_native.native_matmul(x, plan, lib=lib, products="int8"),
+                           cpu_native.native_matmul(x, plan, lib=lib, products="float32"))
 
 
 @pytest.mark.parametrize("spec", ["int4-asym/g32", "nf4/g64/dq", "int8/g32", "fp8-e4m3/channel", "fp8-e5m2/g128"])
@@ -113,7 +157,7 @@ def test_identity_reads_back_the_stored_weight(spec, build_dir):
     lib = build("avx512" if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else "plain", build_dir)
     packed = random_packed(spec, 40, 200, seed=3)
     plan = cpu_native.plan_for(packed)
-    seen = torch.cat([cpu_native.native_matmul(rows, plan, lib=lib, bfloat16=False)
+    seen = torch.cat([cpu_native.native_matmul(rows, plan, lib=lib, products="float32")
                       for rows in torch.eye(200).split(7)]).t()
     w = packed.dequantize(torch.float32)
     assert torch.allclose(seen, w, rtol=2**-23, atol=0), (seen - w).abs().max()
@@ -162,7 +206,7 @@ def test_gptq_input_order_and_16_bit_activations():
     w = packed.dequantize(torch.float64)   # in the layer's own column order
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(1, 160).to(dtype)
-        y = cpu_native.native_matmul(x, plan, bfloat16=False)
+        y = cpu_native.native_matmul(x, plan, products="float32")
         ref = x.double() @ w.t()
         assert ((y.double() - ref).abs() <= float32_bound(x.float(), packed)).all(), dtype
 

@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode on the static cache with its step run through torch.compile (on CUDA, then captured): "
                         "fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
+    p.add_argument("--cpu-products", default="bfloat16", choices=("float32", "bfloat16", "int8"),
+                   help="the CPU's native decode step: what packed weights multiply with. bfloat16 (default): int4 x "
+                        "rounded to bfloat16, other formats exact; float32: exact; int8: x quantized to int8 in blocks "
+                        "of 32 for int4 and int8 weights, as llama.cpp does (faster where the CPU has AVX512_VNNI)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast a float model to this dtype")
     add_json_argument(p)
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids(model, tokenizer),
                                   sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
                                   decode=decode, kv_cache=args.kv_cache,
-                                  compile=args.compile)
+                                  compile=args.compile, cpu_products=args.cpu_products)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     printer = StreamPrinter(tokenizer)

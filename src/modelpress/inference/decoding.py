@@ -55,6 +55,10 @@ class GenerationSettings:
     # float32 activations of packed layers on the CPU take the int4/int8 kernels, bfloat16 inside
     # (nn/cpu_backend.py fast_cpu); False: the exact dequantize-then-matmul reference path
     cpu_kernels: bool = True
+    # the native step's products for packed weights (cpu_native.PRODUCTS): bfloat16 (int4 x rounded to bfloat16 as
+    # above, other formats exact float32), float32 (exact for every format), or int8 (x quantized to int8 in blocks
+    # of 32 for int4 and 8-bit integer formats, as llama.cpp's CPU matmuls do; where the CPU has AVX512_VNNI)
+    cpu_products: str = "bfloat16"
     # the KV cache generate builds: a mode of CACHE_MODES (default residual and groups), or a KVCacheConfig;
     # ignored when a cache is passed to generate
     kv_cache: str | KVCacheConfig = "float"
@@ -64,6 +68,8 @@ class GenerationSettings:
             raise ModelpressError(f"max new tokens must be a positive integer, got {self.max_new_tokens}")
         if self.decode not in DECODE_PATHS:
             raise ModelpressError(f"unknown decode path {self.decode!r}; choose one of {', '.join(DECODE_PATHS)}")
+        if self.cpu_products not in ("float32", "bfloat16", "int8"):
+            raise ModelpressError(f"unknown CPU products {self.cpu_products!r}; choose float32, bfloat16 or int8")
         if not isinstance(self.kv_cache, KVCacheConfig) and self.kv_cache not in CACHE_MODES:
             raise ModelpressError(f"unknown KV cache mode {self.kv_cache!r}; choose one of {', '.join(CACHE_MODES)}")
 
@@ -230,7 +236,7 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
         from modelpress.inference.native_decode import NativeDecoder
 
         try:
-            native = NativeDecoder(model, len(prompt) + settings.max_new_tokens)
+            native = NativeDecoder(model, len(prompt) + settings.max_new_tokens, products=settings.cpu_products)
             return native, native.prefill(prompt), path
         except ModelpressError as err:   # e.g. heads the step cannot lay out: say why, decode eagerly
             log.warning("%s; decoding eagerly", err)

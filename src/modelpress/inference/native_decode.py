@@ -61,7 +61,7 @@ class Decoder(ctypes.Structure):
     _fields_ = [("blocks", ctypes.POINTER(Block)), ("final_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p), ("work", ctypes.c_void_p), ("n_blocks", ctypes.c_int64),
                 ("hidden", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("capacity", ctypes.c_int64),
-                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("pairs", ctypes.c_int32)]
+                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("products", ctypes.c_int32)]
 
 
 def _family(model: nn.Module) -> str | None:
@@ -144,7 +144,7 @@ class NativeDecoder:
     path = "native"
     capture_seconds = 0.0
 
-    def __init__(self, model: nn.Module, capacity: int, bfloat16: bool = True) -> None:
+    def __init__(self, model: nn.Module, capacity: int, products: str = "bfloat16") -> None:
         reason = native_obstacle(model)
         if reason is not None:
             raise ModelpressError(f"the native decode step cannot run this model: {reason}")
@@ -174,7 +174,8 @@ class NativeDecoder:
         decoder = Decoder(blocks=blocks, final_norm=self._tensor(inner.norm.weight), cos=self._tensor(cos),
                           sin=self._tensor(sin), work=None, n_blocks=len(blocks), hidden=hidden,
                           head_dim=head_dim, capacity=self.capacity, eps=float(inner.norm.variance_epsilon),
-                          scaling=float(inner.layers[0].self_attn.scaling), pairs=int(bfloat16))
+                          scaling=float(inner.layers[0].self_attn.scaling),
+                          products=cpu_native.PRODUCTS[products])
         status = self.lib.mp_check(ctypes.byref(decoder))
         if status != 0:
             raise ModelpressError(f"the native decode step refused the model: {STATUS.get(status, status)}")

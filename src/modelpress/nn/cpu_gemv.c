@@ -23,12 +23,20 @@
    or one group per row) are one broadcast. Codes past the last whole 8 are done in scalar code.
    8 bits: L computed from the code: an integer (code + bias), or fp8 e4m3 / e5m2 widened through float16 (exact,
    subnormals included); float32 products.
+   int8 products (MP_PRODUCTS_INT8, where the CPU has AVX512_VNNI; linear 4-bit formats and 8-bit integer codes): x
+   quantized to int8 in blocks of 32 (scale max|x| / 127, rounded to nearest, as llama.cpp's Q8_0), and vpdpbusd
+   multiplies 4 unsigned codes by 4 int8 x values and sums them into a lane's int32 in one instruction (4 bits: the
+   low nibbles of a lane's bytes are its even codes, the high ones its odd codes, so x is laid out as an even and
+   an odd byte vector per superblock). Per superblock a lane's integer sum is converted once and scaled by its x
+   block's scale; the bias and offsets come off with the lane's sum of quantized x. Not the stored weight's exact
+   product: x carries the int8 rounding (up to 1/254 of its block's largest value), as llama.cpp's CPU matmuls do.
 
    Built by cpu_native.py with -O3 -march=native: AVX-512 where the machine has it, else AVX2 + FMA + F16C, else
    plain C (which cpu_native.py does not use). Single-threaded: calls are decode sized (a few rows of x),
    memory-bound, and the backend runs them on one thread. Rows are taken RB at a time: independent accumulators,
    and each load of x serves RB rows. */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +50,9 @@
 #if defined(MP_AVX512) && defined(__AVX512BF16__)
 #define MP_BF16 1
 #endif
+#if defined(MP_AVX512) && defined(__AVX512VNNI__)
+#define MP_VNNI 1
+#endif
 #if defined(MP_AVX512) || defined(MP_AVX2)
 #define MP_VECTOR 1
 #include <immintrin.h>
@@ -50,8 +61,22 @@
 enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2 };
 enum { KIND_INT = 0, KIND_E4M3 = 1, KIND_E5M2 = 2 };
 #define RB 4
+#ifndef PREFETCH_BLOCKS
 #define PREFETCH_BLOCKS 2
+#endif
 #define INLINE static inline __attribute__((always_inline))
+
+/* What the build multiplies with: MP_PRODUCTS_BF16 and MP_PRODUCTS_INT8 bits (each where the CPU has it). */
+int mp_products(void) {
+    int products = 0;
+#if defined(MP_BF16)
+    products |= 1 << MP_PRODUCTS_BF16;
+#endif
+#if defined(MP_VNNI)
+    products |= 1 << MP_PRODUCTS_INT8;
+#endif
+    return products;
+}
 
 /* 512 (AVX-512), 256 (AVX2 + FMA + F16C) or 0 (plain C); +1 where 4-bit linear formats take bfloat16 products */
 int mp_isa(void) {
@@ -262,6 +287,9 @@ typedef struct {
     const float *xp;               /* planes: x in planes, or pairs of planes (as uint32) */
     const float *xsum;             /* planes: per lane, the sum of its x values (8 for 4 bits, 4 for 8 bits) */
     const float *x;                /* x (rounded to bfloat16 for pairs) */
+    int int8;                      /* int8 products: xp holds x's int8 codes (even, odd byte vectors for 4 bits) */
+    const float *xscale;           /* int8 products: per lane, its x block's scale */
+    const float *xqsum;            /* int8 products: per lane, scale times the sum of its int8 x codes */
     int has_offset;
     int64_t k, group, groups;
 } operands;
@@ -372,6 +400,45 @@ INLINE void superblocks(const uint8_t *const q[RB], const float *const scales[RB
     total[0] = t0, total[1] = t1, total[2] = t2, total[3] = t3;
 }
 
+#if defined(MP_VNNI)
+/* One row of superblock c with int8 x: per lane, the integer sum of its codes times x's int8 codes */
+INLINE __m512i superblock_row_i8(const uint8_t *q, int live, __m512i xe, __m512i xo, int bits8) {
+    __m512i w = load_lanes(q, live);
+    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bits8 ? w : _mm512_and_si512(w, _mm512_set1_epi8(15)),
+                                      xe);
+    if (!bits8) acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi32(w, 4), _mm512_set1_epi8(15)), xo);
+    return acc;
+}
+
+/* superblocks() with int8 x: t += s * (xscale * isum + corr * xqsum) (+ o * xqsum) for each of the RB rows: the
+   offset too multiplies the quantized x, so the product is the weight's with quantized x (asymmetric formats'
+   offsets are as large as their codes' part, and would not cancel x's rounding in it otherwise) */
+INLINE void superblocks_i8(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
+                           const operands *o, int bits8, vf total[RB]) {
+    int per_lane = bits8 ? 4 : 8, vectors = per_lane / 4;
+    spreading sp = make_spreading(o->group, per_lane);
+    int64_t lanes = o->k / per_lane, blocks = (lanes + VW - 1) / VW;
+    const vf corr = VSET1(o->corr);
+    const int has_offset = o->has_offset;
+    const uint8_t *xq = (const uint8_t *)o->xp;
+    vf t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
+    for (int64_t c = 0; c < blocks; c++) {
+        int live = lanes - c * VW < VW ? (int)(lanes - c * VW) : VW;
+        __m512i xe = _mm512_loadu_si512(xq + 64 * vectors * c), xo = _mm512_loadu_si512(xq + 64 * (vectors * c + 1));
+        vf xd = VLOAD(o->xscale + c * VW), xs = VLOAD(o->xqsum + c * VW), cx = _mm512_mul_ps(corr, xs);
+#define ROW(r, t)                                                                                            \
+        {                                                                                                    \
+            vf acc = VFMA(VCVT(superblock_row_i8(q[r] + 4 * VW * c, live, xe, xo, bits8)), xd, cx);         \
+            t = VFMA(acc, block_params(scales[r], sp, c, o->group), t);                                      \
+            if (has_offset) t = VFMA(xs, block_params(offsets[r], sp, c, o->group), t);                      \
+        }
+        ROW(0, t0) ROW(1, t1) ROW(2, t2) ROW(3, t3)
+#undef ROW
+    }
+    total[0] = t0, total[1] = t1, total[2] = t2, total[3] = t3;
+}
+#endif
+
 /* 8 bits: the products of `steps` vector steps of VW codes from q with x, summed per lane */
 INLINE vf steps8(const uint8_t *q, const float *x, int64_t steps, int kind, vf vbias, vf vunit) {
     vf acc0 = VZERO(), acc1 = VZERO();
@@ -423,6 +490,10 @@ VECTOR_PATH(dot4_table, superblocks(q, scales, offsets, o, 0, 0, 0, total))
 VECTOR_PATH(dot4_pairs, superblocks(q, scales, offsets, o, 1, 1, 0, total))
 #endif
 VECTOR_PATH(dot8_planes, superblocks(q, scales, offsets, o, 1, 0, 1, total))
+#if defined(MP_VNNI)
+VECTOR_PATH(dot4_i8, superblocks_i8(q, scales, offsets, o, 0, total))
+VECTOR_PATH(dot8_i8, superblocks_i8(q, scales, offsets, o, 1, total))
+#endif
 VECTOR_PATH(dot8_int, groups8(q, scales, o, KIND_INT, total))
 VECTOR_PATH(dot8_e4m3, groups8(q, scales, o, KIND_E4M3, total))
 VECTOR_PATH(dot8_e5m2, groups8(q, scales, o, KIND_E5M2, total))
@@ -439,6 +510,9 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
 #if defined(MP_VECTOR)
     vf total[RB];
     if (o->bits == 4) {
+#if defined(MP_VNNI)
+        if (o->int8) dot4_i8(q, scales, offsets, o, total); else
+#endif
 #if defined(MP_BF16)
         if (o->pairs) dot4_pairs(q, scales, offsets, o, total); else
 #endif
@@ -446,6 +520,9 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
         else dot4_table(q, scales, offsets, o, total);
         from_planes = o->k / 8 * 8;
     } else if (o->planes8) {
+#if defined(MP_VNNI)
+        if (o->int8) dot8_i8(q, scales, offsets, o, total); else
+#endif
         dot8_planes(q, scales, offsets, o, total);
         from_planes = o->k / 4 * 4;
     } else if (o->kind == KIND_INT) {
@@ -494,10 +571,37 @@ static int group_fits(int64_t group, int64_t k, int per_lane) {
 }
 
 
-/* y (m, n) float32 = x (m, k) float32 @ W^T (see the top of the file). pairs: bfloat16 products where the build
-   has them (linear 4-bit formats only). Returns MP_OK, MP_NO_MEMORY, or MP_BAD_GROUP (4 bits: a group length the
-   vector part cannot take). */
-int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) {
+/* x's int8 layout for one row (see the top of the file): codes (even / odd byte vectors per superblock for 4 bits, in
+   order for 8 bits), and per lane its x block's scale, scale times its codes' sum, and its float x sum. */
+static void quantize_x(const float *x, int64_t k, int per_lane, int64_t lanes, uint8_t *codes, float *xscale,
+                       float *xqsum, float *xsum) {
+    memset(codes, 0, (size_t)(lanes * per_lane));
+    for (int64_t lane = 0; lane < lanes; lane++) xscale[lane] = xqsum[lane] = xsum[lane] = 0.0f;
+    int64_t whole = k / per_lane;
+    for (int64_t b0 = 0; b0 < whole * per_lane; b0 += 32) {
+        int64_t end = b0 + 32 < whole * per_lane ? b0 + 32 : whole * per_lane;
+        float top = 0.0f;
+        for (int64_t j = b0; j < end; j++) top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
+        float d = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+        for (int64_t j = b0; j < end; j++) {
+            int v = (int)nearbyintf(x[j] * inv);
+            int64_t lane = j / per_lane, c = lane / VW, lj = lane % VW, at = j % per_lane;
+            /* 4 bits: byte (at / 2) of lane lj in the even (at even) or odd vector of superblock c */
+            int64_t pos = per_lane == 8 ? (2 * c + (at & 1)) * 64 + 4 * lj + at / 2 : j;
+            codes[pos] = (uint8_t)(int8_t)v;
+            xqsum[lane] += (float)v;
+            xsum[lane] += x[j];
+            xscale[lane] = d;
+        }
+    }
+    for (int64_t lane = 0; lane < whole; lane++) xqsum[lane] *= xscale[lane];
+}
+
+/* y (m, n) float32 = x (m, k) float32 @ W^T (see the top of the file). products: MP_PRODUCTS_BF16 lets linear
+   4-bit formats take bfloat16 products, MP_PRODUCTS_INT8 also lets them and 8-bit integer codes take int8 x (each
+   where the build has it; others keep float32 products). Returns MP_OK, MP_NO_MEMORY, or MP_BAD_GROUP (4 bits: a
+   group length the vector part cannot take). */
+int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int products) {
     const uint8_t *qdata = w->qdata;
     const float *table = w->table;
     const void *scale = w->scale, *offset = w->offset;
@@ -506,22 +610,28 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
     float bias = w->bias, unit = w->unit;
     int bits = w->bits, linear = w->linear, kind = w->kind, scale_type = w->scale_type, offset_type = w->offset_type;
     int64_t groups = (k + group - 1) / group;
-#if defined(MP_BF16)
-    pairs = pairs && bits == 4 && linear;
-#else
-    pairs = 0;
-#endif
     if (bits == 4 && !group_fits(group, k, 8)) return MP_BAD_GROUP;
 #if defined(MP_VECTOR)
     int planes8 = bits == 8 && kind == KIND_INT && group_fits(group, k, 4);
 #else
     int planes8 = 0;
 #endif
+#if defined(MP_VNNI)
+    int int8 = products == MP_PRODUCTS_INT8 && ((bits == 4 && linear) || planes8);
+#else
+    int int8 = 0;
+#endif
+#if defined(MP_BF16)
+    int pairs = products >= MP_PRODUCTS_BF16 && bits == 4 && linear && !int8;
+#else
+    int pairs = 0;
+#endif
     int per_lane = bits == 4 ? 8 : 4;   /* codes per lane of the planes layout */
     int64_t lanes = (k / per_lane + VW - 1) / VW * VW;   /* lane positions, in whole vectors */
     int planes = bits == 4 || planes8;
-    /* per row of x: its planes (per_lane per lane), lane sums and bfloat16-rounded x (pairs) */
-    int64_t per_x = planes ? (per_lane + 1) * lanes + (pairs ? k : 0) : 0;
+    /* per row of x: its planes (per_lane per lane), lane sums and bfloat16-rounded x (pairs); or, int8: its codes
+       (per_lane / 4 floats' bytes per lane), lane sums, scales and scaled code sums */
+    int64_t per_x = int8 ? (per_lane / 4 + 3) * lanes : planes ? (per_lane + 1) * lanes + (pairs ? k : 0) : 0;
     int sums8 = bits == 8 && offset != NULL && !planes8;
     /* scratch: per row of x, its planes layout or its group sums (other 8-bit layouts' offsets); a block's scales
        and offsets (+ a vector's worth read past the last of them by the permuted loads) */
@@ -529,7 +639,11 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
     float *buf = scratch(need);
     if (!buf) return MP_NO_MEMORY;
     float *sums = buf + m * per_x, *sblock = sums + (sums8 ? m * groups : 0), *oblock = sblock + RB * groups + VW;
-    for (int64_t i = 0; planes && i < m; i++) {
+    for (int64_t i = 0; int8 && i < m; i++) {
+        float *xp = buf + i * per_x, *xsum = xp + per_lane / 4 * lanes;
+        quantize_x(x + i * k, k, per_lane, lanes, (uint8_t *)xp, xsum + lanes, xsum + 2 * lanes, xsum);
+    }
+    for (int64_t i = 0; planes && !int8 && i < m; i++) {
         float *xp = buf + i * per_x, *xsum = xp + per_lane * lanes, *xr = xsum + lanes;
         const float *xi = x + i * k;
         if (pairs) {
@@ -570,7 +684,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
     int64_t row_bytes = bits == 4 ? (k + 1) / 2 : k;
 #endif
     operands o = {bits, table, linear, pairs, kind, planes8, bias, unit, pairs ? bias - 128.0f : bias, NULL, NULL,
-                  NULL, offset != NULL, k, group, groups};
+                  NULL, int8, NULL, NULL, offset != NULL, k, group, groups};
     for (int64_t r0 = 0; r0 < n; r0 += RB) {
         const uint8_t *q[RB];
         const float *s[RB], *off[RB];
@@ -594,7 +708,9 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs) 
             float out[RB];
             float *xp = buf + i * per_x;
             o.xp = xp;
-            o.xsum = xp + per_lane * lanes;
+            o.xsum = xp + (int8 ? per_lane / 4 : per_lane) * lanes;
+            o.xscale = o.xsum + lanes;
+            o.xqsum = o.xsum + 2 * lanes;
             o.x = pairs ? xp + (per_lane + 1) * lanes : x + i * k;
             block_dot(q, s, off, &o, out);
             for (int r = 0; r < live; r++) {

@@ -21,8 +21,11 @@ typedef struct {
 } mp_weight;
 
 enum { MP_OK = 0, MP_NO_MEMORY = -1, MP_BAD_GROUP = -2 };
+/* what mp_gemv may multiply with (cpu_gemv.c): float32 products; bfloat16 x for linear 4-bit formats; int8 x for
+   those and 8-bit integer codes (each where the build has it) */
+enum { MP_PRODUCTS_F32 = 0, MP_PRODUCTS_BF16 = 1, MP_PRODUCTS_INT8 = 2 };
 
-/* y (m, n) float32 = x (m, k) float32 @ W^T; pairs: bfloat16 products where the build has them (cpu_gemv.c) */
-int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int pairs);
+/* y (m, n) float32 = x (m, k) float32 @ W^T (cpu_gemv.c) */
+int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int products);
 
 #endif

@@ -4,7 +4,9 @@
 `native_matmul(x2, plan)` computes x2 (M, K) @ W^T for a packed weight of 4 or 8 bits straight from its stored
 codes and scales (no prepared copy of the weight): in float32, the stored weight's exact product up to the order
 of float32 additions, except that int4 and int4-asym multiply x rounded to bfloat16 where the CPU has AVX512_BF16
-(bfloat16=True, the default; cpu_gemv.c says how). `plan_for(packed)` says whether and how a weight is served.
+(products="bfloat16", the default; or "int8": x quantized to int8 in blocks of 32 for those and 8-bit integer
+formats, where the CPU has AVX512_VNNI; cpu_gemv.c says how). `plan_for(packed)` says whether and how a weight is
+served.
 
 Building: the C files are compiled with the system's C compiler (`cc`, or $CC) at -O3 -march=native into a shared
 library under ~/.cache/modelpress/native (or $MODELPRESS_CACHE/native), named by a hash of the source, the
@@ -39,6 +41,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KINDS = {"int": 0, "fp8-e4m3": 1, "fp8-e5m2": 2}
 FP8_UNITS = {"fp8-e4m3": 256.0, "fp8-e5m2": 1.0}   # see cpu_gemv.c: e4m3 widened through float16 reads as 2^-8 x
+PRODUCTS = {"float32": 0, "bfloat16": 1, "int8": 2}   # cpu_native.h's MP_PRODUCTS_*
 
 
 def cache_dir() -> Path:
@@ -108,6 +111,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.mp_isa.restype = ctypes.c_int
     lib.mp_isa.argtypes = []
+    lib.mp_products.restype = ctypes.c_int
+    lib.mp_products.argtypes = []
     lib.mp_gemv.restype = ctypes.c_int
     lib.mp_gemv.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     for name, restype, args in (("mp_forward", ctypes.c_int,
@@ -133,6 +138,13 @@ def library() -> ctypes.CDLL | None:
         log.info("native CPU kernels built without AVX2/AVX-512; PyTorch's CPU kernels serve decode")
         return None
     return lib
+
+
+def products_available(products: str, lib: ctypes.CDLL | None = None) -> bool:
+    """Whether the build (`lib`, else library()) has `products` (PRODUCTS: float32 always; bfloat16 and int8 where
+    the CPU has AVX512_BF16 / AVX512_VNNI)."""
+    lib = lib or library()
+    return lib is not None and (products == "float32" or bool(lib.mp_products() >> PRODUCTS[products] & 1))
 
 
 def available() -> bool:
@@ -255,10 +267,12 @@ def _strides(t: torch.Tensor) -> tuple[int, int]:
 
 
 def native_matmul(x2: torch.Tensor, plan: NativePlan, lib: ctypes.CDLL | None = None,
-                  bfloat16: bool = True) -> torch.Tensor:
+                  products: str = "bfloat16") -> torch.Tensor:
     """(M, K) activations -> (M, N) float32 through the native kernel: `lib` (a `load`ed build), else library(),
-    which must not be None. bfloat16=True lets linear 4-bit formats (int4, int4-asym) take bfloat16 products where
-    the CPU has them (x rounded to bfloat16, as PyTorch's int4 kernel does); False keeps float32 products."""
+    which must not be None. products (PRODUCTS): "bfloat16" lets linear 4-bit formats (int4, int4-asym) take
+    bfloat16 products where the CPU has them (x rounded to bfloat16, as PyTorch's int4 kernel does); "int8" also lets
+    them and 8-bit integer formats take x quantized to int8 in blocks of 32 where the CPU has AVX512_VNNI (as
+    llama.cpp's CPU matmuls do); "float32" keeps float32 products."""
     lib = lib or library()
     x = x2 if x2.dtype == torch.float32 else x2.float()
     if plan.input_perm is not None:
@@ -267,7 +281,7 @@ def native_matmul(x2: torch.Tensor, plan: NativePlan, lib: ctypes.CDLL | None = 
         x = x.contiguous()
     m = x.shape[0]
     y = torch.empty((m, plan.shape[0]), dtype=torch.float32)
-    status = lib.mp_gemv(ctypes.byref(plan.weight), x.data_ptr(), m, y.data_ptr(), bfloat16)
+    status = lib.mp_gemv(ctypes.byref(plan.weight), x.data_ptr(), m, y.data_ptr(), PRODUCTS[products])
     if status == -1:
         raise MemoryError("native CPU kernel: no scratch memory")
     if status != 0:

@@ -44,7 +44,7 @@ typedef struct {
 } mp_block;
 
 /* The decoder. cos / sin: (capacity, head_dim) tables; work: mp_forward_work(d, tokens) floats of scratch.
-   pairs: packed 4-bit linear formats take bfloat16 products where the build has them (as in mp_gemv). */
+   products: what packed weights multiply with, MP_PRODUCTS_* (as in mp_gemv). */
 typedef struct {
     const mp_block *blocks;
     const float *final_norm;
@@ -52,7 +52,7 @@ typedef struct {
     float *work;
     int64_t n_blocks, hidden, head_dim, capacity;
     float eps, scaling;
-    int32_t pairs;
+    int32_t products;
 } mp_decoder;
 
 enum { MP_BAD_POSITION = -3, MP_BAD_SHAPE = -4 };
@@ -119,7 +119,7 @@ static void gemv_f32(const float *w, const float *x, int64_t m, int64_t n, int64
 }
 
 /* y (m, n) = x (m, k) W^T + b; gather: m k floats of scratch for a permuted x */
-static int project(const mp_linear *l, const float *x, int64_t m, float *y, float *gather, int pairs) {
+static int project(const mp_linear *l, const float *x, int64_t m, float *y, float *gather, int products) {
     int64_t n = l->n, k = l->k;
     if (l->perm) {
         for (int64_t i = 0; i < m; i++)
@@ -127,7 +127,7 @@ static int project(const mp_linear *l, const float *x, int64_t m, float *y, floa
         x = gather;
     }
     if (l->packed) {
-        int status = mp_gemv(l->packed, x, m, y, pairs);
+        int status = mp_gemv(l->packed, x, m, y, products);
         if (status != MP_OK) return status;
     } else {
         gemv_f32(l->weight, x, m, n, k, y);
@@ -266,18 +266,18 @@ int mp_forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos) {
         const mp_block *b = d->blocks + bi;
         float *k = q + tokens * b->q.n, *v = k + tokens * b->k.n;
         for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, b->attn_norm, hidden, d->eps, xn + t * hidden);
-        TRY(project(&b->q, xn, tokens, q, gather, d->pairs));
-        TRY(project(&b->k, xn, tokens, k, gather, d->pairs));
-        TRY(project(&b->v, xn, tokens, v, gather, d->pairs));
+        TRY(project(&b->q, xn, tokens, q, gather, d->products));
+        TRY(project(&b->k, xn, tokens, k, gather, d->products));
+        TRY(project(&b->v, xn, tokens, v, gather, d->products));
         position_heads(b, d, q, k, v, tokens, pos);
         for (int64_t t = 0; t < tokens; t++) attend(b, q + t * b->q.n, d, pos + t, scores, att + t * b->o.k);
-        TRY(project(&b->o, att, tokens, y, gather, d->pairs));
+        TRY(project(&b->o, att, tokens, y, gather, d->products));
         for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
         for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, b->mlp_norm, hidden, d->eps, xn + t * hidden);
-        TRY(project(&b->gate, xn, tokens, att, gather, d->pairs));
-        TRY(project(&b->up, xn, tokens, up, gather, d->pairs));
+        TRY(project(&b->gate, xn, tokens, att, gather, d->products));
+        TRY(project(&b->up, xn, tokens, up, gather, d->products));
         for (int64_t i = 0; i < tokens * b->gate.n; i++) att[i] = silu(att[i]) * up[i];
-        TRY(project(&b->down, att, tokens, y, gather, d->pairs));
+        TRY(project(&b->down, att, tokens, y, gather, d->products));
         for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
     }
     for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, d->final_norm, hidden, d->eps, h + t * hidden);
