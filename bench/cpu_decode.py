@@ -342,7 +342,7 @@ def main() -> None:
                  and next(row.model.parameters()).dtype == torch.float32]
     if args.eager:
         rows += [Row(f"{row.name} eager", row.model, decode="eager") for row in rows
-                 if row.fast and row.native and row.decode == "auto"
+                 if row.fast and row.native and row.decode == "auto" and row.products == "bfloat16"
                  and next(row.model.parameters()).dtype == torch.float32]
     if args.compile:
         rows += [Row(f"{row.name} compiled", row.model, compiled=True) for row in rows

@@ -223,3 +223,63 @@ def test_int8_products_are_an_option_that_really_runs(one_thread):
     assert generate(model, PROMPT, settings).decode_path == "native"
     with pytest.raises(ModelpressError, match="CPU products"):
         GenerationSettings(cpu_products="int4")
+
+
+@pytest.mark.parametrize("spec", [None, "int4/g32", "nf4/g64"])
+@torch.no_grad()
+def test_threads_split_rows_and_give_the_same_numbers(spec):
+    """A one-token step over 1, 2 or 3 threads (rows of every projection and of the head split in blocks of 4):
+    the same logits bit for bit, since every row is summed as one thread would."""
+    model = build("qwen2")
+    if spec is not None:
+        quantize_rtn(model, RTNConfig(WeightScheme.parse(spec)))
+    runs = []
+    with fast_cpu():
+        for threads in (1, 2, 3):
+            native = NativeDecoder(model, 16, threads=threads)
+            native.prefill(PROMPT)
+            assert native.head_native
+            runs.append(torch.cat([native.step(11), native.step(23)]))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@torch.no_grad()
+def test_a_head_it_does_not_serve_is_the_models_own(one_thread):
+    from modelpress.algorithms.quantize.head import HeadConfig, quantize_head
+
+    model = build("llama")
+    quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
+    quantize_head(model, HeadConfig(WeightScheme.parse("int3-asym/g32")))
+    with fast_cpu():
+        native = compare(model, [11, 23, 5, 60], atol=2e-4)
+    assert not native.head_native
+
+
+@torch.no_grad()
+def test_a_forked_child_starts_its_own_threads():
+    """The pool's workers are not copied by fork: a child (a DataLoader worker, say) starts its own."""
+    import os
+    import select
+    import signal
+
+    model = build("llama")
+    native = NativeDecoder(model, 16, threads=2)
+    native.prefill(PROMPT)
+    expected = native.step(11)
+    native.rewind(1)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: one threaded step, its logits through the pipe
+        try:
+            os.write(write, native.step(11).numpy().tobytes())
+        finally:
+            os._exit(0)
+    os.close(write)
+    data = b""
+    while select.select([read], [], [], 60)[0] and (chunk := os.read(read, 1 << 16)):
+        data += chunk
+    if len(data) < expected.numel() * 4:   # a child waiting on workers it does not have never answers
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert torch.equal(torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(expected.shape), expected)

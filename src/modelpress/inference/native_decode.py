@@ -6,8 +6,11 @@ nn/cpu_gemv.c, float32 ones through a float32 GEMV), where the eager path runs ~
 StaticDecoder: prefill(prompt), step(token) -> (1, V) and forward(tokens) -> (T, V) float32 logits, rewind(n)
 (so speculative decoding drives it too). The prompt runs through the
 model itself (transformers, with a DynamicCache, its batched kernels), and its keys and values are copied into
-the decoder's own float32 cache; each new token then takes one `mp_forward` call. The embedding and the output head stay
-the model's own modules (any of them: float, quantized, tied), called once per token.
+the decoder's own float32 cache; each new token then takes one `mp_forward` call, the output head included where it
+is an nn.Linear or a QuantLinear the native kernels serve (else the model's own head runs on the final hidden
+states); the embedding stays the model's own module (float, quantized or tied), one call per token. A one-token
+step splits each projection's rows over torch.get_num_threads() threads (nn/cpu_step.c's pool; the same numbers
+at any thread count).
 
 Served: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM in float32 on the CPU, with
 full attention only, a rope whose frequencies do not depend on the sequence length (default, linear, llama3,
@@ -37,7 +40,7 @@ PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self
                ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
                ("down", "mlp.down_proj"))
 STATUS = {-1: "no scratch memory", -2: "a packed weight's groups are not served", -3: "position past the cache",
-          -4: "projection shapes that do not fit a decoder block"}
+          -4: "projection shapes that do not fit a decoder block", -5: "no logits buffer for the head"}
 
 
 class Linear(ctypes.Structure):
@@ -61,7 +64,8 @@ class Decoder(ctypes.Structure):
     _fields_ = [("blocks", ctypes.POINTER(Block)), ("final_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p), ("work", ctypes.c_void_p), ("n_blocks", ctypes.c_int64),
                 ("hidden", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("capacity", ctypes.c_int64),
-                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("products", ctypes.c_int32)]
+                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("products", ctypes.c_int32),
+                ("threads", ctypes.c_int32), ("head", Linear), ("logits", ctypes.c_void_p)]
 
 
 def _family(model: nn.Module) -> str | None:
@@ -144,7 +148,7 @@ class NativeDecoder:
     path = "native"
     capture_seconds = 0.0
 
-    def __init__(self, model: nn.Module, capacity: int, products: str = "bfloat16") -> None:
+    def __init__(self, model: nn.Module, capacity: int, products: str = "bfloat16", threads: int | None = None) -> None:
         reason = native_obstacle(model)
         if reason is not None:
             raise ModelpressError(f"the native decode step cannot run this model: {reason}")
@@ -176,11 +180,16 @@ class NativeDecoder:
                           head_dim=head_dim, capacity=self.capacity, eps=float(inner.norm.variance_epsilon),
                           scaling=float(inner.layers[0].self_attn.scaling),
                           products=cpu_native.PRODUCTS[products])
+        self.head_native = _projection_obstacle("the head", model.lm_head) is None
+        if self.head_native:   # else the model's own head module runs on the final hidden states
+            decoder.head = self._linear(model.lm_head)
         status = self.lib.mp_check(ctypes.byref(decoder))
         if status != 0:
             raise ModelpressError(f"the native decode step refused the model: {STATUS.get(status, status)}")
         self.decoder = decoder
+        self.threads = threads   # None: torch.get_num_threads() at each call
         self.work_tokens = 0   # tokens a forward call's scratch (decoder.work) is sized for
+        self._reserve(1)
 
     # ---- building the structs ----
 
@@ -242,15 +251,22 @@ class NativeDecoder:
             raise ModelpressError(f"{len(tokens)} tokens at position {self.position} overrun the native decode "
                                   f"cache of {self.capacity}")
         t = len(tokens)
-        if t > self.work_tokens:
-            self.work = torch.empty(int(self.lib.mp_forward_work(ctypes.byref(self.decoder), t)))
-            self.decoder.work, self.work_tokens = self.work.data_ptr(), t
+        self._reserve(t)
         hidden = self.model.model.embed_tokens(torch.tensor([tokens])).reshape(t, -1).float().contiguous()
+        self.decoder.threads = self.threads or torch.get_num_threads()
+        logits = torch.empty(t, self.decoder.head.n) if self.head_native else None
+        self.decoder.logits = None if logits is None else logits.data_ptr()
         status = self.lib.mp_forward(ctypes.byref(self.decoder), hidden.data_ptr(), t, self.position)
         if status != 0:
             raise RuntimeError(f"native decode step failed: {STATUS.get(status, status)}")
         self.position += t
-        return self.model.lm_head(hidden).float()
+        return logits if logits is not None else self.model.lm_head(hidden).float()
+
+    def _reserve(self, tokens: int) -> None:
+        """Scratch (decoder.work) for forward calls of up to `tokens` tokens."""
+        if tokens > self.work_tokens:
+            self.work = torch.empty(int(self.lib.mp_forward_work(ctypes.byref(self.decoder), tokens)))
+            self.decoder.work, self.work_tokens = self.work.data_ptr(), tokens
 
     def rewind(self, tokens: int) -> None:
         """Forget the last `tokens` positions (speculative decoding's rejected drafts): later steps overwrite them."""

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemv.c", "cpu_step.c"))   # compiled together
 HEADER = Path(__file__).with_name("cpu_native.h")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-pthread")
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KINDS = {"int": 0, "fp8-e4m3": 1, "fp8-e5m2": 2}
 FP8_UNITS = {"fp8-e4m3": 256.0, "fp8-e5m2": 1.0}   # see cpu_gemv.c: e4m3 widened through float16 reads as 2^-8 x

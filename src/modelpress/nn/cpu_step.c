@@ -19,8 +19,17 @@
    kernels: results agree to float32 rounding, not bit for bit. Single-threaded, like the kernels it calls. */
 
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define RELAX() _mm_pause()
+#else
+#define RELAX() ((void)0)
+#endif
 
 #include "cpu_native.h"
 
@@ -44,6 +53,7 @@ typedef struct {
 } mp_block;
 
 /* The decoder. cos / sin: (capacity, head_dim) tables; work: mp_forward_work(d, tokens) floats of scratch.
+   head: the output head (n = 0: none, the caller applies its own to h), writing (tokens, head.n) logits.
    products: what packed weights multiply with, MP_PRODUCTS_* (as in mp_gemv). */
 typedef struct {
     const mp_block *blocks;
@@ -53,9 +63,12 @@ typedef struct {
     int64_t n_blocks, hidden, head_dim, capacity;
     float eps, scaling;
     int32_t products;
+    int32_t threads;   /* one-token steps split each projection's rows over this many threads (1: none) */
+    mp_linear head;
+    float *logits;
 } mp_decoder;
 
-enum { MP_BAD_POSITION = -3, MP_BAD_SHAPE = -4 };
+enum { MP_BAD_POSITION = -3, MP_BAD_SHAPE = -4, MP_NO_LOGITS = -5 };
 
 /* ---- float32 vectors through the compiler's vector extension (AVX-512, AVX2 or plain code alike) ---- */
 
@@ -118,20 +131,159 @@ static void gemv_f32(const float *w, const float *x, int64_t m, int64_t n, int64
         for (int64_t i = 0; i < m; i++) y[i * n + r] = dot(w + r * k, x + i * k, k);
 }
 
-/* y (m, n) = x (m, k) W^T + b; gather: m k floats of scratch for a permuted x */
-static int project(const mp_linear *l, const float *x, int64_t m, float *y, float *gather, int products) {
+/* Rows r0..r1 of a packed weight as a weight of their own (the same codes and scales, addressed from row r0) */
+static mp_weight rows_of(const mp_weight *w, int64_t r0, int64_t r1) {
+    static const int64_t sizes[] = {4, 2, 2};   /* SCALE_F32, SCALE_F16, SCALE_BF16 */
+    mp_weight part = *w;
+    part.qdata = w->qdata + r0 * w->q_row;
+    part.scale = (const char *)w->scale + r0 * w->s_n * sizes[w->scale_type];
+    if (w->offset) part.offset = (const char *)w->offset + r0 * w->o_n * sizes[w->offset_type];
+    part.n = r1 - r0;
+    return part;
+}
+
+/* y[r0..r1) of one x row (m = 1), or all rows of m rows of x (r0 = 0, r1 = n): x W^T without the bias */
+static int product_rows(const mp_linear *l, const float *x, int64_t m, int64_t r0, int64_t r1, float *y,
+                        int products) {
+    if (l->packed) {
+        if (r0 == 0 && r1 == l->n) return mp_gemv(l->packed, x, m, y, products);
+        mp_weight part = rows_of(l->packed, r0, r1);
+        return mp_gemv(&part, x, 1, y + r0, products);
+    }
+    if (r0 == 0 && r1 == l->n) {
+        gemv_f32(l->weight, x, m, l->n, l->k, y);
+    } else {
+        gemv_f32(l->weight + r0 * l->k, x, 1, r1 - r0, l->k, y + r0);
+    }
+    return MP_OK;
+}
+
+/* ---- a pool of worker threads that split one-token projections by rows ----
+   Workers sleep between forward calls; during one they spin on a job counter, since a token makes ~7 projections
+   per block, each a few to some tens of microseconds: waking a thread through the scheduler would cost as much.
+   One forward call uses the pool at a time (a lock); a forked child starts with no workers. */
+
+#define MAX_THREADS 64
+#define SPINS 4096   /* pauses before a waiting thread yields its core each round (an oversubscribed machine) */
+
+static inline void wait_a_little(int *spins) {
+    if (++*spins < SPINS) RELAX(); else sched_yield();
+}
+
+static struct {
+    pthread_mutex_t lock, use;     /* lock: workers' sleep; use: one forward call at a time */
+    pthread_cond_t wake;
+    int workers;                   /* started so far (threads beyond the caller's) */
+    atomic_int running;            /* a forward call is on: workers spin */
+    atomic_long job;               /* bumped for each job */
+    atomic_int left;               /* parts of the job not done */
+    atomic_int status;             /* the first error a part met */
+    int parts;
+    const mp_linear *l;
+    const float *x;
+    float *y;
+    int products;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0,
+          0, 0, 0};
+
+/* part p of the pool's job: rows split evenly, in whole blocks of 4 (the kernels' row blocks) */
+static void run_part(int p) {
+    int64_t n = pool.l->n, blocks = (n + 3) / 4;
+    int64_t r0 = blocks * p / pool.parts * 4, r1 = blocks * (p + 1) / pool.parts * 4;
+    if (r1 > n) r1 = n;
+    if (r0 < r1) {
+        int status = product_rows(pool.l, pool.x, 1, r0, r1, pool.y, pool.products);
+        if (status != MP_OK) atomic_store(&pool.status, status);
+    }
+}
+
+static long first_job[MAX_THREADS];   /* the job counter when each worker was started: jobs before are not its */
+
+static void *worker(void *arg) {
+    int index = (int)(intptr_t)arg;
+    long seen = first_job[index];
+    for (;;) {
+        pthread_mutex_lock(&pool.lock);
+        while (!atomic_load(&pool.running)) pthread_cond_wait(&pool.wake, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+        int spins = 0;
+        while (atomic_load(&pool.running)) {
+            long job = atomic_load_explicit(&pool.job, memory_order_acquire);
+            if (job != seen) {
+                seen = job;
+                spins = 0;
+                if (index < pool.parts) {
+                    run_part(index);
+                    atomic_fetch_sub_explicit(&pool.left, 1, memory_order_release);
+                }
+            } else {
+                wait_a_little(&spins);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* in a forked child: the threads were not copied */
+static void forget_workers(void) {
+    pool.workers = 0;
+    atomic_store(&pool.running, 0);
+}
+
+static void register_fork(void) { pthread_atfork(NULL, NULL, forget_workers); }
+
+/* Starts a forward call's use of the pool for `threads` threads (the caller's included); the number it runs with */
+static int pool_begin(int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads <= 1) return 1;
+    pthread_once(&once, register_fork);
+    pthread_mutex_lock(&pool.use);
+    while (pool.workers < threads - 1) {
+        pthread_t id;
+        first_job[pool.workers + 1] = atomic_load(&pool.job);
+        if (pthread_create(&id, NULL, worker, (void *)(intptr_t)(pool.workers + 1)) != 0) break;
+        pthread_detach(id);
+        pool.workers++;
+    }
+    threads = pool.workers + 1 < threads ? pool.workers + 1 : threads;
+    pthread_mutex_lock(&pool.lock);
+    atomic_store(&pool.running, 1);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    return threads;
+}
+
+static void pool_end(int threads) {
+    if (threads <= 1) return;
+    atomic_store(&pool.running, 0);
+    pthread_mutex_unlock(&pool.use);
+}
+
+/* y[0..n) of one x row over `threads` threads (the caller runs part 0) */
+static int product_split(const mp_linear *l, const float *x, float *y, int products, int threads) {
+    pool.l = l, pool.x = x, pool.y = y, pool.products = products, pool.parts = threads;
+    atomic_store(&pool.status, MP_OK);
+    atomic_store(&pool.left, threads - 1);
+    atomic_fetch_add_explicit(&pool.job, 1, memory_order_release);
+    run_part(0);
+    int spins = 0;
+    while (atomic_load_explicit(&pool.left, memory_order_acquire) > 0) wait_a_little(&spins);
+    return atomic_load(&pool.status);
+}
+
+/* y (m, n) = x (m, k) W^T + b; gather: m k floats of scratch for a permuted x; threads: for m = 1, split rows */
+static int project(const mp_linear *l, const float *x, int64_t m, float *y, float *gather, int products,
+                   int threads) {
     int64_t n = l->n, k = l->k;
     if (l->perm) {
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = 0; j < k; j++) gather[i * k + j] = x[i * k + l->perm[j]];
         x = gather;
     }
-    if (l->packed) {
-        int status = mp_gemv(l->packed, x, m, y, products);
-        if (status != MP_OK) return status;
-    } else {
-        gemv_f32(l->weight, x, m, n, k, y);
-    }
+    int status = m == 1 && threads > 1 ? product_split(l, x, y, products, threads)
+                                       : product_rows(l, x, m, 0, n, y, products);
+    if (status != MP_OK) return status;
     if (l->bias)
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = 0; j < n; j++) y[i * n + j] += l->bias[j];
@@ -195,6 +347,7 @@ static int check_block(const mp_decoder *d, const mp_block *b) {
 /* Checks every block's shapes once (Python calls it when it builds the decoder). */
 int mp_check(const mp_decoder *d) {
     if (d->head_dim <= 0 || d->head_dim % 2 || d->hidden <= 0 || d->capacity <= 0) return MP_BAD_SHAPE;
+    if (d->head.n && d->head.k != d->hidden) return MP_BAD_SHAPE;
     for (int64_t b = 0; b < d->n_blocks; b++) {
         int status = check_block(d, d->blocks + b);
         if (status != MP_OK) return status;
@@ -252,12 +405,8 @@ static void position_heads(const mp_block *b, const mp_decoder *d, float *q, flo
 
 #define TRY(call) do { int status_ = (call); if (status_ != MP_OK) return status_; } while (0)
 
-/* h (tokens, hidden): in, the tokens' embeddings; out, their final-normed hidden states, which the head reads.
-   The tokens sit at positions pos.. pos + tokens - 1 (the cache holds positions 0..pos-1 already); each attends to
-   the positions up to its own. Every projection is one call over all the tokens, so a weight is read once per
-   call (speculative decoding's verify pass). Returns MP_OK or an error code (h is then undefined). */
-int mp_forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos) {
-    if (tokens <= 0 || pos < 0 || pos + tokens > d->capacity) return MP_BAD_POSITION;
+/* mp_forward's work, the pool begun */
+static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, int threads) {
     int64_t hidden = d->hidden;
     widths w = widths_of(d);
     float *xn = d->work, *q = xn + tokens * hidden, *att = q + tokens * w.qkv, *up = att + tokens * w.wide;
@@ -266,20 +415,36 @@ int mp_forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos) {
         const mp_block *b = d->blocks + bi;
         float *k = q + tokens * b->q.n, *v = k + tokens * b->k.n;
         for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, b->attn_norm, hidden, d->eps, xn + t * hidden);
-        TRY(project(&b->q, xn, tokens, q, gather, d->products));
-        TRY(project(&b->k, xn, tokens, k, gather, d->products));
-        TRY(project(&b->v, xn, tokens, v, gather, d->products));
+        TRY(project(&b->q, xn, tokens, q, gather, d->products, threads));
+        TRY(project(&b->k, xn, tokens, k, gather, d->products, threads));
+        TRY(project(&b->v, xn, tokens, v, gather, d->products, threads));
         position_heads(b, d, q, k, v, tokens, pos);
         for (int64_t t = 0; t < tokens; t++) attend(b, q + t * b->q.n, d, pos + t, scores, att + t * b->o.k);
-        TRY(project(&b->o, att, tokens, y, gather, d->products));
+        TRY(project(&b->o, att, tokens, y, gather, d->products, threads));
         for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
         for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, b->mlp_norm, hidden, d->eps, xn + t * hidden);
-        TRY(project(&b->gate, xn, tokens, att, gather, d->products));
-        TRY(project(&b->up, xn, tokens, up, gather, d->products));
+        TRY(project(&b->gate, xn, tokens, att, gather, d->products, threads));
+        TRY(project(&b->up, xn, tokens, up, gather, d->products, threads));
         for (int64_t i = 0; i < tokens * b->gate.n; i++) att[i] = silu(att[i]) * up[i];
-        TRY(project(&b->down, att, tokens, y, gather, d->products));
+        TRY(project(&b->down, att, tokens, y, gather, d->products, threads));
         for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
     }
     for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, d->final_norm, hidden, d->eps, h + t * hidden);
+    if (d->head.n) TRY(project(&d->head, h, tokens, d->logits, gather, d->products, threads));
     return MP_OK;
+}
+
+/* h (tokens, hidden): in, the tokens' embeddings; out, their final-normed hidden states, which the head reads
+   (d->head, if it has one, into d->logits).
+   The tokens sit at positions pos.. pos + tokens - 1 (the cache holds positions 0..pos-1 already); each attends to
+   the positions up to its own. Every projection is one call over all the tokens, so a weight is read once per
+   call (speculative decoding's verify pass); a single token's projections are split by rows over d->threads
+   threads. Returns MP_OK or an error code (h is then undefined). */
+int mp_forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos) {
+    if (tokens <= 0 || pos < 0 || pos + tokens > d->capacity) return MP_BAD_POSITION;
+    if (d->head.n && !d->logits) return MP_NO_LOGITS;
+    int threads = pool_begin(tokens == 1 ? d->threads : 1);
+    int status = forward(d, h, tokens, pos, threads);
+    pool_end(threads);
+    return status;
 }
