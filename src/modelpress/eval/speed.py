@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.sampling import SamplingConfig
+
 
 @dataclass(frozen=True)
 class SpeedResult:
@@ -26,8 +29,10 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> SpeedResult:
-    """`prompt` is a (1, T) tensor of token ids; decode is greedy generation of `new_tokens` with a cache.
-    Timed as `modelpress generate` runs: with the CPU's packed kernels on (nn/cpu_backend.py)."""
+    """`prompt` is a (1, T) tensor of token ids; decode is greedy generation of `new_tokens` after its first 16,
+    on the path `modelpress generate` takes (inference/decoding.py: the native step on the CPU where it serves the
+    model, a captured graph on CUDA), the rate the median time between consecutive new tokens (so one-off costs,
+    a graph's capture, do not count). Prefill: the whole prompt in one forward, the CPU's packed kernels on."""
     from modelpress.nn.cpu_backend import fast_cpu
 
     with fast_cpu():
@@ -46,18 +51,14 @@ def _measure(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: i
         _sync(device)
         prefill.append(time.perf_counter() - start)
     decode_rate = None
-    if hasattr(model, "generate") and new_tokens > 0:
-        decode = []
-        short = ids[:, : min(ids.shape[1], 16)]
+    if hasattr(model, "generate") and new_tokens > 1:
+        gaps: list[float] = []
+        settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0))
         for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            out = model.generate(short, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0)
-            _sync(device)
-            made = out.shape[1] - short.shape[1]
-            decode.append((time.perf_counter() - start) / max(made, 1))
-        decode_rate = 1.0 / statistics.median(decode)
+            stamps: list[float] = []   # generate reads each token on the host (a sync) before the callback
+            generate(model, ids[0, :16].tolist(), settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
+            gaps += [b - a for a, b in zip(stamps, stamps[1:])]
+        decode_rate = 1.0 / statistics.median(gaps)
     return SpeedResult(
         prefill_tokens_per_s=ids.shape[1] / statistics.median(prefill),
         decode_tokens_per_s=decode_rate,
