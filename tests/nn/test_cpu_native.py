@@ -106,6 +106,21 @@ def test_bfloat16_products_are_the_products_of_rounded_x(spec, build_dir):
             assert (y.double() - x.double() @ w.t()).abs().max() > 1e-5  # really rounded
 
 
+@pytest.mark.parametrize("products", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("name", ["avx512-bf16", "avx2"])
+def test_what_an_earlier_call_left_in_the_scratch_never_leaks_in(name, products, build_dir):
+    """A call whose rows end in lanes past the codes (K = 96: 12 of 16 lanes) reads a vector of parameters past its
+    last row's: after a call that left NaNs in the (reused, per-thread) scratch, those lanes must still add 0."""
+    lib = build(name, build_dir)
+    big, small = random_packed("int4/g32", 64, 576, seed=1), random_packed("int4/g32", 40, 96, seed=2)
+    small_plan = cpu_native.plan_for(small)
+    x = torch.randn(1, 96)
+    expected = cpu_native.native_matmul(x, small_plan, lib=lib, products=products)
+    cpu_native.native_matmul(torch.full((4, 576), float("nan")), cpu_native.plan_for(big), lib=lib,
+                             products=products)
+    assert torch.equal(cpu_native.native_matmul(x, small_plan, lib=lib, products=products), expected)
+
+
 def int8_blocks(x: torch.Tensor, per_lane: int) -> torch.Tensor:
     """x as the int8 products see it (cpu_gemv.c): blocks of 32 over the columns its lanes of `per_lane` codes
     cover, each rounded to the nearest multiple of max|x| / 127; the columns past them unchanged."""

@@ -639,6 +639,10 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
     float *buf = scratch(need);
     if (!buf) return MP_NO_MEMORY;
     float *sums = buf + m * per_x, *sblock = sums + (sums8 ? m * groups : 0), *oblock = sblock + RB * groups + VW;
+    /* the permuted loads of the last rows' parameters read up to a vector past them (lanes past the row's codes,
+       whose products are 0): zeros there, not what an earlier call left in the scratch (0 x NaN is NaN) */
+    memset(sblock + RB * groups, 0, VW * sizeof(float));
+    memset(oblock + RB * groups, 0, VW * sizeof(float));
     for (int64_t i = 0; int8 && i < m; i++) {
         float *xp = buf + i * per_x, *xsum = xp + per_lane / 4 * lanes;
         quantize_x(x + i * k, k, per_lane, lanes, (uint8_t *)xp, xsum + lanes, xsum + 2 * lanes, xsum);
