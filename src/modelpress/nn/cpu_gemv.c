@@ -533,7 +533,9 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
         dot8_e5m2(q, scales, offsets, o, total);
     }
 #endif
-    for (int64_t g = 0; g < o->groups; g++) {
+    /* planes: only the groups from the one holding from_planes on have codes left (none when K is a multiple of
+       the lane's codes, the usual case: no loop over every group per block of rows) */
+    for (int64_t g = planes ? from_planes / o->group : 0; g < o->groups; g++) {
         int64_t start = g * o->group, end = start + o->group <= o->k ? start + o->group : o->k, from = start;
         if (planes) from = from_planes > start ? from_planes : start;
 #if defined(MP_VECTOR)
