@@ -156,6 +156,7 @@ def quantized(spec: str):
     (lambda: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), "GPT2LMHeadModel is not"),
     (lambda: build("llama", hidden_act="gelu"), "hidden_act"),
     (lambda: build("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic'"),
+    (lambda: build("llama").train(), "training mode"),
 ])
 def test_models_it_does_not_compute_are_named(make, reason):
     assert reason in native_obstacle(make())

@@ -106,6 +106,8 @@ def native_obstacle(model: nn.Module) -> str | None:
     family = _family(model)
     if family is None:
         return f"{type(model).__name__} is not one of the decoders it computes ({', '.join(FAMILIES)})"
+    if model.training:
+        return "the model is in training mode (the step has no dropout): call model.eval()"
     config = model.config
     try:
         check_full_attention(config)
@@ -118,6 +120,9 @@ def native_obstacle(model: nn.Module) -> str | None:
     if rope not in STATIC_ROPE:
         return f"rope type {rope!r} changes its frequencies with the sequence length"
     epsilons = {_norm_eps(inner.norm, family)}
+    shapes = {(float(layer.self_attn.scaling), int(layer.self_attn.head_dim)) for layer in inner.layers}
+    if len(shapes) != 1:
+        return "its layers' attention scalings or head sizes differ"
     for i, layer in enumerate(inner.layers):
         if type(layer).__name__ != f"{family}DecoderLayer":
             return f"layer {i} is a {type(layer).__name__}"
