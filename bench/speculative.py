@@ -4,7 +4,8 @@ speedup over plain decoding of the target on the same decode path, all in one pr
 interleaved prompt by prompt (shared machines drift; compare the ratios).
 
 Decode paths (--decode, several to compare them in one run; --eager is --decode eager): auto (the default: CUDA
-graphs on the static cache on CUDA, eager elsewhere), eager, static, graph; each row says the path that ran.
+graphs on the static cache on CUDA; on the CPU the native decode step where it serves both models, else eager),
+eager, static, graph, native; each row says the path that ran.
 Prompts are consecutive 48-token pieces of the embedded corpus taken 10 windows apart; every run makes
 exactly --new-tokens tokens (no end-of-sequence stop). tokens/s includes the prompt prefill and, on the graph
 path, the capture of each call's graphs (a new decoder per call); "decode tok/s" leaves the capture out. Greedy
