@@ -53,7 +53,8 @@ typedef struct {
 } mp_block;
 
 /* The decoder. cos / sin: (capacity, head_dim) tables; work: mp_forward_work(d, tokens) floats of scratch.
-   head: the output head (n = 0: none, the caller applies its own to h), writing (tokens, head.n) logits.
+   head: the output head (n = 0: none, the caller applies its own to h), writing (tokens - logits_from, head.n)
+   logits.
    products: what packed weights multiply with, MP_PRODUCTS_* (as in mp_gemv). */
 typedef struct {
     const mp_block *blocks;
@@ -66,6 +67,7 @@ typedef struct {
     int32_t threads;   /* one-token steps split each projection's rows over this many threads (1: none) */
     mp_linear head;
     float *logits;
+    int64_t logits_from;   /* the head runs for tokens logits_from.. of a call (a prompt: its last one only) */
 } mp_decoder;
 
 enum { MP_BAD_POSITION = -3, MP_BAD_SHAPE = -4, MP_NO_LOGITS = -5 };
@@ -430,7 +432,8 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
         for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
     }
     for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, d->final_norm, hidden, d->eps, h + t * hidden);
-    if (d->head.n) TRY(project(&d->head, h, tokens, d->logits, gather, d->products, threads));
+    int64_t from = d->logits_from;
+    if (d->head.n) TRY(project(&d->head, h + from * hidden, tokens - from, d->logits, gather, d->products, threads));
     return MP_OK;
 }
 
@@ -443,6 +446,7 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
 int mp_forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos) {
     if (tokens <= 0 || pos < 0 || pos + tokens > d->capacity) return MP_BAD_POSITION;
     if (d->head.n && !d->logits) return MP_NO_LOGITS;
+    if (d->logits_from < 0 || d->logits_from >= tokens) return MP_BAD_POSITION;
     int threads = pool_begin(tokens == 1 ? d->threads : 1);
     int status = forward(d, h, tokens, pos, threads);
     pool_end(threads);
