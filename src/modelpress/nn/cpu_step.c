@@ -1,7 +1,8 @@
 /* One decode step of a Llama-style decoder for the CPU, in one call: every block's norms, projections, rotary
-   embedding, attention over the KV cache and gated MLP, then the final norm. Python drives it one token at a time
-   (inference/native_decode.py), so a token costs one foreign call instead of ~30 PyTorch operators per block;
-   a few tokens at once (speculative decoding's verify pass) read each weight once.
+   embedding, attention over the KV cache and gated MLP, then the final norm and the output head. Python drives it
+   one token at a time (inference/native_decode.py), so a token costs one foreign call instead of ~30 PyTorch
+   operators per block; a few tokens at once (a short prompt, speculative decoding's verify pass) read each weight
+   once.
 
    What it computes is what transformers' LlamaDecoderLayer computes in float32 (also Mistral's, Qwen2's, Qwen3's):
      x = h; h = RMSNorm(h) * w_attn
@@ -16,7 +17,9 @@
    The cos and sin tables are the model's own rotary module's output for every position (any static rope type).
    Projections are packed weights (mp_gemv, cpu_gemv.c) or float32 ones (gemv_f32 below); a packed weight with an
    input permutation (GPTQ's act-order) reads x gathered first. Sums are float32, in another order than PyTorch's
-   kernels: results agree to float32 rounding, not bit for bit. Single-threaded, like the kernels it calls. */
+   kernels: results agree to float32 rounding, not bit for bit. A one-token step splits every projection's rows
+   over a pool of threads (below; the same numbers at any thread count); several tokens run on the calling
+   thread. */
 
 #include <math.h>
 #include <pthread.h>
