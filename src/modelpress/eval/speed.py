@@ -54,6 +54,7 @@ def _measure(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: i
     if hasattr(model, "generate") and new_tokens > 1:
         gaps: list[float] = []
         settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0))
+        generate(model, ids[0, :16].tolist(), settings)   # warm-up: first-use costs (plans, threads, pages)
         for _ in range(repeats):
             stamps: list[float] = []   # generate reads each token on the host (a sync) before the callback
             generate(model, ids[0, :16].tolist(), settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
