@@ -36,6 +36,8 @@ tokens.
     .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 --llamacpp --threads 2 1   # against llama.cpp
     OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 nf4/g64 --head int8/g32 \
         --llamacpp --torch-kernels --threads 1    # native kernels against PyTorch's and llama.cpp
+    OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 nf4/g64 --head int8/g32 \
+        --llamacpp --eager --int8-products --threads 1 2 --repeats 5   # the native step, eager, llama.cpp
 """
 
 from __future__ import annotations
