@@ -18,6 +18,7 @@ from modelpress.inference.kv_cache import CACHE_MODES
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
 from modelpress.io.model import load_model
+from modelpress.nn.cpu_native import PRODUCTS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode on the static cache with its step run through torch.compile (on CUDA, then captured): "
                         "fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
-    p.add_argument("--cpu-products", default="bfloat16", choices=("float32", "bfloat16", "int8"),
+    p.add_argument("--cpu-products", default="bfloat16", choices=tuple(PRODUCTS),
                    help="the CPU's native decode step: what packed weights multiply with. bfloat16 (default): int4 x "
                         "rounded to bfloat16, other formats exact; float32: exact; int8: x quantized to int8 in blocks "
                         "of 32 for int4 and int8 weights, as llama.cpp does (faster where the CPU has AVX512_VNNI)")

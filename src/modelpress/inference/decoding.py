@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from modelpress.errors import ModelpressError
 from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig, check_full_attention, make_kv_cache
 from modelpress.inference.sampling import SamplingConfig, pick
+from modelpress.nn.cpu_native import PRODUCTS
 
 TokenCallback = Callable[[list[int]], None]
 DECODE_PATHS = ("auto", "eager", "static", "graph", "native")
@@ -68,8 +69,8 @@ class GenerationSettings:
             raise ModelpressError(f"max new tokens must be a positive integer, got {self.max_new_tokens}")
         if self.decode not in DECODE_PATHS:
             raise ModelpressError(f"unknown decode path {self.decode!r}; choose one of {', '.join(DECODE_PATHS)}")
-        if self.cpu_products not in ("float32", "bfloat16", "int8"):
-            raise ModelpressError(f"unknown CPU products {self.cpu_products!r}; choose float32, bfloat16 or int8")
+        if self.cpu_products not in PRODUCTS:
+            raise ModelpressError(f"unknown CPU products {self.cpu_products!r}; choose one of {', '.join(PRODUCTS)}")
         if not isinstance(self.kv_cache, KVCacheConfig) and self.kv_cache not in CACHE_MODES:
             raise ModelpressError(f"unknown KV cache mode {self.kv_cache!r}; choose one of {', '.join(CACHE_MODES)}")
 

@@ -148,10 +148,6 @@ def native_obstacle(model: nn.Module) -> str | None:
     return None
 
 
-def _address(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class NativeDecoder:
     """Batch-1 decoding of `model` (native_obstacle(model) must be None) for up to `capacity` positions."""
 
@@ -167,12 +163,11 @@ class NativeDecoder:
         inner = model.model
         self._keep: list = []   # every tensor and plan whose address the C structs hold
         blocks = (Block * len(inner.layers))()
-        head_dim = None
+        head_dim = int(inner.layers[0].self_attn.head_dim)   # every layer's (native_obstacle checks)
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []   # (keys, values) of each block
         for block, layer in zip(blocks, inner.layers):
             for name, path in PROJECTIONS:
                 setattr(block, name, self._linear(layer.get_submodule(path)))
-            head_dim = head_dim or self._head_dim(layer)
             block.heads, block.kv_heads = block.q.n // head_dim, block.k.n // head_dim
             attention = layer.self_attn
             block.attn_norm = self._tensor(layer.input_layernorm.weight)
@@ -222,10 +217,6 @@ class NativeDecoder:
         else:
             linear.weight = self._tensor(module.weight)
         return linear
-
-    @staticmethod
-    def _head_dim(layer: nn.Module) -> int:
-        return int(layer.self_attn.head_dim)
 
     def _rope_table(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (capacity, head_dim) from the model's own rotary module, for positions 0..capacity-1."""

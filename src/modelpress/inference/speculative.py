@@ -17,8 +17,8 @@ on DynamicCaches as above (also whenever a cache is given). static and graph giv
 (static_decode.py) with the same bookkeeping: "crop to m entries" becomes "rewind to position m", the draft
 catches up and drafts with single steps, and the target verifies with one T = k+1 token forward; under graph
 each forward length is captured once in a CUDA graph and replayed. native (the CPU's default where it serves the
-model) gives a model a NativeDecoder (native_decode.py) with the same interface: its verify pass is k+1 native
-steps and one head call. If either model must decode eagerly, both do.
+model) gives a model a NativeDecoder (native_decode.py) with the same interface: its verify pass is one native
+call over the k+1 tokens. If either model must decode eagerly, both do.
 """
 
 from __future__ import annotations

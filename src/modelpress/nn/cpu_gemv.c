@@ -578,25 +578,32 @@ static int group_fits(int64_t group, int64_t k, int per_lane) {
 static void quantize_x(const float *x, int64_t k, int per_lane, int64_t lanes, uint8_t *codes, float *xscale,
                        float *xqsum, float *xsum) {
     memset(codes, 0, (size_t)(lanes * per_lane));
-    for (int64_t lane = 0; lane < lanes; lane++) xscale[lane] = xqsum[lane] = xsum[lane] = 0.0f;
-    int64_t whole = k / per_lane;
-    for (int64_t b0 = 0; b0 < whole * per_lane; b0 += 32) {
-        int64_t end = b0 + 32 < whole * per_lane ? b0 + 32 : whole * per_lane;
-        float top = 0.0f;
-        for (int64_t j = b0; j < end; j++) top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
-        float d = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
-        for (int64_t j = b0; j < end; j++) {
-            int v = (int)nearbyintf(x[j] * inv);
-            int64_t lane = j / per_lane, c = lane / VW, lj = lane % VW, at = j % per_lane;
-            /* 4 bits: byte (at / 2) of lane lj in the even (at even) or odd vector of superblock c */
-            int64_t pos = per_lane == 8 ? (2 * c + (at & 1)) * 64 + 4 * lj + at / 2 : j;
-            codes[pos] = (uint8_t)(int8_t)v;
-            xqsum[lane] += (float)v;
-            xsum[lane] += x[j];
-            xscale[lane] = d;
+    int64_t whole = k / per_lane, end = whole * per_lane;
+    float d = 0.0f, inv = 0.0f;
+    for (int64_t lane = 0; lane < lanes; lane++) {
+        int64_t j0 = lane * per_lane;
+        if (lane >= whole) {   /* lanes past the codes: zeros */
+            xscale[lane] = xqsum[lane] = xsum[lane] = 0.0f;
+            continue;
         }
+        if (j0 % 32 == 0) {   /* a lane starting a block of 32: the block's scale (a lane never spans two) */
+            int64_t b1 = j0 + 32 < end ? j0 + 32 : end;
+            float top = 0.0f;
+            for (int64_t j = j0; j < b1; j++) top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
+            d = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+        }
+        int64_t c = lane / VW, lj = lane % VW;
+        float qs = 0.0f, xs = 0.0f;
+        for (int at = 0; at < per_lane; at++) {
+            float v = nearbyintf(x[j0 + at] * inv);
+            /* 4 bits: byte (at / 2) of lane lj in the even (at even) or odd vector of superblock c */
+            int64_t pos = per_lane == 8 ? (2 * c + (at & 1)) * 64 + 4 * lj + at / 2 : j0 + at;
+            codes[pos] = (uint8_t)(int8_t)(int)v;
+            qs += v;
+            xs += x[j0 + at];
+        }
+        xscale[lane] = d, xqsum[lane] = d * qs, xsum[lane] = xs;
     }
-    for (int64_t lane = 0; lane < whole; lane++) xqsum[lane] *= xscale[lane];
 }
 
 /* y (m, n) float32 = x (m, k) float32 @ W^T (see the top of the file). products: MP_PRODUCTS_BF16 lets linear

@@ -188,8 +188,7 @@ static struct {
     const float *x;
     float *y;
     int products;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0,
-          0, 0, 0};
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .use = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 /* part p of the pool's job: rows split evenly, in whole blocks of 4 (the kernels' row blocks) */
 static void run_part(int p) {
