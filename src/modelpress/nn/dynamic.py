@@ -3,8 +3,8 @@
 Weights are quantized once, to int8 with one scale per output row (scheme int8/channel), and stored only
 as packed codes and scales. Activations are quantized at run time:
 - DynamicInt8Linear: every token (row of the flattened input) gets its own absmax scale, and the product
-  is a real int8 x int8 -> int32 matmul (`torch._int_mm`), rescaled by the row scale times the channel
-  scale:  y[m, n] = sx[m] · sw[n] · Σ_k qx[m, k] · qw[n, k] + bias[n].
+  is a real int8 x int8 -> int32 matmul (`torch._int_mm`; on CUDA a Triton GEMM, triton_int8.py), rescaled by
+  the row scale times the channel scale:  y[m, n] = sx[m] · sw[n] · Σ_k qx[m, k] · qw[n, k] + bias[n].
 - DynamicInt8LSTM: the int8 weights of every layer and direction are dequantized at forward and handed to
   torch's own LSTM, so every LSTM feature (batch_first, stacking, bidirectional, projections, packed
   sequences) behaves as in nn.LSTM while the stored weights are a quarter of float32.
@@ -87,24 +87,29 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.double() @ b.double().t()
 
 
-def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: torch.Tensor | None, matmul=None) -> torch.Tensor:
-    """y = x @ W^T + b with W = weight_scale · weight (int8 (N, K), scales (N, 1)) and x quantized per row.
+def dynamic_int8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                        matmul=None) -> torch.Tensor:
+    """y = x @ W^T + b with W the int8/channel `packed` (codes times one scale per row) and x quantized per row.
     `matmul(codes) -> int32 (M, N)` replaces int8_matmul(codes, weight) (a sparse kernel with the same result).
-    On CUDA with Triton, the quantization of x and the rescaling of the result run as one kernel each
-    (triton_int8.py: the same codes and scales, the same products)."""
+    On CUDA with Triton, x is quantized by one kernel and the product runs as one GEMM with the rescale in its
+    epilogue, reading the stored codes (triton_int8.py: the same codes, scales and integer sums); a `matmul`
+    keeps its own product, followed by the one-kernel rescale."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     fused = _fused_kernels(flat)
     codes, row_scale = fused.quantize_rows(flat) if fused else quantize_rows(flat)
-    acc = matmul(codes) if matmul is not None else int8_matmul(codes, weight)  # (M, N)
+    n = packed.shape[0]
+    if fused and matmul is None:
+        y = fused.scaled_matmul(codes, row_scale, packed.qdata, packed.scale, bias, x.dtype, flip=True)
+        return y.reshape(*shape[:-1], n)
+    acc = matmul(codes) if matmul is not None else int8_matmul(codes, int8_weight(packed))  # (M, N)
     if fused and acc.dtype == torch.int32:
-        y = fused.rescale(acc, row_scale, weight_scale, bias, x.dtype)
+        y = fused.rescale(acc, row_scale, packed.scale, bias, x.dtype)
     else:
-        y = acc.float() * row_scale * weight_scale.float().reshape(1, -1)  # (M, 1) · (1, N)
+        y = acc.float() * row_scale * packed.scale.float().reshape(1, -1)  # (M, 1) · (1, N)
         if bias is not None:
             y = y + bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+    return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
 FUSED_CUDA = True  # set False to run the plain PyTorch ops on CUDA too (benchmarks compare both)
@@ -149,7 +154,7 @@ class DynamicInt8Linear(QuantLinear):
     use_semi_structured = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dynamic_int8_linear(x, int8_weight(self.packed), self.scale, self.bias, self._sparse_matmul(x))
+        return dynamic_int8_linear(x, self.packed, self.bias, self._sparse_matmul(x))
 
     def _sparse_matmul(self, x: torch.Tensor):
         """The cuSPARSELt int8 kernel for this layer's 2:4 weight, or None (not asked for, not CUDA, not 2:4,

@@ -327,3 +327,54 @@ def dequantize_kernel(
         q = tl.load(q_ptr + offs_n[:, None] * stride_qn + cols[None, :], mask=mask, other=0)
         w = _decode_bytes(q, KIND, ZERO, tl.float32) * s + o
     tl.store(w_ptr + offs_n[:, None] * K + cols[None, :], w.to(ACT), mask=mask)
+
+
+@triton.jit
+def quant_matmul_t_kernel(
+    x_ptr, q_ptr, scale_ptr, offset_ptr, perm_ptr, table_ptr, bias_ptr, y_ptr,
+    M, N, K, group_size, stride_xm, stride_qn, stride_sn, stride_sg, stride_ym,
+    KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERLEAVE: tl.constexpr,
+    BN: tl.constexpr, BT: tl.constexpr, BKG: tl.constexpr,
+):
+    """Prefill with the weight as the first operand: the (BN, BT) tile of y^T = W x^T, W decoded in registers
+    and handed to the tensor cores from there (on Hopper, wgmma takes its first operand from registers and
+    only the second from shared memory), so decoded weights never make a round trip through shared memory.
+    4-bit formats only. Grid: (N blocks x token blocks,), token blocks fastest, so the programs that share a
+    weight tile run together. INTERLEAVE: the low and high nibbles of a byte are joined into the adjacent
+    columns 2j, 2j + 1 (one dot over x's natural column order); else two dots over x's even and odd columns."""
+    pid = tl.program_id(0)
+    tiles_t = tl.cdiv(M, BT)
+    pid_n = pid // tiles_t
+    pid_t = pid % tiles_t
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    n_mask = offs_n < N
+    t_mask = offs_t < M
+    acc = tl.zeros((BN, BT), tl.float32)
+    for kk in range(0, K, BKG):
+        kk = tl.multiple_of(kk, BKG)
+        byte = kk // 2 + tl.arange(0, BKG // 2)
+        if EVEN_K:
+            q_mask = n_mask[:, None]
+        else:
+            q_mask = n_mask[:, None] & (2 * byte < K)[None, :]
+        q = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=q_mask, other=0)  # (BN, BKG/2)
+        lo, hi = _decode_nibbles(q, table_ptr, KIND, ZERO, ACT, USE_ASM)
+        xt = _load_x(x_ptr, perm_ptr, offs_t, t_mask, kk + tl.arange(0, BKG), K, stride_xm, HAS_PERM, EVEN_K)
+        if INTERLEAVE:
+            part = tl.dot(tl.reshape(tl.join(lo, hi), (BN, BKG)), tl.trans(xt))
+        else:
+            x_even, x_odd = tl.split(tl.reshape(xt, (BT, BKG // 2, 2)))
+            part = tl.dot(hi, tl.trans(x_odd), acc=tl.dot(lo, tl.trans(x_even)))
+        s_ptrs = offs_n * stride_sn + (kk // group_size) * stride_sg
+        s = tl.load(scale_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+        acc += part * s[:, None]
+        if AFFINE:
+            o = tl.load(offset_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+            acc += o[:, None] * tl.sum(xt.to(tl.float32), axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_t[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & t_mask[None, :])

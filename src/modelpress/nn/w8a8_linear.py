@@ -18,7 +18,7 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight, empty_packed, quantize_weight
 from modelpress.formats.scheme import WeightScheme
-from modelpress.nn.dynamic import DynamicInt8Linear, dynamic_int8_linear, int8_weight
+from modelpress.nn.dynamic import DynamicInt8Linear, dynamic_int8_linear
 from modelpress.nn.layers import linear_weight
 from modelpress.nn.registry import register_module_kind
 
@@ -49,7 +49,7 @@ class W8A8Linear(DynamicInt8Linear):
         if self.smooth is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1]).float() / self.smooth
-        y = dynamic_int8_linear(flat, int8_weight(self.packed), self.scale, self.bias, self._sparse_matmul(x))
+        y = dynamic_int8_linear(flat, self.packed, self.bias, self._sparse_matmul(x))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @property
