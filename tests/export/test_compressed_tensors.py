@@ -156,6 +156,23 @@ def test_w8a8_is_int_quantized_with_dynamic_token_activations(tmp_path):
     assert kl(loaded.model, load_hf(folder), ids()) <= 1e-4
 
 
+def test_fp8_dynamic_is_float_quantized_with_dynamic_fp8_token_activations(tmp_path):
+    from modelpress.nn.dynamic_fp8 import DynamicFp8Linear
+
+    loaded = quantize(tiny(intermediate=576), lambda name, linear: DynamicFp8Linear.from_linear(linear))
+    result, folder = export(loaded, tmp_path)
+    group = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["format"] == "float-quantized" and group["weights"]["type"] == "float"
+    assert group["input_activations"] == {**group["input_activations"], "dynamic": True, "num_bits": 8,
+                                          "strategy": "token", "type": "float"}
+    assert result.lossless and any("FP8 dynamic" in note for note in result.notes)
+    for name, module in find_linear_layers(loaded.model).items():
+        theirs = ct_decompress(folder, name)
+        assert torch.equal(theirs, module.packed.dequantize(theirs.dtype)), name
+    # transformers quantizes the activations per token as we do (1e-6 here; weight-only fp8 would be 1e-4 away)
+    assert kl(loaded.model, load_hf(folder), ids()) <= 1e-5
+
+
 def test_w8a8_24_sparse_carries_sparsity_config(tmp_path):
     model = tiny()
     prune_24(model)

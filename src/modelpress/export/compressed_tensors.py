@@ -22,11 +22,13 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.export.base import (EXPORT_MARKER_FILE, ExportOptions, ExportResult, LayerExport, conv1d_names,
                                      folder_bytes, register_exporter)
-from modelpress.export.ct_layers import (ASYM_FORMATS, CTLayer, CTScheme, convert_packed, float_layer, folded_w8a8,
-                                         natural_group_size, uniform_group_size, w8a8_int)
+from modelpress.export.ct_layers import (ASYM_FORMATS, DYNAMIC_TOKEN_FP8, CTLayer, CTScheme, convert_packed,
+                                         float_layer, folded_w8a8, fp8_e4m3, natural_group_size, uniform_group_size,
+                                         w8a8_int)
 from modelpress.formats.packed import quantize_weight
 from modelpress.io.model import LoadedModel
 from modelpress.nn.dynamic import DynamicInt8Linear
+from modelpress.nn.dynamic_fp8 import DynamicFp8Linear
 from modelpress.nn.layers import is_linear, linear_weight, output_head_names
 from modelpress.nn.quant_embedding import QuantEmbedding
 from modelpress.nn.quant_linear import QuantLinear
@@ -142,6 +144,8 @@ def convert_module(name: str, module: nn.Module, asym_group_size: int | None = N
         return folded_w8a8(module.packed, module.smooth)
     if isinstance(module, DynamicInt8Linear):   # W8A8Linear without in-layer factors included
         return w8a8_int(module.packed)
+    if isinstance(module, DynamicFp8Linear):
+        return fp8_e4m3(module.packed, activations=DYNAMIC_TOKEN_FP8)
     if isinstance(module, QuantLinear):
         return convert_packed(module.packed, asym_group_size)
     if isinstance(module, SparseLinear):
@@ -182,7 +186,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 def source_label(module: nn.Module) -> str:
     if isinstance(module, QuantLinear):
         smooth = isinstance(module, W8A8Linear) and module.smooth is not None
-        act = "+a8" if isinstance(module, DynamicInt8Linear) else ""
+        act = "+a8" if isinstance(module, (DynamicInt8Linear, DynamicFp8Linear)) else ""
         perm = "+act-order" if module.input_perm is not None else ""
         return f"{module.scheme.spec}{act}{perm}{'+smooth' if smooth else ''}"
     if isinstance(module, SparseLinear):
@@ -320,6 +324,9 @@ def export_notes(model: nn.Module, layers: dict[str, CTLayer], sparse: list[str]
         notes.append("W8A8 layers: activations are quantized per token at run time by the runtime "
                      "(compressed-tensors rounds with absmax/127.5 over [-128, 127], modelpress with absmax/127 over "
                      "[-127, 127]); the int8 weights are exact")
+    if any(label.startswith("float-quantized") and "per-token" in label for label in labels):
+        notes.append("FP8 dynamic layers: activations are quantized to fp8-e4m3 per token at run time by the runtime, "
+                     "with absmax/448 as modelpress does; the fp8 weights are exact")
     bits = {dict(layer.scheme.weights)["num_bits"] for layer in layers.values()
             if layer.scheme is not None and layer.scheme.format == "pack-quantized"}
     if bits - {4, 8}:

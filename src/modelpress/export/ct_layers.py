@@ -31,6 +31,8 @@ INT_FORMATS = {f"int{b}": b for b in (2, 3, 4, 8)}
 ASYM_FORMATS = {f"int{b}-asym": b for b in (2, 3, 4, 8)}
 DYNAMIC_TOKEN_INT8 = (("dynamic", True), ("num_bits", 8), ("strategy", "token"), ("symmetric", True),
                       ("type", "int"))
+DYNAMIC_TOKEN_FP8 = (("dynamic", True), ("num_bits", 8), ("strategy", "token"), ("symmetric", True),
+                     ("type", "float"))
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ class CTScheme:
         w = dict(self.weights)
         grouping = f"g{w['group_size']}" if w["strategy"] == "group" else w["strategy"]
         kind = f"{w['type']}{w['num_bits']}" + ("" if w["symmetric"] else "-asym")
-        acts = " + int8 per-token activations" if self.input_activations else ""
+        acts = ""
+        if self.input_activations:
+            a = dict(self.input_activations)
+            acts = f" + {'fp8' if a['type'] == 'float' else 'int8'} per-token activations"
         return f"{self.format} {kind} {grouping}{acts}"
 
 
@@ -227,12 +232,13 @@ def folded_w8a8(p: PackedWeight, smooth: torch.Tensor) -> CTLayer:
 
 # ---- fp8 weights: float-quantized ----------------------------------------------------------------------
 
-def fp8_e4m3(p: PackedWeight, reason: str = "") -> CTLayer:
+def fp8_e4m3(p: PackedWeight, reason: str = "", activations: tuple | None = None) -> CTLayer:
+    """activations=DYNAMIC_TOKEN_FP8: a DynamicFp8Linear (W8A8 fp8, compressed-tensors' FP8_DYNAMIC)."""
     n, k = p.shape
     strategy, size, repeat = ct_grouping(p.scheme, k)
     tensors = {"weight": p.codes().view(torch.float8_e4m3fn).contiguous(),
                "weight_scale": ct_scales(_stored_scale(p), strategy, repeat, k, size)}
-    scheme = CTScheme("float-quantized", weight_args(8, "float", strategy, size))
+    scheme = CTScheme("float-quantized", weight_args(8, "float", strategy, size), activations)
     return _layer(scheme, tensors, p, reason, lambda: p.dequantize(), regrouped=repeat > 1)
 
 

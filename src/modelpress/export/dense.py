@@ -25,6 +25,7 @@ from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.nn.dynamic import DynamicInt8Linear
+from modelpress.nn.dynamic_fp8 import DynamicFp8Linear
 from modelpress.nn.quant_embedding import QuantEmbedding
 from modelpress.nn.quant_experts import QuantExperts
 from modelpress.nn.quant_linear import QuantLinear
@@ -36,6 +37,7 @@ from modelpress.train.lora import LoRALinear
 Adapters = Literal["merge", "drop"]
 
 ACTIVATIONS_DIFFER = "modelpress quantizes this layer's inputs to int8 per token; the float export does not"
+FP8_ACTIVATIONS_DIFFER = "modelpress quantizes this layer's inputs to fp8-e4m3 per token; the float export does not"
 
 
 @dataclass
@@ -81,6 +83,12 @@ def _quant_embedding(module: QuantEmbedding) -> DenseLayer:
 def _dynamic_int8(module: DynamicInt8Linear) -> DenseLayer:
     return DenseLayer(_with_bias(module.dequantized_weight(torch.float32), module.bias),
                       f"w8a8 {module.scheme.spec}", runtime_differs=ACTIVATIONS_DIFFER)
+
+
+@dense_for(DynamicFp8Linear)
+def _dynamic_fp8(module: DynamicFp8Linear) -> DenseLayer:
+    return DenseLayer(_with_bias(module.dequantized_weight(torch.float32), module.bias),
+                      f"w8a8 fp8 {module.scheme.spec}", runtime_differs=FP8_ACTIVATIONS_DIFFER)
 
 
 @dense_for(W8A8Linear)

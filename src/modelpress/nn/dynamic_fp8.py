@@ -1,0 +1,80 @@
+"""DynamicFp8Linear: fp8-e4m3 weights with one scale per output row, times fp8-e4m3 activations with one scale
+per token chosen at run time (absmax / 448). This is the W8A8 fp8 scheme vLLM and compressed-tensors call
+FP8_DYNAMIC, and what the H100/H200's fp8 tensor cores multiply at twice the bf16 rate:
+
+    y[m, n] = sx[m] · sw[n] · Σ_k qx[m, k] · qw[n, k] + bias[n],   qx = fp8(x[m] / sx[m]),  sx = max|x[m]| / 448
+
+On CUDA with Triton the activations are quantized by one kernel and the product is one fp8 GEMM with the
+rescale in its epilogue (triton_int8.py). Elsewhere the same codes are multiplied in float32: every product
+of two e4m3 values is exact in float32, so the paths differ only in how the sums are rounded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.formats.packed import PackedWeight, quantize_weight
+from modelpress.formats.scheme import WeightScheme
+from modelpress.nn.dynamic import _fused_kernels
+from modelpress.nn.layers import linear_weight
+from modelpress.nn.quant_linear import QuantLinear
+from modelpress.nn.registry import register_module_kind
+
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+SCHEME = WeightScheme(format="fp8-e4m3", granularity="channel", group_size=None)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> float8_e4m3fn codes (M, K) and float32 scales (M, 1), absmax / 448 per row (1 for a zero row)."""
+    xf = x.detach().float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_codes(packed: PackedWeight) -> torch.Tensor:
+    """The (N, K) float8_e4m3fn weight codes of an fp8-e4m3 PackedWeight (a view of the stored bytes)."""
+    return packed.qdata[:, :packed.shape[1]].view(torch.float8_e4m3fn)
+
+
+def dynamic_fp8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W^T + b, W the fp8-e4m3/channel `packed`, x quantized to fp8 per row (see the module docstring)."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    n = packed.shape[0]
+    fused = _fused_kernels(flat)
+    if fused is not None:
+        codes, row_scale = fused.quantize_rows(flat, fp8=True)
+        y = fused.scaled_matmul(codes, row_scale, fp8_codes(packed), packed.scale, bias, x.dtype)
+        return y.reshape(*shape[:-1], n)
+    codes, row_scale = quantize_rows_fp8(flat)
+    y = (codes.float() @ fp8_codes(packed).float().t()) * row_scale * packed.scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], n)
+
+
+@register_module_kind("dynamic_fp8_linear")
+class DynamicFp8Linear(QuantLinear):
+    """A QuantLinear restricted to fp8-e4m3/channel whose forward multiplies in fp8 (see module docstring)."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        scheme = packed.scheme
+        if scheme.format != "fp8-e4m3" or scheme.granularity != "channel" or scheme.double_quant:
+            raise ModelpressError(f"DynamicFp8Linear needs an fp8-e4m3/channel weight, got {scheme.spec}")
+        if packed.input_perm is not None:
+            raise ModelpressError("DynamicFp8Linear does not take a permuted weight (input_perm)")
+        super().__init__(packed, bias)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, scheme: WeightScheme = SCHEME, name: str = "weight") -> DynamicFp8Linear:
+        packed = quantize_weight(linear_weight(module), scheme, name=name)
+        return cls(packed, getattr(module, "bias", None)).to(module.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynamic_fp8_linear(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8 activations per token"
