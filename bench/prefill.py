@@ -6,12 +6,13 @@
 Rows, each timed as a model calls it (activation quantization included where the path quantizes them):
 - bf16: F.linear on a bf16 weight (cuBLAS).
 - int4/g128 dequant: QuantLinear's plan before this bench (dequantize kernel, then cuBLAS).
-- int4/g128 weight-first: triton_kernels.quant_matmul_t_kernel (decoded weight as the first MMA operand).
-- w8a8 int_mm: DynamicInt8Linear as it was (per-token quantization kernel, torch._int_mm, rescale kernel).
-- w8a8 fused: per-token quantization, then triton_int8.scaled_matmul reading the stored offset-binary codes.
+- w8a8 int_mm (before): DynamicInt8Linear's path before (per-token quantization kernel, a signed copy of the
+  codes, torch._int_mm, rescale kernel).
+- w8a8 layer: DynamicInt8Linear now (per-token quantization, triton_int8.scaled_matmul on the stored codes).
 - fp8 weight-only: QuantLinear fp8-e4m3/channel (dequantize, then cuBLAS; activations stay bf16).
 - fp8 dynamic scaled_mm: fp8 per-token activations, torch._scaled_mm with row-wise scales (CUTLASS).
-- fp8 dynamic fused: fp8 per-token activations, triton_int8.scaled_matmul.
+- fp8 dynamic layer: DynamicFp8Linear (fp8 per-token activations, triton_int8.scaled_matmul).
+With --sweep, the layers run the tiles the sweep found best per M (triton_int8.gemm_tile is replaced).
 Timing as bench/kernels.py: CUDA-graph replay over weight copies larger than L2, random data, medians, µs.
 """
 
@@ -23,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -31,47 +31,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from kernels import DEVICE, SHAPES, bf16_linear, random_packed, time_impl  # noqa: E402
 
 from modelpress.nn import QuantLinear  # noqa: E402
-from modelpress.nn.triton_backend import KernelConfig, dequantize, fused_matmul  # noqa: E402
 
 MS = [256, 512, 1024, 2048]
 
 
-def quant_layer(spec: str, config: KernelConfig | None = None):
-    def build(n, k):
-        return QuantLinear(random_packed(spec, n, k)) if config is None else random_packed(spec, n, k)
-
-    def call(state, x):
-        return state(x) if config is None else fused_matmul(x, state, None, config)
-
-    return build, call
+def quant_layer(spec: str):
+    return (lambda n, k: QuantLinear(random_packed(spec, n, k))), (lambda layer, x: layer(x))
 
 
-def w8a8(kernel: str, tile=None):
+def w8a8(kernel: str, tile=None, flip: bool = True):
+    """kernel "layer": DynamicInt8Linear as a model calls it; "int_mm": the path before (quantization kernel,
+    torch._int_mm on a signed copy of the codes, rescale kernel); "fused": scaled_matmul with `tile`."""
     from modelpress.nn import triton_int8
-    from modelpress.nn.dynamic import DynamicInt8Linear
+    from modelpress.nn.dynamic import DynamicInt8Linear, int8_matmul, int8_weight
 
     def build(n, k):
         packed = random_packed("int8/channel", n, k)
-        return DynamicInt8Linear(packed) if kernel == "int_mm" else packed
+        if kernel == "layer":
+            return DynamicInt8Linear(packed)
+        return packed if flip else (int8_weight(packed).contiguous(), packed.scale)
 
     def call(state, x):
-        if kernel == "int_mm":
+        if kernel == "layer":
             return state(x)
         codes, sx = triton_int8.quantize_rows(x)
+        if kernel == "int_mm":
+            return triton_int8.rescale(int8_matmul(codes, int8_weight(state)), sx, state.scale, None, x.dtype)
+        if not flip:   # a signed copy of the codes made at build time: what a re-layout at load would give
+            return triton_int8.scaled_matmul(codes, sx, state[0], state[1], None, x.dtype, tile=tile)
         return triton_int8.scaled_matmul(codes, sx, state.qdata, state.scale, None, x.dtype, flip=True, tile=tile)
 
     return build, call
 
 
 def fp8_dynamic(kernel: str, tile=None, fast_accum: bool = False):
+    """kernel "layer": DynamicFp8Linear; "scaled_mm": torch._scaled_mm with row-wise scales; "fused":
+    scaled_matmul with `tile`."""
     from modelpress.nn import triton_int8
+    from modelpress.nn.dynamic_fp8 import DynamicFp8Linear
 
     def build(n, k):
         packed = random_packed("fp8-e4m3/channel", n, k)
+        if kernel == "layer":
+            return DynamicFp8Linear(packed)
         codes = packed.qdata[:, :k].view(torch.float8_e4m3fn)
         return codes, packed.scale, packed.scale.float().reshape(1, -1).contiguous()
 
     def call(state, x):
+        if kernel == "layer":
+            return state(x)
         codes, sx = triton_int8.quantize_rows(x, fp8=True)
         if kernel == "scaled_mm":
             return torch._scaled_mm(codes, state[0].t(), scale_a=sx, scale_b=state[2], out_dtype=x.dtype)
@@ -82,41 +90,16 @@ def fp8_dynamic(kernel: str, tile=None, fast_accum: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
-WEIGHT_FIRST = [  # (BN weight rows, BM tokens, BKG, warps, stages)
-    (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-    (128, 64, 128, 4, 3), (64, 128, 128, 4, 4), (256, 64, 128, 8, 3),
-]
 GEMM_TILES = [  # (BM, BN, BK, GROUP_M, warps, stages)
     (128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4),
     (128, 64, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4),
     (64, 64, 256, 8, 4, 4), (16, 64, 256, 1, 4, 4), (16, 128, 128, 1, 4, 4), (32, 64, 256, 1, 4, 4),
+    (128, 128, 128, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
 ]
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def weight_first_sweep(spec: str, shapes, ms) -> list[dict]:
-    rows = []
-    for n, k in shapes:
-        packed = random_packed(spec, n, k)
-        for m in ms:
-            x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
-            ref = F.linear(x.float(), dequantize(packed, torch.float32))
-            for bn, bm, bkg, warps, stages in WEIGHT_FIRST:
-                for interleave in (True, False):
-                    config = KernelConfig(BM=bm, BN=bn, BKG=bkg, num_warps=warps, num_stages=stages,
-                                          weight_first=True, interleave=interleave)
-                    row = {"spec": spec, "N": n, "K": k, "M": m, "config": [bn, bm, bkg, warps, stages, interleave]}
-                    try:
-                        row["rel_err"] = _rel_err(fused_matmul(x, packed, None, config), ref)
-                        row |= time_impl(quant_layer(spec, config), n, k, m)
-                    except Exception as exc:  # a config that does not compile is reported
-                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    return rows
 
 
 def gemm_sweep(shapes, ms) -> list[dict]:
@@ -139,11 +122,12 @@ def gemm_sweep(shapes, ms) -> list[dict]:
                 if bm > 2 * max(m, 16) or (m >= 256 and bm < 64):
                     continue
                 tile = triton_int8.GemmTile(BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
-                for name, impl in (("w8a8 fused", w8a8("fused", tile)), ("fp8 fused", fp8_dynamic("fused", tile)),
+                for name, impl in (("w8a8 fused", w8a8("fused", tile)), ("w8a8 signed", w8a8("fused", tile, flip=False)),
+                                   ("fp8 fused", fp8_dynamic("fused", tile)),
                                    ("fp8 fused fast", fp8_dynamic("fused", tile, fast_accum=True))):
                     row = {"impl": name, "N": n, "K": k, "M": m, "tile": [bm, bn, bk, group, warps, stages]}
                     try:
-                        if name == "w8a8 fused":
+                        if name.startswith("w8a8"):
                             got = triton_int8.scaled_matmul(codes, sx, int8.qdata, int8.scale, None, torch.bfloat16,
                                                             flip=True, tile=tile)
                             row["exact"] = None if ref_int is None else bool(torch.equal(got, ref_int))
@@ -159,6 +143,33 @@ def gemm_sweep(shapes, ms) -> list[dict]:
     return rows
 
 
+SWEPT: dict = {}
+
+
+def use_swept_tiles(rows: list[dict], ms: list[int]) -> None:
+    """Per swept M, the tile with the least total time over shapes: of w8a8 and fp8 (precise) together up to
+    64 rows, of w8a8 alone above (DynamicFp8Linear takes torch._scaled_mm there); the layers then use the tile
+    of the largest swept M not above theirs."""
+    from modelpress.nn import triton_int8
+
+    for m in ms:
+        totals: dict = {}
+        for r in rows:
+            kinds = ("w8a8 fused", "fp8 fused") if m <= 64 else ("w8a8 fused",)
+            if r["M"] == m and "graph_us" in r and r["impl"] in kinds:
+                totals.setdefault(tuple(r["tile"]), []).append(r["graph_us"])
+        full = {t: sum(v) for t, v in totals.items() if len(v) == max(len(v) for v in totals.values())}
+        if full:
+            bm, bn, bk, group, warps, stages = min(full, key=full.get)
+            SWEPT[m] = triton_int8.GemmTile(BM=bm, BN=bn, BK=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
+    if SWEPT:
+        def swept(m: int, n: int):
+            below = [s for s in SWEPT if s <= m]
+            return SWEPT[max(below) if below else min(SWEPT)]
+
+        triton_int8.gemm_tile = swept
+
+
 def best(rows: list[dict], key) -> dict:
     """Per key(row), the row with the least graph time."""
     out: dict = {}
@@ -169,13 +180,11 @@ def best(rows: list[dict], key) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- table
-def table(shapes, ms, weight_first: KernelConfig | None) -> list[dict]:
+def table(shapes, ms) -> list[dict]:
     impls = {"bf16": bf16_linear(), "int4/g128 dequant": quant_layer("int4/g128"),
-             "w8a8 int_mm": w8a8("int_mm"), "w8a8 fused": w8a8("fused"),
+             "w8a8 int_mm (before)": w8a8("int_mm"), "w8a8 layer": w8a8("layer"),
              "fp8 weight-only": quant_layer("fp8-e4m3/channel"), "fp8 dynamic scaled_mm": fp8_dynamic("scaled_mm"),
-             "fp8 dynamic fused": fp8_dynamic("fused")}
-    if weight_first is not None:
-        impls["int4/g128 weight-first"] = quant_layer("int4/g128", weight_first)
+             "fp8 dynamic layer": fp8_dynamic("layer")}
     rows = []
     for n, k in shapes:
         for m in ms:
@@ -217,27 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     shapes = SHAPES[:3]
     ms = [int(v) for v in args.ms.split(",")]
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    weight_first = None
     if args.sweep:
         sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
-        result["weight_first_sweep"] = weight_first_sweep("int4/g128", shapes, [m for m in sweep_ms if m >= 256])
         result["gemm_sweep"] = gemm_sweep(shapes, sweep_ms)
         args.json.write_text(json.dumps(result, indent=1))
-        wins = best(result["weight_first_sweep"], lambda r: tuple(r["config"]))
-        totals = {}
-        for cfg in wins:
-            rows = [r for r in result["weight_first_sweep"] if tuple(r["config"]) == cfg and "graph_us" in r]
-            totals[cfg] = sum(r["graph_us"] for r in rows) if len(rows) == 3 * len([m for m in sweep_ms if m >= 256]) else float("inf")
-        if totals:
-            bn, bm, bkg, warps, stages, inter = min(totals, key=totals.get)
-            weight_first = KernelConfig(BM=bm, BN=bn, BKG=bkg, num_warps=warps, num_stages=stages,
-                                        weight_first=True, interleave=inter)
-            result["weight_first_choice"] = [bn, bm, bkg, warps, stages, inter]
+        use_swept_tiles(result["gemm_sweep"], sweep_ms)
+        result["gemm_tile_choice"] = {str(m): list(t.__dict__.values()) for m, t in SWEPT.items()}
         for key, row in sorted(best(result["gemm_sweep"], lambda r: (r["impl"], r["N"], r["K"], r["M"])).items()):
             print("best", key, row["tile"], f"{row['graph_us']:.1f} us", flush=True)
-        for key, row in sorted(best(result["weight_first_sweep"], lambda r: (r["N"], r["K"], r["M"])).items()):
-            print("best weight-first", key, row["config"], f"{row['graph_us']:.1f} us", flush=True)
-    result["table"] = table(shapes, ms, weight_first)
+    result["table"] = table(shapes, ms)
     args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result["table"]))
 

@@ -82,7 +82,7 @@ def test_cli_method_choices_are_the_registry_names():
     parser = build_parser(["quantize"])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     method = next(a for a in sub.choices["quantize"]._actions if a.dest == "method")
-    assert tuple(method.choices) == method_names() == ("rtn", "gptq", "awq", "awq-gptq", "smoothquant")
+    assert tuple(method.choices) == method_names() == ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "fp8-dynamic")
     assert all(name in method.help for name in method_names())
 
 

@@ -8,7 +8,7 @@ The Python API (docs/api.md), imported on first use so that `import modelpress` 
     compress(model, Recipe([Structured(...), GPTQ("int4/g32"), LoRA(), Evaluate(), Export()]), data, out)
     generate(model, "prompt", GenerationSettings(max_new_tokens=64), draft="int4/g32") -> GenerationResult
 
-Configs: RTN, GPTQ, AWQ, SmoothQuant, Mixed, Head (the output head; quantizers, registered in algorithms/quantize) and Magnitude,
+Configs: RTN, GPTQ, AWQ, SmoothQuant, FP8Dynamic, Mixed, Head (the output head; quantizers, registered in algorithms/quantize) and Magnitude,
 Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
 exporters' package; calling it exports (see export/__init__.py). `ModelpressConfig` (modelpress.hf) is the
 transformers quantization config: using it, or importing modelpress.hf, registers the "modelpress" method.
@@ -44,6 +44,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "GPTQ": ("modelpress.algorithms.quantize", "GPTQConfig"),
     "AWQ": ("modelpress.algorithms.quantize", "AWQConfig"),
     "SmoothQuant": ("modelpress.algorithms.quantize", "SmoothQuantConfig"),
+    "FP8Dynamic": ("modelpress.algorithms.quantize", "Fp8DynamicConfig"),
     "Mixed": ("modelpress.algorithms.quantize", "MixedConfig"),
     "Head": ("modelpress.algorithms.quantize", "HeadConfig"),
     "Magnitude": ("modelpress.algorithms.prune", "MagnitudeConfig"),
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from modelpress.algorithms.prune import StructuredConfig as Structured
     from modelpress.algorithms.prune import WandaConfig as Wanda
     from modelpress.algorithms.quantize import AWQConfig as AWQ
+    from modelpress.algorithms.quantize import Fp8DynamicConfig as FP8Dynamic
     from modelpress.algorithms.quantize import GPTQConfig as GPTQ
     from modelpress.algorithms.quantize import HeadConfig as Head
     from modelpress.algorithms.quantize import MixedConfig as Mixed

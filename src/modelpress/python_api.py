@@ -58,7 +58,7 @@ def as_loaded(model: ModelLike, tokenizer=None) -> LoadedModel:
 
 def quantize(model: ModelLike, config, calibration: Calibration = None, tokenizer=None,
              head: WeightScheme | str | None = None) -> QuantizeReport:
-    """Quantize `model` in place as `config` says (RTN, GPTQ, AWQ, SmoothQuant, Mixed, Head). Calibrated methods
+    """Quantize `model` in place as `config` says (RTN, GPTQ, AWQ, SmoothQuant, FP8Dynamic, Mixed, Head). Calibrated methods
     take `calibration`: token ids (samples, seq_len), texts (with a tokenizer), a text file, or
     CalibrationSettings (None: the default corpus). `head` (e.g. "int8/g32"): also quantize the output head, and
     the embedding tied to it as one packed table, round-to-nearest after the method (None: left float)."""

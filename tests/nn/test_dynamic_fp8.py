@@ -74,3 +74,25 @@ def test_method_quantizes_a_model_that_saves_and_loads(tmp_path):
     assert type(again.model.model.layers[1].self_attn.o_proj) is DynamicFp8Linear
     with torch.no_grad():
         assert torch.equal(again.model(ids).logits, logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16, 100, 300])
+def test_cuda_layer_computes_what_the_cpu_layer_computes(cuda, rows):
+    """Up to 64 rows the Triton GEMM, above torch._scaled_mm: the same codes and scales as the CPU path, products
+    summed in the tensor cores' precision, the output rounded to bfloat16."""
+    pytest.importorskip("triton")
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(576, 1536)
+    layer = DynamicFp8Linear.from_linear(linear)
+    x = torch.randn(rows, 576) * 3
+    expected = layer(x)
+    got = layer.to(cuda)(x.to(cuda, torch.bfloat16)).float().cpu()
+    # x rounded to bfloat16 first can move a code by one step; the output itself is bfloat16
+    assert ((got - expected).norm() / expected.norm()).item() < 1.5e-2
+    codes, scales = quantize_rows_fp8(x.bfloat16().float())
+    from modelpress.nn import triton_int8
+
+    gpu_codes, gpu_scales = triton_int8.quantize_rows(x.to(cuda, torch.bfloat16), fp8=True)
+    assert torch.equal(gpu_codes.view(torch.uint8).cpu(), codes.view(torch.uint8))
+    assert torch.equal(gpu_scales.cpu(), scales)

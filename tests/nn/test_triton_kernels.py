@@ -127,26 +127,3 @@ def test_quant_linear_dispatches_to_triton_on_cuda_only():
     dq = make_packed("int4/g64/dq", N, K, seed=5)
     assert triton_linear(x, dq, None) is None
     assert relative_error(layer(x).reshape(-1, N), reference(x.reshape(-1, K), layer.packed, layer.bias)) < 1.5e-3
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("interleave", [True, False], ids=["interleave", "even-odd"])
-@pytest.mark.parametrize("spec", ["int4/g128", "int4/g32", "int4-asym/g64", "nf4/g64", "int4/tensor"])
-def test_weight_first_prefill_kernel(spec, interleave, dtype):
-    """quant_matmul_t_kernel: M and N not multiples of the tiles, K with a short last group, bias, input_perm."""
-    packed = make_packed(spec, 200, 328, seed=13, perm=spec == "int4-asym/g64")
-    bias = torch.randn(200, device=DEVICE).to(dtype)
-    config = KernelConfig(BM=64, BN=64, BKG=32, num_warps=4, num_stages=2, weight_first=True, interleave=interleave)
-    for m in (1, 70, 300):
-        x = torch.randn(m, 328, device=DEVICE).to(dtype)
-        y = run_poisoned(x, packed, bias, config)
-        assert torch.isfinite(y).all(), f"{spec} M={m}: unwritten or non-finite outputs"
-        assert relative_error(y, reference(x, packed, bias)) < TOLERANCE[dtype], f"{spec} M={m}"
-        portable = fused_matmul(x, packed, bias, config, use_asm=False)
-        assert relative_error(portable, reference(x, packed, bias)) < TOLERANCE[dtype]
-
-
-def test_weight_first_refuses_8bit_codes():
-    packed = make_packed("int8/channel", 64, 128, seed=1)
-    with pytest.raises(ValueError, match="4-bit"):
-        fused_matmul(torch.randn(16, 128, device=DEVICE).half(), packed, None, KernelConfig(weight_first=True))

@@ -4,9 +4,11 @@ FP8_DYNAMIC, and what the H100/H200's fp8 tensor cores multiply at twice the bf1
 
     y[m, n] = sx[m] · sw[n] · Σ_k qx[m, k] · qw[n, k] + bias[n],   qx = fp8(x[m] / sx[m]),  sx = max|x[m]| / 448
 
-On CUDA with Triton the activations are quantized by one kernel and the product is one fp8 GEMM with the
-rescale in its epilogue (triton_int8.py). Elsewhere the same codes are multiplied in float32: every product
-of two e4m3 values is exact in float32, so the paths differ only in how the sums are rounded.
+On CUDA with Triton the activations are quantized by one kernel (triton_int8.py); the product is one fp8 GEMM
+with the rescale in its epilogue (triton_int8.scaled_matmul) up to 64 rows, and torch._scaled_mm with row-wise
+scales (CUTLASS) from 65 rows up, where it is faster (bench/prefill.py on an H200: 0.67-0.98x bf16's time at
+256-2048 rows). Elsewhere the same codes are multiplied in float32: every product of two e4m3 values is exact
+in float32, so the paths differ only in how the sums are rounded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.registry import register_module_kind
 
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
+SCALED_MM_MIN_ROWS = 65   # from here up torch._scaled_mm beats the Triton GEMM (bench/prefill.py --sweep, H200)
 SCHEME = WeightScheme(format="fp8-e4m3", granularity="channel", group_size=None)
 
 
@@ -47,13 +50,24 @@ def dynamic_fp8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     fused = _fused_kernels(flat)
     if fused is not None:
         codes, row_scale = fused.quantize_rows(flat, fp8=True)
-        y = fused.scaled_matmul(codes, row_scale, fp8_codes(packed), packed.scale, bias, x.dtype)
+        if _library_gemm(flat):
+            y = torch._scaled_mm(codes, fp8_codes(packed).t(), scale_a=row_scale,
+                                 scale_b=packed.scale.float().reshape(1, -1), out_dtype=x.dtype)
+            y = y if bias is None else y + bias.to(y.dtype)
+        else:
+            y = fused.scaled_matmul(codes, row_scale, fp8_codes(packed), packed.scale, bias, x.dtype)
         return y.reshape(*shape[:-1], n)
     codes, row_scale = quantize_rows_fp8(flat)
     y = (codes.float() @ fp8_codes(packed).float().t()) * row_scale * packed.scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], n)
+
+
+def _library_gemm(x: torch.Tensor) -> bool:
+    """torch._scaled_mm's row-wise fp8 GEMM for x: enough rows, 16-bit output, K a multiple of 16 (sm_89+)."""
+    return (x.shape[0] >= SCALED_MM_MIN_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0
+            and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device) >= (8, 9))
 
 
 @register_module_kind("dynamic_fp8_linear")

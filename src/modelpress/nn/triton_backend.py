@@ -45,9 +45,7 @@ class KernelConfig:
     warps_k of the warps along K and the rest along the rows, words through a cp.async ring of `stages` steps
     when stages > 1, pdl=True launches it as a programmatic dependent launch, and half=True sums int4 products
     in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation; nf4 keeps float32
-    products: float16 pairs were slower for it, bench/kernels.py --float32-products)). weight_first=True
-    (4-bit formats, prefill) runs quant_matmul_t_kernel: BN weight rows x BM tokens per program, the decoded
-    weight as the tensor cores' first operand, `interleave` its INTERLEAVE."""
+    products: float16 pairs were slower for it, bench/kernels.py --float32-products))."""
 
     BM: int = 16
     BN: int = 64
@@ -64,8 +62,6 @@ class KernelConfig:
     stages: int = 1
     pdl: bool = False
     half: bool = True
-    weight_first: bool = False
-    interleave: bool = True
 
 
 @functools.cache
@@ -291,13 +287,6 @@ def _launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tuple[int
                      SPLIT_K=split > 1, EVEN_K=k % step == 0, BM=config.BM, BN=config.BN, BKG=bkg, SUB=config.SUB,
                      num_warps=config.num_warps, num_stages=config.num_stages)
     grid = (_cdiv(m, config.BM), _cdiv(n, config.BN), split)
-    if config.weight_first:
-        if kind > 1 or config.SUB != 1 or split != 1:
-            raise ValueError(f"{scheme.spec}: the weight-first kernel takes 4-bit codes, SUB = 1, no split-K")
-        constants = dict(KIND=kind, ZERO=zero, AFFINE=scheme.qformat.affine, HAS_PERM=has_perm, HAS_BIAS=has_bias,
-                         EVEN_K=k % bkg == 0, INTERLEAVE=config.interleave, BN=config.BN, BT=config.BM, BKG=bkg,
-                         num_warps=config.num_warps, num_stages=config.num_stages)
-        grid = (_cdiv(m, config.BM) * _cdiv(n, config.BN), 1, 1)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)
 
 
@@ -394,10 +383,6 @@ def _kernel_call(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
             constants = {**plan.constants, **asm, "HALF": half, "DOT_ASM": dot, "PAIRS_ASM": pairs}
             return gluon_gemv.gemv4_gluon_kernel, plan.grid, args, constants, y
         return triton_gemv.gemv4_kernel, plan.grid, args, {**plan.constants, **asm}, y
-    if config.weight_first:
-        args = (x2, packed.qdata, scale, offset, perm, table, bias_arg, y, m, n, k, plan.group_size,
-                x2.stride(0), packed.qdata.stride(0), stride_sn, stride_sg, y.stride(0))
-        return triton_kernels.quant_matmul_t_kernel, plan.grid, args, {**plan.constants, **asm}, y
     if config.gemv:
         args = (x2, packed.qdata, scale, offset, perm, bias_arg, y, workspace, locks, n, k, plan.group_size,
                 plan.k_per_split, packed.qdata.stride(0), stride_sn, stride_sg)

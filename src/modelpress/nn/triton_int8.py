@@ -154,14 +154,15 @@ def _scaled_matmul_kernel(a_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N,
     w_ptrs = w_ptr + wn[None, :] * stride_wn + rk[:, None]  # (BK, BN): each row's K run is contiguous
     INT: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
     ACC: tl.constexpr = tl.int32 if INT else tl.float32
+    NONE: tl.constexpr = 0 if INT else 0.0   # what masked loads read past K (an fp8 tile takes a float)
     acc = tl.zeros((BM, BN), ACC)
     for k0 in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0)
-            w = tl.load(w_ptrs, mask=rk[:, None] < K - k0, other=0)
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=NONE)
+            w = tl.load(w_ptrs, mask=rk[:, None] < K - k0, other=NONE)
         if FLIP:  # offset-binary uint8 -> two's complement int8: value = code - 128
             w = (w ^ 0x80).to(tl.int8, bitcast=True)
         if INT:
