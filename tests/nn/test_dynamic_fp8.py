@@ -85,12 +85,12 @@ def test_cuda_layer_computes_what_the_cpu_layer_computes(cuda, rows):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(576, 1536)
     layer = DynamicFp8Linear.from_linear(linear)
-    x = torch.randn(rows, 576) * 3
+    x = (torch.randn(rows, 576) * 3).bfloat16().float()   # what the GPU layer is given
     expected = layer(x)
     got = layer.to(cuda)(x.to(cuda, torch.bfloat16)).float().cpu()
-    # x rounded to bfloat16 first can move a code by one step; the output itself is bfloat16
-    assert ((got - expected).norm() / expected.norm()).item() < 1.5e-2
-    codes, scales = quantize_rows_fp8(x.bfloat16().float())
+    err = ((got - expected).norm() / expected.norm()).item()   # the sums' precision and the bfloat16 output
+    assert err < 6e-3, f"relative error {err:.2e}"
+    codes, scales = quantize_rows_fp8(x)
     from modelpress.nn import triton_int8
 
     gpu_codes, gpu_scales = triton_int8.quantize_rows(x.to(cuda, torch.bfloat16), fp8=True)

@@ -191,11 +191,15 @@ class GemmTile:
 
 
 def gemm_tile(m: int, n: int) -> GemmTile:
-    """The tile for an (m, n) output (bench/prefill.py --sweep on an H200)."""
-    if m <= 16:
-        return GemmTile(BM=16, BN=64, BK=256, num_warps=4, num_stages=4)
-    if m <= 64:
-        return GemmTile(BM=64, BN=64, BK=256, num_warps=4, num_stages=4)
+    """The tile for an (m, n) output: per row count, the tile with the least total time over the three Llama-2-7B
+    shapes in `bench/prefill.py --sweep` on an H200 (up to 64 rows over int8 and fp8 together, above over int8:
+    DynamicFp8Linear takes torch._scaled_mm there); bench/results/prefill_h200.json."""
+    if m < 64:
+        return GemmTile(BM=16, BN=64, BK=256, GROUP_M=1, num_warps=4, num_stages=4)
+    if m < 256:
+        return GemmTile(BM=64, BN=64, BK=256, GROUP_M=8, num_warps=4, num_stages=4)
+    if m < 1024:
+        return GemmTile(BM=128, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     return GemmTile()
 
 
