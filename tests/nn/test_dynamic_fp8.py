@@ -48,6 +48,16 @@ def test_layer_is_the_product_of_its_codes():
     assert ((got - weight_only).norm() / weight_only.norm()).item() < 0.05
 
 
+def test_new_weights_loaded_into_a_used_layer_are_the_ones_used():
+    torch.manual_seed(2)
+    first, second = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    layer, other = DynamicFp8Linear.from_linear(first), DynamicFp8Linear.from_linear(second)
+    x = torch.randn(5, 64)
+    layer(x)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+
+
 def test_only_per_channel_fp8_e4m3_weights():
     for spec in ("fp8-e4m3/g64", "fp8-e5m2/channel", "int8/channel"):
         with pytest.raises(ModelpressError, match="fp8-e4m3"):

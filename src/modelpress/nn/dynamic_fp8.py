@@ -42,23 +42,26 @@ def fp8_codes(packed: PackedWeight) -> torch.Tensor:
     return packed.qdata[:, :packed.shape[1]].view(torch.float8_e4m3fn)
 
 
-def dynamic_fp8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W^T + b, W the fp8-e4m3/channel `packed`, x quantized to fp8 per row (see the module docstring)."""
+def dynamic_fp8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                       scale_row: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + b, W the fp8-e4m3/channel `packed`, x quantized to fp8 per row (see the module docstring).
+    scale_row: the weight scales as a float32 (1, N) tensor, if the caller keeps one (torch._scaled_mm's form)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     n = packed.shape[0]
+    if scale_row is None:
+        scale_row = packed.scale.float().reshape(1, -1)
     fused = _fused_kernels(flat)
     if fused is not None:
         codes, row_scale = fused.quantize_rows(flat, fp8=True)
         if _library_gemm(flat):
-            y = torch._scaled_mm(codes, fp8_codes(packed).t(), scale_a=row_scale,
-                                 scale_b=packed.scale.float().reshape(1, -1), out_dtype=x.dtype)
+            y = torch._scaled_mm(codes, fp8_codes(packed).t(), scale_a=row_scale, scale_b=scale_row, out_dtype=x.dtype)
             y = y if bias is None else y + bias.to(y.dtype)
         else:
             y = fused.scaled_matmul(codes, row_scale, fp8_codes(packed), packed.scale, bias, x.dtype)
         return y.reshape(*shape[:-1], n)
     codes, row_scale = quantize_rows_fp8(flat)
-    y = (codes.float() @ fp8_codes(packed).float().t()) * row_scale * packed.scale.float().reshape(1, -1)
+    y = (codes.float() @ fp8_codes(packed).float().t()) * row_scale * scale_row
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], n)
@@ -88,7 +91,16 @@ class DynamicFp8Linear(QuantLinear):
         return cls(packed, getattr(module, "bias", None)).to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dynamic_fp8_linear(x, self.packed, self.bias)
+        return dynamic_fp8_linear(x, self.packed, self.bias, self._scale_row())
+
+    def _scale_row(self) -> torch.Tensor:
+        """The scales as a float32 (1, N) row, made once per scale buffer and version (one kernel less per call;
+        a load_state_dict into the buffer bumps its version)."""
+        scale = self._buffers["scale"]
+        cached = self.__dict__.get("_row")
+        if cached is None or cached[0] is not scale or cached[1] != scale._version:
+            cached = self.__dict__["_row"] = (scale, scale._version, scale.float().reshape(1, -1).contiguous())
+        return cached[2]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8 activations per token"
