@@ -106,3 +106,17 @@ def test_cuda_layer_computes_what_the_cpu_layer_computes(cuda, rows):
     gpu_codes, gpu_scales = triton_int8.quantize_rows(x.to(cuda, torch.bfloat16), fp8=True)
     assert torch.equal(gpu_codes.view(torch.uint8).cpu(), codes.view(torch.uint8))
     assert torch.equal(gpu_scales.cpu(), scales)
+
+
+def test_the_cli_method(tiny_llama_dir, tmp_path, capsys):
+    from modelpress.cli import main
+
+    assert main(["quantize", str(tiny_llama_dir), "--method", "fp8-dynamic", "--format", "fp8-e4m3",
+                 "--out", str(tmp_path / "out")]) == 0
+    loaded = load_compressed(tmp_path / "out")
+    assert type(loaded.model.model.layers[0].mlp.down_proj) is DynamicFp8Linear
+    assert "fp8-e4m3/channel" in capsys.readouterr().out
+    assert main(["quantize", str(tiny_llama_dir), "--method", "fp8-dynamic", "--format", "int8",
+                 "--out", str(tmp_path / "bad")]) != 0
+    assert "Use --format fp8-e4m3" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
