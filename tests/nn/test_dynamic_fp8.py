@@ -120,3 +120,22 @@ def test_the_cli_method(tiny_llama_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) != 0
     assert "Use --format fp8-e4m3" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.gpu
+def test_generate_captures_fp8_layers_and_keeps_the_tokens(cuda):
+    """The captured decode step (graph path) computes what the eager path computes, token for token."""
+    pytest.importorskip("triton")
+    from modelpress.inference.decoding import GenerationSettings, generate
+    from modelpress.inference.sampling import SamplingConfig
+
+    model = build_tiny_llama().to(cuda, torch.bfloat16)
+    quantize_model(LoadedModel(model, None, source="tiny"), config_for_method("fp8-dynamic", "fp8-e4m3/channel"))
+    prompt = list(range(3, 40))
+    def tokens(path: str) -> list[int]:
+        settings = GenerationSettings(max_new_tokens=12, decode=path, sampling=SamplingConfig(temperature=0.0))
+        return generate(model, prompt, settings).tokens
+
+    eager = tokens("eager")
+    assert len(eager) == 12
+    assert tokens("graph") == eager and tokens("graph") == eager   # the second run reuses the cached scale rows
