@@ -6,8 +6,8 @@ FP8_DYNAMIC, and what the H100/H200's fp8 tensor cores multiply at twice the bf1
 
 On CUDA with Triton the activations are quantized by one kernel (triton_int8.py); the product is one fp8 GEMM
 with the rescale in its epilogue (triton_int8.scaled_matmul) up to 64 rows, and torch._scaled_mm with row-wise
-scales (CUTLASS) from 65 rows up, where it is faster (bench/prefill.py on an H200: 0.67-0.98x bf16's time at
-256-2048 rows). Elsewhere the same codes are multiplied in float32: every product of two e4m3 values is exact
+scales (CUTLASS) from 65 rows up, where it is faster (bench/prefill.py on an H200, docs/benchmarks.md).
+Elsewhere the same codes are multiplied in float32: every product of two e4m3 values is exact
 in float32, so the paths differ only in how the sums are rounded.
 """
 

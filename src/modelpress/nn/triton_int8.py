@@ -18,9 +18,10 @@ And the product with both halves inside it:
   expression, so the (M, N) int32 accumulators never reach memory. The int32 sums are exact, so the
   result is rescale(torch._int_mm(codes, weight.T), ...) bit for bit (up to the same bias FMA). The weight
   is read as stored: int8 codes kept offset-binary (code = value + 128, formats/int.py) are flipped to
-  signed in registers (`flip=True`), so no signed copy of the weight is ever made. With float8_e4m3fn
-  codes and scales (quantize_rows(x, fp8=True): absmax / 448 per row) the same kernel multiplies in fp8
-  and sums in float32.
+  signed in registers (`flip=True`), so no signed copy of the weight is ever made (a signed copy would be
+  ~35% faster at prefill sizes: docs/benchmarks.md). With float8_e4m3fn codes and scales (quantize_rows(x,
+  fp8=True): absmax / 448 per row) the same kernel multiplies in fp8, adding each BK step's sums into float32
+  (dynamic_fp8.py takes it up to 64 rows, torch._scaled_mm above).
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
 
 _QUANT_BLOCK = 4096  # columns per step; a row of K <= 4096 is read once per pass
-
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @triton.jit
@@ -132,8 +130,7 @@ def rescale(acc: torch.Tensor, row_scale: torch.Tensor, weight_scale: torch.Tens
 @triton.jit
 def _scaled_matmul_kernel(a_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_am, stride_wn, stride_om,
                           FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FAST_ACC: tl.constexpr,
-                          BM: tl.constexpr,
-                          BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """out = (a @ w^T · sx) · sw (+ bias). One (BM, BN) tile per program, programs ordered in bands of GROUP_M
     row tiles so that a band's weight tiles are read from L2 while it lasts. Rows past M and N read row 0
     (kept in bounds, masked at the store); EVEN_K: K is a multiple of BK, no column masks."""
@@ -182,6 +179,8 @@ def _scaled_matmul_kernel(a_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N,
 
 @dataclass(frozen=True)
 class GemmTile:
+    """Output tile (BM x BN), K step, programs per band of row tiles, warps and pipeline stages of one launch."""
+
     BM: int = 128
     BN: int = 128
     BK: int = 128
@@ -208,7 +207,7 @@ def scaled_matmul(codes: torch.Tensor, row_scale: torch.Tensor, weight: torch.Te
                   tile: GemmTile | None = None, fast_accum: bool = False) -> torch.Tensor:
     """(M, K) codes (int8, or float8_e4m3fn) times the (N, >= K) weight codes of the same kind -> (M, N) dtype:
     (codes @ weight[:, :K]^T · row_scale) · weight_scale (+ bias). flip=True: weight is uint8 offset-binary
-    int8 (stored codes, value + 128), flipped to signed in the kernel. fast_accum (fp8 only): leave the sums of
+    int8 (stored codes, value + 128), flipped to signed in the kernel; otherwise int8 codes take an int8 weight. fast_accum (fp8 only): leave the sums of
     a whole row of K in the tensor cores' reduced-precision accumulator (faster; otherwise every BK products
     are added into float32, as DeepGEMM and CUTLASS's default do)."""
     m, k = codes.shape
@@ -225,7 +224,6 @@ def scaled_matmul(codes: torch.Tensor, row_scale: torch.Tensor, weight: torch.Te
     grid = (triton.cdiv(m, tile.BM) * triton.cdiv(n, tile.BN),)
     _scaled_matmul_kernel[grid](codes, weight, sx, sw, b, out, m, n, k, codes.stride(0), weight.stride(0),
                                 out.stride(0), FLIP=flip, HAS_BIAS=bias is not None, EVEN_K=k % tile.BK == 0,
-                                FAST_ACC=fast_accum,
-                                BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
+                                FAST_ACC=fast_accum, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
                                 num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
