@@ -130,7 +130,7 @@ def test_generate_captures_fp8_layers_and_keeps_the_tokens(cuda):
     from modelpress.inference.sampling import SamplingConfig
 
     model = build_tiny_llama().to(cuda, torch.bfloat16)
-    quantize_model(LoadedModel(model, None, source="tiny"), config_for_method("fp8-dynamic", "fp8-e4m3/channel"))
+    quantize_model(LoadedModel(model, None, source="tiny", float_source="tiny"), config_for_method("fp8-dynamic", "fp8-e4m3/channel"))
     prompt = list(range(3, 40))
     def tokens(path: str) -> list[int]:
         settings = GenerationSettings(max_new_tokens=12, decode=path, sampling=SamplingConfig(temperature=0.0))

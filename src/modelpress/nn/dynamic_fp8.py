@@ -97,10 +97,10 @@ class DynamicFp8Linear(QuantLinear):
         """The scales as a float32 (1, N) row, made once per scale buffer and version (one kernel less per call;
         a load_state_dict into the buffer bumps its version)."""
         scale = self._buffers["scale"]
-        if torch.compiler.is_compiling() or (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return scale.float().reshape(1, -1)   # nothing kept from inside a graph (its memory is the graph's)
         cached = self.__dict__.get("_row")
         if cached is None or cached[0] is not scale or cached[1] != scale._version:
+            if torch.compiler.is_compiling() or (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
+                return scale.float().reshape(1, -1)   # nothing kept from inside a graph (its memory is the graph's)
             cached = self.__dict__["_row"] = (scale, scale._version, scale.float().reshape(1, -1).contiguous())
         return cached[2]
 
