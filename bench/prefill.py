@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kernels import DEVICE, SHAPES, bf16_linear, random_packed, time_impl  # noqa: E402
+from kernels import DEVICE, SHAPES, bf16_linear, random_packed, run_shapes, time_impl  # noqa: E402
 
 from modelpress.nn import QuantLinear  # noqa: E402
 
@@ -185,18 +185,7 @@ def table(shapes, ms) -> list[dict]:
              "w8a8 int_mm (before)": w8a8("int_mm"), "w8a8 layer": w8a8("layer"),
              "fp8 weight-only": quant_layer("fp8-e4m3/channel"), "fp8 dynamic scaled_mm": fp8_dynamic("scaled_mm"),
              "fp8 dynamic layer": fp8_dynamic("layer")}
-    rows = []
-    for n, k in shapes:
-        for m in ms:
-            for name, impl in impls.items():
-                try:
-                    row = {"impl": name, "N": n, "K": k, "M": m, **time_impl(impl, n, k, m)}
-                except Exception as exc:
-                    row = {"impl": name, "N": n, "K": k, "M": m, "error": f"{type(exc).__name__}: {exc}"[:300]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                torch.cuda.empty_cache()
-    return rows
+    return run_shapes(impls, ms, shapes)
 
 
 def format_table(rows: list[dict]) -> str:
