@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python bench/prefill.py --json prefill.json            # the table
     PYTHONPATH=src python bench/prefill.py --sweep --json sweep.json      # tiles of the new kernels first
+    PYTHONPATH=src python bench/prefill.py --ms 256 --model --json m.json  # and a 7B-shaped model's prefill
 
 Rows, each timed as a model calls it (activation quantization included where the path quantizes them):
 - bf16: F.linear on a bf16 weight (cuBLAS).
@@ -188,6 +189,49 @@ def table(shapes, ms) -> list[dict]:
     return run_shapes(impls, ms, shapes)
 
 
+# ---------------------------------------------------------------------------------------------- a model
+LLAMA_7B_8_BLOCKS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
+                         num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=4096)
+
+
+@torch.no_grad()
+def model_rows(shapes: list[tuple[int, int]], repeats: int = 10) -> list[dict]:
+    """Prefill of a random Llama-2-7B-shaped model (8 blocks, bf16, the head left float) through transformers'
+    forward, per way of storing its linear layers: median ms per forward over `repeats` after two warm-ups,
+    CUDA events, eager (no graph: a prefill runs once per prompt)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelpress.algorithms.quantize import Fp8DynamicConfig, RTNConfig, quantize_fp8_dynamic, quantize_rtn
+    from modelpress.nn.dynamic import DynamicInt8Config, quantize_dynamic
+
+    ways = {"bf16": None, "int4/g128": lambda m: quantize_rtn(m, RTNConfig("int4/g128")),
+            "w8a8": lambda m: quantize_dynamic(m, DynamicInt8Config(skip=("lm_head",))), "fp8-dynamic": lambda m: quantize_fp8_dynamic(m, Fp8DynamicConfig())}
+    rows = []
+    for name, make in ways.items():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_7B_8_BLOCKS)).to(DEVICE, torch.bfloat16).eval()
+        if make is not None:
+            make(model)
+        for batch, tokens in shapes:
+            ids = torch.randint(0, 32000, (batch, tokens), device=DEVICE)
+            for _ in range(2):
+                model(input_ids=ids, use_cache=False)
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(input_ids=ids, use_cache=False)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            row = {"model": name, "batch": batch, "tokens": tokens, "ms": sorted(times)[len(times) // 2]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     names = list(dict.fromkeys(r["impl"] for r in rows))
     lines = ["| N x K | M | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
@@ -210,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--sweep", action="store_true", help="sweep the new kernels' tiles first")
     parser.add_argument("--sweep-ms", default="16,256,1024,2048")
+    parser.add_argument("--model", action="store_true",
+                        help="also time prefill of a 7B-shaped model (8 blocks) stored each way, 1 x 2048 and 8 x 512")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     shapes = SHAPES[:3]
@@ -226,6 +272,13 @@ def main(argv: list[str] | None = None) -> None:
     result["table"] = table(shapes, ms)
     args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result["table"]))
+    if args.model:
+        result["model"] = model_rows([(1, 2048), (8, 512), (1, 256)])
+        args.json.write_text(json.dumps(result, indent=1))
+        base = {(r["batch"], r["tokens"]): r["ms"] for r in result["model"] if r["model"] == "bf16"}
+        for r in result["model"]:
+            print(f"{r['model']:12s} {r['batch']} x {r['tokens']:5d}: {r['ms']:8.2f} ms "
+                  f"({r['ms'] / base[(r['batch'], r['tokens'])]:.2f}x bf16)")
 
 
 if __name__ == "__main__":
