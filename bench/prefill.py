@@ -248,7 +248,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, default=Path("prefill.json"))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="store_true",
                         help="also time prefill of a 7B-shaped model (8 blocks) stored each way, 1 x 2048 and 8 x 512")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/prefill.py times CUDA kernels: no CUDA device here, nothing to measure.")
+        return 1
     torch.manual_seed(0)
     shapes = SHAPES[:3]
     ms = [int(v) for v in args.ms.split(",")]
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in result["model"]:
             print(f"{r['model']:12s} {r['batch']} x {r['tokens']:5d}: {r['ms']:8.2f} ms "
                   f"({r['ms'] / base[(r['batch'], r['tokens'])]:.2f}x bf16)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
