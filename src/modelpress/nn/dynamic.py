@@ -96,7 +96,7 @@ def dynamic_int8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tenso
     keeps its own product, followed by the one-kernel rescale."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    fused = _fused_kernels(flat)
+    fused = fused_kernels(flat)
     codes, row_scale = fused.quantize_rows(flat) if fused else quantize_rows(flat)
     n = packed.shape[0]
     if fused and matmul is None:
@@ -115,7 +115,7 @@ def dynamic_int8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tenso
 FUSED_CUDA = True  # set False to run the plain PyTorch ops on CUDA too (benchmarks compare both)
 
 
-def _fused_kernels(x: torch.Tensor):
+def fused_kernels(x: torch.Tensor):
     """The Triton module for x's device, or None (CPU, no Triton, the Triton interpreter, or switched off)."""
     if not (FUSED_CUDA and x.is_cuda):
         return None
@@ -128,6 +128,16 @@ def _fused_kernels(x: torch.Tensor):
     return triton_int8
 
 
+def check_channel_weight(packed: PackedWeight, format_name: str, layer: str) -> None:
+    """What a dynamic layer multiplies in its weight's own format: one scale per row, no double quantization, the
+    layer's own column order."""
+    scheme = packed.scheme
+    if scheme.format != format_name or scheme.granularity != "channel" or scheme.double_quant:
+        raise ModelpressError(f"{layer} needs an {format_name}/channel weight, got {scheme.spec}")
+    if packed.input_perm is not None:
+        raise ModelpressError(f"{layer} does not take a permuted weight (input_perm)")
+
+
 # ---- the modules ------------------------------------------------------------------------------------
 
 @register_module_kind("dynamic_int8_linear")
@@ -135,11 +145,7 @@ class DynamicInt8Linear(QuantLinear):
     """A QuantLinear restricted to int8/channel whose forward multiplies in int8 (see module docstring)."""
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
-        scheme = packed.scheme
-        if scheme.format != "int8" or scheme.granularity != "channel" or scheme.double_quant:
-            raise ModelpressError(f"DynamicInt8Linear needs an int8/channel weight, got {scheme.spec}")
-        if packed.input_perm is not None:
-            raise ModelpressError("DynamicInt8Linear does not take a permuted weight (input_perm)")
+        check_channel_weight(packed, "int8", "DynamicInt8Linear")
         super().__init__(packed, bias)
 
     @classmethod
@@ -154,7 +160,7 @@ class DynamicInt8Linear(QuantLinear):
     use_semi_structured = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dynamic_int8_linear(x, self.packed, self.bias, self._sparse_matmul(x))
+        return dynamic_int8_linear(x, self._packed_view(), self.bias, self._sparse_matmul(x))
 
     def _sparse_matmul(self, x: torch.Tensor):
         """The cuSPARSELt int8 kernel for this layer's 2:4 weight, or None (not asked for, not CUDA, not 2:4,

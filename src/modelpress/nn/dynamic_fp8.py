@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight, quantize_weight
 from modelpress.formats.scheme import WeightScheme
-from modelpress.nn.dynamic import _fused_kernels
+from modelpress.nn.dynamic import check_channel_weight, fused_kernels
 from modelpress.nn.layers import linear_weight
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.registry import register_module_kind
@@ -49,22 +48,25 @@ def dynamic_fp8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     n = packed.shape[0]
-    if scale_row is None:
-        scale_row = packed.scale.float().reshape(1, -1)
-    fused = _fused_kernels(flat)
+    fused = fused_kernels(flat)
     if fused is not None:
         codes, row_scale = fused.quantize_rows(flat, fp8=True)
         if _library_gemm(flat):
-            y = torch._scaled_mm(codes, fp8_codes(packed).t(), scale_a=row_scale, scale_b=scale_row, out_dtype=x.dtype)
+            y = torch._scaled_mm(codes, fp8_codes(packed).t(), scale_a=row_scale, scale_b=_row(packed, scale_row),
+                                 out_dtype=x.dtype)
             y = y if bias is None else y + bias.to(y.dtype)
         else:
             y = fused.scaled_matmul(codes, row_scale, fp8_codes(packed), packed.scale, bias, x.dtype)
         return y.reshape(*shape[:-1], n)
     codes, row_scale = quantize_rows_fp8(flat)
-    y = (codes.float() @ fp8_codes(packed).float().t()) * row_scale * scale_row
+    y = (codes.float() @ fp8_codes(packed).float().t()) * row_scale * _row(packed, scale_row)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], n)
+
+
+def _row(packed: PackedWeight, scale_row: torch.Tensor | None) -> torch.Tensor:
+    return scale_row if scale_row is not None else packed.scale.float().reshape(1, -1)
 
 
 def _library_gemm(x: torch.Tensor) -> bool:
@@ -78,11 +80,7 @@ class DynamicFp8Linear(QuantLinear):
     """A QuantLinear restricted to fp8-e4m3/channel whose forward multiplies in fp8 (see module docstring)."""
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
-        scheme = packed.scheme
-        if scheme.format != "fp8-e4m3" or scheme.granularity != "channel" or scheme.double_quant:
-            raise ModelpressError(f"DynamicFp8Linear needs an fp8-e4m3/channel weight, got {scheme.spec}")
-        if packed.input_perm is not None:
-            raise ModelpressError("DynamicFp8Linear does not take a permuted weight (input_perm)")
+        check_channel_weight(packed, "fp8-e4m3", "DynamicFp8Linear")
         super().__init__(packed, bias)
 
     @classmethod
@@ -91,7 +89,7 @@ class DynamicFp8Linear(QuantLinear):
         return cls(packed, getattr(module, "bias", None)).to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dynamic_fp8_linear(x, self.packed, self.bias, self._scale_row())
+        return dynamic_fp8_linear(x, self._packed_view(), self.bias, self._scale_row())
 
     def _scale_row(self) -> torch.Tensor:
         """The scales as a float32 (1, N) row, made once per scale buffer and version (one kernel less per call;

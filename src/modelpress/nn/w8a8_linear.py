@@ -49,7 +49,7 @@ class W8A8Linear(DynamicInt8Linear):
         if self.smooth is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1]).float() / self.smooth
-        y = dynamic_int8_linear(flat, self.packed, self.bias, self._sparse_matmul(x))
+        y = dynamic_int8_linear(flat, self._packed_view(), self.bias, self._sparse_matmul(x))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @property
