@@ -121,17 +121,42 @@ def test_what_an_earlier_call_left_in_the_scratch_never_leaks_in(name, products,
     assert torch.equal(cpu_native.native_matmul(x, small_plan, lib=lib, products=products), expected)
 
 
-def int8_blocks(x: torch.Tensor, per_lane: int) -> torch.Tensor:
-    """x as the int8 products see it (cpu_gemv.c): blocks of 32 over the columns its lanes of `per_lane` codes
-    cover, each rounded to the nearest multiple of max|x| / 127; the columns past them unchanged."""
+def int8_blocks(x: torch.Tensor, per_lane: int, top_code: float = 127.0) -> torch.Tensor:
+    """x as the int8 (top_code 127) or int16 (32767) products see it (cpu_gemv.c): blocks of 32 over the columns its
+    lanes of `per_lane` codes cover, each rounded to the nearest multiple of max|x| / top_code; the columns past
+    them unchanged."""
     whole = x.shape[1] // per_lane * per_lane
     out = x.clone()
     for start in range(0, whole, 32):
         block = x[:, start:min(start + 32, whole)]
         top = block.abs().amax(1, keepdim=True)
-        inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
-        out[:, start:start + block.shape[1]] = torch.round(block * inv) * (top / 127.0)
+        inv = torch.where(top > 0, top_code / top, torch.zeros_like(top))
+        out[:, start:start + block.shape[1]] = torch.round(block * inv) * (top / top_code)
     return out
+
+
+@pytest.mark.parametrize("spec", ["int8/g32", "int8-asym/g64", "int8/channel", "int8/g8", "int8-asym/channel"])
+def test_8bit_codes_take_int16_x_where_bfloat16_products_are_allowed(spec, build_dir):
+    """8-bit integer codes under bfloat16 products (the default) on a VNNI build: x quantized to int16 per block of
+    32, integer sums: the float64 product of that x (closer to x's own than bfloat16 rounding would be), not of x."""
+    lib = build("avx512-bf16", build_dir)
+    if not cpu_native.products_available("int8", lib):
+        pytest.skip("this CPU has no AVX512_VNNI")
+    for n, k in SHAPES:
+        packed = random_packed(spec, n, k, seed=k)
+        plan = cpu_native.plan_for(packed)
+        w = packed.dequantize(torch.float64)
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3
+        x[0, : k // 2] = 0.0   # all-zero blocks have a zero scale
+        x[1, 5] = 1e4   # one large value: its block's other values keep 2^-16 of it
+        y = cpu_native.native_matmul(x, plan, lib=lib, products="bfloat16")
+        quantized = int8_blocks(x, 4, 32767.0).double() @ w.t()
+        assert ((y.double() - quantized).abs() <= 4 * float32_bound(x, packed)).all(), (spec, n, k)
+        exact = x.double() @ w.t()
+        bf16 = x.bfloat16().double() @ w.t()
+        assert (y.double() - exact).abs().max() < (bf16 - exact).abs().max() / 4
+        if k >= 64:
+            assert (y.double() - exact).abs().max() > 1e-6   # really quantized
 
 
 @pytest.mark.parametrize("spec", ["int4/g32", "int4-asym/g128", "int4/g8", "int4-asym/g64", "int4/channel", "int8/g32",
