@@ -153,6 +153,28 @@ static void load_params(const void *base, int type, int64_t start, int64_t strid
     for (; g < count; g++) out[g] = load_param(base, type, start + g * stride);
 }
 
+/* The parameters of rows r0 .. r0 + RB - 1, each row's `count` at out + r * count: where they lie back to back
+   (stride 1, rows `count` apart: the usual grouped layout), converted as one run, with masked loads and stores for
+   its end (a call per row cost ~15% of a decode-shaped GEMV with K = 576); otherwise row by row. */
+static void load_block_params(const void *base, int type, int64_t r0, int64_t row_stride, int64_t stride,
+                              int64_t count, float *out) {
+#if defined(MP_AVX512)
+    if (stride == 1 && row_stride == count && type != SCALE_F32) {
+        const uint16_t *p = (const uint16_t *)base + r0 * count;
+        int64_t total = RB * count, g = 0;
+        for (; g < total; g += 16) {
+            __mmask16 live = total - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (total - g)) - 1);
+            __m256i h = _mm256_maskz_loadu_epi16(live, p + g);
+            __m512 f = type == SCALE_F16 ? _mm512_cvtph_ps(h)
+                                         : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            _mm512_mask_storeu_ps(out + g, live, f);
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < RB; r++) load_params(base, type, (r0 + r) * row_stride, stride, count, out + r * count);
+}
+
 /* 8-bit levels: e5m2 is the top byte of a float16; e4m3's magnitude shifted under float16's wider exponent reads as
    2^-8 times its value, so the caller's `unit` is 256 for e4m3 and 1 for e5m2 */
 static inline uint16_t fp8_half_bits(uint16_t code, int kind) {
@@ -281,6 +303,11 @@ static inline vf levels8(const uint8_t *p, int kind, vf bias, vf unit) {
 #define VW 1
 #endif
 
+#if defined(MP_VECTOR)
+/* Where the scales of superblock c come from (see the top of the file). */
+typedef struct { int spread; vi lane_group; int64_t per_block, span; } spreading;
+#endif
+
 /* What a block of RB weight rows is multiplied with. */
 typedef struct {
     int bits;
@@ -299,11 +326,12 @@ typedef struct {
     const float *xqsum;            /* int8 products: per lane, scale times the sum of its int8 x codes */
     int has_offset;
     int64_t k, group, groups;
+#if defined(MP_VECTOR)
+    spreading sp;                  /* planes: made once per call, not per block of rows */
+#endif
 } operands;
 
 #if defined(MP_VECTOR)
-/* Where the scales of superblock c come from (see the top of the file). */
-typedef struct { int spread; vi lane_group; int64_t per_block, span; } spreading;
 
 static inline spreading make_spreading(int64_t group, int per_lane) {
     spreading sp;
@@ -322,9 +350,9 @@ INLINE vf block_params(const float *row, spreading sp, int64_t c, int64_t group)
 
 /* One row of superblock c (4 bits): the products of its 8 VW codes with x, summed per lane. */
 INLINE vf superblock_row(const uint8_t *q, int live, const vf xv[8], const void *xb_in, table16 tab, int linear,
-                         int pairs) {
+                         int pairs, vf start) {
     vi w = load_lanes(q, live);
-    vf acc0 = VZERO(), acc1 = VZERO();
+    vf acc0 = start, acc1 = VZERO();
 #if defined(MP_BF16)
     if (pairs) {
         const float *xf = (const float *)xb_in;   /* unaligned loads: rows of x's layout are not 64-byte aligned */
@@ -333,13 +361,13 @@ INLINE vf superblock_row(const uint8_t *q, int live, const vf xv[8], const void 
         const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
         /* (A & B) | C is ternary-logic table 0xEA */
         acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_ternarylogic_epi32(w, mask, magic, 0xEA), xb[0]);
-        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 4), mask, magic, 0xEA),
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 4), mask, magic, 0xEA),
                                 xb[1]);
         acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 8), mask, magic, 0xEA),
                                 xb[2]);
-        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 12), mask, magic, 0xEA),
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 12), mask, magic, 0xEA),
                                 xb[3]);
-        return VADD(acc0, acc1);
+        return acc0;
     }
 #else
     (void)xb_in;
@@ -381,7 +409,7 @@ INLINE void superblocks(const uint8_t *const q[RB], const float *const scales[RB
     static const float no_table[16];
     table16 tab = make_table(o->table ? o->table : no_table);   /* used by lookup formats only */
     int per_lane = bits8 ? 4 : 8, planes = per_lane;
-    spreading sp = make_spreading(o->group, per_lane);
+    const spreading sp = o->sp;
     int64_t lanes = o->k / per_lane, blocks = (lanes + VW - 1) / VW;
     const vf corr = VSET1(o->corr);
     const int has_offset = o->has_offset;
@@ -389,6 +417,7 @@ INLINE void superblocks(const uint8_t *const q[RB], const float *const scales[RB
     for (int64_t c = 0; c < blocks; c++) {
         int live = lanes - c * VW < VW ? (int)(lanes - c * VW) : VW;
         vf xs = VLOAD(o->xsum + c * VW);
+        const vf start = pairs ? VFMA(xs, corr, VZERO()) : VZERO();   /* pairs: the bias's part, every row's */
         const void *xb = o->xp + 4 * c * VW;
         vf xv[8];
         if (!pairs)
@@ -396,8 +425,8 @@ INLINE void superblocks(const uint8_t *const q[RB], const float *const scales[RB
 #define ROW(r, t)                                                                                            \
         {                                                                                                    \
             vf acc = bits8 ? superblock_row8(q[r] + 4 * VW * c, live, xv)                                    \
-                           : superblock_row(q[r] + 4 * VW * c, live, xv, xb, tab, linear, pairs);            \
-            if (linear) acc = VFMA(xs, corr, acc);                                                           \
+                           : superblock_row(q[r] + 4 * VW * c, live, xv, xb, tab, linear, pairs, start);     \
+            if (linear && !pairs) acc = VFMA(xs, corr, acc);                                                 \
             t = VFMA(acc, block_params(scales[r], sp, c, o->group), t);                                      \
             if (has_offset) t = VFMA(xs, block_params(offsets[r], sp, c, o->group), t);                      \
         }
@@ -433,7 +462,7 @@ INLINE __m512i superblock_row_i16(const uint8_t *q, int live, __m512i xe, __m512
 INLINE void superblocks_i8(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
                            const operands *o, int bits8, int wide, vf total[RB]) {
     int per_lane = bits8 ? 4 : 8, vectors = wide ? 2 : per_lane / 4;
-    spreading sp = make_spreading(o->group, per_lane);
+    const spreading sp = o->sp;
     int64_t lanes = o->k / per_lane, blocks = (lanes + VW - 1) / VW;
     const vf corr = VSET1(o->corr);
     const int has_offset = o->has_offset;
@@ -556,7 +585,8 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
 #endif
     /* planes: only the groups from the one holding from_planes on have codes left (none when K is a multiple of
        the lane's codes, the usual case: no loop over every group per block of rows) */
-    for (int64_t g = planes ? from_planes / o->group : 0; g < o->groups; g++) {
+    int64_t first = !planes ? 0 : from_planes < o->k ? from_planes / o->group : o->groups;  /* planes: K % 8 == 0 */
+    for (int64_t g = first; g < o->groups; g++) {
         int64_t start = g * o->group, end = start + o->group <= o->k ? start + o->group : o->k, from = start;
         if (planes) from = from_planes > start ? from_planes : start;
 #if defined(MP_VECTOR)
@@ -733,6 +763,9 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
     operands o = {.bits = bits, .table = table, .linear = linear, .pairs = pairs, .kind = kind, .planes8 = planes8,
                   .bias = bias, .unit = unit, .corr = pairs ? bias - 128.0f : bias, .int8 = int8, .int16 = int16,
                   .has_offset = offset != NULL, .k = k, .group = group, .groups = groups};
+#if defined(MP_VECTOR)
+    if (planes) o.sp = make_spreading(group, per_lane);
+#endif
     for (int64_t r0 = 0; r0 < n; r0 += RB) {
         const uint8_t *q[RB];
         const float *s[RB], *off[RB];
@@ -749,8 +782,14 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
             q[r] = qdata + row * q_row;
             s[r] = sblock + r * groups;
             off[r] = oblock + r * groups;
-            load_params(scale, scale_type, row * s_n, s_g, groups, sblock + r * groups);
-            if (offset) load_params(offset, offset_type, row * o_n, o_g, groups, oblock + r * groups);
+            if (live < RB) {
+                load_params(scale, scale_type, row * s_n, s_g, groups, sblock + r * groups);
+                if (offset) load_params(offset, offset_type, row * o_n, o_g, groups, oblock + r * groups);
+            }
+        }
+        if (live == RB) {
+            load_block_params(scale, scale_type, r0, s_n, s_g, groups, sblock);
+            if (offset) load_block_params(offset, offset_type, r0, o_n, o_g, groups, oblock);
         }
         for (int64_t i = 0; i < m; i++) {
             float out[RB];
