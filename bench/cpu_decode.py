@@ -300,10 +300,14 @@ def markdown(results: list[dict]) -> str:
 
 
 def main() -> None:
+    global DECODE_PROMPT_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES))
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one full run per thread count")
     parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--decode-prompt", type=int, default=DECODE_PROMPT_TOKENS,
+                        help="tokens of context before decode is timed (every row, llama.cpp's too): 16, or e.g. 1024 "
+                             "to time decode at a long context (the prefill prompt grows to at least this)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also time each quantized model on the reference path")
@@ -332,7 +336,9 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = load_model(None)
-    ids = torch.tensor(loaded.tokenizer(default_corpus(), add_special_tokens=False)["input_ids"][: args.prefill_tokens])
+    DECODE_PROMPT_TOKENS = args.decode_prompt
+    ids = torch.tensor(loaded.tokenizer(default_corpus(), add_special_tokens=False)["input_ids"][
+        : max(args.prefill_tokens, args.decode_prompt)])
     prompt = ids[None]
     rows = build_rows(loaded.model.eval(), args.schemes, args.reference, args.bf16, args.head)
     if args.torch_kernels:   # on the eager path: the native step always takes the native kernels

@@ -96,6 +96,18 @@ def test_float_models_give_their_own_logits(family, one_thread):
     compare(model, [11, 23, 5, 60, 1, 2])
 
 
+@pytest.mark.parametrize("heads", [dict(head_dim=64, num_attention_heads=3, num_key_value_heads=1),
+                                   dict(head_dim=24, num_attention_heads=4, num_key_value_heads=4),
+                                   dict(head_dim=40, num_attention_heads=6, num_key_value_heads=3)])
+@torch.no_grad()
+def test_attention_of_every_head_shape_past_a_value_tile(heads, one_thread):
+    """Attention takes four cached keys at a time for the heads sharing them and the values in tiles of 32
+    positions, 64 columns of a head in registers: head sizes of whole and partial vectors (64, 24, 40), groups of
+    1-3 heads, and more positions than a tile, not a multiple of four, against transformers' own attention."""
+    model = build("mistral", **heads)
+    compare(model, [(7 * i + 3) % 300 for i in range(38)])
+
+
 @pytest.mark.parametrize("spec", [None, "int4/g32"])
 @torch.no_grad()
 def test_a_long_prompt_runs_through_the_model_and_its_cache_is_copied(spec, one_thread):

@@ -82,13 +82,18 @@ typedef float vec __attribute__((vector_size(W * sizeof(float))));
 
 static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 
+/* the lanes' sum by halves (a tree of 4 shuffles and adds, not 15 dependent scalar adds: attention takes one per
+   cached position and head) */
+typedef float half_vec __attribute__((vector_size(W / 2 * sizeof(float))));
+typedef float quarter_vec __attribute__((vector_size(W / 4 * sizeof(float))));
 static inline float vsum(vec v) {
-    float t = 0.0f;
-    for (int i = 0; i < W; i++) t += v[i];
-    return t;
+    half_vec h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    quarter_vec q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
+static inline float dot(const float *a, const float *b, int64_t n) {
     vec acc0 = {0}, acc1 = {0};
     int64_t j = 0;
     for (; j + 2 * W <= n; j += 2 * W) {
@@ -99,6 +104,42 @@ static float dot(const float *a, const float *b, int64_t n) {
     float t = vsum(acc0 + acc1);
     for (; j < n; j++) t += a[j] * b[j];
     return t;
+}
+
+/* out[r] = a . rows[r] (n floats each) for r < 4: each load of a serves four rows, and the four sums are reduced
+   together (halves, then a 4 x 4 transpose), not one at a time */
+static inline void dot4(const float *a, const float *r0, const float *r1, const float *r2, const float *r3, int64_t n,
+                        float out[4]) {
+    vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+        vec av = vload(a + j);
+        s0 += av * vload(r0 + j);
+        s1 += av * vload(r1 + j);
+        s2 += av * vload(r2 + j);
+        s3 += av * vload(r3 + j);
+    }
+    half_vec h0 = __builtin_shufflevector(s0, s0, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(s0, s0, 8, 9, 10, 11, 12, 13, 14, 15);
+    half_vec h1 = __builtin_shufflevector(s1, s1, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(s1, s1, 8, 9, 10, 11, 12, 13, 14, 15);
+    half_vec h2 = __builtin_shufflevector(s2, s2, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(s2, s2, 8, 9, 10, 11, 12, 13, 14, 15);
+    half_vec h3 = __builtin_shufflevector(s3, s3, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(s3, s3, 8, 9, 10, 11, 12, 13, 14, 15);
+    half_vec h01 = __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);   /* h0's 4 sums, then h1's */
+    half_vec h23 = __builtin_shufflevector(h2, h3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(h2, h3, 4, 5, 6, 7, 12, 13, 14, 15);
+    half_vec e = __builtin_shufflevector(h01, h23, 0, 2, 4, 6, 8, 10, 12, 14) +
+                 __builtin_shufflevector(h01, h23, 1, 3, 5, 7, 9, 11, 13, 15);   /* pairs: 2 per row */
+    out[0] = e[0] + e[1], out[1] = e[2] + e[3], out[2] = e[4] + e[5], out[3] = e[6] + e[7];
+    for (; j < n; j++) {
+        out[0] += a[j] * r0[j];
+        out[1] += a[j] * r1[j];
+        out[2] += a[j] * r2[j];
+        out[3] += a[j] * r3[j];
+    }
 }
 
 /* y (m, n) = x (m, k) W^T, W (n, k): four rows of W at a time, each load of x serving four rows, and every row
@@ -312,28 +353,81 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
+typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
+
+/* exp of W lanes, within 2 ulp of expf over [-87, 88] (inputs outside it are clamped: exp(-87) ~ 1.6e-38 stands for
+   the smaller values' 0 or subnormals, which add nothing to a softmax's sum or a SiLU): x = n ln 2 + r, |r| <= ln 2 / 2,
+   exp(r) by a degree-7 polynomial (Cephes' expf coefficients), times 2^n put into the exponent bits. Softmax and
+   SiLU called libm's expf once per cached position and head, and once per MLP unit: a quarter of a long-context
+   step's time. */
+static inline vec vexp(vec x) {
+    const vec lo = (vec){0} - 87.0f, hi = (vec){0} + 88.0f;
+    ivec below = x < lo, above = x > hi;
+    x = (vec)(((ivec)x & ~below) | ((ivec)lo & below));
+    x = (vec)(((ivec)x & ~above) | ((ivec)hi & above));
+    const vec shifter = (vec){0} + 12582912.0f;   /* 1.5 * 2^23: adding and taking it off rounds to an integer */
+    vec n = (x * 1.44269504088896341f + shifter) - shifter;
+    vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vec p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    ivec e = __builtin_convertvector(n, ivec) << 23;
+    return (vec)((ivec)p + e);
+}
+
+/* v[i] = silu(v[i]) * u[i] for i < n */
+static void silu_times(float *v, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+        vec a = vload(v + i), y = a / (1.0f + vexp(-a)) * vload(u + i);
+        memcpy(v + i, &y, sizeof y);
+    }
+    for (; i < n; i++) v[i] = silu(v[i]) * u[i];
+}
+
+/* p[t] = exp(p[t] - top) for t < n; returns their sum */
+static float exp_shifted(float *p, int64_t n, float top) {
+    vec acc = {0};
+    int64_t t = 0;
+    for (; t + W <= n; t += W) {
+        vec e = vexp(vload(p + t) - top);
+        memcpy(p + t, &e, sizeof e);
+        acc += e;
+    }
+    float total = vsum(acc);
+    for (; t < n; t++) {
+        p[t] = expf(p[t] - top);
+        total += p[t];
+    }
+    return total;
+}
+
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* The widest vectors of any block: q|k|v together, the attention output or MLP's hidden units, and an input */
-typedef struct { int64_t qkv, wide, widest_k; } widths;
+typedef struct { int64_t qkv, wide, widest_k, group; } widths;
 
 static widths widths_of(const mp_decoder *d) {
-    widths w = {0, 0, d->hidden};
+    widths w = {0, 0, d->hidden, 1};
     for (int64_t b = 0; b < d->n_blocks; b++) {
         const mp_block *blk = d->blocks + b;
         w.qkv = max64(w.qkv, blk->q.n + blk->k.n + blk->v.n);
         w.wide = max64(w.wide, max64(blk->gate.n, blk->o.k));
         w.widest_k = max64(w.widest_k, max64(blk->o.k, blk->down.k));
+        if (blk->kv_heads > 0) w.group = max64(w.group, blk->heads / blk->kv_heads);
     }
     return w;
 }
 
 /* The scratch floats mp_forward needs for `tokens` tokens (its `work` must hold as many): per token the normed h,
    q|k|v, the attention output (then the gate's), the up projection's, a gathered input and a projection's output;
-   and one set of scores. */
+   and the scores of one group of heads sharing a key/value head. */
 int64_t mp_forward_work(const mp_decoder *d, int64_t tokens) {
     widths w = widths_of(d);
-    return tokens * (d->hidden + w.qkv + 2 * w.wide + w.widest_k + d->hidden) + d->capacity;
+    return tokens * (d->hidden + w.qkv + 2 * w.wide + w.widest_k + d->hidden) + w.group * d->capacity;
 }
 
 static int check_block(const mp_decoder *d, const mp_block *b) {
@@ -359,28 +453,72 @@ int mp_check(const mp_decoder *d) {
     return MP_OK;
 }
 
-/* out (heads * head_dim) of the token at position pos: its q against the cache's positions 0..pos */
+#define VALUE_TILE 32   /* positions: 32 rows of a 128-dim head are 16 KB, in L1 while the group's heads use them */
+
+/* out (hd) (+)= sum over t < n of p[t] * values[t] (rows of hd; add: onto out, else over it): the sums kept in
+   registers across t, W * 4 columns at a time (summed in memory, each position's update waited on the last one's
+   store) */
+static void weigh_values(const float *values, const float *p, int64_t n, int64_t hd, int add, float *out) {
+    int64_t i = 0;
+    for (; i + 4 * W <= hd; i += 4 * W) {
+        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        if (add) a0 = vload(out + i), a1 = vload(out + i + W), a2 = vload(out + i + 2 * W), a3 = vload(out + i + 3 * W);
+        for (int64_t t = 0; t < n; t++) {
+            const float *vt = values + t * hd + i;
+            a0 += p[t] * vload(vt);
+            a1 += p[t] * vload(vt + W);
+            a2 += p[t] * vload(vt + 2 * W);
+            a3 += p[t] * vload(vt + 3 * W);
+        }
+        memcpy(out + i, &a0, sizeof a0);
+        memcpy(out + i + W, &a1, sizeof a1);
+        memcpy(out + i + 2 * W, &a2, sizeof a2);
+        memcpy(out + i + 3 * W, &a3, sizeof a3);
+    }
+    for (; i + W <= hd; i += W) {
+        vec a = {0};
+        if (add) a = vload(out + i);
+        for (int64_t t = 0; t < n; t++) a += p[t] * vload(values + t * hd + i);
+        memcpy(out + i, &a, sizeof a);
+    }
+    for (; i < hd; i++) {
+        float a = add ? out[i] : 0.0f;
+        for (int64_t t = 0; t < n; t++) a += p[t] * values[t * hd + i];
+        out[i] = a;
+    }
+}
+
+/* out (heads * head_dim) of the token at position pos: its q against the cache's positions 0..pos. The heads that
+   share a key/value head are taken together, so each cached key and value is read once per token, not once per
+   head (at long contexts the cache is the larger part of what a step reads). scores: group * capacity floats. */
 static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64_t pos, float *scores, float *out) {
     int64_t hd = d->head_dim, cap = d->capacity, group = b->heads / b->kv_heads;
-    for (int64_t h = 0; h < b->heads; h++) {
-        const float *qh = q + h * hd;
-        const float *keys = b->k_cache + (h / group) * cap * hd, *values = b->v_cache + (h / group) * cap * hd;
-        float top = -INFINITY;
-        for (int64_t t = 0; t <= pos; t++) {
-            scores[t] = dot(qh, keys + t * hd, hd) * d->scaling;
-            if (scores[t] > top) top = scores[t];
+    for (int64_t g = 0; g < b->kv_heads; g++) {
+        const float *keys = b->k_cache + g * cap * hd, *values = b->v_cache + g * cap * hd;
+        const float *qg = q + g * group * hd;
+        int64_t t = 0;
+        for (; t + 4 <= pos + 1; t += 4) {   /* four positions' keys at a time, read once for the group's heads */
+            const float *k0 = keys + t * hd;
+            for (int64_t j = 0; j < group; j++) {
+                float four[4], *sj = scores + j * cap + t;
+                dot4(qg + j * hd, k0, k0 + hd, k0 + 2 * hd, k0 + 3 * hd, hd, four);
+                for (int r = 0; r < 4; r++) sj[r] = four[r] * d->scaling;
+            }
         }
-        float total = 0.0f;
-        for (int64_t t = 0; t <= pos; t++) {
-            scores[t] = expf(scores[t] - top);
-            total += scores[t];
+        for (; t <= pos; t++)
+            for (int64_t j = 0; j < group; j++) scores[j * cap + t] = dot(qg + j * hd, keys + t * hd, hd) * d->scaling;
+        float *og = out + g * group * hd;
+        for (int64_t j = 0; j < group; j++) {
+            float *sj = scores + j * cap, top = -INFINITY, total = 0.0f;
+            for (int64_t t = 0; t <= pos; t++) top = sj[t] > top ? sj[t] : top;
+            total = exp_shifted(sj, pos + 1, top);
+            for (int64_t t = 0; t <= pos; t++) sj[t] /= total;
         }
-        float *oh = out + h * hd;
-        for (int64_t i = 0; i < hd; i++) oh[i] = 0.0f;
-        for (int64_t t = 0; t <= pos; t++) {
-            const float *vt = values + t * hd;
-            float p = scores[t] / total;
-            for (int64_t i = 0; i < hd; i++) oh[i] += p * vt[i];
+        /* the values in tiles of VALUE_TILE positions, each tile read from memory once for the group's heads */
+        for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
+            int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE;
+            for (int64_t j = 0; j < group; j++)
+                weigh_values(values + t0 * hd, scores + j * cap + t0, n, hd, t0 > 0, og + j * hd);
         }
     }
 }
@@ -429,7 +567,7 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
         for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, b->mlp_norm, hidden, d->eps, xn + t * hidden);
         TRY(project(&b->gate, xn, tokens, att, gather, d->products, threads));
         TRY(project(&b->up, xn, tokens, up, gather, d->products, threads));
-        for (int64_t i = 0; i < tokens * b->gate.n; i++) att[i] = silu(att[i]) * up[i];
+        silu_times(att, up, tokens * b->gate.n);
         TRY(project(&b->down, att, tokens, y, gather, d->products, threads));
         for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
     }
