@@ -16,7 +16,8 @@ Served: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausa
 full attention only, a rope whose frequencies do not depend on the sequence length (default, linear, llama3,
 yarn: the model's rotary module computes the table), SiLU MLPs, every projection an nn.Linear or a QuantLinear
 the native kernels serve (4- and 8-bit formats; int3 and others are not). The numbers are those of the eager path
-with the CPU kernels (bfloat16 products for int4 where the CPU has them, exact float32 for the other formats) up to
+with the CPU kernels (bfloat16 products for int4 and int16 x for 8-bit integer codes where the CPU has them, exact
+float32 for the other formats) up to
 the order of float32 additions.
 """
 

@@ -4,7 +4,8 @@
 `native_matmul(x2, plan)` computes x2 (M, K) @ W^T for a packed weight of 4 or 8 bits straight from its stored
 codes and scales (no prepared copy of the weight): in float32, the stored weight's exact product up to the order
 of float32 additions, except that int4 and int4-asym multiply x rounded to bfloat16 where the CPU has AVX512_BF16
-(products="bfloat16", the default; or "int8": x quantized to int8 in blocks of 32 for those and 8-bit integer
+and 8-bit integer codes multiply x quantized to int16 in blocks of 32 (within 2^-16 of each block's largest)
+where it has AVX512_VNNI (products="bfloat16", the default; or "int8": x quantized to int8 in blocks of 32 for those and 8-bit integer
 formats, where the CPU has AVX512_VNNI; cpu_gemv.c says how). `plan_for(packed)` says whether and how a weight is
 served.
 
@@ -270,7 +271,8 @@ def native_matmul(x2: torch.Tensor, plan: NativePlan, lib: ctypes.CDLL | None = 
                   products: str = "bfloat16") -> torch.Tensor:
     """(M, K) activations -> (M, N) float32 through the native kernel: `lib` (a `load`ed build), else library(),
     which must not be None. products (PRODUCTS): "bfloat16" lets linear 4-bit formats (int4, int4-asym) take
-    bfloat16 products where the CPU has them (x rounded to bfloat16, as PyTorch's int4 kernel does); "int8" also lets
+    bfloat16 products where the CPU has them (x rounded to bfloat16, as PyTorch's int4 kernel does), and 8-bit integer
+    formats x quantized to int16 in blocks of 32 where it has AVX512_VNNI (a finer rounding); "int8" also lets
     them and 8-bit integer formats take x quantized to int8 in blocks of 32 where the CPU has AVX512_VNNI (as
     llama.cpp's CPU matmuls do); "float32" keeps float32 products."""
     lib = lib or library()
