@@ -769,8 +769,8 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
     int per_lane = bits == 4 ? 8 : 4;   /* codes per lane of the planes layout */
     int64_t lanes = (k / per_lane + VW - 1) / VW * VW;   /* lane positions, in whole vectors */
     int planes = bits == 4 || planes8;
-    /* per row of x: its planes (per_lane per lane), lane sums and bfloat16-rounded x (pairs); or, int8: its codes
-       (per_lane / 4 floats' bytes per lane), lane sums, scales and scaled code sums */
+    /* per row of x: its planes (per_lane per lane), lane sums and bfloat16-rounded x (pairs); or, int8 / int16: its
+       codes (per_lane / 4 or per_lane / 2 floats' bytes per lane), lane sums, scales and scaled code sums */
     int code_floats = int8 ? per_lane / 4 : int16 ? per_lane / 2 : per_lane;   /* per lane, for x's codes or planes */
     int64_t per_x = int8 || int16 ? (code_floats + 3) * lanes : planes ? (per_lane + 1) * lanes + (pairs ? k : 0) : 0;
     int sums8 = bits == 8 && offset != NULL && !planes8;

@@ -82,15 +82,22 @@ typedef float vec __attribute__((vector_size(W * sizeof(float))));
 
 static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 
-/* the lanes' sum by halves (a tree of 4 shuffles and adds, not 15 dependent scalar adds: attention takes one per
-   cached position and head) */
+/* the lanes' sum by halves (a tree of vector adds, not 15 dependent scalar adds; memcpy between vector widths,
+   which compilers turn into register moves, keeps this to the vector extension GCC and clang share) */
 typedef float half_vec __attribute__((vector_size(W / 2 * sizeof(float))));
 typedef float quarter_vec __attribute__((vector_size(W / 4 * sizeof(float))));
 static inline float vsum(vec v) {
-    half_vec h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    quarter_vec q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (q[0] + q[2]) + (q[1] + q[3]);
+    half_vec lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    lo += hi;
+    quarter_vec a, c;
+    memcpy(&a, &lo, sizeof a);
+    memcpy(&c, (const char *)&lo + sizeof a, sizeof c);
+    a += c;
+    float t = 0.0f;
+    for (int i = 0; i < W / 4; i++) t += a[i];
+    return t;
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -106,8 +113,8 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return t;
 }
 
-/* out[r] = a . rows[r] (n floats each) for r < 4: each load of a serves four rows, and the four sums are reduced
-   together (halves, then a 4 x 4 transpose), not one at a time */
+/* out[r] = a . rows[r] (n floats each) for r < 4: each load of a serves four rows, and the four sums' reductions
+   are independent of each other */
 static inline void dot4(const float *a, const float *r0, const float *r1, const float *r2, const float *r3, int64_t n,
                         float out[4]) {
     vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
@@ -119,21 +126,7 @@ static inline void dot4(const float *a, const float *r0, const float *r1, const 
         s2 += av * vload(r2 + j);
         s3 += av * vload(r3 + j);
     }
-    half_vec h0 = __builtin_shufflevector(s0, s0, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(s0, s0, 8, 9, 10, 11, 12, 13, 14, 15);
-    half_vec h1 = __builtin_shufflevector(s1, s1, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(s1, s1, 8, 9, 10, 11, 12, 13, 14, 15);
-    half_vec h2 = __builtin_shufflevector(s2, s2, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(s2, s2, 8, 9, 10, 11, 12, 13, 14, 15);
-    half_vec h3 = __builtin_shufflevector(s3, s3, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(s3, s3, 8, 9, 10, 11, 12, 13, 14, 15);
-    half_vec h01 = __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
-                   __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);   /* h0's 4 sums, then h1's */
-    half_vec h23 = __builtin_shufflevector(h2, h3, 0, 1, 2, 3, 8, 9, 10, 11) +
-                   __builtin_shufflevector(h2, h3, 4, 5, 6, 7, 12, 13, 14, 15);
-    half_vec e = __builtin_shufflevector(h01, h23, 0, 2, 4, 6, 8, 10, 12, 14) +
-                 __builtin_shufflevector(h01, h23, 1, 3, 5, 7, 9, 11, 13, 15);   /* pairs: 2 per row */
-    out[0] = e[0] + e[1], out[1] = e[2] + e[3], out[2] = e[4] + e[5], out[3] = e[6] + e[7];
+    out[0] = vsum(s0), out[1] = vsum(s1), out[2] = vsum(s2), out[3] = vsum(s3);
     for (; j < n; j++) {
         out[0] += a[j] * r0[j];
         out[1] += a[j] * r1[j];
