@@ -401,6 +401,28 @@ INLINE vf superblock_row8(const uint8_t *q, int live, const vf xv[8]) {
     return VADD(acc0, acc1);
 }
 
+#if defined(MP_BF16)
+/* superblock_row's bfloat16 pairs for a superblock of at most VW / 2 live lanes (the last of a row whose lanes end
+   half way through one: K = 576 is 4.5 superblocks), on 256-bit halves: the same products at half the cost */
+INLINE __m256 half_pairs(const uint8_t *q, int live, const float *xf, __m256 start) {
+    __m256i w = _mm256_maskz_loadu_epi32((__mmask8)((1u << live) - 1), q);
+    const __m256i mask = _mm256_set1_epi32(0x000F000F), magic = _mm256_set1_epi32(0x43004300);
+    __m256 acc = start;
+    for (int p = 0; p < 4; p++) {
+        __m256bh xb = (__m256bh)_mm256_loadu_si256((const __m256i *)(xf + p * VW));
+        __m256i codes = _mm256_ternarylogic_epi32(p ? _mm256_srli_epi32(w, 4 * p) : w, mask, magic, 0xEA);
+        acc = _mm256_dpbf16_ps(acc, (__m256bh)codes, xb);
+    }
+    return acc;
+}
+
+/* block_params for the lower half of a superblock's lanes */
+INLINE __m256 half_params(const float *row, spreading sp, int64_t c, int64_t group) {
+    return sp.spread ? _mm256_permutexvar_ps(_mm512_castsi512_si256(sp.lane_group), _mm256_loadu_ps(row + c * sp.per_block))
+                     : _mm256_set1_ps(row[c * sp.span / group]);
+}
+#endif
+
 /* Every whole superblock (4 bits, or 8-bit integer codes: BITS8): t += s * (acc + corr * xsum) (+ o * xsum) for
    each of the RB rows, in four named accumulators (an array of them was kept in memory). LINEAR, PAIRS and BITS8
    are constants where inlined. */
@@ -417,6 +439,22 @@ INLINE void superblocks(const uint8_t *const q[RB], const float *const scales[RB
     for (int64_t c = 0; c < blocks; c++) {
         int live = lanes - c * VW < VW ? (int)(lanes - c * VW) : VW;
         vf xs = VLOAD(o->xsum + c * VW);
+#if defined(MP_BF16)
+        if (pairs && live <= VW / 2) {   /* a half superblock: 256-bit halves (lanes past live hold zeros) */
+            const __m256 xh = _mm512_castps512_ps256(xs), start_h = _mm256_mul_ps(xh, _mm512_castps512_ps256(corr));
+            const float *xf = o->xp + 4 * c * VW;
+#define HALF_ROW(r, t)                                                                                       \
+            {                                                                                                \
+                __m256 acc = half_pairs(q[r] + 4 * VW * c, live, xf, start_h);                               \
+                __m256 part = _mm256_mul_ps(acc, half_params(scales[r], sp, c, o->group));                   \
+                if (has_offset) part = _mm256_fmadd_ps(xh, half_params(offsets[r], sp, c, o->group), part);  \
+                t = _mm512_add_ps(t, _mm512_zextps256_ps512(part));                                          \
+            }
+            HALF_ROW(0, t0) HALF_ROW(1, t1) HALF_ROW(2, t2) HALF_ROW(3, t3)
+#undef HALF_ROW
+            continue;
+        }
+#endif
         const vf start = pairs ? VFMA(xs, corr, VZERO()) : VZERO();   /* pairs: the bias's part, every row's */
         const void *xb = o->xp + 4 * c * VW;
         vf xv[8];
