@@ -135,23 +135,33 @@ def int8_blocks(x: torch.Tensor, per_lane: int, top_code: float = 127.0) -> torc
     return out
 
 
+def vnni_build(build_dir: str):
+    lib = build("avx512-bf16", build_dir)
+    if not cpu_native.products_available("int8", lib):
+        pytest.skip("this CPU has no AVX512_VNNI")
+    return lib
+
+
+def quantized_x_cases(spec: str):
+    """Per shape: K, the packed weight, its plan and float64 weight, and 3 rows of x (the first half of row 0 zero:
+    all-zero blocks have a zero scale)."""
+    for n, k in SHAPES:
+        packed = random_packed(spec, n, k, seed=k)
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3
+        x[0, : k // 2] = 0.0
+        yield k, packed, cpu_native.plan_for(packed), packed.dequantize(torch.float64), x
+
+
 @pytest.mark.parametrize("spec", ["int8/g32", "int8-asym/g64", "int8/channel", "int8/g8", "int8-asym/channel"])
 def test_8bit_codes_take_int16_x_where_bfloat16_products_are_allowed(spec, build_dir):
     """8-bit integer codes under bfloat16 products (the default) on a VNNI build: x quantized to int16 per block of
     32, integer sums: the float64 product of that x (closer to x's own than bfloat16 rounding would be), not of x."""
-    lib = build("avx512-bf16", build_dir)
-    if not cpu_native.products_available("int8", lib):
-        pytest.skip("this CPU has no AVX512_VNNI")
-    for n, k in SHAPES:
-        packed = random_packed(spec, n, k, seed=k)
-        plan = cpu_native.plan_for(packed)
-        w = packed.dequantize(torch.float64)
-        x = torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3
-        x[0, : k // 2] = 0.0   # all-zero blocks have a zero scale
+    lib = vnni_build(build_dir)
+    for k, packed, plan, w, x in quantized_x_cases(spec):
         x[1, 5] = 1e4   # one large value: its block's other values keep 2^-16 of it
         y = cpu_native.native_matmul(x, plan, lib=lib, products="bfloat16")
         quantized = int8_blocks(x, 4, 32767.0).double() @ w.t()
-        assert ((y.double() - quantized).abs() <= 4 * float32_bound(x, packed)).all(), (spec, n, k)
+        assert ((y.double() - quantized).abs() <= 4 * float32_bound(x, packed)).all(), (spec, k)
         exact = x.double() @ w.t()
         bf16 = x.bfloat16().double() @ w.t()
         assert (y.double() - exact).abs().max() < (bf16 - exact).abs().max() / 4
@@ -164,18 +174,11 @@ def test_8bit_codes_take_int16_x_where_bfloat16_products_are_allowed(spec, build
 def test_int8_products_are_the_products_of_x_in_int8_blocks(spec, build_dir):
     """int8 products (AVX512_VNNI): x quantized to int8 per block of 32, integer sums, then float32: the float64
     product of that quantized x, offsets included, and not the product of x itself."""
-    lib = build("avx512-bf16", build_dir)
-    if not cpu_native.products_available("int8", lib):
-        pytest.skip("this CPU has no AVX512_VNNI")
-    for n, k in SHAPES:
-        packed = random_packed(spec, n, k, seed=k)
-        plan = cpu_native.plan_for(packed)
-        w = packed.dequantize(torch.float64)
-        x = torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3
-        x[0, : k // 2] = 0.0   # all-zero blocks have a zero scale
+    lib = vnni_build(build_dir)
+    for k, packed, plan, w, x in quantized_x_cases(spec):
         y = cpu_native.native_matmul(x, plan, lib=lib, products="int8")
         quantized = int8_blocks(x, 8 if plan.bits == 4 else 4).double() @ w.t()
-        assert ((y.double() - quantized).abs() <= 4 * float32_bound(x, packed)).all(), (spec, n, k)
+        assert ((y.double() - quantized).abs() <= 4 * float32_bound(x, packed)).all(), (spec, k)
         if k >= 64:
             assert (y.double() - x.double() @ w.t()).abs().max() > 1e-4   # really quantized
 

@@ -570,17 +570,28 @@ INLINE void groups8(const uint8_t *const q[RB], const float *const scales[RB], c
         call;                                                                                                  \
         for (int r = 0; r < RB; r++) out[r] = total[r];                                                        \
     }
-VECTOR_PATH(dot4_linear, superblocks(q, scales, offsets, o, 1, 0, 0, total))
-VECTOR_PATH(dot4_table, superblocks(q, scales, offsets, o, 0, 0, 0, total))
+/* The decodes of the planes layouts, X(name suffix, superblocks call), once for both wrappers: VECTOR_PATH (a block
+   of rows: dot*) and ROWS_PATH below (a one-row call's whole row loop: rows*) */
 #if defined(MP_BF16)
-VECTOR_PATH(dot4_pairs, superblocks(q, scales, offsets, o, 1, 1, 0, total))
+#define IF_BF16(x) x
+#else
+#define IF_BF16(x)
 #endif
-VECTOR_PATH(dot8_planes, superblocks(q, scales, offsets, o, 1, 0, 1, total))
 #if defined(MP_VNNI)
-VECTOR_PATH(dot4_i8, superblocks_i8(q, scales, offsets, o, 0, 0, total))
-VECTOR_PATH(dot8_i8, superblocks_i8(q, scales, offsets, o, 1, 0, total))
-VECTOR_PATH(dot8_i16, superblocks_i8(q, scales, offsets, o, 1, 1, total))
+#define IF_VNNI(x) x
+#else
+#define IF_VNNI(x)
 #endif
+#define PLANES_PATHS(X)                                                                                        \
+    X(4_linear, superblocks(q, scales, offsets, o, 1, 0, 0, total))                                            \
+    X(4_table, superblocks(q, scales, offsets, o, 0, 0, 0, total))                                             \
+    IF_BF16(X(4_pairs, superblocks(q, scales, offsets, o, 1, 1, 0, total)))                                    \
+    X(8_planes, superblocks(q, scales, offsets, o, 1, 0, 1, total))                                            \
+    IF_VNNI(X(4_i8, superblocks_i8(q, scales, offsets, o, 0, 0, total))                                        \
+            X(8_i8, superblocks_i8(q, scales, offsets, o, 1, 0, total))                                        \
+            X(8_i16, superblocks_i8(q, scales, offsets, o, 1, 1, total)))
+#define AS_DOT(suffix, call) VECTOR_PATH(dot##suffix, call)
+PLANES_PATHS(AS_DOT)
 VECTOR_PATH(dot8_int, groups8(q, scales, o, KIND_INT, total))
 VECTOR_PATH(dot8_e4m3, groups8(q, scales, o, KIND_E4M3, total))
 VECTOR_PATH(dot8_e5m2, groups8(q, scales, o, KIND_E5M2, total))
@@ -621,17 +632,8 @@ typedef struct {
             _mm_storeu_ps(src->y + b0, hsum4(total[0], total[1], total[2], total[3]));                         \
         }                                                                                                      \
     }
-ROWS_PATH(rows4_linear, superblocks(q, scales, offsets, o, 1, 0, 0, total))
-ROWS_PATH(rows4_table, superblocks(q, scales, offsets, o, 0, 0, 0, total))
-#if defined(MP_BF16)
-ROWS_PATH(rows4_pairs, superblocks(q, scales, offsets, o, 1, 1, 0, total))
-#endif
-ROWS_PATH(rows8_planes, superblocks(q, scales, offsets, o, 1, 0, 1, total))
-#if defined(MP_VNNI)
-ROWS_PATH(rows4_i8, superblocks_i8(q, scales, offsets, o, 0, 0, total))
-ROWS_PATH(rows8_i8, superblocks_i8(q, scales, offsets, o, 1, 0, total))
-ROWS_PATH(rows8_i16, superblocks_i8(q, scales, offsets, o, 1, 1, total))
-#endif
+#define AS_ROWS(suffix, call) ROWS_PATH(rows##suffix, call)
+PLANES_PATHS(AS_ROWS)
 
 /* rows_*'s path for these operands (planes only) */
 static void whole_rows(const row_source *src, const operands *o, int64_t r0, int64_t r1) {
