@@ -38,6 +38,8 @@ tokens.
         --llamacpp --torch-kernels --threads 1    # native kernels against PyTorch's and llama.cpp
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 nf4/g64 --head int8/g32 \
         --llamacpp --eager --int8-products --threads 1 2 --repeats 5   # the native step, eager, llama.cpp
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 --head int8/g32 --llamacpp \
+        --threads 1 --repeats 3 --decode-prompt 1024 --prefill-tokens 1024   # decode after a 1024-token context
 """
 
 from __future__ import annotations
