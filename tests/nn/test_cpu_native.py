@@ -15,7 +15,7 @@ from conftest import random_packed
 
 from modelpress.formats.packed import PackedWeight, expand_groups
 from modelpress.nn import cpu_native
-from modelpress.nn.cpu_backend import CPU_BACKEND, DIGITS_MAX_ROWS, native_rows
+from modelpress.nn.cpu_backend import CPU_BACKEND, DIGITS_MAX_ROWS, EXACT_NATIVE_ROWS, native_rows
 from modelpress.nn.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the native kernels are not built")
@@ -271,7 +271,8 @@ def native_backend():
         yield CPU_BACKEND
 
 
-@pytest.mark.parametrize("spec,rows", [("int4/g128", 1), ("int8/g32", 1), ("fp4/g32", 1), ("nf4/g64", DIGITS_MAX_ROWS),
+@pytest.mark.parametrize("spec,rows", [("int4/g128", EXACT_NATIVE_ROWS), ("int8/g32", EXACT_NATIVE_ROWS),
+                                       ("fp4/g32", EXACT_NATIVE_ROWS), ("nf4/g64", DIGITS_MAX_ROWS),
                                        ("fp8-e4m3/channel", DIGITS_MAX_ROWS), ("nf4/g16", DIGITS_MAX_ROWS)])
 def test_decode_sized_calls_take_the_native_kernels(spec, rows, native_backend):
     layer = QuantLinear(random_packed(spec, 48, 576), torch.randn(48))

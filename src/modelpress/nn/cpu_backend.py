@@ -365,15 +365,19 @@ def prepared_nbytes(prep: Prepared) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+EXACT_NATIVE_ROWS = 2
+
+
 def native_rows(plan: cpu_native.NativePlan) -> int:
     """The most activation rows a call may have to take the native kernels. They decode the weight once per row
-    of x, so where PyTorch's kernels read the format's exact levels (int4, int8, fp4...) the native kernels win at
-    one row only (bench/cpu_native.py, 1536 x 576 at one thread). Levels PyTorch's kernels take only rounded to
+    of x, so where PyTorch's kernels read the format's exact levels (int4, int8, fp4...) the native kernels win up
+    to EXACT_NATIVE_ROWS rows (bench/cpu_native.py, 1536 x 576 at one thread: at 2 rows 49 vs 67 µs for int4/g32,
+    63 vs 132 for int8/g32, level for int8/channel; at 4 level or behind). Levels PyTorch's kernels take only rounded to
     a 12-bit grid, as three digits (nf4, fp8), take the native kernels up to DIGITS_MAX_ROWS, as far as the digits
     would serve: exact, and without the digits' layout of 1.5 bytes per weight beside the packed one. NF4's native
     time per row stays at or below the digits' there; fp8's is up to 1.3x above from 4 rows (prompts), the price
     of that memory."""
-    return 1 if _exact_in_torch(plan.format) else DIGITS_MAX_ROWS
+    return EXACT_NATIVE_ROWS if _exact_in_torch(plan.format) else DIGITS_MAX_ROWS
 
 
 @functools.cache

@@ -607,52 +607,57 @@ typedef struct {
     float *y;
 } row_source;
 
-/* y[r0 .. r1) of a one-row call (r1 - r0 a multiple of RB; every code in whole lanes, so there is no scalar part):
-   the row loop itself in one function per decode. Called once per block of rows, a path's function cost more
-   than its superblocks on a decode-sized row (the call, its constants, the sums handed back through memory:
-   ~5 of 22 ns per row at K = 576). */
+/* Columns r0 .. r1 of y (r1 - r0 a multiple of RB; every code in whole lanes, so there is no scalar part) for the
+   m rows of x whose operands are row_ops[0 .. m): the row loop itself in one function per decode, each block of
+   weight rows taken against every row of x while it is in L1. Called once per block of rows and row of x, a
+   path's function cost more than its superblocks on a decode-sized row (the call, its constants, the sums handed
+   back through memory: ~5 of 22 ns per row at K = 576). */
 #define ROWS_PATH(name, call)                                                                                  \
-    static __attribute__((noinline)) void name(const row_source *src, const operands *o, int64_t r0,          \
-                                               int64_t r1) {                                                   \
+    static __attribute__((noinline)) void name(const row_source *src, const operands *row_ops, int64_t m,     \
+                                               int64_t r0, int64_t r1) {                                       \
         const float *scales[RB], *offsets[RB];                                                                 \
-        for (int r = 0; r < RB; r++) scales[r] = src->sblock + r * o->groups, offsets[r] = src->oblock + r * o->groups; \
+        int64_t groups = row_ops->groups;                                                                      \
+        for (int r = 0; r < RB; r++) scales[r] = src->sblock + r * groups, offsets[r] = src->oblock + r * groups; \
         (void)offsets;                                                                                         \
         for (int64_t b0 = r0; b0 < r1; b0 += RB) {                                                             \
             int64_t ahead = b0 + PREFETCH_BLOCKS * RB, ahead_end = ahead + RB < src->n ? ahead + RB : src->n;  \
             for (int64_t row = ahead; row < ahead_end; row++)                                                  \
                 for (int64_t b = 0; b < src->row_bytes; b += 64)                                               \
                     _mm_prefetch((const char *)(src->qdata + row * src->q_row + b), _MM_HINT_T1);             \
-            load_block_params(src->scale, src->scale_type, b0, src->s_n, src->s_g, o->groups, src->sblock);    \
+            load_block_params(src->scale, src->scale_type, b0, src->s_n, src->s_g, groups, src->sblock);       \
             if (src->offset)                                                                                   \
-                load_block_params(src->offset, src->offset_type, b0, src->o_n, src->o_g, o->groups, src->oblock); \
+                load_block_params(src->offset, src->offset_type, b0, src->o_n, src->o_g, groups, src->oblock); \
             const uint8_t *q[RB];                                                                              \
             for (int r = 0; r < RB; r++) q[r] = src->qdata + (b0 + r) * src->q_row;                            \
-            vf total[RB];                                                                                      \
-            call;                                                                                              \
-            _mm_storeu_ps(src->y + b0, hsum4(total[0], total[1], total[2], total[3]));                         \
+            for (int64_t i = 0; i < m; i++) {                                                                  \
+                const operands *o = row_ops + i;                                                               \
+                vf total[RB];                                                                                  \
+                call;                                                                                          \
+                _mm_storeu_ps(src->y + i * src->n + b0, hsum4(total[0], total[1], total[2], total[3]));       \
+            }                                                                                                  \
         }                                                                                                      \
     }
 #define AS_ROWS(suffix, call) ROWS_PATH(rows##suffix, call)
 PLANES_PATHS(AS_ROWS)
 
 /* rows_*'s path for these operands (planes only) */
-static void whole_rows(const row_source *src, const operands *o, int64_t r0, int64_t r1) {
+static void whole_rows(const row_source *src, const operands *o, int64_t m, int64_t r0, int64_t r1) {
     if (o->bits == 4) {
 #if defined(MP_VNNI)
-        if (o->int8) rows4_i8(src, o, r0, r1); else
+        if (o->int8) rows4_i8(src, o, m, r0, r1); else
 #endif
 #if defined(MP_BF16)
-        if (o->pairs) rows4_pairs(src, o, r0, r1); else
+        if (o->pairs) rows4_pairs(src, o, m, r0, r1); else
 #endif
-        if (o->linear) rows4_linear(src, o, r0, r1);
-        else rows4_table(src, o, r0, r1);
+        if (o->linear) rows4_linear(src, o, m, r0, r1);
+        else rows4_table(src, o, m, r0, r1);
         return;
     }
 #if defined(MP_VNNI)
-    if (o->int8) rows8_i8(src, o, r0, r1); else
-    if (o->int16) rows8_i16(src, o, r0, r1); else
+    if (o->int8) rows8_i8(src, o, m, r0, r1); else
+    if (o->int16) rows8_i16(src, o, m, r0, r1); else
 #endif
-    rows8_planes(src, o, r0, r1);
+    rows8_planes(src, o, m, r0, r1);
 }
 #endif
 
@@ -771,6 +776,19 @@ static void quantize_x(const float *x, int64_t k, int per_lane, int64_t lanes, i
     }
 }
 
+/* Point o at one row of x's layout (xp: that row's part of the scratch; x_row: the row itself, or NULL for pairs,
+   whose bfloat16-rounded copy follows the planes in xp). */
+static void at_x_row(operands *o, const float *xp, int code_floats, int64_t lanes, const float *x_row) {
+    int per_lane = o->bits == 4 ? 8 : 4;
+    o->xp = xp;
+    o->xsum = xp + code_floats * lanes;
+    o->xscale = o->xsum + lanes;
+    o->xqsum = o->xsum + 2 * lanes;
+    o->x = x_row ? x_row : xp + (per_lane + 1) * lanes;
+}
+
+#define WHOLE_ROWS_MAX_M 64   /* rows of x whose operands whole_rows takes (on the stack) */
+
 /* y (m, n) float32 = x (m, k) float32 @ W^T (see the top of the file). products: MP_PRODUCTS_BF16 lets linear
    4-bit formats take bfloat16 products, MP_PRODUCTS_INT8 also lets them and 8-bit integer codes take int8 x (each
    where the build has it; others keep float32 products). Returns MP_OK, MP_NO_MEMORY, or MP_BAD_GROUP (4 bits: a
@@ -874,18 +892,17 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
     int64_t done = 0;   /* rows already computed */
 #if defined(MP_VECTOR)
     if (planes) o.sp = make_spreading(group, per_lane);
-    if (m == 1 && planes && k % per_lane == 0 && !sums8 && n >= RB) {   /* a decode-sized call: whole_rows */
-        float *xp = buf;
-        o.xp = xp;
-        o.xsum = xp + code_floats * lanes;
-        o.xscale = o.xsum + lanes;
-        o.xqsum = o.xsum + 2 * lanes;
-        o.x = pairs ? xp + (per_lane + 1) * lanes : x;
+    if (m <= WHOLE_ROWS_MAX_M && planes && k % per_lane == 0 && !sums8 && n >= RB) {   /* decode-sized: whole_rows */
+        operands row_ops[WHOLE_ROWS_MAX_M];
+        for (int64_t i = 0; i < m; i++) {
+            row_ops[i] = o;
+            at_x_row(&row_ops[i], buf + i * per_x, code_floats, lanes, pairs ? NULL : x + i * k);
+        }
         row_source src = {.qdata = qdata, .q_row = q_row, .row_bytes = row_bytes, .n = n, .scale = scale,
                           .offset = offset, .scale_type = scale_type, .offset_type = offset_type, .s_n = s_n,
                           .s_g = s_g, .o_n = o_n, .o_g = o_g, .sblock = sblock, .oblock = oblock, .y = y};
         done = n / RB * RB;
-        whole_rows(&src, &o, 0, done);
+        whole_rows(&src, row_ops, m, 0, done);
     }
 #endif
     for (int64_t r0 = done; r0 < n; r0 += RB) {
@@ -915,12 +932,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
         }
         for (int64_t i = 0; i < m; i++) {
             float out[RB];
-            float *xp = buf + i * per_x;
-            o.xp = xp;
-            o.xsum = xp + code_floats * lanes;
-            o.xscale = o.xsum + lanes;
-            o.xqsum = o.xsum + 2 * lanes;
-            o.x = pairs ? xp + (per_lane + 1) * lanes : x + i * k;
+            at_x_row(&o, buf + i * per_x, code_floats, lanes, pairs ? NULL : x + i * k);
             block_dot(q, s, off, &o, out);
             for (int r = 0; r < live; r++) {
                 float v = out[r];
