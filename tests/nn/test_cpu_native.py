@@ -152,15 +152,21 @@ def quantized_x_cases(spec: str):
         yield k, packed, cpu_native.plan_for(packed), packed.dequantize(torch.float64), x
 
 
-@pytest.mark.parametrize("spec", ["int8/g32", "int8-asym/g64", "int8/channel", "int8/g8", "int8-asym/channel"])
-def test_8bit_codes_take_int16_x_where_bfloat16_products_are_allowed(spec, build_dir):
-    """8-bit integer codes under bfloat16 products (the default) on a VNNI build: x quantized to int16 per block of
-    32, integer sums: the float64 product of that x (closer to x's own than bfloat16 rounding would be), not of x."""
-    lib = vnni_build(build_dir)
+INT16_8BIT = ["int8/g32", "int8-asym/g64", "int8/channel", "int8/g8", "int8-asym/channel"]
+INT16_4BIT = ["int4/g32", "int4-asym/g128", "int4/g8", "int4-asym/g64", "int4/channel"]
+
+
+@pytest.mark.parametrize("name,spec", [("avx512-bf16", spec) for spec in INT16_8BIT] +
+                         [("avx2", spec) for spec in INT16_4BIT])
+def test_integer_codes_take_int16_x_where_bfloat16_products_are_allowed(name, spec, build_dir):
+    """Under bfloat16 products (the default), 8-bit integer codes on a VNNI build and linear 4-bit codes on an AVX2
+    build multiply x quantized to int16 per block of 32, integer sums: the float64 product of that x (closer to x's
+    own than bfloat16 rounding would be), not of x."""
+    lib = vnni_build(build_dir) if name == "avx512-bf16" else build(name, build_dir)
     for k, packed, plan, w, x in quantized_x_cases(spec):
         x[1, 5] = 1e4   # one large value: its block's other values keep 2^-16 of it
         y = cpu_native.native_matmul(x, plan, lib=lib, products="bfloat16")
-        quantized = int8_blocks(x, 4, 32767.0).double() @ w.t()
+        quantized = int8_blocks(x, 8 if plan.bits == 4 else 4, 32767.0).double() @ w.t()
         assert ((y.double() - quantized).abs() <= 4 * float32_bound(x, packed)).all(), (spec, k)
         exact = x.double() @ w.t()
         bf16 = x.bfloat16().double() @ w.t()

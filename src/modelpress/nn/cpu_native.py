@@ -271,8 +271,9 @@ def native_matmul(x2: torch.Tensor, plan: NativePlan, lib: ctypes.CDLL | None = 
                   products: str = "bfloat16") -> torch.Tensor:
     """(M, K) activations -> (M, N) float32 through the native kernel: `lib` (a `load`ed build), else library(),
     which must not be None. products (PRODUCTS): "bfloat16" lets linear 4-bit formats (int4, int4-asym) take
-    bfloat16 products where the CPU has them (x rounded to bfloat16, as PyTorch's int4 kernel does), and 8-bit integer
-    formats x quantized to int16 in blocks of 32 where it has AVX512_VNNI (a finer rounding); "int8" also lets
+    bfloat16 products where the CPU has them (x rounded to bfloat16, as PyTorch's int4 kernel does; on AVX2 builds x
+    quantized to int16 in blocks of 32 instead), and 8-bit integer formats x quantized to int16 in blocks of 32 where
+    it has AVX512_VNNI (a finer rounding); "int8" also lets
     them and 8-bit integer formats take x quantized to int8 in blocks of 32 where the CPU has AVX512_VNNI (as
     llama.cpp's CPU matmuls do); "float32" keeps float32 products."""
     lib = lib or library()
