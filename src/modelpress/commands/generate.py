@@ -52,7 +52,8 @@ def add_parser(sub) -> None:
                         "fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
     p.add_argument("--cpu-products", default="bfloat16", choices=tuple(PRODUCTS),
                    help="the CPU's native decode step: what packed weights multiply with. bfloat16 (default): int4 x "
-                        "rounded to bfloat16, int8 x to int16 in blocks of 32, other formats exact; float32: exact; int8: x quantized to int8 in blocks "
+                        "rounded to bfloat16 (int16 in blocks of 32 on AVX2-only CPUs), int8 x to int16 in blocks of "
+                        "32, other formats exact; float32: exact; int8: x quantized to int8 in blocks "
                         "of 32 for int4 and int8 weights, as llama.cpp does (faster where the CPU has AVX512_VNNI)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast a float model to this dtype")

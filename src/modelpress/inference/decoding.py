@@ -57,7 +57,8 @@ class GenerationSettings:
     # (nn/cpu_backend.py fast_cpu); False: the exact dequantize-then-matmul reference path
     cpu_kernels: bool = True
     # the native step's products for packed weights (cpu_native.PRODUCTS): bfloat16 (int4 x rounded to bfloat16 as
-    # above, 8-bit integer codes x in int16 per block of 32 where the CPU has AVX512_VNNI, other formats exact
+    # above, or to int16 per block of 32 on AVX2-only CPUs; 8-bit integer codes x in int16 per block of 32 where the
+    # CPU has AVX512_VNNI; other formats exact
     # float32), float32 (exact for every format), or int8 (x quantized to int8 in blocks
     # of 32 for int4 and 8-bit integer formats, as llama.cpp's CPU matmuls do; where the CPU has AVX512_VNNI)
     cpu_products: str = "bfloat16"
