@@ -58,9 +58,9 @@ class GenerationSettings:
     cpu_kernels: bool = True
     # the native step's products for packed weights (cpu_native.PRODUCTS): bfloat16 (int4 x rounded to bfloat16 as
     # above, or to int16 per block of 32 on AVX2-only CPUs; 8-bit integer codes x in int16 per block of 32 where the
-    # CPU has AVX512_VNNI; other formats exact
-    # float32), float32 (exact for every format), or int8 (x quantized to int8 in blocks
-    # of 32 for int4 and 8-bit integer formats, as llama.cpp's CPU matmuls do; where the CPU has AVX512_VNNI)
+    # CPU has AVX512_VNNI; other formats exact float32), float32 (exact for every format), or int8 (x quantized to
+    # int8 in blocks of 32 for int4 and 8-bit integer formats, as llama.cpp's CPU matmuls do; where the CPU has
+    # AVX512_VNNI)
     cpu_products: str = "bfloat16"
     # the KV cache generate builds: a mode of CACHE_MODES (default residual and groups), or a KVCacheConfig;
     # ignored when a cache is passed to generate
