@@ -19,7 +19,7 @@
      bfloat16), twice as fast here.
    - int16 pairs (linear formats on AVX2, which has no bfloat16 or VNNI instructions, where bfloat16 products are
      allowed): x quantized to int16 in blocks of 32 (finer than bfloat16), the nibbles masked into 16-bit words the
-     same way and multiplied by vpmaddwd (superblocks_i16).
+     same way and multiplied by vpmaddwd (superblocks_int).
    The bias (and pairs' 128) is taken off per lane with the sum of the lane's 8 x values, and so is the offset:
    total += s * (acc + corr * xsum) + o * xsum. Groups shorter than a superblock (8, 16, 32, 64 codes; 64 at most
    with AVX2) get their scales and offsets spread over the lanes by one permute; longer ones (a multiple of 8 VW,
@@ -496,36 +496,6 @@ INLINE __m512i superblock_row_i16(const uint8_t *q, int live, __m512i xe, __m512
     return _mm512_dpwssd_epi32(acc, _mm512_srli_epi16(w, 8), xo);
 }
 
-/* superblocks() with int8 (or, WIDE, int16) x: t += s * (xscale * isum + corr * xqsum) (+ o * xqsum) for each of
-   the RB rows: the offset too multiplies the quantized x, so the product is the weight's with quantized x
-   (asymmetric formats' offsets are as large as their codes' part, and would not cancel x's rounding in it
-   otherwise). WIDE is for 8-bit codes only. */
-INLINE void superblocks_i8(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
-                           const operands *o, int bits8, int wide, vf total[RB]) {
-    int per_lane = bits8 ? 4 : 8, vectors = wide ? 2 : per_lane / 4;
-    const spreading sp = o->sp;
-    int64_t lanes = o->k / per_lane, blocks = (lanes + VW - 1) / VW;
-    const vf corr = VSET1(o->corr);
-    const int has_offset = o->has_offset;
-    const uint8_t *xq = (const uint8_t *)o->xp;
-    vf t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
-    for (int64_t c = 0; c < blocks; c++) {
-        int live = lanes - c * VW < VW ? (int)(lanes - c * VW) : VW;
-        __m512i xe = _mm512_loadu_si512(xq + 64 * vectors * c), xo = _mm512_loadu_si512(xq + 64 * (vectors * c + 1));
-        vf xd = VLOAD(o->xscale + c * VW), xs = VLOAD(o->xqsum + c * VW), cx = _mm512_mul_ps(corr, xs);
-#define ROW(r, t)                                                                                            \
-        {                                                                                                    \
-            __m512i isum = wide ? superblock_row_i16(q[r] + 4 * VW * c, live, xe, xo)                        \
-                                : superblock_row_i8(q[r] + 4 * VW * c, live, xe, xo, bits8);                \
-            vf acc = VFMA(VCVT(isum), xd, cx);                                                               \
-            t = VFMA(acc, block_params(scales[r], sp, c, o->group), t);                                      \
-            if (has_offset) t = VFMA(xs, block_params(offsets[r], sp, c, o->group), t);                      \
-        }
-        ROW(0, t0) ROW(1, t1) ROW(2, t2) ROW(3, t3)
-#undef ROW
-    }
-    total[0] = t0, total[1] = t1, total[2] = t2, total[3] = t3;
-}
 #endif
 
 #if defined(MP_AVX2)
@@ -544,10 +514,32 @@ INLINE __m256i superblock_row_i16_avx2(const uint8_t *q, int live, const __m256i
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(w, 12), mask), xv[3]));
 }
 
-/* superblocks_i8's sums for 4-bit codes and int16 x on AVX2 (per superblock: 4 vectors of x's int16 codes) */
-INLINE void superblocks_i16(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
-                            const operands *o, vf total[RB]) {
-    int per_lane = 8, vectors = 4;
+#endif
+
+#if defined(MP_VNNI) || defined(MP_AVX2)
+#if defined(MP_VNNI)
+#define VI_LOAD(p) _mm512_loadu_si512(p)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+/* one row's integer sums of superblock c (see the row functions above) */
+INLINE vi integer_row(const uint8_t *q, int live, const vi xv[4], int bits8, int wide) {
+    return wide ? superblock_row_i16(q, live, xv[0], xv[1]) : superblock_row_i8(q, live, xv[0], xv[1], bits8);
+}
+#else
+#define VI_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+INLINE vi integer_row(const uint8_t *q, int live, const vi xv[4], int bits8, int wide) {
+    (void)bits8, (void)wide;   /* AVX2: 4-bit codes with int16 x only */
+    return superblock_row_i16_avx2(q, live, xv);
+}
+#endif
+
+/* superblocks() with integer x, int8 or (WIDE) int16: t += s * (xscale * isum + corr * xqsum) (+ o * xqsum) for
+   each of the RB rows: the offset too multiplies the quantized x, so the product is the weight's with quantized x
+   (asymmetric formats' offsets are as large as their codes' part, and would not cancel x's rounding in it
+   otherwise). Per superblock, x's codes are per_lane / 4 (int8) or per_lane / 2 (int16) vectors. */
+INLINE void superblocks_int(const uint8_t *const q[RB], const float *const scales[RB], const float *const offsets[RB],
+                            const operands *o, int bits8, int wide, vf total[RB]) {
+    int per_lane = bits8 ? 4 : 8, vectors = wide ? per_lane / 2 : per_lane / 4;
     const spreading sp = o->sp;
     int64_t lanes = o->k / per_lane, blocks = (lanes + VW - 1) / VW;
     const vf corr = VSET1(o->corr);
@@ -556,12 +548,12 @@ INLINE void superblocks_i16(const uint8_t *const q[RB], const float *const scale
     vf t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
     for (int64_t c = 0; c < blocks; c++) {
         int live = lanes - c * VW < VW ? (int)(lanes - c * VW) : VW;
-        __m256i xv[4];
-        for (int v = 0; v < vectors; v++) xv[v] = _mm256_loadu_si256((const __m256i *)(xq + 32 * (vectors * c + v)));
-        vf xd = VLOAD(o->xscale + c * VW), xs = VLOAD(o->xqsum + c * VW), cx = _mm256_mul_ps(corr, xs);
+        vi xv[4];
+        for (int v = 0; v < vectors; v++) xv[v] = VI_LOAD(xq + sizeof(vi) * (vectors * c + v));
+        vf xd = VLOAD(o->xscale + c * VW), xs = VLOAD(o->xqsum + c * VW), cx = VMUL(corr, xs);
 #define ROW(r, t)                                                                                            \
         {                                                                                                    \
-            vf acc = VFMA(VCVT(superblock_row_i16_avx2(q[r] + 4 * VW * c, live, xv)), xd, cx);              \
+            vf acc = VFMA(VCVT(integer_row(q[r] + 4 * VW * c, live, xv, bits8, wide)), xd, cx);             \
             t = VFMA(acc, block_params(scales[r], sp, c, o->group), t);                                      \
             if (has_offset) t = VFMA(xs, block_params(offsets[r], sp, c, o->group), t);                      \
         }
@@ -639,10 +631,10 @@ INLINE void groups8(const uint8_t *const q[RB], const float *const scales[RB], c
     X(4_table, superblocks(q, scales, offsets, o, 0, 0, 0, total))                                             \
     IF_BF16(X(4_pairs, superblocks(q, scales, offsets, o, 1, 1, 0, total)))                                    \
     X(8_planes, superblocks(q, scales, offsets, o, 1, 0, 1, total))                                            \
-    IF_VNNI(X(4_i8, superblocks_i8(q, scales, offsets, o, 0, 0, total))                                        \
-            X(8_i8, superblocks_i8(q, scales, offsets, o, 1, 0, total))                                        \
-            X(8_i16, superblocks_i8(q, scales, offsets, o, 1, 1, total)))                                      \
-    IF_AVX2(X(4_i16, superblocks_i16(q, scales, offsets, o, total)))
+    IF_VNNI(X(4_i8, superblocks_int(q, scales, offsets, o, 0, 0, total))                                       \
+            X(8_i8, superblocks_int(q, scales, offsets, o, 1, 0, total))                                       \
+            X(8_i16, superblocks_int(q, scales, offsets, o, 1, 1, total)))                                     \
+    IF_AVX2(X(4_i16, superblocks_int(q, scales, offsets, o, 0, 1, total)))
 #define AS_DOT(suffix, call) VECTOR_PATH(dot##suffix, call)
 PLANES_PATHS(AS_DOT)
 VECTOR_PATH(dot8_int, groups8(q, scales, o, KIND_INT, total))
@@ -693,27 +685,34 @@ typedef struct {
 #define AS_ROWS(suffix, call) ROWS_PATH(rows##suffix, call)
 PLANES_PATHS(AS_ROWS)
 
-/* rows_*'s path for these operands (planes only) */
-static void whole_rows(const row_source *src, const operands *o, int64_t m, int64_t r0, int64_t r1) {
+/* A planes layout's two wrappers of one decode */
+typedef struct {
+    void (*dot)(const uint8_t *const q_in[RB], const float *const s_in[RB], const float *const o_in[RB],
+                const operands *o, vf out[RB]);
+    void (*rows)(const row_source *src, const operands *row_ops, int64_t m, int64_t r0, int64_t r1);
+} planes_fns;
+#define AS_FNS(suffix, call) static const planes_fns fns##suffix = {dot##suffix, rows##suffix};
+PLANES_PATHS(AS_FNS)
+
+/* The decode for these operands (4 bits, or 8-bit integer codes in byte planes) */
+static const planes_fns *planes_path(const operands *o) {
     if (o->bits == 4) {
 #if defined(MP_VNNI)
-        if (o->int8) rows4_i8(src, o, m, r0, r1); else
+        if (o->int8) return &fns4_i8;
 #endif
 #if defined(MP_AVX2)
-        if (o->int16) rows4_i16(src, o, m, r0, r1); else
+        if (o->int16) return &fns4_i16;
 #endif
 #if defined(MP_BF16)
-        if (o->pairs) rows4_pairs(src, o, m, r0, r1); else
+        if (o->pairs) return &fns4_pairs;
 #endif
-        if (o->linear) rows4_linear(src, o, m, r0, r1);
-        else rows4_table(src, o, m, r0, r1);
-        return;
+        return o->linear ? &fns4_linear : &fns4_table;
     }
 #if defined(MP_VNNI)
-    if (o->int8) rows8_i8(src, o, m, r0, r1); else
-    if (o->int16) rows8_i16(src, o, m, r0, r1); else
+    if (o->int8) return &fns8_i8;
+    if (o->int16) return &fns8_i16;
 #endif
-    rows8_planes(src, o, m, r0, r1);
+    return &fns8_planes;
 }
 #endif
 
@@ -727,26 +726,10 @@ static void block_dot(const uint8_t *const q[RB], const float *const scales[RB],
     int64_t from_planes = 0;   /* planes: the first code the vector part left */
 #if defined(MP_VECTOR)
     vf total[RB];
-    if (o->bits == 4) {
-#if defined(MP_VNNI)
-        if (o->int8) dot4_i8(q, scales, offsets, o, total); else
-#endif
-#if defined(MP_AVX2)
-        if (o->int16) dot4_i16(q, scales, offsets, o, total); else
-#endif
-#if defined(MP_BF16)
-        if (o->pairs) dot4_pairs(q, scales, offsets, o, total); else
-#endif
-        if (o->linear) dot4_linear(q, scales, offsets, o, total);
-        else dot4_table(q, scales, offsets, o, total);
-        from_planes = o->k / 8 * 8;
-    } else if (o->planes8) {
-#if defined(MP_VNNI)
-        if (o->int8) dot8_i8(q, scales, offsets, o, total); else
-        if (o->int16) dot8_i16(q, scales, offsets, o, total); else
-#endif
-        dot8_planes(q, scales, offsets, o, total);
-        from_planes = o->k / 4 * 4;
+    if (planes) {
+        planes_path(o)->dot(q, scales, offsets, o, total);
+        int per_lane = o->bits == 4 ? 8 : 4;
+        from_planes = o->k / per_lane * per_lane;
     } else if (o->kind == KIND_INT) {
         dot8_int(q, scales, offsets, o, total);
     } else if (o->kind == KIND_E4M3) {
@@ -848,7 +831,7 @@ static void at_x_row(operands *o, const float *xp, int code_floats, int64_t lane
     o->x = x_row ? x_row : xp + (per_lane + 1) * lanes;
 }
 
-#define WHOLE_ROWS_MAX_M 64   /* rows of x whose operands whole_rows takes (on the stack) */
+#define WHOLE_ROWS_MAX_M 64   /* rows of x whose operands the rows* functions take (on the stack) */
 
 /* y (m, n) float32 = x (m, k) float32 @ W^T (see the top of the file). products: MP_PRODUCTS_BF16 lets linear
    4-bit formats take bfloat16 products, MP_PRODUCTS_INT8 also lets them and 8-bit integer codes take int8 x (each
@@ -883,7 +866,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
     /* 8-bit integer codes where bfloat16 x would do: x in int16 (a rounding finer than bfloat16's), vpdpwssd */
     int int16 = products >= MP_PRODUCTS_BF16 && planes8 && !int8;
 #elif defined(MP_AVX2)
-    /* AVX2: linear 4-bit codes (no bfloat16 pairs there), vpmaddwd (superblocks_i16) */
+    /* AVX2: linear 4-bit codes (no bfloat16 pairs there), vpmaddwd (superblocks_int) */
     int int16 = products >= MP_PRODUCTS_BF16 && bits == 4 && linear;
 #else
     int int16 = 0;
@@ -956,7 +939,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
     int64_t done = 0;   /* rows already computed */
 #if defined(MP_VECTOR)
     if (planes) o.sp = make_spreading(group, per_lane);
-    if (m <= WHOLE_ROWS_MAX_M && planes && k % per_lane == 0 && !sums8 && n >= RB) {   /* decode-sized: whole_rows */
+    if (m <= WHOLE_ROWS_MAX_M && planes && k % per_lane == 0 && !sums8 && n >= RB) {   /* decode-sized: rows* */
         operands row_ops[WHOLE_ROWS_MAX_M];
         for (int64_t i = 0; i < m; i++) {
             row_ops[i] = o;
@@ -966,7 +949,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
                           .offset = offset, .scale_type = scale_type, .offset_type = offset_type, .s_n = s_n,
                           .s_g = s_g, .o_n = o_n, .o_g = o_g, .sblock = sblock, .oblock = oblock, .y = y};
         done = n / RB * RB;
-        whole_rows(&src, row_ops, m, 0, done);
+        planes_path(&o)->rows(&src, row_ops, m, 0, done);
     }
 #endif
     for (int64_t r0 = done; r0 < n; r0 += RB) {
