@@ -68,5 +68,9 @@ def pick(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generato
     """One token from (V,) logits: the argmax when greedy (the token a draw from its one-hot distribution gives,
     without the 1 ms that drawing from 49k probabilities costs on a CPU), else a draw from next_token_probs."""
     if config.greedy:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy's argmax (same first-maximum and NaN rules): ~3 µs over 49k logits where torch's takes ~43 µs on
+            # one thread, about 1% of a CPU decode step
+            return int(logits.detach().numpy().argmax())
         return int(logits.argmax())
     return int(sample(next_token_probs(logits, config), generator))
