@@ -224,6 +224,7 @@ typedef __m512i vi;
 #define VSET1(v) _mm512_set1_ps(v)
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
 #define VCVT(i) _mm512_cvtepi32_ps(i)
 #define VPERM(idx, v) _mm512_permutexvar_ps(idx, v)
 #define VI_SRL(a, n) _mm512_srli_epi32(a, n)
@@ -267,6 +268,7 @@ typedef __m256i vi;
 #define VSET1(v) _mm256_set1_ps(v)
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
 #define VCVT(i) _mm256_cvtepi32_ps(i)
 #define VPERM(idx, v) _mm256_permutevar8x32_ps(v, idx)
 #define VI_SRL(a, n) _mm256_srli_epi32(a, n)
@@ -458,7 +460,7 @@ INLINE void superblocks(const uint8_t *const q[RB], const float *const scales[RB
             continue;
         }
 #endif
-        const vf start = pairs ? VFMA(xs, corr, VZERO()) : VZERO();   /* pairs: the bias's part, every row's */
+        const vf start = pairs ? VMUL(xs, corr) : VZERO();   /* pairs: the bias's part, every row's */
         const void *xb = o->xp + 4 * c * VW;
         vf xv[8];
         if (!pairs)
@@ -519,14 +521,12 @@ INLINE __m256i superblock_row_i16_avx2(const uint8_t *q, int live, const __m256i
 #if defined(MP_VNNI) || defined(MP_AVX2)
 #if defined(MP_VNNI)
 #define VI_LOAD(p) _mm512_loadu_si512(p)
-#define VMUL(a, b) _mm512_mul_ps(a, b)
 /* one row's integer sums of superblock c (see the row functions above) */
 INLINE vi integer_row(const uint8_t *q, int live, const vi xv[4], int bits8, int wide) {
     return wide ? superblock_row_i16(q, live, xv[0], xv[1]) : superblock_row_i8(q, live, xv[0], xv[1], bits8);
 }
 #else
 #define VI_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
-#define VMUL(a, b) _mm256_mul_ps(a, b)
 INLINE vi integer_row(const uint8_t *q, int live, const vi xv[4], int bits8, int wide) {
     (void)bits8, (void)wide;   /* AVX2: 4-bit codes with int16 x only */
     return superblock_row_i16_avx2(q, live, xv);
@@ -641,6 +641,14 @@ VECTOR_PATH(dot8_int, groups8(q, scales, o, KIND_INT, total))
 VECTOR_PATH(dot8_e4m3, groups8(q, scales, o, KIND_E4M3, total))
 VECTOR_PATH(dot8_e5m2, groups8(q, scales, o, KIND_E5M2, total))
 
+/* Rows from .. from + RB - 1 (those below n) towards L2: the row loops fetch PREFETCH_BLOCKS blocks ahead (the
+   hardware prefetcher follows one stream poorly when it is read as RB interleaved short rows) */
+INLINE void prefetch_block(const uint8_t *qdata, int64_t q_row, int64_t row_bytes, int64_t from, int64_t n) {
+    int64_t end = from + RB < n ? from + RB : n;
+    for (int64_t row = from; row < end; row++)
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch((const char *)(qdata + row * q_row + b), _MM_HINT_T1);
+}
+
 /* Where a one-row call's weight rows and parameters are, for rows_*. */
 typedef struct {
     const uint8_t *qdata;
@@ -665,10 +673,7 @@ typedef struct {
         for (int r = 0; r < RB; r++) scales[r] = src->sblock + r * groups, offsets[r] = src->oblock + r * groups; \
         (void)offsets;                                                                                         \
         for (int64_t b0 = r0; b0 < r1; b0 += RB) {                                                             \
-            int64_t ahead = b0 + PREFETCH_BLOCKS * RB, ahead_end = ahead + RB < src->n ? ahead + RB : src->n;  \
-            for (int64_t row = ahead; row < ahead_end; row++)                                                  \
-                for (int64_t b = 0; b < src->row_bytes; b += 64)                                               \
-                    _mm_prefetch((const char *)(src->qdata + row * src->q_row + b), _MM_HINT_T1);             \
+            prefetch_block(src->qdata, src->q_row, src->row_bytes, b0 + PREFETCH_BLOCKS * RB, src->n);         \
             load_block_params(src->scale, src->scale_type, b0, src->s_n, src->s_g, groups, src->sblock);       \
             if (src->offset)                                                                                   \
                 load_block_params(src->offset, src->offset_type, b0, src->o_n, src->o_g, groups, src->oblock); \
@@ -957,11 +962,7 @@ int mp_gemv(const mp_weight *w, const float *x, int64_t m, float *y, int product
         const float *s[RB], *off[RB];
         int live = n - r0 < RB ? (int)(n - r0) : RB;
 #if defined(MP_VECTOR)
-        /* the rows PREFETCH_BLOCKS blocks ahead, towards L2 (the hardware prefetcher follows one stream poorly
-           when it is read as RB interleaved short rows) */
-        int64_t ahead = r0 + PREFETCH_BLOCKS * RB, ahead_end = ahead + RB < n ? ahead + RB : n;
-        for (int64_t row = ahead; row < ahead_end; row++)
-            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch((const char *)(qdata + row * q_row + b), _MM_HINT_T1);
+        prefetch_block(qdata, q_row, row_bytes, r0 + PREFETCH_BLOCKS * RB, n);
 #endif
         for (int r = 0; r < RB; r++) {
             int64_t row = r0 + (r < live ? r : live - 1);   /* a short last block repeats its last row */

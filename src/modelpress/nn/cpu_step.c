@@ -502,9 +502,9 @@ static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64
             for (int64_t j = 0; j < group; j++) scores[j * cap + t] = dot(qg + j * hd, keys + t * hd, hd) * d->scaling;
         float *og = out + g * group * hd;
         for (int64_t j = 0; j < group; j++) {
-            float *sj = scores + j * cap, top = -INFINITY, total = 0.0f;
+            float *sj = scores + j * cap, top = -INFINITY;
             for (int64_t t = 0; t <= pos; t++) top = sj[t] > top ? sj[t] : top;
-            total = exp_shifted(sj, pos + 1, top);
+            float total = exp_shifted(sj, pos + 1, top);
             for (int64_t t = 0; t <= pos; t++) sj[t] /= total;
         }
         /* the values in tiles of VALUE_TILE positions, each tile read from memory once for the group's heads */
