@@ -26,6 +26,8 @@ OpenMP threads can lose whole scheduler slices at every parallel region; one thr
 - SCHEME eager            the same model on generate's eager path (transformers' forward per token, the native
                           kernels per layer), --eager; the plain rows decode on generate's default CPU path: the
                           whole step in one native call (inference/native_decode.py) where it serves the model
+- SCHEME + int8 KV         the same model decoding on an int8 KV cache (GenerationSettings.kv_cache="int8": the
+                          native step's codes, or with --eager also the eager path's QuantizedKVCache), --kv-int8
 Quality of the fast path is checked against the reference path of the same model on the first 128 tokens of the
 prefill prompt, the fast path fed one token at a time (the decode calls generation makes), the reference 32 at a
 time: top-1 agreement, max |logit difference|, KL(reference || fast), and whether greedy decode made the same
@@ -40,6 +42,8 @@ tokens.
         --llamacpp --eager --int8-products --threads 1 2 --repeats 5   # the native step, eager, llama.cpp
     OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode.py --schemes int4/g32 int8/g32 --head int8/g32 --llamacpp \
         --threads 1 --repeats 3 --decode-prompt 1024 --prefill-tokens 1024   # decode after a 1024-token context
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_decode.py --schemes int4/g32 --head int8/g32 --kv-int8 --eager \
+        --threads 1 --repeats 3 --decode-prompt 2048 --prefill-tokens 2048   # the int8 KV cache at a long context
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class Row:
     decode: str = "auto"                   # generate's decode path: auto (native where it serves), or eager
     decode_path: str = ""                  # the path the last round ran
     products: str = "bfloat16"             # GenerationSettings.cpu_products (the native step's products)
+    kv_cache: str = "float"                # GenerationSettings.kv_cache
 
     @contextlib.contextmanager
     def context(self):
@@ -111,7 +116,8 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str, compiled: bool = False,
-                decode: str = "auto", products: str = "bfloat16") -> tuple[float, torch.Tensor, str]:
+                decode: str = "auto", products: str = "bfloat16", kv_cache: str = "float"
+                ) -> tuple[float, torch.Tensor, str]:
     """(seconds per token, greedy tokens, decode path). loop "modelpress": `modelpress generate`'s loop
     (inference.decoding, on `decode`'s path: auto is the native step where it serves the model; compiled: the
     static path with GenerationSettings.compile), timed from the first new token to the last as llama.cpp's rows
@@ -121,7 +127,7 @@ def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, loop: str,
         stamps: list[float] = []
         settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0),
                                       decode="static" if compiled else decode, compile=compiled,
-                                      cpu_kernels=CPU_BACKEND.enabled, cpu_products=products)
+                                      cpu_kernels=CPU_BACKEND.enabled, cpu_products=products, kv_cache=kv_cache)
         result = generate(model, ids, settings,
                           on_tokens=lambda _: stamps.append(time.perf_counter()))
         return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), torch.tensor(result.tokens), result.decode_path
@@ -165,7 +171,7 @@ def fast_vs_reference(row: Row, ids: torch.Tensor) -> dict:
     ids = ids[:, :QUALITY_TOKENS]
     with row.context():
         if row.decode_path == "native":   # the native step, as generation ran it (the first token prefilled)
-            native = NativeDecoder(row.model, ids.shape[1], products=row.products)
+            native = NativeDecoder(row.model, ids.shape[1], products=row.products, kv_cache=row.kv_cache)
             first = native.prefill(ids[0, :1].tolist())
             fast = torch.cat([first] + [native.step(int(t)) for t in ids[0, 1:]]).double()
         else:
@@ -254,7 +260,8 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
             continue
         with row.context():  # warm-up: builds the prepared weights, touches every page once
             time_prefill(row.model, prompt)
-            time_decode(row.model, decode_prompt, 2, loop, row.compiled, row.decode, row.products)  # compiles
+            time_decode(row.model, decode_prompt, 2, loop, row.compiled, row.decode, row.products,  # compiles
+                        row.kv_cache)
     for round_ in range(repeats):
         for row in rows:
             if row.gguf is not None:
@@ -264,7 +271,8 @@ def time_rows(rows: list[Row], prompt: torch.Tensor, new_tokens: int, repeats: i
                 row.prefill_s.append(time_prefill(row.model, prompt))
                 tokens = new_tokens if row.fast else min(new_tokens, reference_tokens)
                 per_token, row.tokens, row.decode_path = time_decode(row.model, decode_prompt, tokens, loop,
-                                                                     row.compiled, row.decode, row.products)
+                                                                     row.compiled, row.decode, row.products,
+                                                                     row.kv_cache)
                 row.decode_s.append(per_token)
         print(f"{torch.get_num_threads()} threads: round {round_ + 1}/{repeats} done", file=sys.stderr, flush=True)
 
@@ -334,6 +342,8 @@ def main() -> None:
     parser.add_argument("--torch-kernels", action="store_true",
                         help="also time each fast float32 quantized row with decode-sized calls on PyTorch's kernels "
                              "instead of the native ones (CpuBackend.native = False)")
+    parser.add_argument("--kv-int8", action="store_true",
+                        help="also decode every native row on an int8 KV cache (with --eager, its eager rows too)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -350,8 +360,12 @@ def main() -> None:
         rows += [Row(f"{row.name} int8 x", row.model, products="int8") for row in rows
                  if row.fast and row.name != "float32" and row.decode == "auto" and row.native
                  and next(row.model.parameters()).dtype == torch.float32]
+    if args.kv_int8:
+        rows += [Row(f"{row.name} + int8 KV", row.model, kv_cache="int8") for row in rows
+                 if row.fast and row.native and row.decode == "auto" and row.products == "bfloat16"
+                 and next(row.model.parameters()).dtype == torch.float32]
     if args.eager:
-        rows += [Row(f"{row.name} eager", row.model, decode="eager") for row in rows
+        rows += [Row(f"{row.name} eager", row.model, decode="eager", kv_cache=row.kv_cache) for row in rows
                  if row.fast and row.native and row.decode == "auto" and row.products == "bfloat16"
                  and next(row.model.parameters()).dtype == torch.float32]
     if args.compile:
@@ -369,7 +383,7 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         for row in rows:
             results.append({"threads": threads, "name": row.name, "fast_path": row.fast, "decode_path": row.decode_path,
-                            "cpu_products": row.products,
+                            "cpu_products": row.products, "kv_cache": row.kv_cache,
                             "decode_tokens_per_s": 1 / statistics.median(row.decode_s), "native_kernels": row.native,
                             "prefill_tokens_per_s": prompt.shape[1] / statistics.median(row.prefill_s),
                             "decode_s_per_token": row.decode_s, "prefill_s": row.prefill_s,
@@ -381,7 +395,7 @@ def main() -> None:
                                                               common]
             elif any(isinstance(m, QuantLinear) for m in row.model.modules()):
                 results[-1].update(layer_bytes(row.model))
-                if row.fast and not row.compiled:
+                if row.fast and not row.compiled and (row.kv_cache == "float" or row.decode_path == "native"):
                     results[-1]["quality"] = row_quality(row, rows, prompt, args.new_tokens, args.decode_loop)
 
     shutil.rmtree(workdir, ignore_errors=True)

@@ -19,6 +19,7 @@ from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.errors import ModelpressError
 from modelpress.formats import WeightScheme
 from modelpress.inference.decoding import GenerationSettings, forward_logits, generate
+from modelpress.inference.kv_cache import KVCacheConfig, make_kv_cache
 from modelpress.inference import native_decode
 from modelpress.inference.native_decode import NativeDecoder, native_obstacle
 from modelpress.inference.sampling import SamplingConfig
@@ -58,19 +59,21 @@ def build(family: str, **overrides):
     if family == "mistral":
         return randomized(MistralForCausalLM(MistralConfig(**{**SHAPE, "sliding_window": None, **overrides})))
     if family == "qwen2":   # biases on q, k and v
-        return randomized(Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=False, **overrides)))
+        return randomized(Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, "use_sliding_window": False, **overrides})))
     if family == "qwen3":   # per-head RMSNorms on q and k
-        return randomized(Qwen3ForCausalLM(Qwen3Config(**SHAPE, **overrides)))
+        return randomized(Qwen3ForCausalLM(Qwen3Config(**{**SHAPE, **overrides})))
     raise ValueError(family)
 
 
-def compare(model, tokens: list[int], atol: float = 1e-4, native_prefill: bool = True) -> NativeDecoder:
-    """Teacher-forced: the prompt, then each of `tokens` alone against the model's own forward on a DynamicCache;
-    then, after a rewind of 3, those 3 tokens in one call against the single steps' logits. native_prefill=False:
-    the prompt through transformers' forward as a long one would be (packed layers: PyTorch's batched kernels
-    round otherwise than the native ones, so both caches start from the same prefill)."""
-    native = NativeDecoder(model, len(PROMPT) + len(tokens) + 4)
-    cache = DynamicCache(config=model.config)
+def compare(model, tokens: list[int], atol: float = 1e-4, native_prefill: bool = True,
+            kv_cache: str = "float") -> tuple[NativeDecoder, DynamicCache]:
+    """Teacher-forced: the prompt, then each of `tokens` alone against the model's own forward on a DynamicCache
+    (kv_cache int8: on the eager path's QuantizedKVCache); then, after a rewind of 3, those 3 tokens in one call
+    against the single steps' logits. native_prefill=False: the prompt through transformers' forward as a long one
+    would be (packed layers: PyTorch's batched kernels round otherwise than the native ones, so both caches start
+    from the same prefill)."""
+    native = NativeDecoder(model, len(PROMPT) + len(tokens) + 4, kv_cache=kv_cache)
+    cache = make_kv_cache(model, KVCacheConfig(kv_cache))
     with mock.patch.object(native_decode, "NATIVE_PREFILL_TOKENS", len(PROMPT) if native_prefill else 0):
         first = native.prefill(PROMPT)
     assert torch.allclose(first, forward_logits(model, PROMPT, cache, last_only=True), atol=atol)
@@ -85,7 +88,7 @@ def compare(model, tokens: list[int], atol: float = 1e-4, native_prefill: bool =
     assert together.shape == (3, model.config.vocab_size)
     assert torch.allclose(together, torch.cat(steps[-3:]), atol=atol, rtol=atol)
     assert native.position == cache.get_seq_length() == len(PROMPT) + len(tokens)
-    return native
+    return native, cache
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3"])
@@ -159,6 +162,44 @@ def test_an_input_permutation_is_applied(one_thread):
         compare(model, [11, 23, 5, 60], atol=2e-4, native_prefill=False)
 
 
+@pytest.mark.parametrize("family, native_prefill", [("llama", True), ("qwen3", True), ("qwen3", False)])
+@torch.no_grad()
+def test_an_int8_cache_gives_the_eager_int8_caches_logits_and_codes(family, native_prefill, one_thread):
+    """kv_cache="int8": every key and value quantized as it is written (int8 per token and head, float16 scales),
+    attention on codes times scales, against the eager path's QuantizedKVCache; the prompt natively or through
+    transformers (its codes copied). The codes are the eager cache's: the same rule on keys and values computed in
+    another float32 order, so a code may sit across a rounding boundary now and then, never more than one apart."""
+    model = build(family, head_dim=40, num_attention_heads=6, num_key_value_heads=3)
+    native, cache = compare(model, [(7 * i + 3) % 300 for i in range(36)], native_prefill=native_prefill,
+                            kv_cache="int8")
+    n = native.position
+    same = total = 0
+    for ((k_codes, k_scales), (v_codes, v_scales)), layer in zip(native.caches, cache.layers):
+        for codes, scales, stored in ((k_codes, k_scales, layer.stored[0]), (v_codes, v_scales, layer.stored[1])):
+            expected = stored.qdata[0].to(torch.int16) - 128
+            diff = (codes[:, :n].to(torch.int16) - expected).abs()
+            assert int(diff.max()) <= 1
+            same, total = same + int((diff == 0).sum()), total + diff.numel()
+            assert torch.allclose(scales[:, :n], stored.scale[0, :, :, 0].float(), rtol=1e-3, atol=0)
+    assert same / total > 0.995
+    float_bytes = NativeDecoder(model, native.capacity).cache_bytes
+    assert native.cache_bytes * 3 < float_bytes   # codes a quarter of float32's, plus a scale per 40 values
+
+
+@torch.no_grad()
+def test_generate_and_speculation_keep_an_int8_cache_on_the_native_step(one_thread):
+    target = build("llama")
+    draft = copy.deepcopy(target)
+    quantize_rtn(draft, RTNConfig(WeightScheme.parse("int4/g32")))
+    settings = [GenerationSettings(max_new_tokens=16, decode=path, kv_cache="int8",
+                                   sampling=SamplingConfig(temperature=0.0)) for path in ("auto", "eager")]
+    native, eager = (generate(target, PROMPT, s) for s in settings)
+    assert (native.decode_path, eager.decode_path) == ("native", "eager")
+    assert native.tokens == eager.tokens
+    speculated = speculative_generate(target, draft, PROMPT, settings[0], SpeculativeConfig(3))
+    assert speculated.decode_path == "native" and speculated.tokens == native.tokens and speculated.drafted > 0
+
+
 def greedy(path: str, tokens: int = 10) -> GenerationSettings:
     return GenerationSettings(max_new_tokens=tokens, decode=path, sampling=SamplingConfig(temperature=0.0))
 
@@ -212,7 +253,8 @@ def test_asking_for_it_where_it_cannot_run_decodes_eagerly(caplog, one_thread):
         result = generate(model, PROMPT, greedy("native", 4))
     assert result.decode_path == "eager" and "do not serve" in caplog.text
     float_model = build("llama")
-    for settings in (GenerationSettings(max_new_tokens=3, kv_cache="int8"),
+    for settings in (GenerationSettings(max_new_tokens=3, kv_cache="fp8"),
+                     GenerationSettings(max_new_tokens=3, kv_cache=KVCacheConfig("int8", residual_length=4)),
                      GenerationSettings(max_new_tokens=3, cpu_kernels=False)):
         assert generate(float_model, PROMPT, settings).decode_path == "eager"
 
@@ -293,7 +335,7 @@ def test_a_head_it_does_not_serve_is_the_models_own(one_thread):
     quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
     quantize_head(model, HeadConfig(WeightScheme.parse("int3-asym/g32")))
     with fast_cpu():
-        native = compare(model, [11, 23, 5, 60], atol=2e-4, native_prefill=False)
+        native, _ = compare(model, [11, 23, 5, 60], atol=2e-4, native_prefill=False)
     assert not native.head_native
 
 

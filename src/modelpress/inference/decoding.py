@@ -6,14 +6,15 @@ Decode paths (`GenerationSettings.decode`):
 - static: a static KV cache written at a device position (static_decode.py), steps run eagerly;
 - graph: the static cache with the decode step captured once in a CUDA graph and replayed (CUDA only);
 - native: the CPU's whole decode step in one native call per token (native_decode.py; Llama, Mistral, Qwen2 and
-  Qwen3 decoders in float32 whose projections the native kernels serve, float KV cache, CPU kernels on);
+  Qwen3 decoders in float32 whose projections the native kernels serve, float or int8 KV cache, CPU kernels on);
 - auto (default): graph on CUDA; native on the CPU where it serves the model and the settings, else eager.
 `GenerationSettings.compile` also runs the static and graph paths' forwards through torch.compile (inductor: the
 norms, rotary embeddings and other small kernels of a decoder layer fused), compiled on the first call of each
 token count; the graph path captures the compiled forward.
 `GenerationSettings.kv_cache` picks the KV cache's mode (kv_cache.CACHE_MODES): float, or a quantized mode
 that generate builds for the path it takes: static_kv.StaticQuantizedCache on the static and graph paths,
-kv_cache.QuantizedKVCache on the eager one (same quantized numbers for every token on either).
+kv_cache.QuantizedKVCache on the eager one, the native step's own int8 codes (int8 only) on the native one
+(same quantized numbers for every token on each).
 A static path falls back to eager, with a logged reason, for a caller-supplied cache, a model with sliding-
 window or other non-full attention layers, flash-attention kernels (no 4-D masks), or a prompt the static
 prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly. Speculative decoding
@@ -178,14 +179,17 @@ def decode_path(model: nn.Module, settings: GenerationSettings, cache: Cache | N
 
 def native_path_obstacle(model: nn.Module, settings: GenerationSettings, cache: Cache | None) -> str | None:
     """Why the native CPU step cannot serve this call, or None."""
-    from modelpress.inference.native_decode import native_obstacle
+    from modelpress.inference.native_decode import NATIVE_KV_MODES, native_obstacle
 
     if model_device(model).type != "cpu":
         return f"the model is on {model_device(model)}, not the CPU"
     if cache is not None:
         return "a KV cache was given (it is used as it is)"
-    if settings.kv_config.mode != "float":
-        return f"the {settings.kv_config.mode} KV cache is not on the native step"
+    kv = settings.kv_config
+    if kv.mode not in NATIVE_KV_MODES or kv.residual:
+        window = f" with a float window of {kv.residual} tokens" if kv.residual else ""
+        return (f"the {kv.mode} KV cache{window} is not on the native step (it keeps "
+                f"{' or '.join(NATIVE_KV_MODES)} caches without a window)")
     if settings.compile:
         return "compile=True asks for the static path"
     if not settings.cpu_kernels:
@@ -239,7 +243,8 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
         from modelpress.inference.native_decode import NativeDecoder
 
         try:
-            native = NativeDecoder(model, len(prompt) + settings.max_new_tokens, products=settings.cpu_products)
+            native = NativeDecoder(model, len(prompt) + settings.max_new_tokens, products=settings.cpu_products,
+                                   kv_cache=kv_cache.mode)
             return native, native.prefill(prompt), path
         except ModelpressError as err:   # e.g. heads the step cannot lay out: say why, decode eagerly
             log.warning("%s; decoding eagerly", err)

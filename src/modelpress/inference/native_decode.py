@@ -5,12 +5,16 @@ nn/cpu_gemv.c, float32 ones through a float32 GEMV), where the eager path runs ~
 `native_obstacle(model)` says why a model cannot take this path (or None); `NativeDecoder` has the interface of
 StaticDecoder: prefill(prompt), step(token) -> (1, V) and forward(tokens) -> (T, V) float32 logits, rewind(n)
 (so speculative decoding drives it too). A prompt of up to NATIVE_PREFILL_TOKENS is one native call too; a
-longer one runs through the model itself (transformers, with a DynamicCache, its batched kernels), and its keys
-and values are copied into the decoder's own float32 cache; each new token then takes one `mp_forward` call, the output head included where it
-is an nn.Linear or a QuantLinear the native kernels serve (else the model's own head runs on the final hidden
-states); the embedding stays the model's own module (float, quantized or tied), one call per token. A one-token
-step splits each projection's rows over torch.get_num_threads() threads (nn/cpu_step.c's pool; the same numbers
-at any thread count).
+longer one runs through the model itself (transformers, with a cache of the decoder's mode, its batched
+kernels), and its keys and values are copied into the decoder's own cache; each new token then takes one
+`mp_forward` call, the output head included where it is an nn.Linear or a QuantLinear the native kernels serve
+(else the model's own head runs on the final hidden states); the embedding stays the model's own module (float,
+quantized or tied), one call per token. A one-token step splits each projection's rows over
+torch.get_num_threads() threads (nn/cpu_step.c's pool; the same numbers at any thread count).
+
+The KV cache is float32, or (kv_cache="int8") the eager path's `int8` mode (kv_cache.py): int8 codes and a
+float16-exact scale per token and key/value head, each token quantized as it is written and attended to as
+codes times scale, at a quarter of the float32 cache's bytes.
 
 Served: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM in float32 on the CPU, with
 full attention only, a rope whose frequencies do not depend on the sequence length (default, linear, llama3,
@@ -30,7 +34,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from modelpress.errors import ModelpressError
-from modelpress.inference.kv_cache import check_full_attention
+from modelpress.inference.kv_cache import KVCacheConfig, check_full_attention, make_kv_cache
 from modelpress.nn import cpu_native
 from modelpress.nn.cpu_backend import CPU_BACKEND
 from modelpress.nn.quant_linear import QuantLinear
@@ -44,8 +48,12 @@ PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self
 # (default model, one thread: 29 vs 42 ms at 8 tokens, 122 vs 110 at 32; 478 vs 419 at 128), and no prepared
 # layouts of PyTorch's kernels are built for them
 NATIVE_PREFILL_TOKENS = 32
+# KV caches the step keeps: float32 states, or kv_cache.py's `int8` mode (codes and a float16-exact scale per token
+# and head, every token quantized as it arrives: the codes of the eager path's QuantizedKVCache)
+NATIVE_KV_MODES = ("float", "int8")
 STATUS = {-1: "no scratch memory", -2: "a packed weight's groups are not served", -3: "position past the cache",
-          -4: "projection shapes that do not fit a decoder block", -5: "no logits buffer for the head"}
+          -4: "projection shapes that do not fit a decoder block", -5: "no logits buffer for the head",
+          -6: "a block without its KV cache"}
 
 
 class Linear(ctypes.Structure):
@@ -59,7 +67,8 @@ class Block(ctypes.Structure):
     """cpu_step.c's mp_block"""
 
     _fields_ = [(name, Linear) for name, _ in PROJECTIONS] + [
-        (name, ctypes.c_void_p) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "k_cache", "v_cache")] + [
+        (name, ctypes.c_void_p) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "k_cache", "v_cache",
+                                             "k_codes", "v_codes", "k_scales", "v_scales")] + [
         ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64)]
 
 
@@ -155,17 +164,21 @@ class NativeDecoder:
     path = "native"
     capture_seconds = 0.0
 
-    def __init__(self, model: nn.Module, capacity: int, products: str = "bfloat16", threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, capacity: int, products: str = "bfloat16", threads: int | None = None,
+                 kv_cache: str = "float") -> None:
         reason = native_obstacle(model)
         if reason is not None:
             raise ModelpressError(f"the native decode step cannot run this model: {reason}")
-        self.model, self.capacity, self.position = model, int(capacity), 0
+        if kv_cache not in NATIVE_KV_MODES:
+            raise ModelpressError(f"the native decode step keeps a {' or '.join(NATIVE_KV_MODES)} KV cache, "
+                                  f"not {kv_cache!r}")
+        self.model, self.capacity, self.position, self.kv_cache = model, int(capacity), 0, kv_cache
         self.lib = cpu_native.library()
         inner = model.model
         self._keep: list = []   # every tensor and plan whose address the C structs hold
         blocks = (Block * len(inner.layers))()
         head_dim = int(inner.layers[0].self_attn.head_dim)   # every layer's (native_obstacle checks)
-        self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []   # (keys, values) of each block
+        self.caches: list[tuple] = []   # each block's (keys, values): tensors, or (codes, scales) pairs for int8
         for block, layer in zip(blocks, inner.layers):
             for name, path in PROJECTIONS:
                 setattr(block, name, self._linear(layer.get_submodule(path)))
@@ -175,9 +188,7 @@ class NativeDecoder:
             block.mlp_norm = self._tensor(layer.post_attention_layernorm.weight)
             block.q_norm = self._tensor(getattr(attention, "q_norm", None) and attention.q_norm.weight)
             block.k_norm = self._tensor(getattr(attention, "k_norm", None) and attention.k_norm.weight)
-            keys, values = (torch.zeros(block.kv_heads, self.capacity, head_dim) for _ in range(2))
-            block.k_cache, block.v_cache = self._tensor(keys), self._tensor(values)
-            self.caches.append((keys, values))
+            self.caches.append(self._cache(block, head_dim))
         self.blocks = blocks
         hidden = inner.norm.weight.numel()
         cos, sin = self._rope_table(head_dim)
@@ -206,6 +217,25 @@ class NativeDecoder:
         self._keep.append(t)
         return t.data_ptr()
 
+    def _cache(self, block: Block, head_dim: int) -> tuple:
+        """The block's (keys, values) cache, its addresses set in `block`."""
+        shape = (block.kv_heads, self.capacity, head_dim)
+        if self.kv_cache == "float":
+            keys, values = torch.zeros(shape), torch.zeros(shape)
+            block.k_cache, block.v_cache = self._tensor(keys), self._tensor(values)
+            return keys, values
+        keys = torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])
+        values = torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])
+        block.k_codes, block.k_scales = (self._tensor(t) for t in keys)
+        block.v_codes, block.v_scales = (self._tensor(t) for t in values)
+        return keys, values
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the KV cache holds (all `capacity` positions)."""
+        return sum(t.numel() * t.element_size() for pair in self.caches for part in pair
+                   for t in (part if isinstance(part, tuple) else (part,)))
+
     def _linear(self, module: nn.Module) -> Linear:
         n, k = module.out_features, module.in_features
         linear = Linear(n=n, k=k, bias=self._tensor(module.bias))
@@ -229,8 +259,9 @@ class NativeDecoder:
 
     def prefill(self, prompt: list[int]) -> torch.Tensor:
         """The prompt from position 0: (1, V) logits of its last position. Up to NATIVE_PREFILL_TOKENS tokens in
-        one native call; a longer prompt through the model itself (transformers' batched forward, faster there),
-        its keys and values then copied into the cache."""
+        one native call; a longer prompt through the model itself (transformers' batched forward, faster there,
+        on a cache of this decoder's mode: an int8 one attends to the quantized states, as the step does), its
+        keys and values then copied into the cache."""
         from modelpress.inference.decoding import forward_logits
 
         if len(prompt) > self.capacity:
@@ -238,13 +269,17 @@ class NativeDecoder:
         self.position = 0
         if len(prompt) <= NATIVE_PREFILL_TOKENS:
             return self.forward(prompt, last_only=True)
-        cache = DynamicCache(config=self.model.config)
+        n = len(prompt)
+        cache = make_kv_cache(self.model, KVCacheConfig(self.kv_cache, residual_length=0))
         logits = forward_logits(self.model, prompt, cache, last_only=True)[-1:]
-        for i, (keys, values) in enumerate(self.caches):
-            layer = cache.layers[i]
-            keys[:, : len(prompt)] = layer.keys[0].float()
-            values[:, : len(prompt)] = layer.values[0].float()
-        self.position = len(prompt)
+        for (keys, values), layer in zip(self.caches, cache.layers):
+            if self.kv_cache == "float":
+                keys[:, :n], values[:, :n] = layer.keys[0].float(), layer.values[0].float()
+                continue
+            for (codes, scales), stored in zip((keys, values), layer.stored):   # offset-binary uint8 -> int8
+                codes[:, :n] = (stored.qdata[0].to(torch.int16) - 128).to(torch.int8)
+                scales[:, :n] = stored.scale[0, :, :, 0].float()
+        self.position = n
         return logits
 
     def step(self, token: int) -> torch.Tensor:

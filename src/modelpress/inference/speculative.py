@@ -274,7 +274,8 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
 def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSettings,
              kv_cache) -> StaticDecoder | NativeDecoder:
     if path == "native":
-        return NativeDecoder(model, max_len, products=settings.cpu_products)
+        return NativeDecoder(model, max_len, products=settings.cpu_products,
+                             kv_cache="float" if kv_cache is None else kv_cache.mode)
     return StaticDecoder(model, max_len, graph=path == "graph", keep_last_only=supports_logits_to_keep(model),
                          kv_cache=kv_cache, compile=settings.compile)
 

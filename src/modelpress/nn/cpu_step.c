@@ -47,11 +47,15 @@ typedef struct {
 } mp_linear;
 
 /* One decoder block. Norm weights: hidden values (attn_norm, mlp_norm), head_dim values (q_norm, k_norm, or NULL
-   where the block has none). Caches: (kv_heads, capacity, head_dim) float32, written at the step's position. */
+   where the block has none). Caches, written at the step's position: k_cache, v_cache (kv_heads, capacity,
+   head_dim) float32; or, where k_codes is set, int8 codes of that shape (k_codes, v_codes) and a float32 scale per
+   (kv_head, position) (k_scales, v_scales): the `int8` KV cache (quantize_state). */
 typedef struct {
     mp_linear q, k, v, o, gate, up, down;
     const float *attn_norm, *mlp_norm, *q_norm, *k_norm;
     float *k_cache, *v_cache;
+    int8_t *k_codes, *v_codes;
+    float *k_scales, *v_scales;
     int64_t heads, kv_heads;
 } mp_block;
 
@@ -73,7 +77,7 @@ typedef struct {
     int64_t logits_from;   /* the head runs for tokens logits_from.. of a call (a prompt: its last one only) */
 } mp_decoder;
 
-enum { MP_BAD_POSITION = -3, MP_BAD_SHAPE = -4, MP_NO_LOGITS = -5 };
+enum { MP_BAD_POSITION = -3, MP_BAD_SHAPE = -4, MP_NO_LOGITS = -5, MP_NO_CACHE = -6 };
 
 /* ---- float32 vectors through the compiler's vector extension (AVX-512, AVX2 or plain code alike) ---- */
 
@@ -113,26 +117,47 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return t;
 }
 
-/* out[r] = a . rows[r] (n floats each) for r < 4: each load of a serves four rows, and the four sums' reductions
-   are independent of each other */
-static inline void dot4(const float *a, const float *r0, const float *r1, const float *r2, const float *r3, int64_t n,
-                        float out[4]) {
+/* Cached keys and values, (positions, hd) rows of one key/value head: float32, or int8 codes (`codes` set; each
+   row's scale is kept beside them, see store_states). Every function below takes `codes` as a constant and is
+   inlined into attend_rows, so each kind of cache gets its own loops with no test inside them. */
+typedef int8_t code_vec __attribute__((vector_size(W)));
+
+static inline __attribute__((always_inline)) vec kv_load(const void *rows, int64_t i, int codes) {
+    if (!codes) return vload((const float *)rows + i);
+    code_vec c;
+    memcpy(&c, (const int8_t *)rows + i, sizeof c);
+    return __builtin_convertvector(c, vec);
+}
+
+static inline __attribute__((always_inline)) float kv_at(const void *rows, int64_t i, int codes) {
+    return codes ? (float)((const int8_t *)rows)[i] : ((const float *)rows)[i];
+}
+
+/* out[r] = a . rows[r] for the four rows r < 4 (hd values each) from `rows`: each load of a serves four rows, and
+   the four sums' reductions are independent of each other */
+static inline __attribute__((always_inline)) void dot4(const float *a, const void *rows, int64_t hd, int codes,
+                                                       float out[4]) {
     vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     int64_t j = 0;
-    for (; j + W <= n; j += W) {
+    for (; j + W <= hd; j += W) {
         vec av = vload(a + j);
-        s0 += av * vload(r0 + j);
-        s1 += av * vload(r1 + j);
-        s2 += av * vload(r2 + j);
-        s3 += av * vload(r3 + j);
+        s0 += av * kv_load(rows, j, codes);
+        s1 += av * kv_load(rows, hd + j, codes);
+        s2 += av * kv_load(rows, 2 * hd + j, codes);
+        s3 += av * kv_load(rows, 3 * hd + j, codes);
     }
     out[0] = vsum(s0), out[1] = vsum(s1), out[2] = vsum(s2), out[3] = vsum(s3);
-    for (; j < n; j++) {
-        out[0] += a[j] * r0[j];
-        out[1] += a[j] * r1[j];
-        out[2] += a[j] * r2[j];
-        out[3] += a[j] * r3[j];
-    }
+    for (; j < hd; j++)
+        for (int r = 0; r < 4; r++) out[r] += a[j] * kv_at(rows, r * hd + j, codes);
+}
+
+static inline __attribute__((always_inline)) float dot_kv(const float *a, const void *row, int64_t hd, int codes) {
+    vec acc = {0};
+    int64_t j = 0;
+    for (; j + W <= hd; j += W) acc += vload(a + j) * kv_load(row, j, codes);
+    float t = vsum(acc);
+    for (; j < hd; j++) t += a[j] * kv_at(row, j, codes);
+    return t;
 }
 
 /* y (m, n) = x (m, k) W^T, W (n, k): four rows of W at a time, each load of x serving four rows, and every row
@@ -426,6 +451,7 @@ int64_t mp_forward_work(const mp_decoder *d, int64_t tokens) {
 static int check_block(const mp_decoder *d, const mp_block *b) {
     int64_t hd = d->head_dim, hidden = d->hidden;
     if (b->heads <= 0 || b->kv_heads <= 0 || b->heads % b->kv_heads) return MP_BAD_SHAPE;
+    if (b->k_codes ? !(b->v_codes && b->k_scales && b->v_scales) : !(b->k_cache && b->v_cache)) return MP_NO_CACHE;
     if (b->q.n != b->heads * hd || b->k.n != b->kv_heads * hd || b->v.n != b->kv_heads * hd) return MP_BAD_SHAPE;
     if (b->q.k != hidden || b->k.k != hidden || b->v.k != hidden || b->o.k != b->heads * hd || b->o.n != hidden)
         return MP_BAD_SHAPE;
@@ -451,17 +477,18 @@ int mp_check(const mp_decoder *d) {
 /* out (hd) (+)= sum over t < n of p[t] * values[t] (rows of hd; add: onto out, else over it): the sums kept in
    registers across t, W * 4 columns at a time (summed in memory, each position's update waited on the last one's
    store) */
-static void weigh_values(const float *values, const float *p, int64_t n, int64_t hd, int add, float *out) {
+static inline __attribute__((always_inline)) void weigh_values(const void *values, const float *p, int64_t n,
+                                                               int64_t hd, int add, float *out, int codes) {
     int64_t i = 0;
     for (; i + 4 * W <= hd; i += 4 * W) {
         vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         if (add) a0 = vload(out + i), a1 = vload(out + i + W), a2 = vload(out + i + 2 * W), a3 = vload(out + i + 3 * W);
         for (int64_t t = 0; t < n; t++) {
-            const float *vt = values + t * hd + i;
-            a0 += p[t] * vload(vt);
-            a1 += p[t] * vload(vt + W);
-            a2 += p[t] * vload(vt + 2 * W);
-            a3 += p[t] * vload(vt + 3 * W);
+            int64_t at = t * hd + i;
+            a0 += p[t] * kv_load(values, at, codes);
+            a1 += p[t] * kv_load(values, at + W, codes);
+            a2 += p[t] * kv_load(values, at + 2 * W, codes);
+            a3 += p[t] * kv_load(values, at + 3 * W, codes);
         }
         memcpy(out + i, &a0, sizeof a0);
         memcpy(out + i + W, &a1, sizeof a1);
@@ -471,13 +498,56 @@ static void weigh_values(const float *values, const float *p, int64_t n, int64_t
     for (; i + W <= hd; i += W) {
         vec a = {0};
         if (add) a = vload(out + i);
-        for (int64_t t = 0; t < n; t++) a += p[t] * vload(values + t * hd + i);
+        for (int64_t t = 0; t < n; t++) a += p[t] * kv_load(values, t * hd + i, codes);
         memcpy(out + i, &a, sizeof a);
     }
     for (; i < hd; i++) {
         float a = add ? out[i] : 0.0f;
-        for (int64_t t = 0; t < n; t++) a += p[t] * values[t * hd + i];
+        for (int64_t t = 0; t < n; t++) a += p[t] * kv_at(values, t * hd + i, codes);
         out[i] = a;
+    }
+}
+
+/* attend's work for one key/value head g, its cached rows of either kind (codes: int8 rows, whose scales stand in
+   the scores: q . (c s) = (q . c) s for keys, and p (c s) = (p s) c for values) */
+static inline __attribute__((always_inline)) void attend_rows(const mp_block *b, const float *q, const mp_decoder *d,
+                                                              int64_t g, int64_t pos, float *scores, float *out,
+                                                              int codes) {
+    int64_t hd = d->head_dim, cap = d->capacity, group = b->heads / b->kv_heads, first = g * cap;
+    const void *keys = codes ? (const void *)(b->k_codes + first * hd) : (const void *)(b->k_cache + first * hd);
+    const void *values = codes ? (const void *)(b->v_codes + first * hd) : (const void *)(b->v_cache + first * hd);
+    const float *key_scales = codes ? b->k_scales + first : NULL, *value_scales = codes ? b->v_scales + first : NULL;
+    const float *qg = q + g * group * hd;
+    int64_t t = 0;
+    for (; t + 4 <= pos + 1; t += 4) {   /* four positions' keys at a time, read once for the group's heads */
+        const void *k0 = codes ? (const void *)((const int8_t *)keys + t * hd) : (const void *)((const float *)keys + t * hd);
+        for (int64_t j = 0; j < group; j++) {
+            float four[4], *sj = scores + j * cap + t;
+            dot4(qg + j * hd, k0, hd, codes, four);
+            for (int r = 0; r < 4; r++) sj[r] = (codes ? four[r] * key_scales[t + r] : four[r]) * d->scaling;
+        }
+    }
+    for (; t <= pos; t++) {
+        const void *kt = codes ? (const void *)((const int8_t *)keys + t * hd) : (const void *)((const float *)keys + t * hd);
+        for (int64_t j = 0; j < group; j++) {
+            float sum = dot_kv(qg + j * hd, kt, hd, codes);
+            scores[j * cap + t] = (codes ? sum * key_scales[t] : sum) * d->scaling;
+        }
+    }
+    float *og = out + g * group * hd;
+    for (int64_t j = 0; j < group; j++) {
+        float *sj = scores + j * cap, top = -INFINITY;
+        for (int64_t t = 0; t <= pos; t++) top = sj[t] > top ? sj[t] : top;
+        float total = exp_shifted(sj, pos + 1, top);
+        for (int64_t t = 0; t <= pos; t++) sj[t] = codes ? sj[t] / total * value_scales[t] : sj[t] / total;
+    }
+    /* the values in tiles of VALUE_TILE positions, each tile read from memory once for the group's heads */
+    for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
+        int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE;
+        const void *tile = codes ? (const void *)((const int8_t *)values + t0 * hd)
+                                 : (const void *)((const float *)values + t0 * hd);
+        for (int64_t j = 0; j < group; j++)
+            weigh_values(tile, scores + j * cap + t0, n, hd, t0 > 0, og + j * hd, codes);
     }
 }
 
@@ -485,34 +555,48 @@ static void weigh_values(const float *values, const float *p, int64_t n, int64_t
    share a key/value head are taken together, so each cached key and value is read once per token, not once per
    head (at long contexts the cache is the larger part of what a step reads). scores: group * capacity floats. */
 static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64_t pos, float *scores, float *out) {
-    int64_t hd = d->head_dim, cap = d->capacity, group = b->heads / b->kv_heads;
     for (int64_t g = 0; g < b->kv_heads; g++) {
-        const float *keys = b->k_cache + g * cap * hd, *values = b->v_cache + g * cap * hd;
-        const float *qg = q + g * group * hd;
-        int64_t t = 0;
-        for (; t + 4 <= pos + 1; t += 4) {   /* four positions' keys at a time, read once for the group's heads */
-            const float *k0 = keys + t * hd;
-            for (int64_t j = 0; j < group; j++) {
-                float four[4], *sj = scores + j * cap + t;
-                dot4(qg + j * hd, k0, k0 + hd, k0 + 2 * hd, k0 + 3 * hd, hd, four);
-                for (int r = 0; r < 4; r++) sj[r] = four[r] * d->scaling;
-            }
-        }
-        for (; t <= pos; t++)
-            for (int64_t j = 0; j < group; j++) scores[j * cap + t] = dot(qg + j * hd, keys + t * hd, hd) * d->scaling;
-        float *og = out + g * group * hd;
-        for (int64_t j = 0; j < group; j++) {
-            float *sj = scores + j * cap, top = -INFINITY;
-            for (int64_t t = 0; t <= pos; t++) top = sj[t] > top ? sj[t] : top;
-            float total = exp_shifted(sj, pos + 1, top);
-            for (int64_t t = 0; t <= pos; t++) sj[t] /= total;
-        }
-        /* the values in tiles of VALUE_TILE positions, each tile read from memory once for the group's heads */
-        for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
-            int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE;
-            for (int64_t j = 0; j < group; j++)
-                weigh_values(values + t0 * hd, scores + j * cap + t0, n, hd, t0 > 0, og + j * hd);
-        }
+        if (b->k_codes) attend_rows(b, q, d, g, pos, scores, out, 1);
+        else attend_rows(b, q, d, g, pos, scores, out, 0);
+    }
+}
+
+/* x rounded to float16 and back, for x in float16's normal range [2^-14, 65504] (to nearest, ties to even): the
+   13 low mantissa bits of float32 rounded away */
+static float float16_rounded(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u += 0x0FFFu + ((u >> 13) & 1u);
+    u &= ~0x1FFFu;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* One state vector (hd values) as int8 codes and a scale, by the rule of kv_quant.quantize_per_token with the int8
+   format (the eager path's `int8` KV cache, the same codes): scale = absmax / 127 (1 for an all-zero vector), clamped
+   to float16's normal range and rounded to float16; codes round(x / scale), ties to even, clamped to [-128, 127] */
+static void quantize_state(const float *x, int64_t hd, int8_t *codes, float *scale) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < hd; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    s = float16_rounded(s < 0x1p-14f ? 0x1p-14f : s > 65504.0f ? 65504.0f : s);
+    for (int64_t i = 0; i < hd; i++) {
+        float c = nearbyintf(x[i] / s);
+        codes[i] = (int8_t)(c < -128.0f ? -128.0f : c > 127.0f ? 127.0f : c);
+    }
+    *scale = s;
+}
+
+/* k and v of key/value head i into the cache at position `at` */
+static void store_states(const mp_block *b, const mp_decoder *d, int64_t i, int64_t at, const float *k,
+                         const float *v) {
+    int64_t hd = d->head_dim, row = i * d->capacity + at;
+    if (b->k_codes) {
+        quantize_state(k, hd, b->k_codes + row * hd, b->k_scales + row);
+        quantize_state(v, hd, b->v_codes + row * hd, b->v_scales + row);
+    } else {
+        memcpy(b->k_cache + row * hd, k, hd * sizeof(float));
+        memcpy(b->v_cache + row * hd, v, hd * sizeof(float));
     }
 }
 
@@ -532,8 +616,7 @@ static void position_heads(const mp_block *b, const mp_decoder *d, float *q, flo
         for (int64_t i = 0; i < b->kv_heads; i++) {
             if (b->k_norm) rms_norm(kt + i * hd, b->k_norm, hd, d->eps, kt + i * hd);
             rotate(kt + i * hd, cos, sin, hd);
-            memcpy(b->k_cache + (i * d->capacity + pos + t) * hd, kt + i * hd, hd * sizeof(float));
-            memcpy(b->v_cache + (i * d->capacity + pos + t) * hd, vt + i * hd, hd * sizeof(float));
+            store_states(b, d, i, pos + t, kt + i * hd, vt + i * hd);
         }
     }
 }
