@@ -116,3 +116,34 @@ def random_packed(spec: str, n: int, k: int, seed: int = 0, perm: bool = False):
     weight[torch.rand(n, k, generator=generator) < 0.01] *= 8
     input_perm = torch.randperm(k, generator=generator) if perm else None
     return quantize_weight(weight, WeightScheme.parse(spec), input_perm=input_perm)
+
+
+# the native CPU library's builds (nn/cpu_native.py), by the flags that make each; those this CPU cannot run are skipped
+NATIVE_BUILDS = {
+    "avx512-bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+    "avx512": ("-mno-avx512bf16",),
+    "avx2": ("-mno-avx512f",),
+    "plain": ("-mno-avx512f", "-mno-avx2", "-mno-avx", "-mno-fma", "-mno-f16c"),
+}
+
+
+def cpu_flags() -> set[str]:
+    from pathlib import Path
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+def native_build(name: str, directory):
+    """The native library built as NATIVE_BUILDS[name] into `directory`, loaded (skips where this CPU cannot run it)."""
+    import shutil
+
+    from modelpress.nn import cpu_native
+
+    needs = {"avx512-bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+             "avx512": {"avx512f", "avx512bw", "avx512vl"}, "avx2": {"avx2", "fma", "f16c"}, "plain": set()}[name]
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    if not needs <= cpu_flags():
+        pytest.skip(f"this CPU cannot run the {name} build")
+    return cpu_native.load(cpu_native.build(NATIVE_BUILDS[name], directory=directory))

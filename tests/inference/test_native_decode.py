@@ -27,7 +27,7 @@ from modelpress.inference.speculative import SpeculativeConfig, speculative_gene
 from modelpress.nn import cpu_native
 from modelpress.nn.cpu_backend import fast_cpu
 from modelpress.nn.quant_linear import QuantLinear
-from conftest import random_packed, tiny_llama_config
+from conftest import native_build, random_packed, tiny_llama_config
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="the native CPU library did not build here")
 
@@ -184,6 +184,17 @@ def test_an_int8_cache_gives_the_eager_int8_caches_logits_and_codes(family, nati
     assert same / total > 0.995
     float_bytes = NativeDecoder(model, native.capacity).cache_bytes
     assert native.cache_bytes * 3 < float_bytes   # codes a quarter of float32's, plus a scale per 40 values
+
+
+@pytest.mark.parametrize("name", ["avx2", "plain"])
+@torch.no_grad()
+def test_the_int8_cache_on_builds_without_avx512(name, tmp_path, one_thread):
+    """Codes become floats by each build's own instructions (AVX-512, AVX2, or the compiler's vector extension):
+    the AVX2 and plain C builds give the eager int8 cache's logits too (float32 model: the same products)."""
+    lib = native_build(name, tmp_path)
+    model = build("mistral", head_dim=40, num_attention_heads=6, num_key_value_heads=3)
+    with mock.patch.object(cpu_native, "library", lambda: lib):
+        compare(model, [(7 * i + 3) % 300 for i in range(36)], kv_cache="int8")
 
 
 @torch.no_grad()

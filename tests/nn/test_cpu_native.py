@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_packed
+from conftest import NATIVE_BUILDS as BUILDS, cpu_flags, native_build, random_packed
 
 from modelpress.formats.packed import PackedWeight, expand_groups
 from modelpress.nn import cpu_native
@@ -20,13 +20,6 @@ from modelpress.nn.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the native kernels are not built")
 
-# the flags that make each build; those this CPU cannot run are skipped
-BUILDS = {
-    "avx512-bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
-    "avx512": ("-mno-avx512bf16",),
-    "avx2": ("-mno-avx512f",),
-    "plain": ("-mno-avx512f", "-mno-avx2", "-mno-avx", "-mno-fma", "-mno-f16c"),
-}
 # formats x group layouts: ragged last groups (576 = 4.5 * 128, 1000 = 31.25 * 32), K % 8 != 0 (70, 12: the
 # scalar code), groups spread over a superblock's lanes (g8..g64) or broadcast (g128, g256, per channel, tensor);
 # 8-bit integers in byte planes, or group by group where their groups do not fit the planes (g48) and for fp8
@@ -37,18 +30,9 @@ SPECS = ["int4/g32", "int4-asym/g128", "int4-asym/g64", "int4/g256", "int4/g8", 
 SHAPES = [(96, 576), (64, 1000), (33, 70), (5, 12)]
 
 
-def cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-
-
 @functools.cache
 def build(name: str, directory: str):
-    needs = {"avx512-bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
-             "avx512": {"avx512f", "avx512bw", "avx512vl"}, "avx2": {"avx2", "fma", "f16c"}, "plain": set()}[name]
-    if not needs <= cpu_flags():
-        pytest.skip(f"this CPU cannot run the {name} build")
-    return cpu_native.load(cpu_native.build(BUILDS[name], directory=Path(directory)))
+    return native_build(name, Path(directory))
 
 
 @pytest.fixture(scope="module")
