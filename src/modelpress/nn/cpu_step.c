@@ -117,64 +117,26 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return t;
 }
 
-/* Cached keys and values, (positions, hd) rows of one key/value head: float32, or int8 codes (`codes` set; each
-   row's scale is kept beside them, see store_states). Every function below takes `codes` as a constant and is
-   inlined into attend_rows, so each kind of cache gets its own loops with no test inside them. */
-typedef int8_t code_vec __attribute__((vector_size(W)));
-
-/* W int8 codes as floats: sign-extended and converted by the vector unit (GCC's __builtin_convertvector from 16
-   int8 lanes is element by element, 3x slower for a whole step at a long context) */
-static inline vec codes_as_floats(const int8_t *p) {
-    vec v;
-#if defined(__AVX512F__)
-    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    memcpy(&v, &f, sizeof v);
-#elif defined(__AVX2__)
-    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
-    memcpy(&v, &lo, sizeof lo);
-    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
-#else
-    code_vec c;
-    memcpy(&c, p, sizeof c);
-    v = __builtin_convertvector(c, vec);
-#endif
-    return v;
-}
-
-static inline __attribute__((always_inline)) vec kv_load(const void *rows, int64_t i, int codes) {
-    return codes ? codes_as_floats((const int8_t *)rows + i) : vload((const float *)rows + i);
-}
-
-static inline __attribute__((always_inline)) float kv_at(const void *rows, int64_t i, int codes) {
-    return codes ? (float)((const int8_t *)rows)[i] : ((const float *)rows)[i];
-}
-
-/* out[r] = a . rows[r] for the four rows r < 4 (hd values each) from `rows`: each load of a serves four rows, and
-   the four sums' reductions are independent of each other */
-static inline __attribute__((always_inline)) void dot4(const float *a, const void *rows, int64_t hd, int codes,
-                                                       float out[4]) {
+/* out[r] = a . rows[r] (n floats each) for r < 4: each load of a serves four rows, and the four sums' reductions
+   are independent of each other */
+static inline void dot4(const float *a, const float *r0, const float *r1, const float *r2, const float *r3, int64_t n,
+                        float out[4]) {
     vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     int64_t j = 0;
-    for (; j + W <= hd; j += W) {
+    for (; j + W <= n; j += W) {
         vec av = vload(a + j);
-        s0 += av * kv_load(rows, j, codes);
-        s1 += av * kv_load(rows, hd + j, codes);
-        s2 += av * kv_load(rows, 2 * hd + j, codes);
-        s3 += av * kv_load(rows, 3 * hd + j, codes);
+        s0 += av * vload(r0 + j);
+        s1 += av * vload(r1 + j);
+        s2 += av * vload(r2 + j);
+        s3 += av * vload(r3 + j);
     }
     out[0] = vsum(s0), out[1] = vsum(s1), out[2] = vsum(s2), out[3] = vsum(s3);
-    for (; j < hd; j++)
-        for (int r = 0; r < 4; r++) out[r] += a[j] * kv_at(rows, r * hd + j, codes);
-}
-
-static inline __attribute__((always_inline)) float dot_kv(const float *a, const void *row, int64_t hd, int codes) {
-    vec acc = {0};
-    int64_t j = 0;
-    for (; j + W <= hd; j += W) acc += vload(a + j) * kv_load(row, j, codes);
-    float t = vsum(acc);
-    for (; j < hd; j++) t += a[j] * kv_at(row, j, codes);
-    return t;
+    for (; j < n; j++) {
+        out[0] += a[j] * r0[j];
+        out[1] += a[j] * r1[j];
+        out[2] += a[j] * r2[j];
+        out[3] += a[j] * r3[j];
+    }
 }
 
 /* y (m, n) = x (m, k) W^T, W (n, k): four rows of W at a time, each load of x serving four rows, and every row
@@ -442,6 +404,8 @@ static float exp_shifted(float *p, int64_t n, float top) {
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+#define VALUE_TILE 32   /* positions: 32 rows of a 128-dim head are 16 KB, in L1 while the group's heads use them */
+
 /* The widest vectors of any block: q|k|v together, the attention output or MLP's hidden units, and an input */
 typedef struct { int64_t qkv, wide, widest_k, group; } widths;
 
@@ -459,10 +423,11 @@ static widths widths_of(const mp_decoder *d) {
 
 /* The scratch floats mp_forward needs for `tokens` tokens (its `work` must hold as many): per token the normed h,
    q|k|v, the attention output (then the gate's), the up projection's, a gathered input and a projection's output;
-   and the scores of one group of heads sharing a key/value head. */
+   and the scores of one group of heads sharing a key/value head, and a tile of an int8 cache made float. */
 int64_t mp_forward_work(const mp_decoder *d, int64_t tokens) {
     widths w = widths_of(d);
-    return tokens * (d->hidden + w.qkv + 2 * w.wide + w.widest_k + d->hidden) + w.group * d->capacity;
+    return tokens * (d->hidden + w.qkv + 2 * w.wide + w.widest_k + d->hidden) + w.group * d->capacity +
+           VALUE_TILE * d->head_dim;
 }
 
 static int check_block(const mp_decoder *d, const mp_block *b) {
@@ -489,23 +454,20 @@ int mp_check(const mp_decoder *d) {
     return MP_OK;
 }
 
-#define VALUE_TILE 32   /* positions: 32 rows of a 128-dim head are 16 KB, in L1 while the group's heads use them */
-
 /* out (hd) (+)= sum over t < n of p[t] * values[t] (rows of hd; add: onto out, else over it): the sums kept in
    registers across t, W * 4 columns at a time (summed in memory, each position's update waited on the last one's
    store) */
-static inline __attribute__((always_inline)) void weigh_values(const void *values, const float *p, int64_t n,
-                                                               int64_t hd, int add, float *out, int codes) {
+static void weigh_values(const float *values, const float *p, int64_t n, int64_t hd, int add, float *out) {
     int64_t i = 0;
     for (; i + 4 * W <= hd; i += 4 * W) {
         vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         if (add) a0 = vload(out + i), a1 = vload(out + i + W), a2 = vload(out + i + 2 * W), a3 = vload(out + i + 3 * W);
         for (int64_t t = 0; t < n; t++) {
-            int64_t at = t * hd + i;
-            a0 += p[t] * kv_load(values, at, codes);
-            a1 += p[t] * kv_load(values, at + W, codes);
-            a2 += p[t] * kv_load(values, at + 2 * W, codes);
-            a3 += p[t] * kv_load(values, at + 3 * W, codes);
+            const float *vt = values + t * hd + i;
+            a0 += p[t] * vload(vt);
+            a1 += p[t] * vload(vt + W);
+            a2 += p[t] * vload(vt + 2 * W);
+            a3 += p[t] * vload(vt + 3 * W);
         }
         memcpy(out + i, &a0, sizeof a0);
         memcpy(out + i + W, &a1, sizeof a1);
@@ -515,66 +477,101 @@ static inline __attribute__((always_inline)) void weigh_values(const void *value
     for (; i + W <= hd; i += W) {
         vec a = {0};
         if (add) a = vload(out + i);
-        for (int64_t t = 0; t < n; t++) a += p[t] * kv_load(values, t * hd + i, codes);
+        for (int64_t t = 0; t < n; t++) a += p[t] * vload(values + t * hd + i);
         memcpy(out + i, &a, sizeof a);
     }
     for (; i < hd; i++) {
         float a = add ? out[i] : 0.0f;
-        for (int64_t t = 0; t < n; t++) a += p[t] * kv_at(values, t * hd + i, codes);
+        for (int64_t t = 0; t < n; t++) a += p[t] * values[t * hd + i];
         out[i] = a;
     }
 }
 
-/* attend's work for one key/value head g, its cached rows of either kind (codes: int8 rows, whose scales stand in
-   the scores: q . (c s) = (q . c) s for keys, and p (c s) = (p s) c for values) */
-static inline __attribute__((always_inline)) void attend_rows(const mp_block *b, const float *q, const mp_decoder *d,
-                                                              int64_t g, int64_t pos, float *scores, float *out,
-                                                              int codes) {
-    int64_t hd = d->head_dim, cap = d->capacity, group = b->heads / b->kv_heads, first = g * cap;
-    const void *keys = codes ? (const void *)(b->k_codes + first * hd) : (const void *)(b->k_cache + first * hd);
-    const void *values = codes ? (const void *)(b->v_codes + first * hd) : (const void *)(b->v_cache + first * hd);
-    const float *key_scales = codes ? b->k_scales + first : NULL, *value_scales = codes ? b->v_scales + first : NULL;
-    const float *qg = q + g * group * hd;
-    int64_t t = 0;
-    for (; t + 4 <= pos + 1; t += 4) {   /* four positions' keys at a time, read once for the group's heads */
-        const void *k0 = codes ? (const void *)((const int8_t *)keys + t * hd) : (const void *)((const float *)keys + t * hd);
-        for (int64_t j = 0; j < group; j++) {
-            float four[4], *sj = scores + j * cap + t;
-            dot4(qg + j * hd, k0, hd, codes, four);
-            for (int r = 0; r < 4; r++) sj[r] = (codes ? four[r] * key_scales[t + r] : four[r]) * d->scaling;
+typedef int8_t code_vec __attribute__((vector_size(W)));
+
+/* W int8 codes as floats: sign-extended and converted by the vector unit (GCC's __builtin_convertvector from 16
+   int8 lanes is element by element, 3x slower for a whole step at a long context) */
+static inline vec codes_as_floats(const int8_t *p) {
+    vec v;
+#if defined(__AVX512F__)
+    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    memcpy(&v, &f, sizeof v);
+#elif defined(__AVX2__)
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+#else
+    code_vec c;
+    memcpy(&c, p, sizeof c);
+    v = __builtin_convertvector(c, vec);
+#endif
+    return v;
+}
+
+/* Rows t0 .. t0 + n - 1 of one key/value head's cache as float32 rows of hd: the float cache's own, or (an int8
+   cache: codes set) its codes times their rows' scales written into buf (n * hd floats), once for all the heads
+   sharing them; the values are those the eager int8 cache dequantizes (code * scale is exact in float32) */
+static const float *cache_rows(const float *rows, const int8_t *codes, const float *scales, int64_t t0, int64_t n,
+                               int64_t hd, float *buf) {
+    if (!codes) return rows + t0 * hd;
+    for (int64_t t = 0; t < n; t++) {
+        const int8_t *c = codes + (t0 + t) * hd;
+        float s = scales[t0 + t], *out = buf + t * hd;
+        int64_t i = 0;
+        for (; i + W <= hd; i += W) {
+            vec v = codes_as_floats(c + i) * s;
+            memcpy(out + i, &v, sizeof v);
         }
+        for (; i < hd; i++) out[i] = (float)c[i] * s;
     }
-    for (; t <= pos; t++) {
-        const void *kt = codes ? (const void *)((const int8_t *)keys + t * hd) : (const void *)((const float *)keys + t * hd);
-        for (int64_t j = 0; j < group; j++) {
-            float sum = dot_kv(qg + j * hd, kt, hd, codes);
-            scores[j * cap + t] = (codes ? sum * key_scales[t] : sum) * d->scaling;
-        }
-    }
-    float *og = out + g * group * hd;
-    for (int64_t j = 0; j < group; j++) {
-        float *sj = scores + j * cap, top = -INFINITY;
-        for (int64_t t = 0; t <= pos; t++) top = sj[t] > top ? sj[t] : top;
-        float total = exp_shifted(sj, pos + 1, top);
-        for (int64_t t = 0; t <= pos; t++) sj[t] = codes ? sj[t] / total * value_scales[t] : sj[t] / total;
-    }
-    /* the values in tiles of VALUE_TILE positions, each tile read from memory once for the group's heads */
-    for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
-        int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE;
-        const void *tile = codes ? (const void *)((const int8_t *)values + t0 * hd)
-                                 : (const void *)((const float *)values + t0 * hd);
-        for (int64_t j = 0; j < group; j++)
-            weigh_values(tile, scores + j * cap + t0, n, hd, t0 > 0, og + j * hd, codes);
-    }
+    return buf;
 }
 
 /* out (heads * head_dim) of the token at position pos: its q against the cache's positions 0..pos. The heads that
    share a key/value head are taken together, so each cached key and value is read once per token, not once per
-   head (at long contexts the cache is the larger part of what a step reads). scores: group * capacity floats. */
-static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64_t pos, float *scores, float *out) {
+   head (at long contexts the cache is the larger part of what a step reads); both are read in tiles of VALUE_TILE
+   positions (an int8 cache's tile made float32 once for the group). scores: group * capacity floats; tile:
+   VALUE_TILE * head_dim floats. */
+static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64_t pos, float *scores, float *tile,
+                   float *out) {
+    int64_t hd = d->head_dim, cap = d->capacity, group = b->heads / b->kv_heads;
     for (int64_t g = 0; g < b->kv_heads; g++) {
-        if (b->k_codes) attend_rows(b, q, d, g, pos, scores, out, 1);
-        else attend_rows(b, q, d, g, pos, scores, out, 0);
+        int64_t first = g * cap * hd;
+        const float *keys = b->k_codes ? NULL : b->k_cache + first, *values = b->k_codes ? NULL : b->v_cache + first;
+        const int8_t *key_codes = b->k_codes ? b->k_codes + first : NULL;
+        const int8_t *value_codes = b->k_codes ? b->v_codes + first : NULL;
+        const float *key_scales = b->k_codes ? b->k_scales + g * cap : NULL;
+        const float *value_scales = b->k_codes ? b->v_scales + g * cap : NULL;
+        const float *qg = q + g * group * hd;
+        for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
+            int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE, t = 0;
+            const float *kt = cache_rows(keys, key_codes, key_scales, t0, n, hd, tile);
+            for (; t + 4 <= n; t += 4) {   /* four positions' keys at a time, read once for the group's heads */
+                const float *k0 = kt + t * hd;
+                for (int64_t j = 0; j < group; j++) {
+                    float four[4], *sj = scores + j * cap + t0 + t;
+                    dot4(qg + j * hd, k0, k0 + hd, k0 + 2 * hd, k0 + 3 * hd, hd, four);
+                    for (int r = 0; r < 4; r++) sj[r] = four[r] * d->scaling;
+                }
+            }
+            for (; t < n; t++)
+                for (int64_t j = 0; j < group; j++)
+                    scores[j * cap + t0 + t] = dot(qg + j * hd, kt + t * hd, hd) * d->scaling;
+        }
+        float *og = out + g * group * hd;
+        for (int64_t j = 0; j < group; j++) {
+            float *sj = scores + j * cap, top = -INFINITY;
+            for (int64_t t = 0; t <= pos; t++) top = sj[t] > top ? sj[t] : top;
+            float total = exp_shifted(sj, pos + 1, top);
+            for (int64_t t = 0; t <= pos; t++) sj[t] /= total;
+        }
+        /* the values in tiles of VALUE_TILE positions, each tile read from memory once for the group's heads */
+        for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
+            int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE;
+            const float *vt = cache_rows(values, value_codes, value_scales, t0, n, hd, tile);
+            for (int64_t j = 0; j < group; j++) weigh_values(vt, scores + j * cap + t0, n, hd, t0 > 0, og + j * hd);
+        }
     }
 }
 
@@ -646,6 +643,7 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
     widths w = widths_of(d);
     float *xn = d->work, *q = xn + tokens * hidden, *att = q + tokens * w.qkv, *up = att + tokens * w.wide;
     float *gather = up + tokens * w.wide, *y = gather + tokens * w.widest_k, *scores = y + tokens * hidden;
+    float *tile = scores + w.group * d->capacity;
     for (int64_t bi = 0; bi < d->n_blocks; bi++) {
         const mp_block *b = d->blocks + bi;
         float *k = q + tokens * b->q.n, *v = k + tokens * b->k.n;
@@ -654,7 +652,7 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
         TRY(project(&b->k, xn, tokens, k, gather, d->products, threads));
         TRY(project(&b->v, xn, tokens, v, gather, d->products, threads));
         position_heads(b, d, q, k, v, tokens, pos);
-        for (int64_t t = 0; t < tokens; t++) attend(b, q + t * b->q.n, d, pos + t, scores, att + t * b->o.k);
+        for (int64_t t = 0; t < tokens; t++) attend(b, q + t * b->q.n, d, pos + t, scores, tile, att + t * b->o.k);
         TRY(project(&b->o, att, tokens, y, gather, d->products, threads));
         for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
         for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, b->mlp_norm, hidden, d->eps, xn + t * hidden);
