@@ -11,7 +11,13 @@ A variant is SAMPLING/METHOD, SAMPLING one of
   s:t=X,r=N,u=F temperature X, and N tokens after the start token drawn uniformly from the vocabulary's
                 ordinary tokens (LLM-QAT's data-free trick) before sampling continues; a fraction F of the
                 windows wholly uniform random tokens after the start token (every embedding row seen)
-and METHOD one of awq-gptq, awq-gptq-duo (AWQ's duo scaling) or gptq[=DAMP].
+and METHOD one of awq-gptq, awq-gptq-duo (AWQ's duo scaling) or gptq[=DAMP], optionally followed by
++KEY=VALUE settings of the solver (awq-gptq+damp=0.3+amax=0.5):
+  damp=X        GPTQ's damp (also inside AWQ+GPTQ)
+  amax=X        AWQ's exponents a scaled into [0, X) (the same number of candidates)
+  ts=1          GPTQ's true-sequential re-runs between dependency levels
+  shrink=N      GPTQ's scale shrink steps (1: no search)
+`--windows-cache DIR` keeps every sampled set of windows there, so another run reuses them.
 
     PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
         s:t=0.8,r=1/awq-gptq s:r=1/gptq=0.1
@@ -24,6 +30,8 @@ import logging
 import platform
 import sys
 import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.scoring import materialize, release_memory, score, shared_copy, write_json
 
+from modelpress.algorithms.quantize import awq as awq_module
 from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
 from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
 from modelpress.api import EvalSettings, prepare_windows
@@ -90,15 +99,64 @@ def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torc
     return torch.cat([sampled, noise])
 
 
+GPTQ_SETTINGS = {"damp": ("damp", float), "ts": ("true_sequential", lambda v: bool(int(v))),
+                  "shrink": ("shrink_steps", int)}
+
+
+@contextmanager
+def awq_settings(gptq: dict, amax: float | None):
+    """AWQ+GPTQ with GPTQ settings AWQConfig does not carry, and AWQ's exponents scaled into [0, amax):
+    patched into the awq module for the duration of one build (an experiment, not an option)."""
+    saved = awq_module.GPTQConfig, awq_module.candidate_scale
+    if gptq:
+        awq_module.GPTQConfig = partial(GPTQConfig, **gptq)
+    if amax is not None:
+        awq_module.candidate_scale = lambda mean_abs_x, alpha, weight_mean=None: \
+            saved[1](mean_abs_x, alpha * amax, weight_mean)
+    try:
+        yield
+    finally:
+        awq_module.GPTQConfig, awq_module.candidate_scale = saved
+
+
+def parse_method(method: str) -> tuple[str, dict, float | None]:
+    """METHOD -> (awq-gptq | awq-gptq-duo | gptq, GPTQConfig settings, AWQ's amax or None)."""
+    head, *options = method.split("+")
+    name, _, damp = head.partition("=")
+    settings = dict(option.partition("=")[::2] for option in options)
+    amax = settings.pop("amax", None)
+    unknown = set(settings) - set(GPTQ_SETTINGS)
+    if unknown or name not in ("awq-gptq", "awq-gptq-duo", "gptq") or (name == "gptq" and amax is not None):
+        raise ModelpressError(f"method {method!r}: expected awq-gptq, awq-gptq-duo or gptq[=DAMP], "
+                              f"then +KEY=VALUE settings among amax, {', '.join(GPTQ_SETTINGS)}")
+    gptq = {GPTQ_SETTINGS[k][0]: GPTQ_SETTINGS[k][1](v) for k, v in settings.items()}
+    if name == "gptq":
+        gptq.setdefault("damp", float(damp or 0.1))
+    return name, gptq, None if amax is None else float(amax)
+
+
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
-    name, _, damp = method.partition("=")
-    if name in ("awq-gptq", "awq-gptq-duo"):
-        config = AWQConfig(scheme=scheme, solver="gptq", duo_scaling=name.endswith("duo"))
+    name, gptq, amax = parse_method(method)
+    if name == "gptq":
+        quantize_gptq(model, GPTQConfig(scheme=scheme, **gptq), ids, device=device)
+        return
+    config = AWQConfig(scheme=scheme, solver="gptq", duo_scaling=name.endswith("duo"))
+    with awq_settings(gptq, amax):
         quantize_awq(model, config, ids, device=device)
-    elif name == "gptq":
-        quantize_gptq(model, GPTQConfig(scheme=scheme, damp=float(damp or 0.1)), ids, device=device)
-    else:
-        raise ModelpressError(f"method {method!r}: expected awq-gptq, awq-gptq-duo or gptq[=DAMP]")
+
+
+def cached_windows(directory: str | None, key: str, make) -> torch.Tensor:
+    """make(), kept as DIR/KEY.pt when a directory is given (and read from there when present)."""
+    if directory is None:
+        return make()
+    path = Path(directory) / f"{key.replace('/', '_')}.pt"
+    if path.exists():
+        log.info("windows %s from %s", key, path)
+        return torch.load(path, weights_only=True)
+    ids = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ids, path)
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,15 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--windows-cache", default=None, metavar="DIR", help="keep sampled windows in DIR and reuse them")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "cross_domain_sampling.json"), metavar="OUT")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    for variant in args.variants:
+        parse_method(variant.partition("/")[2])     # a typo fails before minutes of sampling
     start = time.perf_counter()
     base = load_model(None)
     model, tokenizer = base.model.float().eval().to(args.device), base.tokenizer
-    evals = {"generated": generated_windows(model, tokenizer, args.windows, args.seq_len, seed=1)}
+    cache = args.windows_cache
+    evals = {"generated": cached_windows(cache, f"eval-{args.windows}x{args.seq_len}", lambda: generated_windows(
+        model, tokenizer, args.windows, args.seq_len, seed=1))}
     for corpus in args.eval:
         evals[corpus] = prepare_windows(tokenizer, EvalSettings(text=corpus, windows=args.windows,
                                                                 seq_len=args.seq_len, speed=False))[1].eval
@@ -127,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:   # each row is scored and saved as soon as it is built
         sampling, _, method = variant.partition("/")
         if sampling not in windows:
-            windows[sampling] = calibration(sampling, model, tokenizer, args.samples, args.seq_len)
+            windows[sampling] = cached_windows(cache, f"{sampling}-{args.samples}x{args.seq_len}", lambda: calibration(
+                sampling, model, tokenizer, args.samples, args.seq_len))
         candidate = shared_copy(model)
         built = time.perf_counter()
         build(candidate, method, args.scheme, windows[sampling], args.device)
