@@ -9,7 +9,7 @@
      q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv            (heads of head_dim; grouped-query: kv_heads)
      q, k = RMSNorm_head(q) * w_q, RMSNorm_head(k) * w_k         (Qwen3's q_norm / k_norm, when given)
      q, k = q cos + rotate_half(q) sin, k cos + rotate_half(k) sin   (cos, sin of this position, from a table)
-     K[pos], V[pos] = k, v
+     K[pos], V[pos] = k, v                                       (or, an int8 cache: their codes and scales)
      a_h = softmax(q_h K_g^T * scaling) V_g                      (g = h / (heads / kv_heads), positions 0..pos)
      h = x + a Wo^T + bo
      x = h; h = x + (silu(RMSNorm(h) * w_mlp Wg^T) * (RMSNorm(h) * w_mlp Wu^T)) Wd^T
@@ -537,12 +537,12 @@ static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64
                    float *out) {
     int64_t hd = d->head_dim, cap = d->capacity, group = b->heads / b->kv_heads;
     for (int64_t g = 0; g < b->kv_heads; g++) {
-        int64_t first = g * cap * hd;
-        const float *keys = b->k_codes ? NULL : b->k_cache + first, *values = b->k_codes ? NULL : b->v_cache + first;
-        const int8_t *key_codes = b->k_codes ? b->k_codes + first : NULL;
-        const int8_t *value_codes = b->k_codes ? b->v_codes + first : NULL;
-        const float *key_scales = b->k_codes ? b->k_scales + g * cap : NULL;
-        const float *value_scales = b->k_codes ? b->v_scales + g * cap : NULL;
+        int64_t first = g * cap * hd;   /* this key/value head's first row, in either kind of cache */
+        int codes = b->k_codes != NULL;
+        const float *keys = codes ? NULL : b->k_cache + first, *values = codes ? NULL : b->v_cache + first;
+        const int8_t *key_codes = codes ? b->k_codes + first : NULL, *value_codes = codes ? b->v_codes + first : NULL;
+        const float *key_scales = codes ? b->k_scales + g * cap : NULL;
+        const float *value_scales = codes ? b->v_scales + g * cap : NULL;
         const float *qg = q + g * group * hd;
         for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
             int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE, t = 0;
