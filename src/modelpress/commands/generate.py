@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
                    help="tokens the draft proposes per round (default 4)")
     p.add_argument("--kv-cache", default="float", choices=CACHE_MODES,
                    help="KV cache of the model (default float); a quantized one also takes the static, "
-                        "graph-captured path on CUDA")
+                        "graph-captured path on CUDA, and int8 the native decode step on the CPU")
     p.add_argument("--eager", action="store_true",
                    help="decode eagerly (DynamicCache, one Python-driven forward per token) instead of the default: "
                         "on CUDA a static KV cache with the decode step captured in a CUDA graph; on the CPU the whole "
