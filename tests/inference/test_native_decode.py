@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.errors import ModelpressError
@@ -66,7 +66,7 @@ def build(family: str, **overrides):
 
 
 def compare(model, tokens: list[int], atol: float = 1e-4, native_prefill: bool = True,
-            kv_cache: str = "float") -> tuple[NativeDecoder, DynamicCache]:
+            kv_cache: str = "float") -> tuple[NativeDecoder, Cache]:
     """Teacher-forced: the prompt, then each of `tokens` alone against the model's own forward on a DynamicCache
     (kv_cache int8: on the eager path's QuantizedKVCache); then, after a rewind of 3, those 3 tokens in one call
     against the single steps' logits. native_prefill=False: the prompt through transformers' forward as a long one

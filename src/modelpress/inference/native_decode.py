@@ -179,6 +179,7 @@ class NativeDecoder:
         blocks = (Block * len(inner.layers))()
         head_dim = int(inner.layers[0].self_attn.head_dim)   # every layer's (native_obstacle checks)
         self.caches: list[tuple] = []   # each block's (keys, values): tensors, or (codes, scales) pairs for int8
+        self._cache_tensors: list[torch.Tensor] = []   # every tensor of self.caches
         for block, layer in zip(blocks, inner.layers):
             for name, path in PROJECTIONS:
                 setattr(block, name, self._linear(layer.get_submodule(path)))
@@ -223,18 +224,19 @@ class NativeDecoder:
         if self.kv_cache == "float":
             keys, values = torch.zeros(shape), torch.zeros(shape)
             block.k_cache, block.v_cache = self._tensor(keys), self._tensor(values)
+            self._cache_tensors += [keys, values]
             return keys, values
         keys = torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])
         values = torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])
         block.k_codes, block.k_scales = (self._tensor(t) for t in keys)
         block.v_codes, block.v_scales = (self._tensor(t) for t in values)
+        self._cache_tensors += [*keys, *values]
         return keys, values
 
     @property
     def cache_bytes(self) -> int:
         """Bytes the KV cache holds (all `capacity` positions)."""
-        return sum(t.numel() * t.element_size() for pair in self.caches for part in pair
-                   for t in (part if isinstance(part, tuple) else (part,)))
+        return sum(t.numel() * t.element_size() for t in self._cache_tensors)
 
     def _linear(self, module: nn.Module) -> Linear:
         n, k = module.out_features, module.in_features
