@@ -86,3 +86,39 @@ def test_fp8_scaled_matmul_matches_float64(tile, shape):
                                out_dtype=torch.float32)
         diff = ((out - b - lib).norm() / lib.norm()).item()
         assert diff < 2e-3, f"against torch._scaled_mm: relative difference {diff:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["w8a8", "fp8"])
+@pytest.mark.parametrize("rows", [8, 300])
+def test_layers_prepared_launches_compute_the_unprepared_path(kind, rows):
+    """Eager CUDA calls of DynamicInt8Linear / DynamicFp8Linear go through launchers prepared per input shape
+    (triton_int8.prepared_linear): the same numbers as the unprepared function, on later calls, after new
+    weights are loaded into the layer, and replayed from a CUDA graph."""
+    from modelpress.nn.dynamic import DynamicInt8Linear, dynamic_int8_linear
+    from modelpress.nn.dynamic_fp8 import DynamicFp8Linear, dynamic_fp8_linear
+
+    torch.manual_seed(rows)
+    make = (lambda lin: DynamicInt8Linear.from_linear(lin, WeightScheme.parse("int8/channel"))) if kind == "w8a8" \
+        else DynamicFp8Linear.from_linear
+    layer = make(torch.nn.Linear(576, 1536)).to(DEVICE)
+    other = make(torch.nn.Linear(576, 1536)).to(DEVICE)
+
+    def reference(module, x):
+        if kind == "w8a8":
+            return dynamic_int8_linear(x, module.packed, module.bias)
+        return dynamic_fp8_linear(x, module.packed, module.bias, module.scale.float().reshape(1, -1))
+
+    x = torch.randn(2, rows // 2, 576, device=DEVICE).bfloat16()
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+        assert layer._launchers and all(fn is not None for fn in layer._launchers.values())
+        assert torch.equal(first, reference(layer, x)) and torch.equal(second, first)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), reference(other, x))
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        static_x.copy_(x * 2)
+        graph.replay()
+        assert torch.equal(static_y, reference(other, x * 2))

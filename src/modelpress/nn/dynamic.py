@@ -14,6 +14,7 @@ Both register as compressed module kinds, so save/load rebuild them from their r
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 from dataclasses import asdict, dataclass
 
@@ -119,9 +120,41 @@ def fused_kernels(x: torch.Tensor):
     """The Triton module for x's device, or None (CPU, no Triton, the Triton interpreter, or switched off)."""
     if not (FUSED_CUDA and x.is_cuda):
         return None
-    from modelpress.nn.triton_backend import _interpreting, triton_available
+    from modelpress.nn.triton_backend import _interpreting
 
-    if not triton_available() or _interpreting():
+    return None if _interpreting() else _triton_int8()
+
+
+def eager_prepared(layer: QuantLinear, x: torch.Tensor, prepare):
+    """The layer's launcher for x, prepare(x, kernels) -> fn(x) or None, built once per activation shape and
+    dtype (and again whenever the layer's tensors move or change in place), for eager CUDA calls; None where x is
+    not such a call (autograd, torch.compile, a non-contiguous or misaligned x) or there are no Triton kernels."""
+    if not x.is_cuda or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return None
+    kernels = fused_kernels(x)
+    if kernels is None:
+        return None
+    qdata, scale = layer._buffers["qdata"], layer._buffers["scale"]
+    where = (qdata.data_ptr(), scale.data_ptr(), qdata._version, scale._version,
+             None if layer.bias is None else layer.bias._version)
+    if where != layer._launchers_for:
+        layer._launchers = {}
+        layer._launchers_for = where
+    key = (x.shape, x.dtype)
+    if key not in layer._launchers:
+        if torch.cuda.is_current_stream_capturing():
+            return None   # what prepare keeps (converted scales, bias) must not live in a graph's memory
+        layer._launchers[key] = prepare(x, kernels)
+    return layer._launchers[key]
+
+
+@functools.cache
+def _triton_int8():
+    from modelpress.nn.triton_backend import triton_available
+
+    if not triton_available():
         return None
     from modelpress.nn import triton_int8
 
@@ -160,7 +193,13 @@ class DynamicInt8Linear(QuantLinear):
     use_semi_structured = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = None if self.use_semi_structured else eager_prepared(self, x, self._prepare_fused)
+        if fn is not None:
+            return fn(x)
         return dynamic_int8_linear(x, self._packed_view(), self.bias, self._sparse_matmul(x))
+
+    def _prepare_fused(self, x: torch.Tensor, kernels):
+        return kernels.prepared_linear(x, self.qdata, self.scale, self.bias, flip=True)
 
     def _sparse_matmul(self, x: torch.Tensor):
         """The cuSPARSELt int8 kernel for this layer's 2:4 weight, or None (not asked for, not CUDA, not 2:4,

@@ -13,12 +13,14 @@ in float32, so the paths differ only in how the sums are rounded.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from modelpress.formats.packed import PackedWeight, quantize_weight
 from modelpress.formats.scheme import WeightScheme
-from modelpress.nn.dynamic import check_channel_weight, fused_kernels
+from modelpress.nn.dynamic import check_channel_weight, eager_prepared, fused_kernels
 from modelpress.nn.layers import linear_weight
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.registry import register_module_kind
@@ -72,7 +74,12 @@ def _row(packed: PackedWeight, scale_row: torch.Tensor | None) -> torch.Tensor:
 def _library_gemm(x: torch.Tensor) -> bool:
     """torch._scaled_mm's row-wise fp8 GEMM for x: enough rows, 16-bit output, K a multiple of 16 (sm_89+)."""
     return (x.shape[0] >= SCALED_MM_MIN_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0
-            and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device) >= (8, 9))
+            and _has_fp8_gemm(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+
+
+@functools.cache
+def _has_fp8_gemm(device_index: int) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 @register_module_kind("dynamic_fp8_linear")
@@ -89,7 +96,14 @@ class DynamicFp8Linear(QuantLinear):
         return cls(packed, getattr(module, "bias", None)).to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = eager_prepared(self, x, self._prepare_fused)
+        if fn is not None:
+            return fn(x)
         return dynamic_fp8_linear(x, self._packed_view(), self.bias, self._scale_row())
+
+    def _prepare_fused(self, x: torch.Tensor, kernels):
+        row = self._scale_row() if _library_gemm(x.reshape(-1, x.shape[-1])) else None
+        return kernels.prepared_linear(x, fp8_codes(self._packed_view()), self.scale, self.bias, scale_row=row)
 
     def _scale_row(self) -> torch.Tensor:
         """The scales as a float32 (1, N) row, made once per scale buffer and version (one kernel less per call;

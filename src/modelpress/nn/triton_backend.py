@@ -486,20 +486,12 @@ def _direct_launch(compiled, arg_names: list[str], grid: tuple[int, int, int], a
     y_slots = [i for i, arg in enumerate(args) if arg is y]  # y also stands in for unused split-K buffers
     template = [arg.data_ptr() if isinstance(arg, torch.Tensor) else arg for arg in args]
     template += [constants[name] for name in arg_names[len(args):]]
-    runner = compiled.run
     if _launch_hooks_set():  # a profiler's launch hooks expect Triton's own launch path
         return functools.partial(_bound_call, compiled, grid, template, y_slots, out_shape, keep)
     stream = torch._C._cuda_getCurrentRawStream
     device, index, dtype = y.device, y.device.index, y.dtype
     gx, gy, gz = grid
-    function = compiled.function
-    meta = (compiled.packed_metadata, None, None, None)
-    if runner.global_scratch_size or runner.profile_scratch_size:  # Triton's launcher allocates the scratch
-        launch = runner
-        head: tuple = ()
-    else:  # the compiled C launch function itself, as CudaLauncher.__call__ would call it
-        launch = runner.launch
-        head = (runner.launch_cooperative_grid, runner.launch_pdl, None, None)
+    launch, function, head, meta = _launch_parts(compiled)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(out_shape, dtype=dtype, device=device)
@@ -512,6 +504,41 @@ def _direct_launch(compiled, arg_names: list[str], grid: tuple[int, int, int], a
 
     fn.keep = keep  # type: ignore[attr-defined]  # the converted bias, if any, lives as long as fn
     return fn
+
+
+def _launch_parts(compiled) -> tuple:
+    """(launch, function, head, meta) of a compiled kernel: launch(gx, gy, gz, stream, function, *head, *meta,
+    *every parameter's value) starts it as Triton's CudaLauncher would. AttributeError from a Triton laid out
+    otherwise."""
+    runner = compiled.run
+    meta = (compiled.packed_metadata, None, None, None)
+    if runner.global_scratch_size or runner.profile_scratch_size:  # Triton's launcher allocates the scratch
+        return runner, compiled.function, (), meta
+    # the compiled C launch function itself, as CudaLauncher.__call__ would call it
+    return runner.launch, compiled.function, (runner.launch_cooperative_grid, runner.launch_pdl, None, None), meta
+
+
+def direct_launcher(kernel, grid: tuple, args: tuple, constants: dict) -> Callable[..., None] | None:
+    """Launch `kernel` once through Triton's JIT (compiling it on first use), then return launch(*values): the
+    same compiled kernel on the same grid, `values` in place of `args` (tensors or ints, specialized as `args`
+    were: same dtypes, 16-byte aligned pointers, the same integers' divisibility), without the JIT's per-call
+    argument binding. None where a profiler hooks launches or this Triton's launcher is laid out otherwise."""
+    compiled = kernel[grid](*args, **constants)
+    if _launch_hooks_set():
+        return None
+    try:
+        launch, function, head, meta = _launch_parts(compiled)
+    except AttributeError:
+        return None
+    fixed = [constants[name] for name in kernel.arg_names[len(args):]]
+    stream = torch._C._cuda_getCurrentRawStream
+    gx, gy, gz = (*grid, 1, 1)[:3]
+    index = next(a for a in args if isinstance(a, torch.Tensor)).device.index
+
+    def run(*values) -> None:
+        launch(gx, gy, gz, stream(index), function, *head, *meta, *values, *fixed)
+
+    return run
 
 
 def _bound_call(compiled, grid, template, y_slots, out_shape, keep, x):

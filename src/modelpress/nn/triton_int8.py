@@ -101,14 +101,24 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, tor
     fp8=True: float8_e4m3fn codes, scales absmax / 448."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    codes, scales = _row_outputs(x, fp8)
+    if x.shape[0]:
+        grid, args, constants = _quantize_call(x, codes, scales, fp8)
+        _quantize_rows_kernel[grid](*args, **constants)
+    return codes, scales
+
+
+def _row_outputs(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     codes = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
-    scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    if m:
-        block = min(_QUANT_BLOCK, triton.next_power_of_2(max(k, 16)))
-        _quantize_rows_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK=block,
-                                    ONE_BLOCK=k <= block, FP8=fp8, num_warps=8 if block >= 2048 else 4)
-    return codes, scales
+    return codes, torch.empty((m, 1), dtype=torch.float32, device=x.device)
+
+
+def _quantize_call(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fp8: bool) -> tuple:
+    m, k = x.shape
+    block = min(_QUANT_BLOCK, triton.next_power_of_2(max(k, 16)))
+    constants = dict(BLOCK=block, ONE_BLOCK=k <= block, FP8=fp8, num_warps=8 if block >= 2048 else 4)
+    return (m,), (x, codes, scales, k, x.stride(0), codes.stride(0)), constants
 
 
 def rescale(acc: torch.Tensor, row_scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -207,9 +217,9 @@ def scaled_matmul(codes: torch.Tensor, row_scale: torch.Tensor, weight: torch.Te
                   tile: GemmTile | None = None, fast_accum: bool = False) -> torch.Tensor:
     """(M, K) codes (int8, or float8_e4m3fn) times the (N, >= K) weight codes of the same kind -> (M, N) dtype:
     (codes @ weight[:, :K]^T · row_scale) · weight_scale (+ bias). flip=True: weight is uint8 offset-binary
-    int8 (stored codes, value + 128), flipped to signed in the kernel; otherwise int8 codes take an int8 weight. fast_accum (fp8 only): leave the sums of
-    a whole row of K in the tensor cores' reduced-precision accumulator (faster; otherwise every BK products
-    are added into float32, as DeepGEMM and CUTLASS's default do)."""
+    int8 (stored codes, value + 128), flipped to signed in the kernel; otherwise int8 codes take an int8 weight.
+    fast_accum (fp8 only): leave the sums of a whole row of K in the tensor cores' reduced-precision accumulator
+    (faster; otherwise every BK products are added into float32, as DeepGEMM and CUTLASS's default do)."""
     m, k = codes.shape
     n = weight.shape[0]
     if codes.stride(-1) != 1:
@@ -217,13 +227,78 @@ def scaled_matmul(codes: torch.Tensor, row_scale: torch.Tensor, weight: torch.Te
     out = torch.empty((m, n), dtype=dtype, device=codes.device)
     if not (m and n):
         return out
+    grid, args, constants = _matmul_call(codes, row_scale, weight, weight_scale, bias, out, flip, tile, fast_accum)
+    _scaled_matmul_kernel[grid](*args, **constants)
+    return out
+
+
+def _matmul_call(codes, row_scale, weight, weight_scale, bias, out, flip, tile, fast_accum) -> tuple:
+    m, k = codes.shape
+    n = weight.shape[0]
     tile = tile or gemm_tile(m, n)
     sx = row_scale.reshape(-1).float().contiguous()
     sw = weight_scale.reshape(-1).contiguous()
     b = bias.contiguous() if bias is not None else sw
     grid = (triton.cdiv(m, tile.BM) * triton.cdiv(n, tile.BN),)
-    _scaled_matmul_kernel[grid](codes, weight, sx, sw, b, out, m, n, k, codes.stride(0), weight.stride(0),
-                                out.stride(0), FLIP=flip, HAS_BIAS=bias is not None, EVEN_K=k % tile.BK == 0,
-                                FAST_ACC=fast_accum, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
-                                num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return out
+    args = (codes, weight, sx, sw, b, out, m, n, k, codes.stride(0), weight.stride(0), out.stride(0))
+    constants = dict(FLIP=flip, HAS_BIAS=bias is not None, EVEN_K=k % tile.BK == 0, FAST_ACC=fast_accum,
+                     BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, num_warps=tile.num_warps,
+                     num_stages=tile.num_stages)
+    return grid, args, constants
+
+
+def prepared_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    flip: bool = False, scale_row: torch.Tensor | None = None):
+    """fn(x) -> y (x's shape but N, x's dtype) for activations of x's shape and dtype (contiguous, 16-byte aligned):
+    quantize_rows then scaled_matmul (or, with `scale_row`, the weight scales as a float32 (1, N) row, fp8 codes
+    and at least SCALED_MM_MIN_ROWS rows, torch._scaled_mm), each kernel launched through its compiled launch
+    function with every argument but the activations and outputs fixed now: what the JIT's argument binding cost
+    per call (tens of µs each at prefill, where eager layers were host-bound) is paid once. fp8 is read from
+    the weight's dtype. None where the direct launch is not available; the caller keeps weight, scales and bias
+    alive while it uses fn. The first call to this runs both kernels once."""
+    from modelpress.nn.triton_backend import direct_launcher
+
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m, device = x2.shape[0], x.device
+    out_shape = (*x.shape[:-1], n)
+    codes, scales = _row_outputs(x2, fp8)
+    grid, args, constants = _quantize_call(x2, codes, scales, fp8)
+    quantize = direct_launcher(_quantize_rows_kernel, grid, args, constants) if m else None
+    if quantize is None:
+        return None
+    code_dtype = codes.dtype
+
+    def quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = torch.empty((m, k), dtype=code_dtype, device=device)
+        sc = torch.empty((m, 1), dtype=torch.float32, device=device)
+        quantize(x, c, sc, k, k, k)   # x, codes, scales, K and the row strides of x and of the codes
+        return c, sc
+
+    if scale_row is not None:
+        b = None if bias is None else bias.to(x.dtype)
+        wt = weight.t()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            c, sc = quantized(x)
+            y = torch._scaled_mm(c, wt, scale_a=sc, scale_b=scale_row, out_dtype=x.dtype)
+            return (y if b is None else y + b).reshape(out_shape)
+
+        fn.keep = b  # type: ignore[attr-defined]
+        return fn
+    out = torch.empty((m, n), dtype=x.dtype, device=device)
+    grid2, args2, constants2 = _matmul_call(codes, scales, weight, weight_scale, bias, out, flip, None, False)
+    gemm = direct_launcher(_scaled_matmul_kernel, grid2, args2, constants2)
+    if gemm is None:
+        return None
+    _, w, _, sw, b, _, *tail = args2   # codes, weight, row scales, weight scales, bias, out, M, N, K, strides
+    dtype = x.dtype
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        c, sc = quantized(x)
+        y = torch.empty((m, n), dtype=dtype, device=device)
+        gemm(c, w, sc, sw, b, y, *tail)
+        return y.reshape(out_shape)
+
+    return fn
