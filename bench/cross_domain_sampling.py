@@ -8,10 +8,13 @@ out-of-domain dPPL / in-domain dPPL.
 
 A variant is SAMPLING/METHOD, SAMPLING one of
   gen           io/generated.py itself (temperature 1, from the start token)
-  s:t=X,r=N,u=F temperature X, and N tokens after the start token drawn uniformly from the vocabulary's
+  s:t=X,r=N,u=F,seed=S
+                temperature X, and N tokens after the start token drawn uniformly from the vocabulary's
                 ordinary tokens (LLM-QAT's data-free trick) before sampling continues; a fraction F of the
-                windows wholly uniform random tokens after the start token (every embedding row seen)
-and METHOD one of awq-gptq, awq-gptq-duo (AWQ's duo scaling) or gptq[=DAMP], optionally followed by
+                windows wholly uniform random tokens after the start token (every embedding row seen);
+                seed S (default 0; s:seed=2 is another set of samples drawn like gen's)
+and METHOD one of rtn (round to nearest, no calibration), awq-gptq, awq-gptq-duo (AWQ's duo scaling) or
+gptq[=DAMP], the calibrated ones optionally followed by
 +KEY=VALUE settings of the solver (awq-gptq+damp=0.3+amax=0.5):
   damp=X        GPTQ's damp (also inside AWQ+GPTQ)
   amax=X        AWQ's exponents a scaled into [0, X) (the same number of candidates)
@@ -44,6 +47,7 @@ from bench.scoring import materialize, release_memory, score, shared_copy, write
 from modelpress.algorithms.quantize import awq as awq_module
 from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
 from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
+from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.api import EvalSettings, prepare_windows
 from modelpress.errors import ModelpressError
 from modelpress.io.generated import generated_windows, start_token
@@ -89,10 +93,13 @@ def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torc
     options = dict(part.split("=") for part in spec[2:].split(","))
     uniform = round(float(options.get("u", 0)) * samples)
     temperature, random_first = float(options.get("t", 1)), int(options.get("r", 0))
-    sampled = sample(model, tokenizer, samples - uniform, seq_len, 0, temperature, random_first)
+    seed = int(options.get("seed", 0))
+    if seed == 1:
+        raise ModelpressError(f"sampling {spec!r}: seed 1 draws the in-domain evaluation windows")
+    sampled = sample(model, tokenizer, samples - uniform, seq_len, seed, temperature, random_first)
     if not uniform:
         return sampled
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     vocab = ordinary_tokens(model, tokenizer)
     noise = vocab[torch.randint(len(vocab), (uniform, seq_len), generator=generator)]
     noise[:, 0] = start_token(tokenizer)
@@ -120,14 +127,16 @@ def awq_settings(gptq: dict, amax: float | None):
 
 
 def parse_method(method: str) -> tuple[str, dict, float | None]:
-    """METHOD -> (awq-gptq | awq-gptq-duo | gptq, GPTQConfig settings, AWQ's amax or None)."""
+    """METHOD -> (rtn | awq-gptq | awq-gptq-duo | gptq, GPTQConfig settings, AWQ's amax or None)."""
     head, *options = method.split("+")
     name, _, damp = head.partition("=")
     settings = dict(option.partition("=")[::2] for option in options)
     amax = settings.pop("amax", None)
     unknown = set(settings) - set(GPTQ_SETTINGS)
+    if name == "rtn" and not settings and not damp:
+        return name, {}, None
     if unknown or name not in ("awq-gptq", "awq-gptq-duo", "gptq") or (name == "gptq" and amax is not None):
-        raise ModelpressError(f"method {method!r}: expected awq-gptq, awq-gptq-duo or gptq[=DAMP], "
+        raise ModelpressError(f"method {method!r}: expected rtn, awq-gptq, awq-gptq-duo or gptq[=DAMP], "
                               f"then +KEY=VALUE settings among amax, {', '.join(GPTQ_SETTINGS)}")
     gptq = {GPTQ_SETTINGS[k][0]: GPTQ_SETTINGS[k][1](v) for k, v in settings.items()}
     if name == "gptq":
@@ -137,6 +146,9 @@ def parse_method(method: str) -> tuple[str, dict, float | None]:
 
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
     name, gptq, amax = parse_method(method)
+    if name == "rtn":  # no calibration: the windows are not used (the baseline every calibrated row is read against)
+        quantize_rtn(model, RTNConfig(scheme=scheme))
+        return
     if name == "gptq":
         quantize_gptq(model, GPTQConfig(scheme=scheme, **gptq), ids, device=device)
         return

@@ -31,6 +31,8 @@ from modelpress.nn.triton_backend import triton_linear
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672, 8192)]  # (N, K)
 LLAMA2_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+# the same layer with its sibling projections fused along N: q/k/v in one weight, gate/up in one (4 launches, not 7)
+LLAMA2_7B_FUSED = [(3 * 4096, 4096), (4096, 4096), (2 * 11008, 4096), (4096, 11008)]
 LAYERS = 32
 READ_CEILING_TBS = 4.2  # the issue's anchor for the H200's read bandwidth (H100: 3.08)
 ROTATE_BYTES = 256 << 20  # weight copies per timed sequence add up to at least this (L2 is 50 MB)
@@ -223,12 +225,13 @@ def run_shapes(impls: dict, ms: list[int], shapes=SHAPES) -> list[dict]:
     return rows
 
 
-def run_stack(impls: dict, ms: list[int]) -> list[dict]:
-    """Per-token time of the 7B stack: 32 layers x (q, k, v, o, gate, up, down), each weight distinct."""
+def run_stack(impls: dict, ms: list[int], layer=LLAMA2_7B_LAYER) -> list[dict]:
+    """Per-token time of the 7B stack: 32 layers x (q, k, v, o, gate, up, down), each weight distinct (or the
+    layer given, e.g. LLAMA2_7B_FUSED)."""
     rows = []
     for name, (build, call) in impls.items():
         try:
-            weights = [(build(n, k), k) for _ in range(LAYERS) for n, k in LLAMA2_7B_LAYER]
+            weights = [(build(n, k), k) for _ in range(LAYERS) for n, k in layer]
         except Exception as exc:
             rows.append({"impl": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
@@ -236,7 +239,8 @@ def run_stack(impls: dict, ms: list[int]) -> list[dict]:
             xs = {k: torch.randn(m, k, device=DEVICE).to(torch.bfloat16) for k in (4096, 11008)}
             try:
                 t = time_sequence([lambda s=s, k=k: call(s, xs[k]) for s, k in weights], repeats=10)
-                row = {"impl": name, "M": m, "eager_ms": t["eager_us"] * len(weights) / 1e3,
+                row = {"impl": name, "M": m, "layers": "fused" if layer is LLAMA2_7B_FUSED else "7 per block",
+                       "eager_ms": t["eager_us"] * len(weights) / 1e3,
                        "graph_ms": t["graph_us"] * len(weights) / 1e3,
                        "weight_gb": sum(nbytes(s) for s, _ in weights) / 1e9}
             except Exception as exc:
@@ -268,14 +272,14 @@ def format_tables(result: dict) -> str:
             lines.append(f"| {n}x{k} | {m} | " + " | ".join(cells) + f" | {eager} | {pct} |")
     lines += ["", "Host time per eager call on a tiny layer (µs): " + ", ".join(
         f"{k} {v:.1f}" for k, v in result.get("host_overhead_us", {}).items())]
-    lines += ["", "Llama-2-7B stack (224 matmuls), per token, ms:", "", "| impl | M | graph | eager | weights GB |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Llama-2-7B stack (224 matmuls, or 128 with siblings fused), per token, ms:", "",
+              "| impl | layers | M | graph | eager | weights GB |", "|---|---|---|---|---|---|"]
     for r in result["stack"]:
         if "graph_ms" in r:
-            lines.append(f"| {r['impl']} | {r['M']} | {r['graph_ms']:.3f} | {r['eager_ms']:.3f} "
+            lines.append(f"| {r['impl']} | {r['layers']} | {r['M']} | {r['graph_ms']:.3f} | {r['eager_ms']:.3f} "
                          f"| {r['weight_gb']:.2f} |")
         else:
-            lines.append(f"| {r['impl']} | {r.get('M', '')} | {r['error']} | | |")
+            lines.append(f"| {r['impl']} | | {r.get('M', '')} | {r['error']} | | |")
     return "\n".join(lines)
 
 
@@ -284,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=Path("kernels.json"))
     parser.add_argument("--quick", action="store_true", help="the three 7B shapes only")
     parser.add_argument("--ms", default="1,16,256,2048")
+    parser.add_argument("--stack-only", action="store_true", help="skip the per-shape tables")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time the stack with q/k/v and gate/up fused into one weight each (4 matmuls a block)")
     parser.add_argument("--float32-products", action="store_true",
                         help="also time the Gluon GEMV with float32 products (half=False) for int4/g128 and int4-asym/g128")
     args = parser.parse_args(argv)
@@ -301,11 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "read_tbs": read_bandwidth_tbs(), "host_overhead_us": host_overhead_us()}
     print(json.dumps(result), flush=True)
-    result["shapes"] = run_shapes(impls, ms, shapes) + run_shapes(formats, [1, 16], shapes)
+    result["shapes"] = [] if args.stack_only else run_shapes(impls, ms, shapes) + run_shapes(formats, [1, 16], shapes)
     stack = {k: impls[k] for k in ("bf16", "torch-int4", "fp8-cublas", "int4/g128")} | {"nf4/g64": formats["nf4/g64"]}
     if args.float32_products:
         stack |= {k: formats[k] for k in ("int4/g128 f32",)}
     result["stack"] = run_stack(stack, [1, 16])
+    if args.fused:
+        result["stack"] += run_stack(stack, [1, 16], LLAMA2_7B_FUSED)
     args.json.write_text(json.dumps(result, indent=1))
     print(format_tables(result))
 

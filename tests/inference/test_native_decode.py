@@ -11,8 +11,9 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
+                          GPT2LMHeadModel, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from transformers.cache_utils import Cache, DynamicCache
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
@@ -62,6 +63,19 @@ def build(family: str, **overrides):
         return randomized(Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, "use_sliding_window": False, **overrides})))
     if family == "qwen3":   # per-head RMSNorms on q and k
         return randomized(Qwen3ForCausalLM(Qwen3Config(**{**SHAPE, **overrides})))
+    if family == "mistral-window":   # every layer attends to its last 8 positions
+        return randomized(MistralForCausalLM(MistralConfig(**{**SHAPE, "sliding_window": 8, **overrides})))
+    if family == "gemma2":   # norms of 1 + w before and after attention and MLP, GELU, soft-capped scores and logits,
+        # every other layer a sliding window
+        return randomized(Gemma2ForCausalLM(Gemma2Config(**{**SHAPE, "sliding_window": 8, "query_pre_attn_scalar": 24,
+                                                            "attn_implementation": "eager", **overrides})))
+    if family == "gemma3":   # Gemma 2's layer without soft-capping, q/k norms, a rope of its own for sliding layers
+        return randomized(Gemma3ForCausalLM(Gemma3TextConfig(**{
+            **SHAPE, "num_hidden_layers": 3, "sliding_window": 8, "query_pre_attn_scalar": 24,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            "attn_implementation": "eager", **overrides})))
     raise ValueError(family)
 
 
@@ -91,12 +105,32 @@ def compare(model, tokens: list[int], atol: float = 1e-4, native_prefill: bool =
     return native, cache
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "mistral-window", "gemma2",
+                                    "gemma3"])
 @torch.no_grad()
 def test_float_models_give_their_own_logits(family, one_thread):
+    """Sliding-window models (window 8) run past their window: 7 prompt tokens and 12 more."""
     model = build(family)
     assert native_obstacle(model) is None
-    compare(model, [11, 23, 5, 60, 1, 2])
+    compare(model, [11, 23, 5, 60, 1, 2, 99, 150, 7, 8, 31, 64])
+
+
+@torch.no_grad()
+def test_gemma_pieces_each_matter(one_thread):
+    """The settings Gemma adds each change the logits when changed alone (the soft-caps, the window, the attention
+    scaling; a SiLU MLP is named as not computed), and the native step follows each change."""
+    base = build("gemma2")
+    reference = forward_logits(base, PROMPT * 2, make_kv_cache(base, KVCacheConfig("float")))
+    for overrides in (dict(attn_logit_softcapping=0.5), dict(final_logit_softcapping=0.5), dict(sliding_window=3),
+                      dict(hidden_activation="silu"), dict(query_pre_attn_scalar=4)):
+        model = build("gemma2", **overrides)
+        changed = forward_logits(model, PROMPT * 2, make_kv_cache(model, KVCacheConfig("float")))
+        assert (changed - reference).abs().max() > 1e-3, overrides
+        if overrides.get("hidden_activation") == "silu":
+            assert "hidden_activation is 'silu'" in native_obstacle(model)
+            continue
+        native = NativeDecoder(model, 32)
+        assert torch.allclose(native.forward(PROMPT * 2), changed, atol=1e-4, rtol=1e-4), overrides
 
 
 @pytest.mark.parametrize("heads", [dict(head_dim=64, num_attention_heads=3, num_key_value_heads=1),
@@ -111,14 +145,15 @@ def test_attention_of_every_head_shape_past_a_value_tile(heads, one_thread):
     compare(model, [(7 * i + 3) % 300 for i in range(38)])
 
 
-@pytest.mark.parametrize("spec", [None, "int4/g32"])
+@pytest.mark.parametrize("family, spec", [("qwen3", None), ("qwen3", "int4/g32"), ("gemma3", None)])
 @torch.no_grad()
-def test_a_long_prompt_runs_through_the_model_and_its_cache_is_copied(spec, one_thread):
+def test_a_long_prompt_runs_through_the_model_and_its_cache_is_copied(family, spec, one_thread):
     """Past NATIVE_PREFILL_TOKENS the prompt takes transformers' batched forward; the keys and values it leaves
-    are the native cache's, so later steps are those of a prompt prefilled natively."""
+    are the native cache's, so later steps are those of a prompt prefilled natively. A sliding-window layer's cache
+    keeps only its last positions (window - 1 of them), which are all a later step reads."""
     from modelpress.inference.native_decode import NATIVE_PREFILL_TOKENS
 
-    model = build("qwen3")
+    model = build(family)
     if spec is not None:
         quantize_rtn(model, RTNConfig(WeightScheme.parse(spec)))
     prompt = (PROMPT * 10)[: NATIVE_PREFILL_TOKENS + 5]
@@ -131,14 +166,16 @@ def test_a_long_prompt_runs_through_the_model_and_its_cache_is_copied(spec, one_
         # int4: PyTorch's batched int4 kernel (the long prefill) sums bfloat16 products otherwise than the native
         # kernel, ~1% apart after a few layers; float32 checks the copy itself
         tol = 1e-4 if spec is None else 5e-2
-        for (k1, v1), (k2, v2) in zip(long.caches, short.caches):
-            assert torch.allclose(k1, k2, atol=tol, rtol=tol) and torch.allclose(v1, v2, atol=tol, rtol=tol)
+        for (k1, v1), (k2, v2), block in zip(long.caches, short.caches, long.blocks):
+            kept = slice(len(prompt) - block.window + 1 if block.window else 0, len(prompt))
+            assert torch.allclose(k1[:, kept], k2[:, kept], atol=tol, rtol=tol)
+            assert torch.allclose(v1[:, kept], v2[:, kept], atol=tol, rtol=tol)
         assert torch.allclose(long.step(11), short.step(11), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("spec", ["int4/g32", "int4-asym/g64", "nf4/g64", "fp4/g32", "int8/channel", "int8-asym/g32",
                                   "fp8-e4m3/channel"])
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 @torch.no_grad()
 def test_packed_models_give_the_cpu_kernels_logits(family, spec, one_thread):
     """Against the eager path with the CPU kernels (fast_cpu, as generate runs): the same packed products (int4
@@ -195,6 +232,8 @@ def test_the_int8_cache_on_builds_without_avx512(name, tmp_path, one_thread):
     model = build("mistral", head_dim=40, num_attention_heads=6, num_key_value_heads=3)
     with mock.patch.object(cpu_native, "library", lambda: lib):
         compare(model, [(7 * i + 3) % 300 for i in range(36)], kv_cache="int8")
+        # GELU and soft-capping through each build's vectors (soft-caps small enough to bend the values)
+        compare(build("gemma2", attn_logit_softcapping=2.0, final_logit_softcapping=1.0), [11, 23, 5, 60, 1, 2])
 
 
 @torch.no_grad()
@@ -247,7 +286,8 @@ def quantized(spec: str):
 @pytest.mark.parametrize("make, reason", [
     (lambda: quantized("int3-asym/g32"), "int3-asym/g32, which the native kernels do not serve"),
     (lambda: build("llama").to(torch.bfloat16), "not float32"),
-    (lambda: build("mistral", sliding_window=8), "sliding-window"),
+    (lambda: build("gemma3", hidden_activation="gelu"), "hidden_activation is 'gelu'"),
+    (lambda: build("qwen3", layer_types=["full_attention", "chunked_attention"]), "attention layers of kinds"),
     (lambda: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), "GPT2LMHeadModel is not"),
     (lambda: build("llama", hidden_act="gelu"), "hidden_act"),
     (lambda: build("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic'"),
@@ -268,6 +308,18 @@ def test_asking_for_it_where_it_cannot_run_decodes_eagerly(caplog, one_thread):
                      GenerationSettings(max_new_tokens=3, kv_cache=KVCacheConfig("int8", residual_length=4)),
                      GenerationSettings(max_new_tokens=3, cpu_kernels=False)):
         assert generate(float_model, PROMPT, settings).decode_path == "eager"
+
+
+def test_an_int8_cache_is_refused_for_sliding_windows():
+    """The int8 cache keeps full-attention models only, on the native step as on the eager path: both say so."""
+    from modelpress.inference.decoding import native_path_obstacle
+
+    model = build("gemma3")
+    with pytest.raises(ModelpressError, match="full-attention models only"):
+        NativeDecoder(model, 32, kv_cache="int8")
+    reason = native_path_obstacle(model, GenerationSettings(kv_cache="int8"), None)
+    assert "full-attention models only" in reason and "sliding_attention" in reason
+    assert native_path_obstacle(model, GenerationSettings(), None) is None
 
 
 @torch.no_grad()
@@ -339,10 +391,14 @@ def test_threads_split_rows_and_give_the_same_numbers(spec):
 
 
 @torch.no_grad()
-def test_a_head_it_does_not_serve_is_the_models_own(one_thread):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_head_it_does_not_serve_is_the_models_own(family, one_thread):
+    """The model's own head runs on the step's final hidden states (Gemma 2: its logits soft-capped after it)."""
     from modelpress.algorithms.quantize.head import HeadConfig, quantize_head
 
-    model = build("llama")
+    # a head tied to Gemma's scaled embedding is not quantized; a small cap, so that capping shows in the logits
+    caps = dict(final_logit_softcapping=0.5) if family == "gemma2" else {}
+    model = build(family, tie_word_embeddings=False, **caps)
     quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
     quantize_head(model, HeadConfig(WeightScheme.parse("int3-asym/g32")))
     with fast_cpu():

@@ -190,6 +190,11 @@ def native_path_obstacle(model: nn.Module, settings: GenerationSettings, cache: 
         window = f" with a float window of {kv.residual} tokens" if kv.residual else ""
         return (f"the {kv.mode} KV cache{window} is not on the native step (it keeps "
                 f"{' or '.join(NATIVE_KV_MODES)} caches without a window)")
+    if kv.mode != "float":
+        try:
+            check_full_attention(model.config)
+        except ModelpressError as err:
+            return str(err)
     if settings.compile:
         return "compile=True asks for the static path"
     if not settings.cpu_kernels:

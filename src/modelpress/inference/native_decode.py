@@ -16,10 +16,13 @@ The KV cache is float32, or (kv_cache="int8") the eager path's `int8` mode (kv_c
 float16-exact scale per token and key/value head, each token quantized as it is written and attended to as
 codes times scale, at a quarter of the float32 cache's bytes.
 
-Served: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM in float32 on the CPU, with
-full attention only, a rope whose frequencies do not depend on the sequence length (default, linear, llama3,
-yarn: the model's rotary module computes the table), SiLU MLPs, every projection an nn.Linear or a QuantLinear
-the native kernels serve (4- and 8-bit formats; int3 and others are not). The numbers are those of the eager path
+Served: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM and
+Gemma3ForCausalLM (text) in float32 on the CPU, with full or sliding-window attention per layer (each layer's
+window as transformers masks it; Gemma 3's sliding layers with their own rope table), a rope whose frequencies do
+not depend on the sequence length (default, linear, llama3, yarn: the model's rotary module computes the table),
+SiLU MLPs (Gemma: GELU's tanh approximation, norms of 1 + w around attention and MLP, soft-capped attention
+scores and logits), every projection an nn.Linear or a QuantLinear the native kernels serve (4- and 8-bit
+formats; int3 and others are not). The int8 cache is for full-attention models only, as on the eager path. The numbers are those of the eager path
 with the CPU kernels (bfloat16 products for int4 and int16 x for 8-bit integer codes where the CPU has them, exact
 float32 for the other formats) up to
 the order of float32 additions.
@@ -34,12 +37,15 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from modelpress.errors import ModelpressError
-from modelpress.inference.kv_cache import KVCacheConfig, check_full_attention, make_kv_cache
+from modelpress.inference.kv_cache import KVCacheConfig, make_kv_cache
 from modelpress.nn import cpu_native
 from modelpress.nn.cpu_backend import CPU_BACKEND
 from modelpress.nn.quant_linear import QuantLinear
 
-FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")   # transformers classes whose decoder layer cpu_step.c computes
+# transformers classes whose decoder layer cpu_step.c computes
+FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Gemma3")
+GEMMA = ("Gemma2", "Gemma3")   # norms multiply by 1 + w, post-norms of the attention and MLP outputs, GELU (tanh)
+ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}   # the MLP's activation -> cpu_step.c's MP_ACT_*
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies fixed for every sequence length
 PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
                ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
@@ -69,7 +75,9 @@ class Block(ctypes.Structure):
     _fields_ = [(name, Linear) for name, _ in PROJECTIONS] + [
         (name, ctypes.c_void_p) for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "k_cache", "v_cache",
                                              "k_codes", "v_codes", "k_scales", "v_scales")] + [
-        ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64)]
+        ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("post_attn_norm", "post_mlp_norm", "cos", "sin")] + [
+        ("window", ctypes.c_int64)]
 
 
 class Decoder(ctypes.Structure):
@@ -80,7 +88,8 @@ class Decoder(ctypes.Structure):
                 ("hidden", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("capacity", ctypes.c_int64),
                 ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("products", ctypes.c_int32),
                 ("threads", ctypes.c_int32), ("head", Linear), ("logits", ctypes.c_void_p),
-                ("logits_from", ctypes.c_int64)]
+                ("logits_from", ctypes.c_int64), ("act", ctypes.c_int32), ("attn_softcap", ctypes.c_float),
+                ("logit_softcap", ctypes.c_float)]
 
 
 def _family(model: nn.Module) -> str | None:
@@ -113,7 +122,50 @@ def _projection_obstacle(name: str, module: nn.Module) -> str | None:
 def _norm_eps(norm: nn.Module, family: str) -> float | None:
     if type(norm).__name__ != f"{family}RMSNorm" or not _float32(norm.weight):
         return None
-    return float(norm.variance_epsilon)
+    return float(norm.eps if family in GEMMA else norm.variance_epsilon)
+
+
+def _norms(layer: nn.Module, family: str) -> dict[str, nn.Module | None]:
+    """The block's norms by the step's names (mp_block): Llama-style layers norm the attention's and the MLP's inputs;
+    Gemma's also their outputs (its post_attention_layernorm is the attention output's, pre_feedforward_layernorm
+    the MLP input's)."""
+    attention = layer.self_attn
+    heads = {name: getattr(attention, name, None) for name in ("q_norm", "k_norm")}
+    if family in GEMMA:
+        return {"attn_norm": layer.input_layernorm, "post_attn_norm": layer.post_attention_layernorm,
+                "mlp_norm": layer.pre_feedforward_layernorm, "post_mlp_norm": layer.post_feedforward_layernorm,
+                **heads}
+    return {"attn_norm": layer.input_layernorm, "mlp_norm": layer.post_attention_layernorm, "post_attn_norm": None,
+            "post_mlp_norm": None, **heads}
+
+
+def _norm_weight(norm: nn.Module, family: str) -> torch.Tensor:
+    """What the step multiplies the normed vector by: the weight, or 1 + weight for Gemma's norms."""
+    return norm.weight.detach() + 1 if family in GEMMA else norm.weight
+
+
+def _activation(config, family: str) -> str | None:
+    return getattr(config, "hidden_activation" if family in GEMMA else "hidden_act", None)
+
+
+def _window(layer: nn.Module, config) -> int:
+    """The positions a block attends to (0: all): transformers' layers name their own sliding window (None for a
+    full-attention layer); Mistral's take the config's for every layer."""
+    attention = layer.self_attn
+    window = attention.sliding_window if hasattr(attention, "sliding_window") else getattr(config, "sliding_window",
+                                                                                           None)
+    return int(window or 0)
+
+
+def _layer_rope(layer: nn.Module, family: str) -> str | None:
+    """The rope table a block rotates with: Gemma 3's layer type (its sliding layers have their own base), else the
+    model's one table (None)."""
+    return layer.self_attn.layer_type if family == "Gemma3" else None
+
+
+def _rope_types(rotary: nn.Module) -> set[str]:
+    kinds = getattr(rotary, "rope_type", "default")
+    return set(kinds.values()) if isinstance(kinds, dict) else {kinds}
 
 
 def native_obstacle(model: nn.Module) -> str | None:
@@ -124,16 +176,19 @@ def native_obstacle(model: nn.Module) -> str | None:
     if model.training:
         return "the model is in training mode (the step has no dropout): call model.eval()"
     config = model.config
-    try:
-        check_full_attention(config)
-    except ModelpressError:
-        return "the model has sliding-window or other non-full attention layers"
-    if getattr(config, "hidden_act", None) != "silu":
-        return f"hidden_act is {getattr(config, 'hidden_act', None)!r}, not 'silu'"
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not layer_types <= {"full_attention", "sliding_attention"}:
+        return f"the model has attention layers of kinds {sorted(layer_types)}"
+    activation, wanted = _activation(config, family), "gelu_pytorch_tanh" if family in GEMMA else "silu"
+    if activation != wanted:
+        name = "hidden_activation" if family in GEMMA else "hidden_act"
+        return f"{name} is {activation!r}, not {wanted!r}"
     inner = model.model
-    rope = getattr(inner.rotary_emb, "rope_type", "default")
-    if rope not in STATIC_ROPE:
-        return f"rope type {rope!r} changes its frequencies with the sequence length"
+    for rope in _rope_types(inner.rotary_emb):
+        if rope not in STATIC_ROPE:
+            return f"rope type {rope!r} changes its frequencies with the sequence length"
+    if family in GEMMA and not type(inner.embed_tokens).__name__.endswith("ScaledWordEmbedding"):
+        return f"its embedding is a {type(inner.embed_tokens).__name__}, not Gemma's scaled one"
     epsilons = {_norm_eps(inner.norm, family)}
     shapes = {(float(layer.self_attn.scaling), int(layer.self_attn.head_dim)) for layer in inner.layers}
     if len(shapes) != 1:
@@ -148,9 +203,7 @@ def native_obstacle(model: nn.Module) -> str | None:
             reason = _projection_obstacle(f"layer {i} {path}", layer.get_submodule(path))
             if reason is not None:
                 return reason
-        norms = [layer.input_layernorm, layer.post_attention_layernorm]
-        norms += [getattr(attention, name) for name in ("q_norm", "k_norm") if hasattr(attention, name)]
-        epsilons.update(_norm_eps(norm, family) for norm in norms)
+        epsilons.update(_norm_eps(norm, family) for norm in _norms(layer, family).values() if norm is not None)
     if None in epsilons or len(epsilons) != 1:
         return "its RMSNorms are not all float32 with one epsilon"
     if not cpu_native.available():
@@ -172,6 +225,11 @@ class NativeDecoder:
         if kv_cache not in NATIVE_KV_MODES:
             raise ModelpressError(f"the native decode step keeps a {' or '.join(NATIVE_KV_MODES)} KV cache, "
                                   f"not {kv_cache!r}")
+        family = _family(model)
+        windows = [_window(layer, model.config) for layer in model.model.layers]
+        if kv_cache != "float" and any(windows):
+            raise ModelpressError(f"the native decode step keeps an {kv_cache} KV cache for full-attention models only; "
+                                  f"this one has sliding-window layers")
         self.model, self.capacity, self.position, self.kv_cache = model, int(capacity), 0, kv_cache
         self.lib = cpu_native.library()
         inner = model.model
@@ -180,24 +238,28 @@ class NativeDecoder:
         head_dim = int(inner.layers[0].self_attn.head_dim)   # every layer's (native_obstacle checks)
         self.caches: list[tuple] = []   # each block's (keys, values): tensors, or (codes, scales) pairs for int8
         self._cache_tensors: list[torch.Tensor] = []   # every tensor of self.caches
-        for block, layer in zip(blocks, inner.layers):
+        tables = {kind: tuple(self._tensor(t) for t in self._rope_table(kind))
+                  for kind in dict.fromkeys(_layer_rope(layer, family) for layer in inner.layers)}
+        for block, layer, window in zip(blocks, inner.layers, windows):
             for name, path in PROJECTIONS:
                 setattr(block, name, self._linear(layer.get_submodule(path)))
             block.heads, block.kv_heads = block.q.n // head_dim, block.k.n // head_dim
-            attention = layer.self_attn
-            block.attn_norm = self._tensor(layer.input_layernorm.weight)
-            block.mlp_norm = self._tensor(layer.post_attention_layernorm.weight)
-            block.q_norm = self._tensor(getattr(attention, "q_norm", None) and attention.q_norm.weight)
-            block.k_norm = self._tensor(getattr(attention, "k_norm", None) and attention.k_norm.weight)
+            for name, norm in _norms(layer, family).items():
+                setattr(block, name, None if norm is None else self._tensor(_norm_weight(norm, family)))
+            block.cos, block.sin = tables[_layer_rope(layer, family)]
+            block.window = window
             self.caches.append(self._cache(block, head_dim))
         self.blocks = blocks
         hidden = inner.norm.weight.numel()
-        cos, sin = self._rope_table(head_dim)
-        decoder = Decoder(blocks=blocks, final_norm=self._tensor(inner.norm.weight), cos=self._tensor(cos),
-                          sin=self._tensor(sin), work=None, n_blocks=len(blocks), hidden=hidden,
-                          head_dim=head_dim, capacity=self.capacity, eps=float(inner.norm.variance_epsilon),
-                          scaling=float(inner.layers[0].self_attn.scaling),
-                          products=cpu_native.PRODUCTS[products])
+        cos, sin = next(iter(tables.values()))
+        config = model.config
+        self.logit_softcap = float(getattr(config, "final_logit_softcapping", None) or 0)
+        decoder = Decoder(blocks=blocks, final_norm=self._tensor(_norm_weight(inner.norm, family)), cos=cos, sin=sin,
+                          work=None, n_blocks=len(blocks), hidden=hidden, head_dim=head_dim, capacity=self.capacity,
+                          eps=_norm_eps(inner.norm, family), scaling=float(inner.layers[0].self_attn.scaling),
+                          products=cpu_native.PRODUCTS[products], act=ACTIVATIONS[_activation(config, family)],
+                          attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0),
+                          logit_softcap=self.logit_softcap)
         self.head_native = _projection_obstacle("the head", model.lm_head) is None
         if self.head_native:   # else the model's own head module runs on the final hidden states
             decoder.head = self._linear(model.lm_head)
@@ -251,10 +313,12 @@ class NativeDecoder:
             linear.weight = self._tensor(module.weight)
         return linear
 
-    def _rope_table(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (capacity, head_dim) from the model's own rotary module, for positions 0..capacity-1."""
+    def _rope_table(self, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (capacity, head_dim) from the model's own rotary module, for positions 0..capacity-1 (of
+        `layer_type`'s rope, for a module that has one per layer type)."""
         positions = torch.arange(self.capacity).unsqueeze(0)
-        cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        args = () if layer_type is None else (layer_type,)
+        cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions, *args)
         return cos[0].float().contiguous(), sin[0].float().contiguous()
 
     # ---- decoding ----
@@ -275,8 +339,9 @@ class NativeDecoder:
         cache = make_kv_cache(self.model, KVCacheConfig(self.kv_cache, residual_length=0))
         logits = forward_logits(self.model, prompt, cache, last_only=True)[-1:]
         for (keys, values), layer in zip(self.caches, cache.layers):
-            if self.kv_cache == "float":
-                keys[:, :n], values[:, :n] = layer.keys[0].float(), layer.values[0].float()
+            if self.kv_cache == "float":   # a sliding-window layer keeps its last positions only, all it reads
+                kept = layer.keys.shape[2]
+                keys[:, n - kept:n], values[:, n - kept:n] = layer.keys[0].float(), layer.values[0].float()
                 continue
             for (codes, scales), stored in zip((keys, values), layer.stored):   # offset-binary uint8 -> int8
                 codes[:, :n] = (stored.qdata[0].to(torch.int16) - 128).to(torch.int8)
@@ -305,7 +370,12 @@ class NativeDecoder:
         if status != 0:
             raise RuntimeError(f"native decode step failed: {STATUS.get(status, status)}")
         self.position += t
-        return logits if logits is not None else self.model.lm_head(hidden[t - rows:]).float()
+        if logits is not None:
+            return logits
+        logits = self.model.lm_head(hidden[t - rows:]).float()
+        if self.logit_softcap:   # the step caps the logits of the heads it runs itself
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
     def _reserve(self, tokens: int) -> None:
         """Scratch (decoder.work) for forward calls of up to `tokens` tokens."""

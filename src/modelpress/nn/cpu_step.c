@@ -4,17 +4,23 @@
    operators per block; a few tokens at once (a short prompt, speculative decoding's verify pass) read each weight
    once.
 
-   What it computes is what transformers' LlamaDecoderLayer computes in float32 (also Mistral's, Qwen2's, Qwen3's):
+   What it computes is what transformers' LlamaDecoderLayer computes in float32 (also Mistral's, Qwen2's, Qwen3's,
+   Gemma 2's and Gemma 3's):
      x = h; h = RMSNorm(h) * w_attn
      q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv            (heads of head_dim; grouped-query: kv_heads)
-     q, k = RMSNorm_head(q) * w_q, RMSNorm_head(k) * w_k         (Qwen3's q_norm / k_norm, when given)
+     q, k = RMSNorm_head(q) * w_q, RMSNorm_head(k) * w_k         (Qwen3's and Gemma 3's q_norm / k_norm, when given)
      q, k = q cos + rotate_half(q) sin, k cos + rotate_half(k) sin   (cos, sin of this position, from a table)
      K[pos], V[pos] = k, v                                       (or, an int8 cache: their codes and scales)
-     a_h = softmax(q_h K_g^T * scaling) V_g                      (g = h / (heads / kv_heads), positions 0..pos)
-     h = x + a Wo^T + bo
-     x = h; h = x + (silu(RMSNorm(h) * w_mlp Wg^T) * (RMSNorm(h) * w_mlp Wu^T)) Wd^T
-   RMSNorm(v) = v * 1 / sqrt(mean(v^2) + eps), then times its weight, as transformers orders it.
-   The cos and sin tables are the model's own rotary module's output for every position (any static rope type).
+     s_t = q_h K_g[t]^T * scaling                                (g = h / (heads / kv_heads))
+     s_t = cap tanh(s_t / cap)                                   (Gemma 2's attention soft-capping, when given)
+     a_h = softmax(s) V_g                 (positions 0..pos, or the last `window` of them in a sliding-window block)
+     h = x + RMSNorm(a Wo^T + bo) * w_post_attn                 (Gemma's norm of the output, when given; else none)
+     x = h; h = x + RMSNorm(act(RMSNorm(h) * w_mlp Wg^T) * (RMSNorm(h) * w_mlp Wu^T)) Wd^T) * w_post_mlp
+   act: SiLU, or GELU's tanh approximation (Gemma); the post-MLP norm only where given.
+   RMSNorm(v) = v * 1 / sqrt(mean(v^2) + eps), then times its weight, as transformers orders it (Gemma's weights
+   are given as 1 + w, which is what Gemma's norms multiply by). Output logits may be soft-capped as attention's are.
+   The cos and sin tables are the model's own rotary module's output for every position (any static rope type);
+   a block may have its own (Gemma 3's sliding-window layers rotate with another base).
    Projections are packed weights (mp_gemv, cpu_gemv.c) or float32 ones (gemv_f32 below); a packed weight with an
    input permutation (GPTQ's act-order) reads x gathered first. Sums are float32, in another order than PyTorch's
    kernels: results agree to float32 rounding, not bit for bit. A one-token step splits every projection's rows
@@ -46,10 +52,12 @@ typedef struct {
     int64_t n, k;
 } mp_linear;
 
-/* One decoder block. Norm weights: hidden values (attn_norm, mlp_norm), head_dim values (q_norm, k_norm, or NULL
-   where the block has none). Caches, written at the step's position: k_cache, v_cache (kv_heads, capacity,
-   head_dim) float32; or, where k_codes is set, int8 codes of that shape (k_codes, v_codes) and a float32 scale per
-   (kv_head, position) (k_scales, v_scales): the `int8` KV cache (quantize_state). */
+/* One decoder block. Norm weights: hidden values (attn_norm, mlp_norm; post_attn_norm, post_mlp_norm: Gemma's norms
+   of the attention's and the MLP's outputs, or NULL), head_dim values (q_norm, k_norm, or NULL where the block has
+   none). Caches, written at the step's position: k_cache, v_cache (kv_heads, capacity, head_dim) float32; or, where
+   k_codes is set, int8 codes of that shape (k_codes, v_codes) and a float32 scale per (kv_head, position)
+   (k_scales, v_scales): the `int8` KV cache (quantize_state). cos, sin: the block's own rope table, or NULL for the
+   decoder's. window: a sliding-window block attends to its last `window` positions (its own included); 0: all. */
 typedef struct {
     mp_linear q, k, v, o, gate, up, down;
     const float *attn_norm, *mlp_norm, *q_norm, *k_norm;
@@ -57,12 +65,17 @@ typedef struct {
     int8_t *k_codes, *v_codes;
     float *k_scales, *v_scales;
     int64_t heads, kv_heads;
+    const float *post_attn_norm, *post_mlp_norm;
+    const float *cos, *sin;
+    int64_t window;
 } mp_block;
 
 /* The decoder. cos / sin: (capacity, head_dim) tables; work: mp_forward_work(d, tokens) floats of scratch.
    head: the output head (n = 0: none, the caller applies its own to h), writing (tokens - logits_from, head.n)
    logits.
-   products: what packed weights multiply with, MP_PRODUCTS_* (as in mp_gemv). */
+   products: what packed weights multiply with, MP_PRODUCTS_* (as in mp_gemv).
+   act: the MLP's activation, MP_ACT_*. attn_softcap, logit_softcap: soft-capping of attention scores and of the
+   logits (cap tanh(s / cap)); 0: none. */
 typedef struct {
     const mp_block *blocks;
     const float *final_norm;
@@ -75,9 +88,12 @@ typedef struct {
     mp_linear head;
     float *logits;
     int64_t logits_from;   /* the head runs for tokens logits_from.. of a call (a prompt: its last one only) */
+    int32_t act;
+    float attn_softcap, logit_softcap;
 } mp_decoder;
 
 enum { MP_BAD_POSITION = -3, MP_BAD_SHAPE = -4, MP_NO_LOGITS = -5, MP_NO_CACHE = -6 };
+enum { MP_ACT_SILU = 0, MP_ACT_GELU_TANH = 1 };
 
 /* ---- float32 vectors through the compiler's vector extension (AVX-512, AVX2 or plain code alike) ---- */
 
@@ -385,6 +401,31 @@ static void silu_times(float *v, const float *u, int64_t n) {
     for (; i < n; i++) v[i] = silu(v[i]) * u[i];
 }
 
+/* tanh of W lanes from vexp: 1 - 2 / (exp(2x) + 1), which goes to +-1 where vexp clamps (|x| > 44) */
+static inline vec vtanh(vec x) { return 1.0f - 2.0f / (vexp(x + x) + 1.0f); }
+
+/* v[i] = gelu_tanh(v[i]) * u[i] for i < n: GELU's tanh approximation, 0.5 a (1 + tanh(sqrt(2 / pi) (a + 0.044715 a^3)))
+   (PyTorch's gelu(approximate="tanh"), Gemma's gelu_pytorch_tanh) */
+static void gelu_tanh_times(float *v, const float *u, int64_t n) {
+    const float c = 0.7978845608028654f;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+        vec a = vload(v + i), y = 0.5f * a * (1.0f + vtanh(c * (a + 0.044715f * a * a * a))) * vload(u + i);
+        memcpy(v + i, &y, sizeof y);
+    }
+    for (; i < n; i++) v[i] = 0.5f * v[i] * (1.0f + tanhf(c * (v[i] + 0.044715f * v[i] * v[i] * v[i]))) * u[i];
+}
+
+/* v[i] = cap tanh(v[i] / cap) for i < n (soft-capping) */
+static void soft_cap(float *v, int64_t n, float cap) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+        vec y = cap * vtanh(vload(v + i) / cap);
+        memcpy(v + i, &y, sizeof y);
+    }
+    for (; i < n; i++) v[i] = cap * tanhf(v[i] / cap);
+}
+
 /* p[t] = exp(p[t] - top) for t < n; returns their sum */
 static float exp_shifted(float *p, int64_t n, float top) {
     vec acc = {0};
@@ -432,7 +473,8 @@ int64_t mp_forward_work(const mp_decoder *d, int64_t tokens) {
 
 static int check_block(const mp_decoder *d, const mp_block *b) {
     int64_t hd = d->head_dim, hidden = d->hidden;
-    if (b->heads <= 0 || b->kv_heads <= 0 || b->heads % b->kv_heads) return MP_BAD_SHAPE;
+    if (b->heads <= 0 || b->kv_heads <= 0 || b->heads % b->kv_heads || b->window < 0) return MP_BAD_SHAPE;
+    if (!b->cos != !b->sin) return MP_BAD_SHAPE;
     if (b->k_codes ? !(b->v_codes && b->k_scales && b->v_scales) : !(b->k_cache && b->v_cache)) return MP_NO_CACHE;
     if (b->q.n != b->heads * hd || b->k.n != b->kv_heads * hd || b->v.n != b->kv_heads * hd) return MP_BAD_SHAPE;
     if (b->q.k != hidden || b->k.k != hidden || b->v.k != hidden || b->o.k != b->heads * hd || b->o.n != hidden)
@@ -446,6 +488,8 @@ static int check_block(const mp_decoder *d, const mp_block *b) {
 /* Checks every block's shapes once (Python calls it when it builds the decoder). */
 int mp_check(const mp_decoder *d) {
     if (d->head_dim <= 0 || d->head_dim % 2 || d->hidden <= 0 || d->capacity <= 0) return MP_BAD_SHAPE;
+    if ((d->act != MP_ACT_SILU && d->act != MP_ACT_GELU_TANH) || d->attn_softcap < 0.0f || d->logit_softcap < 0.0f)
+        return MP_BAD_SHAPE;
     if (d->head.n && d->head.k != d->hidden) return MP_BAD_SHAPE;
     for (int64_t b = 0; b < d->n_blocks; b++) {
         int status = check_block(d, d->blocks + b);
@@ -528,7 +572,8 @@ static const float *cache_rows(const float *rows, const int8_t *codes, const flo
     return buf;
 }
 
-/* out (heads * head_dim) of the token at position pos: its q against the cache's positions 0..pos. The heads that
+/* out (heads * head_dim) of the token at position pos: its q against the cache's positions 0..pos (a sliding-window
+   block: pos - window + 1..pos). The heads that
    share a key/value head are taken together, so each cached key and value is read once per token, not once per
    head (at long contexts the cache is the larger part of what a step reads); both are read in tiles of VALUE_TILE
    positions (an int8 cache's tile made float32 once for the group). scores: group * capacity floats; tile:
@@ -536,15 +581,17 @@ static const float *cache_rows(const float *rows, const int8_t *codes, const flo
 static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64_t pos, float *scores, float *tile,
                    float *out) {
     int64_t hd = d->head_dim, cap = d->capacity, group = b->heads / b->kv_heads;
+    /* the first position attended to, and how many are */
+    int64_t first = b->window > 0 && pos - b->window + 1 > 0 ? pos - b->window + 1 : 0, seen = pos + 1 - first;
     for (int64_t g = 0; g < b->kv_heads; g++) {
-        int64_t first = g * cap * hd;   /* this key/value head's first row, in either kind of cache */
+        int64_t row = g * cap * hd;   /* this key/value head's first row, in either kind of cache */
         int codes = b->k_codes != NULL;
-        const float *keys = codes ? NULL : b->k_cache + first, *values = codes ? NULL : b->v_cache + first;
-        const int8_t *key_codes = codes ? b->k_codes + first : NULL, *value_codes = codes ? b->v_codes + first : NULL;
+        const float *keys = codes ? NULL : b->k_cache + row, *values = codes ? NULL : b->v_cache + row;
+        const int8_t *key_codes = codes ? b->k_codes + row : NULL, *value_codes = codes ? b->v_codes + row : NULL;
         const float *key_scales = codes ? b->k_scales + g * cap : NULL;
         const float *value_scales = codes ? b->v_scales + g * cap : NULL;
         const float *qg = q + g * group * hd;
-        for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
+        for (int64_t t0 = first; t0 <= pos; t0 += VALUE_TILE) {
             int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE, t = 0;
             const float *kt = cache_rows(keys, key_codes, key_scales, t0, n, hd, tile);
             for (; t + 4 <= n; t += 4) {   /* four positions' keys at a time, read once for the group's heads */
@@ -561,16 +608,18 @@ static void attend(const mp_block *b, const float *q, const mp_decoder *d, int64
         }
         float *og = out + g * group * hd;
         for (int64_t j = 0; j < group; j++) {
-            float *sj = scores + j * cap, top = -INFINITY;
-            for (int64_t t = 0; t <= pos; t++) top = sj[t] > top ? sj[t] : top;
-            float total = exp_shifted(sj, pos + 1, top);
-            for (int64_t t = 0; t <= pos; t++) sj[t] /= total;
+            float *sj = scores + j * cap + first, top = -INFINITY;
+            if (d->attn_softcap > 0.0f) soft_cap(sj, seen, d->attn_softcap);
+            for (int64_t t = 0; t < seen; t++) top = sj[t] > top ? sj[t] : top;
+            float total = exp_shifted(sj, seen, top);
+            for (int64_t t = 0; t < seen; t++) sj[t] /= total;
         }
         /* the values in tiles of VALUE_TILE positions, each tile read from memory once for the group's heads */
-        for (int64_t t0 = 0; t0 <= pos; t0 += VALUE_TILE) {
+        for (int64_t t0 = first; t0 <= pos; t0 += VALUE_TILE) {
             int64_t n = pos + 1 - t0 < VALUE_TILE ? pos + 1 - t0 : VALUE_TILE;
             const float *vt = cache_rows(values, value_codes, value_scales, t0, n, hd, tile);
-            for (int64_t j = 0; j < group; j++) weigh_values(vt, scores + j * cap + t0, n, hd, t0 > 0, og + j * hd);
+            for (int64_t j = 0; j < group; j++)
+                weigh_values(vt, scores + j * cap + t0, n, hd, t0 > first, og + j * hd);
         }
     }
 }
@@ -619,8 +668,9 @@ static void store_states(const mp_block *b, const mp_decoder *d, int64_t i, int6
 static void position_heads(const mp_block *b, const mp_decoder *d, float *q, float *k, const float *v,
                            int64_t tokens, int64_t pos) {
     int64_t hd = d->head_dim;
+    const float *cos_table = b->cos ? b->cos : d->cos, *sin_table = b->sin ? b->sin : d->sin;
     for (int64_t t = 0; t < tokens; t++) {
-        const float *cos = d->cos + (pos + t) * hd, *sin = d->sin + (pos + t) * hd;
+        const float *cos = cos_table + (pos + t) * hd, *sin = sin_table + (pos + t) * hd;
         float *qt = q + t * b->q.n, *kt = k + t * b->k.n;
         const float *vt = v + t * b->v.n;
         for (int64_t i = 0; i < b->heads; i++) {
@@ -633,6 +683,13 @@ static void position_heads(const mp_block *b, const mp_decoder *d, float *q, flo
             store_states(b, d, i, pos + t, kt + i * hd, vt + i * hd);
         }
     }
+}
+
+/* h += y (tokens rows of hidden), y first RMS-normed with `norm` where it is given (Gemma's post-norms) */
+static void add_output(float *h, float *y, const float *norm, int64_t tokens, int64_t hidden, float eps) {
+    if (norm)
+        for (int64_t t = 0; t < tokens; t++) rms_norm(y + t * hidden, norm, hidden, eps, y + t * hidden);
+    for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
 }
 
 #define TRY(call) do { int status_ = (call); if (status_ != MP_OK) return status_; } while (0)
@@ -654,17 +711,23 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
         position_heads(b, d, q, k, v, tokens, pos);
         for (int64_t t = 0; t < tokens; t++) attend(b, q + t * b->q.n, d, pos + t, scores, tile, att + t * b->o.k);
         TRY(project(&b->o, att, tokens, y, gather, d->products, threads));
-        for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
+        add_output(h, y, b->post_attn_norm, tokens, hidden, d->eps);
         for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, b->mlp_norm, hidden, d->eps, xn + t * hidden);
         TRY(project(&b->gate, xn, tokens, att, gather, d->products, threads));
         TRY(project(&b->up, xn, tokens, up, gather, d->products, threads));
-        silu_times(att, up, tokens * b->gate.n);
+        if (d->act == MP_ACT_GELU_TANH)
+            gelu_tanh_times(att, up, tokens * b->gate.n);
+        else
+            silu_times(att, up, tokens * b->gate.n);
         TRY(project(&b->down, att, tokens, y, gather, d->products, threads));
-        for (int64_t i = 0; i < tokens * hidden; i++) h[i] += y[i];
+        add_output(h, y, b->post_mlp_norm, tokens, hidden, d->eps);
     }
     for (int64_t t = 0; t < tokens; t++) rms_norm(h + t * hidden, d->final_norm, hidden, d->eps, h + t * hidden);
     int64_t from = d->logits_from;
-    if (d->head.n) TRY(project(&d->head, h + from * hidden, tokens - from, d->logits, gather, d->products, threads));
+    if (d->head.n) {
+        TRY(project(&d->head, h + from * hidden, tokens - from, d->logits, gather, d->products, threads));
+        if (d->logit_softcap > 0.0f) soft_cap(d->logits, (tokens - from) * d->head.n, d->logit_softcap);
+    }
     return MP_OK;
 }
 
