@@ -22,10 +22,9 @@ window as transformers masks it; Gemma 3's sliding layers with their own rope ta
 not depend on the sequence length (default, linear, llama3, yarn: the model's rotary module computes the table),
 SiLU MLPs (Gemma: GELU's tanh approximation, norms of 1 + w around attention and MLP, soft-capped attention
 scores and logits), every projection an nn.Linear or a QuantLinear the native kernels serve (4- and 8-bit
-formats; int3 and others are not). The int8 cache is for full-attention models only, as on the eager path. The numbers are those of the eager path
-with the CPU kernels (bfloat16 products for int4 and int16 x for 8-bit integer codes where the CPU has them, exact
-float32 for the other formats) up to
-the order of float32 additions.
+formats; int3 and others are not). The int8 cache is for full-attention models only, as on the eager path. The
+numbers are those of the eager path with the CPU kernels (bfloat16 products for int4 and int16 x for 8-bit integer
+codes where the CPU has them, exact float32 for the other formats) up to the order of float32 additions.
 """
 
 from __future__ import annotations
