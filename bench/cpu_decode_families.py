@@ -1,8 +1,8 @@
 """Benchmark: batch-1 CPU decode of model families at the shapes of real small checkpoints, on generate's default
 path (the native step, inference/native_decode.py) against its eager path, float32 and int4/g32 with an int8/g32
 head. The weights are random (no checkpoint of these families is installed offline): the speed of a step depends
-on the shapes, not the values. As a check that both paths run the same model, the logits of the prompt's first token are compared
-(random weights leave near-ties among the top logits, so greedy tokens can part on rounding alone).
+on the shapes, not the values. As a check that both paths run the same model, the logits of the prompt's first token
+are compared (random weights leave near-ties among the top logits, so greedy tokens can part on rounding alone).
 
 Shapes (from the checkpoints' config.json files):
 - gemma-3-270m: Gemma3ForCausalLM, hidden 640, 18 layers (every sixth full attention, the rest a window of 512),

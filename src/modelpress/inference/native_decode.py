@@ -227,8 +227,8 @@ class NativeDecoder:
         family = _family(model)
         windows = [_window(layer, model.config) for layer in model.model.layers]
         if kv_cache != "float" and any(windows):
-            raise ModelpressError(f"the native decode step keeps an {kv_cache} KV cache for full-attention models only; "
-                                  f"this one has sliding-window layers")
+            raise ModelpressError(f"the native decode step keeps an {kv_cache} KV cache for full-attention models "
+                                  f"only; this one has sliding-window layers")
         self.model, self.capacity, self.position, self.kv_cache = model, int(capacity), 0, kv_cache
         self.lib = cpu_native.library()
         inner = model.model
