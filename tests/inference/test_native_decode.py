@@ -63,6 +63,9 @@ def build(family: str, **overrides):
         return randomized(Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, "use_sliding_window": False, **overrides})))
     if family == "qwen3":   # per-head RMSNorms on q and k
         return randomized(Qwen3ForCausalLM(Qwen3Config(**{**SHAPE, **overrides})))
+    if family == "qwen2-window":   # the first layer full attention, the second a window of 8
+        return randomized(Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, "use_sliding_window": True, "sliding_window": 8,
+                                                          "max_window_layers": 1, **overrides})))
     if family == "mistral-window":   # every layer attends to its last 8 positions
         return randomized(MistralForCausalLM(MistralConfig(**{**SHAPE, "sliding_window": 8, **overrides})))
     if family == "gemma2":   # norms of 1 + w before and after attention and MLP, GELU, soft-capped scores and logits,
@@ -105,8 +108,8 @@ def compare(model, tokens: list[int], atol: float = 1e-4, native_prefill: bool =
     return native, cache
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "mistral-window", "gemma2",
-                                    "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "mistral-window",
+                                    "qwen2-window", "gemma2", "gemma3"])
 @torch.no_grad()
 def test_float_models_give_their_own_logits(family, one_thread):
     """Sliding-window models (window 8) run past their window: 7 prompt tokens and 12 more."""
