@@ -59,12 +59,12 @@ def qwen3_0_6b():
 SHAPES = {"gemma-3-270m": gemma3_270m, "qwen3-0.6b": qwen3_0_6b}
 
 
-def decode(model, prompt: list[int], new_tokens: int, path: str) -> tuple[float, list[int], str]:
-    """(tokens per second from the first new token to the last, the tokens, the path that ran)."""
+def decode(model, prompt: list[int], new_tokens: int, path: str) -> tuple[float, str]:
+    """(tokens per second from the first new token to the last, the path that ran)."""
     stamps: list[float] = []
     settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0), decode=path)
     result = generate(model, torch.tensor([prompt]), settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), result.tokens, result.decode_path
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), result.decode_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = {}
             for _ in range(args.repeats):   # the two paths in turn, so that drift hits both
                 for path in speeds:
-                    rate, _, paths[path] = decode(model, prompt, args.new_tokens, path)
+                    rate, paths[path] = decode(model, prompt, args.new_tokens, path)
                     speeds[path].append(rate)
             with fast_cpu():   # the eager path's kernels, as generate runs them
                 reference = forward_logits(model, prompt[:1], None)   # one token: decode-sized calls on both
