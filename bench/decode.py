@@ -396,8 +396,9 @@ def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, b
 
 def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, args) -> dict:
     greedy = SamplingConfig(temperature=0.0)
-    decode, _, compiled = path.partition("+")  # "auto+compile": the auto path with GenerationSettings.compile
-    options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile=bool(compiled))
+    # "auto+compile": the auto path with GenerationSettings.compile; "+nofuse": without the decode-time fusions
+    decode, *flags = path.split("+")
+    options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     began = time.perf_counter()
     generate(model, ids, GenerationSettings(max_new_tokens=4, **options))  # warm-up (compilation included)
     warm_s = time.perf_counter() - began
@@ -406,7 +407,7 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
     result = generate(model, ids, settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
     # from the second token on: the first step of the graph path also warms up and captures
     decode_tps = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
-    return {"model": name, "path": path, "ran": result.decode_path, "kv_cache": kv,
+    return {"model": name, "path": path, "ran": result.decode_path, "fusions": result.fusions, "kv_cache": kv,
             "kv_bytes_static": static_kv_bytes(model.config, kv, len(ids) + args.steps),
             "new_tokens": len(result.tokens), "seconds": result.seconds, "call_tokens_per_s": result.tokens_per_s,
             "decode_tokens_per_s": decode_tps, "warm_up_seconds": warm_s, "tokens": result.tokens}
@@ -477,8 +478,10 @@ def parse_args() -> argparse.Namespace:
                    help=f"user path: KV cache modes to time, each on every path ({', '.join(CACHE_MODES)}; "
                         "default float)")
     p.add_argument("--paths", nargs="+", default=["eager", "auto"],
-                   choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile"],
-                   help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile")
+                   choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
+                            "auto+nofuse", "auto+compile+nofuse"],
+                   help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
+                        "+nofuse: GenerationSettings.fuse=False (no decode-time fusions)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

@@ -40,6 +40,61 @@ def build_tiny_llama(seed: int = 0, **overrides):
     return model.eval()
 
 
+FAMILY_SHAPE = dict(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+def randomized(model):
+    """Norm weights and biases away from their initial ones and zeros, so that a step that skipped one would show."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def build_family(family: str, **overrides):
+    """A tiny model of `family` (llama, llama3-rope, mistral, qwen2, qwen3, qwen2-window, mistral-window, gemma2,
+    gemma3) with norm weights and biases randomized."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM,
+                              MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    torch.manual_seed(0)
+    if family == "llama":
+        return randomized(LlamaForCausalLM(tiny_llama_config(**overrides)))
+    if family == "llama3-rope":
+        return randomized(LlamaForCausalLM(tiny_llama_config(rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16})))
+    if family == "mistral":
+        return randomized(MistralForCausalLM(MistralConfig(**{**FAMILY_SHAPE, "sliding_window": None, **overrides})))
+    if family == "qwen2":   # biases on q, k and v
+        return randomized(Qwen2ForCausalLM(Qwen2Config(**{**FAMILY_SHAPE, "use_sliding_window": False, **overrides})))
+    if family == "qwen3":   # per-head RMSNorms on q and k
+        return randomized(Qwen3ForCausalLM(Qwen3Config(**{**FAMILY_SHAPE, **overrides})))
+    if family == "qwen2-window":   # the first layer full attention, the second a window of 8
+        return randomized(Qwen2ForCausalLM(Qwen2Config(**{**FAMILY_SHAPE, "use_sliding_window": True, "sliding_window": 8,
+                                                          "max_window_layers": 1, **overrides})))
+    if family == "mistral-window":   # every layer attends to its last 8 positions
+        return randomized(MistralForCausalLM(MistralConfig(**{**FAMILY_SHAPE, "sliding_window": 8, **overrides})))
+    if family == "gemma2":   # norms of 1 + w before and after attention and MLP, GELU, soft-capped scores and logits,
+        # every other layer a sliding window
+        return randomized(Gemma2ForCausalLM(Gemma2Config(**{**FAMILY_SHAPE, "sliding_window": 8, "query_pre_attn_scalar": 24,
+                                                            "attn_implementation": "eager", **overrides})))
+    if family == "gemma3":   # Gemma 2's layer without soft-capping, q/k norms, a rope of its own for sliding layers
+        return randomized(Gemma3ForCausalLM(Gemma3TextConfig(**{
+            **FAMILY_SHAPE, "num_hidden_layers": 3, "sliding_window": 8, "query_pre_attn_scalar": 24,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            "attn_implementation": "eager", **overrides})))
+    raise ValueError(family)
+
+
 class CharTokenizer:
     """A byte-level stand-in tokenizer for tiny models (ids < 256)."""
 

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode on the static cache with its step run through torch.compile (on CUDA, then captured): "
                         "fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="on CUDA, decode without the decode-time fusions (by default each layer's q/k/v and gate/up "
+                        "projections run as one matmul and its RMS norms as one kernel, for the generation only)")
     p.add_argument("--cpu-products", default="bfloat16", choices=tuple(PRODUCTS),
                    help="the CPU's native decode step: what packed weights multiply with. bfloat16 (default): int4 x "
                         "rounded to bfloat16 (int16 in blocks of 32 on AVX2-only CPUs), int8 x to int16 in blocks of "
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids(model, tokenizer),
                                   sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
                                   decode=decode, kv_cache=args.kv_cache,
-                                  compile=args.compile, cpu_products=args.cpu_products)
+                                  compile=args.compile, fuse=not args.no_fuse, cpu_products=args.cpu_products)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     printer = StreamPrinter(tokenizer)
@@ -167,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         result = generate(model, ids, settings, generator=generator, on_tokens=printer)
     sys.stdout.write("\n")
     summary = (f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s "
-               f"({result.decode_path} path)")
+               f"({result.decode_path} path{', fused: ' + result.fusions if result.fusions else ''})")
     if result.acceptance_rate is not None:
         summary += (f", draft acceptance {result.acceptance_rate:.1%} over {result.rounds} rounds, "
                     f"{result.target_forwards} target passes")

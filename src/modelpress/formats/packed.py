@@ -238,3 +238,42 @@ def empty_packed(scheme: WeightScheme, shape: tuple[int, int], has_perm: bool = 
         input_perm=torch.empty(k, dtype=torch.int32, device=device) if has_perm else None,
         **extra,
     )
+
+
+def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """One packed matrix holding `parts`' rows one after another (sibling projections fused into one matmul).
+    Exact: every stored tensor keeps one row (or one row of groups) per output row. Refused, naming why, where
+    the rows do not stand alone: per-tensor scales, double-quantized scales (blocks run across rows and share
+    one mean), different schemes, input widths or input permutations."""
+    first = parts[0]
+    scheme, k = first.scheme, first.shape[1]
+    for part in parts[1:]:
+        if part.scheme != scheme:
+            raise ModelpressError(f"cannot stack rows of {scheme.spec} and {part.scheme.spec} weights")
+        if part.shape[1] != k:
+            raise ModelpressError(f"cannot stack rows of weights {k} and {part.shape[1]} inputs wide")
+        if (part.input_perm is None) != (first.input_perm is None) or (
+                part.input_perm is not None and not torch.equal(part.input_perm, first.input_perm)):
+            raise ModelpressError("cannot stack rows of weights whose inputs are permuted differently")
+    if scheme.double_quant:
+        raise ModelpressError("cannot stack rows of double-quantized scales (their blocks and mean span the matrix)")
+    if any(p.scale.shape[0] != p.shape[0] for p in parts):
+        raise ModelpressError("cannot stack rows of weights with one scale per tensor")
+    stacked = {name: torch.cat([getattr(p, name) for p in parts]) for name in ("qdata", "scale", "offset")
+               if getattr(first, name) is not None}
+    return PackedWeight(scheme=scheme, shape=(sum(p.shape[0] for p in parts), k), input_perm=first.input_perm,
+                        **stacked)
+
+
+def row_slices(packed: PackedWeight, rows: list[int]) -> list[PackedWeight]:
+    """`packed` cut into consecutive blocks of `rows` output rows, as views (concat_rows' inverse)."""
+    if sum(rows) != packed.shape[0]:
+        raise ModelpressError(f"{sum(rows)} rows asked of a weight with {packed.shape[0]}")
+    slices, start = [], 0
+    for n in rows:
+        cut = {name: getattr(packed, name)[start:start + n] for name in ("qdata", "scale", "offset")
+               if getattr(packed, name) is not None}
+        slices.append(PackedWeight(scheme=packed.scheme, shape=(n, packed.shape[1]), input_perm=packed.input_perm,
+                                   **cut))
+        start += n
+    return slices

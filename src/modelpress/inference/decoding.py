@@ -28,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from modelpress.errors import ModelpressError
+from modelpress.inference.fusion import FusionReport, fuse_for_decode
 from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig, check_full_attention, make_kv_cache
 from modelpress.inference.sampling import SamplingConfig, pick
 from modelpress.nn.cpu_native import PRODUCTS
@@ -54,6 +56,7 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (it is kept)
     decode: str = "auto"  # one of DECODE_PATHS (see the module docstring)
     compile: bool = False  # static/graph paths: torch.compile the forward (first call compiles; eager: ignored)
+    fuse: bool = True  # CUDA: decode-time fusions for the generation (inference/fusion.py), undone after it
     # float32 activations of packed layers on the CPU take the int4/int8 kernels, bfloat16 inside
     # (nn/cpu_backend.py fast_cpu); False: the exact dequantize-then-matmul reference path
     cpu_kernels: bool = True
@@ -94,6 +97,7 @@ class GenerationResult:
     rounds: int = 0            # draft-then-verify rounds
     decode_path: str = "eager"  # the path that ran: eager, static, graph (static with a failed capture) or native
     capture_seconds: float = 0.0  # CUDA-graph warm-up and capture, included in `seconds`
+    fusions: str = ""  # the decode-time fusions the generation ran with (FusionReport.summary), "" for none
 
     @property
     def tokens_per_s(self) -> float:
@@ -108,7 +112,7 @@ class GenerationResult:
                 "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
                 "draft_forwards": self.draft_forwards, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "decode_path": self.decode_path,
-                "capture_seconds": self.capture_seconds, "tokens": self.tokens}
+                "capture_seconds": self.capture_seconds, "fusions": self.fusions, "tokens": self.tokens}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -272,15 +276,31 @@ def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: Ge
              cache: Cache | None = None, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None) -> GenerationResult:
     """Sample (or pick greedily) one token per forward pass; `on_tokens` sees each token as it is made."""
-    with kernel_context(settings):
-        return _generate(model, input_ids, settings, cache, generator, on_tokens)
+    with kernel_context(settings, model) as fusions:
+        result = _generate(model, input_ids, settings, cache, generator, on_tokens)
+    result.fusions = fusions.summary()
+    return result
 
 
-def kernel_context(settings: GenerationSettings) -> contextlib.AbstractContextManager:
-    """The context a generation runs in: the CPU backend's kernels for float32 activations, if asked."""
+@contextlib.contextmanager
+def kernel_context(settings: GenerationSettings, *models: nn.Module) -> Iterator[FusionReport]:
+    """The context a generation runs in: the CPU backend's kernels for float32 activations, if asked, and on CUDA
+    the decode-time fusions of inference/fusion.py (sibling projections as one matmul, RMS norms as one kernel;
+    norms only when the forward is compiled, since inductor fuses on its own terms), undone on the way out."""
     from modelpress.nn.cpu_backend import fast_cpu
 
-    return fast_cpu() if settings.cpu_kernels else contextlib.nullcontext()
+    report = FusionReport()
+    with contextlib.ExitStack() as stack:
+        if settings.cpu_kernels:
+            stack.enter_context(fast_cpu())
+        for model in dict.fromkeys(models) if settings.fuse else ():
+            if any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers())):
+                fused, undo = fuse_for_decode(model, siblings=not settings.compile)
+                stack.callback(undo)
+                report.merge(fused)
+        if report.skipped:
+            log.info("left unfused for decoding: %s", "; ".join(report.skipped))
+        yield report
 
 
 def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: GenerationSettings,

@@ -129,9 +129,11 @@ def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.T
                          target_cache: Cache | None = None, draft_cache: Cache | None = None,
                          generator: torch.Generator | None = None,
                          on_tokens: TokenCallback | None = None) -> GenerationResult:
-    with kernel_context(settings):
-        return _speculative_generate(target, draft, input_ids, settings, config, target_cache, draft_cache,
-                                     generator, on_tokens)
+    with kernel_context(settings, target, draft) as fusions:
+        result = _speculative_generate(target, draft, input_ids, settings, config, target_cache, draft_cache,
+                                       generator, on_tokens)
+    result.fusions = fusions.summary()
+    return result
 
 
 def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.Tensor | list[int],

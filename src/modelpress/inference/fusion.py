@@ -1,0 +1,267 @@
+"""Decode-time fusions: fewer, larger kernels per decoder layer, applied for a generation and undone after it.
+
+At batch-1 decode a GPU runs each decoder layer as ~40 small kernels, and their launches, not the arithmetic,
+set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of a 7B bf16 step of 6.7 ms).
+`fuse_for_decode(model)` takes two kinds of them away without touching what the model computes:
+
+- **sibling projections** (q/k/v, gate/up), which read the same input, become one matmul over their rows
+  stacked (`SiblingGroup`): each sibling's module is replaced by a `SiblingPart` that returns its columns of the
+  group's output, computed once per input. For packed layers the stacking is exact (formats/packed.concat_rows);
+  the siblings' own tensors become views of the stacked ones, so the fusion costs no memory beyond one layer's
+  group while it is built, and undoing it gives each layer its own tensors back.
+- **RMS norms** of the transformers families listed below run as one kernel (nn/triton_norm.py) instead of
+  eight, on CUDA; elsewhere (and inside torch.compile, which fuses them itself) the original module runs.
+
+Sibling parts recognise their shared input by identity: a module that calls them on different tensors gets each
+computed on its own input (correct, only unfused). Modules with hooks (accelerate's offloading among them),
+parts of different types, devices or input widths, and packed weights that cannot be stacked are left as they
+are, and the report says why.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modelpress.errors import ModelpressError
+from modelpress.formats.packed import concat_rows, row_slices
+from modelpress.nn.quant_linear import QuantLinear
+from modelpress.nn.triton_norm import rms_norm
+
+log = logging.getLogger(__name__)
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# RMS norm classes whose forward is transformers' llama form (x normalized, rounded to its dtype, times the weight)
+LLAMA_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
+                         "MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm"})
+GEMMA_NORMS = frozenset({"Gemma2RMSNorm", "Gemma3RMSNorm"})  # normalized times (1 + weight) in float32
+
+
+@dataclass
+class FusionReport:
+    groups: int = 0                                   # sibling groups now one matmul
+    norms: int = 0                                    # RMS norms now one kernel (where the kernel serves them)
+    skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
+
+    def merge(self, other: FusionReport) -> None:
+        self.groups += other.groups
+        self.norms += other.norms
+        self.skipped += other.skipped
+
+    def summary(self) -> str:
+        """e.g. "56 sibling groups, 65 norms" ("" when nothing was fused)."""
+        done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms")) if n]
+        return ", ".join(done)
+
+
+class SiblingGroup(nn.Module):
+    """One matmul (`fused`, rows of the siblings stacked) computed once per input and handed out in columns."""
+
+    def __init__(self, fused: nn.Module, widths: list[int]) -> None:
+        super().__init__()
+        self.fused = fused
+        self.bounds = list(itertools.accumulate(widths, initial=0))
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._unread = 0
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._input:
+            self._input, self._output, self._unread = x, self.fused(x), len(self.bounds) - 1
+        out = self._output[..., self.bounds[index]:self.bounds[index + 1]]  # type: ignore[index]
+        self._unread -= 1
+        if not self._unread:  # every sibling has its columns: hold nothing between calls
+            self._input = self._output = None
+        return out
+
+
+class SiblingPart(nn.Module):
+    """Stands in for one sibling projection: its columns of the group's output."""
+
+    def __init__(self, group: SiblingGroup, index: int, original: nn.Module) -> None:
+        super().__init__()
+        self.group, self.index = group, index
+        self.in_features, self.out_features = original.in_features, original.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.part(self.index, x)
+
+
+class FusedRMSNorm(nn.Module):
+    """A transformers RMS norm through one kernel; the original module wherever the kernel does not serve."""
+
+    def __init__(self, norm: nn.Module, gemma: bool) -> None:
+        super().__init__()
+        self.norm, self.gemma = norm, gemma
+        self.eps = float(norm.eps if gemma else norm.variance_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            out = rms_norm(x, self.norm.weight, self.eps, self.gemma)
+            if out is not None:
+                return out
+        return self.norm(x)
+
+
+def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True
+                    ) -> tuple[FusionReport, Callable[[], None]]:
+    """Fuse `model` in place; (report, undo). undo() puts every original module back, each with its own tensors."""
+    report, undo = FusionReport(), []
+    try:
+        if norms:
+            undo += _fuse_norms(model, report)
+        if siblings:
+            undo += _fuse_siblings(model, report)
+    except BaseException:
+        _run_all(undo)
+        raise
+    return report, lambda: _run_all(undo)
+
+
+def _run_all(undo: list[Callable[[], None]]) -> None:
+    for step in reversed(undo):
+        step()
+    undo.clear()
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _children(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    return list(model.named_modules())
+
+
+def _fuse_norms(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+    undo: list[Callable[[], None]] = []
+    checked: dict[type, bool] = {}
+    for name, parent in _children(model):
+        if isinstance(parent, FusedRMSNorm):  # already fused (a module shared with a model fused before)
+            continue
+        for child_name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            if kind not in LLAMA_NORMS and kind not in GEMMA_NORMS:
+                continue
+            if _hooked(child):
+                report.skipped.append(f"{_join(name, child_name)}: hooked")
+                continue
+            fused = FusedRMSNorm(child, gemma=kind in GEMMA_NORMS)
+            if type(child) not in checked:
+                checked[type(child)] = _agrees(fused, child)
+                if not checked[type(child)]:
+                    report.skipped.append(f"{kind}: its forward differs from the fused kernel's; left unfused")
+            if not checked[type(child)]:
+                continue
+            setattr(parent, child_name, fused)
+            undo.append(lambda p=parent, n=child_name, c=child: setattr(p, n, c))
+            report.norms += 1
+    return undo
+
+
+@torch.no_grad()
+def _agrees(fused: FusedRMSNorm, norm: nn.Module) -> bool:
+    """Whether the fused kernel gives this class's forward on random rows (a transformers version whose norm
+    computes otherwise stays unfused); True where the kernel does not serve (the original then runs anyway)."""
+    weight = norm.weight
+    x = torch.randn(3, weight.shape[-1], device=weight.device, dtype=weight.dtype)
+    got = rms_norm(x, weight, fused.eps, fused.gemma)
+    if got is None:
+        return True
+    want = norm(x)
+    return got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3)
+
+
+def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+    undo: list[Callable[[], None]] = []
+    for name, parent in _children(model):
+        for names in SIBLINGS:
+            parts = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(p, (nn.Linear, QuantLinear)) for p in parts):
+                continue
+            where = _join(name, "/".join(names))
+            reason = _unfusable(parts)
+            if reason is None:
+                try:
+                    group, restore = _stack(parts)
+                except ModelpressError as err:
+                    reason = str(err)
+            if reason is not None:
+                report.skipped.append(f"{where}: {reason}")
+                continue
+            for index, (n, part) in enumerate(zip(names, parts)):
+                setattr(parent, n, SiblingPart(group, index, part))
+            undo.append(lambda p=parent, ns=names, ps=parts, r=restore: _unstack(p, ns, ps, r))
+            report.groups += 1
+    return undo
+
+
+def _unfusable(parts: list[nn.Module]) -> str | None:
+    if len({type(p) for p in parts}) > 1:
+        return "the projections are of different kinds"
+    if any(type(p) not in (nn.Linear, QuantLinear) for p in parts):
+        return "a projection is a subclass it does not know"
+    if any(_hooked(p) for p in parts):
+        return "a projection has hooks"
+    if len({p.in_features for p in parts}) > 1:
+        return "the projections read inputs of different widths"
+    if len({p.bias is None for p in parts}) > 1:
+        return "some projections have a bias and some do not"
+    if len({_signature(p) for p in parts}) > 1:
+        return "the projections' tensors differ in device or dtype"
+    return None
+
+
+def _signature(part: nn.Module) -> tuple:
+    named = itertools.chain(part.named_parameters(recurse=False), part.named_buffers(recurse=False))
+    return tuple((name, t.device, t.dtype) for name, t in named)
+
+
+def _stack(parts: list[nn.Module]) -> tuple[SiblingGroup, Callable[[], None]]:
+    """The group of `parts` with their tensors re-pointed into it; restore() gives them their own copies back."""
+    widths = [p.out_features for p in parts]
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    if isinstance(parts[0], QuantLinear):
+        fused: nn.Module = QuantLinear(concat_rows([p.packed for p in parts]), bias)
+        for part, view in zip(parts, row_slices(fused.packed, widths)):
+            for name, tensor in view.tensors().items():
+                part._buffers[name] = tensor
+    else:
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        for part, start, n in zip(parts, itertools.accumulate(widths, initial=0), widths):
+            part.weight.data = weight[start:start + n]
+    if bias is not None:
+        for part, start, n in zip(parts, itertools.accumulate(widths, initial=0), widths):
+            part.bias.data = fused.bias.data[start:start + n]
+
+    def restore() -> None:
+        for part in parts:
+            for tensors in (part._parameters, part._buffers):
+                for name, tensor in tensors.items():
+                    if tensor is not None:
+                        if isinstance(tensor, nn.Parameter):
+                            tensor.data = tensor.data.clone()
+                        else:
+                            tensors[name] = tensor.clone()
+            if isinstance(part, QuantLinear):
+                part._launchers = {}
+
+    return SiblingGroup(fused, widths), restore
+
+
+def _unstack(parent: nn.Module, names: tuple[str, ...], parts: list[nn.Module], restore: Callable[[], None]) -> None:
+    restore()
+    for n, part in zip(names, parts):
+        setattr(parent, n, part)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

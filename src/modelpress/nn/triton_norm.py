@@ -1,0 +1,70 @@
+"""RMS norms of transformers' decoder layers in one Triton kernel (CUDA).
+
+transformers writes the norm as eight tensor operations (a cast to float32, square, mean, add, rsqrt, multiply,
+cast back, multiply by the weight), each its own kernel: at batch-1 decode a 7B model's 65 norms are over 500
+launches a token, each a few microseconds of a GPU that has almost nothing to compute. `rms_norm` does the same
+arithmetic in one launch per call, one program per row, in both conventions:
+
+- llama (Llama, Mistral, Qwen2/3, Phi-3, Mixtral): y = (x * rsqrt(mean(x²) + eps)) rounded to x's dtype, times the
+  weight, in the promoted dtype of the two;
+- gemma (Gemma 2/3): y = x * rsqrt(mean(x²) + eps) * (1 + weight), in float32, rounded to x's dtype once.
+
+The rows may be strided in two levels ((A, B, D) with any strides of A and B), so the per-head q/k norms of a
+query sliced from a fused q/k/v output are read where they lie, without a copy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from modelpress.nn.triton_backend import triton_available
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_WIDTH = 16384
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, inner, stride_outer, stride_inner, n, eps,
+                        BLOCK: tl.constexpr, GEMMA: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = (row // inner) * stride_outer + (row % inner) * stride_inner
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n
+        x = tl.load(x_ptr + base + cols, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        if GEMMA:
+            y = x * scale * (1.0 + w)
+        else:
+            y = (x * scale).to(x_ptr.dtype.element_ty).to(tl.float32) * w
+        tl.store(out_ptr + row * n + cols, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return rms_norm_kernel
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor | None:
+    """The norm of x's last dimension in one launch; None where the kernel does not serve the call (not CUDA,
+    no Triton, other dtypes, rows wider than MAX_WIDTH, or strides it cannot follow): the caller runs its own."""
+    n = x.shape[-1]
+    if (not x.is_cuda or x.dtype not in _DTYPES or weight.dtype not in _DTYPES or weight.shape != (n,)
+            or weight.device != x.device or not 0 < n <= MAX_WIDTH or x.numel() == 0 or not triton_available()):
+        return None
+    rows = x.reshape(1, -1, n) if x.dim() <= 2 else x.flatten(0, -3)  # (A, B, n): a view wherever one exists
+    if rows.stride(-1) != 1:
+        return None
+    out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    block = max(16, 1 << (n - 1).bit_length())
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    with torch.cuda.device(x.device):
+        _kernel()[(rows.shape[0] * rows.shape[1],)](
+            rows, weight, out, rows.shape[1], rows.stride(0), rows.stride(1), n, eps,
+            BLOCK=block, GEMMA=gemma, num_warps=warps)
+    return out

@@ -1,0 +1,190 @@
+"""Decode-time fusions (inference/fusion.py): packed rows stack and unstack exactly; a fused model computes what
+it computed before, holds no more memory, and is given back exactly (each layer its own tensors); what cannot be
+fused is left alone and named. On CUDA: the one-kernel RMS norm against transformers' own, and generate with the
+fusions against generate without them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+from modelpress.errors import ModelpressError
+from modelpress.formats import WeightScheme
+from modelpress.formats.packed import concat_rows, quantize_weight, row_slices
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.fusion import FusedRMSNorm, SiblingPart, fuse_for_decode
+from modelpress.inference.sampling import SamplingConfig
+from modelpress.nn.quant_linear import QuantLinear
+from modelpress.nn.triton_norm import rms_norm
+from conftest import build_family
+
+TOKENS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12]])
+
+
+def packed_rows(spec: str, rows: list[int], k: int = 64, perm: torch.Tensor | None = None):
+    generator = torch.Generator().manual_seed(3)
+    return [quantize_weight(torch.randn(n, k, generator=generator), WeightScheme.parse(spec), input_perm=perm)
+            for n in rows]
+
+
+@pytest.mark.parametrize("spec", ["int4/g32", "int4-asym/g16", "nf4/g64", "int8/channel", "fp8-e4m3/g32",
+                                  "int3-asym/g32"])
+def test_stacked_rows_are_the_parts_exactly(spec):
+    parts = packed_rows(spec, [48, 16, 16])
+    stacked = concat_rows(parts)
+    assert stacked.shape == (80, 64) and stacked.nbytes == sum(p.nbytes for p in parts)
+    assert torch.equal(stacked.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    for part, back in zip(parts, row_slices(stacked, [48, 16, 16])):
+        assert back.shape == part.shape
+        assert torch.equal(back.dequantize(), part.dequantize())
+
+
+def test_stacking_keeps_a_shared_input_permutation():
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    parts = packed_rows("int4/g32", [32, 16], perm=perm)
+    assert torch.equal(concat_rows(parts).dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+@pytest.mark.parametrize("parts, reason", [
+    (lambda: packed_rows("nf4/g64/dq", [32, 32]), "double-quantized"),
+    (lambda: packed_rows("int8/tensor", [32, 32]), "one scale per tensor"),
+    (lambda: packed_rows("int4/g32", [32]) + packed_rows("int4/g16", [32]), "rows of int4/g32 and int4/g16"),
+    (lambda: packed_rows("int4/g32", [32]) + packed_rows("int4/g32", [32], k=96), "64 and 96 inputs"),
+    (lambda: packed_rows("int4/g32", [32], perm=torch.arange(64)) + packed_rows("int4/g32", [32],
+                                                                                perm=torch.arange(64).flip(0)),
+     "permuted differently"),
+])
+def test_rows_that_do_not_stand_alone_are_refused(parts, reason):
+    with pytest.raises(ModelpressError, match=reason):
+        concat_rows(parts())
+
+
+def storage_bytes(model: nn.Module) -> int:
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def packed(model: nn.Module, spec: str) -> nn.Module:
+    quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse(spec)))
+    return model
+
+
+@pytest.mark.parametrize("family, spec", [("llama", None), ("llama", "int4/g32"), ("qwen2", "int4-asym/g32"),
+                                          ("qwen3", None), ("gemma3", "int8/channel"), ("mistral", "nf4/g32")])
+def test_a_fused_model_computes_the_same_and_is_given_back(family, spec):
+    model = build_family(family)
+    if spec:
+        packed(model, spec)
+    before = logits(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    memory = storage_bytes(model)
+
+    report, undo = fuse_for_decode(model)
+    layers = model.config.num_hidden_layers
+    assert report.groups == 2 * layers and not report.skipped
+    assert report.norms == len([m for m in modules.values() if "RMSNorm" in type(m).__name__])
+    assert isinstance(model.model.layers[0].self_attn.k_proj, SiblingPart)
+    assert isinstance(model.model.layers[0].input_layernorm, FusedRMSNorm)
+    assert storage_bytes(model) <= memory + 64 * layers  # the stacked tensors replace the parts' own
+    assert torch.allclose(logits(model), before, atol=1e-5, rtol=1e-5)
+
+    undo()
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[name] for name, m in model.named_modules())
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    storages = [t.untyped_storage().data_ptr() for t in after.values() if t.numel()]
+    assert len(set(storages)) == len(storages) - tied(model), "a layer still shares its tensors"
+    assert torch.equal(logits(model), before)
+
+
+def tied(model: nn.Module) -> int:
+    return int(model.config.tie_word_embeddings and model.get_output_embeddings() is not None)
+
+
+def test_a_sibling_called_on_another_input_computes_its_own():
+    model = build_family("llama")
+    attn = model.model.layers[0].self_attn
+    originals = copy.deepcopy(attn)
+    _, undo = fuse_for_decode(model)
+    x, y = torch.randn(2, 3, 96), torch.randn(2, 3, 96)
+    with torch.no_grad():
+        q, k, v = attn.q_proj(x), attn.k_proj(y), attn.v_proj(x)
+        assert torch.allclose(q, originals.q_proj(x), atol=1e-6)
+        assert torch.allclose(k, originals.k_proj(y), atol=1e-6)
+        assert torch.allclose(v, originals.v_proj(x), atol=1e-6)
+        assert attn.q_proj.group._output is None or attn.q_proj.group._input is x  # only unread columns held
+    undo()
+
+
+def test_what_cannot_be_fused_is_left_and_named():
+    model = packed(build_family("llama"), "nf4/g32/dq")
+    layer = model.model.layers[1]
+    layer.mlp.up_proj.register_forward_hook(lambda *args: None)
+    report, undo = fuse_for_decode(model)
+    assert report.groups == 0
+    assert any("layers.0.self_attn.q_proj/k_proj/v_proj: cannot stack rows of double-quantized" in s
+               for s in report.skipped)
+    assert any("layers.1.mlp.gate_proj/up_proj: a projection has hooks" in s for s in report.skipped)
+    assert type(layer.mlp.up_proj) is QuantLinear
+    undo()
+
+
+def test_generate_fuses_only_on_cuda_and_reports_it():
+    model = build_family("llama")
+    settings = GenerationSettings(max_new_tokens=4, decode="eager", sampling=SamplingConfig(temperature=0.0))
+    assert generate(model, [5, 17, 33], settings).fusions == ""  # the CPU's decode paths take no fusion
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_norm_kernel_gives_transformers_norm(cuda, family, dtype):
+    norm = copy.deepcopy(build_family(family).model.layers[0].input_layernorm).to(cuda, dtype)
+    gemma = family == "gemma3"
+    eps = float(norm.eps if gemma else norm.variance_epsilon)
+    for shape in [(96,), (1, 1, 96), (2, 7, 96), (5, 96)]:
+        x = 3 * torch.randn(shape, device=cuda, dtype=dtype)
+        got, want = rms_norm(x, norm.weight, eps, gemma), norm(x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want)  # the dtype's own tolerance: at most a rounding apart
+    # a per-head norm of a query sliced out of a fused q/k/v output: strided rows, read in place
+    fused = torch.randn(2, 5, 3 * 96, device=cuda, dtype=dtype)
+    query = fused[..., :192].view(2, 5, 2, 96)
+    torch.testing.assert_close(rms_norm(query, norm.weight, eps, gemma), norm(query))
+
+
+@pytest.mark.parametrize("spec", [None, "int4/g32"])
+@pytest.mark.parametrize("path", ["eager", "graph"])
+def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
+    dtype = torch.float32 if spec is None else torch.bfloat16
+    model = build_family("qwen3").to(dtype)
+    if spec:
+        packed(model, spec)
+    model = model.to(cuda)
+    norms = len([m for m in model.modules() if type(m).__name__ == "Qwen3RMSNorm"])  # 4 a layer and the final one
+    runs = {}
+    for fuse in (False, True):
+        settings = GenerationSettings(max_new_tokens=12, decode=path, fuse=fuse,
+                                      sampling=SamplingConfig(temperature=0.0))
+        runs[fuse] = generate(model, [5, 17, 33, 2, 90], settings)
+    assert runs[True].fusions == f"4 sibling groups, {norms} norms" and runs[False].fusions == ""
+    assert runs[True].decode_path == runs[False].decode_path == path
+    if dtype == torch.float32:
+        assert runs[True].tokens == runs[False].tokens
+    else:  # bfloat16 sums in another order: the first tokens agree
+        assert runs[True].tokens[:4] == runs[False].tokens[:4]
+    assert type(model.model.layers[0].self_attn.q_proj) in (nn.Linear, QuantLinear)  # given back
