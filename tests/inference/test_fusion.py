@@ -20,6 +20,7 @@ from modelpress.inference.fusion import FusedRMSNorm, SiblingPart, fuse_for_deco
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.triton_norm import rms_norm
+from modelpress.nn.triton_rope import rotary
 from conftest import build_family
 
 TOKENS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12]])
@@ -142,6 +143,22 @@ def test_what_cannot_be_fused_is_left_and_named():
     undo()
 
 
+def test_the_rotary_function_is_replaced_once_and_put_back():
+    import transformers.models.qwen3.modeling_qwen3 as qwen3
+
+    original = qwen3.apply_rotary_pos_emb
+    target, draft = build_family("qwen3"), build_family("qwen3", num_hidden_layers=1)
+    before = logits(target)
+    first, undo_target = fuse_for_decode(target)
+    second, undo_draft = fuse_for_decode(draft)
+    assert first.rotary == 1 and second.rotary == 0  # the draft's family was replaced already
+    assert qwen3.apply_rotary_pos_emb is not original and qwen3.apply_rotary_pos_emb.__wrapped__ is original
+    assert torch.allclose(logits(target), before, atol=1e-5)  # on the CPU the original function runs
+    undo_draft()
+    undo_target()
+    assert qwen3.apply_rotary_pos_emb is original
+
+
 def test_generate_fuses_only_on_cuda_and_reports_it():
     model = build_family("llama")
     settings = GenerationSettings(max_new_tokens=4, decode="eager", sampling=SamplingConfig(temperature=0.0))
@@ -167,6 +184,32 @@ def test_the_norm_kernel_gives_transformers_norm(cuda, family, dtype):
     torch.testing.assert_close(rms_norm(query, norm.weight, eps, gemma), norm(query))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_rotary_kernel_gives_transformers_rotary(cuda, dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (3 * torch.randn(shape, generator=generator)).to(cuda, dtype)
+
+    for b, hq, hk, t, d, cos_batch in [(1, 6, 2, 1, 16, 1), (2, 6, 6, 5, 16, 2), (2, 4, 2, 3, 128, 1),
+                                       (1, 3, 1, 4, 96, 1)]:
+        angles = torch.randn(cos_batch, t, d // 2, generator=generator).repeat(1, 1, 2)
+        cos, sin = angles.cos().to(cuda, dtype), angles.sin().to(cuda, dtype)
+        # queries and keys sliced out of one fused projection output, as SiblingPart hands them out
+        fused = rand(b, t, (hq + 2 * hk) * d)
+        q = fused[..., :hq * d].view(b, t, hq, d).transpose(1, 2)
+        k = fused[..., hq * d:(hq + hk) * d].view(b, t, hk, d).transpose(1, 2)
+        got, want = rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(g, w)
+            else:  # every product and the sum rounded as PyTorch rounds them: the same numbers
+                assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("spec", [None, "int4/g32"])
 @pytest.mark.parametrize("path", ["eager", "graph"])
 def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
@@ -181,7 +224,7 @@ def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
         settings = GenerationSettings(max_new_tokens=12, decode=path, fuse=fuse,
                                       sampling=SamplingConfig(temperature=0.0))
         runs[fuse] = generate(model, [5, 17, 33, 2, 90], settings)
-    assert runs[True].fusions == f"4 sibling groups, {norms} norms" and runs[False].fusions == ""
+    assert runs[True].fusions == f"4 sibling groups, {norms} norms, rotary" and runs[False].fusions == ""
     assert runs[True].decode_path == runs[False].decode_path == path
     if dtype == torch.float32:
         assert runs[True].tokens == runs[False].tokens

@@ -11,6 +11,11 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
   group while it is built, and undoing it gives each layer its own tensors back.
 - **RMS norms** of the transformers families listed below run as one kernel (nn/triton_norm.py) instead of
   eight, on CUDA; elsewhere (and inside torch.compile, which fuses them itself) the original module runs.
+- **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
+  modeling module's `apply_rotary_pos_emb`, which its attention calls by name, is replaced for the generation by a
+  function that launches the kernel where it serves the call and calls the original otherwise. The replacement is
+  process-wide while it lasts (another model of the same family decoding meanwhile takes it too, and computes the
+  same), so it is checked against the original on random inputs before it is put in.
 
 Sibling parts recognise their shared input by identity: a module that calls them on different tensors gets each
 computed on its own input (correct, only unfused). Modules with hooks (accelerate's offloading among them),
@@ -20,8 +25,10 @@ are, and the report says why.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -32,6 +39,7 @@ from modelpress.errors import ModelpressError
 from modelpress.formats.packed import concat_rows, row_slices
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.triton_norm import rms_norm
+from modelpress.nn.triton_rope import rotary
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +54,19 @@ GEMMA_NORMS = frozenset({"Gemma2RMSNorm", "Gemma3RMSNorm"})  # normalized times 
 class FusionReport:
     groups: int = 0                                   # sibling groups now one matmul
     norms: int = 0                                    # RMS norms now one kernel (where the kernel serves them)
+    rotary: int = 0                                   # modeling modules whose apply_rotary_pos_emb is one kernel
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
         self.groups += other.groups
         self.norms += other.norms
+        self.rotary += other.rotary
         self.skipped += other.skipped
 
     def summary(self) -> str:
-        """e.g. "56 sibling groups, 65 norms" ("" when nothing was fused)."""
+        """e.g. "64 sibling groups, 65 norms, rotary" ("" when nothing was fused)."""
         done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms")) if n]
-        return ", ".join(done)
+        return ", ".join(done + (["rotary"] if self.rotary else []))
 
 
 class SiblingGroup(nn.Module):
@@ -108,13 +118,16 @@ class FusedRMSNorm(nn.Module):
         return self.norm(x)
 
 
-def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True
+def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rotary: bool = True
                     ) -> tuple[FusionReport, Callable[[], None]]:
-    """Fuse `model` in place; (report, undo). undo() puts every original module back, each with its own tensors."""
+    """Fuse `model` in place; (report, undo). undo() puts every original module and function back, each module
+    with its own tensors."""
     report, undo = FusionReport(), []
     try:
         if norms:
             undo += _fuse_norms(model, report)
+        if rotary:
+            undo += _fuse_rotary(model, report)
         if siblings:
             undo += _fuse_siblings(model, report)
     except BaseException:
@@ -174,6 +187,61 @@ def _agrees(fused: FusedRMSNorm, norm: nn.Module) -> bool:
         return True
     want = norm(x)
     return got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3)
+
+
+ROTARY = "apply_rotary_pos_emb"
+
+
+def _fuse_rotary(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+    undo: list[Callable[[], None]] = []
+    modules = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+    for name in sorted(modules):
+        module = sys.modules.get(name)
+        original = getattr(module, ROTARY, None)
+        if not callable(original) or getattr(original, "fused_by_modelpress", False):
+            continue  # no such function, or already replaced (a model of the same family fused before)
+        if not _rotary_agrees(original, model):
+            report.skipped.append(f"{name}.{ROTARY}: it differs from the fused kernel's; left unfused")
+            continue
+        fused = _fused_rotary(original)
+        setattr(module, ROTARY, fused)
+        undo.append(lambda m=module, f=fused, o=original: getattr(m, ROTARY) is f and setattr(m, ROTARY, o))
+        report.rotary += 1
+    return undo
+
+
+def _fused_rotary(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain = not args and (not kwargs or kwargs == {"unsqueeze_dim": 1})  # the (B, heads, T, D) layout
+        if plain and not torch.compiler.is_compiling():
+            out = rotary(q, k, cos, sin)
+            if out is not None:
+                return out
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.fused_by_modelpress = True  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+@torch.no_grad()
+def _rotary_agrees(original: Callable, model: nn.Module) -> bool:
+    """Whether the kernel gives `original`'s results on random queries, keys and angles in the model's dtype (True
+    where the kernel does not serve: off CUDA the original runs anyway)."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        return True
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(shape, generator=generator).to(weight.device, weight.dtype)
+            for shape in ((1, 4, 3, 32), (1, 2, 3, 32)))
+    angles = torch.randn(1, 3, 16, generator=generator).repeat(1, 1, 2)
+    cos, sin = (f(angles).to(weight.device, weight.dtype) for f in (torch.cos, torch.sin))
+    got = rotary(q, k, cos, sin)
+    if got is None:
+        return True
+    want = original(q, k, cos, sin)
+    return all(g.dtype == w.dtype and g.shape == w.shape and torch.allclose(g.float(), w.float(), rtol=1e-2,
+                                                                           atol=1e-3) for g, w in zip(got, want))
 
 
 def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
