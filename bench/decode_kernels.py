@@ -1,0 +1,74 @@
+"""How many GPU kernels one batch-1 decode step launches per decoder layer, with and without the decode-time
+fusions (inference/fusion.py), counted by the PyTorch profiler on a static-cache step of a random 7B-shaped model
+cut to a few layers. The graph path replays exactly these kernels, so the count is what the fusions take away.
+
+    PYTHONPATH=src python bench/decode_kernels.py --layers 2 --json $OUT/decode_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import llama_config, quantized_copy, random_llama  # noqa: E402
+
+from modelpress.inference.fusion import fuse_for_decode  # noqa: E402
+from modelpress.inference.static_decode import StaticDecoder  # noqa: E402
+
+
+def kernels_of_a_step(model, prompt: list[int], device: torch.device) -> Counter:
+    """Kernels of one decode step on CUDA (on the CPU, a smoke test of this script: top-level operators)."""
+    decoder = StaticDecoder(model, len(prompt) + 8, graph=False)
+    cuda = device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.no_grad():
+        decoder.prefill(prompt)
+        decoder.step(1)  # launchers prepared, kernels compiled
+        torch.cuda.synchronize() if cuda else None
+        with torch.profiler.profile(activities=[activity]) as prof:
+            decoder.step(2)
+            torch.cuda.synchronize() if cuda else None
+    if cuda:
+        return Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return Counter(e.name for e in prof.events() if e.cpu_parent is None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--shape", default="llama2-7b", help="a shape of bench/decode.py (tiny: a CPU smoke test)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--formats", nargs="*", default=["int4/g128"])
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    config = llama_config(args.shape)
+    config.num_hidden_layers = args.layers
+    device = torch.device(args.device)
+    model = random_llama(config, device)
+    prompt = list(range(3, 67))
+    rows = []
+    for name, m in [("bf16", model)] + [(spec, quantized_copy(model, spec)) for spec in args.formats]:
+        for fused in (False, True):
+            undo = fuse_for_decode(m)[1] if fused else (lambda: None)
+            try:
+                counts = kernels_of_a_step(m, prompt, device)
+            finally:
+                undo()
+            total = sum(counts.values())
+            rows.append({"model": name, "fused": fused, "kernels_per_step": total,
+                         "kernels": dict(counts.most_common())})
+            print(f"{name:10s} fused={fused!s:5s} kernels per step {total:4d} "
+                  f"(~{total / args.layers:.1f} per layer, head and embedding included)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "layers": args.layers,
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
