@@ -5,12 +5,14 @@ Decode paths (`GenerationSettings.decode`):
 - eager: transformers' DynamicCache, one Python-driven forward per token (any model, any given cache);
 - static: a static KV cache written at a device position (static_decode.py), steps run eagerly;
 - graph: the static cache with the decode step captured once in a CUDA graph and replayed (CUDA only);
-- native: the CPU's whole decode step in one native call per token (native_decode.py; Llama, Mistral, Qwen2 and
-  Qwen3 decoders in float32 whose projections the native kernels serve, float or int8 KV cache, CPU kernels on);
+- native: the CPU's whole decode step in one native call per token (native_decode.py; Llama, Mistral, Qwen2,
+  Qwen3 and Gemma 2/3 decoders in float32 whose projections the native kernels serve, float or int8 KV cache, CPU kernels on);
 - auto (default): graph on CUDA; native on the CPU where it serves the model and the settings, else eager.
 `GenerationSettings.compile` also runs the static and graph paths' forwards through torch.compile (inductor: the
 norms, rotary embeddings and other small kernels of a decoder layer fused), compiled on the first call of each
-token count; the graph path captures the compiled forward.
+token count; the graph path captures the compiled forward. Uncompiled, on CUDA, every path runs with the
+decode-time fusions of fusion.py (`GenerationSettings.fuse`): each layer's q/k/v and gate/up projections as one
+matmul, its RMS norms and rotary embeddings as one kernel each, for the generation only.
 `GenerationSettings.kv_cache` picks the KV cache's mode (kv_cache.CACHE_MODES): float, or a quantized mode
 that generate builds for the path it takes: static_kv.StaticQuantizedCache on the static and graph paths,
 kv_cache.QuantizedKVCache on the eager one, the native step's own int8 codes (int8 only) on the native one
@@ -56,7 +58,7 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (it is kept)
     decode: str = "auto"  # one of DECODE_PATHS (see the module docstring)
     compile: bool = False  # static/graph paths: torch.compile the forward (first call compiles; eager: ignored)
-    fuse: bool = True  # CUDA: decode-time fusions for the generation (inference/fusion.py), undone after it
+    fuse: bool = True  # CUDA, uncompiled: decode-time fusions for the generation (inference/fusion.py), undone after
     # float32 activations of packed layers on the CPU take the int4/int8 kernels, bfloat16 inside
     # (nn/cpu_backend.py fast_cpu); False: the exact dequantize-then-matmul reference path
     cpu_kernels: bool = True
@@ -285,17 +287,19 @@ def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: Ge
 @contextlib.contextmanager
 def kernel_context(settings: GenerationSettings, *models: nn.Module) -> Iterator[FusionReport]:
     """The context a generation runs in: the CPU backend's kernels for float32 activations, if asked, and on CUDA
-    the decode-time fusions of inference/fusion.py (sibling projections as one matmul, RMS norms as one kernel;
-    norms only when the forward is compiled, since inductor fuses on its own terms), undone on the way out."""
+    the decode-time fusions of inference/fusion.py (sibling projections as one matmul, RMS norms and rotary
+    embeddings as one kernel each), undone on the way out. Not with compile=True: inductor fuses on its own terms,
+    and modules and functions made anew for each call would fail the guards of the compiled forward, which is meant
+    to be compiled once and reused by later calls."""
     from modelpress.nn.cpu_backend import fast_cpu
 
     report = FusionReport()
     with contextlib.ExitStack() as stack:
         if settings.cpu_kernels:
             stack.enter_context(fast_cpu())
-        for model in dict.fromkeys(models) if settings.fuse else ():
+        for model in dict.fromkeys(models) if settings.fuse and not settings.compile else ():
             if any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers())):
-                fused, undo = fuse_for_decode(model, siblings=not settings.compile)
+                fused, undo = fuse_for_decode(model)
                 stack.callback(undo)
                 report.merge(fused)
         if report.skipped:
