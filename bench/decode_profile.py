@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--formats", nargs="+", default=["bf16", "int4/g128"])
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--rows", type=int, default=12)
     args = p.parse_args()
     import transformers
@@ -37,7 +38,7 @@ def main() -> None:
     config.num_hidden_layers = args.layers
     device = torch.device(args.device)
     base = random_llama(config, device)
-    prompt = list(range(3, 131))
+    prompt = [3 + i % 30000 for i in range(args.prompt)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name in args.formats:
         model = base if name == "bf16" else quantized_copy(base, name)

@@ -32,7 +32,7 @@ def _kernel():
 
     @triton.jit
     def rms_norm_kernel(x_ptr, w_ptr, out_ptr, inner, stride_outer, stride_inner, n, eps,
-                        BLOCK: tl.constexpr, GEMMA: tl.constexpr):
+                        BLOCK: tl.constexpr, GEMMA: tl.constexpr, ROUND_BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = (row // inner) * stride_outer + (row % inner) * stride_inner
         cols = tl.arange(0, BLOCK)
@@ -42,6 +42,9 @@ def _kernel():
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         if GEMMA:
             y = x * scale * (1.0 + w)
+        elif ROUND_BF16:  # rounded to x's dtype before the weight multiplies, in integer arithmetic (see triton_rope)
+            bits = (x * scale).to(tl.uint32, bitcast=True)
+            y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True) * w
         else:
             y = (x * scale).to(x_ptr.dtype.element_ty).to(tl.float32) * w
         tl.store(out_ptr + row * n + cols, y.to(out_ptr.dtype.element_ty), mask=inside)
@@ -66,5 +69,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> 
     with torch.cuda.device(x.device):
         _kernel()[(rows.shape[0] * rows.shape[1],)](
             rows, weight, out, rows.shape[1], rows.stride(0), rows.stride(1), n, eps,
-            BLOCK=block, GEMMA=gemma, num_warps=warps)
+            BLOCK=block, GEMMA=gemma, ROUND_BF16=x.dtype == torch.bfloat16, num_warps=warps)
     return out

@@ -3,7 +3,7 @@
 transformers' `apply_rotary_pos_emb(q, k, cos, sin)` computes `q * cos + rotate_half(q) * sin` and the same for
 k: with `rotate_half` (two slices, a negation, a concatenation) about ten kernels per attention layer, each a few
 microseconds at batch-1 decode. `rotary(q, k, cos, sin)` does both in one launch, one program per token, rounding
-each product and the sum to the activations' dtype as PyTorch's separate operations do. q and k are read with any
+each product and the sum to bfloat16 as PyTorch's separate operations do (float32 and bfloat16 activations). q and k are read with any
 strides (queries sliced out of a fused q/k/v output included); the results are laid out as transformers' own
 projections would give them: (B, T, heads, D) memory seen as (B, heads, T, D).
 """
@@ -16,7 +16,8 @@ import torch
 
 from modelpress.nn.triton_backend import triton_available
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float16 is not served: its products would need rounding to float16 in the kernel, which the compiler may fold away
+_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @functools.cache
@@ -25,14 +26,22 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def _rotate(x_ptr, out_ptr, heads, s_h, c1, c2, s1, s2, h, i, inside, ROUND: tl.constexpr, D2: tl.constexpr):
+    def _bf16(x):
+        """x rounded to bfloat16 (to nearest, ties to even), kept in float32: in integer arithmetic, which the
+        compiler cannot fold away as it may fold a cast to bfloat16 and back."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rotate(x_ptr, out_ptr, heads, s_h, c1, c2, s1, s2, h, i, inside, BF16: tl.constexpr, D2: tl.constexpr):
         keep = (h < heads) & inside
         x1 = tl.load(x_ptr + h * s_h + i, mask=keep, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + h * s_h + D2 + i, mask=keep, other=0.0).to(tl.float32)
         ty = out_ptr.dtype.element_ty
-        if ROUND:  # each product and the sum rounded to the dtype, as separate PyTorch operations round them
-            o1 = ((x1 * c1).to(ty).to(tl.float32) - (x2 * s1).to(ty).to(tl.float32)).to(ty)
-            o2 = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
+        if BF16:  # each product rounded to bfloat16 before the sum, as separate PyTorch operations round them
+            o1 = (_bf16(x1 * c1) - _bf16(x2 * s1)).to(ty)
+            o2 = (_bf16(x2 * c2) + _bf16(x1 * s2)).to(ty)
         else:
             o1 = (x1 * c1 - x2 * s1).to(ty)
             o2 = (x2 * c2 + x1 * s2).to(ty)
@@ -42,7 +51,7 @@ def _kernel():
     @triton.jit
     def rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, HQ, HK,
                     q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_st,
-                    D2: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr):
+                    D2: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_H: tl.constexpr, BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         b = row // T
         t = row % T
@@ -55,9 +64,9 @@ def _kernel():
         s1 = tl.load(sin_ptr + trig, mask=inside, other=0.0).to(tl.float32)
         s2 = tl.load(sin_ptr + trig + D2, mask=inside, other=0.0).to(tl.float32)
         _rotate(q_ptr + b * q_sb + t * q_st, qo_ptr + row * HQ * (2 * D2), HQ, q_sh, c1, c2, s1, s2, h, i, inside,
-                ROUND, D2)
+                BF16, D2)
         _rotate(k_ptr + b * k_sb + t * k_st, ko_ptr + row * HK * (2 * D2), HK, k_sh, c1, c2, s1, s2, h, i, inside,
-                ROUND, D2)
+                BF16, D2)
 
     return rope_kernel
 
@@ -87,5 +96,5 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             q, k, cos, sin, q_out, k_out, t, hq, hk,
             q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
             0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1),
-            D2=d // 2, BLOCK_D2=block_d2, BLOCK_H=block_h, ROUND=q.dtype != torch.float32, num_warps=warps)
+            D2=d // 2, BLOCK_D2=block_d2, BLOCK_H=block_h, BF16=q.dtype == torch.bfloat16, num_warps=warps)
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
