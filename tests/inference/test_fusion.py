@@ -94,10 +94,9 @@ def test_a_fused_model_computes_the_same_and_is_given_back(family, spec):
 
     report, undo = fuse_for_decode(model)
     layers = model.config.num_hidden_layers
-    assert report.groups == (2 * layers if spec else 0) and not report.skipped  # float projections stay as they are
+    assert report.groups == 2 * layers and not report.skipped
     assert report.norms == len([m for m in modules.values() if "RMSNorm" in type(m).__name__])
-    k_proj = model.model.layers[0].self_attn.k_proj
-    assert isinstance(k_proj, SiblingPart) if spec else type(k_proj) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.k_proj, SiblingPart)
     assert isinstance(model.model.layers[0].input_layernorm, FusedRMSNorm)
     assert storage_bytes(model) <= memory + 64 * layers  # the stacked tensors replace the parts' own
     assert torch.allclose(logits(model), before, atol=1e-5, rtol=1e-5)
@@ -117,7 +116,7 @@ def tied(model: nn.Module) -> int:
 
 
 def test_a_sibling_called_on_another_input_computes_its_own():
-    model = packed(build_family("llama"), "int4/g32")
+    model = build_family("llama")
     attn = model.model.layers[0].self_attn
     originals = copy.deepcopy(attn)
     _, undo = fuse_for_decode(model)
@@ -227,8 +226,7 @@ def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
         settings = GenerationSettings(max_new_tokens=12, decode=path, fuse=fuse,
                                       sampling=SamplingConfig(temperature=0.0))
         runs[fuse] = generate(model, [5, 17, 33, 2, 90], settings)
-    groups = "4 sibling groups, " if spec else ""  # packed projections only
-    assert runs[True].fusions == f"{groups}{norms} norms, rotary" and runs[False].fusions == ""
+    assert runs[True].fusions == f"4 sibling groups, {norms} norms, rotary" and runs[False].fusions == ""
     assert runs[True].decode_path == runs[False].decode_path == path
     if dtype == torch.float32:
         assert runs[True].tokens == runs[False].tokens

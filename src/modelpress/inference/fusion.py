@@ -4,13 +4,11 @@ At batch-1 decode a GPU runs each decoder layer as ~40 small kernels, and their 
 set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of a 7B bf16 step of 6.7 ms).
 `fuse_for_decode(model)` takes two kinds of them away without touching what the model computes:
 
-- **sibling projections** (q/k/v, gate/up) of packed layers (QuantLinear), which read the same input, become one
-  matmul over their rows stacked (`SiblingGroup`): each sibling's module is replaced by a `SiblingPart` that returns
-  its columns of the group's output, computed once per input. The stacking is exact (formats/packed.concat_rows);
+- **sibling projections** (q/k/v, gate/up), which read the same input, become one matmul over their rows
+  stacked (`SiblingGroup`): each sibling's module is replaced by a `SiblingPart` that returns its columns of the
+  group's output, computed once per input. For packed layers the stacking is exact (formats/packed.concat_rows);
   the siblings' own tensors become views of the stacked ones, so the fusion costs no memory beyond one layer's
-  group while it is built, and undoing it gives each layer its own tensors back. Float projections are left as
-  they are: stacking them copies four times the bytes, and on a GPU the allocations of a 7B model's stacked
-  bfloat16 weights and their copies back cost 1.4 s a call (H100, measured), more than a short generation gains.
+  group while it is built, and undoing it gives each layer its own tensors back.
 - **RMS norms** of the transformers families listed below run as one kernel (nn/triton_norm.py) instead of
   eight, on CUDA; elsewhere (and inside torch.compile, which fuses them itself) the original module runs.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
@@ -251,8 +249,8 @@ def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], 
     for name, parent in _children(model):
         for names in SIBLINGS:
             parts = [getattr(parent, n, None) for n in names]
-            if not all(isinstance(p, QuantLinear) for p in parts):
-                continue  # float projections are left as they are (module docstring)
+            if not all(isinstance(p, (nn.Linear, QuantLinear)) for p in parts):
+                continue
             where = _join(name, "/".join(names))
             reason = _unfusable(parts)
             if reason is None:
@@ -271,8 +269,10 @@ def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], 
 
 
 def _unfusable(parts: list[nn.Module]) -> str | None:
-    if any(type(p) is not QuantLinear for p in parts):
-        return "a projection is a subclass of QuantLinear it does not know"
+    if len({type(p) for p in parts}) > 1:
+        return "the projections are of different kinds"
+    if any(type(p) not in (nn.Linear, QuantLinear) for p in parts):
+        return "a projection is a subclass it does not know"
     if any(_hooked(p) for p in parts):
         return "a projection has hooks"
     if len({p.in_features for p in parts}) > 1:
@@ -293,22 +293,34 @@ def _stack(parts: list[nn.Module]) -> tuple[SiblingGroup, Callable[[], None]]:
     """The group of `parts` with their tensors re-pointed into it; restore() gives them their own copies back."""
     widths = [p.out_features for p in parts]
     bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-    fused = QuantLinear(concat_rows([p.packed for p in parts]), bias)
-    for part, view in zip(parts, row_slices(fused.packed, widths)):
-        for name, tensor in view.tensors().items():
-            part._buffers[name] = tensor
+    if isinstance(parts[0], QuantLinear):
+        fused: nn.Module = QuantLinear(concat_rows([p.packed for p in parts]), bias)
+        for part, view in zip(parts, row_slices(fused.packed, widths)):
+            for name, tensor in view.tensors().items():
+                part._buffers[name] = tensor
+    else:
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        for part, start, n in zip(parts, itertools.accumulate(widths, initial=0), widths):
+            part.weight.data = weight[start:start + n]
     if bias is not None:
         for part, start, n in zip(parts, itertools.accumulate(widths, initial=0), widths):
             part.bias.data = fused.bias.data[start:start + n]
 
     def restore() -> None:
         for part in parts:
-            for name, tensor in part._buffers.items():
-                if tensor is not None:
-                    part._buffers[name] = tensor.clone()
-            if part.bias is not None:
-                part.bias.data = part.bias.data.clone()
-            part._launchers = {}
+            for tensors in (part._parameters, part._buffers):
+                for name, tensor in tensors.items():
+                    if tensor is not None:
+                        if isinstance(tensor, nn.Parameter):
+                            tensor.data = tensor.data.clone()
+                        else:
+                            tensors[name] = tensor.clone()
+            if isinstance(part, QuantLinear):
+                part._launchers = {}
 
     return SiblingGroup(fused, widths), restore
 
