@@ -159,6 +159,22 @@ def test_the_rotary_function_is_replaced_once_and_put_back():
     assert qwen3.apply_rotary_pos_emb is original
 
 
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_a_fused_model_decodes_the_same_tokens_on_the_static_cache(kv):
+    """The static path (what the GPU captures) on a fused packed model, float and quantized KV cache: the fusions
+    applied by hand here, since generate fuses on CUDA only."""
+    model = packed(build_family("qwen3"), "int4/g32")
+    settings = GenerationSettings(max_new_tokens=10, decode="static", kv_cache=kv,
+                                  sampling=SamplingConfig(temperature=0.0))
+    want = generate(model, [5, 17, 33, 2, 90], settings).tokens
+    report, undo = fuse_for_decode(model)
+    try:
+        assert report.groups == 4
+        assert generate(model, [5, 17, 33, 2, 90], settings).tokens == want
+    finally:
+        undo()
+
+
 def test_generate_fuses_only_on_cuda_and_reports_it():
     model = build_family("llama")
     settings = GenerationSettings(max_new_tokens=4, decode="eager", sampling=SamplingConfig(temperature=0.0))
