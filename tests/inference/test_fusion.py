@@ -249,3 +249,20 @@ def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
     else:  # bfloat16 sums in another order: the first tokens agree
         assert runs[True].tokens[:4] == runs[False].tokens[:4]
     assert type(model.model.layers[0].self_attn.q_proj) in (nn.Linear, QuantLinear)  # given back
+
+
+def test_a_fusion_that_fails_leaves_the_model_as_it_was(monkeypatch):
+    """fuse_for_decode undoes what it did before an error, so generate can decode unfused."""
+    import modelpress.inference.fusion as fusion
+
+    model = packed(build_family("llama"), "int4/g32")
+    modules = dict(model.named_modules())
+
+    def broken(parts):
+        raise RuntimeError("no room")
+
+    monkeypatch.setattr(fusion, "_stack", broken)
+    with pytest.raises(RuntimeError, match="no room"):
+        fuse_for_decode(model)
+    assert all(m is modules[name] for name, m in model.named_modules()) and len(modules) == len(
+        dict(model.named_modules()))  # the norms fused before the error are back

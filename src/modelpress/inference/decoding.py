@@ -299,7 +299,12 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module) -> Iterator
             stack.enter_context(fast_cpu())
         for model in dict.fromkeys(models) if settings.fuse and not settings.compile else ():
             if any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers())):
-                fused, undo = fuse_for_decode(model)
+                try:
+                    fused, undo = fuse_for_decode(model)  # undoes what it did before raising
+                except Exception as err:  # noqa: BLE001  (an optimization: never a reason not to generate)
+                    log.warning("decoding unfused: the decode-time fusions failed (%s: %s)", type(err).__name__,
+                                str(err).splitlines()[0][:300] if str(err) else "")
+                    continue
                 stack.callback(undo)
                 report.merge(fused)
         if report.skipped:
