@@ -2,13 +2,13 @@
 
 At batch-1 decode a GPU runs each decoder layer as ~40 small kernels, and their launches, not the arithmetic,
 set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of a 7B bf16 step of 6.7 ms).
-`fuse_for_decode(model)` takes two kinds of them away without touching what the model computes:
+`fuse_for_decode(model)` takes three kinds of them away without changing what the model computes:
 
 - **sibling projections** (q/k/v, gate/up), which read the same input, become one matmul over their rows
   stacked (`SiblingGroup`): each sibling's module is replaced by a `SiblingPart` that returns its columns of the
-  group's output, computed once per input. For packed layers the stacking is exact (formats/packed.concat_rows);
-  the siblings' own tensors become views of the stacked ones, so the fusion costs no memory beyond one layer's
-  group while it is built, and undoing it gives each layer its own tensors back.
+  group's output, computed once per input. Packed layers stack exactly (formats/packed.concat_rows), float layers
+  their weights; either way the siblings' own tensors become views of the stacked ones, so the fusion costs no
+  memory beyond one layer's group while it is built, and undoing it gives each layer its own tensors back.
 - **RMS norms** of the transformers families listed below run as one kernel (nn/triton_norm.py) instead of
   eight, on CUDA; elsewhere (and inside torch.compile, which fuses them itself) the original module runs.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
@@ -118,7 +118,7 @@ class FusedRMSNorm(nn.Module):
         return self.norm(x)
 
 
-def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rotary: bool = True
+def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rope: bool = True
                     ) -> tuple[FusionReport, Callable[[], None]]:
     """Fuse `model` in place; (report, undo). undo() puts every original module and function back, each module
     with its own tensors."""
@@ -126,7 +126,7 @@ def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True,
     try:
         if norms:
             undo += _fuse_norms(model, report)
-        if rotary:
+        if rope:
             undo += _fuse_rotary(model, report)
         if siblings:
             undo += _fuse_siblings(model, report)
