@@ -181,7 +181,8 @@ def _agrees(fused: FusedRMSNorm, norm: nn.Module) -> bool:
     """Whether the fused kernel gives this class's forward on random rows (a transformers version whose norm
     computes otherwise stays unfused); True where the kernel does not serve (the original then runs anyway)."""
     weight = norm.weight
-    x = torch.randn(3, weight.shape[-1], device=weight.device, dtype=weight.dtype)
+    generator = torch.Generator().manual_seed(0)  # never the caller's random state (sampling may draw from it)
+    x = torch.randn(3, weight.shape[-1], generator=generator).to(weight.device, weight.dtype)
     got = rms_norm(x, weight, fused.eps, fused.gemma)
     if got is None:
         return True
