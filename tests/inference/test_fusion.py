@@ -266,3 +266,12 @@ def test_a_fusion_that_fails_leaves_the_model_as_it_was(monkeypatch):
         fuse_for_decode(model)
     assert all(m is modules[name] for name, m in model.named_modules()) and len(modules) == len(
         dict(model.named_modules()))  # the norms fused before the error are back
+
+
+def test_fusing_leaves_the_random_state_alone():
+    """Sampling without a generator draws from the global state: fusing must not move it."""
+    model = packed(build_family("gemma3"), "int4/g32")
+    state = torch.get_rng_state()
+    _, undo = fuse_for_decode(model)
+    undo()
+    assert torch.equal(torch.get_rng_state(), state)
