@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
@@ -19,7 +20,8 @@ from modelpress.inference.decoding import GenerationSettings, generate
 from modelpress.inference.fusion import FusedRMSNorm, SiblingPart, fuse_for_decode
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.nn.quant_linear import QuantLinear
-from modelpress.nn.triton_norm import rms_norm
+from modelpress.nn.triton_act import silu_mul
+from modelpress.nn.triton_norm import add_rms_norm, rms_norm
 from modelpress.nn.triton_rope import rotary
 from conftest import build_family
 
@@ -98,12 +100,15 @@ def test_a_fused_model_computes_the_same_and_is_given_back(family, spec):
     assert report.norms == len([m for m in modules.values() if "RMSNorm" in type(m).__name__])
     assert isinstance(model.model.layers[0].self_attn.k_proj, SiblingPart)
     assert isinstance(model.model.layers[0].input_layernorm, FusedRMSNorm)
+    llama_kind = family != "gemma3"  # Gemma's MLP is GELU and its layer has four norms: neither fuses further
+    assert report.mlps == report.adds == (layers if llama_kind else 0)
+    assert ("forward" in vars(model.model.layers[0].mlp)) == llama_kind
     assert storage_bytes(model) <= memory + 64 * layers  # the stacked tensors replace the parts' own
     assert torch.allclose(logits(model), before, atol=1e-5, rtol=1e-5)
 
     undo()
     assert dict(model.named_modules()).keys() == modules.keys()
-    assert all(m is modules[name] for name, m in model.named_modules())
+    assert all(m is modules[name] and "forward" not in vars(m) for name, m in model.named_modules())
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
     storages = [t.untyped_storage().data_ptr() for t in after.values() if t.numel()]
@@ -140,6 +145,15 @@ def test_what_cannot_be_fused_is_left_and_named():
                for s in report.skipped)
     assert any("layers.1.mlp.gate_proj/up_proj: a projection has hooks" in s for s in report.skipped)
     assert type(layer.mlp.up_proj) is QuantLinear
+    undo()
+
+
+def test_an_mlp_of_another_activation_keeps_its_own_forward():
+    model = build_family("llama", hidden_act="gelu")
+    report, undo = fuse_for_decode(model)
+    assert report.groups == 4 and report.mlps == 0 and report.adds == 2
+    assert any("layers.0.mlp: its activation is not SiLU" in s for s in report.skipped)
+    assert "forward" not in vars(model.model.layers[0].mlp)
     undo()
 
 
@@ -201,6 +215,29 @@ def test_the_norm_kernel_gives_transformers_norm(cuda, family, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_add_and_norm_kernel_gives_the_add_then_the_norm(cuda, dtype):
+    norm = copy.deepcopy(build_family("llama").model.layers[0].post_attention_layernorm).to(cuda, dtype)
+    for shape in [(1, 1, 96), (2, 7, 96), (5, 96)]:
+        x, r = (3 * torch.randn(shape, device=cuda, dtype=dtype) for _ in "xr")
+        total, normed = add_rms_norm(x, r, norm.weight, norm.variance_epsilon)
+        assert torch.equal(total, x + r)  # the residual stream is bit for bit the layer's own
+        torch.testing.assert_close(normed, norm(x + r))
+    assert add_rms_norm(x.half(), r.half(), norm.weight.half(), 1e-6) is None  # float16: left to PyTorch
+    strided = torch.randn(96, 5, device=cuda, dtype=dtype).t()
+    assert add_rms_norm(strided, r, norm.weight, 1e-6) is None  # rows not contiguous: left to PyTorch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_gated_activation_kernel_gives_silu_times_up(cuda, dtype):
+    for shape in [(1, 1, 2 * 96), (3, 5, 2 * 1500), (4, 2 * 11008)]:
+        h = 4 * torch.randn(shape, device=cuda, dtype=dtype)
+        width = shape[-1] // 2
+        want = F.silu(h[..., :width]) * h[..., width:]
+        assert torch.equal(silu_mul(h), want)  # libdevice's expf and an IEEE division, as PyTorch computes
+    assert silu_mul(h.half()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_rotary_kernel_gives_transformers_rotary(cuda, dtype):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -242,7 +279,8 @@ def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
         settings = GenerationSettings(max_new_tokens=12, decode=path, fuse=fuse,
                                       sampling=SamplingConfig(temperature=0.0))
         runs[fuse] = generate(model, [5, 17, 33, 2, 90], settings)
-    assert runs[True].fusions == f"4 sibling groups, {norms} norms, rotary" and runs[False].fusions == ""
+    assert runs[True].fusions == f"4 sibling groups, {norms} norms, 2 MLPs, 2 residual adds, rotary"
+    assert runs[False].fusions == ""
     assert runs[True].decode_path == runs[False].decode_path == path
     if dtype == torch.float32:
         assert runs[True].tokens == runs[False].tokens

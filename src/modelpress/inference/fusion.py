@@ -11,6 +11,10 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
   memory beyond one layer's group while it is built, and undoing it gives each layer its own tensors back.
 - **RMS norms** of the transformers families listed below run as one kernel (nn/triton_norm.py) instead of
   eight, on CUDA; elsewhere (and inside torch.compile, which fuses them itself) the original module runs.
+- **gated MLPs** of the Llama kind (`LLAMA_MLPS`), whose gate and up are one group: silu(gate) * up runs as one
+  kernel (nn/triton_act.py) instead of two, between the group's matmul and down_proj.
+- **residual adds**: in decoder layers of the Llama kind (`LLAMA_LAYERS`), the add after attention and the norm
+  after it run as one kernel (nn/triton_norm.add_rms_norm), which stores the sum and normalizes it.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
   modeling module's `apply_rotary_pos_emb`, which its attention calls by name, is replaced for the generation by a
   function that launches the kernel where it serves the call and calls the original otherwise. The replacement is
@@ -26,6 +30,7 @@ are, and the report says why.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import logging
 import sys
@@ -38,7 +43,8 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import concat_rows, row_slices
 from modelpress.nn.quant_linear import QuantLinear
-from modelpress.nn.triton_norm import rms_norm
+from modelpress.nn.triton_act import silu_mul
+from modelpress.nn.triton_norm import add_rms_norm, rms_norm
 from modelpress.nn.triton_rope import rotary
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,11 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 LLAMA_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
                          "MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm"})
 GEMMA_NORMS = frozenset({"Gemma2RMSNorm", "Gemma3RMSNorm"})  # normalized times (1 + weight) in float32
+# MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)), and decoder layers whose forward is
+# norm -> self_attn -> residual add -> norm -> mlp -> residual add, with these four children and no others
+LLAMA_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+LLAMA_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
+LAYER_CHILDREN = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
 
 
 @dataclass
@@ -55,17 +66,22 @@ class FusionReport:
     groups: int = 0                                   # sibling groups now one matmul
     norms: int = 0                                    # RMS norms now one kernel (where the kernel serves them)
     rotary: int = 0                                   # modeling modules whose apply_rotary_pos_emb is one kernel
+    mlps: int = 0                                     # gated MLPs whose activation is one kernel
+    adds: int = 0                                     # residual adds folded into the norm after them
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
         self.groups += other.groups
         self.norms += other.norms
         self.rotary += other.rotary
+        self.mlps += other.mlps
+        self.adds += other.adds
         self.skipped += other.skipped
 
     def summary(self) -> str:
-        """e.g. "64 sibling groups, 65 norms, rotary" ("" when nothing was fused)."""
-        done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms")) if n]
+        """e.g. "64 sibling groups, 65 norms, 32 MLPs, 32 residual adds, rotary" ("" when nothing was fused)."""
+        done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms"),
+                                              (self.mlps, "MLPs"), (self.adds, "residual adds")) if n]
         return ", ".join(done + (["rotary"] if self.rotary else []))
 
 
@@ -118,10 +134,11 @@ class FusedRMSNorm(nn.Module):
         return self.norm(x)
 
 
-def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rope: bool = True
-                    ) -> tuple[FusionReport, Callable[[], None]]:
+def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rope: bool = True,
+                    mlps: bool = True, adds: bool = True) -> tuple[FusionReport, Callable[[], None]]:
     """Fuse `model` in place; (report, undo). undo() puts every original module and function back, each module
-    with its own tensors."""
+    with its own tensors. MLPs fuse only where their gate and up became one group, residual adds only into norms
+    fused before."""
     report, undo = FusionReport(), []
     try:
         if norms:
@@ -130,6 +147,10 @@ def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True,
             undo += _fuse_rotary(model, report)
         if siblings:
             undo += _fuse_siblings(model, report)
+        if mlps:
+            undo += _fuse_mlps(model, report)
+        if adds:
+            undo += _fuse_adds(model, report)
     except BaseException:
         _run_all(undo)
         raise
@@ -243,6 +264,125 @@ def _rotary_agrees(original: Callable, model: nn.Module) -> bool:
     want = original(q, k, cos, sin)
     return all(g.dtype == w.dtype and g.shape == w.shape and torch.allclose(g.float(), w.float(), rtol=1e-2,
                                                                            atol=1e-3) for g, w in zip(got, want))
+
+
+def _fuse_mlps(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+    undo: list[Callable[[], None]] = []
+    checked: dict[type, bool] = {}
+    dtype = _activation_dtype(model)
+    for name, mlp in _children(model):
+        if type(mlp).__name__ not in LLAMA_MLPS or "forward" in vars(mlp):
+            continue
+        gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+        if not (isinstance(gate, SiblingPart) and isinstance(up, SiblingPart) and gate.group is up.group
+                and (gate.index, up.index) == (0, 1) and len(gate.group.bounds) == 3):
+            continue  # gate and up are not one group of their own (left unfused, named there)
+        if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation") or _hooked(mlp):
+            report.skipped.append(f"{name}: its activation is not SiLU, or it has hooks; MLP left unfused")
+            continue
+        mlp.forward = functools.partial(_gated_mlp, mlp)
+        if type(mlp) not in checked:
+            checked[type(mlp)] = _mlp_agrees(mlp, dtype)
+            if not checked[type(mlp)]:
+                report.skipped.append(f"{type(mlp).__name__}: its forward differs from the fused one's; left unfused")
+        if not checked[type(mlp)]:
+            del mlp.forward
+            continue
+        undo.append(lambda m=mlp: vars(m).pop("forward", None))
+        report.mlps += 1
+    return undo
+
+
+def _gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """down_proj(silu(gate) * up) with gate and up from one matmul and the activation one kernel where it serves."""
+    h = mlp.gate_proj.group.fused(x)
+    y = None if torch.compiler.is_compiling() else silu_mul(h)
+    if y is None:
+        width = h.shape[-1] // 2
+        y = mlp.act_fn(h[..., :width]) * h[..., width:]
+    return mlp.down_proj(y)
+
+
+@torch.no_grad()
+def _mlp_agrees(mlp: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the fused forward gives the class's own on random inputs (exactly off CUDA, where the same
+    operations run in the same order)."""
+    device = next(t.device for t in itertools.chain(mlp.parameters(), mlp.buffers()))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, mlp.gate_proj.in_features, generator=generator).to(device, dtype)
+    got = _gated_mlp(mlp, x)
+    want = type(mlp).forward(mlp, x)
+    return got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3)
+
+
+def _fuse_adds(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+    undo: list[Callable[[], None]] = []
+    checked: dict[type, bool] = {}
+    for name, layer in _children(model):
+        if type(layer).__name__ not in LLAMA_LAYERS or "forward" in vars(layer):
+            continue
+        norm = getattr(layer, "post_attention_layernorm", None)
+        if {n for n, _ in layer.named_children()} != LAYER_CHILDREN or _hooked(layer):
+            report.skipped.append(f"{name}: a layer of other parts, or with hooks; its residual adds left as they are")
+            continue
+        if not isinstance(norm, FusedRMSNorm) or norm.gemma:
+            continue  # the norm after attention is not fused (named there)
+        if type(layer) not in checked:
+            checked[type(layer)] = _add_agrees(norm)
+            if not checked[type(layer)]:
+                report.skipped.append(f"{type(layer).__name__}: the residual add and norm differ from the fused "
+                                      "kernel's; left unfused")
+        if not checked[type(layer)]:
+            continue
+        layer.forward = functools.partial(_residual_layer, layer, _layer_defaults(type(layer)))
+        undo.append(lambda m=layer: vars(m).pop("forward", None))
+        report.adds += 1
+    return undo
+
+
+@functools.cache
+def _layer_defaults(kind: type) -> dict:
+    """The defaults of the layer forward's keyword parameters, which it passes on to its attention."""
+    params = list(inspect.signature(kind.forward).parameters.values())[2:]  # after self and hidden_states
+    return {p.name: p.default for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty}
+
+
+def _residual_layer(layer: nn.Module, defaults: dict, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The Llama decoder layer's forward with the add after attention and the norm after it in one kernel."""
+    if args:  # called positionally beyond the hidden states: the class's own forward binds them
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    residual = hidden_states
+    hidden_states = layer.input_layernorm(hidden_states)
+    hidden_states, _ = layer.self_attn(hidden_states=hidden_states, **{**defaults, **kwargs})
+    norm = layer.post_attention_layernorm
+    fused = None if torch.compiler.is_compiling() else add_rms_norm(residual, hidden_states, norm.norm.weight,
+                                                                     norm.eps)
+    if fused is None:
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    else:
+        residual, hidden_states = fused
+    return residual + layer.mlp(hidden_states)
+
+
+@torch.no_grad()
+def _add_agrees(norm: FusedRMSNorm) -> bool:
+    """Whether the kernel gives the add and this norm's forward on random rows (True where it does not serve)."""
+    weight = norm.norm.weight
+    generator = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(3, weight.shape[-1], generator=generator).to(weight.device, weight.dtype) for _ in "xr")
+    got = add_rms_norm(x, r, weight, norm.eps)
+    if got is None:
+        return True
+    total = x + r
+    return torch.equal(got[0], total) and torch.allclose(got[1].float(), norm.norm(total).float(), rtol=2e-2,
+                                                          atol=1e-3)
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its float parameters' (packed layers keep theirs in buffers)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:

@@ -11,6 +11,9 @@ arithmetic in one launch per call, one program per row, in both conventions:
 
 The rows may be strided in two levels ((A, B, D) with any strides of A and B), so the per-head q/k norms of a
 query sliced from a fused q/k/v output are read where they lie, without a copy.
+
+`add_rms_norm` also takes a decoder layer's residual add into the launch: s = x + residual rounded to x's dtype is
+stored and normalized as stored, which is what the layer's own `residual + hidden_states` and norm compute.
 """
 
 from __future__ import annotations
@@ -31,20 +34,31 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, inner, stride_outer, stride_inner, n, eps,
-                        BLOCK: tl.constexpr, GEMMA: tl.constexpr, ROUND_BF16: tl.constexpr):
+    def _bf16(x):
+        """x rounded to bfloat16 (to nearest, ties to even), kept in float32, in integer arithmetic (see triton_rope)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, inner, stride_outer, stride_inner, n, eps,
+                        BLOCK: tl.constexpr, GEMMA: tl.constexpr, ROUND_BF16: tl.constexpr,
+                        RESIDUAL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = (row // inner) * stride_outer + (row % inner) * stride_inner
         cols = tl.arange(0, BLOCK)
         inside = cols < n
         x = tl.load(x_ptr + base + cols, mask=inside, other=0.0).to(tl.float32)
+        if RESIDUAL:  # x + r rounded to x's dtype (bfloat16 or float32), stored, and normalized as stored
+            x = x + tl.load(r_ptr + row * n + cols, mask=inside, other=0.0).to(tl.float32)
+            if ROUND_BF16:
+                x = _bf16(x)
+            tl.store(sum_ptr + row * n + cols, x.to(sum_ptr.dtype.element_ty), mask=inside)
         scale = tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         if GEMMA:
             y = x * scale * (1.0 + w)
-        elif ROUND_BF16:  # rounded to x's dtype before the weight multiplies, in integer arithmetic (see triton_rope)
-            bits = (x * scale).to(tl.uint32, bitcast=True)
-            y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True) * w
+        elif ROUND_BF16:  # rounded to x's dtype before the weight multiplies
+            y = _bf16(x * scale) * w
         else:
             y = (x * scale).to(x_ptr.dtype.element_ty).to(tl.float32) * w
         tl.store(out_ptr + row * n + cols, y.to(out_ptr.dtype.element_ty), mask=inside)
@@ -55,19 +69,46 @@ def _kernel():
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor | None:
     """The norm of x's last dimension in one launch; None where the kernel does not serve the call (not CUDA,
     no Triton, other dtypes, rows wider than MAX_WIDTH, or strides it cannot follow): the caller runs its own."""
-    n = x.shape[-1]
-    if (not x.is_cuda or x.dtype not in _DTYPES or weight.dtype not in _DTYPES or weight.shape != (n,)
-            or weight.device != x.device or not 0 < n <= MAX_WIDTH or x.numel() == 0 or not triton_available()):
+    if not _serves(x, weight):
         return None
-    rows = x.reshape(1, -1, n) if x.dim() <= 2 else x.flatten(0, -3)  # (A, B, n): a view wherever one exists
+    rows = x.reshape(1, -1, x.shape[-1]) if x.dim() <= 2 else x.flatten(0, -3)  # (A, B, n): a view where one exists
     if rows.stride(-1) != 1:
         return None
     out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _launch(rows, weight, out, None, None, eps, gemma)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(s, norm(s)) for s = x + residual, as `s = x + residual` followed by a llama-convention norm of s computes
+    them, in one launch (a decoder layer's residual add and the norm after it); None where the kernel does not
+    serve: x and residual contiguous, of one shape and one dtype, bfloat16 or float32 (float16 sums would need a
+    rounding the compiler may fold away)."""
+    if (not _serves(x, weight) or x.dtype not in (torch.bfloat16, torch.float32) or residual.dtype != x.dtype
+            or residual.shape != x.shape or residual.device != x.device or not x.is_contiguous()
+            or not residual.is_contiguous()):
+        return None
+    total = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _launch(x.reshape(1, -1, x.shape[-1]), weight, out, residual, total, eps, False)
+    return total, out
+
+
+def _serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    n = x.shape[-1]
+    return (x.is_cuda and x.dtype in _DTYPES and weight.dtype in _DTYPES and weight.shape == (n,)
+            and weight.device == x.device and 0 < n <= MAX_WIDTH and x.numel() > 0 and triton_available())
+
+
+def _launch(rows, weight, out, residual, total, eps: float, gemma: bool) -> None:
+    n = rows.shape[-1]
     block = max(16, 1 << (n - 1).bit_length())
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    with torch.cuda.device(x.device):
+    with torch.cuda.device(rows.device):
         _kernel()[(rows.shape[0] * rows.shape[1],)](
-            rows, weight, out, rows.shape[1], rows.stride(0), rows.stride(1), n, eps,
-            BLOCK=block, GEMMA=gemma, ROUND_BF16=x.dtype == torch.bfloat16, num_warps=warps)
-    return out
+            rows, weight, out, rows if residual is None else residual, out if total is None else total,
+            rows.shape[1], rows.stride(0), rows.stride(1), n, eps,
+            BLOCK=block, GEMMA=gemma, ROUND_BF16=rows.dtype == torch.bfloat16, RESIDUAL=residual is not None,
+            num_warps=warps)
