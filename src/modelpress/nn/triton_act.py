@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import triton_available
+from modelpress.nn.triton_backend import bf16_rounding, triton_available
 
 _DTYPES = (torch.bfloat16, torch.float32)  # float16 would need a rounding the compiler may fold away (triton_rope)
 BLOCK = 1024
@@ -25,10 +25,7 @@ def _kernel():
     import triton.language as tl
     from triton.language.extra import libdevice
 
-    @triton.jit
-    def _bf16(x):
-        bits = x.to(tl.uint32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    _bf16 = bf16_rounding()
 
     @triton.jit
     def silu_mul_kernel(h_ptr, out_ptr, width, stride_row, BLOCK: tl.constexpr, BF16: tl.constexpr):

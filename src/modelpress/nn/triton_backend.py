@@ -73,6 +73,22 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def bf16_rounding():
+    """A Triton function rounding float32 to bfloat16 (to nearest, ties to even), kept in float32, in integer
+    arithmetic: the compiler may fold a cast to bfloat16 and back away, which leaves products and sums unrounded
+    where PyTorch's separate operations round them (the decode-time kernels must give PyTorch's numbers)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bf16(x):
+        bits = x.to(tl.uint32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+    return bf16
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

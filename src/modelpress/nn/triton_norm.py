@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import triton_available
+from modelpress.nn.triton_backend import bf16_rounding, triton_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 16384
@@ -33,11 +33,7 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _bf16(x):
-        """x rounded to bfloat16 (to nearest, ties to even), kept in float32, in integer arithmetic (see triton_rope)."""
-        bits = x.to(tl.uint32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    _bf16 = bf16_rounding()
 
     @triton.jit
     def rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, inner, stride_outer, stride_inner, n, eps,

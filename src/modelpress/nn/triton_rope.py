@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import triton_available
+from modelpress.nn.triton_backend import bf16_rounding, triton_available
 
 # float16 is not served: its products would need rounding to float16 in the kernel, which the compiler may fold away
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -25,13 +25,7 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _bf16(x):
-        """x rounded to bfloat16 (to nearest, ties to even), kept in float32: in integer arithmetic, which the
-        compiler cannot fold away as it may fold a cast to bfloat16 and back."""
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+    _bf16 = bf16_rounding()
 
     @triton.jit
     def _rotate(x_ptr, out_ptr, heads, s_h, c1, c2, s1, s2, h, i, inside, BF16: tl.constexpr, D2: tl.constexpr):
