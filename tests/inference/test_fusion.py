@@ -101,7 +101,7 @@ def test_a_fused_model_computes_the_same_and_is_given_back(family, spec):
     assert isinstance(model.model.layers[0].self_attn.k_proj, SiblingPart)
     assert isinstance(model.model.layers[0].input_layernorm, FusedRMSNorm)
     llama_kind = family != "gemma3"  # Gemma's MLP is GELU and its layer has four norms: neither fuses further
-    assert report.mlps == report.adds == (layers if llama_kind else 0)
+    assert report.mlps == (layers if llama_kind else 0) and report.adds == (2 * layers if llama_kind else 0)
     assert ("forward" in vars(model.model.layers[0].mlp)) == llama_kind
     assert storage_bytes(model) <= memory + 64 * layers  # the stacked tensors replace the parts' own
     assert torch.allclose(logits(model), before, atol=1e-5, rtol=1e-5)
@@ -148,10 +148,26 @@ def test_what_cannot_be_fused_is_left_and_named():
     undo()
 
 
+def test_each_norm_runs_once_with_the_adds_fused():
+    """The add after a layer's MLP is computed with the next norm (the next layer's input norm, the final norm after
+    the last layer), which then returns what it was handed instead of normalizing again."""
+    model = packed(build_family("llama", num_hidden_layers=3), "int4/g32")
+    before = logits(model)
+    report, undo = fuse_for_decode(model)
+    calls = []
+    norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
+    for norm in norms:
+        norm.norm.register_forward_hook(lambda *args: calls.append(1))
+    assert torch.equal(logits(model), before)
+    assert report.adds == 6 and len(calls) == len(norms) == 7  # 2 a layer and the final one, each once
+    assert all(norm._handed is None for norm in norms)  # nothing held between calls
+    undo()
+
+
 def test_an_mlp_of_another_activation_keeps_its_own_forward():
     model = build_family("llama", hidden_act="gelu")
     report, undo = fuse_for_decode(model)
-    assert report.groups == 4 and report.mlps == 0 and report.adds == 2
+    assert report.groups == 4 and report.mlps == 0 and report.adds == 4
     assert any("layers.0.mlp: its activation is not SiLU" in s for s in report.skipped)
     assert "forward" not in vars(model.model.layers[0].mlp)
     undo()
@@ -279,7 +295,7 @@ def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
         settings = GenerationSettings(max_new_tokens=12, decode=path, fuse=fuse,
                                       sampling=SamplingConfig(temperature=0.0))
         runs[fuse] = generate(model, [5, 17, 33, 2, 90], settings)
-    assert runs[True].fusions == f"4 sibling groups, {norms} norms, 2 MLPs, 2 residual adds, rotary"
+    assert runs[True].fusions == f"4 sibling groups, {norms} norms, 2 MLPs, 4 residual adds, rotary"
     assert runs[False].fusions == ""
     assert runs[True].decode_path == runs[False].decode_path == path
     if dtype == torch.float32:

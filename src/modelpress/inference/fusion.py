@@ -13,8 +13,10 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
   eight, on CUDA; elsewhere (and inside torch.compile, which fuses them itself) the original module runs.
 - **gated MLPs** of the Llama kind (`LLAMA_MLPS`), whose gate and up are one group: silu(gate) * up runs as one
   kernel (nn/triton_act.py) instead of two, between the group's matmul and down_proj.
-- **residual adds**: in decoder layers of the Llama kind (`LLAMA_LAYERS`), the add after attention and the norm
-  after it run as one kernel (nn/triton_norm.add_rms_norm), which stores the sum and normalizes it.
+- **residual adds**: in decoder layers of the Llama kind (`LLAMA_LAYERS`), each residual add runs in the kernel of
+  the norm that reads its sum next (nn/triton_norm.add_rms_norm stores the sum and normalizes it): the add after
+  attention with the layer's post-attention norm, the add after the MLP with the next layer's input norm (the
+  model's final norm after the last layer), which is handed the result and returns it when called on that sum.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
   modeling module's `apply_rotary_pos_emb`, which its attention calls by name, is replaced for the generation by a
   function that launches the kernel where it serves the call and calls the original otherwise. The replacement is
@@ -119,14 +121,20 @@ class SiblingPart(nn.Module):
 
 
 class FusedRMSNorm(nn.Module):
-    """A transformers RMS norm through one kernel; the original module wherever the kernel does not serve."""
+    """A transformers RMS norm through one kernel; the original module wherever the kernel does not serve. A fused
+    layer before it may hand it (input, norm of input), computed with the layer's residual add: called on exactly
+    that input next, it returns the norm it was handed."""
 
     def __init__(self, norm: nn.Module, gemma: bool) -> None:
         super().__init__()
         self.norm, self.gemma = norm, gemma
         self.eps = float(norm.eps if gemma else norm.variance_epsilon)
+        self._handed: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its norm) computed by a layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        handed, self._handed = self._handed, None
+        if handed is not None and x is handed[0]:
+            return handed[1]
         if not torch.compiler.is_compiling():
             out = rms_norm(x, self.norm.weight, self.eps, self.gemma)
             if out is not None:
@@ -318,6 +326,7 @@ def _mlp_agrees(mlp: nn.Module, dtype: torch.dtype) -> bool:
 def _fuse_adds(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
     undo: list[Callable[[], None]] = []
     checked: dict[type, bool] = {}
+    following = _following_norms(model)
     for name, layer in _children(model):
         if type(layer).__name__ not in LLAMA_LAYERS or "forward" in vars(layer):
             continue
@@ -325,7 +334,7 @@ def _fuse_adds(model: nn.Module, report: FusionReport) -> list[Callable[[], None
         if {n for n, _ in layer.named_children()} != LAYER_CHILDREN or _hooked(layer):
             report.skipped.append(f"{name}: a layer of other parts, or with hooks; its residual adds left as they are")
             continue
-        if not isinstance(norm, FusedRMSNorm) or norm.gemma:
+        if not _llama_norm(norm):
             continue  # the norm after attention is not fused (named there)
         if type(layer) not in checked:
             checked[type(layer)] = _add_agrees(norm)
@@ -334,10 +343,31 @@ def _fuse_adds(model: nn.Module, report: FusionReport) -> list[Callable[[], None
                                       "kernel's; left unfused")
         if not checked[type(layer)]:
             continue
-        layer.forward = functools.partial(_residual_layer, layer, _layer_defaults(type(layer)))
+        after = following.get(layer)
+        layer.forward = functools.partial(_residual_layer, layer, _layer_defaults(type(layer)),
+                                          after if _llama_norm(after) else None)
         undo.append(lambda m=layer: vars(m).pop("forward", None))
-        report.adds += 1
+        undo.append(lambda n=after: setattr(n, "_handed", None) if isinstance(n, FusedRMSNorm) else None)
+        report.adds += 1 + (after is not None and _llama_norm(after))
     return undo
+
+
+def _llama_norm(norm: nn.Module | None) -> bool:
+    return isinstance(norm, FusedRMSNorm) and not norm.gemma
+
+
+def _following_norms(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """For each decoder layer of a stack, the norm its output goes to first: the next layer's input norm, and
+    for the last layer the model's final norm (the `norm` beside the `layers` list), where the model has one."""
+    following: dict[nn.Module, nn.Module] = {}
+    for _, owner in _children(model):
+        layers = getattr(owner, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            continue
+        after = [getattr(layer, "input_layernorm", None) for layer in list(layers)[1:]]
+        after.append(getattr(owner, "norm", None))
+        following.update((layer, norm) for layer, norm in zip(layers, after) if norm is not None)
+    return following
 
 
 @functools.cache
@@ -348,22 +378,32 @@ def _layer_defaults(kind: type) -> dict:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty}
 
 
-def _residual_layer(layer: nn.Module, defaults: dict, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The Llama decoder layer's forward with the add after attention and the norm after it in one kernel."""
+def _residual_layer(layer: nn.Module, defaults: dict, after: FusedRMSNorm | None, hidden_states: torch.Tensor,
+                    *args, **kwargs) -> torch.Tensor:
+    """The Llama decoder layer's forward with each residual add in the kernel of the norm that follows it: the
+    layer's own post-attention norm, and `after`, the norm that reads the layer's output next (handed its result,
+    which it returns when called on that output)."""
     if args:  # called positionally beyond the hidden states: the class's own forward binds them
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     residual = hidden_states
     hidden_states = layer.input_layernorm(hidden_states)
     hidden_states, _ = layer.self_attn(hidden_states=hidden_states, **{**defaults, **kwargs})
-    norm = layer.post_attention_layernorm
-    fused = None if torch.compiler.is_compiling() else add_rms_norm(residual, hidden_states, norm.norm.weight,
-                                                                     norm.eps)
-    if fused is None:
-        residual = residual + hidden_states
-        hidden_states = norm(residual)
-    else:
-        residual, hidden_states = fused
-    return residual + layer.mlp(hidden_states)
+    residual, hidden_states = _add_norm(residual, hidden_states, layer.post_attention_layernorm)
+    hidden_states = layer.mlp(hidden_states)
+    if after is None:
+        return residual + hidden_states
+    total, normed = _add_norm(residual, hidden_states, after)
+    after._handed = (total, normed)
+    return total
+
+
+def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: FusedRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, norm(x + residual)), in one kernel where it serves."""
+    fused = None if torch.compiler.is_compiling() else add_rms_norm(x, residual, norm.norm.weight, norm.eps)
+    if fused is not None:
+        return fused
+    total = x + residual
+    return total, norm(total)
 
 
 @torch.no_grad()
