@@ -21,6 +21,7 @@ from modelpress.inference.fusion import FusedRMSNorm, SiblingPart, fuse_for_deco
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.triton_act import silu_mul
+from modelpress.nn.triton_kv import write_kv
 from modelpress.nn.triton_norm import add_rms_norm, rms_norm
 from modelpress.nn.triton_rope import rotary
 from conftest import build_family
@@ -244,6 +245,22 @@ def test_the_add_and_norm_kernel_gives_the_add_then_the_norm(cuda, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_cache_write_kernel_writes_what_index_copy_writes(cuda, dtype):
+    generator = torch.Generator().manual_seed(0)
+    for b, h, t, d, length in [(1, 2, 1, 128, 9), (2, 3, 4, 96, 16), (1, 1, 3, 16, 5)]:
+        keys, values = (torch.randn(b, h, length, d, generator=generator).to(cuda, dtype) for _ in "kv")
+        # keys from the rotary kernel's layout, values sliced out of a fused projection output
+        k = torch.randn(b, t, h, d, generator=generator).to(cuda, dtype).transpose(1, 2)
+        v = torch.randn(b, t, 3 * h * d, generator=generator).to(cuda, dtype)[..., h * d:2 * h * d]
+        v = v.view(b, t, h, d).transpose(1, 2)
+        index = torch.randperm(length, generator=generator)[:t].to(cuda)
+        want_k, want_v = keys.clone().index_copy_(2, index, k), values.clone().index_copy_(2, index, v)
+        assert write_kv(keys, values, index, k, v)
+        assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    assert not write_kv(keys, values, index.float(), k, v)  # float positions: left to index_copy_
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_gated_activation_kernel_gives_silu_times_up(cuda, dtype):
     for shape in [(1, 1, 2 * 96), (3, 5, 2 * 1500), (4, 2 * 11008)]:
         h = 4 * torch.randn(shape, device=cuda, dtype=dtype)
@@ -295,7 +312,8 @@ def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
         settings = GenerationSettings(max_new_tokens=12, decode=path, fuse=fuse,
                                       sampling=SamplingConfig(temperature=0.0))
         runs[fuse] = generate(model, [5, 17, 33, 2, 90], settings)
-    assert runs[True].fusions == f"4 sibling groups, {norms} norms, 2 MLPs, 4 residual adds, rotary"
+    writes = ", KV writes" if path == "graph" else ""  # the static cache's keys and values in one kernel
+    assert runs[True].fusions == f"4 sibling groups, {norms} norms, 2 MLPs, 4 residual adds, rotary{writes}"
     assert runs[False].fusions == ""
     assert runs[True].decode_path == runs[False].decode_path == path
     if dtype == torch.float32:

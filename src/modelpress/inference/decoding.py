@@ -263,7 +263,7 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
     if path != "eager":
         decoder = StaticDecoder(model, len(prompt) + settings.max_new_tokens, graph=path == "graph",
                                 keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache,
-                                compile=settings.compile)
+                                compile=settings.compile, fused_writes=fused_writes(settings))
         try:
             return decoder, decoder.prefill(prompt), path
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, decode eagerly)
@@ -279,9 +279,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: Ge
              on_tokens: TokenCallback | None = None) -> GenerationResult:
     """Sample (or pick greedily) one token per forward pass; `on_tokens` sees each token as it is made."""
     with kernel_context(settings, model) as fusions:
-        result = _generate(model, input_ids, settings, cache, generator, on_tokens)
+        result = _generate(model, input_ids, settings, cache, generator, on_tokens, fusions)
     result.fusions = fusions.summary()
     return result
+
+
+def fused_writes(settings: GenerationSettings) -> bool:
+    """Whether a static cache writes keys and values in one kernel a layer (with the decode-time fusions)."""
+    return settings.fuse and not settings.compile
 
 
 @contextlib.contextmanager
@@ -314,7 +319,7 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module) -> Iterator
 
 def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: GenerationSettings,
               cache: Cache | None, generator: torch.Generator | None,
-              on_tokens: TokenCallback | None) -> GenerationResult:
+              on_tokens: TokenCallback | None, fusions: FusionReport) -> GenerationResult:
     prompt = prompt_list(input_ids)
     start = time.perf_counter()
     stepper, logits, path = _start(model, prompt, settings, cache)
@@ -330,6 +335,8 @@ def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: G
         forwards += 1
     if path == "graph" and getattr(stepper, "graph", None) is None and forwards > 1:
         path = "static"
+    if getattr(getattr(stepper, "cache", None), "wrote_fused", False):
+        fusions.kv_writes = True
     return GenerationResult(tokens=new, prompt_tokens=len(prompt), seconds=time.perf_counter() - start,
                             target_forwards=forwards, decode_path=path,
                             capture_seconds=getattr(stepper, "capture_seconds", 0.0))

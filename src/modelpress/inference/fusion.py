@@ -70,6 +70,7 @@ class FusionReport:
     rotary: int = 0                                   # modeling modules whose apply_rotary_pos_emb is one kernel
     mlps: int = 0                                     # gated MLPs whose activation is one kernel
     adds: int = 0                                     # residual adds folded into the norm after them
+    kv_writes: bool = False                           # a static cache wrote keys and values in one kernel a layer
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
@@ -78,13 +79,15 @@ class FusionReport:
         self.rotary += other.rotary
         self.mlps += other.mlps
         self.adds += other.adds
+        self.kv_writes |= other.kv_writes
         self.skipped += other.skipped
 
     def summary(self) -> str:
-        """e.g. "64 sibling groups, 65 norms, 32 MLPs, 32 residual adds, rotary" ("" when nothing was fused)."""
+        """e.g. "64 sibling groups, 65 norms, 32 MLPs, 64 residual adds, rotary, KV writes" ("" when nothing was
+        fused)."""
         done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms"),
                                               (self.mlps, "MLPs"), (self.adds, "residual adds")) if n]
-        return ", ".join(done + (["rotary"] if self.rotary else []))
+        return ", ".join(done + (["rotary"] if self.rotary else []) + (["KV writes"] if self.kv_writes else []))
 
 
 class SiblingGroup(nn.Module):

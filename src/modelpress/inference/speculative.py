@@ -41,10 +41,12 @@ from modelpress.inference.decoding import (
     decode_path,
     finish,
     forward_logits,
+    fused_writes,
     kernel_context,
     prompt_list,
     supports_logits_to_keep,
 )
+from modelpress.inference.fusion import FusionReport
 from modelpress.inference.kv_cache import make_kv_cache
 from modelpress.inference.sampling import next_token_probs, sample
 from modelpress.inference.native_decode import NativeDecoder
@@ -131,7 +133,7 @@ def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.T
                          on_tokens: TokenCallback | None = None) -> GenerationResult:
     with kernel_context(settings, target, draft) as fusions:
         result = _speculative_generate(target, draft, input_ids, settings, config, target_cache, draft_cache,
-                                       generator, on_tokens)
+                                       generator, on_tokens, fusions)
     result.fusions = fusions.summary()
     return result
 
@@ -139,13 +141,13 @@ def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.T
 def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.Tensor | list[int],
                           settings: GenerationSettings, config: SpeculativeConfig, target_cache: Cache | None,
                           draft_cache: Cache | None, generator: torch.Generator | None,
-                          on_tokens: TokenCallback | None) -> GenerationResult:
+                          on_tokens: TokenCallback | None, fusions: FusionReport) -> GenerationResult:
     check_same_vocabulary(target, draft)
     _warn_if_windowed(settings, target_cache)
     tokens = prompt_list(input_ids)
     paths = speculation_paths(target, draft, settings, target_cache, draft_cache)
     if paths != ("eager", "eager"):
-        result = _static_speculation(target, draft, tokens, settings, config, paths, generator, on_tokens)
+        result = _static_speculation(target, draft, tokens, settings, config, paths, generator, on_tokens, fusions)
         if result is not None:
             return result
     prompt_length = len(tokens)
@@ -223,7 +225,7 @@ def _emit(result: GenerationResult, tokens: list[int], new: list[int], k: int, a
 
 def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
                         config: SpeculativeConfig, paths: tuple[str, str], generator: torch.Generator | None,
-                        on_tokens: TokenCallback | None) -> GenerationResult | None:
+                        on_tokens: TokenCallback | None, fusions: FusionReport) -> GenerationResult | None:
     """The loop above on two StaticDecoders, positions in the role of cache lengths (module docstring); None
     (reason logged) if a static prefill fails, for the caller to run the eager loop."""
     start = time.perf_counter()
@@ -247,6 +249,7 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
             break
     result.seconds = time.perf_counter() - start
     result.capture_seconds = verifier.capture_seconds + drafter.capture_seconds
+    fusions.kv_writes |= any(getattr(getattr(d, "cache", None), "wrote_fused", False) for d in (verifier, drafter))
     ran = {verifier.path, drafter.path}   # graph only if both were captured; native only if both were native
     result.decode_path = ran.pop() if len(ran) == 1 else "static" if ran == {"graph", "static"} else "mixed"
     return result
@@ -279,7 +282,7 @@ def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSett
         return NativeDecoder(model, max_len, products=settings.cpu_products,
                              kv_cache="float" if kv_cache is None else kv_cache.mode)
     return StaticDecoder(model, max_len, graph=path == "graph", keep_last_only=supports_logits_to_keep(model),
-                         kv_cache=kv_cache, compile=settings.compile)
+                         kv_cache=kv_cache, compile=settings.compile, fused_writes=fused_writes(settings))
 
 
 def _draft_steps(drafter: StaticDecoder, tokens: list[int], k: int, settings: GenerationSettings,

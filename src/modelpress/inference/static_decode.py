@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from modelpress.nn.triton_kv import write_kv
+
 if TYPE_CHECKING:
     from modelpress.inference.kv_cache import KVCacheConfig
 
@@ -54,8 +56,13 @@ class _StaticLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys.index_copy_(2, self.owner.index, key_states)
-        self.values.index_copy_(2, self.owner.index, value_states)
+        owner = self.owner
+        if owner.fused_writes and not torch.compiler.is_compiling() and write_kv(
+                self.keys, self.values, owner.index, key_states, value_states):
+            owner.wrote_fused = True
+        else:
+            self.keys.index_copy_(2, owner.index, key_states)
+            self.values.index_copy_(2, owner.index, value_states)
         return self.keys, self.values
 
     def get_seq_length(self, *args, **kwargs) -> int:
@@ -78,11 +85,14 @@ class _StaticLayer(CacheLayerMixin):
 class StaticCache(Cache):
     """A static KV cache of `max_len` tokens per sequence (full attention only). `index` (a device tensor of
     positions, set by the caller) says where the keys/values of the tokens being run go; callers pass
-    position ids and a 4-D attention mask over all `max_len` positions."""
+    position ids and a 4-D attention mask over all `max_len` positions. fused_writes: write each layer's keys and
+    values in one kernel (nn/triton_kv.py) where it serves, instead of two index_copy_ calls (the same bytes)."""
 
-    def __init__(self, num_layers: int, max_len: int) -> None:
+    def __init__(self, num_layers: int, max_len: int, fused_writes: bool = False) -> None:
         self.max_len = max_len
         self.index: torch.Tensor | None = None
+        self.fused_writes = fused_writes
+        self.wrote_fused = False  # whether the kernel wrote (it may not serve every call)
         super().__init__(layers=[_StaticLayer(self) for _ in range(num_layers)])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -122,7 +132,7 @@ class StaticDecoder:
     COMPILE_LENGTH_STEP = 256  # with compile=True, max_len is rounded up to a multiple of this
 
     def __init__(self, model: nn.Module, max_len: int, graph: bool, keep_last_only: bool = True,
-                 kv_cache: KVCacheConfig | None = None, compile: bool = False) -> None:
+                 kv_cache: KVCacheConfig | None = None, compile: bool = False, fused_writes: bool = False) -> None:
         from modelpress.inference.static_kv import make_static_cache  # it builds on this module
 
         # compiled forwards are specialized to the cache length: round it up, so that calls of nearby lengths
@@ -136,7 +146,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them
-        self.cache = make_static_cache(num_decoder_layers(model), max_len, kv_cache)
+        self.cache = make_static_cache(num_decoder_layers(model), max_len, kv_cache, fused_writes=fused_writes)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the position, on the device
         self.position = 0  # the same position on the host (no device sync to read it)
         self.kv_arange = torch.arange(max_len, device=self.device)

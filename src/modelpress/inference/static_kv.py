@@ -158,6 +158,7 @@ class StaticQuantizedCache(StaticCache):
             raise ModelpressError("KV cache mode 'float' needs no quantized cache; use StaticCache")
         self.config, self.max_len = config, max_len
         self.index: torch.Tensor | None = None
+        self.fused_writes = self.wrote_fused = False  # codes and scales are written by their own kernels
         Cache.__init__(self, layers=[StaticQuantizedLayer(self) for _ in range(num_layers)])
 
     def nbytes(self) -> int:
@@ -170,8 +171,10 @@ class StaticQuantizedCache(StaticCache):
         return self.nbytes() / self.max_len
 
 
-def make_static_cache(num_layers: int, max_len: int, config: KVCacheConfig | None = None) -> StaticCache:
-    """A float StaticCache, or a quantized one for a quantized mode."""
+def make_static_cache(num_layers: int, max_len: int, config: KVCacheConfig | None = None,
+                      fused_writes: bool = False) -> StaticCache:
+    """A float StaticCache (its keys and values written by one kernel a layer if fused_writes), or a quantized
+    one for a quantized mode."""
     if config is None or config.mode == "float":
-        return StaticCache(num_layers, max_len)
+        return StaticCache(num_layers, max_len, fused_writes)
     return StaticQuantizedCache(config, num_layers, max_len)
