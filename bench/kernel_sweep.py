@@ -345,47 +345,6 @@ def gluon_stack(spec: str, dtype, best: dict) -> list[dict]:
     return rows
 
 
-FUSED_7B_LAYER = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # q/k/v and gate/up as one each
-
-
-def gluon_prefetch_sweep(spec: str, dtype, distances=(0, 2, 4, 8)) -> list[dict]:
-    """M = 1: the Gluon GEMV's own plan with L2 prefetches `distance` steps ahead (KernelConfig.prefetch), on the
-    7B shapes as decode runs them (q/k/v and gate/up fused), then the fused 7B stack per distance."""
-    rows = []
-    for n, k in FUSED_7B_LAYER + [(11008, 4096)]:
-        first = random_packed(spec, n, k)
-        packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
-        ceiling_us = first.nbytes / (READ_CEILING_TBS * 1e12) * 1e6
-        x = torch.randn(1, k, device=DEVICE).to(dtype)
-        ref = F.linear(x.float(), first.dequantize(torch.float32))
-        line = []
-        for distance in distances:
-            config = KernelConfig(**{**plan_for(1, first, DEVICE).__dict__, "prefetch": distance})
-            err = ((fused_matmul(x, first, None, config).float() - ref).norm() / ref.norm()).item()
-            t = time_sequence([lambda p=p: fused_matmul(x, p, None, config) for p in packs], repeats=10)
-            rows.append({"spec": spec, "N": n, "K": k, "prefetch": distance, "config": config.__dict__,
-                         "rel_err": err, **t, "pct": 100 * ceiling_us / t["graph_us"]})
-            line.append(f"pf{distance} {t['graph_us']:.2f}us ({rows[-1]['pct']:.0f}%) e{err:.0e}")
-        print(f"{spec} {n}x{k}: " + " | ".join(line), flush=True)
-        del packs, first
-        torch.cuda.empty_cache()
-    weights = [(random_packed(spec, n, k), n, k) for _ in range(LAYERS) for n, k in FUSED_7B_LAYER]
-    floor_ms = sum(p.nbytes for p, _, _ in weights) / (READ_CEILING_TBS * 1e12) * 1e3
-    xs = {k: torch.randn(1, k, device=DEVICE).to(dtype) for k in (4096, 11008)}
-    line = []
-    for distance in distances:
-        calls = [lambda p=p, xx=xs[k], c=KernelConfig(**{**plan_for(1, p, DEVICE).__dict__, "prefetch": distance}):
-                 quantized_matmul(xx, p, None, c) for p, n, k in weights]
-        t = time_sequence(calls, repeats=10)
-        ms = t["graph_us"] * len(calls) / 1e3
-        rows.append({"spec": spec, "stack": "7B fused", "prefetch": distance, "graph_ms": ms, "floor_ms": floor_ms})
-        line.append(f"pf{distance} {ms:.3f} ms ({100 * floor_ms / ms:.0f}%)")
-    print(f"{spec} 7B stack, q/k/v and gate/up fused (floor {floor_ms:.3f} ms): " + " | ".join(line), flush=True)
-    del weights
-    torch.cuda.empty_cache()
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path, default=Path("sweep.json"))
@@ -394,15 +353,8 @@ def main() -> None:
     parser.add_argument("--gemv", action="store_true", help="sweep the small-M GEMV kernel")
     parser.add_argument("--gluon-pipelines", action="store_true", help="Gluon GEMV: prefetch depth and K layout")
     parser.add_argument("--gluon", action="store_true", help="sweep the Gluon GEMV (M = 1, 4-bit) and its stack")
-    parser.add_argument("--gluon-prefetch", action="store_true", help="Gluon GEMV: L2 prefetch distance")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.gluon_prefetch:
-        rows = []
-        for spec in args.spec.split(","):
-            rows += gluon_prefetch_sweep(spec, torch.bfloat16)
-        args.json.write_text(json.dumps(rows))
-        return
     if args.gluon_pipelines:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         rows = []

@@ -60,20 +60,16 @@ def run_poisoned(x, packed, bias, config, **kwargs):
 
 
 # The Gluon GEMV (nn/gluon_gemv.py, 4-bit formats, CUDA only): one row per thread without split-K; two rows per
-# thread with a K split of 3 launched as a programmatic dependent launch; warps along K and a cp.async ring; L2
-# prefetches two steps ahead over steps of half a 128-byte line.
+# thread with a K split of 3 launched as a programmatic dependent launch; warps along K and a cp.async ring.
 GLUON_CONFIGS = [KernelConfig(BM=1, BN=32, BKG=128, SUB=1, SPLIT=1, num_warps=1, gemv=True, gluon=True),
                  KernelConfig(BM=1, BN=16, BKG=128, SUB=2, SPLIT=3, num_warps=2, gemv=True, gluon=True,
                               rows_per_thread=2, pdl=True),
                  KernelConfig(BM=1, BN=16, BKG=128, SUB=4, SPLIT=2, num_warps=4, gemv=True, gluon=True,
-                              warps_k=2, stages=3, pdl=True),
-                 KernelConfig(BM=1, BN=16, BKG=64, SUB=2, SPLIT=3, num_warps=2, gemv=True, gluon=True,
-                              rows_per_thread=2, prefetch=2)]
-GLUON_IDS = ["gluon", "gluon-split3-pdl", "gluon-ring-warpsk", "gluon-split3-prefetch"]
+                              warps_k=2, stages=3, pdl=True)]
 
 
 @pytest.mark.parametrize("config", CONFIGS + GLUON_CONFIGS,
-                         ids=["sub1", "sub2-split3"] + GLUON_IDS)
+                         ids=["sub1", "sub2-split3", "gluon", "gluon-split3-pdl", "gluon-ring-warpsk"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_gemv_matches_float64(spec, config):
     if config.gluon and (not CUDA or WeightScheme.parse(spec).bits != 4):
@@ -92,7 +88,7 @@ def test_gemv_matches_float64(spec, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=GLUON_IDS)
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=["gluon", "gluon-split3-pdl", "gluon-ring-warpsk"])
 @pytest.mark.parametrize("spec", ["int4/g128", "int4-asym/g32", "int4/g96", "int4/channel"])
 def test_gluon_half_products_match_float64(cuda, spec, config):
     """The Gluon GEMV's float16-pair int4 products (HALF: weights without an input permutation, 16-bit

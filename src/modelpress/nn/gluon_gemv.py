@@ -82,7 +82,6 @@ def gemv4_gluon_kernel(
     USE_ASM: gl.constexpr, PDL: gl.constexpr, BN: gl.constexpr, BKG: gl.constexpr, SUB: gl.constexpr,
     RPT: gl.constexpr, WARPS: gl.constexpr, WARPS_K: gl.constexpr, STAGES: gl.constexpr,
     HALF: gl.constexpr = False, DOT_ASM: gl.constexpr = "", PAIRS_ASM: gl.constexpr = "",
-    PREFETCH: gl.constexpr = 0,
 ):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes (int4 / int4-asym: KIND 0, nf4: KIND 1), as
     triton_gemv.gemv4_kernel (same grid and arguments; table_ptr unused: nf4 decodes in registers).
@@ -93,9 +92,7 @@ def gemv4_gluon_kernel(
     HALF (int4 only): 16-bit activations are read as pairs (one 32-bit word each), turned into float16 pairs under
     a power-of-two scale by PAIRS_ASM once per thread and step, and each thread's four weight words are
     multiplied and summed in float16 pairs by DOT_ASM (half_dot_ptx; gluon_gemv.half_asm gives both); every sum
-    above that is float32, multiplied back by the scale's inverse.
-    PREFETCH > 0: each step also asks L2 for the words PREFETCH steps ahead (prefetch.global.L2, one per 128-byte
-    line), which puts more bytes in flight without holding registers for them."""
+    above that is float32, multiplied back by the scale's inverse."""
     WPG: gl.constexpr = BKG // 8  # words per group sub-tile (4, 8 or 16)
     TW: gl.constexpr = WPG // 4  # threads across a sub-tile's words, 4 words (16 bytes) each
     TS: gl.constexpr = SUB // WARPS_K if SUB // WARPS_K * TW <= 32 else 32 // TW  # threads across sub-tiles
@@ -186,15 +183,6 @@ def gemv4_gluon_kernel(
             else:
                 w_next = gl.load(w_rows + kw + step_words[None, :, :],
                                  mask=more & ((kw + step_words) * 8 < K)[None, :, :], other=0)
-        if PREFETCH > 0:
-            kp = k0 + PREFETCH * STEP
-            kwp = gl.multiple_of(kp // 8, WPG)
-            if (STEP // 8) % 32 == 0:  # steps of whole 128-byte lines: the same words start a line every step
-                line_start = step_words % 32 == 0
-            else:
-                line_start = (kwp + step_words) % 32 == 0
-            flags = (line_start & (kp < k_end)).to(gl.int32)  # one request per line, none past the split
-            _prefetch_l2(w_rows + kwp + step_words[None, :, :], flags[None, :, :])
         s_mask = (k1 + sub_cols < K)[None, :]
         s_next = gl.load(s_rows + ((k1 + sub_cols) // group_size)[None, :] * stride_sg, mask=s_mask, other=0.0)
         if AFFINE:
@@ -220,16 +208,6 @@ def gemv4_gluon_kernel(
 
     _store_row(gl.sum(gl.sum(acc, axis=2), axis=1), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_n, offs_n < N, pid_n,
                pid_k, N, SPLIT_K, SPLITS, HAS_BIAS, WARPS)
-
-
-@gluon.jit
-def _prefetch_l2(ptrs, flags):
-    """prefetch.global.L2 of ptrs where flags is nonzero, looked at once per thread's four consecutive words (the
-    first of each four): a hint, with no register held for the data."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $8, 0; @p prefetch.global.L2 [$4]; mov.b32 $0, 0; mov.b32 $1, 0; "
-        "mov.b32 $2, 0; mov.b32 $3, 0; }",
-        "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [ptrs, flags], dtype=gl.int32, is_pure=False, pack=4)
 
 
 @gluon.jit

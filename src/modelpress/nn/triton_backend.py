@@ -62,7 +62,6 @@ class KernelConfig:
     stages: int = 1
     pdl: bool = False
     half: bool = True
-    prefetch: int = 0  # Gluon GEMV: steps ahead whose words are asked of L2 (prefetch.global.L2), 0 for none
 
 
 @functools.cache
@@ -328,7 +327,7 @@ def _gemv_launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tupl
         if kind > 1:
             raise ValueError(f"{scheme.spec}: the Gluon GEMV reads 4-bit codes only")
         constants.update(RPT=config.rows_per_thread, WARPS=config.num_warps, WARPS_K=config.warps_k,
-                         STAGES=config.stages, PDL=config.pdl, PREFETCH=config.prefetch,
+                         STAGES=config.stages, PDL=config.pdl,
                          launch_pdl=config.pdl)
     grid = (1, _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)
