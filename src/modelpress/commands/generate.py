@@ -52,8 +52,8 @@ def add_parser(sub) -> None:
                         "fewer, fused kernels per layer, after a first call that compiles (tens of seconds)")
     p.add_argument("--no-fuse", action="store_true",
                    help="on CUDA, decode without the decode-time fusions (by default each layer's q/k/v and gate/up "
-                        "projections run as one matmul, and its RMS norms and rotary embeddings as one kernel each, "
-                        "for the generation only)")
+                        "projections run as one matmul, and its RMS norms with the residual adds before them, rotary "
+                        "embeddings, SiLU-times-up and cache writes as one kernel each, for the generation only)")
     p.add_argument("--cpu-products", default="bfloat16", choices=tuple(PRODUCTS),
                    help="the CPU's native decode step: what packed weights multiply with. bfloat16 (default): int4 x "
                         "rounded to bfloat16 (int16 in blocks of 32 on AVX2-only CPUs), int8 x to int16 in blocks of "

@@ -12,7 +12,8 @@ Decode paths (`GenerationSettings.decode`):
 norms, rotary embeddings and other small kernels of a decoder layer fused), compiled on the first call of each
 token count; the graph path captures the compiled forward. Uncompiled, on CUDA, every path runs with the
 decode-time fusions of fusion.py (`GenerationSettings.fuse`): each layer's q/k/v and gate/up projections as one
-matmul, its RMS norms and rotary embeddings as one kernel each, for the generation only.
+matmul; its RMS norms (with the residual adds before them), rotary embeddings, SiLU-times-up and, on a static
+cache, key/value writes as one kernel each, for the generation only.
 `GenerationSettings.kv_cache` picks the KV cache's mode (kv_cache.CACHE_MODES): float, or a quantized mode
 that generate builds for the path it takes: static_kv.StaticQuantizedCache on the static and graph paths,
 kv_cache.QuantizedKVCache on the eager one, the native step's own int8 codes (int8 only) on the native one
@@ -292,8 +293,9 @@ def fused_writes(settings: GenerationSettings) -> bool:
 @contextlib.contextmanager
 def kernel_context(settings: GenerationSettings, *models: nn.Module) -> Iterator[FusionReport]:
     """The context a generation runs in: the CPU backend's kernels for float32 activations, if asked, and on CUDA
-    the decode-time fusions of inference/fusion.py (sibling projections as one matmul, RMS norms and rotary
-    embeddings as one kernel each), undone on the way out. Not with compile=True: inductor fuses on its own terms,
+    the decode-time fusions of inference/fusion.py (sibling projections as one matmul; RMS norms with the residual
+    adds before them, rotary embeddings and SiLU-times-up as one kernel each), undone on the way out; a static cache
+    built inside it writes keys and values in one kernel a layer (`fused_writes`). Not with compile=True: inductor fuses on its own terms,
     and modules and functions made anew for each call would fail the guards of the compiled forward, which is meant
     to be compiled once and reused by later calls."""
     from modelpress.nn.cpu_backend import fast_cpu
