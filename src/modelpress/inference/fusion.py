@@ -400,12 +400,12 @@ def _residual_layer(layer: nn.Module, defaults: dict, after: FusedRMSNorm | None
     return total
 
 
-def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: FusedRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, norm(x + residual)), in one kernel where it serves."""
-    fused = None if torch.compiler.is_compiling() else add_rms_norm(x, residual, norm.norm.weight, norm.eps)
+def _add_norm(residual: torch.Tensor, x: torch.Tensor, norm: FusedRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + x, norm(residual + x)), in one kernel where it serves."""
+    fused = None if torch.compiler.is_compiling() else add_rms_norm(residual, x, norm.norm.weight, norm.eps)
     if fused is not None:
         return fused
-    total = x + residual
+    total = residual + x
     return total, norm(total)
 
 
