@@ -26,9 +26,9 @@ from modelpress.nn.gluon_tma_gemv import tma_gemv  # noqa: E402
 from modelpress.nn.triton_backend import plan_for, quantized_matmul  # noqa: E402
 
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
-CONFIGS = [dict(bn=128, stages=6, ctas_per_sm=2), dict(bn=128, stages=8, ctas_per_sm=1),
-           dict(bn=64, stages=8, ctas_per_sm=3), dict(bn=128, stages=4, ctas_per_sm=3),
-           dict(bn=256, stages=4, ctas_per_sm=1, warps=8)]
+CONFIGS = [dict(bn=64, stages=8, ctas_per_sm=3), dict(bn=32, stages=8, ctas_per_sm=8),
+           dict(bn=64, stages=4, ctas_per_sm=6), dict(bn=128, stages=4, ctas_per_sm=4, warps=8),
+           dict(bn=64, stages=6, ctas_per_sm=4, warps=8), dict(bn=32, stages=4, ctas_per_sm=16)]
 
 
 def rel(a, b) -> float:
