@@ -45,7 +45,9 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, key_
     """keys.index_copy_(2, index, key_states) and the same for values, in one launch; False (nothing written)
     where the kernel does not serve the call: the caller copies itself. keys and values (B, H, L, D) of one
     layout; key_states and value_states (B, H, T, D) of their dtype, each with its last dimension contiguous;
-    index (T,) integer positions, on the same CUDA device."""
+    index (T,) integer positions, on the same CUDA device. The positions must lie inside the cache: index_copy_'s
+    bounds check on the device is not repeated (StaticDecoder checks its positions on the host before each
+    forward)."""
     b, h, t, d = key_states.shape
     if not (keys.is_cuda and keys.dim() == 4 and value_states.shape == key_states.shape
             and keys.shape[:2] == (b, h) and keys.shape[3] == d and values.shape == keys.shape
