@@ -165,6 +165,26 @@ def test_each_norm_runs_once_with_the_adds_fused():
     undo()
 
 
+def test_a_fused_layer_called_positionally_runs_its_class_forward():
+    """The replaced forward passes keyword arguments through; a caller that passes more than the hidden states
+    positionally gets the class's own forward (same result, the adds unfused)."""
+    model = build_family("llama")
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, 3, 96)
+    positions = torch.arange(3)[None]
+    angles = model.model.rotary_emb(hidden, positions)
+    with torch.no_grad():
+        want = layer(hidden, None, positions, position_embeddings=angles)
+        _, undo = fuse_for_decode(model)
+        try:
+            assert "forward" in vars(layer)
+            assert torch.equal(layer(hidden, None, positions, position_embeddings=angles), want)
+            assert torch.equal(layer(hidden, attention_mask=None, position_ids=positions,
+                                     position_embeddings=angles), want)
+        finally:
+            undo()
+
+
 def test_an_mlp_of_another_activation_keeps_its_own_forward():
     model = build_family("llama", hidden_act="gelu")
     report, undo = fuse_for_decode(model)
