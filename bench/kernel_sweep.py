@@ -353,21 +353,26 @@ def main() -> None:
     parser.add_argument("--gemv", action="store_true", help="sweep the small-M GEMV kernel")
     parser.add_argument("--gluon-pipelines", action="store_true", help="Gluon GEMV: prefetch depth and K layout")
     parser.add_argument("--gluon", action="store_true", help="sweep the Gluon GEMV (M = 1, 4-bit) and its stack")
+    parser.add_argument("--shapes", default=None,
+                        help="NxK,... for --gluon / --gluon-pipelines instead of the 7B shapes (no stack), e.g. "
+                             "12288x4096,22016x4096: q/k/v and gate/up as decode runs them stacked")
     args = parser.parse_args()
+    shapes = (SHAPES[:3] if args.shapes is None else
+              [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")])
     torch.manual_seed(0)
     if args.gluon_pipelines:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         rows = []
         for spec in args.spec.split(","):
-            rows += gluon_pipeline_sweep(spec, SHAPES[:3], torch.bfloat16, sms)
+            rows += gluon_pipeline_sweep(spec, shapes, torch.bfloat16, sms)
         args.json.write_text(json.dumps(rows))
         return
     if args.gluon:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         rows = []
         for spec in args.spec.split(","):
-            spec_rows, best = gluon_sweep(spec, SHAPES[:3], torch.bfloat16, sms)
-            rows += spec_rows + gluon_stack(spec, torch.bfloat16, best)
+            spec_rows, best = gluon_sweep(spec, shapes, torch.bfloat16, sms)
+            rows += spec_rows + (gluon_stack(spec, torch.bfloat16, best) if args.shapes is None else [])
         args.json.write_text(json.dumps(rows))
         return
     if args.gemv:
