@@ -20,6 +20,9 @@ gptq[=DAMP], the calibrated ones optionally followed by
   amax=X        AWQ's exponents a scaled into [0, X) (the same number of candidates)
   ts=1          GPTQ's true-sequential re-runs between dependency levels
   shrink=N      GPTQ's scale shrink steps (1: no search)
+  decor=X       GPTQ's Hessian shrunk towards its diagonal, (1 - X) H + X diag(H), before the damp: the
+                channels' weights kept, a fraction X of their correlations (the most domain-specific part of
+                the calibration statistics) dropped
 `--windows-cache DIR` keeps every sampled set of windows there, so another run reuses them.
 
     PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
@@ -45,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from bench.scoring import materialize, release_memory, score, shared_copy, write_json
 
 from modelpress.algorithms.quantize import awq as awq_module
+from modelpress.algorithms.quantize import gptq as gptq_module
 from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
 from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
@@ -126,34 +130,56 @@ def awq_settings(gptq: dict, amax: float | None):
         awq_module.GPTQConfig, awq_module.candidate_scale = saved
 
 
-def parse_method(method: str) -> tuple[str, dict, float | None]:
-    """METHOD -> (rtn | awq-gptq | awq-gptq-duo | gptq, GPTQConfig settings, AWQ's amax or None)."""
+def parse_method(method: str) -> tuple[str, dict, float | None, float]:
+    """METHOD -> (rtn | awq-gptq | awq-gptq-duo | gptq, GPTQConfig settings, AWQ's amax or None, decor)."""
     head, *options = method.split("+")
     name, _, damp = head.partition("=")
     settings = dict(option.partition("=")[::2] for option in options)
     amax = settings.pop("amax", None)
+    decor = float(settings.pop("decor", 0.0))
     unknown = set(settings) - set(GPTQ_SETTINGS)
-    if name == "rtn" and not settings and not damp:
-        return name, {}, None
-    if unknown or name not in ("awq-gptq", "awq-gptq-duo", "gptq") or (name == "gptq" and amax is not None):
+    if name == "rtn" and not settings and not damp and not decor:
+        return name, {}, None, 0.0
+    if (unknown or name not in ("awq-gptq", "awq-gptq-duo", "gptq") or (name == "gptq" and amax is not None)
+            or not 0 <= decor <= 1):
         raise ModelpressError(f"method {method!r}: expected rtn, awq-gptq, awq-gptq-duo or gptq[=DAMP], "
-                              f"then +KEY=VALUE settings among amax, {', '.join(GPTQ_SETTINGS)}")
+                              f"then +KEY=VALUE settings among amax, decor (0..1), {', '.join(GPTQ_SETTINGS)}")
     gptq = {GPTQ_SETTINGS[k][0]: GPTQ_SETTINGS[k][1](v) for k, v in settings.items()}
     if name == "gptq":
         gptq.setdefault("damp", float(damp or 0.1))
-    return name, gptq, None if amax is None else float(amax)
+    return name, gptq, None if amax is None else float(amax), decor
+
+
+@contextmanager
+def decorrelated(decor: float):
+    """GPTQ's Hessians shrunk towards their diagonals for one build: (1 - decor) H + decor diag(H), patched into
+    the gptq module's prepare_hessian (an experiment, not an option)."""
+    original = gptq_module.prepare_hessian
+
+    def shrunk(hessian, weight, damp, act_order):
+        h = hessian * (1 - decor)
+        h.diagonal().add_(decor * torch.diag(hessian))
+        return original(h, weight, damp, act_order)
+
+    if decor:
+        gptq_module.prepare_hessian = shrunk
+    try:
+        yield
+    finally:
+        gptq_module.prepare_hessian = original
 
 
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
-    name, gptq, amax = parse_method(method)
+    name, gptq, amax, decor = parse_method(method)
     if name == "rtn":  # no calibration: the windows are not used (the baseline every calibrated row is read against)
         quantize_rtn(model, RTNConfig(scheme=scheme))
         return
     if name == "gptq":
-        quantize_gptq(model, GPTQConfig(scheme=scheme, **gptq), ids, device=device)
+        with decorrelated(decor):
+            quantize_gptq(model, GPTQConfig(scheme=scheme, **gptq), ids, device=device)
         return
     config = AWQConfig(scheme=scheme, solver="gptq", duo_scaling=name.endswith("duo"))
-    with awq_settings(gptq, amax):
+    with awq_settings(gptq, amax), decorrelated(decor):
         quantize_awq(model, config, ids, device=device)
 
 
