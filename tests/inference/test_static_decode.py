@@ -16,7 +16,7 @@ from modelpress.inference.decoding import EagerSteps, GenerationSettings, forwar
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.static_decode import StaticDecoder
 from modelpress.nn import cpu_native
-from conftest import build_tiny_llama
+from conftest import build_family, build_tiny_llama
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 
@@ -182,11 +182,44 @@ def test_graph_on_cpu_falls_back_to_static(caplog):
     assert "CUDA graphs need a CUDA device" in caplog.text
 
 
-def test_sliding_window_model_decodes_eagerly(caplog):
+def test_sliding_window_of_a_family_that_ignores_it_decodes_eagerly(caplog):
+    """Llama's attention ignores a sliding_window in its config: the static cache, which would mask by it, stays
+    out (a family it does not know to slide)."""
     with caplog.at_level(logging.WARNING, logger="modelpress.inference.decoding"):
         result = greedy(build_tiny_llama(sliding_window=4), "static", tokens=3)
     assert result.decode_path == "eager"
     assert "sliding_window=4" in caplog.text
+
+
+LONG_PROMPT = PROMPT + [12, 60, 3, 8, 44]  # 12 tokens: past the test families' window of 8
+
+
+@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window", "gemma2", "gemma3"])
+def test_sliding_window_models_decode_on_the_static_cache(family):
+    """Every layer sliding (Mistral: one mask), or sliding and full layers mixed (a mask per layer type): the
+    static cache keeps every position and the masks hide what a sliding layer must not see, so the static path
+    gives the eager (DynamicCache) path's logits and tokens across the window; masked as full attention instead,
+    it would not."""
+    from modelpress.inference.static_decode import AttentionWindows
+
+    model = build_family(family)
+    settings = GenerationSettings(max_new_tokens=14, decode="static", sampling=SamplingConfig(temperature=0.0))
+    static = generate(model, LONG_PROMPT, settings)
+    eager = generate(model, LONG_PROMPT, GenerationSettings(max_new_tokens=14, decode="eager",
+                                                            sampling=SamplingConfig(temperature=0.0)))
+    assert static.decode_path == "static" and static.tokens == eager.tokens
+    with torch.no_grad():
+        def logits(stepper):
+            out = [stepper.prefill(LONG_PROMPT).clone()]
+            return out + [stepper.step(token).clone() for token in eager.tokens[:10]]
+
+        ref = logits(EagerSteps(model, None))
+        got = logits(StaticDecoder(model, len(LONG_PROMPT) + 12, graph=False))
+        unwindowed = StaticDecoder(model, len(LONG_PROMPT) + 12, graph=False)
+        unwindowed.windows = AttentionWindows()  # full attention everywhere
+        wrong = logits(unwindowed)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(ref, got))
+    assert max((a - b).abs().max().item() for a, b in zip(ref, wrong)) > 1e-3
 
 
 def test_unknown_decode_path_is_refused():
@@ -212,6 +245,17 @@ def test_graph_step_matches_eager_step_on_cuda(cuda, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(ref, got):
         assert torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mistral-window", "gemma3"])
+def test_sliding_window_models_are_captured_on_cuda(cuda, family):
+    model = build_family(family).to(cuda)
+    settings = GenerationSettings(max_new_tokens=14, sampling=SamplingConfig(temperature=0.0))
+    graphed = generate(model, LONG_PROMPT, settings)
+    eager = generate(model, LONG_PROMPT, GenerationSettings(max_new_tokens=14, decode="eager",
+                                                            sampling=SamplingConfig(temperature=0.0)))
+    assert graphed.decode_path == "graph" and graphed.tokens == eager.tokens
 
 
 @pytest.mark.gpu

@@ -18,9 +18,10 @@ cache, key/value writes as one kernel each, for the generation only.
 that generate builds for the path it takes: static_kv.StaticQuantizedCache on the static and graph paths,
 kv_cache.QuantizedKVCache on the eager one, the native step's own int8 codes (int8 only) on the native one
 (same quantized numbers for every token on each).
-A static path falls back to eager, with a logged reason, for a caller-supplied cache, a model with sliding-
-window or other non-full attention layers, flash-attention kernels (no 4-D masks), or a prompt the static
-prefill cannot run; a failed capture keeps the static cache and runs the steps eagerly. Speculative decoding
+A static path falls back to eager, with a logged reason, for a caller-supplied cache, a model with attention
+layers other than full and sliding-window ones (or sliding windows in a family the static decoder does not know
+to slide, or with a quantized KV mode), flash-attention kernels (no 4-D masks), or a prompt the static prefill
+cannot run; a failed capture keeps the static cache and runs the steps eagerly. Speculative decoding
 (speculative.py) takes the same paths, with a verify pass of k+1 tokens and rewinds on the static cache.
 
 tokens/s counts every new token over the whole call, prompt prefill (and graph capture) included.
@@ -173,7 +174,7 @@ def decode_path(model: nn.Module, settings: GenerationSettings, cache: Cache | N
         wanted = "eager"
     if wanted == "eager":
         return wanted
-    reason = static_cache_obstacle(model, cache)
+    reason = static_cache_obstacle(model, cache, settings.kv_config.mode)
     if reason is not None:
         log.warning("decoding eagerly, without a static cache: %s", reason)
         return "eager"
@@ -209,17 +210,24 @@ def native_path_obstacle(model: nn.Module, settings: GenerationSettings, cache: 
     return native_obstacle(model)
 
 
-def static_cache_obstacle(model: nn.Module, cache: Cache | None) -> str | None:
-    """Why the static cache cannot serve this call, or None."""
+def static_cache_obstacle(model: nn.Module, cache: Cache | None, kv_mode: str = "float") -> str | None:
+    """Why the static cache cannot serve this call, or None. Sliding-window layers are masked by the static
+    decoder (static_decode.AttentionWindows) on a float cache; a quantized static cache takes full attention only."""
+    from modelpress.inference.static_decode import AttentionWindows
+
     if cache is not None:
         return "a KV cache was given (it is used as it is)"
     config = getattr(model, "config", None)
     if config is None:
         return "the model has no transformers config"
-    try:
-        check_full_attention(config)
-    except ModelpressError as err:
-        return str(err).replace("the quantized KV cache supports", "the static cache supports")
+    windows = AttentionWindows.of(config)
+    if windows.obstacle is not None:
+        return windows.obstacle
+    if windows.window is not None and kv_mode != "float":
+        try:
+            check_full_attention(config)
+        except ModelpressError as err:
+            return str(err).replace("the quantized KV cache supports", "the quantized static cache supports")
     attention = str(getattr(config, "_attn_implementation", None) or "")
     if attention.startswith("flash"):
         return f"attention implementation {attention!r} takes no 4-D attention mask"

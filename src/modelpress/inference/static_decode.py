@@ -5,6 +5,9 @@ written at `cache.index`, a device tensor of positions. The attention mask is a 
 tensor rebuilt from the position, so a decode step (one token in, logits out, position advanced) needs no
 host value and no allocation that depends on the step: it can be captured once in a CUDA graph and replayed,
 which removes the per-layer Python and kernel-launch overhead that dominates eager batch-1 decoding.
+Sliding-window layers (Mistral, Qwen2/3 with windows, Gemma 2/3; `AttentionWindows`) keep every position in the
+same buffers, and a second mask shows each of their queries only the last `window` positions: one mask for models
+whose every layer slides, a dict by layer type for those that take one.
 
 With a quantized KV mode the cache is static_kv.StaticQuantizedCache: the same interface, codes and scales
 written at the index and dequantized for attention.
@@ -112,6 +115,46 @@ def num_decoder_layers(model: nn.Module) -> int:
     return int(text.num_hidden_layers)
 
 
+# transformers families whose sliding-window layers the static decoder masks: those that take a dict of masks by
+# layer type, and those that apply one sliding mask to every layer (a 4-D mask passes through as given)
+MASK_MAPPING_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+ONE_WINDOW_TYPES = frozenset({"mistral", "mixtral"})
+
+
+@dataclass(frozen=True)
+class AttentionWindows:
+    """How a model's layers attend, as the static decoder must mask them: `window` (tokens a sliding layer sees,
+    itself included) or None for full attention everywhere; `mapping`: the model takes a dict of masks keyed by
+    layer type, else one mask for every layer; `obstacle`: why the static decoder cannot mask it, or None."""
+
+    window: int | None = None
+    mapping: bool = False
+    obstacle: str | None = None
+
+    @classmethod
+    def of(cls, model_config) -> AttentionWindows:
+        text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") \
+            else model_config
+        kind = getattr(text, "model_type", "")
+        layer_types = list(getattr(text, "layer_types", None) or [])
+        window = getattr(text, "sliding_window", None)
+        other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+        if other:
+            return cls(obstacle=f"this model has {', '.join(other)} layers (the static cache masks full and "
+                                f"sliding-window attention only)")
+        if "sliding_attention" in layer_types and window is not None:
+            if kind not in MASK_MAPPING_TYPES:
+                return cls(obstacle=f"this {kind or 'model'} has sliding-window layers, which the static cache "
+                                    f"masks for {', '.join(sorted(MASK_MAPPING_TYPES))} only")
+            return cls(int(window), mapping=True)
+        if not layer_types and window is not None and getattr(text, "use_sliding_window", True):
+            if kind not in ONE_WINDOW_TYPES:
+                return cls(obstacle=f"this {kind or 'model'} has sliding_window={window}, which the static cache "
+                                    f"masks for {', '.join(sorted(ONE_WINDOW_TYPES | MASK_MAPPING_TYPES))} only")
+            return cls(int(window))
+        return cls()
+
+
 @dataclass
 class _Block:
     """The static device buffers of a T-token forward (one set per T, so the graph captured for T replays on
@@ -121,6 +164,7 @@ class _Block:
     offsets: torch.Tensor    # (T,) 0..T-1
     positions: torch.Tensor  # (1, T) pos..pos+T-1, computed on the device from the decoder's position
     mask: torch.Tensor       # (1, 1, T, max_len): 0 where a query may attend, the dtype's minimum elsewhere
+    window_mask: torch.Tensor | None = None  # the same for sliding-window layers, if the model has them
     logits: torch.Tensor | None = None  # (T, V) float32, allocated by the first (eager) run
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -152,6 +196,7 @@ class StaticDecoder:
         self.kv_arange = torch.arange(max_len, device=self.device)
         self.masked = torch.finfo(dtype).min
         self.mask_dtype = dtype
+        self.windows = AttentionWindows.of(model.config)
         self.extra = {"logits_to_keep": 1} if keep_last_only else {}  # prefill only: forwards return every row
         self.blocks: dict[int, _Block] = {}
         self.graph_error: str | None = None
@@ -175,9 +220,10 @@ class StaticDecoder:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit a static cache of {self.max_len}")
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
-        allowed = self.kv_arange[None, :] <= positions[:, None]  # (T, L): causal over the static buffer
-        mask = self._mask_values(torch.empty(1, 1, len(prompt), self.max_len, dtype=self.mask_dtype,
-                                             device=self.device), allowed)
+        def empty():
+            return torch.empty(1, 1, len(prompt), self.max_len, dtype=self.mask_dtype, device=self.device)
+
+        mask = self._masks(empty(), empty() if self.windows.window else None, positions)
         self.cache.index = positions
         out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, **self.extra).logits
@@ -227,21 +273,36 @@ class StaticDecoder:
                 ids=torch.zeros(1, t, dtype=torch.long, device=self.device),
                 offsets=torch.arange(t, device=self.device),
                 positions=torch.zeros(1, t, dtype=torch.long, device=self.device),
-                mask=torch.zeros(1, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device))
+                mask=torch.zeros(1, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device),
+                window_mask=torch.zeros(1, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device)
+                if self.windows.window else None)
         return self.blocks[t]
 
     def _mask_values(self, mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Fill the additive mask (1, 1, T, L) in place from `allowed` (T, L): 0, or the dtype's minimum."""
         return mask.zero_().masked_fill_(~allowed, self.masked)
 
+    def _masks(self, mask: torch.Tensor, window_mask: torch.Tensor | None, positions: torch.Tensor):
+        """The attention mask argument for queries at `positions` (T,), filled in place: each query sees itself and
+        the past over the static buffer; a sliding layer only the last `window` of those positions (transformers'
+        rule: key > query - window). One mask, or a dict by layer type for models that take one."""
+        allowed = self.kv_arange[None, :] <= positions[:, None]  # (T, L)
+        self._mask_values(mask, allowed)
+        if window_mask is None:
+            return mask
+        window = self.windows.window
+        self._mask_values(window_mask, allowed & (self.kv_arange[None, :] > positions[:, None] - window))
+        if self.windows.mapping:
+            return {"full_attention": mask, "sliding_attention": window_mask}
+        return window_mask  # every layer slides
+
     def _run(self, block: _Block) -> None:
         """One forward of the block's tokens at the device position: no host value and no shape that depends on
         the position, so it can be captured once and replayed at any position."""
         block.positions.copy_(self.pos + block.offsets)
         self.cache.index = block.positions[0]
-        allowed = self.kv_arange <= block.positions[0, :, None]  # (T, L): each query sees itself and the past
-        self._mask_values(block.mask, allowed)
-        out = self._call_model(input_ids=block.ids, position_ids=block.positions, attention_mask=block.mask,
+        mask = self._masks(block.mask, block.window_mask, block.positions[0])
+        out = self._call_model(input_ids=block.ids, position_ids=block.positions, attention_mask=mask,
                                past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
         if block.logits is None:
             block.logits = torch.empty(out.shape[1:], dtype=torch.float32, device=out.device)
