@@ -117,7 +117,7 @@ def num_decoder_layers(model: nn.Module) -> int:
 
 # transformers families whose sliding-window layers the static decoder masks: those that take a dict of masks by
 # layer type, and those that apply one sliding mask to every layer (a 4-D mask passes through as given)
-MASK_MAPPING_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+MASK_MAPPING_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text", "qwen2", "qwen3", "qwen2_moe"})
 ONE_WINDOW_TYPES = frozenset({"mistral", "mixtral"})
 
 
