@@ -191,6 +191,15 @@ def test_sliding_window_of_a_family_that_ignores_it_decodes_eagerly(caplog):
     assert "sliding_window=4" in caplog.text
 
 
+def test_a_quantized_static_cache_keeps_to_full_attention():
+    from modelpress.inference.decoding import static_cache_obstacle
+
+    model = build_family("gemma3")
+    assert static_cache_obstacle(model, None, "float") is None
+    assert "sliding windows of 8 tokens" in static_cache_obstacle(model, None, "int8")
+    assert static_cache_obstacle(build_family("llama"), None, "int8") is None
+
+
 LONG_PROMPT = PROMPT + [12, 60, 3, 8, 44]  # 12 tokens: past the test families' window of 8
 
 

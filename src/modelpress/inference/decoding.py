@@ -224,10 +224,8 @@ def static_cache_obstacle(model: nn.Module, cache: Cache | None, kv_mode: str = 
     if windows.obstacle is not None:
         return windows.obstacle
     if windows.window is not None and kv_mode != "float":
-        try:
-            check_full_attention(config)
-        except ModelpressError as err:
-            return str(err).replace("the quantized KV cache supports", "the quantized static cache supports")
+        return (f"the quantized static cache keeps full attention only; this model has sliding windows of "
+                f"{windows.window} tokens")
     attention = str(getattr(config, "_attn_implementation", None) or "")
     if attention.startswith("flash"):
         return f"attention implementation {attention!r} takes no 4-D attention mask"

@@ -86,7 +86,8 @@ class _StaticLayer(CacheLayerMixin):
 
 
 class StaticCache(Cache):
-    """A static KV cache of `max_len` tokens per sequence (full attention only). `index` (a device tensor of
+    """A static KV cache of `max_len` tokens per sequence (every position kept; StaticDecoder's masks apply any
+    sliding window). `index` (a device tensor of
     positions, set by the caller) says where the keys/values of the tokens being run go; callers pass
     position ids and a 4-D attention mask over all `max_len` positions. fused_writes: write each layer's keys and
     values in one kernel (nn/triton_kv.py) where it serves, instead of two index_copy_ calls (the same bytes)."""
@@ -220,6 +221,7 @@ class StaticDecoder:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit a static cache of {self.max_len}")
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
+
         def empty():
             return torch.empty(1, 1, len(prompt), self.max_len, dtype=self.mask_dtype, device=self.device)
 
