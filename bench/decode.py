@@ -74,9 +74,11 @@ from modelpress.inference.static_decode import StaticCache
 from modelpress.inference.static_kv import make_static_cache
 from modelpress.nn.quant_linear import QuantLinear
 
-SHAPES = {  # Llama-2-7B and a tiny model of the same architecture (CPU test of the code path)
+SHAPES = {  # Llama-2-7B, Llama-3-8B (grouped-query heads) and a tiny model (CPU test of the code path)
     "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0},
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                  "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
     "tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
@@ -396,9 +398,28 @@ def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, b
 
 def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, args) -> dict:
     greedy = SamplingConfig(temperature=0.0)
-    # "auto+compile": the auto path with GenerationSettings.compile; "+nofuse": without the decode-time fusions
+    # "auto+compile": the auto path with GenerationSettings.compile; "+nofuse": without the decode-time fusions;
+    # "+noattn": with every fusion but the split-cache attention (to measure that one)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
+    with without_attention_fusion("noattn" in flags):
+        return timed_user_row(name, model, ids, path, kv, options, args)
+
+
+@contextlib.contextmanager
+def without_attention_fusion(active: bool):
+    from modelpress.inference import fusion
+
+    original = fusion._fuse_attention
+    if active:
+        fusion._fuse_attention = lambda model, report: []
+    try:
+        yield
+    finally:
+        fusion._fuse_attention = original
+
+
+def timed_user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, options: dict, args) -> dict:
     began = time.perf_counter()
     generate(model, ids, GenerationSettings(max_new_tokens=4, **options))  # warm-up (compilation included)
     warm_s = time.perf_counter() - began
@@ -479,9 +500,10 @@ def parse_args() -> argparse.Namespace:
                         "default float)")
     p.add_argument("--paths", nargs="+", default=["eager", "auto"],
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
-                            "auto+nofuse", "auto+compile+nofuse"],
+                            "auto+nofuse", "auto+noattn", "auto+compile+nofuse"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
-                        "+nofuse: GenerationSettings.fuse=False (no decode-time fusions)")
+                        "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but the "
+                        "split-cache attention")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

@@ -1,8 +1,10 @@
 """How many GPU kernels one batch-1 decode step launches per decoder layer, with and without the decode-time
 fusions (inference/fusion.py), counted by the PyTorch profiler on a static-cache step of a random 7B-shaped model
 cut to a few layers. The graph path replays exactly these kernels, so the count is what the fusions take away.
+Each kernel's GPU time in that step is summed by name, and the kernels that took most are printed: where a
+step's time goes besides the weight matmuls (the step runs eagerly here, so gaps between kernels are not counted).
 
-    PYTHONPATH=src python bench/decode_kernels.py --layers 2 --json $OUT/decode_kernels.json
+    PYTHONPATH=src python bench/decode_kernels.py --layers 2 --prompt 512 --json $OUT/decode_kernels.json
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from modelpress.inference.fusion import fuse_for_decode  # noqa: E402
 from modelpress.inference.static_decode import StaticDecoder  # noqa: E402
 
 
-def kernels_of_a_step(model, prompt: list[int], device: torch.device) -> Counter:
-    """Kernels of one decode step on CUDA (on the CPU, a smoke test of this script: top-level operators)."""
+def kernels_of_a_step(model, prompt: list[int], device: torch.device) -> tuple[Counter, Counter]:
+    """(count, GPU µs) of each kernel of one decode step on CUDA, by name (on the CPU, a smoke test of this
+    script: top-level operators and their CPU time)."""
     decoder = StaticDecoder(model, len(prompt) + 8, graph=False)
     cuda = device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
@@ -35,8 +38,13 @@ def kernels_of_a_step(model, prompt: list[int], device: torch.device) -> Counter
             decoder.step(2)
             torch.cuda.synchronize() if cuda else None
     if cuda:
-        return Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return Counter(e.name for e in prof.events() if e.cpu_parent is None)
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        events = [e for e in prof.events() if e.cpu_parent is None]
+    times: Counter = Counter()
+    for e in events:
+        times[e.name] += e.time_range.elapsed_us()
+    return Counter(e.name for e in events), times
 
 
 def main() -> None:
@@ -45,29 +53,35 @@ def main() -> None:
     p.add_argument("--shape", default="llama2-7b", help="a shape of bench/decode.py (tiny: a CPU smoke test)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--formats", nargs="*", default=["int4/g128"])
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens before the step (the cache holds 8 more)")
+    p.add_argument("--top", type=int, default=8, help="kernels by GPU time to print per row")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     config = llama_config(args.shape)
     config.num_hidden_layers = args.layers
     device = torch.device(args.device)
     model = random_llama(config, device)
-    prompt = list(range(3, 67))
+    prompt = [3 + i % 1000 for i in range(args.prompt)]
     rows = []
     for name, m in [("bf16", model)] + [(spec, quantized_copy(model, spec)) for spec in args.formats]:
         for fused in (False, True):
             undo = fuse_for_decode(m)[1] if fused else (lambda: None)
             try:
-                counts = kernels_of_a_step(m, prompt, device)
+                counts, times = kernels_of_a_step(m, prompt, device)
             finally:
                 undo()
             total = sum(counts.values())
-            rows.append({"model": name, "fused": fused, "kernels_per_step": total,
-                         "kernels": dict(counts.most_common())})
+            busy = sum(times.values())
+            rows.append({"model": name, "fused": fused, "kernels_per_step": total, "gpu_us": busy,
+                         "kernels": dict(counts.most_common()), "kernel_us": dict(times.most_common())})
             print(f"{name:10s} fused={fused!s:5s} kernels per step {total:4d} "
-                  f"(~{total / args.layers:.1f} per layer, head and embedding included)", flush=True)
+                  f"(~{total / args.layers:.1f} per layer, head and embedding included), {busy:.1f} us busy",
+                  flush=True)
+            for kernel, us in times.most_common(args.top):
+                print(f"    {us:8.1f} us  {counts[kernel]:3d}x  {kernel[:110]}")
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "layers": args.layers,
-                                         "rows": rows}, indent=1))
+                                         "prompt": args.prompt, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

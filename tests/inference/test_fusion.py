@@ -17,10 +17,11 @@ from modelpress.errors import ModelpressError
 from modelpress.formats import WeightScheme
 from modelpress.formats.packed import concat_rows, quantize_weight, row_slices
 from modelpress.inference.decoding import GenerationSettings, generate
-from modelpress.inference.fusion import FusedRMSNorm, SiblingPart, fuse_for_decode
+from modelpress.inference.fusion import ATTENTION, FusedRMSNorm, SiblingPart, fuse_for_decode
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.triton_act import silu_mul
+from modelpress.nn.triton_attention import MAX_ROWS, MAX_TOKENS, decode_attention
 from modelpress.nn.triton_kv import write_kv
 from modelpress.nn.triton_norm import add_rms_norm, rms_norm
 from modelpress.nn.triton_rope import rotary
@@ -104,10 +105,14 @@ def test_a_fused_model_computes_the_same_and_is_given_back(family, spec):
     llama_kind = family != "gemma3"  # Gemma's MLP is GELU and its layer has four norms: neither fuses further
     assert report.mlps == (layers if llama_kind else 0) and report.adds == (2 * layers if llama_kind else 0)
     assert ("forward" in vars(model.model.layers[0].mlp)) == llama_kind
+    sdpa = family != "gemma3"  # transformers runs Gemma 3's attention eagerly: left as it is
+    assert report.attention == (layers if sdpa else 0)
+    assert model.config._attn_implementation == (ATTENTION if sdpa else "eager")
     assert storage_bytes(model) <= memory + 64 * layers  # the stacked tensors replace the parts' own
     assert torch.allclose(logits(model), before, atol=1e-5, rtol=1e-5)
 
     undo()
+    assert model.config._attn_implementation == ("sdpa" if sdpa else "eager")
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(m is modules[name] and "forward" not in vars(m) for name, m in model.named_modules())
     after = model.state_dict()
@@ -226,6 +231,25 @@ def test_a_fused_model_decodes_the_same_tokens_on_the_static_cache(kv):
         undo()
 
 
+@pytest.mark.parametrize("heads, kv_heads, tokens, split", [(8, 2, 1, True), (8, 8, 1, False), (8, 8, 3, True)])
+def test_attention_goes_to_the_split_cache_kernels_where_they_pay(monkeypatch, heads, kv_heads, tokens, split):
+    """Shared key/value heads or several query tokens: the split-cache kernels; one token of a model with a key/value
+    head per query head: SDPA (faster there). Either way the result is SDPA's where the kernels do not serve (CPU)."""
+    import modelpress.inference.fusion as fusion
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+    monkeypatch.setattr(fusion, "decode_attention", lambda *args: calls.append(args) or None)
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    q = torch.randn(1, heads, tokens, 16)
+    k, v = (torch.randn(1, kv_heads, 10, 16) for _ in "kv")
+    mask = torch.zeros(1, 1, tokens, 10).masked_fill(torch.arange(10) > 6 + torch.arange(tokens)[:, None], -1e30)
+    got, _ = fusion._split_cache_attention(module, q, k, v, mask, scaling=0.25)
+    assert len(calls) == split
+    assert torch.equal(got, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+
+
 def test_generate_fuses_only_on_cuda_and_reports_it():
     model = build_family("llama")
     settings = GenerationSettings(max_new_tokens=4, decode="eager", sampling=SamplingConfig(temperature=0.0))
@@ -318,6 +342,58 @@ def test_the_rotary_kernel_gives_transformers_rotary(cuda, dtype):
     assert rotary(*half) is None  # float16 is left to transformers' own
 
 
+def attention_reference(q, k, v, mask, scaling):
+    """float64 softmax attention of the stored values, (B, T, H, D)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b, heads, kv_heads, t, length, d", [
+    (1, 32, 32, 1, 640, 128),      # Llama-2-7B decode step
+    (1, 32, 8, 1, 3000, 128),      # grouped-query heads, chunks of 64
+    (1, 8, 2, 5, 97, 64),          # speculative verification: 5 tokens, a ragged last chunk
+    (2, 4, 4, 2, 9000, 80),        # two sequences, a head size that is no power of two, chunks of 128
+])
+def test_the_split_cache_attention_gives_softmax_attention(cuda, dtype, b, heads, kv_heads, t, length, d):
+    generator = torch.Generator().manual_seed(length)
+    q = torch.randn(b, heads, t, d, generator=generator).to(cuda, dtype)
+    k, v = (torch.randn(b, kv_heads, length, d, generator=generator).to(cuda, dtype) for _ in "kv")
+    position = length - 3 * t  # the cache's last slots not written yet: masked, never read
+    allowed = torch.arange(length)[None, :] <= torch.arange(position, position + t)[:, None]  # (T, L)
+    additive = torch.zeros(1, 1, t, length).masked_fill(~allowed, torch.finfo(dtype).min).to(cuda, dtype)
+    boolean = allowed.expand(b, 1, t, length).contiguous().to(cuda)
+    for mask in (additive, boolean):
+        got = decode_attention(q, k, v, mask, d ** -0.5)
+        want = attention_reference(q, k, v, mask, d ** -0.5)
+        assert got.shape == (b, t, heads, d) and got.dtype == dtype
+        # float32 throughout, one rounding to the output's dtype (and the kernel's exp's few ulp)
+        tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+        assert torch.allclose(got.double(), want, atol=tolerance, rtol=tolerance)
+    k[:, :, position + t:] = float("nan")  # slots no query may see: never read
+    assert not decode_attention(q, k, v, additive, d ** -0.5).isnan().any()
+    if t == 1:  # no mask: every position attends
+        k[:, :, position + t:] = 0
+        assert torch.allclose(decode_attention(q, k, v, None, d ** -0.5).double(),
+                              attention_reference(q, k, v, None, d ** -0.5), atol=1e-2, rtol=1e-2)
+
+
+def test_the_split_cache_attention_leaves_what_it_does_not_serve(cuda):
+    q, k, v = (torch.randn(shape, device=cuda) for shape in ((1, 4, 2, 64), (1, 2, 50, 64), (1, 2, 50, 64)))
+    assert decode_attention(q, k, v, None, 0.125) is None  # two tokens, no mask: causal or not is not said
+    per_head = torch.zeros(1, 4, 2, 50, device=cuda)
+    assert decode_attention(q, k, v, per_head, 0.125) is None
+    groups = torch.randn(1, 2 * (MAX_ROWS // 2 + 1), 2, 64, device=cuda)  # more query rows a key/value head than served
+    assert decode_attention(groups, k, v, torch.zeros(1, 1, 2, 50, device=cuda), 0.125) is None
+    many = torch.randn(1, 4, MAX_TOKENS + 1, 64, device=cuda)
+    assert decode_attention(many, k, v, torch.zeros(1, 1, MAX_TOKENS + 1, 50, device=cuda), 0.125) is None
+    assert decode_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.125) is None
+
+
 @pytest.mark.parametrize("spec", [None, "int4/g32"])
 @pytest.mark.parametrize("path", ["eager", "graph"])
 def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
@@ -333,7 +409,8 @@ def test_generate_with_fusions_gives_the_tokens_without(cuda, spec, path):
                                       sampling=SamplingConfig(temperature=0.0))
         runs[fuse] = generate(model, [5, 17, 33, 2, 90], settings)
     writes = ", KV writes" if path == "graph" else ""  # the static cache's keys and values in one kernel
-    assert runs[True].fusions == f"4 sibling groups, {norms} norms, 2 MLPs, 4 residual adds, rotary{writes}"
+    assert runs[True].fusions == (f"4 sibling groups, {norms} norms, 2 MLPs, 4 residual adds, 2 attentions, "
+                                  f"rotary{writes}")
     assert runs[False].fusions == ""
     assert runs[True].decode_path == runs[False].decode_path == path
     if dtype == torch.float32:

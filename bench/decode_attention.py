@@ -1,0 +1,134 @@
+"""Decode attention over a static KV cache: transformers' SDPA function (what the static and graph decode paths
+ran) against the split-cache kernels of nn/triton_attention.py, µs per layer call, CUDA-graph replay.
+
+Each row is one shape: batch 1, H query heads over HKV key/value heads of head size D, T query tokens (1: a
+decode step; 5: a speculative verification of 4 drafts), a static cache of S positions of which the first
+`filled` are written (the rest masked, as StaticDecoder masks them). Calls go round LAYERS distinct caches, more
+bytes than the L2 cache holds, inside one captured graph; median of several replays, CUDA events. Every
+BLOCK_S,warps,waves plan given with --plans is timed beside split_plan's default (waves: programs per
+multiprocessor, which sets how many splits of the cache), and the error of each against float64 attention is
+printed beside SDPA's own.
+
+    PYTHONPATH=src python bench/decode_attention.py --json $OUT/decode_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from modelpress.nn.triton_attention import _multiprocessors, decode_attention, split_plan  # noqa: E402
+
+# (name, H, HKV, D, T, S, filled)
+SHAPES = [
+    ("llama2-7b, 512+128", 32, 32, 128, 1, 640, 600),
+    ("llama2-7b, 2048 cache, 600 filled", 32, 32, 128, 1, 2048, 600),
+    ("llama2-7b, 4096 full", 32, 32, 128, 1, 4096, 4096),
+    ("llama3-8b (GQA 4), 640", 32, 8, 128, 1, 640, 600),
+    ("llama3-8b (GQA 4), 8192 full", 32, 8, 128, 1, 8192, 8192),
+    ("llama2-7b verify T=5, 640", 32, 32, 128, 5, 640, 600),
+]
+LAYERS = 16
+CALLS_PER_GRAPH = 32
+
+
+def sdpa_call(h: int, hkv: int):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    stub = nn.Module()
+    stub.num_key_value_groups, stub.is_causal = h // hkv, True
+    return lambda q, k, v, mask, scale: sdpa_attention_forward(stub, q, k, v, mask, scaling=scale)[0]
+
+
+def time_graph(run, device: torch.device, repeats: int = 15) -> float:
+    """Median µs per call of `run(i)` (i: the call's index), CALLS_PER_GRAPH calls in one captured graph."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            run(i)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS_PER_GRAPH):
+            run(i)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / CALLS_PER_GRAPH)
+    return statistics.median(times)
+
+
+def reference(q, k, v, mask, scale) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(groups, dim=1) for t in (k, v))
+    return ((q.double() @ k.transpose(-1, -2) * scale + mask.double()).softmax(-1) @ v).transpose(1, 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plans", nargs="*", default=["32,4,2", "64,4,2", "64,8,1", "64,8,4", "128,8,2", "32,4,4",
+                                                   "64,4,4", "128,4,2"],
+                   help="BLOCK_S,num_warps,waves plans to time beside split_plan's default")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    plans = [(int(b), int(w), float(x)) for b, w, x in (plan.split(",") for plan in args.plans)]
+    sms = _multiprocessors(device)
+    name = torch.cuda.get_device_name(device)
+    print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches")
+    rows = []
+    for label, h, hkv, d, t, s, filled in SHAPES:
+        generator = torch.Generator(device).manual_seed(0)
+        q = torch.randn(1, h, t, d, device=device, dtype=dtype, generator=generator)
+        caches = [(torch.randn(1, hkv, s, d, device=device, dtype=dtype, generator=generator),
+                   torch.randn(1, hkv, s, d, device=device, dtype=dtype, generator=generator)) for _ in range(LAYERS)]
+        positions = torch.arange(filled - t, filled, device=device)
+        allowed = torch.arange(s, device=device)[None, :] <= positions[:, None]
+        mask = torch.zeros(1, 1, t, s, device=device, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        scale = d ** -0.5
+        sdpa = sdpa_call(h, hkv)
+        want = reference(q, *caches[0], mask, scale)
+        default = split_plan(s, hkv, sms)
+        row = {"shape": label, "heads": h, "kv_heads": hkv, "head_dim": d, "tokens": t, "cache": s, "filled": filled,
+               "default_plan": list(default)}
+        row["sdpa_us"] = time_graph(lambda i: sdpa(q, *caches[i % LAYERS], mask, scale), device)
+        row["sdpa_err"] = (sdpa(q, *caches[0], mask, scale).double() - want).abs().max().item()
+        timed = {}
+        candidates = {"default": default} | {f"{b},{w},{x:g}": split_plan(s, hkv, sms, b, w, x) for b, w, x in plans}
+        for key, plan in candidates.items():
+            got = decode_attention(q, *caches[0], mask, scale, plan=plan)
+            err = (got.double() - want).abs().max().item()
+            us = time_graph(lambda i, plan=plan: decode_attention(q, *caches[i % LAYERS], mask, scale, plan=plan),
+                            device)
+            timed[key] = {"us": us, "err": err, "plan": list(plan)}
+        row["plans"] = timed
+        best = min(timed, key=lambda k: timed[k]["us"])
+        default = "default"
+        print(f"{label:36s} sdpa {row['sdpa_us']:7.1f} (err {row['sdpa_err']:.1e})  split {timed[default]['us']:7.1f}"
+              f" {list(candidates[default])} (err {timed[default]['err']:.1e}, {row['sdpa_us'] / timed[default]['us']:.2f}x)  "
+              f"best {timed[best]['us']:7.1f} [{best}]", flush=True)
+        rows.append(row)
+        del caches
+        torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

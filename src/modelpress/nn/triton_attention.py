@@ -1,0 +1,205 @@
+"""Attention of a few new tokens over a long KV cache, split along the cache (flash-decoding), in Triton (CUDA).
+
+At batch-1 decode a query is one row per head against every position of the static cache (inference/
+static_decode.py keeps `max_len` positions and masks those not written yet). PyTorch's SDPA runs that as one
+program per query head walking the whole cache: on a 7B grouped-query model (8 key/value heads) that is 25 µs
+over 640 positions and 182 µs over 8192 on an H200, each head's keys and values read again for every query head
+of its group. Here the cache is split (flash-decoding):
+
+- `_partial_kernel`: one program per (sequence, key/value head, split of the cache), enough splits that the
+  programs fill the GPU about twice (`split_plan`). A program holds the query rows of its key/value head (the G
+  query heads of the group times the T query tokens) as one tile, walks its split in blocks of BLOCK_S positions
+  with an online softmax, and writes per row its largest score m, the sum l of exp(score - m) and the sum of
+  exp(score - m) * value. Keys and values are read once for the whole group. A block no row may attend (beyond
+  the written part of the cache, outside a sliding window) is skipped: its keys and values are not read.
+- `_combine_kernel` merges the splits of each query row: with M the largest m, out = sum(exp(m - M) acc) /
+  sum(exp(m - M) l), written as transformers' attention functions return it, (B, T, H, D).
+
+Precision: the scores are the tensor cores' TF32 products of queries and keys summed in float32, exact for
+16-bit queries and keys (TF32 holds every bfloat16 and float16 value), three TF32 products each ("tf32x3",
+float32 accuracy) for float32 ones; the probabilities stay float32 and multiply the values through tf32x3 (no
+probability is rounded to 16 bits, as SDPA's fused kernels round them); one rounding to the query's dtype at the
+end. The mask is additive (a float tensor: values at or below half the dtype's
+minimum exclude a position, others are added to the scores, as SDPA adds them) or boolean (True attends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from modelpress.nn.triton_backend import _interpreting, triton_available
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TOKENS = 16  # query tokens per call served (decode steps, speculative verification); more: the caller's SDPA
+MAX_HEAD_DIM = 256
+MAX_ROWS = 64  # query heads sharing a key/value head, times the query tokens
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _partial_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
+                        S, T, G, HKV, SPLITS, BLOCKS_PER_SPLIT, D, scaling, masked_below,
+                        q_sb, q_sh, q_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, mask_sb, mask_st,
+                        MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (bh // HKV).to(tl.int64)
+        kvh = (bh % HKV).to(tl.int64)
+        # query rows: the G heads that share this key/value head, for each of the T tokens
+        r = tl.arange(0, ROWS)
+        in_r = r < G * T
+        t = r // G
+        h = kvh * G + r % G
+        d = tl.arange(0, BLOCK_D)
+        in_d = d < D
+        q = tl.load(q_ptr + b * q_sb + h[:, None] * q_sh + t[:, None] * q_st + d[None, :],
+                    mask=in_r[:, None] & in_d[None, :], other=0.0)
+        top = tl.full((ROWS,), float("-inf"), tl.float32)
+        total = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+        first = split * BLOCKS_PER_SPLIT
+        for block in range(first, first + BLOCKS_PER_SPLIT):
+            s = block * BLOCK_S + tl.arange(0, BLOCK_S)
+            in_s = s < S
+            if MASK == 0:
+                allowed = in_r[:, None] & in_s[None, :]
+                bias = tl.zeros((ROWS, BLOCK_S), tl.float32)
+            else:
+                tile = in_r[:, None] & in_s[None, :]
+                bias = tl.load(mask_ptr + b * mask_sb + t[:, None] * mask_st + s[None, :], mask=tile,
+                               other=0).to(tl.float32)
+                allowed = tile & (bias > masked_below)
+                bias = tl.where(allowed & (MASK == 1), bias, 0.0)  # additive masks add what they keep
+            needed = tl.max(allowed.to(tl.int32), axis=0) > 0  # (BLOCK_S,) positions some row attends
+            if tl.max(needed.to(tl.int32), axis=0) > 0:  # else the block is skipped: nothing read
+                kv_tile = needed[:, None] & in_d[None, :]
+                k = tl.load(k_ptr + b * k_sb + kvh * k_sh + s[:, None] * k_ss + d[None, :], mask=kv_tile, other=0.0)
+                v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile, other=0.0)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling + bias
+                scores = tl.where(allowed, scores, float("-inf"))
+                new_top = tl.maximum(top, tl.max(scores, axis=1))
+                base = tl.where(new_top == float("-inf"), 0.0, new_top)
+                keep = tl.exp(top - base)
+                p = tl.exp(scores - base[:, None])  # 0 where excluded
+                total = total * keep + tl.sum(p, axis=1)
+                acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                top = new_top
+        out = ((b * (HKV * G) + h) * T + t) * SPLITS + split
+        tl.store(m_ptr + out, top, mask=in_r)
+        tl.store(l_ptr + out, total, mask=in_r)
+        tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=in_r[:, None] & in_d[None, :])
+
+    @triton.jit
+    def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, H, T, CHUNKS, D, o_sb, o_st, o_sh,
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # (b * H + h) * T + t
+        t = row % T
+        h = (row // T) % H
+        b = row // (T * H)
+        c = tl.arange(0, BLOCK_C)
+        d = tl.arange(0, BLOCK_D)
+        in_d = d < D
+        top = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for c0 in range(0, CHUNKS, BLOCK_C):
+            cc = c0 + c
+            inside = cc < CHUNKS
+            m = tl.load(m_ptr + row * CHUNKS + cc, mask=inside, other=float("-inf"))
+            l = tl.load(l_ptr + row * CHUNKS + cc, mask=inside, other=0.0)
+            a = tl.load(acc_ptr + (row * CHUNKS + cc)[:, None] * D + d[None, :], mask=inside[:, None] & in_d[None, :],
+                        other=0.0)
+            new_top = tl.maximum(top, tl.max(m, axis=0))
+            base = tl.where(new_top == float("-inf"), 0.0, new_top)
+            keep = tl.exp(top - base)
+            w = tl.exp(m - base)
+            total = total * keep + tl.sum(w * l, axis=0)
+            acc = acc * keep + tl.sum(w[:, None] * a, axis=0)
+            top = new_top
+        tl.store(out_ptr + b * o_sb + t * o_st + h * o_sh + d, (acc / total).to(out_ptr.dtype.element_ty), mask=in_d)
+
+    return _partial_kernel, _combine_kernel
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def split_plan(positions: int, programs: int, multiprocessors: int, block_s: int | None = None, warps: int = 4,
+               waves: float | None = None) -> tuple[int, int, int]:
+    """(BLOCK_S, splits, num_warps) for a cache of `positions` and `programs` (sequence, key/value head) pairs:
+    enough splits of the cache that the programs fill the GPU `waves` times over (one program per multiprocessor
+    and wave), blocks of `block_s` positions. Defaults from bench/decode_attention.py on an H200: blocks of 64 and
+    4 waves up to 4096 positions, blocks of 128 and 2 waves beyond (fewer splits to merge)."""
+    long = positions > 4096
+    block_s = block_s or (128 if long else 64)
+    waves = waves or (2.0 if long else 4.0)
+    blocks = -(-positions // block_s)
+    splits = max(1, min(blocks, round(waves * multiprocessors / programs)))
+    return block_s, splits, warps
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float, plan: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+    """softmax(query key^T * scaling + mask) value for query (B, H, T, D) over key and value (B, HKV, S, D) (H a
+    multiple of HKV: grouped-query heads share a key/value head), as (B, T, H, D) in the query's dtype; None where
+    the kernels do not serve the call (not CUDA, more than MAX_TOKENS query tokens or MAX_ROWS query rows a
+    key/value head, a per-head mask, mixed dtypes or devices, rows not contiguous): the caller runs its own
+    attention. mask: None (every position attends; one query token only), or (B or 1, 1, T, S), additive float or
+    boolean. plan: (BLOCK_S, splits, num_warps), else split_plan's."""
+    if not ((query.is_cuda or _interpreting()) and query.dim() == 4 and key.dim() == 4 and key.shape == value.shape
+            and query.dtype in _DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
+            and triton_available()):
+        return None
+    b, h, t, d = query.shape
+    _, hkv, s, _ = key.shape
+    if not (key.shape[0] == b and key.shape[3] == d and 0 < t <= MAX_TOKENS and d <= MAX_HEAD_DIM and s > 0
+            and hkv > 0 and h % hkv == 0 and h // hkv * t <= MAX_ROWS and query.stride(3) == 1
+            and key.stride(3) == 1 and value.stride(3) == 1 and len({query.device, key.device, value.device}) == 1):
+        return None
+    kind, masked_below, mask_sb, mask_st = 0, 0.0, 0, 0
+    if mask is None:
+        if t != 1:  # several tokens without a mask: which may see which is not said
+            return None
+    else:
+        if not (mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1] == 1 and mask.shape[2] == t
+                and mask.shape[3] == s and mask.stride(3) == 1 and mask.device == query.device):
+            return None
+        if mask.dtype == torch.bool:
+            kind, mask, masked_below = 2, mask.view(torch.int8), 0.5  # True (1) attends
+        elif mask.is_floating_point():
+            kind, masked_below = 1, torch.finfo(mask.dtype).min / 2
+        else:
+            return None
+        mask_sb = mask.stride(0) if mask.shape[0] == b and b > 1 else 0
+        mask_st = mask.stride(2)
+    block_s, splits, warps = plan or split_plan(s, b * hkv, _multiprocessors(query.device))
+    blocks_per_split = -(-(-(-s // block_s)) // splits)
+    splits = -(-(-(-s // block_s)) // blocks_per_split)  # none left empty
+    rows = b * h * t
+    m = torch.empty(rows * splits, dtype=torch.float32, device=query.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(rows * splits * d, dtype=torch.float32, device=query.device)
+    out = torch.empty(b, t, h, d, dtype=query.dtype, device=query.device)
+    block_d = max(16, 1 << (d - 1).bit_length())
+    partial, combine = _kernels()
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        partial[(b * hkv, splits)](
+            query, key, value, mask if mask is not None else query, m, l, acc,
+            s, t, h // hkv, hkv, splits, blocks_per_split, d, float(scaling), float(masked_below),
+            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st,
+            MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
+            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", num_warps=warps)
+        combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
+                         BLOCK_C=32, BLOCK_D=block_d, num_warps=4)
+    return out
