@@ -7,7 +7,7 @@ over 640 positions and 182 µs over 8192 on an H200, each head's keys and values
 of its group. Here the cache is split (flash-decoding):
 
 - `_partial_kernel`: one program per (sequence, key/value head, split of the cache), enough splits that the
-  programs fill the GPU about twice (`split_plan`). A program holds the query rows of its key/value head (the G
+  programs fill the GPU a few times over (`split_plan`). A program holds the query rows of its key/value head (the G
   query heads of the group times the T query tokens) as one tile, walks its split in blocks of BLOCK_S positions
   with an online softmax, and writes per row its largest score m, the sum l of exp(score - m) and the sum of
   exp(score - m) * value. Keys and values are read once for the whole group. A block no row may attend (beyond
@@ -15,11 +15,10 @@ of its group. Here the cache is split (flash-decoding):
 - `_combine_kernel` merges the splits of each query row: with M the largest m, out = sum(exp(m - M) acc) /
   sum(exp(m - M) l), written as transformers' attention functions return it, (B, T, H, D).
 
-Precision: the scores are the tensor cores' TF32 products of queries and keys summed in float32, exact for
-16-bit queries and keys (TF32 holds every bfloat16 and float16 value), three TF32 products each ("tf32x3",
-float32 accuracy) for float32 ones; the probabilities stay float32 and multiply the values through tf32x3 (no
-probability is rounded to 16 bits, as SDPA's fused kernels round them); one rounding to the query's dtype at the
-end. The mask is additive (a float tensor: values at or below half the dtype's
+Precision: the scores are the tensor cores' products of the stored queries and keys summed in float32 (exact
+products for 16-bit inputs); the softmax is float32; the probabilities multiply the values in the values' 16-bit
+type with float32 sums, as FlashAttention does (float32 inputs: TF32x3 products, float32 accuracy); one rounding
+to the query's dtype at the end. The mask is additive (a float tensor: values at or below half the dtype's
 minimum exclude a position, others are added to the scores, as SDPA adds them) or boolean (True attends).
 """
 
