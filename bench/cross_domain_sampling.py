@@ -20,6 +20,8 @@ gptq[=DAMP], the calibrated ones optionally followed by
   amax=X        AWQ's exponents a scaled into [0, X) (the same number of candidates)
   ts=1          GPTQ's true-sequential re-runs between dependency levels
   shrink=N      GPTQ's scale shrink steps (1: no search)
+  flat=1        GPTQ's scale search (shrink) weighs every column of a group alike instead of by the
+                calibration Hessian's diagonal: ranges searched on the weights alone
   decor=X       GPTQ's Hessian shrunk towards its diagonal, (1 - X) H + X diag(H), before the damp: the
                 channels' weights kept, a fraction X of their correlations (the most domain-specific part of
                 the calibration statistics) dropped
@@ -130,24 +132,25 @@ def awq_settings(gptq: dict, amax: float | None):
         awq_module.GPTQConfig, awq_module.candidate_scale = saved
 
 
-def parse_method(method: str) -> tuple[str, dict, float | None, float]:
-    """METHOD -> (rtn | awq-gptq | awq-gptq-duo | gptq, GPTQConfig settings, AWQ's amax or None, decor)."""
+def parse_method(method: str) -> tuple[str, dict, float | None, float, bool]:
+    """METHOD -> (rtn | awq-gptq | awq-gptq-duo | gptq, GPTQConfig settings, AWQ's amax or None, decor, flat)."""
     head, *options = method.split("+")
     name, _, damp = head.partition("=")
     settings = dict(option.partition("=")[::2] for option in options)
     amax = settings.pop("amax", None)
     decor = float(settings.pop("decor", 0.0))
+    flat = bool(int(settings.pop("flat", 0)))
     unknown = set(settings) - set(GPTQ_SETTINGS)
-    if name == "rtn" and not settings and not damp and not decor:
-        return name, {}, None, 0.0
+    if name == "rtn" and not settings and not damp and not decor and not flat:
+        return name, {}, None, 0.0, False
     if (unknown or name not in ("awq-gptq", "awq-gptq-duo", "gptq") or (name == "gptq" and amax is not None)
             or not 0 <= decor <= 1):
         raise ModelpressError(f"method {method!r}: expected rtn, awq-gptq, awq-gptq-duo or gptq[=DAMP], "
-                              f"then +KEY=VALUE settings among amax, decor (0..1), {', '.join(GPTQ_SETTINGS)}")
+                              f"then +KEY=VALUE settings among amax, decor (0..1), flat, {', '.join(GPTQ_SETTINGS)}")
     gptq = {GPTQ_SETTINGS[k][0]: GPTQ_SETTINGS[k][1](v) for k, v in settings.items()}
     if name == "gptq":
         gptq.setdefault("damp", float(damp or 0.1))
-    return name, gptq, None if amax is None else float(amax), decor
+    return name, gptq, None if amax is None else float(amax), decor, flat
 
 
 @contextmanager
@@ -169,17 +172,31 @@ def decorrelated(decor: float):
         gptq_module.prepare_hessian = original
 
 
+@contextmanager
+def flat_search(flat: bool):
+    """GPTQ's scale search with every column of a group weighed alike (no calibration statistics in the choice of
+    range), patched into the gptq module's group_params for one build (an experiment, not an option)."""
+    original = gptq_module.group_params
+    if flat:
+        gptq_module.group_params = lambda values, scheme, importance=None, shrink_steps=1: \
+            original(values, scheme, None, shrink_steps)
+    try:
+        yield
+    finally:
+        gptq_module.group_params = original
+
+
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
-    name, gptq, amax, decor = parse_method(method)
+    name, gptq, amax, decor, flat = parse_method(method)
     if name == "rtn":  # no calibration: the windows are not used (the baseline every calibrated row is read against)
         quantize_rtn(model, RTNConfig(scheme=scheme))
         return
     if name == "gptq":
-        with decorrelated(decor):
+        with decorrelated(decor), flat_search(flat):
             quantize_gptq(model, GPTQConfig(scheme=scheme, **gptq), ids, device=device)
         return
     config = AWQConfig(scheme=scheme, solver="gptq", duo_scaling=name.endswith("duo"))
-    with awq_settings(gptq, amax), decorrelated(decor):
+    with awq_settings(gptq, amax), decorrelated(decor), flat_search(flat):
         quantize_awq(model, config, ids, device=device)
 
 
