@@ -20,6 +20,7 @@ gptq[=DAMP], the calibrated ones optionally followed by
   amax=X        AWQ's exponents a scaled into [0, X) (the same number of candidates)
   ts=1          GPTQ's true-sequential re-runs between dependency levels
   shrink=N      GPTQ's scale shrink steps (1: no search)
+  order=0       GPTQ visits columns in their own order instead of by decreasing H_ii (act_order off)
   flat=1        GPTQ's scale search (shrink) weighs every column of a group alike instead of by the
                 calibration Hessian's diagonal: ranges searched on the weights alone
   decor=X       GPTQ's Hessian shrunk towards its diagonal, (1 - X) H + X diag(H), before the damp: the
@@ -113,7 +114,7 @@ def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torc
 
 
 GPTQ_SETTINGS = {"damp": ("damp", float), "ts": ("true_sequential", lambda v: bool(int(v))),
-                  "shrink": ("shrink_steps", int)}
+                  "shrink": ("shrink_steps", int), "order": ("act_order", lambda v: bool(int(v)))}
 
 
 @contextmanager
