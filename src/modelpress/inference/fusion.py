@@ -350,10 +350,12 @@ def _split_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
     return query.dim() == 4 and key.dim() == 4 and (query.shape[1] > key.shape[1] or query.shape[2] > 1)
 
 
+@functools.cache
 @torch.no_grad()
 def _attention_agrees(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the kernels give SDPA's attention on random queries, keys and values over a partly masked cache
-    (True where they do not serve: SDPA then runs anyway)."""
+    (True where they do not serve: SDPA then runs anyway). Once per dtype and device in a process: the answer does
+    not change between generations, and each check costs launches and a device sync."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     generator = torch.Generator().manual_seed(0)
