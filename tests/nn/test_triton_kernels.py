@@ -6,6 +6,8 @@ poisoned row that must stay untouched), and a relative error bound set by the ou
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,6 +104,23 @@ def test_dequantize_kernel_is_exact(spec):
     expected = packed.dequantize(torch.float32)
     got = dequantize(packed, torch.float32)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_fp8_e4m3_decoded_by_bits_equals_the_conversion(m):
+    """GPUs before compute capability 8.9 have no e4m3 conversion and decode the codes in integer arithmetic
+    (KernelConfig.native_fp8=False, what for_capability picks there): the same values as the conversion, for
+    every bit pattern but NaN (both zeros and the subnormals included), so the same outputs bit for bit."""
+    packed = make_packed("fp8-e4m3/channel", 64, 256, seed=13)
+    patterns = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    packed.qdata[:, :256].copy_(patterns[torch.randperm(64 * 256) % len(patterns)].reshape(64, 256))
+    x = torch.randn(m, 256, device=DEVICE).to(torch.bfloat16)
+    config = plan_for(m, packed, DEVICE)
+    assert config.native_fp8
+    converted = fused_matmul(x, packed, None, config)
+    by_bits = fused_matmul(x, packed, None, dataclasses.replace(config, native_fp8=False))
+    assert torch.equal(converted, by_bits)
+    assert relative_error(by_bits, reference(x, packed, None)) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

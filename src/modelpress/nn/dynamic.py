@@ -116,24 +116,29 @@ def dynamic_int8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tenso
 FUSED_CUDA = True  # set False to run the plain PyTorch ops on CUDA too (benchmarks compare both)
 
 
-def fused_kernels(x: torch.Tensor):
-    """The Triton module for x's device, or None (CPU, no Triton, the Triton interpreter, or switched off)."""
+INT8_CAPABILITY = (8, 0)  # Triton's int8 tensor-core products: Ampere and later (triton_backend.FP8_CAPABILITY: fp8)
+
+
+def fused_kernels(x: torch.Tensor, capability: tuple[int, int] = INT8_CAPABILITY):
+    """The Triton module for x's device, or None (CPU, no Triton, the Triton interpreter, switched off, or a GPU
+    below the compute capability the caller's products need)."""
     if not (FUSED_CUDA and x.is_cuda):
         return None
-    from modelpress.nn.triton_backend import _interpreting
+    from modelpress.nn.triton_backend import _interpreting, device_capability
 
-    return None if _interpreting() else _triton_int8()
+    return None if _interpreting() or device_capability(x.device) < capability else _triton_int8()
 
 
-def eager_prepared(layer: QuantLinear, x: torch.Tensor, prepare):
+def eager_prepared(layer: QuantLinear, x: torch.Tensor, prepare, capability: tuple[int, int] = INT8_CAPABILITY):
     """The layer's launcher for x, prepare(x, kernels) -> fn(x) or None, built once per activation shape and
     dtype (and again whenever the layer's tensors move or change in place), for eager CUDA calls; None where x is
-    not such a call (autograd, torch.compile, a non-contiguous or misaligned x) or there are no Triton kernels."""
+    not such a call (autograd, torch.compile, a non-contiguous or misaligned x) or there are no Triton kernels
+    (fused_kernels(x, capability))."""
     if not x.is_cuda or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
         return None
     if not x.is_contiguous() or x.data_ptr() % 16:
         return None
-    kernels = fused_kernels(x)
+    kernels = fused_kernels(x, capability)
     if kernels is None:
         return None
     qdata, scale = layer._buffers["qdata"], layer._buffers["scale"]

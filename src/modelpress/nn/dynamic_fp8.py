@@ -24,6 +24,7 @@ from modelpress.nn.dynamic import check_channel_weight, eager_prepared, fused_ke
 from modelpress.nn.layers import linear_weight
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.registry import register_module_kind
+from modelpress.nn.triton_backend import FP8_CAPABILITY
 
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
 SCALED_MM_MIN_ROWS = 65   # from here up torch._scaled_mm beats the Triton GEMM (bench/prefill.py --sweep, H200)
@@ -50,7 +51,7 @@ def dynamic_fp8_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     n = packed.shape[0]
-    fused = fused_kernels(flat)
+    fused = fused_kernels(flat, FP8_CAPABILITY)
     if fused is not None:
         codes, row_scale = fused.quantize_rows(flat, fp8=True)
         if _library_gemm(flat):
@@ -79,7 +80,7 @@ def _library_gemm(x: torch.Tensor) -> bool:
 
 @functools.cache
 def _has_fp8_gemm(device_index: int) -> bool:
-    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device_index) >= (8, 9)
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device_index) >= FP8_CAPABILITY
 
 
 @register_module_kind("dynamic_fp8_linear")
@@ -96,7 +97,7 @@ class DynamicFp8Linear(QuantLinear):
         return cls(packed, getattr(module, "bias", None)).to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = eager_prepared(self, x, self._prepare_fused)
+        fn = eager_prepared(self, x, self._prepare_fused, FP8_CAPABILITY)
         if fn is not None:
             return fn(x)
         return dynamic_fp8_linear(x, self._packed_view(), self.bias, self._scale_row())

@@ -10,12 +10,15 @@ scale and offset tensors directly.
 Up to M = 64 (decode, small batches) one fused kernel streams the weight once; from M = 65 up (prefill) a
 dequantize kernel writes the weight in the activation dtype and cuBLAS multiplies (`choose_plan`). For the
 4-bit formats at M = 1 (decode) a CUDA-core GEMV kernel replaces the tensor-core one: gluon_gemv.py's (launched as
-a programmatic dependent launch) where Triton has Gluon, else triton_gemv.py's.
+a programmatic dependent launch on Hopper) where Triton has Gluon, else triton_gemv.py's.
+Plans are made for the GPU they run on (`for_capability`): what an older GPU lacks is left out of the kernel, never
+compiled in (tests/nn/arch_compile.py compiles every launch for the T4, A100, A10, L4 and H100).
 `prepared_linear` fixes everything about a call but x, for QuantLinear's eager CUDA path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from modelpress.formats.packed import PackedWeight
 from modelpress.formats.scheme import WeightScheme
 
+KIND_FP8E4, KIND_FP8E4_BITS = 3, 5  # triton_kernels' kinds of fp8-e4m3 codes: converted, or decoded by bits
 _FORMAT_KINDS = {  # format name -> (kernel kind, code zero)
     "int4": (0, 8), "int4-asym": (0, 0), "nf4": (1, 0),
     "int8": (2, 128), "int8-asym": (2, 0), "fp8-e4m3": (3, 0), "fp8-e5m2": (4, 0),
@@ -45,7 +49,8 @@ class KernelConfig:
     warps_k of the warps along K and the rest along the rows, words through a cp.async ring of `stages` steps
     when stages > 1, pdl=True launches it as a programmatic dependent launch, and half=True sums int4 products
     in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation; nf4 keeps float32
-    products: float16 pairs were slower for it, bench/kernels.py --float32-products))."""
+    products: float16 pairs were slower for it, bench/kernels.py --float32-products)); native_fp8=False decodes
+    fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions)."""
 
     BM: int = 16
     BN: int = 64
@@ -62,6 +67,7 @@ class KernelConfig:
     stages: int = 1
     pdl: bool = False
     half: bool = True
+    native_fp8: bool = True
 
 
 @functools.cache
@@ -123,6 +129,46 @@ def supports(packed: PackedWeight) -> bool:
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# What the kernels' PTX needs of the GPU (compute capability), checked where a launch is planned: ptxas refuses
+# an instruction the target lacks, so a kernel compiled with it would fail on the user's GPU at its first call.
+PDL_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hopper and later
+HALF_CAPABILITY = (8, 6)  # max.xorsign.abs, in half_dot_ptx's scaling of the activations: not on the A100 (8.0)
+FP8_CAPABILITY = (8, 9)  # conversions from float8 e4m3 (and fp8 tensor-core products): Ada and Hopper
+ASYNC_COPY_CAPABILITY = (8, 0)  # cp.async, the Gluon GEMV's ring (KernelConfig.stages > 1): Ampere and later
+BF16_ASM_CAPABILITY = (8, 0)  # bfloat16 pair arithmetic (bf16x2) in the tensor-core kernel's inline-PTX decode
+
+
+@functools.cache
+def capability(device_index: int) -> tuple[int, int]:
+    """The compute capability of a CUDA device, as (major, minor)."""
+    return tuple(torch.cuda.get_device_capability(device_index))
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """`capability` of the device a tensor lives on; (9, 0) off CUDA (the interpreter, offline compiles)."""
+    return capability(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else (9, 0)
+
+
+def for_capability(config: KernelConfig, cap: tuple[int, int]) -> KernelConfig:
+    """`config` with what a GPU of compute capability `cap` cannot run turned off: PDL before Hopper, float16-pair
+    products (KernelConfig.half) before 8.6, fp8-e4m3 conversions before 8.9 (decoded in integer arithmetic
+    instead), the cp.async ring before 8.0 (the next step's words prefetched into registers instead). Everything
+    else about the plan is the same."""
+    changes = dict(pdl=config.pdl and cap >= PDL_CAPABILITY, half=config.half and cap >= HALF_CAPABILITY,
+                   native_fp8=config.native_fp8 and cap >= FP8_CAPABILITY,
+                   stages=config.stages if cap >= ASYNC_COPY_CAPABILITY else 1)
+    if all(getattr(config, name) == value for name, value in changes.items()):
+        return config
+    return dataclasses.replace(config, **changes)
+
+
+def _kernel_kind(scheme: WeightScheme, native_fp8: bool) -> tuple[int, int]:
+    """(kernel kind, code zero) of a scheme's format, fp8-e4m3 decoded by bits where conversions are missing."""
+    kind, zero = _FORMAT_KINDS[scheme.format]
+    return (KIND_FP8E4_BITS if kind == KIND_FP8E4 and not native_fp8 else kind), zero
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -242,7 +288,8 @@ def plan_for(m: int, packed: PackedWeight, device: torch.device) -> KernelConfig
     n, k = packed.shape
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
     kind = _FORMAT_KINDS.get(packed.scheme.format, (0,))[0]
-    return choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind)
+    config = choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind)
+    return for_capability(config, device_capability(device))
 
 
 def gemv_supported(packed: PackedWeight) -> bool:
@@ -292,7 +339,7 @@ class _Launch:
 def _launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tuple[int, ...], m: int,
             has_perm: bool, has_bias: bool, config: KernelConfig) -> _Launch:
     n, k = shape
-    kind, zero = _FORMAT_KINDS[scheme.format]
+    kind, zero = _kernel_kind(scheme, config.native_fp8)
     bkg = min(config.BKG, _group_tile(scheme, shape, scale_shape) or 0)
     if bkg < (32 if kind <= 1 else 16):
         raise ValueError(f"{scheme.spec}: no tile of {config.BKG} columns fits its groups")
@@ -310,7 +357,7 @@ def _launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tuple[int
 def _gemv_launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tuple[int, ...], m: int,
                  has_perm: bool, has_bias: bool, config: KernelConfig) -> _Launch:
     n, k = shape
-    kind, zero = _FORMAT_KINDS[scheme.format]
+    kind, zero = _kernel_kind(scheme, config.native_fp8)
     if m != 1:
         raise ValueError(f"the GEMV kernels take one row of activations, got M = {m}")
     bkg = min(config.BKG, 128, _group_tile(scheme, shape, scale_shape) or 0)
@@ -376,6 +423,8 @@ def _kernel_call(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     n = packed.shape[0]
     scale = packed.scale
     has_perm = packed.input_perm is not None
+    cap = device_capability(x2.device)
+    config = for_capability(config, cap)  # a config given by the caller, too
     launch = _gemv_launch if config.gemv else _launch
     plan = launch(packed.scheme, packed.shape, tuple(scale.shape), m, has_perm, bias is not None, config)
     y, workspace, locks = _outputs(x2, n, plan, out)
@@ -385,7 +434,9 @@ def _kernel_call(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     perm = packed.input_perm if has_perm else scale
     table = _table(kind, x2.device, torch.float32 if config.gemv else x2.dtype) if kind == 1 else scale
     bias_arg = bias if bias is not None else scale
-    asm = {"USE_ASM": (not _interpreting()) if use_asm is None else use_asm}
+    if use_asm is None:
+        use_asm = not _interpreting() and (config.gemv or x2.dtype != torch.bfloat16 or cap >= BF16_ASM_CAPABILITY)
+    asm = {"USE_ASM": use_asm}
     if config.gemv and kind <= 1:
         words = packed.qdata.view(torch.int32)
         args = (x2, words, scale, offset, perm, table, bias_arg, y, workspace, locks, n, k, plan.group_size,
@@ -422,7 +473,7 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     from modelpress.nn.triton_kernels import dequantize_kernel
 
     n, k = packed.shape
-    kind, zero = _FORMAT_KINDS[packed.scheme.format]
+    kind, zero = _kernel_kind(packed.scheme, device_capability(packed.qdata.device) >= FP8_CAPABILITY)
     bkg = group_tile(packed)
     w = torch.empty((n, k), device=packed.qdata.device, dtype=dtype)
     scale = packed.scale

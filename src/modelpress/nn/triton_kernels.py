@@ -35,6 +35,7 @@ KIND_NF4 = 1  # table[code]
 KIND_INT8 = 2  # code - zero                       (zero 128 for symmetric int8, 0 for asymmetric)
 KIND_FP8E4 = 3  # float8 e4m3fn bit pattern
 KIND_FP8E5 = 4  # float8 e5m2 bit pattern
+KIND_FP8E4_BITS = 5  # float8 e4m3fn bit pattern, decoded in integer arithmetic (GPUs before compute capability 8.9)
 
 
 def _f16_bits(value: float) -> int:
@@ -132,10 +133,25 @@ def _decode_nibbles(q, table_ptr, KIND: tl.constexpr, ZERO: tl.constexpr, ACT: t
 
 
 @triton.jit
+def _e4m3_bits_to_f32(q):
+    """float8 e4m3fn bit patterns (uint8) -> float32 in integer arithmetic, for GPUs without e4m3 conversions
+    (compute capability below 8.9; KIND_FP8E4_BITS): the seven magnitude bits moved under float32's exponent and
+    mantissa, the exponent rebased from e4m3's bias 7 to float32's 127; subnormals (exponent field 0) as
+    mantissa · 2^-9. The NaN patterns (never stored) are not kept."""
+    b = q.to(tl.uint32)
+    magnitude = b & 0x7F
+    normal = ((magnitude << 20) + (120 << 23)).to(tl.float32, bitcast=True)
+    value = tl.where(magnitude >= 8, normal, (magnitude & 7).to(tl.float32) * 0.001953125)
+    return tl.where((b & 0x80) != 0, -value, value)
+
+
+@triton.jit
 def _decode_bytes(q, KIND: tl.constexpr, ZERO: tl.constexpr, ACT: tl.constexpr):
     """uint8 tile of 8-bit codes -> values in the activation dtype."""
     if KIND == 3:
         w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(ACT)
+    elif KIND == 5:
+        w = _e4m3_bits_to_f32(q).to(ACT)
     elif KIND == 4:
         w = q.to(tl.float8e5, bitcast=True).to(tl.float32).to(ACT)
     else:
