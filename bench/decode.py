@@ -399,11 +399,24 @@ def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, b
 def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, args) -> dict:
     greedy = SamplingConfig(temperature=0.0)
     # "auto+compile": the auto path with GenerationSettings.compile; "+nofuse": without the decode-time fusions;
-    # "+noattn": with every fusion but the split-cache attention (to measure that one)
+    # "+noattn": with every fusion but the split-cache attention (to measure that one); "+nopdl": the decode-time
+    # kernels (norms, rotary, KV writes, attention, activation) launched without PDL (the GEMVs keep theirs)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
-    with without_attention_fusion("noattn" in flags):
+    with without_attention_fusion("noattn" in flags), without_kernel_pdl("nopdl" in flags):
         return timed_user_row(name, model, ids, path, kv, options, args)
+
+
+@contextlib.contextmanager
+def without_kernel_pdl(active: bool):
+    from modelpress.nn import triton_backend
+
+    original = triton_backend.PDL_KERNELS
+    triton_backend.PDL_KERNELS = original and not active
+    try:
+        yield
+    finally:
+        triton_backend.PDL_KERNELS = original
 
 
 @contextlib.contextmanager
@@ -500,10 +513,10 @@ def parse_args() -> argparse.Namespace:
                         "default float)")
     p.add_argument("--paths", nargs="+", default=["eager", "auto"],
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
-                            "auto+nofuse", "auto+noattn", "auto+compile+nofuse"],
+                            "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+compile+nofuse"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but the "
-                        "split-cache attention")
+                        "split-cache attention; +nopdl: the decode-time kernels without PDL")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

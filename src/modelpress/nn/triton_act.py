@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import bf16_rounding, triton_available
+from modelpress.nn.triton_backend import bf16_rounding, pdl_launch, triton_available
 
 _DTYPES = (torch.bfloat16, torch.float32)  # float16 would need a rounding the compiler may fold away (triton_rope)
 BLOCK = 1024
@@ -26,9 +26,12 @@ def _kernel():
     from triton.language.extra import libdevice
 
     _bf16 = bf16_rounding()
-
     @triton.jit
-    def silu_mul_kernel(h_ptr, out_ptr, width, stride_row, BLOCK: tl.constexpr, BF16: tl.constexpr):
+    def silu_mul_kernel(h_ptr, out_ptr, width, stride_row, BLOCK: tl.constexpr, BF16: tl.constexpr,
+                        PDL: tl.constexpr = False):
+        if PDL:  # triton_backend.pdl_launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
@@ -52,7 +55,9 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor | None:
         return None
     width = h.shape[-1] // 2
     out = torch.empty(*h.shape[:-1], width, dtype=h.dtype, device=h.device)
+    pdl = pdl_launch(h.device)
     with torch.cuda.device(h.device):
         _kernel()[(rows.shape[0], -(-width // BLOCK))](rows, out, width, rows.stride(0), BLOCK=BLOCK,
-                                                      BF16=h.dtype == torch.bfloat16, num_warps=4)
+                                                      BF16=h.dtype == torch.bfloat16, PDL=pdl, num_warps=4,
+                                                      launch_pdl=pdl)
     return out

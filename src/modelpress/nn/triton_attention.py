@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import _interpreting, triton_available
+from modelpress.nn.triton_backend import _interpreting, pdl_launch, triton_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TOKENS = 16  # query tokens per call served (decode steps, speculative verification); more: the caller's SDPA
@@ -47,7 +47,10 @@ def _kernels():
                         S, T, G, HKV, SPLITS, BLOCKS_PER_SPLIT, D, scaling, masked_below,
                         q_sb, q_sh, q_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, mask_sb, mask_st,
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # triton_backend.pdl_launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // HKV).to(tl.int64)
@@ -98,7 +101,10 @@ def _kernels():
 
     @triton.jit
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, H, T, CHUNKS, D, o_sb, o_st, o_sh,
-                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # triton_backend.pdl_launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)  # (b * H + h) * T + t
         t = row % T
         h = (row // T) % H
@@ -191,6 +197,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(b, t, h, d, dtype=query.dtype, device=query.device)
     block_d = max(16, 1 << (d - 1).bit_length())
     partial, combine = _kernels()
+    pdl = pdl_launch(query.device)
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         partial[(b * hkv, splits)](
             query, key, value, mask if mask is not None else query, m, l, acc,
@@ -198,7 +205,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st,
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
-            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", num_warps=warps)
+            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=warps,
+            launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
-                         BLOCK_C=32, BLOCK_D=block_d, num_warps=4)
+                         BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out

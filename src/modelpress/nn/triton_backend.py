@@ -147,9 +147,30 @@ def capability(device_index: int) -> tuple[int, int]:
 
 
 def device_capability(device: torch.device) -> tuple[int, int]:
-    """`capability` of the device a tensor lives on; (9, 0) off CUDA (the interpreter, offline compiles)."""
+    """`capability` of the device a tensor lives on; (0, 0) off CUDA (Triton's interpreter: no GPU instruction)."""
     return capability(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else (9, 0)
+        if device.type == "cuda" else (0, 0)
+
+
+PDL_KERNELS = True  # the decode-time kernels' PDL (pdl_launch); bench/decode.py turns it off to measure it
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether the decode-time kernels (norms, rotary embedding, KV writes, attention, activation) launch on
+    `device` as programmatic dependent launches: on Hopper and later, not under the interpreter. Such a kernel,
+    compiled with its constexpr PDL set, starts with
+
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    it waits (griddepcontrol.wait) until the kernel before it has finished and its writes are visible, before it
+    touches memory, then lets the next kernel launch (launch_dependents). The next
+    kernel's launch, and a GEMV's first weight loads (gluon_gemv), then overlap this kernel instead of following
+    its end. Every kernel launched this way must start with the wait: it is what orders the kernel after every
+    earlier one, through the waits of those in between."""
+    return (PDL_KERNELS and device.type == "cuda" and not _interpreting()
+            and device_capability(device) >= PDL_CAPABILITY)
 
 
 def for_capability(config: KernelConfig, cap: tuple[int, int]) -> KernelConfig:
@@ -281,7 +302,7 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
     split = 1
     while blocks * split < 8 * sms and k // (step * split * 2) >= 6:
         split *= 2
-    return KernelConfig(BM=bm, BN=64, BKG=step, SPLIT=split, num_warps=2 if m <= 16 else 4, num_stages=3)
+    return KernelConfig(BM=bm, BN=64, BKG=step, SPLIT=split, num_warps=2 if m <= 16 else 4, num_stages=3, pdl=True)
 
 
 def plan_for(m: int, packed: PackedWeight, device: torch.device) -> KernelConfig:
@@ -348,7 +369,8 @@ def _launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tuple[int
     split = _cdiv(k, k_per_split)
     constants = dict(KIND=kind, ZERO=zero, AFFINE=scheme.qformat.affine, HAS_PERM=has_perm, HAS_BIAS=has_bias,
                      SPLIT_K=split > 1, EVEN_K=k % step == 0, BM=config.BM, BN=config.BN, BKG=bkg, SUB=config.SUB,
-                     num_warps=config.num_warps, num_stages=config.num_stages)
+                     PDL=config.pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+                     launch_pdl=config.pdl)
     grid = (_cdiv(m, config.BM), _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)
 

@@ -260,7 +260,7 @@ def quant_matmul_kernel(
     stride_xm, stride_qn, stride_sn, stride_sg, stride_ym,
     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Fused dequantize-and-multiply. Grid: (M blocks, N blocks, K splits).
 
@@ -269,7 +269,11 @@ def quant_matmul_kernel(
     these small gathers are not, and waiting on them every step would cost a memory latency per step).
     With SPLIT_K, each program writes its float32 partial sums to ws (splits, M, N); the last program of an
     output tile to arrive (counted in lock, which it resets to 0) adds them up and writes y. EVEN_K: K is
-    a multiple of BKG * SUB, so no column masks are needed."""
+    a multiple of BKG * SUB, so no column masks are needed. PDL: launched as a programmatic dependent launch
+    (triton_backend.pdl_launch)."""
+    if PDL:  # triton_backend.pdl_launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)

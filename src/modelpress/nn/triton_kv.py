@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import triton_available
+from modelpress.nn.triton_backend import pdl_launch, triton_available
 
 
 @functools.cache
@@ -23,7 +23,11 @@ def _kernel():
 
     @triton.jit
     def write_kv_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, index_ptr, H, T,
-                        k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st, D, BLOCK_D: tl.constexpr):
+                        k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st, D, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr = False):
+        if PDL:  # triton_backend.pdl_launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         program = tl.program_id(0).to(tl.int64)
         h = program % H
         t = (program // H) % T
@@ -58,11 +62,12 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, key_
             and len({keys.device, values.device, key_states.device, value_states.device, index.device}) == 1
             and key_states.numel() and triton_available()):
         return False
+    pdl = pdl_launch(keys.device)
     with torch.cuda.device(keys.device):
         _kernel()[(b * h * t,)](
             key_states, value_states, keys, values, index, h, t,
             key_states.stride(0), key_states.stride(1), key_states.stride(2),
             value_states.stride(0), value_states.stride(1), value_states.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), d,
-            BLOCK_D=max(16, 1 << (d - 1).bit_length()), num_warps=1)
+            BLOCK_D=max(16, 1 << (d - 1).bit_length()), PDL=pdl, num_warps=1, launch_pdl=pdl)
     return True

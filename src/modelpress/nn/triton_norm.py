@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import bf16_rounding, triton_available
+from modelpress.nn.triton_backend import bf16_rounding, pdl_launch, triton_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 16384
@@ -34,11 +34,13 @@ def _kernel():
     import triton.language as tl
 
     _bf16 = bf16_rounding()
-
     @triton.jit
     def rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, inner, stride_outer, stride_inner, n, eps,
                         BLOCK: tl.constexpr, GEMMA: tl.constexpr, ROUND_BF16: tl.constexpr,
-                        RESIDUAL: tl.constexpr):
+                        RESIDUAL: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # triton_backend.pdl_launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         base = (row // inner) * stride_outer + (row % inner) * stride_inner
         cols = tl.arange(0, BLOCK)
@@ -102,9 +104,10 @@ def _launch(rows, weight, out, residual, total, eps: float, gemma: bool) -> None
     n = rows.shape[-1]
     block = max(16, 1 << (n - 1).bit_length())
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    pdl = pdl_launch(rows.device)
     with torch.cuda.device(rows.device):
         _kernel()[(rows.shape[0] * rows.shape[1],)](
             rows, weight, out, rows if residual is None else residual, out if total is None else total,
             rows.shape[1], rows.stride(0), rows.stride(1), n, eps,
             BLOCK=block, GEMMA=gemma, ROUND_BF16=rows.dtype == torch.bfloat16, RESIDUAL=residual is not None,
-            num_warps=warps)
+            PDL=pdl, num_warps=warps, launch_pdl=pdl)

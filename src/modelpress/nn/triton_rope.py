@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from modelpress.nn.triton_backend import bf16_rounding, triton_available
+from modelpress.nn.triton_backend import bf16_rounding, pdl_launch, triton_available
 
 # float16 is not served: its products would need rounding to float16 in the kernel, which the compiler may fold away
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -26,7 +26,6 @@ def _kernel():
     import triton.language as tl
 
     _bf16 = bf16_rounding()
-
     @triton.jit
     def _rotate(x_ptr, out_ptr, heads, s_h, c1, c2, s1, s2, h, i, inside, BF16: tl.constexpr, D2: tl.constexpr):
         keep = (h < heads) & inside
@@ -45,7 +44,11 @@ def _kernel():
     @triton.jit
     def rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, HQ, HK,
                     q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_st,
-                    D2: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_H: tl.constexpr, BF16: tl.constexpr):
+                    D2: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_H: tl.constexpr, BF16: tl.constexpr,
+                    PDL: tl.constexpr = False):
+        if PDL:  # triton_backend.pdl_launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         b = row // T
         t = row % T
@@ -85,10 +88,12 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     block_h = 1 << (max(hq, hk) - 1).bit_length()
     block_d2 = max(2, 1 << (d // 2 - 1).bit_length())
     warps = 4 if block_h * block_d2 <= 2048 else 8
+    pdl = pdl_launch(q.device)
     with torch.cuda.device(q.device):
         _kernel()[(b * t,)](
             q, k, cos, sin, q_out, k_out, t, hq, hk,
             q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
             0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1),
-            D2=d // 2, BLOCK_D2=block_d2, BLOCK_H=block_h, BF16=q.dtype == torch.bfloat16, num_warps=warps)
+            D2=d // 2, BLOCK_D2=block_d2, BLOCK_H=block_h, BF16=q.dtype == torch.bfloat16, PDL=pdl,
+            num_warps=warps, launch_pdl=pdl)
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
