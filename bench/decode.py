@@ -400,11 +400,27 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
     greedy = SamplingConfig(temperature=0.0)
     # "auto+compile": the auto path with GenerationSettings.compile; "+nofuse": without the decode-time fusions;
     # "+noattn": with every fusion but the split-cache attention (to measure that one); "+nopdl": the decode-time
-    # kernels (norms, rotary, KV writes, attention, activation) launched without PDL (the GEMVs keep theirs)
+    # kernels (norms, rotary, KV writes, attention, activation) launched without PDL (the GEMVs keep theirs);
+    # "+mhasplit": the split-cache attention for one token of a model with a key/value head per query head at any
+    # cache length (fusion.MHA_SPLIT_MAX_POSITIONS: up to 1024 positions by default)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
-    with without_attention_fusion("noattn" in flags), without_kernel_pdl("nopdl" in flags):
+    with (without_attention_fusion("noattn" in flags), without_kernel_pdl("nopdl" in flags),
+          split_one_token_mha("mhasplit" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
+
+
+@contextlib.contextmanager
+def split_one_token_mha(active: bool):
+    from modelpress.inference import fusion
+
+    original = fusion.MHA_SPLIT_MAX_POSITIONS
+    if active:
+        fusion.MHA_SPLIT_MAX_POSITIONS = 1 << 40
+    try:
+        yield
+    finally:
+        fusion.MHA_SPLIT_MAX_POSITIONS = original
 
 
 @contextlib.contextmanager
@@ -513,10 +529,12 @@ def parse_args() -> argparse.Namespace:
                         "default float)")
     p.add_argument("--paths", nargs="+", default=["eager", "auto"],
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
-                            "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+compile+nofuse"],
+                            "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+compile+nofuse"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but the "
-                        "split-cache attention; +nopdl: the decode-time kernels without PDL")
+                        "split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the split-cache "
+                        "attention for one token of a model with as many key/value heads as query heads at any cache "
+                        "length (by default up to 1024 positions)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

@@ -231,20 +231,24 @@ def test_a_fused_model_decodes_the_same_tokens_on_the_static_cache(kv):
         undo()
 
 
-@pytest.mark.parametrize("heads, kv_heads, tokens, split", [(8, 2, 1, True), (8, 8, 1, False), (8, 8, 3, True)])
-def test_attention_goes_to_the_split_cache_kernels_where_they_pay(monkeypatch, heads, kv_heads, tokens, split):
+@pytest.mark.parametrize("heads, kv_heads, tokens, length, split", [
+    (8, 2, 1, 10, True), (8, 2, 1, 1100, True), (8, 8, 3, 1100, True), (8, 8, 1, 10, True), (8, 8, 1, 1100, False)])
+def test_attention_goes_to_the_split_cache_kernels_where_they_pay(monkeypatch, heads, kv_heads, tokens, length, split):
     """Shared key/value heads or several query tokens: the split-cache kernels; one token of a model with a key/value
-    head per query head: SDPA (faster there). Either way the result is SDPA's where the kernels do not serve (CPU)."""
+    head per query head: the kernels over a short cache, SDPA over a long one (faster there). Either way the result
+    is SDPA's where the kernels do not serve (CPU)."""
     import modelpress.inference.fusion as fusion
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    assert 10 <= fusion.MHA_SPLIT_MAX_POSITIONS < 1100
     calls = []
     monkeypatch.setattr(fusion, "decode_attention", lambda *args: calls.append(args) or None)
     module = nn.Module()
     module.num_key_value_groups, module.is_causal = heads // kv_heads, True
     q = torch.randn(1, heads, tokens, 16)
-    k, v = (torch.randn(1, kv_heads, 10, 16) for _ in "kv")
-    mask = torch.zeros(1, 1, tokens, 10).masked_fill(torch.arange(10) > 6 + torch.arange(tokens)[:, None], -1e30)
+    k, v = (torch.randn(1, kv_heads, length, 16) for _ in "kv")
+    written = torch.arange(length) > length - 4 + torch.arange(tokens)[:, None]
+    mask = torch.zeros(1, 1, tokens, length).masked_fill(written, -1e30)
     got, _ = fusion._split_cache_attention(module, q, k, v, mask, scaling=0.25)
     assert len(calls) == split
     assert torch.equal(got, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])

@@ -342,12 +342,19 @@ def _split_cache_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
                                   **kwargs)
 
 
+# One token of a model with a key/value head per query head goes to the split-cache kernels up to this many cache
+# positions, to SDPA beyond. Decode through generate on an H100, Llama-2-7B shape, the whole step launched with PDL
+# (bench/decode.py +mhasplit): int4 342.5 -> 352.4 tok/s over a 768-position cache, 285.4 -> 271.7 over 4096 (where
+# cuDNN streams a full cache near the read rate: bench/decode_attention.py, 28.8 µs against the kernels' 40.0).
+MHA_SPLIT_MAX_POSITIONS = 1024
+
+
 def _split_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
     """Whether the split-cache kernels beat SDPA on this call: where query heads share key/value heads or several
-    tokens query (SDPA reads the cache again for each query head), not for one token of a model with a key/value
-    head per query head, where cuDNN's kernel streams the cache near the read bandwidth (bench/decode_attention.py,
-    H200: 22.9 µs against the kernels' best plan's 30.5 over 4096 positions)."""
-    return query.dim() == 4 and key.dim() == 4 and (query.shape[1] > key.shape[1] or query.shape[2] > 1)
+    tokens query (SDPA reads the cache again for each query head), and for one token of a model with a key/value
+    head per query head over a short cache (MHA_SPLIT_MAX_POSITIONS); not over a long one."""
+    return query.dim() == 4 and key.dim() == 4 and (query.shape[1] > key.shape[1] or query.shape[2] > 1
+                                                    or key.shape[2] <= MHA_SPLIT_MAX_POSITIONS)
 
 
 @functools.cache
