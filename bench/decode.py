@@ -405,47 +405,25 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
     # cache length (fusion.MHA_SPLIT_MAX_POSITIONS: up to 1024 positions by default)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
-    with (without_attention_fusion("noattn" in flags), without_kernel_pdl("nopdl" in flags),
-          split_one_token_mha("mhasplit" in flags)):
+    from modelpress.inference import fusion
+    from modelpress.nn import triton_backend
+
+    with (patched(fusion, "_fuse_attention", lambda model, report: [], "noattn" in flags),
+          patched(triton_backend, "PDL_KERNELS", False, "nopdl" in flags),
+          patched(fusion, "MHA_SPLIT_MAX_POSITIONS", 1 << 40, "mhasplit" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
 @contextlib.contextmanager
-def split_one_token_mha(active: bool):
-    from modelpress.inference import fusion
-
-    original = fusion.MHA_SPLIT_MAX_POSITIONS
+def patched(module, name: str, value, active: bool):
+    """module.name set to value while the block runs (where active), then restored."""
+    original = getattr(module, name)
     if active:
-        fusion.MHA_SPLIT_MAX_POSITIONS = 1 << 40
+        setattr(module, name, value)
     try:
         yield
     finally:
-        fusion.MHA_SPLIT_MAX_POSITIONS = original
-
-
-@contextlib.contextmanager
-def without_kernel_pdl(active: bool):
-    from modelpress.nn import triton_backend
-
-    original = triton_backend.PDL_KERNELS
-    triton_backend.PDL_KERNELS = original and not active
-    try:
-        yield
-    finally:
-        triton_backend.PDL_KERNELS = original
-
-
-@contextlib.contextmanager
-def without_attention_fusion(active: bool):
-    from modelpress.inference import fusion
-
-    original = fusion._fuse_attention
-    if active:
-        fusion._fuse_attention = lambda model, report: []
-    try:
-        yield
-    finally:
-        fusion._fuse_attention = original
+        setattr(module, name, original)
 
 
 def timed_user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, options: dict, args) -> dict:
