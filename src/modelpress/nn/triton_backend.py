@@ -165,10 +165,10 @@ def pdl_launch(device: torch.device) -> bool:
             tl.extra.cuda.gdc_launch_dependents()
 
     it waits (griddepcontrol.wait) until the kernel before it has finished and its writes are visible, before it
-    touches memory, then lets the next kernel launch (launch_dependents). The next
-    kernel's launch, and a GEMV's first weight loads (gluon_gemv), then overlap this kernel instead of following
-    its end. Every kernel launched this way must start with the wait: it is what orders the kernel after every
-    earlier one, through the waits of those in between."""
+    touches memory, then lets the next kernel launch (launch_dependents). The next kernel's launch, and a GEMV's
+    first weight loads (gluon_gemv), then overlap this kernel instead of following its end. Every kernel launched
+    this way must start with the wait: it is what orders the kernel after every earlier one, through the waits of
+    those in between."""
     return (PDL_KERNELS and device.type == "cuda" and not _interpreting()
             and device_capability(device) >= PDL_CAPABILITY)
 
