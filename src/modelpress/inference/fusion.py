@@ -21,8 +21,8 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
   to MAX_TOKENS new tokens runs split along the cache in two kernels (nn/triton_attention.py, flash-decoding)
   instead of SDPA's one program per query head, where query heads share key/value heads or several tokens query:
   the attention modules' config names a function registered for it, which calls SDPA's own for every other call
-  (prefill, one token of a model with as many key/value heads as query heads, masks per head, soft-capping,
-  compile).
+  (prefill, one token of a model with as many key/value heads as query heads over a cache longer than
+  MHA_SPLIT_MAX_POSITIONS, masks per head, soft-capping, compile).
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
   modeling module's `apply_rotary_pos_emb`, which its attention calls by name, is replaced for the generation by a
   function that launches the kernel where it serves the call and calls the original otherwise. The replacement is
