@@ -510,6 +510,21 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
+def mma_dequantize(words: torch.Tensor, packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight of int4 `packed` (int4 or int4-asym) from its codes re-laid by mma_ptx.mma_layout
+    (`words`; packed.qdata is not read), decoded in one launch."""
+    from modelpress.nn.triton_kernels import mma_dequantize_kernel
+
+    n, k = packed.shape
+    w = torch.empty((n, k), device=words.device, dtype=dtype)
+    stride_sn, stride_sg = _scale_strides(packed.scale)
+    affine = packed.offset is not None
+    mma_dequantize_kernel[(words.shape[0], words.shape[1])](
+        words, packed.scale, packed.offset if affine else packed.scale, w, n, k, packed.scheme.group_length(k),
+        stride_sn, stride_sg, ZERO=_FORMAT_KINDS[packed.scheme.format][1], AFFINE=affine, num_warps=4)
+    return w
+
+
 def quantized_matmul(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
                      config: KernelConfig | None = None) -> torch.Tensor:
     """x (..., K) @ W^T (+ bias) for any M, through the plan `choose_plan` picks (or `config`)."""

@@ -1,0 +1,139 @@
+"""The tensor-core M = 1 GEMV (nn/gluon_mma_gemv.py, weights re-laid for the MMA) against the CUDA-core Gluon
+GEMV that decode runs now, bf16 cuBLAS and PyTorch's int4 kernel, on the Llama-2-7B decode shapes.
+
+For each shape: the error of both GEMVs against float64 dequantize-then-matmul, then graph-replay µs per call
+of every MMA configuration (rows per thread, chunks per step, warps along rows and K) beside the baselines,
+with weight copies rotating past the L2 cache; then the 7B stack at M = 1 (32 blocks of the fused decode
+shapes: q/k/v, o, gate/up, down), each shape with its best configuration. PDL on for both GEMVs.
+
+    PYTHONPATH=src python bench/mma_gemv.py --json bench/results/mma_gemv_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from bench.kernels import (DEVICE, LAYERS, LLAMA2_7B_FUSED, ROTATE_BYTES, bf16_linear, nbytes, ours, random_packed,
+                           read_bandwidth_tbs, time_sequence, torch_int4)
+
+from modelpress.nn import gluon_mma_gemv
+from modelpress.nn.mma_ptx import mma_layout
+
+SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 11008)]
+CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk)  # (RT, CS, WR, WK)
+           for rt, cs, wr, wk in ((1, 2, 1, 4), (1, 1, 1, 4), (1, 4, 1, 4), (1, 2, 1, 8), (1, 4, 1, 8), (2, 2, 1, 4),
+                                  (2, 1, 1, 4), (2, 2, 2, 2), (1, 2, 2, 4), (2, 4, 1, 4), (1, 1, 1, 8), (2, 2, 1, 8))]
+
+
+def mma_impl(spec: str, config: dict):
+    def build(n, k):
+        packed = random_packed(spec, n, k)
+        return packed, mma_layout(packed.qdata, n, k)
+
+    def call(state, x):
+        packed, words = state
+        zero = 0 if packed.offset is not None else 8
+        return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
+                                       packed.scheme.group_length(packed.shape[1]), zero=zero, pdl=True, **config)
+
+    return build, call
+
+
+def timed(impl, n: int, k: int) -> dict:
+    build, call = impl
+    first = build(n, k)
+    size = nbytes(first[0] if isinstance(first, tuple) else first)  # (packed, words): the packed weight's bytes
+    states = [first] + [build(n, k) for _ in range(max(0, math.ceil(ROTATE_BYTES / size) - 1))]
+    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
+    result = time_sequence([lambda s=s: call(s, x) for s in states])
+    result["weight_bytes"] = size
+    return result
+
+
+def errors(spec: str, n: int, k: int) -> dict:
+    packed = random_packed(spec, n, k)
+    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
+    ref = x.double() @ packed.dequantize(torch.float64).T
+    from modelpress.nn import QuantLinear
+
+    current = QuantLinear(packed)(x)
+    mma = mma_impl(spec, CONFIGS[0])[1]((packed, mma_layout(packed.qdata, n, k)), x)
+
+    def rel(y):
+        return ((y.double() - ref).norm() / ref.norm()).item()
+
+    return {"error_current": rel(current), "error_mma": rel(mma)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, default=Path("mma_gemv.json"))
+    parser.add_argument("--specs", default="int4/g128,int4-asym/g128")
+    parser.add_argument("--configs", type=int, default=len(CONFIGS), help="the first N configurations only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    specs = args.specs.split(",")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_tbs": read_bandwidth_tbs(),
+              "shapes": [], "stack": []}
+    print(json.dumps({k: result[k] for k in ("device", "torch", "read_tbs")}), flush=True)
+    best: dict = {}
+    for spec in specs:
+        for n, k in SHAPES:
+            row = {"spec": spec, "N": n, "K": k, **errors(spec, n, k)}
+            current = timed(ours(spec), n, k)
+            row["current_us"], row["weight_bytes"] = current["graph_us"], current["weight_bytes"]
+            if spec == specs[0]:
+                row["bf16_us"] = timed(bf16_linear(), n, k)["graph_us"]
+                row["torch_int4_us"] = timed(torch_int4(), n, k)["graph_us"]
+            sweep = {}
+            for config in CONFIGS[:args.configs]:
+                try:
+                    sweep[json.dumps(config)] = timed(mma_impl(spec, config), n, k)["graph_us"]
+                except Exception as exc:  # a configuration that does not compile or fit is reported
+                    sweep[json.dumps(config)] = f"{type(exc).__name__}: {exc}"[:160]
+            times = {c: t for c, t in sweep.items() if isinstance(t, float)}
+            choice = min(times, key=times.get)
+            best[(spec, n, k)] = json.loads(choice)
+            row.update(mma_best_us=times[choice], mma_best=json.loads(choice), sweep=sweep)
+            result["shapes"].append(row)
+            print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
+            torch.cuda.empty_cache()
+        weights = [(n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_FUSED]
+        impls = {"current": {(n, k): ours(spec) for n, k in LLAMA2_7B_FUSED},
+                 "mma": {(n, k): mma_impl(spec, best[(spec, n, k)]) for n, k in LLAMA2_7B_FUSED}}
+        if spec == specs[0]:
+            impls["bf16"] = {(n, k): bf16_linear() for n, k in LLAMA2_7B_FUSED}
+        xs = {k: torch.randn(1, k, device=DEVICE).to(torch.bfloat16) for k in (4096, 11008)}
+        for name, by_shape in impls.items():
+            states = [(by_shape[(n, k)][0](n, k), by_shape[(n, k)][1], k) for n, k in weights]
+            t = time_sequence([lambda s=s, c=c, k=k: c(s, xs[k]) for s, c, k in states], repeats=10)
+            row = {"spec": spec, "impl": name, "stack_ms": t["graph_us"] * len(states) / 1e3}
+            result["stack"].append(row)
+            print(json.dumps(row), flush=True)
+            del states
+            torch.cuda.empty_cache()
+    args.json.write_text(json.dumps(result, indent=1))
+    print(f"\n{result['device']}, read bandwidth {result['read_tbs']:.2f} TB/s")
+    print("| spec | N x K | current µs | MMA best µs (% of read bandwidth) | MMA / current | bf16 µs | error current "
+          "| error MMA | best config |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in result["shapes"]:
+        print(f"| {r['spec']} | {r['N']}x{r['K']} | {r['current_us']:.2f} | {r['mma_best_us']:.2f} | "
+              f"{r['mma_best_us'] / r['current_us']:.2f} | {r.get('bf16_us', float('nan')):.2f} | "
+              f"{r['error_current']:.1e} | {r['error_mma']:.1e} | {r['mma_best']} |")
+    for r in result["stack"]:
+        print(f"stack {r['spec']} {r['impl']}: {r['stack_ms']:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

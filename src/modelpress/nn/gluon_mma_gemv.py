@@ -1,0 +1,159 @@
+"""The M = 1 GEMV for int4 codes on the tensor cores, from weights laid out for the MMA's fragments.
+
+Why: the CUDA-core GEMV (gluon_gemv.py) spends about 4.2 instructions per weight (decode, products, the
+activations' conversion, addressing) and keeps DRAM only 28-49% busy (Nsight Compute, H100): issue slots, not
+memory, set its pace. Here the products go to `mma.sync.m16n8k16` (bfloat16 or float16 in, float32 sums), 256
+weights x 8 activation columns per instruction, and a weight costs the decode's LOP3 and SHF per pair of codes
+plus an eighth of a float32 FMA: 1.9 instructions per weight in the loop's SASS (bench/sass.py's counting).
+
+The weights are the MMA's A (16 rows x 16 columns of K); the activations are B (16 x 8), the one row of x in
+all eight columns, so every column of the result holds y and every lane has the rows it needs. Columns of K may
+go to the MMA's k-slots in any order, as long as A and B agree: lane (g, t) = (lane // 4, lane % 4) of MMA j of
+a 64-column chunk takes columns 16j + 4t + {0, 1} in its first k-slots and 16j + 4t + {2, 3} in the second, so
+its activations for an MMA are 8 contiguous bytes of x, one 64-bit load, used as they are.
+
+mma_ptx.mma_layout re-lays the stored codes once (the same bytes; the last row tile padded to 16 rows): per
+16-row tile and 64-column chunk, lane (g, t) owns four 32-bit words (16 bytes, so a warp reads 512 contiguous
+bytes a chunk), for row g and MMAs 0-1, row g + 8 and MMAs 0-1, row g and MMAs 2-3, row g + 8 and MMAs 2-3. A
+word's nibbles i and i + 4 are the two columns of one k-slot pair: a LOP3 with mask 0x000F000F ORs them (the
+word shifted right by 4i) into the mantissas of a pair of 16-bit MAGIC numbers (128 in bfloat16, 1024 in
+float16, whose last mantissa bit is worth 1), giving MAGIC + code exactly. The magic number is not removed per
+weight: the MMAs sum (MAGIC + code) * x, exactly (the products are exact in float32), and one more MMA per
+chunk, of ones with x, gives each half chunk's sum of x, shared by all the program's row tiles; the kernel
+subtracts (MAGIC + code zero) times it. Then each half chunk's sum is multiplied by its group's scale (groups
+of a multiple of 64 columns), and for int4-asym the offset times the sum of x is added.
+
+Rounding: none in the products; float32 sums whose largest terms are MAGIC + 15 times |x|, so the subtraction
+leaves an error of about 2**-24 * (MAGIC + 15) * sum |x| per half chunk, far below the bfloat16 or float16
+output's rounding (the CUDA-core GEMV sums float16 products, 2**-11 each).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from modelpress.nn.mma_ptx import CHUNK, MAGIC, TILE, mma_asm, xsum_asm
+
+MMA_CONSTRAINTS: gl.constexpr = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 4 + ["l"] * 4))
+XSUM_CONSTRAINTS: gl.constexpr = gl.constexpr(",".join(["=r"] * 4 + ["l"] * 4))
+
+
+@gluon.jit
+def _gdc_wait():
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
+def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, chunks, stride_sn, stride_sg,
+                     MMA_ASM: gl.constexpr, XSUM_ASM: gl.constexpr, CORRECTION: gl.constexpr, AFFINE: gl.constexpr,
+                     GS: gl.constexpr, EVEN: gl.constexpr, RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr,
+                     WK: gl.constexpr, PDL: gl.constexpr):
+    """y (1, N) = x (1, K) @ W^T for int4 codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
+    of 64). A program owns RT * WR row tiles of 16 rows (WR warps along them) and all of K, which its WK warps
+    along K walk CS chunks at a time each; the next step's words are loaded before this step's MMAs.
+    W = scale * (code - zero) (CORRECTION = MAGIC + zero), or with AFFINE scale * code + offset (CORRECTION =
+    MAGIC): each slot adds scale * (raw - CORRECTION * sum x) (+ offset * sum x)."""
+    BT: gl.constexpr = RT * WR
+    CK: gl.constexpr = CS * WK
+    P: gl.constexpr = gl.BlockedLayout([RT, CS, 1, 4], [1, 1, 32, 1], [WR, WK, 1, 1], [3, 2, 1, 0])
+    X: gl.constexpr = gl.SliceLayout(0, P)  # (CK, 32, 4): per chunk, lane and slot; shared by the row tiles
+    S: gl.constexpr = gl.SliceLayout(3, P)  # (BT, CK, 32): per row tile, chunk and lane (scales)
+    tiles = gl.cdiv(N, 16)
+    first_tile = gl.program_id(0) * BT
+    tile = gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, P))))
+    tile = gl.minimum(first_tile + tile, tiles - 1)[:, None, None, None]  # past the last: re-read, not stored
+    chunk = gl.arange(0, CK, layout=gl.SliceLayout(1, gl.SliceLayout(2, X)))[:, None, None]
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, X)))[None, :, None]
+    slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, X)))[None, None, :]
+    s_tile = gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, S)))
+    s_tile = gl.minimum(first_tile + s_tile, tiles - 1)[:, None, None]
+    s_chunk = gl.arange(0, CK, layout=gl.SliceLayout(0, gl.SliceLayout(2, S)))[None, :, None]
+    s_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, S)))[None, None, :]
+
+    words = w_ptr + tile * (chunks * 128) + ((chunk * 32 + lane) * 4 + slot)[None, :, :, :]  # the first step's
+    x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + (16 * chunk + 4 * slot + lane % 4)
+    rows = gl.minimum(s_tile * 16 + s_lane // 4, N - 1)  # row g of each lane; row g + 8 below
+    rows_hi = gl.minimum(s_tile * 16 + s_lane // 4 + 8, N - 1)
+    s_low = scale_ptr + rows * stride_sn
+    s_high = scale_ptr + rows_hi * stride_sn
+    o_low = offset_ptr + rows * stride_sn
+    o_high = offset_ptr + rows_hi * stride_sn
+    even_slot = (slot % 2 == 0)[None, :, :, :]
+
+    w_next = gl.load(words)
+    if PDL:  # the weights are ours; x and y belong to the kernels around us
+        _gdc_launch_dependents()
+        _gdc_wait()
+    acc = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)
+    for c0 in range(0, chunks, CK):
+        w = w_next
+        words += CK * 128
+        if EVEN:
+            w_next = gl.load(words, mask=c0 + CK < chunks, other=0)
+            xv = gl.load(x_quads + c0 * 16)
+            group = ((c0 + s_chunk) * 64 // GS) * stride_sg
+            s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
+                         gl.load(s_high + group).to(gl.float32)[:, :, :, None])
+        else:
+            w_next = gl.load(words, mask=(c0 + CK + chunk < chunks)[None, :, :, :], other=0)
+            xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < chunks, other=0)
+            group = (gl.minimum(c0 + s_chunk, chunks - 1) * 64 // GS) * stride_sg
+            s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
+                         gl.load(s_high + group).to(gl.float32)[:, :, :, None])
+        x_sum = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv], dtype=gl.float32, is_pure=True,
+                                          pack=4)[None, :, :, :]
+        raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :]], dtype=gl.float32,
+                                        is_pure=True, pack=4)
+        acc += (raw - CORRECTION * x_sum) * s
+        if AFFINE:
+            o = gl.where(even_slot, gl.load(o_low + group).to(gl.float32)[:, :, :, None],
+                         gl.load(o_high + group).to(gl.float32)[:, :, :, None])
+            acc += x_sum * o
+
+    total = gl.sum(acc, axis=1)  # (BT, 32, 4)
+    T: gl.constexpr = gl.SliceLayout(1, P)
+    t_slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, T)))[None, None, :]
+    low = gl.sum(gl.where(t_slot % 2 == 0, total, 0.0), axis=2)  # (BT, 32): row g of each lane's tile
+    high = gl.sum(gl.where(t_slot % 2 == 1, total, 0.0), axis=2)  # row g + 8
+    o_tile = first_tile + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, T)))
+    o_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, T)))
+    row = o_tile[:, None] * 16 + o_lane[None, :] // 4
+    first = (o_lane % 4 == 0)[None, :]  # the four lanes of a row hold the same sums: one stores
+    gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & (row < N))
+    gl.store(y_ptr + row + 8, high.to(y_ptr.dtype.element_ty), mask=first & (row + 8 < N))
+
+
+def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
+             group_size: int, zero: int = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
+             warps_rows: int = 1, warps_k: int = 4, pdl: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """y (1, N) = x (1, K) @ W^T for int4 weights re-laid by mma_layout: W = scale * (code - zero), or with an
+    offset scale * code + offset (zero 0), scale and offset (N, G) per group of `group_size` columns (a multiple
+    of 64)."""
+    if group_size % CHUNK:
+        raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
+    k = x.shape[-1]
+    chunks = k // CHUNK
+    if words.shape[:2] != (-(-n // TILE), chunks):
+        raise ValueError(f"words of shape {tuple(words.shape)} do not lay out a ({n}, {k}) weight")
+    if x.data_ptr() % 16:
+        raise ValueError("the MMA GEMV reads x 8 bytes at a time: it must be 16-byte aligned")
+    y = torch.empty((1, n), device=x.device, dtype=x.dtype) if out is None else out
+    bf16 = x.dtype == torch.bfloat16
+    bt = rows_per_thread * warps_rows
+    ck = chunks_per_step * warps_k
+    grid = (-(-n // (TILE * bt)),)
+    gemv4_mma_kernel[grid](x, words, scale, offset if offset is not None else scale, y, n, chunks,
+                           scale.stride(0), scale.stride(1), MMA_ASM=mma_asm(bf16), XSUM_ASM=xsum_asm(bf16),
+                           CORRECTION=MAGIC[bf16] + zero, AFFINE=offset is not None, GS=group_size,
+                           EVEN=chunks % ck == 0, RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows,
+                           WK=warps_k, PDL=pdl, num_warps=warps_rows * warps_k, launch_pdl=pdl)
+    return y

@@ -1,0 +1,97 @@
+"""The int4 MMA GEMV's weight layout and PTX (gluon_mma_gemv.py has the kernel and the reasons; kept apart so
+that the layout and the PTX are tested on machines without Triton)."""
+
+from __future__ import annotations
+
+import torch
+
+from modelpress.nn.nf4_ptx import bf16_bits, f16_bits
+
+CHUNK = 64  # columns of K per lane word quad (four MMAs of 16)
+TILE = 16  # rows per MMA tile
+NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)  # the nibble that holds the q-th code of a word (q = 4 * (MMA b) + column)
+
+
+def mma_layout(qdata: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """(ceil(N / 16), K / 64, 32, 4) int32 words of the int4 codes of `qdata` (uint8 (N, K / 2), code 2j in the
+    low nibble of byte j), laid out as the module docstring says; rows past N hold code 0."""
+    if k % CHUNK:
+        raise ValueError(f"the MMA GEMV needs K divisible by {CHUNK}, got {k}")
+    codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k)  # uint8: one byte a code while permuting
+    tiles = -(-n // TILE)
+    if tiles * TILE != n:
+        codes = torch.cat((codes, codes.new_zeros(tiles * TILE - n, k)))
+    # (tile, h, g, chunk, j pair, j in pair, t, column in MMA j's four): row 16 tile + 8 h + g,
+    # column 64 chunk + 16 (2 jp + jl) + 4 t + e
+    codes = codes.view(tiles, 2, 8, k // CHUNK, 2, 2, 4, 4)
+    # -> (tile, chunk, g, t, word = 2 jp + h, q = 4 jl + e)
+    codes = codes.permute(0, 3, 2, 6, 4, 1, 5, 7).reshape(tiles, k // CHUNK, 32, 4, 8)
+    nibbles = codes[..., [NIBBLE_OF.index(p) for p in range(8)]]  # nibble p of each word, p = 0..7
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # byte b: nibbles 2b (low) and 2b + 1 (high)
+    return packed.contiguous().view(torch.int32).squeeze(-1)  # little-endian: byte b at bits 8b..8b+7
+
+
+def mma_codes(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of mma_layout: (N, K) int codes (a check of the layout, and of its tests)."""
+    tiles = words.shape[0]
+    shifts = torch.tensor([4 * p for p in NIBBLE_OF], dtype=torch.int32, device=words.device)
+    codes = (words[..., None] >> shifts) & 15  # (tile, chunk, 32, 4, 8)
+    codes = codes.view(tiles, k // CHUNK, 8, 4, 2, 2, 2, 4).permute(0, 5, 2, 1, 4, 6, 3, 7)
+    return codes.reshape(tiles * TILE, k)[:n]
+
+
+MAGIC = {True: 128.0, False: 1024.0}  # bfloat16 / float16 whose last mantissa bit is worth 1: magic | c = magic + c
+
+
+def _pair(value: float, bf16: bool) -> str:
+    b = (bf16_bits if bf16 else f16_bits)(value)
+    return f"0x{(b << 16) | b:08X}"
+
+
+def _mma(bf16: bool) -> str:
+    kind = "bf16" if bf16 else "f16"
+    return f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32"
+
+
+def mma_asm(bf16: bool) -> str:
+    """PTX of one call (pack=4): $0..$3 float32 (as b32) sums of lane (g, t) for slots 0..3 = (row g, MMAs 0-1),
+    (row g + 8, MMAs 0-1), (row g, MMAs 2-3), (row g + 8, MMAs 2-3) of (MAGIC + code) * x; inputs the lane's
+    four words $4..$7, then its activations of MMA j, columns 16j + 4t .. 16j + 4t + 3, as one 64-bit value
+    ($8 + j). The caller subtracts (MAGIC + code zero) times xsum_asm's sums of x."""
+    lines = ["{", ".reg .b32 p<16>, q, mg, x<8>;", ".reg .f32 a<4>, b<4>, z;", "mov.f32 z, 0f00000000;",
+             f"mov.b32 mg, {_pair(MAGIC[bf16], bf16)};"]
+    lines += [f"mov.b64 {{x{2 * j}, x{2 * j + 1}}}, ${8 + j};" for j in range(4)]
+    for w in range(4):  # p[4w + i]: pair i of word w, nibbles (i, i + 4) at bits 0-3 of each half: magic + code
+        for i in range(4):
+            src = f"${4 + w}"
+            if i:
+                lines.append(f"shr.b32 q, ${4 + w}, {4 * i};")
+                src = "q"
+            lines.append(f"lop3.b32 p{4 * w + i}, {src}, 0x000F000F, mg, 0xEA;")
+    for chain, acc in ((0, "a"), (1, "b")):
+        row_g, row_g8 = 4 * (2 * chain), 4 * (2 * chain + 1)  # first pair register of the chain's two words
+        d = f"{{{acc}0, {acc}1, {acc}2, {acc}3}}"
+        for step in range(2):
+            j = 2 * chain + step
+            p = 2 * step  # pairs 0, 1 feed the chain's first MMA, pairs 2, 3 its second
+            a_regs = f"{{p{row_g + p}, p{row_g8 + p}, p{row_g + p + 1}, p{row_g8 + p + 1}}}"
+            c = "{z, z, z, z}" if step == 0 else d
+            lines.append(f"{_mma(bf16)} {d}, {a_regs}, {{x{2 * j}, x{2 * j + 1}}}, {c};")
+    lines += ["mov.b32 $0, a0;", "mov.b32 $1, a2;", "mov.b32 $2, b0;", "mov.b32 $3, b2;", "}"]
+    return "\n".join(lines)
+
+
+def xsum_asm(bf16: bool) -> str:
+    """PTX of one call (pack=4) over a lane's activations as mma_asm takes them ($4..$7): $0 = $1 = the sum of x
+    over the columns of MMAs 0-1 (the chunk's first 32), $2 = $3 over MMAs 2-3, in every lane (an MMA of ones)."""
+    lines = ["{", ".reg .b32 one, x<8>;", ".reg .f32 a<4>, b<4>, z;", "mov.f32 z, 0f00000000;",
+             f"mov.b32 one, {_pair(1.0, bf16)};"]
+    lines += [f"mov.b64 {{x{2 * j}, x{2 * j + 1}}}, ${4 + j};" for j in range(4)]
+    for chain, acc in ((0, "a"), (1, "b")):
+        d = f"{{{acc}0, {acc}1, {acc}2, {acc}3}}"
+        for step in range(2):
+            j = 2 * chain + step
+            c = "{z, z, z, z}" if step == 0 else d
+            lines.append(f"{_mma(bf16)} {d}, {{one, one, one, one}}, {{x{2 * j}, x{2 * j + 1}}}, {c};")
+    lines += ["mov.b32 $0, a0;", "mov.b32 $1, a0;", "mov.b32 $2, b0;", "mov.b32 $3, b0;", "}"]
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""The tensor-core M = 1 GEMV (nn/gluon_mma_gemv.py) against float64 dequantize-then-matmul, on a GPU.
+
+Random weights and activations; a partial last row tile; K that is not a whole number of loop steps; int4
+(code zero 8) and int4-asym (scale and offset); bfloat16 and float16 activations; an output buffer poisoned
+with NaN plus one extra row that must stay NaN; and back-to-back PDL launches replayed from a CUDA graph, bit
+for bit equal to eager launches without PDL."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+    pytest.skip("needs CUDA and triton", allow_module_level=True)
+pytest.importorskip("triton.experimental.gluon")
+
+from modelpress.formats import WeightScheme, quantize_weight  # noqa: E402
+from modelpress.nn import gluon_mma_gemv  # noqa: E402
+from modelpress.nn.mma_ptx import mma_layout  # noqa: E402
+
+DEVICE = torch.device("cuda")
+# the products are exact and summed in float32: the error is the output's rounding (bf16 2**-9, f16 2**-11)
+TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
+CONFIGS = [dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4),
+           dict(rows_per_thread=2, chunks_per_step=1, warps_rows=2, warps_k=2),
+           dict(rows_per_thread=1, chunks_per_step=4, warps_rows=1, warps_k=8)]
+
+
+def make(spec: str, n: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))
+    packed = quantize_weight(weight, WeightScheme.parse(spec)).to(DEVICE)
+    return packed, mma_layout(packed.qdata, n, k)
+
+
+def call(x, packed, words, out=None, **config):
+    zero = 0 if packed.offset is not None else 8
+    return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
+                                   packed.scheme.group_length(packed.shape[1]), zero=zero, out=out, **config)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 576), ("int4-asym/g64", 72, 448),
+                                        ("int4/g128", 4096, 4096), ("int4-asym/g128", 1000, 11008)])
+def test_mma_gemv_matches_float64(spec, n, k, dtype, config):
+    packed, words = make(spec, n, k, seed=n + k)
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    buffer = torch.full((2, n), float("nan"), device=DEVICE, dtype=dtype)
+    y = call(x, packed, words, out=buffer[:1], **config)
+    assert torch.isnan(buffer[1]).all(), "kernel wrote past the last row"
+    assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
+    ref = x.double() @ packed.dequantize(torch.float64).T
+    error = ((y.double() - ref).norm() / ref.norm()).item()
+    assert error < TOLERANCE[dtype], error
+    again = call(x, packed, words, **config)
+    assert torch.equal(again, y)  # deterministic: no atomics, a fixed order of sums
+
+
+def test_mma_gemv_refuses_what_it_cannot_read():
+    packed, words = make("int4/g128", 32, 256, seed=0)
+    x = torch.randn(1, 256, device=DEVICE).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        gluon_mma_gemv.mma_gemv(x, words, packed.scale, None, 32, 32)
+    with pytest.raises(ValueError, match="do not lay out"):
+        gluon_mma_gemv.mma_gemv(x, words, packed.scale, None, 48, 128)
+
+
+def test_mma_gemv_pdl_chain_under_cuda_graph():
+    layers = [make("int4/g128", 512, 512, seed=s) for s in range(6)]
+    x = torch.randn(1, 512, device=DEVICE).to(torch.bfloat16)
+
+    def chain(pdl):
+        h = x
+        for packed, words in layers:
+            h = call(h, packed, words, pdl=pdl)
+            h = h / h.abs().amax()  # keeps the chain's values in range, and puts a PyTorch kernel between GEMVs
+        return h
+
+    eager = chain(False)
+    static = chain(True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = chain(True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, eager)

@@ -1,0 +1,181 @@
+"""The MMA GEMV's weight layout and PTX, checked on the CPU (mma_ptx.py, for gluon_mma_gemv.py; the kernel itself runs in
+test_triton_gemv.py on a GPU).
+
+The PTX is run here by a small interpreter of the instructions it uses, with mma.sync's fragment layout taken
+from the PTX ISA (m16n8k16, .row.col): the test fails if a register lands in the wrong fragment slot, a nibble
+in the wrong pair, or the magic-number decode is off by anything."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+
+from modelpress.nn import mma_ptx as mg
+
+
+def _f32(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
+
+
+def _half(bits16: int, bf16: bool) -> float:
+    if bf16:
+        return _f32(bits16 << 16)
+    return struct.unpack("<e", struct.pack("<H", bits16))[0]
+
+
+def _to_half(value: float, bf16: bool) -> int:
+    if bf16:
+        from modelpress.nn.nf4_ptx import bf16_bits
+
+        return bf16_bits(value)
+    return struct.unpack("<H", struct.pack("<e", value))[0]
+
+
+def _pair(bits: int, bf16: bool) -> tuple[float, float]:
+    return _half(bits & 0xFFFF, bf16), _half(bits >> 16, bf16)
+
+
+def _imm(token: str) -> int:
+    return int(token, 16) if token.startswith("0x") else int(token)
+
+
+def run_warp(asm: str, inputs: list[list[int]], outputs: int) -> list[list[int]]:
+    """Run the PTX on 32 lanes: inputs[lane] are the (32- or 64-bit) values of $outputs.., returns each lane's
+    outputs."""
+    bf16 = ".bf16" in asm
+    lanes = [dict() for _ in range(32)]
+    for lane, values in enumerate(inputs):
+        for i, v in enumerate(values):
+            lanes[lane][f"${outputs + i}"] = v & 0xFFFFFFFFFFFFFFFF
+
+    def val(regs, token):
+        token = token.strip()
+        if token in regs:
+            return regs[token]
+        if token.startswith("0f"):
+            return int(token[2:], 16)
+        return _imm(token)
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op.startswith("mma."):
+            d, a, b, c = [part.strip(" {}").split(",") for part in rest.split("}, {")]
+            d, a, b, c = [[r.strip() for r in regs] for regs in (d, a, b, c)]
+            A = [[0.0] * 16 for _ in range(16)]
+            B = [[0.0] * 8 for _ in range(16)]
+            C = [[0.0] * 8 for _ in range(16)]
+            for lane, regs in enumerate(lanes):
+                g, t = lane // 4, lane % 4
+                for r, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+                    A[row][col], A[row][col + 1] = _pair(val(regs, a[r]), bf16)
+                for r, k in enumerate((2 * t, 2 * t + 8)):
+                    B[k][g], B[k + 1][g] = _pair(val(regs, b[r]), bf16)
+                for r, (row, col) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                    C[row][col] = _f32(val(regs, c[r]))
+            D = [[C[i][j] + sum(A[i][k] * B[k][j] for k in range(16)) for j in range(8)] for i in range(16)]
+            for lane, regs in enumerate(lanes):
+                g, t = lane // 4, lane % 4
+                for r, (row, col) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                    regs[d[r]] = struct.unpack("<I", struct.pack("<f", D[row][col]))[0]
+            continue
+        if op == "mov.b64":  # {lo, hi}, $i: a 64-bit input split into two 32-bit registers
+            pair, src = rest.rsplit(",", 1)
+            lo, hi = (r.strip() for r in pair.strip(" {}").split(","))
+            for regs in lanes:
+                value = val(regs, src)
+                regs[lo], regs[hi] = value & 0xFFFFFFFF, value >> 32
+            continue
+        args = [x.strip() for x in rest.split(",")]
+        for regs in lanes:
+            if op in ("mov.b32", "mov.f32"):
+                regs[args[0]] = val(regs, args[1])
+            elif op == "shr.b32":
+                regs[args[0]] = val(regs, args[1]) >> val(regs, args[2])
+            elif op == "lop3.b32":
+                assert args[4] == "0xEA"  # (a & b) | c
+                regs[args[0]] = (val(regs, args[1]) & val(regs, args[2])) | val(regs, args[3])
+            elif op.startswith("fma.rn.") and op.endswith("x2"):
+                xs, ys, zs = (_pair(val(regs, r), bf16) for r in args[1:4])
+                out = [_to_half(p * q + s, bf16) for p, q, s in zip(xs, ys, zs)]  # exact here: small integers
+                regs[args[0]] = out[0] | (out[1] << 16)
+            else:
+                raise AssertionError(f"the interpreter does not know {op}")
+    return [[lanes[lane][f"${i}"] for i in range(outputs)] for lane in range(32)]
+
+
+def test_layout_round_trips_codes():
+    torch.manual_seed(0)
+    n, k = 40, 192  # a partial last tile, three chunks
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    words = mg.mma_layout(qdata, n, k)
+    assert words.shape == (3, 3, 32, 4) and words.dtype == torch.int32
+    codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k).to(torch.int32)
+    assert torch.equal(mg.mma_codes(words, n, k), codes)
+    assert torch.equal(mg.mma_codes(words, 48, k)[n:], torch.zeros(8, k, dtype=torch.int32))  # padded rows
+
+
+def test_layout_refuses_k_off_the_chunk():
+    with pytest.raises(ValueError, match="divisible by 64"):
+        mg.mma_layout(torch.zeros(16, 40, dtype=torch.uint8), 16, 80)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("zero", [8, 0])
+def test_ptx_computes_each_lanes_partial_sums(bf16, zero):
+    """One 16-row tile, one 64-column chunk: every lane's four slots, less (MAGIC + zero) times the sums of x,
+    equal the exact sums of its rows over its half chunks, with x read at the kernel's offsets."""
+    torch.manual_seed(1)
+    n, k = 16, 64
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k).to(torch.float64) - zero
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    x = torch.randn(k).to(dtype)
+    x_quads = x.view(torch.int64).tolist()  # the 64-bit values the kernel loads: 4 columns each
+    words = mg.mma_layout(qdata, n, k)[0, 0].tolist()  # (32 lanes, 4 words)
+    xs = [[x_quads[4 * j + lane % 4] for j in range(4)] for lane in range(32)]  # the kernel's x offsets
+    raw = run_warp(mg.mma_asm(bf16), [words[lane] + xs[lane] for lane in range(32)], 4)
+    sums = run_warp(mg.xsum_asm(bf16), xs, 4)
+    xf = x.to(torch.float64)
+    magic = mg.MAGIC[bf16]
+    for lane in range(32):
+        g = lane // 4
+        for slot in range(4):
+            row = g + 8 * (slot % 2)
+            cols = slice(32 * (slot // 2), 32 * (slot // 2) + 32)
+            assert _f32(sums[lane][slot]) == pytest.approx(float(xf[cols].sum()), rel=1e-6, abs=1e-6)
+            got = _f32(raw[lane][slot]) - (magic + zero) * _f32(sums[lane][slot])
+            expected = float(codes[row, cols] @ xf[cols])
+            # the only rounding: the float32 sums (D and the sum of x), each within 2**-24 of (magic + 15) sum |x|
+            bound = 2 * 2.0 ** -24 * (magic + 15) * float(xf[cols].abs().sum())
+            assert abs(got - expected) <= bound, (lane, slot, got, expected)
+
+
+@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 256), ("int4-asym/g64", 16, 192)])
+def test_dequantize_from_the_layout_equals_the_packed_weight(spec, n, k):
+    """mma_dequantize_kernel (under Triton's interpreter here, on the GPU in CUDA runs) gives the stored
+    weight's own dequantization, exactly."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from modelpress.formats import WeightScheme, quantize_weight
+from modelpress.nn import triton_backend
+from modelpress.nn.mma_ptx import mma_layout
+packed = quantize_weight(torch.randn({n}, {k}), WeightScheme.parse("{spec}"))
+words = mma_layout(packed.qdata, {n}, {k})
+got = triton_backend.mma_dequantize(words, packed, torch.float32)
+assert torch.equal(got, packed.dequantize(torch.float32)), (got - packed.dequantize(torch.float32)).abs().max()
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
