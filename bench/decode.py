@@ -402,7 +402,8 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
     # "+noattn": with every fusion but the split-cache attention (to measure that one); "+nopdl": the decode-time
     # kernels (norms, rotary, KV writes, attention, activation) launched without PDL (the GEMVs keep theirs);
     # "+mhasplit": the split-cache attention for one token of a model with a key/value head per query head at any
-    # cache length (fusion.MHA_SPLIT_MAX_POSITIONS: up to 1024 positions by default)
+    # cache length (fusion.MHA_SPLIT_MAX_POSITIONS: up to 1024 positions by default); "+nomma": int4 layers keep
+    # their stored layout and the CUDA-core GEMV (fusion.RELAYOUT off)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion
@@ -410,7 +411,8 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
 
     with (patched(fusion, "_fuse_attention", lambda model, report: [], "noattn" in flags),
           patched(triton_backend, "PDL_KERNELS", False, "nopdl" in flags),
-          patched(fusion, "MHA_SPLIT_MAX_POSITIONS", 1 << 40, "mhasplit" in flags)):
+          patched(fusion, "MHA_SPLIT_MAX_POSITIONS", 1 << 40, "mhasplit" in flags),
+          patched(fusion, "RELAYOUT", False, "nomma" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
@@ -507,12 +509,14 @@ def parse_args() -> argparse.Namespace:
                         "default float)")
     p.add_argument("--paths", nargs="+", default=["eager", "auto"],
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
-                            "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+compile+nofuse"],
+                            "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
+                            "auto+compile+nofuse"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but the "
                         "split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the split-cache "
                         "attention for one token of a model with as many key/value heads as query heads at any cache "
-                        "length (by default up to 1024 positions)")
+                        "length (by default up to 1024 positions); +nomma: int4 layers on the CUDA-core GEMV, not re-laid "
+                        "for the tensor-core one")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

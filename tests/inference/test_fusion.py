@@ -448,3 +448,46 @@ def test_fusing_leaves_the_random_state_alone():
     _, undo = fuse_for_decode(model)
     undo()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_relaid_codes_are_refused_off_the_decode_path_and_given_back(monkeypatch):
+    """The in-place re-layout for the tensor-core GEMV (on the CPU with the support check forced: the layout is
+    the same permutation everywhere): a re-laid layer refuses calls its codes cannot serve, and undo gives every
+    byte back."""
+    from modelpress.nn import triton_backend
+
+    model = packed(build_family("llama", hidden_size=128, intermediate_size=256, num_attention_heads=8), "int4/g64")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(triton_backend, "mma_supported", lambda p: p.scheme.format == "int4")
+    report, undo = fuse_for_decode(model)
+    layers = model.config.num_hidden_layers
+    assert report.relaid == 4 * layers  # the q/k/v group, o, the gate/up group, down
+    assert "int4 layers on the tensor-core GEMV" in report.summary()
+    layer = model.model.layers[0].self_attn.o_proj
+    assert layer.mma_words.data_ptr() == layer.qdata.data_ptr()  # a view: no second copy of the codes
+    assert not torch.equal(layer.qdata, state["model.layers.0.self_attn.o_proj.qdata"])
+    with pytest.raises(ModelpressError, match="laid out for the tensor-core GEMV"):
+        layer(torch.randn(1, 128))
+    undo()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    assert "mma_words" not in vars(layer)
+
+
+@pytest.mark.parametrize("spec", ["int4/g128", "int4-asym/g64"])
+def test_generate_on_the_tensor_core_gemv_gives_the_tokens_of_the_cuda_core_one(cuda, spec, monkeypatch):
+    from modelpress.inference import fusion
+
+    model = packed(build_family("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16).to(torch.bfloat16), spec).to(cuda)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = GenerationSettings(max_new_tokens=12, decode="graph", sampling=SamplingConfig(temperature=0.0))
+    runs = {}
+    for relayout in (False, True):
+        monkeypatch.setattr(fusion, "RELAYOUT", relayout)
+        runs[relayout] = generate(model, [5, 17, 33, 2, 90], settings)
+    layers = model.config.num_hidden_layers
+    assert runs[True].fusions.endswith(f"{4 * layers} int4 layers on the tensor-core GEMV, rotary, KV writes")
+    assert "tensor-core" not in runs[False].fusions
+    assert runs[True].tokens[:4] == runs[False].tokens[:4]  # bfloat16 sums in another order
+    after = model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)  # the stored order is back

@@ -115,9 +115,10 @@ def test_layout_round_trips_codes():
     qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
     words = mg.mma_layout(qdata, n, k)
     assert words.shape == (3, 3, 32, 4) and words.dtype == torch.int32
-    codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k).to(torch.int32)
+    codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k)
     assert torch.equal(mg.mma_codes(words, n, k), codes)
-    assert torch.equal(mg.mma_codes(words, 48, k)[n:], torch.zeros(8, k, dtype=torch.int32))  # padded rows
+    assert torch.equal(mg.mma_codes(words, 48, k)[n:], torch.zeros(8, k, dtype=torch.uint8))  # padded rows
+    assert torch.equal(mg.standard_bytes(mg.mma_codes(words, n, k)), qdata)
 
 
 def test_layout_refuses_k_off_the_chunk():

@@ -23,6 +23,9 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
   the attention modules' config names a function registered for it, which calls SDPA's own for every other call
   (prefill, one token of a model with as many key/value heads as query heads over a cache longer than
   MHA_SPLIT_MAX_POSITIONS, masks per head, soft-capping, compile).
+- **int4 codes re-laid for the tensor-core GEMV** (nn/gluon_mma_gemv.py) where a generation's forwards after the
+  prefill take one token: each int4 layer it serves has its codes permuted in place (the same bytes), and put
+  back in the stored order after the generation.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
   modeling module's `apply_rotary_pos_emb`, which its attention calls by name, is replaced for the generation by a
   function that launches the kernel where it serves the call and calls the original otherwise. The replacement is
@@ -79,6 +82,7 @@ class FusionReport:
     adds: int = 0                                     # residual adds folded into the norm after them
     attention: int = 0                                # attention modules whose decode attention is split-cache
     kv_writes: bool = False                           # a static cache wrote keys and values in one kernel a layer
+    relaid: int = 0                                   # int4 layers whose one-token matmul is the tensor-core GEMV
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
@@ -89,6 +93,7 @@ class FusionReport:
         self.adds += other.adds
         self.attention += other.attention
         self.kv_writes |= other.kv_writes
+        self.relaid += other.relaid
         self.skipped += other.skipped
 
     def summary(self) -> str:
@@ -96,7 +101,8 @@ class FusionReport:
         when nothing was fused)."""
         done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms"),
                                               (self.mlps, "MLPs"), (self.adds, "residual adds"),
-                                              (self.attention, "attentions")) if n]
+                                              (self.attention, "attentions"),
+                                              (self.relaid, "int4 layers on the tensor-core GEMV")) if n]
         return ", ".join(done + (["rotary"] if self.rotary else []) + (["KV writes"] if self.kv_writes else []))
 
 
@@ -156,11 +162,12 @@ class FusedRMSNorm(nn.Module):
 
 
 def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rope: bool = True,
-                    mlps: bool = True, adds: bool = True, attention: bool = True
+                    mlps: bool = True, adds: bool = True, attention: bool = True, relayout: bool = True
                     ) -> tuple[FusionReport, Callable[[], None]]:
     """Fuse `model` in place; (report, undo). undo() puts every original module and function back, each module
     with its own tensors. MLPs fuse only where their gate and up became one group, residual adds only into norms
-    fused before."""
+    fused before. relayout (for generations whose forwards after the prefill take one token): int4 layers'
+    codes re-laid for the tensor-core GEMV (`_relayout`), after the sibling groups are stacked."""
     report, undo = FusionReport(), []
     try:
         if norms:
@@ -175,6 +182,8 @@ def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True,
             undo += _fuse_adds(model, report)
         if attention:
             undo += _fuse_attention(model, report)
+        if relayout and RELAYOUT:
+            undo += _relayout(model, report)
     except BaseException:
         _run_all(undo)
         raise
@@ -551,6 +560,41 @@ def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], 
                 setattr(parent, n, SiblingPart(group, index, part))
             undo.append(lambda p=parent, ns=names, ps=parts, r=restore: _unstack(p, ns, ps, r))
             report.groups += 1
+    return undo
+
+
+RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it off to measure it
+
+
+def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+    """int4 QuantLinears the tensor-core GEMV serves (triton_backend.mma_supported) get their codes re-laid in
+    place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
+    QuantLinear.forward then reads: one-token calls run gluon_mma_gemv, others decode the weight from that layout
+    for cuBLAS. undo() puts the stored order back, bit for bit."""
+    from modelpress.nn import triton_backend
+    from modelpress.nn.mma_ptx import mma_codes, mma_layout, standard_bytes
+
+    undo: list[Callable[[], None]] = []
+    for _, module in _children(model):
+        if not isinstance(module, QuantLinear) or _hooked(module) or "mma_words" in module.__dict__:
+            continue
+        packed = module.packed
+        if not triton_backend.mma_supported(packed):
+            continue
+        n, k = packed.shape
+        qdata = module.qdata
+        words = mma_layout(qdata, n, k)
+        qdata.view(torch.int32).view(-1).copy_(words.view(-1))
+        module.mma_words = qdata.view(torch.int32).view(words.shape)
+        del words
+
+        def restore(m=module, q=qdata, n=n, k=k) -> None:
+            q.copy_(standard_bytes(mma_codes(m.mma_words, n, k)))
+            del m.mma_words
+            m._launchers = {key: fn for key, fn in m._launchers.items() if key[-1] != "mma"}
+
+        undo.append(restore)
+        report.relaid += 1
     return undo
 
 

@@ -131,18 +131,15 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, chunks, stri
     gl.store(y_ptr + row + 8, high.to(y_ptr.dtype.element_ty), mask=first & (row + 8 < N))
 
 
-def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
-             group_size: int, zero: int = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
-             warps_rows: int = 1, warps_k: int = 4, pdl: bool = False,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """y (1, N) = x (1, K) @ W^T for int4 weights re-laid by mma_layout: W = scale * (code - zero), or with an
-    offset scale * code + offset (zero 0), scale and offset (N, G) per group of `group_size` columns (a multiple
-    of 64)."""
+def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
+           group_size: int, zero: int = 8, rows_per_thread: int = 1, chunks_per_step: int = 2, warps_rows: int = 1,
+           warps_k: int = 4, pdl: bool = False, out: torch.Tensor | None = None) -> tuple:
+    """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[4] is y."""
     if group_size % CHUNK:
         raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
     k = x.shape[-1]
     chunks = k // CHUNK
-    if words.shape[:2] != (-(-n // TILE), chunks):
+    if tuple(words.shape[:2]) != (-(-n // TILE), chunks):
         raise ValueError(f"words of shape {tuple(words.shape)} do not lay out a ({n}, {k}) weight")
     if x.data_ptr() % 16:
         raise ValueError("the MMA GEMV reads x 8 bytes at a time: it must be 16-byte aligned")
@@ -151,9 +148,22 @@ def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: 
     bt = rows_per_thread * warps_rows
     ck = chunks_per_step * warps_k
     grid = (-(-n // (TILE * bt)),)
-    gemv4_mma_kernel[grid](x, words, scale, offset if offset is not None else scale, y, n, chunks,
-                           scale.stride(0), scale.stride(1), MMA_ASM=mma_asm(bf16), XSUM_ASM=xsum_asm(bf16),
-                           CORRECTION=MAGIC[bf16] + zero, AFFINE=offset is not None, GS=group_size,
-                           EVEN=chunks % ck == 0, RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows,
-                           WK=warps_k, PDL=pdl, num_warps=warps_rows * warps_k, launch_pdl=pdl)
-    return y
+    args = (x, words, scale, offset if offset is not None else scale, y, n, chunks, scale.stride(0), scale.stride(1))
+    constants = dict(MMA_ASM=mma_asm(bf16), XSUM_ASM=xsum_asm(bf16), CORRECTION=MAGIC[bf16] + zero,
+                     AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0, RT=rows_per_thread,
+                     CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl, num_warps=warps_rows * warps_k,
+                     launch_pdl=pdl)
+    return gemv4_mma_kernel, grid, args, constants
+
+
+def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
+             group_size: int, zero: int = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
+             warps_rows: int = 1, warps_k: int = 4, pdl: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """y (1, N) = x (1, K) @ W^T for int4 weights re-laid by mma_layout: W = scale * (code - zero), or with an
+    offset scale * code + offset (zero 0), scale and offset (N, G) per group of `group_size` columns (a multiple
+    of 64; G = 1 per channel). x must be 16-byte aligned."""
+    kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
+                                           chunks_per_step, warps_rows, warps_k, pdl, out)
+    kernel[grid](*args, **constants)
+    return args[4]

@@ -32,12 +32,18 @@ def mma_layout(qdata: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def mma_codes(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The inverse of mma_layout: (N, K) int codes (a check of the layout, and of its tests)."""
+    """The inverse of mma_layout: (N, K) uint8 codes, one byte each."""
     tiles = words.shape[0]
-    shifts = torch.tensor([4 * p for p in NIBBLE_OF], dtype=torch.int32, device=words.device)
-    codes = (words[..., None] >> shifts) & 15  # (tile, chunk, 32, 4, 8)
+    raw = words.contiguous().view(torch.uint8).view(*words.shape, 4)  # byte b: nibbles 2b (low), 2b + 1 (high)
+    nibbles = torch.stack((raw & 15, raw >> 4), dim=-1).flatten(-2)  # (tile, chunk, 32, 4, nibble p)
+    codes = nibbles[..., list(NIBBLE_OF)]  # code q of each word
     codes = codes.view(tiles, k // CHUNK, 8, 4, 2, 2, 2, 4).permute(0, 5, 2, 1, 4, 6, 3, 7)
     return codes.reshape(tiles * TILE, k)[:n]
+
+
+def standard_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes packed as the stored format has them (packing.py): code 2j in the low nibble of byte j."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 MAGIC = {True: 128.0, False: 1024.0}  # bfloat16 / float16 whose last mantissa bit is worth 1: magic | c = magic + c

@@ -16,6 +16,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from modelpress.errors import ModelpressError
 from modelpress.formats.packed import PackedWeight, empty_packed
 from modelpress.formats.scheme import WeightScheme
 from modelpress.nn.backends import linear_forward
@@ -63,6 +64,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        words = self.__dict__.get("mma_words")
+        if words is not None:  # re-laid for a generation (inference/fusion.py): only the eager CUDA path reads them
+            if grad or torch.compiler.is_compiling() or not x.is_cuda:
+                raise ModelpressError("this layer's codes are laid out for the tensor-core GEMV while a generation "
+                                      "runs: call it without autograd or torch.compile, on CUDA, or after it")
+            return self._eager_mma(x, words)
         if not grad and not torch.compiler.is_compiling():
             if x.is_cuda:
                 return self._eager_cuda(x)
@@ -91,6 +98,18 @@ class QuantLinear(nn.Module):
         if x.is_contiguous() and not x.data_ptr() % 16:
             return fn(x)
         return self._operator(x)
+
+    def _eager_mma(self, x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """The layer's result from codes in the tensor-core GEMV's layout (triton_backend.prepared_mma_linear)."""
+        from modelpress.nn.triton_backend import prepared_mma_linear
+
+        key = (x.shape, x.dtype, "mma")
+        fn = self._launchers.get(key)
+        if fn is None:
+            fn = self._launchers[key] = prepared_mma_linear(x, words, self.packed, self.bias)
+        if x.is_contiguous() and not x.data_ptr() % 16:
+            return fn(x)
+        return prepared_mma_linear(x.contiguous(), words, self.packed, self.bias)(x.contiguous())
 
     def train(self, mode: bool = True) -> QuantLinear:
         self._launchers = {}  # a launcher holds the bias converted to the activation dtype: rebuild after training

@@ -510,6 +510,59 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
+MMA_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bfloat16 operands: Ampere and later
+MMA_CONFIG = dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=8)  # bench/mma_gemv.py
+
+
+def mma_supported(packed: PackedWeight) -> bool:
+    """Whether gluon_mma_gemv serves the weight once re-laid (mma_ptx.mma_layout, in place: the same bytes): int4
+    or int4-asym with per-group or per-channel scales, groups of a multiple of 64 columns, no input permutation or
+    double quantization, N a multiple of 16 and K of 64, codes stored densely on a CUDA device of compute
+    capability 8.0 or later."""
+    from modelpress.nn.mma_ptx import CHUNK, TILE
+
+    n, k = packed.shape
+    q = packed.qdata
+    return (packed.scheme.format in ("int4", "int4-asym") and packed.scheme.granularity != "tensor"
+            and packed.input_perm is None and packed.scale_scale is None and n % TILE == 0 and k % CHUNK == 0
+            and packed.scheme.group_length(k) % CHUNK == 0 and q.is_cuda and q.is_contiguous()
+            and tuple(q.shape) == (n, k // 2) and packed.scale.dim() == 2 and triton_available()
+            and gluon_gemv_available() and device_capability(q.device) >= MMA_CAPABILITY)
+
+
+def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
+                        ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn(x) -> x @ W^T (+ bias) for activations of x's shape and dtype, W int4 codes re-laid in `words` (packed's
+    qdata holds them; its scale and offset are read as stored). One activation row: the tensor-core GEMV
+    (gluon_mma_gemv), launched directly as prepared_linear's launchers are, with PDL on Hopper. More rows: the
+    weight decoded from `words` (mma_dequantize), then cuBLAS."""
+    n, k = packed.shape
+    if x.numel() != k or not x.is_contiguous() or x.data_ptr() % 16 or x.dtype not in _ACT_DTYPES:
+        return lambda x: F.linear(x, mma_dequantize(words, packed, x.dtype), bias)
+    from modelpress.nn import gluon_mma_gemv
+
+    pdl = pdl_launch(x.device)
+    bias = None if bias is None else bias.to(x.dtype)
+    x2 = x.reshape(1, k)
+    kernel, grid, args, constants = gluon_mma_gemv.launch(x2, words, packed.scale, packed.offset, n,
+                                                          packed.scheme.group_length(k),
+                                                          _FORMAT_KINDS[packed.scheme.format][1], pdl=pdl,
+                                                          **MMA_CONFIG)
+    y = args[4]
+    compiled = kernel[grid](*args, **constants)
+    try:
+        fn = _direct_launch(compiled, kernel.arg_names, (*grid, 1, 1)[:3], args, constants, y, (*x.shape[:-1], n),
+                            bias)
+    except AttributeError:  # a Triton whose launcher is laid out otherwise: its own launch path
+        def fn(x):
+            return gluon_mma_gemv.mma_gemv(x.reshape(1, k), words, packed.scale, packed.offset, n,
+                                           packed.scheme.group_length(k), _FORMAT_KINDS[packed.scheme.format][1],
+                                           pdl=pdl, **MMA_CONFIG).view(*x.shape[:-1], n)
+    if bias is None:
+        return fn
+    return lambda x: fn(x).add_(bias)
+
+
 def mma_dequantize(words: torch.Tensor, packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The (N, K) weight of int4 `packed` (int4 or int4-asym) from its codes re-laid by mma_ptx.mma_layout
     (`words`; packed.qdata is not read), decoded in one launch."""
