@@ -86,6 +86,19 @@ def _cases(cap: tuple[int, int]):
                 yield f"{spec} matmul M={m} {dtype}", lambda x=x, p=packed: quantized_matmul(x, p, None)
             x = torch.randn(1, k, generator=gen).to(dtype)
             yield f"{spec} prepared M=1 {dtype}", lambda x=x, p=packed: prepared_linear(x, p, None)
+    from modelpress.nn import triton_backend
+    from modelpress.nn.mma_ptx import mma_layout
+
+    for spec in ["int4/g128", "int4-asym/g128"]:  # from 8.0, decode re-lays int4 codes for the tensor-core GEMV
+        packed = quantize_weight(weight, WeightScheme.parse(spec))
+        if not triton_backend.mma_supported(packed):
+            continue
+        words = mma_layout(packed.qdata, n, k)
+        for dtype in dtypes:
+            for m in (1, 16):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                yield f"{spec} re-laid M={m} {dtype}", lambda x=x, p=packed, w=words: \
+                    triton_backend.prepared_mma_linear(x, w, p, None)(x)
     tall = torch.randn(5376, 2048, generator=gen)  # rows enough for the GEMV plan without split-K (a cp.async ring)
     for spec in ["int4/g128", "nf4/g64"]:
         packed = quantize_weight(tall, WeightScheme.parse(spec))
