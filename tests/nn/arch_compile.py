@@ -89,11 +89,12 @@ def _cases(cap: tuple[int, int]):
     from modelpress.nn import triton_backend
     from modelpress.nn.mma_ptx import mma_layout
 
+    wide = torch.randn(6400, k, generator=gen)  # rows enough for the tensor-core GEMV's plan (3 tiles per SM)
     for spec in ["int4/g128", "int4-asym/g128"]:  # from 8.0, decode re-lays int4 codes for the tensor-core GEMV
-        packed = quantize_weight(weight, WeightScheme.parse(spec))
+        packed = quantize_weight(wide, WeightScheme.parse(spec))
         if not triton_backend.mma_supported(packed):
             continue
-        words = mma_layout(packed.qdata, n, k)
+        words = mma_layout(packed.qdata, 6400, k)
         for dtype in dtypes:
             for m in (1, 16):
                 x = torch.randn(m, k, generator=gen).to(dtype)

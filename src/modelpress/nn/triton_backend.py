@@ -511,18 +511,25 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 MMA_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bfloat16 operands: Ampere and later
-MMA_CONFIG = dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=8)  # bench/mma_gemv.py
+# the tensor-core GEMV's plan (bench/mma_gemv.py, H100): one 16-row tile a program, its 4 warps along K two 64-column
+# chunks at a time each; it beats the CUDA-core GEMV where the tiles give each multiprocessor several programs
+# (12288, 11008 and 22016 rows: 0.77-0.85x its time) and loses where they do not (4096 rows: 1.05x at best)
+MMA_CONFIG = dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4)
+MMA_MIN_TILES_PER_SM = 3
 
 
 def mma_supported(packed: PackedWeight) -> bool:
-    """Whether gluon_mma_gemv serves the weight once re-laid (mma_ptx.mma_layout, in place: the same bytes): int4
-    or int4-asym with per-group or per-channel scales, groups of a multiple of 64 columns, no input permutation or
-    double quantization, N a multiple of 16 and K of 64, codes stored densely on a CUDA device of compute
-    capability 8.0 or later."""
+    """Whether gluon_mma_gemv serves the weight once re-laid (mma_ptx.mma_layout, in place: the same bytes), and
+    faster than the CUDA-core GEMV: int4 or int4-asym with per-group or per-channel scales, groups of a multiple of
+    64 columns, no input permutation or double quantization, N a multiple of 16 and K of 64, codes stored densely
+    on a CUDA device of compute capability 8.0 or later, and at least MMA_MIN_TILES_PER_SM row tiles of 16 per
+    multiprocessor."""
     from modelpress.nn.mma_ptx import CHUNK, TILE
 
     n, k = packed.shape
     q = packed.qdata
+    if not q.is_cuda or n // TILE < MMA_MIN_TILES_PER_SM * _sm_count(q.device.index or 0):
+        return False  # too few row tiles to fill the GPU: the CUDA-core GEMV is faster there
     return (packed.scheme.format in ("int4", "int4-asym") and packed.scheme.granularity != "tensor"
             and packed.input_perm is None and packed.scale_scale is None and n % TILE == 0 and k % CHUNK == 0
             and packed.scheme.group_length(k) % CHUNK == 0 and q.is_cuda and q.is_contiguous()
