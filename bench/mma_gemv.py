@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from bench.kernels import (DEVICE, LAYERS, LLAMA2_7B_FUSED, ROTATE_BYTES, bf16_linear, nbytes, ours, random_packed,
                            read_bandwidth_tbs, time_sequence, torch_int4)
 
-from modelpress.nn import gluon_mma_gemv
+from modelpress.nn import gluon_mma_gemv, triton_backend
 from modelpress.nn.mma_ptx import mma_layout
 
 SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 11008)]
@@ -38,13 +38,13 @@ CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=w
 def mma_impl(spec: str, config: dict):
     def build(n, k):
         packed = random_packed(spec, n, k)
-        return packed, mma_layout(packed.qdata, n, k)
+        return packed, mma_layout(packed.qdata, n, k, triton_backend.mma_order(packed))
 
     def call(state, x):
         packed, words = state
-        zero = 0 if packed.offset is not None else 8
         return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
-                                       packed.scheme.group_length(packed.shape[1]), zero=zero, pdl=True, **config)
+                                       packed.scheme.group_length(packed.shape[1]), triton_backend.mma_zero(packed),
+                                       pdl=True, **config)
 
     return build, call
 
@@ -67,7 +67,7 @@ def errors(spec: str, n: int, k: int) -> dict:
     from modelpress.nn import QuantLinear
 
     current = QuantLinear(packed)(x)
-    mma = mma_impl(spec, CONFIGS[0])[1]((packed, mma_layout(packed.qdata, n, k)), x)
+    mma = mma_impl(spec, CONFIGS[0])[1]((packed, mma_layout(packed.qdata, n, k, triton_backend.mma_order(packed))), x)
 
     def rel(y):
         return ((y.double() - ref).norm() / ref.norm()).item()
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("mma_gemv.json"))
     parser.add_argument("--specs", default="int4/g128,int4-asym/g128")
     parser.add_argument("--configs", type=int, default=len(CONFIGS), help="the first N configurations only")
+    parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
     args = parser.parse_args()
     torch.manual_seed(0)
     specs = args.specs.split(",")
@@ -88,7 +89,8 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("device", "torch", "read_tbs")}), flush=True)
     best: dict = {}
     for spec in specs:
-        for n, k in SHAPES:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+        for n, k in shapes:
             row = {"spec": spec, "N": n, "K": k, **errors(spec, n, k)}
             current = timed(ours(spec), n, k)
             row["current_us"], row["weight_bytes"] = current["graph_us"], current["weight_bytes"]
@@ -109,8 +111,10 @@ def main() -> None:
             print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
             torch.cuda.empty_cache()
         weights = [(n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_FUSED]
+        # the stack as decode runs it: each shape on the GEMV that is faster for it
         impls = {"current": {(n, k): ours(spec) for n, k in LLAMA2_7B_FUSED},
-                 "mma": {(n, k): mma_impl(spec, best[(spec, n, k)]) for n, k in LLAMA2_7B_FUSED}}
+                 "mma": {(n, k): mma_impl(spec, best[(spec, n, k)]) if (spec, n, k) in best else ours(spec)
+                         for n, k in LLAMA2_7B_FUSED}}
         if spec == specs[0]:
             impls["bf16"] = {(n, k): bf16_linear() for n, k in LLAMA2_7B_FUSED}
         xs = {k: torch.randn(1, k, device=DEVICE).to(torch.bfloat16) for k in (4096, 11008)}

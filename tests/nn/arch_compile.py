@@ -90,11 +90,11 @@ def _cases(cap: tuple[int, int]):
     from modelpress.nn.mma_ptx import mma_layout
 
     wide = torch.randn(6400, k, generator=gen)  # rows enough for the tensor-core GEMV's plan (3 tiles per SM)
-    for spec in ["int4/g128", "int4-asym/g128"]:  # from 8.0, decode re-lays int4 codes for the tensor-core GEMV
+    for spec in ["int4/g128", "int4-asym/g128", "nf4/g64"]:  # from 8.0, decode re-lays 4-bit codes (tensor-core GEMV)
         packed = quantize_weight(wide, WeightScheme.parse(spec))
         if not triton_backend.mma_supported(packed):
             continue
-        words = mma_layout(packed.qdata, 6400, k)
+        words = mma_layout(packed.qdata, 6400, k, triton_backend.mma_order(packed))
         for dtype in dtypes:
             for m in (1, 16):
                 x = torch.randn(m, k, generator=gen).to(dtype)

@@ -1,7 +1,7 @@
 """The tensor-core M = 1 GEMV (nn/gluon_mma_gemv.py) against float64 dequantize-then-matmul, on a GPU.
 
 Random weights and activations; a partial last row tile; K that is not a whole number of loop steps; int4
-(code zero 8) and int4-asym (scale and offset); bfloat16 and float16 activations; an output buffer poisoned
+(code zero 8), int4-asym (scale and offset) and nf4; bfloat16 and float16 activations; an output buffer poisoned
 with NaN plus one extra row that must stay NaN; and back-to-back PDL launches replayed from a CUDA graph, bit
 for bit equal to eager launches without PDL."""
 
@@ -18,10 +18,11 @@ pytest.importorskip("triton.experimental.gluon")
 
 from modelpress.formats import WeightScheme, quantize_weight  # noqa: E402
 from modelpress.nn import gluon_mma_gemv  # noqa: E402
-from modelpress.nn.mma_ptx import mma_layout  # noqa: E402
+from modelpress.nn.mma_ptx import NF4_NIBBLE_OF, NIBBLE_OF, mma_layout  # noqa: E402
 
 DEVICE = torch.device("cuda")
-# the products are exact and summed in float32: the error is the output's rounding (bf16 2**-9, f16 2**-11)
+# int4 products are exact and summed in float32: the error is the output's rounding (bf16 2**-9, f16 2**-11);
+# NF4 levels are rounded to the activations' type first, as dequantize-then-matmul rounds the weight
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
 CONFIGS = [dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4),
            dict(rows_per_thread=2, chunks_per_step=1, warps_rows=2, warps_k=2),
@@ -32,19 +33,21 @@ def make(spec: str, n: int, k: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, k, generator=gen) * (1 + torch.rand(n, 1, generator=gen))
     packed = quantize_weight(weight, WeightScheme.parse(spec)).to(DEVICE)
-    return packed, mma_layout(packed.qdata, n, k)
+    order = NF4_NIBBLE_OF if spec.startswith("nf4") else NIBBLE_OF
+    return packed, mma_layout(packed.qdata, n, k, order)
 
 
 def call(x, packed, words, out=None, **config):
-    zero = 0 if packed.offset is not None else 8
+    zero = None if packed.scheme.format == "nf4" else 0 if packed.offset is not None else 8
     return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
                                    packed.scheme.group_length(packed.shape[1]), zero=zero, out=out, **config)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 576), ("int4-asym/g64", 72, 448),
-                                        ("int4/g128", 4096, 4096), ("int4-asym/g128", 1000, 11008)])
+@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 576), ("int4-asym/g64", 72, 448), ("nf4/g64", 40, 448),
+                                        ("int4/g128", 4096, 4096), ("int4-asym/g128", 1000, 11008),
+                                        ("nf4/g64", 2048, 4096)])
 def test_mma_gemv_matches_float64(spec, n, k, dtype, config):
     packed, words = make(spec, n, k, seed=n + k)
     x = torch.randn(1, k, device=DEVICE).to(dtype)

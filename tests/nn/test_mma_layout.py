@@ -45,7 +45,7 @@ def _imm(token: str) -> int:
 def run_warp(asm: str, inputs: list[list[int]], outputs: int) -> list[list[int]]:
     """Run the PTX on 32 lanes: inputs[lane] are the (32- or 64-bit) values of $outputs.., returns each lane's
     outputs."""
-    bf16 = ".bf16" in asm
+    bf16 = ".bf16." in asm
     lanes = [dict() for _ in range(32)]
     for lane, values in enumerate(inputs):
         for i, v in enumerate(values):
@@ -97,9 +97,25 @@ def run_warp(asm: str, inputs: list[list[int]], outputs: int) -> list[list[int]]
                 regs[args[0]] = val(regs, args[1])
             elif op == "shr.b32":
                 regs[args[0]] = val(regs, args[1]) >> val(regs, args[2])
-            elif op == "lop3.b32":
-                assert args[4] == "0xEA"  # (a & b) | c
-                regs[args[0]] = (val(regs, args[1]) & val(regs, args[2])) | val(regs, args[3])
+            elif op == "lop3.b32":  # each result bit is bit (4a + 2b + c) of the truth table
+                a, b, c, table = (val(regs, r) for r in args[1:5])
+                regs[args[0]] = sum(((table >> (4 * ((a >> i) & 1) + 2 * ((b >> i) & 1) + ((c >> i) & 1))) & 1) << i
+                                    for i in range(32))
+            elif op == "prmt.b32":  # byte i of the result: byte (selector nibble i & 7) of {b, a}, or its sign
+                data = val(regs, args[1]) | (val(regs, args[2]) << 32)
+                selector = val(regs, args[3])
+                out = 0
+                for i in range(4):
+                    nib = (selector >> (4 * i)) & 15
+                    byte = (data >> (8 * (nib & 7))) & 0xFF
+                    if nib & 8:
+                        byte = 0xFF if byte & 0x80 else 0
+                    out |= byte << (8 * i)
+                regs[args[0]] = out
+            elif op == "and.b32":
+                regs[args[0]] = val(regs, args[1]) & val(regs, args[2])
+            elif op == "shl.b32":
+                regs[args[0]] = (val(regs, args[1]) << val(regs, args[2])) & 0xFFFFFFFF
             elif op.startswith("fma.rn.") and op.endswith("x2"):
                 xs, ys, zs = (_pair(val(regs, r), bf16) for r in args[1:4])
                 out = [_to_half(p * q + s, bf16) for p, q, s in zip(xs, ys, zs)]  # exact here: small integers
@@ -157,7 +173,7 @@ def test_ptx_computes_each_lanes_partial_sums(bf16, zero):
             assert abs(got - expected) <= bound, (lane, slot, got, expected)
 
 
-@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 256), ("int4-asym/g64", 16, 192)])
+@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 256), ("int4-asym/g64", 16, 192), ("nf4/g64", 32, 128)])
 def test_dequantize_from_the_layout_equals_the_packed_weight(spec, n, k):
     """mma_dequantize_kernel (under Triton's interpreter here, on the GPU in CUDA runs) gives the stored
     weight's own dequantization, exactly."""
@@ -172,7 +188,7 @@ from modelpress.formats import WeightScheme, quantize_weight
 from modelpress.nn import triton_backend
 from modelpress.nn.mma_ptx import mma_layout
 packed = quantize_weight(torch.randn({n}, {k}), WeightScheme.parse("{spec}"))
-words = mma_layout(packed.qdata, {n}, {k})
+words = mma_layout(packed.qdata, {n}, {k}, triton_backend.mma_order(packed))
 got = triton_backend.mma_dequantize(words, packed, torch.float32)
 assert torch.equal(got, packed.dequantize(torch.float32)), (got - packed.dequantize(torch.float32)).abs().max()
 print("ok")
@@ -180,3 +196,30 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_nf4_ptx_computes_each_lanes_partial_sums(bf16):
+    """As above for NF4 codes (NF4_NIBBLE_OF order): each product is the level, rounded to the activations'
+    16-bit type, times x; nothing to subtract."""
+    from modelpress.nn.nf4_ptx import nf4_levels
+
+    torch.manual_seed(2)
+    n, k = 16, 64
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    levels = torch.tensor(nf4_levels()).to(dtype).to(torch.float64)
+    codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k).long()
+    x = torch.randn(k).to(dtype)
+    x_quads = x.view(torch.int64).tolist()
+    words = mg.mma_layout(qdata, n, k, mg.NF4_NIBBLE_OF)[0, 0].tolist()
+    xs = [[x_quads[4 * j + lane % 4] for j in range(4)] for lane in range(32)]
+    table = [t & 0xFFFFFFFF for t in mg.nf4_table(bf16) for _ in range(4)]  # each operand four times, as pack=4 passes them
+    raw = run_warp(mg.mma_asm(bf16, nf4=True), [words[lane] + xs[lane] + table for lane in range(32)], 4)
+    xf = x.to(torch.float64)
+    for lane in range(32):
+        for slot in range(4):
+            row = lane // 4 + 8 * (slot % 2)
+            cols = slice(32 * (slot // 2), 32 * (slot // 2) + 32)
+            expected = float(levels[codes[row, cols]] @ xf[cols])
+            assert _f32(raw[lane][slot]) == pytest.approx(expected, rel=1e-6, abs=1e-6), (lane, slot)

@@ -23,9 +23,9 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
   the attention modules' config names a function registered for it, which calls SDPA's own for every other call
   (prefill, one token of a model with as many key/value heads as query heads over a cache longer than
   MHA_SPLIT_MAX_POSITIONS, masks per head, soft-capping, compile).
-- **int4 codes re-laid for the tensor-core GEMV** (nn/gluon_mma_gemv.py) where a generation's forwards after the
-  prefill take one token: each int4 layer it serves has its codes permuted in place (the same bytes), and put
-  back in the stored order after the generation.
+- **int4 and NF4 codes re-laid for the tensor-core GEMV** (nn/gluon_mma_gemv.py) where a generation's forwards
+  after the prefill take one token: each layer it serves, and serves faster (triton_backend.mma_supported), has
+  its codes permuted in place (the same bytes), put back in the stored order after the generation.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
   modeling module's `apply_rotary_pos_emb`, which its attention calls by name, is replaced for the generation by a
   function that launches the kernel where it serves the call and calls the original otherwise. The replacement is
@@ -102,7 +102,7 @@ class FusionReport:
         done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms"),
                                               (self.mlps, "MLPs"), (self.adds, "residual adds"),
                                               (self.attention, "attentions"),
-                                              (self.relaid, "int4 layers on the tensor-core GEMV")) if n]
+                                              (self.relaid, "4-bit layers on the tensor-core GEMV")) if n]
         return ", ".join(done + (["rotary"] if self.rotary else []) + (["KV writes"] if self.kv_writes else []))
 
 
@@ -567,7 +567,7 @@ RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it of
 
 
 def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
-    """int4 QuantLinears the tensor-core GEMV serves (triton_backend.mma_supported) get their codes re-laid in
+    """int4 and nf4 QuantLinears the tensor-core GEMV serves (triton_backend.mma_supported) get their codes re-laid in
     place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
     QuantLinear.forward then reads: one-token calls run gluon_mma_gemv, others decode the weight from that layout
     for cuBLAS. undo() puts the stored order back, bit for bit."""
@@ -583,13 +583,14 @@ def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]
             continue
         n, k = packed.shape
         qdata = module.qdata
-        words = mma_layout(qdata, n, k)
+        order = triton_backend.mma_order(packed)
+        words = mma_layout(qdata, n, k, order)
         qdata.view(torch.int32).view(-1).copy_(words.view(-1))
         module.mma_words = qdata.view(torch.int32).view(words.shape)
         del words
 
-        def restore(m=module, q=qdata, n=n, k=k) -> None:
-            q.copy_(standard_bytes(mma_codes(m.mma_words, n, k)))
+        def restore(m=module, q=qdata, n=n, k=k, order=order) -> None:
+            q.copy_(standard_bytes(mma_codes(m.mma_words, n, k, order)))
             del m.mma_words
             m._launchers = {key: fn for key, fn in m._launchers.items() if key[-1] != "mma"}
 

@@ -34,9 +34,10 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from modelpress.nn.mma_ptx import CHUNK, MAGIC, TILE, mma_asm, xsum_asm
+from modelpress.nn.mma_ptx import CHUNK, MAGIC, TILE, mma_asm, mma_constraints, nf4_table, xsum_asm
 
-MMA_CONSTRAINTS: gl.constexpr = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 4 + ["l"] * 4))
+MMA_CONSTRAINTS: gl.constexpr = gl.constexpr(mma_constraints(False))
+NF4_CONSTRAINTS: gl.constexpr = gl.constexpr(mma_constraints(True))
 XSUM_CONSTRAINTS: gl.constexpr = gl.constexpr(",".join(["=r"] * 4 + ["l"] * 4))
 
 
@@ -52,15 +53,17 @@ def _gdc_launch_dependents():
 
 
 @gluon.jit
-def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, chunks, stride_sn, stride_sg,
+def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, chunks, stride_sn, stride_sg,
                      MMA_ASM: gl.constexpr, XSUM_ASM: gl.constexpr, CORRECTION: gl.constexpr, AFFINE: gl.constexpr,
                      GS: gl.constexpr, EVEN: gl.constexpr, RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr,
-                     WK: gl.constexpr, PDL: gl.constexpr):
+                     WK: gl.constexpr, PDL: gl.constexpr, XSUM: gl.constexpr = True, NF4: gl.constexpr = False):
     """y (1, N) = x (1, K) @ W^T for int4 codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
     of 64). A program owns RT * WR row tiles of 16 rows (WR warps along them) and all of K, which its WK warps
     along K walk CS chunks at a time each; the next step's words are loaded before this step's MMAs.
     W = scale * (code - zero) (CORRECTION = MAGIC + zero), or with AFFINE scale * code + offset (CORRECTION =
-    MAGIC): each slot adds scale * (raw - CORRECTION * sum x) (+ offset * sum x)."""
+    MAGIC): each slot adds scale * (raw - CORRECTION * sum x) (+ offset * sum x). XSUM=False (NF4: raw is
+    sum level * x already): each slot adds scale * raw, and no sums of x are taken. NF4: MMA_ASM takes the eight
+    int32 lookup registers at table_ptr (mma_ptx.nf4_table) as operands."""
     BT: gl.constexpr = RT * WR
     CK: gl.constexpr = CS * WK
     P: gl.constexpr = gl.BlockedLayout([RT, CS, 1, 4], [1, 1, 32, 1], [WR, WK, 1, 1], [3, 2, 1, 0])
@@ -88,6 +91,17 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, chunks, stri
     o_high = offset_ptr + rows_hi * stride_sn
     even_slot = (slot % 2 == 0)[None, :, :, :]
 
+    if NF4:  # one copy of the table per lane: values the compiler cannot prove uniform stay in ordinary registers
+        t_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, P))))
+        t_row = table_ptr + t_lane[None, None, :, None] * 8
+        t0 = gl.load(t_row)
+        t1 = gl.load(t_row + 1)
+        t2 = gl.load(t_row + 2)
+        t3 = gl.load(t_row + 3)
+        t4 = gl.load(t_row + 4)
+        t5 = gl.load(t_row + 5)
+        t6 = gl.load(t_row + 6)
+        t7 = gl.load(t_row + 7)
     w_next = gl.load(words)
     if PDL:  # the weights are ours; x and y belong to the kernels around us
         _gdc_launch_dependents()
@@ -108,11 +122,18 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, chunks, stri
             group = (gl.minimum(c0 + s_chunk, chunks - 1) * 64 // GS) * stride_sg
             s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
                          gl.load(s_high + group).to(gl.float32)[:, :, :, None])
-        x_sum = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv], dtype=gl.float32, is_pure=True,
-                                          pack=4)[None, :, :, :]
-        raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :]], dtype=gl.float32,
-                                        is_pure=True, pack=4)
-        acc += (raw - CORRECTION * x_sum) * s
+        if NF4:
+            raw = gl.inline_asm_elementwise(MMA_ASM, NF4_CONSTRAINTS, [w, xv[None, :, :, :], t0, t1, t2, t3, t4, t5,
+                                                                       t6, t7], dtype=gl.float32, is_pure=True, pack=4)
+        else:
+            raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :]], dtype=gl.float32,
+                                            is_pure=True, pack=4)
+        if XSUM:
+            x_sum = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv], dtype=gl.float32, is_pure=True,
+                                              pack=4)[None, :, :, :]
+            acc += (raw - CORRECTION * x_sum) * s
+        else:
+            acc += raw * s
         if AFFINE:
             o = gl.where(even_slot, gl.load(o_low + group).to(gl.float32)[:, :, :, None],
                          gl.load(o_high + group).to(gl.float32)[:, :, :, None])
@@ -132,9 +153,10 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, chunks, stri
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
-           group_size: int, zero: int = 8, rows_per_thread: int = 1, chunks_per_step: int = 2, warps_rows: int = 1,
-           warps_k: int = 4, pdl: bool = False, out: torch.Tensor | None = None) -> tuple:
-    """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[4] is y."""
+           group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
+           warps_rows: int = 1, warps_k: int = 4, pdl: bool = False, out: torch.Tensor | None = None) -> tuple:
+    """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[5] is y. zero=None:
+    NF4 codes (mma_layout with NF4_NIBBLE_OF)."""
     if group_size % CHUNK:
         raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
     k = x.shape[-1]
@@ -148,22 +170,32 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     bt = rows_per_thread * warps_rows
     ck = chunks_per_step * warps_k
     grid = (-(-n // (TILE * bt)),)
-    args = (x, words, scale, offset if offset is not None else scale, y, n, chunks, scale.stride(0), scale.stride(1))
-    constants = dict(MMA_ASM=mma_asm(bf16), XSUM_ASM=xsum_asm(bf16), CORRECTION=MAGIC[bf16] + zero,
+    nf4 = zero is None
+    table = _nf4_table(x.device, bf16) if nf4 else scale
+    args = (x, words, scale, offset if offset is not None else scale, table, y, n, chunks, scale.stride(0),
+            scale.stride(1))
+    constants = dict(MMA_ASM=mma_asm(bf16, nf4), XSUM_ASM=xsum_asm(bf16), CORRECTION=0.0 if nf4 else MAGIC[bf16] + zero,
                      AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0, RT=rows_per_thread,
-                     CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl, num_warps=warps_rows * warps_k,
-                     launch_pdl=pdl)
+                     CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl, XSUM=not nf4 or offset is not None,
+                     NF4=nf4, num_warps=warps_rows * warps_k, launch_pdl=pdl)
     return gemv4_mma_kernel, grid, args, constants
 
 
 def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
-             group_size: int, zero: int = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
+             group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
              warps_rows: int = 1, warps_k: int = 4, pdl: bool = False,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """y (1, N) = x (1, K) @ W^T for int4 weights re-laid by mma_layout: W = scale * (code - zero), or with an
-    offset scale * code + offset (zero 0), scale and offset (N, G) per group of `group_size` columns (a multiple
-    of 64; G = 1 per channel). x must be 16-byte aligned."""
+    offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset (N, G)
+    per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
                                            chunks_per_step, warps_rows, warps_k, pdl, out)
     kernel[grid](*args, **constants)
-    return args[4]
+    return args[5]
+
+
+def _nf4_table(device: torch.device, bf16: bool, cache: dict = {}) -> torch.Tensor:  # noqa: B006
+    key = (device, bf16)
+    if key not in cache:
+        cache[key] = torch.tensor([nf4_table(bf16)] * 32, dtype=torch.int32, device=device)
+    return cache[key]

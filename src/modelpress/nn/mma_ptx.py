@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import torch
 
-from modelpress.nn.nf4_ptx import bf16_bits, f16_bits
+from modelpress.nn.nf4_ptx import bf16_bits, f16_bits, nf4_levels
 
 CHUNK = 64  # columns of K per lane word quad (four MMAs of 16)
 TILE = 16  # rows per MMA tile
-NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)  # the nibble that holds the q-th code of a word (q = 4 * (MMA b) + column)
+# the nibble that holds the q-th code of a word (q = 4 * (second MMA) + column): int4's LOP3 decode pairs nibbles
+# (i, i + 4), NF4's byte-permute lookup pairs (2i, 2i + 1)
+NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
+NF4_NIBBLE_OF = (0, 1, 2, 3, 4, 5, 6, 7)
 
 
-def mma_layout(qdata: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def mma_layout(qdata: torch.Tensor, n: int, k: int, order: tuple[int, ...] = NIBBLE_OF) -> torch.Tensor:
     """(ceil(N / 16), K / 64, 32, 4) int32 words of the int4 codes of `qdata` (uint8 (N, K / 2), code 2j in the
-    low nibble of byte j), laid out as the module docstring says; rows past N hold code 0."""
+    low nibble of byte j), laid out as gluon_mma_gemv's docstring says (`order`: NIBBLE_OF for int4, NF4_NIBBLE_OF
+    for nf4); rows past N hold code 0."""
     if k % CHUNK:
         raise ValueError(f"the MMA GEMV needs K divisible by {CHUNK}, got {k}")
     codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k)  # uint8: one byte a code while permuting
@@ -26,17 +30,17 @@ def mma_layout(qdata: torch.Tensor, n: int, k: int) -> torch.Tensor:
     codes = codes.view(tiles, 2, 8, k // CHUNK, 2, 2, 4, 4)
     # -> (tile, chunk, g, t, word = 2 jp + h, q = 4 jl + e)
     codes = codes.permute(0, 3, 2, 6, 4, 1, 5, 7).reshape(tiles, k // CHUNK, 32, 4, 8)
-    nibbles = codes[..., [NIBBLE_OF.index(p) for p in range(8)]]  # nibble p of each word, p = 0..7
+    nibbles = codes[..., [order.index(p) for p in range(8)]]  # nibble p of each word, p = 0..7
     packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # byte b: nibbles 2b (low) and 2b + 1 (high)
     return packed.contiguous().view(torch.int32).squeeze(-1)  # little-endian: byte b at bits 8b..8b+7
 
 
-def mma_codes(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def mma_codes(words: torch.Tensor, n: int, k: int, order: tuple[int, ...] = NIBBLE_OF) -> torch.Tensor:
     """The inverse of mma_layout: (N, K) uint8 codes, one byte each."""
     tiles = words.shape[0]
     raw = words.contiguous().view(torch.uint8).view(*words.shape, 4)  # byte b: nibbles 2b (low), 2b + 1 (high)
     nibbles = torch.stack((raw & 15, raw >> 4), dim=-1).flatten(-2)  # (tile, chunk, 32, 4, nibble p)
-    codes = nibbles[..., list(NIBBLE_OF)]  # code q of each word
+    codes = nibbles[..., list(order)]  # code q of each word
     codes = codes.view(tiles, k // CHUNK, 8, 4, 2, 2, 2, 4).permute(0, 5, 2, 1, 4, 6, 3, 7)
     return codes.reshape(tiles * TILE, k)[:n]
 
@@ -59,32 +63,66 @@ def _mma(bf16: bool) -> str:
     return f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32"
 
 
-def mma_asm(bf16: bool) -> str:
+def nf4_table(bf16: bool) -> list[int]:
+    """The NF4 levels' 16-bit patterns as nf4_ptx's eight lookup registers (four levels' low bytes each, then
+    their high bytes), as signed 32-bit integers: the MMA GEMV passes them to its PTX as operands, so that they
+    live in ordinary registers (as immediates inside the PTX, ptxas copied them out of uniform registers before
+    every byte permute: 1.3 more instructions a weight)."""
+    bits = [(bf16_bits if bf16 else f16_bits)(v) for v in nf4_levels()]
+    planes = [sum(((bits[4 * r + i] >> shift) & 0xFF) << (8 * i) for i in range(4))
+              for shift in (0, 8) for r in range(4)]
+    return [p - (1 << 32) if p >= 1 << 31 else p for p in planes]
+
+
+def _nf4_pairs() -> list[str]:
+    """PTX that fills pr[4w + i] with the NF4 levels of word w's nibbles (2i, 2i + 1) as 16-bit pairs, w = 0..3
+    ($4..$7): nf4_ptx's register lookup (byte permutes of the table's low and high bytes; the table registers
+    t0..t7 are operands $12, $16, .., $40), in a scope of its own."""
+    from modelpress.nn.nf4_ptx import _REGS, _four
+
+    lines = ["{", _REGS.strip()] + [f"mov.b32 t{i}, ${12 + 4 * i};" for i in range(8)]
+    for w in range(4):
+        word = f"${4 + w}"
+        lines += [f"and.b32 s, {word}, 0x77777777;", f"shl.b32 sh, {word}, 4;",
+                  _four(word, "0xD9C8", f"pr{4 * w}", f"pr{4 * w + 1}").strip(), "shr.b32 s, s, 16;",
+                  _four(word, "0xFBEA", f"pr{4 * w + 2}", f"pr{4 * w + 3}").strip()]
+    return lines + ["}"]
+
+
+def mma_asm(bf16: bool, nf4: bool = False) -> str:
     """PTX of one call (pack=4): $0..$3 float32 (as b32) sums of lane (g, t) for slots 0..3 = (row g, MMAs 0-1),
     (row g + 8, MMAs 0-1), (row g, MMAs 2-3), (row g + 8, MMAs 2-3) of (MAGIC + code) * x; inputs the lane's
     four words $4..$7, then its activations of MMA j, columns 16j + 4t .. 16j + 4t + 3, as one 64-bit value
-    ($8 + j). The caller subtracts (MAGIC + code zero) times xsum_asm's sums of x."""
-    lines = ["{", ".reg .b32 p<16>, q, mg, x<8>;", ".reg .f32 a<4>, b<4>, z;", "mov.f32 z, 0f00000000;",
+    ($8 + j). The caller subtracts (MAGIC + code zero) times xsum_asm's sums of x. nf4: the codes are NF4's (in
+    NF4_NIBBLE_OF order) and each product is level * x, nothing to subtract; the operands go on with nf4_table's
+    eight registers, each given four times ($12 + 4i: pack=4 repeats every operand)."""
+    lines = ["{", ".reg .b32 pr<16>, sq, mg, x<8>;", ".reg .f32 a<4>, b<4>, z;", "mov.f32 z, 0f00000000;",
              f"mov.b32 mg, {_pair(MAGIC[bf16], bf16)};"]
     lines += [f"mov.b64 {{x{2 * j}, x{2 * j + 1}}}, ${8 + j};" for j in range(4)]
-    for w in range(4):  # p[4w + i]: pair i of word w, nibbles (i, i + 4) at bits 0-3 of each half: magic + code
+    if nf4:
+        lines += _nf4_pairs()
+    for w in range(4 if not nf4 else 0):  # pr[4w + i]: word w's nibbles (i, i + 4) at bits 0-3 of each half
         for i in range(4):
             src = f"${4 + w}"
             if i:
-                lines.append(f"shr.b32 q, ${4 + w}, {4 * i};")
-                src = "q"
-            lines.append(f"lop3.b32 p{4 * w + i}, {src}, 0x000F000F, mg, 0xEA;")
+                lines.append(f"shr.b32 sq, ${4 + w}, {4 * i};")
+                src = "sq"
+            lines.append(f"lop3.b32 pr{4 * w + i}, {src}, 0x000F000F, mg, 0xEA;")
     for chain, acc in ((0, "a"), (1, "b")):
         row_g, row_g8 = 4 * (2 * chain), 4 * (2 * chain + 1)  # first pair register of the chain's two words
         d = f"{{{acc}0, {acc}1, {acc}2, {acc}3}}"
         for step in range(2):
             j = 2 * chain + step
             p = 2 * step  # pairs 0, 1 feed the chain's first MMA, pairs 2, 3 its second
-            a_regs = f"{{p{row_g + p}, p{row_g8 + p}, p{row_g + p + 1}, p{row_g8 + p + 1}}}"
+            a_regs = f"{{pr{row_g + p}, pr{row_g8 + p}, pr{row_g + p + 1}, pr{row_g8 + p + 1}}}"
             c = "{z, z, z, z}" if step == 0 else d
             lines.append(f"{_mma(bf16)} {d}, {a_regs}, {{x{2 * j}, x{2 * j + 1}}}, {c};")
     lines += ["mov.b32 $0, a0;", "mov.b32 $1, a2;", "mov.b32 $2, b0;", "mov.b32 $3, b2;", "}"]
     return "\n".join(lines)
+
+
+def mma_constraints(nf4: bool) -> str:
+    return ",".join(["=r"] * 4 + ["r"] * 4 + ["l"] * 4 + ["r"] * (32 if nf4 else 0))
 
 
 def xsum_asm(bf16: bool) -> str:

@@ -520,7 +520,7 @@ MMA_MIN_TILES_PER_SM = 3
 
 def mma_supported(packed: PackedWeight) -> bool:
     """Whether gluon_mma_gemv serves the weight once re-laid (mma_ptx.mma_layout, in place: the same bytes), and
-    faster than the CUDA-core GEMV: int4 or int4-asym with per-group or per-channel scales, groups of a multiple of
+    faster than the CUDA-core GEMV: int4, int4-asym or nf4 with per-group or per-channel scales, groups of a multiple of
     64 columns, no input permutation or double quantization, N a multiple of 16 and K of 64, codes stored densely
     on a CUDA device of compute capability 8.0 or later, and at least MMA_MIN_TILES_PER_SM row tiles of 16 per
     multiprocessor."""
@@ -530,11 +530,23 @@ def mma_supported(packed: PackedWeight) -> bool:
     q = packed.qdata
     if not q.is_cuda or n // TILE < MMA_MIN_TILES_PER_SM * _sm_count(q.device.index or 0):
         return False  # too few row tiles to fill the GPU: the CUDA-core GEMV is faster there
-    return (packed.scheme.format in ("int4", "int4-asym") and packed.scheme.granularity != "tensor"
+    return (packed.scheme.format in ("int4", "int4-asym", "nf4") and packed.scheme.granularity != "tensor"
             and packed.input_perm is None and packed.scale_scale is None and n % TILE == 0 and k % CHUNK == 0
             and packed.scheme.group_length(k) % CHUNK == 0 and q.is_cuda and q.is_contiguous()
             and tuple(q.shape) == (n, k // 2) and packed.scale.dim() == 2 and triton_available()
             and gluon_gemv_available() and device_capability(q.device) >= MMA_CAPABILITY)
+
+
+def mma_zero(packed: PackedWeight) -> int | None:
+    """The code zero gluon_mma_gemv takes for the weight's format: 8 (int4), 0 (int4-asym), None (nf4)."""
+    return None if packed.scheme.format == "nf4" else _FORMAT_KINDS[packed.scheme.format][1]
+
+
+def mma_order(packed: PackedWeight) -> tuple[int, ...]:
+    """The nibble order mma_ptx.mma_layout re-lays the weight's codes in."""
+    from modelpress.nn.mma_ptx import NF4_NIBBLE_OF, NIBBLE_OF
+
+    return NF4_NIBBLE_OF if packed.scheme.format == "nf4" else NIBBLE_OF
 
 
 def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
@@ -551,11 +563,10 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
     pdl = pdl_launch(x.device)
     bias = None if bias is None else bias.to(x.dtype)
     x2 = x.reshape(1, k)
+    zero = mma_zero(packed)
     kernel, grid, args, constants = gluon_mma_gemv.launch(x2, words, packed.scale, packed.offset, n,
-                                                          packed.scheme.group_length(k),
-                                                          _FORMAT_KINDS[packed.scheme.format][1], pdl=pdl,
-                                                          **MMA_CONFIG)
-    y = args[4]
+                                                          packed.scheme.group_length(k), zero, pdl=pdl, **MMA_CONFIG)
+    y = args[5]
     compiled = kernel[grid](*args, **constants)
     try:
         fn = _direct_launch(compiled, kernel.arg_names, (*grid, 1, 1)[:3], args, constants, y, (*x.shape[:-1], n),
@@ -563,15 +574,15 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
     except AttributeError:  # a Triton whose launcher is laid out otherwise: its own launch path
         def fn(x):
             return gluon_mma_gemv.mma_gemv(x.reshape(1, k), words, packed.scale, packed.offset, n,
-                                           packed.scheme.group_length(k), _FORMAT_KINDS[packed.scheme.format][1],
-                                           pdl=pdl, **MMA_CONFIG).view(*x.shape[:-1], n)
+                                           packed.scheme.group_length(k), zero, pdl=pdl,
+                                           **MMA_CONFIG).view(*x.shape[:-1], n)
     if bias is None:
         return fn
     return lambda x: fn(x).add_(bias)
 
 
 def mma_dequantize(words: torch.Tensor, packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The (N, K) weight of int4 `packed` (int4 or int4-asym) from its codes re-laid by mma_ptx.mma_layout
+    """The (N, K) weight of `packed` (int4, int4-asym or nf4) from its codes re-laid by mma_ptx.mma_layout
     (`words`; packed.qdata is not read), decoded in one launch."""
     from modelpress.nn.triton_kernels import mma_dequantize_kernel
 
@@ -579,9 +590,11 @@ def mma_dequantize(words: torch.Tensor, packed: PackedWeight, dtype: torch.dtype
     w = torch.empty((n, k), device=words.device, dtype=dtype)
     stride_sn, stride_sg = _scale_strides(packed.scale)
     affine = packed.offset is not None
+    kind, zero = _FORMAT_KINDS[packed.scheme.format]
+    table = _table(kind, w.device, torch.float32) if kind == 1 else packed.scale
     mma_dequantize_kernel[(words.shape[0], words.shape[1])](
-        words, packed.scale, packed.offset if affine else packed.scale, w, n, k, packed.scheme.group_length(k),
-        stride_sn, stride_sg, ZERO=_FORMAT_KINDS[packed.scheme.format][1], AFFINE=affine, num_warps=4)
+        words, packed.scale, packed.offset if affine else packed.scale, table, w, n, k,
+        packed.scheme.group_length(k), stride_sn, stride_sg, KIND=kind, ZERO=zero, AFFINE=affine, num_warps=4)
     return w
 
 

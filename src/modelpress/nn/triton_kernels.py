@@ -350,11 +350,12 @@ def dequantize_kernel(
 
 
 @triton.jit
-def mma_dequantize_kernel(w_ptr, scale_ptr, offset_ptr, out_ptr, N, K, group_size, stride_sn, stride_sg,
-                          ZERO: tl.constexpr, AFFINE: tl.constexpr):
-    """W (N, K) in out's dtype from int4 codes in mma_ptx.mma_layout, one 16-row tile x 64-column chunk per
-    program: element (r, c) of the block is nibble p of word (lane 4 (r % 8) + (c % 16) // 4, slot 2 (c // 32) +
-    r // 8), p = (c % 4) // 2 + 4 (c % 2) + 2 ((c // 16) % 2) (mma_ptx.NIBBLE_OF inverted)."""
+def mma_dequantize_kernel(w_ptr, scale_ptr, offset_ptr, table_ptr, out_ptr, N, K, group_size, stride_sn, stride_sg,
+                          KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr):
+    """W (N, K) in out's dtype from 4-bit codes in mma_ptx.mma_layout (int4: KIND 0, nf4: KIND 1, levels at
+    table_ptr), one 16-row tile x 64-column chunk per program: element (r, c) of the block is nibble p of word
+    (lane 4 (r % 8) + (c % 16) // 4, slot 2 (c // 32) + r // 8), with q = 4 ((c // 16) % 2) + c % 4 its place in
+    the word, p = NIBBLE_OF[q] = (q % 4) // 2 + 4 (q % 2) + 2 (q // 4) for int4, NF4_NIBBLE_OF[q] = q for nf4."""
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
     r = tl.arange(0, 16)[:, None]
@@ -362,14 +363,21 @@ def mma_dequantize_kernel(w_ptr, scale_ptr, offset_ptr, out_ptr, N, K, group_siz
     lane = 4 * (r % 8) + (c % 16) // 4
     slot = 2 * (c // 32) + r // 8
     word = tl.load(w_ptr + ((tile * tl.num_programs(1) + chunk) * 32 + lane) * 4 + slot)
-    nibble = (c % 4) // 2 + 4 * (c % 2) + 2 * ((c // 16) % 2)
-    code = ((word >> (4 * nibble)) & 15).to(tl.float32)
+    q = 4 * ((c // 16) % 2) + c % 4
+    if KIND == 1:
+        nibble = q
+    else:
+        nibble = (q % 4) // 2 + 4 * (q % 2) + 2 * (q // 4)
+    code = (word >> (4 * nibble)) & 15
     rows = tile * 16 + r
     cols = chunk * 64 + c
     s_ptrs = rows * stride_sn + (cols // group_size) * stride_sg
     row_mask = rows < N
     s = tl.load(scale_ptr + s_ptrs, mask=row_mask, other=0.0).to(tl.float32)
-    w = (code - ZERO) * s
+    if KIND == 1:
+        w = tl.load(table_ptr + code) * s
+    else:
+        w = (code.to(tl.float32) - ZERO) * s
     if AFFINE:
         w += tl.load(offset_ptr + s_ptrs, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=row_mask & (cols < K))
