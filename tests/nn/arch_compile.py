@@ -90,6 +90,7 @@ def _cases(cap: tuple[int, int]):
     from modelpress.nn.mma_ptx import mma_layout
 
     wide = torch.randn(6400, k, generator=gen)  # rows enough for the tensor-core GEMV's plan (3 tiles per SM)
+    triton_backend.MMA_FORMATS = ("int4", "int4-asym", "nf4")  # every format the kernel reads
     for spec in ["int4/g128", "int4-asym/g128", "nf4/g64"]:  # from 8.0, decode re-lays 4-bit codes (tensor-core GEMV)
         packed = quantize_weight(wide, WeightScheme.parse(spec))
         if not triton_backend.mma_supported(packed):

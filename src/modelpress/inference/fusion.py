@@ -23,7 +23,7 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
   the attention modules' config names a function registered for it, which calls SDPA's own for every other call
   (prefill, one token of a model with as many key/value heads as query heads over a cache longer than
   MHA_SPLIT_MAX_POSITIONS, masks per head, soft-capping, compile).
-- **int4 and NF4 codes re-laid for the tensor-core GEMV** (nn/gluon_mma_gemv.py) where a generation's forwards
+- **int4 codes re-laid for the tensor-core GEMV** (nn/gluon_mma_gemv.py) where a generation's forwards
   after the prefill take one token: each layer it serves, and serves faster (triton_backend.mma_supported), has
   its codes permuted in place (the same bytes), put back in the stored order after the generation.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
@@ -567,7 +567,7 @@ RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it of
 
 
 def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
-    """int4 and nf4 QuantLinears the tensor-core GEMV serves (triton_backend.mma_supported) get their codes re-laid in
+    """QuantLinears of MMA_FORMATS the tensor-core GEMV serves (triton_backend.mma_supported) get their codes re-laid in
     place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
     QuantLinear.forward then reads: one-token calls run gluon_mma_gemv, others decode the weight from that layout
     for cuBLAS. undo() puts the stored order back, bit for bit."""

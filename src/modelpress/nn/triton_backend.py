@@ -516,11 +516,14 @@ MMA_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bfloat16 operands: Ampere and 
 # (12288, 11008 and 22016 rows: 0.77-0.85x its time) and loses where they do not (4096 rows: 1.05x at best)
 MMA_CONFIG = dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4)
 MMA_MIN_TILES_PER_SM = 3
+# formats decode re-lays for the tensor-core GEMV: the kernel reads nf4 too (tests/nn/test_mma_gemv.py), but NF4
+# decode through it has not been run on a GPU yet, so it is left out of generate's re-layout
+MMA_FORMATS = ("int4", "int4-asym")
 
 
 def mma_supported(packed: PackedWeight) -> bool:
     """Whether gluon_mma_gemv serves the weight once re-laid (mma_ptx.mma_layout, in place: the same bytes), and
-    faster than the CUDA-core GEMV: int4, int4-asym or nf4 with per-group or per-channel scales, groups of a multiple of
+    faster than the CUDA-core GEMV: a format of MMA_FORMATS with per-group or per-channel scales, groups of a multiple of
     64 columns, no input permutation or double quantization, N a multiple of 16 and K of 64, codes stored densely
     on a CUDA device of compute capability 8.0 or later, and at least MMA_MIN_TILES_PER_SM row tiles of 16 per
     multiprocessor."""
@@ -530,7 +533,7 @@ def mma_supported(packed: PackedWeight) -> bool:
     q = packed.qdata
     if not q.is_cuda or n // TILE < MMA_MIN_TILES_PER_SM * _sm_count(q.device.index or 0):
         return False  # too few row tiles to fill the GPU: the CUDA-core GEMV is faster there
-    return (packed.scheme.format in ("int4", "int4-asym", "nf4") and packed.scheme.granularity != "tensor"
+    return (packed.scheme.format in MMA_FORMATS and packed.scheme.granularity != "tensor"
             and packed.input_perm is None and packed.scale_scale is None and n % TILE == 0 and k % CHUNK == 0
             and packed.scheme.group_length(k) % CHUNK == 0 and q.is_cuda and q.is_contiguous()
             and tuple(q.shape) == (n, k // 2) and packed.scale.dim() == 2 and triton_available()
