@@ -512,11 +512,11 @@ def parse_args() -> argparse.Namespace:
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+compile+nofuse"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
-                        "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but the "
-                        "split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the split-cache "
-                        "attention for one token of a model with as many key/value heads as query heads at any cache "
-                        "length (by default up to 1024 positions); +nomma: int4 layers on the CUDA-core GEMV, not re-laid "
-                        "for the tensor-core one")
+                        "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
+                        "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
+                        "split-cache attention for one token of a model with as many key/value heads as query heads "
+                        "at any cache length (by default up to 1024 positions); +nomma: int4 layers on the CUDA-core "
+                        "GEMV, not re-laid for the tensor-core one")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

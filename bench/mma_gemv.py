@@ -128,7 +128,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     args.json.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, read bandwidth {result['read_tbs']:.2f} TB/s")
-    print("| spec | N x K | current µs | MMA best µs (% of read bandwidth) | MMA / current | bf16 µs | error current "
+    print("| spec | N x K | current µs | MMA best µs (% of read bandwidth) | MMA / current | bf16 µs "
+          "| error current "
           "| error MMA | best config |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in result["shapes"]:

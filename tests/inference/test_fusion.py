@@ -481,7 +481,8 @@ def test_generate_on_the_tensor_core_gemv_gives_the_tokens_of_the_cuda_core_one(
 
     monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 0)  # a tiny model's layers, re-laid all the same
     monkeypatch.setattr(triton_backend, "MMA_FORMATS", ("int4", "int4-asym", "nf4"))
-    model = packed(build_family("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16).to(torch.bfloat16), spec).to(cuda)
+    model = build_family("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16)
+    model = packed(model.to(torch.bfloat16), spec).to(cuda)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     settings = GenerationSettings(max_new_tokens=12, decode="graph", sampling=SamplingConfig(temperature=0.0))
     runs = {}

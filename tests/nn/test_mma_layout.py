@@ -1,5 +1,5 @@
-"""The MMA GEMV's weight layout and PTX, checked on the CPU (mma_ptx.py, for gluon_mma_gemv.py; the kernel itself runs in
-test_triton_gemv.py on a GPU).
+"""The MMA GEMV's weight layout and PTX, checked on the CPU (mma_ptx.py, for gluon_mma_gemv.py; the kernel runs in
+test_mma_gemv.py on a GPU).
 
 The PTX is run here by a small interpreter of the instructions it uses, with mma.sync's fragment layout taken
 from the PTX ISA (m16n8k16, .row.col): the test fails if a register lands in the wrong fragment slot, a nibble
@@ -214,7 +214,7 @@ def test_nf4_ptx_computes_each_lanes_partial_sums(bf16):
     x_quads = x.view(torch.int64).tolist()
     words = mg.mma_layout(qdata, n, k, mg.NF4_NIBBLE_OF)[0, 0].tolist()
     xs = [[x_quads[4 * j + lane % 4] for j in range(4)] for lane in range(32)]
-    table = [t & 0xFFFFFFFF for t in mg.nf4_table(bf16) for _ in range(4)]  # each operand four times, as pack=4 passes them
+    table = [t & 0xFFFFFFFF for t in mg.nf4_table(bf16) for _ in range(4)]  # four times each, as pack=4 passes them
     raw = run_warp(mg.mma_asm(bf16, nf4=True), [words[lane] + xs[lane] + table for lane in range(32)], 4)
     xf = x.to(torch.float64)
     for lane in range(32):

@@ -567,8 +567,8 @@ RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it of
 
 
 def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
-    """QuantLinears of MMA_FORMATS the tensor-core GEMV serves (triton_backend.mma_supported) get their codes re-laid in
-    place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
+    """QuantLinears the tensor-core GEMV serves, and faster (triton_backend.mma_supported), get their codes re-laid
+    in place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
     QuantLinear.forward then reads: one-token calls run gluon_mma_gemv, others decode the weight from that layout
     for cuBLAS. undo() puts the stored order back, bit for bit."""
     from modelpress.nn import triton_backend

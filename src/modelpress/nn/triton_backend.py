@@ -523,10 +523,10 @@ MMA_FORMATS = ("int4", "int4-asym")
 
 def mma_supported(packed: PackedWeight) -> bool:
     """Whether gluon_mma_gemv serves the weight once re-laid (mma_ptx.mma_layout, in place: the same bytes), and
-    faster than the CUDA-core GEMV: a format of MMA_FORMATS with per-group or per-channel scales, groups of a multiple of
-    64 columns, no input permutation or double quantization, N a multiple of 16 and K of 64, codes stored densely
-    on a CUDA device of compute capability 8.0 or later, and at least MMA_MIN_TILES_PER_SM row tiles of 16 per
-    multiprocessor."""
+    faster than the CUDA-core GEMV: a format of MMA_FORMATS with per-group or per-channel scales, groups of a
+    multiple of 64 columns, no input permutation or double quantization, N a multiple of 16 and K of 64, codes
+    stored densely on a CUDA device of compute capability 8.0 or later, and at least MMA_MIN_TILES_PER_SM row tiles
+    of 16 per multiprocessor."""
     from modelpress.nn.mma_ptx import CHUNK, TILE
 
     n, k = packed.shape
