@@ -43,12 +43,12 @@ def half_asm(zero: int, affine: bool, bf16: bool) -> tuple[str, str]:
 
 
 @gluon.jit
-def _gdc_wait():
+def gdc_wait():
     gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
-def _gdc_launch_dependents():
+def gdc_launch_dependents():
     gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                               pack=1)
 
@@ -152,8 +152,8 @@ def gemv4_gluon_kernel(
     else:
         o_next = s_next
     if PDL:  # weights are ours; x and every output belong to the kernels around us
-        _gdc_launch_dependents()
-        _gdc_wait()
+        gdc_launch_dependents()
+        gdc_wait()
     if HALF:
         x_next = _load_x_pairs(x_ptr, k_begin, x_cols, K, EVEN_K)
     else:

@@ -34,22 +34,12 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from modelpress.nn.gluon_gemv import gdc_launch_dependents, gdc_wait
 from modelpress.nn.mma_ptx import CHUNK, MAGIC, TILE, mma_asm, mma_constraints, nf4_table, xsum_asm
 
 MMA_CONSTRAINTS: gl.constexpr = gl.constexpr(mma_constraints(False))
 NF4_CONSTRAINTS: gl.constexpr = gl.constexpr(mma_constraints(True))
 XSUM_CONSTRAINTS: gl.constexpr = gl.constexpr(",".join(["=r"] * 4 + ["l"] * 4))
-
-
-@gluon.jit
-def _gdc_wait():
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                              pack=1)
 
 
 @gluon.jit
@@ -104,8 +94,8 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
         t7 = gl.load(t_row + 7)
     w_next = gl.load(words)
     if PDL:  # the weights are ours; x and y belong to the kernels around us
-        _gdc_launch_dependents()
-        _gdc_wait()
+        gdc_launch_dependents()
+        gdc_wait()
     acc = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)
     for c0 in range(0, chunks, CK):
         w = w_next
