@@ -7,6 +7,7 @@ issue, not memory, is the limit (an SM issues 4 warp-instructions per cycle).
 
     PYTHONPATH=src python bench/sass.py --spec int4/g128 --n 4096 --k 4096
     PYTHONPATH=src python bench/sass.py --spec nf4/g64 --n 11008 --k 4096 --dump nf4.sass
+    PYTHONPATH=src python bench/sass.py --mma --spec int4/g128 --n 12288 --k 4096   # the tensor-core GEMV
 
 Needs Triton with Gluon (pip install triton) but no GPU and no CUDA driver.
 """
@@ -66,6 +67,37 @@ def compile_gemv(spec: str, n: int, k: int, half: bool, kernel_name: str = "gemv
     return compiled, config, launch
 
 
+def compile_mma_gemv(spec: str, n: int, k: int):
+    """gluon_mma_gemv's kernel for `spec` (int4, int4-asym or nf4, bfloat16 activations) with the plan decode uses;
+    (compiled, weights per thread per loop step)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from modelpress.formats.scheme import WeightScheme
+    from modelpress.nn import gluon_mma_gemv, mma_ptx, triton_backend
+
+    scheme = WeightScheme.parse(spec)
+    nf4, affine = scheme.format == "nf4", scheme.qformat.affine
+    config = triton_backend.MMA_NF4_CONFIG if nf4 else triton_backend.MMA_CONFIG
+    zero = 0 if affine else 8
+    constants = dict(MMA_ASM=mma_ptx.mma_asm(True, nf4), XSUM_ASM=mma_ptx.xsum_asm(True),
+                     CORRECTION=0.0 if nf4 else mma_ptx.MAGIC[True] + zero, AFFINE=affine,
+                     GS=scheme.group_length(k), EVEN=True, RT=config["rows_per_thread"], CS=config["chunks_per_step"],
+                     WR=config["warps_rows"], WK=config["warps_k"], PDL=True, XSUM=not nf4 or affine, NF4=nf4)
+    kernel = gluon_mma_gemv.gemv4_mma_kernel
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16", "table_ptr": "*i32",
+                 "y_ptr": "*bf16", "N": "i32", "chunks": "i32", "stride_sn": "i32", "stride_sg": "i32"}
+    for name in kernel.arg_names:
+        signature.setdefault(name, "constexpr")
+    aligned = ["x_ptr", "w_ptr", "scale_ptr", "offset_ptr", "table_ptr", "y_ptr", "N", "chunks", "stride_sn"]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = GluonASTSource(kernel, signature, constants, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config["warps_rows"] * config["warps_k"]})
+    return compiled, config["rows_per_thread"] * config["chunks_per_step"] * 32
+
+
 def sass_of(cubin: bytes) -> str:
     from triton.backends.nvidia import compiler as nv
 
@@ -116,18 +148,24 @@ def main() -> None:
     p.add_argument("--kernel", default="gemv4_gluon_kernel")
     p.add_argument("--float32", action="store_true", help="the float32 inner product instead of HALF")
     p.add_argument("--dump", type=Path, default=None, help="write the whole SASS here")
+    p.add_argument("--mma", action="store_true", help="the tensor-core GEMV (gluon_mma_gemv) with decode's plan")
     args = p.parse_args()
-    compiled, config, launch = compile_gemv(args.spec, args.n, args.k, not args.float32, args.kernel)
+    if args.mma:
+        compiled, weights_per_thread = compile_mma_gemv(args.spec, args.n, args.k)
+        print(f"{args.spec} {args.n}x{args.k}, tensor-core GEMV: {weights_per_thread} weights per thread per loop "
+              f"step; {resource_usage(compiled.asm['cubin'])}")
+    else:
+        compiled, config, launch = compile_gemv(args.spec, args.n, args.k, not args.float32, args.kernel)
+        step = launch.constants["BKG"] * launch.constants["SUB"]
+        threads = config.num_warps * 32
+        weights_per_thread = config.BN * step / threads
+        print(f"{args.spec} {args.n}x{args.k}: BN {config.BN}, step {step} columns, {threads} threads, "
+              f"{weights_per_thread:.0f} weights per thread per loop step; {resource_usage(compiled.asm['cubin'])}")
     sass = sass_of(compiled.asm["cubin"])
     if args.dump:
         args.dump.write_text(sass)
     loop = main_loop(sass)
-    step = launch.constants["BKG"] * launch.constants["SUB"]
-    threads = config.num_warps * 32
-    weights_per_thread = config.BN * step / threads
     counts = collections.Counter(op.split(".")[0] for op in loop)
-    print(f"{args.spec} {args.n}x{args.k}: BN {config.BN}, step {step} columns, {threads} threads, "
-          f"{weights_per_thread:.0f} weights per thread per loop step; {resource_usage(compiled.asm['cubin'])}")
     print(f"loop: {len(loop)} instructions, {len(loop) / weights_per_thread:.2f} per weight")
     print("  " + ", ".join(f"{op} {c}" for op, c in counts.most_common()))
 

@@ -1,10 +1,12 @@
-"""The M = 1 GEMV for int4 codes on the tensor cores, from weights laid out for the MMA's fragments.
+"""The M = 1 GEMV for 4-bit codes (int4, int4-asym, nf4) on the tensor cores, from weights laid out for the MMA's
+fragments.
 
-Why: the CUDA-core GEMV (gluon_gemv.py) spends about 4.2 instructions per weight (decode, products, the
+Why: the CUDA-core GEMV (gluon_gemv.py) spends about 4.2 instructions per weight over a launch (decode, products, the
 activations' conversion, addressing) and keeps DRAM only 28-49% busy (Nsight Compute, H100): issue slots, not
 memory, set its pace. Here the products go to `mma.sync.m16n8k16` (bfloat16 or float16 in, float32 sums), 256
 weights x 8 activation columns per instruction, and a weight costs the decode's LOP3 and SHF per pair of codes
-plus an eighth of a float32 FMA: 1.9 instructions per weight in the loop's SASS (bench/sass.py's counting).
+plus an eighth of a float32 FMA: 2.25 instructions per weight in the loop's SASS against the CUDA-core GEMV's 3.62
+(bench/sass.py --mma, int4/g128 on 12288x4096).
 
 The weights are the MMA's A (16 rows x 16 columns of K); the activations are B (16 x 8), the one row of x in
 all eight columns, so every column of the result holds y and every lane has the rows it needs. Columns of K may
@@ -23,7 +25,11 @@ chunk, of ones with x, gives each half chunk's sum of x, shared by all the progr
 subtracts (MAGIC + code zero) times it. Then each half chunk's sum is multiplied by its group's scale (groups
 of a multiple of 64 columns), and for int4-asym the offset times the sum of x is added.
 
-Rounding: none in the products; float32 sums whose largest terms are MAGIC + 15 times |x|, so the subtraction
+NF4 codes are laid out with NF4_NIBBLE_OF (nibbles 2i and 2i + 1 pair up) and decoded by nf4_ptx's byte-permute
+lookup straight into 16-bit level pairs (no magic number, no sums of x); the eight table registers come from a
+per-lane copy in memory, so that ptxas keeps them in ordinary registers.
+
+Rounding: none in the int4 products; float32 sums whose largest terms are MAGIC + 15 times |x|, so the subtraction
 leaves an error of about 2**-24 * (MAGIC + 15) * sum |x| per half chunk, far below the bfloat16 or float16
 output's rounding (the CUDA-core GEMV sums float16 products, 2**-11 each).
 """
@@ -47,7 +53,7 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
                      MMA_ASM: gl.constexpr, XSUM_ASM: gl.constexpr, CORRECTION: gl.constexpr, AFFINE: gl.constexpr,
                      GS: gl.constexpr, EVEN: gl.constexpr, RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr,
                      WK: gl.constexpr, PDL: gl.constexpr, XSUM: gl.constexpr = True, NF4: gl.constexpr = False):
-    """y (1, N) = x (1, K) @ W^T for int4 codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
+    """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
     of 64). A program owns RT * WR row tiles of 16 rows (WR warps along them) and all of K, which its WK warps
     along K walk CS chunks at a time each; the next step's words are loaded before this step's MMAs.
     W = scale * (code - zero) (CORRECTION = MAGIC + zero), or with AFFINE scale * code + offset (CORRECTION =

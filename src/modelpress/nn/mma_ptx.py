@@ -1,4 +1,4 @@
-"""The int4 MMA GEMV's weight layout and PTX (gluon_mma_gemv.py has the kernel and the reasons; kept apart so
+"""The tensor-core GEMV's weight layout and PTX (gluon_mma_gemv.py has the kernel and the reasons; kept apart so
 that the layout and the PTX are tested on machines without Triton)."""
 
 from __future__ import annotations

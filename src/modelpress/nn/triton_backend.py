@@ -515,6 +515,8 @@ MMA_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bfloat16 operands: Ampere and 
 # chunks at a time each; it beats the CUDA-core GEMV where the tiles give each multiprocessor several programs
 # (12288, 11008 and 22016 rows: 0.77-0.85x its time) and loses where they do not (4096 rows: 1.05x at best)
 MMA_CONFIG = dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4)
+# NF4 (more instructions a weight) was fastest with four chunks a step on both large shapes (H200)
+MMA_NF4_CONFIG = dict(MMA_CONFIG, chunks_per_step=4)
 MMA_MIN_TILES_PER_SM = 3
 # formats decode re-lays for the tensor-core GEMV: the kernel reads nf4 too (tests/nn/test_mma_gemv.py), but NF4
 # decode through it has not been run on a GPU yet, so it is left out of generate's re-layout
@@ -554,7 +556,7 @@ def mma_order(packed: PackedWeight) -> tuple[int, ...]:
 
 def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
                         ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """fn(x) -> x @ W^T (+ bias) for activations of x's shape and dtype, W int4 codes re-laid in `words` (packed's
+    """fn(x) -> x @ W^T (+ bias) for activations of x's shape and dtype, W 4-bit codes re-laid in `words` (packed's
     qdata holds them; its scale and offset are read as stored). One activation row: the tensor-core GEMV
     (gluon_mma_gemv), launched directly as prepared_linear's launchers are, with PDL on Hopper. More rows: the
     weight decoded from `words` (mma_dequantize), then cuBLAS."""
@@ -567,8 +569,9 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
     bias = None if bias is None else bias.to(x.dtype)
     x2 = x.reshape(1, k)
     zero = mma_zero(packed)
+    config = MMA_NF4_CONFIG if zero is None else MMA_CONFIG
     kernel, grid, args, constants = gluon_mma_gemv.launch(x2, words, packed.scale, packed.offset, n,
-                                                          packed.scheme.group_length(k), zero, pdl=pdl, **MMA_CONFIG)
+                                                          packed.scheme.group_length(k), zero, pdl=pdl, **config)
     y = args[5]
     compiled = kernel[grid](*args, **constants)
     try:
@@ -578,7 +581,7 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
         def fn(x):
             return gluon_mma_gemv.mma_gemv(x.reshape(1, k), words, packed.scale, packed.offset, n,
                                            packed.scheme.group_length(k), zero, pdl=pdl,
-                                           **MMA_CONFIG).view(*x.shape[:-1], n)
+                                           **config).view(*x.shape[:-1], n)
     if bias is None:
         return fn
     return lambda x: fn(x).add_(bias)
