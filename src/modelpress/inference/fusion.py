@@ -82,7 +82,7 @@ class FusionReport:
     adds: int = 0                                     # residual adds folded into the norm after them
     attention: int = 0                                # attention modules whose decode attention is split-cache
     kv_writes: bool = False                           # a static cache wrote keys and values in one kernel a layer
-    relaid: int = 0                                   # int4 layers whose one-token matmul is the tensor-core GEMV
+    relaid: int = 0                                   # 4-bit layers whose one-token matmul is the tensor-core GEMV
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
@@ -166,7 +166,7 @@ def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True,
                     ) -> tuple[FusionReport, Callable[[], None]]:
     """Fuse `model` in place; (report, undo). undo() puts every original module and function back, each module
     with its own tensors. MLPs fuse only where their gate and up became one group, residual adds only into norms
-    fused before. relayout (for generations whose forwards after the prefill take one token): int4 layers'
+    fused before. relayout (for generations whose forwards after the prefill take one token): 4-bit layers'
     codes re-laid for the tensor-core GEMV (`_relayout`), after the sibling groups are stacked."""
     report, undo = FusionReport(), []
     try:
@@ -570,7 +570,9 @@ def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]
     """QuantLinears the tensor-core GEMV serves, and faster (triton_backend.mma_supported), get their codes re-laid
     in place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
     QuantLinear.forward then reads: one-token calls run gluon_mma_gemv, others decode the weight from that layout
-    for cuBLAS. undo() puts the stored order back, bit for bit."""
+    for cuBLAS. undo() puts the stored order back, bit for bit. Until then the layer's qdata buffer holds the codes
+    in that order: its forward refuses calls that would read them as stored (autograd, torch.compile, the CPU), but
+    a state_dict or dequantized_weight taken meanwhile (from a generation's callback, say) reads them as stored."""
     from modelpress.nn import triton_backend
     from modelpress.nn.mma_ptx import mma_codes, mma_layout, standard_bytes
 
