@@ -456,9 +456,14 @@ def test_relaid_codes_are_refused_off_the_decode_path_and_given_back(monkeypatch
     byte back."""
     from modelpress.nn import triton_backend
 
-    model = packed(build_family("llama", hidden_size=128, intermediate_size=256, num_attention_heads=8), "int4/g64")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model = build_family("llama", hidden_size=128, intermediate_size=256, num_attention_heads=8)
+    model = packed(model, "int4/g64")
     monkeypatch.setattr(triton_backend, "mma_supported", lambda p: p.scheme.format == "int4")
+    report, undo = fuse_for_decode(model)
+    undo()
+    assert report.relaid == 0  # float32 activations: the kernel takes 16-bit ones, so nothing is re-laid
+    model = model.to(torch.bfloat16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     report, undo = fuse_for_decode(model)
     layers = model.config.num_hidden_layers
     assert report.relaid == 4 * layers  # the q/k/v group, o, the gate/up group, down
@@ -467,7 +472,7 @@ def test_relaid_codes_are_refused_off_the_decode_path_and_given_back(monkeypatch
     assert layer.mma_words.data_ptr() == layer.qdata.data_ptr()  # a view: no second copy of the codes
     assert not torch.equal(layer.qdata, state["model.layers.0.self_attn.o_proj.qdata"])
     with pytest.raises(ModelpressError, match="laid out for the tensor-core GEMV"):
-        layer(torch.randn(1, 128))
+        layer(torch.randn(1, 128, dtype=torch.bfloat16))
     undo()
     after = model.state_dict()
     assert all(torch.equal(after[k], state[k]) for k in state)

@@ -577,6 +577,8 @@ def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]
     from modelpress.nn.mma_ptx import mma_codes, mma_layout, standard_bytes
 
     undo: list[Callable[[], None]] = []
+    if _activation_dtype(model) not in (torch.bfloat16, torch.float16):
+        return undo  # the kernel multiplies 16-bit activations; float32 ones would decode the weight every call
     for _, module in _children(model):
         if not isinstance(module, QuantLinear) or _hooked(module) or "mma_words" in module.__dict__:
             continue
