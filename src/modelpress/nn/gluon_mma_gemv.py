@@ -59,7 +59,7 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
     W = scale * (code - zero) (CORRECTION = MAGIC + zero), or with AFFINE scale * code + offset (CORRECTION =
     MAGIC): each slot adds scale * (raw - CORRECTION * sum x) (+ offset * sum x). XSUM=False (NF4: raw is
     sum level * x already): each slot adds scale * raw, and no sums of x are taken. NF4: MMA_ASM takes the eight
-    int32 lookup registers at table_ptr (mma_ptx.nf4_table) as operands."""
+    int32 lookup registers (mma_ptx.nf4_table) as operands, from table_ptr's (32, 8) copies, one per lane."""
     BT: gl.constexpr = RT * WR
     CK: gl.constexpr = CS * WK
     P: gl.constexpr = gl.BlockedLayout([RT, CS, 1, 4], [1, 1, 32, 1], [WR, WK, 1, 1], [3, 2, 1, 0])
@@ -110,14 +110,12 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
             w_next = gl.load(words, mask=c0 + CK < chunks, other=0)
             xv = gl.load(x_quads + c0 * 16)
             group = ((c0 + s_chunk) * 64 // GS) * stride_sg
-            s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
-                         gl.load(s_high + group).to(gl.float32)[:, :, :, None])
-        else:
+        else:  # chunks past K: zero codes times zero activations, scales of the last group (finite)
             w_next = gl.load(words, mask=(c0 + CK + chunk < chunks)[None, :, :, :], other=0)
             xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < chunks, other=0)
             group = (gl.minimum(c0 + s_chunk, chunks - 1) * 64 // GS) * stride_sg
-            s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
-                         gl.load(s_high + group).to(gl.float32)[:, :, :, None])
+        s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
+                     gl.load(s_high + group).to(gl.float32)[:, :, :, None])
         if NF4:
             raw = gl.inline_asm_elementwise(MMA_ASM, NF4_CONSTRAINTS, [w, xv[None, :, :, :], t0, t1, t2, t3, t4, t5,
                                                                        t6, t7], dtype=gl.float32, is_pure=True, pack=4)
