@@ -93,7 +93,14 @@ def _cases(cap: tuple[int, int]):
     triton_backend.MMA_FORMATS = ("int4", "int4-asym", "nf4")  # every format the kernel reads
     for spec in ["int4/g128", "int4-asym/g128", "nf4/g64"]:  # from 8.0, decode re-lays 4-bit codes (tensor-core GEMV)
         packed = quantize_weight(wide, WeightScheme.parse(spec))
-        if not triton_backend.mma_supported(packed):
+        served = triton_backend.mma_supported(packed)
+
+        def planned(spec=spec, served=served):  # mma.sync's m16n8k16: from 8.0 on, and only there
+            if served != (cap >= triton_backend.MMA_CAPABILITY):
+                raise AssertionError(f"{spec}: the tensor-core GEMV is {'' if served else 'not '}planned for {cap}")
+
+        yield f"{spec} re-laid where mma.sync serves it", planned
+        if not served:
             continue
         words = mma_layout(packed.qdata, 6400, k, triton_backend.mma_order(packed))
         for dtype in dtypes:
