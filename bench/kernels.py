@@ -165,10 +165,12 @@ def time_sequence(calls, repeats: int = 15) -> dict:
     return {"eager_us": statistics.median(eager), "graph_us": statistics.median(replays)}
 
 
-def time_impl(impl, n: int, k: int, m: int) -> dict:
+def time_impl(impl, n: int, k: int, m: int, size_of=None) -> dict:
+    """Graph-replay and eager µs of impl at (M, N, K), weight copies rotating past L2; size_of(state): the bytes a
+    state's weight counts for (default nbytes)."""
     build, call = impl
     first = build(n, k)
-    size = nbytes(first)
+    size = (size_of or nbytes)(first)
     states = [first] + [build(n, k) for _ in range(max(0, math.ceil(ROTATE_BYTES / size) - 1))]
     x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
     result = time_sequence([lambda s=s: call(s, x) for s in states])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -23,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.kernels import (DEVICE, LAYERS, LLAMA2_7B_FUSED, ROTATE_BYTES, bf16_linear, nbytes, ours, random_packed,
-                           read_bandwidth_tbs, time_sequence, torch_int4)
+from bench.kernels import (DEVICE, LAYERS, LLAMA2_7B_FUSED, bf16_linear, nbytes, ours, random_packed,
+                           read_bandwidth_tbs, time_impl, time_sequence, torch_int4)
 
 from modelpress.nn import gluon_mma_gemv, triton_backend
 from modelpress.nn.mma_ptx import mma_layout
@@ -49,15 +48,9 @@ def mma_impl(spec: str, config: dict):
     return build, call
 
 
-def timed(impl, n: int, k: int) -> dict:
-    build, call = impl
-    first = build(n, k)
-    size = nbytes(first[0] if isinstance(first, tuple) else first)  # (packed, words): the packed weight's bytes
-    states = [first] + [build(n, k) for _ in range(max(0, math.ceil(ROTATE_BYTES / size) - 1))]
-    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
-    result = time_sequence([lambda s=s: call(s, x) for s in states])
-    result["weight_bytes"] = size
-    return result
+def packed_bytes(state) -> int:
+    """A (packed, words) state's weight bytes: the packed weight's (words hold the same codes again)."""
+    return nbytes(state[0])
 
 
 def errors(spec: str, n: int, k: int) -> dict:
@@ -92,15 +85,15 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
         for n, k in shapes:
             row = {"spec": spec, "N": n, "K": k, **errors(spec, n, k)}
-            current = timed(ours(spec), n, k)
+            current = time_impl(ours(spec), n, k, 1)
             row["current_us"], row["weight_bytes"] = current["graph_us"], current["weight_bytes"]
             if spec == specs[0]:
-                row["bf16_us"] = timed(bf16_linear(), n, k)["graph_us"]
-                row["torch_int4_us"] = timed(torch_int4(), n, k)["graph_us"]
+                row["bf16_us"] = time_impl(bf16_linear(), n, k, 1)["graph_us"]
+                row["torch_int4_us"] = time_impl(torch_int4(), n, k, 1)["graph_us"]
             sweep = {}
             for config in CONFIGS[:args.configs]:
                 try:
-                    sweep[json.dumps(config)] = timed(mma_impl(spec, config), n, k)["graph_us"]
+                    sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, 1, packed_bytes)["graph_us"]
                 except Exception as exc:  # a configuration that does not compile or fit is reported
                     sweep[json.dumps(config)] = f"{type(exc).__name__}: {exc}"[:160]
             times = {c: t for c, t in sweep.items() if isinstance(t, float)}

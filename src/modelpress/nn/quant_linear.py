@@ -109,7 +109,8 @@ class QuantLinear(nn.Module):
             fn = self._launchers[key] = prepared_mma_linear(x, words, self.packed, self.bias)
         if x.is_contiguous() and not x.data_ptr() % 16:
             return fn(x)
-        return prepared_mma_linear(x.contiguous(), words, self.packed, self.bias)(x.contiguous())
+        x = x.contiguous()  # prepared for this x: a misaligned one decodes the weight for cuBLAS
+        return prepared_mma_linear(x, words, self.packed, self.bias)(x)
 
     def train(self, mode: bool = True) -> QuantLinear:
         self._launchers = {}  # a launcher holds the bias converted to the activation dtype: rebuild after training
