@@ -2,7 +2,8 @@
 GEMV that decode runs now, bf16 cuBLAS and PyTorch's int4 kernel, on the Llama-2-7B decode shapes.
 
 For each shape: the error of both GEMVs against float64 dequantize-then-matmul, then graph-replay µs per call
-of every MMA configuration (rows per thread, chunks per step, warps along rows and K) beside the baselines,
+of every MMA configuration (rows per thread, chunks per step, warps along rows and K; split-K too for the
+shapes whose row tiles do not fill the GPU) beside the baselines,
 with weight copies rotating past the L2 cache; then the 7B stack at M = 1 (32 blocks of the fused decode
 shapes: q/k/v, o, gate/up, down), each shape with its best configuration. PDL on for both GEMVs.
 
@@ -32,6 +33,11 @@ SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 1100
 CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk)  # (RT, CS, WR, WK)
            for rt, cs, wr, wk in ((1, 2, 1, 4), (1, 1, 1, 4), (1, 4, 1, 4), (1, 2, 1, 8), (1, 4, 1, 8), (2, 2, 1, 4),
                                   (2, 1, 1, 4), (2, 2, 2, 2), (1, 2, 2, 4), (2, 4, 1, 4), (1, 1, 1, 8), (2, 2, 1, 8))]
+# for shapes with fewer row tiles than triton_backend.MMA_MIN_TILES_PER_SM per multiprocessor: K split across programs
+SPLIT_CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk, split=split)
+                 for rt, cs, wr, wk, split in ((1, 2, 1, 4, 2), (1, 2, 1, 4, 3), (1, 2, 1, 4, 4), (1, 4, 1, 4, 2),
+                                               (1, 4, 1, 4, 3), (1, 2, 1, 8, 2), (1, 2, 1, 8, 3), (1, 1, 1, 4, 4),
+                                               (1, 4, 1, 8, 2), (1, 2, 2, 4, 3))]
 
 
 def mma_impl(spec: str, config: dict):
@@ -73,6 +79,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("mma_gemv.json"))
     parser.add_argument("--specs", default="int4/g128,int4-asym/g128")
     parser.add_argument("--configs", type=int, default=len(CONFIGS), help="the first N configurations only")
+    parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -91,7 +98,9 @@ def main() -> None:
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, 1)["graph_us"]
                 row["torch_int4_us"] = time_impl(torch_int4(), n, k, 1)["graph_us"]
             sweep = {}
-            for config in CONFIGS[:args.configs]:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            short = n // 16 < triton_backend.MMA_MIN_TILES_PER_SM * sms
+            for config in CONFIGS[:args.configs] + (SPLIT_CONFIGS if short and not args.no_split else []):
                 try:
                     sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, 1, packed_bytes)["graph_us"]
                 except Exception as exc:  # a configuration that does not compile or fit is reported

@@ -87,10 +87,12 @@ def compile_mma_gemv(spec: str, n: int, k: int):
                      WR=config["warps_rows"], WK=config["warps_k"], PDL=True, XSUM=not nf4 or affine, NF4=nf4)
     kernel = gluon_mma_gemv.gemv4_mma_kernel
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16", "table_ptr": "*i32",
-                 "y_ptr": "*bf16", "N": "i32", "chunks": "i32", "stride_sn": "i32", "stride_sg": "i32"}
+                 "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "N": "i32", "chunks": "i32",
+                 "chunks_per_split": "i32", "stride_sn": "i32", "stride_sg": "i32"}
     for name in kernel.arg_names:
         signature.setdefault(name, "constexpr")
-    aligned = ["x_ptr", "w_ptr", "scale_ptr", "offset_ptr", "table_ptr", "y_ptr", "N", "chunks", "stride_sn"]
+    aligned = ["x_ptr", "w_ptr", "scale_ptr", "offset_ptr", "table_ptr", "y_ptr", "ws_ptr", "lock_ptr", "N", "chunks",
+               "chunks_per_split", "stride_sn"]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(kernel, signature, constants, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),

@@ -479,14 +479,20 @@ def test_relaid_codes_are_refused_off_the_decode_path_and_given_back(monkeypatch
     assert "mma_words" not in vars(layer)
 
 
-@pytest.mark.parametrize("spec", ["int4/g128", "int4-asym/g64", "nf4/g64"])
-def test_generate_on_the_tensor_core_gemv_gives_the_tokens_of_the_cuda_core_one(cuda, spec, monkeypatch):
+@pytest.mark.parametrize("spec, split", [("int4/g128", False), ("int4-asym/g64", False), ("nf4/g64", False),
+                                         ("int4/g128", True), ("nf4/g64", True)])
+def test_generate_on_the_tensor_core_gemv_gives_the_tokens_of_the_cuda_core_one(cuda, spec, split, monkeypatch):
     from modelpress.inference import fusion
     from modelpress.nn import triton_backend
 
-    monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 0)  # a tiny model's layers, re-laid all the same
     monkeypatch.setattr(triton_backend, "MMA_FORMATS", ("int4", "int4-asym", "nf4"))
-    model = build_family("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16)
+    if split:  # every layer short of row tiles: K split across programs, the partial sums through the workspace
+        monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 10**6)
+        monkeypatch.setattr(triton_backend, "MMA_SPLIT_MIN_STEPS", 1)
+        model = build_family("llama", hidden_size=1024, intermediate_size=2048, num_attention_heads=16)
+    else:
+        monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 0)  # a tiny model's layers, re-laid all the same
+        model = build_family("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16)
     model = packed(model.to(torch.bfloat16), spec).to(cuda)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     settings = GenerationSettings(max_new_tokens=12, decode="graph", sampling=SamplingConfig(temperature=0.0))

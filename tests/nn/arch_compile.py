@@ -108,6 +108,17 @@ def _cases(cap: tuple[int, int]):
                 x = torch.randn(m, k, generator=gen).to(dtype)
                 yield f"{spec} re-laid M={m} {dtype}", lambda x=x, p=packed, w=words: \
                     triton_backend.prepared_mma_linear(x, w, p, None)(x)
+    short = torch.randn(1024, 4096, generator=gen)  # too few row tiles to fill the GPU: K split across programs
+    for spec in ["int4/g128", "nf4/g64"]:
+        packed = quantize_weight(short, WeightScheme.parse(spec))
+        if not triton_backend.mma_supported(packed):
+            continue
+        if triton_backend.mma_plan(1024, 4096, spec.startswith("nf4"), 132)["split"] < 2:
+            raise AssertionError(f"{spec}: a 1024-row weight is planned without split-K")
+        words = mma_layout(packed.qdata, 1024, 4096, triton_backend.mma_order(packed))
+        x = torch.randn(1, 4096, generator=gen).to(dtypes[0])
+        yield f"{spec} re-laid, split K, M=1", lambda x=x, p=packed, w=words: \
+            triton_backend.prepared_mma_linear(x, w, p, None)(x)
     tall = torch.randn(5376, 2048, generator=gen)  # rows enough for the GEMV plan without split-K (a cp.async ring)
     for spec in ["int4/g128", "nf4/g64"]:
         packed = quantize_weight(tall, WeightScheme.parse(spec))

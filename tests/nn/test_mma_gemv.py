@@ -26,7 +26,9 @@ DEVICE = torch.device("cuda")
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
 CONFIGS = [dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4),
            dict(rows_per_thread=2, chunks_per_step=1, warps_rows=2, warps_k=2),
-           dict(rows_per_thread=1, chunks_per_step=4, warps_rows=1, warps_k=8)]
+           dict(rows_per_thread=1, chunks_per_step=4, warps_rows=1, warps_k=8),
+           dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4, split=2),  # ragged splits on short K
+           dict(rows_per_thread=2, chunks_per_step=1, warps_rows=2, warps_k=2, split=5)]
 
 
 def make(spec: str, n: int, k: int, seed: int):
@@ -59,7 +61,7 @@ def test_mma_gemv_matches_float64(spec, n, k, dtype, config):
     error = ((y.double() - ref).norm() / ref.norm()).item()
     assert error < TOLERANCE[dtype], error
     again = call(x, packed, words, **config)
-    assert torch.equal(again, y)  # deterministic: no atomics, a fixed order of sums
+    assert torch.equal(again, y)  # deterministic: split-K partial sums are added in a fixed order
 
 
 def test_mma_gemv_refuses_what_it_cannot_read():
@@ -71,14 +73,17 @@ def test_mma_gemv_refuses_what_it_cannot_read():
         gluon_mma_gemv.mma_gemv(x, words, packed.scale, None, 48, 128)
 
 
-def test_mma_gemv_pdl_chain_under_cuda_graph():
-    layers = [make("int4/g128", 512, 512, seed=s) for s in range(6)]
-    x = torch.randn(1, 512, device=DEVICE).to(torch.bfloat16)
+@pytest.mark.parametrize("split", [1, 3])
+def test_mma_gemv_pdl_chain_under_cuda_graph(split):
+    layers = [make("int4/g128", 512, 1536, seed=s) for s in range(6)]
+    x = torch.randn(1, 1536, device=DEVICE).to(torch.bfloat16)
+    layers = [(packed, words, make("int4/g128", 1536, 512, seed=10 + s)) for s, (packed, words) in enumerate(layers)]
 
-    def chain(pdl):
+    def chain(pdl):  # split-K GEMVs back to back share the workspace and the arrival counters
         h = x
-        for packed, words in layers:
-            h = call(h, packed, words, pdl=pdl)
+        for packed, words, (up, up_words) in layers:
+            h = call(h, packed, words, pdl=pdl, split=split)
+            h = call(h, up, up_words, pdl=pdl, split=split)
             h = h / h.abs().amax()  # keeps the chain's values in range, and puts a PyTorch kernel between GEMVs
         return h
 

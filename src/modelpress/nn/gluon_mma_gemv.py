@@ -49,13 +49,18 @@ XSUM_CONSTRAINTS: gl.constexpr = gl.constexpr(",".join(["=r"] * 4 + ["l"] * 4))
 
 
 @gluon.jit
-def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, chunks, stride_sn, stride_sg,
-                     MMA_ASM: gl.constexpr, XSUM_ASM: gl.constexpr, CORRECTION: gl.constexpr, AFFINE: gl.constexpr,
-                     GS: gl.constexpr, EVEN: gl.constexpr, RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr,
-                     WK: gl.constexpr, PDL: gl.constexpr, XSUM: gl.constexpr = True, NF4: gl.constexpr = False):
+def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_ptr, lock_ptr, N, chunks,
+                     chunks_per_split, stride_sn, stride_sg, MMA_ASM: gl.constexpr, XSUM_ASM: gl.constexpr,
+                     CORRECTION: gl.constexpr, AFFINE: gl.constexpr, GS: gl.constexpr, EVEN: gl.constexpr,
+                     RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr, WK: gl.constexpr, PDL: gl.constexpr,
+                     XSUM: gl.constexpr = True, NF4: gl.constexpr = False, SPLIT_K: gl.constexpr = False,
+                     SPLITS: gl.constexpr = 1):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
-    of 64). A program owns RT * WR row tiles of 16 rows (WR warps along them) and all of K, which its WK warps
-    along K walk CS chunks at a time each; the next step's words are loaded before this step's MMAs.
+    of 64). A program owns RT * WR row tiles of 16 rows (WR warps along them) and, of K, the chunks_per_split
+    chunks of split program_id(1), which its WK warps along K walk CS chunks at a time each; the next step's
+    words are loaded before this step's MMAs. EVEN: every split is a whole number of steps. SPLIT_K: the splits'
+    float32 partial sums go through ws_ptr (splits, N), and the last program of a row block to arrive (counted in
+    lock_ptr, which it resets) adds them in a fixed order (SPLITS: the split count rounded up to a power of two).
     W = scale * (code - zero) (CORRECTION = MAGIC + zero), or with AFFINE scale * code + offset (CORRECTION =
     MAGIC): each slot adds scale * (raw - CORRECTION * sum x) (+ offset * sum x). XSUM=False (NF4: raw is
     sum level * x already): each slot adds scale * raw, and no sums of x are taken. NF4: MMA_ASM takes the eight
@@ -67,6 +72,8 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
     S: gl.constexpr = gl.SliceLayout(3, P)  # (BT, CK, 32): per row tile, chunk and lane (scales)
     tiles = gl.cdiv(N, 16)
     first_tile = gl.program_id(0) * BT
+    c_begin = gl.program_id(1) * chunks_per_split
+    c_end = gl.minimum(c_begin + chunks_per_split, chunks)
     tile = gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, P))))
     tile = gl.minimum(first_tile + tile, tiles - 1)[:, None, None, None]  # past the last: re-read, not stored
     chunk = gl.arange(0, CK, layout=gl.SliceLayout(1, gl.SliceLayout(2, X)))[:, None, None]
@@ -77,7 +84,7 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
     s_chunk = gl.arange(0, CK, layout=gl.SliceLayout(0, gl.SliceLayout(2, S)))[None, :, None]
     s_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, S)))[None, None, :]
 
-    words = w_ptr + tile * (chunks * 128) + ((chunk * 32 + lane) * 4 + slot)[None, :, :, :]  # the first step's
+    words = w_ptr + tile * (chunks * 128) + (((c_begin + chunk) * 32 + lane) * 4 + slot)[None, :, :, :]  # step 1's
     x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + (16 * chunk + 4 * slot + lane % 4)
     rows = gl.minimum(s_tile * 16 + s_lane // 4, N - 1)  # row g of each lane; row g + 8 below
     rows_hi = gl.minimum(s_tile * 16 + s_lane // 4 + 8, N - 1)
@@ -98,22 +105,25 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
         t5 = gl.load(t_row + 5)
         t6 = gl.load(t_row + 6)
         t7 = gl.load(t_row + 7)
-    w_next = gl.load(words)
+    if EVEN:
+        w_next = gl.load(words)
+    else:
+        w_next = gl.load(words, mask=(c_begin + chunk < c_end)[None, :, :, :], other=0)
     if PDL:  # the weights are ours; x and y belong to the kernels around us
         gdc_launch_dependents()
         gdc_wait()
     acc = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)
-    for c0 in range(0, chunks, CK):
+    for c0 in range(c_begin, c_end, CK):
         w = w_next
         words += CK * 128
         if EVEN:
-            w_next = gl.load(words, mask=c0 + CK < chunks, other=0)
+            w_next = gl.load(words, mask=c0 + CK < c_end, other=0)
             xv = gl.load(x_quads + c0 * 16)
             group = ((c0 + s_chunk) * 64 // GS) * stride_sg
-        else:  # chunks past K: zero codes times zero activations, scales of the last group (finite)
-            w_next = gl.load(words, mask=(c0 + CK + chunk < chunks)[None, :, :, :], other=0)
-            xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < chunks, other=0)
-            group = (gl.minimum(c0 + s_chunk, chunks - 1) * 64 // GS) * stride_sg
+        else:  # chunks past the split: zero codes times zero activations, scales of its last group (finite)
+            w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
+            xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < c_end, other=0)
+            group = (gl.minimum(c0 + s_chunk, c_end - 1) * 64 // GS) * stride_sg
         s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
                      gl.load(s_high + group).to(gl.float32)[:, :, :, None])
         if NF4:
@@ -142,15 +152,33 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, N, c
     o_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, T)))
     row = o_tile[:, None] * 16 + o_lane[None, :] // 4
     first = (o_lane % 4 == 0)[None, :]  # the four lanes of a row hold the same sums: one stores
-    gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & (row < N))
-    gl.store(y_ptr + row + 8, high.to(y_ptr.dtype.element_ty), mask=first & (row + 8 < N))
+    if SPLIT_K:
+        part = ws_ptr + gl.program_id(1) * N + row
+        gl.store(part, low, mask=first & (row < N))
+        gl.store(part + 8, high, mask=first & (row + 8 < N))
+        gl.thread_barrier()  # every thread's partial sums are written before the count goes up
+        lock = lock_ptr + gl.program_id(0)
+        splits = gl.num_programs(1)
+        if gl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
+            E: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, WR * WK], [1, 0])
+            split = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, E))
+            block = first_tile * 16 + gl.arange(0, BT * 16, layout=gl.SliceLayout(0, E))
+            parts = gl.load(ws_ptr + split[:, None] * N + block[None, :],
+                            mask=(split < splits)[:, None] & (block < N)[None, :], other=0.0, cache_modifier=".cg")
+            gl.store(y_ptr + block, gl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=block < N)
+            gl.atomic_xchg(lock, 0)
+    else:
+        gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & (row < N))
+        gl.store(y_ptr + row + 8, high.to(y_ptr.dtype.element_ty), mask=first & (row + 8 < N))
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
            group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
-           warps_rows: int = 1, warps_k: int = 4, pdl: bool = False, out: torch.Tensor | None = None) -> tuple:
+           warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
+           out: torch.Tensor | None = None) -> tuple:
     """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[5] is y. zero=None:
-    NF4 codes (mma_layout with NF4_NIBBLE_OF)."""
+    NF4 codes (mma_layout with NF4_NIBBLE_OF). split > 1: K is split into that many ranges of whole steps (fewer
+    where the steps run out), their partial sums added through triton_backend's split-K workspace."""
     if group_size % CHUNK:
         raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
     k = x.shape[-1]
@@ -163,27 +191,36 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     bf16 = x.dtype == torch.bfloat16
     bt = rows_per_thread * warps_rows
     ck = chunks_per_step * warps_k
-    grid = (-(-n // (TILE * bt)),)
+    per_split = -(-chunks // (split * ck)) * ck  # whole steps per split
+    splits = -(-chunks // per_split)
+    grid = (-(-n // (TILE * bt)), splits)
+    if splits > 1:
+        from modelpress.nn.triton_backend import split_locks, split_workspace
+
+        workspace, locks = split_workspace(x.device, splits * n), split_locks(x.device, grid[0])
+    else:
+        workspace = locks = y  # never touched
     nf4 = zero is None
     table = _nf4_table(x.device, bf16) if nf4 else scale
-    args = (x, words, scale, offset if offset is not None else scale, table, y, n, chunks, scale.stride(0),
-            scale.stride(1))
+    args = (x, words, scale, offset if offset is not None else scale, table, y, workspace, locks, n, chunks, per_split,
+            scale.stride(0), scale.stride(1))
     constants = dict(MMA_ASM=mma_asm(bf16, nf4), XSUM_ASM=xsum_asm(bf16), CORRECTION=0.0 if nf4 else MAGIC[bf16] + zero,
-                     AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0, RT=rows_per_thread,
-                     CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl, XSUM=not nf4 or offset is not None,
-                     NF4=nf4, num_warps=warps_rows * warps_k, launch_pdl=pdl)
+                     AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0 and per_split % ck == 0,
+                     RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl,
+                     XSUM=not nf4 or offset is not None, NF4=nf4, SPLIT_K=splits > 1,
+                     SPLITS=1 << max(0, (splits - 1).bit_length()), num_warps=warps_rows * warps_k, launch_pdl=pdl)
     return gemv4_mma_kernel, grid, args, constants
 
 
 def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
              group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
-             warps_rows: int = 1, warps_k: int = 4, pdl: bool = False,
+             warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """y (1, N) = x (1, K) @ W^T for int4 weights re-laid by mma_layout: W = scale * (code - zero), or with an
     offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset (N, G)
     per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
-                                           chunks_per_step, warps_rows, warps_k, pdl, out)
+                                           chunks_per_step, warps_rows, warps_k, split, pdl, out)
     kernel[grid](*args, **constants)
     return args[5]
 

@@ -336,7 +336,7 @@ def _scale_strides(t: torch.Tensor) -> tuple[int, int]:
     return (0, 0) if t.shape == (1, 1) else (t.stride(0), t.stride(1))
 
 
-def _split_locks(device: torch.device, tiles: int, cache: dict = {}) -> torch.Tensor:  # noqa: B006
+def split_locks(device: torch.device, tiles: int, cache: dict = {}) -> torch.Tensor:  # noqa: B006
     """Per-device arrival counters for split-K launches, zero between launches (each launch's last program
     per tile resets its counter). Split-K launches on one device must not run concurrently."""
     locks = cache.get(device)
@@ -413,7 +413,7 @@ def _half_asm(zero: int, affine: bool, bf16: bool) -> tuple[str, str]:
     return gluon_gemv.half_asm(zero, affine, bf16)
 
 
-def _workspace(device: torch.device, numel: int, cache: dict = {}) -> torch.Tensor:  # noqa: B006
+def split_workspace(device: torch.device, numel: int, cache: dict = {}) -> torch.Tensor:  # noqa: B006
     """Per-device float32 scratch for split-K partial sums (launches on one device run one after another).
     A larger one replaces it when needed; the old ones stay allocated, since captured CUDA graphs may hold
     their addresses."""
@@ -432,7 +432,7 @@ def _outputs(x2: torch.Tensor, n: int, plan: _Launch, out: torch.Tensor | None
     split = plan.grid[2]
     if split == 1:
         return y, y, y
-    return y, _workspace(x2.device, split * m * n), _split_locks(x2.device, plan.grid[0] * plan.grid[1])
+    return y, split_workspace(x2.device, split * m * n), split_locks(x2.device, plan.grid[0] * plan.grid[1])
 
 
 def _kernel_call(x2: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, config: KernelConfig,
@@ -513,28 +513,47 @@ def dequantize(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 MMA_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bfloat16 operands: Ampere and later
 # the tensor-core GEMV's plan (bench/mma_gemv.py, H100): one 16-row tile a program, its 4 warps along K two 64-column
 # chunks at a time each; it beats the CUDA-core GEMV where the tiles give each multiprocessor several programs
-# (12288, 11008 and 22016 rows: 0.77-0.85x its time) and loses where they do not (4096 rows: 1.05x at best)
+# (12288, 11008 and 22016 rows: 0.77-0.85x its time) and loses where they do not (4096 rows: 1.05x at best, all of K
+# in a program)
 MMA_CONFIG = dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4)
 # NF4 (more instructions a weight) was fastest with four chunks a step on both large shapes (H200)
 MMA_NF4_CONFIG = dict(MMA_CONFIG, chunks_per_step=4)
 MMA_MIN_TILES_PER_SM = 3
+# fewer row tiles than that: K is split until the programs reach MMA_MIN_TILES_PER_SM per multiprocessor, each
+# split keeping at least MMA_SPLIT_MIN_STEPS loop steps (MMA_SPLIT_K=False: such weights stay on the CUDA-core GEMV)
+MMA_SPLIT_K = True
+MMA_SPLIT_MIN_STEPS = 2
 # formats decode re-lays for the tensor-core GEMV: the kernel reads nf4 too (tests/nn/test_mma_gemv.py), but NF4
 # decode through it has not been run on a GPU yet, so it is left out of generate's re-layout
 MMA_FORMATS = ("int4", "int4-asym")
+
+
+def mma_plan(n: int, k: int, nf4: bool, sms: int) -> dict | None:
+    """gluon_mma_gemv.launch's plan (rows_per_thread, chunks_per_step, warps_rows, warps_k, split) for an (n, k)
+    weight on a GPU of `sms` multiprocessors, or None where the CUDA-core GEMV is the faster one (too few row tiles
+    to fill the GPU, and K too short to split or splitting turned off)."""
+    from modelpress.nn.mma_ptx import CHUNK, TILE
+
+    config = MMA_NF4_CONFIG if nf4 else MMA_CONFIG
+    tiles, wanted = _cdiv(n, TILE * config["rows_per_thread"] * config["warps_rows"]), MMA_MIN_TILES_PER_SM * sms
+    if tiles >= wanted:
+        return dict(config, split=1)
+    step = config["chunks_per_step"] * config["warps_k"]
+    split = min(_cdiv(wanted, tiles), k // CHUNK // (step * MMA_SPLIT_MIN_STEPS))
+    return dict(config, split=split) if MMA_SPLIT_K and split > 1 else None
 
 
 def mma_supported(packed: PackedWeight) -> bool:
     """Whether gluon_mma_gemv serves the weight once re-laid (mma_ptx.mma_layout, in place: the same bytes), and
     faster than the CUDA-core GEMV: a format of MMA_FORMATS with per-group or per-channel scales, groups of a
     multiple of 64 columns, no input permutation or double quantization, N a multiple of 16 and K of 64, codes
-    stored densely on a CUDA device of compute capability 8.0 or later, and at least MMA_MIN_TILES_PER_SM row tiles
-    of 16 per multiprocessor."""
+    stored densely on a CUDA device of compute capability 8.0 or later, and a plan (mma_plan)."""
     from modelpress.nn.mma_ptx import CHUNK, TILE
 
     n, k = packed.shape
     q = packed.qdata
-    if not q.is_cuda or n // TILE < MMA_MIN_TILES_PER_SM * _sm_count(q.device.index or 0):
-        return False  # too few row tiles to fill the GPU: the CUDA-core GEMV is faster there
+    if not q.is_cuda or mma_plan(n, k, packed.scheme.format == "nf4", _sm_count(q.device.index or 0)) is None:
+        return False  # too few row tiles to fill the GPU, and K too short to split: the CUDA-core GEMV is faster
     return (packed.scheme.format in MMA_FORMATS and packed.scheme.granularity != "tensor"
             and packed.input_perm is None and packed.scale_scale is None and n % TILE == 0 and k % CHUNK == 0
             and packed.scheme.group_length(k) % CHUNK == 0 and q.is_cuda and q.is_contiguous()
@@ -569,7 +588,7 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
     bias = None if bias is None else bias.to(x.dtype)
     x2 = x.reshape(1, k)
     zero = mma_zero(packed)
-    config = MMA_NF4_CONFIG if zero is None else MMA_CONFIG
+    config = mma_plan(n, k, zero is None, _sm_count(x.device.index or 0)) or dict(MMA_CONFIG, split=1)
     kernel, grid, args, constants = gluon_mma_gemv.launch(x2, words, packed.scale, packed.offset, n,
                                                           packed.scheme.group_length(k), zero, pdl=pdl, **config)
     y = args[5]
