@@ -467,6 +467,8 @@ def test_relaid_codes_are_refused_off_the_decode_path_and_given_back(monkeypatch
     report, undo = fuse_for_decode(model)
     layers = model.config.num_hidden_layers
     assert report.relaid == 4 * layers  # the q/k/v group, o, the gate/up group, down
+    assert report.gated == layers  # each gate/up group's rows interleaved for the activation in its epilogue
+    assert model.model.layers[0].mlp.gate_proj.group.fused.mma_interleaved
     assert "4-bit layers on the tensor-core GEMV" in report.summary()
     layer = model.model.layers[0].self_attn.o_proj
     assert layer.mma_words.data_ptr() == layer.qdata.data_ptr()  # a view: no second copy of the codes
@@ -501,7 +503,8 @@ def test_generate_on_the_tensor_core_gemv_gives_the_tokens_of_the_cuda_core_one(
         monkeypatch.setattr(fusion, "RELAYOUT", relayout)
         runs[relayout] = generate(model, [5, 17, 33, 2, 90], settings)
     layers = model.config.num_hidden_layers
-    assert runs[True].fusions.endswith(f"{4 * layers} 4-bit layers on the tensor-core GEMV, rotary, KV writes")
+    assert runs[True].fusions.endswith(f"{layers} MLP activations in the GEMV, {4 * layers} 4-bit layers on the "
+                                       "tensor-core GEMV, rotary, KV writes")
     assert "tensor-core" not in runs[False].fusions
     assert runs[True].tokens[:4] == runs[False].tokens[:4]  # bfloat16 sums in another order
     after = model.state_dict()

@@ -87,7 +87,7 @@ def _cases(cap: tuple[int, int]):
             x = torch.randn(1, k, generator=gen).to(dtype)
             yield f"{spec} prepared M=1 {dtype}", lambda x=x, p=packed: prepared_linear(x, p, None)
     from modelpress.nn import triton_backend
-    from modelpress.nn.mma_ptx import mma_layout
+    from modelpress.nn.mma_ptx import interleave_rows, mma_layout
 
     wide = torch.randn(6400, k, generator=gen)  # rows enough for the tensor-core GEMV's plan (3 tiles per SM)
     triton_backend.MMA_FORMATS = ("int4", "int4-asym", "nf4")  # every format the kernel reads
@@ -108,6 +108,16 @@ def _cases(cap: tuple[int, int]):
                 x = torch.randn(m, k, generator=gen).to(dtype)
                 yield f"{spec} re-laid M={m} {dtype}", lambda x=x, p=packed, w=words: \
                     triton_backend.prepared_mma_linear(x, w, p, None)(x)
+        if spec == "int4-asym/g128":
+            continue
+        rows = interleave_rows(6400)  # as a gated MLP's [gate | up]: the activation in the epilogue
+        gated = mma_layout(packed.qdata[rows], 6400, k, triton_backend.mma_order(packed))
+        x = torch.randn(1, k, generator=gen).to(dtypes[0])
+        yield f"{spec} re-laid [gate | up], activation, M=1", lambda x=x, p=packed, w=gated: \
+            triton_backend.prepared_mma_linear(x, w, p, None, interleave=True, act=True)(x)
+        x = torch.randn(16, k, generator=gen).to(dtypes[0])
+        yield f"{spec} re-laid [gate | up], M=16", lambda x=x, p=packed, w=gated: \
+            triton_backend.prepared_mma_linear(x, w, p, None, interleave=True)(x)
     short = torch.randn(1024, 4096, generator=gen)  # too few row tiles to fill the GPU: K split across programs
     for spec in ["int4/g128", "nf4/g64"]:
         packed = quantize_weight(short, WeightScheme.parse(spec))

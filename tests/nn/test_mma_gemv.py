@@ -64,6 +64,38 @@ def test_mma_gemv_matches_float64(spec, n, k, dtype, config):
     assert torch.equal(again, y)  # deterministic: split-K partial sums are added in a fixed order
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec, width, k", [("int4/g128", 5504, 4096), ("nf4/g64", 72, 448),
+                                            ("int4-asym/g64", 1000, 1536)])
+def test_interleaved_gate_up_rows_and_the_activation_in_the_epilogue(spec, width, k, dtype):
+    """A gated MLP's [gate | up] weight re-laid with its rows interleaved: the plain GEMV (whole K and split) gives
+    the rows in their stored order, and the activation in the epilogue gives silu(gate) * up as silu_mul does from
+    the plain GEMV's output."""
+    from modelpress.nn.mma_ptx import interleave_rows
+    from modelpress.nn.triton_act import silu_mul
+
+    n = 2 * width
+    packed, _ = make(spec, n, k, seed=width)
+    order = NF4_NIBBLE_OF if spec.startswith("nf4") else NIBBLE_OF
+    words = mma_layout(packed.qdata[interleave_rows(n, DEVICE)], n, k, order)
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    ref = x.double() @ packed.dequantize(torch.float64).T
+    for split in (1, 3):
+        h = call(x, packed, words, interleave=True, split=split)
+        error = ((h.double() - ref).norm() / ref.norm()).item()
+        assert error < TOLERANCE[dtype], (split, error)
+    buffer = torch.full((2, width), float("nan"), device=DEVICE, dtype=dtype)
+    y = call(x, packed, words, out=buffer[:1], interleave=True, act=True)
+    assert torch.isnan(buffer[1]).all(), "kernel wrote past the last row"
+    want = silu_mul(call(x, packed, words, interleave=True)) if dtype == torch.bfloat16 else None
+    if want is None:
+        h = call(x, packed, words, interleave=True).float()
+        want = (torch.nn.functional.silu(h[:, :width]).to(dtype).float() * h[:, width:]).to(dtype)
+    # the same rounded sums, then an exp that may differ from libdevice's in the last float32 bit
+    torch.testing.assert_close(y, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-5)
+    assert (y != want).float().mean() < 0.01
+
+
 def test_mma_gemv_refuses_what_it_cannot_read():
     packed, words = make("int4/g128", 32, 256, seed=0)
     x = torch.randn(1, 256, device=DEVICE).to(torch.bfloat16)

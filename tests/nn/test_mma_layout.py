@@ -173,10 +173,12 @@ def test_ptx_computes_each_lanes_partial_sums(bf16, zero):
             assert abs(got - expected) <= bound, (lane, slot, got, expected)
 
 
-@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 256), ("int4-asym/g64", 16, 192), ("nf4/g64", 32, 128)])
-def test_dequantize_from_the_layout_equals_the_packed_weight(spec, n, k):
+@pytest.mark.parametrize("spec, n, k, interleave", [("int4/g128", 40, 256, False), ("int4-asym/g64", 16, 192, False),
+                                                    ("nf4/g64", 32, 128, False), ("int4/g128", 48, 256, True),
+                                                    ("nf4/g64", 32, 128, True)])
+def test_dequantize_from_the_layout_equals_the_packed_weight(spec, n, k, interleave):
     """mma_dequantize_kernel (under Triton's interpreter here, on the GPU in CUDA runs) gives the stored
-    weight's own dequantization, exactly."""
+    weight's own dequantization, exactly, also from rows re-laid interleaved (a gated MLP's [gate | up])."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -186,10 +188,11 @@ def test_dequantize_from_the_layout_equals_the_packed_weight(spec, n, k):
 import torch
 from modelpress.formats import WeightScheme, quantize_weight
 from modelpress.nn import triton_backend
-from modelpress.nn.mma_ptx import mma_layout
+from modelpress.nn.mma_ptx import interleave_rows, mma_layout
 packed = quantize_weight(torch.randn({n}, {k}), WeightScheme.parse("{spec}"))
-words = mma_layout(packed.qdata, {n}, {k}, triton_backend.mma_order(packed))
-got = triton_backend.mma_dequantize(words, packed, torch.float32)
+rows = interleave_rows({n}) if {interleave} else slice(None)
+words = mma_layout(packed.qdata[rows], {n}, {k}, triton_backend.mma_order(packed))
+got = triton_backend.mma_dequantize(words, packed, torch.float32, {interleave})
 assert torch.equal(got, packed.dequantize(torch.float32)), (got - packed.dequantize(torch.float32)).abs().max()
 print("ok")
 """

@@ -83,6 +83,7 @@ class FusionReport:
     attention: int = 0                                # attention modules whose decode attention is split-cache
     kv_writes: bool = False                           # a static cache wrote keys and values in one kernel a layer
     relaid: int = 0                                   # 4-bit layers whose one-token matmul is the tensor-core GEMV
+    gated: int = 0                                    # of those, [gate | up] layers taking the MLP's activation too
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
@@ -94,6 +95,7 @@ class FusionReport:
         self.attention += other.attention
         self.kv_writes |= other.kv_writes
         self.relaid += other.relaid
+        self.gated += other.gated
         self.skipped += other.skipped
 
     def summary(self) -> str:
@@ -102,6 +104,7 @@ class FusionReport:
         done = [f"{n} {what}" for n, what in ((self.groups, "sibling groups"), (self.norms, "norms"),
                                               (self.mlps, "MLPs"), (self.adds, "residual adds"),
                                               (self.attention, "attentions"),
+                                              (self.gated, "MLP activations in the GEMV"),
                                               (self.relaid, "4-bit layers on the tensor-core GEMV")) if n]
         return ", ".join(done + (["rotary"] if self.rotary else []) + (["KV writes"] if self.kv_writes else []))
 
@@ -417,7 +420,12 @@ def _fuse_mlps(model: nn.Module, report: FusionReport) -> list[Callable[[], None
 
 def _gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """down_proj(silu(gate) * up) with gate and up from one matmul and the activation one kernel where it serves."""
-    h = mlp.gate_proj.group.fused(x)
+    fused = mlp.gate_proj.group.fused
+    if x.numel() == fused.in_features and isinstance(fused, QuantLinear):  # one token: the GEMV's own epilogue
+        y = fused.gated_mma(x)
+        if y is not None:
+            return mlp.down_proj(y)
+    h = fused(x)
     y = None if torch.compiler.is_compiling() else silu_mul(h)
     if y is None:
         width = h.shape[-1] // 2
@@ -564,6 +572,9 @@ def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], 
 
 
 RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it off to measure it
+# fused MLPs' [gate | up] layers re-laid with their rows interleaved, so that the tensor-core GEMV's epilogue takes
+# silu(gate) * up for one token (no activation kernel); bench/decode.py's +noact turns it off
+INTERLEAVE = True
 
 
 def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
@@ -574,11 +585,12 @@ def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]
     in that order: its forward refuses calls that would read them as stored (autograd, torch.compile, the CPU), but
     a state_dict or dequantized_weight taken meanwhile (from a generation's callback, say) reads them as stored."""
     from modelpress.nn import triton_backend
-    from modelpress.nn.mma_ptx import mma_codes, mma_layout, standard_bytes
+    from modelpress.nn.mma_ptx import interleave_rows, mma_codes, mma_layout, standard_bytes
 
     undo: list[Callable[[], None]] = []
     if _activation_dtype(model) not in (torch.bfloat16, torch.float16):
         return undo  # the kernel multiplies 16-bit activations; float32 ones would decode the weight every call
+    gated = {id(mlp.gate_proj.group.fused) for _, mlp in _children(model) if _is_gated(mlp)}
     for _, module in _children(model):
         if not isinstance(module, QuantLinear) or _hooked(module) or "mma_words" in module.__dict__:
             continue
@@ -588,19 +600,33 @@ def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]
         n, k = packed.shape
         qdata = module.qdata
         order = triton_backend.mma_order(packed)
-        words = mma_layout(qdata, n, k, order)
+        rows = interleave_rows(n, qdata.device) if INTERLEAVE and id(module) in gated and module.bias is None \
+            else None
+        words = mma_layout(qdata if rows is None else qdata[rows], n, k, order)
         qdata.view(torch.int32).view(-1).copy_(words.view(-1))
         module.mma_words = qdata.view(torch.int32).view(words.shape)
+        module.mma_interleaved = rows is not None
         del words
 
-        def restore(m=module, q=qdata, n=n, k=k, order=order) -> None:
-            q.copy_(standard_bytes(mma_codes(m.mma_words, n, k, order)))
-            del m.mma_words
-            m._launchers = {key: fn for key, fn in m._launchers.items() if key[-1] != "mma"}
+        def restore(m=module, q=qdata, n=n, k=k, order=order, rows=rows) -> None:
+            codes = standard_bytes(mma_codes(m.mma_words, n, k, order))
+            if rows is None:
+                q.copy_(codes)
+            else:
+                q[rows] = codes
+            del m.mma_words, m.mma_interleaved
+            m._launchers = {key: fn for key, fn in m._launchers.items() if len(key) == 2}
 
         undo.append(restore)
         report.relaid += 1
+        report.gated += rows is not None
     return undo
+
+
+def _is_gated(mlp: nn.Module) -> bool:
+    """Whether `mlp` runs _gated_mlp (fused by _fuse_mlps)."""
+    forward = vars(mlp).get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _gated_mlp
 
 
 def _unfusable(parts: list[nn.Module]) -> str | None:

@@ -54,7 +54,7 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                      CORRECTION: gl.constexpr, AFFINE: gl.constexpr, GS: gl.constexpr, EVEN: gl.constexpr,
                      RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr, WK: gl.constexpr, PDL: gl.constexpr,
                      XSUM: gl.constexpr = True, NF4: gl.constexpr = False, SPLIT_K: gl.constexpr = False,
-                     SPLITS: gl.constexpr = 1):
+                     SPLITS: gl.constexpr = 1, INTERLEAVE: gl.constexpr = False, ACT: gl.constexpr = False):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
     of 64). A program owns RT * WR row tiles of 16 rows (WR warps along them) and, of K, the chunks_per_split
     chunks of split program_id(1), which its WK warps along K walk CS chunks at a time each; the next step's
@@ -64,7 +64,11 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     W = scale * (code - zero) (CORRECTION = MAGIC + zero), or with AFFINE scale * code + offset (CORRECTION =
     MAGIC): each slot adds scale * (raw - CORRECTION * sum x) (+ offset * sum x). XSUM=False (NF4: raw is
     sum level * x already): each slot adds scale * raw, and no sums of x are taken. NF4: MMA_ASM takes the eight
-    int32 lookup registers (mma_ptx.nf4_table) as operands, from table_ptr's (32, 8) copies, one per lane."""
+    int32 lookup registers (mma_ptx.nf4_table) as operands, from table_ptr's (32, 8) copies, one per lane.
+    INTERLEAVE: the weight is a gated MLP's [gate | up] (N = 2 I rows) with its rows re-laid in the order of
+    interleave_rows, so that row tile t holds gate rows 8t..8t+7 then up rows 8t..8t+7; scales and outputs are
+    those of the rows as stored. ACT (with INTERLEAVE, without SPLIT_K): y (1, I) = silu(gate) * up instead, each
+    lane holding a gate row and its up row, the two rounded to y's dtype first as the matmul's output would be."""
     BT: gl.constexpr = RT * WR
     CK: gl.constexpr = CS * WK
     P: gl.constexpr = gl.BlockedLayout([RT, CS, 1, 4], [1, 1, 32, 1], [WR, WK, 1, 1], [3, 2, 1, 0])
@@ -86,8 +90,12 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
 
     words = w_ptr + tile * (chunks * 128) + (((c_begin + chunk) * 32 + lane) * 4 + slot)[None, :, :, :]  # step 1's
     x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + (16 * chunk + 4 * slot + lane % 4)
-    rows = gl.minimum(s_tile * 16 + s_lane // 4, N - 1)  # row g of each lane; row g + 8 below
-    rows_hi = gl.minimum(s_tile * 16 + s_lane // 4 + 8, N - 1)
+    if INTERLEAVE:  # the tile's row g is gate row 8t + g, its row g + 8 up row 8t + g
+        rows = gl.minimum(s_tile * 8 + s_lane // 4, N // 2 - 1)
+        rows_hi = rows + N // 2
+    else:
+        rows = gl.minimum(s_tile * 16 + s_lane // 4, N - 1)  # row g of each lane; row g + 8 below
+        rows_hi = gl.minimum(s_tile * 16 + s_lane // 4 + 8, N - 1)
     s_low = scale_ptr + rows * stride_sn
     s_high = scale_ptr + rows_hi * stride_sn
     o_low = offset_ptr + rows * stride_sn
@@ -150,44 +158,70 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     high = gl.sum(gl.where(t_slot % 2 == 1, total, 0.0), axis=2)  # row g + 8
     o_tile = first_tile + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, T)))
     o_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, T)))
-    row = o_tile[:, None] * 16 + o_lane[None, :] // 4
+    if INTERLEAVE:
+        row = o_tile[:, None] * 8 + o_lane[None, :] // 4  # the stored rows of each lane's two sums
+        row_hi = row + N // 2
+        inside = row < N // 2
+        inside_hi = inside
+    else:
+        row = o_tile[:, None] * 16 + o_lane[None, :] // 4
+        row_hi = row + 8
+        inside = row < N
+        inside_hi = row_hi < N
     first = (o_lane % 4 == 0)[None, :]  # the four lanes of a row hold the same sums: one stores
     if SPLIT_K:
-        part = ws_ptr + gl.program_id(1) * N + row
-        gl.store(part, low, mask=first & (row < N))
-        gl.store(part + 8, high, mask=first & (row + 8 < N))
+        part = ws_ptr + gl.program_id(1) * N
+        gl.store(part + row, low, mask=first & inside)
+        gl.store(part + row_hi, high, mask=first & inside_hi)
         gl.thread_barrier()  # every thread's partial sums are written before the count goes up
         lock = lock_ptr + gl.program_id(0)
         splits = gl.num_programs(1)
         if gl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
             E: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, WR * WK], [1, 0])
             split = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, E))
-            block = first_tile * 16 + gl.arange(0, BT * 16, layout=gl.SliceLayout(0, E))
+            r = gl.arange(0, BT * 16, layout=gl.SliceLayout(0, E))
+            t = first_tile + r // 16
+            if INTERLEAVE:
+                block = gl.where(r % 16 < 8, t * 8 + r % 16, N // 2 + t * 8 + r % 16 - 8)
+                kept = t * 8 < N // 2
+            else:
+                block = t * 16 + r % 16
+                kept = block < N
             parts = gl.load(ws_ptr + split[:, None] * N + block[None, :],
-                            mask=(split < splits)[:, None] & (block < N)[None, :], other=0.0, cache_modifier=".cg")
-            gl.store(y_ptr + block, gl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=block < N)
+                            mask=(split < splits)[:, None] & kept[None, :], other=0.0, cache_modifier=".cg")
+            gl.store(y_ptr + block, gl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=kept)
             gl.atomic_xchg(lock, 0)
+    elif ACT:  # silu(gate) * up as silu_mul computes it from the matmul's rounded output
+        gate = low.to(y_ptr.dtype.element_ty).to(gl.float32)
+        up = high.to(y_ptr.dtype.element_ty).to(gl.float32)
+        act = gl.div_rn(gate, 1.0 + gl.exp(-gate)).to(y_ptr.dtype.element_ty).to(gl.float32)
+        gl.store(y_ptr + row, (act * up).to(y_ptr.dtype.element_ty), mask=first & inside)
     else:
-        gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & (row < N))
-        gl.store(y_ptr + row + 8, high.to(y_ptr.dtype.element_ty), mask=first & (row + 8 < N))
+        gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & inside)
+        gl.store(y_ptr + row_hi, high.to(y_ptr.dtype.element_ty), mask=first & inside_hi)
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
            group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
            warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
-           out: torch.Tensor | None = None) -> tuple:
+           out: torch.Tensor | None = None, interleave: bool = False, act: bool = False) -> tuple:
     """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[5] is y. zero=None:
     NF4 codes (mma_layout with NF4_NIBBLE_OF). split > 1: K is split into that many ranges of whole steps (fewer
-    where the steps run out), their partial sums added through triton_backend's split-K workspace."""
+    where the steps run out), their partial sums added through triton_backend's split-K workspace. interleave:
+    [gate | up] rows re-laid in interleave_rows' order; act: y (1, N / 2) = silu(gate) * up (no split)."""
     if group_size % CHUNK:
         raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
+    if act and (not interleave or split > 1):
+        raise ValueError("the MMA GEMV's activation needs [gate | up] rows interleaved and K not split")
+    if interleave and n % TILE:
+        raise ValueError(f"interleaved [gate | up] rows need N a multiple of {TILE}, got {n}")
     k = x.shape[-1]
     chunks = k // CHUNK
     if tuple(words.shape[:2]) != (-(-n // TILE), chunks):
         raise ValueError(f"words of shape {tuple(words.shape)} do not lay out a ({n}, {k}) weight")
     if x.data_ptr() % 16:
         raise ValueError("the MMA GEMV reads x 8 bytes at a time: it must be 16-byte aligned")
-    y = torch.empty((1, n), device=x.device, dtype=x.dtype) if out is None else out
+    y = torch.empty((1, n // 2 if act else n), device=x.device, dtype=x.dtype) if out is None else out
     bf16 = x.dtype == torch.bfloat16
     bt = rows_per_thread * warps_rows
     ck = chunks_per_step * warps_k
@@ -207,7 +241,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     constants = dict(MMA_ASM=mma_asm(bf16, nf4), XSUM_ASM=xsum_asm(bf16), CORRECTION=0.0 if nf4 else MAGIC[bf16] + zero,
                      AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0 and per_split % ck == 0,
                      RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl,
-                     XSUM=not nf4 or offset is not None, NF4=nf4, SPLIT_K=splits > 1,
+                     XSUM=not nf4 or offset is not None, NF4=nf4, SPLIT_K=splits > 1, INTERLEAVE=interleave, ACT=act,
                      SPLITS=1 << max(0, (splits - 1).bit_length()), num_warps=warps_rows * warps_k, launch_pdl=pdl)
     return gemv4_mma_kernel, grid, args, constants
 
@@ -215,12 +249,12 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
 def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
              group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
              warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, interleave: bool = False, act: bool = False) -> torch.Tensor:
     """y (1, N) = x (1, K) @ W^T for int4 weights re-laid by mma_layout: W = scale * (code - zero), or with an
     offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset (N, G)
     per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
-                                           chunks_per_step, warps_rows, warps_k, split, pdl, out)
+                                           chunks_per_step, warps_rows, warps_k, split, pdl, out, interleave, act)
     kernel[grid](*args, **constants)
     return args[5]
 

@@ -45,6 +45,15 @@ def mma_codes(words: torch.Tensor, n: int, k: int, order: tuple[int, ...] = NIBB
     return codes.reshape(tiles * TILE, k)[:n]
 
 
+def interleave_rows(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """The stored row each row of a gated MLP's [gate | up] weight (N = 2 I rows, I a multiple of 8) is re-laid
+    from, so that each 16-row MMA tile t holds gate rows 8t..8t+7 then up rows 8t..8t+7: a lane then holds a gate
+    row's sum and its up row's (gluon_mma_gemv's INTERLEAVE)."""
+    if n % TILE:
+        raise ValueError(f"interleaved [gate | up] rows need N a multiple of {TILE}, got {n}")
+    return torch.arange(n, device=device).view(2, n // TILE, 8).transpose(0, 1).reshape(n)
+
+
 def standard_bytes(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes packed as the stored format has them (packing.py): code 2j in the low nibble of byte j."""
     return codes[:, 0::2] | (codes[:, 1::2] << 4)

@@ -99,18 +99,30 @@ class QuantLinear(nn.Module):
             return fn(x)
         return self._operator(x)
 
-    def _eager_mma(self, x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        """The layer's result from codes in the tensor-core GEMV's layout (triton_backend.prepared_mma_linear)."""
+    def _eager_mma(self, x: torch.Tensor, words: torch.Tensor, act: bool = False) -> torch.Tensor:
+        """The layer's result from codes in the tensor-core GEMV's layout (triton_backend.prepared_mma_linear); act:
+        silu(gate) * up of a gated MLP's [gate | up] layer re-laid with its rows interleaved (gated_mma)."""
         from modelpress.nn.triton_backend import prepared_mma_linear
 
-        key = (x.shape, x.dtype, "mma")
+        interleave = self.__dict__.get("mma_interleaved", False)
+        key = (x.shape, x.dtype, "mma", act)
         fn = self._launchers.get(key)
         if fn is None:
-            fn = self._launchers[key] = prepared_mma_linear(x, words, self.packed, self.bias)
+            fn = self._launchers[key] = prepared_mma_linear(x, words, self.packed, self.bias, interleave, act)
         if x.is_contiguous() and not x.data_ptr() % 16:
             return fn(x)
         x = x.contiguous()  # prepared for this x: a misaligned one decodes the weight for cuBLAS
-        return prepared_mma_linear(x, words, self.packed, self.bias)(x)
+        return prepared_mma_linear(x, words, self.packed, self.bias, interleave, act)(x)
+
+    def gated_mma(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up for this layer as a gated MLP's [gate | up] (its first and second halves of rows), in the
+        tensor-core GEMV's epilogue: for a layer re-laid with its rows interleaved for it (inference/fusion.py),
+        called eagerly on CUDA without autograd; None otherwise (the caller runs the matmul and the activation)."""
+        words = self.__dict__.get("mma_words")
+        if (words is None or not self.__dict__.get("mma_interleaved", False) or not x.is_cuda
+                or torch.is_grad_enabled() and x.requires_grad or torch.compiler.is_compiling()):
+            return None
+        return self._eager_mma(x, words, act=True)
 
     def train(self, mode: bool = True) -> QuantLinear:
         self._launchers = {}  # a launcher holds the bias converted to the activation dtype: rebuild after training

@@ -573,15 +573,20 @@ def mma_order(packed: PackedWeight) -> tuple[int, ...]:
     return NF4_NIBBLE_OF if packed.scheme.format == "nf4" else NIBBLE_OF
 
 
-def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
-                        ) -> Callable[[torch.Tensor], torch.Tensor]:
+def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                        interleave: bool = False, act: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """fn(x) -> x @ W^T (+ bias) for activations of x's shape and dtype, W 4-bit codes re-laid in `words` (packed's
     qdata holds them; its scale and offset are read as stored). One activation row: the tensor-core GEMV
     (gluon_mma_gemv), launched directly as prepared_linear's launchers are, with PDL on Hopper. More rows: the
-    weight decoded from `words` (mma_dequantize), then cuBLAS."""
+    weight decoded from `words` (mma_dequantize), then cuBLAS. interleave: W is a gated MLP's [gate | up], its rows
+    re-laid in mma_ptx.interleave_rows' order; act (no bias): fn(x) -> silu(gate) * up, (..., N / 2)."""
     n, k = packed.shape
+    if act and bias is not None:
+        raise ValueError("the tensor-core GEMV's activation takes a [gate | up] weight without a bias")
     if x.numel() != k or not x.is_contiguous() or x.data_ptr() % 16 or x.dtype not in _ACT_DTYPES:
-        return lambda x: F.linear(x, mma_dequantize(words, packed, x.dtype), bias)
+        if act:
+            return lambda x: _silu_mul(F.linear(x, mma_dequantize(words, packed, x.dtype, interleave)))
+        return lambda x: F.linear(x, mma_dequantize(words, packed, x.dtype, interleave), bias)
     from modelpress.nn import gluon_mma_gemv
 
     pdl = pdl_launch(x.device)
@@ -589,26 +594,43 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
     x2 = x.reshape(1, k)
     zero = mma_zero(packed)
     config = mma_plan(n, k, zero is None, _sm_count(x.device.index or 0)) or dict(MMA_CONFIG, split=1)
+    if act:
+        config["split"] = 1
+    width = n // 2 if act else n
     kernel, grid, args, constants = gluon_mma_gemv.launch(x2, words, packed.scale, packed.offset, n,
-                                                          packed.scheme.group_length(k), zero, pdl=pdl, **config)
+                                                          packed.scheme.group_length(k), zero, pdl=pdl,
+                                                          interleave=interleave, act=act, **config)
     y = args[5]
     compiled = kernel[grid](*args, **constants)
     try:
-        fn = _direct_launch(compiled, kernel.arg_names, (*grid, 1, 1)[:3], args, constants, y, (*x.shape[:-1], n),
-                            bias)
+        fn = _direct_launch(compiled, kernel.arg_names, (*grid, 1, 1)[:3], args, constants, y,
+                            (*x.shape[:-1], width), bias)
     except AttributeError:  # a Triton whose launcher is laid out otherwise: its own launch path
         def fn(x):
             return gluon_mma_gemv.mma_gemv(x.reshape(1, k), words, packed.scale, packed.offset, n,
-                                           packed.scheme.group_length(k), zero, pdl=pdl,
-                                           **config).view(*x.shape[:-1], n)
+                                           packed.scheme.group_length(k), zero, pdl=pdl, interleave=interleave,
+                                           act=act, **config).view(*x.shape[:-1], width)
     if bias is None:
         return fn
     return lambda x: fn(x).add_(bias)
 
 
-def mma_dequantize(words: torch.Tensor, packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+def _silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up], as fusion's gated MLP computes it."""
+    from modelpress.nn.triton_act import silu_mul
+
+    y = silu_mul(h)
+    if y is None:
+        width = h.shape[-1] // 2
+        y = F.silu(h[..., :width]) * h[..., width:]
+    return y
+
+
+def mma_dequantize(words: torch.Tensor, packed: PackedWeight, dtype: torch.dtype, interleave: bool = False
+                   ) -> torch.Tensor:
     """The (N, K) weight of `packed` (int4, int4-asym or nf4) from its codes re-laid by mma_ptx.mma_layout
-    (`words`; packed.qdata is not read), decoded in one launch."""
+    (`words`; packed.qdata is not read), decoded in one launch; interleave: rows re-laid in
+    mma_ptx.interleave_rows' order, written back in the stored order."""
     from modelpress.nn.triton_kernels import mma_dequantize_kernel
 
     n, k = packed.shape
@@ -619,7 +641,8 @@ def mma_dequantize(words: torch.Tensor, packed: PackedWeight, dtype: torch.dtype
     table = _table(kind, w.device, torch.float32) if kind == 1 else packed.scale
     mma_dequantize_kernel[(words.shape[0], words.shape[1])](
         words, packed.scale, packed.offset if affine else packed.scale, table, w, n, k,
-        packed.scheme.group_length(k), stride_sn, stride_sg, KIND=kind, ZERO=zero, AFFINE=affine, num_warps=4)
+        packed.scheme.group_length(k), stride_sn, stride_sg, KIND=kind, ZERO=zero, AFFINE=affine,
+        INTERLEAVE=interleave, num_warps=4)
     return w
 
 

@@ -351,11 +351,14 @@ def dequantize_kernel(
 
 @triton.jit
 def mma_dequantize_kernel(w_ptr, scale_ptr, offset_ptr, table_ptr, out_ptr, N, K, group_size, stride_sn, stride_sg,
-                          KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr):
+                          KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr,
+                          INTERLEAVE: tl.constexpr = False):
     """W (N, K) in out's dtype from 4-bit codes in mma_ptx.mma_layout (int4: KIND 0, nf4: KIND 1, levels at
     table_ptr), one 16-row tile x 64-column chunk per program: element (r, c) of the block is nibble p of word
     (lane 4 (r % 8) + (c % 16) // 4, slot 2 (c // 32) + r // 8), with q = 4 ((c // 16) % 2) + c % 4 its place in
-    the word, p = NIBBLE_OF[q] = (q % 4) // 2 + 4 (q % 2) + 2 (q // 4) for int4, NF4_NIBBLE_OF[q] = q for nf4."""
+    the word, p = NIBBLE_OF[q] = (q % 4) // 2 + 4 (q % 2) + 2 (q // 4) for int4, NF4_NIBBLE_OF[q] = q for nf4.
+    INTERLEAVE: the tile's rows were re-laid from the stored rows mma_ptx.interleave_rows names (row r < 8 of tile
+    t from row 8t + r, row r >= 8 from N / 2 + 8t + r - 8): W is written in the stored order."""
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
     r = tl.arange(0, 16)[:, None]
@@ -369,10 +372,14 @@ def mma_dequantize_kernel(w_ptr, scale_ptr, offset_ptr, table_ptr, out_ptr, N, K
     else:
         nibble = (q % 4) // 2 + 4 * (q % 2) + 2 * (q // 4)
     code = (word >> (4 * nibble)) & 15
-    rows = tile * 16 + r
+    if INTERLEAVE:
+        rows = tl.where(r < 8, tile * 8 + r, N // 2 + tile * 8 + r - 8)
+        row_mask = tile * 8 + r % 8 < N // 2
+    else:
+        rows = tile * 16 + r
+        row_mask = rows < N
     cols = chunk * 64 + c
     s_ptrs = rows * stride_sn + (cols // group_size) * stride_sg
-    row_mask = rows < N
     s = tl.load(scale_ptr + s_ptrs, mask=row_mask, other=0.0).to(tl.float32)
     if KIND == 1:
         w = tl.load(table_ptr + code) * s
