@@ -454,11 +454,13 @@ def test_relaid_codes_are_refused_off_the_decode_path_and_given_back(monkeypatch
     """The in-place re-layout for the tensor-core GEMV (on the CPU with the support check forced: the layout is
     the same permutation everywhere): a re-laid layer refuses calls its codes cannot serve, and undo gives every
     byte back."""
+    from modelpress.inference import fusion
     from modelpress.nn import triton_backend
 
     model = build_family("llama", hidden_size=128, intermediate_size=256, num_attention_heads=8)
     model = packed(model, "int4/g64")
     monkeypatch.setattr(triton_backend, "mma_supported", lambda p: p.scheme.format == "int4")
+    monkeypatch.setattr(fusion, "INTERLEAVE", True)
     report, undo = fuse_for_decode(model)
     undo()
     assert report.relaid == 0  # float32 activations: the kernel takes 16-bit ones, so nothing is re-laid
@@ -488,7 +490,9 @@ def test_generate_on_the_tensor_core_gemv_gives_the_tokens_of_the_cuda_core_one(
     from modelpress.nn import triton_backend
 
     monkeypatch.setattr(triton_backend, "MMA_FORMATS", ("int4", "int4-asym", "nf4"))
+    monkeypatch.setattr(fusion, "INTERLEAVE", True)
     if split:  # every layer short of row tiles: K split across programs, the partial sums through the workspace
+        monkeypatch.setattr(triton_backend, "MMA_SPLIT_K", True)
         monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 10**6)
         monkeypatch.setattr(triton_backend, "MMA_SPLIT_MIN_STEPS", 1)
         model = build_family("llama", hidden_size=1024, intermediate_size=2048, num_attention_heads=16)

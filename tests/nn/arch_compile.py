@@ -91,6 +91,7 @@ def _cases(cap: tuple[int, int]):
 
     wide = torch.randn(6400, k, generator=gen)  # rows enough for the tensor-core GEMV's plan (3 tiles per SM)
     triton_backend.MMA_FORMATS = ("int4", "int4-asym", "nf4")  # every format the kernel reads
+    triton_backend.MMA_SPLIT_K = True  # and its split-K launches
     for spec in ["int4/g128", "int4-asym/g128", "nf4/g64"]:  # from 8.0, decode re-lays 4-bit codes (tensor-core GEMV)
         packed = quantize_weight(wide, WeightScheme.parse(spec))
         served = triton_backend.mma_supported(packed)

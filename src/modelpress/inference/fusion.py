@@ -573,8 +573,9 @@ def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], 
 
 RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it off to measure it
 # fused MLPs' [gate | up] layers re-laid with their rows interleaved, so that the tensor-core GEMV's epilogue takes
-# silu(gate) * up for one token (no activation kernel); bench/decode.py's +noact turns it off
-INTERLEAVE = True
+# silu(gate) * up for one token (no activation kernel); off by default until it has run on a GPU and been timed
+# (bench/decode.py's +act turns it on)
+INTERLEAVE = False
 
 
 def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:

@@ -519,9 +519,10 @@ MMA_CONFIG = dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4)
 # NF4 (more instructions a weight) was fastest with four chunks a step on both large shapes (H200)
 MMA_NF4_CONFIG = dict(MMA_CONFIG, chunks_per_step=4)
 MMA_MIN_TILES_PER_SM = 3
-# fewer row tiles than that: K is split until the programs reach MMA_MIN_TILES_PER_SM per multiprocessor, each
-# split keeping at least MMA_SPLIT_MIN_STEPS loop steps (MMA_SPLIT_K=False: such weights stay on the CUDA-core GEMV)
-MMA_SPLIT_K = True
+# fewer row tiles than that: with MMA_SPLIT_K, K is split until the programs reach MMA_MIN_TILES_PER_SM per
+# multiprocessor, each split keeping at least MMA_SPLIT_MIN_STEPS loop steps; without it (the default until the split
+# kernel has run on a GPU and been timed against the CUDA-core GEMV) such weights stay on the CUDA-core GEMV
+MMA_SPLIT_K = False
 MMA_SPLIT_MIN_STEPS = 2
 # formats decode re-lays for the tensor-core GEMV: the kernel reads nf4 too (tests/nn/test_mma_gemv.py), but NF4
 # decode through it has not been run on a GPU yet, so it is left out of generate's re-layout
