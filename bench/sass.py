@@ -67,9 +67,10 @@ def compile_gemv(spec: str, n: int, k: int, half: bool, kernel_name: str = "gemv
     return compiled, config, launch
 
 
-def compile_mma_gemv(spec: str, n: int, k: int):
+def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain"):
     """gluon_mma_gemv's kernel for `spec` (int4, int4-asym or nf4, bfloat16 activations) with the plan decode uses;
-    (compiled, weights per thread per loop step)."""
+    (compiled, weights per thread per loop step). variant: plain, split (split-K), interleave ([gate | up] rows
+    interleaved) or act (interleaved, with the activation in the epilogue)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -84,7 +85,9 @@ def compile_mma_gemv(spec: str, n: int, k: int):
     constants = dict(MMA_ASM=mma_ptx.mma_asm(True, nf4), XSUM_ASM=mma_ptx.xsum_asm(True),
                      CORRECTION=0.0 if nf4 else mma_ptx.MAGIC[True] + zero, AFFINE=affine,
                      GS=scheme.group_length(k), EVEN=True, RT=config["rows_per_thread"], CS=config["chunks_per_step"],
-                     WR=config["warps_rows"], WK=config["warps_k"], PDL=True, XSUM=not nf4 or affine, NF4=nf4)
+                     WR=config["warps_rows"], WK=config["warps_k"], PDL=True, XSUM=not nf4 or affine, NF4=nf4,
+                     SPLIT_K=variant == "split", SPLITS=4 if variant == "split" else 1,
+                     INTERLEAVE=variant in ("interleave", "act"), ACT=variant == "act")
     kernel = gluon_mma_gemv.gemv4_mma_kernel
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16", "table_ptr": "*i32",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "N": "i32", "chunks": "i32",
@@ -151,9 +154,11 @@ def main() -> None:
     p.add_argument("--float32", action="store_true", help="the float32 inner product instead of HALF")
     p.add_argument("--dump", type=Path, default=None, help="write the whole SASS here")
     p.add_argument("--mma", action="store_true", help="the tensor-core GEMV (gluon_mma_gemv) with decode's plan")
+    p.add_argument("--variant", default="plain", choices=["plain", "split", "interleave", "act"],
+                   help="with --mma: split-K, [gate | up] rows interleaved, or interleaved with the activation")
     args = p.parse_args()
     if args.mma:
-        compiled, weights_per_thread = compile_mma_gemv(args.spec, args.n, args.k)
+        compiled, weights_per_thread = compile_mma_gemv(args.spec, args.n, args.k, args.variant)
         print(f"{args.spec} {args.n}x{args.k}, tensor-core GEMV: {weights_per_thread} weights per thread per loop "
               f"step; {resource_usage(compiled.asm['cubin'])}")
     else:

@@ -76,8 +76,12 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     S: gl.constexpr = gl.SliceLayout(3, P)  # (BT, CK, 32): per row tile, chunk and lane (scales)
     tiles = gl.cdiv(N, 16)
     first_tile = gl.program_id(0) * BT
-    c_begin = gl.program_id(1) * chunks_per_split
-    c_end = gl.minimum(c_begin + chunks_per_split, chunks)
+    if SPLIT_K:
+        c_begin = gl.program_id(1) * chunks_per_split
+        c_end = gl.minimum(c_begin + chunks_per_split, chunks)
+    else:  # all of K: the loop's bounds known to start at 0 (a run-time start cost int4-asym 12 IMADs a step)
+        c_begin = 0
+        c_end = chunks
     tile = gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, P))))
     tile = gl.minimum(first_tile + tile, tiles - 1)[:, None, None, None]  # past the last: re-read, not stored
     chunk = gl.arange(0, CK, layout=gl.SliceLayout(1, gl.SliceLayout(2, X)))[:, None, None]
@@ -194,7 +198,8 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     elif ACT:  # silu(gate) * up as silu_mul computes it from the matmul's rounded output
         gate = low.to(y_ptr.dtype.element_ty).to(gl.float32)
         up = high.to(y_ptr.dtype.element_ty).to(gl.float32)
-        act = gl.div_rn(gate, 1.0 + gl.exp(-gate)).to(y_ptr.dtype.element_ty).to(gl.float32)
+        # div.full (approximate, 2 ulp): an IEEE division's slow-path call made ptxas spill registers in the loop
+        act = (gate / (1.0 + gl.exp(-gate))).to(y_ptr.dtype.element_ty).to(gl.float32)
         gl.store(y_ptr + row, (act * up).to(y_ptr.dtype.element_ty), mask=first & inside)
     else:
         gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & inside)
