@@ -68,7 +68,8 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     INTERLEAVE: the weight is a gated MLP's [gate | up] (N = 2 I rows) with its rows re-laid in the order of
     interleave_rows, so that row tile t holds gate rows 8t..8t+7 then up rows 8t..8t+7; scales and outputs are
     those of the rows as stored. ACT (with INTERLEAVE, without SPLIT_K): y (1, I) = silu(gate) * up instead, each
-    lane holding a gate row and its up row, the two rounded to y's dtype first as the matmul's output would be."""
+    lane holding a gate row and its up row, the two rounded to y's dtype first as the matmul's output would be
+    (silu's division approximate: within 2 ulp of float32 before the rounding to y's dtype)."""
     BT: gl.constexpr = RT * WR
     CK: gl.constexpr = CS * WK
     P: gl.constexpr = gl.BlockedLayout([RT, CS, 1, 4], [1, 1, 32, 1], [WR, WK, 1, 1], [3, 2, 1, 0])
@@ -195,7 +196,7 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                             mask=(split < splits)[:, None] & kept[None, :], other=0.0, cache_modifier=".cg")
             gl.store(y_ptr + block, gl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=kept)
             gl.atomic_xchg(lock, 0)
-    elif ACT:  # silu(gate) * up as silu_mul computes it from the matmul's rounded output
+    elif ACT:  # silu(gate) * up from the matmul's rounded output, as silu_mul computes it but for the division
         gate = low.to(y_ptr.dtype.element_ty).to(gl.float32)
         up = high.to(y_ptr.dtype.element_ty).to(gl.float32)
         # div.full (approximate, 2 ulp): an IEEE division's slow-path call made ptxas spill registers in the loop
