@@ -8,6 +8,7 @@ with weight copies rotating past the L2 cache; then the 7B stack at M = 1 (32 bl
 shapes: q/k/v, o, gate/up, down), each shape with its best configuration. PDL on for both GEMVs.
 
     PYTHONPATH=src python bench/mma_gemv.py --json bench/results/mma_gemv_h100.json
+    PYTHONPATH=src python bench/mma_gemv.py --specs int4/g128 --configs 1 --shapes 22016x4096 --act   # the epilogue
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ def mma_impl(spec: str, config: dict):
     return build, call
 
 
+def act_impls(spec: str, config: dict) -> dict:
+    """For a [gate | up] weight: the GEMV then silu_mul (the activation's own kernel), and the GEMV on rows
+    interleaved with the activation in its epilogue (interleave=True, act=True). Timing only: the codes are laid out
+    without the interleaving permutation (random weights either way)."""
+    from modelpress.nn.triton_act import silu_mul
+
+    build, call = mma_impl(spec, config)
+    return {"gemv_then_silu_mul": (build, lambda state, x: silu_mul(call(state, x))),
+            "act_in_epilogue": mma_impl(spec, dict(config, interleave=True, act=True))}
+
+
 def packed_bytes(state) -> int:
     """A (packed, words) state's weight bytes: the packed weight's (words hold the same codes again)."""
     return nbytes(state[0])
@@ -79,6 +91,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("mma_gemv.json"))
     parser.add_argument("--specs", default="int4/g128,int4-asym/g128")
     parser.add_argument("--configs", type=int, default=len(CONFIGS), help="the first N configurations only")
+    parser.add_argument("--act", action="store_true", help="also time the MLP's activation in the [gate | up] "
+                        "GEMV's epilogue against the GEMV then silu_mul, on the 22016x4096 shape")
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
     args = parser.parse_args()
@@ -112,6 +126,13 @@ def main() -> None:
             result["shapes"].append(row)
             print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
             torch.cuda.empty_cache()
+        if args.act:
+            config = best.get((spec, 22016, 4096), CONFIGS[0])
+            row = {"spec": spec, "N": 22016, "K": 4096, "config": config}
+            row.update({name: time_impl(impl, 22016, 4096, 1, packed_bytes)["graph_us"]
+                        for name, impl in act_impls(spec, config).items()})
+            result.setdefault("act", []).append(row)
+            print(json.dumps(row), flush=True)
         weights = [(n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_FUSED]
         # the stack as decode runs it: each shape on the GEMV that is faster for it
         impls = {"current": {(n, k): ours(spec) for n, k in LLAMA2_7B_FUSED},
@@ -140,6 +161,9 @@ def main() -> None:
               f"{r['error_current']:.1e} | {r['error_mma']:.1e} | {r['mma_best']} |")
     for r in result["stack"]:
         print(f"stack {r['spec']} {r['impl']}: {r['stack_ms']:.3f} ms")
+    for r in result.get("act", []):
+        print(f"{r['spec']} 22016x4096: GEMV then silu_mul {r['gemv_then_silu_mul']:.2f} µs, activation in the "
+              f"epilogue {r['act_in_epilogue']:.2f} µs")
 
 
 if __name__ == "__main__":
