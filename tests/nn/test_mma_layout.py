@@ -226,3 +226,24 @@ def test_nf4_ptx_computes_each_lanes_partial_sums(bf16):
             cols = slice(32 * (slot // 2), 32 * (slot // 2) + 32)
             expected = float(levels[codes[row, cols]] @ xf[cols])
             assert _f32(raw[lane][slot]) == pytest.approx(expected, rel=1e-6, abs=1e-6), (lane, slot)
+
+
+def test_the_plan_splits_k_only_where_row_tiles_are_short_and_k_is_long(monkeypatch):
+    """triton_backend.mma_plan: whole K where the row tiles give every multiprocessor MMA_MIN_TILES_PER_SM of them;
+    fewer tiles: no plan (the CUDA-core GEMV) unless MMA_SPLIT_K, then K split towards that many programs, never
+    below MMA_SPLIT_MIN_STEPS loop steps a split."""
+    from modelpress.nn import triton_backend as tb
+
+    assert tb.mma_plan(12288, 4096, False, 132) == dict(tb.MMA_CONFIG, split=1)  # 768 tiles >= 3 x 132
+    assert tb.mma_plan(22016, 4096, True, 132) == dict(tb.MMA_NF4_CONFIG, split=1)
+    monkeypatch.setattr(tb, "MMA_SPLIT_K", False)
+    assert tb.mma_plan(4096, 4096, False, 132) is None  # 256 tiles
+    monkeypatch.setattr(tb, "MMA_SPLIT_K", True)
+    assert tb.mma_plan(4096, 4096, False, 132)["split"] == 2  # 512 programs >= 396
+    assert tb.mma_plan(1024, 4096, False, 132)["split"] == 4  # 7 wanted; 64 chunks / (8 a step x 2 steps) = 4
+    assert tb.mma_plan(4096, 512, False, 132) is None  # 8 chunks: not two steps of 8 for two splits
+    step = tb.MMA_CONFIG["chunks_per_step"] * tb.MMA_CONFIG["warps_k"]
+    for n, k in [(256, 4096), (1024, 11008), (4096, 14336), (2048, 1536)]:
+        plan = tb.mma_plan(n, k, False, 132)
+        if plan is not None:
+            assert plan["split"] >= 2 and k // 64 // plan["split"] >= step * tb.MMA_SPLIT_MIN_STEPS
