@@ -26,6 +26,9 @@ gptq[=DAMP], the calibrated ones optionally followed by
   decor=X       GPTQ's Hessian shrunk towards its diagonal, (1 - X) H + X diag(H), before the damp: the
                 channels' weights kept, a fraction X of their correlations (the most domain-specific part of
                 the calibration statistics) dropped
+Any METHOD (rtn too) may end in +rot=hadamard or +rot=orthogonal: the residual stream rotated into the weights
+first (algorithms/rotate.py; the output head untied from the embedding), then the method run on the rotated model;
++massive=X sets RotateConfig.massive (0: every channel rotated, none kept out).
 `--windows-cache DIR` keeps every sampled set of windows there, so another run reuses them.
 
     PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
@@ -35,6 +38,7 @@ gptq[=DAMP], the calibrated ones optionally followed by
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import platform
 import sys
@@ -55,6 +59,7 @@ from modelpress.algorithms.quantize import gptq as gptq_module
 from modelpress.algorithms.quantize.awq import AWQConfig, quantize_awq
 from modelpress.algorithms.quantize.gptq import GPTQConfig, quantize_gptq
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
+from modelpress.algorithms.rotate import RotateConfig, rotate_residual
 from modelpress.api import EvalSettings, prepare_windows
 from modelpress.errors import ModelpressError
 from modelpress.io.generated import generated_windows, start_token
@@ -154,6 +159,20 @@ def parse_method(method: str) -> tuple[str, dict, float | None, float, bool]:
     return name, gptq, None if amax is None else float(amax), decor, flat
 
 
+def split_rotation(method: str) -> tuple[str, RotateConfig | None]:
+    """METHOD -> (METHOD without its +rot=KIND and +massive=X, the rotation to run first or None)."""
+    head, *options = method.split("+")
+    ours = [o for o in options if o.startswith(("rot=", "massive="))]
+    settings = dict(o.partition("=")[::2] for o in ours)
+    if len(settings) != len(ours) or ("massive" in settings and "rot" not in settings):
+        raise ModelpressError(f"method {method!r}: +rot=KIND at most once, +massive=X only with it")
+    rest = "+".join([head, *(o for o in options if o not in ours)])
+    if "rot" not in settings:
+        return rest, None
+    massive = float(settings.get("massive", RotateConfig.massive))
+    return rest, RotateConfig(kind=settings["rot"], massive=massive)      # checks the kind
+
+
 @contextmanager
 def decorrelated(decor: float):
     """GPTQ's Hessians shrunk towards their diagonals for one build: (1 - decor) H + decor diag(H), patched into
@@ -188,6 +207,9 @@ def flat_search(flat: bool):
 
 
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
+    method, rotation = split_rotation(method)
+    if rotation is not None:
+        log.info(rotate_residual(model, rotation).summary())
     name, gptq, amax, decor, flat = parse_method(method)
     if name == "rtn":  # no calibration: the windows are not used (the baseline every calibrated row is read against)
         quantize_rtn(model, RTNConfig(scheme=scheme))
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     for variant in args.variants:
-        parse_method(variant.partition("/")[2])     # a typo fails before minutes of sampling
+        parse_method(split_rotation(variant.partition("/")[2])[0])     # a typo fails before minutes of sampling
     start = time.perf_counter()
     base = load_model(None)
     model, tokenizer = base.model.float().eval().to(args.device), base.tokenizer
@@ -248,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if sampling not in windows:
             windows[sampling] = cached_windows(cache, f"{sampling}-{args.samples}x{args.seq_len}", lambda: calibration(
                 sampling, model, tokenizer, args.samples, args.seq_len))
-        candidate = shared_copy(model)
+        # a rotation rewrites the embedding table in place: such a candidate shares nothing with the reference
+        candidate = copy.deepcopy(model) if split_rotation(method)[1] is not None else shared_copy(model)
         built = time.perf_counter()
         build(candidate, method, args.scheme, windows[sampling], args.device)
         row = {"variant": variant, "scheme": args.scheme, "quantize_seconds": round(time.perf_counter() - built, 1)}

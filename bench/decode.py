@@ -404,8 +404,8 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
     # "+mhasplit": the split-cache attention for one token of a model with a key/value head per query head at any
     # cache length (fusion.MHA_SPLIT_MAX_POSITIONS: up to 1024 positions by default); "+nomma": int4 layers keep
     # their stored layout and the CUDA-core GEMV (fusion.RELAYOUT off); "+split": the tensor-core GEMV with K split
-    # for weights whose row tiles do not fill the GPU (triton_backend.MMA_SPLIT_K on); "+act": the MLP's activation
-    # in the [gate | up] GEMV's epilogue (fusion.INTERLEAVE on)
+    # for weights whose row tiles do not fill the GPU (triton_backend.MMA_SPLIT_K on); "+noact": the MLP's activation
+    # as its own kernel after the [gate | up] GEMV, not in its epilogue (fusion.INTERLEAVE off)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion
@@ -416,7 +416,7 @@ def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, ar
           patched(fusion, "MHA_SPLIT_MAX_POSITIONS", 1 << 40, "mhasplit" in flags),
           patched(fusion, "RELAYOUT", False, "nomma" in flags),
           patched(triton_backend, "MMA_SPLIT_K", True, "split" in flags),
-          patched(fusion, "INTERLEAVE", True, "act" in flags)):
+          patched(fusion, "INTERLEAVE", False, "noact" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
@@ -514,14 +514,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--paths", nargs="+", default=["eager", "auto"],
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
-                            "auto+split", "auto+act", "auto+split+act", "auto+compile+nofuse"],
+                            "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
                         "split-cache attention for one token of a model with as many key/value heads as query heads "
                         "at any cache length (by default up to 1024 positions); +nomma: int4 layers on the CUDA-core "
                         "GEMV, not re-laid for the tensor-core one; +split: the tensor-core GEMV with split-K for weights "
-                        "of few rows; +act: the MLP's activation in the [gate | up] GEMV's epilogue")
+                        "of few rows; +noact: the MLP's activation as its own kernel, not in the [gate | up] GEMV's "
+                        "epilogue")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

@@ -1,5 +1,5 @@
 """modelpress quantize MODEL --method METHOD [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--head SCHEME] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
+[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--rotate [KIND]] [--head SCHEME] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
@@ -7,18 +7,22 @@ included, at the least estimated KL divergence; the map is in the saved model an
 
 METHOD is any name in the quantizer registry (algorithms/quantize): choices, help and errors come from it.
 Under `torchrun --nproc-per-node N -m modelpress quantize ...` the ranks share the calibration data and rank 0
-writes the output (docs/distributed.md); --stream reads the model block by block (engine/stream.py)."""
+writes the output (docs/distributed.md); --stream reads the model block by block (engine/stream.py).
+--rotate first rotates the residual stream into the weights (algorithms/rotate.py): the same function, outlier
+channels spread before quantization."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 
 from modelpress.algorithms.quantize import MixedConfig, config_for_method, method_help, method_names
 from modelpress.algorithms.quantize.awq import AWQConfig
 from modelpress.algorithms.quantize.gptq import GPTQConfig
 from modelpress.algorithms.quantize.mixed_run import DEFAULT_CANDIDATES, parse_candidates
+from modelpress.algorithms.rotate import ROTATION_KINDS, RotateConfig, rotate_residual
 from modelpress.api import CalibrationSettings, EvalSettings, diagnose_calibration_text, quantize_model
 from modelpress.commands.common import (
     add_calibration_arguments,
@@ -68,6 +72,10 @@ def add_parser(sub) -> None:
                         "k-quant header for int4-asym/g32 -> Q4_K, int5-asym/g32 -> Q5_K, int6/g16 -> Q6_K, int3/g16 "
                         "-> Q3_K, int2-asym/g16 -> Q2_K on rows of whole 256-blocks, with float32 scales; float16 "
                         "32-blocks otherwise), so `export --to gguf` holds the result bit for bit")
+    p.add_argument("--rotate", nargs="?", const="hadamard", default=None, choices=ROTATION_KINDS,
+                   help="rotate the residual stream into the weights before quantizing (QuaRot-style, no runtime "
+                        "cost; a head tied to the embedding is untied): hadamard (default) or orthogonal; "
+                        "pre-norm RMS-norm models (Llama, Mistral, Qwen2/3, Phi-3) only")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="PATTERN",
                    help="layer name patterns left in float (default: lm_head; the method always skips the output "
                         "head: see --head)")
@@ -120,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
     if args.stream and (args.max_kl is not None or args.diagnose is not None):
         raise ModelpressError("--max-kl and --diagnose need the float model in memory; they do not combine with --stream")
+    if args.stream and args.rotate:
+        raise ModelpressError("--rotate changes every block and the embedding at once; it does not combine with --stream")
     with _model_for(args, config) as loaded:
+        rotation = _rotate(args, loaded)
         diagnostics = _diagnose(args, loaded, calibration)
         float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
         info = quantize_model(loaded, config, calibration, head).to_json()
@@ -131,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         size = measure_size(loaded.model)
         report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
                   "quantized_parameters": size.quantized_parameters, "source": loaded.source, "ranks": ranks.world,
-                  "streamed": args.stream, **diagnostics}
+                  "streamed": args.stream, **rotation, **diagnostics}
         save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     head_note = f" (+ output head {info['head']['scheme']}{', tied embedding' if info['head']['tied_embedding'] else ''})" \
         if "head" in info else ""
@@ -193,13 +204,14 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings, head:
                          method=args.method, sensitivity_samples=args.sensitivity_samples, skip=tuple(args.skip),
                          static_groups=args.static_groups)
     loaded = load_model(args.model)
+    rotation = _rotate(args, loaded)
     float_model = copy.deepcopy(loaded.model) if args.max_kl is not None else None
     info = quantize_model(loaded, config, calibration, head).to_json()
     if float_model is not None and not passes_gate(args, float_model, loaded):
         return 1
     size = measure_size(loaded.model)
     report = {**info, "weight_bytes": size.weight_bytes, "bits_per_weight": size.bits_per_weight,
-              "quantized_parameters": size.quantized_parameters, "source": loaded.source}
+              "quantized_parameters": size.quantized_parameters, "source": loaded.source, **rotation}
     save_compressed(loaded, args.out, overwrite=args.overwrite, report=report)
     mixed = info["mixed"]
     for spec, count in mixed["scheme_counts"].items():
@@ -213,6 +225,15 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings, head:
           file=sys.stdout)
     write_json(args.json, report)
     return 0
+
+
+def _rotate(args: argparse.Namespace, loaded) -> dict:
+    """--rotate: the residual stream rotated in place, the line printed and returned as a report entry."""
+    if args.rotate is None:
+        return {}
+    report = rotate_residual(loaded.model, RotateConfig(kind=args.rotate))
+    print(report.summary(), file=sys.stdout)
+    return {"rotation": dataclasses.asdict(report)}
 
 
 def _diagnose(args: argparse.Namespace, loaded, calibration: CalibrationSettings) -> dict:
