@@ -196,3 +196,22 @@ def test_generate_takes_texts_with_a_tokenizer_and_a_draft_model(tiny_llama_dir)
     with_draft = modelpress.generate(model, torch.tensor(ids), greedy, draft=copy.deepcopy(model))
     assert by_text.tokens == by_ids.tokens == with_draft.tokens and len(by_ids.tokens) == 6
     assert with_draft.acceptance_rate == 1.0  # the draft is the model itself
+
+
+def test_rotate_through_the_api_equals_the_cli(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "cli"
+    assert main(["quantize", str(tiny_llama_dir), "--format", "int4", "--group-size", "32", "--rotate",
+                 "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    rotation = modelpress.rotate(model, modelpress.Rotate())
+    assert rotation.untied_head and rotation.blocks == 2
+    modelpress.quantize(model, RTN("int4/g32"))
+    saved = modelpress.load(str(out)).model
+    left, right = packed(saved), packed(model)
+    assert left.keys() == right.keys() and len(left) == 14
+    for name, tensors in left.items():
+        for key, value in tensors.items():
+            assert (value is None and right[name][key] is None) or torch.equal(value, right[name][key]), (name, key)
+    assert torch.equal(saved.lm_head.weight, model.lm_head.weight)

@@ -3,12 +3,13 @@
 The Python API (docs/api.md), imported on first use so that `import modelpress` stays cheap:
 
     load(spec=None) -> LoadedModel                   quantize(model, GPTQ("int4/g128"), calibration=...)
+    rotate(model, Rotate()) -> RotationReport        (the residual stream rotated into the weights)
     prune(model, SparseGPT(0.5), calibration=...)    evaluate(model, reference=..., text=...) -> EvalReport
     save(model, path)                                export(model, ["gguf"], path)
     compress(model, Recipe([Structured(...), GPTQ("int4/g32"), LoRA(), Evaluate(), Export()]), data, out)
     generate(model, "prompt", GenerationSettings(max_new_tokens=64), draft="int4/g32") -> GenerationResult
 
-Configs: RTN, GPTQ, AWQ, SmoothQuant, FP8Dynamic, Mixed, Head (the output head; quantizers, registered in algorithms/quantize) and Magnitude,
+Configs: Rotate (a recipe stage too), RTN, GPTQ, AWQ, SmoothQuant, FP8Dynamic, Mixed, Head (the output head; quantizers, registered in algorithms/quantize) and Magnitude,
 Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
 exporters' package; calling it exports (see export/__init__.py). `ModelpressConfig` (modelpress.hf) is the
 transformers quantization config: using it, or importing modelpress.hf, registers the "modelpress" method.
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, tuple[str, str | None]] = {
     "load": ("modelpress.python_api", "load"),
     "quantize": ("modelpress.python_api", "quantize"),
+    "rotate": ("modelpress.python_api", "rotate"),
     "prune": ("modelpress.python_api", "prune"),
     "evaluate": ("modelpress.python_api", "evaluate"),
     "save": ("modelpress.python_api", "save"),
@@ -47,6 +49,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "FP8Dynamic": ("modelpress.algorithms.quantize", "Fp8DynamicConfig"),
     "Mixed": ("modelpress.algorithms.quantize", "MixedConfig"),
     "Head": ("modelpress.algorithms.quantize", "HeadConfig"),
+    "Rotate": ("modelpress.algorithms.rotate", "RotateConfig"),
     "Magnitude": ("modelpress.algorithms.prune", "MagnitudeConfig"),
     "Wanda": ("modelpress.algorithms.prune", "WandaConfig"),
     "SparseGPT": ("modelpress.algorithms.prune", "SparseGPTConfig"),
@@ -95,6 +98,7 @@ if TYPE_CHECKING:
     from modelpress.algorithms.quantize import MixedConfig as Mixed
     from modelpress.algorithms.quantize import RTNConfig as RTN
     from modelpress.algorithms.quantize import SmoothQuantConfig as SmoothQuant
+    from modelpress.algorithms.rotate import RotateConfig as Rotate
     from modelpress.api import CalibrationSettings, EvalReport, EvalSettings, PruningReport, QuantizeReport
     from modelpress.export.base import ExportOptions
     from modelpress.formats.scheme import WeightScheme
@@ -106,6 +110,6 @@ if TYPE_CHECKING:
     from modelpress.inference.decoding import GenerationSettings
     from modelpress.inference.sampling import SamplingConfig
     from modelpress.inference.speculative import SpeculativeConfig
-    from modelpress.python_api import compress, evaluate, generate, load, prune, quantize, save
+    from modelpress.python_api import compress, evaluate, generate, load, prune, quantize, rotate, save
     from modelpress.recipe.stages import Export, Gate, Recipe
     from modelpress.train.recover import QAT, Distill, LoRA

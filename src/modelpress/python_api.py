@@ -1,5 +1,5 @@
-"""The Python API, re-exported from `modelpress` (docs/api.md): load, quantize, prune, evaluate, save, export,
-compress, generate.
+"""The Python API, re-exported from `modelpress` (docs/api.md): load, quantize, rotate, prune, evaluate, save,
+export, compress, generate.
 
     model = modelpress.load()                                         # the default model, or a path / hub id
     report = modelpress.quantize(model, GPTQ("int4/g128"), calibration=texts)   # in place, like torchao's quantize_
@@ -30,6 +30,7 @@ from modelpress.api import (
     prune_model,
     quantize_model,
 )
+from modelpress.algorithms.rotate import RotateConfig, RotationReport, rotate_residual
 from modelpress.errors import ModelpressError
 from modelpress.formats.scheme import WeightScheme
 from modelpress.export.base import ExportOptions, ExportResult
@@ -63,6 +64,13 @@ def quantize(model: ModelLike, config, calibration: Calibration = None, tokenize
     CalibrationSettings (None: the default corpus). `head` (e.g. "int8/g32"): also quantize the output head, and
     the embedding tied to it as one packed table, round-to-nearest after the method (None: left float)."""
     return quantize_model(as_loaded(model, tokenizer), config, calibration, head)
+
+
+def rotate(model: ModelLike, config: RotateConfig | None = None) -> RotationReport:
+    """Rotate `model`'s residual stream into its weights, in place (algorithms/rotate.py): the same function,
+    outlier channels spread before quantizing; a head tied to the embedding is untied. Refuses, leaving the
+    model unchanged, an architecture the rotation does not fit."""
+    return rotate_residual(as_loaded(model).model, config)
 
 
 def prune(model: ModelLike, config, calibration: Calibration = None, tokenizer=None) -> PruningReport:

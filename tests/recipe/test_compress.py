@@ -227,3 +227,26 @@ def test_resume_refuses_a_changed_recipe(work, tmp_path, capsys):
     (out / "recipe.json").write_text((work / "whole" / "recipe.json").read_text())
     assert main(["compress", str(work / "m"), "--recipe", str(tmp_path / "a.yaml"), "--out", str(out)]) == 2
     assert "holds a run of another recipe" in capsys.readouterr().err
+
+
+def test_a_rotate_stage_keeps_the_function_and_gptq_after_it_runs_on_the_rotated_model(work, tmp_path):
+    from modelpress.recipe.yaml_recipe import parse_recipe
+
+    text = work / "text.txt"
+    recipe = parse_recipe(f"""\
+calibration: {{text: {text}, samples: 4, seq_len: 64}}
+evaluation: {{text: {text}, windows: 2, seq_len: 64}}
+reference_top_k: null
+stages:
+  - rotate: {{kind: orthogonal, seed: 2}}
+  - gptq: {{scheme: int8/channel}}
+""")
+    assert recipe.stages[0] == modelpress.Rotate(kind="orthogonal", seed=2)
+    report = modelpress.compress(load_model(str(work / "m")), recipe, out=tmp_path / "run")
+    rotated, quantized = report.stages
+    assert rotated.kind == "transform" and rotated.report["untied_head"]
+    assert rotated.quality["kl_divergence"] < 1e-6          # the same function as the float model (measured 2e-8)
+    assert quantized.quality["kl_divergence"] < 1e-3
+    saved = load_model(str(tmp_path / "run" / "stages" / "01-rotate" / "model")).model
+    norm = saved.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm, torch.ones_like(norm))                      # the gains went into the weights

@@ -219,7 +219,11 @@ class _Run:
             result.size = _size(loaded)
             return
         loaded = self.current()
-        if kind == "recover":
+        if kind == "transform":
+            from modelpress.algorithms.rotate import rotate_residual
+
+            result.report = dataclasses.asdict(rotate_residual(loaded.model, config))   # type: ignore[arg-type]
+        elif kind == "recover":
             from modelpress.train.recover import recover
 
             result.report = recover(loaded.model, config, self.original.model, self._ids())   # type: ignore[arg-type]

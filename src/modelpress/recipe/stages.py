@@ -4,6 +4,7 @@ A stage is any config registered with a kind of stage:
 - prune:    algorithms/prune's PRUNERS        (magnitude, wanda, sparsegpt, structured, experts)
 - quantize: algorithms/quantize's QUANTIZERS  (rtn, gptq, awq, awq-gptq, smoothquant, mixed)
 - recover:  train/recover.py's RECOVERERS     (distill, lora, qat)
+- transform: RotateConfig (algorithms/rotate.py), registered here as `rotate`: the same function, other weights
 - evaluate: EvalSettings (api.py), registered here as `evaluate`
 - export:   Export below, registered here as `export`
 `stage_names()` reads those registries, so a method added there is a recipe stage with no edit here; the
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from modelpress.api import CalibrationSettings, EvalSettings
 from modelpress.errors import ModelpressError
 
-KINDS = ("prune", "quantize", "recover", "evaluate", "export")
+KINDS = ("transform", "prune", "quantize", "recover", "evaluate", "export")
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,10 @@ def stage_names() -> dict[str, StageType]:
     """Every stage name a recipe can use, read from the registries, in a fixed order."""
     from modelpress.algorithms.prune import PRUNERS
     from modelpress.algorithms.quantize import QUANTIZERS
+    from modelpress.algorithms.rotate import RotateConfig
     from modelpress.train.recover import RECOVERERS
 
-    names: dict[str, StageType] = {}
+    names: dict[str, StageType] = {"rotate": StageType("transform", RotateConfig, {})}
     for config_type, pruner in PRUNERS.items():
         names[pruner.name] = StageType("prune", config_type, {}, pruner.calibrated)
     for config_type, quantizer in QUANTIZERS.items():
