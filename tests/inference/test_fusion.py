@@ -495,8 +495,9 @@ def test_generate_on_the_tensor_core_gemv_gives_the_tokens_of_the_cuda_core_one(
         monkeypatch.setattr(triton_backend, "MMA_SPLIT_K", True)
         monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 10**6)
         monkeypatch.setattr(triton_backend, "MMA_SPLIT_MIN_STEPS", 1)
-        model = build_family("llama", hidden_size=1024, intermediate_size=2048, num_attention_heads=16,
-                             head_dim=64)  # o_proj's K = 1024 too: every layer's K long enough to split
+        width = 2048 if spec.startswith("nf4") else 1024   # NF4's plan steps over 1024 columns: K >= 2048 to split
+        model = build_family("llama", hidden_size=width, intermediate_size=2 * width, num_attention_heads=width // 64,
+                             head_dim=64)  # o_proj's K = width too: every layer's K long enough to split
     else:
         monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 0)  # a tiny model's layers, re-laid all the same
         model = build_family("llama", hidden_size=256, intermediate_size=512, num_attention_heads=16)
