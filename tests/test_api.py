@@ -198,8 +198,13 @@ def test_generate_takes_texts_with_a_tokenizer_and_a_draft_model(tiny_llama_dir)
     assert with_draft.acceptance_rate == 1.0  # the draft is the model itself
 
 
-def test_rotate_through_the_api_equals_the_cli(tiny_llama_dir, tmp_path):
+def test_rotate_through_the_api_equals_the_cli(tmp_path):
+    from conftest import build_tiny_llama, char_tokenizer, randomized
     from transformers import AutoModelForCausalLM
+
+    tiny_llama_dir = tmp_path / "m"           # norms of gain other than one: the tied head is untied
+    randomized(build_tiny_llama()).save_pretrained(tiny_llama_dir)
+    char_tokenizer().save_pretrained(tiny_llama_dir)
 
     out = tmp_path / "cli"
     assert main(["quantize", str(tiny_llama_dir), "--format", "int4", "--group-size", "32", "--rotate",

@@ -88,12 +88,15 @@ def test_entry_point_runs_as_a_module():
     assert done.returncode == 0 and "quantize" in done.stdout
 
 
-def test_quantize_with_a_rotated_residual_stream_saves_a_model_with_the_same_function(tiny_llama_dir, tiny_text,
-                                                                                      tmp_path):
+def test_quantize_with_a_rotated_residual_stream_saves_a_model_with_the_same_function(tiny_text, tmp_path):
     import torch
+    from conftest import build_tiny_llama, char_tokenizer, randomized
 
     from modelpress.io.model import load_model
 
+    tiny_llama_dir = tmp_path / "m"           # norms of gain other than one: the tied head is untied
+    randomized(build_tiny_llama()).save_pretrained(tiny_llama_dir)
+    char_tokenizer().save_pretrained(tiny_llama_dir)
     kls = {}
     for rotate in (False, True):
         out, report = tmp_path / f"q{rotate}", tmp_path / f"q{rotate}.json"

@@ -64,6 +64,16 @@ def test_rotation_keeps_the_function_of_pre_norm_families(family):
     assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)   # folded into their readers
 
 
+def test_a_tied_head_reading_a_norm_of_gain_one_stays_tied():
+    model = build_tiny_llama()                                    # every norm's weight is one at initialization
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, ids)
+    report = rotate_residual(model)
+    assert not report.untied_head and report.added_parameters == 0
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert _relative(_logits(model, ids), before) < 1e-5
+
+
 def test_a_tied_head_is_untied_and_the_size_cost_reported():
     model = randomized(build_tiny_llama())                        # tie_word_embeddings=True
     ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(1))

@@ -242,6 +242,34 @@ def test_eval_loads_the_exported_gguf_and_compares_with_its_float_source(bpe_tok
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_rotated_model_exports_with_its_own_output_head(model_type, bpe_tokenizer, tmp_path):
+    """A tied model rotated (algorithms/rotate.py) has an untied head and unit norms: a plain GGUF of its kind,
+    read back with our loader and, where installed, run by llama.cpp with our logits."""
+    from modelpress.algorithms.rotate import rotate_residual
+    from modelpress.io.model import load_model
+
+    loaded = tiny(model_type, bpe_tokenizer, seed=6)
+    with torch.no_grad():      # a final norm of gain other than one: the head cannot stay tied to the embedding
+        loaded.model.model.norm.weight.uniform_(0.5, 1.5)
+    assert rotate_residual(loaded.model).untied_head
+    quantize_all(loaded, "int4/g32")
+    export_model(loaded, ["gguf"], tmp_path / "out", ExportOptions(gguf_float_type="F32"))
+    path = tmp_path / "out" / "gguf" / GGUF_FILE
+    weights = gguf_weights(path)
+    assert "output.weight" in weights and not torch.equal(weights["output.weight"], weights["token_embd.weight"])
+    assert torch.equal(weights["blk.0.attn_norm.weight"], torch.ones(64))
+    ids = torch.randint(0, len(bpe_tokenizer), (1, 48), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours = loaded.model(input_ids=ids).logits.float()
+        back = load_model(str(path)).model(input_ids=ids).logits.float()
+    torch.testing.assert_close(back, ours, rtol=1e-4, atol=1e-4)
+    if llamacpp.available():
+        theirs = torch.log_softmax(llamacpp.logits(path, ids, threads=2), -1)
+        mine = torch.log_softmax(ours, -1)
+        assert (mine.exp() * (mine - theirs)).sum(-1).mean().item() < 1e-2
+
+
 def test_structurally_pruned_model_writes_its_new_widths(bpe_tokenizer, tmp_path):
     from modelpress.algorithms.prune.structure import Unit
     from modelpress.algorithms.prune.structured import slice_unit

@@ -7,7 +7,7 @@ of linear outputs. For an orthogonal Q (D, D) the model computes the same functi
   one), since RMS(h Q) = RMS(h) but g does not commute with Q; those readers then take W diag(g) Q;
 - each linear layer writing to the stream (attention output, MLP down projection) takes Q^T W, bias Q^T b;
 - the output head reads the final norm like any reader (so a head tied to the embedding is untied first:
-  the two no longer share one table).
+  E diag(g) Q is not E Q; only where the final norm's gain is one do they stay one table).
 The function is unchanged; the weights are not. Outlier input channels, which a per-group grid spends its
 range on, are spread over all D channels by Q, so every group's values look alike: round-to-nearest and
 GPTQ then quantize them with a smaller error, and less of the error depends on which channels the
@@ -339,9 +339,12 @@ def rotate_residual(model: nn.Module, config: RotateConfig | None = None) -> Rot
                 "feed linear layers directly (Llama, Mistral, Qwen2/3, Phi-3); the model is unchanged")
         worst = max(worst, error)
 
-    added = _untie(head, embedding, model)
     gain, unit = _norm_gain(norm)
-    _rotate_readers([head], gain, q)
+    tied = linear_weight(head) is embedding.weight
+    # a tied head reading a final norm of gain one is the rotated embedding itself: it stays tied
+    added = _untie(head, embedding, model) if tied and not bool((gain == 1).all()) else 0
+    if not tied or added:
+        _rotate_readers([head], gain, q)
     norm.weight.fill_(unit)
     _set(embedding.weight, embedding.weight.double() @ q.to(embedding.weight.device))
     for block, roles in zip(stack.blocks, plans):
