@@ -75,7 +75,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rotate", nargs="?", const="hadamard", default=None, choices=ROTATION_KINDS,
                    help="rotate the residual stream into the weights before quantizing (QuaRot-style, no runtime "
                         "cost; a head tied to the embedding is untied): hadamard (default) or orthogonal; "
-                        "pre-norm RMS-norm models (Llama, Mistral, Qwen2/3, Phi-3) only")
+                        "pre-norm RMS-norm models (Llama, Mistral, Qwen2/3, Phi-3) only. Pair it with gptq: "
+                        "round-to-nearest can lose by it where norms silence channels (docs/cross_domain.md)")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="PATTERN",
                    help="layer name patterns left in float (default: lm_head; the method always skips the output "
                         "head: see --head)")
