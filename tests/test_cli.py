@@ -123,3 +123,21 @@ def test_rotate_refuses_stream(tiny_llama_dir, tmp_path, capsys):
                    "--out", tmp_path / "q") == 2
     assert "does not combine with --stream" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_true_sequential_reaches_gptq_and_is_refused_elsewhere(tiny_llama_dir, tmp_path, capsys):
+    import torch
+
+    from modelpress.io.model import load_model
+
+    outs = {}
+    for extra in ([], ["--true-sequential"]):
+        out = tmp_path / f"q{len(extra)}"
+        assert run_cli("quantize", tiny_llama_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
+                       "--calib-samples", "4", "--calib-seq-len", "32", *extra, "--out", out) == 0
+        outs[bool(extra)] = load_model(str(out)).model.model.layers[0].mlp.down_proj.qdata
+    # re-running the block after q/k/v, o and gate/up changes what down_proj (the last level) is solved on
+    assert not torch.equal(outs[True], outs[False])
+    assert run_cli("quantize", tiny_llama_dir, "--format", "int4", "--true-sequential", "--out", tmp_path / "r") == 2
+    assert "true_sequential=True does not apply to method 'rtn'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
