@@ -217,8 +217,11 @@ def test_killed_two_rank_cli_run_resumes_from_the_last_finished_block(tmp_path, 
             job.wait()
     done = blocks_done(resume)
     assert 2 <= done < 4 and not out.exists()
-    assert sorted(p.name for p in resume.glob("hidden-*")) == [f"hidden-{done:04d}-rank{r}of2.safetensors"
-                                                              for r in range(WORLD)]
+    names = {p.name for p in resume.glob("hidden-*")}
+    latest = {f"hidden-{done:04d}-rank{r}of2.safetensors" for r in range(WORLD)}
+    # a kill between writing a block's hidden states and deleting the previous block's leaves both: resume reads
+    # the latest (seen once in a fresh-clone CI run), so the previous block's may remain, nothing older
+    assert latest <= names and all(n in latest or n.startswith(f"hidden-{done - 1:04d}-") for n in names), names
     finished = subprocess.run(command, env=env, capture_output=True, timeout=300)
     assert finished.returncode == 0, [l for l in finished.stderr.decode().splitlines() if "error" in l]
     report = json.loads((out / "modelpress.json").read_text())["report"]
