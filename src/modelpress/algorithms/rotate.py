@@ -118,7 +118,8 @@ def _norm_gain(norm: nn.Module) -> tuple[torch.Tensor, float]:
     """(the norm's per-channel gain g, the weight value that makes g one). A norm multiplying by its weight
     gives (weight, 1.0); one multiplying by (1 + weight), as Gemma's, gives (1 + weight, 0.0)."""
     weight = norm.weight
-    probe = torch.randn(4, weight.shape[0], device=weight.device, dtype=weight.dtype)
+    probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probe = probe.to(weight.device, weight.dtype)   # a private generator: the caller's random state is left alone
     saved = weight.detach().clone()
     try:
         with torch.no_grad():
@@ -178,11 +179,12 @@ def _is_norm(module: nn.Module, size: int) -> bool:
             and params["weight"].shape[0] == size)
 
 
-def _block_roles(block: nn.Module, hidden: torch.Tensor, call, size: int) -> _BlockRoles:
-    """One forward of the block with hooks: which norm outputs are exactly which linear layers' inputs."""
+def _block_roles(block: nn.Module, hidden: torch.Tensor, call, size: int) -> tuple[_BlockRoles, torch.Tensor]:
+    """One forward of the block with hooks: which norm outputs are exactly which linear layers' inputs, and the
+    block's output."""
     outputs: dict[tuple, str] = {}
     inputs: dict[str, tuple] = {}
-    kept: list[torch.Tensor] = []                         # keeps ids unique while the hooks run
+    kept: list[torch.Tensor] = []                         # alive while the hooks run: no address is reused
     handles = []
     for name, module in block.named_modules():
         if _is_norm(module, size):
@@ -196,7 +198,7 @@ def _block_roles(block: nn.Module, hidden: torch.Tensor, call, size: int) -> _Bl
                 inputs[name] = _key(args[0])
             handles.append(module.register_forward_pre_hook(record_in))
     try:
-        run_block(block, hidden, call)
+        output = run_block(block, hidden, call)
     finally:
         for handle in handles:
             handle.remove()
@@ -207,7 +209,7 @@ def _block_roles(block: nn.Module, hidden: torch.Tensor, call, size: int) -> _Bl
     read = {name for names in norms.values() for name in names}
     writers = [name for name, module in block.named_modules()
                if is_linear(module) and name not in read and linear_weight(module).shape[0] == size]
-    return _BlockRoles(norms, writers)
+    return _BlockRoles(norms, writers), output
 
 
 def _rotate_block(block: nn.Module, roles: _BlockRoles, q: torch.Tensor) -> None:
@@ -319,8 +321,9 @@ def rotate_residual(model: nn.Module, config: RotateConfig | None = None) -> Rot
     inputs, plans = [captured.hidden[0]], []
     for index, block in enumerate(stack.blocks):
         call = captured.calls[index][0]
-        plans.append(_block_roles(block, inputs[-1], call, size))
-        inputs.append(run_block(block, inputs[-1], call))
+        roles, output = _block_roles(block, inputs[-1], call, size)
+        plans.append(roles)
+        inputs.append(output)
     keep = _massive_channels(inputs[:-1], config.massive)
     q = rotation_matrix(size, config.seed, config.kind, keep)
 
