@@ -13,6 +13,7 @@ A variant is SAMPLING/METHOD, SAMPLING one of
                 ordinary tokens (LLM-QAT's data-free trick) before sampling continues; a fraction F of the
                 windows wholly uniform random tokens after the start token (every embedding row seen);
                 seed S (default 0; s:seed=2 is another set of samples drawn like gen's)
+  A&B           the windows of both samplings, one set after the other (s:seed=2&s:seed=3: twice the samples)
 and METHOD one of rtn (round to nearest, no calibration), awq-gptq, awq-gptq-duo (AWQ's duo scaling) or
 gptq[=DAMP], the calibrated ones optionally followed by
 +KEY=VALUE settings of the solver (awq-gptq+damp=0.3+amax=0.5):
@@ -28,7 +29,8 @@ gptq[=DAMP], the calibrated ones optionally followed by
                 the calibration statistics) dropped
 Any METHOD (rtn too) may end in +rot=hadamard or +rot=orthogonal: the residual stream rotated into the weights
 first (algorithms/rotate.py; the output head untied from the embedding), then the method run on the rotated model;
-+massive=X sets RotateConfig.massive (0: every channel rotated, none kept out).
++massive=X sets RotateConfig.massive (0: every channel rotated, none kept out); +heads=1 also rotates the values
+head by head (RotateConfig.heads, SpinQuant's R2).
 `--windows-cache DIR` keeps every sampled set of windows there, so another run reuses them.
 
     PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
@@ -162,15 +164,16 @@ def parse_method(method: str) -> tuple[str, dict, float | None, float, bool]:
 def split_rotation(method: str) -> tuple[str, RotateConfig | None]:
     """METHOD -> (METHOD without its +rot=KIND and +massive=X, the rotation to run first or None)."""
     head, *options = method.split("+")
-    ours = [o for o in options if o.startswith(("rot=", "massive="))]
+    ours = [o for o in options if o.startswith(("rot=", "massive=", "heads="))]
     settings = dict(o.partition("=")[::2] for o in ours)
-    if len(settings) != len(ours) or ("massive" in settings and "rot" not in settings):
-        raise ModelpressError(f"method {method!r}: +rot=KIND at most once, +massive=X only with it")
+    if len(settings) != len(ours) or (("massive" in settings or "heads" in settings) and "rot" not in settings):
+        raise ModelpressError(f"method {method!r}: +rot=KIND at most once, +massive=X and +heads=1 only with it")
     rest = "+".join([head, *(o for o in options if o not in ours)])
     if "rot" not in settings:
         return rest, None
     massive = float(settings.get("massive", RotateConfig.massive))
-    return rest, RotateConfig(kind=settings["rot"], massive=massive)      # checks the kind
+    heads = bool(int(settings.get("heads", RotateConfig.heads)))
+    return rest, RotateConfig(kind=settings["rot"], massive=massive, heads=heads)      # checks the kind
 
 
 @contextmanager
@@ -255,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     for variant in args.variants:
         parse_method(split_rotation(variant.partition("/")[2])[0])     # a typo fails before minutes of sampling
+        for part in variant.partition("/")[0].split("&"):
+            if part != "gen" and not part.startswith("s:"):
+                raise ModelpressError(f"sampling {part!r} of {variant!r}: expected gen or s:t=X,r=N")
     start = time.perf_counter()
     base = load_model(None)
     model, tokenizer = base.model.float().eval().to(args.device), base.tokenizer
@@ -267,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     windows, rows = {}, []
     for variant in args.variants:   # each row is scored and saved as soon as it is built
         sampling, _, method = variant.partition("/")
-        if sampling not in windows:
-            windows[sampling] = cached_windows(cache, f"{sampling}-{args.samples}x{args.seq_len}", lambda: calibration(
-                sampling, model, tokenizer, args.samples, args.seq_len))
+        for part in sampling.split("&"):
+            if part not in windows:
+                windows[part] = cached_windows(cache, f"{part}-{args.samples}x{args.seq_len}", lambda: calibration(
+                    part, model, tokenizer, args.samples, args.seq_len))
+        calib = torch.cat([windows[part] for part in sampling.split("&")])
         # a rotation rewrites the embedding table in place: such a candidate shares nothing with the reference
         candidate = copy.deepcopy(model) if split_rotation(method)[1] is not None else shared_copy(model)
         built = time.perf_counter()
-        build(candidate, method, args.scheme, windows[sampling], args.device)
+        build(candidate, method, args.scheme, calib, args.device)
         row = {"variant": variant, "scheme": args.scheme, "quantize_seconds": round(time.perf_counter() - built, 1)}
         candidate = materialize(candidate)
         for corpus, ids in evals.items():

@@ -160,3 +160,40 @@ def test_a_massive_channel_of_the_stream_is_kept_out_of_the_rotation():
     with torch.no_grad():
         everything.model.embed_tokens.weight[:, 7] = 500.0
     assert rotate_residual(everything).kept_channels == ()           # the default rotates every channel
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_values_rotated_per_head_keep_the_function_and_touch_only_v_and_o(family):
+    """SpinQuant's R2 on top of the residual rotation: found by data (the key and query projections, which share
+    the shapes of the value projection under grouped queries, do not keep the function), applied to v's rows and
+    o's columns head by head, k, q and the MLP exactly as the residual rotation alone leaves them."""
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain, heads = build_family(family), build_family(family)
+    before = _logits(heads, ids)
+    rotate_residual(plain)
+    report = rotate_residual(heads, RotateConfig(heads=True))
+    assert _relative(_logits(heads, ids), before) < 1e-5
+    assert report.rotated_heads == ("model.layers.0", "model.layers.1") and not report.unrotated_heads
+    assert "values rotated per head" in report.summary()
+    d = report.head_dim
+    r = rotation_matrix(d, seed=1)
+    for a, b in zip(plain.model.layers, heads.model.layers):
+        for name in ("q_proj", "k_proj"):
+            assert torch.equal(getattr(a.self_attn, name).weight, getattr(b.self_attn, name).weight)
+        assert torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight)
+        o = a.self_attn.o_proj.weight.double()
+        expected = (o.reshape(o.shape[0], -1, d) @ r).reshape(o.shape)
+        assert torch.allclose(b.self_attn.o_proj.weight.double(), expected, atol=1e-5)
+        if a.self_attn.v_proj.bias is not None:                      # Qwen2's value bias follows its rows
+            v_bias = a.self_attn.v_proj.bias.double().reshape(-1, d) @ r
+            assert torch.allclose(b.self_attn.v_proj.bias.double(), v_bias.reshape(-1), atol=1e-5)
+
+
+def test_a_fused_qkv_projection_gets_no_per_head_rotation_and_says_so():
+    model = _phi3()                                      # v is a slice of qkv_proj: no linear layer is the values
+    ids = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(4))
+    before = _logits(model, ids)
+    report = rotate_residual(model, RotateConfig(heads=True))
+    assert report.rotated_heads == () and report.unrotated_heads == ("model.layers.0", "model.layers.1")
+    assert "no value/output pair keeps the function in model.layers.0" in report.summary()
+    assert _relative(_logits(model, ids), before) < 1e-5          # the residual rotation still applies

@@ -47,6 +47,8 @@ class RotateConfig:
     massive: float = 0.0             # > 0: channels whose largest value on the probe exceeds this many times the
                                      # median channel's are kept out of the rotation (0: rotate all of them; see
                                      # _massive_channels for when that is worth it)
+    heads: bool = False              # also rotate each attention head's values (SpinQuant's R2): the value
+                                     # projection's rows and the output projection's columns, head by head
 
     def __post_init__(self) -> None:
         if self.kind not in ROTATION_KINDS:
@@ -69,13 +71,22 @@ class RotationReport:
     added_parameters: int            # parameters the untied head adds
     worst_block_error: float         # relative error of a rotated block's output (the check)
     logits_error: float              # relative error of the whole model's logits after rotation
+    head_dim: int = 0                # the per-head rotation's size (0: not asked for)
+    rotated_heads: tuple[str, ...] = ()   # blocks whose value/output pair was rotated per head
+    unrotated_heads: tuple[str, ...] = ()  # blocks where it was asked for and no pair kept the function
 
     def summary(self) -> str:
         untied = (f"; the output head untied from the embedding (+{self.added_parameters:,} parameters)"
                   if self.untied_head else "")
         kept = f", channels {list(self.kept_channels)} kept out (massive)" if self.kept_channels else ""
+        heads = ""
+        if self.head_dim:
+            heads = (f"; values rotated per head (head_dim {self.head_dim}) in {len(self.rotated_heads)} of "
+                     f"{self.blocks} blocks")
+            if self.unrotated_heads:
+                heads += f" (no value/output pair keeps the function in {', '.join(self.unrotated_heads[:4])})"
         return (f"residual stream rotated ({self.kind}, D={self.hidden_size}{kept}): {self.readers} readers, "
-                f"{self.writers} writers in {self.blocks} blocks; logits within {self.logits_error:.1e} "
+                f"{self.writers} writers in {self.blocks} blocks{heads}; logits within {self.logits_error:.1e} "
                 f"relative{untied}")
 
 
@@ -165,6 +176,7 @@ def _rotate_writer(module: nn.Module, q: torch.Tensor) -> None:
 class _BlockRoles:
     norms: dict[str, list[str]]       # norm name -> names of the linear layers reading its output
     writers: list[str]
+    heads: tuple[str, str] | None = None   # (value projection, attention output) rotated head by head
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -212,7 +224,65 @@ def _block_roles(block: nn.Module, hidden: torch.Tensor, call, size: int) -> tup
     return _BlockRoles(norms, writers), output
 
 
-def _rotate_block(block: nn.Module, roles: _BlockRoles, q: torch.Tensor) -> None:
+def _rotate_heads(block: nn.Module, pair: tuple[str, str], r: torch.Tensor) -> None:
+    """Per head h of size d = r's: the value projection's rows W_v,h -> r^T W_v,h (bias likewise) and the output
+    projection's columns W_o,h -> W_o,h r. Every value head's output is r^T v_h, attention mixes positions only, and
+    the output projection undoes r: the same function, whichever query heads share a value head."""
+    modules = dict(block.named_modules())
+    value, output = modules[pair[0]], modules[pair[1]]
+    d = r.shape[0]
+    weight = linear_weight(value)                         # (heads * d, in)
+    rd = r.to(weight.device)
+    _set(weight, torch.einsum("ji,hjk->hik", rd, weight.double().reshape(-1, d, weight.shape[1])).reshape(weight.shape))
+    bias = getattr(value, "bias", None)
+    if bias is not None:
+        _set(bias, (bias.double().reshape(-1, d) @ rd).reshape(bias.shape))
+    weight = linear_weight(output)                        # (D, heads * d)
+    _set(weight, (weight.double().reshape(weight.shape[0], -1, d) @ rd).reshape(weight.shape))
+
+
+def _head_candidates(block: nn.Module, roles: _BlockRoles, head_dim: int) -> list[tuple[str, str]]:
+    """(reader, writer) pairs that could be a value projection and the attention output: the reader's rows and the
+    writer's columns whole heads, the writer's heads a multiple of the reader's (grouped queries). Which one is
+    the value pair is left to the data (a key or query projection, or an MLP, does not keep the function)."""
+    modules = dict(block.named_modules())
+    readers = [name for names in roles.norms.values() for name in names]
+    pairs = []
+    for writer in roles.writers:
+        columns = linear_weight(modules[writer]).shape[1]
+        for reader in readers:
+            rows = linear_weight(modules[reader]).shape[0]
+            if columns % head_dim == 0 and rows % head_dim == 0 and columns % rows == 0:
+                pairs.append((reader, writer))
+    return pairs
+
+
+def _find_heads(block: nn.Module, roles: _BlockRoles, head_dim: int, r: torch.Tensor, hidden: torch.Tensor, call,
+                expected: torch.Tensor) -> tuple[str, str] | None:
+    """The value/output pair whose per-head rotation (on a copy) keeps the block's output, or None."""
+    for pair in _head_candidates(block, roles, head_dim):
+        trial = copy.deepcopy(block)
+        _rotate_heads(trial, pair, r)
+        error = _relative_error(run_block(trial, hidden, call), expected)
+        del trial
+        if error <= _tolerance(hidden.dtype):
+            return pair
+    return None
+
+
+def _head_dim(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "head_dim", None)
+    if not size and getattr(config, "num_attention_heads", None) and getattr(config, "hidden_size", None):
+        size = config.hidden_size // config.num_attention_heads
+    return int(size) if size else None
+
+
+def _rotate_block(block: nn.Module, roles: _BlockRoles, q: torch.Tensor, r: torch.Tensor | None = None) -> None:
+    if roles.heads is not None and r is not None:
+        _rotate_heads(block, roles.heads, r)
     modules = dict(block.named_modules())
     for norm_name, readers in roles.norms.items():
         norm = modules[norm_name]
@@ -326,13 +396,23 @@ def rotate_residual(model: nn.Module, config: RotateConfig | None = None) -> Rot
         inputs.append(output)
     keep = _massive_channels(inputs[:-1], config.massive)
     q = rotation_matrix(size, config.seed, config.kind, keep)
+    head_dim, r = 0, None
+    if config.heads:
+        head_dim = _head_dim(model) or 0
+        if not head_dim:
+            raise ModelpressError("rotation per attention head needs the model config's head_dim (or hidden_size "
+                                  "and num_attention_heads); the model is unchanged")
+        r = rotation_matrix(head_dim, config.seed + 1, config.kind)
+        for index, (block, roles) in enumerate(zip(stack.blocks, plans)):
+            roles.heads = _find_heads(block, roles, head_dim, r, inputs[index], captured.calls[index][0],
+                                      inputs[index + 1])
 
     # every block checked on a copy first: the model is changed only once all of them fit
     worst = 0.0
     for index, (block, roles) in enumerate(zip(stack.blocks, plans)):
         call, hidden, expected = captured.calls[index][0], inputs[index], inputs[index + 1]
         trial = copy.deepcopy(block)
-        _rotate_block(trial, roles, q)
+        _rotate_block(trial, roles, q, r)
         qd = q.to(hidden.device)
         rotated = run_block(trial, (hidden.double() @ qd).to(hidden.dtype), call)
         error = _relative_error(rotated.double() @ qd.T, expected)
@@ -355,8 +435,11 @@ def rotate_residual(model: nn.Module, config: RotateConfig | None = None) -> Rot
     norm.weight.fill_(unit)
     _set(embedding.weight, embedding.weight.double() @ q.to(embedding.weight.device))
     for block, roles in zip(stack.blocks, plans):
-        _rotate_block(block, roles, q)
+        _rotate_block(block, roles, q, r)
     logits_error = _relative_error(model(input_ids=ids).logits.float(), reference)
+    block_names = [stack.block_name(index) for index in range(len(stack.blocks))]
     return RotationReport(size, config.kind, len(stack.blocks),
-                          sum(len(r) for roles in plans for r in roles.norms.values()),
-                          sum(len(roles.writers) for roles in plans), keep, added > 0, added, worst, logits_error)
+                          sum(len(readers) for roles in plans for readers in roles.norms.values()),
+                          sum(len(roles.writers) for roles in plans), keep, added > 0, added, worst, logits_error,
+                          head_dim, tuple(n for n, roles in zip(block_names, plans) if roles.heads),
+                          tuple(n for n, roles in zip(block_names, plans) if config.heads and not roles.heads))
