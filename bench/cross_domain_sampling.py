@@ -30,7 +30,7 @@ gptq[=DAMP], the calibrated ones optionally followed by
 Any METHOD (rtn too) may end in +rot=hadamard or +rot=orthogonal: the residual stream rotated into the weights
 first (algorithms/rotate.py; the output head untied from the embedding), then the method run on the rotated model;
 +massive=X sets RotateConfig.massive (0: every channel rotated, none kept out); +heads=1 also rotates the values
-head by head (RotateConfig.heads, SpinQuant's R2).
+head by head (RotateConfig.heads, SpinQuant's R2); +rseed=N draws another rotation (RotateConfig.seed, default 0).
 `--windows-cache DIR` keeps every sampled set of windows there, so another run reuses them.
 
     PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
@@ -164,16 +164,18 @@ def parse_method(method: str) -> tuple[str, dict, float | None, float, bool]:
 def split_rotation(method: str) -> tuple[str, RotateConfig | None]:
     """METHOD -> (METHOD without its +rot=KIND and +massive=X, the rotation to run first or None)."""
     head, *options = method.split("+")
-    ours = [o for o in options if o.startswith(("rot=", "massive=", "heads="))]
+    ours = [o for o in options if o.startswith(("rot=", "massive=", "heads=", "rseed="))]
     settings = dict(o.partition("=")[::2] for o in ours)
-    if len(settings) != len(ours) or (("massive" in settings or "heads" in settings) and "rot" not in settings):
-        raise ModelpressError(f"method {method!r}: +rot=KIND at most once, +massive=X and +heads=1 only with it")
+    if len(settings) != len(ours) or (settings and "rot" not in settings):
+        raise ModelpressError(f"method {method!r}: +rot=KIND at most once, +massive=X, +heads=1 and +rseed=N only "
+                              "with it")
     rest = "+".join([head, *(o for o in options if o not in ours)])
     if "rot" not in settings:
         return rest, None
     massive = float(settings.get("massive", RotateConfig.massive))
     heads = bool(int(settings.get("heads", RotateConfig.heads)))
-    return rest, RotateConfig(kind=settings["rot"], massive=massive, heads=heads)      # checks the kind
+    seed = int(settings.get("rseed", RotateConfig.seed))
+    return rest, RotateConfig(seed=seed, kind=settings["rot"], massive=massive, heads=heads)      # checks the kind
 
 
 @contextmanager
