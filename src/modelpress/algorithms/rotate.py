@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modelpress.algorithms.prune.structured import head_dim_of
 from modelpress.engine.blocks import BlockStack, find_blocks
 from modelpress.engine.capture import capture_inputs, run_block
 from modelpress.engine.targets import find_expert_params
@@ -270,18 +271,8 @@ def _find_heads(block: nn.Module, roles: _BlockRoles, head_dim: int, r: torch.Te
     return None
 
 
-def _head_dim(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    size = getattr(config, "head_dim", None)
-    if not size and getattr(config, "num_attention_heads", None) and getattr(config, "hidden_size", None):
-        size = config.hidden_size // config.num_attention_heads
-    return int(size) if size else None
-
-
 def _rotate_block(block: nn.Module, roles: _BlockRoles, q: torch.Tensor, r: torch.Tensor | None = None) -> None:
-    if roles.heads is not None and r is not None:
+    if roles.heads:                                       # set only where a head rotation r was asked for
         _rotate_heads(block, roles.heads, r)
     modules = dict(block.named_modules())
     for norm_name, readers in roles.norms.items():
@@ -398,10 +389,8 @@ def rotate_residual(model: nn.Module, config: RotateConfig | None = None) -> Rot
     q = rotation_matrix(size, config.seed, config.kind, keep)
     head_dim, r = 0, None
     if config.heads:
-        head_dim = _head_dim(model) or 0
-        if not head_dim:
-            raise ModelpressError("rotation per attention head needs the model config's head_dim (or hidden_size "
-                                  "and num_attention_heads); the model is unchanged")
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head_dim = head_dim_of(text)                   # names the missing field when there is none
         r = rotation_matrix(head_dim, config.seed + 1, config.kind)
         for index, (block, roles) in enumerate(zip(stack.blocks, plans)):
             roles.heads = _find_heads(block, roles, head_dim, r, inputs[index], captured.calls[index][0],
