@@ -14,6 +14,9 @@ A variant is SAMPLING/METHOD, SAMPLING one of
                 windows wholly uniform random tokens after the start token (every embedding row seen);
                 seed S (default 0; s:seed=2 is another set of samples drawn like gen's)
   A&B           the windows of both samplings, one set after the other (s:seed=2&s:seed=3: twice the samples)
+  ...@cut=N     (after the samplings) the windows laid end to end and cut again N tokens later, so that no window
+                starts at a document's start token: each is the end of one sample and the start of the next, as an
+                evaluation window cut from a corpus starts mid-text (s:seed=2&s:seed=3@cut=256)
 and METHOD one of rtn (round to nearest, no calibration), awq-gptq, awq-gptq-duo (AWQ's duo scaling) or
 gptq[=DAMP], the calibrated ones optionally followed by
 +KEY=VALUE settings of the solver (awq-gptq+damp=0.3+amax=0.5):
@@ -30,7 +33,9 @@ gptq[=DAMP], the calibrated ones optionally followed by
 Any METHOD (rtn too) may end in +rot=hadamard or +rot=orthogonal: the residual stream rotated into the weights
 first (algorithms/rotate.py; the output head untied from the embedding), then the method run on the rotated model;
 +massive=X sets RotateConfig.massive (0: every channel rotated, none kept out); +heads=1 also rotates the values
-head by head (RotateConfig.heads, SpinQuant's R2); +rseed=N draws another rotation (RotateConfig.seed, default 0).
+head by head (RotateConfig.heads, SpinQuant's R2); +rseed=N draws another rotation (RotateConfig.seed, default 0);
++learn=N then learns a second rotation in N steps on the calibration windows (RotateConfig.learn_steps, SpinQuant's
+R1 fitted to the scheme's round-to-nearest KL; +lr=X its Adam rate).
 `--windows-cache DIR` keeps every sampled set of windows there, so another run reuses them.
 
     PYTHONPATH=src python bench/cross_domain_sampling.py --device cuda gen/awq-gptq s:t=0.9/awq-gptq \\
@@ -164,18 +169,21 @@ def parse_method(method: str) -> tuple[str, dict, float | None, float, bool]:
 def split_rotation(method: str) -> tuple[str, RotateConfig | None]:
     """METHOD -> (METHOD without its +rot=KIND and +massive=X, the rotation to run first or None)."""
     head, *options = method.split("+")
-    ours = [o for o in options if o.startswith(("rot=", "massive=", "heads=", "rseed="))]
+    ours = [o for o in options if o.startswith(("rot=", "massive=", "heads=", "rseed=", "learn=", "lr="))]
     settings = dict(o.partition("=")[::2] for o in ours)
     if len(settings) != len(ours) or (settings and "rot" not in settings):
-        raise ModelpressError(f"method {method!r}: +rot=KIND at most once, +massive=X, +heads=1 and +rseed=N only "
-                              "with it")
+        raise ModelpressError(f"method {method!r}: +rot=KIND at most once, +massive=X, +heads=1, +rseed=N, +learn=N "
+                              "and +lr=X only with it")
     rest = "+".join([head, *(o for o in options if o not in ours)])
     if "rot" not in settings:
         return rest, None
     massive = float(settings.get("massive", RotateConfig.massive))
     heads = bool(int(settings.get("heads", RotateConfig.heads)))
     seed = int(settings.get("rseed", RotateConfig.seed))
-    return rest, RotateConfig(seed=seed, kind=settings["rot"], massive=massive, heads=heads)      # checks the kind
+    learn = int(settings.get("learn", RotateConfig.learn_steps))
+    rate = float(settings.get("lr", RotateConfig.learn_rate))
+    return rest, RotateConfig(seed=seed, kind=settings["rot"], massive=massive, heads=heads, learn_steps=learn,
+                              learn_rate=rate)      # checks the kind and the numbers
 
 
 @contextmanager
@@ -214,7 +222,7 @@ def flat_search(flat: bool):
 def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> None:
     method, rotation = split_rotation(method)
     if rotation is not None:
-        log.info(rotate_residual(model, rotation).summary())
+        log.info(rotate_residual(model, rotation, ids.to(device), scheme).summary())
     name, gptq, amax, decor, flat = parse_method(method)
     if name == "rtn":  # no calibration: the windows are not used (the baseline every calibrated row is read against)
         quantize_rtn(model, RTNConfig(scheme=scheme))
@@ -228,6 +236,16 @@ def build(model, method: str, scheme: str, ids: torch.Tensor, device: str) -> No
         quantize_awq(model, config, ids, device=device)
 
 
+def split_cut(sampling: str) -> tuple[str, int]:
+    """SAMPLING[@cut=N] -> (SAMPLING, N or 0)."""
+    head, _, cut = sampling.partition("@")
+    if not cut:
+        return head, 0
+    if not cut.startswith("cut=") or not cut[4:].isdigit():
+        raise ModelpressError(f"sampling {sampling!r}: expected @cut=N after the samplings")
+    return head, int(cut[4:])
+
+
 def cached_windows(directory: str | None, key: str, make) -> torch.Tensor:
     """make(), kept as DIR/KEY.pt when a directory is given (and read from there when present)."""
     if directory is None:
@@ -238,7 +256,7 @@ def cached_windows(directory: str | None, key: str, make) -> torch.Tensor:
         return torch.load(path, weights_only=True)
     ids = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ids, path)
+    torch.save(ids.clone(), path)     # a view of a whole tokenized corpus would save all of it
     return ids
 
 
@@ -260,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     for variant in args.variants:
         parse_method(split_rotation(variant.partition("/")[2])[0])     # a typo fails before minutes of sampling
-        for part in variant.partition("/")[0].split("&"):
+        for part in split_cut(variant.partition("/")[0])[0].split("&"):
             if part != "gen" and not part.startswith("s:"):
                 raise ModelpressError(f"sampling {part!r} of {variant!r}: expected gen or s:t=X,r=N")
     start = time.perf_counter()
@@ -269,17 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.windows_cache
     evals = {"generated": cached_windows(cache, f"eval-{args.windows}x{args.seq_len}", lambda: generated_windows(
         model, tokenizer, args.windows, args.seq_len, seed=1))}
-    for corpus in args.eval:
-        evals[corpus] = prepare_windows(tokenizer, EvalSettings(text=corpus, windows=args.windows,
-                                                                seq_len=args.seq_len, speed=False))[1].eval
+    for corpus in args.eval:   # cached too, so that a machine without the corpus packages scores the same windows
+        evals[corpus] = cached_windows(cache, f"eval-{corpus}-{args.windows}x{args.seq_len}", lambda: prepare_windows(
+            tokenizer, EvalSettings(text=corpus, windows=args.windows, seq_len=args.seq_len, speed=False))[1].eval)
     windows, rows = {}, []
     for variant in args.variants:   # each row is scored and saved as soon as it is built
         sampling, _, method = variant.partition("/")
+        sampling, cut = split_cut(sampling)
         for part in sampling.split("&"):
             if part not in windows:
                 windows[part] = cached_windows(cache, f"{part}-{args.samples}x{args.seq_len}", lambda: calibration(
                     part, model, tokenizer, args.samples, args.seq_len))
         calib = torch.cat([windows[part] for part in sampling.split("&")])
+        if cut:   # end to end, cut again `cut` tokens later (the last window wraps round to the first sample)
+            calib = calib.flatten().roll(-cut).view(calib.shape)
         # a rotation rewrites the embedding table in place: such a candidate shares nothing with the reference
         candidate = copy.deepcopy(model) if split_rotation(method)[1] is not None else shared_copy(model)
         built = time.perf_counter()

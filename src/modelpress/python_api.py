@@ -66,11 +66,14 @@ def quantize(model: ModelLike, config, calibration: Calibration = None, tokenize
     return quantize_model(as_loaded(model, tokenizer), config, calibration, head)
 
 
-def rotate(model: ModelLike, config: RotateConfig | None = None) -> RotationReport:
+def rotate(model: ModelLike, config: RotateConfig | None = None, calibration: torch.Tensor | None = None,
+           scheme: WeightScheme | str | None = None) -> RotationReport:
     """Rotate `model`'s residual stream into its weights, in place (algorithms/rotate.py): the same function,
     outlier channels spread before quantizing; a head tied to the embedding is untied. Refuses, leaving the
-    model unchanged, an architecture the rotation does not fit."""
-    return rotate_residual(as_loaded(model).model, config)
+    model unchanged, an architecture the rotation does not fit. `Rotate(learn_steps=N)` then learns a second
+    rotation (algorithms/rotate_learn.py) on `calibration` token ids (samples, seq_len) for `scheme`, the weight
+    scheme the model will be quantized to."""
+    return rotate_residual(as_loaded(model).model, config, calibration, scheme)
 
 
 def prune(model: ModelLike, config, calibration: Calibration = None, tokenizer=None) -> PruningReport:

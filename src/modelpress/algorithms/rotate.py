@@ -20,6 +20,9 @@ is the very output of a norm (a leaf module with only a (D,) weight); the writer
 with D outputs. Every block is rotated on a copy first and its output compared with the original's, rotated;
 any block that does not match (LayerNorm's mean subtraction, norms after the attention output as in Gemma 2/3,
 fused mixture-of-experts weights) stops the rotation before the model is changed, with the reason.
+
+`RotateConfig(learn_steps=N)` then learns a second rotation on calibration windows, fitted to the quantized model's
+KL (SpinQuant's R1; algorithms/rotate_learn.py), and folds it in the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from modelpress.engine.blocks import BlockStack, find_blocks
 from modelpress.engine.capture import capture_inputs, run_block
 from modelpress.engine.targets import find_expert_params
 from modelpress.errors import ModelpressError
+from modelpress.formats.scheme import WeightScheme
 from modelpress.nn.layers import is_linear, linear_weight
 
 ROTATION_KINDS = ("hadamard", "orthogonal")
@@ -50,6 +54,10 @@ class RotateConfig:
                                      # _massive_channels for when that is worth it)
     heads: bool = False              # also rotate each attention head's values (SpinQuant's R2): the value
                                      # projection's rows and the output projection's columns, head by head
+    learn_steps: int = 0             # > 0: then fit a second rotation to the quantized model's KL on calibration
+                                     # windows (algorithms/rotate_learn.py; needs the windows and the scheme)
+    learn_rate: float = 1e-3         # Adam's rate on the rotation's skew-symmetric generator
+    learn_batch: int = 4             # calibration windows per step
 
     def __post_init__(self) -> None:
         if self.kind not in ROTATION_KINDS:
@@ -58,6 +66,9 @@ class RotateConfig:
             raise ModelpressError(f"massive must be 0 (rotate every channel) or a positive ratio, got {self.massive}")
         if self.probe_tokens < 2:
             raise ModelpressError(f"probe_tokens must be at least 2, got {self.probe_tokens}")
+        if self.learn_steps < 0 or self.learn_rate <= 0 or self.learn_batch < 1:
+            raise ModelpressError(f"learn_steps must be 0 or more, learn_rate positive and learn_batch at least 1, "
+                                  f"got {self.learn_steps}, {self.learn_rate}, {self.learn_batch}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,9 @@ class RotationReport:
     head_dim: int = 0                # the per-head rotation's size (0: not asked for)
     rotated_heads: tuple[str, ...] = ()   # blocks whose value/output pair was rotated per head
     unrotated_heads: tuple[str, ...] = ()  # blocks where it was asked for and no pair kept the function
+    learn_steps: int = 0             # steps of the learned rotation (0: none)
+    learn_kl: tuple[float, float] = (0.0, 0.0)   # its loss (KL, fake-quantized vs float) over the first and
+                                                 # last tenth of the steps
 
     def summary(self) -> str:
         untied = (f"; the output head untied from the embedding (+{self.added_parameters:,} parameters)"
@@ -86,9 +100,11 @@ class RotationReport:
                      f"{self.blocks} blocks")
             if self.unrotated_heads:
                 heads += f" (no value/output pair keeps the function in {', '.join(self.unrotated_heads[:4])})"
+        learned = (f"; then a rotation learnt in {self.learn_steps} steps (quantized model's KL {self.learn_kl[0]:.4f} "
+                   f"-> {self.learn_kl[1]:.4f})" if self.learn_steps else "")
         return (f"residual stream rotated ({self.kind}, D={self.hidden_size}{kept}): {self.readers} readers, "
-                f"{self.writers} writers in {self.blocks} blocks{heads}; logits within {self.logits_error:.1e} "
-                f"relative{untied}")
+                f"{self.writers} writers in {self.blocks} blocks{heads}{learned}; logits within "
+                f"{self.logits_error:.1e} relative{untied}")
 
 
 # ---- the rotation matrix ----------------------------------------------------------------------------------
@@ -358,10 +374,17 @@ def _untie(head: nn.Module, embedding: nn.Module, model: nn.Module) -> int:
 # ---- the entry point --------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, config: RotateConfig | None = None) -> RotationReport:
+def rotate_residual(model: nn.Module, config: RotateConfig | None = None, calibration: torch.Tensor | None = None,
+                    scheme: WeightScheme | str | None = None) -> RotationReport:
     """Rotate `model`'s residual stream in place (see the module docstring). Every block is checked on a
-    copy before the model is changed; a model the rotation does not fit raises ModelpressError unchanged."""
+    copy before the model is changed; a model the rotation does not fit raises ModelpressError unchanged.
+    With config.learn_steps, a second rotation is then learnt (algorithms/rotate_learn.py) on `calibration`
+    ((windows, seq_len) token ids) for the weight scheme `scheme` (a WeightScheme or its spec) the model will be
+    quantized to."""
     config = config or RotateConfig()
+    if config.learn_steps and (calibration is None or scheme is None):
+        raise ModelpressError("a learned rotation (learn_steps) needs calibration windows and the weight scheme the "
+                              "model will be quantized to")
     stack = find_blocks(model)
     if any(find_expert_params(block) for block in stack.blocks):
         raise ModelpressError("blocks with fused mixture-of-experts weights are not rotated (their experts read "
@@ -425,10 +448,40 @@ def rotate_residual(model: nn.Module, config: RotateConfig | None = None) -> Rot
     _set(embedding.weight, embedding.weight.double() @ q.to(embedding.weight.device))
     for block, roles in zip(stack.blocks, plans):
         _rotate_block(block, roles, q, r)
+    learn_kl = (0.0, 0.0)
+    if config.learn_steps:
+        learn_kl = _learn_and_apply(model, stack, plans, head if not tied or added else None, calibration, scheme,
+                                    config)
     logits_error = _relative_error(model(input_ids=ids).logits.float(), reference)
     block_names = [stack.block_name(index) for index in range(len(stack.blocks))]
     return RotationReport(size, config.kind, len(stack.blocks),
                           sum(len(readers) for roles in plans for readers in roles.norms.values()),
                           sum(len(roles.writers) for roles in plans), keep, added > 0, added, worst, logits_error,
                           head_dim, tuple(n for n, roles in zip(block_names, plans) if roles.heads),
-                          tuple(n for n, roles in zip(block_names, plans) if config.heads and not roles.heads))
+                          tuple(n for n, roles in zip(block_names, plans) if config.heads and not roles.heads),
+                          config.learn_steps, learn_kl)
+
+
+def _learn_and_apply(model: nn.Module, stack: BlockStack, plans: list[_BlockRoles], head: nn.Module | None,
+                     calibration: torch.Tensor, scheme: WeightScheme | str, config: RotateConfig) -> tuple[float, float]:
+    """Learn a second rotation on the rotated model (every norm's gain is one now) and fold it in like the first:
+    readers W Q, writers Q^T W, the embedding E Q and an untied head H Q. Returns the loss over the first and last
+    tenth of the steps."""
+    from modelpress.algorithms.rotate_learn import learn_rotation
+
+    readers, writers = [], []
+    for block, roles in zip(stack.blocks, plans):
+        modules = dict(block.named_modules())
+        readers += [modules[name] for names in roles.norms.values() for name in names]
+        writers += [modules[name] for name in roles.writers]
+    learned = learn_rotation(model, readers, writers, head, calibration, scheme, config.learn_steps,
+                             config.learn_rate, config.learn_batch, config.seed)
+    q = learned.q
+    one = torch.ones(q.shape[0], dtype=torch.float64)
+    _rotate_readers(readers + ([head] if head is not None else []), one, q)
+    for module in writers:
+        _rotate_writer(module, q)
+    embedding = model.get_input_embeddings()
+    _set(embedding.weight, embedding.weight.double() @ q.to(embedding.weight.device))
+    tenth = max(1, len(learned.losses) // 10)
+    return (sum(learned.losses[:tenth]) / tenth, sum(learned.losses[-tenth:]) / tenth)
