@@ -463,7 +463,8 @@ def rotate_residual(model: nn.Module, config: RotateConfig | None = None, calibr
 
 
 def _learn_and_apply(model: nn.Module, stack: BlockStack, plans: list[_BlockRoles], head: nn.Module | None,
-                     calibration: torch.Tensor, scheme: WeightScheme | str, config: RotateConfig) -> tuple[float, float]:
+                     calibration: torch.Tensor, scheme: WeightScheme | str,
+                     config: RotateConfig) -> tuple[float, float]:
     """Learn a second rotation on the rotated model (every norm's gain is one now) and fold it in like the first:
     readers W Q, writers Q^T W, the embedding E Q and an untied head H Q. Returns the loss over the first and last
     tenth of the steps."""

@@ -46,11 +46,11 @@ class LearnedRotation:
     losses: tuple[float, ...]       # the KL of each step's batch, before that step
 
 
-def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
-    for name, param in model.named_parameters():
-        if param is tensor:
-            return name
-    raise ModelpressError("a rotated layer's weight is not a parameter of the model: the rotation cannot be learnt")
+def _param_name(names: dict[int, str], tensor: torch.Tensor) -> str:
+    """`tensor`'s name in `names` ({id(parameter): name} of the model)."""
+    if id(tensor) not in names:
+        raise ModelpressError("a rotated layer's weight is not a parameter of the model: the rotation cannot be learnt")
+    return names[id(tensor)]
 
 
 def _weight_of(module: nn.Module) -> torch.Tensor:
@@ -69,7 +69,8 @@ def learn_rotation(model: nn.Module, readers: list[nn.Module], writers: list[nn.
     embedding, which then carries it). `ids`: (windows, seq_len) calibration tokens. The model is not changed."""
     scheme = WeightScheme.parse(scheme) if isinstance(scheme, str) else scheme
     if steps <= 0 or lr <= 0 or batch_size <= 0:
-        raise ModelpressError(f"a learned rotation needs positive steps, rate and batch, got {steps}, {lr}, {batch_size}")
+        raise ModelpressError(f"a learned rotation needs positive steps, rate and batch, got {steps}, {lr}, "
+                              f"{batch_size}")
     if ids.dim() != 2 or ids.shape[0] == 0:
         raise ModelpressError(f"a learned rotation needs (windows, seq_len) calibration tokens, got {tuple(ids.shape)}")
     from modelpress.train.qat import ste_fake_quantize
@@ -77,12 +78,13 @@ def learn_rotation(model: nn.Module, readers: list[nn.Module], writers: list[nn.
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
     size = embedding.weight.shape[1]
-    names = {}
-    for module in [*readers, *writers, *([head] if head is not None else [])]:
-        names[id(module)] = _param_name(model, _weight_of(module))
-    embedding_name = _param_name(model, embedding.weight)
+    params = {id(param): name for name, param in model.named_parameters()}
+    layers = [*readers, *writers, *([head] if head is not None else [])]
+    names = {id(m): _param_name(params, _weight_of(m)) for m in layers}
+    embedding_name = _param_name(params, embedding.weight)
     weights = {id(m): _weight_of(m).detach().float() for m in [*readers, *writers]}
-    biases = {id(m): m.bias.detach().float() for m in writers if getattr(m, "bias", None) is not None}
+    biases = {id(m): (_param_name(params, m.bias), m.bias.detach().float())
+              for m in writers if getattr(m, "bias", None) is not None}
     skew = torch.zeros(size, size, device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([skew], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -109,13 +111,15 @@ def learn_rotation(model: nn.Module, readers: list[nn.Module], writers: list[nn.
                     w = ste_fake_quantize(q.T @ weights[id(module)], scheme)
                     overrides[names[id(module)]] = w.to(module.weight.dtype)
                     if id(module) in biases:
-                        overrides[_param_name(model, module.bias)] = (q.T @ biases[id(module)]).to(module.bias.dtype)
+                        bias_name, bias = biases[id(module)]
+                        overrides[bias_name] = (q.T @ bias).to(module.bias.dtype)
                 if head is not None:
                     overrides[names[id(head)]] = (head.weight.float() @ q).to(head.weight.dtype)
                 logits = functional_call(model, overrides, args=(), kwargs={"input_ids": batch}).logits.float()
                 loss = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="none").sum(-1).mean()
                 if not torch.isfinite(loss):
-                    raise ModelpressError(f"the learned rotation's loss is {float(loss)} at step {step}: lower the rate")
+                    raise ModelpressError(f"the learned rotation's loss is {float(loss)} at step {step}: lower the "
+                                          "rate")
                 losses.append(float(loss.detach()))
                 optimizer.zero_grad()
                 loss.backward()
