@@ -20,6 +20,8 @@ the path of the row. The JSON file is rewritten after every run, so a run cut sh
         --json $OUT/speculative_h200.json   # no model files needed
     PYTHONPATH=src python bench/speculative.py --device cpu --random-target tiny --drafts int8/channel \
         --random-draft tiny --decode auto static --prompts 1 --new-tokens 8 --json /tmp/spec.json  # code path
+    PYTHONPATH=src python bench/speculative.py --device cuda --dtype bfloat16 --widen llama2-7b \
+        --drafts int8/channel int4/g128 --json $OUT/speculative_widened.json
 
 --random-target SHAPE replaces the model with a RANDOM-weight Llama of that shape (bench/decode.py builds it
 on the device; prompts are random tokens); --random-draft SHAPE adds a RANDOM-weight draft of another shape
@@ -30,6 +32,11 @@ logits' spread) that is close to what a self-speculative int8 draft of a real mo
 random weights (no outliers, no structure) make acceptance unrepresentative of real models, and an independent
 random draft is accepted about as often as chance, so its rows measure the cost of a draft of that size, not
 its speedup on real text.
+
+--widen SHAPE makes the target the model (default: the default model) carried into a larger Llama shape
+(bench/widen.py: its weights placed among zeros, the same logits up to rounding, checked at the start): every
+step reads and multiplies what a model of that shape does, and a draft's acceptance is that of a quantized copy of
+a trained model on real prompts.
 """
 
 from __future__ import annotations
@@ -50,7 +57,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from modelpress.formats.scheme import WeightScheme
-from modelpress.inference.decoding import DECODE_PATHS, GenerationSettings, decode_path, forward_logits, generate
+from modelpress.inference.decoding import (
+    DECODE_PATHS,
+    GenerationSettings,
+    decode_path,
+    forward_logits,
+    fused_writes,
+    generate,
+    kernel_context,
+)
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
 from modelpress.inference.static_decode import StaticDecoder
@@ -70,6 +85,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--random-target", default=None, metavar="SHAPE",
                    help="a random-weight Llama of this shape (bench/decode.py SHAPES: llama2-7b, llama-1b, tiny) "
                         "instead of --model; prompts are random tokens")
+    p.add_argument("--widen", default=None, metavar="SHAPE",
+                   help="carry the model into a larger Llama shape (bench/decode.py SHAPES; bench/widen.py): 7B "
+                        "costs with a trained model's acceptance")
     p.add_argument("--text", default=None)
     p.add_argument("--drafts", nargs="*", default=["int8/channel", "int4/g128", "int4-asym/g32"], metavar="SCHEME",
                    help="self-speculative drafts: RTN copies of the target under these schemes")
@@ -94,6 +112,8 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.eager:
         args.decode = ["eager"]
+    if args.widen and args.random_target:
+        p.error("--widen carries a trained model; --random-target replaces it with random weights: pick one")
     if args.random_draft and not args.random_target:
         p.error("--random-draft needs --random-target (a real target needs a real draft: --draft-model)")
     return args
@@ -112,16 +132,23 @@ def path_settings(path: str, **kwargs) -> GenerationSettings:
 
 
 @torch.no_grad()
-def step_seconds(model, prompt: list[int], path: str, repeats: int = 7, compile: bool = False) -> float:
+def step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int = 7) -> float:
     """Median time of one single-token decode step after the prompt, on `path` (eager, static or graph; the
-    graph's capture happens in an untimed first step)."""
+    graph's capture happens in an untimed first step), in the kernel context generation runs in (on CUDA the
+    decode-time fusions, the draft's int4 layers re-laid for the tensor-core GEMV)."""
+    with kernel_context(settings, model):
+        return _step_seconds(model, prompt, path, settings, repeats)
+
+
+def _step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int) -> float:
     device = next(model.parameters()).device
     if path == "eager":
         cache = DynamicCache(config=model.config)
         model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
         step = lambda: forward_logits(model, prompt[-1:], cache, last_only=True)
     else:
-        decoder = StaticDecoder(model, len(prompt) + repeats + 1, graph=path == "graph", compile=compile)
+        decoder = StaticDecoder(model, len(prompt) + repeats + 1, graph=path == "graph", compile=settings.compile,
+                                fused_writes=fused_writes(settings))
         decoder.prefill(prompt)
         decoder.step(prompt[-1])
         step = lambda: decoder.step(prompt[-1])
@@ -160,6 +187,26 @@ def random_target(args, device: torch.device):
         drafts[f"draft RANDOM {shape}"] = random_llama(draft_config, device, dtype=DTYPES[args.dtype],
                                                        seed=args.seed + 2 + i)
     return target, drafts, prompts, f"RANDOM weights, {args.random_target} shape"
+
+
+def widened(loaded, prompt: list[int], args, device: torch.device):
+    """The loaded model carried into --widen's shape, built on the device, checked against the model's own logits
+    on `prompt` before it is used; (target, description, no drafts)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decode import SHAPES
+    from widen import WIDTH_KEYS, widen, widest_error
+
+    if args.widen not in SHAPES:
+        raise SystemExit(f"--widen: unknown shape {args.widen!r}; choose from {sorted(SHAPES)}")
+    small = loaded.model.float().eval()
+    dims = {k: v for k, v in SHAPES[args.widen].items() if k in WIDTH_KEYS}
+    target = widen(small, device, DTYPES[args.dtype], **dims)
+    error = widest_error(small, target, prompt)
+    print(f"target: {sum(p.numel() for p in target.parameters()) / 1e9:.2f}B parameters, logits within {error:.2e} "
+          "of the model's (relative to its largest)", file=sys.stderr)
+    if error > 0.05:
+        raise SystemExit(f"the model widened to {args.widen} does not carry its function (error {error:.3g})")
+    return target, f"{loaded.source} carried into the {args.widen} shape (bench/widen.py)", {}
 
 
 class Report:
@@ -261,7 +308,7 @@ def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str]) -> di
         times: dict[str, list[float]] = {name: [] for name in ran}
         for _ in range(3):
             for name, model in [("target", target), *drafts.items()]:
-                times[name].append(step_seconds(model, prompt, ran[name], compile=settings.compile))
+                times[name].append(step_seconds(model, prompt, ran[name], settings))
         target_s = statistics.median(times["target"])
         costs[path] = {name: statistics.median(v) / target_s for name, v in times.items()}
         costs[path]["target_step_ms"] = 1000 * target_s
@@ -277,8 +324,11 @@ def main() -> None:
         target, drafts, prompts, source = random_target(args, device)
     else:
         loaded = load_model(args.model)
-        target, source, drafts = loaded.model.to(device).to(DTYPES[args.dtype]).eval(), loaded.source, {}
         prompts = pick_prompts(loaded.tokenizer, args)
+        if args.widen:
+            target, source, drafts = widened(loaded, prompts[0], args, device)
+        else:
+            target, source, drafts = loaded.model.to(device).to(DTYPES[args.dtype]).eval(), loaded.source, {}
     drafts = {**{f"self {spec}": low_bit_draft(target, WeightScheme.parse(spec)) for spec in args.drafts}, **drafts}
     for spec in args.draft_model:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
