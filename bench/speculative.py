@@ -8,10 +8,12 @@ graphs on the static cache on CUDA; on the CPU the native decode step where it s
 eager, static, graph, native; each row says the path that ran.
 Prompts are consecutive 48-token pieces of the embedded corpus taken 10 windows apart; every run makes
 exactly --new-tokens tokens (no end-of-sequence stop). tokens/s includes the prompt prefill and, on the graph
-path, the capture of each call's graphs (a new decoder per call); "decode tok/s" leaves the capture out. Greedy
+path, the capture of each call's graphs (a new decoder per call); "decode tok/s" and "decode speedup" leave the
+capture out (what a long generation sees: speculation captures one graph per forward length, plain decoding one). Greedy
 runs also check that the speculative output is identical to the target's own greedy output on the same path.
 "draft cost" is the median time of one single-token decode step of the draft over that of the target, both on
-the path of the row. The JSON file is rewritten after every run, so a run cut short keeps what it measured.
+the path of the row; "verify cost" that of the target's (k+1)-token forward, in the context its verify passes run
+in. The JSON file is rewritten after every run, so a run cut short keeps what it measured.
 
     .venv/bin/python bench/speculative.py --json bench/results/speculative_cpu.json
     python bench/speculative.py --device cuda --dtype bfloat16 --json speculative_gpu.json
@@ -42,6 +44,7 @@ a trained model on real prompts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -65,6 +68,7 @@ from modelpress.inference.decoding import (
     fused_writes,
     generate,
     kernel_context,
+    supports_logits_to_keep,
 )
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
@@ -75,7 +79,9 @@ from modelpress.io.text import load_text, make_windows
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = [("temperature", "temp"), ("path", "path (ran)"), ("config", "config"), ("draft_cost", "draft cost"),
            ("acceptance_rate", "accept"), ("tokens_per_target_pass", "tok/target pass"),
-           ("tokens_per_s", "tok/s"), ("decode_tokens_per_s", "decode tok/s"), ("speedup", "speedup"),
+           ("verify_cost", "verify cost"), ("tokens_per_s", "tok/s"), ("decode_tokens_per_s", "decode tok/s"),
+           ("speedup", "speedup"),
+           ("decode_speedup", "decode speedup"),
            ("identical", "= target greedy")]
 
 
@@ -93,10 +99,13 @@ def parse_args() -> argparse.Namespace:
                    help="self-speculative drafts: RTN copies of the target under these schemes")
     p.add_argument("--draft-model", nargs="*", default=[], metavar="MODEL", help="separate draft models")
     p.add_argument("--random-draft", nargs="*", default=[], metavar="SHAPE",
-                   help="with --random-target: RANDOM-weight drafts of these shapes (e.g. llama-1b), target's vocabulary")
-    p.add_argument("--decode", nargs="+", default=["auto"], choices=[*DECODE_PATHS, "auto+compile", "static+compile"],
+                   help="with --random-target: RANDOM-weight drafts of these shapes (e.g. llama-1b), target's "
+                        "vocabulary")
+    p.add_argument("--decode", nargs="+", default=["auto"],
+                   choices=[*DECODE_PATHS, "auto+compile", "static+compile", "auto+noskinny"],
                    help="decode paths to run, interleaved (default auto: CUDA graphs on CUDA, eager elsewhere); "
-                        "+compile: GenerationSettings.compile")
+                        "+compile: GenerationSettings.compile; +noskinny: the verify pass's float matmuls on cuBLAS "
+                        "(inference/fusion.SKINNY off)")
     p.add_argument("--eager", action="store_true", help="the same as --decode eager")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -127,31 +136,48 @@ def pick_prompts(tokenizer, args) -> list[list[int]]:
 
 def path_settings(path: str, **kwargs) -> GenerationSettings:
     """GenerationSettings for a --decode entry: a decode path, "+compile" for GenerationSettings.compile."""
-    decode, _, compiled = path.partition("+")
-    return GenerationSettings(decode=decode, compile=bool(compiled), **kwargs)
+    decode, _, option = path.partition("+")
+    return GenerationSettings(decode=decode, compile=option == "compile", **kwargs)
+
+
+@contextlib.contextmanager
+def path_switches(path: str):
+    """The module switches a --decode entry sets while its runs last (+noskinny: fusion.SKINNY off)."""
+    from modelpress.inference import fusion
+
+    saved = fusion.SKINNY
+    fusion.SKINNY = not path.endswith("+noskinny")
+    try:
+        yield
+    finally:
+        fusion.SKINNY = saved
 
 
 @torch.no_grad()
-def step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int = 7) -> float:
-    """Median time of one single-token decode step after the prompt, on `path` (eager, static or graph; the
-    graph's capture happens in an untimed first step), in the kernel context generation runs in (on CUDA the
-    decode-time fusions, the draft's int4 layers re-laid for the tensor-core GEMV)."""
-    with kernel_context(settings, model):
-        return _step_seconds(model, prompt, path, settings, repeats)
+def step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int = 7,
+                 tokens: int = 1) -> float:
+    """Median time of one forward of `tokens` tokens after the prompt (1: a decode step; k+1: a verify pass, in the
+    verifier's context), on `path` (eager, static or graph; the graph's capture happens in an untimed first
+    forward), in the kernel context generation runs in (on CUDA the decode-time fusions; one-token models' int4
+    layers re-laid for the tensor-core GEMV, a verifier's float layers on the skinny kernel)."""
+    with kernel_context(settings, model, verifiers=(model,) if tokens > 1 else ()):
+        return _step_seconds(model, prompt, path, settings, repeats, tokens)
 
 
-def _step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int) -> float:
+def _step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int,
+                  tokens: int) -> float:
     device = next(model.parameters()).device
+    feed = (prompt * tokens)[-tokens:]
     if path == "eager":
         cache = DynamicCache(config=model.config)
         model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
-        step = lambda: forward_logits(model, prompt[-1:], cache, last_only=True)
+        step = lambda: (forward_logits(model, feed, cache), cache.crop(-tokens))
     else:
-        decoder = StaticDecoder(model, len(prompt) + repeats + 1, graph=path == "graph", compile=settings.compile,
-                                fused_writes=fused_writes(settings))
+        decoder = StaticDecoder(model, len(prompt) + tokens + 1, graph=path == "graph", compile=settings.compile,
+                                keep_last_only=supports_logits_to_keep(model), fused_writes=fused_writes(settings))
         decoder.prefill(prompt)
-        decoder.step(prompt[-1])
-        step = lambda: decoder.step(prompt[-1])
+        step = lambda: (decoder.forward(feed), decoder.rewind(tokens))
+        step()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -244,15 +270,25 @@ def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) ->
             for path in args.decode:
                 settings = path_settings(path, max_new_tokens=args.new_tokens,
                                          sampling=SamplingConfig(temperature, top_p=args.top_p))
-                base = generate(target, prompt, settings, generator=torch.Generator(device=device).manual_seed(seed))
-                record(report, runs, temperature, path, "target", i, base)
-                for name, draft in drafts.items():
-                    result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(args.draft_tokens),
-                                                  generator=torch.Generator(device=device).manual_seed(seed))
-                    identical[(path, name)].append(result.tokens == base.tokens)
-                    record(report, runs, temperature, path, name, i, result, identical=result.tokens == base.tokens)
+                with path_switches(path):
+                    run_prompt(target, drafts, prompt, settings, args, seed, device,
+                               lambda name, result, same=None: record(report, runs, temperature, path, name, i,
+                                                                      result, identical=same))
+                for name in drafts:
+                    identical[(path, name)].append(runs[(path, name)][-1].tokens == runs[(path, "target")][-1].tokens)
             print(f"temperature {temperature}, prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
         report.add_rows(summarize(temperature, runs, identical, costs))
+
+
+def run_prompt(target, drafts: dict, prompt: list[int], settings: GenerationSettings, args, seed: int,
+               device: torch.device, keep) -> None:
+    """Plain decoding of the target, then speculation with each draft, on one prompt; keep(name, result, same)."""
+    base = generate(target, prompt, settings, generator=torch.Generator(device=device).manual_seed(seed))
+    keep("target", base)
+    for name, draft in drafts.items():
+        result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(args.draft_tokens),
+                                      generator=torch.Generator(device=device).manual_seed(seed))
+        keep(name, result, result.tokens == base.tokens)
 
 
 def record(report: Report, runs: dict, temperature: float, path: str, name: str, prompt: int, result,
@@ -274,18 +310,20 @@ def summarize(temperature: float, runs: dict, identical: dict, costs: dict) -> l
         capture = sum(r.capture_seconds for r in results)
         drafted = sum(r.drafted for r in results)
         rate = tokens / seconds
+        decode_rate = tokens / (seconds - capture) if seconds > capture else None
         if name == "target":
-            base_rate[path] = rate
+            base_rate[path] = rate, decode_rate
         verify_passes = sum(r.rounds for r in results) if name != "target" else tokens
         ran = sorted({r.decode_path for r in results})
         row = {"temperature": temperature, "path": f"{path} ({'/'.join(ran)})", "config": name,
                "new_tokens": tokens, "seconds": seconds, "capture_seconds": capture, "tokens_per_s": rate,
-               "decode_tokens_per_s": tokens / (seconds - capture) if seconds > capture else None,
-               "speedup": rate / base_rate[path],
+               "decode_tokens_per_s": decode_rate, "speedup": rate / base_rate[path][0],
+               "decode_speedup": decode_rate / base_rate[path][1] if decode_rate and base_rate[path][1] else None,
                "acceptance_rate": sum(r.accepted for r in results) / drafted if drafted else None,
                "tokens_per_target_pass": tokens / verify_passes,
                "rounds": sum(r.rounds for r in results),
                "draft_cost": costs[path][name] if name != "target" else None,
+               "verify_cost": costs[path]["verify"] if name != "target" else None,
                "target_step_ms": costs[path]["target_step_ms"]}
         if name != "target" and temperature == 0:
             row["identical"] = f"{sum(identical[(path, name)])}/{len(results)}"
@@ -299,16 +337,19 @@ def fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str]) -> dict[str, dict[str, float]]:
-    """{path: {config: median step time over the target's}} on each path that runs (round robin, 3 rounds)."""
+def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str], k: int) -> dict[str, dict[str, float]]:
+    """{path: {config: median step time over the target's, "verify": the target's k+1-token forward over its
+    step}} on each path that runs (round robin, 3 rounds)."""
     costs = {}
     for path in paths:
         settings = path_settings(path)
         ran = {name: decode_path(model, settings, None) for name, model in [("target", target), *drafts.items()]}
-        times: dict[str, list[float]] = {name: [] for name in ran}
-        for _ in range(3):
-            for name, model in [("target", target), *drafts.items()]:
-                times[name].append(step_seconds(model, prompt, ran[name], settings))
+        times: dict[str, list[float]] = {name: [] for name in [*ran, "verify"]}
+        with path_switches(path):
+            for _ in range(3):
+                for name, model in [("target", target), *drafts.items()]:
+                    times[name].append(step_seconds(model, prompt, ran[name], settings))
+                times["verify"].append(step_seconds(target, prompt, ran["target"], settings, tokens=k + 1))
         target_s = statistics.median(times["target"])
         costs[path] = {name: statistics.median(v) / target_s for name, v in times.items()}
         costs[path]["target_step_ms"] = 1000 * target_s
@@ -334,10 +375,9 @@ def main() -> None:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
     for path in args.decode:  # first calls build kernels' prepared weights and compile kernels for each T
         warm = path_settings(path, max_new_tokens=args.draft_tokens + 2, sampling=SamplingConfig(0.0))
-        generate(target, prompts[0], warm)
-        for draft in drafts.values():
-            speculative_generate(target, draft, prompts[0], warm, SpeculativeConfig(args.draft_tokens))
-    costs = draft_costs(target, drafts, prompts[0], args.decode)
+        with path_switches(path):
+            run_prompt(target, drafts, prompts[0], warm, args, args.seed, device, lambda *_: None)
+    costs = draft_costs(target, drafts, prompts[0], args.decode, args.draft_tokens)
     meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens, "top_p": args.top_p,
             "decode": args.decode, "device": args.device, "dtype": args.dtype, "threads": args.threads,
