@@ -23,7 +23,7 @@ in. The JSON file is rewritten after every run, so a run cut short keeps what it
     PYTHONPATH=src python bench/speculative.py --device cpu --random-target tiny --drafts int8/channel \
         --random-draft tiny --decode auto static --prompts 1 --new-tokens 8 --json /tmp/spec.json  # code path
     PYTHONPATH=src python bench/speculative.py --device cuda --dtype bfloat16 --widen llama2-7b \
-        --drafts int8/channel int4/g128 --json $OUT/speculative_widened.json
+        --drafts int8/channel int4/g128 --widen-gptq int4/g128 --json $OUT/speculative_widened.json
 
 --random-target SHAPE replaces the model with a RANDOM-weight Llama of that shape (bench/decode.py builds it
 on the device; prompts are random tokens); --random-draft SHAPE adds a RANDOM-weight draft of another shape
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import platform
@@ -94,6 +95,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--widen", default=None, metavar="SHAPE",
                    help="carry the model into a larger Llama shape (bench/decode.py SHAPES; bench/widen.py): 7B "
                         "costs with a trained model's acceptance")
+    p.add_argument("--widen-gptq", nargs="*", default=[], metavar="SCHEME",
+                   help="with --widen: drafts that are GPTQ copies of the model under these schemes (the default "
+                        "calibration, as `modelpress quantize --method gptq`), carried into the target's shape")
     p.add_argument("--text", default=None)
     p.add_argument("--drafts", nargs="*", default=["int8/channel", "int4/g128", "int4-asym/g32"], metavar="SCHEME",
                    help="self-speculative drafts: RTN copies of the target under these schemes")
@@ -121,6 +125,8 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.eager:
         args.decode = ["eager"]
+    if args.widen_gptq and not args.widen:
+        p.error("--widen-gptq needs --widen")
     if args.widen and args.random_target:
         p.error("--widen carries a trained model; --random-target replaces it with random weights: pick one")
     if args.random_draft and not args.random_target:
@@ -217,7 +223,7 @@ def random_target(args, device: torch.device):
 
 def widened(loaded, prompt: list[int], args, device: torch.device):
     """The loaded model carried into --widen's shape, built on the device, checked against the model's own logits
-    on `prompt` before it is used; (target, description, no drafts)."""
+    on `prompt` before it is used; (target, description, drafts: --widen-gptq's GPTQ copies, carried alike)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from decode import SHAPES
     from widen import WIDTH_KEYS, widen, widest_error
@@ -232,7 +238,18 @@ def widened(loaded, prompt: list[int], args, device: torch.device):
           "of the model's (relative to its largest)", file=sys.stderr)
     if error > 0.05:
         raise SystemExit(f"the model widened to {args.widen} does not carry its function (error {error:.3g})")
-    return target, f"{loaded.source} carried into the {args.widen} shape (bench/widen.py)", {}
+    drafts = {}
+    for spec in args.widen_gptq:
+        import modelpress
+
+        quantized = copy.deepcopy(small).to(device)
+        report = modelpress.quantize(quantized, modelpress.GPTQ(spec), tokenizer=loaded.tokenizer,
+                                     calibration=modelpress.CalibrationSettings(device=str(device)))
+        draft = widen(quantized.cpu(), device, DTYPES[args.dtype], **dims)
+        print(f"GPTQ {spec} draft: {report.seconds:.0f} s to quantize, its widened logits within "
+              f"{widest_error(quantized, draft, prompt):.2e} of the small quantized model's", file=sys.stderr)
+        drafts[f"self GPTQ {spec}"] = draft
+    return target, f"{loaded.source} carried into the {args.widen} shape (bench/widen.py)", drafts
 
 
 class Report:

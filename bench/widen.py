@@ -22,10 +22,14 @@ The map, small (h, i, l layers, n heads of d, n_kv key/value heads) into large (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from modelpress.formats.packed import expand_groups, quantize_weight
+from modelpress.nn.quant_linear import QuantLinear
 
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim")
@@ -88,15 +92,61 @@ def rotary_rows(d: int, big_d: int) -> torch.Tensor:
     return torch.cat([m * e, m * e + big_d // 2])
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a small projection's (N, K) weight goes in the large one's: small row small_rows[r] to large row
+    large_rows[r] (a small row may go to several), small column c to large column cols[c], times factor."""
+
+    small_rows: torch.Tensor
+    large_rows: torch.Tensor
+    cols: torch.Tensor
+    factor: float = 1.0
+
+    def place(self, small: torch.Tensor, shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+        """`small` (N, K) placed in zeros of `shape`, float32, on `device` (default: small's)."""
+        device = device or small.device
+        out = torch.zeros(shape, device=device)
+        rows, cols = self.large_rows.to(device), self.cols.to(device)
+        out[rows[:, None], cols[None, :]] = small.to(device).float()[self.small_rows.to(device)] * self.factor
+        return out
+
+
+def placements(small: LlamaConfig, large: LlamaConfig) -> dict[str, Placement]:
+    """The Placement of each projection of a decoder layer (the same in every layer), by its name in the layer."""
+    h, i = small.hidden_size, small.intermediate_size
+    d, big_d = _head_dim(small), _head_dim(large)
+    p, kv = head_maps(small, large)
+    rotary = rotary_rows(d, big_d)
+    dims = torch.arange(d)
+
+    def heads(sources: list[int], targets: list[int], within: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([j * d + dims for j in sources]), torch.cat([t * big_d + within for t in targets]))
+
+    hidden, inner = torch.arange(h), torch.arange(i)
+    q_rows = heads(list(range(len(p))), p, rotary)
+    return {
+        "self_attn.q_proj": Placement(*q_rows, hidden, math.sqrt(big_d / d)),
+        "self_attn.k_proj": Placement(*heads(kv, list(range(len(kv))), rotary), hidden),
+        "self_attn.v_proj": Placement(*heads(kv, list(range(len(kv))), dims), hidden),
+        "self_attn.o_proj": Placement(hidden, hidden, heads(list(range(len(p))), p, dims)[1]),
+        "mlp.gate_proj": Placement(inner, inner, hidden),
+        "mlp.up_proj": Placement(inner, inner, hidden),
+        "mlp.down_proj": Placement(hidden, hidden, inner),
+    }
+
+
 @torch.no_grad()
 def widen(model: LlamaForCausalLM, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
           **shape) -> LlamaForCausalLM:
     """A LlamaForCausalLM of the large `shape` computing `model`'s logits (module docstring), built on `device`
-    in `dtype` (default: the small model's). The small model is not changed."""
+    in `dtype` (default: the small model's). The small model is not changed. Its quantized layers (QuantLinear)
+    become quantized layers of the large model on the same grid: their codes placed as the weights are (every other
+    code zero's), so the large model computes the small quantized model's function too."""
     small = model.config
     config = widened_config(small, **shape)
     source = next(model.parameters())
-    device, dtype = torch.device(device or source.device), dtype or source.dtype
+    device = torch.device(device or source.device)
+    dtype = dtype or (source.dtype if source.is_floating_point() else torch.float32)
     with torch.device("meta"):
         wide = LlamaForCausalLM(config)
     wide = wide.to(dtype=dtype).to_empty(device=device).eval()
@@ -108,38 +158,62 @@ def widen(model: LlamaForCausalLM, device: torch.device | str | None = None, dty
         if name.endswith("rotary_emb"):
             parent = wide.get_submodule(name.rsplit(".", 1)[0]) if "." in name else wide
             setattr(parent, name.rsplit(".", 1)[-1], type(module)(config).to(device))
-    h, big_h = small.hidden_size, config.hidden_size
-    d, big_d = _head_dim(small), _head_dim(config)
-    norm_gain = math.sqrt(h / big_h)
-    p, kv = head_maps(small, config)
-    rows = rotary_rows(d, big_d)
+    h = small.hidden_size
+    norm_gain = math.sqrt(h / config.hidden_size)
 
     def put(target: torch.Tensor, index: tuple, values: torch.Tensor) -> None:
         target[index] = values.to(device=device, dtype=dtype)
 
-    put(wide.model.embed_tokens.weight, (slice(None), slice(0, h)), model.model.embed_tokens.weight)
+    put(wide.model.embed_tokens.weight, (slice(None), slice(0, h)), _float_weight(model.model.embed_tokens))
     if not config.tie_word_embeddings:
-        put(wide.lm_head.weight, (slice(None), slice(0, h)), model.lm_head.weight)
+        put(wide.lm_head.weight, (slice(None), slice(0, h)), _float_weight(model.lm_head))
     put(wide.model.norm.weight, (slice(0, h),), model.model.norm.weight.float() * norm_gain)
+    maps = placements(small, config)
     for small_layer, layer in zip(model.model.layers, wide.model.layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             put(getattr(layer, norm).weight, (slice(0, h),), getattr(small_layer, norm).weight.float() * norm_gain)
-        attn, small_attn = layer.self_attn, small_layer.self_attn
-        q = small_attn.q_proj.weight.float().view(-1, d, h) * math.sqrt(big_d / d)
-        o = small_attn.o_proj.weight.float().view(h, -1, d)
-        for j, target_head in enumerate(p):
-            put(attn.q_proj.weight, (target_head * big_d + rows, slice(0, h)), q[j])
-            put(attn.o_proj.weight, (slice(0, h), slice(target_head * big_d, target_head * big_d + d)), o[:, j])
-        k = small_attn.k_proj.weight.float().view(-1, d, h)
-        v = small_attn.v_proj.weight.float().view(-1, d, h)
-        for t, source_head in enumerate(kv):
-            put(attn.k_proj.weight, (t * big_d + rows, slice(0, h)), k[source_head])
-            put(attn.v_proj.weight, (slice(t * big_d, t * big_d + d), slice(0, h)), v[source_head])
-        i = small.intermediate_size
-        for name in ("gate_proj", "up_proj"):
-            put(getattr(layer.mlp, name).weight, (slice(0, i), slice(0, h)), getattr(small_layer.mlp, name).weight)
-        put(layer.mlp.down_proj.weight, (slice(0, h), slice(0, i)), small_layer.mlp.down_proj.weight)
+        for name, placement in maps.items():
+            parent_name, child = name.rsplit(".", 1)
+            small_proj, target = small_layer.get_submodule(name), layer.get_submodule(name)
+            if isinstance(small_proj, QuantLinear):
+                setattr(layer.get_submodule(parent_name), child,
+                        _widen_quantized(small_proj, placement, tuple(target.weight.shape), device, dtype))
+            else:
+                target.weight.copy_(placement.place(small_proj.weight, tuple(target.weight.shape), device))
     return wide
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    return module.dequantized_weight().float() if hasattr(module, "dequantized_weight") else module.weight.float()
+
+
+def _widen_quantized(small: QuantLinear, placement: Placement, shape: tuple[int, int], device: torch.device,
+                     dtype: torch.dtype) -> QuantLinear:
+    """The large projection of a quantized small one, on its grid: the weight and the per-element scales (and
+    offsets) placed alike, each large group's scale the one its placed elements share (1 where it has none), then
+    quantize_weight with those scales, which gives back the small layer's codes where they were placed."""
+    packed = small.packed
+    scheme = packed.scheme
+    if packed.input_perm is not None or packed.scale_scale is not None or scheme.granularity == "tensor":
+        raise ValueError(f"widen: {scheme} with a column order or double-quantized scales is not mapped")
+    n, k = packed.shape
+    g, big_g = scheme.group_length(k), scheme.group_length(shape[1])
+    weight = placement.place(packed.dequantize(), shape, device)
+    placed = placement.place(torch.ones(n, k), shape, device) > 0
+    per_group = {"scale": packed.group_scales()}
+    if packed.offset is not None:
+        per_group["offset"] = packed.offset.float()
+    grids = {}
+    for name, values in per_group.items():
+        grid = placement.place(expand_groups(values, n, k, g), shape, device).view(shape[0], -1, big_g)
+        mask = placed.view(shape[0], -1, big_g)
+        first = torch.where(mask.any(-1), grid.masked_fill(~mask, float("-inf")).amax(-1), 0.0 if name == "offset"
+                            else 1.0)
+        if not torch.equal(grid[mask], first.unsqueeze(-1).expand_as(grid)[mask]):
+            raise ValueError(f"widen: the small groups of {scheme} do not map into whole groups of the large layer")
+        grids[name] = first
+    large = quantize_weight(weight, scheme, scale=grids["scale"], offset=grids.get("offset"))
+    return QuantLinear(large).to(device)  # scales stay in the scheme's dtype, as quantizing a bf16 model leaves them
 
 
 def widest_error(small: nn.Module, wide: nn.Module, prompt: list[int]) -> float:
