@@ -44,7 +44,6 @@ a trained model on real prompts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
@@ -106,10 +105,9 @@ def parse_args() -> argparse.Namespace:
                    help="with --random-target: RANDOM-weight drafts of these shapes (e.g. llama-1b), target's "
                         "vocabulary")
     p.add_argument("--decode", nargs="+", default=["auto"],
-                   choices=[*DECODE_PATHS, "auto+compile", "static+compile", "auto+noskinny"],
+                   choices=[*DECODE_PATHS, "auto+compile", "static+compile"],
                    help="decode paths to run, interleaved (default auto: CUDA graphs on CUDA, eager elsewhere); "
-                        "+compile: GenerationSettings.compile; +noskinny: the verify pass's float matmuls on cuBLAS "
-                        "(inference/fusion.SKINNY off)")
+                        "+compile: GenerationSettings.compile")
     p.add_argument("--eager", action="store_true", help="the same as --decode eager")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -146,26 +144,13 @@ def path_settings(path: str, **kwargs) -> GenerationSettings:
     return GenerationSettings(decode=decode, compile=option == "compile", **kwargs)
 
 
-@contextlib.contextmanager
-def path_switches(path: str):
-    """The module switches a --decode entry sets while its runs last (+noskinny: fusion.SKINNY off)."""
-    from modelpress.inference import fusion
-
-    saved = fusion.SKINNY
-    fusion.SKINNY = not path.endswith("+noskinny")
-    try:
-        yield
-    finally:
-        fusion.SKINNY = saved
-
-
 @torch.no_grad()
 def step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int = 7,
                  tokens: int = 1) -> float:
     """Median time of one forward of `tokens` tokens after the prompt (1: a decode step; k+1: a verify pass, in the
     verifier's context), on `path` (eager, static or graph; the graph's capture happens in an untimed first
     forward), in the kernel context generation runs in (on CUDA the decode-time fusions; one-token models' int4
-    layers re-laid for the tensor-core GEMV, a verifier's float layers on the skinny kernel)."""
+    layers re-laid for the tensor-core GEMV)."""
     with kernel_context(settings, model, verifiers=(model,) if tokens > 1 else ()):
         return _step_seconds(model, prompt, path, settings, repeats, tokens)
 
@@ -287,10 +272,9 @@ def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) ->
             for path in args.decode:
                 settings = path_settings(path, max_new_tokens=args.new_tokens,
                                          sampling=SamplingConfig(temperature, top_p=args.top_p))
-                with path_switches(path):
-                    run_prompt(target, drafts, prompt, settings, args, seed, device,
-                               lambda name, result, same=None: record(report, runs, temperature, path, name, i,
-                                                                      result, identical=same))
+                run_prompt(target, drafts, prompt, settings, args, seed, device,
+                           lambda name, result, same=None: record(report, runs, temperature, path, name, i, result,
+                                                                  identical=same))
                 for name in drafts:
                     identical[(path, name)].append(runs[(path, name)][-1].tokens == runs[(path, "target")][-1].tokens)
             print(f"temperature {temperature}, prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
@@ -362,11 +346,10 @@ def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str], k: in
         settings = path_settings(path)
         ran = {name: decode_path(model, settings, None) for name, model in [("target", target), *drafts.items()]}
         times: dict[str, list[float]] = {name: [] for name in [*ran, "verify"]}
-        with path_switches(path):
-            for _ in range(3):
-                for name, model in [("target", target), *drafts.items()]:
-                    times[name].append(step_seconds(model, prompt, ran[name], settings))
-                times["verify"].append(step_seconds(target, prompt, ran["target"], settings, tokens=k + 1))
+        for _ in range(3):
+            for name, model in [("target", target), *drafts.items()]:
+                times[name].append(step_seconds(model, prompt, ran[name], settings))
+            times["verify"].append(step_seconds(target, prompt, ran["target"], settings, tokens=k + 1))
         target_s = statistics.median(times["target"])
         costs[path] = {name: statistics.median(v) / target_s for name, v in times.items()}
         costs[path]["target_step_ms"] = 1000 * target_s
@@ -392,8 +375,7 @@ def main() -> None:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
     for path in args.decode:  # first calls build kernels' prepared weights and compile kernels for each T
         warm = path_settings(path, max_new_tokens=args.draft_tokens + 2, sampling=SamplingConfig(0.0))
-        with path_switches(path):
-            run_prompt(target, drafts, prompts[0], warm, args, args.seed, device, lambda *_: None)
+        run_prompt(target, drafts, prompts[0], warm, args, args.seed, device, lambda *_: None)
     costs = draft_costs(target, drafts, prompts[0], args.decode, args.draft_tokens)
     meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens, "top_p": args.top_p,

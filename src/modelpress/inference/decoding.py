@@ -306,8 +306,7 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: 
     and modules and functions made anew for each call would fail the guards of the compiled forward, which is meant
     to be compiled once and reused by later calls. Every forward of `models` after the prefill takes one token (plain
     decoding, a speculative draft's steps), so their int4 layers may be re-laid for the tensor-core GEMV, except in
-    `verifiers`: models whose later forwards take several tokens (a speculative target's verify passes), whose float
-    layers' captured calls of a few rows run the skinny kernel instead."""
+    `verifiers`: models whose later forwards take several tokens (a speculative target's verify passes)."""
     from modelpress.nn.cpu_backend import fast_cpu
 
     report = FusionReport()
@@ -317,8 +316,7 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: 
         for model in dict.fromkeys(models) if settings.fuse and not settings.compile else ():
             if any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers())):
                 try:
-                    several = model in verifiers
-                    fused, undo = fuse_for_decode(model, relayout=not several, skinny=several)  # undone if it raises
+                    fused, undo = fuse_for_decode(model, relayout=model not in verifiers)  # undone if it raises
                 except Exception as err:  # noqa: BLE001  (an optimization: never a reason not to generate)
                     log.warning("decoding unfused: the decode-time fusions failed (%s: %s)", type(err).__name__,
                                 str(err).splitlines()[0][:300] if str(err) else "")

@@ -26,10 +26,6 @@ set the pace of everything but the weight matmuls (docs/benchmarks.md: 2.6 ms of
 - **int4 codes re-laid for the tensor-core GEMV** (nn/gluon_mma_gemv.py) where a generation's forwards
   after the prefill take one token: each layer it serves, and serves faster (triton_backend.mma_supported), has
   its codes permuted in place (the same bytes), put back in the stored order after the generation.
-- **float matmuls of a few rows** (2 to triton_skinny.MAX_ROWS: a speculative target's verify pass): each float
-  nn.Linear (sibling groups and the output head included) of a model whose later forwards take several tokens runs
-  nn/triton_skinny.py's kernel for them, which streams the weight over the whole GPU, instead of cuBLAS's small-M
-  GEMM; one row and more rows keep F.linear.
 - **rotary embeddings** of queries and keys run as one kernel (nn/triton_rope.py) instead of about ten: the
   modeling module's `apply_rotary_pos_emb`, which its attention calls by name, is replaced for the generation by a
   function that launches the kernel where it serves the call and calls the original otherwise. The replacement is
@@ -53,7 +49,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modelpress.errors import ModelpressError
@@ -63,7 +58,6 @@ from modelpress.nn.triton_act import silu_mul
 from modelpress.nn.triton_attention import decode_attention
 from modelpress.nn.triton_norm import add_rms_norm, rms_norm
 from modelpress.nn.triton_rope import rotary
-from modelpress.nn.triton_skinny import skinny_linear
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +84,6 @@ class FusionReport:
     kv_writes: bool = False                           # a static cache wrote keys and values in one kernel a layer
     relaid: int = 0                                   # 4-bit layers whose one-token matmul is the tensor-core GEMV
     gated: int = 0                                    # of those, [gate | up] layers taking the MLP's activation too
-    skinny: int = 0                                   # float linear layers whose few-row calls are skinny
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
@@ -103,7 +96,6 @@ class FusionReport:
         self.kv_writes |= other.kv_writes
         self.relaid += other.relaid
         self.gated += other.gated
-        self.skinny += other.skinny
         self.skipped += other.skipped
 
     def summary(self) -> str:
@@ -113,8 +105,7 @@ class FusionReport:
                                               (self.mlps, "MLPs"), (self.adds, "residual adds"),
                                               (self.attention, "attentions"),
                                               (self.gated, "MLP activations in the GEMV"),
-                                              (self.relaid, "4-bit layers on the tensor-core GEMV"),
-                                              (self.skinny, "float layers' few-row calls on the skinny kernel")) if n]
+                                              (self.relaid, "4-bit layers on the tensor-core GEMV")) if n]
         return ", ".join(done + (["rotary"] if self.rotary else []) + (["KV writes"] if self.kv_writes else []))
 
 
@@ -174,14 +165,12 @@ class FusedRMSNorm(nn.Module):
 
 
 def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rope: bool = True,
-                    mlps: bool = True, adds: bool = True, attention: bool = True, relayout: bool = True,
-                    skinny: bool = False) -> tuple[FusionReport, Callable[[], None]]:
+                    mlps: bool = True, adds: bool = True, attention: bool = True, relayout: bool = True
+                    ) -> tuple[FusionReport, Callable[[], None]]:
     """Fuse `model` in place; (report, undo). undo() puts every original module and function back, each module
     with its own tensors. MLPs fuse only where their gate and up became one group, residual adds only into norms
     fused before. relayout (for generations whose forwards after the prefill take one token): 4-bit layers'
-    codes re-laid for the tensor-core GEMV (`_relayout`), after the sibling groups are stacked. skinny (for models
-    whose later forwards take several tokens): float linear layers' captured calls of a few rows on the skinny
-    kernel (`_fuse_skinny`), sibling groups included."""
+    codes re-laid for the tensor-core GEMV (`_relayout`), after the sibling groups are stacked."""
     report, undo = FusionReport(), []
     try:
         if norms:
@@ -198,8 +187,6 @@ def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True,
             undo += _fuse_attention(model, report)
         if relayout and RELAYOUT:
             undo += _relayout(model, report)
-        if skinny and SKINNY:
-            undo += _fuse_skinny(model, report)
     except BaseException:
         _run_all(undo)
         raise
@@ -582,29 +569,6 @@ def _fuse_siblings(model: nn.Module, report: FusionReport) -> list[Callable[[], 
             undo.append(lambda p=parent, ns=names, ps=parts, r=restore: _unstack(p, ns, ps, r))
             report.groups += 1
     return undo
-
-
-SKINNY = True  # the switch of _fuse_skinny; bench/speculative.py's +noskinny turns it off to measure it
-
-
-def _fuse_skinny(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
-    """Each float nn.Linear on CUDA in 16 bits gets an instance `forward` that runs triton_skinny.skinny_linear where
-    it serves the call (2..MAX_ROWS rows), F.linear otherwise; undo() deletes it (the class's forward again). Modules,
-    parameters and state_dict keys are unchanged."""
-    undo: list[Callable[[], None]] = []
-    for _, module in _children(model):
-        if (type(module) is not nn.Linear or _hooked(module) or "forward" in module.__dict__
-                or not module.weight.is_cuda or module.weight.dtype not in (torch.bfloat16, torch.float16)):
-            continue
-        module.forward = functools.partial(_skinny_forward, module)
-        undo.append(lambda m=module: delattr(m, "forward"))
-        report.skinny += 1
-    return undo
-
-
-def _skinny_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    out = skinny_linear(x, module.weight, module.bias)
-    return F.linear(x, module.weight, module.bias) if out is None else out
 
 
 RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it off to measure it

@@ -201,13 +201,13 @@ def speculation_paths(target: nn.Module, draft: nn.Module, settings: GenerationS
     return paths
 
 
-def _judge(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int], settings: GenerationSettings,
-           generator: torch.Generator | None) -> tuple[int, int]:
+def _judge(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int] | torch.Tensor,
+           settings: GenerationSettings, generator: torch.Generator | None) -> tuple[int, int]:
     """The accept rule on one round: target logits (k+1, V), draft distributions (k, V) -> (accepted, next token)."""
     target_probs = next_token_probs(logits, settings.sampling)
     device = target_probs.device
     accepted, next_token = verify_draft(target_probs.unsqueeze(0), draft_probs.to(device).unsqueeze(0),
-                                        torch.tensor([drafts], dtype=torch.long, device=device), generator)
+                                        torch.as_tensor(drafts, dtype=torch.long).to(device).view(1, -1), generator)
     return int(accepted), int(next_token)
 
 
@@ -240,9 +240,10 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
         k = min(config.draft_tokens, remaining - 1)
         drafts, draft_probs, forwards = _draft_steps(drafter, tokens, k, settings, generator)
         result.draft_forwards += forwards
-        logits = verifier.forward(tokens[-1:] + drafts)  # (k+1, V) at positions n-1 .. n+k-1
+        logits = verifier.forward(_verify_feed(verifier, tokens[-1], drafts))  # (k+1, V) at positions n-1 .. n+k-1
         result.target_forwards += 1
         a, next_token = _judge(logits, draft_probs, drafts, settings, generator)
+        drafts = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
         verifier.rewind(k - a)                       # keeps n + a: the tokens so far and the accepted drafts
         drafter.rewind(max(0, k - 1 - a))            # keeps n + min(a, k-1) of its n + k-1 (dk was not fed)
         if _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens):
@@ -285,26 +286,40 @@ def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSett
                          kv_cache=kv_cache, compile=settings.compile, fused_writes=fused_writes(settings))
 
 
-def _draft_steps(drafter: StaticDecoder, tokens: list[int], k: int, settings: GenerationSettings,
-                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor, int]:
+def _draft_steps(drafter: StaticDecoder | NativeDecoder, tokens: list[int], k: int, settings: GenerationSettings,
+                 generator: torch.Generator | None) -> tuple[list[int] | torch.Tensor, torch.Tensor, int]:
     """k tokens drawn from the draft on its static cache, the (k, V) distributions they were drawn from, and
     the forward passes run: one step per token the draft has not seen (one, or two after a round that kept
-    every draft), then one per draft but the last."""
+    every draft), then one per draft but the last. On a StaticDecoder the tokens stay where they are drawn, a
+    (k,) tensor on the device fed straight to the next step, so the host queues all k steps without waiting for
+    one (the round's one wait is for the verdict); a NativeDecoder takes them as a list."""
     if k == 0:
         return [], torch.zeros(0, 0), 0
     unseen = tokens[drafter.position:]
     for token in unseen[:-1]:
         drafter.step(token)
     logits = drafter.step(unseen[-1])  # (1, V), a static buffer: turned into q before the next step
-    drafts: list[int] = []
+    on_device = isinstance(drafter, StaticDecoder)
+    drafts = []
     probs = []
     for i in range(k):
         q = next_token_probs(logits[-1], settings.sampling)
-        drafts.append(int(sample(q, generator)))
+        token = sample(q, generator).view(1)
+        drafts.append(token if on_device else int(token))
         probs.append(q)
         if i < k - 1:
-            logits = drafter.step(drafts[-1])
-    return drafts, torch.stack(probs), len(unseen) + k - 1
+            logits = drafter.forward(token) if on_device else drafter.step(drafts[-1])
+    return torch.cat(drafts) if on_device else drafts, torch.stack(probs), len(unseen) + k - 1
+
+
+def _verify_feed(verifier: StaticDecoder | NativeDecoder, last: int, drafts: list[int] | torch.Tensor
+                 ) -> list[int] | torch.Tensor:
+    """[last, d1..dk] in the form the verifier takes: a device tensor for a StaticDecoder when the drafts are one."""
+    if not isinstance(drafts, torch.Tensor):
+        return [last, *drafts]
+    if isinstance(verifier, StaticDecoder):
+        return torch.cat([torch.tensor([last], dtype=torch.long).to(drafts.device, non_blocking=True), drafts])
+    return [last, *drafts.tolist()]
 
 
 def _draft(draft: nn.Module, tokens: list[int], cache: Cache, k: int, settings: GenerationSettings,

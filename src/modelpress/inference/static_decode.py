@@ -238,17 +238,19 @@ class StaticDecoder:
         next step)."""
         return self.forward([token])
 
-    def forward(self, tokens: list[int]) -> torch.Tensor:
+    def forward(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Feed T tokens at positions pos..pos+T-1 and advance the position by T; (T, V) float32 logits of every
         position (a static buffer, one per T: read it before the next forward of the same length). With graphs,
-        the first forward of each length captures it and every forward replays."""
+        the first forward of each length captures it and every forward replays. `tokens` may be a (T,) int64
+        tensor on the device (a token drawn there): then nothing waits for the device."""
         t = len(tokens)
         if t == 0:
             raise ValueError("a forward needs at least one token, got none")
         if self.position + t > self.max_len:
             raise ValueError(f"{t} tokens at position {self.position} overrun the static cache of {self.max_len}")
         block = self._block(t)
-        block.ids.copy_(torch.tensor([tokens], dtype=torch.long))
+        on_device = isinstance(tokens, torch.Tensor)
+        block.ids.copy_(tokens.view(1, t) if on_device else torch.tensor([tokens], dtype=torch.long))
         if block.graph is None and self.use_graph and self.graph_error is None:
             block.graph = self._capture(block)
         if block.graph is not None:
