@@ -373,8 +373,8 @@ def main() -> None:
     drafts = {**{f"self {spec}": low_bit_draft(target, WeightScheme.parse(spec)) for spec in args.drafts}, **drafts}
     for spec in args.draft_model:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
-    for path in args.decode:  # first calls build kernels' prepared weights and compile kernels for each T
-        warm = path_settings(path, max_new_tokens=args.draft_tokens + 2, sampling=SamplingConfig(0.0))
+    for path in args.decode:  # first calls build prepared weights and compile kernels for each T and cache length
+        warm = path_settings(path, max_new_tokens=args.new_tokens, sampling=SamplingConfig(0.0))
         run_prompt(target, drafts, prompts[0], warm, args, args.seed, device, lambda *_: None)
     costs = draft_costs(target, drafts, prompts[0], args.decode, args.draft_tokens)
     meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
