@@ -48,7 +48,7 @@ from modelpress.inference.decoding import (
 )
 from modelpress.inference.fusion import FusionReport
 from modelpress.inference.kv_cache import make_kv_cache
-from modelpress.inference.sampling import next_token_probs, sample
+from modelpress.inference.sampling import next_token_probs, pick, sample
 from modelpress.inference.native_decode import NativeDecoder
 from modelpress.inference.static_decode import StaticDecoder
 
@@ -203,7 +203,16 @@ def speculation_paths(target: nn.Module, draft: nn.Module, settings: GenerationS
 
 def _judge(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int] | torch.Tensor,
            settings: GenerationSettings, generator: torch.Generator | None) -> tuple[int, int]:
-    """The accept rule on one round: target logits (k+1, V), draft distributions (k, V) -> (accepted, next token)."""
+    """The accept rule on one round: target logits (k+1, V), draft distributions (k, V) -> (accepted, next token).
+    Greedy, the rule on one-hot distributions is: keep the drafts up to the first that is not the target's argmax,
+    then take the target's argmax there; that is computed directly (no distributions, no draws)."""
+    if settings.sampling.greedy:
+        best = logits.argmax(dim=-1)                                              # (k+1,)
+        k = best.shape[0] - 1
+        drafted = torch.as_tensor(drafts, dtype=torch.long).to(best.device)
+        accepted = (best[:k] == drafted).long().cumprod(dim=0).sum()
+        a, token = torch.stack([accepted, best[accepted]]).tolist()                # one wait for both
+        return a, token
     target_probs = next_token_probs(logits, settings.sampling)
     device = target_probs.device
     accepted, next_token = verify_draft(target_probs.unsqueeze(0), draft_probs.to(device).unsqueeze(0),
@@ -300,16 +309,21 @@ def _draft_steps(drafter: StaticDecoder | NativeDecoder, tokens: list[int], k: i
         drafter.step(token)
     logits = drafter.step(unseen[-1])  # (1, V), a static buffer: turned into q before the next step
     on_device = isinstance(drafter, StaticDecoder)
+    greedy = settings.sampling.greedy  # the argmax; _judge needs no distributions then
     drafts = []
     probs = []
     for i in range(k):
-        q = next_token_probs(logits[-1], settings.sampling)
-        token = sample(q, generator).view(1)
+        if greedy:
+            token = logits[-1].argmax().view(1) if on_device else pick(logits[-1], settings.sampling)
+        else:
+            q = next_token_probs(logits[-1], settings.sampling)
+            token = sample(q, generator).view(1)
+            probs.append(q)
         drafts.append(token if on_device else int(token))
-        probs.append(q)
         if i < k - 1:
             logits = drafter.forward(token) if on_device else drafter.step(drafts[-1])
-    return torch.cat(drafts) if on_device else drafts, torch.stack(probs), len(unseen) + k - 1
+    q = torch.stack(probs) if probs else torch.zeros(0, 0)
+    return torch.cat(drafts) if on_device else drafts, q, len(unseen) + k - 1
 
 
 def _verify_feed(verifier: StaticDecoder | NativeDecoder, last: int, drafts: list[int] | torch.Tensor
