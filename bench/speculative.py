@@ -213,6 +213,8 @@ def widened(loaded, prompt: list[int], args, device: torch.device):
     from decode import SHAPES
     from widen import WIDTH_KEYS, widen, widest_error
 
+    import modelpress
+
     if args.widen not in SHAPES:
         raise SystemExit(f"--widen: unknown shape {args.widen!r}; choose from {sorted(SHAPES)}")
     small = loaded.model.float().eval()
@@ -225,8 +227,6 @@ def widened(loaded, prompt: list[int], args, device: torch.device):
         raise SystemExit(f"the model widened to {args.widen} does not carry its function (error {error:.3g})")
     drafts = {}
     for spec in args.widen_gptq:
-        import modelpress
-
         quantized = copy.deepcopy(small).to(device)
         report = modelpress.quantize(quantized, modelpress.GPTQ(spec), tokenizer=loaded.tokenizer,
                                      calibration=modelpress.CalibrationSettings(device=str(device)))

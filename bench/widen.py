@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from modelpress.algorithms.prune.structured import head_dim_of
 from modelpress.formats.packed import expand_groups, quantize_weight
 from modelpress.nn.quant_linear import QuantLinear
 
@@ -50,7 +51,7 @@ def widened_config(small: LlamaConfig, **shape) -> LlamaConfig:
 
 
 def _check(small: LlamaConfig, large: LlamaConfig) -> None:
-    d, big_d = _head_dim(small), _head_dim(large)
+    d, big_d = head_dim_of(small), head_dim_of(large)
     problems = [f"{key} {getattr(small, key)} > {getattr(large, key)}" for key in WIDTH_KEYS[:5]
                 if getattr(small, key) > getattr(large, key)]
     if big_d % d or d % 2:
@@ -62,10 +63,6 @@ def _check(small: LlamaConfig, large: LlamaConfig) -> None:
         problems.append("biases (not mapped)")
     if problems:
         raise ValueError("widen: the small model does not fit the large shape: " + "; ".join(problems))
-
-
-def _head_dim(config: LlamaConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _group(config: LlamaConfig) -> int:
@@ -114,7 +111,7 @@ class Placement:
 def placements(small: LlamaConfig, large: LlamaConfig) -> dict[str, Placement]:
     """The Placement of each projection of a decoder layer (the same in every layer), by its name in the layer."""
     h, i = small.hidden_size, small.intermediate_size
-    d, big_d = _head_dim(small), _head_dim(large)
+    d, big_d = head_dim_of(small), head_dim_of(large)
     p, kv = head_maps(small, large)
     rotary = rotary_rows(d, big_d)
     dims = torch.arange(d)
