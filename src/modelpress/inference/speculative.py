@@ -10,6 +10,9 @@ Cache bookkeeping, per round, with n tokens so far (prompt + generated) and `las
   to n + a entries after a of the k drafts are accepted;
 - the draft cache holds at most n-1 tokens; it catches up on what it has not seen, drafts d1..dk, and is
   cropped to n + min(a, k-1) entries (dk itself was never fed to it).
+Every round drafts k, the last one too: the tokens past the length limit are dropped (a prefix of an exact sample
+is exact), and every verify pass has the same length, so the graph path captures one graph per model (the last
+rounds would otherwise each capture a shorter verify pass, and pay its capture and first launch).
 The self-speculative draft is a low-bit copy of the target (`low_bit_draft`).
 
 Decode paths (GenerationSettings.decode, resolved per model by decoding.decode_path): eager runs both models
@@ -160,9 +163,8 @@ def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.
     if prompt_length > 1:
         forward_logits(target, tokens[:-1], target_cache, last_only=True)
         result.target_forwards += 1
+    k = config.draft_tokens  # every round, the last too (its surplus tokens are dropped): one verify length
     while True:
-        remaining = settings.max_new_tokens - len(result.tokens)
-        k = min(config.draft_tokens, remaining - 1)
         drafts, draft_probs = _draft(draft, tokens, draft_cache, k, settings, generator)
         result.draft_forwards += k
         logits = forward_logits(target, tokens[-1:] + drafts, target_cache)     # (k+1, V)
@@ -222,9 +224,14 @@ def _judge(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int] | 
 
 def _emit(result: GenerationResult, tokens: list[int], new: list[int], k: int, a: int,
           settings: GenerationSettings, on_tokens: TokenCallback | None) -> bool:
-    """Record a round that drafted k and kept a, emitting `new`; True when generation is done."""
-    new, done = finish(new, settings)
-    result.rounds, result.drafted, result.accepted = result.rounds + 1, result.drafted + k, result.accepted + a
+    """Record a round that drafted k and kept a, emitting `new` up to the length limit (a last round may make more
+    tokens than are left: any prefix of them is distributed as the target's; its drafts past the limit count in
+    neither `drafted` nor `accepted`); True when generation is done."""
+    remaining = settings.max_new_tokens - len(result.tokens)
+    new, done = finish(new[:remaining], settings)
+    useful = min(k, remaining - 1)  # drafts that could be emitted, with the token the verify pass adds
+    result.rounds, result.drafted = result.rounds + 1, result.drafted + useful
+    result.accepted += min(a, useful)
     tokens += new
     result.tokens += new
     if on_tokens is not None:
@@ -244,9 +251,8 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
         return None
     verifier, drafter = decoders
     result.target_forwards = result.draft_forwards = int(len(tokens) > 1)
+    k = config.draft_tokens  # every round, the last too: one verify length, so one captured graph
     while True:
-        remaining = settings.max_new_tokens - len(result.tokens)
-        k = min(config.draft_tokens, remaining - 1)
         drafts, draft_probs, forwards = _draft_steps(drafter, tokens, k, settings, generator)
         result.draft_forwards += forwards
         logits = verifier.forward(_verify_feed(verifier, tokens[-1], drafts))  # (k+1, V) at positions n-1 .. n+k-1
@@ -270,8 +276,8 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
                         ) -> tuple[StaticDecoder, StaticDecoder] | None:
     """(target's, draft's) StaticDecoder, both holding the first n-1 tokens (the draft's first step feeds the
     last); None, with the reason logged, if a prefill fails."""
-    # with k <= remaining - 1 no pass writes past slot prompt + max_new_tokens - 2; draft_tokens + 1 more slots
-    # would hold even a verify pass of a full k + 1 tokens started at the last position
+    # a round starts with at least one token left (n <= prompt + max_new_tokens - 1): its verify pass writes slots
+    # n-1 .. n+k-1, at most prompt + max_new_tokens + k - 2
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
     verifier, drafter = (_decoder(model, path, max_len, settings, kv)
                          for model, path, kv in ((target, paths[0], settings.kv_config), (draft, paths[1], None)))
@@ -302,8 +308,6 @@ def _draft_steps(drafter: StaticDecoder | NativeDecoder, tokens: list[int], k: i
     seen (one, or two after a round that kept every draft), then one per draft but the last. On a StaticDecoder the tokens stay where they are drawn, a
     (k,) tensor on the device fed straight to the next step, so the host queues all k steps without waiting for
     one (the round's one wait is for the verdict); a NativeDecoder takes them as a list."""
-    if k == 0:
-        return [], torch.zeros(0, 0), 0
     unseen = tokens[drafter.position:]
     for token in unseen[:-1]:
         drafter.step(token)
