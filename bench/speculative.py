@@ -117,7 +117,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--draft-tokens", type=int, nargs="+", default=[4], metavar="K",
+                   help="k, drafts per round; several: each draft runs with each k (rows 'DRAFT, k=K')")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -272,6 +273,7 @@ class Report:
 
 
 def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) -> None:
+    """drafts: {config name: (draft model, its name in `costs`, k)}."""
     device = next(target.parameters()).device
     for temperature in args.temperatures:
         runs = {(path, name): [] for path in args.decode for name in ["target", *drafts]}
@@ -287,16 +289,16 @@ def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) ->
                 for name in drafts:
                     identical[(path, name)].append(runs[(path, name)][-1].tokens == runs[(path, "target")][-1].tokens)
             print(f"temperature {temperature}, prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
-        report.add_rows(summarize(temperature, runs, identical, costs))
+        report.add_rows(summarize(temperature, runs, identical, costs, {n: c[1:] for n, c in drafts.items()}))
 
 
 def run_prompt(target, drafts: dict, prompt: list[int], settings: GenerationSettings, args, seed: int,
                device: torch.device, keep) -> None:
-    """Plain decoding of the target, then speculation with each draft, on one prompt; keep(name, result, same)."""
+    """Plain decoding of the target, then speculation with each (draft, k), on one prompt; keep(name, result, same)."""
     base = generate(target, prompt, settings, generator=torch.Generator(device=device).manual_seed(seed))
     keep("target", base)
-    for name, draft in drafts.items():
-        result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(args.draft_tokens),
+    for name, (draft, _, k) in drafts.items():
+        result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(k),
                                       generator=torch.Generator(device=device).manual_seed(seed))
         keep(name, result, result.tokens == base.tokens)
 
@@ -311,7 +313,9 @@ def record(report: Report, runs: dict, temperature: float, path: str, name: str,
     report.add_run(run)
 
 
-def summarize(temperature: float, runs: dict, identical: dict, costs: dict) -> list[dict]:
+def summarize(temperature: float, runs: dict, identical: dict, costs: dict, configs: dict[str, tuple[str, int]]
+              ) -> list[dict]:
+    """configs: {config name: (draft name in `costs`, k)}."""
     rows = []
     base_rate = {}
     for (path, name), results in runs.items():
@@ -332,8 +336,8 @@ def summarize(temperature: float, runs: dict, identical: dict, costs: dict) -> l
                "acceptance_rate": sum(r.accepted for r in results) / drafted if drafted else None,
                "tokens_per_target_pass": tokens / verify_passes,
                "rounds": sum(r.rounds for r in results),
-               "draft_cost": costs[path][name] if name != "target" else None,
-               "verify_cost": costs[path]["verify"] if name != "target" else None,
+               "draft_cost": costs[path][configs[name][0]] if name != "target" else None,
+               "verify_cost": costs[path][f"verify {configs[name][1]}"] if name != "target" else None,
                "target_step_ms": costs[path]["target_step_ms"]}
         if name != "target" and temperature == 0:
             row["identical"] = f"{sum(identical[(path, name)])}/{len(results)}"
@@ -347,18 +351,20 @@ def fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str], k: int) -> dict[str, dict[str, float]]:
-    """{path: {config: median step time over the target's, "verify": the target's k+1-token forward over its
-    step}} on each path that runs (round robin, 3 rounds)."""
+def draft_costs(target, drafts: dict, prompt: list[int], paths: list[str], ks: list[int]
+                ) -> dict[str, dict[str, float]]:
+    """{path: {draft: median step time over the target's, "verify K": the target's K+1-token forward over its
+    step, for each K in ks}} on each path that runs (round robin, 3 rounds)."""
     costs = {}
     for path in paths:
         settings = path_settings(path)
         ran = {name: decode_path(model, settings, None) for name, model in [("target", target), *drafts.items()]}
-        times: dict[str, list[float]] = {name: [] for name in [*ran, "verify"]}
+        times: dict[str, list[float]] = {name: [] for name in [*ran, *(f"verify {k}" for k in ks)]}
         for _ in range(3):
             for name, model in [("target", target), *drafts.items()]:
                 times[name].append(step_seconds(model, prompt, ran[name], settings))
-            times["verify"].append(step_seconds(target, prompt, ran["target"], settings, tokens=k + 1))
+            for k in ks:
+                times[f"verify {k}"].append(step_seconds(target, prompt, ran["target"], settings, tokens=k + 1))
         target_s = statistics.median(times["target"])
         costs[path] = {name: statistics.median(v) / target_s for name, v in times.items()}
         costs[path]["target_step_ms"] = 1000 * target_s
@@ -382,9 +388,12 @@ def main() -> None:
     drafts = {**{f"self {spec}": low_bit_draft(target, WeightScheme.parse(spec)) for spec in args.drafts}, **drafts}
     for spec in args.draft_model:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
+    several = len(args.draft_tokens) > 1
+    configs = {f"{name}, k={k}" if several else name: (model, name, k) for name, model in drafts.items()
+               for k in args.draft_tokens}
     for path in args.decode:  # first calls build prepared weights and compile kernels for each T and cache length
         warm = path_settings(path, max_new_tokens=args.new_tokens, sampling=SamplingConfig(0.0))
-        run_prompt(target, drafts, prompts[0], warm, args, args.seed, device, lambda *_: None)
+        run_prompt(target, configs, prompts[0], warm, args, args.seed, device, lambda *_: None)
     costs = draft_costs(target, drafts, prompts[0], args.decode, args.draft_tokens)
     meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens, "top_p": args.top_p,
@@ -393,7 +402,7 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "step_costs": costs,
             "complete": False}
     report = Report(args.json, meta)
-    run_all(target, drafts, prompts, args, report, costs)
+    run_all(target, configs, prompts, args, report, costs)
     meta["complete"] = True
     report.write()
     print("| " + " | ".join(h for _, h in COLUMNS) + " |")

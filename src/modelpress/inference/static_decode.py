@@ -15,7 +15,7 @@ written at the index and dequantized for attention.
 `StaticDecoder.prefill(prompt)` runs the prompt eagerly (its length varies); `step(token)` feeds one token;
 `forward(tokens)` feeds T tokens and returns the logits of all T (speculative decoding's verify pass);
 `rewind(n)` moves the position back n tokens (rejected drafts). With `graph=True` the first forward of each
-length T captures it (after two warm-up runs that write, then rewind, the same cache slots the real forward
+length T captures it (after a warm-up run that writes, then rewinds, the same cache slots the real forward
 writes) and later forwards of that length replay it; a capture that fails is logged and the forwards run
 eagerly on the same static cache.
 """
@@ -173,7 +173,10 @@ class _Block:
 class StaticDecoder:
     """One batch-1 decode of at most `max_len` tokens (prompt included) on a StaticCache."""
 
-    WARMUP_RUNS = 2
+    # eager runs before a capture: one initializes what a first call does lazily (cuBLAS workspaces, Triton
+    # launchers); a compiled forward gets a second, so that a recompilation it triggers happens outside the capture
+    WARMUP_RUNS = 1
+    COMPILED_WARMUP_RUNS = 2
     COMPILE_LENGTH_STEP = 256  # with compile=True, max_len is rounded up to a multiple of this
 
     def __init__(self, model: nn.Module, max_len: int, graph: bool, keep_last_only: bool = True,
@@ -339,7 +342,8 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(stream):
-                for _ in range(self.WARMUP_RUNS):
+                compiled = self.forward_model is not self.model
+                for _ in range(self.COMPILED_WARMUP_RUNS if compiled else self.WARMUP_RUNS):
                     self._run(block)
                     self.pos.sub_(t)
             torch.cuda.current_stream(self.device).wait_stream(stream)
