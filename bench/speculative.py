@@ -103,8 +103,8 @@ def parse_args() -> argparse.Namespace:
                    help="with --widen: draft models that are GPTQ copies of the model under these schemes NOT carried "
                         "into the target's shape (a small draft model for the large target)")
     p.add_argument("--draft-head", default=None, metavar="SCHEME",
-                   help="with --widen-gptq: also run each widened GPTQ draft with its output head (and the embedding "
-                        "tied to it) quantized round-to-nearest under SCHEME, e.g. int8/channel")
+                   help="also run each draft with its output head (and the embedding tied to it) quantized "
+                        "round-to-nearest under SCHEME, e.g. int8/channel (rows 'DRAFT, SCHEME head')")
     p.add_argument("--text", default=None)
     p.add_argument("--drafts", nargs="*", default=["int8/channel", "int4/g128", "int4-asym/g32"], metavar="SCHEME",
                    help="self-speculative drafts: RTN copies of the target under these schemes")
@@ -245,13 +245,18 @@ def widened(loaded, prompt: list[int], args, device: torch.device):
             print(f"GPTQ {spec} draft widened: logits within {widest_error(quantized.cpu(), draft, prompt):.2e} of "
                   "the small quantized model's", file=sys.stderr)
             drafts[f"self GPTQ {spec}"] = draft
-            if args.draft_head:
-                headed = copy.deepcopy(draft)
-                modelpress.quantize(headed, modelpress.Head(args.draft_head))
-                drafts[f"self GPTQ {spec}, {args.draft_head} head"] = headed
         if spec in args.small_gptq:
             drafts[f"draft GPTQ {spec}, {args.widen} -> small"] = quantized.to(device, DTYPES[args.dtype]).eval()
     return target, f"{loaded.source} carried into the {args.widen} shape (bench/widen.py)", drafts
+
+
+def headed_copy(draft, scheme: str):
+    """A copy of `draft` with its output head (and a tied embedding) quantized round-to-nearest under `scheme`."""
+    import modelpress
+
+    headed = copy.deepcopy(draft)
+    modelpress.quantize(headed, modelpress.Head(scheme))
+    return headed
 
 
 class Report:
@@ -395,6 +400,9 @@ def main() -> None:
     drafts = {**{f"self {spec}": low_bit_draft(target, WeightScheme.parse(spec)) for spec in args.drafts}, **drafts}
     for spec in args.draft_model:
         drafts[f"draft {spec}"] = load_model(spec).model.to(device).to(DTYPES[args.dtype]).eval()
+    if args.draft_head:
+        drafts = {**drafts, **{f"{name}, {args.draft_head} head": headed_copy(model, args.draft_head)
+                               for name, model in drafts.items()}}
     several = len(args.draft_tokens) > 1
     configs = {f"{name}, k={k}" if several else name: (model, name, k) for name, model in drafts.items()
                for k in args.draft_tokens}
