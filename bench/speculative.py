@@ -24,6 +24,8 @@ in. The JSON file is rewritten after every run, so a run cut short keeps what it
         --random-draft tiny --decode auto static --prompts 1 --new-tokens 8 --json /tmp/spec.json  # code path
     PYTHONPATH=src python bench/speculative.py --device cuda --dtype bfloat16 --widen llama2-7b \
         --drafts int8/channel int4/g128 --widen-gptq int4/g128 --json $OUT/speculative_widened.json
+    PYTHONPATH=src python bench/speculative.py --device cuda --dtype bfloat16 --widen llama2-7b --drafts \
+        --small-gptq int4-asym/g64 --draft-tokens 4 6 --new-tokens 256   # a 135M draft model for the 7B target
 
 --random-target SHAPE replaces the model with a RANDOM-weight Llama of that shape (bench/decode.py builds it
 on the device; prompts are random tokens); --random-draft SHAPE adds a RANDOM-weight draft of another shape
