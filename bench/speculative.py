@@ -219,7 +219,8 @@ def random_target(args, device: torch.device):
 
 def widened(loaded, prompt: list[int], args, device: torch.device):
     """The loaded model carried into --widen's shape, built on the device, checked against the model's own logits
-    on `prompt` before it is used; (target, description, drafts: --widen-gptq's GPTQ copies, carried alike)."""
+    on `prompt` before it is used; (target, description, drafts: --widen-gptq's GPTQ copies, carried alike, and
+    --small-gptq's, left small)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from decode import SHAPES
     from widen import WIDTH_KEYS, widen, widest_error
@@ -243,8 +244,9 @@ def widened(loaded, prompt: list[int], args, device: torch.device):
                                      calibration=modelpress.CalibrationSettings(device=str(device)))
         print(f"GPTQ {spec}: {report.seconds:.0f} s to quantize", file=sys.stderr)
         if spec in args.widen_gptq:
-            draft = widen(quantized.cpu(), device, DTYPES[args.dtype], **dims)
-            print(f"GPTQ {spec} draft widened: logits within {widest_error(quantized.cpu(), draft, prompt):.2e} of "
+            quantized.cpu()  # widen builds from CPU weights; the small copy below goes back to the device
+            draft = widen(quantized, device, DTYPES[args.dtype], **dims)
+            print(f"GPTQ {spec} draft widened: logits within {widest_error(quantized, draft, prompt):.2e} of "
                   "the small quantized model's", file=sys.stderr)
             drafts[f"self GPTQ {spec}"] = draft
         if spec in args.small_gptq:

@@ -305,9 +305,10 @@ def _draft_steps(drafter: StaticDecoder | NativeDecoder, tokens: list[int], k: i
                  generator: torch.Generator | None) -> tuple[list[int] | torch.Tensor, torch.Tensor, int]:
     """k tokens drawn from the draft on its static cache, the (k, V) distributions they were drawn from (greedy:
     its argmaxes, and no distributions, (0, 0)), and the forward passes run: one step per token the draft has not
-    seen (one, or two after a round that kept every draft), then one per draft but the last. On a StaticDecoder the tokens stay where they are drawn, a
-    (k,) tensor on the device fed straight to the next step, so the host queues all k steps without waiting for
-    one (the round's one wait is for the verdict); a NativeDecoder takes them as a list."""
+    seen (one, or two after a round that kept every draft), then one per draft but the last. On a StaticDecoder
+    the tokens stay where they are drawn, a (k,) tensor on the device fed straight to the next step, so the host
+    queues all k steps without waiting for one (the round's one wait is for the verdict); a NativeDecoder takes
+    them as a list."""
     unseen = tokens[drafter.position:]
     for token in unseen[:-1]:
         drafter.step(token)
