@@ -198,6 +198,27 @@ def test_generate_takes_texts_with_a_tokenizer_and_a_draft_model(tiny_llama_dir)
     assert with_draft.acceptance_rate == 1.0  # the draft is the model itself
 
 
+def test_generate_takes_a_batch_of_prompts(tiny_llama_dir):
+    """A list of texts, of id lists, or a (B, T) tensor decode as one batch, each row as it decodes alone; one
+    prompt in a list is still a batch (a BatchGenerationResult)."""
+    from modelpress import GenerationSettings, SamplingConfig
+
+    loaded = modelpress.load(str(tiny_llama_dir))
+    greedy = GenerationSettings(max_new_tokens=5, sampling=SamplingConfig(temperature=0))
+    texts = ["the cat", "a dog ran", "hi"]
+    alone = [modelpress.generate(loaded, text, greedy).tokens for text in texts]
+    by_text = modelpress.generate(loaded, texts, greedy)
+    ids = [loaded.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    by_ids = modelpress.generate(loaded, ids, greedy)
+    by_tensor = modelpress.generate(loaded, torch.tensor([ids[0], ids[0]]), greedy)
+    assert by_text.batched and by_text.tokens == by_ids.tokens == alone
+    assert by_tensor.tokens == [alone[0], alone[0]]
+    one = modelpress.generate(loaded, [texts[0]], greedy)
+    assert type(one).__name__ == "BatchGenerationResult" and one.tokens == [alone[0]]
+    with pytest.raises(ModelpressError, match="without a draft"):
+        modelpress.generate(loaded, texts, greedy, draft="int4/g32")
+
+
 def test_rotate_through_the_api_equals_the_cli(tmp_path):
     from conftest import build_tiny_llama, char_tokenizer, randomized
     from transformers import AutoModelForCausalLM

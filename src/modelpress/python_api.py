@@ -169,25 +169,32 @@ def compress(model: ModelLike, recipe, data: Calibration = None, out: str | Path
         return report
 
 
-def generate(model: ModelLike, prompt: str | Sequence[int] | torch.Tensor, settings=None, tokenizer=None,
-             draft: ModelLike | WeightScheme | str | None = None, speculative=None, generator=None, on_tokens=None):
-    """New tokens after `prompt` (a text, which needs a tokenizer, or token ids) at batch 1, on the path
-    `settings` (a GenerationSettings: length, sampling, decode path; inference/decoding.py) resolves: on CUDA a static KV
-    cache with the step captured in a CUDA graph, optionally compiled (`compile=True`) and with a quantized KV
-    cache (`kv_cache="int8"`). `draft`: speculative decoding with a draft model, or with a low-bit RTN copy of
-    the model for a scheme (self-speculation); `speculative`: its SpeculativeConfig. Returns a
-    GenerationResult (tokens, tokens/s, the path that ran, acceptance)."""
+def generate(model: ModelLike, prompt: str | Sequence[int] | torch.Tensor | Sequence[str | Sequence[int]],
+             settings=None, tokenizer=None, draft: ModelLike | WeightScheme | str | None = None, speculative=None,
+             generator=None, on_tokens=None):
+    """New tokens after `prompt` (a text, which needs a tokenizer, or token ids), on the path `settings` (a
+    GenerationSettings: length, sampling, decode path; inference/decoding.py) resolves: on CUDA a static KV cache
+    with the step captured in a CUDA graph, optionally compiled (`compile=True`) and with a quantized KV cache
+    (`kv_cache="int8"`). `draft`: speculative decoding with a draft model, or with a low-bit RTN copy of the model
+    for a scheme (self-speculation); `speculative`: its SpeculativeConfig. Returns a GenerationResult (tokens,
+    tokens/s, the path that ran, acceptance).
+    Several prompts (a list of texts or of token-id lists, or a (B, T) tensor) decode together as one batch
+    (inference/batch_decode.py: left-padded on one static cache, the step captured on CUDA) and return a
+    BatchGenerationResult (each prompt's tokens); not with a draft, and not with on_tokens."""
+    from modelpress.inference.batch_decode import generate_batch
     from modelpress.inference.decoding import GenerationSettings
     from modelpress.inference.decoding import generate as plain_generate
     from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
 
     loaded = as_loaded(model, tokenizer)
     settings = GenerationSettings() if settings is None else settings
-    if isinstance(prompt, str):
-        if loaded.tokenizer is None:
-            raise ModelpressError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
-        prompt = loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+    rows = _prompt_rows(prompt, loaded.tokenizer)
+    if _is_batch(prompt):
+        if draft is not None or on_tokens is not None:
+            raise ModelpressError("a batch of prompts decodes without a draft and without on_tokens; "
+                                  "give one prompt for speculative decoding or streaming")
+        return generate_batch(loaded.model, rows, settings, generator=generator)
+    ids = rows[0]
     if draft is None:
         return plain_generate(loaded.model, ids, settings, generator=generator, on_tokens=on_tokens)
     if isinstance(draft, (str, WeightScheme)):
@@ -196,3 +203,29 @@ def generate(model: ModelLike, prompt: str | Sequence[int] | torch.Tensor, setti
         draft_model = as_loaded(draft).model
     return speculative_generate(loaded.model, draft_model, ids, settings, speculative or SpeculativeConfig(),
                                 generator=generator, on_tokens=on_tokens)
+
+
+def _is_batch(prompt) -> bool:
+    """Whether `prompt` is several prompts: a list of texts or of id sequences, or a 2-D tensor of several rows."""
+    if isinstance(prompt, torch.Tensor):
+        return prompt.dim() == 2 and prompt.shape[0] > 1
+    if isinstance(prompt, str) or not len(prompt):
+        return False
+    first = prompt[0]
+    return isinstance(first, (str, Sequence)) or (isinstance(first, torch.Tensor) and first.dim() > 0)
+
+
+def _prompt_rows(prompt, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt of `prompt` (one prompt, or a batch as _is_batch says)."""
+    def ids(one) -> list[int]:
+        if isinstance(one, str):
+            if tokenizer is None:
+                raise ModelpressError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
+            return list(tokenizer(one, add_special_tokens=True)["input_ids"])
+        if isinstance(one, torch.Tensor):
+            return [int(t) for t in one.reshape(-1).tolist()]
+        return [int(t) for t in one]
+
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+        return [ids(row) for row in prompt]
+    return [ids(one) for one in prompt] if _is_batch(prompt) else [ids(prompt)]

@@ -47,6 +47,27 @@ def test_greedy_text_is_the_same_in_every_mode(tiny_llama_dir, tmp_path, capsys,
         assert mode["acceptance_rate"] is not None and "draft acceptance" in capsys.readouterr().err
 
 
+def test_several_prompts_decode_as_one_batch(tiny_llama_dir, tmp_path, capsys):
+    """Each --prompt's text in the batch is the text it gets alone; a draft with several prompts is refused."""
+    prompts = ["the cat", "a", "hello there"]
+    alone = []
+    for i, prompt in enumerate(prompts):
+        assert run_cli("generate", tiny_llama_dir, "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu",
+                       "--json", tmp_path / f"{i}.json") == 0
+        alone.append(json.loads((tmp_path / f"{i}.json").read_text())["text"])
+    capsys.readouterr()
+    args = [a for p in prompts for a in ("--prompt", p)]
+    assert run_cli("generate", tiny_llama_dir, *args, "--max-new-tokens", "6", "--device", "cpu",
+                   "--json", tmp_path / "batch.json") == 0
+    out, err = capsys.readouterr()
+    data = json.loads((tmp_path / "batch.json").read_text())
+    assert data["batched"] and data["texts"] == alone and data["new_tokens"] == 18
+    assert out == "".join(f"### prompt {i}\n{text}\n" for i, text in enumerate(alone, 1))
+    assert "3 prompts as one batch" in err
+    assert run_cli("generate", tiny_llama_dir, *args, "--self-speculative", "int4/g32", "--device", "cpu") == 2
+    assert "speculative decoding takes one --prompt" in capsys.readouterr().err
+
+
 def test_sampling_is_reproducible_with_a_seed(tiny_llama_dir, tmp_path):
     base = ["generate", tiny_llama_dir, "--prompt", "abc", "--max-new-tokens", "8", "--temperature", "1.0",
             "--top-p", "0.9", "--device", "cpu"]

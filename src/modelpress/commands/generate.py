@@ -1,7 +1,9 @@
-"""modelpress generate [MODEL] --prompt TEXT [--draft MODEL | --self-speculative FORMAT] [--kv-cache MODE]
+"""modelpress generate [MODEL] --prompt TEXT [--prompt TEXT ...] [--draft MODEL | --self-speculative FORMAT]
+[--kv-cache MODE]
 
 Streams the new text to stdout as tokens are produced and prints tokens/s (and the draft acceptance rate)
-to stderr at the end.
+to stderr at the end. Several --prompt decode together as one batch (inference/batch_decode.py); each prompt's
+text is printed when the batch is done, after a line "### prompt N".
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
 from modelpress.errors import ModelpressError
+from modelpress.inference.batch_decode import generate_batch
 from modelpress.inference.decoding import GenerationSettings, generate
 from modelpress.inference.kv_cache import CACHE_MODES
 from modelpress.inference.sampling import SamplingConfig
@@ -26,7 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (plain, speculative or self-speculative)")
     add_model_argument(p)
-    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="prompt text; give it several times to decode the prompts together as one batch")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the tokenizer's chat template as a user turn")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
@@ -157,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
                                   sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
                                   decode=decode, kv_cache=args.kv_cache,
                                   compile=args.compile, fuse=not args.no_fuse, cpu_products=args.cpu_products)
-    ids = prompt_ids(tokenizer, args.prompt, args.chat)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if len(args.prompt) > 1:
+        return run_batch(args, loaded.source, model, tokenizer, settings, generator, device)
+    ids = prompt_ids(tokenizer, args.prompt[0], args.chat)
     printer = StreamPrinter(tokenizer)
     # packed layers take the CPU kernels (bfloat16 inside, nn/cpu_backend.py): GenerationSettings.cpu_kernels
     if args.draft or args.self_speculative:
@@ -181,4 +187,23 @@ def run(args: argparse.Namespace) -> int:
                            "draft_tokens": args.draft_tokens, "kv_cache": args.kv_cache, "device": str(device),
                            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                            "seed": args.seed})
+    return 0
+
+
+def run_batch(args: argparse.Namespace, source: str, model, tokenizer, settings: GenerationSettings, generator,
+              device: torch.device) -> int:
+    """Several --prompt: one batch, each prompt's text printed once the batch is done."""
+    if args.draft or args.self_speculative:
+        raise ModelpressError("speculative decoding takes one --prompt; several decode as a batch without a draft")
+    rows = [prompt_ids(tokenizer, prompt, args.chat) for prompt in args.prompt]
+    result = generate_batch(model, rows, settings, generator=generator)
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
+    for i, text in enumerate(texts, 1):
+        sys.stdout.write(f"### prompt {i}\n{text}\n")
+    how = f"{len(rows)} prompts as one batch" if result.batched else f"{len(rows)} prompts one at a time"
+    print(f"{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s ({how}, "
+          f"{result.decode_path} path{', fused: ' + result.fusions if result.fusions else ''})", file=sys.stderr)
+    write_json(args.json, {**result.to_dict(), "texts": texts, "prompts": args.prompt, "model": source,
+                           "kv_cache": args.kv_cache, "device": str(device), "temperature": args.temperature,
+                           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed})
     return 0

@@ -1,10 +1,16 @@
-"""Batch-1 decoding on a static KV cache, the decode step replayed as a CUDA graph.
+"""Decoding on a static KV cache, the decode step replayed as a CUDA graph.
 
-A static cache holds `max_len` positions per layer, allocated once; the tokens of each forward call are
-written at `cache.index`, a device tensor of positions. The attention mask is a 4-D (1, 1, T, max_len) device
-tensor rebuilt from the position, so a decode step (one token in, logits out, position advanced) needs no
-host value and no allocation that depends on the step: it can be captured once in a CUDA graph and replayed,
-which removes the per-layer Python and kernel-launch overhead that dominates eager batch-1 decoding.
+A static cache holds `max_len` slots per layer, allocated once; the tokens of each forward call are written at
+`cache.index`, a device tensor of slots. The attention mask is a 4-D (B, 1, T, max_len) device tensor rebuilt
+from the position, so a decode step (one token a row in, logits out, position advanced) needs no host value and
+no allocation that depends on the step: it can be captured once in a CUDA graph and replayed, which removes the
+per-layer Python and kernel-launch overhead that dominates eager small-batch decoding.
+
+A batch of B prompts (`batch=B`, `prefill_rows`) is left-padded to the longest: every row writes the same slots
+at each forward, so one slot index serves them all, and row b, padded by p_b slots, gives the token in slot s
+the position s - p_b and shows it keys in slots p_b..s only. A padding slot's query sees itself alone (a row of
+nothing but masked keys could make NaNs), and no real token sees a padding slot.
+
 Sliding-window layers (Mistral, Qwen2/3 with windows, Gemma 2/3; `AttentionWindows`) keep every position in the
 same buffers, and a second mask shows each of their queries only the last `window` positions: one mask for models
 whose every layer slides, a dict by layer type for those that take one.
@@ -14,6 +20,7 @@ written at the index and dequantized for attention.
 
 `StaticDecoder.prefill(prompt)` runs the prompt eagerly (its length varies); `step(token)` feeds one token;
 `forward(tokens)` feeds T tokens and returns the logits of all T (speculative decoding's verify pass);
+`prefill_rows` and `step_rows` are the same for a batch of rows;
 `rewind(n)` moves the position back n tokens (rejected drafts). With `graph=True` the first forward of each
 length T captures it (after a warm-up run that writes, then rewinds, the same cache slots the real forward
 writes) and later forwards of that length replay it; a capture that fails is logged and the forwards run
@@ -161,17 +168,19 @@ class _Block:
     """The static device buffers of a T-token forward (one set per T, so the graph captured for T replays on
     the same addresses)."""
 
-    ids: torch.Tensor        # (1, T) token ids, filled in place before each run
+    ids: torch.Tensor        # (B, T) token ids, filled in place before each run
     offsets: torch.Tensor    # (T,) 0..T-1
-    positions: torch.Tensor  # (1, T) pos..pos+T-1, computed on the device from the decoder's position
-    mask: torch.Tensor       # (1, 1, T, max_len): 0 where a query may attend, the dtype's minimum elsewhere
+    slots: torch.Tensor      # (T,) pos..pos+T-1, computed on the device from the decoder's position
+    positions: torch.Tensor  # (B, T) each row's positions: the slots less the row's padding
+    mask: torch.Tensor       # (B, 1, T, max_len): 0 where a query may attend, the dtype's minimum elsewhere
     window_mask: torch.Tensor | None = None  # the same for sliding-window layers, if the model has them
-    logits: torch.Tensor | None = None  # (T, V) float32, allocated by the first (eager) run
+    logits: torch.Tensor | None = None  # (B, T, V) float32, allocated by the first (eager) run
     graph: torch.cuda.CUDAGraph | None = None
 
 
 class StaticDecoder:
-    """One batch-1 decode of at most `max_len` tokens (prompt included) on a StaticCache."""
+    """One decode of `batch` rows of at most `max_len` slots each (prompt and padding included) on a
+    StaticCache."""
 
     # eager runs before a capture: one initializes what a first call does lazily (cuBLAS workspaces, Triton
     # launchers); a compiled forward gets a second, so that a recompilation it triggers happens outside the capture
@@ -180,9 +189,12 @@ class StaticDecoder:
     COMPILE_LENGTH_STEP = 256  # with compile=True, max_len is rounded up to a multiple of this
 
     def __init__(self, model: nn.Module, max_len: int, graph: bool, keep_last_only: bool = True,
-                 kv_cache: KVCacheConfig | None = None, compile: bool = False, fused_writes: bool = False) -> None:
+                 kv_cache: KVCacheConfig | None = None, compile: bool = False, fused_writes: bool = False,
+                 batch: int = 1) -> None:
         from modelpress.inference.static_kv import make_static_cache  # it builds on this module
 
+        if batch < 1:
+            raise ValueError(f"a batch needs at least one row, got {batch}")
         # compiled forwards are specialized to the cache length: round it up, so that calls of nearby lengths
         # reuse one compilation (and stay under dynamo's recompilation limit)
         max_len = -(-max_len // self.COMPILE_LENGTH_STEP) * self.COMPILE_LENGTH_STEP if compile else max_len
@@ -195,8 +207,10 @@ class StaticDecoder:
         dtype = next(model.parameters()).dtype
         # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them
         self.cache = make_static_cache(num_decoder_layers(model), max_len, kv_cache, fused_writes=fused_writes)
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the position, on the device
-        self.position = 0  # the same position on the host (no device sync to read it)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the next slot, on the device
+        self.position = 0  # the same slot on the host (no device sync to read it)
+        self.batch = batch
+        self.pads = torch.zeros(batch, dtype=torch.long, device=self.device)  # each row's left padding
         self.kv_arange = torch.arange(max_len, device=self.device)
         self.masked = torch.finfo(dtype).min
         self.mask_dtype = dtype
@@ -219,41 +233,66 @@ class StaticDecoder:
         return "graph" if self.use_graph and self.graph_error is None else "static"
 
     def prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Run the prompt from position 0; (1, V) float32 logits of its last token."""
-        if len(prompt) >= self.max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit a static cache of {self.max_len}")
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(prompt), device=self.device)
+        """Run the prompt from position 0 (a decoder of one row); (1, V) float32 logits of its last token."""
+        return self.prefill_rows([prompt])
+
+    def prefill_rows(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run one prompt a row, left-padded to the longest (the padding's token is the row's first, never
+        seen); (B, V) float32 logits of each row's last token."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"{len(prompts)} prompts for a decoder of {self.batch} rows")
+        width = max(len(p) for p in prompts)
+        if width >= self.max_len:
+            raise ValueError(f"prompt of {width} tokens does not fit a static cache of {self.max_len}")
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("a prompt of the batch is empty")
+        ids = torch.tensor([[p[0]] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long,
+                           device=self.device)
+        self.pads.copy_(torch.tensor([width - len(p) for p in prompts]))
+        slots = torch.arange(width, device=self.device)
 
         def empty():
-            return torch.empty(1, 1, len(prompt), self.max_len, dtype=self.mask_dtype, device=self.device)
+            return torch.empty(self.batch, 1, width, self.max_len, dtype=self.mask_dtype, device=self.device)
 
-        mask = self._masks(empty(), empty() if self.windows.window else None, positions)
-        self.cache.index = positions
-        out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True, **self.extra).logits
-        self.pos.fill_(len(prompt))
-        self.position = len(prompt)
-        return out[0, -1:].float()
+        mask = self._masks(empty(), empty() if self.windows.window else None, slots)
+        self.cache.index = slots
+        out = self.model(input_ids=ids, position_ids=(slots[None] - self.pads[:, None]).clamp_(min=0),
+                         attention_mask=mask, past_key_values=self.cache, use_cache=True, **self.extra).logits
+        self.pos.fill_(width)
+        self.position = width
+        return out[:, -1].float()
 
     def step(self, token: int) -> torch.Tensor:
         """Feed `token` at the current position; (1, V) float32 logits (a static buffer: read it before the
         next step)."""
         return self.forward([token])
 
+    def step_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token a row, (B,) int64 on the device, at the current position; (B, V) float32 logits (a view
+        of a static buffer: read it before the next step)."""
+        return self.forward_rows(tokens.view(self.batch, 1))[:, 0]
+
     def forward(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
-        """Feed T tokens at positions pos..pos+T-1 and advance the position by T; (T, V) float32 logits of every
-        position (a static buffer, one per T: read it before the next forward of the same length). With graphs,
-        the first forward of each length captures it and every forward replays. `tokens` may be a (T,) int64
-        tensor on the device (a token drawn there): then nothing waits for the device."""
-        t = len(tokens)
+        """Feed T tokens at positions pos..pos+T-1 (a decoder of one row) and advance the position by T; (T, V)
+        float32 logits of every position (a static buffer, one per T: read it before the next forward of the same
+        length). With graphs, the first forward of each length captures it and every forward replays. `tokens`
+        may be a (T,) int64 tensor on the device (a token drawn there): then nothing waits for the device."""
+        if self.batch != 1:
+            raise ValueError(f"forward feeds one row; this decoder has {self.batch} (use forward_rows)")
+        ids = tokens.view(1, -1) if isinstance(tokens, torch.Tensor) else torch.tensor([tokens], dtype=torch.long)
+        return self.forward_rows(ids)[0]
+
+    def forward_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """forward for every row: (B, T) token ids (on the device, or on the host) -> (B, T, V) float32 logits."""
+        if ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"token ids of shape {tuple(ids.shape)} for a decoder of {self.batch} rows")
+        t = ids.shape[1]
         if t == 0:
             raise ValueError("a forward needs at least one token, got none")
         if self.position + t > self.max_len:
             raise ValueError(f"{t} tokens at position {self.position} overrun the static cache of {self.max_len}")
         block = self._block(t)
-        on_device = isinstance(tokens, torch.Tensor)
-        block.ids.copy_(tokens.view(1, t) if on_device else torch.tensor([tokens], dtype=torch.long))
+        block.ids.copy_(ids)
         if block.graph is None and self.use_graph and self.graph_error is None:
             block.graph = self._capture(block)
         if block.graph is not None:
@@ -276,29 +315,33 @@ class StaticDecoder:
 
     def _block(self, t: int) -> _Block:
         if t not in self.blocks:
+            b = self.batch
             self.blocks[t] = _Block(
-                ids=torch.zeros(1, t, dtype=torch.long, device=self.device),
+                ids=torch.zeros(b, t, dtype=torch.long, device=self.device),
                 offsets=torch.arange(t, device=self.device),
-                positions=torch.zeros(1, t, dtype=torch.long, device=self.device),
-                mask=torch.zeros(1, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device),
-                window_mask=torch.zeros(1, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device)
+                slots=torch.zeros(t, dtype=torch.long, device=self.device),
+                positions=torch.zeros(b, t, dtype=torch.long, device=self.device),
+                mask=torch.zeros(b, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device),
+                window_mask=torch.zeros(b, 1, t, self.max_len, dtype=self.mask_dtype, device=self.device)
                 if self.windows.window else None)
         return self.blocks[t]
 
     def _mask_values(self, mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Fill the additive mask (1, 1, T, L) in place from `allowed` (T, L): 0, or the dtype's minimum."""
-        return mask.zero_().masked_fill_(~allowed, self.masked)
+        """Fill the additive mask (B, 1, T, L) in place from `allowed` (B, T, L): 0, or the dtype's minimum."""
+        return mask.zero_().masked_fill_(~allowed[:, None], self.masked)
 
-    def _masks(self, mask: torch.Tensor, window_mask: torch.Tensor | None, positions: torch.Tensor):
-        """The attention mask argument for queries at `positions` (T,), filled in place: each query sees itself and
-        the past over the static buffer; a sliding layer only the last `window` of those positions (transformers'
-        rule: key > query - window). One mask, or a dict by layer type for models that take one."""
-        allowed = self.kv_arange[None, :] <= positions[:, None]  # (T, L)
+    def _masks(self, mask: torch.Tensor, window_mask: torch.Tensor | None, slots: torch.Tensor):
+        """The attention mask argument for queries in `slots` (T,), filled in place: each query sees itself and
+        its row's past over the static buffer (none of the row's padding; a padding query itself alone); a sliding
+        layer only the last `window` of those (transformers' rule: key > query - window). One mask, or a dict by
+        layer type for models that take one."""
+        keys, queries = self.kv_arange[None, None, :], slots[None, :, None]
+        allowed = ((keys <= queries) & (keys >= self.pads[:, None, None])) | (keys == queries)  # (B, T, L)
         self._mask_values(mask, allowed)
         if window_mask is None:
             return mask
         window = self.windows.window
-        self._mask_values(window_mask, allowed & (self.kv_arange[None, :] > positions[:, None] - window))
+        self._mask_values(window_mask, allowed & (keys > queries - window))
         if self.windows.mapping:
             return {"full_attention": mask, "sliding_attention": window_mask}
         return window_mask  # every layer slides
@@ -306,14 +349,15 @@ class StaticDecoder:
     def _run(self, block: _Block) -> None:
         """One forward of the block's tokens at the device position: no host value and no shape that depends on
         the position, so it can be captured once and replayed at any position."""
-        block.positions.copy_(self.pos + block.offsets)
-        self.cache.index = block.positions[0]
-        mask = self._masks(block.mask, block.window_mask, block.positions[0])
+        block.slots.copy_(self.pos + block.offsets)
+        block.positions.copy_(block.slots[None] - self.pads[:, None])
+        self.cache.index = block.slots
+        mask = self._masks(block.mask, block.window_mask, block.slots)
         out = self._call_model(input_ids=block.ids, position_ids=block.positions, attention_mask=mask,
-                               past_key_values=self.cache, use_cache=True).logits  # (1, T, V)
+                               past_key_values=self.cache, use_cache=True).logits  # (B, T, V)
         if block.logits is None:
-            block.logits = torch.empty(out.shape[1:], dtype=torch.float32, device=out.device)
-        block.logits.copy_(out[0])
+            block.logits = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        block.logits.copy_(out)
         self.pos.add_(block.ids.shape[1])
 
     def _call_model(self, **inputs):
