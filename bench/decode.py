@@ -34,6 +34,11 @@ decoding: the graph path captures during its first step).
 
     PYTHONPATH=src python bench/decode.py --user-path --formats int4/g128 nf4/g64 --steps 128
 
+`--batches B ...` (user path) also times `generate_batch` (inference/batch_decode.py) on B random prompts of
+`--prompt` tokens each: tokens/s count every row's tokens; "same tokens as bf16" compares the first row's.
+
+    PYTHONPATH=src python bench/decode.py --formats int4/g128 --paths auto --batches 1 16 --steps 128
+
 `--kv-cache MODES` (user path) repeats each call with `GenerationSettings.kv_cache` set to each mode (float,
 int8, fp8, int4, int2): the auto path then decodes on static_kv.StaticQuantizedCache (codes written at the
 position, the whole static buffer dequantized for attention every step), the eager path on QuantizedKVCache.
@@ -67,6 +72,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.formats.scheme import WeightScheme
+from modelpress.inference.batch_decode import generate_batch
 from modelpress.inference.decoding import GenerationSettings, generate
 from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig
 from modelpress.inference.sampling import SamplingConfig
@@ -378,25 +384,28 @@ def static_kv_bytes(config: LlamaConfig, mode: str, max_len: int) -> int:
     return cache.kv_bytes() * config.num_hidden_layers
 
 
-def measure_user_path(name: str, model: nn.Module, prompt: torch.Tensor, args, base: dict,
+def measure_user_path(name: str, model: nn.Module, prompts: dict[int, torch.Tensor], args, base: dict,
                       on_row=None) -> list[dict]:
-    """generate() at batch 1 on each decode path and KV cache mode; tokens/s of the whole call and of the
-    decode alone. `on_row(rows)` is called after each row (the JSON is written as rows come)."""
+    """generate() (batch 1) or generate_batch() (more rows) on each batch size, decode path and KV cache mode;
+    tokens/s of the whole call and of the decode alone. `on_row(rows)` is called after each row (the JSON is
+    written as rows come)."""
     rows = []
-    ids = prompt[0].tolist()
-    for kv in args.kv_cache:
-        for path in args.paths:
-            row = user_row(name, model, ids, path, kv, args)
-            compare_user_row(row, base, rows)
-            rows.append(row)
-            if on_row is not None:
-                on_row(rows)
-            print(f"  {name} {path} ({row['ran']}) kv {kv}: {row['call_tokens_per_s']:.1f} tok/s per call, "
-                  f"{fmt(row['decode_tokens_per_s'], '.1f')} tok/s decoding", file=sys.stderr, flush=True)
+    for batch, prompt in prompts.items():
+        ids = prompt[0].tolist() if batch == 1 else prompt.tolist()
+        for kv in args.kv_cache:
+            for path in args.paths:
+                row = user_row(name, model, ids, path, kv, args)
+                compare_user_row(row, base, rows)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
+                print(f"  {name} batch {batch} {path} ({row['ran']}) kv {kv}: {row['call_tokens_per_s']:.1f} tok/s "
+                      f"per call, {fmt(row['decode_tokens_per_s'], '.1f')} tok/s decoding", file=sys.stderr,
+                      flush=True)
     return rows
 
 
-def user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, args) -> dict:
+def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path: str, kv: str, args) -> dict:
     greedy = SamplingConfig(temperature=0.0)
     # "auto+compile": the auto path with GenerationSettings.compile; "+nofuse": without the decode-time fusions;
     # "+noattn": with every fusion but the split-cache attention (to measure that one); "+nopdl": the decode-time
@@ -432,40 +441,57 @@ def patched(module, name: str, value, active: bool):
         setattr(module, name, original)
 
 
-def timed_user_row(name: str, model: nn.Module, ids: list[int], path: str, kv: str, options: dict, args) -> dict:
+def timed_user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path: str, kv: str, options: dict,
+                   args) -> dict:
+    """One call of generate (ids: one prompt) or generate_batch (ids: a list of prompts) after a short warm-up."""
+    batch = len(ids) if isinstance(ids[0], list) else 1
     began = time.perf_counter()
-    generate(model, ids, GenerationSettings(max_new_tokens=4, **options))  # warm-up (compilation included)
-    warm_s = time.perf_counter() - began
-    settings = GenerationSettings(max_new_tokens=args.steps, **options)
     stamps: list[float] = []
-    result = generate(model, ids, settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
+
+    def run(steps: int):
+        settings = GenerationSettings(max_new_tokens=steps, **options)
+        stamps.clear()
+        if batch == 1:
+            return generate(model, ids, settings, on_tokens=lambda _: stamps.append(time.perf_counter()))
+        return generate_batch(model, ids, settings, on_step=lambda _: stamps.append(time.perf_counter()))
+
+    run(4)  # warm-up (compilation included)
+    warm_s = time.perf_counter() - began
+    result = run(args.steps)
     # from the second token on: the first step of the graph path also warms up and captures
-    decode_tps = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
-    return {"model": name, "path": path, "ran": result.decode_path, "fusions": result.fusions, "kv_cache": kv,
-            "kv_bytes_static": static_kv_bytes(model.config, kv, len(ids) + args.steps),
-            "new_tokens": len(result.tokens), "seconds": result.seconds, "call_tokens_per_s": result.tokens_per_s,
-            "decode_tokens_per_s": decode_tps, "warm_up_seconds": warm_s, "tokens": result.tokens}
+    decode_tps = batch * (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
+    tokens = result.tokens if batch == 1 else result.tokens[0]
+    return {"model": name, "batch": batch, "path": path, "ran": result.decode_path, "fusions": result.fusions,
+            "batched": getattr(result, "batched", True), "kv_cache": kv,
+            "kv_bytes_static": batch * static_kv_bytes(model.config, kv, len(ids if batch == 1 else ids[0])
+                                                       + args.steps),
+            "new_tokens": len(tokens) if batch == 1 else result.new_tokens, "seconds": result.seconds,
+            "call_tokens_per_s": result.tokens_per_s, "decode_tokens_per_s": decode_tps, "warm_up_seconds": warm_s,
+            "tokens": tokens}
 
 
 def compare_user_row(row: dict, base: dict, rows: list[dict]) -> None:
     """Against the bf16 model on the same path and KV mode, and against the same model's float KV cache."""
     decode_tps = row["decode_tokens_per_s"]
-    ref = base.setdefault((row["path"], row["kv_cache"]), row)
+    ref = base.setdefault((row["batch"], row["path"], row["kv_cache"]), row)
     if ref is not row:
         row["decode_vs_bf16"] = decode_tps / ref["decode_tokens_per_s"] if decode_tps else None
         row["same_tokens_as_bf16"] = token_agreement([ref["tokens"]], [row["tokens"]])
-    float_kv = next((r for r in rows if r["path"] == row["path"] and r["kv_cache"] == "float"), None)
+    float_kv = next((r for r in rows if r["path"] == row["path"] and r["kv_cache"] == "float"
+                     and r["batch"] == row["batch"]), None)
     if float_kv is not None and row["kv_cache"] != "float":
         row["decode_vs_float_kv"] = decode_tps / float_kv["decode_tokens_per_s"] if decode_tps else None
         row["same_tokens_as_float_kv"] = token_agreement([float_kv["tokens"]], [row["tokens"]])
 
 
 def user_table(rows: list[dict]) -> str:
-    lines = ["| model | decode path (ran) | KV cache | kv MB | call tok/s | decode tok/s | decode vs bf16 "
+    lines = ["| batch | model | decode path (ran) | KV cache | kv MB | call tok/s | decode tok/s | decode vs bf16 "
              "| same tokens as bf16 | decode vs float KV | same tokens as float KV |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['path']} ({r['ran']}) | {r['kv_cache']} | {r['kv_bytes_static'] / 1e6:.1f} "
+        ran = r["ran"] if r.get("batched", True) else f"{r['ran']}, one at a time"
+        lines.append(f"| {r['batch']} | {r['model']} | {r['path']} ({ran}) | {r['kv_cache']} "
+                     f"| {r['kv_bytes_static'] / 1e6:.1f} "
                      f"| {r['call_tokens_per_s']:.1f} | {fmt(r['decode_tokens_per_s'], '.1f')} "
                      f"| {fmt(r.get('decode_vs_bf16'), '.2f')} | {fmt(r.get('same_tokens_as_bf16'), '.0%')} "
                      f"| {fmt(r.get('decode_vs_float_kv'), '.2f')} | {fmt(r.get('same_tokens_as_float_kv'), '.0%')} |")
@@ -495,7 +521,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     p.add_argument("--tiny", action="store_true", help="the tiny shape (CPU test of the code path)")
     p.add_argument("--formats", nargs="*", default=list(FORMATS))
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="batch sizes (default: 1 on the user path, where more rows go through generate_batch; "
+                        "1 16 with --harness)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="eager repeats (graph: 2 more)")
@@ -526,6 +554,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)
+    args.batches = args.batches or ([1] if args.user_path else [1, 16])
     return args
 
 
@@ -564,10 +593,9 @@ def main() -> None:
     candidates = [("bf16", lambda: model)]
     candidates += [(spec, (lambda s=spec: quantized_copy(model, s))) for spec in args.formats]
     if args.user_path:
-        args.no_peers, args.batches = True, [1]
-        prompts = {1: prompts.get(1, torch.randint(0, config.vocab_size, (1, args.prompt), device=device,
-                                                   generator=gen))}
-        meta["mode"] = "user path: modelpress.inference.decoding.generate, batch 1, greedy"
+        args.no_peers = True
+        meta["mode"] = ("user path: modelpress.inference.decoding.generate at batch 1, "
+                        "inference.batch_decode.generate_batch at more rows; greedy")
         meta["kv_cache_modes"], meta["paths"] = args.kv_cache, args.paths
     if not args.no_peers:
         for name, build in PEERS.items():
@@ -592,7 +620,7 @@ def main() -> None:
             continue
         built_s = time.perf_counter() - t0
         if args.user_path:
-            new = measure_user_path(name, candidate, prompts[1], args, base,
+            new = measure_user_path(name, candidate, prompts, args, base,
                                     on_row=lambda done: write(args.json, meta, rows + done, began))
         else:
             new = measure(name, candidate, prompts, args, timer, device, base)

@@ -9,6 +9,13 @@ shapes: q/k/v, o, gate/up, down), each shape with its best configuration. PDL on
 
     PYTHONPATH=src python bench/mma_gemv.py --json bench/results/mma_gemv_h100.json
     PYTHONPATH=src python bench/mma_gemv.py --specs int4/g128 --configs 1 --shapes 22016x4096 --act   # the epilogue
+
+`--rows M ...` times the rows mode instead (2..16 activation rows, one or two MMA fragments): for each re-laid
+shape and M, the rows mode's configurations beside what such a layer ran before it (its weight decoded from the
+re-laid codes, then cuBLAS), the stored layout's own kernels at M (`current`, as a layer not re-laid runs) and bf16
+cuBLAS; then the 7B stack at each M with the re-laid shapes (q/k/v, gate/up) on their best rows-mode plan.
+
+    PYTHONPATH=src python bench/mma_gemv.py --specs int4/g128,nf4/g64 --rows 4 16 --json rows.json
 """
 
 from __future__ import annotations
@@ -66,6 +73,74 @@ def act_impls(spec: str, config: dict) -> dict:
             "act_in_epilogue": mma_impl(spec, dict(config, interleave=True, act=True))}
 
 
+def dequantize_impl(spec: str):
+    """A re-laid layer's call of more rows than the GEMV took: its weight decoded from the re-laid codes, then
+    cuBLAS."""
+    build, _ = mma_impl(spec, CONFIGS[0])
+
+    def call(state, x):
+        packed, words = state
+        return torch.nn.functional.linear(x, triton_backend.mma_dequantize(words, packed, x.dtype))
+
+    return build, call
+
+
+def rows_main(args, specs: list[str]) -> dict:
+    """--rows: the rows mode against the paths a layer takes at M rows otherwise (module docstring)."""
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_tbs": read_bandwidth_tbs(),
+              "rows": [], "stack": []}
+    print(json.dumps({k: result[k] for k in ("device", "torch", "read_tbs")}), flush=True)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else \
+        [(12288, 4096), (22016, 4096)]
+    for spec in specs:
+        best: dict = {}
+        for m in args.rows:
+            for n, k in shapes:
+                row = {"spec": spec, "M": m, "N": n, "K": k}
+                row["current_us"] = time_impl(ours(spec), n, k, m)["graph_us"]
+                row["dequantize_cublas_us"] = time_impl(dequantize_impl(spec), n, k, m, packed_bytes)["graph_us"]
+                row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
+                sweep = {}
+                for config in CONFIGS[:args.configs]:
+                    try:
+                        sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, m, packed_bytes)["graph_us"]
+                    except Exception as exc:  # a configuration that does not compile or fit is reported
+                        sweep[json.dumps(config)] = f"{type(exc).__name__}: {exc}"[:160]
+                times = {c: t for c, t in sweep.items() if isinstance(t, float)}
+                choice = min(times, key=times.get)
+                best[(m, n, k)] = json.loads(choice)
+                row.update(rows_mode_us=times[choice], rows_mode_plan_us=sweep[json.dumps(CONFIGS[0])],
+                           best=json.loads(choice), sweep=sweep)
+                result["rows"].append(row)
+                print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
+                torch.cuda.empty_cache()
+            weights = [(n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_FUSED]
+            impls = {"current": {(n, k): ours(spec) for n, k in LLAMA2_7B_FUSED},
+                     "rows_mode": {(n, k): mma_impl(spec, best[(m, n, k)]) if (m, n, k) in best else ours(spec)
+                                   for n, k in LLAMA2_7B_FUSED}}
+            if spec == specs[0]:
+                impls["bf16"] = {(n, k): bf16_linear() for n, k in LLAMA2_7B_FUSED}
+            xs = {k: torch.randn(m, k, device=DEVICE).to(torch.bfloat16) for k in (4096, 11008)}
+            for name, by_shape in impls.items():
+                states = [(by_shape[(n, k)][0](n, k), by_shape[(n, k)][1], k) for n, k in weights]
+                t = time_sequence([lambda s=s, c=c, k=k: c(s, xs[k]) for s, c, k in states], repeats=10)
+                row = {"spec": spec, "M": m, "impl": name, "stack_ms": t["graph_us"] * len(states) / 1e3}
+                result["stack"].append(row)
+                print(json.dumps(row), flush=True)
+                del states
+                torch.cuda.empty_cache()
+    print(f"\n{result['device']}, read bandwidth {result['read_tbs']:.2f} TB/s")
+    print("| spec | M | N x K | rows mode, best (µs) | rows mode, decode's plan | decode + cuBLAS (before) "
+          "| stored layout's kernels | bf16 cuBLAS | best plan |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
+    for r in result["rows"]:
+        print(f"| {r['spec']} | {r['M']} | {r['N']}x{r['K']} | {r['rows_mode_us']:.2f} | {r['rows_mode_plan_us']} "
+              f"| {r['dequantize_cublas_us']:.2f} | {r['current_us']:.2f} | {r['bf16_us']:.2f} | {r['best']} |")
+    for r in result["stack"]:
+        print(f"stack {r['spec']} M={r['M']} {r['impl']}: {r['stack_ms']:.3f} ms")
+    return result
+
+
 def packed_bytes(state) -> int:
     """A (packed, words) state's weight bytes: the packed weight's (words hold the same codes again)."""
     return nbytes(state[0])
@@ -95,9 +170,14 @@ def main() -> None:
                         "GEMV's epilogue against the GEMV then silu_mul, on the 22016x4096 shape")
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
+    parser.add_argument("--rows", type=int, nargs="+", default=None,
+                        help="time the rows mode at these row counts (2..16) instead (module docstring)")
     args = parser.parse_args()
     torch.manual_seed(0)
     specs = args.specs.split(",")
+    if args.rows:
+        args.json.write_text(json.dumps(rows_main(args, specs), indent=1))
+        return
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_tbs": read_bandwidth_tbs(),
               "shapes": [], "stack": []}
     print(json.dumps({k: result[k] for k in ("device", "torch", "read_tbs")}), flush=True)

@@ -96,6 +96,69 @@ def test_interleaved_gate_up_rows_and_the_activation_in_the_epilogue(spec, width
     assert (y != want).float().mean() < 0.01
 
 
+ROW_CONFIGS = [dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=4),
+               dict(rows_per_thread=2, chunks_per_step=1, warps_rows=2, warps_k=2),
+               dict(rows_per_thread=1, chunks_per_step=4, warps_rows=1, warps_k=8)]
+
+
+@pytest.mark.parametrize("config", ROW_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [2, 5, 8, 9, 16])
+@pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 576), ("int4-asym/g64", 72, 448), ("nf4/g64", 40, 448),
+                                        ("int4/g128", 12288, 4096)])
+def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
+    """2..16 rows of x (one or two MMA fragments): every row of y is that row's product, against float64 and
+    against the one-row GEMV (the same exact products, summed over the chunk in another order); nothing written
+    past the last row of y."""
+    packed, words = make(spec, n, k, seed=n + k + m)
+    x = torch.randn(m, k, device=DEVICE).to(dtype) * torch.linspace(0.5, 2, m, device=DEVICE).to(dtype)[:, None]
+    buffer = torch.full((m + 1, n), float("nan"), device=DEVICE, dtype=dtype)
+    y = call(x, packed, words, out=buffer[:m], **config)
+    assert torch.isnan(buffer[m]).all(), "kernel wrote past the last row"
+    assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
+    ref = x.double() @ packed.dequantize(torch.float64).T
+    for r in range(m):
+        error = ((y[r].double() - ref[r]).norm() / ref[r].norm()).item()
+        assert error < TOLERANCE[dtype], (r, error)
+        one = call(x[r:r + 1], packed, words, **config)
+        torch.testing.assert_close(y[r:r + 1], one, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-4)
+    assert torch.equal(call(x, packed, words, **config), y)
+
+
+def test_rows_mode_under_a_cuda_graph_and_through_quant_linear():
+    """QuantLinear re-laid for the tensor-core GEMV serves 1..16 rows from it (prepared launchers, PDL) and more
+    rows by decoding the weight for cuBLAS: each, like the stored layout's own kernels, against float64; a captured
+    16-row call replays bit for bit."""
+    from modelpress.inference.fusion import FusionReport, _relayout
+    from modelpress.nn.quant_linear import QuantLinear
+
+    packed, _ = make("int4/g128", 12288, 2048, seed=0)  # 768 row tiles: the tensor-core GEMV's plan
+    bias = torch.randn(12288, device=DEVICE).to(torch.bfloat16)  # a bfloat16 parameter: the model's dtype
+    model = torch.nn.Sequential(QuantLinear(packed, bias))
+    layer = model[0]
+    xs = {m: torch.randn(m, 2048, device=DEVICE).to(torch.bfloat16) for m in (1, 3, 16, 40)}
+    with torch.no_grad():
+        want = {m: layer(x) for m, x in xs.items()}
+        undo = _relayout(model, FusionReport(), interleave=False)
+        assert len(undo) == 1 and "mma_words" in layer.__dict__
+        got = {m: layer(x) for m, x in xs.items()}
+        static = xs[16].clone()
+        graph = torch.cuda.CUDAGraph()
+        layer(static)
+        with torch.cuda.graph(graph):
+            out = layer(static)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, got[16])
+        for step in undo:
+            step()
+    weight = packed.dequantize(torch.float64)
+    for m, x in xs.items():
+        ref = x.double() @ weight.T + bias.double()
+        for y in (got[m], want[m]):
+            assert ((y.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.bfloat16], m
+
+
 def test_mma_gemv_refuses_what_it_cannot_read():
     packed, words = make("int4/g128", 32, 256, seed=0)
     x = torch.randn(1, 256, device=DEVICE).to(torch.bfloat16)
@@ -103,6 +166,10 @@ def test_mma_gemv_refuses_what_it_cannot_read():
         gluon_mma_gemv.mma_gemv(x, words, packed.scale, None, 32, 32)
     with pytest.raises(ValueError, match="do not lay out"):
         gluon_mma_gemv.mma_gemv(x, words, packed.scale, None, 48, 128)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        gluon_mma_gemv.mma_gemv(x.expand(17, 256).contiguous(), words, packed.scale, None, 32, 128)
+    with pytest.raises(ValueError, match="rows mode takes contiguous rows"):
+        gluon_mma_gemv.mma_gemv(x.expand(2, 256).contiguous(), words, packed.scale, None, 32, 128, split=2)
 
 
 @pytest.mark.parametrize("split", [1, 3])

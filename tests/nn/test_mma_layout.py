@@ -95,6 +95,9 @@ def run_warp(asm: str, inputs: list[list[int]], outputs: int) -> list[list[int]]
         for regs in lanes:
             if op in ("mov.b32", "mov.f32"):
                 regs[args[0]] = val(regs, args[1])
+            elif op == "add.f32":
+                total = _f32(val(regs, args[1])) + _f32(val(regs, args[2]))
+                regs[args[0]] = struct.unpack("<I", struct.pack("<f", total))[0]
             elif op == "shr.b32":
                 regs[args[0]] = val(regs, args[1]) >> val(regs, args[2])
             elif op == "lop3.b32":  # each result bit is bit (4a + 2b + c) of the truth table
@@ -226,6 +229,50 @@ def test_nf4_ptx_computes_each_lanes_partial_sums(bf16):
             cols = slice(32 * (slot // 2), 32 * (slot // 2) + 32)
             expected = float(levels[codes[row, cols]] @ xf[cols])
             assert _f32(raw[lane][slot]) == pytest.approx(expected, rel=1e-6, abs=1e-6), (lane, slot)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym", "nf4"])
+@pytest.mark.parametrize("fragments", [1, 2])
+def test_rows_mode_ptx_computes_every_rows_sums(bf16, fmt, fragments):
+    """Rows mode (several activation rows, row r in column r of the MMA's B): each lane's slots of each fragment,
+    less (MAGIC + zero) times the rows-mode sums of x (int4), are the exact sums over the whole chunk of its weight
+    rows g, g + 8 against x rows 2t, 2t + 1 (plus 8 per fragment), x read at the kernel's offsets."""
+    from modelpress.nn.nf4_ptx import nf4_levels
+
+    torch.manual_seed(3)
+    n, k, m = 16, 64, 8 * fragments
+    nf4 = fmt == "nf4"
+    zero = 0 if fmt == "int4-asym" else 8
+    qdata = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    codes = torch.stack((qdata & 15, qdata >> 4), dim=-1).reshape(n, k)
+    weight = (torch.tensor(nf4_levels()).to(dtype).to(torch.float64)[codes.long()] if nf4
+              else codes.to(torch.float64) - zero)
+    x = torch.randn(m, k).to(dtype)
+    quads = x.view(torch.int64).tolist()  # (m, k / 4): the 64-bit values the kernel loads
+    words = mg.mma_layout(qdata, n, k, mg.NF4_NIBBLE_OF if nf4 else mg.NIBBLE_OF)[0, 0].tolist()
+    xs = [[quads[8 * f + lane // 4][4 * j + lane % 4] for f in range(fragments) for j in range(4)]
+          for lane in range(32)]
+    table = [t & 0xFFFFFFFF for t in mg.nf4_table(bf16) for _ in range(4)] if nf4 else []
+    raw = run_warp(mg.mma_asm(bf16, nf4, fragments), [words[lane] + xs[lane] + table for lane in range(32)],
+                   4 * fragments)
+    sums = run_warp(mg.xsum_asm(bf16, fragments), xs, 4 * fragments)
+    assert mg.mma_constraints(nf4, fragments).count("=r") == mg.xsum_constraints(fragments).count("=r") == 4 * fragments
+    xf = x.to(torch.float64)
+    magic = mg.MAGIC[bf16]
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for f in range(fragments):
+            for slot in range(4):
+                row, xrow = g + 8 * (slot // 2), 8 * f + 2 * t + slot % 2
+                got = _f32(raw[lane][4 * f + slot])
+                assert _f32(sums[lane][4 * f + slot]) == pytest.approx(float(xf[xrow].sum()), rel=1e-6, abs=1e-6)
+                if not nf4:
+                    got -= (magic + zero) * _f32(sums[lane][4 * f + slot])
+                expected = float(weight[row] @ xf[xrow])
+                bound = 4 * 2.0 ** -24 * (magic + 15) * float(xf[xrow].abs().sum())
+                assert abs(got - expected) <= bound, (lane, f, slot, got, expected)
 
 
 def test_the_plan_splits_k_only_where_row_tiles_are_short_and_k_is_long(monkeypatch):

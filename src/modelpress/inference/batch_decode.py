@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,10 +82,12 @@ def batch_obstacle(model: nn.Module, settings: GenerationSettings) -> str | None
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]] | list[torch.Tensor] | torch.Tensor,
-                   settings: GenerationSettings, generator: torch.Generator | None = None) -> BatchGenerationResult:
+                   settings: GenerationSettings, generator: torch.Generator | None = None,
+                   on_step: Callable[[list[int]], None] | None = None) -> BatchGenerationResult:
     """New tokens for each of `prompts` (token ids: a list of lists, or a (B, T) tensor of unpadded rows), decoded
     together where the static cache serves the batch (on CUDA with the step captured in a CUDA graph), else one
-    prompt at a time; the same settings for every row."""
+    prompt at a time; the same settings for every row. `on_step` sees each batched step's tokens, one a row
+    (finished rows' included; not called when the prompts run one at a time)."""
     rows = [prompt_list(p) for p in (prompts.unbind(0) if isinstance(prompts, torch.Tensor) else prompts)]
     if not rows:
         raise ModelpressError("no prompts to generate for")
@@ -93,9 +96,9 @@ def generate_batch(model: nn.Module, prompts: list[list[int]] | list[torch.Tenso
         if len(rows) > 1:
             log.warning("generating the %d prompts one at a time: %s", len(rows), reason)
         return _one_at_a_time(model, rows, settings, generator)
-    # at more than one row a layer's matmul takes B rows: its codes are not re-laid for the one-row GEMV
-    with kernel_context(settings, model, verifiers=(model,)) as fusions:
-        result = _batched(model, rows, settings, generator)
+    # a step's matmuls take B rows: 4-bit layers re-laid for the tensor-core GEMV up to its row limit
+    with kernel_context(settings, model, rows=len(rows)) as fusions:
+        result = _batched(model, rows, settings, generator, on_step)
     result.fusions = fusions.summary()
     return result
 
@@ -112,7 +115,8 @@ def _one_at_a_time(model: nn.Module, rows: list[list[int]], settings: Generation
 
 
 def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettings,
-             generator: torch.Generator | None) -> BatchGenerationResult:
+             generator: torch.Generator | None, on_step: Callable[[list[int]], None] | None
+             ) -> BatchGenerationResult:
     from modelpress.inference.static_decode import StaticDecoder
 
     start = time.perf_counter()
@@ -131,7 +135,10 @@ def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettin
     eos = set(settings.eos_token_ids)
     while True:
         picked = pick_rows(logits, settings.sampling, generator)
-        for row, token in enumerate(picked.tolist()):
+        tokens = picked.tolist()
+        if on_step is not None:
+            on_step(tokens)
+        for row, token in enumerate(tokens):
             if not done[row]:
                 new[row].append(token)
                 done[row] = token in eos or len(new[row]) >= settings.max_new_tokens

@@ -165,12 +165,14 @@ class FusedRMSNorm(nn.Module):
 
 
 def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True, rope: bool = True,
-                    mlps: bool = True, adds: bool = True, attention: bool = True, relayout: bool = True
-                    ) -> tuple[FusionReport, Callable[[], None]]:
+                    mlps: bool = True, adds: bool = True, attention: bool = True, relayout: bool = True,
+                    interleave: bool = True) -> tuple[FusionReport, Callable[[], None]]:
     """Fuse `model` in place; (report, undo). undo() puts every original module and function back, each module
     with its own tensors. MLPs fuse only where their gate and up became one group, residual adds only into norms
-    fused before. relayout (for generations whose forwards after the prefill take one token): 4-bit layers'
-    codes re-laid for the tensor-core GEMV (`_relayout`), after the sibling groups are stacked."""
+    fused before. relayout (for generations whose forwards after the prefill take one token a row, at most
+    mma_ptx.MAX_ROWS rows): 4-bit layers' codes re-laid for the tensor-core GEMV (`_relayout`), after the sibling
+    groups are stacked; interleave (one row only: the activation in the GEMV's epilogue takes one row) also
+    interleaves gated MLPs' [gate | up] rows (INTERLEAVE)."""
     report, undo = FusionReport(), []
     try:
         if norms:
@@ -186,7 +188,7 @@ def fuse_for_decode(model: nn.Module, siblings: bool = True, norms: bool = True,
         if attention:
             undo += _fuse_attention(model, report)
         if relayout and RELAYOUT:
-            undo += _relayout(model, report)
+            undo += _relayout(model, report, interleave and INTERLEAVE)
     except BaseException:
         _run_all(undo)
         raise
@@ -578,11 +580,11 @@ RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it of
 INTERLEAVE = True
 
 
-def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+def _relayout(model: nn.Module, report: FusionReport, interleave: bool = True) -> list[Callable[[], None]]:
     """QuantLinears the tensor-core GEMV serves, and faster (triton_backend.mma_supported), get their codes re-laid
     in place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
-    QuantLinear.forward then reads: one-token calls run gluon_mma_gemv, others decode the weight from that layout
-    for cuBLAS. undo() puts the stored order back, bit for bit. Until then the layer's qdata buffer holds the codes
+    QuantLinear.forward then reads: calls of one row (or up to mma_ptx.MAX_ROWS, where the rows are not
+    interleaved) run gluon_mma_gemv, others decode the weight from that layout for cuBLAS. undo() puts the stored order back, bit for bit. Until then the layer's qdata buffer holds the codes
     in that order: its forward refuses calls that would read them as stored (autograd, torch.compile, the CPU), but
     a state_dict or dequantized_weight taken meanwhile (from a generation's callback, say) reads them as stored."""
     from modelpress.nn import triton_backend
@@ -601,7 +603,7 @@ def _relayout(model: nn.Module, report: FusionReport) -> list[Callable[[], None]
         n, k = packed.shape
         qdata = module.qdata
         order = triton_backend.mma_order(packed)
-        rows = interleave_rows(n, qdata.device) if INTERLEAVE and id(module) in gated and module.bias is None \
+        rows = interleave_rows(n, qdata.device) if interleave and id(module) in gated and module.bias is None \
             else None
         words = mma_layout(qdata if rows is None else qdata[rows], n, k, order)
         qdata.view(torch.int32).view(-1).copy_(words.view(-1))

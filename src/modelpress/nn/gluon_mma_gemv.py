@@ -41,22 +41,23 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from modelpress.nn.gluon_gemv import gdc_launch_dependents, gdc_wait
-from modelpress.nn.mma_ptx import CHUNK, MAGIC, TILE, mma_asm, mma_constraints, nf4_table, xsum_asm
-
-MMA_CONSTRAINTS: gl.constexpr = gl.constexpr(mma_constraints(False))
-NF4_CONSTRAINTS: gl.constexpr = gl.constexpr(mma_constraints(True))
-XSUM_CONSTRAINTS: gl.constexpr = gl.constexpr(",".join(["=r"] * 4 + ["l"] * 4))
+from modelpress.nn.mma_ptx import (CHUNK, MAGIC, MAX_ROWS, TILE, mma_asm, mma_constraints, nf4_table, xsum_asm,
+                                   xsum_constraints)
 
 
 @gluon.jit
 def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_ptr, lock_ptr, N, chunks,
-                     chunks_per_split, stride_sn, stride_sg, MMA_ASM: gl.constexpr, XSUM_ASM: gl.constexpr,
+                     chunks_per_split, stride_sn, stride_sg, M, MMA_ASM: gl.constexpr, XSUM_ASM: gl.constexpr,
+                     MMA_CONSTRAINTS: gl.constexpr, XSUM_CONSTRAINTS: gl.constexpr,
                      CORRECTION: gl.constexpr, AFFINE: gl.constexpr, GS: gl.constexpr, EVEN: gl.constexpr,
                      RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr, WK: gl.constexpr, PDL: gl.constexpr,
                      XSUM: gl.constexpr = True, NF4: gl.constexpr = False, SPLIT_K: gl.constexpr = False,
-                     SPLITS: gl.constexpr = 1, INTERLEAVE: gl.constexpr = False, ACT: gl.constexpr = False):
+                     SPLITS: gl.constexpr = 1, INTERLEAVE: gl.constexpr = False, ACT: gl.constexpr = False,
+                     FRAGMENTS: gl.constexpr = 0):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
-    of 64). A program owns RT * WR row tiles of 16 rows (WR warps along them) and, of K, the chunks_per_split
+    of 64). FRAGMENTS = F > 0 (rows mode): y (M, N) = x (M, K) @ W^T for M <= 8 F rows of a contiguous x, row r of
+    x in column r of the MMAs' B (mma_ptx.mma_asm's fragments), every lane storing its four sums of each fragment;
+    not with SPLIT_K or INTERLEAVE. A program owns RT * WR row tiles of 16 rows (WR warps along them) and, of K, the chunks_per_split
     chunks of split program_id(1), which its WK warps along K walk CS chunks at a time each; the next step's
     words are loaded before this step's MMAs. EVEN: every split is a whole number of steps. SPLIT_K: the splits'
     float32 partial sums go through ws_ptr (splits, N), and the last program of a row block to arrive (counted in
@@ -95,6 +96,10 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
 
     words = w_ptr + tile * (chunks * 128) + (((c_begin + chunk) * 32 + lane) * 4 + slot)[None, :, :, :]  # step 1's
     x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + (16 * chunk + 4 * slot + lane % 4)
+    if FRAGMENTS > 0:  # lane (g, t) reads x row g (and 8 + g): column g of each fragment of B
+        x_quads += (lane // 4) * (chunks * 16)
+        x_in = lane // 4 < M
+        x_in1 = lane // 4 + 8 < M
     if INTERLEAVE:  # the tile's row g is gate row 8t + g, its row g + 8 up row 8t + g
         rows = gl.minimum(s_tile * 8 + s_lane // 4, N // 2 - 1)
         rows_hi = rows + N // 2
@@ -105,7 +110,10 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     s_high = scale_ptr + rows_hi * stride_sn
     o_low = offset_ptr + rows * stride_sn
     o_high = offset_ptr + rows_hi * stride_sn
-    even_slot = (slot % 2 == 0)[None, :, :, :]
+    if FRAGMENTS > 0:
+        even_slot = (slot < 2)[None, :, :, :]  # slots 0, 1: weight row g (rows mode), else row g + 8
+    else:
+        even_slot = (slot % 2 == 0)[None, :, :, :]  # slots 0, 2: weight row g
 
     if NF4:  # one copy of the table per lane: values the compiler cannot prove uniform stay in ordinary registers
         t_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, P))))
@@ -126,21 +134,42 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
         gdc_launch_dependents()
         gdc_wait()
     acc = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)
+    if FRAGMENTS == 2:
+        acc1 = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)  # the second fragment's (x rows 8..15)
     for c0 in range(c_begin, c_end, CK):
         w = w_next
         words += CK * 128
         if EVEN:
             w_next = gl.load(words, mask=c0 + CK < c_end, other=0)
-            xv = gl.load(x_quads + c0 * 16)
+            if FRAGMENTS > 0:
+                xv = gl.load(x_quads + c0 * 16, mask=x_in, other=0)
+                if FRAGMENTS == 2:
+                    xv1 = gl.load(x_quads + (c0 + 8 * chunks) * 16, mask=x_in1, other=0)
+            else:
+                xv = gl.load(x_quads + c0 * 16)
             group = ((c0 + s_chunk) * 64 // GS) * stride_sg
         else:  # chunks past the split: zero codes times zero activations, scales of its last group (finite)
             w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
-            xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < c_end, other=0)
+            if FRAGMENTS > 0:
+                xv = gl.load(x_quads + c0 * 16, mask=(c0 + chunk < c_end) & x_in, other=0)
+                if FRAGMENTS == 2:
+                    xv1 = gl.load(x_quads + (c0 + 8 * chunks) * 16, mask=(c0 + chunk < c_end) & x_in1, other=0)
+            else:
+                xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < c_end, other=0)
             group = (gl.minimum(c0 + s_chunk, c_end - 1) * 64 // GS) * stride_sg
         s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
                      gl.load(s_high + group).to(gl.float32)[:, :, :, None])
-        if NF4:
-            raw = gl.inline_asm_elementwise(MMA_ASM, NF4_CONSTRAINTS, [w, xv[None, :, :, :], t0, t1, t2, t3, t4, t5,
+        if FRAGMENTS == 2:
+            if NF4:
+                raw, raw1 = gl.inline_asm_elementwise(
+                    MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :], xv1[None, :, :, :], t0, t1, t2, t3, t4, t5, t6,
+                                               t7], dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+            else:
+                raw, raw1 = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS,
+                                                      [w, xv[None, :, :, :], xv1[None, :, :, :]],
+                                                      dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+        elif NF4:
+            raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :], t0, t1, t2, t3, t4, t5,
                                                                        t6, t7], dtype=gl.float32, is_pure=True, pack=4)
         else:
             raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :]], dtype=gl.float32,
@@ -149,62 +178,81 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
             x_sum = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv], dtype=gl.float32, is_pure=True,
                                               pack=4)[None, :, :, :]
             acc += (raw - CORRECTION * x_sum) * s
+            if FRAGMENTS == 2:
+                x_sum1 = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv1], dtype=gl.float32,
+                                                   is_pure=True, pack=4)[None, :, :, :]
+                acc1 += (raw1 - CORRECTION * x_sum1) * s
         else:
             acc += raw * s
+            if FRAGMENTS == 2:
+                acc1 += raw1 * s
         if AFFINE:
             o = gl.where(even_slot, gl.load(o_low + group).to(gl.float32)[:, :, :, None],
                          gl.load(o_high + group).to(gl.float32)[:, :, :, None])
             acc += x_sum * o
+            if FRAGMENTS == 2:
+                acc1 += x_sum1 * o
 
     total = gl.sum(acc, axis=1)  # (BT, 32, 4)
     T: gl.constexpr = gl.SliceLayout(1, P)
-    t_slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, T)))[None, None, :]
-    low = gl.sum(gl.where(t_slot % 2 == 0, total, 0.0), axis=2)  # (BT, 32): row g of each lane's tile
-    high = gl.sum(gl.where(t_slot % 2 == 1, total, 0.0), axis=2)  # row g + 8
-    o_tile = first_tile + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, T)))
-    o_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, T)))
-    if INTERLEAVE:
-        row = o_tile[:, None] * 8 + o_lane[None, :] // 4  # the stored rows of each lane's two sums
-        row_hi = row + N // 2
-        inside = row < N // 2
-        inside_hi = inside
+    if FRAGMENTS > 0:  # lane (g, t), slot q: weight row g + 8 (q // 2) of its tile, x row 2t + q % 2 (+ 8)
+        r_slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, T)))[None, None, :]
+        r_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, T)))[None, :, None]
+        r_tile = (first_tile + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, T))))[:, None, None]
+        n_out = r_tile * 16 + r_lane // 4 + 8 * (r_slot // 2)
+        m_out = 2 * (r_lane % 4) + r_slot % 2
+        gl.store(y_ptr + m_out * N + n_out, total.to(y_ptr.dtype.element_ty), mask=(m_out < M) & (n_out < N))
+        if FRAGMENTS == 2:
+            gl.store(y_ptr + (m_out + 8) * N + n_out, gl.sum(acc1, axis=1).to(y_ptr.dtype.element_ty),
+                     mask=(m_out + 8 < M) & (n_out < N))
     else:
-        row = o_tile[:, None] * 16 + o_lane[None, :] // 4
-        row_hi = row + 8
-        inside = row < N
-        inside_hi = row_hi < N
-    first = (o_lane % 4 == 0)[None, :]  # the four lanes of a row hold the same sums: one stores
-    if SPLIT_K:
-        part = ws_ptr + gl.program_id(1) * N
-        gl.store(part + row, low, mask=first & inside)
-        gl.store(part + row_hi, high, mask=first & inside_hi)
-        gl.thread_barrier()  # every thread's partial sums are written before the count goes up
-        lock = lock_ptr + gl.program_id(0)
-        splits = gl.num_programs(1)
-        if gl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
-            E: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, WR * WK], [1, 0])
-            split = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, E))
-            r = gl.arange(0, BT * 16, layout=gl.SliceLayout(0, E))
-            t = first_tile + r // 16
-            if INTERLEAVE:
-                block = gl.where(r % 16 < 8, t * 8 + r % 16, N // 2 + t * 8 + r % 16 - 8)
-                kept = t * 8 < N // 2
-            else:
-                block = t * 16 + r % 16
-                kept = block < N
-            parts = gl.load(ws_ptr + split[:, None] * N + block[None, :],
-                            mask=(split < splits)[:, None] & kept[None, :], other=0.0, cache_modifier=".cg")
-            gl.store(y_ptr + block, gl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=kept)
-            gl.atomic_xchg(lock, 0)
-    elif ACT:  # silu(gate) * up from the matmul's rounded output, as silu_mul computes it but for the division
-        gate = low.to(y_ptr.dtype.element_ty).to(gl.float32)
-        up = high.to(y_ptr.dtype.element_ty).to(gl.float32)
-        # div.full (approximate, 2 ulp): an IEEE division's slow-path call made ptxas spill registers in the loop
-        act = (gate / (1.0 + gl.exp(-gate))).to(y_ptr.dtype.element_ty).to(gl.float32)
-        gl.store(y_ptr + row, (act * up).to(y_ptr.dtype.element_ty), mask=first & inside)
-    else:
-        gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & inside)
-        gl.store(y_ptr + row_hi, high.to(y_ptr.dtype.element_ty), mask=first & inside_hi)
+        t_slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, T)))[None, None, :]
+        low = gl.sum(gl.where(t_slot % 2 == 0, total, 0.0), axis=2)  # (BT, 32): row g of each lane's tile
+        high = gl.sum(gl.where(t_slot % 2 == 1, total, 0.0), axis=2)  # row g + 8
+        o_tile = first_tile + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, T)))
+        o_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, T)))
+        if INTERLEAVE:
+            row = o_tile[:, None] * 8 + o_lane[None, :] // 4  # the stored rows of each lane's two sums
+            row_hi = row + N // 2
+            inside = row < N // 2
+            inside_hi = inside
+        else:
+            row = o_tile[:, None] * 16 + o_lane[None, :] // 4
+            row_hi = row + 8
+            inside = row < N
+            inside_hi = row_hi < N
+        first = (o_lane % 4 == 0)[None, :]  # the four lanes of a row hold the same sums: one stores
+        if SPLIT_K:
+            part = ws_ptr + gl.program_id(1) * N
+            gl.store(part + row, low, mask=first & inside)
+            gl.store(part + row_hi, high, mask=first & inside_hi)
+            gl.thread_barrier()  # every thread's partial sums are written before the count goes up
+            lock = lock_ptr + gl.program_id(0)
+            splits = gl.num_programs(1)
+            if gl.atomic_add(lock, 1, sem="acq_rel") == splits - 1:
+                E: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, WR * WK], [1, 0])
+                split = gl.arange(0, SPLITS, layout=gl.SliceLayout(1, E))
+                r = gl.arange(0, BT * 16, layout=gl.SliceLayout(0, E))
+                t = first_tile + r // 16
+                if INTERLEAVE:
+                    block = gl.where(r % 16 < 8, t * 8 + r % 16, N // 2 + t * 8 + r % 16 - 8)
+                    kept = t * 8 < N // 2
+                else:
+                    block = t * 16 + r % 16
+                    kept = block < N
+                parts = gl.load(ws_ptr + split[:, None] * N + block[None, :],
+                                mask=(split < splits)[:, None] & kept[None, :], other=0.0, cache_modifier=".cg")
+                gl.store(y_ptr + block, gl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=kept)
+                gl.atomic_xchg(lock, 0)
+        elif ACT:  # silu(gate) * up from the matmul's rounded output, as silu_mul computes it but for the division
+            gate = low.to(y_ptr.dtype.element_ty).to(gl.float32)
+            up = high.to(y_ptr.dtype.element_ty).to(gl.float32)
+            # div.full (approximate, 2 ulp): an IEEE division's slow-path call made ptxas spill registers in the loop
+            act = (gate / (1.0 + gl.exp(-gate))).to(y_ptr.dtype.element_ty).to(gl.float32)
+            gl.store(y_ptr + row, (act * up).to(y_ptr.dtype.element_ty), mask=first & inside)
+        else:
+            gl.store(y_ptr + row, low.to(y_ptr.dtype.element_ty), mask=first & inside)
+            gl.store(y_ptr + row_hi, high.to(y_ptr.dtype.element_ty), mask=first & inside_hi)
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
@@ -214,7 +262,8 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[5] is y. zero=None:
     NF4 codes (mma_layout with NF4_NIBBLE_OF). split > 1: K is split into that many ranges of whole steps (fewer
     where the steps run out), their partial sums added through triton_backend's split-K workspace. interleave:
-    [gate | up] rows re-laid in interleave_rows' order; act: y (1, N / 2) = silu(gate) * up (no split)."""
+    [gate | up] rows re-laid in interleave_rows' order; act: y (1, N / 2) = silu(gate) * up (no split). x of
+    2..MAX_ROWS rows (contiguous): the rows mode, y (M, N), whole K, rows not interleaved."""
     if group_size % CHUNK:
         raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
     if act and (not interleave or split > 1):
@@ -222,12 +271,18 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     if interleave and n % TILE:
         raise ValueError(f"interleaved [gate | up] rows need N a multiple of {TILE}, got {n}")
     k = x.shape[-1]
+    m = x.numel() // k
     chunks = k // CHUNK
     if tuple(words.shape[:2]) != (-(-n // TILE), chunks):
         raise ValueError(f"words of shape {tuple(words.shape)} do not lay out a ({n}, {k}) weight")
     if x.data_ptr() % 16:
         raise ValueError("the MMA GEMV reads x 8 bytes at a time: it must be 16-byte aligned")
-    y = torch.empty((1, n // 2 if act else n), device=x.device, dtype=x.dtype) if out is None else out
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"the MMA GEMV takes 1 to {MAX_ROWS} rows of x, got {m}")
+    fragments = 0 if m == 1 else -(-m // 8)
+    if fragments and (interleave or split > 1 or not x.is_contiguous()):
+        raise ValueError("the MMA GEMV's rows mode takes contiguous rows of x, whole K and rows not interleaved")
+    y = torch.empty((m, n // 2 if act else n), device=x.device, dtype=x.dtype) if out is None else out
     bf16 = x.dtype == torch.bfloat16
     bt = rows_per_thread * warps_rows
     ck = chunks_per_step * warps_k
@@ -243,12 +298,16 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     nf4 = zero is None
     table = _nf4_table(x.device, bf16) if nf4 else scale
     args = (x, words, scale, offset if offset is not None else scale, table, y, workspace, locks, n, chunks, per_split,
-            scale.stride(0), scale.stride(1))
-    constants = dict(MMA_ASM=mma_asm(bf16, nf4), XSUM_ASM=xsum_asm(bf16), CORRECTION=0.0 if nf4 else MAGIC[bf16] + zero,
+            scale.stride(0), scale.stride(1), m)
+    xsum_fragments = min(fragments, 1)  # the rows mode sums each fragment's x with a call of its own
+    constants = dict(MMA_ASM=mma_asm(bf16, nf4, fragments), XSUM_ASM=xsum_asm(bf16, xsum_fragments),
+                     MMA_CONSTRAINTS=mma_constraints(nf4, fragments), XSUM_CONSTRAINTS=xsum_constraints(xsum_fragments),
+                     CORRECTION=0.0 if nf4 else MAGIC[bf16] + zero,
                      AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0 and per_split % ck == 0,
                      RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl,
                      XSUM=not nf4 or offset is not None, NF4=nf4, SPLIT_K=splits > 1, INTERLEAVE=interleave, ACT=act,
-                     SPLITS=1 << max(0, (splits - 1).bit_length()), num_warps=warps_rows * warps_k, launch_pdl=pdl)
+                     SPLITS=1 << max(0, (splits - 1).bit_length()), FRAGMENTS=fragments,
+                     num_warps=warps_rows * warps_k, launch_pdl=pdl)
     return gemv4_mma_kernel, grid, args, constants
 
 
@@ -256,9 +315,9 @@ def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: 
              group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
              warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
              out: torch.Tensor | None = None, interleave: bool = False, act: bool = False) -> torch.Tensor:
-    """y (1, N) = x (1, K) @ W^T for int4 weights re-laid by mma_layout: W = scale * (code - zero), or with an
-    offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset (N, G)
-    per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
+    """y (M, N) = x (M, K) @ W^T for int4 weights re-laid by mma_layout, M <= MAX_ROWS: W = scale * (code - zero),
+    or with an offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset
+    (N, G) per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
                                            chunks_per_step, warps_rows, warps_k, split, pdl, out, interleave, act)
     kernel[grid](*args, **constants)

@@ -9,6 +9,7 @@ from modelpress.nn.nf4_ptx import bf16_bits, f16_bits, nf4_levels
 
 CHUNK = 64  # columns of K per lane word quad (four MMAs of 16)
 TILE = 16  # rows per MMA tile
+MAX_ROWS = 16  # activation rows mma_asm's rows mode takes: two B fragments of 8 columns
 # the nibble that holds the q-th code of a word (q = 4 * (second MMA) + column): int4's LOP3 decode pairs nibbles
 # (i, i + 4), NF4's byte-permute lookup pairs (2i, 2i + 1)
 NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
@@ -83,68 +84,111 @@ def nf4_table(bf16: bool) -> list[int]:
     return [p - (1 << 32) if p >= 1 << 31 else p for p in planes]
 
 
-def _nf4_pairs() -> list[str]:
+def _nf4_pairs(words: int = 4, table: int = 12) -> list[str]:
     """PTX that fills pr[4w + i] with the NF4 levels of word w's nibbles (2i, 2i + 1) as 16-bit pairs, w = 0..3
-    ($4..$7): nf4_ptx's register lookup (byte permutes of the table's low and high bytes; the table registers
-    t0..t7 are operands $12, $16, .., $40), in a scope of its own."""
+    ($words..$words+3): nf4_ptx's register lookup (byte permutes of the table's low and high bytes; the table
+    registers t0..t7 are operands $table, $table+4, .., $table+28), in a scope of its own."""
     from modelpress.nn.nf4_ptx import _REGS, _four
 
-    lines = ["{", _REGS.strip()] + [f"mov.b32 t{i}, ${12 + 4 * i};" for i in range(8)]
+    lines = ["{", _REGS.strip()] + [f"mov.b32 t{i}, ${table + 4 * i};" for i in range(8)]
     for w in range(4):
-        word = f"${4 + w}"
+        word = f"${words + w}"
         lines += [f"and.b32 s, {word}, 0x77777777;", f"shl.b32 sh, {word}, 4;",
                   _four(word, "0xD9C8", f"pr{4 * w}", f"pr{4 * w + 1}").strip(), "shr.b32 s, s, 16;",
                   _four(word, "0xFBEA", f"pr{4 * w + 2}", f"pr{4 * w + 3}").strip()]
     return lines + ["}"]
 
 
-def mma_asm(bf16: bool, nf4: bool = False) -> str:
-    """PTX of one call (pack=4): $0..$3 float32 (as b32) sums of lane (g, t) for slots 0..3 = (row g, MMAs 0-1),
-    (row g + 8, MMAs 0-1), (row g, MMAs 2-3), (row g + 8, MMAs 2-3) of (MAGIC + code) * x; inputs the lane's
-    four words $4..$7, then its activations of MMA j, columns 16j + 4t .. 16j + 4t + 3, as one 64-bit value
-    ($8 + j). The caller subtracts (MAGIC + code zero) times xsum_asm's sums of x. nf4: the codes are NF4's (in
-    NF4_NIBBLE_OF order) and each product is level * x, nothing to subtract; the operands go on with nf4_table's
-    eight registers, each given four times ($12 + 4i: pack=4 repeats every operand)."""
-    lines = ["{", ".reg .b32 pr<16>, sq, mg, x<8>;", ".reg .f32 a<4>, b<4>, z;", "mov.f32 z, 0f00000000;",
-             f"mov.b32 mg, {_pair(MAGIC[bf16], bf16)};"]
-    lines += [f"mov.b64 {{x{2 * j}, x{2 * j + 1}}}, ${8 + j};" for j in range(4)]
+def _outputs(fragments: int) -> int:
+    """Output registers of one call (pack=4): four, or four for each activation fragment in rows mode."""
+    return 4 * max(1, fragments)
+
+
+def mma_asm(bf16: bool, nf4: bool = False, fragments: int = 0) -> str:
+    """PTX of one call (pack=4).
+
+    fragments=0 (one activation row, in every column of B): $0..$3 float32 (as b32) sums of lane (g, t) for slots
+    0..3 = (row g, MMAs 0-1), (row g + 8, MMAs 0-1), (row g, MMAs 2-3), (row g + 8, MMAs 2-3) of (MAGIC + code) * x;
+    inputs the lane's four words $4..$7, then its activations of MMA j, columns 16j + 4t .. 16j + 4t + 3, as one
+    64-bit value ($8 + j). The caller subtracts (MAGIC + code zero) times xsum_asm's sums of x.
+
+    fragments=F in (1, 2) (rows mode: activation row r in column r of B, up to 8 F rows): outputs $4f..$4f+3 of
+    fragment f are the whole chunk's sums for slots 0..3 = (row g, x row 2t), (row g, x row 2t + 1),
+    (row g + 8, x row 2t), (row g + 8, x row 2t + 1) (x rows 8f + ..); inputs the words $4F..$4F+3, then fragment
+    f's activations $4F + 4 + 4f + j (lane (g, t) holds x row 8f + g's columns as above).
+
+    nf4: the codes are NF4's (in NF4_NIBBLE_OF order) and each product is level * x, nothing to subtract; the
+    operands go on with nf4_table's eight registers, each given four times (pack=4 repeats every operand)."""
+    outputs = _outputs(fragments)
+    words, xs = outputs, outputs + 4
+    count = max(1, fragments)
+    lines = ["{", f".reg .b32 pr<16>, sq, mg, x<{8 * count}>;", f".reg .f32 a<{4 * count}>, b<{4 * count}>, z, s;",
+             "mov.f32 z, 0f00000000;", f"mov.b32 mg, {_pair(MAGIC[bf16], bf16)};"]
+    lines += [f"mov.b64 {{x{8 * f + 2 * j}, x{8 * f + 2 * j + 1}}}, ${xs + 4 * f + j};"
+              for f in range(count) for j in range(4)]
     if nf4:
-        lines += _nf4_pairs()
+        lines += _nf4_pairs(words, xs + 4 * count)
     for w in range(4 if not nf4 else 0):  # pr[4w + i]: word w's nibbles (i, i + 4) at bits 0-3 of each half
         for i in range(4):
-            src = f"${4 + w}"
+            src = f"${words + w}"
             if i:
-                lines.append(f"shr.b32 sq, ${4 + w}, {4 * i};")
+                lines.append(f"shr.b32 sq, ${words + w}, {4 * i};")
                 src = "sq"
             lines.append(f"lop3.b32 pr{4 * w + i}, {src}, 0x000F000F, mg, 0xEA;")
-    for chain, acc in ((0, "a"), (1, "b")):
-        row_g, row_g8 = 4 * (2 * chain), 4 * (2 * chain + 1)  # first pair register of the chain's two words
-        d = f"{{{acc}0, {acc}1, {acc}2, {acc}3}}"
-        for step in range(2):
-            j = 2 * chain + step
-            p = 2 * step  # pairs 0, 1 feed the chain's first MMA, pairs 2, 3 its second
-            a_regs = f"{{pr{row_g + p}, pr{row_g8 + p}, pr{row_g + p + 1}, pr{row_g8 + p + 1}}}"
-            c = "{z, z, z, z}" if step == 0 else d
-            lines.append(f"{_mma(bf16)} {d}, {a_regs}, {{x{2 * j}, x{2 * j + 1}}}, {c};")
-    lines += ["mov.b32 $0, a0;", "mov.b32 $1, a2;", "mov.b32 $2, b0;", "mov.b32 $3, b2;", "}"]
+    for f in range(count):
+        for chain, acc in ((0, "a"), (1, "b")):
+            row_g, row_g8 = 4 * (2 * chain), 4 * (2 * chain + 1)  # first pair register of the chain's two words
+            d = "{" + ", ".join(f"{acc}{4 * f + i}" for i in range(4)) + "}"
+            for step in range(2):
+                j = 2 * chain + step
+                p = 2 * step  # pairs 0, 1 feed the chain's first MMA, pairs 2, 3 its second
+                a_regs = f"{{pr{row_g + p}, pr{row_g8 + p}, pr{row_g + p + 1}, pr{row_g8 + p + 1}}}"
+                c = "{z, z, z, z}" if step == 0 else d
+                lines.append(f"{_mma(bf16)} {d}, {a_regs}, {{x{8 * f + 2 * j}, x{8 * f + 2 * j + 1}}}, {c};")
+    if fragments == 0:
+        lines += ["mov.b32 $0, a0;", "mov.b32 $1, a2;", "mov.b32 $2, b0;", "mov.b32 $3, b2;", "}"]
+    else:  # the two chains added: each D slot of each fragment, over the whole chunk
+        for f in range(count):
+            for i in range(4):
+                lines += [f"add.f32 s, a{4 * f + i}, b{4 * f + i};", f"mov.b32 ${4 * f + i}, s;"]
+        lines.append("}")
     return "\n".join(lines)
 
 
-def mma_constraints(nf4: bool) -> str:
-    return ",".join(["=r"] * 4 + ["r"] * 4 + ["l"] * 4 + ["r"] * (32 if nf4 else 0))
+def mma_constraints(nf4: bool, fragments: int = 0) -> str:
+    return ",".join(["=r"] * _outputs(fragments) + ["r"] * 4 + ["l"] * 4 * max(1, fragments)
+                    + ["r"] * (32 if nf4 else 0))
 
 
-def xsum_asm(bf16: bool) -> str:
-    """PTX of one call (pack=4) over a lane's activations as mma_asm takes them ($4..$7): $0 = $1 = the sum of x
-    over the columns of MMAs 0-1 (the chunk's first 32), $2 = $3 over MMAs 2-3, in every lane (an MMA of ones)."""
-    lines = ["{", ".reg .b32 one, x<8>;", ".reg .f32 a<4>, b<4>, z;", "mov.f32 z, 0f00000000;",
-             f"mov.b32 one, {_pair(1.0, bf16)};"]
-    lines += [f"mov.b64 {{x{2 * j}, x{2 * j + 1}}}, ${4 + j};" for j in range(4)]
-    for chain, acc in ((0, "a"), (1, "b")):
-        d = f"{{{acc}0, {acc}1, {acc}2, {acc}3}}"
-        for step in range(2):
-            j = 2 * chain + step
-            c = "{z, z, z, z}" if step == 0 else d
-            lines.append(f"{_mma(bf16)} {d}, {{one, one, one, one}}, {{x{2 * j}, x{2 * j + 1}}}, {c};")
-    lines += ["mov.b32 $0, a0;", "mov.b32 $1, a0;", "mov.b32 $2, b0;", "mov.b32 $3, b0;", "}"]
+def xsum_constraints(fragments: int = 0) -> str:
+    return ",".join(["=r"] * _outputs(fragments) + ["l"] * 4 * max(1, fragments))
+
+
+def xsum_asm(bf16: bool, fragments: int = 0) -> str:
+    """PTX of one call (pack=4) over a lane's activations as mma_asm takes them (after its outputs): an MMA of
+    ones. fragments=0: $0 = $1 = the sum of x over the columns of MMAs 0-1 (the chunk's first 32), $2 = $3 over
+    MMAs 2-3, in every lane. fragments=F: $4f..$4f+3 = the sums over the whole chunk of x rows 2t, 2t + 1, 2t,
+    2t + 1 (of fragment f), as mma_asm's rows-mode slots pair them."""
+    outputs = _outputs(fragments)
+    count = max(1, fragments)
+    lines = ["{", f".reg .b32 one, x<{8 * count}>;", f".reg .f32 a<{4 * count}>, b<{4 * count}>, z, s;",
+             "mov.f32 z, 0f00000000;", f"mov.b32 one, {_pair(1.0, bf16)};"]
+    lines += [f"mov.b64 {{x{8 * f + 2 * j}, x{8 * f + 2 * j + 1}}}, ${outputs + 4 * f + j};"
+              for f in range(count) for j in range(4)]
+    for f in range(count):
+        for chain, acc in ((0, "a"), (1, "b")):
+            d = "{" + ", ".join(f"{acc}{4 * f + i}" for i in range(4)) + "}"
+            for step in range(2):
+                j = 2 * chain + step
+                c = "{z, z, z, z}" if step == 0 else d
+                lines.append(f"{_mma(bf16)} {d}, {{one, one, one, one}}, {{x{8 * f + 2 * j}, x{8 * f + 2 * j + 1}}}, "
+                             f"{c};")
+    if fragments == 0:
+        lines += ["mov.b32 $0, a0;", "mov.b32 $1, a0;", "mov.b32 $2, b0;", "mov.b32 $3, b0;", "}"]
+    else:
+        for f in range(count):
+            for i in range(2):
+                lines += [f"add.f32 s, a{4 * f + i}, b{4 * f + i};", f"mov.b32 ${4 * f + i}, s;",
+                          f"mov.b32 ${4 * f + i + 2}, s;"]
+        lines.append("}")
     return "\n".join(lines)

@@ -577,14 +577,19 @@ def mma_order(packed: PackedWeight) -> tuple[int, ...]:
 def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
                         interleave: bool = False, act: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """fn(x) -> x @ W^T (+ bias) for activations of x's shape and dtype, W 4-bit codes re-laid in `words` (packed's
-    qdata holds them; its scale and offset are read as stored). One activation row: the tensor-core GEMV
-    (gluon_mma_gemv), launched directly as prepared_linear's launchers are, with PDL on Hopper. More rows: the
-    weight decoded from `words` (mma_dequantize), then cuBLAS. interleave: W is a gated MLP's [gate | up], its rows
-    re-laid in mma_ptx.interleave_rows' order; act (no bias): fn(x) -> silu(gate) * up, (..., N / 2)."""
+    qdata holds them; its scale and offset are read as stored). One activation row, or up to
+    mma_ptx.MAX_ROWS of a weight whose rows are not interleaved: the tensor-core GEMV (gluon_mma_gemv),
+    launched directly as prepared_linear's launchers are, with PDL on Hopper. More rows: the weight decoded from
+    `words` (mma_dequantize), then cuBLAS. interleave: W is a gated MLP's [gate | up], its rows re-laid in
+    mma_ptx.interleave_rows' order; act (no bias): fn(x) -> silu(gate) * up, (..., N / 2)."""
     n, k = packed.shape
     if act and bias is not None:
         raise ValueError("the tensor-core GEMV's activation takes a [gate | up] weight without a bias")
-    if x.numel() != k or not x.is_contiguous() or x.data_ptr() % 16 or x.dtype not in _ACT_DTYPES:
+    from modelpress.nn.mma_ptx import MAX_ROWS
+
+    rows = x.numel() // k if x.shape[-1] == k else 0
+    if not (rows == 1 or 1 < rows <= MAX_ROWS and not interleave) or not x.is_contiguous() \
+            or x.data_ptr() % 16 or x.dtype not in _ACT_DTYPES:
         if act:
             return lambda x: _silu_mul(F.linear(x, mma_dequantize(words, packed, x.dtype, interleave)))
         return lambda x: F.linear(x, mma_dequantize(words, packed, x.dtype, interleave), bias)
@@ -592,10 +597,10 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
 
     pdl = pdl_launch(x.device)
     bias = None if bias is None else bias.to(x.dtype)
-    x2 = x.reshape(1, k)
+    x2 = x.reshape(rows, k)
     zero = mma_zero(packed)
     config = mma_plan(n, k, zero is None, _sm_count(x.device.index or 0)) or dict(MMA_CONFIG, split=1)
-    if act:
+    if act or rows > 1:
         config["split"] = 1
     width = n // 2 if act else n
     kernel, grid, args, constants = gluon_mma_gemv.launch(x2, words, packed.scale, packed.offset, n,
@@ -608,7 +613,7 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
                             (*x.shape[:-1], width), bias)
     except AttributeError:  # a Triton whose launcher is laid out otherwise: its own launch path
         def fn(x):
-            return gluon_mma_gemv.mma_gemv(x.reshape(1, k), words, packed.scale, packed.offset, n,
+            return gluon_mma_gemv.mma_gemv(x.reshape(rows, k), words, packed.scale, packed.offset, n,
                                            packed.scheme.group_length(k), zero, pdl=pdl, interleave=interleave,
                                            act=act, **config).view(*x.shape[:-1], width)
     if bias is None:
