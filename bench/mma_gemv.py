@@ -10,12 +10,12 @@ shapes: q/k/v, o, gate/up, down), each shape with its best configuration. PDL on
     PYTHONPATH=src python bench/mma_gemv.py --json bench/results/mma_gemv_h100.json
     PYTHONPATH=src python bench/mma_gemv.py --specs int4/g128 --configs 1 --shapes 22016x4096 --act   # the epilogue
 
-`--rows M ...` times the rows mode instead (2..16 activation rows, one or two MMA fragments): for each re-laid
+`--rows M ...` times the rows mode instead (2..8 activation rows, row r in column r of the MMAs' B): for each re-laid
 shape and M, the rows mode's configurations beside what such a layer ran before it (its weight decoded from the
 re-laid codes, then cuBLAS), the stored layout's own kernels at M (`current`, as a layer not re-laid runs) and bf16
 cuBLAS; then the 7B stack at each M with the re-laid shapes (q/k/v, gate/up) on their best rows-mode plan.
 
-    PYTHONPATH=src python bench/mma_gemv.py --specs int4/g128,nf4/g64 --rows 4 16 --json rows.json
+    PYTHONPATH=src python bench/mma_gemv.py --specs int4/g128,nf4/g64 --rows 2 4 8 --json rows.json
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
     parser.add_argument("--rows", type=int, nargs="+", default=None,
-                        help="time the rows mode at these row counts (2..16) instead (module docstring)")
+                        help="time the rows mode at these row counts (2..8) instead (module docstring)")
     args = parser.parse_args()
     torch.manual_seed(0)
     specs = args.specs.split(",")

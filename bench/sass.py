@@ -70,8 +70,8 @@ def compile_gemv(spec: str, n: int, k: int, half: bool, kernel_name: str = "gemv
 def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain"):
     """gluon_mma_gemv's kernel for `spec` (int4, int4-asym or nf4, bfloat16 activations) with the plan decode uses;
     (compiled, weights per thread per loop step). variant: plain, split (split-K), interleave ([gate | up] rows
-    interleaved), act (interleaved, with the activation in the epilogue), rows8 or rows16 (the rows mode: one or two
-    fragments of up to 8 activation rows)."""
+    interleaved), act (interleaved, with the activation in the epilogue) or rows (the rows mode: up to 8 activation
+    rows)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -83,10 +83,10 @@ def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain"):
     nf4, affine = scheme.format == "nf4", scheme.qformat.affine
     config = triton_backend.MMA_NF4_CONFIG if nf4 else triton_backend.MMA_CONFIG
     zero = 0 if affine else 8
-    fragments = {"rows8": 1, "rows16": 2}.get(variant, 0)
-    constants = dict(MMA_ASM=mma_ptx.mma_asm(True, nf4, fragments), XSUM_ASM=mma_ptx.xsum_asm(True, min(fragments, 1)),
+    fragments = 1 if variant == "rows" else 0
+    constants = dict(MMA_ASM=mma_ptx.mma_asm(True, nf4, fragments), XSUM_ASM=mma_ptx.xsum_asm(True, fragments),
                      MMA_CONSTRAINTS=mma_ptx.mma_constraints(nf4, fragments),
-                     XSUM_CONSTRAINTS=mma_ptx.xsum_constraints(min(fragments, 1)), FRAGMENTS=fragments,
+                     XSUM_CONSTRAINTS=mma_ptx.xsum_constraints(fragments), FRAGMENTS=fragments,
                      CORRECTION=0.0 if nf4 else mma_ptx.MAGIC[True] + zero, AFFINE=affine,
                      GS=scheme.group_length(k), EVEN=True, RT=config["rows_per_thread"], CS=config["chunks_per_step"],
                      WR=config["warps_rows"], WK=config["warps_k"], PDL=True, XSUM=not nf4 or affine, NF4=nf4,
@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--float32", action="store_true", help="the float32 inner product instead of HALF")
     p.add_argument("--dump", type=Path, default=None, help="write the whole SASS here")
     p.add_argument("--mma", action="store_true", help="the tensor-core GEMV (gluon_mma_gemv) with decode's plan")
-    p.add_argument("--variant", default="plain", choices=["plain", "split", "interleave", "act", "rows8", "rows16"],
+    p.add_argument("--variant", default="plain", choices=["plain", "split", "interleave", "act", "rows"],
                    help="with --mma: split-K, [gate | up] rows interleaved, or interleaved with the activation")
     args = p.parse_args()
     if args.mma:

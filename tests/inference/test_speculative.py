@@ -397,10 +397,11 @@ def test_graph_speculation_on_cuda_equals_eager_and_replays(cuda, decoders):
 
 
 @pytest.mark.gpu
-def test_the_draft_steps_on_the_tensor_core_gemv_and_the_verifier_keeps_the_stored_layout(cuda, monkeypatch):
-    """A draft's forwards after its prefill take one token, so its int4 layers are re-laid for the tensor-core GEMV
-    for the generation; the target's verify passes take k+1 tokens, so its layers keep the stored order. Both
-    models' bytes are as stored afterwards, and greedy output is the target's own."""
+def test_the_draft_steps_and_the_verify_passes_on_the_tensor_core_gemv(cuda, monkeypatch):
+    """A draft's forwards after its prefill take one token, the target's verify passes k+1: both models' int4 layers
+    are re-laid for the tensor-core GEMV for the generation (the target's for its rows mode, so its gated MLPs'
+    rows are not interleaved: the activation in the GEMV's epilogue takes one row). Both models' bytes are as
+    stored afterwards, and greedy output is the target's own."""
     from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
     from modelpress.nn import triton_backend
 
@@ -413,13 +414,14 @@ def test_the_draft_steps_on_the_tensor_core_gemv_and_the_verifier_keeps_the_stor
         quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse("int4/g64")))
         return model.to(cuda)
 
-    # both int4 in bfloat16: only the draft is re-laid
+    # both int4 in bfloat16: both re-laid, only the draft's MLPs interleaved
     target, draft = int4(copy.deepcopy(base).to(torch.bfloat16)), int4(copy.deepcopy(base).to(torch.bfloat16))
     states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (target, draft)]
     plain = generate(target, prompt, greedy("graph", 16))
     result = speculative_generate(target, draft, prompt, greedy("graph", 16), SpeculativeConfig(3))
     assert f" {4 * layers} 4-bit layers on the tensor-core GEMV" in plain.fusions  # plain decoding re-lays it
-    assert f" {4 * layers} 4-bit layers on the tensor-core GEMV" in result.fusions  # the draft's, not the target's
+    assert f" {8 * layers} 4-bit layers on the tensor-core GEMV" in result.fusions  # the draft's and the target's
+    assert f" {layers} MLP activations in the GEMV" in result.fusions  # the draft's
     assert result.decode_path == "graph" and result.acceptance_rate > 0.5  # the same codes: drafts mostly kept
     for model, state in zip((target, draft), states):
         after = model.state_dict()

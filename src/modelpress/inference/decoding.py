@@ -298,18 +298,18 @@ def fused_writes(settings: GenerationSettings) -> bool:
 
 @contextlib.contextmanager
 def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: tuple[nn.Module, ...] = (),
-                   rows: int = 1) -> Iterator[FusionReport]:
+                   rows: int = 1, verify_rows: int = 1) -> Iterator[FusionReport]:
     """The context a generation runs in: the CPU backend's kernels for float32 activations, if asked, and on CUDA
     the decode-time fusions of inference/fusion.py (sibling projections as one matmul; RMS norms with the residual
     adds before them, rotary embeddings and SiLU-times-up as one kernel each), undone on the way out; a static cache
     built inside it writes keys and values in one kernel a layer (`fused_writes`). Not with compile=True: inductor fuses on its own terms,
     and modules and functions made anew for each call would fail the guards of the compiled forward, which is meant
     to be compiled once and reused by later calls. Every forward of `models` after the prefill takes one token (plain
-    decoding, a speculative draft's steps), so their int4 layers are re-laid for the tensor-core GEMV; in
-    `verifiers`, models whose later forwards take several tokens (a speculative target's verify passes), and for
-    `rows` > 1 (sequences decoded together), without the gated MLP's activation in the GEMV's epilogue (which takes
-    one row). The GEMV takes up to mma_ptx.MAX_ROWS rows (more decode the weight for cuBLAS); a batch of more rows
-    is not re-laid."""
+    decoding, a speculative draft's steps), so their int4 layers are re-laid for the tensor-core GEMV. `rows`: the
+    sequences decoded together; `verifiers`: models whose later forwards take `verify_rows` tokens (a speculative
+    target's verify passes). The GEMV takes up to mma_ptx.MAX_ROWS rows: a model whose forwards take more is not
+    re-laid (the weight would be decoded for cuBLAS at every call), and one whose forwards take several without the
+    gated MLP's activation in the GEMV's epilogue (which takes one row)."""
     from modelpress.nn.cpu_backend import fast_cpu
     from modelpress.nn.mma_ptx import MAX_ROWS
 
@@ -320,8 +320,8 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: 
         for model in dict.fromkeys(models) if settings.fuse and not settings.compile else ():
             if any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers())):
                 try:
-                    fused, undo = fuse_for_decode(model, relayout=rows <= MAX_ROWS,  # undone if it raises
-                                                  interleave=rows == 1 and model not in verifiers)
+                    width = rows * (verify_rows if model in verifiers else 1)  # activation rows a forward takes
+                    fused, undo = fuse_for_decode(model, relayout=width <= MAX_ROWS, interleave=width == 1)
                 except Exception as err:  # noqa: BLE001  (an optimization: never a reason not to generate)
                     log.warning("decoding unfused: the decode-time fusions failed (%s: %s)", type(err).__name__,
                                 str(err).splitlines()[0][:300] if str(err) else "")

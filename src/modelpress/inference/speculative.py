@@ -134,7 +134,7 @@ def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.T
                          target_cache: Cache | None = None, draft_cache: Cache | None = None,
                          generator: torch.Generator | None = None,
                          on_tokens: TokenCallback | None = None) -> GenerationResult:
-    with kernel_context(settings, target, draft, verifiers=(target,)) as fusions:
+    with kernel_context(settings, target, draft, verifiers=(target,), verify_rows=config.draft_tokens + 1) as fusions:
         result = _speculative_generate(target, draft, input_ids, settings, config, target_cache, draft_cache,
                                        generator, on_tokens, fusions)
     result.fusions = fusions.summary()

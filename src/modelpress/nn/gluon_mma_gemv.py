@@ -55,9 +55,9 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                      SPLITS: gl.constexpr = 1, INTERLEAVE: gl.constexpr = False, ACT: gl.constexpr = False,
                      FRAGMENTS: gl.constexpr = 0):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
-    of 64). FRAGMENTS = F > 0 (rows mode): y (M, N) = x (M, K) @ W^T for M <= 8 F rows of a contiguous x, row r of
-    x in column r of the MMAs' B (mma_ptx.mma_asm's fragments), every lane storing its four sums of each fragment;
-    not with SPLIT_K or INTERLEAVE. A program owns RT * WR row tiles of 16 rows (WR warps along them) and, of K, the chunks_per_split
+    of 64). FRAGMENTS = 1 (rows mode): y (M, N) = x (M, K) @ W^T for M <= 8 rows of a contiguous x, row r of x in
+    column r of the MMAs' B (mma_ptx.mma_asm's fragments), every lane storing its four sums; not with SPLIT_K or
+    INTERLEAVE. A program owns RT * WR row tiles of 16 rows (WR warps along them) and, of K, the chunks_per_split
     chunks of split program_id(1), which its WK warps along K walk CS chunks at a time each; the next step's
     words are loaded before this step's MMAs. EVEN: every split is a whole number of steps. SPLIT_K: the splits'
     float32 partial sums go through ws_ptr (splits, N), and the last program of a row block to arrive (counted in
@@ -96,10 +96,9 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
 
     words = w_ptr + tile * (chunks * 128) + (((c_begin + chunk) * 32 + lane) * 4 + slot)[None, :, :, :]  # step 1's
     x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + (16 * chunk + 4 * slot + lane % 4)
-    if FRAGMENTS > 0:  # lane (g, t) reads x row g (and 8 + g): column g of each fragment of B
+    if FRAGMENTS > 0:  # lane (g, t) reads x row g: column g of B
         x_quads += (lane // 4) * (chunks * 16)
         x_in = lane // 4 < M
-        x_in1 = lane // 4 + 8 < M
     if INTERLEAVE:  # the tile's row g is gate row 8t + g, its row g + 8 up row 8t + g
         rows = gl.minimum(s_tile * 8 + s_lane // 4, N // 2 - 1)
         rows_hi = rows + N // 2
@@ -134,8 +133,6 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
         gdc_launch_dependents()
         gdc_wait()
     acc = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)
-    if FRAGMENTS == 2:
-        acc1 = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)  # the second fragment's (x rows 8..15)
     for c0 in range(c_begin, c_end, CK):
         w = w_next
         words += CK * 128
@@ -143,8 +140,6 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
             w_next = gl.load(words, mask=c0 + CK < c_end, other=0)
             if FRAGMENTS > 0:
                 xv = gl.load(x_quads + c0 * 16, mask=x_in, other=0)
-                if FRAGMENTS == 2:
-                    xv1 = gl.load(x_quads + (c0 + 8 * chunks) * 16, mask=x_in1, other=0)
             else:
                 xv = gl.load(x_quads + c0 * 16)
             group = ((c0 + s_chunk) * 64 // GS) * stride_sg
@@ -152,23 +147,12 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
             w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
             if FRAGMENTS > 0:
                 xv = gl.load(x_quads + c0 * 16, mask=(c0 + chunk < c_end) & x_in, other=0)
-                if FRAGMENTS == 2:
-                    xv1 = gl.load(x_quads + (c0 + 8 * chunks) * 16, mask=(c0 + chunk < c_end) & x_in1, other=0)
             else:
                 xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < c_end, other=0)
             group = (gl.minimum(c0 + s_chunk, c_end - 1) * 64 // GS) * stride_sg
         s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
                      gl.load(s_high + group).to(gl.float32)[:, :, :, None])
-        if FRAGMENTS == 2:
-            if NF4:
-                raw, raw1 = gl.inline_asm_elementwise(
-                    MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :], xv1[None, :, :, :], t0, t1, t2, t3, t4, t5, t6,
-                                               t7], dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
-            else:
-                raw, raw1 = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS,
-                                                      [w, xv[None, :, :, :], xv1[None, :, :, :]],
-                                                      dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
-        elif NF4:
+        if NF4:
             raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :], t0, t1, t2, t3, t4, t5,
                                                                        t6, t7], dtype=gl.float32, is_pure=True, pack=4)
         else:
@@ -178,33 +162,22 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
             x_sum = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv], dtype=gl.float32, is_pure=True,
                                               pack=4)[None, :, :, :]
             acc += (raw - CORRECTION * x_sum) * s
-            if FRAGMENTS == 2:
-                x_sum1 = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv1], dtype=gl.float32,
-                                                   is_pure=True, pack=4)[None, :, :, :]
-                acc1 += (raw1 - CORRECTION * x_sum1) * s
         else:
             acc += raw * s
-            if FRAGMENTS == 2:
-                acc1 += raw1 * s
         if AFFINE:
             o = gl.where(even_slot, gl.load(o_low + group).to(gl.float32)[:, :, :, None],
                          gl.load(o_high + group).to(gl.float32)[:, :, :, None])
             acc += x_sum * o
-            if FRAGMENTS == 2:
-                acc1 += x_sum1 * o
 
     total = gl.sum(acc, axis=1)  # (BT, 32, 4)
     T: gl.constexpr = gl.SliceLayout(1, P)
-    if FRAGMENTS > 0:  # lane (g, t), slot q: weight row g + 8 (q // 2) of its tile, x row 2t + q % 2 (+ 8)
+    if FRAGMENTS > 0:  # lane (g, t), slot q: weight row g + 8 (q // 2) of its tile, x row 2t + q % 2
         r_slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, T)))[None, None, :]
         r_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, T)))[None, :, None]
         r_tile = (first_tile + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, T))))[:, None, None]
         n_out = r_tile * 16 + r_lane // 4 + 8 * (r_slot // 2)
         m_out = 2 * (r_lane % 4) + r_slot % 2
         gl.store(y_ptr + m_out * N + n_out, total.to(y_ptr.dtype.element_ty), mask=(m_out < M) & (n_out < N))
-        if FRAGMENTS == 2:
-            gl.store(y_ptr + (m_out + 8) * N + n_out, gl.sum(acc1, axis=1).to(y_ptr.dtype.element_ty),
-                     mask=(m_out + 8 < M) & (n_out < N))
     else:
         t_slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, T)))[None, None, :]
         low = gl.sum(gl.where(t_slot % 2 == 0, total, 0.0), axis=2)  # (BT, 32): row g of each lane's tile
@@ -279,7 +252,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
         raise ValueError("the MMA GEMV reads x 8 bytes at a time: it must be 16-byte aligned")
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"the MMA GEMV takes 1 to {MAX_ROWS} rows of x, got {m}")
-    fragments = 0 if m == 1 else -(-m // 8)
+    fragments = 0 if m == 1 else 1
     if fragments and (interleave or split > 1 or not x.is_contiguous()):
         raise ValueError("the MMA GEMV's rows mode takes contiguous rows of x, whole K and rows not interleaved")
     y = torch.empty((m, n // 2 if act else n), device=x.device, dtype=x.dtype) if out is None else out
@@ -299,9 +272,8 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     table = _nf4_table(x.device, bf16) if nf4 else scale
     args = (x, words, scale, offset if offset is not None else scale, table, y, workspace, locks, n, chunks, per_split,
             scale.stride(0), scale.stride(1), m)
-    xsum_fragments = min(fragments, 1)  # the rows mode sums each fragment's x with a call of its own
-    constants = dict(MMA_ASM=mma_asm(bf16, nf4, fragments), XSUM_ASM=xsum_asm(bf16, xsum_fragments),
-                     MMA_CONSTRAINTS=mma_constraints(nf4, fragments), XSUM_CONSTRAINTS=xsum_constraints(xsum_fragments),
+    constants = dict(MMA_ASM=mma_asm(bf16, nf4, fragments), XSUM_ASM=xsum_asm(bf16, fragments),
+                     MMA_CONSTRAINTS=mma_constraints(nf4, fragments), XSUM_CONSTRAINTS=xsum_constraints(fragments),
                      CORRECTION=0.0 if nf4 else MAGIC[bf16] + zero,
                      AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0 and per_split % ck == 0,
                      RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl,

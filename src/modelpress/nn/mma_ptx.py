@@ -9,7 +9,10 @@ from modelpress.nn.nf4_ptx import bf16_bits, f16_bits, nf4_levels
 
 CHUNK = 64  # columns of K per lane word quad (four MMAs of 16)
 TILE = 16  # rows per MMA tile
-MAX_ROWS = 16  # activation rows mma_asm's rows mode takes: two B fragments of 8 columns
+# activation rows gluon_mma_gemv's rows mode takes: one B fragment of 8 columns. (mma_asm takes two fragments, 16
+# rows, too; on an H100 that kernel was slower at 16 rows than the stored layout's own: 27.8 against 18.7 µs on
+# 12288x4096, 3.58 instructions a weight against 2.50 at 8 rows, bench/mma_gemv.py --rows, so it is not built)
+MAX_ROWS = 8
 # the nibble that holds the q-th code of a word (q = 4 * (second MMA) + column): int4's LOP3 decode pairs nibbles
 # (i, i + 4), NF4's byte-permute lookup pairs (2i, 2i + 1)
 NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
@@ -138,20 +141,19 @@ def mma_asm(bf16: bool, nf4: bool = False, fragments: int = 0) -> str:
     for f in range(count):
         for chain, acc in ((0, "a"), (1, "b")):
             row_g, row_g8 = 4 * (2 * chain), 4 * (2 * chain + 1)  # first pair register of the chain's two words
+            if fragments:  # rows mode: one chain of four MMAs over the whole chunk (each slot's sum is wanted whole)
+                acc = "a"
             d = "{" + ", ".join(f"{acc}{4 * f + i}" for i in range(4)) + "}"
             for step in range(2):
                 j = 2 * chain + step
                 p = 2 * step  # pairs 0, 1 feed the chain's first MMA, pairs 2, 3 its second
                 a_regs = f"{{pr{row_g + p}, pr{row_g8 + p}, pr{row_g + p + 1}, pr{row_g8 + p + 1}}}"
-                c = "{z, z, z, z}" if step == 0 else d
+                c = "{z, z, z, z}" if j == 0 or (step == 0 and not fragments) else d
                 lines.append(f"{_mma(bf16)} {d}, {a_regs}, {{x{8 * f + 2 * j}, x{8 * f + 2 * j + 1}}}, {c};")
     if fragments == 0:
         lines += ["mov.b32 $0, a0;", "mov.b32 $1, a2;", "mov.b32 $2, b0;", "mov.b32 $3, b2;", "}"]
-    else:  # the two chains added: each D slot of each fragment, over the whole chunk
-        for f in range(count):
-            for i in range(4):
-                lines += [f"add.f32 s, a{4 * f + i}, b{4 * f + i};", f"mov.b32 ${4 * f + i}, s;"]
-        lines.append("}")
+    else:
+        lines += [f"mov.b32 ${4 * f + i}, a{4 * f + i};" for f in range(count) for i in range(4)] + ["}"]
     return "\n".join(lines)
 
 
@@ -177,18 +179,15 @@ def xsum_asm(bf16: bool, fragments: int = 0) -> str:
               for f in range(count) for j in range(4)]
     for f in range(count):
         for chain, acc in ((0, "a"), (1, "b")):
+            acc = "a" if fragments else acc  # rows mode: one chain over the whole chunk
             d = "{" + ", ".join(f"{acc}{4 * f + i}" for i in range(4)) + "}"
             for step in range(2):
                 j = 2 * chain + step
-                c = "{z, z, z, z}" if step == 0 else d
+                c = "{z, z, z, z}" if j == 0 or (step == 0 and not fragments) else d
                 lines.append(f"{_mma(bf16)} {d}, {{one, one, one, one}}, {{x{8 * f + 2 * j}, x{8 * f + 2 * j + 1}}}, "
                              f"{c};")
     if fragments == 0:
         lines += ["mov.b32 $0, a0;", "mov.b32 $1, a0;", "mov.b32 $2, b0;", "mov.b32 $3, b0;", "}"]
     else:
-        for f in range(count):
-            for i in range(2):
-                lines += [f"add.f32 s, a{4 * f + i}, b{4 * f + i};", f"mov.b32 ${4 * f + i}, s;",
-                          f"mov.b32 ${4 * f + i + 2}, s;"]
-        lines.append("}")
+        lines += [f"mov.b32 ${4 * f + i}, a{4 * f + i % 2};" for f in range(count) for i in range(4)] + ["}"]
     return "\n".join(lines)
