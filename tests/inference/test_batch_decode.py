@@ -151,7 +151,7 @@ def test_a_batch_is_captured_on_cuda_and_matches_its_static_run(cuda, spec):
     quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse(spec)))
     graphed = generate_batch(model, PROMPTS, settings(decode="auto"))
     static = generate_batch(model, PROMPTS, settings(decode="static"))
-    assert graphed.batched and graphed.decode_path == "graph" and graphed.fusions
+    assert graphed.batched and graphed.decode_path == "graph" and "KV writes" in graphed.fusions
     assert graphed.tokens == static.tokens
     for prompt, tokens in zip(PROMPTS, graphed.tokens):
         assert generate(model, prompt, settings(decode="auto")).tokens[:3] == tokens[:3]

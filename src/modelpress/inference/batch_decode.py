@@ -28,6 +28,7 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.inference.decoding import (GenerationSettings, fused_writes, generate, kernel_context, model_device,
                                            prompt_list, static_cache_obstacle, supports_logits_to_keep)
+from modelpress.inference.fusion import FusionReport
 from modelpress.inference.kv_cache import KV_MODES
 from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
 
@@ -98,7 +99,7 @@ def generate_batch(model: nn.Module, prompts: list[list[int]] | list[torch.Tenso
         return _one_at_a_time(model, rows, settings, generator)
     # a step's matmuls take B rows: 4-bit layers re-laid for the tensor-core GEMV up to its row limit
     with kernel_context(settings, model, rows=len(rows)) as fusions:
-        result = _batched(model, rows, settings, generator, on_step)
+        result = _batched(model, rows, settings, generator, on_step, fusions)
     result.fusions = fusions.summary()
     return result
 
@@ -115,8 +116,8 @@ def _one_at_a_time(model: nn.Module, rows: list[list[int]], settings: Generation
 
 
 def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettings,
-             generator: torch.Generator | None, on_step: Callable[[list[int]], None] | None
-             ) -> BatchGenerationResult:
+             generator: torch.Generator | None, on_step: Callable[[list[int]], None] | None,
+             fusions: FusionReport) -> BatchGenerationResult:
     from modelpress.inference.static_decode import StaticDecoder
 
     start = time.perf_counter()
@@ -146,6 +147,8 @@ def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettin
             break
         logits = decoder.step_rows(picked)
         forwards += 1
+    if getattr(decoder.cache, "wrote_fused", False):
+        fusions.kv_writes = True
     return BatchGenerationResult(tokens=new, prompt_tokens=[len(row) for row in rows],
                                  seconds=time.perf_counter() - start, forwards=forwards,
                                  decode_path="graph" if decoder.graph is not None else "static", batched=True,
