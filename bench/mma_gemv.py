@@ -85,6 +85,28 @@ def dequantize_impl(spec: str):
     return build, call
 
 
+def time_stacks(spec: str, m: int, plans: dict, name: str, bf16: bool) -> list[dict]:
+    """The 7B stack (32 blocks of the fused decode shapes) at m rows, ms: on the stored layout's kernels
+    ("current"), with the shapes in `plans` ((N, K) -> configuration) on the tensor-core GEMV (`name`), and in bf16
+    if asked; one row each."""
+    weights = [(n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_FUSED]
+    impls = {"current": {(n, k): ours(spec) for n, k in LLAMA2_7B_FUSED},
+             name: {(n, k): mma_impl(spec, plans[(n, k)]) if (n, k) in plans else ours(spec)
+                    for n, k in LLAMA2_7B_FUSED}}
+    if bf16:
+        impls["bf16"] = {(n, k): bf16_linear() for n, k in LLAMA2_7B_FUSED}
+    xs = {k: torch.randn(m, k, device=DEVICE).to(torch.bfloat16) for k in (4096, 11008)}
+    rows = []
+    for impl, by_shape in impls.items():
+        states = [(by_shape[(n, k)][0](n, k), by_shape[(n, k)][1], k) for n, k in weights]
+        t = time_sequence([lambda s=s, c=c, k=k: c(s, xs[k]) for s, c, k in states], repeats=10)
+        rows.append({"spec": spec, "M": m, "impl": impl, "stack_ms": t["graph_us"] * len(states) / 1e3})
+        print(json.dumps(rows[-1]), flush=True)
+        del states
+        torch.cuda.empty_cache()
+    return rows
+
+
 def rows_main(args, specs: list[str]) -> dict:
     """--rows: the rows mode against the paths a layer takes at M rows otherwise (module docstring)."""
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_tbs": read_bandwidth_tbs(),
@@ -117,21 +139,8 @@ def rows_main(args, specs: list[str]) -> dict:
                 result["rows"].append(row)
                 print(json.dumps({key: v for key, v in row.items() if key != "sweep"}), flush=True)
                 torch.cuda.empty_cache()
-            weights = [(n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_FUSED]
-            impls = {"current": {(n, k): ours(spec) for n, k in LLAMA2_7B_FUSED},
-                     "rows_mode": {(n, k): mma_impl(spec, best[(m, n, k)]) if (m, n, k) in best else ours(spec)
-                                   for n, k in LLAMA2_7B_FUSED}}
-            if spec == specs[0]:
-                impls["bf16"] = {(n, k): bf16_linear() for n, k in LLAMA2_7B_FUSED}
-            xs = {k: torch.randn(m, k, device=DEVICE).to(torch.bfloat16) for k in (4096, 11008)}
-            for name, by_shape in impls.items():
-                states = [(by_shape[(n, k)][0](n, k), by_shape[(n, k)][1], k) for n, k in weights]
-                t = time_sequence([lambda s=s, c=c, k=k: c(s, xs[k]) for s, c, k in states], repeats=10)
-                row = {"spec": spec, "M": m, "impl": name, "stack_ms": t["graph_us"] * len(states) / 1e3}
-                result["stack"].append(row)
-                print(json.dumps(row), flush=True)
-                del states
-                torch.cuda.empty_cache()
+            plans = {(n, k): plan for (rows, n, k), plan in best.items() if rows == m}
+            result["stack"] += time_stacks(spec, m, plans, "rows_mode", spec == specs[0])
     print(f"\n{result['device']}, read bandwidth {result['read_tbs']:.2f} TB/s")
     print("| spec | M | N x K | rows mode, best (µs) | rows mode, decode's plan | decode + cuBLAS (before) "
           "| stored layout's kernels | bf16 cuBLAS | best plan |")
@@ -216,22 +225,9 @@ def main() -> None:
                         for name, impl in act_impls(spec, config).items()})
             result.setdefault("act", []).append(row)
             print(json.dumps(row), flush=True)
-        weights = [(n, k) for _ in range(LAYERS) for n, k in LLAMA2_7B_FUSED]
         # the stack as decode runs it: each shape on the GEMV that is faster for it
-        impls = {"current": {(n, k): ours(spec) for n, k in LLAMA2_7B_FUSED},
-                 "mma": {(n, k): mma_impl(spec, best[(spec, n, k)]) if (spec, n, k) in best else ours(spec)
-                         for n, k in LLAMA2_7B_FUSED}}
-        if spec == specs[0]:
-            impls["bf16"] = {(n, k): bf16_linear() for n, k in LLAMA2_7B_FUSED}
-        xs = {k: torch.randn(1, k, device=DEVICE).to(torch.bfloat16) for k in (4096, 11008)}
-        for name, by_shape in impls.items():
-            states = [(by_shape[(n, k)][0](n, k), by_shape[(n, k)][1], k) for n, k in weights]
-            t = time_sequence([lambda s=s, c=c, k=k: c(s, xs[k]) for s, c, k in states], repeats=10)
-            row = {"spec": spec, "impl": name, "stack_ms": t["graph_us"] * len(states) / 1e3}
-            result["stack"].append(row)
-            print(json.dumps(row), flush=True)
-            del states
-            torch.cuda.empty_cache()
+        plans = {(n, k): plan for (name, n, k), plan in best.items() if name == spec}
+        result["stack"] += time_stacks(spec, 1, plans, "mma", spec == specs[0])
     args.json.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, read bandwidth {result['read_tbs']:.2f} TB/s")
     print("| spec | N x K | current µs | MMA best µs (% of read bandwidth) | MMA / current | bf16 µs "
