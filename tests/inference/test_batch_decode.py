@@ -115,6 +115,23 @@ def test_what_the_batch_cannot_serve_runs_one_prompt_at_a_time(kw, reason, caplo
     assert result.tokens == [generate(model, p, settings(**kw)).tokens for p in PROMPTS[:2]]
 
 
+def test_on_the_cpu_a_packed_model_the_native_step_serves_decodes_one_prompt_at_a_time(caplog):
+    """decode="auto" on the CPU: a packed model the native step serves runs one prompt at a time on it (faster there
+    than a batch on the static cache); its float original decodes as a batch."""
+    from modelpress.inference.decoding import native_path_obstacle
+
+    model = varied()
+    auto = GenerationSettings(max_new_tokens=6, sampling=GREEDY)
+    assert generate_batch(model, PROMPTS[:2], auto).batched
+    quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse("int4/g32")))
+    native = native_path_obstacle(model, auto, None) is None
+    with caplog.at_level(logging.WARNING):
+        result = generate_batch(model, PROMPTS[:2], auto)
+    assert result.batched is not native
+    if native:
+        assert result.decode_path == "native" and "faster than a batch" in caplog.text
+
+
 def test_top_k_one_samples_the_greedy_tokens_and_sampling_draws_per_row():
     model = varied()
     greedy = generate_batch(model, PROMPTS, settings()).tokens
