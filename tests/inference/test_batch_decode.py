@@ -106,6 +106,7 @@ def test_int8_kv_cache_batches_and_matches_each_prompt():
 
 
 @pytest.mark.parametrize("kw, reason", [({"decode": "eager"}, "decode='eager'"),
+                                        ({"decode": "native"}, "decode='native'"),
                                         ({"kv_cache": "int4"}, "groups of tokens")])
 def test_what_the_batch_cannot_serve_runs_one_prompt_at_a_time(kw, reason, caplog):
     model = varied()
@@ -130,6 +131,19 @@ def test_on_the_cpu_a_packed_model_the_native_step_serves_decodes_one_prompt_at_
     assert result.batched is not native
     if native:
         assert result.decode_path == "native" and "faster than a batch" in caplog.text
+
+
+def test_a_failed_batched_prefill_runs_one_prompt_at_a_time(monkeypatch, caplog):
+    model = varied()
+
+    def broken(self, prompts):
+        raise RuntimeError("this model's forward takes no 4-D mask")
+
+    monkeypatch.setattr(StaticDecoder, "prefill_rows", broken)
+    with caplog.at_level(logging.WARNING):
+        result = generate_batch(model, PROMPTS[:2], settings())
+    assert not result.batched and "batched static-cache prefill failed (RuntimeError: this model" in caplog.text
+    assert result.tokens == [generate(model, p, settings()).tokens for p in PROMPTS[:2]]
 
 
 def test_top_k_one_samples_the_greedy_tokens_and_sampling_draws_per_row():

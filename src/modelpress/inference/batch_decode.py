@@ -12,8 +12,9 @@ row count (tests: equal tokens on the default model in float32).
 
 Where the static cache cannot serve the batch (decode="eager", a model it cannot mask, a KV mode that quantizes keys
 over groups of tokens, whose groups a row's padding would shift), or where one prompt at a time is faster (on the
-CPU, a packed model the native step serves, or decode="native"), the prompts are generated one at a time through
-`generate`, and the reason is logged; `BatchGenerationResult.batched` says which happened.
+CPU, a packed model the native step serves, or decode="native"), or where the batched prefill fails, the prompts are
+generated one at a time through `generate`, and the reason is logged; `BatchGenerationResult.batched` says which
+happened.
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ def batch_obstacle(model: nn.Module, settings: GenerationSettings) -> str | None
     """Why the prompts cannot (or should not) decode together on the static cache, or None."""
     if settings.decode == "eager":
         return "decode='eager' asks for transformers' dynamic cache, one prompt at a time"
-    if settings.decode in ("auto", "native") and native_path_obstacle(model, settings, None) is None and (
-            settings.decode == "native" or any(isinstance(m, QuantLinear) for m in model.modules())):
-        # the default model with int4/g32 layers and an int8 head, 2 threads: 222 tok/s one prompt at a time on the
-        # native step, 76 and 53 over 2 and 4 prompts on the static cache (float weights: 49 against 79 over 4)
+    if settings.decode == "native":
+        return "decode='native' asks for the native CPU step, which decodes one sequence"
+    if settings.decode == "auto" and native_path_obstacle(model, settings, None) is None and any(
+            isinstance(m, QuantLinear) for m in model.modules()):
+        # the default model with int4/g32 layers and an int8 head, 2 threads: 216-231 tok/s one prompt at a time on
+        # the native step, 52-143 over 2-8 prompts on the static cache (float weights: 49-50 against 62-127;
+        # bench/cpu_batch.py)
         return "the native CPU step decodes a packed model one prompt at a time faster than a batch"
     mode = settings.kv_config.mode
     if mode in KV_MODES and KV_MODES[mode].kivi:
@@ -108,6 +112,8 @@ def generate_batch(model: nn.Module, prompts: list[list[int]] | list[torch.Tenso
     # a step's matmuls take B rows: 4-bit layers re-laid for the tensor-core GEMV up to its row limit
     with kernel_context(settings, model, rows=len(rows)) as fusions:
         result = _batched(model, rows, settings, generator, on_step, fusions)
+    if result is None:  # the static prefill failed (said why): as generate falls back to its eager path
+        return _one_at_a_time(model, rows, settings, generator)
     result.fusions = fusions.summary()
     return result
 
@@ -125,7 +131,7 @@ def _one_at_a_time(model: nn.Module, rows: list[list[int]], settings: Generation
 
 def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettings,
              generator: torch.Generator | None, on_step: Callable[[list[int]], None] | None,
-             fusions: FusionReport) -> BatchGenerationResult:
+             fusions: FusionReport) -> BatchGenerationResult | None:
     from modelpress.inference.static_decode import StaticDecoder
 
     start = time.perf_counter()
@@ -133,12 +139,15 @@ def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettin
     if settings.decode == "graph" and not graph:
         log.warning("CUDA graphs need a CUDA device, the model is on %s; decoding on a static cache without one",
                     model_device(model))
-    if settings.decode == "native":
-        log.info("the native CPU step decodes one sequence; the batch decodes on the static cache")
     decoder = StaticDecoder(model, max(map(len, rows)) + settings.max_new_tokens, graph=graph,
                             keep_last_only=supports_logits_to_keep(model), kv_cache=settings.kv_config,
                             compile=settings.compile, fused_writes=fused_writes(settings), batch=len(rows))
-    logits = decoder.prefill_rows(rows)
+    try:
+        logits = decoder.prefill_rows(rows)
+    except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, go one at a time)
+        log.warning("batched static-cache prefill failed (%s: %s); generating the prompts one at a time",
+                    type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
+        return None
     forwards, new = 1, [[] for _ in rows]
     done = [False] * len(rows)
     eos = set(settings.eos_token_ids)
