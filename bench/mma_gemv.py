@@ -128,7 +128,8 @@ def rows_main(args, specs: list[str]) -> dict:
                         sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, m, packed_bytes)["graph_us"]
                     except Exception as exc:  # a configuration that does not compile or fit is reported
                         sweep[json.dumps(config)] = f"{type(exc).__name__}: {exc}"[:160]
-                plan = json.dumps(triton_backend.MMA_NF4_CONFIG if spec.startswith("nf4") else triton_backend.MMA_CONFIG)
+                nf4 = spec.startswith("nf4")
+                plan = json.dumps(triton_backend.MMA_NF4_CONFIG if nf4 else triton_backend.MMA_CONFIG)
                 if plan not in sweep:
                     sweep[plan] = time_impl(mma_impl(spec, json.loads(plan)), n, k, m, packed_bytes)["graph_us"]
                 times = {c: t for c, t in sweep.items() if isinstance(t, float)}

@@ -584,9 +584,11 @@ def _relayout(model: nn.Module, report: FusionReport, interleave: bool = True) -
     """QuantLinears the tensor-core GEMV serves, and faster (triton_backend.mma_supported), get their codes re-laid
     in place for it (mma_ptx.mma_layout: the same bytes, in another order) and `mma_words`, a view of them, which
     QuantLinear.forward then reads: calls of one row (or up to mma_ptx.MAX_ROWS, where the rows are not
-    interleaved) run gluon_mma_gemv, others decode the weight from that layout for cuBLAS. undo() puts the stored order back, bit for bit. Until then the layer's qdata buffer holds the codes
-    in that order: its forward refuses calls that would read them as stored (autograd, torch.compile, the CPU), but
-    a state_dict or dequantized_weight taken meanwhile (from a generation's callback, say) reads them as stored."""
+    interleaved) run gluon_mma_gemv, others decode the weight from that layout for cuBLAS. undo() puts the stored
+    order back, bit for bit. Until then the layer's qdata buffer holds the codes in that order: its forward refuses
+    calls that would read them as stored (autograd, torch.compile, the CPU), but a state_dict or dequantized_weight
+    taken meanwhile (from a generation's callback, say) reads them as stored. interleave: gated MLPs' [gate | up]
+    rows interleaved for the activation in the GEMV's epilogue (one-row generations only)."""
     from modelpress.nn import triton_backend
     from modelpress.nn.mma_ptx import interleave_rows, mma_codes, mma_layout, standard_bytes
 
