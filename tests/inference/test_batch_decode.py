@@ -5,6 +5,7 @@ prompt at a time, saying why."""
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -155,6 +156,17 @@ def test_top_k_one_samples_the_greedy_tokens_and_sampling_draws_per_row():
     drawn = generate_batch(model, same, settings(sampling=SamplingConfig(temperature=5.0)),
                            generator=torch.Generator().manual_seed(0)).tokens
     assert len({tuple(t) for t in drawn}) > 1
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor compiles C++ on the CPU")
+def test_a_compiled_batch_gives_the_uncompiled_tokens():
+    """GenerationSettings.compile: the batch's forwards through torch.compile (the padded rows' 4-D masks and
+    positions as graph inputs) give the uncompiled batch's tokens."""
+    torch._dynamo.reset()
+    model = varied()
+    compiled = generate_batch(model, PROMPTS, settings(compile=True))
+    assert compiled.batched and compiled.tokens == generate_batch(model, PROMPTS, settings()).tokens
 
 
 def test_bad_batches_are_refused():
