@@ -31,6 +31,7 @@ def rates(model, prompts: list[list[int]], batches: list[int], new_tokens: int) 
     generate(model, prompts[0], GenerationSettings(max_new_tokens=4, sampling=greedy))  # warm-up: native build
     out = {}
     for b in batches:
+        generate_batch(model, prompts[:b], static)  # warm-up at this row count (kernels prepared per shape)
         began = time.perf_counter()
         result = generate_batch(model, prompts[:b], static)
         out[f"batch {b}"] = result.new_tokens / (time.perf_counter() - began)
