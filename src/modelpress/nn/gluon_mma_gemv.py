@@ -29,6 +29,13 @@ NF4 codes are laid out with NF4_NIBBLE_OF (nibbles 2i and 2i + 1 pair up) and de
 lookup straight into 16-bit level pairs (no magic number, no sums of x); the eight table registers come from a
 per-lane copy in memory, so that ptxas keeps them in ordinary registers.
 
+Rows mode (2 to MAX_ROWS = 8 rows of x: batched decoding, speculative verify passes): x row r goes to column r of B
+instead of x in every column, lane (g, t) reading row g at the same offsets; each lane's four D slots are then four
+outputs, weight rows g and g + 8 against x rows 2t and 2t + 1, and the four MMAs of a chunk run as one chain (a
+slot's sum is wanted whole). The sums of x come from the same MMA of ones, now one per x row. 2.39 instructions a
+weight against one row's 2.25; 13.3 µs for 2-4 rows of 12288x4096 on an H100 against the stored layout's kernels'
+17-18 (bench/mma_gemv.py --rows).
+
 Rounding: none in the int4 products; float32 sums whose largest terms are MAGIC + 15 times |x|, so the subtraction
 leaves an error of about 2**-24 * (MAGIC + 15) * sum |x| per half chunk, far below the bfloat16 or float16
 output's rounding (the CUDA-core GEMV sums float16 products, 2**-11 each).
