@@ -63,9 +63,29 @@ def test_several_prompts_decode_as_one_batch(tiny_llama_dir, tmp_path, capsys):
     data = json.loads((tmp_path / "batch.json").read_text())
     assert data["batched"] and data["texts"] == alone and data["new_tokens"] == 18
     assert out == "".join(f"### prompt {i}\n{text}\n" for i, text in enumerate(alone, 1))
-    assert "3 prompts as one batch" in err
+    assert "3 prompts in 1 batch" in err
     assert run_cli("generate", tiny_llama_dir, *args, "--self-speculative", "int4/g32", "--device", "cpu") == 2
     assert "speculative decoding takes one --prompt" in capsys.readouterr().err
+
+
+def test_a_prompts_file_decodes_in_batches_of_the_batch_size(tiny_llama_dir, tmp_path, capsys):
+    prompts = ["the cat", "a", "hello there", "dogs", "xyz"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts[:3]) + "\n\n" + "\n".join(prompts[3:]) + "\n")
+    assert run_cli("generate", tiny_llama_dir, *[a for p in prompts for a in ("--prompt", p)], "--max-new-tokens", "5",
+                   "--device", "cpu", "--json", tmp_path / "one.json") == 0
+    capsys.readouterr()
+    assert run_cli("generate", tiny_llama_dir, "--prompts-file", tmp_path / "p.txt", "--batch-size", "2",
+                   "--max-new-tokens", "5", "--device", "cpu", "--json", tmp_path / "file.json") == 0
+    out, err = capsys.readouterr()
+    one, file = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "file"))
+    assert file["prompts"] == prompts and file["texts"] == one["texts"] and file["new_tokens"] == 25
+    assert out.count("### prompt ") == 5 and "5 prompts in 3 batches" in err
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for path, message in ((tmp_path / "empty.txt", "holds no prompt"), (tmp_path / "none.txt", "cannot read")):
+        assert run_cli("generate", tiny_llama_dir, "--prompts-file", path, "--device", "cpu") == 2
+        assert message in capsys.readouterr().err
+    assert run_cli("generate", tiny_llama_dir, "--device", "cpu") == 2
+    assert "give a prompt" in capsys.readouterr().err
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_llama_dir, tmp_path):

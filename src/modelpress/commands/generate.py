@@ -1,9 +1,10 @@
-"""modelpress generate [MODEL] --prompt TEXT [--prompt TEXT ...] [--draft MODEL | --self-speculative FORMAT]
-[--kv-cache MODE]
+"""modelpress generate [MODEL] --prompt TEXT [--prompt TEXT ...] [--prompts-file FILE] [--batch-size N]
+[--draft MODEL | --self-speculative FORMAT] [--kv-cache MODE]
 
 Streams the new text to stdout as tokens are produced and prints tokens/s (and the draft acceptance rate)
-to stderr at the end. Several --prompt decode together as one batch (inference/batch_decode.py); each prompt's
-text is printed when the batch is done, after a line "### prompt N".
+to stderr at the end. Several prompts (--prompt more than once, or a --prompts-file of one a line) decode together
+in batches of --batch-size (inference/batch_decode.py); each prompt's text is printed when its batch is done, after a
+line "### prompt N".
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (plain, speculative or self-speculative)")
     add_model_argument(p)
-    p.add_argument("--prompt", required=True, action="append",
-                   help="prompt text; give it several times to decode the prompts together as one batch")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="prompt text; give it several times to decode the prompts together as a batch")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="prompts one a line (empty lines skipped), decoded in batches of --batch-size")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="prompts decoded together at most, with several prompts (default 16)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the tokenizer's chat template as a user turn")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
@@ -148,6 +153,9 @@ def decode_path_of(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.prompt = list(args.prompt) + read_prompts(args.prompts_file)
+    if not args.prompt:
+        raise ModelpressError("give a prompt: --prompt TEXT (once or more) or --prompts-file FILE")
     device = resolve_device(args.device)
     decode = decode_path_of(args, device)
     dtype = DTYPES[args.dtype] if args.dtype else None
@@ -162,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
                                   decode=decode, kv_cache=args.kv_cache,
                                   compile=args.compile, fuse=not args.no_fuse, cpu_products=args.cpu_products)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    if len(args.prompt) > 1:
+    if len(args.prompt) > 1 or args.prompts_file:
         return run_batch(args, loaded.source, model, tokenizer, settings, generator, device)
     ids = prompt_ids(tokenizer, args.prompt[0], args.chat)
     printer = StreamPrinter(tokenizer)
@@ -190,20 +198,53 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompts(path: str | None) -> list[str]:
+    """--prompts-file's prompts: its non-empty lines."""
+    if path is None:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    except OSError as err:
+        raise ModelpressError(f"cannot read the prompts file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ModelpressError(f"the prompts file {path} is not UTF-8 text") from None
+    if not prompts:
+        raise ModelpressError(f"the prompts file {path} holds no prompt (one a line)")
+    return prompts
+
+
 def run_batch(args: argparse.Namespace, source: str, model, tokenizer, settings: GenerationSettings, generator,
               device: torch.device) -> int:
-    """Several --prompt: one batch, each prompt's text printed once the batch is done."""
+    """Several prompts: batches of --batch-size, each prompt's text printed once its batch is done."""
     if args.draft or args.self_speculative:
         raise ModelpressError("speculative decoding takes one --prompt; several decode as a batch without a draft")
     rows = [prompt_ids(tokenizer, prompt, args.chat) for prompt in args.prompt]
-    result = generate_batch(model, rows, settings, generator=generator)
-    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
-    for i, text in enumerate(texts, 1):
-        sys.stdout.write(f"### prompt {i}\n{text}\n")
-    how = f"{len(rows)} prompts as one batch" if result.batched else f"{len(rows)} prompts one at a time"
-    print(f"{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s ({how}, "
-          f"{result.decode_path} path{', fused: ' + result.fusions if result.fusions else ''})", file=sys.stderr)
-    write_json(args.json, {**result.to_dict(), "texts": texts, "prompts": args.prompt, "model": source,
-                           "kv_cache": args.kv_cache, "device": str(device), "temperature": args.temperature,
-                           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed})
+    tokens, texts, seconds, batched, paths, fusions = [], [], 0.0, True, [], ""
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start:start + args.batch_size]
+        result = generate_batch(model, chunk, settings, generator=generator)
+        for i, new in enumerate(result.tokens, start + 1):
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            sys.stdout.write(f"### prompt {i}\n{text}\n")
+            tokens.append(new)
+            texts.append(text)
+        sys.stdout.flush()
+        seconds += result.seconds
+        batched = batched and (result.batched or len(chunk) == 1)  # a last batch of one runs as one prompt
+        paths.append(result.decode_path)
+        fusions = fusions or result.fusions
+    new_tokens = sum(map(len, tokens))
+    batches = -(-len(rows) // args.batch_size)
+    how = (f"{len(rows)} prompts in {batches} batch{'es' if batches > 1 else ''}" if batched
+           else f"{len(rows)} prompts one at a time")
+    path = ",".join(dict.fromkeys(paths))
+    print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s ({how}, {path} path"
+          f"{', fused: ' + fusions if fusions else ''})", file=sys.stderr)
+    write_json(args.json, {"rows": len(rows), "new_tokens": new_tokens, "prompt_tokens": [len(r) for r in rows],
+                           "seconds": seconds, "tokens_per_s": new_tokens / seconds, "batched": batched,
+                           "batch_size": args.batch_size, "decode_path": path, "fusions": fusions, "tokens": tokens,
+                           "texts": texts, "prompts": args.prompt, "model": source, "kv_cache": args.kv_cache,
+                           "device": str(device), "temperature": args.temperature, "top_k": args.top_k,
+                           "top_p": args.top_p, "seed": args.seed})
     return 0
