@@ -82,8 +82,8 @@ def batch_obstacle(model: nn.Module, settings: GenerationSettings) -> str | None
         return "decode='native' asks for the native CPU step, which decodes one sequence"
     if settings.decode == "auto" and native_path_obstacle(model, settings, None) is None and any(
             isinstance(m, QuantLinear) for m in model.modules()):
-        # the default model with int4/g32 layers and an int8 head, 2 threads: 194-210 tok/s one prompt at a time on
-        # the native step, 63-126 over 2-8 prompts on the static cache (float weights: 42-44 against 54-115;
+        # the default model with int4/g32 layers and an int8 head, 2 threads: 222-230 tok/s one prompt at a time on
+        # the native step, 81-144 over 2-8 prompts on the static cache (float weights: 48-49 against 59-126;
         # bench/cpu_batch.py)
         return "the native CPU step decodes a packed model one prompt at a time faster than a batch"
     mode = settings.kv_config.mode
