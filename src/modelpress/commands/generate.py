@@ -16,7 +16,7 @@ import torch
 
 from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
 from modelpress.errors import ModelpressError
-from modelpress.inference.batch_decode import generate_batch
+from modelpress.inference.batch_decode import BatchGenerationResult, generate_batch
 from modelpress.inference.decoding import GenerationSettings, generate
 from modelpress.inference.kv_cache import CACHE_MODES
 from modelpress.inference.sampling import SamplingConfig
@@ -220,31 +220,26 @@ def run_batch(args: argparse.Namespace, source: str, model, tokenizer, settings:
     if args.draft or args.self_speculative:
         raise ModelpressError("speculative decoding takes one --prompt; several decode as a batch without a draft")
     rows = [prompt_ids(tokenizer, prompt, args.chat) for prompt in args.prompt]
-    tokens, texts, seconds, batched, paths, fusions = [], [], 0.0, True, [], ""
+    results, texts = [], []
     for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start:start + args.batch_size]
-        result = generate_batch(model, chunk, settings, generator=generator)
-        for i, new in enumerate(result.tokens, start + 1):
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            sys.stdout.write(f"### prompt {i}\n{text}\n")
-            tokens.append(new)
-            texts.append(text)
+        results.append(generate_batch(model, rows[start:start + args.batch_size], settings, generator=generator))
+        for i, new in enumerate(results[-1].tokens, start + 1):
+            texts.append(tokenizer.decode(new, skip_special_tokens=True))
+            sys.stdout.write(f"### prompt {i}\n{texts[-1]}\n")
         sys.stdout.flush()
-        seconds += result.seconds
-        batched = batched and (result.batched or len(chunk) == 1)  # a last batch of one runs as one prompt
-        paths.append(result.decode_path)
-        fusions = fusions or result.fusions
-    new_tokens = sum(map(len, tokens))
-    batches = -(-len(rows) // args.batch_size)
-    how = (f"{len(rows)} prompts in {batches} batch{'es' if batches > 1 else ''}" if batched
+    # a last batch of one prompt runs as one prompt: it does not make the run unbatched
+    batched = all(r.batched or len(r.tokens) == 1 for r in results)
+    total = BatchGenerationResult(
+        tokens=[t for r in results for t in r.tokens], prompt_tokens=[len(r) for r in rows],
+        seconds=sum(r.seconds for r in results), forwards=sum(r.forwards for r in results),
+        decode_path=",".join(dict.fromkeys(r.decode_path for r in results)), batched=batched,
+        capture_seconds=sum(r.capture_seconds for r in results), fusions=results[0].fusions)
+    how = (f"{len(rows)} prompts in {len(results)} batch{'es' if len(results) > 1 else ''}" if batched
            else f"{len(rows)} prompts one at a time")
-    path = ",".join(dict.fromkeys(paths))
-    print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s ({how}, {path} path"
-          f"{', fused: ' + fusions if fusions else ''})", file=sys.stderr)
-    write_json(args.json, {"rows": len(rows), "new_tokens": new_tokens, "prompt_tokens": [len(r) for r in rows],
-                           "seconds": seconds, "tokens_per_s": new_tokens / seconds, "batched": batched,
-                           "batch_size": args.batch_size, "decode_path": path, "fusions": fusions, "tokens": tokens,
-                           "texts": texts, "prompts": args.prompt, "model": source, "kv_cache": args.kv_cache,
-                           "device": str(device), "temperature": args.temperature, "top_k": args.top_k,
-                           "top_p": args.top_p, "seed": args.seed})
+    print(f"{total.new_tokens} tokens in {total.seconds:.2f} s: {total.tokens_per_s:.1f} tokens/s ({how}, "
+          f"{total.decode_path} path{', fused: ' + total.fusions if total.fusions else ''})", file=sys.stderr)
+    write_json(args.json, {**total.to_dict(), "batch_size": args.batch_size, "texts": texts, "prompts": args.prompt,
+                           "model": source, "kv_cache": args.kv_cache, "device": str(device),
+                           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                           "seed": args.seed})
     return 0
