@@ -460,11 +460,10 @@ def timed_user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]]
     result = run(args.steps)
     # from the second token on: the first step of the graph path also warms up and captures
     decode_tps = batch * (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
-    tokens = result.tokens if batch == 1 else result.tokens[0]
+    tokens, prompt_len = (result.tokens, len(ids)) if batch == 1 else (result.tokens[0], len(ids[0]))
     return {"model": name, "batch": batch, "path": path, "ran": result.decode_path, "fusions": result.fusions,
             "batched": getattr(result, "batched", True), "kv_cache": kv,
-            "kv_bytes_static": batch * static_kv_bytes(model.config, kv, len(ids if batch == 1 else ids[0])
-                                                       + args.steps),
+            "kv_bytes_static": batch * static_kv_bytes(model.config, kv, prompt_len + args.steps),
             "new_tokens": len(tokens) if batch == 1 else result.new_tokens, "seconds": result.seconds,
             "call_tokens_per_s": result.tokens_per_s, "decode_tokens_per_s": decode_tps, "warm_up_seconds": warm_s,
             "tokens": tokens}
