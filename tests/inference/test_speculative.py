@@ -199,8 +199,11 @@ def exact_two_token_distributions(model, prompt, sampling):
     return first, first @ second_given
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
-def test_end_to_end_sampled_tokens_follow_the_target_distribution(decode):
+@pytest.mark.parametrize("decode, shared", [("eager", False), ("static", True), ("static", False)],
+                         ids=["eager", "static-shared-cache", "static-own-caches"])
+def test_end_to_end_sampled_tokens_follow_the_target_distribution(decode, shared):
+    """On the static path the draft (an independent model of the target's architecture) reads the target's KV cache
+    by default (shared), or keeps its own: exact either way."""
     config = {"vocab_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": False,
               "initializer_range": 0.15}
@@ -211,10 +214,10 @@ def test_end_to_end_sampled_tokens_follow_the_target_distribution(decode):
     draft_first, _ = exact_two_token_distributions(draft, prompt, sampling)
     settings = GenerationSettings(max_new_tokens=2, sampling=sampling, decode=decode)
     g = torch.Generator().manual_seed(0)
-    runs = [speculative_generate(target, draft, prompt, settings, SpeculativeConfig(3), generator=g)
-            for _ in range(300)]
+    runs = [speculative_generate(target, draft, prompt, settings, SpeculativeConfig(3, share_kv_cache=shared),
+                                 generator=g) for _ in range(300)]
     tokens = torch.tensor([r.tokens for r in runs])
-    assert {r.decode_path for r in runs} == {decode}
+    assert {(r.decode_path, r.shared_kv_cache) for r in runs} == {(decode, shared)}
     assert chi_square_p_value(tokens[:, 0], first_p) > ALPHA
     assert chi_square_p_value(tokens[:, 1], second_p) > ALPHA
     accepted = sum(r.accepted for r in runs) / sum(r.drafted for r in runs)
@@ -282,7 +285,9 @@ def decoders(monkeypatch):
 @pytest.mark.parametrize("draft_name", ["independent", "perturbed"])
 def test_static_path_greedy_equals_the_eager_path_and_the_target(float_models, draft_name):
     """float32: the static path's verify pass (k+1 tokens at once) and the target's own steps agree on every
-    argmax, and every decision of the round (drafted, accepted) is the eager path's."""
+    argmax; with the draft on its own cache every decision of the round (drafted, accepted) is the eager path's, and
+    with the draft reading the target's cache (the default for a draft of the target's architecture) the tokens are
+    the same, with the draft's forwards exactly k a round (no prefill, no catch-up step)."""
     target, drafts = float_models
     g = torch.Generator().manual_seed(1)
     rates = []
@@ -290,13 +295,18 @@ def test_static_path_greedy_equals_the_eager_path_and_the_target(float_models, d
         prompt = torch.randint(3, 320, (1, length), generator=g)
         expected = generate(target, prompt, greedy("eager")).tokens
         for k in (1, 3, 5):
-            static = speculative_generate(target, drafts[draft_name], prompt, greedy("static"), SpeculativeConfig(k))
+            own = speculative_generate(target, drafts[draft_name], prompt, greedy("static"),
+                                       SpeculativeConfig(k, share_kv_cache=False))
+            shared = speculative_generate(target, drafts[draft_name], prompt, greedy("static"), SpeculativeConfig(k))
             eager = speculative_generate(target, drafts[draft_name], prompt, greedy("eager"), SpeculativeConfig(k))
-            assert (static.decode_path, eager.decode_path) == ("static", "eager")
-            assert static.tokens == eager.tokens == expected, (length, k)
-            assert (static.rounds, static.drafted, static.accepted, static.target_forwards) == \
+            assert (own.decode_path, shared.decode_path, eager.decode_path) == ("static", "static", "eager")
+            assert (own.shared_kv_cache, shared.shared_kv_cache, eager.shared_kv_cache) == (False, True, False)
+            assert own.tokens == shared.tokens == eager.tokens == expected, (length, k)
+            assert (own.rounds, own.drafted, own.accepted, own.target_forwards) == \
                 (eager.rounds, eager.drafted, eager.accepted, eager.target_forwards)
-            rates.append(static.acceptance_rate)
+            assert shared.draft_forwards == k * shared.rounds
+            assert own.draft_forwards >= k * own.rounds + (length > 1)  # its prefill, catch-ups after all-kept rounds
+            rates.append(own.acceptance_rate)
     if draft_name == "independent":
         assert max(rates) < 0.2  # drafts rejected almost every round
     else:
@@ -313,9 +323,11 @@ def shifted_head_copy(model):
 
 @pytest.mark.parametrize("length", [1, 6])
 @pytest.mark.parametrize("kind", ["always right", "always wrong"])
-def test_static_positions_follow_the_tokens(models, decoders, kind, length):
-    """After each round with n tokens so far: the target has seen all but the newest (n-1); the draft n-1 after
-    a rejection, n-2 after a round that kept all k drafts (it never fed the last), unchanged after k = 0."""
+@pytest.mark.parametrize("shared", [False, True], ids=["own-caches", "shared-cache"])
+def test_static_positions_follow_the_tokens(models, decoders, kind, length, shared):
+    """After each round with n tokens so far: the target has seen all but the newest (n-1); the draft on its own
+    cache n-1 after a rejection, n-2 after a round that kept all k drafts (it never fed the last); the draft on the
+    target's cache is where the target is."""
     target, _ = models
     draft = target if kind == "always right" else shifted_head_copy(target)
     prompt = list(range(40, 40 + length))
@@ -323,13 +335,16 @@ def test_static_positions_follow_the_tokens(models, decoders, kind, length):
 
     def record(new):
         verifier, drafter = decoders
+        assert (drafter.cache is verifier.cache) == shared
         seen.append((len(new), verifier.position, drafter.position))
 
-    result = speculative_generate(target, draft, prompt, greedy("static"), SpeculativeConfig(3), on_tokens=record)
+    result = speculative_generate(target, draft, prompt, greedy("static"), SpeculativeConfig(3, share_kv_cache=shared),
+                                  on_tokens=record)
     assert len(decoders) == 2 and len(result.tokens) == 16
     if kind == "always right":  # 4 rounds of 3 drafts + the bonus token
         assert result.accepted == result.drafted == 12
-        assert seen == [(4, length + 4 * r - 1, length + 4 * r - 2) for r in range(1, 5)]
+        lag = 0 if shared else 1
+        assert seen == [(4, length + 4 * r - 1, length + 4 * r - 1 - lag) for r in range(1, 5)]
     else:  # 16 rounds of one token, each drafting k (the last too: one verify length); the drafts that could
         # not be emitted (past the 16th token) are not counted
         assert result.accepted == 0 and result.drafted == 3 * 13 + 2 + 1
@@ -376,7 +391,7 @@ def test_graph_on_cpu_runs_static_and_auto_runs_native(float_models):
 @pytest.mark.gpu
 def test_graph_speculation_on_cuda_equals_eager_and_replays(cuda, decoders):
     """auto on CUDA captures one graph per model (the draft's single step; the target's k+1 tokens, in the last
-    round too) and replays them: every verify pass and every draft step after the prefill."""
+    round too) and replays them: every verify pass and every draft step."""
     target = build_tiny_llama(0, **TINY).to(cuda)  # float32
     draft = perturbed_copy(build_tiny_llama(0, **TINY), 0.1, 7).to(cuda)
     prompt = [5, 17, 99, 3, 250, 41]
@@ -392,7 +407,9 @@ def test_graph_speculation_on_cuda_equals_eager_and_replays(cuda, decoders):
         assert graph.tokens == eager.tokens == expected, k
         assert 0 < graph.acceptance_rate < 1  # accepted and rejected drafts, so rewinds of both decoders
         assert verifier.captures == len(verifier.blocks) == 1 and verifier.replays == graph.rounds
-        assert drafter.captures == 1 and drafter.replays == graph.draft_forwards - 1  # 1: the prefill
+        # the draft (the target's architecture) reads the target's cache: no prefill of its own, every forward replays
+        assert graph.shared_kv_cache and drafter.cache is verifier.cache
+        assert drafter.captures == 1 and drafter.replays == graph.draft_forwards == k * graph.rounds
         assert graph.capture_seconds > 0
 
 
@@ -444,3 +461,28 @@ def test_self_speculative_greedy_on_the_default_model_matches_plain_greedy(defau
     result = speculative_generate(model, draft, prompt, settings, SpeculativeConfig(4))
     assert result.tokens == expected
     assert result.acceptance_rate > 0.5 and result.rounds < 12
+
+
+def test_the_draft_shares_the_target_cache_only_where_it_can(float_models):
+    """A draft of the target's architecture reads the target's static cache; another architecture, another dtype, a
+    KV cache with a float window, or a native path each keep the draft's own cache, and say why."""
+    target, drafts = float_models
+    static = ("static", "static")
+    assert speculative.shared_cache_obstacle(target, drafts["independent"], static, greedy("static")) is None
+    int8 = GenerationSettings(max_new_tokens=8, decode="static", kv_cache=KVCacheConfig("int8"),
+                              sampling=SamplingConfig(temperature=0))
+    assert speculative.shared_cache_obstacle(target, drafts["perturbed"], static, int8) is None
+    kivi = GenerationSettings(max_new_tokens=4, decode="static", kv_cache=KVCacheConfig("int4"))
+    assert "float window" in speculative.shared_cache_obstacle(target, drafts["perturbed"], static, kivi)
+    narrow = build_tiny_llama(0, num_key_value_heads=1, **TINY)
+    assert "num_key_value_heads differ" in speculative.shared_cache_obstacle(target, narrow.float(), static,
+                                                                              greedy("static"))
+    half = copy.deepcopy(drafts["perturbed"]).to(torch.bfloat16)
+    assert "computes in torch.bfloat16" in speculative.shared_cache_obstacle(target, half, static, greedy("static"))
+    assert "native" in speculative.shared_cache_obstacle(target, drafts["perturbed"], ("native", "native"),
+                                                         greedy("static"))
+    # with an int8 cache the shared path is exact too: the target's own greedy tokens on that cache
+    prompt = [5, 17, 99, 3]
+    expected = generate(target, prompt, int8).tokens
+    result = speculative_generate(target, drafts["perturbed"], prompt, int8, SpeculativeConfig(3))
+    assert result.shared_kv_cache and result.tokens == expected

@@ -102,6 +102,7 @@ class GenerationResult:
     decode_path: str = "eager"  # the path that ran: eager, static, graph (static with a failed capture) or native
     capture_seconds: float = 0.0  # CUDA-graph warm-up and capture, included in `seconds`
     fusions: str = ""  # the decode-time fusions the generation ran with (FusionReport.summary), "" for none
+    shared_kv_cache: bool = False  # speculative: the draft read the target's static KV cache (no cache of its own)
 
     @property
     def tokens_per_s(self) -> float:
@@ -116,7 +117,8 @@ class GenerationResult:
                 "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
                 "draft_forwards": self.draft_forwards, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "decode_path": self.decode_path,
-                "capture_seconds": self.capture_seconds, "fusions": self.fusions, "tokens": self.tokens}
+                "capture_seconds": self.capture_seconds, "fusions": self.fusions,
+                "shared_kv_cache": self.shared_kv_cache, "tokens": self.tokens}
 
 
 def model_device(model: nn.Module) -> torch.device:

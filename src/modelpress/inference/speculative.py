@@ -19,9 +19,11 @@ Decode paths (GenerationSettings.decode, resolved per model by decoding.decode_p
 on DynamicCaches as above (also whenever a cache is given). static and graph give each model a StaticDecoder
 (static_decode.py) with the same bookkeeping: "crop to m entries" becomes "rewind to position m", the draft
 catches up and drafts with single steps, and the target verifies with one T = k+1 token forward; under graph
-each forward length is captured once in a CUDA graph and replayed. native (the CPU's default where it serves the
-model) gives a model a NativeDecoder (native_decode.py) with the same interface: its verify pass is one native
-call over the k+1 tokens. If either model must decode eagerly, both do.
+each forward length is captured once in a CUDA graph and replayed. There a draft of the target's own architecture
+(self-speculation) reads the target's cache instead of keeping one (shared_cache_obstacle says when it can): it has
+no prefill and never lags, so a round is k single draft steps, its position set to the target's after each verdict.
+native (the CPU's default where it serves the model) gives a model a NativeDecoder (native_decode.py) with the same
+interface: its verify pass is one native call over the k+1 tokens. If either model must decode eagerly, both do.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from modelpress.inference.fusion import FusionReport
 from modelpress.inference.kv_cache import make_kv_cache
 from modelpress.inference.sampling import next_token_probs, pick, sample
 from modelpress.inference.native_decode import NativeDecoder
-from modelpress.inference.static_decode import StaticDecoder
+from modelpress.inference.static_decode import StaticCache, StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SpeculativeConfig:
     draft_tokens: int = 4  # k: tokens the draft proposes per round
+    # a draft of the target's own architecture (self-speculation: a low-bit copy) reads the target's KV cache on
+    # the static path instead of keeping its own (see shared_cache_obstacle); False: always its own cache
+    share_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.draft_tokens <= 0:
@@ -250,7 +255,10 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
     if decoders is None:
         return None
     verifier, drafter = decoders
-    result.target_forwards = result.draft_forwards = int(len(tokens) > 1)
+    shared = getattr(drafter, "cache", None) is getattr(verifier, "cache", False)
+    result.target_forwards = int(len(tokens) > 1)
+    result.draft_forwards = 0 if shared else result.target_forwards
+    result.shared_kv_cache = shared
     k = config.draft_tokens  # every round, the last too: one verify length, so one captured graph
     while True:
         drafts, draft_probs, forwards = _draft_steps(drafter, tokens, k, settings, generator)
@@ -260,7 +268,10 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
         a, next_token = _judge(logits, draft_probs, drafts, settings, generator)
         drafts = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
         verifier.rewind(k - a)                       # keeps n + a: the tokens so far and the accepted drafts
-        drafter.rewind(max(0, k - 1 - a))            # keeps n + min(a, k-1) of its n + k-1 (dk was not fed)
+        if shared:  # the verify pass rewrote every slot the draft wrote, with the target's keys and values
+            drafter.move_to(verifier.position)
+        else:
+            drafter.rewind(max(0, k - 1 - a))        # keeps n + min(a, k-1) of its n + k-1 (dk was not fed)
         if _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens):
             break
     result.seconds = time.perf_counter() - start
@@ -279,12 +290,19 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
     # a round starts with at least one token left (n <= prompt + max_new_tokens - 1): its verify pass writes slots
     # n-1 .. n+k-1, at most prompt + max_new_tokens + k - 2
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
-    verifier, drafter = (_decoder(model, path, max_len, settings, kv)
-                         for model, path, kv in ((target, paths[0], settings.kv_config), (draft, paths[1], None)))
+    verifier = _decoder(target, paths[0], max_len, settings, settings.kv_config)
+    obstacle = shared_cache_obstacle(target, draft, paths, settings) if config.share_kv_cache else "not asked"
+    shared = verifier.cache if obstacle is None else None
+    if obstacle is not None and config.share_kv_cache:
+        log.info("the draft keeps its own KV cache: %s", obstacle)
+    drafter = _decoder(draft, paths[1], max_len, settings, None, shared)
     if len(tokens) > 1:
         try:
             verifier.prefill(tokens[:-1])
-            drafter.prefill(tokens[:-1])
+            if shared is None:
+                drafter.prefill(tokens[:-1])
+            else:  # the target's prompt keys and values are the draft's
+                drafter.move_to(verifier.position)
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, run eagerly)
             log.warning("static-cache prefill failed (%s: %s); speculative decoding runs eagerly",
                         type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
@@ -293,12 +311,52 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
 
 
 def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSettings,
-             kv_cache) -> StaticDecoder | NativeDecoder:
+             kv_cache, shared: StaticCache | None = None) -> StaticDecoder | NativeDecoder:
     if path == "native":
         return NativeDecoder(model, max_len, products=settings.cpu_products,
                              kv_cache="float" if kv_cache is None else kv_cache.mode)
     return StaticDecoder(model, max_len, graph=path == "graph", keep_last_only=supports_logits_to_keep(model),
-                         kv_cache=kv_cache, compile=settings.compile, fused_writes=fused_writes(settings))
+                         kv_cache=kv_cache, compile=settings.compile, fused_writes=fused_writes(settings),
+                         cache=shared)
+
+
+# what must agree for a draft to attend over the target's keys and values (the cache's geometry and masks), and
+# what makes it the target's own architecture rather than another model that happens to share that geometry
+SHARED_CACHE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                       "head_dim", "vocab_size", "sliding_window", "layer_types", "rope_theta", "rope_parameters",
+                       "max_position_embeddings")
+
+
+def shared_cache_obstacle(target: nn.Module, draft: nn.Module, paths: tuple[str, str],
+                          settings: GenerationSettings) -> str | None:
+    """Why the draft cannot read the target's static KV cache, or None.
+
+    A self-speculative draft (a low-bit copy of the target) can: every slot the draft writes while drafting is
+    rewritten by the verify pass, which writes each layer's keys and values of its k+1 tokens before attending, so
+    the target only ever reads its own; the slots before a round hold the target's keys and values, and the draft
+    reads them where it would read its own (close to them: it is the same model, quantized). The output is exact
+    whatever the draft reads; what changes is the draft's work: no prefill of its own, one step per round instead of
+    two after a round that kept every draft (its cache never lags), and one cache's memory instead of two."""
+    if paths[0] not in ("static", "graph") or paths[1] not in ("static", "graph"):
+        return f"the {paths[0]} / {paths[1]} decode paths keep one cache a model"
+    kv = settings.kv_config
+    if kv.mode != "float" and (kv.residual > 0 or kv.codecs()[0].layout == "channel"):
+        return (f"the {kv.mode} KV cache keeps a float window whose contents follow its write order, which the "
+                f"draft's writes would change")
+
+    def text(model: nn.Module):
+        config = model.config
+        return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+    t, d = text(target), text(draft)
+    differ = [f for f in SHARED_CACHE_FIELDS if getattr(t, f, None) != getattr(d, f, None)]
+    if differ:
+        return f"the draft is not the target's architecture ({', '.join(differ)} differ)"
+    t_param, d_param = next(target.parameters()), next(draft.parameters())
+    if (t_param.dtype, t_param.device) != (d_param.dtype, d_param.device):
+        return (f"the draft computes in {d_param.dtype} on {d_param.device}, the target in {t_param.dtype} on "
+                f"{t_param.device}")
+    return None
 
 
 def _draft_steps(drafter: StaticDecoder | NativeDecoder, tokens: list[int], k: int, settings: GenerationSettings,

@@ -190,7 +190,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, max_len: int, graph: bool, keep_last_only: bool = True,
                  kv_cache: KVCacheConfig | None = None, compile: bool = False, fused_writes: bool = False,
-                 batch: int = 1) -> None:
+                 batch: int = 1, cache: StaticCache | None = None) -> None:
         from modelpress.inference.static_kv import make_static_cache  # it builds on this module
 
         if batch < 1:
@@ -205,8 +205,14 @@ class StaticDecoder:
         self.compile_error: str | None = None
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them
-        self.cache = make_static_cache(num_decoder_layers(model), max_len, kv_cache, fused_writes=fused_writes)
+        # float keys/values, or (kv_cache of a quantized mode) codes + scales dequantized as attention reads them;
+        # or another decoder's cache, shared (a self-speculative draft reads its target's: the caller keeps the two
+        # positions consistent, and kv_cache and fused_writes are the owner's)
+        if cache is not None and (cache.max_len != max_len or len(cache.layers) != num_decoder_layers(model)):
+            raise ValueError(f"a shared static cache of {len(cache.layers)} layers x {cache.max_len} slots for a "
+                             f"decoder of {num_decoder_layers(model)} x {max_len}")
+        self.cache = cache if cache is not None else make_static_cache(num_decoder_layers(model), max_len, kv_cache,
+                                                                       fused_writes=fused_writes)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the next slot, on the device
         self.position = 0  # the same slot on the host (no device sync to read it)
         self.batch = batch
@@ -312,6 +318,14 @@ class StaticDecoder:
             raise ValueError(f"cannot rewind {tokens} tokens from position {self.position}")
         self.position -= tokens
         self.pos.fill_(self.position)  # a kernel argument, no sync
+
+    def move_to(self, position: int) -> None:
+        """Set the position (a decoder sharing another's cache follows that decoder's position: the slots before it
+        hold the owner's keys and values)."""
+        if not 0 <= position < self.max_len:
+            raise ValueError(f"position {position} is outside the static cache of {self.max_len}")
+        self.position = position
+        self.pos.fill_(position)
 
     def _block(self, t: int) -> _Block:
         if t not in self.blocks:
