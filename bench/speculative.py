@@ -124,6 +124,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--draft-tokens", type=int, nargs="+", default=[4], metavar="K",
                    help="k, drafts per round; several: each draft runs with each k (rows 'DRAFT, k=K')")
+    p.add_argument("--draft-cache", default="shared", choices=["shared", "own", "both"],
+                   help="a draft of the target's architecture reads the target's KV cache (shared, the default), "
+                        "keeps its own, or both rows side by side")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -289,7 +292,7 @@ class Report:
 
 
 def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) -> None:
-    """drafts: {config name: (draft model, its name in `costs`, k)}."""
+    """drafts: {config name: (draft model, its name in `costs`, k, share the target's KV cache)}."""
     device = next(target.parameters()).device
     for temperature in args.temperatures:
         runs = {(path, name): [] for path in args.decode for name in ["target", *drafts]}
@@ -313,8 +316,8 @@ def run_prompt(target, drafts: dict, prompt: list[int], settings: GenerationSett
     """Plain decoding of the target, then speculation with each (draft, k), on one prompt; keep(name, result, same)."""
     base = generate(target, prompt, settings, generator=torch.Generator(device=device).manual_seed(seed))
     keep("target", base)
-    for name, (draft, _, k) in drafts.items():
-        result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(k),
+    for name, (draft, _, k, share) in drafts.items():
+        result = speculative_generate(target, draft, prompt, settings, SpeculativeConfig(k, share_kv_cache=share),
                                       generator=torch.Generator(device=device).manual_seed(seed))
         keep(name, result, result.tokens == base.tokens)
 
@@ -408,15 +411,17 @@ def main() -> None:
         drafts = {**drafts, **{f"{name}, {args.draft_head} head": headed_copy(model, args.draft_head)
                                for name, model in drafts.items()}}
     several = len(args.draft_tokens) > 1
-    configs = {f"{name}, k={k}" if several else name: (model, name, k) for name, model in drafts.items()
-               for k in args.draft_tokens}
+    caches = {"shared": [True], "own": [False], "both": [True, False]}[args.draft_cache]
+    configs = {f"{name}{f', k={k}' if several else ''}{'' if share or args.draft_cache == 'own' else ', own cache'}":
+               (model, name, k, share) for name, model in drafts.items() for k in args.draft_tokens for share in caches}
     for path in args.decode:  # first calls build prepared weights and compile kernels for each T and cache length
         warm = path_settings(path, max_new_tokens=args.new_tokens, sampling=SamplingConfig(0.0))
         run_prompt(target, configs, prompts[0], warm, args, args.seed, device, lambda *_: None)
     costs = draft_costs(target, drafts, prompts[0], args.decode, args.draft_tokens)
     meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens, "top_p": args.top_p,
-            "decode": args.decode, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "decode": args.decode, "draft_cache": args.draft_cache, "device": args.device, "dtype": args.dtype,
+            "threads": args.threads,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "step_costs": costs,
             "complete": False}

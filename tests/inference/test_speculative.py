@@ -253,6 +253,13 @@ def test_generation_stops_at_end_of_sequence(models):
     cut = full[: full.index(eos) + 1]
     assert generate(target, [9, 10], stop).tokens == cut
     assert speculative_generate(target, drafts["perturbed"], [9, 10], stop, SpeculativeConfig(4)).tokens == cut
+    # a draft on the target's cache: its rounds are queued one ahead of the host's reads, so the round after the one
+    # that made the end-of-sequence token has run too (and is dropped)
+    static = GenerationSettings(max_new_tokens=30, sampling=SamplingConfig(temperature=0), eos_token_ids=(eos,),
+                                decode="static")
+    result = speculative_generate(target, drafts["perturbed"], [9, 10], static, SpeculativeConfig(4))
+    assert result.shared_kv_cache and result.tokens == cut
+    assert result.target_forwards == 1 + result.rounds + 1 and result.draft_forwards == 4 * (result.rounds + 1)
 
 
 
@@ -326,8 +333,9 @@ def shifted_head_copy(model):
 @pytest.mark.parametrize("shared", [False, True], ids=["own-caches", "shared-cache"])
 def test_static_positions_follow_the_tokens(models, decoders, kind, length, shared):
     """After each round with n tokens so far: the target has seen all but the newest (n-1); the draft on its own
-    cache n-1 after a rejection, n-2 after a round that kept all k drafts (it never fed the last); the draft on the
-    target's cache is where the target is."""
+    cache n-1 after a rejection, n-2 after a round that kept all k drafts (it never fed the last). A draft on the
+    target's cache starts each round where the target is, and its rounds are queued one ahead of the host's reads:
+    there the host sees a round when the next may already have run, so only the end state is checked each round."""
     target, _ = models
     draft = target if kind == "always right" else shifted_head_copy(target)
     prompt = list(range(40, 40 + length))
@@ -341,15 +349,20 @@ def test_static_positions_follow_the_tokens(models, decoders, kind, length, shar
     result = speculative_generate(target, draft, prompt, greedy("static"), SpeculativeConfig(3, share_kv_cache=shared),
                                   on_tokens=record)
     assert len(decoders) == 2 and len(result.tokens) == 16
+    verifier, drafter = decoders
     if kind == "always right":  # 4 rounds of 3 drafts + the bonus token
         assert result.accepted == result.drafted == 12
-        lag = 0 if shared else 1
-        assert seen == [(4, length + 4 * r - 1, length + 4 * r - 1 - lag) for r in range(1, 5)]
+        if not shared:
+            assert seen == [(4, length + 4 * r - 1, length + 4 * r - 2) for r in range(1, 5)]
     else:  # 16 rounds of one token, each drafting k (the last too: one verify length); the drafts that could
         # not be emitted (past the 16th token) are not counted
         assert result.accepted == 0 and result.drafted == 3 * 13 + 2 + 1
-        assert seen == [(1, length + r - 1, length + r - 1) for r in range(1, 17)]
-    assert decoders[0].position == length + len(result.tokens) - 1
+        if not shared:
+            assert seen == [(1, length + r - 1, length + r - 1) for r in range(1, 17)]
+    assert [n for n, *_ in seen] == ([4] * 4 if kind == "always right" else [1] * 16)
+    assert verifier.position == int(verifier.pos) == length + len(result.tokens) - 1
+    if shared:  # no round queued past the length limit: every verify pass and draft step was used
+        assert result.target_forwards == result.rounds + (length > 1) and result.draft_forwards == 3 * result.rounds
 
 
 def test_a_given_cache_takes_the_eager_path(float_models, caplog):

@@ -210,21 +210,25 @@ def speculation_paths(target: nn.Module, draft: nn.Module, settings: GenerationS
 
 def _judge(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int] | torch.Tensor,
            settings: GenerationSettings, generator: torch.Generator | None) -> tuple[int, int]:
-    """The accept rule on one round: target logits (k+1, V), draft distributions (k, V) -> (accepted, next token).
+    """The accept rule on one round: target logits (k+1, V), draft distributions (k, V) -> (accepted, next token)."""
+    a, token = torch.cat(_verdict(logits, draft_probs, drafts, settings, generator)).tolist()  # one wait for both
+    return a, token
+
+
+def _verdict(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int] | torch.Tensor,
+             settings: GenerationSettings, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_judge's (accepted, next token) as two (1,) int64 tensors where the logits are, nothing read by the host.
     Greedy, the rule on one-hot distributions is: keep the drafts up to the first that is not the target's argmax,
     then take the target's argmax there; that is computed directly (no distributions, no draws)."""
+    device = logits.device
+    drafted = torch.as_tensor(drafts, dtype=torch.long).to(device)
     if settings.sampling.greedy:
         best = logits.argmax(dim=-1)                                              # (k+1,)
-        k = best.shape[0] - 1
-        drafted = torch.as_tensor(drafts, dtype=torch.long).to(best.device)
-        accepted = (best[:k] == drafted).long().cumprod(dim=0).sum()
-        a, token = torch.stack([accepted, best[accepted]]).tolist()                # one wait for both
-        return a, token
+        accepted = (best[:-1] == drafted).long().cumprod(dim=0).sum()
+        return accepted.view(1), best[accepted].view(1)
     target_probs = next_token_probs(logits, settings.sampling)
-    device = target_probs.device
-    accepted, next_token = verify_draft(target_probs.unsqueeze(0), draft_probs.to(device).unsqueeze(0),
-                                        torch.as_tensor(drafts, dtype=torch.long).to(device).view(1, -1), generator)
-    return int(accepted), int(next_token)
+    return verify_draft(target_probs.unsqueeze(0), draft_probs.to(device).unsqueeze(0), drafted.view(1, -1),
+                        generator)
 
 
 def _emit(result: GenerationResult, tokens: list[int], new: list[int], k: int, a: int,
@@ -255,31 +259,96 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
     if decoders is None:
         return None
     verifier, drafter = decoders
-    shared = getattr(drafter, "cache", None) is getattr(verifier, "cache", False)
-    result.target_forwards = int(len(tokens) > 1)
-    result.draft_forwards = 0 if shared else result.target_forwards
-    result.shared_kv_cache = shared
+    result.target_forwards = result.draft_forwards = int(len(tokens) > 1)
     k = config.draft_tokens  # every round, the last too: one verify length, so one captured graph
-    while True:
-        drafts, draft_probs, forwards = _draft_steps(drafter, tokens, k, settings, generator)
-        result.draft_forwards += forwards
-        logits = verifier.forward(_verify_feed(verifier, tokens[-1], drafts))  # (k+1, V) at positions n-1 .. n+k-1
-        result.target_forwards += 1
-        a, next_token = _judge(logits, draft_probs, drafts, settings, generator)
-        drafts = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
-        verifier.rewind(k - a)                       # keeps n + a: the tokens so far and the accepted drafts
-        if shared:  # the verify pass rewrote every slot the draft wrote, with the target's keys and values
-            drafter.move_to(verifier.position)
-        else:
-            drafter.rewind(max(0, k - 1 - a))        # keeps n + min(a, k-1) of its n + k-1 (dk was not fed)
-        if _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens):
-            break
+    if getattr(drafter, "cache", None) is getattr(verifier, "cache", False):
+        result.draft_forwards, result.shared_kv_cache = 0, True
+        _shared_cache_rounds(verifier, drafter, tokens, k, settings, generator, result, on_tokens)
+    else:
+        while True:
+            drafts, draft_probs, forwards = _draft_steps(drafter, tokens, k, settings, generator)
+            result.draft_forwards += forwards
+            logits = verifier.forward(_verify_feed(verifier, tokens[-1], drafts))  # (k+1, V): positions n-1..n+k-1
+            result.target_forwards += 1
+            a, next_token = _judge(logits, draft_probs, drafts, settings, generator)
+            drafts = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
+            verifier.rewind(k - a)                       # keeps n + a: the tokens so far and the accepted drafts
+            drafter.rewind(max(0, k - 1 - a))            # keeps n + min(a, k-1) of its n + k-1 (dk was not fed)
+            if _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens):
+                break
     result.seconds = time.perf_counter() - start
     result.capture_seconds = verifier.capture_seconds + drafter.capture_seconds
     fusions.kv_writes |= any(getattr(getattr(d, "cache", None), "wrote_fused", False) for d in (verifier, drafter))
     ran = {verifier.path, drafter.path}   # graph only if both were captured; native only if both were native
     result.decode_path = ran.pop() if len(ran) == 1 else "static" if ran == {"graph", "static"} else "mixed"
     return result
+
+
+def _shared_cache_rounds(verifier: StaticDecoder, drafter: StaticDecoder, tokens: list[int], k: int,
+                         settings: GenerationSettings, generator: torch.Generator | None, result: GenerationResult,
+                         on_tokens: TokenCallback | None) -> None:
+    """The rounds of a draft that reads the target's cache, queued one round ahead of the host.
+
+    A round needs nothing from the host: the token it feeds first (the last round's next token) and both positions
+    stay on the device, the verdict is computed there and moves the target's position back over the rejected drafts
+    (StaticDecoder.rewind_device), and the draft starts where the target is (follow). So round r+1 is queued before
+    the host reads round r's verdict, and the GPU runs on while the host waits for it and launches: no idle between
+    rounds (before, the host waited for each verdict and only then launched the next round's first draft step).
+    A round is queued ahead only while the round before cannot reach the length limit; an end-of-sequence token
+    read late wastes the one round queued after it. The host's positions are upper bounds (a round's rejected drafts
+    are counted until its verdict is read; the caches have k spare slots for that)."""
+    device = verifier.device
+    last = torch.tensor([tokens[-1]], dtype=torch.long, device=device)  # the token the next round feeds first
+    cuda = device.type == "cuda"
+    # each round's [accepted, next, d1..dk] lands in one of two pinned buffers; an event says when it is there
+    landing = [torch.empty(k + 2, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+    queued: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+
+    def queue_round() -> None:
+        drafter.follow(verifier)
+        logits = drafter.forward(last)
+        drafts, probs = [], []
+        for i in range(k):
+            if settings.sampling.greedy:
+                token = logits[-1].argmax().view(1)
+            else:
+                q = next_token_probs(logits[-1], settings.sampling)
+                token = sample(q, generator).view(1)
+                probs.append(q)
+            drafts.append(token)
+            if i < k - 1:
+                logits = drafter.forward(token)
+        drafts = torch.cat(drafts)
+        logits = verifier.forward(torch.cat([last, drafts]))                  # (k+1, V) at positions n-1 .. n+k-1
+        accepted, next_token = _verdict(logits, torch.stack(probs) if probs else torch.zeros(0, 0), drafts,
+                                        settings, generator)
+        verifier.rewind_device(k - accepted)
+        last.copy_(next_token)
+        buffer = landing[result.target_forwards % 2]
+        buffer.copy_(torch.cat([accepted, next_token, drafts]), non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        queued.append((buffer, event))
+        result.draft_forwards += k
+        result.target_forwards += 1
+
+    def read_round() -> bool:
+        buffer, event = queued.pop(0)
+        if event is not None:
+            event.synchronize()
+        a, next_token, *drafts = buffer.tolist()
+        verifier.settle(k - a)
+        return _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens)
+
+    queue_round()
+    while True:
+        if len(result.tokens) + k + 1 < settings.max_new_tokens:  # the queued round cannot finish the generation
+            queue_round()
+        if read_round():
+            return
+        if not queued:
+            queue_round()
 
 
 def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
@@ -290,11 +359,13 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
     # a round starts with at least one token left (n <= prompt + max_new_tokens - 1): its verify pass writes slots
     # n-1 .. n+k-1, at most prompt + max_new_tokens + k - 2
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
-    verifier = _decoder(target, paths[0], max_len, settings, settings.kv_config)
     obstacle = shared_cache_obstacle(target, draft, paths, settings) if config.share_kv_cache else "not asked"
-    shared = verifier.cache if obstacle is None else None
-    if obstacle is not None and config.share_kv_cache:
+    if obstacle is None:  # _shared_cache_rounds' host positions may run up to k ahead of the device's
+        max_len += config.draft_tokens
+    elif config.share_kv_cache:
         log.info("the draft keeps its own KV cache: %s", obstacle)
+    verifier = _decoder(target, paths[0], max_len, settings, settings.kv_config)
+    shared = verifier.cache if obstacle is None else None
     drafter = _decoder(draft, paths[1], max_len, settings, None, shared)
     if len(tokens) > 1:
         try:

@@ -319,6 +319,23 @@ class StaticDecoder:
         self.position -= tokens
         self.pos.fill_(self.position)  # a kernel argument, no sync
 
+    def rewind_device(self, tokens: torch.Tensor) -> None:
+        """Move the device position back by `tokens`, a (1,) int64 count on the device (a verdict the host has not
+        read): nothing waits. The host position stays where it was, an upper bound that bounds-checks the forwards
+        queued meanwhile, until settle() lowers it by the same count once the host knows it."""
+        self.pos.sub_(tokens)
+
+    def settle(self, tokens: int) -> None:
+        """Lower the host position by `tokens`, the count a rewind_device moved the device position back by."""
+        if not 0 <= tokens <= self.position:
+            raise ValueError(f"cannot settle {tokens} tokens from position {self.position}")
+        self.position -= tokens
+
+    def follow(self, other: StaticDecoder) -> None:
+        """Take `other`'s position, device and host, without waiting (a decoder sharing other's cache)."""
+        self.pos.copy_(other.pos)
+        self.position = other.position
+
     def move_to(self, position: int) -> None:
         """Set the position (a decoder sharing another's cache follows that decoder's position: the slots before it
         hold the owner's keys and values)."""
