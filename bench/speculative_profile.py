@@ -6,7 +6,8 @@ steps, verify pass) and the GPU's idle time between rounds, with the host calls 
 
 Random weights make acceptance meaningless (near 0: every round is k draft steps and one verify pass), which is
 what a cost profile wants. The JSON written with --json holds the per-round figures; --trace the Chrome trace.
-`--target SCHEME` quantizes the target too (RTN; the draft is made from the float model first): its verify passes of
+`--draft-cache own` keeps the draft on its own cache, one round at a time (the default, shared, reads the target's
+and queues each round before the host reads the last one's verdict). `--target SCHEME` quantizes the target too (RTN; the draft is made from the float model first): its verify passes of
 k + 1 tokens then run on the tensor-core GEMV's rows mode, or with `--verify-stored` on the stored layout's kernels
 (the target not re-laid, as before the rows mode):
 
@@ -47,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--target", default=None, help="RTN scheme of the target (default: bf16)")
     p.add_argument("--verify-stored", action="store_true",
                    help="a quantized target keeps its stored layout (no re-layout for the verify passes)")
+    p.add_argument("--draft-cache", default="shared", choices=["shared", "own"],
+                   help="the draft reads the target's KV cache, its rounds queued one ahead of the host (shared, the "
+                        "default), or keeps its own cache, one round at a time (own)")
     p.add_argument("--trace", default=None, help="write the Chrome trace here")
     p.add_argument("--json", default=None)
     return p.parse_args()
@@ -103,7 +107,7 @@ def main() -> None:
         mma_ptx.MAX_ROWS = 1
     prompt = torch.randint(0, target.config.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()
     settings = GenerationSettings(max_new_tokens=args.new_tokens, sampling=SamplingConfig(args.temperature))
-    config = SpeculativeConfig(args.draft_tokens)
+    config = SpeculativeConfig(args.draft_tokens, share_kv_cache=args.draft_cache == "shared")
     speculative_generate(target, draft, prompt, settings, config)  # kernels compiled, weights prepared
     from torch.profiler import ProfilerActivity, profile
 
@@ -123,12 +127,13 @@ def main() -> None:
             host[e["name"]] += e["dur"]
     summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
                "target": args.target or "bf16", "verify_stored": args.verify_stored, "fusions": result.fusions,
-               "draft": args.draft, "k": args.draft_tokens, "temperature": args.temperature, "rounds": result.rounds,
+               "draft": args.draft, "draft_cache": args.draft_cache, "k": args.draft_tokens, "temperature": args.temperature, "rounds": result.rounds,
                "steady_rounds": len(rounds), "decode_path": result.decode_path,
                "capture_s": result.capture_seconds, "seconds": result.seconds, "median": median,
                "host_runtime_ms": {name: us / 1e3 for name, us in host.most_common(8)}}
     print(f"{summary['gpu']}, {args.shape} RANDOM {summary['target']} target"
-          f"{' (stored layout)' if args.verify_stored else ''}, {args.draft} draft, k = {args.draft_tokens}, "
+          f"{' (stored layout)' if args.verify_stored else ''}, {args.draft} draft ({args.draft_cache} cache), "
+          f"k = {args.draft_tokens}, "
           f"{len(rounds)} steady rounds of {result.rounds} ({result.decode_path})")
     print("| draft step (GPU) | verify pass (GPU) | GPU idle between rounds | first draft launch (host) | round |")
     print("|---:|---:|---:|---:|---:|")
