@@ -477,8 +477,9 @@ def test_self_speculative_greedy_on_the_default_model_matches_plain_greedy(defau
 
 
 def test_the_draft_shares_the_target_cache_only_where_it_can(float_models):
-    """A draft of the target's architecture reads the target's static cache; another architecture, another dtype, a
-    KV cache with a float window, or a native path each keep the draft's own cache, and say why."""
+    """A draft of the target's architecture reads the target's cache (both static, or both native); another
+    architecture, another dtype, a KV cache with a float window, or mixed paths each keep the draft's own cache, and
+    say why."""
     target, drafts = float_models
     static = ("static", "static")
     assert speculative.shared_cache_obstacle(target, drafts["independent"], static, greedy("static")) is None
@@ -492,10 +493,29 @@ def test_the_draft_shares_the_target_cache_only_where_it_can(float_models):
                                                                               greedy("static"))
     half = copy.deepcopy(drafts["perturbed"]).to(torch.bfloat16)
     assert "computes in torch.bfloat16" in speculative.shared_cache_obstacle(target, half, static, greedy("static"))
-    assert "native" in speculative.shared_cache_obstacle(target, drafts["perturbed"], ("native", "native"),
-                                                         greedy("static"))
+    assert "static / native" in speculative.shared_cache_obstacle(target, drafts["perturbed"], ("static", "native"),
+                                                                  greedy("static"))
+    assert speculative.shared_cache_obstacle(target, drafts["perturbed"], ("native", "native"), greedy("static")) is None
     # with an int8 cache the shared path is exact too: the target's own greedy tokens on that cache
     prompt = [5, 17, 99, 3]
     expected = generate(target, prompt, int8).tokens
     result = speculative_generate(target, drafts["perturbed"], prompt, int8, SpeculativeConfig(3))
     assert result.shared_kv_cache and result.tokens == expected
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="the native decode step is not built here")
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_a_native_draft_reads_the_native_target_cache(float_models, kv):
+    """On the CPU's native step too the draft (the target's architecture) reads the target's cache: the target's own
+    greedy tokens on that cache, k draft steps a round, the same tokens as a draft on its own cache."""
+    target, drafts = float_models
+    prompt = [5, 17, 99, 3, 250, 41]
+    settings = GenerationSettings(max_new_tokens=16, decode="native", kv_cache=KVCacheConfig(kv),
+                                  sampling=SamplingConfig(temperature=0))
+    expected = generate(target, prompt, settings)
+    shared = speculative_generate(target, drafts["perturbed"], prompt, settings, SpeculativeConfig(3))
+    own = speculative_generate(target, drafts["perturbed"], prompt, settings, SpeculativeConfig(3, share_kv_cache=False))
+    assert expected.decode_path == shared.decode_path == own.decode_path == "native"
+    assert (shared.shared_kv_cache, own.shared_kv_cache) == (True, False)
+    assert shared.tokens == own.tokens == expected.tokens
+    assert shared.draft_forwards == 3 * shared.rounds and own.draft_forwards > 3 * own.rounds

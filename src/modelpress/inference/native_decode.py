@@ -216,8 +216,12 @@ class NativeDecoder:
     path = "native"
     capture_seconds = 0.0
 
+    device = torch.device("cpu")
+
     def __init__(self, model: nn.Module, capacity: int, products: str = "bfloat16", threads: int | None = None,
-                 kv_cache: str = "float") -> None:
+                 kv_cache: str = "float", shared: NativeDecoder | None = None) -> None:
+        """shared: another decoder whose KV cache this one reads and writes (a self-speculative draft on its
+        target's: the caller keeps the positions consistent); kv_cache is then that decoder's."""
         reason = native_obstacle(model)
         if reason is not None:
             raise ModelpressError(f"the native decode step cannot run this model: {reason}")
@@ -229,6 +233,11 @@ class NativeDecoder:
         if kv_cache != "float" and any(windows):
             raise ModelpressError(f"the native decode step keeps an {kv_cache} KV cache for full-attention models "
                                   f"only; this one has sliding-window layers")
+        if shared is not None and (shared.capacity, shared.kv_cache, len(shared.caches)) != \
+                (int(capacity), kv_cache, len(model.model.layers)):
+            raise ModelpressError(f"a shared native cache of {len(shared.caches)} blocks x {shared.capacity} "
+                                  f"positions ({shared.kv_cache}) for a decoder of {len(model.model.layers)} x "
+                                  f"{capacity} ({kv_cache})")
         self.model, self.capacity, self.position, self.kv_cache = model, int(capacity), 0, kv_cache
         self.lib = cpu_native.library()
         inner = model.model
@@ -239,7 +248,7 @@ class NativeDecoder:
         self._cache_tensors: list[torch.Tensor] = []   # every tensor of self.caches
         tables = {kind: tuple(self._tensor(t) for t in self._rope_table(kind))
                   for kind in dict.fromkeys(_layer_rope(layer, family) for layer in inner.layers)}
-        for block, layer, window in zip(blocks, inner.layers, windows):
+        for i, (block, layer, window) in enumerate(zip(blocks, inner.layers, windows)):
             for name, path in PROJECTIONS:
                 setattr(block, name, self._linear(layer.get_submodule(path)))
             block.heads, block.kv_heads = block.q.n // head_dim, block.k.n // head_dim
@@ -247,7 +256,7 @@ class NativeDecoder:
                 setattr(block, name, None if norm is None else self._tensor(_norm_weight(norm, family)))
             block.cos, block.sin = tables[_layer_rope(layer, family)]
             block.window = window
-            self.caches.append(self._cache(block, head_dim))
+            self.caches.append(self._cache(block, head_dim, None if shared is None else shared.caches[i]))
         self.blocks = blocks
         hidden = inner.norm.weight.numel()
         cos, sin = next(iter(tables.values()))
@@ -279,16 +288,22 @@ class NativeDecoder:
         self._keep.append(t)
         return t.data_ptr()
 
-    def _cache(self, block: Block, head_dim: int) -> tuple:
-        """The block's (keys, values) cache, its addresses set in `block`."""
+    def _cache(self, block: Block, head_dim: int, shared: tuple | None = None) -> tuple:
+        """The block's (keys, values) cache, or the `shared` one of another decoder's block, its addresses set in
+        `block`."""
         shape = (block.kv_heads, self.capacity, head_dim)
+        if shared is not None:
+            tensors = shared if self.kv_cache == "float" else (*shared[0], *shared[1])
+            if tensors[0].shape != shape:
+                raise ModelpressError(f"a shared native cache block of shape {tuple(tensors[0].shape)} for a block "
+                                      f"of {shape}")
         if self.kv_cache == "float":
-            keys, values = torch.zeros(shape), torch.zeros(shape)
+            keys, values = shared or (torch.zeros(shape), torch.zeros(shape))
             block.k_cache, block.v_cache = self._tensor(keys), self._tensor(values)
             self._cache_tensors += [keys, values]
             return keys, values
-        keys = torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])
-        values = torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])
+        keys, values = shared or ((torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])),
+                                  (torch.zeros(shape, dtype=torch.int8), torch.ones(shape[:2])))
         block.k_codes, block.k_scales = (self._tensor(t) for t in keys)
         block.v_codes, block.v_scales = (self._tensor(t) for t in values)
         self._cache_tensors += [*keys, *values]
@@ -352,8 +367,10 @@ class NativeDecoder:
         """The next token at the next position: (1, V) float32 logits."""
         return self.forward([token])
 
-    def forward(self, tokens: list[int], last_only: bool = False) -> torch.Tensor:
-        """`tokens` at the next positions in one native call: (T, V) float32 logits, or (1, V) for the last."""
+    def forward(self, tokens: list[int] | torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`tokens` (a list, or a (T,) int64 tensor) at the next positions in one native call: (T, V) float32
+        logits, or (1, V) for the last."""
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
         if self.position + len(tokens) > self.capacity:
             raise ModelpressError(f"{len(tokens)} tokens at position {self.position} overrun the native decode "
                                   f"cache of {self.capacity}")
@@ -387,3 +404,20 @@ class NativeDecoder:
         if not 0 <= tokens <= self.position:
             raise ValueError(f"cannot rewind {tokens} tokens from position {self.position}")
         self.position -= tokens
+
+    # StaticDecoder's interface for a draft on a shared cache (speculative._shared_cache_rounds); there is no device
+    # here: a count is read at once, and the position is always exact
+
+    def rewind_device(self, tokens: torch.Tensor) -> None:
+        self.rewind(int(tokens))
+
+    def settle(self, tokens: int) -> None:
+        """Nothing left to do: rewind_device moved the position already."""
+
+    def follow(self, other: NativeDecoder) -> None:
+        self.position = other.position
+
+    def move_to(self, position: int) -> None:
+        if not 0 <= position < self.capacity:
+            raise ValueError(f"position {position} is outside the native cache of {self.capacity}")
+        self.position = position

@@ -55,7 +55,7 @@ from modelpress.inference.fusion import FusionReport
 from modelpress.inference.kv_cache import make_kv_cache
 from modelpress.inference.sampling import next_token_probs, pick, sample
 from modelpress.inference.native_decode import NativeDecoder
-from modelpress.inference.static_decode import StaticCache, StaticDecoder
+from modelpress.inference.static_decode import StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +258,10 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
     decoders = _prefilled_decoders(target, draft, tokens, settings, config, paths)
     if decoders is None:
         return None
-    verifier, drafter = decoders
+    verifier, drafter, shared = decoders
     result.target_forwards = result.draft_forwards = int(len(tokens) > 1)
     k = config.draft_tokens  # every round, the last too: one verify length, so one captured graph
-    if getattr(drafter, "cache", None) is getattr(verifier, "cache", False):
+    if shared:
         result.draft_forwards, result.shared_kv_cache = 0, True
         _shared_cache_rounds(verifier, drafter, tokens, k, settings, generator, result, on_tokens)
     else:
@@ -353,9 +353,10 @@ def _shared_cache_rounds(verifier: StaticDecoder, drafter: StaticDecoder, tokens
 
 def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
                         config: SpeculativeConfig, paths: tuple[str, str]
-                        ) -> tuple[StaticDecoder, StaticDecoder] | None:
-    """(target's, draft's) StaticDecoder, both holding the first n-1 tokens (the draft's first step feeds the
-    last); None, with the reason logged, if a prefill fails."""
+                        ) -> tuple[StaticDecoder, StaticDecoder, bool] | None:
+    """(target's, draft's) StaticDecoder (or NativeDecoder), both holding the first n-1 tokens (the draft's first
+    step feeds the last), and whether the draft reads the target's cache; None, with the reason logged, if a
+    prefill fails."""
     # a round starts with at least one token left (n <= prompt + max_new_tokens - 1): its verify pass writes slots
     # n-1 .. n+k-1, at most prompt + max_new_tokens + k - 2
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
@@ -365,12 +366,12 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
     elif config.share_kv_cache:
         log.info("the draft keeps its own KV cache: %s", obstacle)
     verifier = _decoder(target, paths[0], max_len, settings, settings.kv_config)
-    shared = verifier.cache if obstacle is None else None
-    drafter = _decoder(draft, paths[1], max_len, settings, None, shared)
+    drafter = _decoder(draft, paths[1], max_len, settings, None, verifier if obstacle is None else None)
+    shared = obstacle is None
     if len(tokens) > 1:
         try:
             verifier.prefill(tokens[:-1])
-            if shared is None:
+            if not shared:
                 drafter.prefill(tokens[:-1])
             else:  # the target's prompt keys and values are the draft's
                 drafter.move_to(verifier.position)
@@ -378,17 +379,18 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
             log.warning("static-cache prefill failed (%s: %s); speculative decoding runs eagerly",
                         type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
             return None
-    return verifier, drafter
+    return verifier, drafter, shared
 
 
-def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSettings,
-             kv_cache, shared: StaticCache | None = None) -> StaticDecoder | NativeDecoder:
+def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSettings, kv_cache,
+             share_with: StaticDecoder | NativeDecoder | None = None) -> StaticDecoder | NativeDecoder:
+    """A decoder on its own cache, or on `share_with`'s (a decoder of the same kind)."""
     if path == "native":
-        return NativeDecoder(model, max_len, products=settings.cpu_products,
-                             kv_cache="float" if kv_cache is None else kv_cache.mode)
+        mode = share_with.kv_cache if share_with is not None else "float" if kv_cache is None else kv_cache.mode
+        return NativeDecoder(model, max_len, products=settings.cpu_products, kv_cache=mode, shared=share_with)
     return StaticDecoder(model, max_len, graph=path == "graph", keep_last_only=supports_logits_to_keep(model),
                          kv_cache=kv_cache, compile=settings.compile, fused_writes=fused_writes(settings),
-                         cache=shared)
+                         cache=None if share_with is None else share_with.cache)
 
 
 # what must agree for a draft to attend over the target's keys and values (the cache's geometry and masks), and
@@ -408,7 +410,7 @@ def shared_cache_obstacle(target: nn.Module, draft: nn.Module, paths: tuple[str,
     reads them where it would read its own (close to them: it is the same model, quantized). The output is exact
     whatever the draft reads; what changes is the draft's work: no prefill of its own, one step per round instead of
     two after a round that kept every draft (its cache never lags), and one cache's memory instead of two."""
-    if paths[0] not in ("static", "graph") or paths[1] not in ("static", "graph"):
+    if paths != ("native", "native") and not set(paths) <= {"static", "graph"}:
         return f"the {paths[0]} / {paths[1]} decode paths keep one cache a model"
     kv = settings.kv_config
     if kv.mode != "float" and (kv.residual > 0 or kv.codecs()[0].layout == "channel"):
