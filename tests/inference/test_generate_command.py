@@ -44,7 +44,10 @@ def test_greedy_text_is_the_same_in_every_mode(tiny_llama_dir, tmp_path, capsys,
     assert mode["tokens"] == plain["tokens"]
     assert mode["kv_cache"] == (extra[extra.index("--kv-cache") + 1] if "--kv-cache" in extra else "float")
     if "--draft" in extra or "--self-speculative" in extra:
-        assert mode["acceptance_rate"] is not None and "draft acceptance" in capsys.readouterr().err
+        assert mode["acceptance_rate"] is not None and "draft acceptance" in (err := capsys.readouterr().err)
+        # both drafts have the target's architecture: they read its cache, except on the eager path
+        assert mode["shared_kv_cache"] == (mode["decode_path"] != "eager")
+        assert ("the draft on the target KV cache" in err) == mode["shared_kv_cache"]
 
 
 def test_several_prompts_decode_as_one_batch(tiny_llama_dir, tmp_path, capsys):

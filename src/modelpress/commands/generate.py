@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
                f"({result.decode_path} path{', fused: ' + result.fusions if result.fusions else ''})")
     if result.acceptance_rate is not None:
         summary += (f", draft acceptance {result.acceptance_rate:.1%} over {result.rounds} rounds, "
-                    f"{result.target_forwards} target passes")
+                    f"{result.target_forwards} target passes"
+                    f"{', the draft on the target KV cache' if result.shared_kv_cache else ''}")
     print(summary, file=sys.stderr)
     write_json(args.json, {**result.to_dict(), "text": printer.text(), "model": loaded.source,
                            "draft": args.draft or (f"self:{args.self_speculative}" if args.self_speculative else None),
