@@ -224,8 +224,8 @@ def _verdict(logits: torch.Tensor, draft_probs: torch.Tensor, drafts: list[int] 
     drafted = torch.as_tensor(drafts, dtype=torch.long).to(device)
     if settings.sampling.greedy:
         best = logits.argmax(dim=-1)                                              # (k+1,)
-        accepted = (best[:-1] == drafted).long().cumprod(dim=0).sum()
-        return accepted.view(1), best[accepted].view(1)
+        accepted = (best[:-1] == drafted).long().cumprod(dim=0).sum().view(1)
+        return accepted, best.index_select(0, accepted)  # (indexing by a 0-d tensor would read it on the host)
     target_probs = next_token_probs(logits, settings.sampling)
     return verify_draft(target_probs.unsqueeze(0), draft_probs.to(device).unsqueeze(0), drafted.view(1, -1),
                         generator)
