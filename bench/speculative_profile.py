@@ -6,7 +6,8 @@ steps, verify pass) and the GPU's idle time between rounds, with the host calls 
 
 Random weights make acceptance meaningless (near 0: every round is k draft steps and one verify pass), which is
 what a cost profile wants. The JSON written with --json holds the per-round figures; --trace the Chrome trace.
-`--draft-cache own` keeps the draft on its own cache, one round at a time (the default, shared, reads the target's
+`--syncs` lists the lines of src/ that made the host wait for the GPU in one more call (sync debug mode): in a
+speculative call on the target's cache, rounds should wait only for the verdicts. `--draft-cache own` keeps the draft on its own cache, one round at a time (the default, shared, reads the target's
 and queues each round before the host reads the last one's verdict). `--target SCHEME` quantizes the target too (RTN; the draft is made from the float model first): its verify passes of
 k + 1 tokens then run on the tensor-core GEMV's rows mode, or with `--verify-stored` on the stored layout's kernels
 (the target not re-laid, as before the rows mode):
@@ -51,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft-cache", default="shared", choices=["shared", "own"],
                    help="the draft reads the target's KV cache, its rounds queued one ahead of the host (shared, the "
                         "default), or keeps its own cache, one round at a time (own)")
+    p.add_argument("--syncs", action="store_true",
+                   help="also run one call under torch.cuda.set_sync_debug_mode('warn') and list the lines of "
+                        "src/ that made the host wait for the GPU, with their counts")
     p.add_argument("--trace", default=None, help="write the Chrome trace here")
     p.add_argument("--json", default=None)
     return p.parse_args()
@@ -139,8 +143,28 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     print(f"| {median['draft_ms']:.2f} ms | {median['verify_ms']:.2f} ms | {median['idle_ms']:.2f} ms | "
           f"{median['first_launch_us']:.0f} us | {median['round_ms']:.2f} ms |")
+    if args.syncs:
+        summary["syncs"] = host_waits(lambda: speculative_generate(target, draft, prompt, settings, config))
+        print("lines that made the host wait (count):", summary["syncs"])
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def host_waits(call) -> dict[str, int]:
+    """{file:line in src/modelpress: times} of the synchronizing CUDA operations `call` ran (PyTorch's sync debug
+    mode names the Python line of each; a graph's capture and the prefills are among them, once a call)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                    if "synchroniz" in str(w.message) and "modelpress" in w.filename)
+    return dict(where.most_common())
 
 
 if __name__ == "__main__":
