@@ -327,11 +327,12 @@ def test_int8_products_are_an_option_that_really_runs(one_thread):
         GenerationSettings(cpu_products="int4")
 
 
-@pytest.mark.parametrize("spec", [None, "int4/g32", "nf4/g64"])
+@pytest.mark.parametrize("spec", [None, "int4/g32", "nf4/g64", "int8/g32"])
 @torch.no_grad()
 def test_threads_split_rows_and_give_the_same_numbers(spec):
-    """A one-token step over 1, 2 or 3 threads (rows of every projection and of the head split in blocks of 4):
-    the same logits bit for bit, since every row is summed as one thread would."""
+    """A forward over 1, 2 or 3 threads (rows of every projection and of the head split in blocks of 4), of one
+    token (steps) or several (the prompt, a 5-token verify pass): the same logits bit for bit, since every row is
+    summed as one thread would."""
     model = build("qwen2")
     if spec is not None:
         quantize_rtn(model, RTNConfig(WeightScheme.parse(spec)))
@@ -339,9 +340,10 @@ def test_threads_split_rows_and_give_the_same_numbers(spec):
     with fast_cpu():
         for threads in (1, 2, 3):
             native = NativeDecoder(model, 16, threads=threads)
-            native.prefill(PROMPT)
+            first = native.prefill(PROMPT)
             assert native.head_native
-            runs.append(torch.cat([native.step(11), native.step(23)]))
+            runs.append(torch.cat([first, native.step(11), native.step(23), native.forward([5, 60, 7, 2, 9])]))
+    assert runs[0].shape[0] == 8
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 

@@ -9,7 +9,7 @@ longer one runs through the model itself (transformers, with a cache of the deco
 kernels), and its keys and values are copied into the decoder's own cache; each new token then takes one
 `mp_forward` call, the output head included where it is an nn.Linear or a QuantLinear the native kernels serve
 (else the model's own head runs on the final hidden states); the embedding stays the model's own module (float,
-quantized or tied), one call per token. A one-token step splits each projection's rows over
+quantized or tied), one call per token. A forward call (one token or several) splits each projection's rows over
 torch.get_num_threads() threads (nn/cpu_step.c's pool; the same numbers at any thread count).
 
 The KV cache is float32, or (kv_cache="int8") the eager path's `int8` mode (kv_cache.py): int8 codes and a

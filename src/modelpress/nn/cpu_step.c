@@ -23,15 +23,15 @@
    a block may have its own (Gemma 3's sliding-window layers rotate with another base).
    Projections are packed weights (mp_gemv, cpu_gemv.c) or float32 ones (gemv_f32 below); a packed weight with an
    input permutation (GPTQ's act-order) reads x gathered first. Sums are float32, in another order than PyTorch's
-   kernels: results agree to float32 rounding, not bit for bit. A one-token step splits every projection's rows
-   over a pool of threads (below; the same numbers at any thread count); several tokens run on the calling
-   thread. */
+   kernels: results agree to float32 rounding, not bit for bit. A forward call splits every projection's rows
+   over a pool of threads (below; the same numbers at any thread count), for one token or several. */
 
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -84,7 +84,7 @@ typedef struct {
     int64_t n_blocks, hidden, head_dim, capacity;
     float eps, scaling;
     int32_t products;
-    int32_t threads;   /* one-token steps split each projection's rows over this many threads (1: none) */
+    int32_t threads;   /* forward calls split each projection's rows over this many threads (1: none) */
     mp_linear head;
     float *logits;
     int64_t logits_from;   /* the head runs for tokens logits_from.. of a call (a prompt: its last one only) */
@@ -217,7 +217,24 @@ static int product_rows(const mp_linear *l, const float *x, int64_t m, int64_t r
     return MP_OK;
 }
 
-/* ---- a pool of worker threads that split one-token projections by rows ----
+/* y[:, r0..r1) of m rows of x (y is (m, n)): the rows' (m, r1 - r0) product made at block + m r0 (block: m n
+   floats), then copied into y's columns. Each output is the sum the whole call computes (r0 at a block of 4 rows). */
+static int product_block(const mp_linear *l, const float *x, int64_t m, int64_t r0, int64_t r1, float *y,
+                         float *block, int products) {
+    int64_t n = l->n, rows = r1 - r0;
+    float *out = block + m * r0;
+    if (l->packed) {
+        mp_weight part = rows_of(l->packed, r0, r1);
+        int status = mp_gemv(&part, x, m, out, products);
+        if (status != MP_OK) return status;
+    } else {
+        gemv_f32(l->weight + r0 * l->k, x, m, rows, l->k, out);
+    }
+    for (int64_t i = 0; i < m; i++) memcpy(y + i * n + r0, out + i * rows, (size_t)rows * sizeof(float));
+    return MP_OK;
+}
+
+/* ---- a pool of worker threads that split projections by rows ----
    Workers sleep between forward calls; during one they spin on a job counter, since a token makes ~7 projections
    per block, each a few to some tens of microseconds: waking a thread through the scheduler would cost as much.
    One forward call uses the pool at a time (a lock); a forked child starts with no workers. */
@@ -241,6 +258,8 @@ static struct {
     const mp_linear *l;
     const float *x;
     float *y;
+    int64_t m;                     /* rows of x */
+    float *block;                  /* m > 1: m n floats, each part's (m, its rows) product before it goes to y */
     int products;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .use = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
@@ -250,7 +269,8 @@ static void run_part(int p) {
     int64_t r0 = blocks * p / pool.parts * 4, r1 = blocks * (p + 1) / pool.parts * 4;
     if (r1 > n) r1 = n;
     if (r0 < r1) {
-        int status = product_rows(pool.l, pool.x, 1, r0, r1, pool.y, pool.products);
+        int status = pool.m == 1 ? product_rows(pool.l, pool.x, 1, r0, r1, pool.y, pool.products)
+                                 : product_block(pool.l, pool.x, pool.m, r0, r1, pool.y, pool.block, pool.products);
         if (status != MP_OK) atomic_store(&pool.status, status);
     }
 }
@@ -318,9 +338,23 @@ static void pool_end(int threads) {
     pthread_mutex_unlock(&pool.use);
 }
 
-/* y[0..n) of one x row over `threads` threads (the caller runs part 0) */
-static int product_split(const mp_linear *l, const float *x, float *y, int products, int threads) {
-    pool.l = l, pool.x = x, pool.y = y, pool.products = products, pool.parts = threads;
+/* m n floats for product_block's parts (the caller's thread only, inside a forward call's use of the pool) */
+static float *split_block(size_t count) {
+    static float *buf = NULL;
+    static size_t cap = 0;
+    if (count > cap) {
+        float *grown = realloc(buf, count * sizeof(float));
+        if (!grown) return NULL;
+        buf = grown, cap = count;
+    }
+    return buf;
+}
+
+/* y (m, n) of m x rows, its n rows split over `threads` threads (the caller runs part 0) */
+static int product_split(const mp_linear *l, const float *x, int64_t m, float *y, int products, int threads) {
+    float *block = m > 1 ? split_block((size_t)(m * l->n)) : NULL;
+    if (m > 1 && !block) return MP_NO_MEMORY;
+    pool.l = l, pool.x = x, pool.y = y, pool.m = m, pool.block = block, pool.products = products, pool.parts = threads;
     atomic_store(&pool.status, MP_OK);
     atomic_store(&pool.left, threads - 1);
     atomic_fetch_add_explicit(&pool.job, 1, memory_order_release);
@@ -330,7 +364,7 @@ static int product_split(const mp_linear *l, const float *x, float *y, int produ
     return atomic_load(&pool.status);
 }
 
-/* y (m, n) = x (m, k) W^T + b; gather: m k floats of scratch for a permuted x; threads: for m = 1, split rows */
+/* y (m, n) = x (m, k) W^T + b; gather: m k floats of scratch for a permuted x; threads: split W's rows */
 static int project(const mp_linear *l, const float *x, int64_t m, float *y, float *gather, int products,
                    int threads) {
     int64_t n = l->n, k = l->k;
@@ -339,8 +373,8 @@ static int project(const mp_linear *l, const float *x, int64_t m, float *y, floa
             for (int64_t j = 0; j < k; j++) gather[i * k + j] = x[i * k + l->perm[j]];
         x = gather;
     }
-    int status = m == 1 && threads > 1 ? product_split(l, x, y, products, threads)
-                                       : product_rows(l, x, m, 0, n, y, products);
+    int status = threads > 1 ? product_split(l, x, m, y, products, threads)
+                             : product_rows(l, x, m, 0, n, y, products);
     if (status != MP_OK) return status;
     if (l->bias)
         for (int64_t i = 0; i < m; i++)
@@ -735,13 +769,12 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
    (d->head, if it has one, into d->logits).
    The tokens sit at positions pos.. pos + tokens - 1 (the cache holds positions 0..pos-1 already); each attends to
    the positions up to its own. Every projection is one call over all the tokens, so a weight is read once per
-   call (speculative decoding's verify pass); a single token's projections are split by rows over d->threads
-   threads. Returns MP_OK or an error code (h is then undefined). */
+   call (speculative decoding's verify pass); every projection is split by rows over d->threads threads. Returns MP_OK or an error code (h is then undefined). */
 int mp_forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos) {
     if (tokens <= 0 || pos < 0 || pos + tokens > d->capacity) return MP_BAD_POSITION;
     if (d->head.n && !d->logits) return MP_NO_LOGITS;
     if (d->logits_from < 0 || d->logits_from >= tokens) return MP_BAD_POSITION;
-    int threads = pool_begin(tokens == 1 ? d->threads : 1);
+    int threads = pool_begin(d->threads);
     int status = forward(d, h, tokens, pos, threads);
     pool_end(threads);
     return status;
