@@ -76,6 +76,7 @@ from modelpress.inference.decoding import (
 )
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
+from modelpress.inference.native_decode import NativeDecoder
 from modelpress.inference.static_decode import StaticDecoder
 from modelpress.io.model import load_model
 from modelpress.io.text import load_text, make_windows
@@ -162,7 +163,7 @@ def path_settings(path: str, **kwargs) -> GenerationSettings:
 def step_seconds(model, prompt: list[int], path: str, settings: GenerationSettings, repeats: int = 7,
                  tokens: int = 1) -> float:
     """Median time of one forward of `tokens` tokens after the prompt (1: a decode step; k+1: a verify pass, in the
-    verifier's context), on `path` (eager, static or graph; the graph's capture happens in an untimed first
+    verifier's context), on `path` (eager, static, graph or native; the graph's capture happens in an untimed first
     forward), in the kernel context generation runs in (on CUDA the decode-time fusions; one-token models' int4
     layers re-laid for the tensor-core GEMV)."""
     with kernel_context(settings, model, verifiers=(model,) if tokens > 1 else ()):
@@ -177,6 +178,11 @@ def _step_seconds(model, prompt: list[int], path: str, settings: GenerationSetti
         cache = DynamicCache(config=model.config)
         model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
         step = lambda: (forward_logits(model, feed, cache), cache.crop(-tokens))
+    elif path == "native":  # the CPU's native step, as generation runs it there
+        decoder = NativeDecoder(model, len(prompt) + tokens + 1, products=settings.cpu_products)
+        decoder.prefill(prompt)
+        step = lambda: (decoder.forward(feed), decoder.rewind(tokens))
+        step()
     else:
         decoder = StaticDecoder(model, len(prompt) + tokens + 1, graph=path == "graph", compile=settings.compile,
                                 keep_last_only=supports_logits_to_keep(model), fused_writes=fused_writes(settings))
