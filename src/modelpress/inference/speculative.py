@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 class SpeculativeConfig:
     draft_tokens: int = 4  # k: tokens the draft proposes per round
     # a draft of the target's own architecture (self-speculation: a low-bit copy) reads the target's KV cache on
-    # the static path instead of keeping its own (see shared_cache_obstacle); False: always its own cache
+    # the static, graph and native paths instead of keeping its own (see shared_cache_obstacle); False: always its own
     share_kv_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -284,10 +284,12 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
     return result
 
 
-def _shared_cache_rounds(verifier: StaticDecoder, drafter: StaticDecoder, tokens: list[int], k: int,
+def _shared_cache_rounds(verifier: StaticDecoder | NativeDecoder, drafter: StaticDecoder | NativeDecoder,
+                         tokens: list[int], k: int,
                          settings: GenerationSettings, generator: torch.Generator | None, result: GenerationResult,
                          on_tokens: TokenCallback | None) -> None:
-    """The rounds of a draft that reads the target's cache, queued one round ahead of the host.
+    """The rounds of a draft that reads the target's cache, queued one round ahead of the host (on the CPU's native
+    step, where nothing is queued, the same loop runs each round as it is queued).
 
     A round needs nothing from the host: the token it feeds first (the last round's next token) and both positions
     stay on the device, the verdict is computed there and moves the target's position back over the rejected drafts
@@ -402,7 +404,7 @@ SHARED_CACHE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_at
 
 def shared_cache_obstacle(target: nn.Module, draft: nn.Module, paths: tuple[str, str],
                           settings: GenerationSettings) -> str | None:
-    """Why the draft cannot read the target's static KV cache, or None.
+    """Why the draft cannot read the target's KV cache (a StaticDecoder's, or a NativeDecoder's), or None.
 
     A self-speculative draft (a low-bit copy of the target) can: every slot the draft writes while drafting is
     rewritten by the verify pass, which writes each layer's keys and values of its k+1 tokens before attending, so
