@@ -59,9 +59,24 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row: (..., V) probabilities -> (...) int64 tokens."""
+    """One draw per row: (..., V) probabilities (unnormalized is fine) -> (...) int64 tokens.
+
+    On the CPU by the inverse of the cumulative distribution: the first token whose running sum (float64) exceeds a
+    uniform draw times the total, so a token of probability 0 is never drawn (its running sum equals the one before
+    it). torch.multinomial takes ~1 ms a row over a 49k vocabulary there, a quarter of a packed model's decode step;
+    this takes ~0.1 ms. On other devices torch.multinomial (no host wait)."""
     flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    if flat.device.type != "cpu":
+        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    cdf = torch.cumsum(flat, dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("sampling from a distribution without positive, finite probability mass")
+    # u < total (a draw just below 1 times the total can round up to it): the first running sum above u is then a
+    # token of positive probability
+    u = torch.minimum(torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64) * total,
+                      torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).reshape(probs.shape[:-1])
 
 
 def pick(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> int:
