@@ -201,19 +201,14 @@ static mp_weight rows_of(const mp_weight *w, int64_t r0, int64_t r1) {
     return part;
 }
 
-/* y[r0..r1) of one x row (m = 1), or all rows of m rows of x (r0 = 0, r1 = n): x W^T without the bias */
-static int product_rows(const mp_linear *l, const float *x, int64_t m, int64_t r0, int64_t r1, float *y,
+/* out (m, r1 - r0) = x (m, k) W[r0..r1)^T, without the bias */
+static int product_rows(const mp_linear *l, const float *x, int64_t m, int64_t r0, int64_t r1, float *out,
                         int products) {
     if (l->packed) {
-        if (r0 == 0 && r1 == l->n) return mp_gemv(l->packed, x, m, y, products);
         mp_weight part = rows_of(l->packed, r0, r1);
-        return mp_gemv(&part, x, 1, y + r0, products);
+        return mp_gemv(&part, x, m, out, products);
     }
-    if (r0 == 0 && r1 == l->n) {
-        gemv_f32(l->weight, x, m, l->n, l->k, y);
-    } else {
-        gemv_f32(l->weight + r0 * l->k, x, 1, r1 - r0, l->k, y + r0);
-    }
+    gemv_f32(l->weight + r0 * l->k, x, m, r1 - r0, l->k, out);
     return MP_OK;
 }
 
@@ -223,13 +218,8 @@ static int product_block(const mp_linear *l, const float *x, int64_t m, int64_t 
                          float *block, int products) {
     int64_t n = l->n, rows = r1 - r0;
     float *out = block + m * r0;
-    if (l->packed) {
-        mp_weight part = rows_of(l->packed, r0, r1);
-        int status = mp_gemv(&part, x, m, out, products);
-        if (status != MP_OK) return status;
-    } else {
-        gemv_f32(l->weight + r0 * l->k, x, m, rows, l->k, out);
-    }
+    int status = product_rows(l, x, m, r0, r1, out, products);
+    if (status != MP_OK) return status;
     for (int64_t i = 0; i < m; i++) memcpy(y + i * n + r0, out + i * rows, (size_t)rows * sizeof(float));
     return MP_OK;
 }
@@ -269,7 +259,7 @@ static void run_part(int p) {
     int64_t r0 = blocks * p / pool.parts * 4, r1 = blocks * (p + 1) / pool.parts * 4;
     if (r1 > n) r1 = n;
     if (r0 < r1) {
-        int status = pool.m == 1 ? product_rows(pool.l, pool.x, 1, r0, r1, pool.y, pool.products)
+        int status = pool.m == 1 ? product_rows(pool.l, pool.x, 1, r0, r1, pool.y + r0, pool.products)
                                  : product_block(pool.l, pool.x, pool.m, r0, r1, pool.y, pool.block, pool.products);
         if (status != MP_OK) atomic_store(&pool.status, status);
     }
@@ -769,7 +759,8 @@ static int forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos, i
    (d->head, if it has one, into d->logits).
    The tokens sit at positions pos.. pos + tokens - 1 (the cache holds positions 0..pos-1 already); each attends to
    the positions up to its own. Every projection is one call over all the tokens, so a weight is read once per
-   call (speculative decoding's verify pass); every projection is split by rows over d->threads threads. Returns MP_OK or an error code (h is then undefined). */
+   call (speculative decoding's verify pass); every projection is split by rows over d->threads threads. Returns
+   MP_OK or an error code (h is then undefined). */
 int mp_forward(const mp_decoder *d, float *h, int64_t tokens, int64_t pos) {
     if (tokens <= 0 || pos < 0 || pos + tokens > d->capacity) return MP_BAD_POSITION;
     if (d->head.n && !d->logits) return MP_NO_LOGITS;
