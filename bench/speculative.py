@@ -75,6 +75,7 @@ from modelpress.inference.decoding import (
     supports_logits_to_keep,
 )
 from modelpress.inference.sampling import SamplingConfig
+from modelpress.inference.session import DecodeSession
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
 from modelpress.inference.native_decode import NativeDecoder
 from modelpress.inference.static_decode import StaticDecoder
@@ -131,6 +132,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--session", action="store_true",
+                   help="each configuration's prompts in one DecodeSession (inference/session.py: the model prepared "
+                        "and its graphs captured once, by the first prompt), configurations one after another; "
+                        "default: every prompt a call of its own (generate / speculative_generate), configurations "
+                        "interleaved")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: shared machines)")
@@ -300,6 +306,8 @@ class Report:
 def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) -> None:
     """drafts: {config name: (draft model, its name in `costs`, k, share the target's KV cache)}."""
     device = next(target.parameters()).device
+    if args.session:
+        return run_all_in_sessions(target, drafts, prompts, args, report, costs, device)
     for temperature in args.temperatures:
         runs = {(path, name): [] for path in args.decode for name in ["target", *drafts]}
         identical: dict = {key: [] for key in runs if key[1] != "target"}
@@ -314,6 +322,32 @@ def run_all(target, drafts: dict, prompts, args, report: Report, costs: dict) ->
                 for name in drafts:
                     identical[(path, name)].append(runs[(path, name)][-1].tokens == runs[(path, "target")][-1].tokens)
             print(f"temperature {temperature}, prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+        report.add_rows(summarize(temperature, runs, identical, costs, {n: c[1:] for n, c in drafts.items()}))
+
+
+def run_all_in_sessions(target, drafts: dict, prompts, args, report: Report, costs: dict, device) -> None:
+    """run_all with each configuration's prompts in one DecodeSession (a model is in one session at a time)."""
+    for temperature in args.temperatures:
+        runs = {(path, name): [] for path in args.decode for name in ["target", *drafts]}
+        for path in args.decode:
+            settings = path_settings(path, max_new_tokens=args.new_tokens,
+                                     sampling=SamplingConfig(temperature, top_p=args.top_p))
+            for name in ["target", *drafts]:
+                if name == "target":
+                    session = DecodeSession(target, settings)
+                else:
+                    draft, _, k, share = drafts[name]
+                    session = DecodeSession(target, settings, draft=draft,
+                                            speculative=SpeculativeConfig(k, share_kv_cache=share))
+                with session:
+                    for i, prompt in enumerate(prompts):
+                        result = session.generate(prompt,
+                                                  generator=torch.Generator(device=device).manual_seed(args.seed + i))
+                        same = None if name == "target" else result.tokens == runs[(path, "target")][i].tokens
+                        record(report, runs, temperature, path, name, i, result, identical=same)
+                print(f"temperature {temperature}, {path}, {name} done", file=sys.stderr, flush=True)
+        identical = {key: [r.tokens == t.tokens for r, t in zip(results, runs[(key[0], "target")])]
+                     for key, results in runs.items() if key[1] != "target"}
         report.add_rows(summarize(temperature, runs, identical, costs, {n: c[1:] for n, c in drafts.items()}))
 
 
@@ -426,7 +460,7 @@ def main() -> None:
     costs = draft_costs(target, drafts, prompts[0], args.decode, args.draft_tokens)
     meta = {"model": source, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens, "top_p": args.top_p,
-            "decode": args.decode, "draft_cache": args.draft_cache, "device": args.device, "dtype": args.dtype,
+            "decode": args.decode, "draft_cache": args.draft_cache, "session": args.session, "device": args.device, "dtype": args.dtype,
             "threads": args.threads,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "step_costs": costs,

@@ -8,6 +8,7 @@ The Python API (docs/api.md), imported on first use so that `import modelpress` 
     save(model, path)                                export(model, ["gguf"], path)
     compress(model, Recipe([Structured(...), GPTQ("int4/g32"), LoRA(), Evaluate(), Export()]), data, out)
     generate(model, "prompt", GenerationSettings(max_new_tokens=64), draft="int4/g32") -> GenerationResult
+    with session(model, settings, draft="int4/g32") as s: s.generate("prompt")   (prepared once, graphs kept)
 
 Configs: Rotate (a recipe stage too), RTN, GPTQ, AWQ, SmoothQuant, FP8Dynamic, Mixed, Head (the output head; quantizers, registered in algorithms/quantize) and Magnitude,
 Wanda, SparseGPT, Structured, ExpertPrune (pruners, algorithms/prune). `modelpress.export` is also the
@@ -32,6 +33,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "export": ("modelpress.export", None),           # the package, callable (export/__init__.py)
     "compress": ("modelpress.python_api", "compress"),
     "generate": ("modelpress.python_api", "generate"),
+    "session": ("modelpress.python_api", "session"),
+    "DecodeSession": ("modelpress.inference.session", "DecodeSession"),
     "GenerationSettings": ("modelpress.inference.decoding", "GenerationSettings"),
     "SamplingConfig": ("modelpress.inference.sampling", "SamplingConfig"),
     "SpeculativeConfig": ("modelpress.inference.speculative", "SpeculativeConfig"),
@@ -110,6 +113,7 @@ if TYPE_CHECKING:
     from modelpress.inference.decoding import GenerationSettings
     from modelpress.inference.sampling import SamplingConfig
     from modelpress.inference.speculative import SpeculativeConfig
-    from modelpress.python_api import compress, evaluate, generate, load, prune, quantize, rotate, save
+    from modelpress.inference.session import DecodeSession
+    from modelpress.python_api import compress, evaluate, generate, load, prune, quantize, rotate, save, session
     from modelpress.recipe.stages import Export, Gate, Recipe
     from modelpress.train.recover import QAT, Distill, LoRA

@@ -205,6 +205,27 @@ def generate(model: ModelLike, prompt: str | Sequence[int] | torch.Tensor | Sequ
                                 generator=generator, on_tokens=on_tokens)
 
 
+def session(model: ModelLike, settings=None, tokenizer=None, draft: ModelLike | WeightScheme | str | None = None,
+            speculative=None, rows: int = 1):
+    """A DecodeSession (inference/session.py): `model` prepared once for many generations of `settings`, its
+    decoders (KV caches, captured CUDA graphs) kept between calls, so that only the first call pays for the fusions
+    and the captures. `session.generate(prompt)` takes a text (with the model's tokenizer) or token ids, and per call
+    max_new_tokens, sampling and eos_token_ids; `session.generate_rows(prompts)` up to `rows` prompts decoded
+    together. `draft` as in generate (a model, or a scheme for a low-bit copy made once). Use it in a `with` block,
+    or close() it: that undoes the fusions and frees the decoders. The model must not change while it is open."""
+    from modelpress.inference.session import DecodeSession
+    from modelpress.inference.speculative import low_bit_draft
+
+    loaded = as_loaded(model, tokenizer)
+    if isinstance(draft, (str, WeightScheme)):
+        draft_model = low_bit_draft(loaded.model, WeightScheme.parse(draft) if isinstance(draft, str) else draft)
+    else:
+        draft_model = None if draft is None else as_loaded(draft).model
+    tokenizer = loaded.tokenizer
+    encode = None if tokenizer is None else (lambda text: _prompt_rows(text, tokenizer)[0])
+    return DecodeSession(loaded.model, settings, draft=draft_model, speculative=speculative, rows=rows, encode=encode)
+
+
 def _is_batch(prompt) -> bool:
     """Whether `prompt` is several prompts: a list of texts or of id sequences, or a 2-D tensor of several rows."""
     if isinstance(prompt, torch.Tensor):

@@ -51,7 +51,7 @@ def test_greedy_text_is_the_same_in_every_mode(tiny_llama_dir, tmp_path, capsys,
 
 
 def test_several_prompts_decode_as_one_batch(tiny_llama_dir, tmp_path, capsys):
-    """Each --prompt's text in the batch is the text it gets alone; a draft with several prompts is refused."""
+    """Each --prompt's text in the batch is the text it gets alone, and with a draft (greedy, so the same text)."""
     prompts = ["the cat", "a", "hello there"]
     alone = []
     for i, prompt in enumerate(prompts):
@@ -67,8 +67,14 @@ def test_several_prompts_decode_as_one_batch(tiny_llama_dir, tmp_path, capsys):
     assert data["batched"] and data["texts"] == alone and data["new_tokens"] == 18
     assert out == "".join(f"### prompt {i}\n{text}\n" for i, text in enumerate(alone, 1))
     assert "3 prompts in 1 batch" in err
-    assert run_cli("generate", tiny_llama_dir, *args, "--self-speculative", "int4/g32", "--device", "cpu") == 2
-    assert "speculative decoding takes one --prompt" in capsys.readouterr().err
+    # with a draft the prompts decode speculatively one after another, in one session: greedy, each the plain text
+    assert run_cli("generate", tiny_llama_dir, *args, "--max-new-tokens", "6", "--self-speculative", "int8/channel",
+                   "--device", "cpu", "--json", tmp_path / "spec.json") == 0
+    out, err = capsys.readouterr()
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    assert spec["texts"] == alone and spec["new_tokens"] == 18 and len(spec["runs"]) == 3
+    assert out == "".join(f"### prompt {i}\n{text}\n" for i, text in enumerate(alone, 1))
+    assert "3 prompts one after another" in err and "draft acceptance" in err
 
 
 def test_a_prompts_file_decodes_in_batches_of_the_batch_size(tiny_llama_dir, tmp_path, capsys):

@@ -4,7 +4,8 @@
 Streams the new text to stdout as tokens are produced and prints tokens/s (and the draft acceptance rate)
 to stderr at the end. Several prompts (--prompt more than once, or a --prompts-file of one a line) decode together
 in batches of --batch-size (inference/batch_decode.py); each prompt's text is printed when its batch is done, after a
-line "### prompt N".
+line "### prompt N". With a draft they decode speculatively one after another. Several prompts run in one
+DecodeSession (inference/session.py): the model is prepared, and its CUDA graphs captured, once for all of them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 
 from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
 from modelpress.errors import ModelpressError
-from modelpress.inference.batch_decode import BatchGenerationResult, generate_batch
+from modelpress.inference.batch_decode import BatchGenerationResult
 from modelpress.inference.decoding import GenerationSettings, generate
 from modelpress.inference.kv_cache import CACHE_MODES
 from modelpress.inference.sampling import SamplingConfig
+from modelpress.inference.session import DecodeSession
 from modelpress.inference.speculative import SpeculativeConfig, low_bit_draft, speculative_generate
 from modelpress.io.model import load_model
 from modelpress.nn.cpu_native import PRODUCTS
@@ -170,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
                                   decode=decode, kv_cache=args.kv_cache,
                                   compile=args.compile, fuse=not args.no_fuse, cpu_products=args.cpu_products)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if (len(args.prompt) > 1 or args.prompts_file) and (args.draft or args.self_speculative):
+        return run_speculative_prompts(args, loaded.source, model, tokenizer, settings, generator, device, dtype)
     if len(args.prompt) > 1 or args.prompts_file:
         return run_batch(args, loaded.source, model, tokenizer, settings, generator, device)
     ids = prompt_ids(tokenizer, args.prompt[0], args.chat)
@@ -217,17 +221,17 @@ def read_prompts(path: str | None) -> list[str]:
 
 def run_batch(args: argparse.Namespace, source: str, model, tokenizer, settings: GenerationSettings, generator,
               device: torch.device) -> int:
-    """Several prompts: batches of --batch-size, each prompt's text printed once its batch is done."""
-    if args.draft or args.self_speculative:
-        raise ModelpressError("speculative decoding takes one --prompt; several decode as a batch without a draft")
+    """Several prompts: batches of --batch-size in one session, each prompt's text printed once its batch is
+    done."""
     rows = [prompt_ids(tokenizer, prompt, args.chat) for prompt in args.prompt]
     results, texts = [], []
-    for start in range(0, len(rows), args.batch_size):
-        results.append(generate_batch(model, rows[start:start + args.batch_size], settings, generator=generator))
-        for i, new in enumerate(results[-1].tokens, start + 1):
-            texts.append(tokenizer.decode(new, skip_special_tokens=True))
-            sys.stdout.write(f"### prompt {i}\n{texts[-1]}\n")
-        sys.stdout.flush()
+    with DecodeSession(model, settings, rows=min(args.batch_size, len(rows))) as session:
+        for start in range(0, len(rows), args.batch_size):
+            results.append(session.generate_rows(rows[start:start + args.batch_size], generator=generator))
+            for i, new in enumerate(results[-1].tokens, start + 1):
+                texts.append(tokenizer.decode(new, skip_special_tokens=True))
+                sys.stdout.write(f"### prompt {i}\n{texts[-1]}\n")
+            sys.stdout.flush()
     # a last batch of one prompt runs as one prompt: it does not make the run unbatched
     batched = all(r.batched or len(r.tokens) == 1 for r in results)
     total = BatchGenerationResult(
@@ -241,6 +245,35 @@ def run_batch(args: argparse.Namespace, source: str, model, tokenizer, settings:
           f"{total.decode_path} path{', fused: ' + total.fusions if total.fusions else ''})", file=sys.stderr)
     write_json(args.json, {**total.to_dict(), "batch_size": args.batch_size, "texts": texts, "prompts": args.prompt,
                            "model": source, "kv_cache": args.kv_cache, "device": str(device),
+                           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                           "seed": args.seed})
+    return 0
+
+
+def run_speculative_prompts(args: argparse.Namespace, source: str, model, tokenizer, settings: GenerationSettings,
+                            generator, device: torch.device, dtype) -> int:
+    """Several prompts with a draft: speculative decoding of each in turn, in one session (the draft made once);
+    each prompt's text printed when it is done."""
+    draft = load_draft(args, model, tokenizer, device, dtype)
+    results, texts = [], []
+    with DecodeSession(model, settings, draft=draft, speculative=SpeculativeConfig(args.draft_tokens)) as session:
+        for i, prompt in enumerate(args.prompt, 1):
+            results.append(session.generate(prompt_ids(tokenizer, prompt, args.chat), generator=generator))
+            texts.append(tokenizer.decode(results[-1].tokens, skip_special_tokens=True))
+            sys.stdout.write(f"### prompt {i}\n{texts[-1]}\n")
+            sys.stdout.flush()
+    tokens, seconds = sum(len(r.tokens) for r in results), sum(r.seconds for r in results)
+    drafted, accepted = sum(r.drafted for r in results), sum(r.accepted for r in results)
+    paths = ",".join(dict.fromkeys(r.decode_path for r in results))
+    print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s ({len(results)} prompts one after "
+          f"another, {paths} path{', fused: ' + results[0].fusions if results[0].fusions else ''}), draft acceptance "
+          f"{accepted / max(drafted, 1):.1%} over {sum(r.rounds for r in results)} rounds", file=sys.stderr)
+    write_json(args.json, {"new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                           "decode_path": paths, "acceptance_rate": accepted / max(drafted, 1),
+                           "capture_seconds": sum(r.capture_seconds for r in results),
+                           "runs": [r.to_dict() for r in results], "texts": texts, "prompts": args.prompt,
+                           "model": source, "draft": args.draft or f"self:{args.self_speculative}",
+                           "draft_tokens": args.draft_tokens, "kv_cache": args.kv_cache, "device": str(device),
                            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                            "seed": args.seed})
     return 0

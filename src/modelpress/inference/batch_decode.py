@@ -31,6 +31,7 @@ from modelpress.errors import ModelpressError
 from modelpress.inference.decoding import (GenerationSettings, fused_writes, generate, kernel_context, model_device,
                                            native_path_obstacle, prompt_list, static_cache_obstacle,
                                            supports_logits_to_keep)
+from modelpress.inference.decoder_pool import DecoderPool, pooled
 from modelpress.inference.fusion import FusionReport
 from modelpress.inference.kv_cache import KV_MODES
 from modelpress.inference.sampling import SamplingConfig, next_token_probs, sample
@@ -96,11 +97,12 @@ def batch_obstacle(model: nn.Module, settings: GenerationSettings) -> str | None
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]] | list[torch.Tensor] | torch.Tensor,
                    settings: GenerationSettings, generator: torch.Generator | None = None,
-                   on_step: Callable[[list[int]], None] | None = None) -> BatchGenerationResult:
+                   on_step: Callable[[list[int]], None] | None = None, session=None) -> BatchGenerationResult:
     """New tokens for each of `prompts` (token ids: a list of lists, or a (B, T) tensor of unpadded rows), decoded
     together where the static cache serves the batch (on CUDA with the step captured in a CUDA graph), else one
     prompt at a time; the same settings for every row. `on_step` sees each batched step's tokens, one a row
-    (finished rows' included; not called when the prompts run one at a time)."""
+    (finished rows' included; not called when the prompts run one at a time). `session`: the DecodeSession whose
+    prepared model and kept decoders the call uses (session.py; its generate_rows passes itself)."""
     rows = [prompt_list(p) for p in (prompts.unbind(0) if isinstance(prompts, torch.Tensor) else prompts)]
     if not rows:
         raise ModelpressError("no prompts to generate for")
@@ -108,20 +110,24 @@ def generate_batch(model: nn.Module, prompts: list[list[int]] | list[torch.Tenso
     if reason is not None:
         if len(rows) > 1:
             log.warning("generating the %d prompts one at a time: %s", len(rows), reason)
-        return _one_at_a_time(model, rows, settings, generator)
-    # a step's matmuls take B rows: 4-bit layers re-laid for the tensor-core GEMV up to its row limit
-    with kernel_context(settings, model, rows=len(rows)) as fusions:
-        result = _batched(model, rows, settings, generator, on_step, fusions)
+        return _one_at_a_time(model, rows, settings, generator, session)
+    if session is None:  # a step's matmuls take B rows: 4-bit layers re-laid for the tensor-core GEMV up to its limit
+        with kernel_context(settings, model, rows=len(rows)) as fusions:
+            result = _batched(model, rows, settings, generator, on_step, fusions)
+    else:
+        fusions = session.fusions
+        result = _batched(model, rows, settings, generator, on_step, fusions, session.pool)
     if result is None:  # the static prefill failed (said why): as generate falls back to its eager path
-        return _one_at_a_time(model, rows, settings, generator)
+        return _one_at_a_time(model, rows, settings, generator, session)
     result.fusions = fusions.summary()
     return result
 
 
 def _one_at_a_time(model: nn.Module, rows: list[list[int]], settings: GenerationSettings,
-                   generator: torch.Generator | None) -> BatchGenerationResult:
+                   generator: torch.Generator | None, session=None) -> BatchGenerationResult:
     start = time.perf_counter()
-    results = [generate(model, row, settings, generator=generator) for row in rows]
+    results = [generate(model, row, settings, generator=generator) if session is None
+               else session.generate_one(row, settings, generator) for row in rows]
     return BatchGenerationResult(
         tokens=[r.tokens for r in results], prompt_tokens=[len(row) for row in rows],
         seconds=time.perf_counter() - start, forwards=sum(r.target_forwards for r in results),
@@ -131,7 +137,7 @@ def _one_at_a_time(model: nn.Module, rows: list[list[int]], settings: Generation
 
 def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettings,
              generator: torch.Generator | None, on_step: Callable[[list[int]], None] | None,
-             fusions: FusionReport) -> BatchGenerationResult | None:
+             fusions: FusionReport, pool: DecoderPool | None = None) -> BatchGenerationResult | None:
     from modelpress.inference.static_decode import StaticDecoder
 
     start = time.perf_counter()
@@ -139,9 +145,10 @@ def _batched(model: nn.Module, rows: list[list[int]], settings: GenerationSettin
     if settings.decode == "graph" and not graph:
         log.warning("CUDA graphs need a CUDA device, the model is on %s; decoding on a static cache without one",
                     model_device(model))
-    decoder = StaticDecoder(model, max(map(len, rows)) + settings.max_new_tokens, graph=graph,
-                            keep_last_only=supports_logits_to_keep(model), kv_cache=settings.kv_config,
-                            compile=settings.compile, fused_writes=fused_writes(settings), batch=len(rows))
+    decoder = pooled(pool, f"rows:{len(rows)}", max(map(len, rows)) + settings.max_new_tokens, lambda length:
+                     StaticDecoder(model, length, graph=graph, keep_last_only=supports_logits_to_keep(model),
+                                   kv_cache=settings.kv_config, compile=settings.compile,
+                                   fused_writes=fused_writes(settings), batch=len(rows)))
     try:
         logits = decoder.prefill_rows(rows)
     except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, go one at a time)

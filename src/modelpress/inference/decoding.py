@@ -35,6 +35,7 @@ import inspect
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -43,12 +44,15 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from modelpress.errors import ModelpressError
+from modelpress.inference.decoder_pool import DecoderPool, pooled
 from modelpress.inference.fusion import FusionReport, fuse_for_decode
 from modelpress.inference.kv_cache import CACHE_MODES, KVCacheConfig, check_full_attention, make_kv_cache
 from modelpress.inference.sampling import SamplingConfig, pick
 from modelpress.nn.cpu_native import PRODUCTS
 
 TokenCallback = Callable[[list[int]], None]
+# models an open DecodeSession (session.py) holds: on CUDA a generation outside it would fuse them a second time
+IN_SESSION: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 DECODE_PATHS = ("auto", "eager", "static", "graph", "native")
 log = logging.getLogger(__name__)
 
@@ -251,8 +255,10 @@ class EagerSteps:
         return forward_logits(self.model, [token], self.cache, last_only=True)[-1:]
 
 
-def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, cache: Cache | None):
-    """(stepper, first logits, path that ran): the chosen path's prefill, or the eager one if that fails."""
+def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, cache: Cache | None,
+           pool: DecoderPool | None = None):
+    """(stepper, first logits, path that ran): the chosen path's prefill, or the eager one if that fails; the
+    static and native decoders come from `pool` when given (a DecodeSession's)."""
     from modelpress.inference.static_decode import StaticDecoder
 
     kv_cache = settings.kv_config
@@ -263,16 +269,16 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
         from modelpress.inference.native_decode import NativeDecoder
 
         try:
-            native = NativeDecoder(model, len(prompt) + settings.max_new_tokens, products=settings.cpu_products,
-                                   kv_cache=kv_cache.mode)
+            native = pooled(pool, "model", len(prompt) + settings.max_new_tokens, lambda length: NativeDecoder(
+                model, length, products=settings.cpu_products, kv_cache=kv_cache.mode))
             return native, native.prefill(prompt), path
         except ModelpressError as err:   # e.g. heads the step cannot lay out: say why, decode eagerly
             log.warning("%s; decoding eagerly", err)
             path = "eager"
     if path != "eager":
-        decoder = StaticDecoder(model, len(prompt) + settings.max_new_tokens, graph=path == "graph",
-                                keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache,
-                                compile=settings.compile, fused_writes=fused_writes(settings))
+        decoder = pooled(pool, "model", len(prompt) + settings.max_new_tokens, lambda length: StaticDecoder(
+            model, length, graph=path == "graph", keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache,
+            compile=settings.compile, fused_writes=fused_writes(settings)))
         try:
             return decoder, decoder.prefill(prompt), path
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, decode eagerly)
@@ -321,6 +327,10 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: 
             stack.enter_context(fast_cpu())
         for model in dict.fromkeys(models) if settings.fuse and not settings.compile else ():
             if any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers())):
+                if model in IN_SESSION:  # fused already: a second time would fuse the fused modules
+                    raise ModelpressError("the model is prepared for decoding by an open DecodeSession (its "
+                                          "fusions applied, its graphs kept): generate through that session, or close "
+                                          "it first")
                 try:
                     width = rows * (verify_rows if model in verifiers else 1)  # activation rows a forward takes
                     fused, undo = fuse_for_decode(model, relayout=width <= MAX_ROWS, interleave=width == 1)
@@ -337,10 +347,11 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: 
 
 def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: GenerationSettings,
               cache: Cache | None, generator: torch.Generator | None,
-              on_tokens: TokenCallback | None, fusions: FusionReport) -> GenerationResult:
+              on_tokens: TokenCallback | None, fusions: FusionReport,
+              pool: DecoderPool | None = None) -> GenerationResult:
     prompt = prompt_list(input_ids)
     start = time.perf_counter()
-    stepper, logits, path = _start(model, prompt, settings, cache)
+    stepper, logits, path = _start(model, prompt, settings, cache, pool)
     forwards, new = 1, []
     while True:
         token = pick(logits[-1], settings.sampling, generator)

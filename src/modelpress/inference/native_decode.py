@@ -238,6 +238,7 @@ class NativeDecoder:
             raise ModelpressError(f"a shared native cache of {len(shared.caches)} blocks x {shared.capacity} "
                                   f"positions ({shared.kv_cache}) for a decoder of {len(model.model.layers)} x "
                                   f"{capacity} ({kv_cache})")
+        self.cache_owner = None  # the decoder whose cache this one reads, where its builder shares one
         self.model, self.capacity, self.position, self.kv_cache = model, int(capacity), 0, kv_cache
         self.lib = cpu_native.library()
         inner = model.model
@@ -416,6 +417,16 @@ class NativeDecoder:
 
     def follow(self, other: NativeDecoder) -> None:
         self.position = other.position
+
+    @property
+    def max_len(self) -> int:
+        """The positions the cache holds (StaticDecoder's name for it)."""
+        return self.capacity
+
+    def restart(self) -> None:
+        """Back to an empty sequence for another generation, keeping the cache and the native structs (the
+        positions the last one wrote are overwritten before they are read, as after a rewind)."""
+        self.position = 0
 
     def move_to(self, position: int) -> None:
         if not 0 <= position < self.capacity:

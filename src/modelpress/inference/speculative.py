@@ -51,6 +51,7 @@ from modelpress.inference.decoding import (
     prompt_list,
     supports_logits_to_keep,
 )
+from modelpress.inference.decoder_pool import DecoderPool, pooled
 from modelpress.inference.fusion import FusionReport
 from modelpress.inference.kv_cache import make_kv_cache
 from modelpress.inference.sampling import next_token_probs, pick, sample
@@ -149,13 +150,15 @@ def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.T
 def _speculative_generate(target: nn.Module, draft: nn.Module, input_ids: torch.Tensor | list[int],
                           settings: GenerationSettings, config: SpeculativeConfig, target_cache: Cache | None,
                           draft_cache: Cache | None, generator: torch.Generator | None,
-                          on_tokens: TokenCallback | None, fusions: FusionReport) -> GenerationResult:
+                          on_tokens: TokenCallback | None, fusions: FusionReport,
+                          pool: DecoderPool | None = None) -> GenerationResult:
     check_same_vocabulary(target, draft)
     _warn_if_windowed(settings, target_cache)
     tokens = prompt_list(input_ids)
     paths = speculation_paths(target, draft, settings, target_cache, draft_cache)
     if paths != ("eager", "eager"):
-        result = _static_speculation(target, draft, tokens, settings, config, paths, generator, on_tokens, fusions)
+        result = _static_speculation(target, draft, tokens, settings, config, paths, generator, on_tokens, fusions,
+                                     pool)
         if result is not None:
             return result
     prompt_length = len(tokens)
@@ -250,12 +253,14 @@ def _emit(result: GenerationResult, tokens: list[int], new: list[int], k: int, a
 
 def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
                         config: SpeculativeConfig, paths: tuple[str, str], generator: torch.Generator | None,
-                        on_tokens: TokenCallback | None, fusions: FusionReport) -> GenerationResult | None:
+                        on_tokens: TokenCallback | None, fusions: FusionReport,
+                        pool: DecoderPool | None = None) -> GenerationResult | None:
     """The loop above on two StaticDecoders, positions in the role of cache lengths (module docstring); None
-    (reason logged) if a static prefill fails, for the caller to run the eager loop."""
+    (reason logged) if a static prefill fails, for the caller to run the eager loop. The decoders come from `pool`
+    when given (a DecodeSession's)."""
     start = time.perf_counter()
     result = GenerationResult(tokens=[], prompt_tokens=len(tokens), seconds=0.0, target_forwards=0)
-    decoders = _prefilled_decoders(target, draft, tokens, settings, config, paths)
+    decoders = _prefilled_decoders(target, draft, tokens, settings, config, paths, pool)
     if decoders is None:
         return None
     verifier, drafter, shared = decoders
@@ -354,7 +359,7 @@ def _shared_cache_rounds(verifier: StaticDecoder | NativeDecoder, drafter: Stati
 
 
 def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
-                        config: SpeculativeConfig, paths: tuple[str, str]
+                        config: SpeculativeConfig, paths: tuple[str, str], pool: DecoderPool | None = None
                         ) -> tuple[StaticDecoder, StaticDecoder, bool] | None:
     """(target's, draft's) StaticDecoder (or NativeDecoder), both holding the first n-1 tokens (the draft's first
     step feeds the last), and whether the draft reads the target's cache; None, with the reason logged, if a
@@ -367,9 +372,15 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
         max_len += config.draft_tokens
     elif config.share_kv_cache:
         log.info("the draft keeps its own KV cache: %s", obstacle)
-    verifier = _decoder(target, paths[0], max_len, settings, settings.kv_config)
-    drafter = _decoder(draft, paths[1], max_len, settings, None, verifier if obstacle is None else None)
     shared = obstacle is None
+    verifier = pooled(pool, "target", max_len,
+                      lambda length: _decoder(target, paths[0], length, settings, settings.kv_config))
+    if shared:  # on the cache of the verifier this call got (of its length)
+        drafter = pooled(pool, "draft", verifier.max_len,
+                         lambda length: _decoder(draft, paths[1], length, settings, None, verifier),
+                         suits=lambda kept: kept.cache_owner is verifier)
+    else:
+        drafter = pooled(pool, "draft", max_len, lambda length: _decoder(draft, paths[1], length, settings, None))
     if len(tokens) > 1:
         try:
             verifier.prefill(tokens[:-1])
@@ -389,10 +400,13 @@ def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSett
     """A decoder on its own cache, or on `share_with`'s (a decoder of the same kind)."""
     if path == "native":
         mode = share_with.kv_cache if share_with is not None else "float" if kv_cache is None else kv_cache.mode
-        return NativeDecoder(model, max_len, products=settings.cpu_products, kv_cache=mode, shared=share_with)
-    return StaticDecoder(model, max_len, graph=path == "graph", keep_last_only=supports_logits_to_keep(model),
-                         kv_cache=kv_cache, compile=settings.compile, fused_writes=fused_writes(settings),
-                         cache=None if share_with is None else share_with.cache)
+        decoder = NativeDecoder(model, max_len, products=settings.cpu_products, kv_cache=mode, shared=share_with)
+    else:
+        decoder = StaticDecoder(model, max_len, graph=path == "graph", keep_last_only=supports_logits_to_keep(model),
+                                kv_cache=kv_cache, compile=settings.compile, fused_writes=fused_writes(settings),
+                                cache=None if share_with is None else share_with.cache)
+    decoder.cache_owner = share_with
+    return decoder
 
 
 # what must agree for a draft to attend over the target's keys and values (the cache's geometry and masks), and

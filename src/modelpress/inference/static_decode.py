@@ -211,6 +211,7 @@ class StaticDecoder:
         if cache is not None and (cache.max_len != max_len or len(cache.layers) != num_decoder_layers(model)):
             raise ValueError(f"a shared static cache of {len(cache.layers)} layers x {cache.max_len} slots for a "
                              f"decoder of {num_decoder_layers(model)} x {max_len}")
+        self.cache_owner = None  # the decoder whose cache this one reads, where its builder shares one
         self.cache = cache if cache is not None else make_static_cache(num_decoder_layers(model), max_len, kv_cache,
                                                                        fused_writes=fused_writes)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the next slot, on the device
@@ -335,6 +336,16 @@ class StaticDecoder:
         """Take `other`'s position, device and host, without waiting (a decoder sharing other's cache)."""
         self.pos.copy_(other.pos)
         self.position = other.position
+
+    def restart(self) -> None:
+        """Back to an empty sequence, keeping the cache's buffers and the captured graphs (a DecodeSession's next
+        generation): the slots the last one wrote are masked until a forward of the next overwrites them, as after a
+        rewind. The capture counters restart too: they count one generation's."""
+        self.position = 0
+        self.pos.zero_()
+        self.pads.zero_()
+        self.captures = self.replays = 0
+        self.capture_seconds = 0.0
 
     def move_to(self, position: int) -> None:
         """Set the position (a decoder sharing another's cache follows that decoder's position: the slots before it

@@ -1,0 +1,56 @@
+"""The decoders a DecodeSession (session.py) keeps between its generations, so that only its first call pays for
+building them: a StaticDecoder's cache buffers and captured CUDA graphs, a NativeDecoder's cache and C structs.
+
+One decoder is kept a role ("model", "target", "draft", "rows:B"). A call gets the kept one back, restarted, when it
+fits: at least the positions the call needs and at most twice that rounded up to LENGTH_STEP (attention reads the
+whole static buffer each step, so a far larger one would slow the short call down), and whatever else the caller
+asks of it (`suits`: a draft on the target's cache must be on the cache of the target decoder the call got). Any
+other call builds a decoder of the rounded-up length in its place, the old one released first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+
+class Restartable(Protocol):
+    max_len: int
+
+    def restart(self) -> None: ...
+
+
+D = TypeVar("D", bound=Restartable)
+
+
+class DecoderPool:
+    LENGTH_STEP = 256
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Restartable] = {}
+        self.built = self.reused = 0
+
+    def decoder(self, role: str, max_len: int, build: Callable[[int], D],
+                suits: Callable[[D], bool] | None = None) -> D:
+        """The kept decoder of `role`, restarted, if it fits `max_len` positions (and `suits`); else
+        `build(length)` for max_len rounded up to LENGTH_STEP, kept in its place."""
+        length = -(-max_len // self.LENGTH_STEP) * self.LENGTH_STEP
+        kept = self.kept.get(role)
+        if kept is not None and max_len <= kept.max_len <= 2 * length and (suits is None or suits(kept)):
+            kept.restart()
+            self.reused += 1
+            return kept  # type: ignore[return-value]
+        self.kept.pop(role, None)  # its buffers and graphs go before the new ones are allocated
+        decoder = build(length)
+        self.kept[role] = decoder
+        self.built += 1
+        return decoder
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+
+def pooled(pool: DecoderPool | None, role: str, max_len: int, build: Callable[[int], D],
+           suits: Callable[[D], bool] | None = None) -> D:
+    """A decoder for one generation: built for exactly max_len without a pool, else the pool's."""
+    return build(max_len) if pool is None else pool.decoder(role, max_len, build, suits)

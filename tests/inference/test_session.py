@@ -1,0 +1,178 @@
+"""DecodeSession: generations from one prepared model, its decoders (caches, CUDA graphs, native structs) kept between
+calls, give the tokens a call of generate / speculative_generate / generate_batch gives; which call reuses which
+decoder; the fusions undone and the decoders freed on close; bad use refused."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+
+from modelpress.errors import ModelpressError
+from modelpress.inference.batch_decode import generate_batch
+from modelpress.inference.decoder_pool import DecoderPool
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.sampling import SamplingConfig
+from modelpress.inference.session import DecodeSession
+from modelpress.inference.speculative import SpeculativeConfig, speculative_generate
+from modelpress.nn import cpu_native
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024)
+PROMPTS = [[5, 17, 33, 2, 90], [7], list(range(3, 60)), [250, 41, 9, 9, 12, 77]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A float32 target and a perturbed copy as its draft (the target's architecture: it reads the target's cache)."""
+    target = build_tiny_llama(0, **TINY).float()
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return target, draft
+
+
+def settings(decode: str, tokens: int = 12, temperature: float = 0.0) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=tokens, decode=decode, sampling=SamplingConfig(temperature))
+
+
+DECODES = ["static"] + (["native"] if cpu_native.available() else [])
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_session_tokens_equal_fresh_generations_and_decoders_are_reused(pair, decode):
+    target, _ = pair
+    with DecodeSession(target, settings(decode)) as session:
+        for prompt, tokens in zip(PROMPTS, (12, 20, 12, 7)):
+            expected = generate(target, prompt, settings(decode, tokens))
+            got = session.generate(prompt, max_new_tokens=tokens)
+            assert got.tokens == expected.tokens and got.decode_path == expected.decode_path == decode
+        # every call needed at most 80 positions: one decoder of 256, built once and reused three times
+        assert (session.pool.built, session.decoders_reused) == (1, 3)
+        assert session.pool.kept["model"].max_len == DecoderPool.LENGTH_STEP
+
+
+def test_sampled_session_calls_draw_as_fresh_ones(pair):
+    target, _ = pair
+    sampled = SamplingConfig(0.9, top_k=50)
+    with DecodeSession(target, settings("static")) as session:
+        for seed, prompt in enumerate(PROMPTS[:2]):
+            got = session.generate(prompt, max_new_tokens=16, sampling=sampled,
+                                   generator=torch.Generator().manual_seed(seed))
+            fresh = generate(target, prompt, GenerationSettings(max_new_tokens=16, decode="static", sampling=sampled),
+                             generator=torch.Generator().manual_seed(seed))
+            assert got.tokens == fresh.tokens and len(got.tokens) == 16
+
+
+def test_a_call_too_long_or_far_shorter_builds_a_new_decoder(pair):
+    target, _ = pair
+    with DecodeSession(target, settings("static", 8)) as session:
+        session.generate(PROMPTS[0])                              # 13 positions: 256
+        session.generate(PROMPTS[0], max_new_tokens=300)          # 305: a decoder of 512 replaces it
+        assert session.pool.kept["model"].max_len == 512 and session.pool.built == 2
+        session.generate(PROMPTS[0], max_new_tokens=200)          # 205 -> 256: the 512 one serves (at most 2x)
+        assert session.pool.built == 2 and session.decoders_reused == 1
+        prompt = [3 + i % 290 for i in range(699)]
+        long = session.generate(prompt, max_new_tokens=8)         # 707 -> 768: 512 is too short
+        assert session.pool.kept["model"].max_len == 768 and session.pool.built == 3
+        assert long.tokens == generate(target, prompt, settings("static", 8)).tokens
+        session.generate(PROMPTS[1], max_new_tokens=8)            # 9 -> 256: 768 is over twice that, rebuilt
+        assert session.pool.kept["model"].max_len == 256 and session.pool.built == 4
+
+
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("share", [True, False], ids=["target-cache", "own-cache"])
+def test_speculative_session_equals_speculative_generate(pair, decode, share):
+    target, draft = pair
+    config = SpeculativeConfig(3, share_kv_cache=share)
+    with DecodeSession(target, settings(decode), draft=draft, speculative=config) as session:
+        for prompt in PROMPTS:
+            expected = speculative_generate(target, draft, prompt, settings(decode), config)
+            got = session.generate(prompt)
+            assert got.tokens == expected.tokens == generate(target, prompt, settings(decode)).tokens
+            assert (got.rounds, got.accepted, got.shared_kv_cache) == (expected.rounds, expected.accepted, share)
+        assert session.pool.built == 2 and session.decoders_reused == 2 * (len(PROMPTS) - 1)
+        if share:  # the draft's decoder is on the cache of the target's
+            assert session.pool.kept["draft"].cache_owner is session.pool.kept["target"]
+
+
+def test_a_rebuilt_target_decoder_takes_a_new_draft_decoder_on_its_cache(pair):
+    target, draft = pair
+    with DecodeSession(target, settings("static"), draft=draft, speculative=SpeculativeConfig(3)) as session:
+        session.generate(PROMPTS[0])
+        first = dict(session.pool.kept)
+        result = session.generate(PROMPTS[0], max_new_tokens=400)
+        assert session.pool.kept["target"] is not first["target"] and session.pool.kept["draft"] is not first["draft"]
+        assert session.pool.kept["draft"].cache_owner is session.pool.kept["target"]
+        assert result.tokens == generate(target, PROMPTS[0], settings("static", 400)).tokens
+
+
+def test_rows_session_equals_generate_batch(pair):
+    target, _ = pair
+    with DecodeSession(target, settings("static", 10), rows=3) as session:
+        for batch in (PROMPTS[:3], PROMPTS[1:4], PROMPTS[:2]):
+            expected = generate_batch(target, batch, settings("static", 10))
+            got = session.generate_rows(batch)
+            assert got.tokens == expected.tokens and got.batched
+        assert session.pool.built == 2 and session.decoders_reused == 1   # rows:3 twice, then rows:2
+        one = session.generate_rows([PROMPTS[0]])                           # one prompt: the "model" decoder
+        assert one.tokens == [generate(target, PROMPTS[0], settings("static", 10)).tokens]
+
+
+def test_bad_use_is_refused(pair):
+    target, draft = pair
+    session = DecodeSession(target, settings("static"))
+    with pytest.raises(ModelpressError, match="needs a tokenizer"):
+        session.generate("some text")
+    with pytest.raises(ModelpressError, match="3 prompts for a session of 1 rows"):
+        session.generate_rows(PROMPTS[:3])
+    session.close()
+    assert not session.pool.kept
+    with pytest.raises(ModelpressError, match="closed"):
+        session.generate(PROMPTS[0])
+    with pytest.raises(ModelpressError, match="rows=1"):
+        DecodeSession(target, settings("static"), draft=draft, rows=2)
+    with pytest.raises(ModelpressError, match="at least one row"):
+        DecodeSession(target, rows=0)
+    texts = DecodeSession(target, settings("static"), encode=lambda text: [ord(c) % 300 for c in text])
+    assert texts.generate("abc").tokens == generate(target, [97, 98, 99], settings("static")).tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_session_captures_once_and_undoes_the_fusions_on_close():
+    """On CUDA (graphs, decode-time fusions, int4 layers re-laid): the second call replays the first call's graphs
+    (no capture), the tokens are a fresh generate's, and close() restores the model's modules and weights."""
+    from modelpress.algorithms.rtn import RTNConfig, quantize_rtn
+    from modelpress.formats.scheme import WeightScheme
+
+    model = build_tiny_llama(0, **{**TINY, "hidden_size": 128, "intermediate_size": 256})
+    quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse("int4/g64")))
+    model = model.to("cuda", torch.bfloat16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    greedy = settings("auto", 16)
+    # a fresh generation over the session's 256 positions (the split-cache attention's sums depend on the length)
+    expected = [generate(model, p, settings("auto", 256 - len(p))).tokens[:16] for p in PROMPTS[:2]]
+    draft = copy.deepcopy(model)
+    with DecodeSession(model, greedy) as session:
+        # on CUDA a generation outside the session would fuse the fused model again: refused until it closes
+        with pytest.raises(ModelpressError, match="open DecodeSession"):
+            generate(model, PROMPTS[0], greedy)
+        with pytest.raises(ModelpressError, match="open DecodeSession"):
+            DecodeSession(model, greedy)
+        first, second = (session.generate(p) for p in PROMPTS[:2])
+        assert first.decode_path == second.decode_path == "graph"
+        assert first.capture_seconds > 0 and second.capture_seconds == 0
+        assert [first.tokens, second.tokens] == expected
+        assert "tensor-core GEMV" in second.fusions
+    assert [type(m) for m in model.modules()] == modules
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    with DecodeSession(model, greedy, draft=draft, speculative=SpeculativeConfig(3)) as session:
+        runs = [session.generate(p) for p in PROMPTS[:2]]
+        assert runs[0].capture_seconds > 0 and runs[1].capture_seconds == 0
+        assert [r.decode_path for r in runs] == ["graph", "graph"] and all(r.shared_kv_cache for r in runs)
