@@ -25,6 +25,8 @@ cannot run; a failed capture keeps the static cache and runs the steps eagerly. 
 (speculative.py) takes the same paths, with a verify pass of k+1 tokens and rewinds on the static cache.
 
 tokens/s counts every new token over the whole call, prompt prefill (and graph capture) included.
+Each call prepares the model for itself (fusions, decoders, graphs) and undoes it after; session.DecodeSession
+prepares it once for many calls and keeps the decoders and their graphs between them.
 """
 
 from __future__ import annotations
