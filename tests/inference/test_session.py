@@ -19,8 +19,10 @@ from modelpress.nn import cpu_native
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# initializer_range 0.1: logits that depend on the context and its positions (the default 0.02 repeats one token,
+# which would hide a decoder restarted at a wrong position)
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024)
+            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=False)
 PROMPTS = [[5, 17, 33, 2, 90], [7], list(range(3, 60)), [250, 41, 9, 9, 12, 77]]
 
 
@@ -50,9 +52,23 @@ def test_session_tokens_equal_fresh_generations_and_decoders_are_reused(pair, de
             expected = generate(target, prompt, settings(decode, tokens))
             got = session.generate(prompt, max_new_tokens=tokens)
             assert got.tokens == expected.tokens and got.decode_path == expected.decode_path == decode
+            assert len(set(got.tokens)) > 2   # not one token repeated: a wrong position would show
         # every call needed at most 80 positions: one decoder of 256, built once and reused three times
         assert (session.pool.built, session.decoders_reused) == (1, 3)
         assert session.pool.kept["model"].max_len == DecoderPool.LENGTH_STEP
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_a_session_on_a_quantized_kv_cache_gives_fresh_tokens(pair, kv):
+    """The static quantized cache (int8 per token; int4 = KIVI: keys per channel over token groups, a float window
+    in a ring) holds the last generation's codes and ring when the next starts: never read."""
+    target, _ = pair
+    quantized = GenerationSettings(max_new_tokens=40, decode="static", kv_cache=kv,
+                                   sampling=SamplingConfig(temperature=0))
+    with DecodeSession(target, quantized) as session:
+        for prompt in (PROMPTS[2], PROMPTS[0], PROMPTS[1]):   # the long one first: its codes are left behind
+            assert session.generate(prompt).tokens == generate(target, prompt, quantized).tokens
+        assert session.decoders_reused == 2
 
 
 def test_sampled_session_calls_draw_as_fresh_ones(pair):
