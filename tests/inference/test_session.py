@@ -11,7 +11,7 @@ from conftest import build_tiny_llama
 from modelpress.errors import ModelpressError
 from modelpress.inference.batch_decode import generate_batch
 from modelpress.inference.decoder_pool import DecoderPool
-from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.decoding import IN_SESSION, GenerationSettings, generate
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.session import DecodeSession
 from modelpress.inference.speculative import SpeculativeConfig, speculative_generate
@@ -155,6 +155,9 @@ def test_bad_use_is_refused(pair):
         DecodeSession(target, rows=0)
     texts = DecodeSession(target, settings("static"), encode=lambda text: [ord(c) % 300 for c in text])
     assert texts.generate("abc").tokens == generate(target, [97, 98, 99], settings("static")).tokens
+    held = texts.held
+    del texts   # dropped unclosed: closed on collection, the model no longer held
+    assert not any(m in IN_SESSION for m in held)
 
 
 @pytest.mark.gpu

@@ -84,6 +84,10 @@ class DecodeSession:
                 IN_SESSION.discard(model)
             self._stack.close()
 
+    def __del__(self) -> None:  # a session dropped unclosed: undo its fusions rather than leave the model prepared
+        if not getattr(self, "closed", True):
+            self.close()
+
     @property
     def decoders_reused(self) -> int:
         """Decoders a call got from an earlier one (each model of a speculative call counts)."""
