@@ -165,7 +165,7 @@ def test_bad_use_is_refused(pair):
 def test_graph_session_captures_once_and_undoes_the_fusions_on_close():
     """On CUDA (graphs, decode-time fusions, int4 layers re-laid): the second call replays the first call's graphs
     (no capture), the tokens are a fresh generate's, and close() restores the model's modules and weights."""
-    from modelpress.algorithms.rtn import RTNConfig, quantize_rtn
+    from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
     from modelpress.formats.scheme import WeightScheme
 
     model = build_tiny_llama(0, **{**TINY, "hidden_size": 128, "intermediate_size": 256})
