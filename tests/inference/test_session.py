@@ -161,14 +161,15 @@ def test_bad_use_is_refused(pair):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_session_captures_once_and_undoes_the_fusions_on_close():
+def test_graph_session_captures_once_and_undoes_the_fusions_on_close(cuda, monkeypatch):
     """On CUDA (graphs, decode-time fusions, int4 layers re-laid): the second call replays the first call's graphs
     (no capture), the tokens are a fresh generate's, and close() restores the model's modules and weights."""
     from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
     from modelpress.formats.scheme import WeightScheme
+    from modelpress.nn import triton_backend
 
-    model = build_tiny_llama(0, **{**TINY, "hidden_size": 128, "intermediate_size": 256})
+    monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 0)  # a tiny model's layers, re-laid all the same
+    model = build_tiny_llama(0, **{**TINY, "hidden_size": 256, "intermediate_size": 512, "num_key_value_heads": 4})
     quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse("int4/g64")))
     model = model.to("cuda", torch.bfloat16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
