@@ -87,7 +87,7 @@ COLUMNS = [("temperature", "temp"), ("path", "path (ran)"), ("config", "config")
            ("acceptance_rate", "accept"), ("tokens_per_target_pass", "tok/target pass"),
            ("verify_cost", "verify cost"), ("tokens_per_s", "tok/s"), ("decode_tokens_per_s", "decode tok/s"),
            ("speedup", "speedup"),
-           ("decode_speedup", "decode speedup"),
+           ("decode_speedup", "decode speedup"), ("later_speedup", "speedup after prompt 1"),
            ("identical", "= target greedy")]
 
 
@@ -384,14 +384,18 @@ def summarize(temperature: float, runs: dict, identical: dict, costs: dict, conf
         drafted = sum(r.drafted for r in results)
         rate = tokens / seconds
         decode_rate = tokens / (seconds - capture) if seconds > capture else None
+        # the calls after the first prompt's (in a session: those that reuse its decoders and graphs)
+        later = results[1:]
+        later_rate = sum(len(r.tokens) for r in later) / sum(r.seconds for r in later) if later else None
         if name == "target":
-            base_rate[path] = rate, decode_rate
+            base_rate[path] = rate, decode_rate, later_rate
         verify_passes = sum(r.rounds for r in results) if name != "target" else tokens
         ran = sorted({r.decode_path for r in results})
         row = {"temperature": temperature, "path": f"{path} ({'/'.join(ran)})", "config": name,
                "new_tokens": tokens, "seconds": seconds, "capture_seconds": capture, "tokens_per_s": rate,
                "decode_tokens_per_s": decode_rate, "speedup": rate / base_rate[path][0],
                "decode_speedup": decode_rate / base_rate[path][1] if decode_rate and base_rate[path][1] else None,
+               "later_speedup": later_rate / base_rate[path][2] if later_rate and base_rate[path][2] else None,
                "acceptance_rate": sum(r.accepted for r in results) / drafted if drafted else None,
                "tokens_per_target_pass": tokens / verify_passes,
                "rounds": sum(r.rounds for r in results),
