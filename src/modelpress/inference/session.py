@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,8 +35,6 @@ from modelpress.inference.decoder_pool import DecoderPool
 from modelpress.inference.decoding import (IN_SESSION, GenerationResult, GenerationSettings, TokenCallback,
                                            kernel_context)
 from modelpress.inference.sampling import SamplingConfig
-
-log = logging.getLogger(__name__)
 
 
 class DecodeSession:
