@@ -195,12 +195,16 @@ def run(args: argparse.Namespace) -> int:
                     f"{result.target_forwards} target passes"
                     f"{', the draft on the target KV cache' if result.shared_kv_cache else ''}")
     print(summary, file=sys.stderr)
-    write_json(args.json, {**result.to_dict(), "text": printer.text(), "model": loaded.source,
+    write_json(args.json, {**result.to_dict(), "text": printer.text(),
                            "draft": args.draft or (f"self:{args.self_speculative}" if args.self_speculative else None),
-                           "draft_tokens": args.draft_tokens, "kv_cache": args.kv_cache, "device": str(device),
-                           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                           "seed": args.seed})
+                           "draft_tokens": args.draft_tokens, **run_facts(args, loaded.source, device)})
     return 0
+
+
+def run_facts(args: argparse.Namespace, source: str, device: torch.device) -> dict:
+    """What every --json of this command records about the run: model, KV cache, device, sampling, seed."""
+    return {"model": source, "kv_cache": args.kv_cache, "device": str(device), "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -244,9 +248,7 @@ def run_batch(args: argparse.Namespace, source: str, model, tokenizer, settings:
     print(f"{total.new_tokens} tokens in {total.seconds:.2f} s: {total.tokens_per_s:.1f} tokens/s ({how}, "
           f"{total.decode_path} path{', fused: ' + total.fusions if total.fusions else ''})", file=sys.stderr)
     write_json(args.json, {**total.to_dict(), "batch_size": args.batch_size, "texts": texts, "prompts": args.prompt,
-                           "model": source, "kv_cache": args.kv_cache, "device": str(device),
-                           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                           "seed": args.seed})
+                           **run_facts(args, source, device)})
     return 0
 
 
@@ -272,8 +274,6 @@ def run_speculative_prompts(args: argparse.Namespace, source: str, model, tokeni
                            "decode_path": paths, "acceptance_rate": accepted / max(drafted, 1),
                            "capture_seconds": sum(r.capture_seconds for r in results),
                            "runs": [r.to_dict() for r in results], "texts": texts, "prompts": args.prompt,
-                           "model": source, "draft": args.draft or f"self:{args.self_speculative}",
-                           "draft_tokens": args.draft_tokens, "kv_cache": args.kv_cache, "device": str(device),
-                           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                           "seed": args.seed})
+                           "draft": args.draft or f"self:{args.self_speculative}", "draft_tokens": args.draft_tokens,
+                           **run_facts(args, source, device)})
     return 0

@@ -33,7 +33,7 @@ from torch import nn
 from modelpress.errors import ModelpressError
 from modelpress.inference.decoder_pool import DecoderPool
 from modelpress.inference.decoding import (IN_SESSION, GenerationResult, GenerationSettings, TokenCallback,
-                                           kernel_context)
+                                           kernel_context, prompt_list)
 from modelpress.inference.sampling import SamplingConfig
 
 
@@ -140,6 +140,4 @@ class DecodeSession:
             if self.encode is None:
                 raise ModelpressError("a text prompt needs a tokenizer: open the session with one, or give token ids")
             return list(self.encode(prompt))
-        if isinstance(prompt, torch.Tensor):
-            return [int(t) for t in prompt.reshape(-1).tolist()]
-        return [int(t) for t in prompt]
+        return prompt_list(prompt)
