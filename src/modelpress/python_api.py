@@ -206,13 +206,15 @@ def generate(model: ModelLike, prompt: str | Sequence[int] | torch.Tensor | Sequ
 
 
 def session(model: ModelLike, settings=None, tokenizer=None, draft: ModelLike | WeightScheme | str | None = None,
-            speculative=None, rows: int = 1):
+            speculative=None, rows: int = 1, reuse_prefix: bool = True):
     """A DecodeSession (inference/session.py): `model` prepared once for many generations of `settings`, its
     decoders (KV caches, captured CUDA graphs) kept between calls, so that only the first call pays for the fusions
     and the captures. `session.generate(prompt)` takes a text (with the model's tokenizer) or token ids, and per call
     max_new_tokens, sampling and eos_token_ids; `session.generate_rows(prompts)` up to `rows` prompts decoded
     together. `draft` as in generate (a model, or a scheme for a low-bit copy made once). Use it in a `with` block,
-    or close() it: that undoes the fusions and frees the decoders. The model must not change while it is open."""
+    or close() it: that undoes the fusions and frees the decoders. The model must not change while it is open.
+    A prompt that starts with what the session's last generation read and wrote (a conversation's next turn, one
+    shared instruction) runs only its new part (`result.reused_prompt_tokens`); reuse_prefix=False runs it whole."""
     from modelpress.inference.session import DecodeSession
     from modelpress.inference.speculative import low_bit_draft
 
@@ -223,7 +225,8 @@ def session(model: ModelLike, settings=None, tokenizer=None, draft: ModelLike | 
         draft_model = None if draft is None else as_loaded(draft).model
     tokenizer = loaded.tokenizer
     encode = None if tokenizer is None else (lambda text: _prompt_rows(text, tokenizer)[0])
-    return DecodeSession(loaded.model, settings, draft=draft_model, speculative=speculative, rows=rows, encode=encode)
+    return DecodeSession(loaded.model, settings, draft=draft_model, speculative=speculative, rows=rows, encode=encode,
+                         reuse_prefix=reuse_prefix)
 
 
 def _is_batch(prompt) -> bool:

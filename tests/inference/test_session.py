@@ -138,6 +138,71 @@ def test_rows_session_equals_generate_batch(pair):
         assert one.tokens == [generate(target, PROMPTS[0], settings("static", 10)).tokens]
 
 
+@pytest.mark.parametrize("decode", DECODES)
+def test_a_conversation_runs_only_each_turns_new_tokens(pair, decode):
+    """Each turn's prompt is the last prompt, its reply and a new message: the cache holds all but the reply's
+    last token (never fed), so only that and the message run; the tokens are a fresh generation's."""
+    target, _ = pair
+    greedy = settings(decode, 10)
+    turns = [PROMPTS[0], [250, 41, 9], [60, 61, 62, 63]]
+    with DecodeSession(target, greedy) as session, DecodeSession(target, greedy, reuse_prefix=False) as whole:
+        prompt, held = [], 0
+        for message in turns:
+            prompt = prompt + message
+            got, again = session.generate(prompt), whole.generate(prompt)
+            assert got.tokens == again.tokens == generate(target, prompt, greedy).tokens
+            assert got.reused_prompt_tokens == held and again.reused_prompt_tokens == 0
+            held = len(prompt) + len(got.tokens) - 1
+            prompt = prompt + got.tokens
+        assert held > 30 and session.pool.built == 1
+        # a prompt that leaves the conversation after 3 tokens reuses those; one equal to what the cache holds
+        # runs its last token (its logits start the generation)
+        branch = prompt[:3] + [1, 2, 3]
+        assert session.generate(branch).reused_prompt_tokens == 3
+        assert session.generate(branch).reused_prompt_tokens == len(branch) - 1
+        assert session.generate(branch).tokens == generate(target, branch, greedy).tokens
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_a_prefill_after_a_held_prefix_matches_a_whole_one(pair, decode, monkeypatch):
+    """The logits of a prompt run after a prefix the cache holds (the native step in chunks) equal a whole
+    prefill's; the prefix's slots are those an earlier, different prompt wrote."""
+    from modelpress.inference import native_decode
+    from modelpress.inference.native_decode import NativeDecoder
+    from modelpress.inference.static_decode import StaticDecoder
+
+    target, _ = pair
+    monkeypatch.setattr(native_decode, "PREFIX_CHUNK_TOKENS", 7)   # several chunks of the 50-token rest
+    make = ((lambda: NativeDecoder(target, 128)) if decode == "native"
+            else (lambda: StaticDecoder(target, 128, graph=False)))
+    prompt = list(range(3, 63))
+    whole, reused = make(), make()
+    expected = whole.prefill(prompt)
+    reused.prefill(prompt[:10] + [299] * 40)                 # its tail differs: overwritten by the second prefill
+    reused.restart()
+    got = reused.prefill(prompt, start=10)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert reused.position == whole.position == len(prompt)
+    assert reused.step(5).argmax() == whole.step(5).argmax()
+    with pytest.raises(ValueError, match="from position 60"):
+        reused.prefill(prompt, start=60)
+
+
+def test_no_prefix_is_reused_where_the_cache_rewrites_old_positions(pair):
+    """KIVI (int4): a float window in a ring and key groups re-quantized from it; an earlier generation's slots
+    cannot be trusted, so every prompt runs whole. A per-token int8 cache keeps its prefixes."""
+    target, _ = pair
+    for kv, reuses in (("int4", False), ("int8", True)):
+        quantized = GenerationSettings(max_new_tokens=8, decode="static", kv_cache=kv,
+                                       sampling=SamplingConfig(temperature=0))
+        with DecodeSession(target, quantized) as session:
+            first = session.generate(PROMPTS[2])
+            prompt = PROMPTS[2] + first.tokens + [7, 8]
+            second = session.generate(prompt)
+            assert second.reused_prompt_tokens == (len(PROMPTS[2]) + 7 if reuses else 0)
+            assert second.tokens == generate(target, prompt, quantized).tokens
+
+
 def test_bad_use_is_refused(pair):
     target, draft = pair
     session = DecodeSession(target, settings("static"))

@@ -6,6 +6,13 @@ fits: at least the positions the call needs and at most twice that rounded up to
 whole static buffer each step, so a far larger one would slow the short call down), and whatever else the caller
 asks of it (`suits`: a draft on the target's cache must be on the cache of the target decoder the call got). Any
 other call builds a decoder of the rounded-up length in its place, the old one released first.
+
+A kept decoder's cache still holds the keys and values its last generation wrote. The pool remembers those
+tokens (`remember`), and a later call whose prompt starts with some of them runs only the rest of its prompt
+(`held_prefix`): a conversation's next turn, or prompts after one long shared instruction, skip the part the
+cache holds. The reused positions' keys and values are those of the earlier call, computed in its prefill or its
+steps, so they equal a fresh prefill's up to float rounding (the products of a token are summed in another order
+when it runs alone than among others).
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ D = TypeVar("D", bound=Restartable)
 class DecoderPool:
     LENGTH_STEP = 256
 
-    def __init__(self) -> None:
+    def __init__(self, reuse_prefix: bool = True) -> None:
         self.kept: dict[str, Restartable] = {}
+        self.held: dict[str, list[int]] = {}  # a kept decoder's tokens, whose keys and values its cache holds
+        self.reuse_prefix = reuse_prefix
         self.built = self.reused = 0
 
     def decoder(self, role: str, max_len: int, build: Callable[[int], D],
@@ -41,13 +50,34 @@ class DecoderPool:
             self.reused += 1
             return kept  # type: ignore[return-value]
         self.kept.pop(role, None)  # its buffers and graphs go before the new ones are allocated
+        self.held.pop(role, None)
         decoder = build(length)
         self.kept[role] = decoder
         self.built += 1
         return decoder
 
+    def held_prefix(self, role: str, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` the kept decoder of `role` holds the keys and values of, at most
+        all but the last (whose logits the call needs); 0 where prefixes are not reused. The pool then forgets
+        what the decoder held: the call overwrites what follows the prefix, and says what it left (`remember`)
+        only once it is done."""
+        held = self.held.pop(role, [])
+        decoder = self.kept.get(role)
+        if not (self.reuse_prefix and getattr(decoder, "keeps_prefix", False)):
+            return 0
+        n, limit = 0, min(len(held), len(prompt) - 1)
+        while n < limit and held[n] == prompt[n]:
+            n += 1
+        return n
+
+    def remember(self, role: str, tokens: list[int]) -> None:
+        """The tokens whose keys and values the decoder of `role` holds, from position 0, after a generation."""
+        if role in self.kept:
+            self.held[role] = list(tokens)
+
     def clear(self) -> None:
         self.kept.clear()
+        self.held.clear()
 
 
 def pooled(pool: DecoderPool | None, role: str, max_len: int, build: Callable[[int], D],

@@ -109,6 +109,7 @@ class GenerationResult:
     capture_seconds: float = 0.0  # CUDA-graph warm-up and capture, included in `seconds`
     fusions: str = ""  # the decode-time fusions the generation ran with (FusionReport.summary), "" for none
     shared_kv_cache: bool = False  # speculative: the draft read the target's static KV cache (no cache of its own)
+    reused_prompt_tokens: int = 0  # leading prompt tokens not run: a session's cache held them (decoder_pool.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -124,7 +125,8 @@ class GenerationResult:
                 "draft_forwards": self.draft_forwards, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "decode_path": self.decode_path,
                 "capture_seconds": self.capture_seconds, "fusions": self.fusions,
-                "shared_kv_cache": self.shared_kv_cache, "tokens": self.tokens}
+                "shared_kv_cache": self.shared_kv_cache, "reused_prompt_tokens": self.reused_prompt_tokens,
+                "tokens": self.tokens}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -257,10 +259,17 @@ class EagerSteps:
         return forward_logits(self.model, [token], self.cache, last_only=True)[-1:]
 
 
+def held_prefix(pool: DecoderPool | None, prompt: list[int]) -> int:
+    """The prompt's leading tokens whose keys and values the pool's "model" decoder holds from a session's earlier
+    generation (decoder_pool.py): its prefill runs only the rest."""
+    return 0 if pool is None else pool.held_prefix("model", prompt)
+
+
 def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, cache: Cache | None,
            pool: DecoderPool | None = None):
-    """(stepper, first logits, path that ran): the chosen path's prefill, or the eager one if that fails; the
-    static and native decoders come from `pool` when given (a DecodeSession's)."""
+    """(stepper, first logits, path that ran, prompt tokens not run): the chosen path's prefill, or the eager one
+    if that fails; the static and native decoders come from `pool` when given (a DecodeSession's), and run only
+    the part of the prompt after what their caches hold from its earlier generations."""
     from modelpress.inference.static_decode import StaticDecoder
 
     kv_cache = settings.kv_config
@@ -273,7 +282,8 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
         try:
             native = pooled(pool, "model", len(prompt) + settings.max_new_tokens, lambda length: NativeDecoder(
                 model, length, products=settings.cpu_products, kv_cache=kv_cache.mode))
-            return native, native.prefill(prompt), path
+            start = held_prefix(pool, prompt)
+            return native, native.prefill(prompt, start), path, start
         except ModelpressError as err:   # e.g. heads the step cannot lay out: say why, decode eagerly
             log.warning("%s; decoding eagerly", err)
             path = "eager"
@@ -282,12 +292,13 @@ def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, ca
             model, length, graph=path == "graph", keep_last_only=supports_logits_to_keep(model), kv_cache=kv_cache,
             compile=settings.compile, fused_writes=fused_writes(settings)))
         try:
-            return decoder, decoder.prefill(prompt), path
+            start = held_prefix(pool, prompt)
+            return decoder, decoder.prefill(prompt, start), path, start
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, decode eagerly)
             log.warning("static-cache prefill failed (%s: %s); decoding eagerly", type(err).__name__,
                         str(err).splitlines()[0][:300] if str(err) else "")
     steps = EagerSteps(model, cache, kv_cache)
-    return steps, steps.prefill(prompt), "eager"
+    return steps, steps.prefill(prompt), "eager", 0
 
 
 @torch.no_grad()
@@ -353,7 +364,7 @@ def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: G
               pool: DecoderPool | None = None) -> GenerationResult:
     prompt = prompt_list(input_ids)
     start = time.perf_counter()
-    stepper, logits, path = _start(model, prompt, settings, cache, pool)
+    stepper, logits, path, reused = _start(model, prompt, settings, cache, pool)
     forwards, new = 1, []
     while True:
         token = pick(logits[-1], settings.sampling, generator)
@@ -368,6 +379,8 @@ def _generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: G
         path = "static"
     if getattr(getattr(stepper, "cache", None), "wrote_fused", False):
         fusions.kv_writes = True
+    if pool is not None and path != "eager":  # the prompt and every token fed after it are in the decoder's cache
+        pool.remember("model", (prompt + new)[:stepper.position])
     return GenerationResult(tokens=new, prompt_tokens=len(prompt), seconds=time.perf_counter() - start,
                             target_forwards=forwards, decode_path=path,
-                            capture_seconds=getattr(stepper, "capture_seconds", 0.0))
+                            capture_seconds=getattr(stepper, "capture_seconds", 0.0), reused_prompt_tokens=reused)

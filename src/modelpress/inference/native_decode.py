@@ -53,6 +53,9 @@ PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self
 # (default model, one thread: 29 vs 42 ms at 8 tokens, 122 vs 110 at 32; 478 vs 419 at 128), and no prepared
 # layouts of PyTorch's kernels are built for them
 NATIVE_PREFILL_TOKENS = 32
+# a prompt's tokens after a prefix the cache holds run natively in calls of up to this many (the scratch grows
+# with the call; per token the native call costs about what transformers' forward does: see above)
+PREFIX_CHUNK_TOKENS = 256
 # KV caches the step keeps: float32 states, or kv_cache.py's `int8` mode (codes and a float16-exact scale per token
 # and head, every token quantized as it arrives: the codes of the eager path's QuantizedKVCache)
 NATIVE_KV_MODES = ("float", "int8")
@@ -338,15 +341,26 @@ class NativeDecoder:
 
     # ---- decoding ----
 
-    def prefill(self, prompt: list[int]) -> torch.Tensor:
+    keeps_prefix = True  # StaticDecoder's: every position's keys and values stay until that position is run again
+
+    def prefill(self, prompt: list[int], start: int = 0) -> torch.Tensor:
         """The prompt from position 0: (1, V) logits of its last position. Up to NATIVE_PREFILL_TOKENS tokens in
         one native call; a longer prompt through the model itself (transformers' batched forward, faster there,
         on a cache of this decoder's mode: an int8 one attends to the quantized states, as the step does), its
-        keys and values then copied into the cache."""
+        keys and values then copied into the cache. start > 0: the cache holds the keys and values of
+        prompt[:start] (a DecodeSession's earlier generation), and the rest runs from there in native calls of
+        up to PREFIX_CHUNK_TOKENS tokens."""
         from modelpress.inference.decoding import forward_logits
 
         if len(prompt) > self.capacity:
             raise ModelpressError(f"the prompt has {len(prompt)} tokens; the cache holds {self.capacity}")
+        if start:
+            if not 0 < start < len(prompt):
+                raise ValueError(f"a prefill from position {start} needs a prompt of more than {start} tokens")
+            self.position = start
+            for first in range(start, len(prompt), PREFIX_CHUNK_TOKENS):
+                logits = self.forward(prompt[first:first + PREFIX_CHUNK_TOKENS], last_only=True)
+            return logits
         self.position = 0
         if len(prompt) <= NATIVE_PREFILL_TOKENS:
             return self.forward(prompt, last_only=True)

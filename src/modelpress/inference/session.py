@@ -17,7 +17,9 @@ modules. Close it (or leave its `with` block) to undo the fusions and free the d
             result = session.generate(prompt)
 
 One prompt a call, or a list of prompts decoded together (`rows` > 1: batch_decode.py); with a draft every call
-decodes speculatively. Per call it takes another length limit, sampling or end tokens; the rest of the settings
+decodes speculatively. A one-prompt call without a draft runs only the part of its prompt after what the cache
+holds from the last such call (the prompt's first tokens equal to those that call read and wrote: a conversation's
+next turn, prompts after one shared instruction; decoder_pool.py), unless `reuse_prefix` is False. Per call it takes another length limit, sampling or end tokens; the rest of the settings
 (decode path, KV cache, compile, fusions) is the session's.
 """
 
@@ -39,10 +41,12 @@ from modelpress.inference.sampling import SamplingConfig
 
 class DecodeSession:
     """`model` (and `draft`, for speculative decoding under `speculative`, a SpeculativeConfig) prepared for
-    generations of `settings`, each of one prompt, or of up to `rows` prompts decoded together (no draft then)."""
+    generations of `settings`, each of one prompt, or of up to `rows` prompts decoded together (no draft then);
+    reuse_prefix: a prompt's leading tokens whose keys and values the cache holds are not run again."""
 
     def __init__(self, model: nn.Module, settings: GenerationSettings | None = None, draft: nn.Module | None = None,
-                 speculative=None, rows: int = 1, encode: Callable[[str], list[int]] | None = None) -> None:
+                 speculative=None, rows: int = 1, encode: Callable[[str], list[int]] | None = None,
+                 reuse_prefix: bool = True) -> None:
         from modelpress.inference.speculative import SpeculativeConfig, check_same_vocabulary
 
         if rows < 1:
@@ -54,7 +58,7 @@ class DecodeSession:
         self.model, self.draft, self.rows, self.encode = model, draft, rows, encode
         self.settings = GenerationSettings() if settings is None else settings
         self.speculative = (SpeculativeConfig() if speculative is None else speculative) if draft is not None else None
-        self.pool = DecoderPool()
+        self.pool = DecoderPool(reuse_prefix)
         self._stack = contextlib.ExitStack()
         if draft is None:
             context = kernel_context(self.settings, model, rows=rows)

@@ -112,6 +112,11 @@ class StaticCache(Cache):
     def get_seq_length(self, layer_idx: int = 0, *args, **kwargs) -> int:
         return self.max_len
 
+    @property
+    def keeps_positions(self) -> bool:
+        """Each slot holds the keys and values of the token last written there until it is written again."""
+        return True
+
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
                    for t in (layer.keys, layer.values))
@@ -239,13 +244,22 @@ class StaticDecoder:
         """static, or graph while graphs are wanted and none has failed to capture."""
         return "graph" if self.use_graph and self.graph_error is None else "static"
 
-    def prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Run the prompt from position 0 (a decoder of one row); (1, V) float32 logits of its last token."""
-        return self.prefill_rows([prompt])
+    @property
+    def keeps_prefix(self) -> bool:
+        """Whether the keys and values a generation wrote stay readable for the next one: each slot holds its
+        own token's until a forward writes it again (not so where a quantized cache keeps a float window and
+        re-quantizes it from a ring)."""
+        return self.cache.keeps_positions
 
-    def prefill_rows(self, prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(self, prompt: list[int], start: int = 0) -> torch.Tensor:
+        """Run the prompt from position `start` (a decoder of one row); (1, V) float32 logits of its last token.
+        start > 0: the slots before it hold the keys and values of prompt[:start] (the prefix a DecodeSession's
+        earlier generation left, `keeps_prefix`), and only the rest is run."""
+        return self.prefill_rows([prompt], start)
+
+    def prefill_rows(self, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
         """Run one prompt a row, left-padded to the longest (the padding's token is the row's first, never
-        seen); (B, V) float32 logits of each row's last token."""
+        seen); (B, V) float32 logits of each row's last token. `start`: as prefill's (one row only)."""
         if len(prompts) != self.batch:
             raise ValueError(f"{len(prompts)} prompts for a decoder of {self.batch} rows")
         width = max(len(p) for p in prompts)
@@ -253,13 +267,16 @@ class StaticDecoder:
             raise ValueError(f"prompt of {width} tokens does not fit a static cache of {self.max_len}")
         if min(len(p) for p in prompts) == 0:
             raise ValueError("a prompt of the batch is empty")
+        if start and not (self.batch == 1 and 0 < start < width):
+            raise ValueError(f"a prefill from position {start} takes one row of more than {start} tokens")
         ids = torch.tensor([[p[0]] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long,
-                           device=self.device)
+                           device=self.device)[:, start:]
         self.pads.copy_(torch.tensor([width - len(p) for p in prompts]))
-        slots = torch.arange(width, device=self.device)
+        slots = torch.arange(start, width, device=self.device)
 
         def empty():
-            return torch.empty(self.batch, 1, width, self.max_len, dtype=self.mask_dtype, device=self.device)
+            return torch.empty(self.batch, 1, width - start, self.max_len, dtype=self.mask_dtype,
+                               device=self.device)
 
         mask = self._masks(empty(), empty() if self.windows.window else None, slots)
         self.cache.index = slots

@@ -166,6 +166,11 @@ class StaticQuantizedCache(StaticCache):
 
     kv_bytes = nbytes
 
+    @property
+    def keeps_positions(self) -> bool:
+        """Not with a float window: its ring slots are reused, and KIVI key groups are re-quantized from it."""
+        return not any(layer.windowed for layer in self.layers)
+
     def bytes_per_token(self) -> float:
         """Bytes per position of the static buffers (all max_len positions are allocated up front)."""
         return self.nbytes() / self.max_len
