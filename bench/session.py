@@ -8,6 +8,12 @@ session (prepared once). Wall time of every call, setup included, on the path us
 --random-target SHAPE: a RANDOM-weight Llama of that shape (bench/decode.py; random prompts); else the default model
 (prompts from the embedded text). --quantize SCHEME: the target quantized round-to-nearest first; --draft SCHEME:
 self-speculative decoding with an RTN copy under SCHEME. Prints a table and writes JSON (--json).
+
+--turns N: a conversation instead, in one session: the first prompt of --prompt-tokens, then each turn the last
+prompt, its reply and a message of --message-tokens. Timed twice on the same prompts (the first run's replies): each
+prompt run whole (reuse_prefix=False), and only the part after what the cache holds from the turn before.
+
+    .venv/bin/python bench/session.py --threads 2 --quantize int4/g32 --turns 6 --prompt-tokens 256 --new-tokens 48
 """
 
 from __future__ import annotations
@@ -47,27 +53,32 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--turns", type=int, default=0, help="a conversation of this many turns (see above)")
+    p.add_argument("--message-tokens", type=int, default=32)
     p.add_argument("--json", default=None)
     return p.parse_args()
 
 
 def target_and_prompts(args, device: torch.device):
+    """The model and its prompts: --prompts of --prompt-tokens, or with --turns the conversation's messages."""
+    lengths = ([args.prompt_tokens] + [args.message_tokens] * (args.turns - 1) if args.turns
+               else [args.prompt_tokens] * args.prompts)
     if args.random_target:
-        from decode import llama_config, random_llama
+        from decode import SHAPES, llama_config, random_llama
 
+        if args.random_target not in SHAPES:
+            raise SystemExit(f"--random-target: one of {', '.join(SHAPES)}")
         model = random_llama(llama_config(args.random_target), device, DTYPES[args.dtype])
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), generator=g).tolist()
-                   for _ in range(args.prompts)]
+        prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
         return model, prompts, f"RANDOM {args.random_target}"
     from modelpress.io.model import load_model
     from modelpress.io.text import load_text, make_windows
 
     loaded = load_model(None)
-    windows = make_windows(loaded.tokenizer, load_text(None), seq_len=args.prompt_tokens,
-                           eval_windows=args.prompts * 10).eval
+    windows = make_windows(loaded.tokenizer, load_text(None), seq_len=max(lengths), eval_windows=len(lengths) * 10).eval
     model = loaded.model.to(device, DTYPES[args.dtype]).eval()
-    return model, [windows[i * 10].tolist() for i in range(args.prompts)], loaded.source
+    return model, [windows[i * 10][:n].tolist() for i, n in enumerate(lengths)], loaded.source
 
 
 def timed(call) -> tuple[float, object]:
@@ -98,6 +109,8 @@ def main() -> None:
         return speculative_generate(model, draft, prompt, settings, config)
 
     one_call(prompts[0])  # kernels compiled, weights prepared by a first call outside the timing
+    if args.turns:
+        return conversation(args, model, prompts, settings, draft, config, source, device)
     rows, tokens = {}, {}
     for mode in ("calls", "session", "calls again"):
         if mode.startswith("calls"):
@@ -136,6 +149,45 @@ def main() -> None:
                 "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "same_tokens": same}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def conversation(args, model, messages, settings, draft, config, source, device) -> None:
+    """Each turn's prompt is the last one, its reply and the next message; timed with whole prompts, then with
+    the held prefix reused, on the same prompts (the first run's replies)."""
+    runs, prompts = {}, []
+    for mode, reuse in (("whole prompts", False), ("held prefix", True)):
+        with DecodeSession(model, settings, draft=draft, speculative=config if draft is not None else None,
+                           reuse_prefix=reuse) as session:
+            turns = []
+            for i, message in enumerate(messages):
+                if not reuse:
+                    prompts.append((prompts[-1] + replies + message) if prompts else message)
+                seconds, result = timed(lambda: session.generate(prompts[i]))
+                replies = result.tokens
+                turns.append({"prompt_tokens": len(prompts[i]), "reused_prompt_tokens": result.reused_prompt_tokens,
+                              "seconds": seconds, "tokens": result.tokens, "decode_path": result.decode_path})
+        runs[mode] = turns
+    whole, held = runs["whole prompts"], runs["held prefix"]
+    same = [a["tokens"] for a in whole] == [b["tokens"] for b in held]
+    total = {mode: sum(t["seconds"] for t in turns) for mode, turns in runs.items()}
+    print(f"{source}{', ' + args.quantize if args.quantize else ''}{', self-draft ' + args.draft if args.draft else ''}"
+          f" on {device} ({args.dtype}, {args.threads} threads), a conversation of {len(messages)} turns "
+          f"({args.prompt_tokens}-token first prompt, {args.message_tokens}-token messages, {args.new_tokens}-token "
+          f"replies), path {whole[0]['decode_path']}; the same replies both ways: {same}")
+    print("| turn | prompt tokens | reused | whole prompt | held prefix reused | speedup |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for i, (a, b) in enumerate(zip(whole, held)):
+        print(f"| {i + 1} | {a['prompt_tokens']} | {b['reused_prompt_tokens']} | {a['seconds'] * 1e3:.1f} ms | "
+              f"{b['seconds'] * 1e3:.1f} ms | {a['seconds'] / b['seconds']:.2f}x |")
+    print(f"| all | | | {total['whole prompts']:.3f} s | {total['held prefix']:.3f} s | "
+          f"{total['whole prompts'] / total['held prefix']:.2f}x |")
+    if args.json:
+        meta = {"model": source, "quantize": args.quantize, "draft": args.draft, "device": str(device),
+                "dtype": args.dtype, "threads": args.threads, "turns": len(messages), "new_tokens": args.new_tokens,
+                "prompt_tokens": args.prompt_tokens, "message_tokens": args.message_tokens,
+                "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "same_tokens": same}
+        Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs, "total_s": total}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,21 @@ def test_a_prefill_after_a_held_prefix_matches_a_whole_one(pair, decode, monkeyp
         reused.prefill(prompt, start=60)
 
 
+@pytest.mark.parametrize("decode,kv", [(d, "float") for d in DECODES] + [("static", "int8")]
+                         + ([("native", "int8")] if "native" in DECODES else []))
+def test_a_conversation_that_outgrows_its_cache_keeps_its_prefix(pair, decode, kv):
+    """A turn too long for the kept decoder builds a longer one, the held keys and values copied into it."""
+    target, _ = pair
+    greedy = GenerationSettings(max_new_tokens=10, decode=decode, kv_cache=kv, sampling=SamplingConfig(temperature=0))
+    with DecodeSession(target, greedy) as session:
+        first = session.generate(PROMPTS[2])                      # 57 + 10: a decoder of 256
+        prompt = PROMPTS[2] + first.tokens + [3 + i % 290 for i in range(240)]
+        second = session.generate(prompt)                         # 307 + 10: one of 512 in its place
+        assert session.pool.built == 2 and session.pool.kept["model"].max_len == 512
+        assert second.reused_prompt_tokens == len(PROMPTS[2]) + 9
+        assert second.tokens == generate(target, prompt, greedy).tokens
+
+
 def test_no_prefix_is_reused_where_the_cache_rewrites_old_positions(pair):
     """KIVI (int4): a float window in a ring and key groups re-quantized from it; an earlier generation's slots
     cannot be trusted, so every prompt runs whole. A per-token int8 cache keeps its prefixes."""

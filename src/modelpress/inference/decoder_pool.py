@@ -10,7 +10,8 @@ other call builds a decoder of the rounded-up length in its place, the old one r
 A kept decoder's cache still holds the keys and values its last generation wrote. The pool remembers those
 tokens (`remember`), and a later call whose prompt starts with some of them runs only the rest of its prompt
 (`held_prefix`): a conversation's next turn, or prompts after one long shared instruction, skip the part the
-cache holds. The reused positions' keys and values are those of the earlier call, computed in its prefill or its
+cache holds. A decoder rebuilt in its place gets those keys and values copied over (`take_prefix`; the two are
+alive together for that moment), so a conversation that outgrows its cache keeps them too. The reused positions' keys and values are those of the earlier call, computed in its prefill or its
 steps, so they equal a fresh prefill's up to float rounding (the products of a token are summed in another order
 when it runs alone than among others).
 """
@@ -49,9 +50,14 @@ class DecoderPool:
             kept.restart()
             self.reused += 1
             return kept  # type: ignore[return-value]
-        self.kept.pop(role, None)  # its buffers and graphs go before the new ones are allocated
-        self.held.pop(role, None)
+        old, held = self.kept.pop(role, None), self.held.pop(role, [])
+        if not (held and self.reuse_prefix and getattr(old, "keeps_prefix", False)):
+            old = None  # its buffers and graphs go before the new ones are allocated
         decoder = build(length)
+        if old is not None and hasattr(decoder, "take_prefix"):  # a longer conversation keeps its prefix
+            held = held[:length - 1]
+            decoder.take_prefix(old, len(held))
+            self.held[role] = held
         self.kept[role] = decoder
         self.built += 1
         return decoder

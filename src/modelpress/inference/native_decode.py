@@ -442,6 +442,16 @@ class NativeDecoder:
         positions the last one wrote are overwritten before they are read, as after a rewind)."""
         self.position = 0
 
+    def take_prefix(self, other: NativeDecoder, tokens: int) -> None:
+        """Copy the keys and values of `other`'s first `tokens` positions into this cache (a DecodeSession's decoder
+        rebuilt longer keeps what its predecessor held)."""
+        if other.kv_cache != self.kv_cache or len(other._cache_tensors) != len(self._cache_tensors):
+            raise ValueError("the prefix of a native decoder of another model or cache mode")
+        if not 0 <= tokens <= min(self.capacity, other.capacity):
+            raise ValueError(f"{tokens} positions of a cache of {other.capacity} for one of {self.capacity}")
+        for mine, theirs in zip(self._cache_tensors, other._cache_tensors):   # (heads, capacity[, head_dim])
+            mine[:, :tokens] = theirs[:, :tokens]
+
     def move_to(self, position: int) -> None:
         if not 0 <= position < self.capacity:
             raise ValueError(f"position {position} is outside the native cache of {self.capacity}")

@@ -78,6 +78,13 @@ class _StaticLayer(CacheLayerMixin):
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.owner.max_len
 
+    def copy_prefix(self, other: _StaticLayer, tokens: int) -> None:
+        """The first `tokens` slots of `other` (a layer of another cache of this kind) copied here."""
+        if not self.is_initialized:
+            self.lazy_initialization(other.keys)
+        self.keys[:, :, :tokens] = other.keys[:, :, :tokens]
+        self.values[:, :, :tokens] = other.values[:, :, :tokens]
+
     def get_max_length(self, *args, **kwargs) -> int:
         return self.owner.max_len
 
@@ -363,6 +370,18 @@ class StaticDecoder:
         self.pads.zero_()
         self.captures = self.replays = 0
         self.capture_seconds = 0.0
+
+    def take_prefix(self, other: StaticDecoder, tokens: int) -> None:
+        """Copy the keys and values of `other`'s first `tokens` slots into this cache (a DecodeSession's decoder
+        rebuilt longer keeps what its predecessor held); both caches of one model and mode, keeping positions."""
+        if not (self.cache.keeps_positions and other.cache.keeps_positions and type(self.cache) is type(other.cache)
+                and len(self.cache.layers) == len(other.cache.layers) and self.batch == other.batch == 1):
+            raise ValueError("the prefix of a static decoder of another model, cache mode or batch")
+        if not 0 <= tokens <= min(self.max_len, other.max_len):
+            raise ValueError(f"{tokens} slots of a cache of {other.max_len} for one of {self.max_len}")
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            if theirs.is_initialized:
+                mine.copy_prefix(theirs, tokens)
 
     def move_to(self, position: int) -> None:
         """Set the position (a decoder sharing another's cache follows that decoder's position: the slots before it

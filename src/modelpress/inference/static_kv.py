@@ -91,6 +91,20 @@ class StaticQuantizedLayer(_StaticLayer):
             self.group_tokens = torch.arange(group, device=self.device)               # (G,)
         self.is_initialized = True
 
+    def copy_prefix(self, other: StaticQuantizedLayer, tokens: int) -> None:
+        """The codes and scales of `other`'s first `tokens` positions copied here (per-token layouts: one scale row
+        a token; a windowed cache's positions are not its own, see StaticQuantizedCache.keeps_positions)."""
+        if self.windowed or other.windowed:
+            raise ValueError("a cache with a float window does not keep its positions")
+        if not self.is_initialized:
+            b, h, _, _ = other.stored[0].qdata.shape
+            probe = torch.zeros(b, h, 1, other.stored[0].head_dim, dtype=other.dtype, device=other.device)
+            self.lazy_initialization(probe, torch.zeros(b, h, 1, other.stored[1].head_dim, dtype=other.dtype,
+                                                        device=other.device))
+        for mine, theirs in zip(self.stored, other.stored):
+            for t, u in zip(mine.tensors(), theirs.tensors()):
+                t[:, :, :tokens] = u[:, :, :tokens]
+
     def update(self, key_states, value_states, *args, **kwargs):
         """Write the (B, H, T, D) states at `owner.index` (T ascending positions); (B, H, max_len, D) keys and
         values as attention reads them."""
