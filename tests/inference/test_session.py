@@ -203,6 +203,24 @@ def test_a_conversation_that_outgrows_its_cache_keeps_its_prefix(pair, decode, k
         assert second.tokens == generate(target, prompt, greedy).tokens
 
 
+@pytest.mark.gpu
+def test_a_prefill_after_a_held_prefix_matches_a_whole_one_on_cuda(pair, cuda):
+    """The same on a CUDA graph decoder (float32): the rest of the prompt runs eagerly at its positions, and the
+    captured step that follows reads the held prefix."""
+    from modelpress.inference.static_decode import StaticDecoder
+
+    model = copy.deepcopy(pair[0]).to(cuda)
+    prompt = list(range(3, 63))
+    whole, reused = StaticDecoder(model, 128, graph=True), StaticDecoder(model, 128, graph=True)
+    expected = whole.prefill(prompt)
+    reused.prefill(prompt[:10] + [299] * 40)
+    reused.step(4)                                           # captured at position 50
+    reused.restart()
+    torch.testing.assert_close(reused.prefill(prompt, start=10), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reused.step(5), whole.step(5), rtol=1e-4, atol=1e-4)
+    assert reused.replays == 1
+
+
 def test_no_prefix_is_reused_where_the_cache_rewrites_old_positions(pair):
     """KIVI (int4): a float window in a ring and key groups re-quantized from it; an earlier generation's slots
     cannot be trusted, so every prompt runs whole. A per-token int8 cache keeps its prefixes."""
@@ -272,6 +290,12 @@ def test_graph_session_captures_once_and_undoes_the_fusions_on_close(cuda, monke
     assert [type(m) for m in model.modules()] == modules
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    with DecodeSession(model, greedy) as session:   # a conversation's next turn: only its new part runs
+        first = session.generate(PROMPTS[2])
+        turn = PROMPTS[2] + first.tokens + [7, 8, 9]
+        second = session.generate(turn)
+        assert second.reused_prompt_tokens == len(PROMPTS[2]) + 15 and second.decode_path == "graph"
+        assert len(second.tokens) == 16 and second.capture_seconds == 0
     with DecodeSession(model, greedy, draft=draft, speculative=SpeculativeConfig(3)) as session:
         runs = [session.generate(p) for p in PROMPTS[:2]]
         assert runs[0].capture_seconds > 0 and runs[1].capture_seconds == 0
