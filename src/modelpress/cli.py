@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "perplexity, KL and top-1 agreement against a reference, bytes and speed",
     "compare": "quantize one model into several formats and compare them",
     "generate": "generate text from a prompt (plain, speculative or self-speculative)",
+    "chat": "a conversation with the model on stdin/stdout, each turn reusing the cache",
     "prune": "prune a model (unstructured, N:M or structured) and save it smaller",
     "distill": "train a student model on a teacher's soft targets (knowledge distillation)",
     "finetune": "recover a compressed model's quality: LoRA/QLoRA adapters or QAT",

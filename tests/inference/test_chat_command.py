@@ -1,0 +1,71 @@
+"""`modelpress chat`: each stdin line a user turn, the reply streamed, the whole conversation the prompt of each turn,
+and the part the session's cache holds from the turn before not run again; the replies are what a fresh generation
+of the same prompt gives."""
+
+import io
+import json
+import sys
+
+import pytest
+from conftest import save_tiny_llama
+
+from modelpress.cli import main
+from modelpress.commands.chat import Conversation
+from modelpress.inference.decoding import GenerationSettings, generate
+from modelpress.inference.sampling import SamplingConfig
+from modelpress.io.model import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def chat(monkeypatch, model_dir, lines, *extra):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    return main(["chat", str(model_dir), "--device", "cpu", *map(str, extra)])
+
+
+@pytest.mark.parametrize("templated", [False, True], ids=["plain-lines", "chat-template"])
+def test_each_turn_reuses_the_last_and_replies_as_a_fresh_generation(tmp_path, monkeypatch, capsys, templated):
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    if templated:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+        (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    report = tmp_path / "chat.json"
+    messages = ["the cat sat", "and then?", "why"]
+    assert chat(monkeypatch, model_dir, messages, "--max-new-tokens", 8, "--json", report) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(report.read_text())
+    turns = data["turns"]
+    assert data["templated"] == templated and ("no chat template" in err) != templated
+    assert [t["message"] for t in turns] == messages and out == "".join(t["reply"] + "\n" for t in turns)
+    assert turns[0]["reused_prompt_tokens"] == 0
+    assert all(t["reused_prompt_tokens"] > 0 for t in turns[1:]) and err.count("held from the turn before") == 3
+    # each turn's prompt rebuilt from the messages and replies; a fresh greedy generation gives the same reply
+    loaded = load_model(str(model_dir))
+    conversation = Conversation(loaded.tokenizer, None, None)
+    settings = GenerationSettings(max_new_tokens=8, decode="auto", sampling=SamplingConfig(0.0))
+    for turn in turns:
+        conversation.messages.append({"role": "user", "content": turn["message"]})
+        ids = conversation.ids()
+        assert turn["prompt_tokens"] == len(ids) and turn["reused_prompt_tokens"] < len(ids)
+        assert generate(loaded.model, ids, settings).tokens == turn["tokens"]
+        conversation.messages.append({"role": "assistant", "content": turn["reply"].strip()})
+
+
+def test_reset_and_a_conversation_longer_than_the_context(tmp_path, monkeypatch, capsys):
+    model_dir = save_tiny_llama(tmp_path / "tiny", max_position_embeddings=96)
+    report = tmp_path / "chat.json"
+    lines = ["abc", "/reset", "abc", "a longer message " * 2, "more words here " * 2, "/exit", "never read"]
+    assert chat(monkeypatch, model_dir, lines, "--max-new-tokens", 12, "--json", report) == 0
+    err = capsys.readouterr().err
+    turns = json.loads(report.read_text())["turns"]
+    assert len(turns) == 4 and "(a new conversation)" in err
+    assert turns[1]["prompt_tokens"] == turns[0]["prompt_tokens"]   # the same first message, anew
+    assert turns[0]["tokens"] == turns[1]["tokens"]
+    assert any(t["dropped"] for t in turns) and "oldest exchange" in err
+    assert all(t["prompt_tokens"] + 12 <= 96 for t in turns)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 200 + "\n"))
+    assert main(["chat", str(model_dir), "--device", "cpu", "--max-new-tokens", "12"]) == 2
+    assert "does not fit the model's context of 96" in capsys.readouterr().err
