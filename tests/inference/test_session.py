@@ -115,6 +115,28 @@ def test_speculative_session_equals_speculative_generate(pair, decode, share):
             assert session.pool.kept["draft"].cache_owner is session.pool.kept["target"]
 
 
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("share", [True, False], ids=["target-cache", "own-cache"])
+def test_a_speculative_conversation_runs_only_each_turns_new_tokens(pair, decode, share):
+    """With a draft: the target's cache (and the draft's own, if it has one) keeps the conversation; each turn's
+    greedy tokens are plain decoding's, and the target runs only what its cache does not hold."""
+    target, draft = pair
+    config = SpeculativeConfig(3, share_kv_cache=share)
+    greedy = settings(decode, 10)
+    with DecodeSession(target, greedy, draft=draft, speculative=config) as session:
+        prompt, held = [], 0
+        for message in ([5, 17, 33, 2, 90], [250, 41, 9], [60, 61, 62, 63], [3 + i % 290 for i in range(240)]):
+            prompt = prompt + message
+            got, fresh = session.generate(prompt), speculative_generate(target, draft, prompt, greedy, config)
+            assert got.tokens == fresh.tokens == generate(target, prompt, greedy).tokens
+            assert (got.rounds, got.accepted) == (fresh.rounds, fresh.accepted)   # the draft saw the same context
+            assert got.reused_prompt_tokens == held and got.shared_kv_cache == share
+            assert assert_held_tokens_are_cached(session, {"target": target, "draft": draft}) == 2 - share
+            held = len(prompt) + len(got.tokens) - 1
+            prompt = prompt + got.tokens
+        assert session.pool.built == 4   # the last turn outgrew both decoders: rebuilt, the prefix copied over
+
+
 def test_a_rebuilt_target_decoder_takes_a_new_draft_decoder_on_its_cache(pair):
     target, draft = pair
     with DecodeSession(target, settings("static"), draft=draft, speculative=SpeculativeConfig(3)) as session:
@@ -138,6 +160,29 @@ def test_rows_session_equals_generate_batch(pair):
         assert one.tokens == [generate(target, PROMPTS[0], settings("static", 10)).tokens]
 
 
+def assert_held_tokens_are_cached(session, models):
+    """What the pool says a kept decoder holds is in its cache: the keys and values of a fresh prefill of those
+    tokens (float caches), for each role with held tokens."""
+    from modelpress.inference.native_decode import NativeDecoder
+    from modelpress.inference.static_decode import StaticDecoder
+
+    def states(decoder, n):
+        if isinstance(decoder, NativeDecoder):
+            return [t[:, :n] for t in decoder._cache_tensors]
+        return [t[:, :, :n] for layer in decoder.cache.layers for t in (layer.keys, layer.values)]
+
+    checked = 0
+    for role, held in session.pool.held.items():
+        kept = session.pool.kept[role]
+        fresh = (NativeDecoder(models[role], kept.max_len) if isinstance(kept, NativeDecoder)
+                 else StaticDecoder(models[role], kept.max_len, graph=False))
+        fresh.prefill(held)
+        for got, expected in zip(states(kept, len(held)), states(fresh, len(held))):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        checked += 1
+    return checked
+
+
 @pytest.mark.parametrize("decode", DECODES)
 def test_a_conversation_runs_only_each_turns_new_tokens(pair, decode):
     """Each turn's prompt is the last prompt, its reply and a new message: the cache holds all but the reply's
@@ -152,6 +197,7 @@ def test_a_conversation_runs_only_each_turns_new_tokens(pair, decode):
             got, again = session.generate(prompt), whole.generate(prompt)
             assert got.tokens == again.tokens == generate(target, prompt, greedy).tokens
             assert got.reused_prompt_tokens == held and again.reused_prompt_tokens == 0
+            assert assert_held_tokens_are_cached(session, {"model": target}) == 1
             held = len(prompt) + len(got.tokens) - 1
             prompt = prompt + got.tokens
         assert held > 30 and session.pool.built == 1

@@ -259,10 +259,10 @@ class EagerSteps:
         return forward_logits(self.model, [token], self.cache, last_only=True)[-1:]
 
 
-def held_prefix(pool: DecoderPool | None, prompt: list[int]) -> int:
-    """The prompt's leading tokens whose keys and values the pool's "model" decoder holds from a session's earlier
-    generation (decoder_pool.py): its prefill runs only the rest."""
-    return 0 if pool is None else pool.held_prefix("model", prompt)
+def held_prefix(pool: DecoderPool | None, prompt: list[int], role: str = "model") -> int:
+    """The prompt's leading tokens whose keys and values the pool's decoder of `role` holds from a session's
+    earlier generation (decoder_pool.py): its prefill runs only the rest."""
+    return 0 if pool is None else pool.held_prefix(role, prompt)
 
 
 def _start(model: nn.Module, prompt: list[int], settings: GenerationSettings, cache: Cache | None,

@@ -17,10 +17,10 @@ modules. Close it (or leave its `with` block) to undo the fusions and free the d
             result = session.generate(prompt)
 
 One prompt a call, or a list of prompts decoded together (`rows` > 1: batch_decode.py); with a draft every call
-decodes speculatively. A one-prompt call without a draft runs only the part of its prompt after what the cache
-holds from the last such call (the prompt's first tokens equal to those that call read and wrote: a conversation's
-next turn, prompts after one shared instruction; decoder_pool.py), unless `reuse_prefix` is False. Per call it takes another length limit, sampling or end tokens; the rest of the settings
-(decode path, KV cache, compile, fusions) is the session's.
+decodes speculatively. A one-prompt call runs only the part of its prompt after what the caches hold from the last
+such call (the prompt's first tokens equal to those that call read and wrote: a conversation's next turn, prompts
+after one shared instruction; decoder_pool.py), unless `reuse_prefix` is False. Per call it takes another length
+limit, sampling or end tokens; the rest of the settings (decode path, KV cache, compile, fusions) is the session's.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from modelpress.inference.decoding import (
     finish,
     forward_logits,
     fused_writes,
+    held_prefix,
     kernel_context,
     prompt_list,
     supports_logits_to_keep,
@@ -263,7 +264,7 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
     decoders = _prefilled_decoders(target, draft, tokens, settings, config, paths, pool)
     if decoders is None:
         return None
-    verifier, drafter, shared = decoders
+    verifier, drafter, shared, result.reused_prompt_tokens = decoders
     result.target_forwards = result.draft_forwards = int(len(tokens) > 1)
     k = config.draft_tokens  # every round, the last too: one verify length, so one captured graph
     if shared:
@@ -282,6 +283,10 @@ def _static_speculation(target: nn.Module, draft: nn.Module, tokens: list[int], 
             if _emit(result, tokens, drafts[:a] + [next_token], k, a, settings, on_tokens):
                 break
     result.seconds = time.perf_counter() - start
+    if pool is not None:  # the slots before a decoder's (settled) position hold the tokens so far, but the last
+        pool.remember("target", tokens[:min(verifier.position, len(tokens) - 1)])   # (never fed, or not by all)
+        if not shared:
+            pool.remember("draft", tokens[:min(drafter.position, len(tokens) - 1)])
     result.capture_seconds = verifier.capture_seconds + drafter.capture_seconds
     fusions.kv_writes |= any(getattr(getattr(d, "cache", None), "wrote_fused", False) for d in (verifier, drafter))
     ran = {verifier.path, drafter.path}   # graph only if both were captured; native only if both were native
@@ -360,10 +365,10 @@ def _shared_cache_rounds(verifier: StaticDecoder | NativeDecoder, drafter: Stati
 
 def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], settings: GenerationSettings,
                         config: SpeculativeConfig, paths: tuple[str, str], pool: DecoderPool | None = None
-                        ) -> tuple[StaticDecoder, StaticDecoder, bool] | None:
+                        ) -> tuple[StaticDecoder, StaticDecoder, bool, int] | None:
     """(target's, draft's) StaticDecoder (or NativeDecoder), both holding the first n-1 tokens (the draft's first
-    step feeds the last), and whether the draft reads the target's cache; None, with the reason logged, if a
-    prefill fails."""
+    step feeds the last), whether the draft reads the target's cache, and how many of those tokens the target's
+    held from a session's last call (not run again); None, with the reason logged, if a prefill fails."""
     # a round starts with at least one token left (n <= prompt + max_new_tokens - 1): its verify pass writes slots
     # n-1 .. n+k-1, at most prompt + max_new_tokens + k - 2
     max_len = len(tokens) + settings.max_new_tokens + config.draft_tokens + 1
@@ -381,18 +386,20 @@ def _prefilled_decoders(target: nn.Module, draft: nn.Module, tokens: list[int], 
                          suits=lambda kept: kept.cache_owner is verifier)
     else:
         drafter = pooled(pool, "draft", max_len, lambda length: _decoder(draft, paths[1], length, settings, None))
+    # a session's decoders may hold a prefix of the prompt from its last call: only the rest runs
+    starts = (held_prefix(pool, tokens[:-1], "target"), 0 if shared else held_prefix(pool, tokens[:-1], "draft"))
     if len(tokens) > 1:
         try:
-            verifier.prefill(tokens[:-1])
+            verifier.prefill(tokens[:-1], starts[0])
             if not shared:
-                drafter.prefill(tokens[:-1])
+                drafter.prefill(tokens[:-1], starts[1])
             else:  # the target's prompt keys and values are the draft's
                 drafter.move_to(verifier.position)
         except Exception as err:  # noqa: BLE001  (a model the static cache cannot drive: say why, run eagerly)
             log.warning("static-cache prefill failed (%s: %s); speculative decoding runs eagerly",
                         type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
             return None
-    return verifier, drafter, shared
+    return verifier, drafter, shared, starts[0]
 
 
 def _decoder(model: nn.Module, path: str, max_len: int, settings: GenerationSettings, kv_cache,
