@@ -383,7 +383,7 @@ def test_a_failed_static_prefill_falls_back_to_eager(float_models, monkeypatch, 
     target, drafts = float_models
     expected = speculative_generate(target, drafts["perturbed"], [5, 17, 99], greedy("eager", 8)).tokens
 
-    def broken(self, prompt):
+    def broken(self, prompt, start=0):
         raise RuntimeError("no 4-D masks here")
 
     monkeypatch.setattr(StaticDecoder, "prefill", broken)
