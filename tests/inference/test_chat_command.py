@@ -69,3 +69,14 @@ def test_reset_and_a_conversation_longer_than_the_context(tmp_path, monkeypatch,
     monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 200 + "\n"))
     assert main(["chat", str(model_dir), "--device", "cpu", "--max-new-tokens", "12"]) == 2
     assert "does not fit the model's context of 96" in capsys.readouterr().err
+
+
+def test_a_speculative_chat_replies_as_plain_chat(tmp_path, monkeypatch):
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    messages = ["the cat sat", "and then?"]
+    assert chat(monkeypatch, model_dir, messages, "--max-new-tokens", 8, "--json", tmp_path / "plain.json") == 0
+    assert chat(monkeypatch, model_dir, messages, "--max-new-tokens", 8, "--self-speculative", "int4/g32",
+                "--json", tmp_path / "spec.json") == 0
+    plain, spec = (json.loads((tmp_path / f"{n}.json").read_text())["turns"] for n in ("plain", "spec"))
+    assert [t["tokens"] for t in spec] == [t["tokens"] for t in plain]
+    assert all(t["acceptance_rate"] is not None for t in spec) and spec[1]["reused_prompt_tokens"] > 0

@@ -1,11 +1,12 @@
 """modelpress chat [MODEL] [--system TEXT] [--max-new-tokens N] [--temperature T] [--kv-cache MODE]
+[--draft MODEL | --self-speculative FORMAT]
 
 A conversation with the model: each line of stdin is a user message, and the reply streams to stdout (a terminal
 gets a "> " prompt on stderr). Every turn's prompt is the whole conversation so far, in the tokenizer's chat template
 (a model without one gets "User:" / "Assistant:" lines, and a note on stderr). The turns run in one DecodeSession
 (inference/session.py): the model is prepared once, and the part of a turn's prompt that the cache holds from the
 turn before (the conversation up to the last reply) is not run again, so a turn costs its new message and its reply,
-not the whole conversation. A conversation that would outgrow the model's context drops its oldest exchanges (the
+not the whole conversation; with a draft, speculatively, the draft's cache kept as well. A conversation that would outgrow the model's context drops its oldest exchanges (the
 system message stays) and says so. "/reset" starts a new conversation; "/exit" or the end of input ends it.
 
 stderr gets one line a turn: tokens/s, and how many prompt tokens the cache held. --json: every turn's figures.
@@ -19,12 +20,13 @@ import sys
 import torch
 
 from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
-from modelpress.commands.generate import DTYPES, StreamPrinter, decode_path_of, eos_ids, resolve_device
+from modelpress.commands.generate import DTYPES, StreamPrinter, decode_path_of, eos_ids, load_draft, resolve_device
 from modelpress.errors import ModelpressError
 from modelpress.inference.decoding import GenerationSettings
 from modelpress.inference.kv_cache import CACHE_MODES
 from modelpress.inference.sampling import SamplingConfig
 from modelpress.inference.session import DecodeSession
+from modelpress.inference.speculative import SpeculativeConfig
 from modelpress.io.model import load_model
 from modelpress.nn.cpu_native import PRODUCTS
 
@@ -38,6 +40,12 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this mass")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    draft = p.add_mutually_exclusive_group()
+    draft.add_argument("--draft", default=None, metavar="MODEL", help="speculative decoding with this draft model")
+    draft.add_argument("--self-speculative", default=None, metavar="FORMAT",
+                       help="speculative decoding with a low-bit RTN copy of the model as draft, e.g. int4/g128")
+    p.add_argument("--draft-tokens", type=positive_int, default=4,
+                   help="tokens the draft proposes per round (default 4)")
     p.add_argument("--kv-cache", default="float", choices=CACHE_MODES,
                    help="KV cache of the model (default float); KIVI modes (int4, int2) re-quantize old positions, so "
                         "each turn then runs its whole prompt")
@@ -99,6 +107,10 @@ def messages_from(stream, interactive: bool):
             yield line.strip()
 
 
+def acceptance(result) -> str:
+    return "" if result.acceptance_rate is None else f", draft acceptance {result.acceptance_rate:.1%}"
+
+
 def context_of(model) -> int | None:
     n = getattr(model.config, "max_position_embeddings", None)
     return n if isinstance(n, int) and n > 0 else None
@@ -123,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
         print("the model's tokenizer has no chat template: the conversation is written as 'User:' / 'Assistant:' "
               "lines", file=sys.stderr)
     turns = []
-    with DecodeSession(model, settings) as session:
+    draft = load_draft(args, model, tokenizer, device, DTYPES[args.dtype] if args.dtype else None) if (
+        args.draft or args.self_speculative) else None
+    speculative = SpeculativeConfig(args.draft_tokens) if draft is not None else None
+    with DecodeSession(model, settings, draft=draft, speculative=speculative) as session:
         for message in messages_from(sys.stdin, sys.stdin.isatty()):
             if message == "/reset":
                 conversation.reset()
@@ -141,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
             conversation.messages.append({"role": "assistant", "content": printer.text().strip()})
             print(f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s; "
                   f"prompt {result.prompt_tokens} tokens, {result.reused_prompt_tokens} held from the turn before "
-                  f"({result.decode_path} path)", file=sys.stderr)
+                  f"({result.decode_path} path{acceptance(result)})", file=sys.stderr)
             turns.append({**result.to_dict(), "message": message, "reply": printer.text(), "dropped": dropped})
     write_json(args.json, {"model": loaded.source, "device": str(device), "kv_cache": args.kv_cache,
+                           "draft": args.draft or (f"self:{args.self_speculative}" if args.self_speculative else None),
                            "temperature": args.temperature, "seed": args.seed, "templated": conversation.templated,
                            "system": args.system, "turns": turns})
     return 0
