@@ -20,7 +20,8 @@ import sys
 import torch
 
 from modelpress.commands.common import add_json_argument, add_model_argument, positive_int, write_json
-from modelpress.commands.generate import DTYPES, StreamPrinter, decode_path_of, eos_ids, load_draft, resolve_device
+from modelpress.commands.generate import (DTYPES, StreamPrinter, add_sampling_arguments, decode_path_of, eos_ids,
+                                         load_draft, resolve_device)
 from modelpress.errors import ModelpressError
 from modelpress.inference.decoding import GenerationSettings
 from modelpress.inference.kv_cache import CACHE_MODES
@@ -36,16 +37,7 @@ def add_parser(sub) -> None:
     add_model_argument(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="a reply's tokens at most (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this mass")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
-    draft = p.add_mutually_exclusive_group()
-    draft.add_argument("--draft", default=None, metavar="MODEL", help="speculative decoding with this draft model")
-    draft.add_argument("--self-speculative", default=None, metavar="FORMAT",
-                       help="speculative decoding with a low-bit RTN copy of the model as draft, e.g. int4/g128")
-    p.add_argument("--draft-tokens", type=positive_int, default=4,
-                   help="tokens the draft proposes per round (default 4)")
+    add_sampling_arguments(p)
     p.add_argument("--kv-cache", default="float", choices=CACHE_MODES,
                    help="KV cache of the model (default float); KIVI modes (int4, int2) re-quantize old positions, so "
                         "each turn then runs its whole prompt")

@@ -41,16 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the tokenizer's chat template as a user turn")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this mass")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
-    draft = p.add_mutually_exclusive_group()
-    draft.add_argument("--draft", default=None, metavar="MODEL", help="speculative decoding with this draft model")
-    draft.add_argument("--self-speculative", default=None, metavar="FORMAT",
-                       help="speculative decoding with a low-bit RTN copy of the model as draft, e.g. int4/g128")
-    p.add_argument("--draft-tokens", type=positive_int, default=4,
-                   help="tokens the draft proposes per round (default 4)")
+    add_sampling_arguments(p)
     p.add_argument("--kv-cache", default="float", choices=CACHE_MODES,
                    help="KV cache of the model (default float); a quantized one also takes the static, "
                         "graph-captured path on CUDA, and int8 the native decode step on the CPU")
@@ -74,6 +65,20 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast a float model to this dtype")
     add_json_argument(p)
     p.set_defaults(func=run)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling and speculative decoding: generate's and chat's."""
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this mass")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    draft = p.add_mutually_exclusive_group()
+    draft.add_argument("--draft", default=None, metavar="MODEL", help="speculative decoding with this draft model")
+    draft.add_argument("--self-speculative", default=None, metavar="FORMAT",
+                       help="speculative decoding with a low-bit RTN copy of the model as draft, e.g. int4/g128")
+    p.add_argument("--draft-tokens", type=positive_int, default=4,
+                   help="tokens the draft proposes per round (default 4)")
 
 
 class StreamPrinter:
