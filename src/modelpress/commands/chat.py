@@ -2,12 +2,13 @@
 [--draft MODEL | --self-speculative FORMAT]
 
 A conversation with the model: each line of stdin is a user message, and the reply streams to stdout (a terminal
-gets a "> " prompt on stderr). Every turn's prompt is the whole conversation so far, in the tokenizer's chat template
-(a model without one gets "User:" / "Assistant:" lines, and a note on stderr). The turns run in one DecodeSession
-(inference/session.py): the model is prepared once, and the part of a turn's prompt that the cache holds from the
-turn before (the conversation up to the last reply) is not run again, so a turn costs its new message and its reply,
-not the whole conversation; with a draft, speculatively, the draft's cache kept as well. A conversation that would outgrow the model's context drops its oldest exchanges (the
-system message stays) and says so. "/reset" starts a new conversation; "/exit" or the end of input ends it.
+gets a "> " prompt on stderr). Every turn's prompt is the whole conversation so far, in the tokenizer's chat
+template (a model without one gets "User:" / "Assistant:" lines, and a note on stderr). The turns run in one
+DecodeSession (inference/session.py): the model is prepared once, and the part of a turn's prompt that the cache
+holds from the turn before (the conversation up to the last reply) is not run again, so a turn costs its new message
+and its reply, not the whole conversation; with a draft, speculatively, the draft's cache kept as well. A
+conversation that would outgrow the model's context drops its oldest exchanges (the system message stays) and says
+so. "/reset" starts a new conversation; "/exit" or the end of input ends it.
 
 stderr gets one line a turn: tokens/s, and how many prompt tokens the cache held. --json: every turn's figures.
 """

@@ -7,13 +7,13 @@ whole static buffer each step, so a far larger one would slow the short call dow
 asks of it (`suits`: a draft on the target's cache must be on the cache of the target decoder the call got). Any
 other call builds a decoder of the rounded-up length in its place, the old one released first.
 
-A kept decoder's cache still holds the keys and values its last generation wrote. The pool remembers those
-tokens (`remember`), and a later call whose prompt starts with some of them runs only the rest of its prompt
-(`held_prefix`): a conversation's next turn, or prompts after one long shared instruction, skip the part the
-cache holds. A decoder rebuilt in its place gets those keys and values copied over (`take_prefix`; the two are
-alive together for that moment), so a conversation that outgrows its cache keeps them too. The reused positions' keys and values are those of the earlier call, computed in its prefill or its
-steps, so they equal a fresh prefill's up to float rounding (the products of a token are summed in another order
-when it runs alone than among others).
+A kept decoder's cache still holds the keys and values its last generation wrote. The pool remembers those tokens
+(`remember`), and a later call whose prompt starts with some of them runs only the rest of its prompt
+(`held_prefix`): a conversation's next turn, or prompts after one long shared instruction, skip the part the cache
+holds. A decoder rebuilt in its place gets those keys and values copied over (`take_prefix`; the two are alive
+together for that moment), so a conversation that outgrows its cache keeps them too. The reused positions' keys and
+values are those of the earlier call, computed in its prefill or its steps, so they equal a fresh prefill's up to
+float rounding (the products of a token are summed in another order when it runs alone than among others).
 """
 
 from __future__ import annotations
