@@ -109,6 +109,9 @@ def main() -> None:
         return speculative_generate(model, draft, prompt, settings, config)
 
     one_call(prompts[0])  # kernels compiled, weights prepared by a first call outside the timing
+    if device.type == "cuda":  # and the session's shapes (its decoders' rounded lengths: Triton compiles per shape)
+        with DecodeSession(model, settings, draft=draft, speculative=config if draft is not None else None) as warm:
+            warm.generate(prompts[0])
     if args.turns:
         return conversation(args, model, prompts, settings, draft, config, source, device)
     rows, tokens = {}, {}
@@ -155,12 +158,13 @@ def conversation(args, model, messages, settings, draft, config, source, device)
     """Each turn's prompt is the last one, its reply and the next message; timed with whole prompts, then with
     the held prefix reused, on the same prompts (the first run's replies)."""
     runs, prompts = {}, []
-    for mode, reuse in (("whole prompts", False), ("held prefix", True)):
+    modes = (("whole prompts", False), ("held prefix", True))
+    for mode, reuse in modes + modes if device.type == "cuda" else modes:  # on CUDA a first pass compiles each shape
         with DecodeSession(model, settings, draft=draft, speculative=config if draft is not None else None,
                            reuse_prefix=reuse) as session:
             turns = []
             for i, message in enumerate(messages):
-                if not reuse:
+                if not reuse and len(prompts) < len(messages):
                     prompts.append((prompts[-1] + replies + message) if prompts else message)
                 seconds, result = timed(lambda: session.generate(prompts[i]))
                 replies = result.tokens
