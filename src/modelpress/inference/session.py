@@ -3,8 +3,9 @@
 Each call of `generate` (decoding.py), `speculative_generate` and `generate_batch` prepares the model for itself and
 undoes it on the way out: on CUDA the decode-time fusions (fusion.py: sibling projections stacked, int4 layers
 re-laid for the tensor-core GEMV, their agreement checks), then a StaticDecoder whose forwards are captured in CUDA
-graphs on their first run; on the CPU the native step's structs. On a 7B-shaped model on an H100 that is about
-0.04 s a call, and 0.09 s for self-speculation (two models, two graphs), against 0.5 s for 96 new tokens.
+graphs on their first run; on the CPU the native step's structs. On a 7B-shaped int4 model on an H100 that is about
+0.23 s a call, against 0.18 s for 64 new tokens (bench/session.py; the bf16 7B-shaped target of a self-speculative
+call: 0.04 s alone, 0.09 s with its draft).
 
 A session does it once: the fusions stay applied while it is open, and its decoders, with their caches and graphs,
 are kept between calls (decoder_pool.py says which call gets which). Its outputs are the calls' own: a generation
