@@ -53,9 +53,6 @@ PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self
 # (default model, one thread: 29 vs 42 ms at 8 tokens, 122 vs 110 at 32; 478 vs 419 at 128), and no prepared
 # layouts of PyTorch's kernels are built for them
 NATIVE_PREFILL_TOKENS = 32
-# a prompt's tokens after a prefix the cache holds run natively in calls of up to this many (the scratch grows
-# with the call; per token the native call costs about what transformers' forward does: see above)
-PREFIX_CHUNK_TOKENS = 256
 # KV caches the step keeps: float32 states, or kv_cache.py's `int8` mode (codes and a float16-exact scale per token
 # and head, every token quantized as it arrives: the codes of the eager path's QuantizedKVCache)
 NATIVE_KV_MODES = ("float", "int8")
@@ -344,39 +341,55 @@ class NativeDecoder:
     keeps_prefix = True  # StaticDecoder's: every position's keys and values stay until that position is run again
 
     def prefill(self, prompt: list[int], start: int = 0) -> torch.Tensor:
-        """The prompt from position 0: (1, V) logits of its last position. Up to NATIVE_PREFILL_TOKENS tokens in
-        one native call; a longer prompt through the model itself (transformers' batched forward, faster there,
-        on a cache of this decoder's mode: an int8 one attends to the quantized states, as the step does), its
-        keys and values then copied into the cache. start > 0: the cache holds the keys and values of
-        prompt[:start] (a DecodeSession's earlier generation), and the rest runs from there in native calls of
-        up to PREFIX_CHUNK_TOKENS tokens."""
+        """The prompt from position `start`: (1, V) logits of its last position. start > 0: the cache holds the keys
+        and values of prompt[:start] (a DecodeSession's earlier generation). Up to NATIVE_PREFILL_TOKENS tokens run in
+        one native call; more through the model itself (transformers' batched forward, faster there, on a cache of
+        this decoder's mode holding the first `start` positions: an int8 one attends to the quantized states, as the
+        step does), their keys and values then copied into this cache."""
         from modelpress.inference.decoding import forward_logits
 
-        if len(prompt) > self.capacity:
-            raise ModelpressError(f"the prompt has {len(prompt)} tokens; the cache holds {self.capacity}")
-        if start:
-            if not 0 < start < len(prompt):
-                raise ValueError(f"a prefill from position {start} needs a prompt of more than {start} tokens")
-            self.position = start
-            for first in range(start, len(prompt), PREFIX_CHUNK_TOKENS):
-                logits = self.forward(prompt[first:first + PREFIX_CHUNK_TOKENS], last_only=True)
-            return logits
-        self.position = 0
-        if len(prompt) <= NATIVE_PREFILL_TOKENS:
-            return self.forward(prompt, last_only=True)
         n = len(prompt)
-        cache = make_kv_cache(self.model, KVCacheConfig(self.kv_cache, residual_length=0))
-        logits = forward_logits(self.model, prompt, cache, last_only=True)[-1:]
+        if n > self.capacity:
+            raise ModelpressError(f"the prompt has {n} tokens; the cache holds {self.capacity}")
+        if start and not 0 < start < n:
+            raise ValueError(f"a prefill from position {start} needs a prompt of more than {start} tokens")
+        self.position = start
+        if n - start <= NATIVE_PREFILL_TOKENS:
+            return self.forward(prompt[start:], last_only=True)
+        # float: a cache of whole layers, also where the model slides a window (the masks apply it): this cache then
+        # holds every position, so a later prompt may reuse any prefix of it (decoder_pool.py)
+        cache = (DynamicCache() if self.kv_cache == "float"
+                 else make_kv_cache(self.model, KVCacheConfig(self.kv_cache, residual_length=0)))
+        if start:
+            self._preload(cache, start)
+        logits = forward_logits(self.model, prompt[start:], cache, last_only=True)[-1:]
         for (keys, values), layer in zip(self.caches, cache.layers):
-            if self.kv_cache == "float":   # a sliding-window layer keeps its last positions only, all it reads
-                kept = layer.keys.shape[2]
-                keys[:, n - kept:n], values[:, n - kept:n] = layer.keys[0].float(), layer.values[0].float()
+            if self.kv_cache == "float":
+                keys[:, start:n] = layer.keys[0, :, start:].float()
+                values[:, start:n] = layer.values[0, :, start:].float()
                 continue
             for (codes, scales), stored in zip((keys, values), layer.stored):   # offset-binary uint8 -> int8
-                codes[:, :n] = (stored.qdata[0].to(torch.int16) - 128).to(torch.int8)
-                scales[:, :n] = stored.scale[0, :, :, 0].float()
+                codes[:, start:n] = (stored.qdata[0, :, start:n].to(torch.int16) - 128).to(torch.int8)
+                scales[:, start:n] = stored.scale[0, :, start:n, 0].float()
         self.position = n
         return logits
+
+    def _preload(self, cache, tokens: int) -> None:
+        """Put the keys and values of this cache's first `tokens` positions into `cache`, transformers' cache of
+        this decoder's mode (int8: the same codes and float16-exact scales, as QuantizedStates)."""
+        from modelpress.inference.kv_quant import QuantizedStates
+
+        dtype = self.model.get_input_embeddings().weight.dtype
+        for i, (keys, values) in enumerate(self.caches):
+            if self.kv_cache == "float":   # a DynamicCache of no config makes its layers as they are updated
+                cache.update(keys[None, :, :tokens].to(dtype), values[None, :, :tokens].to(dtype), i)
+                continue
+            layer = cache.layers[i]
+            probe = torch.empty(1, keys[0].shape[0], 0, keys[0].shape[2], dtype=dtype)
+            layer.lazy_initialization(probe, probe)
+            layer.stored = tuple(QuantizedStates(qdata=(codes[None, :, :tokens].to(torch.int16) + 128).to(torch.uint8),
+                                                 scale=scales[None, :, :tokens, None].half(), offset=None,
+                                                 head_dim=codes.shape[2]) for codes, scales in (keys, values))
 
     def step(self, token: int) -> torch.Tensor:
         """The next token at the next position: (1, V) float32 logits."""
