@@ -164,10 +164,9 @@ def conversation(args, model, messages, settings, draft, config, source, device)
                            reuse_prefix=reuse) as session:
             turns = []
             for i, message in enumerate(messages):
-                if not reuse and len(prompts) < len(messages):
-                    prompts.append((prompts[-1] + replies + message) if prompts else message)
+                if not reuse and len(prompts) < len(messages):   # the last prompt, its reply, this message
+                    prompts.append(prompts[-1] + turns[-1]["tokens"] + message if prompts else message)
                 seconds, result = timed(lambda: session.generate(prompts[i]))
-                replies = result.tokens
                 turns.append({"prompt_tokens": len(prompts[i]), "reused_prompt_tokens": result.reused_prompt_tokens,
                               "seconds": seconds, "tokens": result.tokens, "decode_path": result.decode_path})
         runs[mode] = turns
