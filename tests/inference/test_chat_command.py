@@ -80,3 +80,27 @@ def test_a_speculative_chat_replies_as_plain_chat(tmp_path, monkeypatch):
     plain, spec = (json.loads((tmp_path / f"{n}.json").read_text())["turns"] for n in ("plain", "spec"))
     assert [t["tokens"] for t in spec] == [t["tokens"] for t in plain]
     assert all(t["acceptance_rate"] is not None for t in spec) and spec[1]["reused_prompt_tokens"] > 0
+
+
+def test_ctrl_c_stops_a_reply_and_the_next_turn_goes_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a reply keeps what was said and reads the next message; nothing of the session is lost: the
+    next turn runs (its prompt whole: the interrupted call left no held prefix) and replies as a fresh call."""
+    from modelpress.inference.session import DecodeSession
+
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    generate_one = DecodeSession.generate
+
+    def first_interrupted(self, ids, **kwargs):
+        if not getattr(self, "interrupted_once", False):
+            self.interrupted_once = True
+            kwargs["on_tokens"]([40, 41])                     # two tokens streamed, then Ctrl-C
+            raise KeyboardInterrupt
+        return generate_one(self, ids, **kwargs)
+
+    monkeypatch.setattr(DecodeSession, "generate", first_interrupted)
+    report = tmp_path / "chat.json"
+    assert chat(monkeypatch, model_dir, ["hello", "and then?"], "--max-new-tokens", 6, "--json", report) == 0
+    err = capsys.readouterr().err
+    turns = json.loads(report.read_text())["turns"]
+    assert "(reply interrupted)" in err and turns[0]["interrupted"] and len(turns) == 2
+    assert turns[1]["reused_prompt_tokens"] == 0 and len(turns[1]["tokens"]) == 6

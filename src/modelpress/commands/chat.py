@@ -8,7 +8,8 @@ DecodeSession (inference/session.py): the model is prepared once, and the part o
 holds from the turn before (the conversation up to the last reply) is not run again, so a turn costs its new message
 and its reply, not the whole conversation; with a draft, speculatively, the draft's cache kept as well. A
 conversation that would outgrow the model's context drops its oldest exchanges (the system message stays) and says
-so. "/reset" starts a new conversation; "/exit" or the end of input ends it.
+so. "/reset" starts a new conversation; "/exit", the end of input or Ctrl-C at the prompt ends it; Ctrl-C during a
+reply stops that reply.
 
 stderr gets one line a turn: tokens/s, and how many prompt tokens the cache held. --json: every turn's figures.
 """
@@ -93,7 +94,10 @@ def messages_from(stream, interactive: bool):
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = stream.readline()
+        try:
+            line = stream.readline()
+        except KeyboardInterrupt:   # Ctrl-C at the prompt ends the conversation, as the end of input does
+            return
         if not line or line.strip() == "/exit":
             return
         if line.strip():
@@ -143,7 +147,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"(the {dropped} oldest exchange{'s' if dropped > 1 else ''} dropped to fit the context of "
                       f"{conversation.context} tokens)", file=sys.stderr)
             printer = StreamPrinter(tokenizer)
-            result = session.generate(ids, generator=generator, on_tokens=printer)
+            try:
+                result = session.generate(ids, generator=generator, on_tokens=printer)
+            except KeyboardInterrupt:   # Ctrl-C during a reply stops it; what was said so far stays in the conversation
+                sys.stdout.write("\n")
+                print("(reply interrupted)", file=sys.stderr)
+                conversation.messages.append({"role": "assistant", "content": printer.text().strip()})
+                turns.append({"message": message, "reply": printer.text(), "dropped": dropped, "interrupted": True})
+                continue
             sys.stdout.write("\n")
             sys.stdout.flush()
             conversation.messages.append({"role": "assistant", "content": printer.text().strip()})
