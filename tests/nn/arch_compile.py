@@ -156,6 +156,9 @@ def _cases(cap: tuple[int, int]):
         mask = torch.zeros(1, 1, 5, 640, dtype=dtype)
         yield f"decode_attention 5 tokens {dtype}", lambda q=q5, c=cache, m=mask: triton_attention.decode_attention(
             q, c, c.clone(), m, 0.088)
+        codes, scales = torch.randint(0, 256, (1, 8, 640, 128), dtype=torch.uint8), torch.rand(1, 8, 640, 1).half()
+        yield f"decode_attention int8 codes {dtype}", lambda q=q, c=codes, s=scales: triton_attention.decode_attention(
+            q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone())
     int8 = quantize_weight(weight, WeightScheme.parse("int8/channel"))
     fp8 = quantize_weight(weight, WeightScheme.parse("fp8-e4m3/channel"))
     for dtype in dtypes:

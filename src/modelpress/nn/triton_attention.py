@@ -43,11 +43,12 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _partial_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
+    def _partial_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, ks_ptr, vs_ptr,
                         S, T, G, HKV, SPLITS, BLOCKS_PER_SPLIT, D, scaling, masked_below,
                         q_sb, q_sh, q_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, mask_sb, mask_st,
+                        ks_sb, ks_sh, ks_ss, vs_sb, vs_sh, vs_ss,
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                        PRECISION: tl.constexpr, CODES: tl.constexpr = False, PDL: tl.constexpr = False):
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -83,8 +84,13 @@ def _kernels():
             needed = tl.max(allowed.to(tl.int32), axis=0) > 0  # (BLOCK_S,) positions some row attends
             if tl.max(needed.to(tl.int32), axis=0) > 0:  # else the block is skipped: nothing read
                 kv_tile = needed[:, None] & in_d[None, :]
-                k = tl.load(k_ptr + b * k_sb + kvh * k_sh + s[:, None] * k_ss + d[None, :], mask=kv_tile, other=0.0)
-                v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile, other=0.0)
+                k = tl.load(k_ptr + b * k_sb + kvh * k_sh + s[:, None] * k_ss + d[None, :], mask=kv_tile, other=0)
+                v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile, other=0)
+                if CODES:  # int8 codes (offset-binary uint8) times the token's scale, as kv_quant dequantizes them
+                    k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=needed, other=0.0)
+                    v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=needed, other=0.0)
+                    k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
+                    v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling + bias
                 scores = tl.where(allowed, scores, float("-inf"))
                 new_top = tl.maximum(top, tl.max(scores, axis=1))
@@ -154,15 +160,29 @@ def split_plan(positions: int, programs: int, multiprocessors: int, block_s: int
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float, plan: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+                     scaling: float, plan: tuple[int, int, int] | None = None, key_scale: torch.Tensor | None = None,
+                     value_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(query key^T * scaling + mask) value for query (B, H, T, D) over key and value (B, HKV, S, D) (H a
     multiple of HKV: grouped-query heads share a key/value head), as (B, T, H, D) in the query's dtype; None where
     the kernels do not serve the call (not CUDA, more than MAX_TOKENS query tokens or MAX_ROWS query rows a
     key/value head, a per-head mask, mixed dtypes or devices, rows not contiguous): the caller runs its own
     attention. mask: None (every position attends; one query token only), or (B or 1, 1, T, S), additive float or
-    boolean. plan: (BLOCK_S, splits, num_warps), else split_plan's."""
+    boolean. plan: (BLOCK_S, splits, num_warps), else split_plan's.
+
+    key_scale, value_scale: key and value are then the int8 KV cache's codes (kv_cache.py's per-token `int8` mode:
+    offset-binary uint8, (B, HKV, S, D)) with one float16 scale a token, (B, HKV, S, 1); each tile is decoded as
+    kv_quant.dequantize_per_token does ((code - 128) x scale in float32, rounded to the query's dtype), so the result
+    is that of this function on the dequantized states, from half the bytes. (No caller passes codes yet: the static
+    int8 cache, static_kv.py, still dequantizes its whole buffer for attention each step.)"""
+    codes = key_scale is not None
+    if codes:
+        if not (value_scale is not None and key.dtype == value.dtype == torch.uint8
+                and key_scale.dtype == value_scale.dtype == torch.float16 and key_scale.dim() == value_scale.dim() == 4
+                and key_scale.shape == value_scale.shape == (*key.shape[:3], 1)
+                and key_scale.device == value_scale.device == key.device):
+            return None
     if not ((query.is_cuda or _interpreting()) and query.dim() == 4 and key.dim() == 4 and key.shape == value.shape
-            and query.dtype in _DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
+            and query.dtype in _DTYPES and (codes or (key.dtype == query.dtype and value.dtype == query.dtype))
             and triton_available()):
         return None
     b, h, t, d = query.shape
@@ -199,13 +219,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     partial, combine = _kernels()
     pdl = pdl_launch(query.device)
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        scales = (key_scale, value_scale) if codes else (m, m)   # unread without codes
+        scale_strides = [*key_scale.stride()[:3], *value_scale.stride()[:3]] if codes else [0] * 6
         partial[(b * hkv, splits)](
-            query, key, value, mask if mask is not None else query, m, l, acc,
+            query, key, value, mask if mask is not None else query, m, l, acc, *scales,
             s, t, h // hkv, hkv, splits, blocks_per_split, d, float(scaling), float(masked_below),
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st,
+            value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st, *scale_strides,
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
-            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=warps,
+            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)

@@ -1,0 +1,70 @@
+"""The split-cache attention over the int8 KV cache's codes and per-token scales (nn/triton_attention.py): the
+attention of the dequantized states, from the codes. On CUDA, or on the CPU under Triton's interpreter where Triton
+is installed (CI has no Triton: skipped there)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("needs triton (on CUDA, or its interpreter on the CPU)", allow_module_level=True)
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+from modelpress.inference.kv_cache import KVCacheConfig  # noqa: E402
+from modelpress.nn.triton_attention import decode_attention  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+def reference(q, k, v, mask, scale):
+    """float64 softmax attention, (B, T, H, D); k, v (B, HKV, S, D) shared by H / HKV query heads each."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(groups, dim=1) for x in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2)) * scale + mask.double()
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))  # numpy: no bf16
+@pytest.mark.parametrize("t, heads, kv_heads", [(1, 4, 2), (3, 2, 2)])
+def test_codes_give_the_attention_of_the_dequantized_states(device, dtype, t, heads, kv_heads):
+    codec, _ = KVCacheConfig("int8").codecs()
+    generator = torch.Generator().manual_seed(t * 10 + heads)
+    length, d = 150, 64
+    q = torch.randn(1, heads, t, d, generator=generator).to(device, dtype)
+    states = [torch.randn(1, kv_heads, length, d, generator=generator) * 3 for _ in "kv"]
+    stored = [codec.quantize(x) for x in states]                         # qdata uint8, scale float16 (1, H, S, 1)
+    k, v = (codec.dequantize(x, dtype).to(device) for x in stored)
+    (k_codes, k_scale), (v_codes, v_scale) = ((x.qdata.to(device), x.scale.to(device)) for x in stored)
+    position = length - 2 * t - 40                                       # 40 slots past the last query: masked
+    allowed = torch.arange(length)[None, :] <= torch.arange(position, position + t)[:, None]
+    mask = torch.zeros(1, 1, t, length).masked_fill(~allowed, torch.finfo(dtype).min).to(device, dtype)
+    plan = (32, 3, 4)                                                    # blocks of 32 over three splits
+    got = decode_attention(q, k_codes, v_codes, mask, d ** -0.5, plan, key_scale=k_scale, value_scale=v_scale)
+    from_states = decode_attention(q, k, v, mask, d ** -0.5, plan)
+    assert got is not None and got.shape == (1, t, heads, d) and got.dtype == dtype
+    # the same tiles as the dequantized states (kv_quant's arithmetic), so the same sums
+    torch.testing.assert_close(got, from_states, rtol=1e-6, atol=1e-6)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), reference(q, k, v, mask, d ** -0.5), rtol=tolerance, atol=tolerance)
+    # slots no query may see are never used: a NaN key scale there changes nothing
+    k_scale[:, :, position + t:] = float("nan")
+    poisoned = decode_attention(q, k_codes, v_codes, mask, d ** -0.5, plan, key_scale=k_scale, value_scale=v_scale)
+    assert torch.equal(poisoned, got)
+
+
+def test_codes_the_kernels_cannot_read_are_left_to_the_caller(device):
+    q = torch.randn(1, 2, 1, 64, device=device)
+    codes = torch.zeros(1, 2, 10, 64, dtype=torch.uint8, device=device)
+    scale = torch.ones(1, 2, 10, 1, dtype=torch.float16, device=device)
+    assert decode_attention(q, codes, codes, None, 0.125, key_scale=scale, value_scale=scale) is not None
+    assert decode_attention(q, codes, codes, None, 0.125, key_scale=scale) is None                  # no value scale
+    assert decode_attention(q, codes, codes, None, 0.125, key_scale=scale.float(), value_scale=scale) is None
+    assert decode_attention(q, codes, codes, None, 0.125, key_scale=scale[:, :, :9], value_scale=scale) is None
+    assert decode_attention(q, codes.float(), codes.float(), None, 0.125, key_scale=scale, value_scale=scale) is None
