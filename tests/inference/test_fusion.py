@@ -242,7 +242,7 @@ def test_attention_goes_to_the_split_cache_kernels_where_they_pay(monkeypatch, h
 
     assert 10 <= fusion.MHA_SPLIT_MAX_POSITIONS < 1100
     calls = []
-    monkeypatch.setattr(fusion, "decode_attention", lambda *args: calls.append(args) or None)
+    monkeypatch.setattr(fusion, "decode_attention", lambda *args, **kwargs: calls.append(args) or None)
     module = nn.Module()
     module.num_key_value_groups, module.is_causal = heads // kv_heads, True
     q = torch.randn(1, heads, tokens, 16)
@@ -252,6 +252,26 @@ def test_attention_goes_to_the_split_cache_kernels_where_they_pay(monkeypatch, h
     got, _ = fusion._split_cache_attention(module, q, k, v, mask, scaling=0.25)
     assert len(calls) == split
     assert torch.equal(got, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+
+
+def test_int8_codes_the_kernels_do_not_serve_are_attended_dequantized():
+    """The static int8 cache's codes (keys carrying `kv_scales`) where the kernels do not serve (here: the CPU):
+    SDPA over the states kv_quant dequantizes, so the same as the cache's own dequantized read."""
+    import modelpress.inference.fusion as fusion
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from modelpress.inference.kv_cache import KVCacheConfig
+
+    codec, _ = KVCacheConfig("int8").codecs()
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q = torch.randn(1, 4, 1, 16)
+    stored = [codec.quantize(torch.randn(1, 2, 30, 16)) for _ in "kv"]
+    keys, values = (s.qdata for s in stored)
+    keys.kv_scales = tuple(s.scale for s in stored)
+    got, _ = fusion._split_cache_attention(module, q, keys, values, None, scaling=0.25)
+    k, v = (codec.dequantize(s, torch.float32) for s in stored)
+    assert torch.equal(got, sdpa_attention_forward(module, q, k, v, None, scaling=0.25)[0])
 
 
 def test_generate_fuses_only_on_cuda_and_reports_it():

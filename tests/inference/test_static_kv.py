@@ -209,6 +209,52 @@ def test_a_given_cache_is_used_as_it_is(model, caplog):
 
 # ---- CUDA: the captured step ----
 
+def test_an_int8_cache_reading_codes_returns_them_with_their_scales():
+    """read_codes: the int8 cache with no float window hands attention its codes and per-token scales (which the
+    fused attention reads), and they dequantize to the states it returns otherwise; other modes never do."""
+    from modelpress.inference.fusion import dequantize_codes
+
+    x = states(9, 0)
+    plain, coded = (StaticQuantizedCache(KVCacheConfig("int8"), num_layers=1, max_len=12, read_codes=r)
+                    for r in (False, True))
+    for cache in (plain, coded):
+        cache.index = torch.arange(9)
+    keys, values = plain.update(x, 2 * x, 0)
+    codes_k, codes_v = coded.update(x, 2 * x, 0)
+    assert codes_k.dtype == codes_v.dtype == torch.uint8 and codes_k.shape == keys.shape
+    k_scale, v_scale = codes_k.kv_scales
+    assert torch.equal(dequantize_codes(codes_k, k_scale, torch.float32), keys)
+    assert torch.equal(dequantize_codes(codes_v, v_scale, torch.float32), values)
+    for cfg in (KVCacheConfig("fp8"), KVCacheConfig("int8", residual_length=3), SMALL_KIVI["int4"]):
+        assert not StaticQuantizedCache(cfg, num_layers=1, max_len=12, read_codes=True).read_codes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_attention_reads_int8_codes_on_cuda(cuda, dtype, monkeypatch):
+    """Under the decode-time fusions an int8 static cache hands attention its codes, and the steps give the logits
+    of the same cache read dequantized (the kernels decode the same tiles)."""
+    from modelpress.inference import fusion
+    from modelpress.inference.decoding import kernel_context
+
+    monkeypatch.setattr(fusion, "READ_INT8_CODES", True)
+
+    model = build_tiny_llama(0, initializer_range=0.2).to(cuda, dtype)
+    settings = GenerationSettings(max_new_tokens=12, kv_cache="int8", sampling=SamplingConfig(temperature=0.0))
+    tokens = generate(model, PROMPT, settings).tokens
+    with torch.no_grad(), kernel_context(settings, model):
+        coded = StaticDecoder(model, len(PROMPT) + 12, graph=True, kv_cache=KVCacheConfig("int8"))
+        assert coded.cache.read_codes
+        got = teacher_forced(coded, tokens[:11])
+        plain = StaticDecoder(model, len(PROMPT) + 12, graph=True, kv_cache=KVCacheConfig("int8"))
+        plain.cache.read_codes = False
+        want = teacher_forced(plain, tokens[:11])
+    assert not fusion.reads_kv_codes(model, KVCacheConfig("int8"))   # the fusions undone: no codes
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, atol=tol, rtol=tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])

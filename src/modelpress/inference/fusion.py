@@ -342,18 +342,47 @@ def _split_cache_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
                            **kwargs):
     """transformers' SDPA attention function, with the calls decode_attention serves run there: few query tokens,
     no dropout, none of the options SDPA itself treats specially (soft-capping, sinks, position bias, paged
-    caches, attention weights), outside torch.compile."""
+    caches, attention weights), outside torch.compile. Keys and values may be the static int8 cache's codes
+    (`key.kv_scales`: static_kv.py, read_codes): the kernels read them, anything else their dequantized states."""
+    scales = getattr(key, "kv_scales", None)
     if not (dropout or torch.compiler.is_compiling() or kwargs.get("output_attentions")
             or any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias", "cache"))
             or not _split_pays(query, key)):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = decode_attention(query, key, value, attention_mask, scale)
+        key_scale, value_scale = scales if scales is not None else (None, None)
+        out = decode_attention(query, key, value, attention_mask, scale, key_scale=key_scale, value_scale=value_scale)
         if out is not None:
             return out, None
+    if scales is not None:
+        key, value = dequantize_codes(key, scales[0], query.dtype), dequantize_codes(value, scales[1], query.dtype)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int8 KV cache's states from its codes (offset-binary uint8) and per-token scales, as
+    kv_quant.dequantize_per_token gives them."""
+    return ((codes.to(torch.int16) - 128).to(torch.float32) * scale.float()).to(dtype)
+
+
+# Off until the codes path has run on a GPU (written in session 33 without one: its kernel is tested under Triton's
+# interpreter, its CUDA tests, test_attention_codes.py and test_static_kv.py's, have not run yet)
+READ_INT8_CODES = False
+
+
+def reads_kv_codes(model: nn.Module, kv_cache) -> bool:
+    """Whether a static cache of `kv_cache` (a KVCacheConfig) for `model` should hand attention its int8 codes:
+    the int8 mode with no float window, every attention module on ATTENTION (the decode-time fusions applied: only
+    _split_cache_attention reads codes), and the kernels checked on this device against SDPA."""
+    if not READ_INT8_CODES or kv_cache is None or kv_cache.mode != "int8" or kv_cache.residual != 0:
+        return False
+    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    if not modules or any(getattr(getattr(m, "config", None), "_attn_implementation", None) != ATTENTION
+                          for m in modules):
+        return False
+    return _codes_agree(_activation_dtype(model), next(model.parameters()).device)
 
 
 # One token of a model with a key/value head per query head goes to the split-cache kernels up to this many cache
@@ -390,6 +419,31 @@ def _attention_agrees(dtype: torch.dtype, device: torch.device) -> bool:
     stub = nn.Module()
     stub.num_key_value_groups, stub.is_causal = 2, True
     want, _ = sdpa_attention_forward(stub, q, k, v, mask, scaling=0.125)
+    return got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@functools.cache
+@torch.no_grad()
+def _codes_agree(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernels read int8 codes as SDPA attends their dequantized states (once per dtype and device)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from modelpress.inference.kv_cache import KVCacheConfig
+
+    codec, _ = KVCacheConfig("int8").codecs()
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 1, 64, generator=generator).to(device, dtype)
+    stored = [codec.quantize(torch.randn(1, 2, 40, 64, generator=generator)) for _ in "kv"]
+    (k, ks), (v, vs) = ((s.qdata.to(device), s.scale.to(device)) for s in stored)
+    mask = torch.zeros(1, 1, 1, 40, dtype=dtype, device=device)
+    mask[..., 30:] = torch.finfo(dtype).min
+    got = decode_attention(q, k, v, mask, 0.125, key_scale=ks, value_scale=vs)
+    if got is None:
+        return False  # nothing to gain: the states would be dequantized for SDPA at every call
+    stub = nn.Module()
+    stub.num_key_value_groups, stub.is_causal = 2, True
+    want, _ = sdpa_attention_forward(stub, q, dequantize_codes(k, ks, dtype), dequantize_codes(v, vs, dtype), mask,
+                                     scaling=0.125)
     return got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 

@@ -53,7 +53,7 @@ from modelpress.inference.decoding import (
     supports_logits_to_keep,
 )
 from modelpress.inference.decoder_pool import DecoderPool, pooled
-from modelpress.inference.fusion import FusionReport
+from modelpress.inference.fusion import FusionReport, reads_kv_codes
 from modelpress.inference.kv_cache import make_kv_cache
 from modelpress.inference.sampling import next_token_probs, pick, sample
 from modelpress.inference.native_decode import NativeDecoder
@@ -439,6 +439,8 @@ def shared_cache_obstacle(target: nn.Module, draft: nn.Module, paths: tuple[str,
     if kv.mode != "float" and (kv.residual > 0 or kv.codecs()[0].layout == "channel"):
         return (f"the {kv.mode} KV cache keeps a float window whose contents follow its write order, which the "
                 f"draft's writes would change")
+    if paths != ("native", "native") and reads_kv_codes(target, kv) != reads_kv_codes(draft, kv):
+        return "the int8 KV cache hands the target's attention its codes, which the draft's attention does not read"
 
     def text(model: nn.Module):
         config = model.config

@@ -224,8 +224,15 @@ class StaticDecoder:
             raise ValueError(f"a shared static cache of {len(cache.layers)} layers x {cache.max_len} slots for a "
                              f"decoder of {num_decoder_layers(model)} x {max_len}")
         self.cache_owner = None  # the decoder whose cache this one reads, where its builder shares one
-        self.cache = cache if cache is not None else make_static_cache(num_decoder_layers(model), max_len, kv_cache,
-                                                                       fused_writes=fused_writes)
+        from modelpress.inference.fusion import reads_kv_codes
+
+        if cache is None:
+            cache = make_static_cache(num_decoder_layers(model), max_len, kv_cache, fused_writes=fused_writes,
+                                      read_codes=reads_kv_codes(model, kv_cache))
+        elif getattr(cache, "read_codes", False) and not reads_kv_codes(model, cache.config):
+            raise ValueError("a shared int8 cache that hands attention its codes, for a model whose attention does "
+                             "not read them (speculative.shared_cache_obstacle says so first)")
+        self.cache = cache
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the next slot, on the device
         self.position = 0  # the same slot on the host (no device sync to read it)
         self.batch = batch

@@ -115,6 +115,11 @@ class StaticQuantizedLayer(_StaticLayer):
         for start in range(0, key_states.shape[2], chunk):
             end = start + chunk
             self._write(key_states[:, :, start:end], value_states[:, :, start:end], index[start:end])
+        if self.owner.read_codes:   # the codes themselves, for the attention function that reads them (fusion.py)
+            max_len = self.owner.max_len
+            keys, values = (store.qdata[:, :, :max_len] for store in self.stored)
+            keys.kv_scales = tuple(store.scale[:, :, :max_len] for store in self.stored)
+            return keys, values
         return self._read(index[-1] + 1)
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
@@ -167,10 +172,14 @@ class StaticQuantizedLayer(_StaticLayer):
 class StaticQuantizedCache(StaticCache):
     """StaticCache's interface (`index`, `max_len`, compileable layers) over quantized layers."""
 
-    def __init__(self, config: KVCacheConfig, num_layers: int, max_len: int) -> None:
+    def __init__(self, config: KVCacheConfig, num_layers: int, max_len: int, read_codes: bool = False) -> None:
         if config.mode == "float":
             raise ModelpressError("KV cache mode 'float' needs no quantized cache; use StaticCache")
         self.config, self.max_len = config, max_len
+        # int8 with no float window: `update` returns the codes (uint8, (B, H, max_len, D)), their per-token scales
+        # attached to the keys as `kv_scales`, for an attention function that reads them (fusion.py's; only it may
+        # get them); else the dequantized states
+        self.read_codes = read_codes and config.mode == "int8" and config.residual == 0
         self.index: torch.Tensor | None = None
         self.fused_writes = self.wrote_fused = False  # codes and scales are written by their own kernels
         Cache.__init__(self, layers=[StaticQuantizedLayer(self) for _ in range(num_layers)])
@@ -191,9 +200,9 @@ class StaticQuantizedCache(StaticCache):
 
 
 def make_static_cache(num_layers: int, max_len: int, config: KVCacheConfig | None = None,
-                      fused_writes: bool = False) -> StaticCache:
+                      fused_writes: bool = False, read_codes: bool = False) -> StaticCache:
     """A float StaticCache (its keys and values written by one kernel a layer if fused_writes), or a quantized
-    one for a quantized mode."""
+    one for a quantized mode (read_codes: see StaticQuantizedCache)."""
     if config is None or config.mode == "float":
         return StaticCache(num_layers, max_len, fused_writes)
-    return StaticQuantizedCache(config, num_layers, max_len)
+    return StaticQuantizedCache(config, num_layers, max_len, read_codes)
