@@ -26,15 +26,16 @@ def chat(monkeypatch, model_dir, lines, *extra):
     return main(["chat", str(model_dir), "--device", "cpu", *map(str, extra)])
 
 
-@pytest.mark.parametrize("templated", [False, True], ids=["plain-lines", "chat-template"])
-def test_each_turn_reuses_the_last_and_replies_as_a_fresh_generation(tmp_path, monkeypatch, capsys, templated):
+@pytest.mark.parametrize("templated, kv", [(False, "float"), (True, "float"), (True, "int8")],
+                         ids=["plain-lines", "chat-template", "int8-cache"])
+def test_each_turn_reuses_the_last_and_replies_as_a_fresh_generation(tmp_path, monkeypatch, capsys, templated, kv):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     if templated:
         config = json.loads((model_dir / "tokenizer_config.json").read_text())
         (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
     report = tmp_path / "chat.json"
     messages = ["the cat sat", "and then?", "why"]
-    assert chat(monkeypatch, model_dir, messages, "--max-new-tokens", 8, "--json", report) == 0
+    assert chat(monkeypatch, model_dir, messages, "--max-new-tokens", 8, "--kv-cache", kv, "--json", report) == 0
     out, err = capsys.readouterr()
     data = json.loads(report.read_text())
     turns = data["turns"]
@@ -45,7 +46,7 @@ def test_each_turn_reuses_the_last_and_replies_as_a_fresh_generation(tmp_path, m
     # each turn's prompt rebuilt from the messages and replies; a fresh greedy generation gives the same reply
     loaded = load_model(str(model_dir))
     conversation = Conversation(loaded.tokenizer, None, None)
-    settings = GenerationSettings(max_new_tokens=8, decode="auto", sampling=SamplingConfig(0.0))
+    settings = GenerationSettings(max_new_tokens=8, decode="auto", kv_cache=kv, sampling=SamplingConfig(0.0))
     for turn in turns:
         conversation.messages.append({"role": "user", "content": turn["message"]})
         ids = conversation.ids()
