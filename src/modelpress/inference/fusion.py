@@ -362,9 +362,13 @@ def _split_cache_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The int8 KV cache's states from its codes (offset-binary uint8) and per-token scales, as
-    kv_quant.dequantize_per_token gives them."""
-    return ((codes.to(torch.int16) - 128).to(torch.float32) * scale.float()).to(dtype)
+    """The int8 KV cache's states from its codes (offset-binary uint8) and per-token scales (its own codec's
+    dequantize)."""
+    from modelpress.inference.kv_cache import KVCacheConfig
+    from modelpress.inference.kv_quant import QuantizedStates
+
+    codec, _ = KVCacheConfig("int8").codecs()
+    return codec.dequantize(QuantizedStates(qdata=codes, scale=scale, offset=None, head_dim=codes.shape[-1]), dtype)
 
 
 # Off until the codes path has run on a GPU (written in session 33 without one: its kernel is tested under Triton's
