@@ -50,7 +50,8 @@ class KernelConfig:
     when stages > 1, pdl=True launches it as a programmatic dependent launch, and half=True sums int4 products
     in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation; nf4 keeps float32
     products: float16 pairs were slower for it, bench/kernels.py --float32-products)); native_fp8=False decodes
-    fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions)."""
+    fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions); swap=True makes the tensor-core
+    kernel multiply W · x^T, the weight tile the MMA's rows (triton_kernels._tile_product_t)."""
 
     BM: int = 16
     BN: int = 64
@@ -68,6 +69,7 @@ class KernelConfig:
     pdl: bool = False
     half: bool = True
     native_fp8: bool = True
+    swap: bool = False
 
 
 @functools.cache
@@ -369,7 +371,7 @@ def _launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tuple[int
     split = _cdiv(k, k_per_split)
     constants = dict(KIND=kind, ZERO=zero, AFFINE=scheme.qformat.affine, HAS_PERM=has_perm, HAS_BIAS=has_bias,
                      SPLIT_K=split > 1, EVEN_K=k % step == 0, BM=config.BM, BN=config.BN, BKG=bkg, SUB=config.SUB,
-                     PDL=config.pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+                     PDL=config.pdl, SWAP=config.swap, num_warps=config.num_warps, num_stages=config.num_stages,
                      launch_pdl=config.pdl)
     grid = (_cdiv(m, config.BM), _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)

@@ -209,6 +209,40 @@ def _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n,
 
 
 @triton.jit
+def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n, n_mask, K, stride_xm, stride_qn,
+                    KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
+                    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr, BKG: tl.constexpr):
+    """_tile_product transposed: the (BN, BM) float32 partial product W · x^T, the decoded weight tile the
+    tensor cores' first operand (rows of the MMA) and the few activation rows its second, so 9-16 rows need
+    no 64-row instruction padded with zeros. Each weight row's bytes are loaded as one contiguous run."""
+    kk = tl.multiple_of(kk, BKG)
+    cols = kk + tl.arange(0, BKG)
+    xt = _load_x(x_ptr, perm_ptr, offs_m, m_mask, cols, K, stride_xm, HAS_PERM, EVEN_K)  # (BM, BKG)
+    if KIND <= 1:
+        byte = kk // 2 + tl.arange(0, BKG // 2)
+        if EVEN_K:
+            q_mask = n_mask[:, None]
+        else:
+            q_mask = n_mask[:, None] & (2 * byte < K)[None, :]
+        q = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=q_mask, other=0)  # (BN, BKG/2)
+        lo, hi = _decode_nibbles(q, table_ptr, KIND, ZERO, ACT, USE_ASM)
+        x_even, x_odd = tl.split(tl.reshape(xt, (xt.shape[0], BKG // 2, 2)))
+        part = tl.dot(hi, tl.trans(x_odd), acc=tl.dot(lo, tl.trans(x_even)))
+    else:
+        if EVEN_K:
+            q_mask = n_mask[:, None]
+        else:
+            q_mask = n_mask[:, None] & (cols < K)[None, :]
+        q = tl.load(q_ptr + offs_n[:, None] * stride_qn + cols[None, :], mask=q_mask, other=0)  # (BN, BKG)
+        part = tl.dot(_decode_bytes(q, KIND, ZERO, ACT), tl.trans(xt))
+    if AFFINE:
+        x_sum = tl.sum(xt.to(tl.float32), axis=1)
+    else:
+        x_sum = tl.zeros((xt.shape[0],), tl.float32)
+    return part, x_sum
+
+
+@triton.jit
 def _group_params(ptr, offs_n, n_mask, kk, K, group_size, stride_sn, stride_sg, BKG: tl.constexpr,
                   SUB: tl.constexpr):
     """(SUB, BN) float32 scales (or offsets) of the SUB sub-tiles starting at column kk; 0 past K."""
@@ -261,6 +295,7 @@ def quant_matmul_kernel(
     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr = False,
+    SWAP: tl.constexpr = False,
 ):
     """Fused dequantize-and-multiply. Grid: (M blocks, N blocks, K splits).
 
@@ -270,7 +305,8 @@ def quant_matmul_kernel(
     With SPLIT_K, each program writes its float32 partial sums to ws (splits, M, N); the last program of an
     output tile to arrive (counted in lock, which it resets to 0) adds them up and writes y. EVEN_K: K is
     a multiple of BKG * SUB, so no column masks are needed. PDL: launched as a programmatic dependent launch
-    (triton_backend.pdl_launch)."""
+    (triton_backend.pdl_launch). SWAP: the products are W · x^T (_tile_product_t), the sums kept as (BN, BM)
+    and transposed once before the store."""
     if PDL:  # triton_backend.pdl_launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -283,7 +319,10 @@ def quant_matmul_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    acc = tl.zeros((BM, BN), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     k_begin = pid_k * k_per_split
     k_end = k_begin + k_per_split
     k_end = min(k_end, K)
@@ -300,12 +339,22 @@ def quant_matmul_kernel(
             o_next = _group_params(offset_ptr, offs_n, n_mask, k0 + STEP, K, group_size, stride_sn, stride_sg,
                                    BKG, SUB)
         for j in tl.static_range(SUB):
-            part, x_sum = _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, k0 + j * BKG, offs_m, m_mask, offs_n,
-                                        n_mask, K, stride_xm, stride_qn, KIND, ZERO, AFFINE, HAS_PERM, USE_ASM,
-                                        EVEN_K, ACT, BKG)
-            acc += part * _row(s_now, j, SUB)[None, :]
-            if AFFINE:
-                acc += x_sum[:, None] * _row(o_now, j, SUB)[None, :]
+            if SWAP:
+                part, x_sum = _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, k0 + j * BKG, offs_m, m_mask,
+                                              offs_n, n_mask, K, stride_xm, stride_qn, KIND, ZERO, AFFINE, HAS_PERM,
+                                              USE_ASM, EVEN_K, ACT, BKG)
+                acc += part * _row(s_now, j, SUB)[:, None]
+                if AFFINE:
+                    acc += _row(o_now, j, SUB)[:, None] * x_sum[None, :]
+            else:
+                part, x_sum = _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, k0 + j * BKG, offs_m, m_mask, offs_n,
+                                            n_mask, K, stride_xm, stride_qn, KIND, ZERO, AFFINE, HAS_PERM, USE_ASM,
+                                            EVEN_K, ACT, BKG)
+                acc += part * _row(s_now, j, SUB)[None, :]
+                if AFFINE:
+                    acc += x_sum[:, None] * _row(o_now, j, SUB)[None, :]
+    if SWAP:
+        acc = tl.trans(acc)
     _store_tile(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k, M, N,
                 stride_ym, SPLIT_K, HAS_BIAS, BM, BN)
 
