@@ -286,19 +286,31 @@ def gluon_gemv_available() -> bool:
     return True
 
 
+SWAP_MAX_M = 0  # from 2 up to this many rows the tensor-core kernel multiplies W · x^T (KernelConfig.swap); 0: never
+SWAP_PROGRAMS_PER_SM = 8
+
+
 @functools.lru_cache(maxsize=4096)
-def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, kind: int = 0
-                ) -> KernelConfig:
+def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, kind: int = 0,
+                swap_max_m: int = 0) -> KernelConfig:
     """Tiles by size of M. Up to GEMV_MAX_M, for weights the GEMV serves (gemv_ok) the CUDA-core GEMV
     (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
     in (BM x 64) tiles, K split until there are about eight programs per multiprocessor (each keeps only two
     tiles of memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
-    cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV)."""
+    cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV). From 2 rows up to swap_max_m
+    the weight tile is the MMA's 64 rows and x its 16 columns (W · x^T), K split towards SWAP_PROGRAMS_PER_SM
+    programs per multiprocessor (kernel_sweep.py --rows)."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
     if gemv_ok and m <= GEMV_MAX_M:
         return gemv_plan(n, k, bkg, kind, sms)
     step = min(bkg, 128)
+    if 2 <= m <= min(swap_max_m, 16):
+        blocks = _cdiv(n, 64)
+        split = 1
+        while blocks * split < SWAP_PROGRAMS_PER_SM * sms and k // (step * split * 2) >= 2:
+            split *= 2
+        return KernelConfig(BM=16, BN=64, BKG=step, SPLIT=split, num_warps=4, num_stages=4, pdl=True, swap=True)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     blocks = _cdiv(m, bm) * _cdiv(n, 64)
     split = 1
@@ -311,7 +323,7 @@ def plan_for(m: int, packed: PackedWeight, device: torch.device) -> KernelConfig
     n, k = packed.shape
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
     kind = _FORMAT_KINDS.get(packed.scheme.format, (0,))[0]
-    config = choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind)
+    config = choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind, SWAP_MAX_M)
     return for_capability(config, device_capability(device))
 
 
