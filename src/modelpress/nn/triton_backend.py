@@ -298,8 +298,9 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
     in (BM x 64) tiles, K split until there are about eight programs per multiprocessor (each keeps only two
     tiles of memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
     cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV). From 2 rows up to swap_max_m
-    the weight tile is the MMA's 64 rows and x its 16 columns (W · x^T), K split towards SWAP_PROGRAMS_PER_SM
-    programs per multiprocessor (kernel_sweep.py --rows)."""
+    the weight tile is the MMA's rows and x its columns (W · x^T: wgmma with the decoded weights in registers on
+    Hopper), K split towards SWAP_PROGRAMS_PER_SM programs per multiprocessor; off until kernel_sweep.py --rows
+    has timed it against the BM = 16 tiles."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
     if gemv_ok and m <= GEMV_MAX_M:

@@ -212,9 +212,10 @@ def _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n,
 def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n, n_mask, K, stride_xm, stride_qn,
                     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
                     USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr, BKG: tl.constexpr):
-    """_tile_product transposed: the (BN, BM) float32 partial product W · x^T, the decoded weight tile the
-    tensor cores' first operand (rows of the MMA) and the few activation rows its second, so 9-16 rows need
-    no 64-row instruction padded with zeros. Each weight row's bytes are loaded as one contiguous run."""
+    """_tile_product transposed: the (BN, BM) float32 partial product W · x^T. The decoded weight tile is the
+    tensor cores' first operand, which Hopper's wgmma reads from registers (64 weight rows an instruction, the
+    activation rows its N dimension; the compiled sm_90 kernel stages only x in shared memory); before Hopper
+    Triton lowers it to mma.sync as it does _tile_product. Each weight row's bytes are loaded as one run."""
     kk = tl.multiple_of(kk, BKG)
     cols = kk + tl.arange(0, BKG)
     xt = _load_x(x_ptr, perm_ptr, offs_m, m_mask, cols, K, stride_xm, HAS_PERM, EVEN_K)  # (BM, BKG)
