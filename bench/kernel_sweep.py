@@ -107,16 +107,16 @@ ROWS_SHAPES = [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008)]  # dec
 
 
 def swap_candidates(n: int, k: int, m: int, bkg: int, sms: int):
-    """W · x^T tiles (KernelConfig.swap): the weight tile the MMA's rows, BN 64 or 128, one or two group
-    sub-tiles a step, K split towards 4 or 8 programs per multiprocessor."""
+    """W · x^T tiles (KernelConfig.swap, both variants): the weight tile the MMA's rows, BN 64 or 128, one or
+    two group sub-tiles a step, K split towards 4 or 8 programs per multiprocessor, 4 stages."""
     bm = 16 if m <= 16 else 32
-    for bn, sub, warps, stages, per_sm in itertools.product((64, 128), (1, 2), (4,), (3, 4), (4, 8)):
+    for swap, bn, sub, per_sm in itertools.product((1, 2), (64, 128), (1, 2), (4, 8)):
         blocks = -(-n // bn)
         split = 1
         while blocks * split < per_sm * sms and k // (bkg * sub * split * 2) >= 2:
             split *= 2
-        yield KernelConfig(BM=bm, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=warps, num_stages=stages,
-                           pdl=True, swap=True)
+        yield KernelConfig(BM=bm, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=4, num_stages=4, pdl=True,
+                           swap=swap)
 
 
 def rows_sweep(spec: str, shapes, ms, dtype, sms: int) -> list[dict]:
@@ -153,7 +153,7 @@ def rows_sweep(spec: str, shapes, ms, dtype, sms: int) -> list[dict]:
             c = best and best["config"]
             best_text = "none" if best is None else (
                 f"{best['graph_us']:.2f} us ({100 * ceiling_us / best['graph_us']:.0f}%) BN{c['BN']} SUB{c['SUB']} "
-                f"split{c['SPLIT']} st{c['num_stages']}")
+                f"split{c['SPLIT']} swap{c['swap']}")
             print(f"{spec} {n}x{k} M={m}: plan {auto_t['graph_us']:.2f} us "
                   f"({100 * ceiling_us / auto_t['graph_us']:.0f}%) | swap best {best_text} | "
                   f"bf16 {bf16_t['graph_us']:.2f} us", flush=True)

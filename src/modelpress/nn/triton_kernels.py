@@ -211,11 +211,16 @@ def _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n,
 @triton.jit
 def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n, n_mask, K, stride_xm, stride_qn,
                     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
-                    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr, BKG: tl.constexpr):
+                    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr, BKG: tl.constexpr,
+                    SWAP: tl.constexpr):
     """_tile_product transposed: the (BN, BM) float32 partial product W · x^T. The decoded weight tile is the
     tensor cores' first operand, which Hopper's wgmma reads from registers (64 weight rows an instruction, the
-    activation rows its N dimension; the compiled sm_90 kernel stages only x in shared memory); before Hopper
-    Triton lowers it to mma.sync as it does _tile_product. Each weight row's bytes are loaded as one run."""
+    activation rows its N dimension); before Hopper Triton lowers it to mma.sync as _tile_product. SWAP 1 splits
+    x into its even and odd columns, which the compiled sm_90 kernel re-stores in shared memory every step; SWAP 2
+    joins each byte's two values in column order (no layout change: they are adjacent k in the wgmma fragment), so
+    x reaches the MMA from the buffer it was copied into. Either way each thread reads its codes from shared memory
+    a byte or two at a time (the fragment's k pairs of one row are 8 columns apart), where the unswapped kernel
+    reads 16 bytes at once."""
     kk = tl.multiple_of(kk, BKG)
     cols = kk + tl.arange(0, BKG)
     xt = _load_x(x_ptr, perm_ptr, offs_m, m_mask, cols, K, stride_xm, HAS_PERM, EVEN_K)  # (BM, BKG)
@@ -227,8 +232,11 @@ def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_
             q_mask = n_mask[:, None] & (2 * byte < K)[None, :]
         q = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=q_mask, other=0)  # (BN, BKG/2)
         lo, hi = _decode_nibbles(q, table_ptr, KIND, ZERO, ACT, USE_ASM)
-        x_even, x_odd = tl.split(tl.reshape(xt, (xt.shape[0], BKG // 2, 2)))
-        part = tl.dot(hi, tl.trans(x_odd), acc=tl.dot(lo, tl.trans(x_even)))
+        if SWAP == 2:  # each byte's two values side by side again, in column order: x is used as loaded
+            part = tl.dot(tl.reshape(tl.join(lo, hi), (lo.shape[0], BKG)), tl.trans(xt))
+        else:
+            x_even, x_odd = tl.split(tl.reshape(xt, (xt.shape[0], BKG // 2, 2)))
+            part = tl.dot(hi, tl.trans(x_odd), acc=tl.dot(lo, tl.trans(x_even)))
     else:
         if EVEN_K:
             q_mask = n_mask[:, None]
@@ -306,8 +314,8 @@ def quant_matmul_kernel(
     With SPLIT_K, each program writes its float32 partial sums to ws (splits, M, N); the last program of an
     output tile to arrive (counted in lock, which it resets to 0) adds them up and writes y. EVEN_K: K is
     a multiple of BKG * SUB, so no column masks are needed. PDL: launched as a programmatic dependent launch
-    (triton_backend.pdl_launch). SWAP: the products are W · x^T (_tile_product_t), the sums kept as (BN, BM)
-    and transposed once before the store."""
+    (triton_backend.pdl_launch). SWAP (1 or 2): the products are W · x^T (_tile_product_t), the sums kept as
+    (BN, BM) and transposed once before the store."""
     if PDL:  # triton_backend.pdl_launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -343,7 +351,7 @@ def quant_matmul_kernel(
             if SWAP:
                 part, x_sum = _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, k0 + j * BKG, offs_m, m_mask,
                                               offs_n, n_mask, K, stride_xm, stride_qn, KIND, ZERO, AFFINE, HAS_PERM,
-                                              USE_ASM, EVEN_K, ACT, BKG)
+                                              USE_ASM, EVEN_K, ACT, BKG, SWAP)
                 acc += part * _row(s_now, j, SUB)[:, None]
                 if AFFINE:
                     acc += _row(o_now, j, SUB)[:, None] * x_sum[None, :]
