@@ -107,10 +107,10 @@ ROWS_SHAPES = [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008)]  # dec
 
 
 def swap_candidates(n: int, k: int, m: int, bkg: int, sms: int):
-    """W · x^T tiles (KernelConfig.swap, both variants): the weight tile the MMA's rows, BN 64 or 128, one or
-    two group sub-tiles a step, K split towards 4 or 8 programs per multiprocessor, 4 stages."""
+    """W · x^T tiles (KernelConfig.swap, all three variants): the weight tile the MMA's rows, BN 64 or 128,
+    one or two group sub-tiles a step, K split towards 4 or 8 programs per multiprocessor, 4 stages."""
     bm = 16 if m <= 16 else 32
-    for swap, bn, sub, per_sm in itertools.product((1, 2), (64, 128), (1, 2), (4, 8)):
+    for swap, bn, sub, per_sm in itertools.product((1, 2, 3), (64, 128), (1, 2), (4, 8)):
         blocks = -(-n // bn)
         split = 1
         while blocks * split < per_sm * sms and k // (bkg * sub * split * 2) >= 2:

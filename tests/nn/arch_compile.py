@@ -87,7 +87,7 @@ def _cases(cap: tuple[int, int]):
             x = torch.randn(1, k, generator=gen).to(dtype)
             yield f"{spec} prepared M=1 {dtype}", lambda x=x, p=packed: prepared_linear(x, p, None)
         x = torch.randn(16, k, generator=gen).to(dtypes[0])
-        for variant in (1, 2):
+        for variant in (1, 2, 3):
             swap = KernelConfig(BM=16, BN=64, BKG=64, SPLIT=2, num_warps=4, pdl=True, swap=variant)
             yield f"{spec} W · x^T tiles ({variant}) M=16", lambda x=x, p=packed, c=swap: fused_matmul(x, p, None, c)
     from modelpress.nn import triton_backend

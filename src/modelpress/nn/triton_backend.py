@@ -50,10 +50,11 @@ class KernelConfig:
     when stages > 1, pdl=True launches it as a programmatic dependent launch, and half=True sums int4 products
     in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation; nf4 keeps float32
     products: float16 pairs were slower for it, bench/kernels.py --float32-products)); native_fp8=False decodes
-    fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions); swap (1 or 2) makes the tensor-core
-    kernel multiply W · x^T, the weight tile the MMA's rows (triton_kernels._tile_product_t): 1 splits x's even
-    and odd columns as the unswapped kernel does, 2 puts each byte's two 4-bit values back side by side instead,
-    so x goes to the MMA as it was loaded."""
+    fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions); swap (1, 2 or 3) makes the
+    tensor-core kernel multiply W · x^T, the weight tile the MMA's rows (triton_kernels._tile_product_t): 1 splits
+    x's even and odd columns as the unswapped kernel does, 2 puts each byte's two 4-bit values back side by side
+    instead, so x goes to the MMA as it was loaded, 3 does that on columns permuted within each tile (codes and x
+    alike) so that each thread reads its codes 16 bytes at a time."""
 
     BM: int = 16
     BN: int = 64
@@ -313,7 +314,7 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
         split = 1
         while blocks * split < SWAP_PROGRAMS_PER_SM * sms and k // (step * split * 2) >= 2:
             split *= 2
-        return KernelConfig(BM=16, BN=64, BKG=step, SPLIT=split, num_warps=4, num_stages=4, pdl=True, swap=1)
+        return KernelConfig(BM=16, BN=64, BKG=step, SPLIT=split, num_warps=4, num_stages=4, pdl=True, swap=3)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     blocks = _cdiv(m, bm) * _cdiv(n, 64)
     split = 1

@@ -218,9 +218,12 @@ def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_
     activation rows its N dimension); before Hopper Triton lowers it to mma.sync as _tile_product. SWAP 1 splits
     x into its even and odd columns, which the compiled sm_90 kernel re-stores in shared memory every step; SWAP 2
     joins each byte's two values in column order (no layout change: they are adjacent k in the wgmma fragment), so
-    x reaches the MMA from the buffer it was copied into. Either way each thread reads its codes from shared memory
-    a byte or two at a time (the fragment's k pairs of one row are 8 columns apart), where the unswapped kernel
-    reads 16 bytes at once."""
+    x reaches the MMA from the buffer it was copied into; but each thread then reads its codes from shared memory
+    a byte at a time (a lane's k pairs in one row of the fragment are 8 columns apart; SWAP 1 two bytes). SWAP 3
+    permutes the tile's columns, codes and x alike (a sum over them does not care): byte 16t + 2b + h of each 64
+    becomes column pair 8b + 4h + t, so the 16 bytes quad lane t multiplies are adjacent and read as one 16-byte
+    load, as the unswapped kernel reads them; x, permuted in registers, is re-stored once a step (compiled sm_90
+    kernel: no layout conversion on the codes' path)."""
     kk = tl.multiple_of(kk, BKG)
     cols = kk + tl.arange(0, BKG)
     xt = _load_x(x_ptr, perm_ptr, offs_m, m_mask, cols, K, stride_xm, HAS_PERM, EVEN_K)  # (BM, BKG)
@@ -231,8 +234,11 @@ def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_
         else:
             q_mask = n_mask[:, None] & (2 * byte < K)[None, :]
         q = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=q_mask, other=0)  # (BN, BKG/2)
+        if SWAP == 3:  # bytes 16t..16t+15 of each 64 go to quad lane t's fragment slots; x's columns alike
+            q = tl.reshape(tl.permute(tl.reshape(q, (q.shape[0], 4, BKG // 16, 2)), (0, 2, 3, 1)), q.shape)
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (xt.shape[0], 4, BKG // 16, 2, 2)), (0, 2, 3, 1, 4)), xt.shape)
         lo, hi = _decode_nibbles(q, table_ptr, KIND, ZERO, ACT, USE_ASM)
-        if SWAP == 2:  # each byte's two values side by side again, in column order: x is used as loaded
+        if SWAP >= 2:  # each byte's two values side by side again, in column order: x is used as loaded
             part = tl.dot(tl.reshape(tl.join(lo, hi), (lo.shape[0], BKG)), tl.trans(xt))
         else:
             x_even, x_odd = tl.split(tl.reshape(xt, (xt.shape[0], BKG // 2, 2)))
@@ -314,7 +320,7 @@ def quant_matmul_kernel(
     With SPLIT_K, each program writes its float32 partial sums to ws (splits, M, N); the last program of an
     output tile to arrive (counted in lock, which it resets to 0) adds them up and writes y. EVEN_K: K is
     a multiple of BKG * SUB, so no column masks are needed. PDL: launched as a programmatic dependent launch
-    (triton_backend.pdl_launch). SWAP (1 or 2): the products are W · x^T (_tile_product_t), the sums kept as
+    (triton_backend.pdl_launch). SWAP (1, 2 or 3): the products are W · x^T (_tile_product_t), the sums kept as
     (BN, BM) and transposed once before the store."""
     if PDL:  # triton_backend.pdl_launch
         tl.extra.cuda.gdc_wait()
