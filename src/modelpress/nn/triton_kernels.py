@@ -220,8 +220,8 @@ def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_
     joins each byte's two values in column order (no layout change: they are adjacent k in the wgmma fragment), so
     x reaches the MMA from the buffer it was copied into; but each thread then reads its codes from shared memory
     a byte at a time (a lane's k pairs in one row of the fragment are 8 columns apart; SWAP 1 two bytes). SWAP 3
-    permutes the tile's columns, codes and x alike (a sum over them does not care): byte 16t + 2b + h of each 64
-    becomes column pair 8b + 4h + t, so the 16 bytes quad lane t multiplies are adjacent and read as one 16-byte
+    permutes the tile's columns, codes and x alike (a sum over them does not care): byte (BKG / 8) t + 2b + h of a
+    row's BKG / 2 becomes column pair 8b + 4h + t, so the 16 bytes quad lane t multiplies are adjacent and read as one 16-byte
     load, as the unswapped kernel reads them; x, permuted in registers, is re-stored once a step (compiled sm_90
     kernel: no layout conversion on the codes' path)."""
     kk = tl.multiple_of(kk, BKG)
@@ -234,7 +234,7 @@ def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_
         else:
             q_mask = n_mask[:, None] & (2 * byte < K)[None, :]
         q = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=q_mask, other=0)  # (BN, BKG/2)
-        if SWAP == 3:  # bytes 16t..16t+15 of each 64 go to quad lane t's fragment slots; x's columns alike
+        if SWAP == 3:  # a quad lane's code bytes made adjacent (see the docstring); x's columns alike
             q = tl.reshape(tl.permute(tl.reshape(q, (q.shape[0], 4, BKG // 16, 2)), (0, 2, 3, 1)), q.shape)
             xt = tl.reshape(tl.permute(tl.reshape(xt, (xt.shape[0], 4, BKG // 16, 2, 2)), (0, 2, 3, 1, 4)), xt.shape)
         lo, hi = _decode_nibbles(q, table_ptr, KIND, ZERO, ACT, USE_ASM)
@@ -310,7 +310,7 @@ def quant_matmul_kernel(
     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr = False,
-    SWAP: tl.constexpr = False,
+    SWAP: tl.constexpr = 0,
 ):
     """Fused dequantize-and-multiply. Grid: (M blocks, N blocks, K splits).
 
