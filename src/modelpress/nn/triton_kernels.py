@@ -221,8 +221,8 @@ def _tile_product_t(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_
     x reaches the MMA from the buffer it was copied into; but each thread then reads its codes from shared memory
     a byte at a time (a lane's k pairs in one row of the fragment are 8 columns apart; SWAP 1 two bytes). SWAP 3
     permutes the tile's columns, codes and x alike (a sum over them does not care): byte (BKG / 8) t + 2b + h of a
-    row's BKG / 2 becomes column pair 8b + 4h + t, so the 16 bytes quad lane t multiplies are adjacent and read as one 16-byte
-    load, as the unswapped kernel reads them; x, permuted in registers, is re-stored once a step (compiled sm_90
+    row's BKG / 2 becomes column pair 8b + 4h + t, so the bytes quad lane t multiplies are adjacent and read 16 at
+    a time, as the unswapped kernel reads them; x, permuted in registers, is re-stored once a step (compiled sm_90
     kernel: no layout conversion on the codes' path)."""
     kk = tl.multiple_of(kk, BKG)
     cols = kk + tl.arange(0, BKG)
