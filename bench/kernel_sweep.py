@@ -108,15 +108,18 @@ ROWS_SHAPES = [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008)]  # dec
 
 def swap_candidates(n: int, k: int, m: int, bkg: int, sms: int):
     """W · x^T tiles (KernelConfig.swap, all three variants): the weight tile the MMA's rows, BN 64 or 128,
-    one or two group sub-tiles a step, K split towards 4 or 8 programs per multiprocessor, 4 stages."""
+    one or two group sub-tiles a step, K split towards 4 or 8 programs per multiprocessor, 4 stages; each
+    distinct config once (where both aims give the same split)."""
     bm = 16 if m <= 16 else 32
+    configs = []
     for swap, bn, sub, per_sm in itertools.product((1, 2, 3), (64, 128), (1, 2), (4, 8)):
         blocks = -(-n // bn)
         split = 1
         while blocks * split < per_sm * sms and k // (bkg * sub * split * 2) >= 2:
             split *= 2
-        yield KernelConfig(BM=bm, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=4, num_stages=4, pdl=True,
-                           swap=swap)
+        configs.append(KernelConfig(BM=bm, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=4, num_stages=4,
+                                    pdl=True, swap=swap))
+    return list(dict.fromkeys(configs))
 
 
 def rows_sweep(spec: str, shapes, ms, dtype, sms: int) -> list[dict]:
