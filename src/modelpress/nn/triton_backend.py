@@ -51,7 +51,7 @@ class KernelConfig:
     in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation; nf4 keeps float32
     products: float16 pairs were slower for it, bench/kernels.py --float32-products)); native_fp8=False decodes
     fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions); swap (1, 2 or 3) makes the
-    tensor-core kernel multiply W · x^T, the weight tile the MMA's rows (triton_kernels._tile_product_t): 1 splits
+    tensor-core kernel multiply W · x^T, the weight tile the MMA's rows (triton_kernels._swapped_product): 1 splits
     x's even and odd columns as the unswapped kernel does, 2 puts each byte's two 4-bit values back side by side
     instead, so x goes to the MMA as it was loaded, 3 does that on columns permuted within each tile (codes and x
     alike) so that each thread reads its codes 16 bytes at a time."""
