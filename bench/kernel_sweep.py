@@ -60,13 +60,6 @@ def prefill_candidates():
     for bm, bn, bkg, warps, stages in [(64, 128, 128, 4, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
                                        (64, 256, 128, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3)]:
         yield KernelConfig(BM=bm, BN=bn, BKG=bkg, num_warps=warps, num_stages=stages), True
-    # W · x^T tiles: the decoded weights are wgmma's register operand on Hopper (Machete's arrangement), the
-    # activation rows its N dimension
-    for bm, bn, bkg, warps, stages, swap in [(128, 128, 64, 8, 3, 3), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 1),
-                                             (256, 128, 64, 8, 3, 3), (256, 128, 64, 8, 3, 2), (128, 64, 64, 4, 4, 3),
-                                             (128, 64, 64, 4, 4, 2), (64, 128, 64, 4, 4, 2), (128, 128, 128, 8, 3, 2),
-                                             (256, 64, 64, 4, 3, 2)]:
-        yield KernelConfig(BM=bm, BN=bn, BKG=bkg, num_warps=warps, num_stages=stages, swap=swap), True
     yield KernelConfig(dequant=True), True
 
 
@@ -101,14 +94,10 @@ def sweep(spec: str, shapes, ms, dtype) -> list[dict]:
             auto = plan_for(m, first, DEVICE)
             auto_fn = run_config(packs, x, auto, None)
             auto_t = time_sequence([lambda p=p: auto_fn(p) for p in packs], repeats=10)
-            dense = [torch.randn(n, k, device=DEVICE).to(dtype) for _ in range(math.ceil(ROTATE_BYTES / (2 * n * k)))]
-            bf16_t = time_sequence([lambda w=w: F.linear(x, w) for w in dense], repeats=10)
-            del dense
             print(f"{spec} {dtype} N={n} K={k} M={m}: best {best and round(best['graph_us'], 2)} us "
-                  f"{best and best['config']} asm={best and best['asm']} | auto {auto_t['graph_us']:.2f} us {auto} "
-                  f"| bf16 {bf16_t['graph_us']:.2f} us", flush=True)
-            rows.append({"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype), "auto": auto.__dict__, **auto_t,
-                         "bf16_us": bf16_t["graph_us"]})
+                  f"{best and best['config']} asm={best and best['asm']} | auto {auto_t['graph_us']:.2f} us {auto}",
+                  flush=True)
+            rows.append({"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype), "auto": auto.__dict__, **auto_t})
         del packs, first
         torch.cuda.empty_cache()
     return rows
@@ -430,7 +419,7 @@ def main() -> None:
     parser.add_argument("--rows", action="store_true",
                         help="9-16 rows (batched decode): the plan against W · x^T tiles and bf16, on ROWS_SHAPES")
     parser.add_argument("--shapes", default=None,
-                        help="NxK,... instead of the 7B shapes (--gluon: no stack), e.g. "
+                        help="NxK,... for --gluon / --gluon-pipelines instead of the 7B shapes (no stack), e.g. "
                              "12288x4096,22016x4096: q/k/v and gate/up as decode runs them stacked")
     args = parser.parse_args()
     shapes = (SHAPES[:3] if args.shapes is None else
@@ -468,8 +457,7 @@ def main() -> None:
         args.json.write_text(json.dumps(rows))
         return
     ms = [int(v) for v in args.ms.split(",")]
-    if args.shapes is None:
-        shapes = [s for s in SHAPES if s != (14336, 4096)]  # 11008x4096 stands for it
+    shapes = [s for s in SHAPES if s != (14336, 4096)]  # 11008x4096 stands for it
     rows = sweep(args.spec, shapes, ms, torch.bfloat16)
     args.json.write_text(json.dumps(rows))
 
