@@ -53,7 +53,9 @@ def main() -> None:
     weight = torch.randn(n, k, device=device) * 0.02
     layer = QuantLinear(quantize_weight(weight, WeightScheme.parse(args.spec))).to(device)
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-    calls = {"QuantLinear.forward": lambda: layer(x),
+    dense = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    calls = {"F.linear, bf16 weight (the host's own floor)": lambda: torch.nn.functional.linear(x, dense),
+             "QuantLinear.forward": lambda: layer(x),
              "operator": lambda: layer._operator(x),
              "backend chain directly": lambda: linear_forward(x, layer.packed, layer.bias)}
     print(f"{args.spec} {n}x{k}, M = 1, bf16, {device}: host microseconds per eager call")
