@@ -2,7 +2,6 @@
 
     PYTHONPATH=src python bench/kernel_sweep.py --json sweep.json
     PYTHONPATH=src python bench/kernel_sweep.py --gemv --spec int4/g128,nf4/g64 --json gemv.json  # M = 1 GEMV
-    PYTHONPATH=src python bench/kernel_sweep.py --rows --ms 9,16 --json rows.json  # batched decode, W · x^T tiles
 
 For each shape and M, times every candidate KernelConfig (CUDA-graph replay over rotating weight copies,
 see bench/kernels.py), checks each one's output against dequantize-then-matmul, and prints the best.
@@ -99,68 +98,6 @@ def sweep(spec: str, shapes, ms, dtype) -> list[dict]:
                   flush=True)
             rows.append({"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype), "auto": auto.__dict__, **auto_t})
         del packs, first
-        torch.cuda.empty_cache()
-    return rows
-
-
-ROWS_SHAPES = [(12288, 4096), (22016, 4096), (4096, 4096), (4096, 11008)]  # decode's stacked q/k/v, gate/up; o, down
-
-
-def swap_candidates(n: int, k: int, m: int, bkg: int, sms: int):
-    """W · x^T tiles (KernelConfig.swap, all three variants): the weight tile the MMA's rows, BN 64 or 128,
-    one or two group sub-tiles a step, K split towards 4 or 8 programs per multiprocessor, 4 stages; each
-    distinct config once (where both aims give the same split)."""
-    bm = 16 if m <= 16 else 32
-    configs = []
-    for swap, bn, sub, per_sm in itertools.product((1, 2, 3), (64, 128), (1, 2), (4, 8)):
-        blocks = -(-n // bn)
-        split = 1
-        while blocks * split < per_sm * sms and k // (bkg * sub * split * 2) >= 2:
-            split *= 2
-        configs.append(KernelConfig(BM=bm, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=4, num_stages=4,
-                                    pdl=True, swap=swap))
-    return list(dict.fromkeys(configs))
-
-
-def rows_sweep(spec: str, shapes, ms, dtype, sms: int) -> list[dict]:
-    """9-16 activation rows (batched decode): the tensor-core kernel as the plan runs it, its W · x^T variant
-    over swap_candidates, and bf16 cuBLAS, per shape; one line per shape and M."""
-    rows = []
-    for n, k in shapes:
-        first = random_packed(spec, n, k)
-        packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
-        dense = [torch.randn(n, k, device=DEVICE).to(dtype) for _ in range(math.ceil(ROTATE_BYTES / (2 * n * k)))]
-        ceiling_us = first.nbytes / (READ_CEILING_TBS * 1e12) * 1e6
-        bkg = group_tile(first)
-        for m in ms:
-            x = torch.randn(m, k, device=DEVICE).to(dtype)
-            ref = F.linear(x.float(), first.dequantize(torch.float32))
-            auto = plan_for(m, first, DEVICE)
-            auto_t = time_sequence([lambda p=p: fused_matmul(x, p, None, auto) for p in packs], repeats=10)
-            bf16_t = time_sequence([lambda w=w: F.linear(x, w) for w in dense], repeats=10)
-            best = None
-            for config in swap_candidates(n, k, m, bkg, sms):
-                row = {"spec": spec, "N": n, "K": k, "M": m, "kernel": "swap", "config": config.__dict__}
-                try:
-                    err = ((fused_matmul(x, first, None, config).float() - ref).norm() / ref.norm()).item()
-                    row.update(time_sequence([lambda p=p, c=config: fused_matmul(x, p, None, c) for p in packs],
-                                             repeats=10), rel_err=err)
-                    if err < 1e-2 and (best is None or row["graph_us"] < best["graph_us"]):
-                        best = row
-                except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                rows.append(row)
-            rows.append({"spec": spec, "N": n, "K": k, "M": m, "summary": True, "auto": auto.__dict__,
-                         "auto_us": auto_t["graph_us"], "bf16_us": bf16_t["graph_us"], "ceiling_us": ceiling_us,
-                         "best_swap": best})
-            c = best and best["config"]
-            best_text = "none" if best is None else (
-                f"{best['graph_us']:.2f} us ({100 * ceiling_us / best['graph_us']:.0f}%) BN{c['BN']} SUB{c['SUB']} "
-                f"split{c['SPLIT']} swap{c['swap']}")
-            print(f"{spec} {n}x{k} M={m}: plan {auto_t['graph_us']:.2f} us "
-                  f"({100 * ceiling_us / auto_t['graph_us']:.0f}%) | swap best {best_text} | "
-                  f"bf16 {bf16_t['graph_us']:.2f} us", flush=True)
-        del packs, first, dense
         torch.cuda.empty_cache()
     return rows
 
@@ -416,8 +353,6 @@ def main() -> None:
     parser.add_argument("--gemv", action="store_true", help="sweep the small-M GEMV kernel")
     parser.add_argument("--gluon-pipelines", action="store_true", help="Gluon GEMV: prefetch depth and K layout")
     parser.add_argument("--gluon", action="store_true", help="sweep the Gluon GEMV (M = 1, 4-bit) and its stack")
-    parser.add_argument("--rows", action="store_true",
-                        help="9-16 rows (batched decode): the plan against W · x^T tiles and bf16, on ROWS_SHAPES")
     parser.add_argument("--shapes", default=None,
                         help="NxK,... for --gluon / --gluon-pipelines instead of the 7B shapes (no stack), e.g. "
                              "12288x4096,22016x4096: q/k/v and gate/up as decode runs them stacked")
@@ -425,14 +360,6 @@ def main() -> None:
     shapes = (SHAPES[:3] if args.shapes is None else
               [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")])
     torch.manual_seed(0)
-    if args.rows:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        rows = []
-        for spec in args.spec.split(","):
-            rows += rows_sweep(spec, ROWS_SHAPES if args.shapes is None else shapes,
-                               [int(v) for v in args.ms.split(",")], torch.bfloat16, sms)
-        args.json.write_text(json.dumps(rows))
-        return
     if args.gluon_pipelines:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         rows = []

@@ -71,7 +71,7 @@ def _cases(cap: tuple[int, int]):
     """(name, thunk) for each launch to compile on a GPU of capability `cap`."""
     from modelpress.formats import WeightScheme, quantize_weight
     from modelpress.nn import dynamic, dynamic_fp8, triton_act, triton_attention, triton_kv, triton_norm, triton_rope
-    from modelpress.nn.triton_backend import KernelConfig, fused_matmul, prepared_linear, quantized_matmul
+    from modelpress.nn.triton_backend import prepared_linear, quantized_matmul
 
     gen = torch.Generator().manual_seed(0)
     dtypes = [torch.bfloat16, torch.float16]  # bfloat16 too on the T4: emulated by Triton, not refused
@@ -86,10 +86,6 @@ def _cases(cap: tuple[int, int]):
                 yield f"{spec} matmul M={m} {dtype}", lambda x=x, p=packed: quantized_matmul(x, p, None)
             x = torch.randn(1, k, generator=gen).to(dtype)
             yield f"{spec} prepared M=1 {dtype}", lambda x=x, p=packed: prepared_linear(x, p, None)
-        x = torch.randn(16, k, generator=gen).to(dtypes[0])
-        for variant in (1, 2, 3):
-            swap = KernelConfig(BM=16, BN=64, BKG=64, SPLIT=2, num_warps=4, pdl=True, swap=variant)
-            yield f"{spec} W · x^T tiles ({variant}) M=16", lambda x=x, p=packed, c=swap: fused_matmul(x, p, None, c)
     from modelpress.nn import triton_backend
     from modelpress.nn.mma_ptx import interleave_rows, mma_layout
 

@@ -30,14 +30,3 @@ def test_older_gpus_lose_what_they_cannot_run(cap, pdl, half, native_fp8, stages
 def test_a_feature_already_off_stays_off():
     config = KernelConfig(pdl=False, half=False, native_fp8=False, stages=1)
     assert for_capability(config, (9, 0)) == config
-
-
-@pytest.mark.parametrize("m", [2, 9, 16])
-def test_swapped_tiles_serve_the_rows_they_are_planned_for(m):
-    plan = choose_plan(m, 12288, 4096, 128, 132, True, 0, 16)
-    assert plan.swap and plan.BM == 16 and plan.BN == 64 and plan.num_warps == 4  # wgmma's 64 rows: four warps
-    assert 4096 // (plan.BKG * plan.SPLIT) >= 2  # every split keeps two loop steps
-    assert not choose_plan(m, 12288, 4096, 128, 132, True, 0, 0).swap  # off unless asked
-    assert not choose_plan(17, 12288, 4096, 128, 132, True, 0, 16).swap
-    assert choose_plan(1, 12288, 4096, 128, 132, True, 0, 16).gemv  # one row keeps the GEMV
-    assert not for_capability(plan, (8, 0)).pdl and for_capability(plan, (8, 0)).swap

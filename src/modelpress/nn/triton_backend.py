@@ -50,11 +50,7 @@ class KernelConfig:
     when stages > 1, pdl=True launches it as a programmatic dependent launch, and half=True sums int4 products
     in float16 pairs (gluon_gemv's HALF; 16-bit activations without an input permutation; nf4 keeps float32
     products: float16 pairs were slower for it, bench/kernels.py --float32-products)); native_fp8=False decodes
-    fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions); swap (1, 2 or 3) makes the
-    tensor-core kernel multiply W · x^T, the weight tile the MMA's rows (triton_kernels._swapped_product): 1 splits
-    x's even and odd columns as the unswapped kernel does, 2 puts each byte's two 4-bit values back side by side
-    instead, so x goes to the MMA as it was loaded, 3 does that on columns permuted within each tile (codes and x
-    alike) so that each thread reads its codes 16 bytes at a time."""
+    fp8-e4m3 codes in integer arithmetic (GPUs without e4m3 conversions)."""
 
     BM: int = 16
     BN: int = 64
@@ -72,7 +68,6 @@ class KernelConfig:
     pdl: bool = False
     half: bool = True
     native_fp8: bool = True
-    swap: int = 0
 
 
 @functools.cache
@@ -289,32 +284,19 @@ def gluon_gemv_available() -> bool:
     return True
 
 
-SWAP_MAX_M = 0  # from 2 up to this many rows the tensor-core kernel multiplies W · x^T (KernelConfig.swap); 0: never
-SWAP_PROGRAMS_PER_SM = 8
-
-
 @functools.lru_cache(maxsize=4096)
-def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, kind: int = 0,
-                swap_max_m: int = 0) -> KernelConfig:
+def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool = False, kind: int = 0
+                ) -> KernelConfig:
     """Tiles by size of M. Up to GEMV_MAX_M, for weights the GEMV serves (gemv_ok) the CUDA-core GEMV
     (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
     in (BM x 64) tiles, K split until there are about eight programs per multiprocessor (each keeps only two
     tiles of memory in flight) while every split keeps at least six tiles to stream. Prefill dequantizes, then
-    cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV). From 2 rows up to swap_max_m
-    the weight tile is the MMA's rows and x its columns (W · x^T: wgmma with the decoded weights in registers on
-    Hopper), K split towards SWAP_PROGRAMS_PER_SM programs per multiprocessor; off until kernel_sweep.py --rows
-    has timed it against the BM = 16 tiles."""
+    cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV)."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
     if gemv_ok and m <= GEMV_MAX_M:
         return gemv_plan(n, k, bkg, kind, sms)
     step = min(bkg, 128)
-    if 2 <= m <= min(swap_max_m, 16):
-        blocks = _cdiv(n, 64)
-        split = 1
-        while blocks * split < SWAP_PROGRAMS_PER_SM * sms and k // (step * split * 2) >= 2:
-            split *= 2
-        return KernelConfig(BM=16, BN=64, BKG=step, SPLIT=split, num_warps=4, num_stages=4, pdl=True, swap=3)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     blocks = _cdiv(m, bm) * _cdiv(n, 64)
     split = 1
@@ -327,7 +309,7 @@ def plan_for(m: int, packed: PackedWeight, device: torch.device) -> KernelConfig
     n, k = packed.shape
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
     kind = _FORMAT_KINDS.get(packed.scheme.format, (0,))[0]
-    config = choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind, SWAP_MAX_M)
+    config = choose_plan(m, n, k, group_tile(packed) or 16, sms, gemv_supported(packed), kind)
     return for_capability(config, device_capability(device))
 
 
@@ -387,7 +369,7 @@ def _launch(scheme: WeightScheme, shape: tuple[int, int], scale_shape: tuple[int
     split = _cdiv(k, k_per_split)
     constants = dict(KIND=kind, ZERO=zero, AFFINE=scheme.qformat.affine, HAS_PERM=has_perm, HAS_BIAS=has_bias,
                      SPLIT_K=split > 1, EVEN_K=k % step == 0, BM=config.BM, BN=config.BN, BKG=bkg, SUB=config.SUB,
-                     PDL=config.pdl, SWAP=config.swap, num_warps=config.num_warps, num_stages=config.num_stages,
+                     PDL=config.pdl, num_warps=config.num_warps, num_stages=config.num_stages,
                      launch_pdl=config.pdl)
     grid = (_cdiv(m, config.BM), _cdiv(n, config.BN), split)
     return _Launch(grid, k_per_split, scheme.group_length(k), constants)

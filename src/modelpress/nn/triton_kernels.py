@@ -177,18 +177,13 @@ def _load_x(x_ptr, perm_ptr, offs_m, m_mask, cols, K, stride_xm, HAS_PERM: tl.co
 @triton.jit
 def _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n, n_mask, K, stride_xm, stride_qn,
                   KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
-                  USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr, BKG: tl.constexpr,
-                  SWAP: tl.constexpr = 0):
-    """(BM, BN) float32 partial product of columns [kk, kk + BKG), and the row sums of x over them; with SWAP
-    the product is (BN, BM), W · x^T (_swapped_product). kk is a multiple of BKG; with EVEN_K every tile lies
-    inside K and no column masks are needed."""
+                  USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr, BKG: tl.constexpr):
+    """(BM, BN) float32 partial product of columns [kk, kk + BKG), and the row sums of x over them.
+    kk is a multiple of BKG; with EVEN_K every tile lies inside K and no column masks are needed."""
     kk = tl.multiple_of(kk, BKG)  # a multiple of BKG: lets loads of aligned rows vectorize
     cols = kk + tl.arange(0, BKG)
     xt = _load_x(x_ptr, perm_ptr, offs_m, m_mask, cols, K, stride_xm, HAS_PERM, EVEN_K)  # (BM, BKG)
-    if SWAP:
-        part = _swapped_product(xt, q_ptr, table_ptr, kk, offs_n, n_mask, K, stride_qn, KIND, ZERO, USE_ASM, EVEN_K,
-                                ACT, BKG, SWAP)
-    elif KIND <= 1:
+    if KIND <= 1:
         byte = kk // 2 + tl.arange(0, BKG // 2)  # (BKG/2,) byte offsets within a row
         if EVEN_K:
             q_mask = n_mask[None, :]
@@ -211,48 +206,6 @@ def _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, kk, offs_m, m_mask, offs_n,
     else:
         x_sum = tl.zeros((xt.shape[0],), tl.float32)
     return part, x_sum
-
-
-@triton.jit
-def _swapped_product(xt, q_ptr, table_ptr, kk, offs_n, n_mask, K, stride_qn, KIND: tl.constexpr,
-                     ZERO: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr,
-                     BKG: tl.constexpr, SWAP: tl.constexpr):
-    """_tile_product's (BN, BM) float32 partial product W · x^T, given x's tile xt (BM, BKG). The decoded weight
-    tile is the tensor cores' first operand, which Hopper's wgmma reads from registers (64 weight rows an
-    instruction, the activation rows its N dimension); before Hopper Triton lowers it to mma.sync as _tile_product.
-    SWAP 1 splits x into its even and odd columns, which the compiled sm_90 kernel re-stores in shared memory every
-    step; SWAP 2 joins each byte's two values in column order (no layout change: they are adjacent k in the wgmma
-    fragment), so x reaches the MMA from the buffer it was copied into; but each thread then reads its codes from
-    shared memory a byte at a time (a lane's k pairs in one row of the fragment are 8 columns apart; SWAP 1 two
-    bytes). SWAP 3 permutes the tile's columns, codes and x alike (a sum over them does not care): byte (BKG / 8) t
-    + 2b + h of a row's BKG / 2 becomes column pair 8b + 4h + t, so the bytes quad lane t multiplies are adjacent
-    and read 16 at a time, as the unswapped kernel reads them; x, permuted in registers, is re-stored once a step
-    (compiled sm_90 kernel: no layout conversion on the codes' path)."""
-    cols = kk + tl.arange(0, BKG)
-    if KIND <= 1:
-        byte = kk // 2 + tl.arange(0, BKG // 2)
-        if EVEN_K:
-            q_mask = n_mask[:, None]
-        else:
-            q_mask = n_mask[:, None] & (2 * byte < K)[None, :]
-        q = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=q_mask, other=0)  # (BN, BKG/2)
-        if SWAP == 3:  # a quad lane's code bytes made adjacent (see the docstring); x's columns alike
-            q = tl.reshape(tl.permute(tl.reshape(q, (q.shape[0], 4, BKG // 16, 2)), (0, 2, 3, 1)), q.shape)
-            xt = tl.reshape(tl.permute(tl.reshape(xt, (xt.shape[0], 4, BKG // 16, 2, 2)), (0, 2, 3, 1, 4)), xt.shape)
-        lo, hi = _decode_nibbles(q, table_ptr, KIND, ZERO, ACT, USE_ASM)
-        if SWAP >= 2:  # each byte's two values side by side again, in column order: x is used as loaded
-            part = tl.dot(tl.reshape(tl.join(lo, hi), (lo.shape[0], BKG)), tl.trans(xt))
-        else:
-            x_even, x_odd = tl.split(tl.reshape(xt, (xt.shape[0], BKG // 2, 2)))
-            part = tl.dot(hi, tl.trans(x_odd), acc=tl.dot(lo, tl.trans(x_even)))
-    else:
-        if EVEN_K:
-            q_mask = n_mask[:, None]
-        else:
-            q_mask = n_mask[:, None] & (cols < K)[None, :]
-        q = tl.load(q_ptr + offs_n[:, None] * stride_qn + cols[None, :], mask=q_mask, other=0)  # (BN, BKG)
-        part = tl.dot(_decode_bytes(q, KIND, ZERO, ACT), tl.trans(xt))
-    return part
 
 
 @triton.jit
@@ -308,7 +261,6 @@ def quant_matmul_kernel(
     KIND: tl.constexpr, ZERO: tl.constexpr, AFFINE: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr = False,
-    SWAP: tl.constexpr = 0,
 ):
     """Fused dequantize-and-multiply. Grid: (M blocks, N blocks, K splits).
 
@@ -318,8 +270,7 @@ def quant_matmul_kernel(
     With SPLIT_K, each program writes its float32 partial sums to ws (splits, M, N); the last program of an
     output tile to arrive (counted in lock, which it resets to 0) adds them up and writes y. EVEN_K: K is
     a multiple of BKG * SUB, so no column masks are needed. PDL: launched as a programmatic dependent launch
-    (triton_backend.pdl_launch). SWAP (1, 2 or 3): the products are W · x^T (_swapped_product), the sums kept as
-    (BN, BM) and transposed once before the store."""
+    (triton_backend.pdl_launch)."""
     if PDL:  # triton_backend.pdl_launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -332,10 +283,7 @@ def quant_matmul_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    if SWAP:
-        acc = tl.zeros((BN, BM), tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), tl.float32)
+    acc = tl.zeros((BM, BN), tl.float32)
     k_begin = pid_k * k_per_split
     k_end = k_begin + k_per_split
     k_end = min(k_end, K)
@@ -354,17 +302,10 @@ def quant_matmul_kernel(
         for j in tl.static_range(SUB):
             part, x_sum = _tile_product(x_ptr, q_ptr, perm_ptr, table_ptr, k0 + j * BKG, offs_m, m_mask, offs_n,
                                         n_mask, K, stride_xm, stride_qn, KIND, ZERO, AFFINE, HAS_PERM, USE_ASM,
-                                        EVEN_K, ACT, BKG, SWAP)
-            if SWAP:
-                acc += part * _row(s_now, j, SUB)[:, None]
-                if AFFINE:
-                    acc += _row(o_now, j, SUB)[:, None] * x_sum[None, :]
-            else:
-                acc += part * _row(s_now, j, SUB)[None, :]
-                if AFFINE:
-                    acc += x_sum[:, None] * _row(o_now, j, SUB)[None, :]
-    if SWAP:
-        acc = tl.trans(acc)
+                                        EVEN_K, ACT, BKG)
+            acc += part * _row(s_now, j, SUB)[None, :]
+            if AFFINE:
+                acc += x_sum[:, None] * _row(o_now, j, SUB)[None, :]
     _store_tile(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n, pid_k, M, N,
                 stride_ym, SPLIT_K, HAS_BIAS, BM, BN)
 
