@@ -414,9 +414,8 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # cache length (fusion.MHA_SPLIT_MAX_POSITIONS: up to 1024 positions by default); "+nomma": int4 layers keep
     # their stored layout and the CUDA-core GEMV (fusion.RELAYOUT off); "+split": the tensor-core GEMV with K split
     # for weights whose row tiles do not fill the GPU (triton_backend.MMA_SPLIT_K on); "+noact": the MLP's activation
-    # as its own kernel after the [gate | up] GEMV, not in its epilogue (fusion.INTERLEAVE off); "+codes": the
-    # split-cache attention reads an int8 KV cache's codes (fusion.READ_INT8_CODES on); "+swap": 2-16 rows on the
-    # tensor-core kernel's W · x^T tiles (triton_backend.SWAP_MAX_M = 16)
+    # as its own kernel after the [gate | up] GEMV, not in its epilogue (fusion.INTERLEAVE off); "+nocodes": the
+    # split-cache attention reads a float copy of an int8 KV cache, dequantized each step (fusion.READ_INT8_CODES off)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion
@@ -428,8 +427,7 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
           patched(fusion, "RELAYOUT", False, "nomma" in flags),
           patched(triton_backend, "MMA_SPLIT_K", True, "split" in flags),
           patched(fusion, "INTERLEAVE", False, "noact" in flags),
-          patched(fusion, "READ_INT8_CODES", True, "codes" in flags),
-          patched(triton_backend, "SWAP_MAX_M", 16, "swap" in flags)):
+          patched(fusion, "READ_INT8_CODES", False, "nocodes" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
@@ -545,8 +543,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--paths", nargs="+", default=["eager", "auto"],
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
-                            "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+codes",
-                            "auto+swap", "auto+codes+swap"],
+                            "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
@@ -554,8 +551,7 @@ def parse_args() -> argparse.Namespace:
                         "at any cache length (by default up to 1024 positions); +nomma: int4 layers on the CUDA-core "
                         "GEMV, not re-laid for the tensor-core one; +split: the tensor-core GEMV with split-K for weights "
                         "of few rows; +noact: the MLP's activation as its own kernel, not in the [gate | up] GEMV's "
-                        "epilogue; +codes: attention reads the int8 KV cache's codes; +swap: 2-16 rows on W · x^T "
-                        "tiles")
+                        "epilogue; +nocodes: attention reads a float copy of an int8 KV cache, not its codes")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)
