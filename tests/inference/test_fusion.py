@@ -22,7 +22,7 @@ from modelpress.inference.sampling import SamplingConfig
 from modelpress.nn.quant_linear import QuantLinear
 from modelpress.nn.triton_act import silu_mul
 from modelpress.nn.triton_attention import MAX_ROWS, MAX_TOKENS, decode_attention
-from modelpress.nn.triton_kv import write_kv
+from modelpress.nn.triton_kv import write_kv, write_kv_int8
 from modelpress.nn.triton_norm import add_rms_norm, rms_norm
 from modelpress.nn.triton_rope import rotary
 from conftest import build_family
@@ -326,6 +326,36 @@ def test_the_cache_write_kernel_writes_what_index_copy_writes(cuda, dtype):
         assert write_kv(keys, values, index, k, v)
         assert torch.equal(keys, want_k) and torch.equal(values, want_v)
     assert not write_kv(keys, values, index.float(), k, v)  # float positions: left to index_copy_
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_int8_cache_write_kernel_writes_what_the_codec_writes(cuda, dtype):
+    """Codes and float16 scales bit for bit those of the int8 codec's PyTorch kernels and write_store on CUDA, for
+    strided inputs, prefill and single tokens, all-zero vectors, ties and values past float16's range."""
+    from modelpress.inference.kv_cache import KVCacheConfig
+    from modelpress.inference.static_kv import empty_store, write_store
+
+    codec = KVCacheConfig("int8").codecs()[0]
+    generator = torch.Generator().manual_seed(0)
+    for b, h, t, d, length in [(1, 2, 1, 128, 9), (2, 3, 5, 96, 16), (1, 1, 3, 16, 5)]:
+        k = (torch.randn(b, t, h, d, generator=generator) * torch.logspace(-6, 4, d)).to(cuda, dtype).transpose(1, 2)
+        v = torch.randn(b, t, 3 * h * d, generator=generator).to(cuda, dtype)[..., h * d:2 * h * d]
+        v = v.view(b, t, h, d).transpose(1, 2)
+        k[0, 0, 0] = 0  # an all-zero vector: scale 1
+        v[0, 0, 0, :6] = torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 126.5])  # scale 1: ties go to even codes
+        if dtype == torch.float32:
+            v[-1, -1, -1, :2] = torch.tensor([1e30, -3e29])  # the scale clamped to float16's largest
+        index = torch.randperm(length, generator=generator)[:t].sort().values.to(cuda)
+        want = [empty_store(codec, k, length) for _ in "kv"]
+        got = [empty_store(codec, k, length) for _ in "kv"]
+        write_store(want[0], codec.quantize(k), index, index)
+        write_store(want[1], codec.quantize(v), index, index)
+        assert write_kv_int8(got[0].qdata, got[0].scale, got[1].qdata, got[1].scale, index, k, v)
+        for a, w in zip(got, want):
+            assert torch.equal(a.qdata, w.qdata) and torch.equal(a.scale, w.scale)
+    assert not write_kv_int8(got[0].qdata, got[0].scale, got[1].qdata, got[1].scale, index.float(), k, v)
+    two = got[0].scale.expand(-1, -1, -1, 2).contiguous()  # two scales a token: not this layout, nothing written
+    assert not write_kv_int8(got[0].qdata, two, got[1].qdata, two.clone(), index, k, v)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

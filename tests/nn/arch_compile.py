@@ -149,6 +149,9 @@ def _cases(cap: tuple[int, int]):
         keys = torch.zeros(1, 8, 64, 128, dtype=dtype)
         yield f"write_kv {dtype}", lambda keys=keys, kk=kk: triton_kv.write_kv(
             keys, keys.clone(), torch.tensor([3]), kk, kk.clone())
+        codes8, scales8 = torch.zeros(1, 8, 64, 128, dtype=torch.uint8), torch.zeros(1, 8, 64, 1, dtype=torch.half)
+        yield f"write_kv_int8 {dtype}", lambda c=codes8, s=scales8, kk=kk: triton_kv.write_kv_int8(
+            c, s, c.clone(), s.clone(), torch.tensor([3]), kk, kk.clone())
         cache = torch.randn(1, 8, 640, 128).to(dtype)
         yield f"decode_attention GQA {dtype}", lambda q=q, c=cache: triton_attention.decode_attention(
             q, c, c.clone(), None, 0.088)

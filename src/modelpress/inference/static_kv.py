@@ -32,6 +32,7 @@ from modelpress.errors import ModelpressError
 from modelpress.inference.kv_cache import KVCacheConfig, StatesCodec
 from modelpress.inference.kv_quant import QuantizedStates
 from modelpress.inference.static_decode import StaticCache, _StaticLayer
+from modelpress.nn.triton_kv import write_kv_int8
 
 
 def empty_store(codec: StatesCodec, like: torch.Tensor, length: int) -> QuantizedStates:
@@ -124,6 +125,10 @@ class StaticQuantizedLayer(_StaticLayer):
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
         key_store, value_store = self.stored
+        if self.owner.fused_writes and not torch.compiler.is_compiling() and write_kv_int8(
+                key_store.qdata, key_store.scale, value_store.qdata, value_store.scale, index, keys, values):
+            self.owner.wrote_fused = True
+            return
         write_store(value_store, self.value_codec.quantize(values), index, index)
         if self.key_codec.layout == "token":
             write_store(key_store, self.key_codec.quantize(keys), index, index)
@@ -172,7 +177,8 @@ class StaticQuantizedLayer(_StaticLayer):
 class StaticQuantizedCache(StaticCache):
     """StaticCache's interface (`index`, `max_len`, compileable layers) over quantized layers."""
 
-    def __init__(self, config: KVCacheConfig, num_layers: int, max_len: int, read_codes: bool = False) -> None:
+    def __init__(self, config: KVCacheConfig, num_layers: int, max_len: int, read_codes: bool = False,
+                 fused_writes: bool = False) -> None:
         if config.mode == "float":
             raise ModelpressError("KV cache mode 'float' needs no quantized cache; use StaticCache")
         self.config, self.max_len = config, max_len
@@ -181,7 +187,10 @@ class StaticQuantizedCache(StaticCache):
         # get them); else the dequantized states
         self.read_codes = read_codes and config.mode == "int8" and config.residual == 0
         self.index: torch.Tensor | None = None
-        self.fused_writes = self.wrote_fused = False  # codes and scales are written by their own kernels
+        # int8 with no float window: quantized and written by one kernel a layer (triton_kv.write_kv_int8), where
+        # it serves the call; other modes by their codecs' PyTorch kernels
+        self.fused_writes = fused_writes and config.mode == "int8" and config.residual == 0
+        self.wrote_fused = False
         Cache.__init__(self, layers=[StaticQuantizedLayer(self) for _ in range(num_layers)])
 
     def nbytes(self) -> int:
@@ -202,7 +211,7 @@ class StaticQuantizedCache(StaticCache):
 def make_static_cache(num_layers: int, max_len: int, config: KVCacheConfig | None = None,
                       fused_writes: bool = False, read_codes: bool = False) -> StaticCache:
     """A float StaticCache (its keys and values written by one kernel a layer if fused_writes), or a quantized
-    one for a quantized mode (read_codes: see StaticQuantizedCache)."""
+    one for a quantized mode (read_codes, fused_writes: see StaticQuantizedCache)."""
     if config is None or config.mode == "float":
         return StaticCache(num_layers, max_len, fused_writes)
-    return StaticQuantizedCache(config, num_layers, max_len, read_codes)
+    return StaticQuantizedCache(config, num_layers, max_len, read_codes, fused_writes)

@@ -5,6 +5,12 @@ positions with two `index_copy_` calls: two launches a layer, each a few microse
 kilobytes to move. `write_kv` does both in one launch, reading keys and values with any strides (a rotary
 kernel's output and a value sliced out of a fused q/k/v output are read where they lie). It copies, so the cache
 holds exactly what `index_copy_` would have written.
+
+`write_kv_int8` does the same for an int8 cache (inference/static_kv.py), which otherwise quantizes keys and values
+with a dozen small PyTorch kernels each (absmax, scale, its float16 rounding, divide, round, clamp, offset, two
+index copies): one launch quantizes every (row, head, token) vector and writes its codes and its scale, bit for bit
+what kv_quant.quantize_per_token and static_kv.write_store write on CUDA (the scale as PyTorch's division by a
+number, a multiplication by its float32 reciprocal; the codes by IEEE division, ties to even).
 """
 
 from __future__ import annotations
@@ -42,6 +48,88 @@ def _kernel():
         tl.store(values_ptr + dst, v, mask=inside)
 
     return write_kv_kernel
+
+
+@functools.cache
+def _int8_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def write_kv_int8_kernel(k_ptr, v_ptr, k_codes, k_scales, v_codes, v_scales, index_ptr, H, T,
+                             k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st, s_sb, s_sh, s_st, D,
+                             BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # triton_backend.pdl_launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        program = tl.program_id(0).to(tl.int64)
+        h = program % H
+        t = (program // H) % T
+        b = program // (H * T)
+        slot = tl.load(index_ptr + t).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        inside = d < D
+        dst = b * c_sb + h * c_sh + slot * c_st + d
+        scale_dst = b * s_sb + h * s_sh + slot * s_st
+        for which in tl.static_range(2):  # keys, then values
+            if which == 0:
+                x = tl.load(k_ptr + b * k_sb + h * k_sh + t * k_st + d, mask=inside, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(v_ptr + b * v_sb + h * v_sh + t * v_st + d, mask=inside, other=0.0).to(tl.float32)
+            # kv_quant.quantize_per_token as PyTorch runs it on CUDA: scale = absmax · float32(1 / 127) (PyTorch
+            # divides by a Python number that way; 1 for an all-zero vector) clamped to float16's normal range and
+            # rounded to float16; code = clamp(round-half-even(x / scale), -128, 127) + 128, an IEEE division.
+            # Adding and removing 1.5 · 2**23 rounds to an integer, ties to even, wherever |x / scale| < 2**22;
+            # beyond that the clamp gives the same code as exact rounding would
+            amax = tl.max(tl.abs(x), axis=0)
+            scale = tl.where(amax > 0, amax * (1.0 / 127.0), 1.0)
+            scale = tl.minimum(tl.maximum(scale, 6.103515625e-05), 65504.0).to(tl.float16)
+            q = (tl.math.div_rn(x, scale.to(tl.float32)) + 12582912.0) - 12582912.0
+            codes = (tl.minimum(tl.maximum(q, -128.0), 127.0) + 128.0).to(tl.uint8)
+            if which == 0:
+                tl.store(k_codes + dst, codes, mask=inside)
+                tl.store(k_scales + scale_dst, scale)
+            else:
+                tl.store(v_codes + dst, codes, mask=inside)
+                tl.store(v_scales + scale_dst, scale)
+
+    return write_kv_int8_kernel
+
+
+def write_kv_int8(key_codes: torch.Tensor, key_scales: torch.Tensor, value_codes: torch.Tensor,
+                  value_scales: torch.Tensor, index: torch.Tensor, key_states: torch.Tensor,
+                  value_states: torch.Tensor) -> bool:
+    """An int8 cache's per-token quantization and its writes in one launch: for each (b, h, t) the codes of
+    key_states[b, h, t] and value_states[b, h, t] (B, H, T, D) at position index[t] of key_codes / value_codes
+    (uint8, (B, H, L, D)) and their float16 scales there in key_scales / value_scales ((B, H, L, 1)). False
+    (nothing written) where the kernel does not serve the call; the caller then quantizes and copies itself. As
+    write_kv, positions are not bounds-checked on the device."""
+    b, h, t, d = key_states.shape
+    if not (key_codes.is_cuda and key_codes.dim() == 4 and value_states.shape == key_states.shape
+            and key_codes.shape[:2] == (b, h) and key_codes.shape[3] == d and value_codes.shape == key_codes.shape
+            and value_codes.stride() == key_codes.stride() and key_codes.stride(3) == 1
+            and key_codes.dtype == value_codes.dtype == torch.uint8
+            and key_scales.shape == value_scales.shape == (*key_codes.shape[:3], 1)
+            and key_scales.stride() == value_scales.stride()
+            and key_scales.dtype == value_scales.dtype == torch.float16
+            and key_states.dtype == value_states.dtype
+            and key_states.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and key_states.stride(3) == 1 and value_states.stride(3) == 1
+            and index.shape == (t,) and not index.is_floating_point()
+            and len({key_codes.device, value_codes.device, key_scales.device, value_scales.device,
+                     key_states.device, value_states.device, index.device}) == 1
+            and key_states.numel() and triton_available()):
+        return False
+    pdl = pdl_launch(key_codes.device)
+    with torch.cuda.device(key_codes.device):
+        _int8_kernel()[(b * h * t,)](
+            key_states, value_states, key_codes, key_scales, value_codes, value_scales, index, h, t,
+            key_states.stride(0), key_states.stride(1), key_states.stride(2),
+            value_states.stride(0), value_states.stride(1), value_states.stride(2),
+            key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
+            key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), d,
+            BLOCK_D=max(16, 1 << (d - 1).bit_length()), PDL=pdl, num_warps=1, launch_pdl=pdl)
+    return True
 
 
 def write_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, key_states: torch.Tensor,
