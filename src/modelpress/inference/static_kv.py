@@ -35,6 +35,12 @@ from modelpress.inference.static_decode import StaticCache, _StaticLayer
 from modelpress.nn.triton_kv import write_kv_int8
 
 
+# An int8 cache with no float window quantized and written by triton_kv.write_kv_int8 (one launch a layer) under the
+# decode-time fusions. Off until its CUDA test (test_fusion.py's int8 cache write) has run on a GPU: written and checked
+# under Triton's interpreter only (bit for bit the codec's numbers, ties and clamped scales included).
+WRITE_INT8_KERNEL = False
+
+
 def empty_store(codec: StatesCodec, like: torch.Tensor, length: int) -> QuantizedStates:
     """Zeroed stored states of `length` tokens shaped like `codec.quantize` of (B, H, length, D) states (a
     multiple of the codec's token group). Zero codes times zero scales dequantize to zero: unwritten
@@ -125,7 +131,7 @@ class StaticQuantizedLayer(_StaticLayer):
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
         key_store, value_store = self.stored
-        if self.owner.fused_writes and not torch.compiler.is_compiling() and write_kv_int8(
+        if self.owner.fused_writes and WRITE_INT8_KERNEL and not torch.compiler.is_compiling() and write_kv_int8(
                 key_store.qdata, key_store.scale, value_store.qdata, value_store.scale, index, keys, values):
             self.owner.wrote_fused = True
             return
