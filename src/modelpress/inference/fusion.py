@@ -372,11 +372,10 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 
 
 # The split-cache attention reads an int8 cache's codes and scales instead of a float copy dequantized each step.
-# H100, 7B shape with random weights, batch 16, 512-token prompts, 64 steps (bench/decode.py --batches 16 --paths
-# auto --kv-cache float int8, bench/results/decode_batch16_codes_swap_h100.json; the codes row ran with W · x^T tiles
-# that were then dropped, 7% slower at this batch): int4/g128 on an int8 cache 434.7 -> 1773.5 tok/s (0.16x ->
-# 0.69x the float cache's 2738), bf16 409.0 -> 1448.9. Its CUDA tests (test_attention_codes.py, test_static_kv.py)
-# pass on the H100.
+# H100, 7B shape with random weights, 512-token prompts, 64 steps (bench/decode.py --paths auto auto+nocodes
+# --kv-cache float int8, bench/results/decode_batch16_codes_h100.json): int4/g128 on an int8 cache at batch 16
+# 434.6 -> 1830.1 tok/s (0.16x -> 0.69x the float cache's 2660.3), at batch 1 147.3 -> 213.6. Its CUDA tests
+# (test_attention_codes.py, test_static_kv.py) pass on the H100.
 READ_INT8_CODES = True
 
 
