@@ -229,6 +229,26 @@ def test_an_int8_cache_reading_codes_returns_them_with_their_scales():
         assert not StaticQuantizedCache(cfg, num_layers=1, max_len=12, read_codes=True).read_codes
 
 
+def test_only_an_int8_cache_without_a_float_window_takes_the_write_kernel(monkeypatch):
+    """fused_writes is kept for int8 with no float window (the one layout triton_kv.write_kv_int8 writes) and
+    dropped for every other mode; on the CPU the kernel declines and the codec writes, the same codes either way."""
+    from modelpress.inference import static_kv
+
+    monkeypatch.setattr(static_kv, "WRITE_INT8_KERNEL", True)
+    assert StaticQuantizedCache(KVCacheConfig("int8"), num_layers=1, max_len=12, fused_writes=True).fused_writes
+    for cfg in (KVCacheConfig("fp8"), KVCacheConfig("int8", residual_length=3), SMALL_KIVI["int4"]):
+        assert not StaticQuantizedCache(cfg, num_layers=1, max_len=12, fused_writes=True).fused_writes
+    x = states(9, 0)
+    fused, plain = (StaticQuantizedCache(KVCacheConfig("int8"), num_layers=1, max_len=12, fused_writes=f)
+                    for f in (True, False))
+    for cache in (fused, plain):
+        cache.index = torch.arange(9)
+        cache.update(x, 2 * x, 0)
+    assert not fused.wrote_fused  # CPU tensors: the kernel did not serve
+    for a, b in zip(fused.layers[0].stored, plain.layers[0].stored):
+        assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_attention_reads_int8_codes_on_cuda(cuda, dtype, monkeypatch):
@@ -288,3 +308,19 @@ def test_generate_with_a_quantized_cache_on_cuda_captures(cuda, mode):
     eager = generate(model, PROMPT, GenerationSettings(decode="eager", **settings))
     assert result.decode_path == "graph"
     assert result.tokens == eager.tokens
+
+
+@pytest.mark.gpu
+def test_the_int8_write_kernel_decodes_the_codecs_tokens_on_cuda(cuda, monkeypatch):
+    """With static_kv.WRITE_INT8_KERNEL the int8 cache is written by one kernel a layer (the report says so), and its
+    codes are the codec's bit for bit, so greedy decoding gives the same tokens."""
+    from modelpress.inference import static_kv
+
+    model = build_tiny_llama(0, initializer_range=0.2).to(cuda)
+    settings = GenerationSettings(max_new_tokens=16, kv_cache="int8", sampling=SamplingConfig(temperature=0.0))
+    monkeypatch.setattr(static_kv, "WRITE_INT8_KERNEL", False)
+    codec = generate(model, PROMPT, settings)
+    monkeypatch.setattr(static_kv, "WRITE_INT8_KERNEL", True)
+    kernel = generate(model, PROMPT, settings)
+    assert kernel.decode_path == "graph" and "KV writes" in kernel.fusions and "KV writes" not in codec.fusions
+    assert kernel.tokens == codec.tokens
