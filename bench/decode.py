@@ -416,7 +416,8 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # for weights whose row tiles do not fill the GPU (triton_backend.MMA_SPLIT_K on); "+noact": the MLP's activation
     # as its own kernel after the [gate | up] GEMV, not in its epilogue (fusion.INTERLEAVE off); "+nocodes": the
     # split-cache attention reads a float copy of an int8 KV cache, dequantized each step (fusion.READ_INT8_CODES off);
-    # "+kv8": an int8 KV cache quantized and written by one Triton kernel a layer (static_kv.WRITE_INT8_KERNEL on)
+    # "+nokv8": an int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a layer
+    # (static_kv.WRITE_INT8_KERNEL off)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
@@ -429,7 +430,7 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
           patched(triton_backend, "MMA_SPLIT_K", True, "split" in flags),
           patched(fusion, "INTERLEAVE", False, "noact" in flags),
           patched(fusion, "READ_INT8_CODES", False, "nocodes" in flags),
-          patched(static_kv, "WRITE_INT8_KERNEL", True, "kv8" in flags)):
+          patched(static_kv, "WRITE_INT8_KERNEL", False, "nokv8" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
@@ -546,7 +547,7 @@ def parse_args() -> argparse.Namespace:
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes",
-                            "auto+kv8"],
+                            "auto+nokv8"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
@@ -554,8 +555,8 @@ def parse_args() -> argparse.Namespace:
                         "at any cache length (by default up to 1024 positions); +nomma: int4 layers on the CUDA-core "
                         "GEMV, not re-laid for the tensor-core one; +split: the tensor-core GEMV with split-K for weights "
                         "of few rows; +noact: the MLP's activation as its own kernel, not in the [gate | up] GEMV's "
-                        "epilogue; +nocodes: attention reads a float copy of an int8 KV cache, not its codes; +kv8: an int8 KV cache "
-                        "written by one Triton kernel a layer")
+                        "epilogue; +nocodes: attention reads a float copy of an int8 KV cache, not its codes; +nokv8: an "
+                        "int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a layer")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

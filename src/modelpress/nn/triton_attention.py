@@ -172,8 +172,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     key_scale, value_scale: key and value are then the int8 KV cache's codes (kv_cache.py's per-token `int8` mode:
     offset-binary uint8, (B, HKV, S, D)) with one float16 scale a token, (B, HKV, S, 1); each tile is decoded as
     kv_quant.dequantize_per_token does ((code - 128) x scale in float32, rounded to the query's dtype), so the result
-    is that of this function on the dequantized states, from half the bytes. (No caller passes codes yet: the static
-    int8 cache, static_kv.py, still dequantizes its whole buffer for attention each step.)"""
+    is that of this function on the dequantized states, from half the bytes. The static int8 cache (static_kv.py)
+    hands attention its codes under fusion.READ_INT8_CODES."""
     codes = key_scale is not None
     if codes:
         if not (value_scale is not None and key.dtype == value.dtype == torch.uint8
