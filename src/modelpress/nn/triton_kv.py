@@ -28,9 +28,11 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def write_kv_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, index_ptr, H, T,
-                        k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st, D, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr = False):
+    def write_kv_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, k_scales, v_scales, index_ptr, H, T,
+                        k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st, s_sb, s_sh, s_st, D,
+                        BLOCK_D: tl.constexpr, INT8: tl.constexpr = False, PDL: tl.constexpr = False):
+        """One program per (b, h, t): the key and value vectors copied to position index[t] of the cache, or with
+        INT8 their int8 codes there and their float16 scales in k_scales / v_scales."""
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -42,58 +44,34 @@ def _kernel():
         d = tl.arange(0, BLOCK_D)
         inside = d < D
         dst = b * c_sb + h * c_sh + slot * c_st + d
-        k = tl.load(k_ptr + b * k_sb + h * k_sh + t * k_st + d, mask=inside)
-        v = tl.load(v_ptr + b * v_sb + h * v_sh + t * v_st + d, mask=inside)
-        tl.store(keys_ptr + dst, k, mask=inside)
-        tl.store(values_ptr + dst, v, mask=inside)
-
-    return write_kv_kernel
-
-
-@functools.cache
-def _int8_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def write_kv_int8_kernel(k_ptr, v_ptr, k_codes, k_scales, v_codes, v_scales, index_ptr, H, T,
-                             k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st, s_sb, s_sh, s_st, D,
-                             BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
-        if PDL:  # triton_backend.pdl_launch
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        program = tl.program_id(0).to(tl.int64)
-        h = program % H
-        t = (program // H) % T
-        b = program // (H * T)
-        slot = tl.load(index_ptr + t).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        inside = d < D
-        dst = b * c_sb + h * c_sh + slot * c_st + d
-        scale_dst = b * s_sb + h * s_sh + slot * s_st
         for which in tl.static_range(2):  # keys, then values
             if which == 0:
-                x = tl.load(k_ptr + b * k_sb + h * k_sh + t * k_st + d, mask=inside, other=0.0).to(tl.float32)
+                x = tl.load(k_ptr + b * k_sb + h * k_sh + t * k_st + d, mask=inside, other=0.0)
             else:
-                x = tl.load(v_ptr + b * v_sb + h * v_sh + t * v_st + d, mask=inside, other=0.0).to(tl.float32)
-            # kv_quant.quantize_per_token as PyTorch runs it on CUDA: scale = absmax · float32(1 / 127) (PyTorch
-            # divides by a Python number that way; 1 for an all-zero vector) clamped to float16's normal range and
-            # rounded to float16; code = clamp(round-half-even(x / scale), -128, 127) + 128, an IEEE division.
-            # Adding and removing 1.5 · 2**23 rounds to an integer, ties to even, wherever |x / scale| < 2**22;
-            # beyond that the clamp gives the same code as exact rounding would
-            amax = tl.max(tl.abs(x), axis=0)
-            scale = tl.where(amax > 0, amax * (1.0 / 127.0), 1.0)
-            scale = tl.minimum(tl.maximum(scale, 6.103515625e-05), 65504.0).to(tl.float16)
-            q = (tl.math.div_rn(x, scale.to(tl.float32)) + 12582912.0) - 12582912.0
-            codes = (tl.minimum(tl.maximum(q, -128.0), 127.0) + 128.0).to(tl.uint8)
+                x = tl.load(v_ptr + b * v_sb + h * v_sh + t * v_st + d, mask=inside, other=0.0)
+            if INT8:
+                # kv_quant.quantize_per_token as PyTorch runs it on CUDA: scale = absmax · float32(1 / 127)
+                # (PyTorch divides by a Python number that way; 1 for an all-zero vector) clamped to float16's
+                # normal range and rounded to float16; code = clamp(round-half-even(x / scale), -128, 127) + 128,
+                # an IEEE division. Adding and removing 1.5 · 2**23 rounds to an integer, ties to even, wherever
+                # |x / scale| < 2**22; beyond that the clamp gives the same code as exact rounding would
+                x = x.to(tl.float32)
+                amax = tl.max(tl.abs(x), axis=0)
+                scale = tl.where(amax > 0, amax * (1.0 / 127.0), 1.0)
+                scale = tl.minimum(tl.maximum(scale, 6.103515625e-05), 65504.0).to(tl.float16)
+                q = (tl.math.div_rn(x, scale.to(tl.float32)) + 12582912.0) - 12582912.0
+                x = (tl.minimum(tl.maximum(q, -128.0), 127.0) + 128.0).to(tl.uint8)
+                scale_dst = b * s_sb + h * s_sh + slot * s_st
+                if which == 0:
+                    tl.store(k_scales + scale_dst, scale)
+                else:
+                    tl.store(v_scales + scale_dst, scale)
             if which == 0:
-                tl.store(k_codes + dst, codes, mask=inside)
-                tl.store(k_scales + scale_dst, scale)
+                tl.store(keys_ptr + dst, x, mask=inside)
             else:
-                tl.store(v_codes + dst, codes, mask=inside)
-                tl.store(v_scales + scale_dst, scale)
+                tl.store(values_ptr + dst, x, mask=inside)
 
-    return write_kv_int8_kernel
+    return write_kv_kernel
 
 
 def write_kv_int8(key_codes: torch.Tensor, key_scales: torch.Tensor, value_codes: torch.Tensor,
@@ -122,13 +100,13 @@ def write_kv_int8(key_codes: torch.Tensor, key_scales: torch.Tensor, value_codes
         return False
     pdl = pdl_launch(key_codes.device)
     with torch.cuda.device(key_codes.device):
-        _int8_kernel()[(b * h * t,)](
-            key_states, value_states, key_codes, key_scales, value_codes, value_scales, index, h, t,
+        _kernel()[(b * h * t,)](
+            key_states, value_states, key_codes, value_codes, key_scales, value_scales, index, h, t,
             key_states.stride(0), key_states.stride(1), key_states.stride(2),
             value_states.stride(0), value_states.stride(1), value_states.stride(2),
             key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
             key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), d,
-            BLOCK_D=max(16, 1 << (d - 1).bit_length()), PDL=pdl, num_warps=1, launch_pdl=pdl)
+            BLOCK_D=max(16, 1 << (d - 1).bit_length()), INT8=True, PDL=pdl, num_warps=1, launch_pdl=pdl)
     return True
 
 
@@ -153,9 +131,9 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, key_
     pdl = pdl_launch(keys.device)
     with torch.cuda.device(keys.device):
         _kernel()[(b * h * t,)](
-            key_states, value_states, keys, values, index, h, t,
+            key_states, value_states, keys, values, keys, values, index, h, t,  # no scales: the cache stands in
             key_states.stride(0), key_states.stride(1), key_states.stride(2),
             value_states.stride(0), value_states.stride(1), value_states.stride(2),
-            keys.stride(0), keys.stride(1), keys.stride(2), d,
+            keys.stride(0), keys.stride(1), keys.stride(2), 0, 0, 0, d,
             BLOCK_D=max(16, 1 << (d - 1).bit_length()), PDL=pdl, num_warps=1, launch_pdl=pdl)
     return True
