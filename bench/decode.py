@@ -417,11 +417,12 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # as its own kernel after the [gate | up] GEMV, not in its epilogue (fusion.INTERLEAVE off); "+nocodes": the
     # split-cache attention reads a float copy of an int8 KV cache, dequantized each step (fusion.READ_INT8_CODES off);
     # "+nokv8": an int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a layer
-    # (static_kv.WRITE_INT8_KERNEL off)
+    # (static_kv.WRITE_INT8_KERNEL off); "+novector": the split-cache attention's tile kernels for one query row a
+    # key/value head, not its one-row variant (triton_attention.VECTOR_ROWS off)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
-    from modelpress.nn import triton_backend
+    from modelpress.nn import triton_attention, triton_backend
 
     with (patched(fusion, "_fuse_attention", lambda model, report: [], "noattn" in flags),
           patched(triton_backend, "PDL_KERNELS", False, "nopdl" in flags),
@@ -430,7 +431,8 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
           patched(triton_backend, "MMA_SPLIT_K", True, "split" in flags),
           patched(fusion, "INTERLEAVE", False, "noact" in flags),
           patched(fusion, "READ_INT8_CODES", False, "nocodes" in flags),
-          patched(static_kv, "WRITE_INT8_KERNEL", False, "nokv8" in flags)):
+          patched(static_kv, "WRITE_INT8_KERNEL", False, "nokv8" in flags),
+          patched(triton_attention, "VECTOR_ROWS", False, "novector" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
@@ -547,16 +549,18 @@ def parse_args() -> argparse.Namespace:
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes",
-                            "auto+nokv8"],
+                            "auto+nokv8", "auto+novector"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
                         "split-cache attention for one token of a model with as many key/value heads as query heads "
                         "at any cache length (by default up to 1024 positions); +nomma: int4 layers on the CUDA-core "
-                        "GEMV, not re-laid for the tensor-core one; +split: the tensor-core GEMV with split-K for weights "
-                        "of few rows; +noact: the MLP's activation as its own kernel, not in the [gate | up] GEMV's "
-                        "epilogue; +nocodes: attention reads a float copy of an int8 KV cache, not its codes; +nokv8: an "
-                        "int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a layer")
+                        "GEMV, not re-laid for the tensor-core one; +split: the tensor-core GEMV with split-K for "
+                        "weights of few rows; +noact: the MLP's activation as its own kernel, not in the [gate | up] "
+                        "GEMV's epilogue; +nocodes: attention reads a float copy of an int8 KV cache, not its codes; "
+                        "+nokv8: an int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a "
+                        "layer; +novector: the split-cache attention's tiles for one query row a key/value head, not "
+                        "its one-row kernels")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

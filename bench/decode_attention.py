@@ -1,15 +1,18 @@
 """Decode attention over a static KV cache: transformers' SDPA function (what the static and graph decode paths
 ran) against the split-cache kernels of nn/triton_attention.py, µs per layer call, CUDA-graph replay.
 
-Each row is one shape: batch 1, H query heads over HKV key/value heads of head size D, T query tokens (1: a
-decode step; 5: a speculative verification of 4 drafts), a static cache of S positions of which the first
-`filled` are written (the rest masked, as StaticDecoder masks them). Calls go round LAYERS distinct caches, more
-bytes than the L2 cache holds, inside one captured graph; median of several replays, CUDA events. Every
+Each row is one shape: `--batch` sequences (default 1), H query heads over HKV key/value heads of head size D, T
+query tokens (1: a decode step; 5: a speculative verification of 4 drafts), a static cache of S positions of which
+the first `filled` are written (the rest masked, as StaticDecoder masks them). Calls go round LAYERS distinct
+caches, more bytes than the L2 cache holds, inside one captured graph; median of several replays, CUDA events. Every
 BLOCK_S,warps,waves plan given with --plans is timed beside split_plan's default (waves: programs per
 multiprocessor, which sets how many splits of the cache), and the error of each against float64 attention is
-printed beside SDPA's own.
+printed beside SDPA's own. With --codes the kernels read an int8 KV cache's codes and per-token scales
+(kv_cache.py's `int8` mode), SDPA the same states dequantized, which is what its callers would hand it.
 
     PYTHONPATH=src python bench/decode_attention.py --json $OUT/decode_attention.json
+    PYTHONPATH=src python bench/decode_attention.py --batch 16 --codes --shapes 0 3 --plans 64,4,8 128,4,8 \
+      [--vector never]
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from modelpress.inference.kv_cache import KVCacheConfig  # noqa: E402
+from modelpress.nn import triton_attention  # noqa: E402
 from modelpress.nn.triton_attention import _multiprocessors, decode_attention, split_plan  # noqa: E402
 
 # (name, H, HKV, D, T, S, filled)
@@ -84,6 +89,12 @@ def main() -> None:
     p.add_argument("--plans", nargs="*", default=["32,4,2", "64,4,2", "64,8,1", "64,8,4", "128,8,2", "32,4,4",
                                                    "64,4,4", "128,4,2"],
                    help="BLOCK_S,num_warps,waves plans to time beside split_plan's default")
+    p.add_argument("--batch", type=int, default=1, help="sequences, each with its own cache")
+    p.add_argument("--codes", action="store_true", help="the kernels read int8 codes and per-token scales")
+    p.add_argument("--vector", choices=["auto", "always", "never"], default="auto",
+                   help="the one-row kernels for one query row a key/value head: where they fill the GPU (auto, "
+                        "the default), always or never (triton_attention.VECTOR_ROWS, VECTOR_MIN_WAVES)")
+    p.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     device = torch.device("cuda")
@@ -91,31 +102,51 @@ def main() -> None:
     plans = [(int(b), int(w), float(x)) for b, w, x in (plan.split(",") for plan in args.plans)]
     sms = _multiprocessors(device)
     name = torch.cuda.get_device_name(device)
-    print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches")
+    batch = args.batch
+    triton_attention.VECTOR_ROWS = args.vector != "never"
+    triton_attention.VECTOR_MIN_WAVES = 0.0 if args.vector == "always" else triton_attention.VECTOR_MIN_WAVES
+    codec = KVCacheConfig("int8").codecs()[0] if args.codes else None
+    print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; batch {batch}"
+          + (", int8 codes" if codec else "") + f", one-row kernels: {args.vector}")
     rows = []
-    for label, h, hkv, d, t, s, filled in SHAPES:
+    shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
+    for label, h, hkv, d, t, s, filled in shapes:
         generator = torch.Generator(device).manual_seed(0)
-        q = torch.randn(1, h, t, d, device=device, dtype=dtype, generator=generator)
-        caches = [(torch.randn(1, hkv, s, d, device=device, dtype=dtype, generator=generator),
-                   torch.randn(1, hkv, s, d, device=device, dtype=dtype, generator=generator)) for _ in range(LAYERS)]
+        q = torch.randn(batch, h, t, d, device=device, dtype=dtype, generator=generator)
+        caches = [(torch.randn(batch, hkv, s, d, device=device, dtype=dtype, generator=generator),
+                   torch.randn(batch, hkv, s, d, device=device, dtype=dtype, generator=generator))
+                  for _ in range(LAYERS)]
+        stored = None
+        if codec:  # the kernels' operands: (codes, codes, key scales, value scales); SDPA's: the dequantized states
+            stored = [tuple(codec.quantize(x) for x in pair) for pair in caches]
+            caches = [tuple(codec.dequantize(x, dtype) for x in pair) for pair in stored]
+            stored = [(k.qdata, v.qdata, k.scale, v.scale) for k, v in stored]
         positions = torch.arange(filled - t, filled, device=device)
         allowed = torch.arange(s, device=device)[None, :] <= positions[:, None]
         mask = torch.zeros(1, 1, t, s, device=device, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         scale = d ** -0.5
         sdpa = sdpa_call(h, hkv)
         want = reference(q, *caches[0], mask, scale)
-        default = split_plan(s, hkv, sms)
-        row = {"shape": label, "heads": h, "kv_heads": hkv, "head_dim": d, "tokens": t, "cache": s, "filled": filled,
+        one_row = triton_attention.one_row_kernels(h // hkv * t, batch * hkv, sms)
+        default = split_plan(s, batch * hkv, sms, codes_one_row=bool(codec) and one_row)
+        row = {"shape": label, "batch": batch, "codes": bool(codec), "one_row": one_row, "heads": h,
+               "kv_heads": hkv, "head_dim": d, "tokens": t, "cache": s, "filled": filled,
                "default_plan": list(default)}
         row["sdpa_us"] = time_graph(lambda i: sdpa(q, *caches[i % LAYERS], mask, scale), device)
         row["sdpa_err"] = (sdpa(q, *caches[0], mask, scale).double() - want).abs().max().item()
         timed = {}
-        candidates = {"default": default} | {f"{b},{w},{x:g}": split_plan(s, hkv, sms, b, w, x) for b, w, x in plans}
+        candidates = {"default": default} | {f"{b},{w},{x:g}": split_plan(s, batch * hkv, sms, b, w, x)
+                                             for b, w, x in plans}
+
+        def kernels(i, plan):
+            if stored is None:
+                return decode_attention(q, *caches[i % LAYERS], mask, scale, plan=plan)
+            k, v, k_scale, v_scale = stored[i % LAYERS]
+            return decode_attention(q, k, v, mask, scale, plan=plan, key_scale=k_scale, value_scale=v_scale)
+
         for key, plan in candidates.items():
-            got = decode_attention(q, *caches[0], mask, scale, plan=plan)
-            err = (got.double() - want).abs().max().item()
-            us = time_graph(lambda i, plan=plan: decode_attention(q, *caches[i % LAYERS], mask, scale, plan=plan),
-                            device)
+            err = (kernels(0, plan).double() - want).abs().max().item()
+            us = time_graph(lambda i, plan=plan: kernels(i, plan), device)
             timed[key] = {"us": us, "err": err, "plan": list(plan)}
         row["plans"] = timed
         best = min(timed, key=lambda k: timed[k]["us"])
@@ -124,10 +155,11 @@ def main() -> None:
               f" {list(candidates[default])} (err {timed[default]['err']:.1e}, {row['sdpa_us'] / timed[default]['us']:.2f}x)  "
               f"best {timed[best]['us']:7.1f} [{best}]", flush=True)
         rows.append(row)
-        del caches
+        caches = stored = None  # freed before the next shape's
         torch.cuda.empty_cache()
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": batch,
+                                         "codes": args.codes, "vector": args.vector, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -406,14 +406,21 @@ def attention_reference(q, k, v, mask, scaling):
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
+@pytest.mark.parametrize("vector", [False, True])  # triton_attention's one-row kernels, for the shapes with one row
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("b, heads, kv_heads, t, length, d", [
     (1, 32, 32, 1, 640, 128),      # Llama-2-7B decode step
     (1, 32, 8, 1, 3000, 128),      # grouped-query heads, chunks of 64
     (1, 8, 2, 5, 97, 64),          # speculative verification: 5 tokens, a ragged last chunk
     (2, 4, 4, 2, 9000, 80),        # two sequences, a head size that is no power of two, chunks of 128
+    (3, 4, 4, 1, 300, 80),         # three sequences, one row a key/value head, a ragged last chunk
 ])
-def test_the_split_cache_attention_gives_softmax_attention(cuda, dtype, b, heads, kv_heads, t, length, d):
+def test_the_split_cache_attention_gives_softmax_attention(cuda, monkeypatch, vector, dtype, b, heads, kv_heads, t,
+                                                           length, d):
+    from modelpress.nn import triton_attention
+
+    monkeypatch.setattr(triton_attention, "VECTOR_ROWS", vector)
+    monkeypatch.setattr(triton_attention, "VECTOR_MIN_WAVES", 0.0)  # at any batch, where the shape has one row
     generator = torch.Generator().manual_seed(length)
     q = torch.randn(b, heads, t, d, generator=generator).to(cuda, dtype)
     k, v = (torch.randn(b, kv_heads, length, d, generator=generator).to(cuda, dtype) for _ in "kv")
@@ -434,6 +441,23 @@ def test_the_split_cache_attention_gives_softmax_attention(cuda, dtype, b, heads
         k[:, :, position + t:] = 0
         assert torch.allclose(decode_attention(q, k, v, None, d ** -0.5).double(),
                               attention_reference(q, k, v, None, d ** -0.5), atol=1e-2, rtol=1e-2)
+
+
+def test_one_row_kernels_are_taken_where_one_row_a_head_fills_the_gpu(monkeypatch):
+    """The one-row variant serves one query row a key/value head once the (sequence, key/value head) programs fill
+    the GPU; its int8 codes are read in blocks of 128 positions with twice the waves."""
+    from modelpress.nn import triton_attention
+    from modelpress.nn.triton_attention import one_row_kernels, split_plan
+
+    monkeypatch.setattr(triton_attention, "VECTOR_ROWS", True)
+    assert one_row_kernels(1, 16 * 32, 132) and one_row_kernels(1, 132, 132)
+    assert not one_row_kernels(1, 32, 132)       # one sequence of a 7B: the tile kernels
+    assert not one_row_kernels(4, 16 * 8, 132)   # grouped-query heads: a tile of 4 rows
+    assert split_plan(640, 512, 132, codes_one_row=True) == (128, 2, 4)
+    assert split_plan(640, 512, 132) == (64, 1, 4)
+    assert split_plan(8192, 512, 132, codes_one_row=True)[0] == 128
+    monkeypatch.setattr(triton_attention, "VECTOR_ROWS", False)
+    assert not one_row_kernels(1, 16 * 32, 132)
 
 
 def test_the_split_cache_attention_leaves_what_it_does_not_serve(cuda):

@@ -162,6 +162,11 @@ def _cases(cap: tuple[int, int]):
         codes, scales = torch.randint(0, 256, (1, 8, 640, 128), dtype=torch.uint8), torch.rand(1, 8, 640, 1).half()
         yield f"decode_attention int8 codes {dtype}", lambda q=q, c=codes, s=scales: triton_attention.decode_attention(
             q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone())
+        q8 = torch.randn(1, 8, 1, 128).to(dtype)  # one query row a key/value head: the VECTOR_ROWS variant
+        yield f"decode_attention one row {dtype}", lambda q=q8, c=cache: _vector_rows(
+            lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088))
+        yield f"decode_attention one row, codes {dtype}", lambda q=q8, c=codes, s=scales: _vector_rows(
+            lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()))
     int8 = quantize_weight(weight, WeightScheme.parse("int8/channel"))
     fp8 = quantize_weight(weight, WeightScheme.parse("fp8-e4m3/channel"))
     for dtype in dtypes:
@@ -169,6 +174,18 @@ def _cases(cap: tuple[int, int]):
             x = torch.randn(m, k, generator=gen).to(dtype)
             yield f"dynamic int8 M={m} {dtype}", lambda x=x: dynamic.dynamic_int8_linear(x, int8, None)
             yield f"dynamic fp8 M={m} {dtype}", lambda x=x: dynamic_fp8.dynamic_fp8_linear(x, fp8, None)
+
+
+def _vector_rows(run):
+    """run() with triton_attention's one-row kernels taken wherever a key/value head has one query row."""
+    from modelpress.nn import triton_attention
+
+    before = triton_attention.VECTOR_ROWS, triton_attention.VECTOR_MIN_WAVES
+    triton_attention.VECTOR_ROWS, triton_attention.VECTOR_MIN_WAVES = True, 0.0
+    try:
+        return run()
+    finally:
+        triton_attention.VECTOR_ROWS, triton_attention.VECTOR_MIN_WAVES = before
 
 
 def check(cap: tuple[int, int], verbose: bool = False) -> list[str]:

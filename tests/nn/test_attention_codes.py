@@ -32,8 +32,14 @@ def reference(q, k, v, mask, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))  # numpy: no bf16
-@pytest.mark.parametrize("t, heads, kv_heads", [(1, 4, 2), (3, 2, 2)])
-def test_codes_give_the_attention_of_the_dequantized_states(device, dtype, t, heads, kv_heads):
+@pytest.mark.parametrize("t, heads, kv_heads, vector", [(1, 4, 2, False), (3, 2, 2, False), (1, 3, 3, False),
+                                                        (1, 3, 3, True)])
+def test_codes_give_the_attention_of_the_dequantized_states(monkeypatch, device, dtype, t, heads, kv_heads, vector):
+    """vector: the one-row kernels (triton_attention.VECTOR_ROWS) at any batch, codes and states alike."""
+    from modelpress.nn import triton_attention
+
+    monkeypatch.setattr(triton_attention, "VECTOR_ROWS", vector)
+    monkeypatch.setattr(triton_attention, "VECTOR_MIN_WAVES", 0.0)
     codec, _ = KVCacheConfig("int8").codecs()
     generator = torch.Generator().manual_seed(t * 10 + heads)
     length, d = 150, 64
@@ -49,8 +55,10 @@ def test_codes_give_the_attention_of_the_dequantized_states(device, dtype, t, he
     got = decode_attention(q, k_codes, v_codes, mask, d ** -0.5, plan, key_scale=k_scale, value_scale=v_scale)
     from_states = decode_attention(q, k, v, mask, d ** -0.5, plan)
     assert got is not None and got.shape == (1, t, heads, d) and got.dtype == dtype
-    # the same tiles as the dequantized states (kv_quant's arithmetic), so the same sums
-    torch.testing.assert_close(got, from_states, rtol=1e-6, atol=1e-6)
+    # the same tiles as the dequantized states (kv_quant's arithmetic), so the same sums; float32 on CUDA within its
+    # rounding (2e-6 measured on an H100: the compiler may fuse the decode's multiply into the 3xTF32 split)
+    torch.testing.assert_close(got, from_states, rtol=1e-5 if dtype == torch.float32 else 1e-6,
+                               atol=1e-5 if dtype == torch.float32 else 1e-6)
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(got.double(), reference(q, k, v, mask, d ** -0.5), rtol=tolerance, atol=tolerance)
     # slots no query may see are never used: a NaN key scale there changes nothing

@@ -12,6 +12,9 @@ of its group. Here the cache is split (flash-decoding):
   with an online softmax, and writes per row its largest score m, the sum l of exp(score - m) and the sum of
   exp(score - m) * value. Keys and values are read once for the whole group. A block no row may attend (beyond
   the written part of the cache, outside a sliding window) is skipped: its keys and values are not read.
+  Where each key/value head has one query row (a key/value head per query head, one token) and the programs fill
+  the GPU (`one_row_kernels`), the row is not padded to a 16-row tensor-core tile: products and sums run on the
+  CUDA cores, with no tile to lay out for the MMA.
 - `_combine_kernel` merges the splits of each query row: with M the largest m, out = sum(exp(m - M) acc) /
   sum(exp(m - M) l), written as transformers' attention functions return it, (B, T, H, D).
 
@@ -35,6 +38,21 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TOKENS = 16  # query tokens per call served (decode steps, speculative verification); more: the caller's SDPA
 MAX_HEAD_DIM = 256
 MAX_ROWS = 64  # query heads sharing a key/value head, times the query tokens
+# One query row a key/value head (a key/value head per query head, one token) on the CUDA cores instead of a tile of
+# 16 rows, 15 of them padding, on the tensor cores, where the (sequence, key/value head) programs fill the GPU at
+# least VECTOR_MIN_WAVES times without splitting the cache. H100, Llama-2-7B shape, 16 sequences over 640 positions,
+# µs a layer (bench/decode_attention.py --batch 16 [--codes] [--vector never]): float cache 92.6 -> 71.3, int8 codes
+# 102.8 -> 57.4 (with their plan below); decode through generate, int4/g128 at 16 rows: 2740.5 -> 3052.6 tok/s on the
+# float cache, 2559.9 -> 2952.1 on the int8 one. At one sequence (32 programs) the tile is as fast or faster (8.9
+# against 9.3 µs over 640 positions; 13.4 against 16.4 over a 2048-position cache), so it stays there.
+VECTOR_ROWS = True
+VECTOR_MIN_WAVES = 1.0
+
+
+def one_row_kernels(rows_per_kv_head: int, programs: int, multiprocessors: int) -> bool:
+    """Whether the partial kernel takes its one-row variant (VECTOR_ROWS) for `programs` (sequence, key/value head)
+    pairs with `rows_per_kv_head` query rows each."""
+    return VECTOR_ROWS and rows_per_kv_head == 1 and programs >= VECTOR_MIN_WAVES * multiprocessors
 
 
 @functools.cache
@@ -48,7 +66,8 @@ def _kernels():
                         q_sb, q_sh, q_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, mask_sb, mask_st,
                         ks_sb, ks_sh, ks_ss, vs_sb, vs_sh, vs_ss,
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr, CODES: tl.constexpr = False, PDL: tl.constexpr = False):
+                        PRECISION: tl.constexpr, CODES: tl.constexpr = False, VECTOR: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -63,47 +82,90 @@ def _kernels():
         h = kvh * G + r % G
         d = tl.arange(0, BLOCK_D)
         in_d = d < D
-        q = tl.load(q_ptr + b * q_sb + h[:, None] * q_sh + t[:, None] * q_st + d[None, :],
-                    mask=in_r[:, None] & in_d[None, :], other=0.0)
-        top = tl.full((ROWS,), float("-inf"), tl.float32)
-        total = tl.zeros((ROWS,), tl.float32)
-        acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
         first = split * BLOCKS_PER_SPLIT
-        for block in range(first, first + BLOCKS_PER_SPLIT):
-            s = block * BLOCK_S + tl.arange(0, BLOCK_S)
-            in_s = s < S
-            if MASK == 0:
-                allowed = in_r[:, None] & in_s[None, :]
-                bias = tl.zeros((ROWS, BLOCK_S), tl.float32)
-            else:
-                tile = in_r[:, None] & in_s[None, :]
-                bias = tl.load(mask_ptr + b * mask_sb + t[:, None] * mask_st + s[None, :], mask=tile,
-                               other=0).to(tl.float32)
-                allowed = tile & (bias > masked_below)
-                bias = tl.where(allowed & (MASK == 1), bias, 0.0)  # additive masks add what they keep
-            needed = tl.max(allowed.to(tl.int32), axis=0) > 0  # (BLOCK_S,) positions some row attends
-            if tl.max(needed.to(tl.int32), axis=0) > 0:  # else the block is skipped: nothing read
-                kv_tile = needed[:, None] & in_d[None, :]
-                k = tl.load(k_ptr + b * k_sb + kvh * k_sh + s[:, None] * k_ss + d[None, :], mask=kv_tile, other=0)
-                v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile, other=0)
-                if CODES:  # int8 codes (offset-binary uint8) times the token's scale, as kv_quant dequantizes them
-                    k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=needed, other=0.0)
-                    v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=needed, other=0.0)
-                    k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
-                    v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling + bias
-                scores = tl.where(allowed, scores, float("-inf"))
-                new_top = tl.maximum(top, tl.max(scores, axis=1))
-                base = tl.where(new_top == float("-inf"), 0.0, new_top)
-                keep = tl.exp(top - base)
-                p = tl.exp(scores - base[:, None])  # 0 where excluded
-                total = total * keep + tl.sum(p, axis=1)
-                acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                top = new_top
-        out = ((b * (HKV * G) + h) * T + t) * SPLITS + split
-        tl.store(m_ptr + out, top, mask=in_r)
-        tl.store(l_ptr + out, total, mask=in_r)
-        tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=in_r[:, None] & in_d[None, :])
+        if VECTOR:  # one query row (G * T == 1): products and sums on the CUDA cores, no tile to lay out for MMA
+            qv = tl.load(q_ptr + b * q_sb + kvh * q_sh + d, mask=in_d, other=0.0).to(tl.float32)
+            top = tl.full((), float("-inf"), tl.float32)
+            total = tl.zeros((), tl.float32)
+            accv = tl.zeros((BLOCK_D,), tl.float32)
+            for block in range(first, first + BLOCKS_PER_SPLIT):
+                s = block * BLOCK_S + tl.arange(0, BLOCK_S)
+                in_s = s < S
+                if MASK == 0:
+                    allowed = in_s
+                    bias = tl.zeros((BLOCK_S,), tl.float32)
+                else:
+                    bias = tl.load(mask_ptr + b * mask_sb + s, mask=in_s, other=0).to(tl.float32)
+                    allowed = in_s & (bias > masked_below)
+                    bias = tl.where(allowed & (MASK == 1), bias, 0.0)
+                if tl.max(allowed.to(tl.int32), axis=0) > 0:
+                    kv_tile = allowed[:, None] & in_d[None, :]
+                    k = tl.load(k_ptr + b * k_sb + kvh * k_sh + s[:, None] * k_ss + d[None, :], mask=kv_tile,
+                                other=0)
+                    v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile,
+                                other=0)
+                    if CODES:  # decoded and rounded to the query's dtype, as in the tile path below
+                        k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=allowed, other=0.0)
+                        v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=allowed, other=0.0)
+                        dtype = q_ptr.dtype.element_ty
+                        k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
+                        v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(dtype)
+                    scores = tl.sum(k.to(tl.float32) * qv[None, :], axis=1) * scaling + bias
+                    scores = tl.where(allowed, scores, float("-inf"))
+                    new_top = tl.maximum(top, tl.max(scores, axis=0))
+                    base = tl.where(new_top == float("-inf"), 0.0, new_top)
+                    keep = tl.exp(top - base)
+                    p = tl.exp(scores - base)
+                    total = total * keep + tl.sum(p, axis=0)
+                    accv = accv * keep + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+                    top = new_top
+            out = (b * (HKV * G) + kvh) * SPLITS + split
+            tl.store(m_ptr + out, top)
+            tl.store(l_ptr + out, total)
+            tl.store(acc_ptr + out * D + d, accv, mask=in_d)
+        else:
+            q = tl.load(q_ptr + b * q_sb + h[:, None] * q_sh + t[:, None] * q_st + d[None, :],
+                        mask=in_r[:, None] & in_d[None, :], other=0.0)
+            top = tl.full((ROWS,), float("-inf"), tl.float32)
+            total = tl.zeros((ROWS,), tl.float32)
+            acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+            for block in range(first, first + BLOCKS_PER_SPLIT):
+                s = block * BLOCK_S + tl.arange(0, BLOCK_S)
+                in_s = s < S
+                if MASK == 0:
+                    allowed = in_r[:, None] & in_s[None, :]
+                    bias = tl.zeros((ROWS, BLOCK_S), tl.float32)
+                else:
+                    tile = in_r[:, None] & in_s[None, :]
+                    bias = tl.load(mask_ptr + b * mask_sb + t[:, None] * mask_st + s[None, :], mask=tile,
+                                   other=0).to(tl.float32)
+                    allowed = tile & (bias > masked_below)
+                    bias = tl.where(allowed & (MASK == 1), bias, 0.0)  # additive masks add what they keep
+                needed = tl.max(allowed.to(tl.int32), axis=0) > 0  # (BLOCK_S,) positions some row attends
+                if tl.max(needed.to(tl.int32), axis=0) > 0:  # else the block is skipped: nothing read
+                    kv_tile = needed[:, None] & in_d[None, :]
+                    k = tl.load(k_ptr + b * k_sb + kvh * k_sh + s[:, None] * k_ss + d[None, :], mask=kv_tile,
+                                other=0)
+                    v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile,
+                                other=0)
+                    if CODES:  # int8 codes (offset-binary uint8) times the token's scale, as kv_quant dequantizes
+                        k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=needed, other=0.0)
+                        v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=needed, other=0.0)
+                        k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
+                        v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
+                    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling + bias
+                    scores = tl.where(allowed, scores, float("-inf"))
+                    new_top = tl.maximum(top, tl.max(scores, axis=1))
+                    base = tl.where(new_top == float("-inf"), 0.0, new_top)
+                    keep = tl.exp(top - base)
+                    p = tl.exp(scores - base[:, None])  # 0 where excluded
+                    total = total * keep + tl.sum(p, axis=1)
+                    acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                    top = new_top
+            out = ((b * (HKV * G) + h) * T + t) * SPLITS + split
+            tl.store(m_ptr + out, top, mask=in_r)
+            tl.store(l_ptr + out, total, mask=in_r)
+            tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=in_r[:, None] & in_d[None, :])
 
     @triton.jit
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, H, T, CHUNKS, D, o_sb, o_st, o_sh,
@@ -146,14 +208,16 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def split_plan(positions: int, programs: int, multiprocessors: int, block_s: int | None = None, warps: int = 4,
-               waves: float | None = None) -> tuple[int, int, int]:
+               waves: float | None = None, codes_one_row: bool = False) -> tuple[int, int, int]:
     """(BLOCK_S, splits, num_warps) for a cache of `positions` and `programs` (sequence, key/value head) pairs:
     enough splits of the cache that the programs fill the GPU `waves` times over (one program per multiprocessor
     and wave), blocks of `block_s` positions. Defaults from bench/decode_attention.py on an H200: blocks of 64 and
-    4 waves up to 4096 positions, blocks of 128 and 2 waves beyond (fewer splits to merge)."""
+    4 waves up to 4096 positions, blocks of 128 and 2 waves beyond (fewer splits to merge). codes_one_row: int8
+    codes read by the one-row kernels, whose blocks of one byte a value take 128 positions and 8 waves up to 4096
+    positions (H100, 16 sequences over 640: 57.4 µs a layer against 74.6 with blocks of 64 and 4 waves)."""
     long = positions > 4096
-    block_s = block_s or (128 if long else 64)
-    waves = waves or (2.0 if long else 4.0)
+    block_s = block_s or (128 if long or codes_one_row else 64)
+    waves = waves or (2.0 if long else 8.0 if codes_one_row else 4.0)
     blocks = -(-positions // block_s)
     splits = max(1, min(blocks, round(waves * multiprocessors / programs)))
     return block_s, splits, warps
@@ -207,7 +271,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             return None
         mask_sb = mask.stride(0) if mask.shape[0] == b and b > 1 else 0
         mask_st = mask.stride(2)
-    block_s, splits, warps = plan or split_plan(s, b * hkv, _multiprocessors(query.device))
+    sms = _multiprocessors(query.device)
+    vector = one_row_kernels(h // hkv * t, b * hkv, sms)
+    block_s, splits, warps = plan or split_plan(s, b * hkv, sms, codes_one_row=codes and vector)
     blocks_per_split = -(-(-(-s // block_s)) // splits)
     splits = -(-(-(-s // block_s)) // blocks_per_split)  # none left empty
     rows = b * h * t
@@ -227,7 +293,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st, *scale_strides,
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
-            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes, PDL=pdl, num_warps=warps,
+            PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes,
+            VECTOR=vector, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
