@@ -254,6 +254,30 @@ def test_attention_goes_to_the_split_cache_kernels_where_they_pay(monkeypatch, h
     assert torch.equal(got, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
 
 
+def test_int8_codes_go_to_the_kernels_even_where_sdpa_would_take_float_states(monkeypatch):
+    """One token of a model with a key/value head per query head over a long cache goes to SDPA from a float cache,
+    but an int8 cache's codes go to the kernels: SDPA would need the whole cache dequantized first."""
+    import modelpress.inference.fusion as fusion
+
+    from modelpress.inference.kv_cache import KVCacheConfig
+
+    codec, _ = KVCacheConfig("int8").codecs()
+    calls = []
+    monkeypatch.setattr(fusion, "decode_attention", lambda *args, **kwargs: calls.append(kwargs) or None)
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    length = fusion.MHA_SPLIT_MAX_POSITIONS + 76
+    q = torch.randn(1, 4, 1, 16)
+    stored = [codec.quantize(torch.randn(1, 4, length, 16)) for _ in "kv"]
+    keys, values = (s.qdata for s in stored)
+    keys.kv_scales = tuple(s.scale for s in stored)
+    fusion._split_cache_attention(module, q, keys, values, None, scaling=0.25)
+    assert len(calls) == 1 and calls[0]["key_scale"] is keys.kv_scales[0]
+    states = [codec.dequantize(s, torch.float32) for s in stored]
+    fusion._split_cache_attention(module, q, *states, None, scaling=0.25)
+    assert len(calls) == 1  # the float states: SDPA
+
+
 def test_int8_codes_the_kernels_do_not_serve_are_attended_dequantized():
     """The static int8 cache's codes (keys carrying `kv_scales`) where the kernels do not serve (here: the CPU):
     SDPA over the states kv_quant dequantizes, so the same as the cache's own dequantized read."""

@@ -343,11 +343,12 @@ def _split_cache_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     """transformers' SDPA attention function, with the calls decode_attention serves run there: few query tokens,
     no dropout, none of the options SDPA itself treats specially (soft-capping, sinks, position bias, paged
     caches, attention weights), outside torch.compile. Keys and values may be the static int8 cache's codes
-    (`key.kv_scales`: static_kv.py, read_codes): the kernels read them, anything else their dequantized states."""
+    (`key.kv_scales`: static_kv.py, read_codes): the kernels read them wherever they serve, long MHA caches included
+    (SDPA there would first write the whole cache's states out in float), anything else their dequantized states."""
     scales = getattr(key, "kv_scales", None)
     if not (dropout or torch.compiler.is_compiling() or kwargs.get("output_attentions")
             or any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias", "cache"))
-            or not _split_pays(query, key)):
+            or not (scales is not None or _split_pays(query, key))):  # SDPA would need the states dequantized
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         key_scale, value_scale = scales if scales is not None else (None, None)
         out = decode_attention(query, key, value, attention_mask, scale, key_scale=key_scale, value_scale=value_scale)
