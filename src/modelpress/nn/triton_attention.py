@@ -21,8 +21,9 @@ of its group. Here the cache is split (flash-decoding):
 Precision: the scores are the tensor cores' products of the stored queries and keys summed in float32 (exact
 products for 16-bit inputs); the softmax is float32; the probabilities multiply the values in the values' 16-bit
 type with float32 sums, as FlashAttention does (float32 inputs: TF32x3 products, float32 accuracy); one rounding
-to the query's dtype at the end. The mask is additive (a float tensor: values at or below half the dtype's
-minimum exclude a position, others are added to the scores, as SDPA adds them) or boolean (True attends).
+to the query's dtype at the end; the one-row kernels multiply and sum everything in float32 on the CUDA cores.
+The mask is additive (a float tensor: values at or below half the dtype's minimum exclude a position, others are
+added to the scores, as SDPA adds them) or boolean (True attends).
 """
 
 from __future__ import annotations
