@@ -418,7 +418,9 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # split-cache attention reads a float copy of an int8 KV cache, dequantized each step (fusion.READ_INT8_CODES off);
     # "+nokv8": an int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a layer
     # (static_kv.WRITE_INT8_KERNEL off); "+novector": the split-cache attention's tile kernels for one query row a
-    # key/value head, not its one-row variant (triton_attention.VECTOR_ROWS off)
+    # key/value head, not its one-row variant (triton_attention.VECTOR_ROWS off); "+mhasdpa": SDPA for one token of
+    # a model with a key/value head per query head at any cache length (float caches; an int8 cache's codes stay on
+    # the kernels)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
@@ -427,6 +429,7 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     with (patched(fusion, "_fuse_attention", lambda model, report: [], "noattn" in flags),
           patched(triton_backend, "PDL_KERNELS", False, "nopdl" in flags),
           patched(fusion, "MHA_SPLIT_MAX_POSITIONS", 1 << 40, "mhasplit" in flags),
+          patched(fusion, "MHA_SPLIT_MAX_POSITIONS", 0, "mhasdpa" in flags),
           patched(fusion, "RELAYOUT", False, "nomma" in flags),
           patched(triton_backend, "MMA_SPLIT_K", True, "split" in flags),
           patched(fusion, "INTERLEAVE", False, "noact" in flags),
@@ -549,7 +552,7 @@ def parse_args() -> argparse.Namespace:
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes",
-                            "auto+nokv8", "auto+novector"],
+                            "auto+nokv8", "auto+novector", "auto+mhasdpa"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
@@ -560,7 +563,7 @@ def parse_args() -> argparse.Namespace:
                         "GEMV's epilogue; +nocodes: attention reads a float copy of an int8 KV cache, not its codes; "
                         "+nokv8: an int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a "
                         "layer; +novector: the split-cache attention's tiles for one query row a key/value head, not "
-                        "its one-row kernels")
+                        "its one-row kernels; +mhasdpa: SDPA for one token of an MHA model at any cache length")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)
