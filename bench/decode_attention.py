@@ -94,6 +94,9 @@ def main() -> None:
     p.add_argument("--vector", choices=["auto", "always", "never"], default="auto",
                    help="the one-row kernels for one query row a key/value head: where they fill the GPU (auto, "
                         "the default), always or never (triton_attention.VECTOR_ROWS, VECTOR_MIN_WAVES)")
+    p.add_argument("--fold", action="store_true",
+                   help="with --codes: the one-row kernels apply the scales to scores and probabilities "
+                        "(triton_attention.FOLD_CODE_SCALES)")
     p.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -104,10 +107,12 @@ def main() -> None:
     name = torch.cuda.get_device_name(device)
     batch = args.batch
     triton_attention.VECTOR_ROWS = args.vector != "never"
+    triton_attention.FOLD_CODE_SCALES = args.fold
     triton_attention.VECTOR_MIN_WAVES = 0.0 if args.vector == "always" else triton_attention.VECTOR_MIN_WAVES
     codec = KVCacheConfig("int8").codecs()[0] if args.codes else None
     print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; batch {batch}"
-          + (", int8 codes" if codec else "") + f", one-row kernels: {args.vector}")
+          + (", int8 codes" if codec else "") + (", scales folded" if args.fold else "")
+          + f", one-row kernels: {args.vector}")
     rows = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     for label, h, hkv, d, t, s, filled in shapes:
@@ -159,7 +164,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": batch,
-                                         "codes": args.codes, "vector": args.vector, "rows": rows}, indent=1))
+                                         "codes": args.codes, "vector": args.vector, "fold": args.fold,
+                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

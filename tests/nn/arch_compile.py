@@ -167,6 +167,9 @@ def _cases(cap: tuple[int, int]):
             lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088))
         yield f"decode_attention one row, codes {dtype}", lambda q=q8, c=codes, s=scales: _vector_rows(
             lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()))
+        yield f"decode_attention one row, codes, scales folded {dtype}", lambda q=q8, c=codes, s=scales: _vector_rows(
+            lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()),
+            fold=True)
     int8 = quantize_weight(weight, WeightScheme.parse("int8/channel"))
     fp8 = quantize_weight(weight, WeightScheme.parse("fp8-e4m3/channel"))
     for dtype in dtypes:
@@ -176,16 +179,20 @@ def _cases(cap: tuple[int, int]):
             yield f"dynamic fp8 M={m} {dtype}", lambda x=x: dynamic_fp8.dynamic_fp8_linear(x, fp8, None)
 
 
-def _vector_rows(run):
-    """run() with triton_attention's one-row kernels taken wherever a key/value head has one query row."""
+def _vector_rows(run, fold: bool = False):
+    """run() with triton_attention's one-row kernels taken wherever a key/value head has one query row (with
+    FOLD_CODE_SCALES set to `fold`)."""
     from modelpress.nn import triton_attention
 
-    before = triton_attention.VECTOR_ROWS, triton_attention.VECTOR_MIN_WAVES
-    triton_attention.VECTOR_ROWS, triton_attention.VECTOR_MIN_WAVES = True, 0.0
+    names = ("VECTOR_ROWS", "VECTOR_MIN_WAVES", "FOLD_CODE_SCALES")
+    before = [getattr(triton_attention, name) for name in names]
+    for name, value in zip(names, (True, 0.0, fold)):
+        setattr(triton_attention, name, value)
     try:
         return run()
     finally:
-        triton_attention.VECTOR_ROWS, triton_attention.VECTOR_MIN_WAVES = before
+        for name, value in zip(names, before):
+            setattr(triton_attention, name, value)
 
 
 def check(cap: tuple[int, int], verbose: bool = False) -> list[str]:

@@ -40,6 +40,7 @@ def test_codes_give_the_attention_of_the_dequantized_states(monkeypatch, device,
 
     monkeypatch.setattr(triton_attention, "VECTOR_ROWS", vector)
     monkeypatch.setattr(triton_attention, "VECTOR_MIN_WAVES", 0.0)
+    monkeypatch.setattr(triton_attention, "FOLD_CODE_SCALES", False)
     codec, _ = KVCacheConfig("int8").codecs()
     generator = torch.Generator().manual_seed(t * 10 + heads)
     length, d = 150, 64
@@ -63,6 +64,40 @@ def test_codes_give_the_attention_of_the_dequantized_states(monkeypatch, device,
     torch.testing.assert_close(got.double(), reference(q, k, v, mask, d ** -0.5), rtol=tolerance, atol=tolerance)
     # slots no query may see are never used: a NaN key scale there changes nothing
     k_scale[:, :, position + t:] = float("nan")
+    poisoned = decode_attention(q, k_codes, v_codes, mask, d ** -0.5, plan, key_scale=k_scale, value_scale=v_scale)
+    assert torch.equal(poisoned, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_one_row_kernels_with_the_scales_on_the_sums_attend_the_codes(monkeypatch, device, dtype):
+    """FOLD_CODE_SCALES: each token's scale applied to its score and its probability, the codes' values exact in
+    float32. No rounding of the decoded states, so at least as close to float64 attention of the dequantized states
+    as the states themselves in the query's dtype are."""
+    from modelpress.nn import triton_attention
+
+    monkeypatch.setattr(triton_attention, "VECTOR_ROWS", True)
+    monkeypatch.setattr(triton_attention, "VECTOR_MIN_WAVES", 0.0)
+    codec, _ = KVCacheConfig("int8").codecs()
+    generator = torch.Generator().manual_seed(7)
+    b, heads, length, d = 2, 3, 150, 64
+    q = torch.randn(b, heads, 1, d, generator=generator).to(device, dtype)
+    stored = [codec.quantize(torch.randn(b, heads, length, d, generator=generator) * 3) for _ in "kv"]
+    exact = [codec.dequantize(x, torch.float64).to(device) for x in stored]
+    (k_codes, k_scale), (v_codes, v_scale) = ((x.qdata.to(device), x.scale.to(device)) for x in stored)
+    allowed = torch.arange(length) <= length - 41
+    mask = torch.zeros(1, 1, 1, length).masked_fill(~allowed, torch.finfo(dtype).min).to(device, dtype)
+    plan = (32, 3, 4)
+    want = reference(q, *exact, mask, d ** -0.5)
+    monkeypatch.setattr(triton_attention, "FOLD_CODE_SCALES", True)
+    got = decode_attention(q, k_codes, v_codes, mask, d ** -0.5, plan, key_scale=k_scale, value_scale=v_scale)
+    monkeypatch.setattr(triton_attention, "FOLD_CODE_SCALES", False)
+    rounded = decode_attention(q, k_codes, v_codes, mask, d ** -0.5, plan, key_scale=k_scale, value_scale=v_scale)
+    assert got.shape == (b, 1, heads, d) and got.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+    assert (got.double() - want).abs().mean() <= (rounded.double() - want).abs().mean() * 1.1 + 1e-9
+    k_scale[:, :, length - 40:] = float("nan")  # slots no query may see are never used
+    monkeypatch.setattr(triton_attention, "FOLD_CODE_SCALES", True)
     poisoned = decode_attention(q, k_codes, v_codes, mask, d ** -0.5, plan, key_scale=k_scale, value_scale=v_scale)
     assert torch.equal(poisoned, got)
 

@@ -48,6 +48,11 @@ MAX_ROWS = 64  # query heads sharing a key/value head, times the query tokens
 # against 9.3 µs over 640 positions; 13.4 against 16.4 over a 2048-position cache), so it stays there.
 VECTOR_ROWS = True
 VECTOR_MIN_WAVES = 1.0
+# The one-row kernels on int8 codes apply each token's scale to its score and its probability instead of decoding
+# every value to the query's dtype: a conversion, a subtraction and a product a value instead of seven operations,
+# and no rounding of the decoded states (so not bit for bit the attention of the dequantized states). Off: written
+# and checked under Triton's interpreter, not yet timed on a GPU (bench/decode_attention.py --codes --fold).
+FOLD_CODE_SCALES = False
 
 
 def one_row_kernels(rows_per_kv_head: int, programs: int, multiprocessors: int) -> bool:
@@ -68,7 +73,7 @@ def _kernels():
                         ks_sb, ks_sh, ks_ss, vs_sb, vs_sh, vs_ss,
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, CODES: tl.constexpr = False, VECTOR: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
+                        FOLD: tl.constexpr = False, PDL: tl.constexpr = False):
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -105,20 +110,29 @@ def _kernels():
                                 other=0)
                     v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile,
                                 other=0)
-                    if CODES:  # decoded and rounded to the query's dtype, as in the tile path below
-                        k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=allowed, other=0.0)
-                        v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=allowed, other=0.0)
-                        dtype = q_ptr.dtype.element_ty
-                        k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
-                        v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(dtype)
-                    scores = tl.sum(k.to(tl.float32) * qv[None, :], axis=1) * scaling + bias
-                    scores = tl.where(allowed, scores, float("-inf"))
+                    if CODES:
+                        k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=allowed,
+                                          other=0.0).to(tl.float32)
+                        v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=allowed,
+                                          other=0.0).to(tl.float32)
+                        if FOLD:  # (code - 128) exactly in float32; the scales on the sums, not on each value
+                            k = k.to(tl.float32) - 128.0
+                            v = v.to(tl.float32) - 128.0
+                        else:  # decoded and rounded to the query's dtype, as in the tile path below
+                            dtype = q_ptr.dtype.element_ty
+                            k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale[:, None]).to(dtype)
+                            v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale[:, None]).to(dtype)
+                    scores = tl.sum(k.to(tl.float32) * qv[None, :], axis=1)
+                    if CODES and FOLD:
+                        scores = scores * k_scale
+                    scores = tl.where(allowed, scores * scaling + bias, float("-inf"))
                     new_top = tl.maximum(top, tl.max(scores, axis=0))
                     base = tl.where(new_top == float("-inf"), 0.0, new_top)
                     keep = tl.exp(top - base)
                     p = tl.exp(scores - base)
                     total = total * keep + tl.sum(p, axis=0)
-                    accv = accv * keep + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+                    weights = p * v_scale if CODES and FOLD else p
+                    accv = accv * keep + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
                     top = new_top
             out = (b * (HKV * G) + kvh) * SPLITS + split
             tl.store(m_ptr + out, top)
@@ -295,7 +309,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st, *scale_strides,
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
             PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes,
-            VECTOR=vector, PDL=pdl, num_warps=warps,
+            VECTOR=vector, FOLD=codes and vector and FOLD_CODE_SCALES, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
