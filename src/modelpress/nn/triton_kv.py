@@ -98,15 +98,7 @@ def write_kv_int8(key_codes: torch.Tensor, key_scales: torch.Tensor, value_codes
                      key_states.device, value_states.device, index.device}) == 1
             and key_states.numel() and triton_available()):
         return False
-    pdl = pdl_launch(key_codes.device)
-    with torch.cuda.device(key_codes.device):
-        _kernel()[(b * h * t,)](
-            key_states, value_states, key_codes, value_codes, key_scales, value_scales, index, h, t,
-            key_states.stride(0), key_states.stride(1), key_states.stride(2),
-            value_states.stride(0), value_states.stride(1), value_states.stride(2),
-            key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
-            key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), d,
-            BLOCK_D=max(16, 1 << (d - 1).bit_length()), INT8=True, PDL=pdl, num_warps=1, launch_pdl=pdl)
+    _launch(key_states, value_states, key_codes, value_codes, index, (key_scales, value_scales))
     return True
 
 
@@ -128,12 +120,21 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, key_
             and len({keys.device, values.device, key_states.device, value_states.device, index.device}) == 1
             and key_states.numel() and triton_available()):
         return False
+    _launch(key_states, value_states, keys, values, index)
+    return True
+
+
+def _launch(key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            index: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """The write kernel over (B, H, T, D) states into the (B, H, L, D) cache: a copy, or with `scales` (the
+    int8 cache's (B, H, L, 1) key and value scales) the codes and their scales."""
+    b, h, t, d = key_states.shape
+    key_scales, value_scales = scales if scales is not None else (keys, values)  # unread without INT8
+    scale_strides = key_scales.stride()[:3] if scales is not None else (0, 0, 0)
     pdl = pdl_launch(keys.device)
     with torch.cuda.device(keys.device):
         _kernel()[(b * h * t,)](
-            key_states, value_states, keys, values, keys, values, index, h, t,  # no scales: the cache stands in
-            key_states.stride(0), key_states.stride(1), key_states.stride(2),
-            value_states.stride(0), value_states.stride(1), value_states.stride(2),
-            keys.stride(0), keys.stride(1), keys.stride(2), 0, 0, 0, d,
-            BLOCK_D=max(16, 1 << (d - 1).bit_length()), PDL=pdl, num_warps=1, launch_pdl=pdl)
-    return True
+            key_states, value_states, keys, values, key_scales, value_scales, index, h, t,
+            *key_states.stride()[:3], *value_states.stride()[:3], *keys.stride()[:3], *scale_strides, d,
+            BLOCK_D=max(16, 1 << (d - 1).bit_length()), INT8=scales is not None, PDL=pdl, num_warps=1,
+            launch_pdl=pdl)
