@@ -420,8 +420,8 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # (static_kv.WRITE_INT8_KERNEL off); "+novector": the split-cache attention's tile kernels for one query row a
     # key/value head, not its one-row variant (triton_attention.VECTOR_ROWS off); "+mhasdpa": SDPA for one token of
     # a model with a key/value head per query head at any cache length (float caches; an int8 cache's codes stay on
-    # the kernels); "+fold": the one-row kernels apply an int8 cache's scales to scores and probabilities
-    # (triton_attention.FOLD_CODE_SCALES on)
+    # the kernels); "+nofold": the kernels decode an int8 cache's codes to the query's dtype, not apply its scales
+    # to scores and probabilities (triton_attention.FOLD_CODE_SCALES off)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
@@ -437,7 +437,7 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
           patched(fusion, "READ_INT8_CODES", False, "nocodes" in flags),
           patched(static_kv, "WRITE_INT8_KERNEL", False, "nokv8" in flags),
           patched(triton_attention, "VECTOR_ROWS", False, "novector" in flags),
-          patched(triton_attention, "FOLD_CODE_SCALES", True, "fold" in flags)):
+          patched(triton_attention, "FOLD_CODE_SCALES", False, "nofold" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
@@ -554,7 +554,7 @@ def parse_args() -> argparse.Namespace:
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes",
-                            "auto+nokv8", "auto+novector", "auto+mhasdpa", "auto+fold"],
+                            "auto+nokv8", "auto+novector", "auto+mhasdpa", "auto+nofold"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
@@ -565,8 +565,9 @@ def parse_args() -> argparse.Namespace:
                         "GEMV's epilogue; +nocodes: attention reads a float copy of an int8 KV cache, not its codes; "
                         "+nokv8: an int8 KV cache quantized by the codec's PyTorch kernels, not one Triton kernel a "
                         "layer; +novector: the split-cache attention's tiles for one query row a key/value head, not "
-                        "its one-row kernels; +mhasdpa: SDPA for one token of an MHA model at any cache length; +fold: "
-                        "the one-row kernels apply an int8 cache's scales to scores and probabilities")
+                        "its one-row kernels; +mhasdpa: SDPA for one token of an MHA model at any cache length; "
+                        "+nofold: the attention kernels decode an int8 cache's codes to the query's dtype, not apply "
+                        "its scales to scores and probabilities")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

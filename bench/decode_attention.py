@@ -94,9 +94,9 @@ def main() -> None:
     p.add_argument("--vector", choices=["auto", "always", "never"], default="auto",
                    help="the one-row kernels for one query row a key/value head: where they fill the GPU (auto, "
                         "the default), always or never (triton_attention.VECTOR_ROWS, VECTOR_MIN_WAVES)")
-    p.add_argument("--fold", action="store_true",
-                   help="with --codes: the one-row kernels apply the scales to scores and probabilities "
-                        "(triton_attention.FOLD_CODE_SCALES)")
+    p.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="with --codes: the kernels decode the codes to bfloat16, not apply the scales to scores "
+                        "and probabilities (triton_attention.FOLD_CODE_SCALES off)")
     p.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -111,7 +111,7 @@ def main() -> None:
     triton_attention.VECTOR_MIN_WAVES = 0.0 if args.vector == "always" else triton_attention.VECTOR_MIN_WAVES
     codec = KVCacheConfig("int8").codecs()[0] if args.codes else None
     print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; batch {batch}"
-          + (", int8 codes" if codec else "") + (", scales folded" if args.fold else "")
+          + ((", int8 codes, " + ("scales folded" if args.fold else "decoded")) if codec else "")
           + f", one-row kernels: {args.vector}")
     rows = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
@@ -121,9 +121,10 @@ def main() -> None:
         caches = [(torch.randn(batch, hkv, s, d, device=device, dtype=dtype, generator=generator),
                    torch.randn(batch, hkv, s, d, device=device, dtype=dtype, generator=generator))
                   for _ in range(LAYERS)]
-        stored = None
+        stored = exact = None
         if codec:  # the kernels' operands: (codes, codes, key scales, value scales); SDPA's: the dequantized states
             stored = [tuple(codec.quantize(x) for x in pair) for pair in caches]
+            exact = tuple(codec.dequantize(x, torch.float64) for x in stored[0])  # errors: against the codes' states
             caches = [tuple(codec.dequantize(x, dtype) for x in pair) for pair in stored]
             stored = [(k.qdata, v.qdata, k.scale, v.scale) for k, v in stored]
         positions = torch.arange(filled - t, filled, device=device)
@@ -131,7 +132,7 @@ def main() -> None:
         mask = torch.zeros(1, 1, t, s, device=device, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         scale = d ** -0.5
         sdpa = sdpa_call(h, hkv)
-        want = reference(q, *caches[0], mask, scale)
+        want = reference(q, *(exact if codec else caches[0]), mask, scale)
         one_row = triton_attention.one_row_kernels(h // hkv * t, batch * hkv, sms)
         default = split_plan(s, batch * hkv, sms, codes_one_row=bool(codec) and one_row)
         row = {"shape": label, "batch": batch, "codes": bool(codec), "one_row": one_row, "heads": h,
@@ -160,7 +161,7 @@ def main() -> None:
               f" {list(candidates[default])} (err {timed[default]['err']:.1e}, {row['sdpa_us'] / timed[default]['us']:.2f}x)  "
               f"best {timed[best]['us']:7.1f} [{best}]", flush=True)
         rows.append(row)
-        caches = stored = None  # freed before the next shape's
+        caches = stored = exact = None  # freed before the next shape's
         torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": batch,

@@ -253,7 +253,8 @@ def test_only_an_int8_cache_without_a_float_window_takes_the_write_kernel(monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_attention_reads_int8_codes_on_cuda(cuda, dtype, monkeypatch):
     """Under the decode-time fusions an int8 static cache hands attention its codes, and the steps give the logits
-    of the same cache read dequantized (the kernels decode the same tiles)."""
+    of the same cache read dequantized, within the dtype's rounding (the kernels apply the scales to scores and
+    probabilities: triton_attention.FOLD_CODE_SCALES)."""
     from modelpress.inference import fusion
     from modelpress.inference.decoding import kernel_context
 

@@ -162,6 +162,9 @@ def _cases(cap: tuple[int, int]):
         codes, scales = torch.randint(0, 256, (1, 8, 640, 128), dtype=torch.uint8), torch.rand(1, 8, 640, 1).half()
         yield f"decode_attention int8 codes {dtype}", lambda q=q, c=codes, s=scales: triton_attention.decode_attention(
             q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone())
+        yield f"decode_attention int8 codes, scales folded {dtype}", lambda q=q, c=codes, s=scales: _vector_rows(
+            lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()),
+            fold=True, vector=False)
         q8 = torch.randn(1, 8, 1, 128).to(dtype)  # one query row a key/value head: the VECTOR_ROWS variant
         yield f"decode_attention one row {dtype}", lambda q=q8, c=cache: _vector_rows(
             lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088))
@@ -179,14 +182,14 @@ def _cases(cap: tuple[int, int]):
             yield f"dynamic fp8 M={m} {dtype}", lambda x=x: dynamic_fp8.dynamic_fp8_linear(x, fp8, None)
 
 
-def _vector_rows(run, fold: bool = False):
-    """run() with triton_attention's one-row kernels taken wherever a key/value head has one query row (with
-    FOLD_CODE_SCALES set to `fold`)."""
+def _vector_rows(run, fold: bool = False, vector: bool = True):
+    """run() with triton_attention's one-row kernels taken wherever a key/value head has one query row (never, if
+    not `vector`) and FOLD_CODE_SCALES set to `fold`."""
     from modelpress.nn import triton_attention
 
     names = ("VECTOR_ROWS", "VECTOR_MIN_WAVES", "FOLD_CODE_SCALES")
     before = [getattr(triton_attention, name) for name in names]
-    for name, value in zip(names, (True, 0.0, fold)):
+    for name, value in zip(names, (vector, 0.0, fold)):
         setattr(triton_attention, name, value)
     try:
         return run()

@@ -48,11 +48,15 @@ MAX_ROWS = 64  # query heads sharing a key/value head, times the query tokens
 # against 9.3 µs over 640 positions; 13.4 against 16.4 over a 2048-position cache), so it stays there.
 VECTOR_ROWS = True
 VECTOR_MIN_WAVES = 1.0
-# The one-row kernels on int8 codes apply each token's scale to its score and its probability instead of decoding
-# every value to the query's dtype: a conversion, a subtraction and a product a value instead of seven operations,
-# and no rounding of the decoded states (so not bit for bit the attention of the dequantized states). Off: written
-# and checked under Triton's interpreter, not yet timed on a GPU (bench/decode_attention.py --codes --fold).
-FOLD_CODE_SCALES = False
+# The kernels on int8 codes apply each token's scale to its score and its probability instead of decoding every
+# value to the query's dtype: code - 128 is exact in every query dtype, so no rounding of the decoded states (the
+# result is not bit for bit that of the kernels on the dequantized states, and closer to the exact attention of the
+# codes: test_attention_codes.py) and fewer operations a value. H100, Llama-2-7B shape, int8 codes, µs a layer
+# (bench/decode_attention.py --codes [--no-fold]): 16 sequences over 640 positions (one-row kernels) 59.9 -> 46.6
+# (SDPA on float states: 58.3); one sequence 9.8 -> 8.5 over 640, 44.5 -> 40.7 over a full 4096. Decode through
+# generate, int4/g128 on the int8 cache (bench/decode.py +nofold): 16 rows, 512-token prompts 3047 -> 3359 tok/s
+# (the float cache: 3047), one row, 2048-token prompts 300.7 -> 342.0 (the float cache: 341.6).
+FOLD_CODE_SCALES = True
 
 
 def one_row_kernels(rows_per_kv_head: int, programs: int, multiprocessors: int) -> bool:
@@ -163,19 +167,28 @@ def _kernels():
                                 other=0)
                     v = tl.load(v_ptr + b * v_sb + kvh * v_sh + s[:, None] * v_ss + d[None, :], mask=kv_tile,
                                 other=0)
-                    if CODES:  # int8 codes (offset-binary uint8) times the token's scale, as kv_quant dequantizes
-                        k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=needed, other=0.0)
-                        v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=needed, other=0.0)
-                        k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
-                        v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
-                    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling + bias
-                    scores = tl.where(allowed, scores, float("-inf"))
+                    if CODES:  # int8 codes (offset-binary uint8) and one scale a token
+                        k_scale = tl.load(ks_ptr + b * ks_sb + kvh * ks_sh + s * ks_ss, mask=needed,
+                                          other=0.0).to(tl.float32)
+                        v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=needed,
+                                          other=0.0).to(tl.float32)
+                        if FOLD:  # code - 128 is exact in every query dtype; the scales go on scores, probabilities
+                            k = (k.to(tl.float32) - 128.0).to(q.dtype)
+                            v = (v.to(tl.float32) - 128.0).to(q.dtype)
+                        else:  # times the token's scale and rounded to the query's dtype, as kv_quant dequantizes
+                            k = ((k.to(tl.int32) - 128).to(tl.float32) * k_scale[:, None]).to(q.dtype)
+                            v = ((v.to(tl.int32) - 128).to(tl.float32) * v_scale[:, None]).to(q.dtype)
+                    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                    if CODES and FOLD:
+                        scores = scores * k_scale[None, :]
+                    scores = tl.where(allowed, scores * scaling + bias, float("-inf"))
                     new_top = tl.maximum(top, tl.max(scores, axis=1))
                     base = tl.where(new_top == float("-inf"), 0.0, new_top)
                     keep = tl.exp(top - base)
                     p = tl.exp(scores - base[:, None])  # 0 where excluded
                     total = total * keep + tl.sum(p, axis=1)
-                    acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                    weights = p * v_scale[None, :] if CODES and FOLD else p
+                    acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
                     top = new_top
             out = ((b * (HKV * G) + h) * T + t) * SPLITS + split
             tl.store(m_ptr + out, top, mask=in_r)
@@ -249,10 +262,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     boolean. plan: (BLOCK_S, splits, num_warps), else split_plan's.
 
     key_scale, value_scale: key and value are then the int8 KV cache's codes (kv_cache.py's per-token `int8` mode:
-    offset-binary uint8, (B, HKV, S, D)) with one float16 scale a token, (B, HKV, S, 1); each tile is decoded as
-    kv_quant.dequantize_per_token does ((code - 128) x scale in float32, rounded to the query's dtype), so the result
-    is that of this function on the dequantized states, from half the bytes. The static int8 cache (static_kv.py)
-    hands attention its codes under fusion.READ_INT8_CODES."""
+    offset-binary uint8, (B, HKV, S, D)) with one float16 scale a token, (B, HKV, S, 1), read at half the bytes:
+    code - 128 in the query's dtype, the scales applied to scores and probabilities (FOLD_CODE_SCALES), or else each
+    tile decoded as kv_quant.dequantize_per_token does ((code - 128) x scale in float32, rounded to the query's
+    dtype: the result of this function on the dequantized states). The static int8 cache (static_kv.py) hands
+    attention its codes under fusion.READ_INT8_CODES."""
     codes = key_scale is not None
     if codes:
         if not (value_scale is not None and key.dtype == value.dtype == torch.uint8
@@ -309,7 +323,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st, *scale_strides,
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
             PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes,
-            VECTOR=vector, FOLD=codes and vector and FOLD_CODE_SCALES, PDL=pdl, num_warps=warps,
+            VECTOR=vector, FOLD=codes and FOLD_CODE_SCALES, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
