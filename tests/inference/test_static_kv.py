@@ -253,8 +253,11 @@ def test_only_an_int8_cache_without_a_float_window_takes_the_write_kernel(monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_attention_reads_int8_codes_on_cuda(cuda, dtype, monkeypatch):
     """Under the decode-time fusions an int8 static cache hands attention its codes, and the steps give the logits
-    of the same cache read dequantized, within the dtype's rounding (the kernels apply the scales to scores and
-    probabilities: triton_attention.FOLD_CODE_SCALES)."""
+    of the same cache read dequantized, within the dtype's rounding: the kernels apply the scales to scores and
+    probabilities (triton_attention.FOLD_CODE_SCALES), the dequantized states are rounded to the dtype, and in
+    bfloat16 that difference can flip a code of the keys and values written afterwards now and then (the bound of
+    the eager cache's comparison below; H100: 1.6e-2 in bfloat16, 6e-7 in float32; 0 and 6e-7 without the fold).
+    On a real model the fold is no worse than the dequantized read: bench/kv_codes.py."""
     from modelpress.inference import fusion
     from modelpress.inference.decoding import kernel_context
 
@@ -271,9 +274,11 @@ def test_the_fused_attention_reads_int8_codes_on_cuda(cuda, dtype, monkeypatch):
         plain.cache.read_codes = False
         want = teacher_forced(plain, tokens[:11])
     assert not fusion.reads_kv_codes(model, KVCacheConfig("int8"))   # the fusions undone: no codes
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for a, b in zip(want, got):
-        assert torch.allclose(a, b, atol=tol, rtol=tol)
+    scale = max(a.abs().max().item() for a in want)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    worst = max((a - b).abs().max().item() for a, b in zip(want, got)) / scale
+    print(f"largest logit difference, relative to the largest logit: {worst:.2e}")
+    assert worst <= tol
 
 
 @pytest.mark.gpu
