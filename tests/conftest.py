@@ -3,12 +3,17 @@ loaded once per session; the first load dequantizes the GGUF into the cache, ~20
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 import torch
 
 os.environ.setdefault("MODELPRESS_QUIET", "1")
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    # Triton installed without a GPU: its interpreter for every test, set before any module imports triton (a kernel
+    # test that sets it after another test's import runs jit'd language functions outside the interpreter's scope)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -278,13 +278,16 @@ def test_int8_codes_go_to_the_kernels_even_where_sdpa_would_take_float_states(mo
     assert len(calls) == 1  # the float states: SDPA
 
 
-def test_int8_codes_the_kernels_do_not_serve_are_attended_dequantized():
-    """The static int8 cache's codes (keys carrying `kv_scales`) where the kernels do not serve (here: the CPU):
-    SDPA over the states kv_quant dequantizes, so the same as the cache's own dequantized read."""
+def test_int8_codes_the_kernels_do_not_serve_are_attended_dequantized(monkeypatch):
+    """The static int8 cache's codes (keys carrying `kv_scales`) where the kernels do not serve (decode_attention
+    returns None: on the CPU, unless Triton's interpreter runs them): SDPA over the states kv_quant dequantizes, so
+    the same as the cache's own dequantized read."""
     import modelpress.inference.fusion as fusion
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from modelpress.inference.kv_cache import KVCacheConfig
+
+    monkeypatch.setattr(fusion, "decode_attention", lambda *args, **kwargs: None)
 
     codec, _ = KVCacheConfig("int8").codecs()
     module = nn.Module()

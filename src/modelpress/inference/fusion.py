@@ -397,6 +397,10 @@ def reads_kv_codes(model: nn.Module, kv_cache) -> bool:
 # positions, to SDPA beyond. Decode through generate on an H100, Llama-2-7B shape, the whole step launched with PDL
 # (bench/decode.py +mhasplit): int4 342.5 -> 352.4 tok/s over a 768-position cache, 285.4 -> 271.7 over 4096 (where
 # cuDNN streams a full cache near the read rate: bench/decode_attention.py, 28.8 µs against the kernels' 40.0).
+# Not gated on the batch: at 4-32 sequences SDPA is 11-29% faster on a full 640-position cache (58.1 against 71.3 µs
+# at 16), which made decode with 512-token prompts 4-7% faster through generate; but SDPA reads every slot of the
+# static buffer and the kernels only those written (2048 slots, 600 written: 173.4 against 75.9 µs), and the route is
+# fixed when the step is captured, before the cache's fill is known (docs/benchmarks.md, fourteenth pass).
 MHA_SPLIT_MAX_POSITIONS = 1024
 
 
