@@ -160,15 +160,16 @@ def _cases(cap: tuple[int, int]):
         yield f"decode_attention 5 tokens {dtype}", lambda q=q5, c=cache, m=mask: triton_attention.decode_attention(
             q, c, c.clone(), m, 0.088)
         codes, scales = torch.randint(0, 256, (1, 8, 640, 128), dtype=torch.uint8), torch.rand(1, 8, 640, 1).half()
-        yield f"decode_attention int8 codes {dtype}", lambda q=q, c=codes, s=scales: triton_attention.decode_attention(
-            q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone())
+        yield f"decode_attention int8 codes decoded {dtype}", lambda q=q, c=codes, s=scales: _vector_rows(
+            lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()),
+            fold=False, vector=False)
         yield f"decode_attention int8 codes, scales folded {dtype}", lambda q=q, c=codes, s=scales: _vector_rows(
             lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()),
             fold=True, vector=False)
         q8 = torch.randn(1, 8, 1, 128).to(dtype)  # one query row a key/value head: the VECTOR_ROWS variant
         yield f"decode_attention one row {dtype}", lambda q=q8, c=cache: _vector_rows(
             lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088))
-        yield f"decode_attention one row, codes {dtype}", lambda q=q8, c=codes, s=scales: _vector_rows(
+        yield f"decode_attention one row, codes decoded {dtype}", lambda q=q8, c=codes, s=scales: _vector_rows(
             lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()))
         yield f"decode_attention one row, codes, scales folded {dtype}", lambda q=q8, c=codes, s=scales: _vector_rows(
             lambda: triton_attention.decode_attention(q, c, c.clone(), None, 0.088, key_scale=s, value_scale=s.clone()),

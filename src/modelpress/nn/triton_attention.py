@@ -55,7 +55,10 @@ VECTOR_MIN_WAVES = 1.0
 # (bench/decode_attention.py --codes [--no-fold]): 16 sequences over 640 positions (one-row kernels) 59.9 -> 46.6
 # (SDPA on float states: 58.3); one sequence 9.8 -> 8.5 over 640, 44.5 -> 40.7 over a full 4096. Decode through
 # generate, int4/g128 on the int8 cache (bench/decode.py +nofold): 16 rows, 512-token prompts 3047 -> 3359 tok/s
-# (the float cache: 3047), one row, 2048-token prompts 300.7 -> 342.0 (the float cache: 341.6).
+# (the float cache: 3047), one row, 2048-token prompts 300.7 -> 342.0 (the float cache: 341.6). In float16 the tiles
+# take each block's value scales relative to its largest, or probabilities times small scales (values of 1e-3) fall
+# below float16's normal range (3.5x the decoded codes' error under the interpreter); not for bfloat16, where that
+# costs back the gain at one sequence (H100, every dtype relative: 8.5 -> 10.0 µs over 640 positions).
 FOLD_CODE_SCALES = True
 
 
@@ -77,7 +80,7 @@ def _kernels():
                         ks_sb, ks_sh, ks_ss, vs_sb, vs_sh, vs_ss,
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, CODES: tl.constexpr = False, VECTOR: tl.constexpr = False,
-                        FOLD: tl.constexpr = False, PDL: tl.constexpr = False):
+                        FOLD: tl.constexpr = False, HALF: tl.constexpr = False, PDL: tl.constexpr = False):
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -187,8 +190,16 @@ def _kernels():
                     keep = tl.exp(top - base)
                     p = tl.exp(scores - base[:, None])  # 0 where excluded
                     total = total * keep + tl.sum(p, axis=1)
-                    weights = p * v_scale[None, :] if CODES and FOLD else p
-                    acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+                    if CODES and FOLD and HALF:  # probabilities times scales relative to the block's largest:
+                        unit = tl.max(v_scale, axis=0)  # below float16's normal range otherwise for small values
+                        unit = tl.where(unit > 0, unit, 1.0)  # (values of 1e-3: 3.5x the rounding error)
+                        weights = (p * (v_scale / unit)[None, :]).to(v.dtype)
+                        acc = acc * keep[:, None] + tl.dot(weights, v, input_precision=PRECISION) * unit
+                    elif CODES and FOLD:  # bfloat16 and float32 have float32's exponent range
+                        acc = acc * keep[:, None] + tl.dot((p * v_scale[None, :]).to(v.dtype), v,
+                                                           input_precision=PRECISION)
+                    else:
+                        acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                     top = new_top
             out = ((b * (HKV * G) + h) * T + t) * SPLITS + split
             tl.store(m_ptr + out, top, mask=in_r)
@@ -323,7 +334,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st, *scale_strides,
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
             PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes,
-            VECTOR=vector, FOLD=codes and FOLD_CODE_SCALES, PDL=pdl, num_warps=warps,
+            VECTOR=vector, FOLD=codes and FOLD_CODE_SCALES,
+            HALF=query.dtype == torch.float16, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
