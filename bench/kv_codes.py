@@ -82,7 +82,7 @@ def main() -> None:
     source = load_text(args.text)
     windows = make_windows(loaded.tokenizer, source, seq_len=args.length, eval_windows=args.windows).eval.tolist()
     ways = ["folded", "decoded", "dequantized"]
-    totals = {way: {"kl": 0.0, "agree": 0, "nll": 0.0, "codes": True} for way in ["float"] + ways}
+    totals = {way: {"kl": 0.0, "agree": 0, "nll": 0.0, "codes": False} for way in ["float"] + ways}
     count = 0
     for window in windows:
         target = torch.tensor(window[args.prompt:])
