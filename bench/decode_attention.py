@@ -97,22 +97,27 @@ def main() -> None:
     p.add_argument("--no-fold", dest="fold", action="store_false",
                    help="with --codes: the kernels decode the codes to bfloat16, not apply the scales to scores "
                         "and probabilities (triton_attention.FOLD_CODE_SCALES off)")
+    p.add_argument("--contiguous", action="store_true",
+                   help="each split of the cache one contiguous run of blocks (triton_attention.INTERLEAVED_SPLITS off)")
     p.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="the query's and states' dtype")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     device = torch.device("cuda")
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     plans = [(int(b), int(w), float(x)) for b, w, x in (plan.split(",") for plan in args.plans)]
     sms = _multiprocessors(device)
     name = torch.cuda.get_device_name(device)
     batch = args.batch
     triton_attention.VECTOR_ROWS = args.vector != "never"
     triton_attention.FOLD_CODE_SCALES = args.fold
+    triton_attention.INTERLEAVED_SPLITS = not args.contiguous
     triton_attention.VECTOR_MIN_WAVES = 0.0 if args.vector == "always" else triton_attention.VECTOR_MIN_WAVES
     codec = KVCacheConfig("int8").codecs()[0] if args.codes else None
-    print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; batch {batch}"
+    print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; {args.dtype}, "
+          f"batch {batch}"
           + ((", int8 codes, " + ("scales folded" if args.fold else "decoded")) if codec else "")
-          + f", one-row kernels: {args.vector}")
+          + f", one-row kernels: {args.vector}" + (", contiguous splits" if args.contiguous else ""))
     rows = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     for label, h, hkv, d, t, s, filled in shapes:
@@ -165,7 +170,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": batch,
-                                         "codes": args.codes, "vector": args.vector, "fold": args.fold,
+                                         "dtype": args.dtype, "codes": args.codes, "vector": args.vector,
+                                         "fold": args.fold, "interleaved": not args.contiguous,
                                          "rows": rows}, indent=1))
 
 
