@@ -421,7 +421,10 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # key/value head, not its one-row variant (triton_attention.VECTOR_ROWS off); "+mhasdpa": SDPA for one token of
     # a model with a key/value head per query head at any cache length (float caches; an int8 cache's codes stay on
     # the kernels); "+nofold": the kernels decode an int8 cache's codes to the query's dtype, not apply its scales
-    # to scores and probabilities (triton_attention.FOLD_CODE_SCALES off)
+    # to scores and probabilities (triton_attention.FOLD_CODE_SCALES off); "+oldplan": the split-cache attention as
+    # planned before session 38 (each split one run of blocks; the one-row kernels in blocks of 64 positions with 4
+    # warps and 4 waves, of 128 with 4 warps and 8 waves on int8 codes, and for int8 codes only where their programs
+    # fill the GPU)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
@@ -437,7 +440,11 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
           patched(fusion, "READ_INT8_CODES", False, "nocodes" in flags),
           patched(static_kv, "WRITE_INT8_KERNEL", False, "nokv8" in flags),
           patched(triton_attention, "VECTOR_ROWS", False, "novector" in flags),
-          patched(triton_attention, "FOLD_CODE_SCALES", False, "nofold" in flags)):
+          patched(triton_attention, "FOLD_CODE_SCALES", False, "nofold" in flags),
+          patched(triton_attention, "INTERLEAVED_SPLITS", False, "oldplan" in flags),
+          patched(triton_attention, "ONE_ROW_PLAN", (64, 4.0, 4), "oldplan" in flags),
+          patched(triton_attention, "ONE_ROW_CODES_PLAN", (128, 8.0, 4), "oldplan" in flags),
+          patched(triton_attention, "VECTOR_MIN_WAVES_CODES", 1.0, "oldplan" in flags)):
         return timed_user_row(name, model, ids, path, kv, options, args)
 
 
@@ -554,7 +561,7 @@ def parse_args() -> argparse.Namespace:
                    choices=["eager", "auto", "static", "graph", "auto+compile", "static+compile", "eager+nofuse",
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes",
-                            "auto+nokv8", "auto+novector", "auto+mhasdpa", "auto+nofold"],
+                            "auto+nokv8", "auto+novector", "auto+mhasdpa", "auto+nofold", "auto+oldplan"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
@@ -567,7 +574,8 @@ def parse_args() -> argparse.Namespace:
                         "layer; +novector: the split-cache attention's tiles for one query row a key/value head, not "
                         "its one-row kernels; +mhasdpa: SDPA for one token of an MHA model at any cache length; "
                         "+nofold: the attention kernels decode an int8 cache's codes to the query's dtype, not apply "
-                        "its scales to scores and probabilities")
+                        "its scales to scores and probabilities; +oldplan: the attention's splits and one-row plans "
+                        "as before session 38")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

@@ -93,12 +93,13 @@ def main() -> None:
     p.add_argument("--codes", action="store_true", help="the kernels read int8 codes and per-token scales")
     p.add_argument("--vector", choices=["auto", "always", "never"], default="auto",
                    help="the one-row kernels for one query row a key/value head: where they fill the GPU (auto, "
-                        "the default), always or never (triton_attention.VECTOR_ROWS, VECTOR_MIN_WAVES)")
+                        "the default), always or never (triton_attention.VECTOR_ROWS, VECTOR_MIN_WAVES[_CODES])")
     p.add_argument("--no-fold", dest="fold", action="store_false",
                    help="with --codes: the kernels decode the codes to bfloat16, not apply the scales to scores "
                         "and probabilities (triton_attention.FOLD_CODE_SCALES off)")
     p.add_argument("--contiguous", action="store_true",
-                   help="each split of the cache one contiguous run of blocks (triton_attention.INTERLEAVED_SPLITS off)")
+                   help="the one-row kernels' splits of the cache as contiguous runs of blocks "
+                        "(triton_attention.INTERLEAVED_SPLITS off)")
     p.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="the query's and states' dtype")
     p.add_argument("--json", type=Path, default=None)
@@ -112,7 +113,8 @@ def main() -> None:
     triton_attention.VECTOR_ROWS = args.vector != "never"
     triton_attention.FOLD_CODE_SCALES = args.fold
     triton_attention.INTERLEAVED_SPLITS = not args.contiguous
-    triton_attention.VECTOR_MIN_WAVES = 0.0 if args.vector == "always" else triton_attention.VECTOR_MIN_WAVES
+    if args.vector == "always":
+        triton_attention.VECTOR_MIN_WAVES = triton_attention.VECTOR_MIN_WAVES_CODES = 0.0
     codec = KVCacheConfig("int8").codecs()[0] if args.codes else None
     print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; {args.dtype}, "
           f"batch {batch}"
@@ -138,8 +140,8 @@ def main() -> None:
         scale = d ** -0.5
         sdpa = sdpa_call(h, hkv)
         want = reference(q, *(exact if codec else caches[0]), mask, scale)
-        one_row = triton_attention.one_row_kernels(h // hkv * t, batch * hkv, sms)
-        default = split_plan(s, batch * hkv, sms, codes_one_row=bool(codec) and one_row)
+        one_row = triton_attention.one_row_kernels(h // hkv * t, batch * hkv, sms, bool(codec))
+        default = split_plan(s, batch * hkv, sms, one_row=one_row, codes=bool(codec))
         row = {"shape": label, "batch": batch, "codes": bool(codec), "one_row": one_row, "heads": h,
                "kv_heads": hkv, "head_dim": d, "tokens": t, "cache": s, "filled": filled,
                "default_plan": list(default)}

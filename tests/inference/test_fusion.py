@@ -433,6 +433,7 @@ def attention_reference(q, k, v, mask, scaling):
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
+@pytest.mark.parametrize("interleaved", [True, False])  # each split's blocks: every splits-th, or one run
 @pytest.mark.parametrize("vector", [False, True])  # triton_attention's one-row kernels, for the shapes with one row
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("b, heads, kv_heads, t, length, d", [
@@ -442,10 +443,11 @@ def attention_reference(q, k, v, mask, scaling):
     (2, 4, 4, 2, 9000, 80),        # two sequences, a head size that is no power of two, chunks of 128
     (3, 4, 4, 1, 300, 80),         # three sequences, one row a key/value head, a ragged last chunk
 ])
-def test_the_split_cache_attention_gives_softmax_attention(cuda, monkeypatch, vector, dtype, b, heads, kv_heads, t,
-                                                           length, d):
+def test_the_split_cache_attention_gives_softmax_attention(cuda, monkeypatch, interleaved, vector, dtype, b, heads,
+                                                           kv_heads, t, length, d):
     from modelpress.nn import triton_attention
 
+    monkeypatch.setattr(triton_attention, "INTERLEAVED_SPLITS", interleaved)
     monkeypatch.setattr(triton_attention, "VECTOR_ROWS", vector)
     monkeypatch.setattr(triton_attention, "VECTOR_MIN_WAVES", 0.0)  # at any batch, where the shape has one row
     generator = torch.Generator().manual_seed(length)
@@ -471,8 +473,8 @@ def test_the_split_cache_attention_gives_softmax_attention(cuda, monkeypatch, ve
 
 
 def test_one_row_kernels_are_taken_where_one_row_a_head_fills_the_gpu(monkeypatch):
-    """The one-row variant serves one query row a key/value head once the (sequence, key/value head) programs fill
-    the GPU; its int8 codes are read in blocks of 128 positions with twice the waves."""
+    """The one-row variant serves one query row a key/value head of int8 codes always, of float states once the
+    (sequence, key/value head) programs fill the GPU; one warp a program."""
     from modelpress.nn import triton_attention
     from modelpress.nn.triton_attention import one_row_kernels, split_plan
 
@@ -480,11 +482,13 @@ def test_one_row_kernels_are_taken_where_one_row_a_head_fills_the_gpu(monkeypatc
     assert one_row_kernels(1, 16 * 32, 132) and one_row_kernels(1, 132, 132)
     assert not one_row_kernels(1, 32, 132)       # one sequence of a 7B: the tile kernels
     assert not one_row_kernels(4, 16 * 8, 132)   # grouped-query heads: a tile of 4 rows
-    assert split_plan(640, 512, 132, codes_one_row=True) == (128, 2, 4)
-    assert split_plan(640, 512, 132) == (64, 1, 4)
-    assert split_plan(8192, 512, 132, codes_one_row=True)[0] == 128
+    assert one_row_kernels(1, 32, 132, codes=True)   # int8 codes: at any count
+    assert split_plan(640, 512, 132, one_row=True, codes=True) == (32, 4, 1)   # one warp, 16 waves: 4 splits
+    assert split_plan(640, 32, 132, one_row=True, codes=True) == (32, 20, 1)   # as many splits as blocks
+    assert split_plan(640, 512, 132) == (64, 1, 4)                             # the tiles: 64 positions, 4 waves
+    assert split_plan(8192, 32, 132)[0] == 128
     monkeypatch.setattr(triton_attention, "VECTOR_ROWS", False)
-    assert not one_row_kernels(1, 16 * 32, 132)
+    assert not one_row_kernels(1, 16 * 32, 132) and not one_row_kernels(1, 16 * 32, 132, codes=True)
 
 
 def test_the_split_cache_attention_leaves_what_it_does_not_serve(cuda):

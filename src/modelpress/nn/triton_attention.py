@@ -12,9 +12,10 @@ of its group. Here the cache is split (flash-decoding):
   with an online softmax, and writes per row its largest score m, the sum l of exp(score - m) and the sum of
   exp(score - m) * value. Keys and values are read once for the whole group. A block no row may attend (beyond
   the written part of the cache, outside a sliding window) is skipped: its keys and values are not read.
-  Where each key/value head has one query row (a key/value head per query head, one token) and the programs fill
-  the GPU (`one_row_kernels`), the row is not padded to a 16-row tensor-core tile: products and sums run on the
-  CUDA cores, with no tile to lay out for the MMA.
+  Where each key/value head has one query row (a key/value head per query head, one token) and the cache is int8
+  codes or the programs fill the GPU (`one_row_kernels`), the row is not padded to a 16-row tensor-core tile:
+  products and sums run on the CUDA cores, one warp a program, with no tile to lay out for the MMA; their splits
+  take every splits-th block of the cache, so that a cache written in part still spreads over all of them.
 - `_combine_kernel` merges the splits of each query row: with M the largest m, out = sum(exp(m - M) acc) /
   sum(exp(m - M) l), written as transformers' attention functions return it, (B, T, H, D).
 
@@ -40,14 +41,18 @@ MAX_TOKENS = 16  # query tokens per call served (decode steps, speculative verif
 MAX_HEAD_DIM = 256
 MAX_ROWS = 64  # query heads sharing a key/value head, times the query tokens
 # One query row a key/value head (a key/value head per query head, one token) on the CUDA cores instead of a tile of
-# 16 rows, 15 of them padding, on the tensor cores, where the (sequence, key/value head) programs fill the GPU at
-# least VECTOR_MIN_WAVES times without splitting the cache. H100, Llama-2-7B shape, 16 sequences over 640 positions,
-# µs a layer (bench/decode_attention.py --batch 16 [--codes] [--vector never]): float cache 92.6 -> 71.3, int8 codes
-# 102.8 -> 57.4 (with their plan below); decode through generate, int4/g128 at 16 rows: 2740.5 -> 3052.6 tok/s on the
-# float cache, 2559.9 -> 2952.1 on the int8 one. At one sequence (32 programs) the tile is as fast or faster (8.9
-# against 9.3 µs over 640 positions; 13.4 against 16.4 over a 2048-position cache), so it stays there.
+# 16 rows, 15 of them padding, on the tensor cores: for int8 codes always, for float states where the (sequence,
+# key/value head) programs fill the GPU at least VECTOR_MIN_WAVES times without splitting the cache. H100, Llama-2-7B
+# shape, 16 sequences over 640 positions, µs a layer (bench/decode_attention.py --batch 16 [--codes] [--vector
+# never]): float cache 92.6 -> 71.3, int8 codes 102.8 -> 57.4 (with the plans of then); decode through generate,
+# int4/g128 at 16 rows: 2740.5 -> 3052.6 tok/s on the float cache, 2559.9 -> 2952.1 on the int8 one. One sequence's
+# int8 codes, with ONE_ROW_CODES_PLAN (session 38, --batch 1 --codes --vector always): 8.8 -> 7.7 µs over 640
+# positions, 14.5 -> 9.7 over a 2048-position cache with 600 written, 40.7 -> 20.5 over a full 4096 (SDPA on the
+# dequantized states 29.5). One sequence's float states stay on the tiles (measured before the one-warp plan: 8.9
+# against 9.3 µs over 640 positions, 13.4 against 16.4 over 2048).
 VECTOR_ROWS = True
 VECTOR_MIN_WAVES = 1.0
+VECTOR_MIN_WAVES_CODES = 0.0
 # The kernels on int8 codes apply each token's scale to its score and its probability instead of decoding every
 # value to the query's dtype: code - 128 is exact in every query dtype, so no rounding of the decoded states (the
 # result is not bit for bit that of the kernels on the dequantized states, and closer to the exact attention of the
@@ -60,12 +65,27 @@ VECTOR_MIN_WAVES = 1.0
 # below float16's normal range (3.5x the decoded codes' error under the interpreter); not for bfloat16, where that
 # costs back the gain at one sequence (H100, every dtype relative: 8.5 -> 10.0 µs over 640 positions).
 FOLD_CODE_SCALES = True
+# The one-row kernels' split s of the cache takes blocks s, s + splits, s + 2 splits, ... instead of one contiguous
+# run, so that a static cache written only in part (a generation's early steps) still spreads its written blocks over
+# every split (16 sequences' int8 codes over a 2048-position cache with 600 written: 64.8 -> 39.3 µs a layer). The
+# tiles keep contiguous runs: interleaved, one sequence's int8 codes took 17.2 µs there against 14.5 (not analysed).
+INTERLEAVED_SPLITS = True
+# The one-row kernels' (BLOCK_S, waves, num_warps) on float states and on int8 codes: one warp a program (no sums
+# across warps), blocks of 32 positions, programs filling the GPU 16 times over. H100, Llama-2-7B shape, 16 sequences,
+# µs a layer over 640 / 2048 (600 written) positions (bench/decode_attention.py --batch 16 [--codes], session 38):
+# float 71.5 / 75.7 -> 64.8 / 64.6 (SDPA 59.5 / 178.4; blocks of 64 with 4 warps and 4 waves before, contiguous),
+# codes 46.4 / 44.8 -> 38.8 / 39.3 (blocks of 128 with 4 warps and 8 waves before). Over a full 4096-position
+# cache: float 462.7 -> 366.1 (SDPA 350.9), codes 192.9 (537 MB of codes at 2.8 TB/s). 8 sequences' float cache over
+# 640: 38.9 -> 35.1 (SDPA 32.0).
+ONE_ROW_PLAN = (32, 16.0, 1)
+ONE_ROW_CODES_PLAN = (32, 16.0, 1)
 
 
-def one_row_kernels(rows_per_kv_head: int, programs: int, multiprocessors: int) -> bool:
+def one_row_kernels(rows_per_kv_head: int, programs: int, multiprocessors: int, codes: bool = False) -> bool:
     """Whether the partial kernel takes its one-row variant (VECTOR_ROWS) for `programs` (sequence, key/value head)
-    pairs with `rows_per_kv_head` query rows each."""
-    return VECTOR_ROWS and rows_per_kv_head == 1 and programs >= VECTOR_MIN_WAVES * multiprocessors
+    pairs with `rows_per_kv_head` query rows each, on int8 codes (codes) or float states."""
+    waves = VECTOR_MIN_WAVES_CODES if codes else VECTOR_MIN_WAVES
+    return VECTOR_ROWS and rows_per_kv_head == 1 and programs >= waves * multiprocessors
 
 
 @functools.cache
@@ -80,7 +100,8 @@ def _kernels():
                         ks_sb, ks_sh, ks_ss, vs_sb, vs_sh, vs_ss,
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, CODES: tl.constexpr = False, VECTOR: tl.constexpr = False,
-                        FOLD: tl.constexpr = False, HALF: tl.constexpr = False, PDL: tl.constexpr = False):
+                        FOLD: tl.constexpr = False, HALF: tl.constexpr = False, INTERLEAVED: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -95,13 +116,14 @@ def _kernels():
         h = kvh * G + r % G
         d = tl.arange(0, BLOCK_D)
         in_d = d < D
-        first = split * BLOCKS_PER_SPLIT
+        first = split * BLOCKS_PER_SPLIT  # INTERLEAVED (one-row kernels): the i-th block is split + i * SPLITS instead
         if VECTOR:  # one query row (G * T == 1): products and sums on the CUDA cores, no tile to lay out for MMA
             qv = tl.load(q_ptr + b * q_sb + kvh * q_sh + d, mask=in_d, other=0.0).to(tl.float32)
             top = tl.full((), float("-inf"), tl.float32)
             total = tl.zeros((), tl.float32)
             accv = tl.zeros((BLOCK_D,), tl.float32)
-            for block in range(first, first + BLOCKS_PER_SPLIT):
+            for i in range(0, BLOCKS_PER_SPLIT):
+                block = split + i * SPLITS if INTERLEAVED else first + i
                 s = block * BLOCK_S + tl.arange(0, BLOCK_S)
                 in_s = s < S
                 if MASK == 0:
@@ -246,17 +268,21 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def split_plan(positions: int, programs: int, multiprocessors: int, block_s: int | None = None, warps: int = 4,
-               waves: float | None = None, codes_one_row: bool = False) -> tuple[int, int, int]:
+def split_plan(positions: int, programs: int, multiprocessors: int, block_s: int | None = None,
+               warps: int | None = None, waves: float | None = None, one_row: bool = False,
+               codes: bool = False) -> tuple[int, int, int]:
     """(BLOCK_S, splits, num_warps) for a cache of `positions` and `programs` (sequence, key/value head) pairs:
     enough splits of the cache that the programs fill the GPU `waves` times over (one program per multiprocessor
-    and wave), blocks of `block_s` positions. Defaults from bench/decode_attention.py on an H200: blocks of 64 and
-    4 waves up to 4096 positions, blocks of 128 and 2 waves beyond (fewer splits to merge). codes_one_row: int8
-    codes read by the one-row kernels, whose blocks of one byte a value take 128 positions and 8 waves up to 4096
-    positions (H100, 16 sequences over 640: 57.4 µs a layer against 74.6 with blocks of 64 and 4 waves)."""
-    long = positions > 4096
-    block_s = block_s or (128 if long or codes_one_row else 64)
-    waves = waves or (2.0 if long else 8.0 if codes_one_row else 4.0)
+    and wave), blocks of `block_s` positions. The tiles' defaults from bench/decode_attention.py on an H200: blocks
+    of 64, 4 warps and 4 waves up to 4096 positions, blocks of 128 and 2 waves beyond (fewer splits to merge).
+    one_row (the one-row kernels), on float states or int8 codes: ONE_ROW_PLAN or ONE_ROW_CODES_PLAN at any length."""
+    if one_row:
+        default_block, default_waves, default_warps = ONE_ROW_CODES_PLAN if codes else ONE_ROW_PLAN
+    elif positions > 4096:
+        default_block, default_waves, default_warps = 128, 2.0, 4
+    else:
+        default_block, default_waves, default_warps = 64, 4.0, 4
+    block_s, waves, warps = block_s or default_block, waves or default_waves, warps or default_warps
     blocks = -(-positions // block_s)
     splits = max(1, min(blocks, round(waves * multiprocessors / programs)))
     return block_s, splits, warps
@@ -312,8 +338,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         mask_sb = mask.stride(0) if mask.shape[0] == b and b > 1 else 0
         mask_st = mask.stride(2)
     sms = _multiprocessors(query.device)
-    vector = one_row_kernels(h // hkv * t, b * hkv, sms)
-    block_s, splits, warps = plan or split_plan(s, b * hkv, sms, codes_one_row=codes and vector)
+    vector = one_row_kernels(h // hkv * t, b * hkv, sms, codes)
+    block_s, splits, warps = plan or split_plan(s, b * hkv, sms, one_row=vector, codes=codes)
     blocks_per_split = -(-(-(-s // block_s)) // splits)
     splits = -(-(-(-s // block_s)) // blocks_per_split)  # none left empty
     rows = b * h * t
@@ -334,8 +360,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             value.stride(0), value.stride(1), value.stride(2), mask_sb, mask_st, *scale_strides,
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
             PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes,
-            VECTOR=vector, FOLD=codes and FOLD_CODE_SCALES,
-            HALF=query.dtype == torch.float16, PDL=pdl, num_warps=warps,
+            VECTOR=vector, FOLD=codes and FOLD_CODE_SCALES, HALF=query.dtype == torch.float16,
+            INTERLEAVED=vector and INTERLEAVED_SPLITS, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
