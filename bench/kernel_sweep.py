@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python bench/kernel_sweep.py --json sweep.json
     PYTHONPATH=src python bench/kernel_sweep.py --gemv --spec int4/g128,nf4/g64 --json gemv.json  # M = 1 GEMV
+    PYTHONPATH=src python bench/kernel_sweep.py --ms 16 --wide --shapes 12288x4096,4096x4096,22016x4096,4096x11008
 
 For each shape and M, times every candidate KernelConfig (CUDA-graph replay over rotating weight copies,
 see bench/kernels.py), checks each one's output against dequantize-then-matmul, and prints the best.
@@ -49,10 +50,14 @@ from modelpress.nn.triton_backend import (
 )
 
 
-def decode_candidates(k: int, m: int):
+def decode_candidates(k: int, m: int, wide: bool = False):
+    """Tensor-core tiles for M <= 16: BM = 16, BN = 64, BKG = 128, three stages, warps and split-K; wide: also BN
+    32 and 128, two K steps a loop step (SUB = 2), four stages."""
     splits = [s for s in (1, 2, 4, 8, 16) if k // (128 * s) >= 3]
-    for warps, split in itertools.product((2, 4), splits):
-        yield KernelConfig(BM=16, BN=64, BKG=128, SUB=1, SPLIT=split, num_warps=warps, num_stages=3), True
+    bns, subs, stages = ((32, 64, 128), (1, 2), (3, 4)) if wide else ((64,), (1,), (3,))
+    for bn, sub, stage, warps, split in itertools.product(bns, subs, stages, (2, 4), splits):
+        if k // (128 * sub * split) >= 2:
+            yield KernelConfig(BM=16, BN=bn, BKG=128, SUB=sub, SPLIT=split, num_warps=warps, num_stages=stage), True
 
 
 def prefill_candidates():
@@ -68,7 +73,7 @@ def run_config(packs, x, config, use_asm):
     return lambda p: fused_matmul(x, p, None, config, use_asm=use_asm)
 
 
-def sweep(spec: str, shapes, ms, dtype) -> list[dict]:
+def sweep(spec: str, shapes, ms, dtype, wide: bool = False) -> list[dict]:
     rows = []
     for n, k in shapes:
         first = random_packed(spec, n, k)
@@ -76,7 +81,7 @@ def sweep(spec: str, shapes, ms, dtype) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device=DEVICE).to(dtype)
             ref = F.linear(x.float(), first.dequantize(torch.float32))
-            candidates = decode_candidates(k, m) if m <= 16 else prefill_candidates()
+            candidates = decode_candidates(k, m, wide) if m <= 16 else prefill_candidates()
             best = None
             for config, use_asm in candidates:
                 row = {"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype), "config": config.__dict__,
@@ -354,8 +359,10 @@ def main() -> None:
     parser.add_argument("--gluon-pipelines", action="store_true", help="Gluon GEMV: prefetch depth and K layout")
     parser.add_argument("--gluon", action="store_true", help="sweep the Gluon GEMV (M = 1, 4-bit) and its stack")
     parser.add_argument("--shapes", default=None,
-                        help="NxK,... for --gluon / --gluon-pipelines instead of the 7B shapes (no stack), e.g. "
-                             "12288x4096,22016x4096: q/k/v and gate/up as decode runs them stacked")
+                        help="NxK,... instead of the 7B shapes (no stack), e.g. 12288x4096,22016x4096: q/k/v and "
+                             "gate/up as decode runs them stacked")
+    parser.add_argument("--wide", action="store_true",
+                        help="tile sweep, M <= 16: also BN 32 / 128, SUB 2 and 4 stages (triton_backend.choose_plan)")
     args = parser.parse_args()
     shapes = (SHAPES[:3] if args.shapes is None else
               [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")])
@@ -384,8 +391,9 @@ def main() -> None:
         args.json.write_text(json.dumps(rows))
         return
     ms = [int(v) for v in args.ms.split(",")]
-    shapes = [s for s in SHAPES if s != (14336, 4096)]  # 11008x4096 stands for it
-    rows = sweep(args.spec, shapes, ms, torch.bfloat16)
+    if args.shapes is None:
+        shapes = [s for s in SHAPES if s != (14336, 4096)]  # 11008x4096 stands for it
+    rows = sweep(args.spec, shapes, ms, torch.bfloat16, args.wide)
     args.json.write_text(json.dumps(rows))
 
 
