@@ -442,6 +442,7 @@ def attention_reference(q, k, v, mask, scaling):
     (1, 8, 2, 5, 97, 64),          # speculative verification: 5 tokens, a ragged last chunk
     (2, 4, 4, 2, 9000, 80),        # two sequences, a head size that is no power of two, chunks of 128
     (3, 4, 4, 1, 300, 80),         # three sequences, one row a key/value head, a ragged last chunk
+    (2, 2, 2, 1, 200, 256),        # heads of 256 (Gemma): the one-row kernels' blocks halved
 ])
 def test_the_split_cache_attention_gives_softmax_attention(cuda, monkeypatch, interleaved, vector, dtype, b, heads,
                                                            kv_heads, t, length, d):
@@ -485,6 +486,8 @@ def test_one_row_kernels_are_taken_where_one_row_a_head_fills_the_gpu(monkeypatc
     assert one_row_kernels(1, 32, 132, codes=True)   # int8 codes: at any count
     assert split_plan(640, 512, 132, one_row=True, codes=True) == (32, 4, 1)   # one warp, 16 waves: 4 splits
     assert split_plan(640, 32, 132, one_row=True, codes=True) == (32, 20, 1)   # as many splits as blocks
+    assert split_plan(640, 512, 132, one_row=True, head_dim=256)[0] == 16      # a warp's tile no larger than timed
+    assert split_plan(640, 512, 132, one_row=True, head_dim=64)[0] == 32
     assert split_plan(640, 512, 132) == (64, 1, 4)                             # the tiles: 64 positions, 4 waves
     assert split_plan(8192, 32, 132)[0] == 128
     monkeypatch.setattr(triton_attention, "VECTOR_ROWS", False)

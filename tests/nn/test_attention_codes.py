@@ -117,3 +117,26 @@ def test_codes_the_kernels_cannot_read_are_left_to_the_caller(device):
     assert decode_attention(q, codes, codes, None, 0.125, key_scale=scale.float(), value_scale=scale) is None
     assert decode_attention(q, codes, codes, None, 0.125, key_scale=scale[:, :, :9], value_scale=scale) is None
     assert decode_attention(q, codes.float(), codes.float(), None, 0.125, key_scale=scale, value_scale=scale) is None
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_one_sequence_of_codes_takes_the_one_row_kernels_at_their_own_plan(monkeypatch, device, head_dim):
+    """An MHA model's int8 codes at one sequence go to the one-row kernels (VECTOR_MIN_WAVES_CODES) with their
+    default plan (blocks shortened for heads of 256), over a cache written in part."""
+    from modelpress.nn import triton_attention
+
+    calls = []
+    plan = triton_attention.split_plan
+    monkeypatch.setattr(triton_attention, "split_plan", lambda *a, **kw: calls.append(kw) or plan(*a, **kw))
+    codec, _ = KVCacheConfig("int8").codecs()
+    generator = torch.Generator().manual_seed(head_dim)
+    heads, length = 2, 300
+    q = torch.randn(1, heads, 1, head_dim, generator=generator).to(device, torch.float16)
+    stored = [codec.quantize(torch.randn(1, heads, length, head_dim, generator=generator)) for _ in "kv"]
+    exact = [codec.dequantize(x, torch.float64).to(device) for x in stored]
+    (k_codes, k_scale), (v_codes, v_scale) = ((x.qdata.to(device), x.scale.to(device)) for x in stored)
+    allowed = torch.arange(length) <= 100                              # a third written
+    mask = torch.zeros(1, 1, 1, length).masked_fill(~allowed, torch.finfo(torch.float16).min).to(device, torch.float16)
+    got = decode_attention(q, k_codes, v_codes, mask, head_dim ** -0.5, key_scale=k_scale, value_scale=v_scale)
+    assert calls == [dict(one_row=True, codes=True, head_dim=head_dim)]
+    torch.testing.assert_close(got.double(), reference(q, *exact, mask, head_dim ** -0.5), rtol=2e-3, atol=2e-3)
