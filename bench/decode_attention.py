@@ -40,6 +40,7 @@ SHAPES = [
     ("llama3-8b (GQA 4), 640", 32, 8, 128, 1, 640, 600),
     ("llama3-8b (GQA 4), 8192 full", 32, 8, 128, 1, 8192, 8192),
     ("llama2-7b verify T=5, 640", 32, 32, 128, 5, 640, 600),
+    ("gemma-7b (16 heads of 256), 640", 16, 16, 256, 1, 640, 600),
 ]
 LAYERS = 16
 CALLS_PER_GRAPH = 32
