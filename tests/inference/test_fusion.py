@@ -487,6 +487,7 @@ def test_one_row_kernels_are_taken_where_one_row_a_head_fills_the_gpu(monkeypatc
     assert split_plan(640, 512, 132, one_row=True, codes=True) == (32, 4, 1)   # one warp, 16 waves: 4 splits
     assert split_plan(640, 32, 132, one_row=True, codes=True) == (32, 20, 1)   # as many splits as blocks
     assert split_plan(640, 512, 132, one_row=True, head_dim=256)[0] == 16      # a warp's tile no larger than timed
+    assert split_plan(640, 512, 132, one_row=True, head_dim=192)[0] == 16      # padded to 256: a power of two
     assert split_plan(640, 512, 132, one_row=True, head_dim=64)[0] == 32
     assert split_plan(640, 512, 132) == (64, 1, 4)                             # the tiles: 64 positions, 4 waves
     assert split_plan(8192, 32, 132)[0] == 128

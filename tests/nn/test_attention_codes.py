@@ -119,10 +119,10 @@ def test_codes_the_kernels_cannot_read_are_left_to_the_caller(device):
     assert decode_attention(q, codes.float(), codes.float(), None, 0.125, key_scale=scale, value_scale=scale) is None
 
 
-@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("head_dim", [64, 192, 256])
 def test_one_sequence_of_codes_takes_the_one_row_kernels_at_their_own_plan(monkeypatch, device, head_dim):
     """An MHA model's int8 codes at one sequence go to the one-row kernels (VECTOR_MIN_WAVES_CODES) with their
-    default plan (blocks shortened for heads of 256), over a cache written in part."""
+    default plan (blocks shortened for heads wider than 128), over a cache written in part."""
     from modelpress.nn import triton_attention
 
     calls = []

@@ -280,7 +280,8 @@ def split_plan(positions: int, programs: int, multiprocessors: int, block_s: int
     over 640 positions: one warp holding 16 KB of a tile, 128 positions of 128 codes, took 645.7 µs; 8 KB, 46.2)."""
     if one_row:
         default_block, default_waves, default_warps = ONE_ROW_CODES_PLAN if codes else ONE_ROW_PLAN
-        default_block = max(16, default_block * 128 // max(128, head_dim))
+        width = 1 << (max(head_dim, 128) - 1).bit_length()  # the head as the kernel pads it (BLOCK_D)
+        default_block = max(16, default_block * 128 // width)
     elif positions > 4096:
         default_block, default_waves, default_warps = 128, 2.0, 4
     else:
