@@ -76,7 +76,7 @@ INTERLEAVED_SPLITS = True
 # float 71.5 / 75.7 -> 64.8 / 64.6 (SDPA 59.5 / 178.4; blocks of 64 with 4 warps and 4 waves before, contiguous),
 # codes 46.4 / 44.8 -> 38.8 / 39.3 (blocks of 128 with 4 warps and 8 waves before). Over a full 4096-position
 # cache: float 462.7 -> 366.1 (SDPA 350.9), codes 192.9 (537 MB of codes at 2.8 TB/s). 8 sequences' float cache over
-# 640: 38.9 -> 35.1 (SDPA 32.0).
+# 640: 41.6 -> 35.1 (SDPA 31.5-32.0).
 ONE_ROW_PLAN = (32, 16.0, 1)
 ONE_ROW_CODES_PLAN = (32, 16.0, 1)
 
