@@ -101,10 +101,6 @@ def main() -> None:
     p.add_argument("--contiguous", action="store_true",
                    help="the one-row kernels' splits of the cache as contiguous runs of blocks "
                         "(triton_attention.INTERLEAVED_SPLITS off)")
-    p.add_argument("--no-prmt", dest="prmt", action="store_false",
-                   help="one-row kernels: codes to floats by the plain conversion (triton_attention.PRMT_CODES off)")
-    p.add_argument("--max-registers", type=int, default=triton_attention.ONE_ROW_MAX_REGISTERS or 0,
-                   help="one-row kernels' register cap (triton_attention.ONE_ROW_MAX_REGISTERS; 0: none)")
     p.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="the query's and states' dtype")
     p.add_argument("--json", type=Path, default=None)
@@ -118,16 +114,13 @@ def main() -> None:
     triton_attention.VECTOR_ROWS = args.vector != "never"
     triton_attention.FOLD_CODE_SCALES = args.fold
     triton_attention.INTERLEAVED_SPLITS = not args.contiguous
-    triton_attention.PRMT_CODES = args.prmt
-    triton_attention.ONE_ROW_MAX_REGISTERS = args.max_registers or None
     if args.vector == "always":
         triton_attention.VECTOR_MIN_WAVES = triton_attention.VECTOR_MIN_WAVES_CODES = 0.0
     codec = KVCacheConfig("int8").codecs()[0] if args.codes else None
     print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; {args.dtype}, "
           f"batch {batch}"
           + ((", int8 codes, " + ("scales folded" if args.fold else "decoded")) if codec else "")
-          + f", one-row kernels: {args.vector}" + (", contiguous splits" if args.contiguous else "")
-          + f", PRMT codes {'on' if args.prmt else 'off'}, register cap {args.max_registers or 'none'}")
+          + f", one-row kernels: {args.vector}" + (", contiguous splits" if args.contiguous else ""))
     rows = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     for label, h, hkv, d, t, s, filled in shapes:
@@ -182,7 +175,6 @@ def main() -> None:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": batch,
                                          "dtype": args.dtype, "codes": args.codes, "vector": args.vector,
                                          "fold": args.fold, "interleaved": not args.contiguous,
-                                         "prmt": args.prmt, "max_registers": args.max_registers,
                                          "rows": rows}, indent=1))
 
 

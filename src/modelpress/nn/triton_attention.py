@@ -65,13 +65,6 @@ VECTOR_MIN_WAVES_CODES = 0.0
 # below float16's normal range (3.5x the decoded codes' error under the interpreter); not for bfloat16, where that
 # costs back the gain at one sequence (H100, every dtype relative: 8.5 -> 10.0 µs over 640 positions).
 FOLD_CODE_SCALES = True
-# The one-row kernels on int8 codes turn each code into code - 128 in float32 with two instructions (a PRMT that
-# puts it under the bits of 2^23, a subtract) instead of three: the loop of one block went from 1481 to 1234
-# instructions (SASS for sm_90, 32 positions, one warp). Their registers are capped at ONE_ROW_MAX_REGISTERS: at
-# 168 (uncapped) twelve one-warp programs fit a multiprocessor, so 16 sequences' 2048 programs (16 waves of the
-# plan) ran in two rounds; at 128 sixteen fit (three values spilled, outside the loop's work).
-PRMT_CODES = True
-ONE_ROW_MAX_REGISTERS = 128
 # The one-row kernels' split s of the cache takes blocks s, s + splits, s + 2 splits, ... instead of one contiguous
 # run, so that a static cache written only in part (a generation's early steps) still spreads its written blocks over
 # every split (16 sequences' int8 codes over a 2048-position cache with 600 written: 64.8 -> 39.3 µs a layer). The
@@ -108,7 +101,7 @@ def _kernels():
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, CODES: tl.constexpr = False, VECTOR: tl.constexpr = False,
                         FOLD: tl.constexpr = False, HALF: tl.constexpr = False, INTERLEAVED: tl.constexpr = False,
-                        PDL: tl.constexpr = False, ASM: tl.constexpr = False):
+                        PDL: tl.constexpr = False):
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -151,17 +144,7 @@ def _kernels():
                                           other=0.0).to(tl.float32)
                         v_scale = tl.load(vs_ptr + b * vs_sb + kvh * vs_sh + s * vs_ss, mask=allowed,
                                           other=0.0).to(tl.float32)
-                        if FOLD and ASM:  # (code - 128) exactly in float32; the scales on the sums, not on each value
-                            # (PRMT_CODES: each code under the bits of 2^23 by one PRMT, four a word, less 2^23 + 128)
-                            k, v = tl.inline_asm_elementwise(
-                                "{ .reg .b32 m; mov.b32 m, 0x4B000000; prmt.b32 $0, $8, m, 0x7650; "
-                                "prmt.b32 $1, $8, m, 0x7651; prmt.b32 $2, $8, m, 0x7652; prmt.b32 $3, $8, m, 0x7653; "
-                                "prmt.b32 $4, $9, m, 0x7650; prmt.b32 $5, $9, m, 0x7651; prmt.b32 $6, $9, m, 0x7652; "
-                                "prmt.b32 $7, $9, m, 0x7653; }", "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [k, v],
-                                dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
-                            k = k.to(tl.float32, bitcast=True) - 8388736.0
-                            v = v.to(tl.float32, bitcast=True) - 8388736.0
-                        elif FOLD:
+                        if FOLD:  # (code - 128) exactly in float32; the scales on the sums, not on each value
                             k = k.to(tl.float32) - 128.0
                             v = v.to(tl.float32) - 128.0
                         else:  # decoded and rounded to the query's dtype, as in the tile path below
@@ -382,8 +365,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
             PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes,
             VECTOR=vector, FOLD=codes and FOLD_CODE_SCALES, HALF=query.dtype == torch.float16,
-            INTERLEAVED=vector and INTERLEAVED_SPLITS, PDL=pdl, ASM=PRMT_CODES and not _interpreting(), num_warps=warps,
-            **({"maxnreg": ONE_ROW_MAX_REGISTERS} if vector and ONE_ROW_MAX_REGISTERS and not _interpreting() else {}),
+            INTERLEAVED=vector and INTERLEAVED_SPLITS, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
