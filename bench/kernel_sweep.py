@@ -50,14 +50,16 @@ from modelpress.nn.triton_backend import (
 )
 
 
-def decode_candidates(k: int, m: int, wide: bool = False):
-    """Tensor-core tiles for M <= 16: BM = 16, BN = 64, BKG = 128, three stages, warps and split-K; wide: also BN
-    32 and 128, two K steps a loop step (SUB = 2), four stages."""
-    splits = [s for s in (1, 2, 4, 8, 16) if k // (128 * s) >= 3]
-    bns, subs, stages = ((32, 64, 128), (1, 2), (3, 4)) if wide else ((64,), (1,), (3,))
+def decode_candidates(k: int, m: int, wide: bool = False, bkg: int = 128):
+    """Tensor-core tiles for M <= 16: BM = 16, BN = 64, group tiles of bkg (at most 128) columns, three stages, warps
+    and split-K; wide: also BN 32 and 128, two or (groups under 128 columns) four group tiles a loop step, four
+    stages."""
+    splits = [s for s in (1, 2, 4, 8, 16) if k // (bkg * s) >= 3]
+    bns, stages = ((32, 64, 128), (3, 4)) if wide else ((64,), (3,))
+    subs = ((1, 2) if bkg >= 128 else (1, 2, 4)) if wide else (1,)
     for bn, sub, stage, warps, split in itertools.product(bns, subs, stages, (2, 4), splits):
-        if k // (128 * sub * split) >= 2:
-            yield KernelConfig(BM=16, BN=bn, BKG=128, SUB=sub, SPLIT=split, num_warps=warps, num_stages=stage), True
+        if k // (bkg * sub * split) >= 2:
+            yield KernelConfig(BM=16, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=warps, num_stages=stage), True
 
 
 def prefill_candidates():
@@ -81,7 +83,8 @@ def sweep(spec: str, shapes, ms, dtype, wide: bool = False) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device=DEVICE).to(dtype)
             ref = F.linear(x.float(), first.dequantize(torch.float32))
-            candidates = decode_candidates(k, m, wide) if m <= 16 else prefill_candidates()
+            candidates = (decode_candidates(k, m, wide, min(group_tile(first) or 16, 128)) if m <= 16
+                          else prefill_candidates())
             best = None
             for config, use_asm in candidates:
                 row = {"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype), "config": config.__dict__,
