@@ -10,7 +10,6 @@ output row block past N, and an output buffer poisoned with NaN plus one extra r
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 import os
 
@@ -155,7 +154,7 @@ def test_gemv_plan_selection():
 
 
 def test_small_m_plan_tiles_split_and_result():
-    """M = 2..16 on the tensor-core tiles: 4-bit weights in groups of 128 take SMALL_M_TILES (32 rows, two group
+    """M = 2..16 on the tensor-core tiles: int4 weights in groups of 128 take SMALL_M_TILES (32 rows, two group
     tiles a step), split-K towards the programs per SM while every split keeps its loop steps; other weights the
     other tiles. The chosen plan's result matches float64 (a ragged last step, rows past N unwritten)."""
     from modelpress.nn import triton_backend
@@ -169,6 +168,7 @@ def test_small_m_plan_tiles_split_and_result():
         assert plan.SPLIT == 1 or programs // 2 < per_sm * 132  # no more halving than the target asks
     assert choose_plan(16, 4096, 4096, 64, 132, True).BN == triton_backend.SMALL_M_TILES_OTHER[0]  # groups of 64
     assert choose_plan(16, 4096, 4096, 128, 132, False).BN == triton_backend.SMALL_M_TILES_OTHER[0]  # 8-bit
+    assert choose_plan(16, 4096, 4096, 128, 132, True, 1).BN == triton_backend.SMALL_M_TILES_OTHER[0]  # NF4
     n, k = (72, 1408) if CUDA else (40, 640)  # 1408 = 5.5 steps of 256 columns: a ragged last step
     for spec in ("int4/g128", "int4-asym/g128"):
         packed = make_packed(spec, n, k, seed=5, perm=False)

@@ -286,7 +286,7 @@ def gluon_gemv_available() -> bool:
 
 # Tensor-core tiles for M <= 16 (one BM = 16 row tile): BN rows, SUB group tiles of at most 128 columns a loop
 # step, num_warps, the programs per multiprocessor that K is split towards (powers of two) and the loop steps every
-# split keeps. 4-bit weights in groups of 128 (bench/kernel_sweep.py --ms 16 --wide, H100, the four 7B shapes):
+# split keeps. int4 weights in groups of 128 (bench/kernel_sweep.py --ms 16 --wide, H100, the four 7B shapes):
 # 32 rows and two group tiles a step, split towards 3 programs per SM, 71.4 µs for the four against 80.2 for the
 # tiles below (17.9 / 9.5 / 27.2 / 16.8 µs on 12288x4096, 4096x4096, 22016x4096, 4096x11008). Through generate, 16
 # prompts, Llama-2-7B shape (bench/decode.py +oldtiles): int4/g128 3071.5 -> 3241.1 tok/s on the float KV cache,
@@ -302,7 +302,7 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
     """Tiles by size of M. Up to GEMV_MAX_M, for weights the GEMV serves (gemv_ok) the CUDA-core GEMV
     (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
     in (BM x BN) tiles, K split until the grid reaches a number of programs per multiprocessor (each keeps only
-    a few tiles of memory in flight) while every split keeps a few loop steps: SMALL_M_TILES for M <= 16 (4-bit
+    a few tiles of memory in flight) while every split keeps a few loop steps: SMALL_M_TILES for M <= 16 (int4
     weights the GEMV serves, groups of 128 or more), else SMALL_M_TILES_OTHER; BM = 32 / 64 tiles above 16 rows.
     Prefill dequantizes, then cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV)."""
     if m >= DEQUANT_MIN_M:
@@ -311,7 +311,7 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
         return gemv_plan(n, k, bkg, kind, sms)
     step = min(bkg, 128)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    tiles = SMALL_M_TILES if bm == 16 and gemv_ok and step == 128 else SMALL_M_TILES_OTHER
+    tiles = SMALL_M_TILES if bm == 16 and gemv_ok and kind == 0 and step == 128 else SMALL_M_TILES_OTHER
     bn, sub, warps, programs_per_sm, min_steps = tiles
     warps = warps if bm == 16 else 4
     blocks = _cdiv(m, bm) * _cdiv(n, bn)
