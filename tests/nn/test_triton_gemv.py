@@ -153,29 +153,17 @@ def test_gemv_plan_selection():
     assert small.SUB * small.BKG * 2 <= 256 or small.SUB == 1
 
 
-def test_small_m_plan_tiles_split_and_result():
-    """M = 2..16 on the tensor-core tiles: int4 weights in groups of 128 take SMALL_M_TILES (32 rows, two group
-    tiles a step), split-K towards the programs per SM while every split keeps its loop steps; other weights the
-    other tiles. The chosen plan's result matches float64 (a ragged last step, rows past N unwritten)."""
-    from modelpress.nn import triton_backend
-
-    for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
-        plan = choose_plan(16, n, k, 128, 132, True)
-        assert (plan.BM, plan.BN, plan.SUB) == (16, 32, 2) and not plan.gemv
-        bn, sub, _, per_sm, min_steps = triton_backend.SMALL_M_TILES
-        programs = -(-n // bn) * plan.SPLIT
-        assert k // (plan.BKG * sub * plan.SPLIT) >= min_steps
-        assert plan.SPLIT == 1 or programs // 2 < per_sm * 132  # no more halving than the target asks
-    assert choose_plan(16, 4096, 4096, 64, 132, True).BN == triton_backend.SMALL_M_TILES_OTHER[0]  # groups of 64
-    assert choose_plan(16, 4096, 4096, 128, 132, False).BN == triton_backend.SMALL_M_TILES_OTHER[0]  # 8-bit
-    assert choose_plan(16, 4096, 4096, 128, 132, True, 1).BN == triton_backend.SMALL_M_TILES_OTHER[0]  # NF4
-    n, k = (72, 1408) if CUDA else (40, 640)  # 1408 = 5.5 steps of 256 columns: a ragged last step
+def test_small_m_tiles_match_float64():
+    """M = 16 on the tensor-core tiles int4 weights in groups of 128 take (SMALL_M_TILES: 32 rows, two group tiles a
+    loop step; tests/nn/test_plans.py checks the choice) against float64, with a ragged last step, split 1 and 2,
+    rows past N unwritten."""
+    n, k = (72, 1408) if CUDA else (40, 640)  # 1408 = 5.5 steps of 256 columns, 640 = 2.5
     for spec in ("int4/g128", "int4-asym/g128"):
         packed = make_packed(spec, n, k, seed=5, perm=False)
         x = torch.randn(16, k, device=DEVICE, dtype=torch.float16)
         for split in (1, 2):
             config = dataclasses.replace(plan_for(16, packed, DEVICE), SPLIT=split, pdl=False)
-            assert (config.BN, config.SUB) == (32, 2)
+            assert (config.BM, config.BN, config.SUB) == (16, 32, 2)
             buffer = torch.full((17, n), float("nan"), device=DEVICE, dtype=x.dtype)
             y = fused_matmul(x, packed, None, config, out=buffer[:16])
             assert torch.isnan(buffer[16]).all() and torch.isfinite(y).all()

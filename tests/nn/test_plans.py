@@ -1,0 +1,34 @@
+"""Which tensor-core tiles triton_backend.choose_plan gives small M (batched decoding, verify passes); runs without a
+GPU or Triton. tests/nn/test_triton_gemv.py checks the tiles' results."""
+
+from __future__ import annotations
+
+from modelpress.nn import triton_backend
+from modelpress.nn.triton_backend import choose_plan
+
+SEVEN_B = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))  # q/k/v, o, gate/up, down
+
+
+def test_int4_in_groups_of_128_take_the_small_m_tiles_split_towards_the_target():
+    bn, sub, _, per_sm, min_steps = triton_backend.SMALL_M_TILES
+    for m in (2, 9, 16):
+        for n, k in SEVEN_B:
+            plan = choose_plan(m, n, k, 128, 132, True)
+            assert (plan.BM, plan.BN, plan.SUB, plan.gemv, plan.dequant) == (16, bn, sub, False, False)
+            assert k // (plan.BKG * sub * plan.SPLIT) >= min_steps  # every split keeps its loop steps
+            programs = -(-n // bn) * plan.SPLIT
+            # split no further than the target asks: halving the split would fall short of it
+            assert plan.SPLIT == 1 or programs // 2 < per_sm * 132
+    # the sweep's per-shape best splits (bench/kernel_sweep.py --ms 16 --wide, H100)
+    assert [choose_plan(16, n, k, 128, 132, True).SPLIT for n, k in SEVEN_B] == [2, 4, 1, 4]
+
+
+def test_other_weights_keep_the_other_tiles():
+    other = triton_backend.SMALL_M_TILES_OTHER[0]
+    assert choose_plan(16, 4096, 4096, 64, 132, True).BN == other  # groups of 64
+    assert choose_plan(16, 4096, 4096, 128, 132, False).BN == other  # 8-bit, or codes that do not view as words
+    assert choose_plan(16, 4096, 4096, 128, 132, True, 1).BN == other  # NF4
+    assert choose_plan(1, 4096, 4096, 128, 132, False).BN == other  # M = 1 of 8-bit weights runs the tiles too
+    wide = choose_plan(32, 4096, 4096, 128, 132, True)
+    assert (wide.BM, wide.num_warps) == (32, 4)  # more than 16 rows: the BM = 32 tiles
+    assert choose_plan(1, 4096, 4096, 128, 132, True).gemv  # one row of 4-bit weights: the GEMV
