@@ -23,11 +23,18 @@ def test_int4_in_groups_of_128_take_the_small_m_tiles_split_towards_the_target()
     assert [choose_plan(16, n, k, 128, 132, True).SPLIT for n, k in SEVEN_B] == [2, 4, 1, 4]
 
 
+def test_nf4_in_groups_of_64_take_them_too():
+    bn, sub, *_ = triton_backend.SMALL_M_TILES
+    plans = [choose_plan(16, n, k, 64, 132, True, 1) for n, k in SEVEN_B]
+    assert all((p.BN, p.SUB, p.BKG) == (bn, sub, 64) for p in plans)
+    assert [p.SPLIT for p in plans] == [2, 4, 1, 4]  # the nf4/g64 sweep's best or within 5% of it
+
+
 def test_other_weights_keep_the_other_tiles():
     other = triton_backend.SMALL_M_TILES_OTHER[0]
-    assert choose_plan(16, 4096, 4096, 64, 132, True).BN == other  # groups of 64
+    assert choose_plan(16, 4096, 4096, 64, 132, True).BN == other  # int4 in groups of 64
+    assert choose_plan(16, 4096, 4096, 128, 132, True, 1).BN == other  # NF4 in groups of 128
     assert choose_plan(16, 4096, 4096, 128, 132, False).BN == other  # 8-bit, or codes that do not view as words
-    assert choose_plan(16, 4096, 4096, 128, 132, True, 1).BN == other  # NF4
     assert choose_plan(1, 4096, 4096, 128, 132, False).BN == other  # M = 1 of 8-bit weights runs the tiles too
     wide = choose_plan(32, 4096, 4096, 128, 132, True)
     assert (wide.BM, wide.num_warps) == (32, 4)  # more than 16 rows: the BM = 32 tiles

@@ -154,11 +154,11 @@ def test_gemv_plan_selection():
 
 
 def test_small_m_tiles_match_float64():
-    """M = 16 on the tensor-core tiles int4 weights in groups of 128 take (SMALL_M_TILES: 32 rows, two group tiles a
-    loop step; tests/nn/test_plans.py checks the choice) against float64, with a ragged last step, split 1 and 2,
-    rows past N unwritten."""
+    """M = 16 on the tensor-core tiles int4 weights in groups of 128 and NF4 in groups of 64 take (SMALL_M_TILES: 32
+    rows, two group tiles a loop step; tests/nn/test_plans.py checks the choice) against float64, with a ragged last
+    step (int4), split 1 and 2, rows past N unwritten."""
     n, k = (72, 1408) if CUDA else (40, 640)  # 1408 = 5.5 steps of 256 columns, 640 = 2.5
-    for spec in ("int4/g128", "int4-asym/g128"):
+    for spec in ("int4/g128", "int4-asym/g128", "nf4/g64"):
         packed = make_packed(spec, n, k, seed=5, perm=False)
         x = torch.randn(16, k, device=DEVICE, dtype=torch.float16)
         for split in (1, 2):

@@ -290,10 +290,13 @@ def gluon_gemv_available() -> bool:
 # 32 rows and two group tiles a step, split towards 3 programs per SM, 71.4 µs for the four against 80.2 for the
 # tiles below (17.9 / 9.5 / 27.2 / 16.8 µs on 12288x4096, 4096x4096, 22016x4096, 4096x11008). Through generate, 16
 # prompts, Llama-2-7B shape (bench/decode.py +oldtiles): int4/g128 3071.5 -> 3241.1 tok/s on the float KV cache,
-# 3698.3 -> 3820.4 on the int8 one. Other weights keep 64 rows, one tile a step and 8 programs per SM (int8 and fp8
-# take these at M = 1 too; not swept wide; groups under 128 columns were not swept).
+# 3698.3 -> 3820.4 on the int8 one. NF4 in groups of 64 (the same sweep, --spec nf4/g64): the same tiles (two group
+# tiles of 64 a step) 115.6 -> 110.1 µs for the four shapes (28.1 / 13.5 / 46.2 / 27.8 -> 27.3 / 12.4 / 44.5 / 26.0;
+# not yet timed through generate). Other weights keep 64 rows, one tile a step and 8 programs per SM (int8 and fp8
+# take these at M = 1 too; they, NF4 in groups of 128 and int4 in groups under 128 were not swept wide).
 SMALL_M_TILES = (32, 2, 2, 3.0, 4)
 SMALL_M_TILES_OTHER = (64, 1, 2, 8.0, 6)
+SMALL_M_TILE_STEPS = {0: 128, 1: 64}  # kernel kind (0 int4, 1 nf4) -> the group tile SMALL_M_TILES was swept at
 
 
 @functools.lru_cache(maxsize=4096)
@@ -302,16 +305,18 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
     """Tiles by size of M. Up to GEMV_MAX_M, for weights the GEMV serves (gemv_ok) the CUDA-core GEMV
     (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
     in (BM x BN) tiles, K split until the grid reaches a number of programs per multiprocessor (each keeps only
-    a few tiles of memory in flight) while every split keeps a few loop steps: SMALL_M_TILES for M <= 16 (int4
-    weights the GEMV serves, groups of 128 or more), else SMALL_M_TILES_OTHER; BM = 32 / 64 tiles above 16 rows.
-    Prefill dequantizes, then cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for the GEMV)."""
+    a few tiles of memory in flight) while every split keeps a few loop steps: SMALL_M_TILES for M <= 16 (4-bit
+    weights the GEMV serves, in the group tiles swept: SMALL_M_TILE_STEPS), else SMALL_M_TILES_OTHER; BM = 32 / 64
+    tiles above 16 rows. Prefill dequantizes, then cuBLAS. Tuned on an H100 with bench/kernel_sweep.py (--gemv for
+    the GEMV)."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
     if gemv_ok and m <= GEMV_MAX_M:
         return gemv_plan(n, k, bkg, kind, sms)
     step = min(bkg, 128)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    tiles = SMALL_M_TILES if bm == 16 and gemv_ok and kind == 0 and step == 128 else SMALL_M_TILES_OTHER
+    swept = bm == 16 and gemv_ok and SMALL_M_TILE_STEPS.get(kind) == step
+    tiles = SMALL_M_TILES if swept else SMALL_M_TILES_OTHER
     bn, sub, warps, programs_per_sm, min_steps = tiles
     warps = warps if bm == 16 else 4
     blocks = _cdiv(m, bm) * _cdiv(n, bn)
