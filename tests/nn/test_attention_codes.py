@@ -140,3 +140,44 @@ def test_one_sequence_of_codes_takes_the_one_row_kernels_at_their_own_plan(monke
     got = decode_attention(q, k_codes, v_codes, mask, head_dim ** -0.5, key_scale=k_scale, value_scale=v_scale)
     assert calls == [dict(one_row=True, codes=True, head_dim=head_dim)]
     torch.testing.assert_close(got.double(), reference(q, *exact, mask, head_dim ** -0.5), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("codes", [True, False])
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("boolean", [True, False])
+def test_the_mask_loaded_an_iteration_early_changes_nothing(monkeypatch, device, codes, interleaved, boolean):
+    """MASK_PREFETCH: the one-row kernels load each block's mask with the previous block's keys and values. The same
+    arithmetic in the same order, so the same output bit for bit, over a cache with masked blocks at its end and in
+    its middle (a block no query attends is skipped either way) and blocks that do not divide among the splits."""
+    from modelpress.nn import triton_attention
+
+    monkeypatch.setattr(triton_attention, "INTERLEAVED_SPLITS", interleaved)
+    codec, _ = KVCacheConfig("int8").codecs()
+    generator = torch.Generator().manual_seed(7)
+    b, heads, length, d, dtype = 2, 3, 230, 64, torch.float16
+    q = torch.randn(b, heads, 1, d, generator=generator).to(device, dtype)
+    states = [torch.randn(b, heads, length, d, generator=generator) for _ in "kv"]
+    allowed = torch.arange(length) < 170
+    allowed[64:96] = False                                               # one whole block masked mid-cache
+    allowed = allowed[None, None, None, :].expand(b, 1, 1, length).clone()
+    allowed[1, ..., 150:] = False                                        # the second sequence shorter
+    mask = allowed if boolean else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+    mask = mask.to(device)
+    if codes:
+        stored = [codec.quantize(x) for x in states]
+        args = [x.qdata.to(device) for x in stored]
+        kwargs = dict(key_scale=stored[0].scale.to(device), value_scale=stored[1].scale.to(device))
+    else:
+        args, kwargs = [x.to(device, dtype) for x in states], {}
+    plan = (32, 3, 1)                                                    # 8 blocks over three splits
+    outputs = []
+    for prefetch in (False, True):
+        monkeypatch.setattr(triton_attention, "MASK_PREFETCH", prefetch)
+        with monkeypatch.context() as m:
+            m.setattr(triton_attention, "VECTOR_MIN_WAVES", 0.0)
+            outputs.append(decode_attention(q, *args, mask, d ** -0.5, plan, **kwargs))
+    assert outputs[0] is not None and torch.isfinite(outputs[0]).all()
+    assert torch.equal(outputs[0], outputs[1])
+    ref = reference(q, *(codec.dequantize(x, torch.float64) for x in stored) if codes else states,
+                    torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf")), d ** -0.5)
+    torch.testing.assert_close(outputs[1].double(), ref.to(outputs[1].device), rtol=3e-3, atol=3e-3)
