@@ -75,7 +75,9 @@ def run_config(packs, x, config, use_asm):
     return lambda p: fused_matmul(x, p, None, config, use_asm=use_asm)
 
 
-def sweep(spec: str, shapes, ms, dtype, wide: bool = False) -> list[dict]:
+def sweep(spec: str, shapes, ms, dtype, wide: bool = False, json_path: Path | None = None) -> list[dict]:
+    """Every candidate plan for each shape and M, then the automatic plan; the rows written to json_path after each
+    shape, so that a run cut short by a time limit keeps the shapes it finished."""
     rows = []
     for n, k in shapes:
         first = random_packed(spec, n, k)
@@ -107,6 +109,8 @@ def sweep(spec: str, shapes, ms, dtype, wide: bool = False) -> list[dict]:
             rows.append({"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype), "auto": auto.__dict__, **auto_t})
         del packs, first
         torch.cuda.empty_cache()
+        if json_path is not None:
+            json_path.write_text(json.dumps(rows))
     return rows
 
 
@@ -396,8 +400,7 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     if args.shapes is None:
         shapes = [s for s in SHAPES if s != (14336, 4096)]  # 11008x4096 stands for it
-    rows = sweep(args.spec, shapes, ms, torch.bfloat16, args.wide)
-    args.json.write_text(json.dumps(rows))
+    sweep(args.spec, shapes, ms, torch.bfloat16, args.wide, args.json)
 
 
 if __name__ == "__main__":
