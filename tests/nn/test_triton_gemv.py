@@ -51,11 +51,11 @@ def relative_error(y, x, packed, bias) -> float:
 
 
 def run_poisoned(x, packed, bias, config, **kwargs):
-    n = packed.shape[0]
-    buffer = torch.full((2, n), float("nan"), device=DEVICE, dtype=x.dtype)
-    y = fused_matmul(x, packed, bias, config, out=buffer[:1], **kwargs)
+    m, n = x.shape[0], packed.shape[0]
+    buffer = torch.full((m + 1, n), float("nan"), device=DEVICE, dtype=x.dtype)
+    y = fused_matmul(x, packed, bias, config, out=buffer[:m], **kwargs)
     assert y.data_ptr() == buffer.data_ptr()
-    assert torch.isnan(buffer[1]).all(), "kernel wrote past the last row"
+    assert torch.isnan(buffer[m]).all(), "kernel wrote past the last row"
     assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
     return y
 
@@ -164,9 +164,7 @@ def test_small_m_tiles_match_float64():
         for split in (1, 2):
             config = dataclasses.replace(plan_for(16, packed, DEVICE), SPLIT=split, pdl=False)
             assert (config.BM, config.BN, config.SUB) == (16, 32, 2)
-            buffer = torch.full((17, n), float("nan"), device=DEVICE, dtype=x.dtype)
-            y = fused_matmul(x, packed, None, config, out=buffer[:16])
-            assert torch.isnan(buffer[16]).all() and torch.isfinite(y).all()
+            y = run_poisoned(x, packed, None, config)
             assert relative_error(y, x, packed, None) < TOLERANCE[torch.float16], (spec, split)
 
 
