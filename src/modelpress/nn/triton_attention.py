@@ -145,7 +145,7 @@ def _kernels():
                     if PREFETCH:  # this block's mask came with the last iteration: its keys and values load at once
                         bias = ahead
                         s_next = s + stride * BLOCK_S
-                        # (after the split's last block this reads a block's mask of another split, unused)
+                        # (after the split's last block this reads another split's mask, unused: 2 bytes a position)
                         ahead = tl.load(mask_ptr + b * mask_sb + s_next, mask=s_next < S, other=0).to(tl.float32)
                     else:
                         bias = tl.load(mask_ptr + b * mask_sb + s, mask=in_s, other=0).to(tl.float32)
