@@ -424,8 +424,7 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # to scores and probabilities (triton_attention.FOLD_CODE_SCALES off); "+oldplan": the split-cache attention as
     # planned before session 38 (each split one run of blocks; the one-row kernels in blocks of 64 positions with 4
     # warps and 4 waves, of 128 with 4 warps and 8 waves on int8 codes, and for int8 codes only where their programs
-    # fill the GPU); "+oldtiles": M <= 16 matmuls of int4 and NF4 weights on the tiles of before session 39;
-    # "+prefetch": the one-row attention kernels load each block's mask an iteration early
+    # fill the GPU); "+oldtiles": M <= 16 matmuls of int4 and NF4 weights on the tiles of before session 39
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
@@ -446,7 +445,6 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
           patched(triton_attention, "ONE_ROW_PLAN", (64, 4.0, 4), "oldplan" in flags),
           patched(triton_attention, "ONE_ROW_CODES_PLAN", (128, 8.0, 4), "oldplan" in flags),
           patched(triton_attention, "VECTOR_MIN_WAVES_CODES", 1.0, "oldplan" in flags),
-          patched(triton_attention, "MASK_PREFETCH", True, "prefetch" in flags),
           patched(triton_backend, "SMALL_M_TILES", triton_backend.SMALL_M_TILES_OTHER, "oldtiles" in flags,
                   triton_backend.choose_plan.cache_clear)):
         return timed_user_row(name, model, ids, path, kv, options, args)
@@ -569,7 +567,7 @@ def parse_args() -> argparse.Namespace:
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes",
                             "auto+nokv8", "auto+novector", "auto+mhasdpa", "auto+nofold", "auto+oldplan",
-                            "auto+oldtiles", "auto+prefetch"],
+                            "auto+oldtiles"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
@@ -584,8 +582,7 @@ def parse_args() -> argparse.Namespace:
                         "+nofold: the attention kernels decode an int8 cache's codes to the query's dtype, not apply "
                         "its scales to scores and probabilities; +oldplan: the attention's splits and one-row plans "
                         "as before session 38; +oldtiles: M <= 16 matmuls of 4-bit weights on the tensor-core "
-                        "tiles of before session 39 (triton_backend.SMALL_M_TILES); +prefetch: the one-row attention "
-                        "kernels load each block's mask an iteration early (triton_attention.MASK_PREFETCH)")
+                        "tiles of before session 39 (triton_backend.SMALL_M_TILES)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

@@ -101,8 +101,6 @@ def main() -> None:
     p.add_argument("--contiguous", action="store_true",
                    help="the one-row kernels' splits of the cache as contiguous runs of blocks "
                         "(triton_attention.INTERLEAVED_SPLITS off)")
-    p.add_argument("--mask-prefetch", action="store_true",
-                   help="one-row kernels: each block's mask loaded an iteration early (triton_attention.MASK_PREFETCH)")
     p.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="the query's and states' dtype")
     p.add_argument("--json", type=Path, default=None)
@@ -116,15 +114,13 @@ def main() -> None:
     triton_attention.VECTOR_ROWS = args.vector != "never"
     triton_attention.FOLD_CODE_SCALES = args.fold
     triton_attention.INTERLEAVED_SPLITS = not args.contiguous
-    triton_attention.MASK_PREFETCH = args.mask_prefetch
     if args.vector == "always":
         triton_attention.VECTOR_MIN_WAVES = triton_attention.VECTOR_MIN_WAVES_CODES = 0.0
     codec = KVCacheConfig("int8").codecs()[0] if args.codes else None
     print(f"{name}, torch {torch.__version__}; µs per layer call, graph replay over {LAYERS} caches; {args.dtype}, "
           f"batch {batch}"
           + ((", int8 codes, " + ("scales folded" if args.fold else "decoded")) if codec else "")
-          + f", one-row kernels: {args.vector}" + (", contiguous splits" if args.contiguous else "")
-          + (", mask prefetched" if args.mask_prefetch else ""))
+          + f", one-row kernels: {args.vector}" + (", contiguous splits" if args.contiguous else ""))
     rows = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     for label, h, hkv, d, t, s, filled in shapes:
@@ -179,7 +175,6 @@ def main() -> None:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": batch,
                                          "dtype": args.dtype, "codes": args.codes, "vector": args.vector,
                                          "fold": args.fold, "interleaved": not args.contiguous,
-                                         "mask_prefetch": args.mask_prefetch,
                                          "rows": rows}, indent=1))
 
 

@@ -65,13 +65,6 @@ VECTOR_MIN_WAVES_CODES = 0.0
 # below float16's normal range (3.5x the decoded codes' error under the interpreter); not for bfloat16, where that
 # costs back the gain at one sequence (H100, every dtype relative: 8.5 -> 10.0 µs over 640 positions).
 FOLD_CODE_SCALES = True
-# The one-row kernels' loop waits twice a block: for the block's mask (is any position attended?), then for its keys
-# and values. With MASK_PREFETCH each iteration loads the next block's mask beside this block's keys and values, so a
-# block waits once. The same arithmetic, so the same results bit for bit (test_attention_codes.py). Off until timed:
-# at 16 sequences the loop is bound neither by its instructions (a conversion two instructions a code cheaper changed
-# 39.0 to 38.4 µs) nor by its occupancy (a register cap for 16 programs an SM instead of 12: 38.8 -> 39.0), which
-# leaves its latency (docs/benchmarks.md, sixteenth pass).
-MASK_PREFETCH = False
 # The one-row kernels' split s of the cache takes blocks s, s + splits, s + 2 splits, ... instead of one contiguous
 # run, so that a static cache written only in part (a generation's early steps) still spreads its written blocks over
 # every split (16 sequences' int8 codes over a 2048-position cache with 600 written: 64.8 -> 39.3 µs a layer). The
@@ -108,7 +101,7 @@ def _kernels():
                         MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, CODES: tl.constexpr = False, VECTOR: tl.constexpr = False,
                         FOLD: tl.constexpr = False, HALF: tl.constexpr = False, INTERLEAVED: tl.constexpr = False,
-                        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                        PDL: tl.constexpr = False):
         if PDL:  # triton_backend.pdl_launch
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -129,11 +122,6 @@ def _kernels():
             top = tl.full((), float("-inf"), tl.float32)
             total = tl.zeros((), tl.float32)
             accv = tl.zeros((BLOCK_D,), tl.float32)
-            stride = SPLITS if INTERLEAVED else 1  # blocks between one iteration's and the next's
-            ahead = tl.zeros((BLOCK_S,), tl.float32)  # PREFETCH: the next block's mask, loaded an iteration early
-            if MASK != 0 and PREFETCH:
-                s0 = (split if INTERLEAVED else first) * BLOCK_S + tl.arange(0, BLOCK_S)
-                ahead = tl.load(mask_ptr + b * mask_sb + s0, mask=s0 < S, other=0).to(tl.float32)
             for i in range(0, BLOCKS_PER_SPLIT):
                 block = split + i * SPLITS if INTERLEAVED else first + i
                 s = block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -142,13 +130,7 @@ def _kernels():
                     allowed = in_s
                     bias = tl.zeros((BLOCK_S,), tl.float32)
                 else:
-                    if PREFETCH:  # this block's mask came with the last iteration: its keys and values load at once
-                        bias = ahead
-                        s_next = s + stride * BLOCK_S
-                        # (after the split's last block this reads another split's mask, unused: 2 bytes a position)
-                        ahead = tl.load(mask_ptr + b * mask_sb + s_next, mask=s_next < S, other=0).to(tl.float32)
-                    else:
-                        bias = tl.load(mask_ptr + b * mask_sb + s, mask=in_s, other=0).to(tl.float32)
+                    bias = tl.load(mask_ptr + b * mask_sb + s, mask=in_s, other=0).to(tl.float32)
                     allowed = in_s & (bias > masked_below)
                     bias = tl.where(allowed & (MASK == 1), bias, 0.0)
                 if tl.max(allowed.to(tl.int32), axis=0) > 0:
@@ -383,7 +365,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             MASK=kind, ROWS=max(16, 1 << (h // hkv * t - 1).bit_length()), BLOCK_S=block_s, BLOCK_D=block_d,
             PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32", CODES=codes,
             VECTOR=vector, FOLD=codes and FOLD_CODE_SCALES, HALF=query.dtype == torch.float16,
-            INTERLEAVED=vector and INTERLEAVED_SPLITS, PDL=pdl, PREFETCH=vector and MASK_PREFETCH, num_warps=warps,
+            INTERLEAVED=vector and INTERLEAVED_SPLITS, PDL=pdl, num_warps=warps,
             launch_pdl=pdl)
         combine[(rows,)](m, l, acc, out, h, t, splits, d, out.stride(0), out.stride(1), out.stride(2),
                          BLOCK_C=32, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl)
