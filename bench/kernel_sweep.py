@@ -114,6 +114,50 @@ def sweep(spec: str, shapes, ms, dtype, wide: bool = False, json_path: Path | No
     return rows
 
 
+def old_tiles_ab(specs, shapes, ms, dtype) -> list[dict]:
+    """The automatic plan against the same plan on the M <= 16 tiles of before session 39
+    (triton_backend.SMALL_M_TILES_OTHER), per spec, shape and M, both timed on the same rotated weights; the
+    four-shape sums printed per spec and M."""
+    from modelpress.nn import triton_backend
+
+    rows = []
+    for spec in specs:
+        totals = {}
+        for n, k in shapes:
+            first = random_packed(spec, n, k)
+            packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
+            for m in ms:
+                x = torch.randn(m, k, device=DEVICE).to(dtype)
+                ref = F.linear(x.float(), first.dequantize(torch.float32))
+                row = {"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype)}
+                new_tiles, old_tiles = triton_backend.SMALL_M_TILES, triton_backend.SMALL_M_TILES_OTHER
+                for name, tiles in (("old", old_tiles), ("auto", new_tiles)):
+                    saved = triton_backend.SMALL_M_TILES
+                    triton_backend.SMALL_M_TILES = tiles
+                    choose_plan.cache_clear()
+                    try:
+                        plan = plan_for(m, first, DEVICE)
+                    finally:
+                        triton_backend.SMALL_M_TILES = saved
+                        choose_plan.cache_clear()
+                    fn = run_config(packs, x, plan, None)
+                    err = ((fn(first).float() - ref).norm() / ref.norm()).item()
+                    t = time_sequence([lambda p=p: fn(p) for p in packs], repeats=10)["graph_us"]
+                    row[name] = {"plan": plan.__dict__, "graph_us": t, "rel_err": err}
+                    totals[(m, name)] = totals.get((m, name), 0.0) + t
+                print(f"{spec} N={n} K={k} M={m}: old tiles {row['old']['graph_us']:.2f} us "
+                      f"(BN {row['old']['plan']['BN']}, split {row['old']['plan']['SPLIT']}) | auto "
+                      f"{row['auto']['graph_us']:.2f} us (BN {row['auto']['plan']['BN']}, split "
+                      f"{row['auto']['plan']['SPLIT']}, err {row['auto']['rel_err']:.1e})", flush=True)
+                rows.append(row)
+            del packs, first
+            torch.cuda.empty_cache()
+        for m in ms:
+            print(f"{spec} M={m}, {len(shapes)} shapes: old tiles {totals[(m, 'old')]:.2f} us, auto "
+                  f"{totals[(m, 'auto')]:.2f} us ({totals[(m, 'old')] / totals[(m, 'auto')]:.3f}x)", flush=True)
+    return rows
+
+
 GEMV_FAMILIES = {4: [(16, 8, 4), (64, 2, 4), (128, 2, 8), (128, 1, 4), (256, 1, 8)],  # (BN, SUB, num_warps)
                  8: [(16, 2, 4), (32, 2, 4), (16, 4, 8), (64, 1, 4)]}
 GEMV_HEURISTICS = {"default": {}, "p4": {"programs_per_sm": 4.0}, "p16": {"programs_per_sm": 16.0}}
@@ -368,6 +412,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=None,
                         help="NxK,... instead of the 7B shapes (no stack), e.g. 12288x4096,22016x4096: q/k/v and "
                              "gate/up as decode runs them stacked")
+    parser.add_argument("--against-old-tiles", action="store_true",
+                        help="time the automatic plan against the M <= 16 tiles of before session 39, per spec "
+                             "(comma-separated --spec) and shape")
     parser.add_argument("--wide", action="store_true",
                         help="tile sweep, M <= 16: also BN 32 / 128, SUB 2 and 4 stages (triton_backend.choose_plan)")
     args = parser.parse_args()
@@ -400,6 +447,9 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     if args.shapes is None:
         shapes = [s for s in SHAPES if s != (14336, 4096)]  # 11008x4096 stands for it
+    if args.against_old_tiles:
+        args.json.write_text(json.dumps(old_tiles_ab(args.spec.split(","), shapes, ms, torch.bfloat16)))
+        return
     sweep(args.spec, shapes, ms, torch.bfloat16, args.wide, args.json)
 
 

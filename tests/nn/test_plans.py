@@ -30,12 +30,22 @@ def test_nf4_in_groups_of_64_take_them_too():
     assert [p.SPLIT for p in plans] == [2, 4, 1, 4]  # the nf4/g64 sweep's best or within 5% of it
 
 
+def test_int8_in_groups_of_128_take_them_at_one_row_too():
+    bn, sub, *_ = triton_backend.SMALL_M_TILES
+    for m in (1, 16):  # 8-bit weights have no GEMV: one row runs the tiles
+        plans = [choose_plan(m, n, k, 128, 132, False, triton_backend.KIND_INT8) for n, k in SEVEN_B]
+        assert all((p.BM, p.BN, p.SUB, p.gemv) == (16, bn, sub, False) for p in plans)
+        # the int8/g128 sweep (H100, 12288x4096 and 4096x11008): within 4% of the best at M = 1, 12% at M = 16
+        assert [p.SPLIT for p in plans] == [2, 4, 1, 4]
+
+
 def test_other_weights_keep_the_other_tiles():
     other = triton_backend.SMALL_M_TILES_OTHER[0]
     assert choose_plan(16, 4096, 4096, 64, 132, True).BN == other  # int4 in groups of 64
     assert choose_plan(16, 4096, 4096, 128, 132, True, 1).BN == other  # NF4 in groups of 128
-    assert choose_plan(16, 4096, 4096, 128, 132, False).BN == other  # 8-bit, or codes that do not view as words
-    assert choose_plan(1, 4096, 4096, 128, 132, False).BN == other  # M = 1 of 8-bit weights runs the tiles too
+    assert choose_plan(16, 4096, 4096, 128, 132, False).BN == other  # 4-bit codes that do not view as words
+    assert choose_plan(16, 4096, 4096, 128, 132, False, triton_backend.KIND_FP8E4).BN == other  # fp8
+    assert choose_plan(16, 4096, 4096, 64, 132, False, triton_backend.KIND_INT8).BN == other  # int8 in groups of 64
     wide = choose_plan(32, 4096, 4096, 128, 132, True)
     assert (wide.BM, wide.num_warps) == (32, 4)  # more than 16 rows: the BM = 32 tiles
     assert choose_plan(1, 4096, 4096, 128, 132, True).gemv  # one row of 4-bit weights: the GEMV

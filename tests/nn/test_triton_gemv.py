@@ -154,18 +154,20 @@ def test_gemv_plan_selection():
 
 
 def test_small_m_tiles_match_float64():
-    """M = 16 on the tensor-core tiles int4 weights in groups of 128 and NF4 in groups of 64 take (SMALL_M_TILES: 32
-    rows, two group tiles a loop step; tests/nn/test_plans.py checks the choice) against float64, with a ragged last
-    step (int4), split 1 and 2, rows past N unwritten."""
+    """M = 16 on the tensor-core tiles int4 weights in groups of 128, NF4 in groups of 64 and int8 take
+    (SMALL_M_TILES: 32 rows, two group tiles a loop step; int8 at M = 1 too; tests/nn/test_plans.py checks the
+    choice) against float64, with a ragged last step (int4), split 1 and 2, rows past N unwritten."""
     n, k = (72, 1408) if CUDA else (40, 640)  # 1408 = 5.5 steps of 256 columns, 640 = 2.5
-    for spec in ("int4/g128", "int4-asym/g128", "nf4/g64"):
+    cases = [(spec, 16) for spec in ("int4/g128", "int4-asym/g128", "nf4/g64")]
+    cases += [(spec, m) for spec in ("int8/g128", "int8-asym/g128", "int8/channel") for m in (1, 16)]
+    for spec, m in cases:
         packed = make_packed(spec, n, k, seed=5, perm=False)
-        x = torch.randn(16, k, device=DEVICE, dtype=torch.float16)
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
         for split in (1, 2):
-            config = dataclasses.replace(plan_for(16, packed, DEVICE), SPLIT=split, pdl=False)
-            assert (config.BM, config.BN, config.SUB) == (16, 32, 2)
+            config = dataclasses.replace(plan_for(m, packed, DEVICE), SPLIT=split, pdl=False)
+            assert (config.BM, config.BN, config.SUB, config.gemv) == (16, 32, 2, False), spec
             y = run_poisoned(x, packed, None, config)
-            assert relative_error(y, x, packed, None) < TOLERANCE[torch.float16], (spec, split)
+            assert relative_error(y, x, packed, None) < TOLERANCE[torch.float16], (spec, m, split)
 
 
 # ------------------------------------------------------------------ the prepared eager launcher (CUDA)
