@@ -5,6 +5,7 @@ Each kernel's GPU time in that step is summed by name, and the kernels that took
 step's time goes besides the weight matmuls (the step runs eagerly here, so gaps between kernels are not counted).
 
     PYTHONPATH=src python bench/decode_kernels.py --layers 2 --prompt 512 --json $OUT/decode_kernels.json
+    PYTHONPATH=src python bench/decode_kernels.py --layers 2 --prompt 512 --batch 16 --kv-cache int8   # 16 rows
 """
 
 from __future__ import annotations
@@ -21,21 +22,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import llama_config, quantized_copy, random_llama  # noqa: E402
 
 from modelpress.inference.fusion import fuse_for_decode  # noqa: E402
+from modelpress.inference.kv_cache import KVCacheConfig  # noqa: E402
 from modelpress.inference.static_decode import StaticDecoder  # noqa: E402
 
 
-def kernels_of_a_step(model, prompt: list[int], device: torch.device) -> tuple[Counter, Counter]:
-    """(count, GPU µs) of each kernel of one decode step on CUDA, by name (on the CPU, a smoke test of this
-    script: top-level operators and their CPU time)."""
-    decoder = StaticDecoder(model, len(prompt) + 8, graph=False)
+def kernels_of_a_step(model, prompt: list[int], device: torch.device, batch: int = 1,
+                      kv_cache: str = "float") -> tuple[Counter, Counter]:
+    """(count, GPU µs) of each kernel of one decode step of `batch` rows (the same prompt in each) on CUDA, by name
+    (on the CPU, a smoke test of this script: top-level operators and their CPU time)."""
+    config = None if kv_cache == "float" else KVCacheConfig(kv_cache)
+    decoder = StaticDecoder(model, len(prompt) + 8, graph=False, batch=batch, kv_cache=config)
     cuda = device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    tokens = torch.arange(1, batch + 1, device=device)
     with torch.no_grad():
-        decoder.prefill(prompt)
-        decoder.step(1)  # launchers prepared, kernels compiled
+        decoder.prefill_rows([prompt] * batch)
+        decoder.step_rows(tokens)  # launchers prepared, kernels compiled
         torch.cuda.synchronize() if cuda else None
         with torch.profiler.profile(activities=[activity]) as prof:
-            decoder.step(2)
+            decoder.step_rows(tokens + 1)
             torch.cuda.synchronize() if cuda else None
     if cuda:
         events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -54,6 +59,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--formats", nargs="*", default=["int4/g128"])
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens before the step (the cache holds 8 more)")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together (one static cache)")
+    p.add_argument("--kv-cache", default="float", help="float, or a quantized cache mode (int8, ...)")
     p.add_argument("--top", type=int, default=8, help="kernels by GPU time to print per row")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -67,7 +74,7 @@ def main() -> None:
         for fused in (False, True):
             undo = fuse_for_decode(m)[1] if fused else (lambda: None)
             try:
-                counts, times = kernels_of_a_step(m, prompt, device)
+                counts, times = kernels_of_a_step(m, prompt, device, args.batch, args.kv_cache)
             finally:
                 undo()
             total = sum(counts.values())
@@ -81,7 +88,8 @@ def main() -> None:
                 print(f"    {us:8.1f} us  {counts[kernel]:3d}x  {kernel[:110]}")
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "layers": args.layers,
-                                         "prompt": args.prompt, "rows": rows}, indent=1))
+                                         "prompt": args.prompt, "batch": args.batch, "kv_cache": args.kv_cache,
+                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
