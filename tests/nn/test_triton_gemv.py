@@ -23,7 +23,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
 
 from modelpress.formats import WeightScheme, quantize_weight  # noqa: E402
-from modelpress.nn import QuantLinear  # noqa: E402
+from modelpress.nn import QuantLinear, triton_backend  # noqa: E402
 from modelpress.nn.ops import quant_linear  # noqa: E402
 from modelpress.nn.triton_backend import KernelConfig, choose_plan, fused_matmul, gemv_plan, plan_for  # noqa: E402
 
@@ -153,21 +153,26 @@ def test_gemv_plan_selection():
     assert small.SUB * small.BKG * 2 <= 256 or small.SUB == 1
 
 
-def test_small_m_tiles_match_float64():
-    """M = 16 on the tensor-core tiles int4 weights in groups of 128, NF4 in groups of 64 and int8 take
+def test_small_m_tiles_match_float64(monkeypatch):
+    """M = 16 on the tensor-core tiles int4 weights in groups of 128, NF4 in groups of 64 and wide int8 weights take
     (SMALL_M_TILES: 32 rows, two group tiles a loop step; int8 at M = 1 too; tests/nn/test_plans.py checks the
     choice) against float64, with a ragged last step (int4), split 1 and 2, rows past N unwritten."""
     n, k = (72, 1408) if CUDA else (40, 640)  # 1408 = 5.5 steps of 256 columns, 640 = 2.5
     cases = [(spec, 16) for spec in ("int4/g128", "int4-asym/g128", "nf4/g64")]
     cases += [(spec, m) for spec in ("int8/g128", "int8-asym/g128", "int8/channel") for m in (1, 16)]
-    for spec, m in cases:
-        packed = make_packed(spec, n, k, seed=5, perm=False)
-        x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-        for split in (1, 2):
-            config = dataclasses.replace(plan_for(m, packed, DEVICE), SPLIT=split, pdl=False)
-            assert (config.BM, config.BN, config.SUB, config.gemv) == (16, 32, 2, False), spec
-            y = run_poisoned(x, packed, None, config)
-            assert relative_error(y, x, packed, None) < TOLERANCE[torch.float16], (spec, m, split)
+    monkeypatch.setattr(triton_backend, "INT8_TILES_MIN_WAVES", 0)  # this narrow int8 weight takes them too
+    choose_plan.cache_clear()
+    try:
+        for spec, m in cases:
+            packed = make_packed(spec, n, k, seed=5, perm=False)
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+            for split in (1, 2):
+                config = dataclasses.replace(plan_for(m, packed, DEVICE), SPLIT=split, pdl=False)
+                assert (config.BM, config.BN, config.SUB, config.gemv) == (16, 32, 2, False), spec
+                y = run_poisoned(x, packed, None, config)
+                assert relative_error(y, x, packed, None) < TOLERANCE[torch.float16], (spec, m, split)
+    finally:
+        choose_plan.cache_clear()  # no plan made under the patch outlives it
 
 
 # ------------------------------------------------------------------ the prepared eager launcher (CUDA)

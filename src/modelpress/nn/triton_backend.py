@@ -293,15 +293,19 @@ def gluon_gemv_available() -> bool:
 # prompts, Llama-2-7B shape (bench/decode.py +oldtiles): int4/g128 3071.5 -> 3241.1 tok/s on the float KV cache,
 # 3698.3 -> 3820.4 on the int8 one. NF4 in groups of 64 (the same sweep, --spec nf4/g64): the same tiles (two group
 # tiles of 64 a step) 115.6 -> 110.1 µs for the four shapes (28.1 / 13.5 / 46.2 / 27.8 -> 27.3 / 12.4 / 44.5 / 26.0;
-# 2264.1 -> 2353.0 tok/s through generate, float cache). int8 in groups of 128, which runs these tiles at M = 1 too
-# (--spec int8/g128 --ms 1,16 --wide, 12288x4096 and 4096x11008): the same tiles 23.97 / 22.73 µs at M = 1 and
-# 25.65 / 23.10 at M = 16 against 27.87 / 24.28 and 30.06 / 26.11 (sweep best 23.12 / 22.42, 22.94 / 23.10). Other
-# weights keep 64 rows, one tile a step and 8 programs per SM (fp8, NF4 in groups of 128 and int4 in groups under 128
-# were not swept wide).
+# 2264.1 -> 2353.0 tok/s through generate, float cache). int8 (groups of 128, or per channel), which runs these tiles
+# at M = 1 too, gains on wide weights only (bench/kernel_sweep.py --against-old-tiles --spec int8/g128,int8/channel,
+# H100, M = 1 / 16, µs): 12288x4096 27.5 / 29.3 -> 24.7 / 24.9, 22016x4096 45.2 / 50.2 -> 38.7 / 39.9, but
+# 4096x4096 11.9 / 12.5 -> 13.5 / 13.6 and 4096x11008 24.1 / 25.8 -> 27.0 / 27.1 (32-row tiles of a narrow weight
+# split K into short loops); so int8 takes them where its rows alone fill INT8_TILES_MIN_WAVES programs a
+# multiprocessor: the four shapes 108.7 -> 99.4 µs at M = 1, 117.8 -> 103.0 at M = 16 (not yet through generate).
+# Other weights keep 64 rows, one tile a step and 8 programs per SM (fp8, NF4 in groups of 128 and int4 in groups
+# under 128 were not swept wide).
 SMALL_M_TILES = (32, 2, 2, 3.0, 4)
 SMALL_M_TILES_OTHER = (64, 1, 2, 8.0, 6)
 # kernel kind (0 int4, 1 nf4, 2 int8: _FORMAT_KINDS) -> the group tile SMALL_M_TILES was swept at
 SMALL_M_TILE_STEPS = {0: 128, 1: 64, 2: 128}
+INT8_TILES_MIN_WAVES = 2
 
 
 @functools.lru_cache(maxsize=4096)
@@ -311,17 +315,19 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
     (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
     in (BM x BN) tiles, K split until the grid reaches a number of programs per multiprocessor (each keeps only
     a few tiles of memory in flight) while every split keeps a few loop steps: SMALL_M_TILES for M <= 16 (4-bit
-    weights the GEMV serves and int8, in the group tiles swept: SMALL_M_TILE_STEPS), else SMALL_M_TILES_OTHER;
-    BM = 32 / 64 tiles above 16 rows. Prefill dequantizes, then cuBLAS. Tuned on an H100 with
-    bench/kernel_sweep.py (--gemv for the GEMV)."""
+    weights the GEMV serves and wide int8 ones, in the group tiles swept: SMALL_M_TILE_STEPS), else
+    SMALL_M_TILES_OTHER; BM = 32 / 64 tiles above 16 rows. Prefill dequantizes, then cuBLAS. Tuned on an H100
+    with bench/kernel_sweep.py (--gemv for the GEMV)."""
     if m >= DEQUANT_MIN_M:
         return KernelConfig(dequant=True)
     if gemv_ok and m <= GEMV_MAX_M:
         return gemv_plan(n, k, bkg, kind, sms)
     step = min(bkg, 128)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    # 4-bit codes were swept where they view as words (gemv_ok); 8-bit codes are read as bytes either way
-    swept = bm == 16 and (gemv_ok or kind == KIND_INT8) and SMALL_M_TILE_STEPS.get(kind) == step
+    # 4-bit codes were swept where they view as words (gemv_ok); 8-bit codes, read as bytes either way, on wide
+    # weights only
+    wide_int8 = kind == KIND_INT8 and _cdiv(n, SMALL_M_TILES[0]) >= INT8_TILES_MIN_WAVES * sms
+    swept = bm == 16 and (gemv_ok or wide_int8) and SMALL_M_TILE_STEPS.get(kind) == step
     tiles = SMALL_M_TILES if swept else SMALL_M_TILES_OTHER
     bn, sub, warps, programs_per_sm, min_steps = tiles
     warps = warps if bm == 16 else 4
