@@ -50,16 +50,17 @@ from modelpress.nn.triton_backend import (
 )
 
 
-def decode_candidates(k: int, m: int, wide: bool = False, bkg: int = 128):
+def decode_candidates(k: int, m: int, wide: bool = False, bkg: int = 128, pdl: bool = False):
     """Tensor-core tiles for M <= 16: BM = 16, BN = 64, group tiles of bkg (at most 128) columns, three stages, warps
     and split-K; wide: also BN 32 and 128, two or (groups under 128 columns) four group tiles a loop step, four
-    stages."""
+    stages. pdl: launched as the plans are (programmatic dependent launch), else plainly."""
     splits = [s for s in (1, 2, 4, 8, 16) if k // (bkg * s) >= 3]
     bns, stages = ((32, 64, 128), (3, 4)) if wide else ((64,), (3,))
     subs = ((1, 2) if bkg >= 128 else (1, 2, 4)) if wide else (1,)
     for bn, sub, stage, warps, split in itertools.product(bns, subs, stages, (2, 4), splits):
         if k // (bkg * sub * split) >= 2:
-            yield KernelConfig(BM=16, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=warps, num_stages=stage), True
+            yield KernelConfig(BM=16, BN=bn, BKG=bkg, SUB=sub, SPLIT=split, num_warps=warps, num_stages=stage,
+                               pdl=pdl), True
 
 
 def prefill_candidates():
@@ -75,7 +76,8 @@ def run_config(packs, x, config, use_asm):
     return lambda p: fused_matmul(x, p, None, config, use_asm=use_asm)
 
 
-def sweep(spec: str, shapes, ms, dtype, wide: bool = False, json_path: Path | None = None) -> list[dict]:
+def sweep(spec: str, shapes, ms, dtype, wide: bool = False, json_path: Path | None = None,
+          pdl: bool = False) -> list[dict]:
     """Every candidate plan for each shape and M, then the automatic plan; the rows written to json_path after each
     shape, so that a run cut short by a time limit keeps the shapes it finished."""
     rows = []
@@ -85,7 +87,7 @@ def sweep(spec: str, shapes, ms, dtype, wide: bool = False, json_path: Path | No
         for m in ms:
             x = torch.randn(m, k, device=DEVICE).to(dtype)
             ref = F.linear(x.float(), first.dequantize(torch.float32))
-            candidates = (decode_candidates(k, m, wide, min(group_tile(first) or 16, 128)) if m <= 16
+            candidates = (decode_candidates(k, m, wide, min(group_tile(first) or 16, 128), pdl) if m <= 16
                           else prefill_candidates())
             best = None
             for config, use_asm in candidates:
@@ -412,6 +414,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=None,
                         help="NxK,... instead of the 7B shapes (no stack), e.g. 12288x4096,22016x4096: q/k/v and "
                              "gate/up as decode runs them stacked")
+    parser.add_argument("--pdl", action="store_true",
+                        help="tile sweep: launch the candidates with PDL, as the automatic plans are (the plan's "
+                             "own timing always has it)")
     parser.add_argument("--against-old-tiles", action="store_true",
                         help="time the automatic plan against the M <= 16 tiles of before session 39, per spec "
                              "(comma-separated --spec) and shape")
@@ -450,7 +455,7 @@ def main() -> None:
     if args.against_old_tiles:
         args.json.write_text(json.dumps(old_tiles_ab(args.spec.split(","), shapes, ms, torch.bfloat16)))
         return
-    sweep(args.spec, shapes, ms, torch.bfloat16, args.wide, args.json)
+    sweep(args.spec, shapes, ms, torch.bfloat16, args.wide, args.json, args.pdl)
 
 
 if __name__ == "__main__":
