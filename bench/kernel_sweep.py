@@ -50,6 +50,18 @@ from modelpress.nn.triton_backend import (
 )
 
 
+def rotated(spec: str, n: int, k: int) -> tuple:
+    """A random weight of `spec` and enough copies of it, itself first, that calls cycling through them read more
+    than ROTATE_BYTES (past the L2 cache)."""
+    first = random_packed(spec, n, k)
+    return first, [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
+
+
+def reference(x: torch.Tensor, packed) -> torch.Tensor:
+    """x @ W^T in float32 from the dequantized weight, what every candidate's error is measured against."""
+    return F.linear(x.float(), packed.dequantize(torch.float32))
+
+
 def decode_candidates(k: int, m: int, wide: bool = False, bkg: int = 128, pdl: bool = False):
     """Tensor-core tiles for M <= 16: BM = 16, BN = 64, group tiles of bkg (at most 128) columns, three stages, warps
     and split-K; wide: also BN 32 and 128, two or (groups under 128 columns) four group tiles a loop step, four
@@ -82,11 +94,10 @@ def sweep(spec: str, shapes, ms, dtype, wide: bool = False, json_path: Path | No
     shape, so that a run cut short by a time limit keeps the shapes it finished."""
     rows = []
     for n, k in shapes:
-        first = random_packed(spec, n, k)
-        packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
+        first, packs = rotated(spec, n, k)
         for m in ms:
             x = torch.randn(m, k, device=DEVICE).to(dtype)
-            ref = F.linear(x.float(), first.dequantize(torch.float32))
+            ref = reference(x, first)
             candidates = (decode_candidates(k, m, wide, min(group_tile(first) or 16, 128), pdl) if m <= 16
                           else prefill_candidates())
             best = None
@@ -126,11 +137,10 @@ def old_tiles_ab(specs, shapes, ms, dtype) -> list[dict]:
     for spec in specs:
         totals = {}
         for n, k in shapes:
-            first = random_packed(spec, n, k)
-            packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
+            first, packs = rotated(spec, n, k)
             for m in ms:
                 x = torch.randn(m, k, device=DEVICE).to(dtype)
-                ref = F.linear(x.float(), first.dequantize(torch.float32))
+                ref = reference(x, first)
                 row = {"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype)}
                 new_tiles, old_tiles = triton_backend.SMALL_M_TILES, triton_backend.SMALL_M_TILES_OTHER
                 for name, tiles in (("old", old_tiles), ("auto", new_tiles)):
@@ -170,11 +180,10 @@ def gemv_sweep(spec: str, shapes, dtype, sms: int) -> list[dict]:
     rows = []
     bits = WeightScheme.parse(spec).bits
     for n, k in shapes:
-        first = random_packed(spec, n, k)
-        packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
+        first, packs = rotated(spec, n, k)
         ceiling_us = first.nbytes / (READ_CEILING_TBS * 1e12) * 1e6
         x = torch.randn(1, k, device=DEVICE).to(dtype)
-        ref = F.linear(x.float(), first.dequantize(torch.float32))
+        ref = reference(x, first)
         bkg = group_tile(first)
         results = []
         for (bn, sub, warps), split in itertools.product(GEMV_FAMILIES[bits], (1, 2, 4, 8, 16, 32)):
@@ -251,11 +260,10 @@ def gluon_pipeline_sweep(spec: str, shapes, dtype, sms: int) -> list[dict]:
     split-K, at splits that aim at the given programs per multiprocessor. One line per config."""
     rows = []
     for n, k in shapes:
-        first = random_packed(spec, n, k)
-        packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
+        first, packs = rotated(spec, n, k)
         ceiling_us = first.nbytes / (READ_CEILING_TBS * 1e12) * 1e6
         x = torch.randn(1, k, device=DEVICE).to(dtype)
-        ref = F.linear(x.float(), first.dequantize(torch.float32))
+        ref = reference(x, first)
         bkg = min(group_tile(first), 128)
         line = []
         for rpt, sub, warps, wk, stages, per_sm in GLUON_PIPELINES:
@@ -288,11 +296,10 @@ def gluon_sweep(spec: str, shapes, dtype, sms: int) -> tuple[list[dict], dict]:
     beside the Triton GEMV's auto plan. Returns the rows and the best config per shape."""
     rows, best_configs = [], {}
     for n, k in shapes:
-        first = random_packed(spec, n, k)
-        packs = [first] + [random_packed(spec, n, k) for _ in range(math.ceil(ROTATE_BYTES / first.nbytes) - 1)]
+        first, packs = rotated(spec, n, k)
         ceiling_us = first.nbytes / (READ_CEILING_TBS * 1e12) * 1e6
         x = torch.randn(1, k, device=DEVICE).to(dtype)
-        ref = F.linear(x.float(), first.dequantize(torch.float32))
+        ref = reference(x, first)
         bkg = min(group_tile(first), 128)
 
         def timed(config):
