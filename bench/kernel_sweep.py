@@ -131,6 +131,8 @@ def old_tiles_ab(specs, shapes, ms, dtype) -> list[dict]:
     """The automatic plan against the same plan on the M <= 16 tiles of before session 39
     (triton_backend.SMALL_M_TILES_OTHER), per spec, shape and M, both timed on the same rotated weights; the
     four-shape sums printed per spec and M."""
+    from decode import patched  # bench/decode.py: a module's value set for a block, then restored
+
     from modelpress.nn import triton_backend
 
     rows = []
@@ -142,16 +144,10 @@ def old_tiles_ab(specs, shapes, ms, dtype) -> list[dict]:
                 x = torch.randn(m, k, device=DEVICE).to(dtype)
                 ref = reference(x, first)
                 row = {"spec": spec, "N": n, "K": k, "M": m, "dtype": str(dtype)}
-                new_tiles, old_tiles = triton_backend.SMALL_M_TILES, triton_backend.SMALL_M_TILES_OTHER
-                for name, tiles in (("old", old_tiles), ("auto", new_tiles)):
-                    saved = triton_backend.SMALL_M_TILES
-                    triton_backend.SMALL_M_TILES = tiles
-                    choose_plan.cache_clear()
-                    try:
+                for name, old in (("old", True), ("auto", False)):
+                    with patched(triton_backend, "SMALL_M_TILES", triton_backend.SMALL_M_TILES_OTHER, old,
+                                 choose_plan.cache_clear):
                         plan = plan_for(m, first, DEVICE)
-                    finally:
-                        triton_backend.SMALL_M_TILES = saved
-                        choose_plan.cache_clear()
                     fn = run_config(packs, x, plan, None)
                     err = ((fn(first).float() - ref).norm() / ref.norm()).item()
                     t = time_sequence([lambda p=p: fn(p) for p in packs], repeats=10)["graph_us"]
