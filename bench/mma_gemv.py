@@ -10,7 +10,8 @@ shapes: q/k/v, o, gate/up, down), each shape with its best configuration. PDL on
     PYTHONPATH=src python bench/mma_gemv.py --json bench/results/mma_gemv_h100.json
     PYTHONPATH=src python bench/mma_gemv.py --specs int4/g128 --configs 1 --shapes 22016x4096 --act   # the epilogue
 
-`--rows M ...` times the rows mode instead (2..8 activation rows, row r in column r of the MMAs' B): for each re-laid
+`--rows M ...` times the rows mode instead (2..8 activation rows, row r in column r of the MMAs' B; ROWS_CONFIGS
+adds plans of more row tiles a warp, which share each x row read among more weights): for each re-laid
 shape and M, the rows mode's configurations beside what such a layer ran before it (its weight decoded from the
 re-laid codes, then cuBLAS), the stored layout's own kernels at M (`current`, as a layer not re-laid runs) and bf16
 cuBLAS; then the 7B stack at each M with the re-laid shapes (q/k/v, gate/up) on their best rows-mode plan.
@@ -41,6 +42,11 @@ SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 1100
 CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk)  # (RT, CS, WR, WK)
            for rt, cs, wr, wk in ((1, 2, 1, 4), (1, 1, 1, 4), (1, 4, 1, 4), (1, 2, 1, 8), (1, 4, 1, 8), (2, 2, 1, 4),
                                   (2, 1, 1, 4), (2, 2, 2, 2), (1, 2, 2, 4), (2, 4, 1, 4), (1, 1, 1, 8), (2, 2, 1, 8))]
+# the rows mode's: more row tiles a warp read each x row once for all of them (x rows are 4 KB apart: a lane's
+# 8-byte loads of 8 rows touch 8 lines)
+ROWS_CONFIGS = CONFIGS + [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk)
+                          for rt, cs, wr, wk in ((4, 1, 1, 4), (4, 2, 1, 4), (4, 1, 1, 2), (2, 1, 1, 2), (2, 2, 1, 2),
+                                                 (4, 1, 1, 8), (4, 2, 1, 2), (2, 1, 2, 4))]
 # for shapes with fewer row tiles than triton_backend.MMA_MIN_TILES_PER_SM per multiprocessor: K split across programs
 SPLIT_CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk, split=split)
                  for rt, cs, wr, wk, split in ((1, 2, 1, 4, 2), (1, 2, 1, 4, 3), (1, 2, 1, 4, 4), (1, 4, 1, 4, 2),
@@ -123,7 +129,7 @@ def rows_main(args, specs: list[str]) -> dict:
                 row["dequantize_cublas_us"] = time_impl(dequantize_impl(spec), n, k, m, packed_bytes)["graph_us"]
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
                 sweep = {}
-                for config in CONFIGS[:args.configs]:
+                for config in ROWS_CONFIGS[:args.configs]:
                     try:
                         sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, m, packed_bytes)["graph_us"]
                     except Exception as exc:  # a configuration that does not compile or fit is reported
@@ -178,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, default=Path("mma_gemv.json"))
     parser.add_argument("--specs", default="int4/g128,int4-asym/g128")
-    parser.add_argument("--configs", type=int, default=len(CONFIGS), help="the first N configurations only")
+    parser.add_argument("--configs", type=int, default=None, help="the first N configurations only (default: all)")
     parser.add_argument("--act", action="store_true", help="also time the MLP's activation in the [gate | up] "
                         "GEMV's epilogue against the GEMV then silu_mul, on the 22016x4096 shape")
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
