@@ -28,11 +28,13 @@ from modelpress.inference.static_decode import StaticDecoder  # noqa: E402
 
 
 def kernels_of_a_step(model, prompt: list[int], device: torch.device, batch: int = 1,
-                      kv_cache: str = "float") -> tuple[Counter, Counter]:
+                      kv_cache: str = "float", fused_writes: bool = False) -> tuple[Counter, Counter]:
     """(count, GPU µs) of each kernel of one decode step of `batch` rows (the same prompt in each) on CUDA, by name
-    (on the CPU, a smoke test of this script: top-level operators and their CPU time)."""
+    (on the CPU, a smoke test of this script: top-level operators and their CPU time). fused_writes: keys and values
+    written in one kernel a layer, as generate's static cache does with the decode-time fusions."""
     config = None if kv_cache == "float" else KVCacheConfig(kv_cache)
-    decoder = StaticDecoder(model, len(prompt) + 8, graph=False, batch=batch, kv_cache=config)
+    decoder = StaticDecoder(model, len(prompt) + 8, graph=False, batch=batch, kv_cache=config,
+                            fused_writes=fused_writes)
     cuda = device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     tokens = torch.arange(1, batch + 1, device=device)
@@ -78,7 +80,7 @@ def main() -> None:
             undo = fuse_for_decode(m, relayout=args.batch <= MAX_ROWS, interleave=args.batch == 1)[1] if fused \
                 else (lambda: None)
             try:
-                counts, times = kernels_of_a_step(m, prompt, device, args.batch, args.kv_cache)
+                counts, times = kernels_of_a_step(m, prompt, device, args.batch, args.kv_cache, fused)
             finally:
                 undo()
             total = sum(counts.values())
