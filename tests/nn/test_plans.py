@@ -3,6 +3,8 @@ GPU or Triton. tests/nn/test_triton_gemv.py checks the tiles' results."""
 
 from __future__ import annotations
 
+import pytest
+
 from modelpress.nn import triton_backend
 from modelpress.nn.triton_backend import choose_plan
 
@@ -30,18 +32,19 @@ def test_nf4_in_groups_of_64_take_them_too():
     assert [p.SPLIT for p in plans] == [2, 4, 1, 4]  # the nf4/g64 sweep's best or within 5% of it
 
 
-def test_wide_int8_weights_take_them_at_one_row_too():
+@pytest.mark.parametrize("kind", [triton_backend.KIND_INT8, triton_backend.KIND_FP8E4])
+def test_wide_8bit_weights_take_them_at_one_row_too(kind):
     bn, sub, *_ = triton_backend.SMALL_M_TILES
     other = triton_backend.SMALL_M_TILES_OTHER[0]
     for m in (1, 16):  # 8-bit weights have no GEMV: one row runs the tiles
-        plans = [choose_plan(m, n, k, 128, 132, False, triton_backend.KIND_INT8) for n, k in SEVEN_B]
+        plans = [choose_plan(m, n, k, 128, 132, False, kind) for n, k in SEVEN_B]
         assert all((p.BM, p.gemv) == (16, False) for p in plans)
         # rows for two programs a multiprocessor (12288 and 22016 on 132): the small-M tiles, as the H100 timed
         # them better (--against-old-tiles); 4096 rows keep the other tiles, which were better there
         assert [(p.BN, p.SUB, p.SPLIT) for p in plans] == [(bn, sub, 2), (other, 1, 4), (bn, sub, 1), (other, 1, 8)]
-    assert choose_plan(16, 8448, 4096, 128, 132, False, triton_backend.KIND_INT8).BN == bn  # 264 tiles: 2 a SM
-    assert choose_plan(16, 8416, 4096, 128, 132, False, triton_backend.KIND_INT8).BN == other
-    assert choose_plan(16, 8448, 4096, 128, 144, False, triton_backend.KIND_INT8).BN == other  # more SMs, wider
+    assert choose_plan(16, 8448, 4096, 128, 132, False, kind).BN == bn  # 264 tiles: 2 a SM
+    assert choose_plan(16, 8416, 4096, 128, 132, False, kind).BN == other
+    assert choose_plan(16, 8448, 4096, 128, 144, False, kind).BN == other  # more SMs, wider
 
 
 def test_other_weights_keep_the_other_tiles():

@@ -154,13 +154,14 @@ def test_gemv_plan_selection():
 
 
 def test_small_m_tiles_match_float64(monkeypatch):
-    """M = 16 on the tensor-core tiles int4 weights in groups of 128, NF4 in groups of 64 and wide int8 weights take
-    (SMALL_M_TILES: 32 rows, two group tiles a loop step; int8 at M = 1 too; tests/nn/test_plans.py checks the
-    choice) against float64, with a ragged last step (int4), split 1 and 2, rows past N unwritten."""
+    """M = 16 on the tensor-core tiles int4 weights in groups of 128, NF4 in groups of 64 and wide int8 and fp8
+    weights take (SMALL_M_TILES: 32 rows, two group tiles a loop step; 8-bit at M = 1 too; tests/nn/test_plans.py
+    checks the choice) against float64, with a ragged last step (int4), split 1 and 2, rows past N unwritten."""
     n, k = (72, 1408) if CUDA else (40, 640)  # 1408 = 5.5 steps of 256 columns, 640 = 2.5
     cases = [(spec, 16) for spec in ("int4/g128", "int4-asym/g128", "nf4/g64")]
-    cases += [(spec, m) for spec in ("int8/g128", "int8-asym/g128", "int8/channel") for m in (1, 16)]
-    monkeypatch.setattr(triton_backend, "INT8_TILES_MIN_WAVES", 0)  # this narrow int8 weight takes them too
+    cases += [(spec, m) for spec in ("int8/g128", "int8-asym/g128", "int8/channel", "fp8-e4m3/channel")
+              for m in (1, 16)]
+    monkeypatch.setattr(triton_backend, "WIDE_8BIT_MIN_WAVES", 0)  # this narrow 8-bit weight takes them too
     choose_plan.cache_clear()
     try:
         for spec, m in cases:

@@ -297,15 +297,20 @@ def gluon_gemv_available() -> bool:
 # at M = 1 too, gains on wide weights only (bench/kernel_sweep.py --against-old-tiles --spec int8/g128,int8/channel,
 # H100, M = 1 / 16, µs): 12288x4096 27.5 / 29.3 -> 24.7 / 24.9, 22016x4096 45.2 / 50.2 -> 38.7 / 39.9, but
 # 4096x4096 11.9 / 12.5 -> 13.5 / 13.6 and 4096x11008 24.1 / 25.8 -> 27.0 / 27.1 (32-row tiles of a narrow weight
-# split K into short loops); so int8 takes them where its rows alone fill INT8_TILES_MIN_WAVES programs a
-# multiprocessor: the four shapes 108.7 -> 99.4 µs at M = 1, 117.8 -> 103.0 at M = 16 (not yet through generate).
-# Other weights keep 64 rows, one tile a step and 8 programs per SM (fp8, NF4 in groups of 128 and int4 in groups
-# under 128 were not swept wide).
+# split K into short loops); so int8 takes them where its rows alone fill WIDE_8BIT_MIN_WAVES programs a
+# multiprocessor: the four shapes 108.7 -> 99.4 µs at M = 1, 117.8 -> 103.0 at M = 16; through generate, int8/g128
+# 242.7 -> 257.6 tok/s at batch 1, 2429.7 -> 2611.5 at 16 (float KV cache). fp8-e4m3 per channel under the same
+# rule (--against-old-tiles --spec fp8-e4m3/channel): 12288x4096 26.1 / 28.1 -> 23.7 / 24.7 µs, 22016x4096 47.3 / 50.3
+# -> 38.4 / 38.2, the four shapes 108.0 -> 96.7 at M = 1 and 114.9 -> 99.4 at M = 16; through generate, 16 prompts:
+# 2491.3 -> 2657.3 tok/s. Other weights keep 64 rows, one tile a step and 8 programs per SM (NF4 in groups of 128
+# and int4 in groups under 128 were not swept wide).
 SMALL_M_TILES = (32, 2, 2, 3.0, 4)
 SMALL_M_TILES_OTHER = (64, 1, 2, 8.0, 6)
 # kernel kind (0 int4, 1 nf4, 2 int8: _FORMAT_KINDS) -> the group tile SMALL_M_TILES was swept at
-SMALL_M_TILE_STEPS = {0: 128, 1: 64, 2: 128}
-INT8_TILES_MIN_WAVES = 2
+SMALL_M_TILE_STEPS = {0: 128, 1: 64, 2: 128, KIND_FP8E4: 128}
+# 8-bit kinds that take SMALL_M_TILES where wide (plan_for passes fp8-e4m3 as KIND_FP8E4 on every GPU)
+WIDE_8BIT_KINDS = (KIND_INT8, KIND_FP8E4)
+WIDE_8BIT_MIN_WAVES = 2
 
 
 @functools.lru_cache(maxsize=4096)
@@ -326,8 +331,8 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     # 4-bit codes were swept where they view as words (gemv_ok); 8-bit codes, read as bytes either way, on wide
     # weights only
-    wide_int8 = kind == KIND_INT8 and _cdiv(n, SMALL_M_TILES[0]) >= INT8_TILES_MIN_WAVES * sms
-    swept = bm == 16 and (gemv_ok or wide_int8) and SMALL_M_TILE_STEPS.get(kind) == step
+    wide_8bit = kind in WIDE_8BIT_KINDS and _cdiv(n, SMALL_M_TILES[0]) >= WIDE_8BIT_MIN_WAVES * sms
+    swept = bm == 16 and (gemv_ok or wide_8bit) and SMALL_M_TILE_STEPS.get(kind) == step
     tiles = SMALL_M_TILES if swept else SMALL_M_TILES_OTHER
     bn, sub, warps, programs_per_sm, min_steps = tiles
     warps = warps if bm == 16 else 4
