@@ -424,8 +424,8 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # to scores and probabilities (triton_attention.FOLD_CODE_SCALES off); "+oldplan": the split-cache attention as
     # planned before session 38 (each split one run of blocks; the one-row kernels in blocks of 64 positions with 4
     # warps and 4 waves, of 128 with 4 warps and 8 waves on int8 codes, and for int8 codes only where their programs
-    # fill the GPU); "+oldtiles": M <= 16 matmuls of int4, NF4 and wide int8 weights (int8 at M = 1 too) on the tiles
-    # of before session 39
+    # fill the GPU); "+oldtiles": M <= 16 matmuls of int4, NF4 and wide int8 and fp8 weights (8-bit at M = 1 too) on
+    # the tiles of before session 39
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
@@ -582,7 +582,7 @@ def parse_args() -> argparse.Namespace:
                         "its one-row kernels; +mhasdpa: SDPA for one token of an MHA model at any cache length; "
                         "+nofold: the attention kernels decode an int8 cache's codes to the query's dtype, not apply "
                         "its scales to scores and probabilities; +oldplan: the attention's splits and one-row plans "
-                        "as before session 38; +oldtiles: M <= 16 matmuls of 4-bit and wide int8 weights on the "
+                        "as before session 38; +oldtiles: M <= 16 matmuls of 4-bit and wide 8-bit weights on the "
                         "tensor-core tiles of before session 39 (triton_backend.SMALL_M_TILES)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()

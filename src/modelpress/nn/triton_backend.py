@@ -320,7 +320,7 @@ def choose_plan(m: int, n: int, k: int, bkg: int, sms: int = 132, gemv_ok: bool 
     (gemv_plan; kind: the kernel kind). Otherwise up to M = 64 the tensor-core kernel streams the weight once
     in (BM x BN) tiles, K split until the grid reaches a number of programs per multiprocessor (each keeps only
     a few tiles of memory in flight) while every split keeps a few loop steps: SMALL_M_TILES for M <= 16 (4-bit
-    weights the GEMV serves and wide int8 ones, in the group tiles swept: SMALL_M_TILE_STEPS), else
+    weights the GEMV serves and wide int8 and fp8 ones, in the group tiles swept: SMALL_M_TILE_STEPS), else
     SMALL_M_TILES_OTHER; BM = 32 / 64 tiles above 16 rows. Prefill dequantizes, then cuBLAS. Tuned on an H100
     with bench/kernel_sweep.py (--gemv for the GEMV)."""
     if m >= DEQUANT_MIN_M:
