@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import llama_config, quantized_copy, random_llama  # noqa: E402
 
 from modelpress.inference.fusion import fuse_for_decode  # noqa: E402
-from modelpress.nn.mma_ptx import MAX_ROWS  # noqa: E402
 from modelpress.inference.kv_cache import KVCacheConfig  # noqa: E402
 from modelpress.inference.static_decode import StaticDecoder  # noqa: E402
+from modelpress.nn.mma_ptx import MAX_ROWS  # noqa: E402
 
 
 def kernels_of_a_step(model, prompt: list[int], device: torch.device, batch: int = 1,

@@ -306,7 +306,7 @@ def gluon_gemv_available() -> bool:
 # and int4 in groups under 128 were not swept wide).
 SMALL_M_TILES = (32, 2, 2, 3.0, 4)
 SMALL_M_TILES_OTHER = (64, 1, 2, 8.0, 6)
-# kernel kind (0 int4, 1 nf4, 2 int8: _FORMAT_KINDS) -> the group tile SMALL_M_TILES was swept at
+# kernel kind (0 int4, 1 nf4, 2 int8, 3 fp8-e4m3: _FORMAT_KINDS) -> the group tile SMALL_M_TILES was swept at
 SMALL_M_TILE_STEPS = {0: 128, 1: 64, 2: 128, KIND_FP8E4: 128}
 # 8-bit kinds that take SMALL_M_TILES where wide (plan_for passes fp8-e4m3 as KIND_FP8E4 on every GPU)
 WIDE_8BIT_KINDS = (KIND_INT8, KIND_FP8E4)
