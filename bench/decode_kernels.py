@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import llama_config, quantized_copy, random_llama  # noqa: E402
 
+from modelpress.inference.decoding import relayout_options  # noqa: E402
 from modelpress.inference.fusion import fuse_for_decode  # noqa: E402
 from modelpress.inference.kv_cache import KVCacheConfig  # noqa: E402
 from modelpress.inference.static_decode import StaticDecoder  # noqa: E402
-from modelpress.nn.mma_ptx import MAX_ROWS  # noqa: E402
 
 
 def kernels_of_a_step(model, prompt: list[int], device: torch.device, batch: int = 1,
@@ -75,10 +75,8 @@ def main() -> None:
     rows = []
     for name, m in [("bf16", model)] + [(spec, quantized_copy(model, spec)) for spec in args.formats]:
         for fused in (False, True):
-            # as generate fuses for `batch` rows a forward (decoding.kernel_context): re-laid for the
-            # tensor-core GEMV only up to its MAX_ROWS rows, the MLP's activation in its epilogue at one row
-            undo = fuse_for_decode(m, relayout=args.batch <= MAX_ROWS, interleave=args.batch == 1)[1] if fused \
-                else (lambda: None)
+            # as generate fuses for `batch` rows a forward
+            undo = fuse_for_decode(m, **relayout_options(args.batch))[1] if fused else (lambda: None)
             try:
                 counts, times = kernels_of_a_step(m, prompt, device, args.batch, args.kv_cache, fused)
             finally:

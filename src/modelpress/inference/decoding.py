@@ -312,6 +312,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor | list[int], settings: Ge
     return result
 
 
+def relayout_options(width: int) -> dict:
+    """fuse_for_decode's re-layout options for forwards of `width` activation rows: 4-bit layers re-laid for the
+    tensor-core GEMV up to its mma_ptx.MAX_ROWS rows, the gated MLP's activation in its epilogue at one row."""
+    from modelpress.nn.mma_ptx import MAX_ROWS
+
+    return dict(relayout=width <= MAX_ROWS, interleave=width == 1)
+
+
 def fused_writes(settings: GenerationSettings) -> bool:
     """Whether a static cache writes keys and values in one kernel a layer (with the decode-time fusions)."""
     return settings.fuse and not settings.compile
@@ -332,7 +340,6 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: 
     re-laid (the weight would be decoded for cuBLAS at every call), and one whose forwards take several without the
     gated MLP's activation in the GEMV's epilogue (which takes one row)."""
     from modelpress.nn.cpu_backend import fast_cpu
-    from modelpress.nn.mma_ptx import MAX_ROWS
 
     report = FusionReport()
     with contextlib.ExitStack() as stack:
@@ -346,7 +353,7 @@ def kernel_context(settings: GenerationSettings, *models: nn.Module, verifiers: 
                                           "it first")
                 try:
                     width = rows * (verify_rows if model in verifiers else 1)  # activation rows a forward takes
-                    fused, undo = fuse_for_decode(model, relayout=width <= MAX_ROWS, interleave=width == 1)
+                    fused, undo = fuse_for_decode(model, **relayout_options(width))
                 except Exception as err:  # noqa: BLE001  (an optimization: never a reason not to generate)
                     log.warning("decoding unfused: the decode-time fusions failed (%s: %s)", type(err).__name__,
                                 str(err).splitlines()[0][:300] if str(err) else "")
