@@ -36,7 +36,7 @@ from bench.kernels import (DEVICE, LAYERS, LLAMA2_7B_FUSED, bf16_linear, nbytes,
                            read_bandwidth_tbs, time_impl, time_sequence, torch_int4)
 
 from modelpress.nn import gluon_mma_gemv, triton_backend
-from modelpress.nn.mma_ptx import mma_layout
+from modelpress.nn.mma_ptx import fragment_order, mma_layout
 
 SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 11008)]
 CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk)  # (RT, CS, WR, WK)
@@ -54,16 +54,22 @@ SPLIT_CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, war
                                                (1, 4, 1, 8, 2), (1, 2, 2, 4, 3))]
 
 
-def mma_impl(spec: str, config: dict):
+def mma_impl(spec: str, config: dict, laid: bool = False):
+    """laid (rows mode): x read from mma_ptx.fragment_order(x), made once per x outside the timed calls (the
+    kernel alone)."""
+    orders: dict = {}
+
     def build(n, k):
         packed = random_packed(spec, n, k)
         return packed, mma_layout(packed.qdata, n, k, triton_backend.mma_order(packed))
 
     def call(state, x):
         packed, words = state
+        if laid and x.data_ptr() not in orders:
+            orders[x.data_ptr()] = fragment_order(x)
         return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
                                        packed.scheme.group_length(packed.shape[1]), triton_backend.mma_zero(packed),
-                                       pdl=True, **config)
+                                       pdl=True, laid=orders.get(x.data_ptr()) if laid else None, **config)
 
     return build, call
 
@@ -130,17 +136,19 @@ def rows_main(args, specs: list[str]) -> dict:
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
                 sweep = {}
                 for config in ROWS_CONFIGS[:args.configs]:
-                    try:
-                        sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, m, packed_bytes)["graph_us"]
-                    except Exception as exc:  # a configuration that does not compile or fit is reported
-                        sweep[json.dumps(config)] = f"{type(exc).__name__}: {exc}"[:160]
+                    for laid in (False, True) if args.laid else (False,):
+                        name = json.dumps(dict(config, laid=True) if laid else config)
+                        try:
+                            sweep[name] = time_impl(mma_impl(spec, config, laid), n, k, m, packed_bytes)["graph_us"]
+                        except Exception as exc:  # a configuration that does not compile or fit is reported
+                            sweep[name] = f"{type(exc).__name__}: {exc}"[:160]
                 nf4 = spec.startswith("nf4")
                 plan = json.dumps(triton_backend.MMA_NF4_CONFIG if nf4 else triton_backend.MMA_CONFIG)
                 if plan not in sweep:
                     sweep[plan] = time_impl(mma_impl(spec, json.loads(plan)), n, k, m, packed_bytes)["graph_us"]
                 times = {c: t for c, t in sweep.items() if isinstance(t, float)}
                 choice = min(times, key=times.get)
-                best[(m, n, k)] = json.loads(choice)
+                best[(m, n, k)] = {key: v for key, v in json.loads(choice).items() if key != "laid"}
                 row.update(rows_mode_us=times[choice], rows_mode_plan_us=sweep[plan], best=json.loads(choice),
                            sweep=sweep)
                 result["rows"].append(row)
@@ -189,6 +197,8 @@ def main() -> None:
                         "GEMV's epilogue against the GEMV then silu_mul, on the 22016x4096 shape")
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
+    parser.add_argument("--laid", action="store_true", help="--rows: each plan also with x laid out in fragment "
+                        "order (mma_ptx.fragment_order, made outside the timed calls)")
     parser.add_argument("--rows", type=int, nargs="+", default=None,
                         help="time the rows mode at these row counts (2..8) instead (module docstring)")
     args = parser.parse_args()
