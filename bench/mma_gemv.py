@@ -54,9 +54,9 @@ SPLIT_CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, war
                                                (1, 4, 1, 8, 2), (1, 2, 2, 4, 3))]
 
 
-def mma_impl(spec: str, config: dict, laid: bool = False):
+def mma_impl(spec: str, config: dict, laid: bool | str = False):
     """laid (rows mode): x read from mma_ptx.fragment_order(x), made once per x outside the timed calls (the
-    kernel alone)."""
+    kernel alone); "convert": x loaded coalesced and converted in the kernel (gluon_mma_gemv's convert_x)."""
     orders: dict = {}
 
     def build(n, k):
@@ -65,11 +65,12 @@ def mma_impl(spec: str, config: dict, laid: bool = False):
 
     def call(state, x):
         packed, words = state
-        if laid and x.data_ptr() not in orders:
+        if laid is True and x.data_ptr() not in orders:
             orders[x.data_ptr()] = fragment_order(x)
         return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
                                        packed.scheme.group_length(packed.shape[1]), triton_backend.mma_zero(packed),
-                                       pdl=True, laid=orders.get(x.data_ptr()) if laid else None, **config)
+                                       pdl=True, laid=orders.get(x.data_ptr()) if laid is True else None,
+                                       convert_x=laid == "convert", **config)
 
     return build, call
 
@@ -136,8 +137,8 @@ def rows_main(args, specs: list[str]) -> dict:
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
                 sweep = {}
                 for config in ROWS_CONFIGS[:args.configs]:
-                    for laid in (False, True) if args.laid else (False,):
-                        name = json.dumps(dict(config, laid=True) if laid else config)
+                    for laid in (False, True, "convert") if args.laid else (False,):
+                        name = json.dumps(dict(config, laid=laid) if laid else config)
                         try:
                             sweep[name] = time_impl(mma_impl(spec, config, laid), n, k, m, packed_bytes)["graph_us"]
                         except Exception as exc:  # a configuration that does not compile or fit is reported
@@ -198,7 +199,8 @@ def main() -> None:
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
     parser.add_argument("--laid", action="store_true", help="--rows: each plan also with x laid out in fragment "
-                        "order (mma_ptx.fragment_order, made outside the timed calls)")
+                        "order (mma_ptx.fragment_order, made outside the timed calls) and with x converted to it in "
+                        "the kernel (convert_x)")
     parser.add_argument("--rows", type=int, nargs="+", default=None,
                         help="time the rows mode at these row counts (2..8) instead (module docstring)")
     args = parser.parse_args()

@@ -129,6 +129,7 @@ def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
     assert torch.equal(call(x, packed, words, **config), y)
     # x laid out in fragment order: the same words in the same MMAs, so the same bits
     assert torch.equal(call(x, packed, words, laid=mma_ptx.fragment_order(x), **config), y)
+    assert torch.equal(call(x, packed, words, convert_x=True, **config), y)  # loaded coalesced, then converted
 
 
 def test_rows_mode_under_a_cuda_graph_and_through_quant_linear():
