@@ -107,8 +107,8 @@ ROW_CONFIGS = [dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=
 @pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 576), ("int4-asym/g64", 72, 448), ("nf4/g64", 40, 448),
                                         ("int4/g128", 12288, 4096)])
 def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
-    """2..16 rows of x (rows mode: row r in column r % 8 of fragment r // 8 of the MMAs' B): every row of y is that row's product, against
-    float64 and against the one-row GEMV (the same exact products, their float32 sums taken in another order, so
+    """2..16 rows of x (rows mode: row r in column r % 8 of fragment r // 8 of the MMAs' B): every row of y is that
+    row's product, against float64 and against the one-row GEMV (the same exact products, their float32 sums taken in another order, so
     within the magic number's rounding, mma_ptx's docstring); nothing written past the last row of y."""
     packed, words = make(spec, n, k, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE).to(dtype) * torch.linspace(0.5, 2, m, device=DEVICE).to(dtype)[:, None]

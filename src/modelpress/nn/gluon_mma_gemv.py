@@ -340,7 +340,8 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
         workspace = locks = y  # never touched
     nf4 = zero is None
     table = _nf4_table(x.device, bf16) if nf4 else scale
-    args = (x if laid is None else laid, words, scale, offset if offset is not None else scale, table, y, workspace, locks, n, chunks, per_split,
+    args = (x if laid is None else laid, words, scale, offset if offset is not None else scale, table, y, workspace,
+            locks, n, chunks, per_split,
             scale.stride(0), scale.stride(1), m)
     constants = dict(MMA_ASM=mma_asm(bf16, nf4, fragments), XSUM_ASM=xsum_asm(bf16, fragments),
                      MMA_CONSTRAINTS=mma_constraints(nf4, fragments), XSUM_CONSTRAINTS=xsum_constraints(fragments),
