@@ -54,6 +54,11 @@ SPLIT_CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, war
                                                (1, 4, 1, 8, 2), (1, 2, 2, 4, 3))]
 
 
+def with_depths(configs: list[dict], depths: list[int]) -> list[dict]:
+    """Each configuration at each depth (loop steps of weights in flight; 1 is the kernel's default, left out)."""
+    return [dict(config, depth=depth) if depth != 1 else config for config in configs for depth in depths]
+
+
 def mma_impl(spec: str, config: dict, laid: bool | str = False):
     """laid (rows mode): x read from mma_ptx.fragment_order(x), made once per x outside the timed calls (the
     kernel alone); "convert": x loaded coalesced and converted in the kernel (gluon_mma_gemv's convert_x)."""
@@ -136,7 +141,7 @@ def rows_main(args, specs: list[str]) -> dict:
                 row["dequantize_cublas_us"] = time_impl(dequantize_impl(spec), n, k, m, packed_bytes)["graph_us"]
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
                 sweep = {}
-                for config in ROWS_CONFIGS[:args.configs]:
+                for config in with_depths(ROWS_CONFIGS[:args.configs], args.depths):
                     for laid in (False, True, "convert") if args.laid else (False,):
                         name = json.dumps(dict(config, laid=laid) if laid else config)
                         try:
@@ -198,6 +203,8 @@ def main() -> None:
                         "GEMV's epilogue against the GEMV then silu_mul, on the 22016x4096 shape")
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
+    parser.add_argument("--depths", type=int, nargs="+", default=[1], help="each plan with these loop steps of "
+                        "weights in flight (gluon_mma_gemv's depth: 1 or 2)")
     parser.add_argument("--laid", action="store_true", help="--rows: each plan also with x laid out in fragment "
                         "order (mma_ptx.fragment_order, made outside the timed calls) and with x converted to it in "
                         "the kernel (convert_x)")
@@ -225,7 +232,8 @@ def main() -> None:
             sweep = {}
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             short = n // 16 < triton_backend.MMA_MIN_TILES_PER_SM * sms
-            for config in CONFIGS[:args.configs] + (SPLIT_CONFIGS if short and not args.no_split else []):
+            for config in with_depths(CONFIGS[:args.configs] + (SPLIT_CONFIGS if short and not args.no_split else []),
+                                      args.depths):
                 try:
                     sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, 1, packed_bytes)["graph_us"]
                 except Exception as exc:  # a configuration that does not compile or fit is reported

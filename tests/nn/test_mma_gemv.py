@@ -62,6 +62,7 @@ def test_mma_gemv_matches_float64(spec, n, k, dtype, config):
     assert error < TOLERANCE[dtype], error
     again = call(x, packed, words, **config)
     assert torch.equal(again, y)  # deterministic: split-K partial sums are added in a fixed order
+    assert torch.equal(call(x, packed, words, depth=2, **config), y)  # two steps of weights in flight: same sums
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -108,8 +109,10 @@ ROW_CONFIGS = [dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=
                                         ("int4/g128", 12288, 4096)])
 def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
     """2..16 rows of x (rows mode: row r in column r % 8 of fragment r // 8 of the MMAs' B): every row of y is that
-    row's product, against float64 and against the one-row GEMV (the same exact products, their float32 sums taken in another order, so
-    within the magic number's rounding, mma_ptx's docstring); nothing written past the last row of y."""
+    row's product, against float64 and against the one-row GEMV (the same exact products, their float32 sums taken
+    in another order, so within the magic number's rounding, mma_ptx's docstring); nothing written past the last
+    row of y; x laid out in fragment order, x converted in the kernel and two steps of weights in flight give the
+    same bits."""
     packed, words = make(spec, n, k, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE).to(dtype) * torch.linspace(0.5, 2, m, device=DEVICE).to(dtype)[:, None]
     buffer = torch.full((m + 1, n), float("nan"), device=DEVICE, dtype=dtype)
@@ -130,6 +133,7 @@ def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
     # x laid out in fragment order: the same words in the same MMAs, so the same bits
     assert torch.equal(call(x, packed, words, laid=mma_ptx.fragment_order(x), **config), y)
     assert torch.equal(call(x, packed, words, convert_x=True, **config), y)  # loaded coalesced, then converted
+    assert torch.equal(call(x, packed, words, depth=2, **config), y)
 
 
 def test_rows_mode_under_a_cuda_graph_and_through_quant_linear():

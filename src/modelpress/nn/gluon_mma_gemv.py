@@ -60,7 +60,8 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                      RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr, WK: gl.constexpr, PDL: gl.constexpr,
                      XSUM: gl.constexpr = True, NF4: gl.constexpr = False, SPLIT_K: gl.constexpr = False,
                      SPLITS: gl.constexpr = 1, INTERLEAVE: gl.constexpr = False, ACT: gl.constexpr = False,
-                     FRAGMENTS: gl.constexpr = 0, XL: gl.constexpr = False, XC: gl.constexpr = None):
+                     FRAGMENTS: gl.constexpr = 0, XL: gl.constexpr = False, XC: gl.constexpr = None,
+                     DEPTH: gl.constexpr = 1):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
     of 64). FRAGMENTS = 1 (rows mode): y (M, N) = x (M, K) @ W^T for M <= 8 rows of a contiguous x, row r of x in
     column r of the MMAs' B (mma_ptx.mma_asm's fragments), every lane storing its four sums; not with SPLIT_K or
@@ -151,8 +152,12 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
         t7 = gl.load(t_row + 7)
     if EVEN:
         w_next = gl.load(words)
+        if DEPTH == 2:  # the step after it too: two steps of weights in flight
+            w_next2 = gl.load(words + CK * 128, mask=c_begin + CK < c_end, other=0)
     else:
         w_next = gl.load(words, mask=(c_begin + chunk < c_end)[None, :, :, :], other=0)
+        if DEPTH == 2:
+            w_next2 = gl.load(words + CK * 128, mask=(c_begin + CK + chunk < c_end)[None, :, :, :], other=0)
     if PDL:  # the weights are ours; x and y belong to the kernels around us
         gdc_launch_dependents()
         gdc_wait()
@@ -165,7 +170,11 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
         w = w_next
         words += CK * 128
         if EVEN:
-            w_next = gl.load(words, mask=c0 + CK < c_end, other=0)
+            if DEPTH == 2:
+                w_next = w_next2
+                w_next2 = gl.load(words + CK * 128, mask=c0 + 2 * CK < c_end, other=0)
+            else:
+                w_next = gl.load(words, mask=c0 + CK < c_end, other=0)
             if FRAGMENTS > 0:
                 xv = gl.load(x_quads + c0 * X_STEP, mask=x_in, other=0)
                 if FRAGMENTS == 2:
@@ -179,7 +188,11 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                 xv = gl.load(x_quads + c0 * 16)
             group = ((c0 + s_chunk) * 64 // GS) * stride_sg
         else:  # chunks past the split: zero codes times zero activations, scales of its last group (finite)
-            w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
+            if DEPTH == 2:
+                w_next = w_next2
+                w_next2 = gl.load(words + CK * 128, mask=(c0 + 2 * CK + chunk < c_end)[None, :, :, :], other=0)
+            else:
+                w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
             if FRAGMENTS > 0:
                 xv = gl.load(x_quads + c0 * X_STEP, mask=(c0 + chunk_x < c_end) & x_in, other=0)
                 if FRAGMENTS == 2:
@@ -297,7 +310,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
            group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
            warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
            out: torch.Tensor | None = None, interleave: bool = False, act: bool = False,
-           laid: torch.Tensor | None = None, convert_x: bool = False) -> tuple:
+           laid: torch.Tensor | None = None, convert_x: bool = False, depth: int = 1) -> tuple:
     """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[5] is y. zero=None:
     NF4 codes (mma_layout with NF4_NIBBLE_OF). split > 1: K is split into that many ranges of whole steps (fewer
     where the steps run out), their partial sums added through triton_backend's split-K workspace. interleave:
@@ -350,7 +363,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
                      RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl,
                      XSUM=not nf4 or offset is not None, NF4=nf4, SPLIT_K=splits > 1, INTERLEAVE=interleave, ACT=act,
                      SPLITS=1 << max(0, (splits - 1).bit_length()), FRAGMENTS=fragments, XL=laid is not None,
-                     XC=coalesced_x_layout(chunks_per_step, warps_k, warps_rows) if convert_x else None,
+                     XC=coalesced_x_layout(chunks_per_step, warps_k, warps_rows) if convert_x else None, DEPTH=depth,
                      num_warps=warps_rows * warps_k, launch_pdl=pdl)
     return gemv4_mma_kernel, grid, args, constants
 
@@ -359,13 +372,13 @@ def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: 
              group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
              warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
              out: torch.Tensor | None = None, interleave: bool = False, act: bool = False,
-             laid: torch.Tensor | None = None, convert_x: bool = False) -> torch.Tensor:
+             laid: torch.Tensor | None = None, convert_x: bool = False, depth: int = 1) -> torch.Tensor:
     """y (M, N) = x (M, K) @ W^T for int4 weights re-laid by mma_layout, M <= MAX_ROWS: W = scale * (code - zero),
     or with an offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset
     (N, G) per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
                                            chunks_per_step, warps_rows, warps_k, split, pdl, out, interleave, act,
-                                           laid, convert_x)
+                                           laid, convert_x, depth)
     kernel[grid](*args, **constants)
     return args[5]
 
