@@ -54,6 +54,13 @@ SPLIT_CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, war
                                                (1, 4, 1, 8, 2), (1, 2, 2, 4, 3))]
 
 
+def plan_list(text: str) -> list[dict]:
+    """--plans "1,2,1,4;2,2,1,4,2" -> configurations (rows per thread, chunks per step, warps along rows and K[,
+    split])."""
+    names = ("rows_per_thread", "chunks_per_step", "warps_rows", "warps_k", "split")
+    return [dict(zip(names, (int(v) for v in item.split(",")))) for item in text.split(";") if item]
+
+
 def with_depths(configs: list[dict], depths: list[int]) -> list[dict]:
     """Each configuration at each depth (loop steps of weights in flight; 1 is the kernel's default, left out)."""
     return [dict(config, depth=depth) if depth != 1 else config for config in configs for depth in depths]
@@ -141,7 +148,7 @@ def rows_main(args, specs: list[str]) -> dict:
                 row["dequantize_cublas_us"] = time_impl(dequantize_impl(spec), n, k, m, packed_bytes)["graph_us"]
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
                 sweep = {}
-                for config in with_depths(ROWS_CONFIGS[:args.configs], args.depths):
+                for config in with_depths(args.plans or ROWS_CONFIGS[:args.configs], args.depths):
                     for laid in (False, True, "convert") if args.laid else (False,):
                         name = json.dumps(dict(config, laid=laid) if laid else config)
                         try:
@@ -203,6 +210,8 @@ def main() -> None:
                         "GEMV's epilogue against the GEMV then silu_mul, on the 22016x4096 shape")
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
+    parser.add_argument("--plans", type=plan_list, default=None, help="these plans instead of the lists': "
+                        "RT,CS,WR,WK[,SPLIT] separated by ';'")
     parser.add_argument("--depths", type=int, nargs="+", default=[1], help="each plan with these loop steps of "
                         "weights in flight (gluon_mma_gemv's depth: 1 or 2)")
     parser.add_argument("--laid", action="store_true", help="--rows: each plan also with x laid out in fragment "
@@ -232,8 +241,8 @@ def main() -> None:
             sweep = {}
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             short = n // 16 < triton_backend.MMA_MIN_TILES_PER_SM * sms
-            for config in with_depths(CONFIGS[:args.configs] + (SPLIT_CONFIGS if short and not args.no_split else []),
-                                      args.depths):
+            plans = args.plans or CONFIGS[:args.configs] + (SPLIT_CONFIGS if short and not args.no_split else [])
+            for config in with_depths(plans, args.depths):
                 try:
                     sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, 1, packed_bytes)["graph_us"]
                 except Exception as exc:  # a configuration that does not compile or fit is reported
