@@ -425,7 +425,8 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
     # planned before session 38 (each split one run of blocks; the one-row kernels in blocks of 64 positions with 4
     # warps and 4 waves, of 128 with 4 warps and 8 waves on int8 codes, and for int8 codes only where their programs
     # fill the GPU); "+oldtiles": M <= 16 matmuls of int4, NF4 and wide int8 and fp8 weights (8-bit at M = 1 too) on
-    # the tiles of before session 39
+    # the tiles of before session 39; "+nolaid": layers re-laid for the rows mode (2 to 8 rows) read x as stored, not
+    # the copy in fragment order their norms write (fusion.LAY_NORMS off)
     decode, *flags = path.split("+")
     options = dict(decode=decode, sampling=greedy, kv_cache=kv, compile="compile" in flags, fuse="nofuse" not in flags)
     from modelpress.inference import fusion, static_kv
@@ -438,6 +439,7 @@ def user_row(name: str, model: nn.Module, ids: list[int] | list[list[int]], path
           patched(fusion, "RELAYOUT", False, "nomma" in flags),
           patched(triton_backend, "MMA_SPLIT_K", True, "split" in flags),
           patched(fusion, "INTERLEAVE", False, "noact" in flags),
+          patched(fusion, "LAY_NORMS", False, "nolaid" in flags),
           patched(fusion, "READ_INT8_CODES", False, "nocodes" in flags),
           patched(static_kv, "WRITE_INT8_KERNEL", False, "nokv8" in flags),
           patched(triton_attention, "VECTOR_ROWS", False, "novector" in flags),
@@ -568,7 +570,7 @@ def parse_args() -> argparse.Namespace:
                             "auto+nofuse", "auto+noattn", "auto+nopdl", "auto+mhasplit", "auto+nomma",
                             "auto+split", "auto+noact", "auto+split+noact", "auto+compile+nofuse", "auto+nocodes",
                             "auto+nokv8", "auto+novector", "auto+mhasdpa", "auto+nofold", "auto+oldplan",
-                            "auto+oldtiles"],
+                            "auto+oldtiles", "auto+nolaid"],
                    help="user path: decode paths to time (default eager auto); +compile: GenerationSettings.compile; "
                         "+nofuse: GenerationSettings.fuse=False (no decode-time fusions); +noattn: every fusion but "
                         "the split-cache attention; +nopdl: the decode-time kernels without PDL; +mhasplit: the "
@@ -583,7 +585,8 @@ def parse_args() -> argparse.Namespace:
                         "+nofold: the attention kernels decode an int8 cache's codes to the query's dtype, not apply "
                         "its scales to scores and probabilities; +oldplan: the attention's splits and one-row plans "
                         "as before session 38; +oldtiles: M <= 16 matmuls of 4-bit and wide 8-bit weights on the "
-                        "tensor-core tiles of before session 39 (triton_backend.SMALL_M_TILES)")
+                        "tensor-core tiles of before session 39 (triton_backend.SMALL_M_TILES); +nolaid: the rows "
+                        "mode reads x as stored, not its norms' copy in fragment order")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.user_path = not args.harness  # generate's path is what users get: the default (issue 13 item 2)

@@ -36,7 +36,7 @@ from bench.kernels import (DEVICE, LAYERS, LLAMA2_7B_FUSED, bf16_linear, nbytes,
                            read_bandwidth_tbs, time_impl, time_sequence, torch_int4)
 
 from modelpress.nn import gluon_mma_gemv, triton_backend
-from modelpress.nn.mma_ptx import mma_layout
+from modelpress.nn.mma_ptx import fragment_order, mma_layout
 
 SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 11008)]
 CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk)  # (RT, CS, WR, WK)
@@ -54,16 +54,35 @@ SPLIT_CONFIGS = [dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, war
                                                (1, 4, 1, 8, 2), (1, 2, 2, 4, 3))]
 
 
-def mma_impl(spec: str, config: dict):
+def plan_list(text: str) -> list[dict]:
+    """--plans "1,2,1,4;2,2,1,4,2" -> configurations (rows per thread, chunks per step, warps along rows and K[,
+    split])."""
+    names = ("rows_per_thread", "chunks_per_step", "warps_rows", "warps_k", "split")
+    return [dict(zip(names, (int(v) for v in item.split(",")))) for item in text.split(";") if item]
+
+
+def with_depths(configs: list[dict], depths: list[int]) -> list[dict]:
+    """Each configuration at each depth (loop steps of weights in flight; 1 is the kernel's default, left out)."""
+    return [dict(config, depth=depth) if depth != 1 else config for config in configs for depth in depths]
+
+
+def mma_impl(spec: str, config: dict, laid: bool | str = False):
+    """laid (rows mode): x read from mma_ptx.fragment_order(x), made once per x outside the timed calls (the
+    kernel alone); "convert": x loaded coalesced and converted in the kernel (gluon_mma_gemv's convert_x)."""
+    orders: dict = {}
+
     def build(n, k):
         packed = random_packed(spec, n, k)
         return packed, mma_layout(packed.qdata, n, k, triton_backend.mma_order(packed))
 
     def call(state, x):
         packed, words = state
+        if laid is True and x.data_ptr() not in orders:
+            orders[x.data_ptr()] = fragment_order(x)
         return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
                                        packed.scheme.group_length(packed.shape[1]), triton_backend.mma_zero(packed),
-                                       pdl=True, **config)
+                                       pdl=True, laid=orders.get(x.data_ptr()) if laid is True else None,
+                                       convert_x=laid == "convert", **config)
 
     return build, call
 
@@ -129,18 +148,20 @@ def rows_main(args, specs: list[str]) -> dict:
                 row["dequantize_cublas_us"] = time_impl(dequantize_impl(spec), n, k, m, packed_bytes)["graph_us"]
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
                 sweep = {}
-                for config in ROWS_CONFIGS[:args.configs]:
-                    try:
-                        sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, m, packed_bytes)["graph_us"]
-                    except Exception as exc:  # a configuration that does not compile or fit is reported
-                        sweep[json.dumps(config)] = f"{type(exc).__name__}: {exc}"[:160]
+                for config in with_depths(args.plans or ROWS_CONFIGS[:args.configs], args.depths):
+                    for laid in (False, True, "convert") if args.laid else (False,):
+                        name = json.dumps(dict(config, laid=laid) if laid else config)
+                        try:
+                            sweep[name] = time_impl(mma_impl(spec, config, laid), n, k, m, packed_bytes)["graph_us"]
+                        except Exception as exc:  # a configuration that does not compile or fit is reported
+                            sweep[name] = f"{type(exc).__name__}: {exc}"[:160]
                 nf4 = spec.startswith("nf4")
                 plan = json.dumps(triton_backend.MMA_NF4_CONFIG if nf4 else triton_backend.MMA_CONFIG)
                 if plan not in sweep:
                     sweep[plan] = time_impl(mma_impl(spec, json.loads(plan)), n, k, m, packed_bytes)["graph_us"]
                 times = {c: t for c, t in sweep.items() if isinstance(t, float)}
                 choice = min(times, key=times.get)
-                best[(m, n, k)] = json.loads(choice)
+                best[(m, n, k)] = {key: v for key, v in json.loads(choice).items() if key != "laid"}
                 row.update(rows_mode_us=times[choice], rows_mode_plan_us=sweep[plan], best=json.loads(choice),
                            sweep=sweep)
                 result["rows"].append(row)
@@ -189,6 +210,13 @@ def main() -> None:
                         "GEMV's epilogue against the GEMV then silu_mul, on the 22016x4096 shape")
     parser.add_argument("--no-split", action="store_true", help="no split-K configurations for the 4096-row shapes")
     parser.add_argument("--shapes", default=None, help="N x K pairs, e.g. 12288x4096,22016x4096 (default: all five)")
+    parser.add_argument("--plans", type=plan_list, default=None, help="these plans instead of the lists': "
+                        "RT,CS,WR,WK[,SPLIT] separated by ';'")
+    parser.add_argument("--depths", type=int, nargs="+", default=[1], help="each plan with these loop steps of "
+                        "weights in flight (gluon_mma_gemv's depth: 1 or 2)")
+    parser.add_argument("--laid", action="store_true", help="--rows: each plan also with x laid out in fragment "
+                        "order (mma_ptx.fragment_order, made outside the timed calls) and with x converted to it in "
+                        "the kernel (convert_x)")
     parser.add_argument("--rows", type=int, nargs="+", default=None,
                         help="time the rows mode at these row counts (2..8) instead (module docstring)")
     args = parser.parse_args()
@@ -213,7 +241,8 @@ def main() -> None:
             sweep = {}
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             short = n // 16 < triton_backend.MMA_MIN_TILES_PER_SM * sms
-            for config in CONFIGS[:args.configs] + (SPLIT_CONFIGS if short and not args.no_split else []):
+            plans = args.plans or CONFIGS[:args.configs] + (SPLIT_CONFIGS if short and not args.no_split else [])
+            for config in with_depths(plans, args.depths):
                 try:
                     sweep[json.dumps(config)] = time_impl(mma_impl(spec, config), n, k, 1, packed_bytes)["graph_us"]
                 except Exception as exc:  # a configuration that does not compile or fit is reported

@@ -67,7 +67,8 @@ def compile_gemv(spec: str, n: int, k: int, half: bool, kernel_name: str = "gemv
     return compiled, config, launch
 
 
-def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain"):
+def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain", x_mode: str = "plain",
+                     plan: dict | None = None, depth: int = 1):
     """gluon_mma_gemv's kernel for `spec` (int4, int4-asym or nf4, bfloat16 activations) with the plan decode uses;
     (compiled, weights per thread per loop step). variant: plain, split (split-K), interleave ([gate | up] rows
     interleaved), act (interleaved, with the activation in the epilogue) or rows (the rows mode: up to 8 activation
@@ -81,9 +82,9 @@ def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain"):
 
     scheme = WeightScheme.parse(spec)
     nf4, affine = scheme.format == "nf4", scheme.qformat.affine
-    config = triton_backend.MMA_NF4_CONFIG if nf4 else triton_backend.MMA_CONFIG
+    config = plan or (triton_backend.MMA_NF4_CONFIG if nf4 else triton_backend.MMA_CONFIG)
     zero = 0 if affine else 8
-    fragments = 1 if variant == "rows" else 0
+    fragments = {"rows": 1, "rows16": 2}.get(variant, 0)
     constants = dict(MMA_ASM=mma_ptx.mma_asm(True, nf4, fragments), XSUM_ASM=mma_ptx.xsum_asm(True, fragments),
                      MMA_CONSTRAINTS=mma_ptx.mma_constraints(nf4, fragments),
                      XSUM_CONSTRAINTS=mma_ptx.xsum_constraints(fragments), FRAGMENTS=fragments,
@@ -91,7 +92,10 @@ def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain"):
                      GS=scheme.group_length(k), EVEN=True, RT=config["rows_per_thread"], CS=config["chunks_per_step"],
                      WR=config["warps_rows"], WK=config["warps_k"], PDL=True, XSUM=not nf4 or affine, NF4=nf4,
                      SPLIT_K=variant == "split", SPLITS=4 if variant == "split" else 1,
-                     INTERLEAVE=variant in ("interleave", "act"), ACT=variant == "act")
+                     INTERLEAVE=variant in ("interleave", "act"), ACT=variant == "act", XL=x_mode == "laid",
+                     XC=gluon_mma_gemv.coalesced_x_layout(config["chunks_per_step"], config["warps_k"],
+                                                          config["warps_rows"]) if x_mode == "convert" else None,
+                     DEPTH=depth)
     kernel = gluon_mma_gemv.gemv4_mma_kernel
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16", "table_ptr": "*i32",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "N": "i32", "chunks": "i32",
@@ -158,11 +162,21 @@ def main() -> None:
     p.add_argument("--float32", action="store_true", help="the float32 inner product instead of HALF")
     p.add_argument("--dump", type=Path, default=None, help="write the whole SASS here")
     p.add_argument("--mma", action="store_true", help="the tensor-core GEMV (gluon_mma_gemv) with decode's plan")
-    p.add_argument("--variant", default="plain", choices=["plain", "split", "interleave", "act", "rows"],
+    p.add_argument("--x", default="plain", choices=["plain", "laid", "convert"],
+                   help="with --variant rows/rows16: x as stored, laid out in fragment order, or converted in "
+                   "the kernel")
+    p.add_argument("--depth", type=int, default=1, help="with --mma: loop steps of weights in flight (1 or 2)")
+    p.add_argument("--plan", default=None, help="with --mma: RT,CS,WR,WK instead of decode's plan")
+    p.add_argument("--variant", default="plain", choices=["plain", "split", "interleave", "act", "rows", "rows16"],
                    help="with --mma: split-K, [gate | up] rows interleaved, or interleaved with the activation")
     args = p.parse_args()
     if args.mma:
-        compiled, weights_per_thread = compile_mma_gemv(args.spec, args.n, args.k, args.variant)
+        plan = None
+        if args.plan:
+            rt, cs, wr, wk = (int(v) for v in args.plan.split(","))
+            plan = dict(rows_per_thread=rt, chunks_per_step=cs, warps_rows=wr, warps_k=wk)
+        compiled, weights_per_thread = compile_mma_gemv(args.spec, args.n, args.k, args.variant, args.x, plan,
+                                                        args.depth)
         print(f"{args.spec} {args.n}x{args.k}, tensor-core GEMV: {weights_per_thread} weights per thread per loop "
               f"step; {resource_usage(compiled.asm['cubin'])}")
     else:

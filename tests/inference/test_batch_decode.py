@@ -198,3 +198,27 @@ def test_a_batch_is_captured_on_cuda_and_matches_its_static_run(cuda, spec):
     assert graphed.tokens == static.tokens
     for prompt, tokens in zip(PROMPTS, graphed.tokens):
         assert generate(model, prompt, settings(decode="auto")).tokens[:3] == tokens[:3]
+
+
+@pytest.mark.gpu
+def test_norms_laying_x_out_for_the_rows_mode_leave_the_tokens_as_they_were(cuda, monkeypatch):
+    """A batch on 4-bit layers re-laid for the tensor-core GEMV's rows mode: with the norms before them writing x in
+    fragment order too (fusion.LAY_NORMS), those layers read that copy, and the sums are the same bits, so the
+    tokens are those of the rows read as stored."""
+    from modelpress.inference import fusion
+    from modelpress.nn import triton_backend
+
+    monkeypatch.setattr(triton_backend, "MMA_MIN_TILES_PER_SM", 0)  # a tiny model's layers, re-laid all the same
+    model = build_tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2).to(cuda, torch.bfloat16)
+    quantize_rtn(model, RTNConfig(scheme=WeightScheme.parse("int4/g128")))
+    runs = {}
+    for lay in (False, True):
+        monkeypatch.setattr(fusion, "LAY_NORMS", lay)
+        runs[lay] = generate_batch(model, PROMPTS, settings(decode="auto"))
+    layers = model.config.num_hidden_layers
+    assert runs[True].fusions.endswith(f"4-bit layers on the tensor-core GEMV, {2 * layers} norms writing x in "
+                                       "fragment order, rotary, KV writes"), runs[True].fusions
+    assert "fragment order" not in runs[False].fusions and "tensor-core GEMV" in runs[False].fusions
+    assert runs[True].batched and runs[True].tokens == runs[False].tokens
+

@@ -326,6 +326,34 @@ def test_the_norm_kernel_gives_transformers_norm(cuda, family, dtype):
     torch.testing.assert_close(rms_norm(query, norm.weight, eps, gemma), norm(query))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_norm_kernels_lay_their_output_out_for_the_rows_mode(cuda, dtype):
+    """laid=True: the same output, and beside it (`mma_laid`) the output in fragment order, exactly as
+    mma_ptx.fragment_order lays it (rows past the last zero), for 2 to MAX_ROWS rows of 16-bit values whose width is a
+    multiple of 64; nothing laid for one row, more rows, float32 or other widths."""
+    from modelpress.nn import mma_ptx
+
+    norm = copy.deepcopy(build_family("llama").model.layers[0].input_layernorm)
+    for rows in (1, 2, 5, mma_ptx.MAX_ROWS, mma_ptx.MAX_ROWS + 1):
+        for width, gemma in ((192, False), (192, True), (96, False)):
+            weight = torch.randn(width).to(cuda, dtype)
+            x, r = (3 * torch.randn(1, rows, width, device=cuda, dtype=dtype) for _ in "xr")
+            served = 2 <= rows <= mma_ptx.MAX_ROWS and width % 64 == 0 and dtype != torch.float32
+            plain, laid = rms_norm(x, weight, 1e-6, gemma), rms_norm(x, weight, 1e-6, gemma, laid=True)
+            assert torch.equal(laid, plain) and not hasattr(plain, "mma_laid")
+            assert hasattr(laid, "mma_laid") == served
+            if served:
+                assert torch.equal(laid.mma_laid, mma_ptx.fragment_order(plain.view(rows, width)))
+            if gemma or dtype == torch.float16:
+                continue
+            (total, plain), (total_laid, laid) = (add_rms_norm(x, r, weight, norm.variance_epsilon, laid=flag)
+                                                   for flag in (False, True))
+            assert torch.equal(total_laid, total) and torch.equal(laid, plain)
+            assert hasattr(laid, "mma_laid") == served
+            if served:
+                assert torch.equal(laid.mma_laid, mma_ptx.fragment_order(plain.view(rows, width)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_add_and_norm_kernel_gives_the_add_then_the_norm(cuda, dtype):
     norm = copy.deepcopy(build_family("llama").model.layers[0].post_attention_layernorm).to(cuda, dtype)

@@ -87,7 +87,7 @@ def _cases(cap: tuple[int, int]):
             x = torch.randn(1, k, generator=gen).to(dtype)
             yield f"{spec} prepared M=1 {dtype}", lambda x=x, p=packed: prepared_linear(x, p, None)
     from modelpress.nn import triton_backend
-    from modelpress.nn.mma_ptx import interleave_rows, mma_layout
+    from modelpress.nn.mma_ptx import fragment_order, interleave_rows, mma_layout
 
     wide = torch.randn(6400, k, generator=gen)  # rows enough for the tensor-core GEMV's plan (3 tiles per SM)
     triton_backend.MMA_FORMATS = ("int4", "int4-asym", "nf4")  # every format the kernel reads
@@ -109,6 +109,10 @@ def _cases(cap: tuple[int, int]):
                 x = torch.randn(m, k, generator=gen).to(dtype)
                 yield f"{spec} re-laid M={m} {dtype}", lambda x=x, p=packed, w=words: \
                     triton_backend.prepared_mma_linear(x, w, p, None)(x)
+            x = torch.randn(4, k, generator=gen).to(dtype)  # the rows mode reading x's copy in fragment order
+            x.mma_laid = fragment_order(x)
+            yield f"{spec} re-laid M=4 laid {dtype}", lambda x=x, p=packed, w=words: \
+                triton_backend.prepared_mma_linear(x, w, p, None, laid=True)(x)
         if spec == "int4-asym/g128":
             continue
         rows = interleave_rows(6400)  # as a gated MLP's [gate | up]: the activation in the epilogue
@@ -141,6 +145,10 @@ def _cases(cap: tuple[int, int]):
         yield f"rms_norm {dtype}", lambda x=x, w=w: triton_norm.rms_norm(x, w, 1e-5, False)
         yield f"rms_norm gemma {dtype}", lambda x=x, w=w: triton_norm.rms_norm(x, w, 1e-5, True)
         yield f"add_rms_norm {dtype}", lambda x=x, w=w: triton_norm.add_rms_norm(x, x.clone(), w, 1e-5)
+        rows = torch.randn(1, 6, 4096, generator=gen).to(dtype)  # 6 rows: their copy in fragment order beside them
+        yield f"rms_norm laid {dtype}", lambda x=rows, w=w: triton_norm.rms_norm(x, w, 1e-5, False, laid=True)
+        yield f"add_rms_norm laid {dtype}", lambda x=rows, w=w: triton_norm.add_rms_norm(x, x.clone(), w, 1e-5,
+                                                                                        laid=True)
         q, kk = torch.randn(1, 32, 1, 128).to(dtype), torch.randn(1, 8, 1, 128).to(dtype)
         cos, sin = torch.randn(1, 1, 128).to(dtype), torch.randn(1, 1, 128).to(dtype)
         yield f"rotary {dtype}", lambda q=q, kk=kk, c=cos, s=sin: triton_rope.rotary(q, kk, c, s)

@@ -17,7 +17,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
 pytest.importorskip("triton.experimental.gluon")
 
 from modelpress.formats import WeightScheme, quantize_weight  # noqa: E402
-from modelpress.nn import gluon_mma_gemv  # noqa: E402
+from modelpress.nn import gluon_mma_gemv, mma_ptx  # noqa: E402
 from modelpress.nn.mma_ptx import NF4_NIBBLE_OF, NIBBLE_OF, mma_layout  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -62,6 +62,7 @@ def test_mma_gemv_matches_float64(spec, n, k, dtype, config):
     assert error < TOLERANCE[dtype], error
     again = call(x, packed, words, **config)
     assert torch.equal(again, y)  # deterministic: split-K partial sums are added in a fixed order
+    assert torch.equal(call(x, packed, words, depth=2, **config), y)  # two steps of weights in flight: same sums
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -103,13 +104,15 @@ ROW_CONFIGS = [dict(rows_per_thread=1, chunks_per_step=2, warps_rows=1, warps_k=
 
 @pytest.mark.parametrize("config", ROW_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [2, 5, 8])
+@pytest.mark.parametrize("m", [2, 5, 8, 12, 16])
 @pytest.mark.parametrize("spec, n, k", [("int4/g128", 40, 576), ("int4-asym/g64", 72, 448), ("nf4/g64", 40, 448),
                                         ("int4/g128", 12288, 4096)])
 def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
-    """2..8 rows of x (rows mode: row r in column r of the MMAs' B): every row of y is that row's product, against
-    float64 and against the one-row GEMV (the same exact products, their float32 sums taken in another order, so
-    within the magic number's rounding, mma_ptx's docstring); nothing written past the last row of y."""
+    """2..16 rows of x (rows mode: row r in column r % 8 of fragment r // 8 of the MMAs' B): every row of y is that
+    row's product, against float64 and against the one-row GEMV (the same exact products, their float32 sums taken
+    in another order, so within the magic number's rounding, mma_ptx's docstring); nothing written past the last
+    row of y; x laid out in fragment order, x converted in the kernel and two steps of weights in flight give the
+    same bits."""
     packed, words = make(spec, n, k, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE).to(dtype) * torch.linspace(0.5, 2, m, device=DEVICE).to(dtype)[:, None]
     buffer = torch.full((m + 1, n), float("nan"), device=DEVICE, dtype=dtype)
@@ -127,6 +130,10 @@ def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
         ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11) * ref[r].abs()  # the output's rounding, both sides
         assert ((y[r].double() - one[0].double()).abs() <= 2 * ulp + bound).all(), r
     assert torch.equal(call(x, packed, words, **config), y)
+    # x laid out in fragment order: the same words in the same MMAs, so the same bits
+    assert torch.equal(call(x, packed, words, laid=mma_ptx.fragment_order(x), **config), y)
+    assert torch.equal(call(x, packed, words, convert_x=True, **config), y)  # loaded coalesced, then converted
+    assert torch.equal(call(x, packed, words, depth=2, **config), y)
 
 
 def test_rows_mode_under_a_cuda_graph_and_through_quant_linear():
@@ -170,8 +177,8 @@ def test_mma_gemv_refuses_what_it_cannot_read():
         gluon_mma_gemv.mma_gemv(x, words, packed.scale, None, 32, 32)
     with pytest.raises(ValueError, match="do not lay out"):
         gluon_mma_gemv.mma_gemv(x, words, packed.scale, None, 48, 128)
-    with pytest.raises(ValueError, match="1 to 8 rows"):
-        gluon_mma_gemv.mma_gemv(x.expand(9, 256).contiguous(), words, packed.scale, None, 32, 128)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        gluon_mma_gemv.mma_gemv(x.expand(17, 256).contiguous(), words, packed.scale, None, 32, 128)
     with pytest.raises(ValueError, match="rows mode takes contiguous rows"):
         gluon_mma_gemv.mma_gemv(x.expand(2, 256).contiguous(), words, packed.scale, None, 32, 128, split=2)
 

@@ -294,3 +294,21 @@ def test_the_plan_splits_k_only_where_row_tiles_are_short_and_k_is_long(monkeypa
         plan = tb.mma_plan(n, k, False, 132)
         if plan is not None:
             assert plan["split"] >= 2 and k // 64 // plan["split"] >= step * tb.MMA_SPLIT_MIN_STEPS
+
+
+@pytest.mark.parametrize("m", [2, 8, 9, 16])
+def test_fragment_order_puts_each_lanes_activations_where_the_rows_mode_reads_them(m):
+    """fragment_order(x): word [c, f, j, lane] holds the 8 bytes lane (g, t) of fragment f loads for MMA j of chunk
+    c (x row 8 f + g, columns 64 c + 16 j + 4 t .. + 3), zero for rows past M."""
+    k = 192
+    x = torch.randn(m, k).to(torch.bfloat16)
+    laid = mg.fragment_order(x)
+    fragments = -(-m // 8)
+    assert laid.shape == (k // 64, fragments, 4, 32) and laid.dtype == torch.int64
+    quads = x.view(torch.int64)  # (m, k / 4)
+    for c in range(k // 64):
+        for f in range(fragments):
+            for j in range(4):
+                for lane in range(32):
+                    row, col = 8 * f + lane // 4, 16 * c + 4 * j + lane % 4
+                    assert laid[c, f, j, lane] == (quads[row, col] if row < m else 0), (c, f, j, lane)

@@ -84,6 +84,7 @@ class FusionReport:
     kv_writes: bool = False                           # a static cache wrote keys and values in one kernel a layer
     relaid: int = 0                                   # 4-bit layers whose one-token matmul is the tensor-core GEMV
     gated: int = 0                                    # of those, [gate | up] layers taking the MLP's activation too
+    laid: int = 0                                     # norms writing their output in fragment order for such layers
     skipped: list[str] = field(default_factory=list)  # what was left as it is, and why
 
     def merge(self, other: FusionReport) -> None:
@@ -96,6 +97,7 @@ class FusionReport:
         self.kv_writes |= other.kv_writes
         self.relaid += other.relaid
         self.gated += other.gated
+        self.laid += other.laid
         self.skipped += other.skipped
 
     def summary(self) -> str:
@@ -105,7 +107,8 @@ class FusionReport:
                                               (self.mlps, "MLPs"), (self.adds, "residual adds"),
                                               (self.attention, "attentions"),
                                               (self.gated, "MLP activations in the GEMV"),
-                                              (self.relaid, "4-bit layers on the tensor-core GEMV")) if n]
+                                              (self.relaid, "4-bit layers on the tensor-core GEMV"),
+                                              (self.laid, "norms writing x in fragment order")) if n]
         return ", ".join(done + (["rotary"] if self.rotary else []) + (["KV writes"] if self.kv_writes else []))
 
 
@@ -152,13 +155,16 @@ class FusedRMSNorm(nn.Module):
         self.norm, self.gemma = norm, gemma
         self.eps = float(norm.eps if gemma else norm.variance_epsilon)
         self._handed: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its norm) computed by a layer
+        # its output feeds a layer re-laid for the tensor-core GEMV's rows mode (_relayout): the kernel writes the
+        # output in fragment order too (nn/triton_norm.py's laid copy)
+        self.lays_x = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         handed, self._handed = self._handed, None
         if handed is not None and x is handed[0]:
             return handed[1]
         if not torch.compiler.is_compiling():
-            out = rms_norm(x, self.norm.weight, self.eps, self.gemma)
+            out = rms_norm(x, self.norm.weight, self.eps, self.gemma, self.lays_x)
             if out is not None:
                 return out
         return self.norm(x)
@@ -589,7 +595,8 @@ def _residual_layer(layer: nn.Module, defaults: dict, after: FusedRMSNorm | None
 
 def _add_norm(residual: torch.Tensor, x: torch.Tensor, norm: FusedRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + x, norm(residual + x)), in one kernel where it serves."""
-    fused = None if torch.compiler.is_compiling() else add_rms_norm(residual, x, norm.norm.weight, norm.eps)
+    fused = None if torch.compiler.is_compiling() else add_rms_norm(residual, x, norm.norm.weight, norm.eps,
+                                                                     norm.lays_x)
     if fused is not None:
         return fused
     total = residual + x
@@ -644,6 +651,9 @@ RELAYOUT = True  # the switch of _relayout; bench/decode.py's +nomma turns it of
 # silu(gate) * up for one token (no activation kernel). Timed on an H100 through generate (Llama-2-7B shape):
 # int4/g128 384.8 -> 394.6 tok/s, nf4/g64 315.4 -> 323.0 (bench/decode.py's +noact turns it off)
 INTERLEAVE = True
+# norms before layers re-laid for the rows mode (2 to mma_ptx.MAX_ROWS rows) write their output in fragment order
+# too, which those layers read (nn/triton_norm.py; bench/decode.py's +nolaid turns it off)
+LAY_NORMS = True
 
 
 def _relayout(model: nn.Module, report: FusionReport, interleave: bool = True) -> list[Callable[[], None]]:
@@ -691,6 +701,32 @@ def _relayout(model: nn.Module, report: FusionReport, interleave: bool = True) -
         undo.append(restore)
         report.relaid += 1
         report.gated += rows is not None
+    if not interleave and LAY_NORMS:  # rows-mode generations (the activation epilogue takes one row)
+        undo += _lay_norms(model, report)
+    return undo
+
+
+# the projections a decoder layer's two norms feed, as transformers names them (stacked siblings stand for theirs)
+NORM_READERS = (("input_layernorm", "self_attn", ("q_proj", "qkv_proj")),
+                ("post_attention_layernorm", "mlp", ("gate_proj", "gate_up_proj")))
+
+
+def _lay_norms(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
+    """Fused norms whose output a layer re-laid for the rows mode reads (not interleaved: more than one row) write
+    it in fragment order too (FusedRMSNorm.lays_x), which that layer then reads: 256 contiguous bytes a warp load."""
+    undo: list[Callable[[], None]] = []
+    for _, layer in _children(model):
+        for norm_name, block_name, names in NORM_READERS:
+            norm, block = getattr(layer, norm_name, None), getattr(layer, block_name, None)
+            if not isinstance(norm, FusedRMSNorm) or block is None or norm.lays_x:
+                continue
+            readers = [getattr(block, name, None) for name in names]
+            readers = [r.group.fused if isinstance(r, SiblingPart) else r for r in readers if r is not None]
+            if any(isinstance(r, QuantLinear) and "mma_words" in r.__dict__ and not r.mma_interleaved
+                   for r in readers):
+                norm.lays_x = True
+                undo.append(lambda n=norm: setattr(n, "lays_x", False))
+                report.laid += 1
     return undo
 
 

@@ -48,7 +48,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from modelpress.nn.gluon_gemv import gdc_launch_dependents, gdc_wait
-from modelpress.nn.mma_ptx import (CHUNK, MAGIC, MAX_ROWS, TILE, mma_asm, mma_constraints, nf4_table, xsum_asm,
+from modelpress.nn.mma_ptx import (CHUNK, KERNEL_ROWS, MAGIC, TILE, mma_asm, mma_constraints, nf4_table, xsum_asm,
                                    xsum_constraints)
 
 
@@ -60,7 +60,8 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                      RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr, WK: gl.constexpr, PDL: gl.constexpr,
                      XSUM: gl.constexpr = True, NF4: gl.constexpr = False, SPLIT_K: gl.constexpr = False,
                      SPLITS: gl.constexpr = 1, INTERLEAVE: gl.constexpr = False, ACT: gl.constexpr = False,
-                     FRAGMENTS: gl.constexpr = 0):
+                     FRAGMENTS: gl.constexpr = 0, XL: gl.constexpr = False, XC: gl.constexpr = None,
+                     DEPTH: gl.constexpr = 1):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
     of 64). FRAGMENTS = 1 (rows mode): y (M, N) = x (M, K) @ W^T for M <= 8 rows of a contiguous x, row r of x in
     column r of the MMAs' B (mma_ptx.mma_asm's fragments), every lane storing its four sums; not with SPLIT_K or
@@ -103,9 +104,26 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
 
     words = w_ptr + tile * (chunks * 128) + (((c_begin + chunk) * 32 + lane) * 4 + slot)[None, :, :, :]  # step 1's
     x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + (16 * chunk + 4 * slot + lane % 4)
-    if FRAGMENTS > 0:  # lane (g, t) reads x row g: column g of B
+    chunk_x = chunk
+    if XL:  # x pre-laid in fragment order (fragment_order): (chunk, fragment, MMA j, lane) words, 256 bytes a load
+        x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + ((chunk * FRAGMENTS) * 4 + slot) * 32 + lane
+        x_in = lane < 32
+        x_in1 = x_in
+    elif FRAGMENTS > 0:  # lane (g, t) reads x row g: column g of B (and row 8 + g: column g of the second fragment)
         x_quads += (lane // 4) * (chunks * 16)
         x_in = lane // 4 < M
+        x_in1 = lane // 4 + 8 < M
+        if XC is not None:  # loaded in layout XC (2 rows x 128 bytes a warp load), then converted to X
+            zero = 0 * chunk + 0 * lane + 0 * slot  # (CK, 32, 4): full tensors to convert
+            x_offsets = gl.convert_layout(16 * chunk + 4 * slot + lane % 4 + (lane // 4) * (chunks * 16) + zero, XC)
+            x_rows = gl.convert_layout(lane // 4 + zero, XC)
+            x_chunk = gl.convert_layout(chunk + zero, XC)
+            x_in = x_rows < M
+            x_in1 = x_rows + 8 < M
+            x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + x_offsets
+            chunk_x = x_chunk
+        else:
+            chunk_x = chunk
     if INTERLEAVE:  # the tile's row g is gate row 8t + g, its row g + 8 up row 8t + g
         rows = gl.minimum(s_tile * 8 + s_lane // 4, N // 2 - 1)
         rows_hi = rows + N // 2
@@ -134,47 +152,97 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
         t7 = gl.load(t_row + 7)
     if EVEN:
         w_next = gl.load(words)
+        if DEPTH == 2:  # the step after it too: two steps of weights in flight
+            w_next2 = gl.load(words + CK * 128, mask=c_begin + CK < c_end, other=0)
     else:
         w_next = gl.load(words, mask=(c_begin + chunk < c_end)[None, :, :, :], other=0)
+        if DEPTH == 2:
+            w_next2 = gl.load(words + CK * 128, mask=(c_begin + CK + chunk < c_end)[None, :, :, :], other=0)
     if PDL:  # the weights are ours; x and y belong to the kernels around us
         gdc_launch_dependents()
         gdc_wait()
     acc = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)
+    if FRAGMENTS == 2:
+        acc1 = gl.zeros((BT, CK, 32, 4), gl.float32, layout=P)  # the second fragment's (x rows 8..15)
+    X_STEP: gl.constexpr = FRAGMENTS * 128 if XL else 16  # x words a chunk
+    X_SECOND: gl.constexpr = 128 if XL else 0  # the second fragment's offset, in words (plus 8 rows, unlaid)
     for c0 in range(c_begin, c_end, CK):
         w = w_next
         words += CK * 128
         if EVEN:
-            w_next = gl.load(words, mask=c0 + CK < c_end, other=0)
+            if DEPTH == 2:
+                w_next = w_next2
+                w_next2 = gl.load(words + CK * 128, mask=c0 + 2 * CK < c_end, other=0)
+            else:
+                w_next = gl.load(words, mask=c0 + CK < c_end, other=0)
             if FRAGMENTS > 0:
-                xv = gl.load(x_quads + c0 * 16, mask=x_in, other=0)
+                xv = gl.load(x_quads + c0 * X_STEP, mask=x_in, other=0)
+                if FRAGMENTS == 2:
+                    xv1 = gl.load(x_quads + (c0 * X_STEP + X_SECOND if XL else (c0 + 8 * chunks) * 16), mask=x_in1,
+                                  other=0)
+                if XC is not None:
+                    xv = gl.convert_layout(xv, X)
+                    if FRAGMENTS == 2:
+                        xv1 = gl.convert_layout(xv1, X)
             else:
                 xv = gl.load(x_quads + c0 * 16)
             group = ((c0 + s_chunk) * 64 // GS) * stride_sg
         else:  # chunks past the split: zero codes times zero activations, scales of its last group (finite)
-            w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
+            if DEPTH == 2:
+                w_next = w_next2
+                w_next2 = gl.load(words + CK * 128, mask=(c0 + 2 * CK + chunk < c_end)[None, :, :, :], other=0)
+            else:
+                w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
             if FRAGMENTS > 0:
-                xv = gl.load(x_quads + c0 * 16, mask=(c0 + chunk < c_end) & x_in, other=0)
+                xv = gl.load(x_quads + c0 * X_STEP, mask=(c0 + chunk_x < c_end) & x_in, other=0)
+                if FRAGMENTS == 2:
+                    xv1 = gl.load(x_quads + (c0 * X_STEP + X_SECOND if XL else (c0 + 8 * chunks) * 16),
+                                  mask=(c0 + chunk_x < c_end) & x_in1, other=0)
+                if XC is not None:
+                    xv = gl.convert_layout(xv, X)
+                    if FRAGMENTS == 2:
+                        xv1 = gl.convert_layout(xv1, X)
             else:
                 xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < c_end, other=0)
             group = (gl.minimum(c0 + s_chunk, c_end - 1) * 64 // GS) * stride_sg
         s = gl.where(even_slot, gl.load(s_low + group).to(gl.float32)[:, :, :, None],
                      gl.load(s_high + group).to(gl.float32)[:, :, :, None])
-        if NF4:
+        if FRAGMENTS == 2:  # one decode of the codes for both fragments
+            if NF4:
+                raw, raw1 = gl.inline_asm_elementwise(
+                    MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :], xv1[None, :, :, :], t0, t1, t2, t3, t4, t5, t6,
+                                               t7], dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+            else:
+                raw, raw1 = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS,
+                                                      [w, xv[None, :, :, :], xv1[None, :, :, :]],
+                                                      dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+        elif NF4:
             raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :], t0, t1, t2, t3, t4, t5,
                                                                        t6, t7], dtype=gl.float32, is_pure=True, pack=4)
         else:
             raw = gl.inline_asm_elementwise(MMA_ASM, MMA_CONSTRAINTS, [w, xv[None, :, :, :]], dtype=gl.float32,
                                             is_pure=True, pack=4)
         if XSUM:
-            x_sum = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv], dtype=gl.float32, is_pure=True,
-                                              pack=4)[None, :, :, :]
+            if FRAGMENTS == 2:
+                x_sum, x_sum1 = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv, xv1],
+                                                          dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+                x_sum1 = x_sum1[None, :, :, :]
+                acc1 += (raw1 - CORRECTION * x_sum1) * s
+            else:
+                x_sum = gl.inline_asm_elementwise(XSUM_ASM, XSUM_CONSTRAINTS, [xv], dtype=gl.float32, is_pure=True,
+                                                  pack=4)
+            x_sum = x_sum[None, :, :, :]
             acc += (raw - CORRECTION * x_sum) * s
         else:
             acc += raw * s
+            if FRAGMENTS == 2:
+                acc1 += raw1 * s
         if AFFINE:
             o = gl.where(even_slot, gl.load(o_low + group).to(gl.float32)[:, :, :, None],
                          gl.load(o_high + group).to(gl.float32)[:, :, :, None])
             acc += x_sum * o
+            if FRAGMENTS == 2:
+                acc1 += x_sum1 * o
 
     total = gl.sum(acc, axis=1)  # (BT, 32, 4)
     T: gl.constexpr = gl.SliceLayout(1, P)
@@ -185,6 +253,9 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
         n_out = r_tile * 16 + r_lane // 4 + 8 * (r_slot // 2)
         m_out = 2 * (r_lane % 4) + r_slot % 2
         gl.store(y_ptr + m_out * N + n_out, total.to(y_ptr.dtype.element_ty), mask=(m_out < M) & (n_out < N))
+        if FRAGMENTS == 2:
+            gl.store(y_ptr + (m_out + 8) * N + n_out, gl.sum(acc1, axis=1).to(y_ptr.dtype.element_ty),
+                     mask=(m_out + 8 < M) & (n_out < N))
     else:
         t_slot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, T)))[None, None, :]
         low = gl.sum(gl.where(t_slot % 2 == 0, total, 0.0), axis=2)  # (BT, 32): row g of each lane's tile
@@ -238,7 +309,8 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
 def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
            group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
            warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
-           out: torch.Tensor | None = None, interleave: bool = False, act: bool = False) -> tuple:
+           out: torch.Tensor | None = None, interleave: bool = False, act: bool = False,
+           laid: torch.Tensor | None = None, convert_x: bool = False, depth: int = 1) -> tuple:
     """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[5] is y. zero=None:
     NF4 codes (mma_layout with NF4_NIBBLE_OF). split > 1: K is split into that many ranges of whole steps (fewer
     where the steps run out), their partial sums added through triton_backend's split-K workspace. interleave:
@@ -257,9 +329,13 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
         raise ValueError(f"words of shape {tuple(words.shape)} do not lay out a ({n}, {k}) weight")
     if x.data_ptr() % 16:
         raise ValueError("the MMA GEMV reads x 8 bytes at a time: it must be 16-byte aligned")
-    if not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"the MMA GEMV takes 1 to {MAX_ROWS} rows of x, got {m}")
-    fragments = 0 if m == 1 else 1
+    if not 1 <= m <= KERNEL_ROWS:
+        raise ValueError(f"the MMA GEMV takes 1 to {KERNEL_ROWS} rows of x, got {m}")
+    fragments = 0 if m == 1 else -(-m // 8)
+    if laid is not None and (fragments == 0 or tuple(laid.shape) != (chunks, fragments, 4, 32)):
+        raise ValueError("x laid out in fragment order must be fragment_order(x) of 2 or more rows")
+    if convert_x and (fragments == 0 or laid is not None):
+        raise ValueError("convert_x is for the rows mode's x as it is stored")
     if fragments and (interleave or split > 1 or not x.is_contiguous()):
         raise ValueError("the MMA GEMV's rows mode takes contiguous rows of x, whole K and rows not interleaved")
     y = torch.empty((m, n // 2 if act else n), device=x.device, dtype=x.dtype) if out is None else out
@@ -277,7 +353,8 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
         workspace = locks = y  # never touched
     nf4 = zero is None
     table = _nf4_table(x.device, bf16) if nf4 else scale
-    args = (x, words, scale, offset if offset is not None else scale, table, y, workspace, locks, n, chunks, per_split,
+    args = (x if laid is None else laid, words, scale, offset if offset is not None else scale, table, y, workspace,
+            locks, n, chunks, per_split,
             scale.stride(0), scale.stride(1), m)
     constants = dict(MMA_ASM=mma_asm(bf16, nf4, fragments), XSUM_ASM=xsum_asm(bf16, fragments),
                      MMA_CONSTRAINTS=mma_constraints(nf4, fragments), XSUM_CONSTRAINTS=xsum_constraints(fragments),
@@ -285,7 +362,8 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
                      AFFINE=offset is not None, GS=group_size, EVEN=chunks % ck == 0 and per_split % ck == 0,
                      RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl,
                      XSUM=not nf4 or offset is not None, NF4=nf4, SPLIT_K=splits > 1, INTERLEAVE=interleave, ACT=act,
-                     SPLITS=1 << max(0, (splits - 1).bit_length()), FRAGMENTS=fragments,
+                     SPLITS=1 << max(0, (splits - 1).bit_length()), FRAGMENTS=fragments, XL=laid is not None,
+                     XC=coalesced_x_layout(chunks_per_step, warps_k, warps_rows) if convert_x else None, DEPTH=depth,
                      num_warps=warps_rows * warps_k, launch_pdl=pdl)
     return gemv4_mma_kernel, grid, args, constants
 
@@ -293,12 +371,14 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
 def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n: int,
              group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
              warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
-             out: torch.Tensor | None = None, interleave: bool = False, act: bool = False) -> torch.Tensor:
+             out: torch.Tensor | None = None, interleave: bool = False, act: bool = False,
+             laid: torch.Tensor | None = None, convert_x: bool = False, depth: int = 1) -> torch.Tensor:
     """y (M, N) = x (M, K) @ W^T for int4 weights re-laid by mma_layout, M <= MAX_ROWS: W = scale * (code - zero),
     or with an offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset
     (N, G) per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
-                                           chunks_per_step, warps_rows, warps_k, split, pdl, out, interleave, act)
+                                           chunks_per_step, warps_rows, warps_k, split, pdl, out, interleave, act,
+                                           laid, convert_x, depth)
     kernel[grid](*args, **constants)
     return args[5]
 
@@ -308,3 +388,16 @@ def _nf4_table(device: torch.device, bf16: bool, cache: dict = {}) -> torch.Tens
     if key not in cache:
         cache[key] = torch.tensor([nf4_table(bf16)] * 32, dtype=torch.int32, device=device)
     return cache[key]
+
+
+def coalesced_x_layout(chunks_per_step: int, warps_k: int, warps_rows: int):
+    """The layout the rows mode loads x in when asked to convert it (launch's convert_x): the same (CK, 32, 4) words
+    as the kernel's X, lanes along t (2 bits), the MMA j (2 bits) and the row's lowest bit, so that a warp's load
+    reads 2 rows x 128 contiguous bytes; rows' other bits and the chunks in registers; warps as X's (WK along the
+    chunks, WR replicas), so that the conversion to X stays within each warp."""
+    regs = [[0, 8, 0], [0, 16, 0]] + [[1 << i, 0, 0] for i in range(chunks_per_step.bit_length() - 1)]
+    lanes = [[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2], [0, 4, 0]]
+    warps = [[chunks_per_step << i, 0, 0] for i in range(warps_k.bit_length() - 1)]
+    warps += [[0, 0, 0]] * (warps_rows.bit_length() - 1)
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warps, block_bases=[],
+                                      shape=[chunks_per_step * warps_k, 32, 4])

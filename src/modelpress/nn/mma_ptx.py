@@ -15,6 +15,7 @@ TILE = 16  # rows per MMA tile
 # session 41) 21.9 against 17.8, and 31.5 / 11.1 / 24.5 against 27.3 / 10.7 / 20.8 on 22016x4096, 4096x4096 and
 # 4096x11008, bench/results/mma_rows16_rt_sweep_s41_h100.json; so it is not built)
 MAX_ROWS = 8
+KERNEL_ROWS = 16  # what gluon_mma_gemv takes: two B fragments (exp/x-fragment-order)
 # the nibble that holds the q-th code of a word (q = 4 * (second MMA) + column): int4's LOP3 decode pairs nibbles
 # (i, i + 4), NF4's byte-permute lookup pairs (2i, 2i + 1)
 NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
@@ -49,6 +50,19 @@ def mma_codes(words: torch.Tensor, n: int, k: int, order: tuple[int, ...] = NIBB
     codes = nibbles[..., list(order)]  # code q of each word
     codes = codes.view(tiles, k // CHUNK, 8, 4, 2, 2, 2, 4).permute(0, 5, 2, 1, 4, 6, 3, 7)
     return codes.reshape(tiles * TILE, k)[:n]
+
+
+def fragment_order(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K), 2 <= M <= KERNEL_ROWS, as gluon_mma_gemv's rows mode reads it (launch's `laid`): (K / 64, F, 4, 32)
+    int64 words, F = ceil(M / 8) fragments, word [c, f, j, 4 g + t] = x row 8 f + g, columns 64 c + 16 j + 4 t .. + 3
+    (rows past M zero), so that one load of a warp reads 256 contiguous bytes instead of 8 bytes from each of 8
+    rows."""
+    m, k = x.shape
+    fragments = -(-m // 8)
+    rows = torch.zeros((8 * fragments, k), dtype=x.dtype, device=x.device)
+    rows[:m] = x
+    quads = rows.view(fragments, 8, k // CHUNK, 4, 4, 4)  # (f, g, c, j, t, element)
+    return quads.permute(2, 0, 3, 1, 4, 5).contiguous().view(torch.int64).view(k // CHUNK, fragments, 4, 32)
 
 
 def interleave_rows(n: int, device: torch.device | None = None) -> torch.Tensor:

@@ -105,10 +105,15 @@ class QuantLinear(nn.Module):
         from modelpress.nn.triton_backend import prepared_mma_linear
 
         interleave = self.__dict__.get("mma_interleaved", False)
-        key = (x.shape, x.dtype, "mma", act)
+        # x in fragment order, written beside x by the norm that made it (nn/triton_norm.py; not for one row)
+        laid = None if interleave else getattr(x, "mma_laid", None)
+        key = (x.shape, x.dtype, "mma", act, laid is not None)
         fn = self._launchers.get(key)
         if fn is None:
-            fn = self._launchers[key] = prepared_mma_linear(x, words, self.packed, self.bias, interleave, act)
+            fn = self._launchers[key] = prepared_mma_linear(x, words, self.packed, self.bias, interleave, act,
+                                                            laid is not None)
+        if laid is not None:
+            return fn(x)  # reads x.mma_laid
         if x.is_contiguous() and not x.data_ptr() % 16:
             return fn(x)
         x = x.contiguous()  # prepared for this x: a misaligned one decodes the weight for cuBLAS

@@ -613,13 +613,15 @@ def mma_order(packed: PackedWeight) -> tuple[int, ...]:
 
 
 def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
-                        interleave: bool = False, act: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+                        interleave: bool = False, act: bool = False, laid: bool = False
+                        ) -> Callable[[torch.Tensor], torch.Tensor]:
     """fn(x) -> x @ W^T (+ bias) for activations of x's shape and dtype, W 4-bit codes re-laid in `words` (packed's
     qdata holds them; its scale and offset are read as stored). One activation row, or up to
     mma_ptx.MAX_ROWS of a weight whose rows are not interleaved: the tensor-core GEMV (gluon_mma_gemv),
     launched directly as prepared_linear's launchers are, with PDL on Hopper. More rows: the weight decoded from
     `words` (mma_dequantize), then cuBLAS. interleave: W is a gated MLP's [gate | up], its rows re-laid in
-    mma_ptx.interleave_rows' order; act (no bias): fn(x) -> silu(gate) * up, (..., N / 2)."""
+    mma_ptx.interleave_rows' order; act (no bias): fn(x) -> silu(gate) * up, (..., N / 2). laid: the rows mode
+    reads x's copy in fragment order, `x.mma_laid` (mma_ptx.fragment_order(x), as nn/triton_norm.py writes it)."""
     n, k = packed.shape
     if act and bias is not None:
         raise ValueError("the tensor-core GEMV's activation takes a [gate | up] weight without a bias")
@@ -641,19 +643,23 @@ def prepared_mma_linear(x: torch.Tensor, words: torch.Tensor, packed: PackedWeig
     if act or rows > 1:
         config["split"] = 1
     width = n // 2 if act else n
+    laid = laid and rows > 1
     kernel, grid, args, constants = gluon_mma_gemv.launch(x2, words, packed.scale, packed.offset, n,
                                                           packed.scheme.group_length(k), zero, pdl=pdl,
-                                                          interleave=interleave, act=act, **config)
+                                                          interleave=interleave, act=act,
+                                                          laid=x.mma_laid if laid else None, **config)
     y = args[5]
     compiled = kernel[grid](*args, **constants)
     try:
-        fn = _direct_launch(compiled, kernel.arg_names, (*grid, 1, 1)[:3], args, constants, y,
-                            (*x.shape[:-1], width), bias)
+        launch = _direct_launch(compiled, kernel.arg_names, (*grid, 1, 1)[:3], args, constants, y,
+                                (*x.shape[:-1], width), bias)
+        fn = (lambda x: launch(x.mma_laid)) if laid else launch
     except AttributeError:  # a Triton whose launcher is laid out otherwise: its own launch path
         def fn(x):
             return gluon_mma_gemv.mma_gemv(x.reshape(rows, k), words, packed.scale, packed.offset, n,
                                            packed.scheme.group_length(k), zero, pdl=pdl, interleave=interleave,
-                                           act=act, **config).view(*x.shape[:-1], width)
+                                           act=act, laid=x.mma_laid if laid else None,
+                                           **config).view(*x.shape[:-1], width)
     if bias is None:
         return fn
     return lambda x: fn(x).add_(bias)
