@@ -34,7 +34,8 @@ instead of x in every column, lane (g, t) reading row g at the same offsets; eac
 outputs, weight rows g and g + 8 against x rows 2t and 2t + 1, and the four MMAs of a chunk run as one chain (a
 slot's sum is wanted whole). The sums of x come from the same MMA of ones, now one per x row. 2.39 instructions a
 weight against one row's 2.25; 13.3 µs for 2-4 rows of 12288x4096 on an H100 against the stored layout's kernels'
-17-18 (bench/mma_gemv.py --rows).
+17-18 (bench/mma_gemv.py --rows). Decode reads x for it in fragment order where a norm wrote that copy (the
+kernel's XL; nn/triton_norm.py): 256 contiguous bytes a warp load instead of 8 bytes from each of 8 rows.
 
 Rounding: none in the int4 products; float32 sums whose largest terms are MAGIC + 15 times |x|, so the subtraction
 leaves an error of about 2**-24 * (MAGIC + 15) * sum |x| per half chunk, far below the bfloat16 or float16
@@ -78,7 +79,14 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     interleave_rows, so that row tile t holds gate rows 8t..8t+7 then up rows 8t..8t+7; scales and outputs are
     those of the rows as stored. ACT (with INTERLEAVE, without SPLIT_K): y (1, I) = silu(gate) * up instead, each
     lane holding a gate row and its up row, the two rounded to y's dtype first as the matmul's output would be
-    (silu's division approximate: within 2 ulp of float32 before the rounding to y's dtype)."""
+    (silu's division approximate: within 2 ulp of float32 before the rounding to y's dtype).
+    FRAGMENTS = 2: 9 to 16 rows, rows 8..15 in a second B fragment (one decode of the codes for both). XL: x_ptr
+    holds x in fragment order (mma_ptx.fragment_order: a warp's load is 256 contiguous bytes, not 8 bytes from each
+    of 8 rows). XC: x as stored, loaded in that coalesced layout and converted to X in the kernel (through shared
+    memory). DEPTH = 2: the words of the two next steps in flight, not one. Timed on an H200 at 8 rows of the 7B
+    shape's q/k/v and gate/up (bench/mma_gemv.py --rows 8 --laid --depths 1 2): as stored 16.0 / 28.6 µs, XL 12.9 /
+    20.6 (decode's path: the norms before those layers write the laid copy), XC 14.3 / 25.6, XL with DEPTH 2 12.6 /
+    20.4; at one row DEPTH 2 12.63 / 21.46 against 12.72 / 21.53 (not taken)."""
     BT: gl.constexpr = RT * WR
     CK: gl.constexpr = CS * WK
     P: gl.constexpr = gl.BlockedLayout([RT, CS, 1, 4], [1, 1, 32, 1], [WR, WK, 1, 1], [3, 2, 1, 0])
@@ -315,7 +323,9 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     NF4 codes (mma_layout with NF4_NIBBLE_OF). split > 1: K is split into that many ranges of whole steps (fewer
     where the steps run out), their partial sums added through triton_backend's split-K workspace. interleave:
     [gate | up] rows re-laid in interleave_rows' order; act: y (1, N / 2) = silu(gate) * up (no split). x of
-    2..MAX_ROWS rows (contiguous): the rows mode, y (M, N), whole K, rows not interleaved."""
+    2..KERNEL_ROWS rows (contiguous): the rows mode, y (M, N), whole K, rows not interleaved; laid: x's copy in
+    fragment order (mma_ptx.fragment_order) read instead of x; convert_x: x read as stored in a coalesced layout and
+    converted in the kernel; depth 2: two loop steps of weights in flight (the kernel's XL, XC and DEPTH)."""
     if group_size % CHUNK:
         raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
     if act and (not interleave or split > 1):
@@ -373,7 +383,7 @@ def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: 
              warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
              out: torch.Tensor | None = None, interleave: bool = False, act: bool = False,
              laid: torch.Tensor | None = None, convert_x: bool = False, depth: int = 1) -> torch.Tensor:
-    """y (M, N) = x (M, K) @ W^T for int4 weights re-laid by mma_layout, M <= MAX_ROWS: W = scale * (code - zero),
+    """y (M, N) = x (M, K) @ W^T for int4 weights re-laid by mma_layout, M <= KERNEL_ROWS: W = scale * (code - zero),
     or with an offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset
     (N, G) per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,

@@ -9,13 +9,14 @@ from modelpress.nn.nf4_ptx import bf16_bits, f16_bits, nf4_levels
 
 CHUNK = 64  # columns of K per lane word quad (four MMAs of 16)
 TILE = 16  # rows per MMA tile
-# activation rows gluon_mma_gemv's rows mode takes: one B fragment of 8 columns. (mma_asm takes two fragments, 16
-# rows, too, but on an H100 that kernel was slower at 16 rows than the stored layout's own: at first 27.8 against
-# 18.7 µs on 12288x4096, one row tile a warp, each reading its 16 x rows for itself; with two (the best of 20 plans,
-# session 41) 21.9 against 17.8, and 31.5 / 11.1 / 24.5 against 27.3 / 10.7 / 20.8 on 22016x4096, 4096x4096 and
-# 4096x11008, bench/results/mma_rows16_rt_sweep_s41_h100.json; so it is not built)
+# activation rows decode sends to gluon_mma_gemv's rows mode: one B fragment of 8 columns. The kernel takes two
+# fragments, 16 rows (KERNEL_ROWS), but there the stored layout's own tiles are as fast or faster: with x as stored,
+# 21.9 against 17.8 µs on 12288x4096 (best of 20 plans, H100, bench/results/mma_rows16_rt_sweep_s41_h100.json); with
+# x in fragment order and two loop steps of weights in flight, 15.98 / 27.33 against 17.42 / 27.57 µs on 12288x4096 /
+# 22016x4096 and 23.27 against 20.55 on 4096x11008 (H200, bench/results/mma_rows_laid_s42_h200.json and
+# mma_rows_laid_narrow_s42_h200.json): about 1.7 µs a layer, not built
 MAX_ROWS = 8
-KERNEL_ROWS = 16  # what gluon_mma_gemv takes: two B fragments (exp/x-fragment-order)
+KERNEL_ROWS = 16
 # the nibble that holds the q-th code of a word (q = 4 * (second MMA) + column): int4's LOP3 decode pairs nibbles
 # (i, i + 4), NF4's byte-permute lookup pairs (2i, 2i + 1)
 NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
