@@ -126,6 +126,43 @@ def tied(model: nn.Module) -> int:
     return int(model.config.tie_word_embeddings and model.get_output_embeddings() is not None)
 
 
+@pytest.mark.parametrize("family, mlp_norm", [("llama", "post_attention_layernorm"),
+                                              ("gemma3", "pre_feedforward_layernorm")])
+def test_the_norms_before_layers_re_laid_for_the_rows_mode_are_the_ones_that_lay_x_out(family, mlp_norm):
+    """_lay_norms marks the fused norm whose output each re-laid (not interleaved) q/k/v or [gate | up] layer reads:
+    the input norm, and the MLP's own (Gemma's post-attention norm normalizes the attention's output instead); a
+    layer left as stored, or interleaved for the one-row epilogue, marks nothing; undo clears the marks."""
+    from modelpress.inference import fusion
+
+    model = packed(build_family(family), "int4/g32")
+    report, undo = fuse_for_decode(model)
+    layers = model.model.layers
+    for layer in layers:  # as _relayout leaves them: q/k/v re-laid in every layer, [gate | up] in the first only
+        marks = [(layer.self_attn.q_proj.group.fused, False)]
+        if layer is layers[0]:
+            marks.append((layer.mlp.gate_proj.group.fused, False))
+        elif family == "llama":
+            marks.append((layer.mlp.gate_proj.group.fused, True))  # interleaved: its one-row epilogue
+        for fused, interleaved in marks:
+            fused.mma_words, fused.mma_interleaved = fused.qdata, interleaved
+    lay_report = fusion.FusionReport()
+    clear = fusion._lay_norms(model, lay_report)
+    assert lay_report.laid == len(layers) + 1
+    assert all(layer.input_layernorm.lays_x for layer in layers)
+    assert getattr(layers[0], mlp_norm).lays_x
+    assert not any(getattr(layer, mlp_norm).lays_x for layer in layers[1:])
+    if family == "gemma3":
+        assert not any(layer.post_attention_layernorm.lays_x for layer in layers)
+    fusion._run_all(clear)
+    assert not any(m.lays_x for m in model.modules() if isinstance(m, FusedRMSNorm))
+    for layer in layers:
+        for name in ("self_attn.q_proj", "mlp.gate_proj"):
+            part = layer.get_submodule(name)
+            vars(part.group.fused).pop("mma_words", None)
+            vars(part.group.fused).pop("mma_interleaved", None)
+    undo()
+
+
 def test_a_sibling_called_on_another_input_computes_its_own():
     model = build_family("llama")
     attn = model.model.layers[0].self_attn

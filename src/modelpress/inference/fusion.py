@@ -706,9 +706,11 @@ def _relayout(model: nn.Module, report: FusionReport, interleave: bool = True) -
     return undo
 
 
-# the projections a decoder layer's two norms feed, as transformers names them (stacked siblings stand for theirs)
-NORM_READERS = (("input_layernorm", "self_attn", ("q_proj", "qkv_proj")),
-                ("post_attention_layernorm", "mlp", ("gate_proj", "gate_up_proj")))
+# the norm before a decoder layer's attention and MLP (the first of the names the layer has: Gemma 2/3 normalize
+# the attention's output with post_attention_layernorm and the MLP's input with pre_feedforward_layernorm), and the
+# projections it feeds, as transformers names them (stacked siblings stand for theirs)
+NORM_READERS = ((("input_layernorm",), "self_attn", ("q_proj", "qkv_proj")),
+                (("pre_feedforward_layernorm", "post_attention_layernorm"), "mlp", ("gate_proj", "gate_up_proj")))
 
 
 def _lay_norms(model: nn.Module, report: FusionReport) -> list[Callable[[], None]]:
@@ -716,8 +718,9 @@ def _lay_norms(model: nn.Module, report: FusionReport) -> list[Callable[[], None
     it in fragment order too (FusedRMSNorm.lays_x), which that layer then reads: 256 contiguous bytes a warp load."""
     undo: list[Callable[[], None]] = []
     for _, layer in _children(model):
-        for norm_name, block_name, names in NORM_READERS:
-            norm, block = getattr(layer, norm_name, None), getattr(layer, block_name, None)
+        for norm_names, block_name, names in NORM_READERS:
+            norm = next((getattr(layer, n) for n in norm_names if hasattr(layer, n)), None)
+            block = getattr(layer, block_name, None)
             if not isinstance(norm, FusedRMSNorm) or block is None or norm.lays_x:
                 continue
             readers = [getattr(block, name, None) for name in names]
