@@ -66,9 +66,9 @@ def with_depths(configs: list[dict], depths: list[int]) -> list[dict]:
     return [dict(config, depth=depth) if depth != 1 else config for config in configs for depth in depths]
 
 
-def mma_impl(spec: str, config: dict, laid: bool | str = False):
+def mma_impl(spec: str, config: dict, laid: bool = False):
     """laid (rows mode): x read from mma_ptx.fragment_order(x), made once per x outside the timed calls (the
-    kernel alone); "convert": x loaded coalesced and converted in the kernel (gluon_mma_gemv's convert_x)."""
+    kernel alone)."""
     orders: dict = {}
 
     def build(n, k):
@@ -77,12 +77,12 @@ def mma_impl(spec: str, config: dict, laid: bool | str = False):
 
     def call(state, x):
         packed, words = state
-        if laid is True and x.data_ptr() not in orders:
+        if laid and x.data_ptr() not in orders:
             orders[x.data_ptr()] = fragment_order(x)
         return gluon_mma_gemv.mma_gemv(x, words, packed.scale, packed.offset, packed.shape[0],
                                        packed.scheme.group_length(packed.shape[1]), triton_backend.mma_zero(packed),
-                                       pdl=True, laid=orders.get(x.data_ptr()) if laid is True else None,
-                                       convert_x=laid == "convert", **config)
+                                       pdl=True, laid=orders.get(x.data_ptr()) if laid else None,
+                                       **config)
 
     return build, call
 
@@ -149,7 +149,7 @@ def rows_main(args, specs: list[str]) -> dict:
                 row["bf16_us"] = time_impl(bf16_linear(), n, k, m)["graph_us"]
                 sweep = {}
                 for config in with_depths(args.plans or ROWS_CONFIGS[:args.configs], args.depths):
-                    for laid in (False, True, "convert") if args.laid else (False,):
+                    for laid in (False, True) if args.laid else (False,):
                         name = json.dumps(dict(config, laid=laid) if laid else config)
                         try:
                             sweep[name] = time_impl(mma_impl(spec, config, laid), n, k, m, packed_bytes)["graph_us"]
@@ -215,8 +215,7 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[1], help="each plan with these loop steps of "
                         "weights in flight (gluon_mma_gemv's depth: 1 or 2)")
     parser.add_argument("--laid", action="store_true", help="--rows: each plan also with x laid out in fragment "
-                        "order (mma_ptx.fragment_order, made outside the timed calls) and with x converted to it in "
-                        "the kernel (convert_x)")
+                        "order (mma_ptx.fragment_order, made outside the timed calls)")
     parser.add_argument("--rows", type=int, nargs="+", default=None,
                         help="time the rows mode at these row counts (2..8) instead (module docstring)")
     args = parser.parse_args()

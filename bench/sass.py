@@ -93,8 +93,6 @@ def compile_mma_gemv(spec: str, n: int, k: int, variant: str = "plain", x_mode: 
                      WR=config["warps_rows"], WK=config["warps_k"], PDL=True, XSUM=not nf4 or affine, NF4=nf4,
                      SPLIT_K=variant == "split", SPLITS=4 if variant == "split" else 1,
                      INTERLEAVE=variant in ("interleave", "act"), ACT=variant == "act", XL=x_mode == "laid",
-                     XC=gluon_mma_gemv.coalesced_x_layout(config["chunks_per_step"], config["warps_k"],
-                                                          config["warps_rows"]) if x_mode == "convert" else None,
                      DEPTH=depth)
     kernel = gluon_mma_gemv.gemv4_mma_kernel
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16", "table_ptr": "*i32",
@@ -162,9 +160,8 @@ def main() -> None:
     p.add_argument("--float32", action="store_true", help="the float32 inner product instead of HALF")
     p.add_argument("--dump", type=Path, default=None, help="write the whole SASS here")
     p.add_argument("--mma", action="store_true", help="the tensor-core GEMV (gluon_mma_gemv) with decode's plan")
-    p.add_argument("--x", default="plain", choices=["plain", "laid", "convert"],
-                   help="with --variant rows/rows16: x as stored, laid out in fragment order, or converted in "
-                   "the kernel")
+    p.add_argument("--x", default="plain", choices=["plain", "laid"],
+                   help="with --variant rows/rows16: x as stored or laid out in fragment order")
     p.add_argument("--depth", type=int, default=1, help="with --mma: loop steps of weights in flight (1 or 2)")
     p.add_argument("--plan", default=None, help="with --mma: RT,CS,WR,WK instead of decode's plan")
     p.add_argument("--variant", default="plain", choices=["plain", "split", "interleave", "act", "rows", "rows16"],

@@ -111,8 +111,7 @@ def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
     """2..16 rows of x (rows mode: row r in column r % 8 of fragment r // 8 of the MMAs' B): every row of y is that
     row's product, against float64 and against the one-row GEMV (the same exact products, their float32 sums taken
     in another order, so within the magic number's rounding, mma_ptx's docstring); nothing written past the last
-    row of y; x laid out in fragment order, x converted in the kernel and two steps of weights in flight give the
-    same bits."""
+    row of y; x laid out in fragment order and two steps of weights in flight give the same bits."""
     packed, words = make(spec, n, k, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE).to(dtype) * torch.linspace(0.5, 2, m, device=DEVICE).to(dtype)[:, None]
     buffer = torch.full((m + 1, n), float("nan"), device=DEVICE, dtype=dtype)
@@ -132,7 +131,6 @@ def test_rows_mode_matches_float64_row_by_row(spec, n, k, m, dtype, config):
     assert torch.equal(call(x, packed, words, **config), y)
     # x laid out in fragment order: the same words in the same MMAs, so the same bits
     assert torch.equal(call(x, packed, words, laid=mma_ptx.fragment_order(x), **config), y)
-    assert torch.equal(call(x, packed, words, convert_x=True, **config), y)  # loaded coalesced, then converted
     assert torch.equal(call(x, packed, words, depth=2, **config), y)
 
 

@@ -61,8 +61,7 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                      RT: gl.constexpr, CS: gl.constexpr, WR: gl.constexpr, WK: gl.constexpr, PDL: gl.constexpr,
                      XSUM: gl.constexpr = True, NF4: gl.constexpr = False, SPLIT_K: gl.constexpr = False,
                      SPLITS: gl.constexpr = 1, INTERLEAVE: gl.constexpr = False, ACT: gl.constexpr = False,
-                     FRAGMENTS: gl.constexpr = 0, XL: gl.constexpr = False, XC: gl.constexpr = None,
-                     DEPTH: gl.constexpr = 1):
+                     FRAGMENTS: gl.constexpr = 0, XL: gl.constexpr = False, DEPTH: gl.constexpr = 1):
     """y (1, N) = x (1, K) @ W^T for 4-bit codes in mma_layout, K = 64 * chunks, groups of GS columns (a multiple
     of 64). FRAGMENTS = 1 (rows mode): y (M, N) = x (M, K) @ W^T for M <= 8 rows of a contiguous x, row r of x in
     column r of the MMAs' B (mma_ptx.mma_asm's fragments), every lane storing its four sums; not with SPLIT_K or
@@ -82,11 +81,11 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
     (silu's division approximate: within 2 ulp of float32 before the rounding to y's dtype).
     FRAGMENTS = 2: 9 to 16 rows, rows 8..15 in a second B fragment (one decode of the codes for both). XL: x_ptr
     holds x in fragment order (mma_ptx.fragment_order: a warp's load is 256 contiguous bytes, not 8 bytes from each
-    of 8 rows). XC: x as stored, loaded in that coalesced layout and converted to X in the kernel (through shared
-    memory). DEPTH = 2: the words of the two next steps in flight, not one. Timed on an H200 at 8 rows of the 7B
+    of 8 rows). DEPTH = 2: the words of the two next steps in flight, not one. Timed on an H200 at 8 rows of the 7B
     shape's q/k/v and gate/up (bench/mma_gemv.py --rows 8 --laid --depths 1 2): as stored 16.0 / 28.6 µs, XL 12.9 /
-    20.6 (decode's path: the norms before those layers write the laid copy), XC 14.3 / 25.6, XL with DEPTH 2 12.6 /
-    20.4; at one row DEPTH 2 12.63 / 21.46 against 12.72 / 21.53 (not taken)."""
+    20.6 (decode's path: the norms before those layers write the laid copy), XL with DEPTH 2 12.6 / 20.4; x loaded
+    coalesced and converted to X in the kernel (through shared memory, session 42) 14.3 / 25.6, and slower than x
+    as stored at 2 and 4 rows, so not kept; at one row DEPTH 2 12.63 / 21.46 against 12.72 / 21.53 (not taken)."""
     BT: gl.constexpr = RT * WR
     CK: gl.constexpr = CS * WK
     P: gl.constexpr = gl.BlockedLayout([RT, CS, 1, 4], [1, 1, 32, 1], [WR, WK, 1, 1], [3, 2, 1, 0])
@@ -112,7 +111,6 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
 
     words = w_ptr + tile * (chunks * 128) + (((c_begin + chunk) * 32 + lane) * 4 + slot)[None, :, :, :]  # step 1's
     x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + (16 * chunk + 4 * slot + lane % 4)
-    chunk_x = chunk
     if XL:  # x pre-laid in fragment order (fragment_order): (chunk, fragment, MMA j, lane) words, 256 bytes a load
         x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + ((chunk * FRAGMENTS) * 4 + slot) * 32 + lane
         x_in = lane < 32
@@ -121,17 +119,6 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
         x_quads += (lane // 4) * (chunks * 16)
         x_in = lane // 4 < M
         x_in1 = lane // 4 + 8 < M
-        if XC is not None:  # loaded in layout XC (2 rows x 128 bytes a warp load), then converted to X
-            zero = 0 * chunk + 0 * lane + 0 * slot  # (CK, 32, 4): full tensors to convert
-            x_offsets = gl.convert_layout(16 * chunk + 4 * slot + lane % 4 + (lane // 4) * (chunks * 16) + zero, XC)
-            x_rows = gl.convert_layout(lane // 4 + zero, XC)
-            x_chunk = gl.convert_layout(chunk + zero, XC)
-            x_in = x_rows < M
-            x_in1 = x_rows + 8 < M
-            x_quads = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + x_offsets
-            chunk_x = x_chunk
-        else:
-            chunk_x = chunk
     if INTERLEAVE:  # the tile's row g is gate row 8t + g, its row g + 8 up row 8t + g
         rows = gl.minimum(s_tile * 8 + s_lane // 4, N // 2 - 1)
         rows_hi = rows + N // 2
@@ -188,10 +175,6 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
                 if FRAGMENTS == 2:
                     xv1 = gl.load(x_quads + (c0 * X_STEP + X_SECOND if XL else (c0 + 8 * chunks) * 16), mask=x_in1,
                                   other=0)
-                if XC is not None:
-                    xv = gl.convert_layout(xv, X)
-                    if FRAGMENTS == 2:
-                        xv1 = gl.convert_layout(xv1, X)
             else:
                 xv = gl.load(x_quads + c0 * 16)
             group = ((c0 + s_chunk) * 64 // GS) * stride_sg
@@ -202,14 +185,10 @@ def gemv4_mma_kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, table_ptr, y_ptr, ws_p
             else:
                 w_next = gl.load(words, mask=(c0 + CK + chunk < c_end)[None, :, :, :], other=0)
             if FRAGMENTS > 0:
-                xv = gl.load(x_quads + c0 * X_STEP, mask=(c0 + chunk_x < c_end) & x_in, other=0)
+                xv = gl.load(x_quads + c0 * X_STEP, mask=(c0 + chunk < c_end) & x_in, other=0)
                 if FRAGMENTS == 2:
                     xv1 = gl.load(x_quads + (c0 * X_STEP + X_SECOND if XL else (c0 + 8 * chunks) * 16),
-                                  mask=(c0 + chunk_x < c_end) & x_in1, other=0)
-                if XC is not None:
-                    xv = gl.convert_layout(xv, X)
-                    if FRAGMENTS == 2:
-                        xv1 = gl.convert_layout(xv1, X)
+                                  mask=(c0 + chunk < c_end) & x_in1, other=0)
             else:
                 xv = gl.load(x_quads + c0 * 16, mask=c0 + chunk < c_end, other=0)
             group = (gl.minimum(c0 + s_chunk, c_end - 1) * 64 // GS) * stride_sg
@@ -318,14 +297,14 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
            group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
            warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
            out: torch.Tensor | None = None, interleave: bool = False, act: bool = False,
-           laid: torch.Tensor | None = None, convert_x: bool = False, depth: int = 1) -> tuple:
+           laid: torch.Tensor | None = None, depth: int = 1) -> tuple:
     """(kernel, grid, positional arguments, keyword constants) of mma_gemv's launch; args[5] is y. zero=None:
     NF4 codes (mma_layout with NF4_NIBBLE_OF). split > 1: K is split into that many ranges of whole steps (fewer
     where the steps run out), their partial sums added through triton_backend's split-K workspace. interleave:
     [gate | up] rows re-laid in interleave_rows' order; act: y (1, N / 2) = silu(gate) * up (no split). x of
     2..KERNEL_ROWS rows (contiguous): the rows mode, y (M, N), whole K, rows not interleaved; laid: x's copy in
-    fragment order (mma_ptx.fragment_order) read instead of x; convert_x: x read as stored in a coalesced layout and
-    converted in the kernel; depth 2: two loop steps of weights in flight (the kernel's XL, XC and DEPTH)."""
+    fragment order (mma_ptx.fragment_order) read instead of x; depth 2: two loop steps of weights in flight (the
+    kernel's XL and DEPTH)."""
     if group_size % CHUNK:
         raise ValueError(f"the MMA GEMV needs groups of a multiple of {CHUNK} columns, got {group_size}")
     if act and (not interleave or split > 1):
@@ -344,8 +323,6 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
     fragments = 0 if m == 1 else -(-m // 8)
     if laid is not None and (fragments == 0 or tuple(laid.shape) != (chunks, fragments, 4, 32)):
         raise ValueError("x laid out in fragment order must be fragment_order(x) of 2 or more rows")
-    if convert_x and (fragments == 0 or laid is not None):
-        raise ValueError("convert_x is for the rows mode's x as it is stored")
     if fragments and (interleave or split > 1 or not x.is_contiguous()):
         raise ValueError("the MMA GEMV's rows mode takes contiguous rows of x, whole K and rows not interleaved")
     y = torch.empty((m, n // 2 if act else n), device=x.device, dtype=x.dtype) if out is None else out
@@ -373,7 +350,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: to
                      RT=rows_per_thread, CS=chunks_per_step, WR=warps_rows, WK=warps_k, PDL=pdl,
                      XSUM=not nf4 or offset is not None, NF4=nf4, SPLIT_K=splits > 1, INTERLEAVE=interleave, ACT=act,
                      SPLITS=1 << max(0, (splits - 1).bit_length()), FRAGMENTS=fragments, XL=laid is not None,
-                     XC=coalesced_x_layout(chunks_per_step, warps_k, warps_rows) if convert_x else None, DEPTH=depth,
+                     DEPTH=depth,
                      num_warps=warps_rows * warps_k, launch_pdl=pdl)
     return gemv4_mma_kernel, grid, args, constants
 
@@ -382,13 +359,13 @@ def mma_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: 
              group_size: int, zero: int | None = 8, rows_per_thread: int = 1, chunks_per_step: int = 2,
              warps_rows: int = 1, warps_k: int = 4, split: int = 1, pdl: bool = False,
              out: torch.Tensor | None = None, interleave: bool = False, act: bool = False,
-             laid: torch.Tensor | None = None, convert_x: bool = False, depth: int = 1) -> torch.Tensor:
+             laid: torch.Tensor | None = None, depth: int = 1) -> torch.Tensor:
     """y (M, N) = x (M, K) @ W^T for int4 weights re-laid by mma_layout, M <= KERNEL_ROWS: W = scale * (code - zero),
     or with an offset scale * code + offset (zero 0), or NF4 (zero None: W = scale * level(code)), scale and offset
     (N, G) per group of `group_size` columns (a multiple of 64; G = 1 per channel). x must be 16-byte aligned."""
     kernel, grid, args, constants = launch(x, words, scale, offset, n, group_size, zero, rows_per_thread,
                                            chunks_per_step, warps_rows, warps_k, split, pdl, out, interleave, act,
-                                           laid, convert_x, depth)
+                                           laid, depth)
     kernel[grid](*args, **constants)
     return args[5]
 
@@ -398,16 +375,3 @@ def _nf4_table(device: torch.device, bf16: bool, cache: dict = {}) -> torch.Tens
     if key not in cache:
         cache[key] = torch.tensor([nf4_table(bf16)] * 32, dtype=torch.int32, device=device)
     return cache[key]
-
-
-def coalesced_x_layout(chunks_per_step: int, warps_k: int, warps_rows: int):
-    """The layout the rows mode loads x in when asked to convert it (launch's convert_x): the same (CK, 32, 4) words
-    as the kernel's X, lanes along t (2 bits), the MMA j (2 bits) and the row's lowest bit, so that a warp's load
-    reads 2 rows x 128 contiguous bytes; rows' other bits and the chunks in registers; warps as X's (WK along the
-    chunks, WR replicas), so that the conversion to X stays within each warp."""
-    regs = [[0, 8, 0], [0, 16, 0]] + [[1 << i, 0, 0] for i in range(chunks_per_step.bit_length() - 1)]
-    lanes = [[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2], [0, 4, 0]]
-    warps = [[chunks_per_step << i, 0, 0] for i in range(warps_k.bit_length() - 1)]
-    warps += [[0, 0, 0]] * (warps_rows.bit_length() - 1)
-    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warps, block_bases=[],
-                                      shape=[chunks_per_step * warps_k, 32, 4])
