@@ -23,6 +23,8 @@ gptq[=DAMP], the calibrated ones optionally followed by
   damp=X        GPTQ's damp (also inside AWQ+GPTQ)
   amax=X        AWQ's exponents a scaled into [0, X) (the same number of candidates)
   ts=1          GPTQ's true-sequential re-runs between dependency levels
+  fit=1         GPTQ fits the float model's outputs (GPTQConfig.float_target: each layer also makes up for the
+                error of the layers quantized before it)
   shrink=N      GPTQ's scale shrink steps (1: no search)
   order=0       GPTQ visits columns in their own order instead of by decreasing H_ii (act_order off)
   flat=1        GPTQ's scale search (shrink) weighs every column of a group alike instead of by the
@@ -126,7 +128,8 @@ def calibration(spec: str, model, tokenizer, samples: int, seq_len: int) -> torc
 
 
 GPTQ_SETTINGS = {"damp": ("damp", float), "ts": ("true_sequential", lambda v: bool(int(v))),
-                  "shrink": ("shrink_steps", int), "order": ("act_order", lambda v: bool(int(v)))}
+                  "shrink": ("shrink_steps", int), "order": ("act_order", lambda v: bool(int(v))),
+                  "fit": ("float_target", lambda v: bool(int(v)))}
 
 
 @contextmanager

@@ -141,3 +141,23 @@ def test_true_sequential_reaches_gptq_and_is_refused_elsewhere(tiny_llama_dir, t
     assert run_cli("quantize", tiny_llama_dir, "--format", "int4", "--true-sequential", "--out", tmp_path / "r") == 2
     assert "true_sequential=True does not apply to method 'rtn'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_float_target_reaches_gptq_and_is_refused_elsewhere(tiny_llama_dir, tmp_path, capsys):
+    import torch
+
+    from modelpress.io.model import load_model
+
+    outs = {}
+    for extra in ([], ["--float-target"]):
+        out = tmp_path / f"q{len(extra)}"
+        assert run_cli("quantize", tiny_llama_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
+                       "--calib-samples", "4", "--calib-seq-len", "32", *extra, "--out", out) == 0
+        outs[bool(extra)] = load_model(str(out)).model.model.layers[-1].mlp.down_proj.qdata
+    # the last block reads the quantized model's hidden states, which differ from the float model's
+    assert not torch.equal(outs[True], outs[False])
+    assert run_cli("quantize", tiny_llama_dir, "--format", "int4", "--float-target", "--out", tmp_path / "r") == 2
+    assert "float_target=True does not apply to method 'rtn'" in capsys.readouterr().err
+    assert run_cli("quantize", tiny_llama_dir, "--target-bits", "4.5", "--float-target", "--out", tmp_path / "m") == 2
+    assert "--float-target do not apply to mixed precision" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()

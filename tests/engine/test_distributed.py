@@ -49,21 +49,25 @@ def eval_windows() -> torch.Tensor:
 
 
 def compress_and_evaluate(out: Path) -> dict:
-    """What each side runs: GPTQ, AWQ, Wanda and evaluation of all three against the float model."""
+    """What each side runs: GPTQ (also fitted to the float model's outputs: each rank carries its share of the
+    float hidden states), AWQ, Wanda and evaluation of them against the float model."""
     reference = build_tiny_llama(num_hidden_layers=BLOCKS)
     gptq = build_tiny_llama(num_hidden_layers=BLOCKS)
     quantize_gptq(gptq, GPTQConfig("int4/g32"), calibration(), batch_size=2)
+    fitted = build_tiny_llama(num_hidden_layers=BLOCKS)
+    quantize_gptq(fitted, GPTQConfig("int4/g32", float_target=True, true_sequential=True), calibration(), batch_size=2)
     awq = build_tiny_llama(num_hidden_layers=BLOCKS)
     quantize_awq(awq, AWQConfig("int4/g32"), calibration(), batch_size=2)
     wanda = build_tiny_llama(num_hidden_layers=BLOCKS)
     prune_calibrated(wanda, WandaConfig(sparsity=0.5), calibration(), batch_size=2)
-    quality = evaluate_quality({"gptq": gptq, "awq": awq, "wanda": wanda}, eval_windows(), reference=reference)
+    models = {"gptq": gptq, "gptq-fit": fitted, "awq": awq, "wanda": wanda}
+    quality = evaluate_quality(models, eval_windows(), reference=reference)
     if Ranks.active().is_main:
-        for name, model in (("gptq", gptq), ("awq", awq), ("wanda", wanda)):
+        for name, model in models.items():
             save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
                       str(out / f"{name}.safetensors"))
         (out / "quality.json").write_text(json.dumps({k: vars(v) for k, v in quality.items()}))
-    return {"gptq": gptq, "awq": awq, "wanda": wanda, "reference": reference, "quality": quality}
+    return {**models, "reference": reference, "quality": quality}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -107,7 +111,7 @@ def codes_of(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     return {n: unpack_codes(state[f"{n}.qdata"], m.scheme.bits, m.in_features) for n, m in layers.items()}
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "gptq-fit", "awq"])
 def test_quantization_across_two_ranks_equals_one_process(runs, method):
     import copy
 

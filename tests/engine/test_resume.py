@@ -38,10 +38,11 @@ def _config(**overrides):
     return GPTQConfig(WeightScheme.parse("int4/g32"), **overrides)
 
 
-@pytest.mark.parametrize("true_sequential", [False, True])
-def test_resume_after_an_interrupt_is_bit_identical(tmp_path, true_sequential):
+@pytest.mark.parametrize("true_sequential, float_target", [(False, False), (True, False), (True, True)])
+def test_resume_after_an_interrupt_is_bit_identical(tmp_path, true_sequential, float_target):
+    """float_target: the float model's hidden states are saved beside the quantized model's and resumed too."""
     ids = token_ids(320, 6, 32)
-    config = _config(true_sequential=true_sequential)
+    config = _config(true_sequential=true_sequential, float_target=float_target)
     whole = build_tiny_llama(num_hidden_layers=3)
     run_sequential(whole, GPTQ(config), ids, settings=SETTINGS)
 

@@ -15,14 +15,21 @@ states to the next block. Rank 0 writes the shared resume files; each rank write
 
 Blocks may live on disk instead of in memory (engine/stream.py): a `BlockSource` materializes block i
 before it is compressed and releases it afterwards, so host memory holds about one block at a time.
+
+An algorithm with `reference_inputs = True` is also shown what each layer reads in the *float* model on the
+same tokens (GPTQ's `float_target`): the engine then carries a second stream of hidden states through float
+copies of the blocks, runs the float copy before each observation pass, and pairs its layers' inputs with the
+compressed block's, call by call. Layers whose calls cannot be paired (experts: routing differs between the
+two models) get no reference.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +104,7 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
                                         ranks=ranks.world))
     if store is not None:
         state = store.load(state.fingerprint)
+    with_reference = bool(getattr(algorithm, "reference_inputs", False))
     report = RunReport(len(stack), stack.path, 0, list(state.unobserved), dict(state.notes),
                        resumed_from_block=state.blocks_done or None)
 
@@ -104,11 +112,14 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
         with source.holding(stack, 0):
             captured = capture_inputs(model, stack, torch.cat(ranks.share(batches)), device, settings.batch_size)
         hidden = captured.hidden
+        reference = list(hidden) if with_reference else None   # the float model's: the same at block 0
         for index in range(state.blocks_done):
             with source.holding(stack, index, keep=True):
                 store.restore_block(state, index, stack.blocks[index])  # type: ignore[union-attr]
         if state.blocks_done:
             hidden = store.load_hidden(state, device)  # type: ignore[union-attr]
+            if with_reference:     # saved after the compressed model's (see commit_block below)
+                hidden, reference = hidden[: len(hidden) // 2], hidden[len(hidden) // 2 :]
     report.layers = len(report.notes)
 
     for index in range(state.blocks_done, len(stack)):
@@ -117,7 +128,8 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
             home = next(block.parameters()).device
             block.to(device)
             calls = captured.calls[index]
-            targets, solved, unobserved = _compress_block(stack, index, algorithm, hidden, calls, settings, ranks)
+            targets, solved, unobserved, reference = _compress_block(stack, index, algorithm, hidden, calls,
+                                                                     settings, ranks, reference)
             with torch.no_grad():
                 hidden = [run_block(block, h, c) for h, c in zip(hidden, calls)]
             install_compressed(block, targets, solved)
@@ -130,53 +142,103 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
             report.layers += len(solved)
             if store is not None:
                 state.notes, state.unobserved = report.notes, report.unobserved
-                store.commit_block(state, index, block, hidden)
+                store.commit_block(state, index, block, hidden + (reference or []))
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hidden: list[torch.Tensor],
-                    calls: list[BlockCall], settings: EngineSettings, ranks: Ranks = Ranks()
-                    ) -> tuple[BlockTargets, dict[str, LayerSolution], list[str]]:
+                    calls: list[BlockCall], settings: EngineSettings, ranks: Ranks = Ranks(),
+                    reference: list[torch.Tensor] | None = None
+                    ) -> tuple[BlockTargets, dict[str, LayerSolution], list[str], list[torch.Tensor] | None]:
     """Solve every target of block `index` (solved layers hold their dequantized weights afterwards);
-    returns the targets, the solutions by name and the targets never observed."""
+    returns the targets, the solutions by name, the targets never observed and, given the float model's
+    input hidden states `reference`, its output ones (the next block's reference)."""
     block = stack.blocks[index]
     targets = find_targets(block, settings.skip)
     if not targets.names():
-        return targets, {}, []
+        return targets, {}, [], _float_outputs(block, reference, calls)
     plan = plan_block(block, targets, hidden[0], calls[0])
     prepare = getattr(algorithm, "prepare_block", None)   # optional: whole-block edits before any layer is solved
     if prepare is not None:
         with torch.no_grad():
             prepare(BlockContext(index, block, targets, plan, hidden, calls, ranks))
+    # the float block, after prepare_block's edits (they keep its function but may rescale a layer's input:
+    # its float input must be in the same coordinates as the compressed block's)
+    original = None if reference is None else _FloatBlock(copy.deepcopy(block), settings.skip, reference, calls)
     levels = plan.levels if algorithm.sequential else (None,)
     steps = len(levels) * len(hidden)
     desc = f"block {index + 1}/{len(stack)}"
     solved: dict[str, LayerSolution] = {}
     unobserved: list[str] = []
-    work = _block_steps(block, targets, plan, levels, algorithm, hidden, calls, solved, unobserved, ranks)
+    work = _block_steps(block, targets, plan, levels, algorithm, hidden, calls, solved, unobserved, ranks, original)
     for _ in progress(work, desc=desc, total=steps):
         pass
-    return targets, solved, unobserved
+    return targets, solved, unobserved, None if original is None else original.outputs()
+
+
+def _float_outputs(block: nn.Module, hidden: list[torch.Tensor] | None, calls: list[BlockCall]
+                   ) -> list[torch.Tensor] | None:
+    if hidden is None:
+        return None
+    with torch.no_grad():
+        return [run_block(block, h, c) for h, c in zip(hidden, calls)]
+
+
+class _FloatBlock:
+    """A float copy of the block being compressed, on its own (float) hidden states: what each layer reads
+    in the float model, batch by batch, for algorithms with `reference_inputs`."""
+
+    def __init__(self, block: nn.Module, skip: tuple[str, ...], hidden: list[torch.Tensor],
+                 calls: list[BlockCall]) -> None:
+        self.block, self.hidden, self.calls = block, hidden, calls
+        self.targets = find_targets(block, skip)
+
+    def inputs(self, plan: BlockPlan, groups: list[InputGroup], batch: int, stop_after: int | None
+               ) -> dict[str, list[torch.Tensor]]:
+        """Per group key, the inputs its leader read in batch `batch`, call by call (dense layers only: an
+        expert's tokens depend on routing, which quantization may change)."""
+        seen: dict[str, list[torch.Tensor]] = {}
+        dense = [g for g in groups if g.key in self.targets.linears]
+
+        def keep(group: InputGroup, inputs: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+            seen.setdefault(group.key, []).append(inputs)
+
+        rows = {g.key: 0 for g in dense}
+        with _observing(self.block, self.targets, plan, dense, keep, rows, stop_after), torch.no_grad():
+            try:
+                run_block(self.block, self.hidden[batch], self.calls[batch])
+            except _StopBlock:
+                pass
+        return seen
+
+    def outputs(self) -> list[torch.Tensor]:
+        out = _float_outputs(self.block, self.hidden, self.calls)
+        del self.block
+        return out  # type: ignore[return-value]
 
 
 def _block_steps(block: nn.Module, targets: BlockTargets, plan: BlockPlan, levels: tuple, algorithm: LayerAlgorithm,
                  hidden: list[torch.Tensor], calls: list[BlockCall], solved: dict[str, LayerSolution],
-                 unobserved: list[str], ranks: Ranks) -> Iterator[None]:
-    """Observe and solve level by level (or everything at once when `levels` is (None,)); yields per batch."""
+                 unobserved: list[str], ranks: Ranks, original: _FloatBlock | None = None) -> Iterator[None]:
+    """Observe and solve level by level (or everything at once when `levels` is (None,)); yields per batch.
+    With the float block `original`, each observation is paired with what the same call read there."""
     for level in levels:
         groups = plan.groups if level is None else plan.at_level(level)
         rows = {g.key: 0 for g in groups}
         stop_after = level if level is not None and level in plan.early_stop else None
         error = None
         try:
-            with _observing(block, targets, plan, groups, algorithm, rows, stop_after) as observing, torch.no_grad():
-                for h, c in zip(hidden, calls):
-                    observing.new_forward()
+            with _observing(block, targets, plan, groups, algorithm.observe, rows, stop_after) as observing, \
+                    torch.no_grad():
+                for batch, (h, c) in enumerate(zip(hidden, calls)):
+                    observing.new_forward(None if original is None else
+                                          original.inputs(plan, groups, batch, stop_after))
                     try:
                         run_block(block, h, c)
                     except _StopBlock:
                         pass
+                    observing.check_paired()
                     yield None
         except Exception as err:  # noqa: BLE001 - every rank raises it together in check()
             error = err
@@ -239,18 +301,21 @@ def _moved(value: object, device: torch.device) -> object:
 
 
 class _observing:
-    """Hooks for one observation pass: leaders of the given groups feed the algorithm. With `stop_after`
-    (a level that allows early stops) the block forward ends once every group of the level has read its
-    input, or at the first call of a deeper level."""
+    """Hooks for one observation pass: leaders of the given groups feed `observe(group, inputs)` (an
+    algorithm's), or `observe(group, inputs, reference)` when the forward was given the float model's
+    inputs of the same calls (`new_forward(reference)`). With `stop_after` (a level that allows early stops)
+    the block forward ends once every group of the level has read its input, or at the first call of a
+    deeper level."""
 
     def __init__(self, block: nn.Module, targets: BlockTargets, plan: BlockPlan, groups: list[InputGroup],
-                 algorithm: LayerAlgorithm, rows: dict[str, int], stop_after: int | None) -> None:
-        self.block, self.targets, self.algorithm, self.rows = block, targets, algorithm, rows
+                 observe: Callable[..., None], rows: dict[str, int], stop_after: int | None) -> None:
+        self.block, self.targets, self.observe, self.rows = block, targets, observe, rows
         self.leaders = {g.key: g for g in groups}
         self.level_of = plan.level_of()
         self.stop_after = stop_after
         self.expected = plan.calls
         self.reads: dict[str, int] = {}
+        self.reference: dict[str, list[torch.Tensor]] | None = None
         self.handles: list = []
         self.watcher: ExpertCallWatcher | None = None
 
@@ -261,14 +326,39 @@ class _observing:
         if group is None:
             return
         self.rows[name] += inputs.numel() // max(inputs.shape[-1], 1)
-        self.algorithm.observe(group, inputs)
-        if self.stop_after is not None:
-            self.reads[name] = self.reads.get(name, 0) + 1
-            if all(self.reads.get(key, 0) >= self.expected.get(key, 1) for key in self.leaders):
-                raise _StopBlock  # everything this level reads has been seen: the rest of the block is not needed
+        read = self.reads.get(name, 0)
+        self.reads[name] = read + 1
+        if self.reference is None:
+            self.observe(group, inputs)
+        else:
+            self.observe(group, inputs, self._paired(name, read, inputs))
+        if self.stop_after is not None and \
+                all(self.reads.get(key, 0) >= self.expected.get(key, 1) for key in self.leaders):
+            raise _StopBlock  # everything this level reads has been seen: the rest of the block is not needed
 
-    def new_forward(self) -> None:
+    def _paired(self, name: str, read: int, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The float model's input of this call (None for a layer without one: experts)."""
+        found = self.reference.get(name)  # type: ignore[union-attr]
+        if found is None and name not in self.targets.linears:
+            return None
+        if found is None or read >= len(found) or found[read].shape != inputs.shape:
+            raise ModelpressError(f"layer {name}: call {read + 1} of the compressed block does not match the float "
+                                  f"block's calls ({0 if found is None else len(found)} of them); a block whose "
+                                  f"calls depend on its weights cannot be calibrated against the float model")
+        return found[read]
+
+    def new_forward(self, reference: dict[str, list[torch.Tensor]] | None = None) -> None:
         self.reads = {}
+        self.reference = reference
+
+    def check_paired(self) -> None:
+        """After a forward with a reference: every float call was matched by one of the compressed block."""
+        if self.reference is None:
+            return
+        for name, found in self.reference.items():
+            if self.reads.get(name, 0) != len(found):
+                raise ModelpressError(f"layer {name}: read {self.reads.get(name, 0)} times in the compressed block "
+                                      f"and {len(found)} times in the float one")
 
     def __enter__(self) -> _observing:
         for name, module in self.targets.linears.items():

@@ -34,6 +34,13 @@ Choices, with reasons:
 - Dead inputs (H_ii = 0: never active in calibration) get H_ii = 1 and weight 0 during the solve.
 - `schemes` (full layer name -> scheme, from mixed precision) overrides the scheme layer by layer; layers
   of one input group that share a scheme are still solved as one matrix.
+- `float_target` (off by default) fits the float model's outputs instead of the layer's own: the objective
+  becomes ||Q X~ - W X||^2, X the layer's input in the float model and X~ its input in the model quantized so
+  far, on the same tokens (GPTAQ's "asymmetric calibration", Li et al. 2025), so that each layer also makes up
+  for the error of the layers before it. Solved exactly as GPTQ on a moved target: with H~ = X~^T X~ / n and
+  D = (X - X~)^T X~ / n, the least-squares weight on X~ is W* = W (H~ + D) H~^-1 = W + W D H~^-1, and
+  ||Q X~ - W X||^2 = ||(Q - W*) X~||^2 + a constant, so GPTQ on (W*, H~) minimizes the new objective. H~ is
+  dampened as for the solve, which keeps W* near W in directions the calibration text barely explores.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ class GPTQConfig:
     true_sequential: bool = False      # re-run the block between dependency levels (q/k/v, then o, ...)
     shrink_steps: int = 20             # >1: search that many scale shrink factors per group (see group_params)
     keep_better_of_rtn: bool = True    # keep RTN for a layer where it scores better on the layer objective
+    float_target: bool = False         # fit the float model's outputs ||Q X~ - W X|| (see the docstring)
     skip: tuple[str, ...] = DEFAULT_SKIP
     schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
     # static groups' ranges: None (the format's rule), "gguf" (GGUF's own grids, gguf_grid.py) or a GridRule
@@ -438,9 +446,11 @@ class HessianSum:
     def zeros(cls, k: int, device: torch.device | str) -> HessianSum:
         return cls(torch.zeros(k, k, dtype=torch.float64, device=device))
 
-    def add(self, inputs: torch.Tensor) -> None:
+    def add(self, inputs: torch.Tensor, left: torch.Tensor | None = None) -> None:
+        """Adds X^T X, or L^T X for `left` L of the same shape (a cross term, e.g. GPTQ's float_target)."""
         x = inputs.reshape(-1, inputs.shape[-1]).double()
-        self.sum.addmm_(x.t(), x)
+        lhs = x if left is None else left.reshape(x.shape).double()
+        self.sum.addmm_(lhs.t(), x)
         self.rows += x.shape[0]
 
     def reduce(self, ranks: Ranks) -> None:
@@ -468,11 +478,17 @@ class GPTQ:
     config: GPTQConfig
     stack: BlockStack | None = None    # the model's blocks: turns block-relative target names into full ones
     _hessians: dict[str, HessianSum] = field(default_factory=dict)
+    _drifts: dict[str, HessianSum] = field(default_factory=dict)   # float_target: (X - X~)^T X~ per group
     _prefix: str = ""                  # full name of the block being solved, plus "."
 
     @property
     def sequential(self) -> bool:
         return self.config.true_sequential
+
+    @property
+    def reference_inputs(self) -> bool:
+        """The engine pairs each observation with the float model's input of the same call (float_target)."""
+        return self.config.float_target
 
     def describe(self) -> str:
         return config_description("gptq", self.config)
@@ -485,32 +501,45 @@ class GPTQ:
             raise ModelpressError("GPTQ with per-layer schemes needs the model's block stack to name its layers")
         return self.config.scheme_of(self._prefix + target.name)
 
-    def observe(self, group: InputGroup, inputs: torch.Tensor) -> None:
+    def observe(self, group: InputGroup, inputs: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """`reference`: the float model's input of the same call (float_target; None where the engine has none,
+        e.g. for experts: that group is then fitted to its own outputs)."""
         k = inputs.shape[-1]
         acc = self._hessians.get(group.key)
         if acc is None:
             acc = self._hessians[group.key] = HessianSum.zeros(k, inputs.device)
         acc.add(inputs)
+        if reference is not None and self.config.float_target:
+            drift = self._drifts.get(group.key)
+            if drift is None:
+                drift = self._drifts[group.key] = HessianSum.zeros(k, inputs.device)
+            drift.add(inputs, left=reference.to(inputs.dtype) - inputs)
 
     def reduce(self, group: InputGroup, ranks: Ranks) -> None:
         """Data-parallel runs: the group's Hessian summed over ranks (a rank that saw none adds zeros)."""
         weight = group.targets[0].weight
         self._hessians.setdefault(group.key, HessianSum.zeros(weight.shape[-1], weight.device)).reduce(ranks)
+        if self.config.float_target and ranks.sum_ints([int(group.key in self._drifts)])[0]:
+            self._drifts.setdefault(group.key, HessianSum.zeros(weight.shape[-1], weight.device)).reduce(ranks)
 
     def solve(self, group: InputGroup) -> list[LayerSolution]:
         acc = self._hessians.pop(group.key, None)
+        drift = self._drifts.pop(group.key, None)
         if acc is None or acc.rows == 0:
             return [LayerSolution(quantize_weight(t.weight, self.scheme_for(t), name=f"layer {t.name}"),
                                   {"method": "rtn", "reason": "no calibration tokens reached this layer"})
                     for t in group.targets]
         with _one_cpu_thread(acc.sum.device):
-            return self._solve(group, acc)
+            return self._solve(group, acc, drift)
 
-    def _solve(self, group: InputGroup, acc: HessianSum) -> list[LayerSolution]:
+    def _solve(self, group: InputGroup, acc: HessianSum, drift: HessianSum | None) -> list[LayerSolution]:
         start = time.perf_counter()
         hessian = acc.mean()
         acc.release()
-        weights = [t.weight.detach().float() for t in group.targets]
+        originals = [t.weight.detach().float() for t in group.targets]
+        weights = originals
+        if drift is not None and drift.rows:   # float_target: GPTQ on the moved target W* (module docstring)
+            weights = float_target_weights(originals, hessian, drift.mean(), self.config.damp)
         results: list[LayerSolution | None] = [None] * len(weights)
         # layers reading the same input share H, and GPTQ treats rows independently: solve those with one
         # scheme as one matrix (but a per-tensor scale belongs to one layer)
@@ -524,22 +553,26 @@ class GPTQ:
             for i in batch:
                 part = solution.rows(row, row + weights[i].shape[0])
                 row += weights[i].shape[0]
-                results[i] = self._choose(group.targets[i].name, weights[i], part, hessian, acc.rows)
+                results[i] = self._choose(group.targets[i].name, weights[i], originals[i], part, hessian, acc.rows)
         log.debug("GPTQ %s: %d layers in %.2f s", group.key, len(results), time.perf_counter() - start)
         return results  # type: ignore[return-value]
 
-    def _choose(self, name: str, weight: torch.Tensor, part: GPTQSolution, hessian: torch.Tensor,
-                rows: int) -> LayerSolution:
+    def _choose(self, name: str, target: torch.Tensor, weight: torch.Tensor, part: GPTQSolution,
+                hessian: torch.Tensor, rows: int) -> LayerSolution:
+        """GPTQ's solution, or the layer's own weight rounded to nearest where that scores better on the
+        objective ||(Q - target) X||^2 (target: the weight, or float_target's W*)."""
         packed = part.packed()
-        gptq_loss = layer_objective(weight, packed.dequantize(), hessian)
+        gptq_loss = layer_objective(target, packed.dequantize(), hessian)
         notes = {"method": "gptq", "calibration_rows": rows, "objective": gptq_loss}
+        if target is not weight:
+            notes["float_target_shift"] = float((target - weight).norm() / weight.norm().clamp_min(1e-30))
         if not self.config.keep_better_of_rtn:
             return LayerSolution(packed, notes)
         if self.config.grid is None:
             rtn = quantize_weight(weight, part.scheme, name=f"layer {name}")
         else:   # round to nearest on the same fixed grid, which the export relies on
             rtn = quantize_weight(weight, part.scheme, part.scale, part.offset, name=f"layer {name}")
-        rtn_loss = layer_objective(weight, rtn.dequantize(), hessian)
+        rtn_loss = layer_objective(target, rtn.dequantize(), hessian)
         notes["rtn_objective"] = rtn_loss
         if rtn_loss < gptq_loss:
             notes.update(method="rtn", reason="RTN scored better on the layer objective")
@@ -548,6 +581,24 @@ class GPTQ:
 
     def finish_block(self, block_index: int) -> None:
         self._hessians.clear()
+        self._drifts.clear()
+
+
+def float_target_weights(weights: list[torch.Tensor], hessian: torch.Tensor, drift: torch.Tensor, damp: float
+                         ) -> list[torch.Tensor]:
+    """The least-squares weights on the quantized model's inputs X~ that reproduce the float model's outputs:
+    W* = W + W D H^-1 for each W (N_i, K), with H = X~^T X~ / n (K, K) dampened as the solve dampens it and
+    D = (X - X~)^T X~ / n (K, K). Inputs never active in calibration keep their weights (H_jj = 1 there)."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    lower = torch.linalg.cholesky(h)
+    d = drift.double().clone()
+    d[:, dead] = 0
+    stacked = torch.cat([w.double() for w in weights])                   # (N, K)
+    moved = stacked + torch.cholesky_solve(d.t() @ stacked.t(), lower).t()
+    return [part.to(w.dtype) for part, w in zip(moved.split([w.shape[0] for w in weights]), weights)]
 
 
 def _batches_by_scheme(schemes: list[WeightScheme]) -> list[tuple[WeightScheme, list[int]]]:
