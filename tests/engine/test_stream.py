@@ -54,16 +54,19 @@ class RoundToNearest:
         return None
 
 
-def test_streamed_gptq_from_shards_equals_in_memory_gptq(tmp_path):
+@pytest.mark.parametrize("float_target", [False, True])
+def test_streamed_gptq_from_shards_equals_in_memory_gptq(tmp_path, float_target):
+    """float_target: the float copy of each block is made from the streamed block, held while it is compressed."""
     build_tiny_llama(num_hidden_layers=3).save_pretrained(tmp_path / "m", max_shard_size="100KB")
     assert (tmp_path / "m" / "model.safetensors.index.json").exists()
     ids = token_ids(320, 6, 24, seed=1)
+    config = GPTQConfig("int4/g32", float_target=float_target)
     plain = load_hf(str(tmp_path / "m"))
-    quantize_gptq(plain.model, GPTQConfig("int4/g32"), ids, batch_size=2)
+    quantize_gptq(plain.model, config, ids, batch_size=2)
     save_compressed(plain, tmp_path / "plain")
 
     streamed = open_streamed(tmp_path / "m", tmp_path / "work")
-    quantize_gptq(streamed, GPTQConfig("int4/g32"), ids, batch_size=2)
+    quantize_gptq(streamed, config, ids, batch_size=2)
     assert all(t.is_meta for t in streamed.model.layers.state_dict().values())   # nothing left in memory
     save_compressed(LoadedModel(streamed, None, "m", "m"), tmp_path / "streamed")
     expected, got = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "streamed" / "model.safetensors")
