@@ -78,8 +78,9 @@ def add_parser(sub) -> None:
     p.add_argument("--float-target", action="store_true",
                    help="gptq: fit each layer to the float model's outputs, ||Q x~ - W x|| with x~ its input after the "
                         "layers quantized before it and x its input in the float model, so that each layer also "
-                        "makes up for the error upstream (GPTAQ's asymmetric calibration; one more block forward "
-                        "per level, the float model's hidden states kept beside the quantized model's)")
+                        "makes up for the error upstream (GPTAQ's asymmetric calibration; implies --true-sequential; "
+                        "one more block forward per level, the float model's hidden states kept beside the quantized "
+                        "model's)")
     p.add_argument("--rotate", nargs="?", const="hadamard", default=None, choices=ROTATION_KINDS,
                    help="rotate the residual stream into the weights before quantizing (QuaRot-style, no runtime "
                         "cost; a head tied to the embedding is untied): hadamard (default) or orthogonal; "
