@@ -125,39 +125,24 @@ def test_rotate_refuses_stream(tiny_llama_dir, tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
-def test_true_sequential_reaches_gptq_and_is_refused_elsewhere(tiny_llama_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flag, block", [("--true-sequential", 0), ("--float-target", -1)])
+def test_gptq_solver_flags_reach_gptq_and_are_refused_elsewhere(tiny_llama_dir, tmp_path, capsys, flag, block):
     import torch
 
     from modelpress.io.model import load_model
 
     outs = {}
-    for extra in ([], ["--true-sequential"]):
+    for extra in ([], [flag]):
         out = tmp_path / f"q{len(extra)}"
         assert run_cli("quantize", tiny_llama_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
                        "--calib-samples", "4", "--calib-seq-len", "32", *extra, "--out", out) == 0
-        outs[bool(extra)] = load_model(str(out)).model.model.layers[0].mlp.down_proj.qdata
-    # re-running the block after q/k/v, o and gate/up changes what down_proj (the last level) is solved on
+        outs[bool(extra)] = load_model(str(out)).model.model.layers[block].mlp.down_proj.qdata
+    # true-sequential: re-running the block after q/k/v, o and gate/up changes what down_proj (the last level) is
+    # solved on; float-target: the last block's inputs differ from the float model's, and its layers make up for it
     assert not torch.equal(outs[True], outs[False])
-    assert run_cli("quantize", tiny_llama_dir, "--format", "int4", "--true-sequential", "--out", tmp_path / "r") == 2
-    assert "true_sequential=True does not apply to method 'rtn'" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
-
-
-def test_float_target_reaches_gptq_and_is_refused_elsewhere(tiny_llama_dir, tmp_path, capsys):
-    import torch
-
-    from modelpress.io.model import load_model
-
-    outs = {}
-    for extra in ([], ["--float-target"]):
-        out = tmp_path / f"q{len(extra)}"
-        assert run_cli("quantize", tiny_llama_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
-                       "--calib-samples", "4", "--calib-seq-len", "32", *extra, "--out", out) == 0
-        outs[bool(extra)] = load_model(str(out)).model.model.layers[-1].mlp.down_proj.qdata
-    # the last block reads the quantized model's hidden states, which differ from the float model's
-    assert not torch.equal(outs[True], outs[False])
-    assert run_cli("quantize", tiny_llama_dir, "--format", "int4", "--float-target", "--out", tmp_path / "r") == 2
-    assert "float_target=True does not apply to method 'rtn'" in capsys.readouterr().err
-    assert run_cli("quantize", tiny_llama_dir, "--target-bits", "4.5", "--float-target", "--out", tmp_path / "m") == 2
-    assert "--float-target do not apply to mixed precision" in capsys.readouterr().err
+    field = flag[2:].replace("-", "_")
+    assert run_cli("quantize", tiny_llama_dir, "--format", "int4", flag, "--out", tmp_path / "r") == 2
+    assert f"{field}=True does not apply to method 'rtn'" in capsys.readouterr().err
+    assert run_cli("quantize", tiny_llama_dir, "--target-bits", "4.5", flag, "--out", tmp_path / "m") == 2
+    assert "do not apply to mixed precision" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
