@@ -593,15 +593,11 @@ def float_target_weights(weights: list[torch.Tensor], hessian: torch.Tensor, dri
     """The least-squares weights on the quantized model's inputs X~ that reproduce the float model's outputs:
     W* = W + W D H^-1 for each W (N_i, K), with H = X~^T X~ / n (K, K) dampened as the solve dampens it and
     D = (X - X~)^T X~ / n (K, K). Inputs never active in calibration keep their weights (H_jj = 1 there)."""
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    lower = torch.linalg.cholesky(h)
-    d = drift.double().clone()
-    d[:, dead] = 0
     stacked = torch.cat([w.double() for w in weights])                   # (N, K)
-    moved = stacked + torch.cholesky_solve(d.t() @ stacked.t(), lower).t()
+    h, _, _ = prepare_hessian(hessian.double(), stacked, damp, act_order=False)   # the solve's dead inputs and damp
+    d = drift.double().clone()
+    d[:, torch.diag(hessian) == 0] = 0
+    moved = stacked + torch.cholesky_solve(d.t() @ stacked.t(), torch.linalg.cholesky(h)).t()
     return [part.to(w.dtype) for part, w in zip(moved.split([w.shape[0] for w in weights]), weights)]
 
 
