@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
 from modelpress.algorithms.quantize.rtn import RTNConfig, quantize_rtn
 from modelpress.errors import ModelpressError
