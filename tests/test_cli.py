@@ -125,24 +125,28 @@ def test_rotate_refuses_stream(tiny_llama_dir, tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize("flag, block", [("--true-sequential", 0), ("--float-target", -1)])
-def test_gptq_solver_flags_reach_gptq_and_are_refused_elsewhere(tiny_llama_dir, tmp_path, capsys, flag, block):
+@pytest.mark.parametrize("base, flag, refused, block", [
+    ([], "--no-float-target", "float_target=False", -1),
+    (["--no-float-target"], "--true-sequential", "true_sequential=True", 0),
+])
+def test_gptq_solver_flags_reach_gptq_and_are_refused_elsewhere(tiny_llama_dir, tmp_path, capsys, base, flag, refused,
+                                                                 block):
     import torch
 
     from modelpress.io.model import load_model
 
     outs = {}
-    for extra in ([], [flag]):
+    for extra in (base, [*base, flag]):
         out = tmp_path / f"q{len(extra)}"
         assert run_cli("quantize", tiny_llama_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
                        "--calib-samples", "4", "--calib-seq-len", "32", *extra, "--out", out) == 0
-        outs[bool(extra)] = load_model(str(out)).model.model.layers[block].mlp.down_proj.qdata
-    # true-sequential: re-running the block after q/k/v, o and gate/up changes what down_proj (the last level) is
-    # solved on; float-target: the last block's inputs differ from the float model's, and its layers make up for it
+        outs[flag in extra] = load_model(str(out)).model.model.layers[block].mlp.down_proj.qdata
+    # float-target (the default): the last block's inputs differ from the float model's, and its layers make up for
+    # it; true-sequential (plain GPTQ; the float target implies it): re-running the block after q/k/v, o and gate/up
+    # changes what down_proj (the last level) is solved on
     assert not torch.equal(outs[True], outs[False])
-    field = flag[2:].replace("-", "_")
     assert run_cli("quantize", tiny_llama_dir, "--format", "int4", flag, "--out", tmp_path / "r") == 2
-    assert f"{field}=True does not apply to method 'rtn'" in capsys.readouterr().err
+    assert f"{refused} does not apply to method 'rtn'" in capsys.readouterr().err
     assert run_cli("quantize", tiny_llama_dir, "--target-bits", "4.5", flag, "--out", tmp_path / "m") == 2
     assert "do not apply to mixed precision" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()

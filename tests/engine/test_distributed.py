@@ -49,13 +49,13 @@ def eval_windows() -> torch.Tensor:
 
 
 def compress_and_evaluate(out: Path) -> dict:
-    """What each side runs: GPTQ (also fitted to the float model's outputs: each rank carries its share of the
-    float hidden states), AWQ, Wanda and evaluation of them against the float model."""
+    """What each side runs: GPTQ (fitted to the float model's outputs, the default: each rank carries its share of
+    the float hidden states; and plain), AWQ, Wanda and evaluation of them against the float model."""
     reference = build_tiny_llama(num_hidden_layers=BLOCKS)
     gptq = build_tiny_llama(num_hidden_layers=BLOCKS)
-    quantize_gptq(gptq, GPTQConfig("int4/g32"), calibration(), batch_size=2)
+    quantize_gptq(gptq, GPTQConfig("int4/g32", float_target=False), calibration(), batch_size=2)
     fitted = build_tiny_llama(num_hidden_layers=BLOCKS)
-    quantize_gptq(fitted, GPTQConfig("int4/g32", float_target=True, true_sequential=True), calibration(), batch_size=2)
+    quantize_gptq(fitted, GPTQConfig("int4/g32"), calibration(), batch_size=2)
     awq = build_tiny_llama(num_hidden_layers=BLOCKS)
     quantize_awq(awq, AWQConfig("int4/g32"), calibration(), batch_size=2)
     wanda = build_tiny_llama(num_hidden_layers=BLOCKS)

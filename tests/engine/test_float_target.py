@@ -94,8 +94,8 @@ def test_every_observation_is_paired_with_the_same_calls_input_in_the_float_mode
 
 def test_the_float_target_is_solved_level_by_level():
     """Observed all at once, later levels would make up again for the drift earlier levels already removed."""
-    assert GPTQ(GPTQConfig("int4", float_target=True)).sequential
-    assert not GPTQ(GPTQConfig("int4")).sequential
+    assert GPTQ(GPTQConfig("int4")).sequential            # float_target is the default
+    assert not GPTQ(GPTQConfig("int4", float_target=False)).sequential
 
 
 def test_fitting_the_float_outputs_lowers_the_quantized_models_error_on_its_calibration_text():

@@ -1,5 +1,5 @@
 """modelpress quantize MODEL --method METHOD [--alpha A] --format F [--group-size G]
-[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--true-sequential] [--float-target] [--rotate [KIND]] [--head SCHEME] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
+[--symmetric|--asymmetric] [--no-static-groups] [--grid gguf] [--true-sequential] [--no-float-target] [--rotate [KIND]] [--head SCHEME] [--calib-text FILE] [--calib-samples N] [--resume DIR] [--stream] --out DIR
 
 Mixed precision: --target-bits B [--candidates SPEC ...] [--sensitivity-samples N] instead of --format picks
 one scheme per layer (from the candidates) for an average of at most B stored bits per weight, scales
@@ -74,13 +74,15 @@ def add_parser(sub) -> None:
                         "32-blocks otherwise), so `export --to gguf` holds the result bit for bit")
     p.add_argument("--true-sequential", action="store_true",
                    help="gptq: re-run each block between its dependency levels (q/k/v, o, gate/up, down), so later "
-                        "layers are solved on the quantized outputs of earlier ones (~40%% more calibration time)")
-    p.add_argument("--float-target", action="store_true",
-                   help="gptq: fit each layer to the float model's outputs, ||Q x~ - W x|| with x~ its input after the "
-                        "layers quantized before it and x its input in the float model, so that each layer also "
-                        "makes up for the error upstream (GPTAQ's asymmetric calibration; implies --true-sequential; "
-                        "one more block forward per level, the float model's hidden states kept beside the quantized "
-                        "model's)")
+                        "layers are solved on the quantized outputs of earlier ones (~40%% more calibration time); "
+                        "the default float target implies it, so it matters with --no-float-target")
+    p.add_argument("--float-target", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq (on by default): fit each layer to the float model's outputs, ||Q x~ - W x|| with x~ its "
+                        "input after the layers quantized before it and x its input in the float model, so that each "
+                        "layer also makes up for the error upstream (GPTAQ's asymmetric calibration; solved level by "
+                        "level, as --true-sequential; one more block forward per level, the float model's hidden "
+                        "states kept beside the quantized model's). --no-float-target: plain GPTQ, less memory and "
+                        "time")
     p.add_argument("--rotate", nargs="?", const="hadamard", default=None, choices=ROTATION_KINDS,
                    help="rotate the residual stream into the weights before quantizing (QuaRot-style, no runtime "
                         "cost; a head tied to the embedding is untied): hadamard (default) or orthogonal; "
@@ -137,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
         options["grid"] = args.grid
     if args.true_sequential:
         options["true_sequential"] = True
-    if args.float_target:
-        options["float_target"] = True
+    if args.float_target is not None:
+        options["float_target"] = args.float_target
     config = config_for_method(args.method, scheme, skip=tuple(args.skip), **options)
     if args.stream and (args.max_kl is not None or args.diagnose is not None):
         raise ModelpressError("--max-kl and --diagnose need the float model in memory; they do not combine with --stream")
@@ -209,8 +211,8 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings, head:
         raise ModelpressError("--group-size, --symmetric/--asymmetric, --double-quant and --integer-zero-points "
                               "describe one --format; with "
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
-    if args.alpha is not None or args.grid is not None or args.true_sequential or args.float_target:
-        raise ModelpressError("--alpha, --grid, --true-sequential and --float-target do not apply to mixed precision "
+    if args.alpha is not None or args.grid is not None or args.true_sequential or args.float_target is not None:
+        raise ModelpressError("--alpha, --grid, --true-sequential and --(no-)float-target do not apply to mixed precision "
                               "(--target-bits)")
     if args.stream:
         raise ModelpressError("--stream works with one --format (mixed precision measures every layer of the whole "

@@ -244,8 +244,10 @@ class AWQ:
 
     def __post_init__(self) -> None:
         if self.config.solver == "gptq":
+            # AWQ observes each block once on its own inputs: the inner solve is plain GPTQ (no float targets)
             inner = GPTQConfig(scheme=self.config.scheme, static_groups=self.config.static_groups,
-                               skip=self.config.skip, schemes=self.config.schemes, grid=self.config.grid)
+                               skip=self.config.skip, schemes=self.config.schemes, grid=self.config.grid,
+                               float_target=False)
             self._inner = GPTQ(inner, stack=self.stack)
 
     def scheme_for(self, name: str) -> WeightScheme:

@@ -34,14 +34,19 @@ Choices, with reasons:
 - Dead inputs (H_ii = 0: never active in calibration) get H_ii = 1 and weight 0 during the solve.
 - `schemes` (full layer name -> scheme, from mixed precision) overrides the scheme layer by layer; layers
   of one input group that share a scheme are still solved as one matrix.
-- `float_target` (off by default) fits the float model's outputs instead of the layer's own: the objective
-  becomes ||Q X~ - W X||^2, X the layer's input in the float model and X~ its input in the model quantized so
+- `float_target` (on by default since 2026-12-08) fits the float model's outputs instead of the layer's own: the
+  objective becomes ||Q X~ - W X||^2, X the layer's input in the float model and X~ its input in the model quantized so
   far, on the same tokens (GPTAQ's "asymmetric calibration", Li et al. 2025), so that each layer also makes up
   for the error of the layers before it. Solved exactly as GPTQ on a moved target: with H~ = X~^T X~ / n and
   D = (X - X~)^T X~ / n, the least-squares weight on X~ is W* = W (H~ + D) H~^-1 = W + W D H~^-1, and
   ||Q X~ - W X||^2 = ||(Q - W*) X~||^2 + a constant, so GPTQ on (W*, H~) minimizes the new objective. H~ is
   dampened as for the solve, which keeps W* near W in directions the calibration text barely explores. It
-  implies true-sequential solving (see `GPTQ.sequential`).
+  implies true-sequential solving (see `GPTQ.sequential`). On the default model (H100, 256 generated windows,
+  docs/cross_domain.md) it took int4/g128's KL from 0.177 to 0.097 on the calibration text and from 0.296 to 0.211 on
+  unseen bible text, and lowered int3's on every text under each of five rotation draws. Its costs: the float model's
+  hidden states on the calibration device beside the quantized model's, a float copy of the block being solved,
+  one more block forward per level (calibration time +25% on that GPU, x2 on a 2-core CPU). float_target=False
+  gives plain GPTQ (`quantize --no-float-target`).
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ class GPTQConfig:
     true_sequential: bool = False      # re-run the block between dependency levels (q/k/v, then o, ...)
     shrink_steps: int = 20             # >1: search that many scale shrink factors per group (see group_params)
     keep_better_of_rtn: bool = True    # keep RTN for a layer where it scores better on the layer objective
-    float_target: bool = False         # fit the float model's outputs ||Q X~ - W X||; implies true_sequential
+    float_target: bool = True          # fit the float model's outputs ||Q X~ - W X||; implies true_sequential
     skip: tuple[str, ...] = DEFAULT_SKIP
     schemes: Mapping[str, WeightScheme] | None = field(default=None, hash=False)   # per layer (full name)
     # static groups' ranges: None (the format's rule), "gguf" (GGUF's own grids, gguf_grid.py) or a GridRule
