@@ -362,7 +362,8 @@ def test_a_head_it_does_not_serve_is_the_models_own(family, one_thread):
     quantize_rtn(model, RTNConfig(WeightScheme.parse("int4/g32")))
     quantize_head(model, HeadConfig(WeightScheme.parse("int3-asym/g32")))
     inputs = []
-    model.lm_head.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])[-1:]))
+    model.lm_head.register_forward_hook(
+        lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])[-1:]))
     with fast_cpu():
         native = NativeDecoder(model, len(PROMPT) + 8)
         cache = make_kv_cache(model, KVCacheConfig("float"))

@@ -212,8 +212,8 @@ def _run_mixed(args: argparse.Namespace, calibration: CalibrationSettings, head:
                               "describe one --format; with "
                               "--target-bits give the candidates as full specs, e.g. --candidates int4-asym/g64 nf4/g64/dq")
     if args.alpha is not None or args.grid is not None or args.true_sequential or args.float_target is not None:
-        raise ModelpressError("--alpha, --grid, --true-sequential and --(no-)float-target do not apply to mixed precision "
-                              "(--target-bits)")
+        raise ModelpressError("--alpha, --grid, --true-sequential and --(no-)float-target do not apply to mixed "
+                              "precision (--target-bits)")
     if args.stream:
         raise ModelpressError("--stream works with one --format (mixed precision measures every layer of the whole "
                               "model first)")
