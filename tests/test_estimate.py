@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama, tiny_llama_config
 
+from modelpress.algorithms.quantize.gptq import GPTQ
 from modelpress.cli import main
 from modelpress.errors import ModelpressError
 from modelpress.estimate import (
@@ -130,8 +131,9 @@ def test_cli_params_headline_and_json(tmp_path, capsys):
     assert "28.00 GB" in text and "14.00 GB" in text and "7.00 GB" in text and "3.50 GB" in text
     assert "--layers, --kv-heads, --head-dim" in text  # KV cache not guessed
     data = json.loads(out.read_text())
-    assert set(data) == {"source", "parameters", "formats", "kv_cache", "kv_cache_note"}
+    assert set(data) == {"source", "parameters", "formats", "kv_cache", "kv_cache_note", "calibration"}
     assert data["parameters"] == 7 * 10**9 and data["kv_cache"] is None and data["kv_cache_note"]
+    assert data["calibration"] is None   # not asked for
     row = data["formats"][0]
     assert set(row) == {"format", "scheme", "quantized_parameters", "weight_bytes", "overhead_bytes", "float_bytes",
                         "total_bytes", "total_gb", "total_gib", "bits_per_weight"}
@@ -167,6 +169,7 @@ def test_cli_model_directory(tiny_llama_dir, tmp_path, capsys):
     (["--params", "lots"], "cannot read parameter count 'lots'"),
     (["--params", "7B", "--kv-dtype", "int3"], "unknown KV cache dtype 'int3'"),
     (["some/dir/that/is/not/there", "--params", "7B"], "give a MODEL or --params, not both"),
+    (["--params", "7B", "--calibrate"], "--calibrate needs a MODEL's shapes"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["estimate", *args]) == 2
@@ -188,3 +191,117 @@ def test_cli_default_model_smollm2(tmp_path):
     assert data["kv_cache"]["bytes_per_token"] == 23040
     assert data["kv_cache"]["total_bytes"] == 23040 * 4096
     assert 130e6 < data["parameters"] < 140e6
+
+
+# --- the calibration estimate -------------------------------------------------------------------------------
+
+
+def _shapes(model_factory):
+    from modelpress.engine.blocks import find_blocks
+    from modelpress.estimate import block_layout
+
+    model = model_factory()
+    return model, ModelShapes(sum(p.numel() for p in model.parameters()), block=block_layout(model_factory),
+                              blocks=len(find_blocks(model)))
+
+
+def test_the_traced_layout_is_the_engines_plan():
+    """Input groups, levels and widths from the fake-tensor trace equal engine/plan.py's on the real model."""
+    from modelpress.engine.blocks import find_blocks
+    from modelpress.engine.capture import capture_inputs
+    from modelpress.engine.plan import plan_block
+    from modelpress.engine.targets import find_targets
+    from modelpress.nn.layers import DEFAULT_SKIP
+
+    model, shapes = _shapes(build_tiny_llama)
+    stack = find_blocks(model)
+    captured = capture_inputs(model, stack, torch.randint(0, 320, (2, 8)), torch.device("cpu"), 2)
+    block = stack.blocks[0]
+    plan = plan_block(block, find_targets(block, DEFAULT_SKIP), captured.hidden[0], captured.calls[0][0])
+    expected = [(g.level, g.targets[0].weight.shape[1], sum(t.weight.shape[0] for t in g.targets)) for g in plan.groups]
+    assert [(g.level, g.inputs, g.rows) for g in shapes.block.groups] == expected
+    assert shapes.block.traced and shapes.block.hidden_size == 96 and shapes.blocks == 2
+    assert shapes.block.parameters == sum(p.numel() for p in block.parameters())
+
+
+def test_a_mixture_of_experts_falls_back_to_every_layer_alone():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from modelpress.engine.blocks import find_blocks
+    from modelpress.engine.targets import find_targets
+    from modelpress.nn.layers import DEFAULT_SKIP
+
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model, shapes = _shapes(lambda: MixtralForCausalLM(config).eval())
+    targets = find_targets(find_blocks(model).blocks[0], DEFAULT_SKIP)
+    assert not shapes.block.traced   # routing is data-dependent: no fake-tensor trace
+    assert len(shapes.block.groups) == len(targets.linears) + len(targets.experts)
+    assert sum(not g.reference for g in shapes.block.groups) == len(targets.experts)   # experts: no float reference
+
+
+class HeldGPTQ(GPTQ):
+    """GPTQ that records the bytes of the statistics it holds each time a solve starts (every group of the
+    level, or of the block, is held then)."""
+
+    peak = 0
+
+    def solve(self, group):
+        held = sum(h.sum.numel() * h.sum.element_size() for h in (*self._hessians.values(), *self._drifts.values()))
+        self.peak = max(self.peak, held)
+        return super().solve(group)
+
+
+@pytest.mark.parametrize("float_target", [True, False])
+def test_statistics_and_hidden_states_are_what_the_engine_holds(float_target):
+    from modelpress.algorithms.quantize.gptq import GPTQConfig
+    from modelpress.engine.blocks import find_blocks
+    from modelpress.engine.runner import EngineSettings, run_sequential
+    from modelpress.estimate import estimate_calibration
+
+    model, shapes = _shapes(build_tiny_llama)
+    samples, seq_len = 6, 16
+    estimate = estimate_calibration(shapes, "gptq", samples, seq_len, 2, float_target=float_target)
+    algorithm = HeldGPTQ(GPTQConfig(WeightScheme.parse("int4/g32"), float_target=float_target), stack=find_blocks(model))
+    run_sequential(model, algorithm, torch.randint(0, 320, (samples, seq_len)), settings=EngineSettings(batch_size=2))
+    assert algorithm.peak == estimate.statistics_bytes
+    stream = samples * seq_len * 96 * 4
+    assert estimate.hidden_bytes == (3 if float_target else 2) * stream and estimate.streams * stream == estimate.hidden_bytes
+    assert estimate.block_bytes == shapes.block.parameters * 4 * (2 if float_target else 1)
+    offloaded = estimate_calibration(shapes, "gptq", samples, seq_len, 2, float_target=float_target, offload=True)
+    assert offloaded.host_hidden_bytes == estimate.hidden_bytes and offloaded.hidden_bytes < estimate.hidden_bytes
+    assert offloaded.device_bytes < estimate.device_bytes
+
+
+def test_a_7b_shape_holds_what_the_formulas_say():
+    """Llama-2-7B's block (4096 wide, 11008 MLP): the float target's largest level is down_proj's, two float64
+    11008 x 11008 matrices; plain GPTQ holds the whole block's four Hessians at once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelpress.estimate import estimate_calibration
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=2,
+                         vocab_size=32000)
+    _, shapes = _shapes(lambda: LlamaForCausalLM(config))
+    fitted = estimate_calibration(shapes, "gptq", 128, 2048, float_target=True)
+    plain = estimate_calibration(shapes, "gptq", 128, 2048, float_target=False)
+    assert fitted.statistics_bytes == 2 * 8 * 11008**2
+    assert plain.statistics_bytes == 8 * (3 * 4096**2 + 11008**2)
+    assert fitted.hidden_bytes == 3 * 128 * 2048 * 4096 * 4 and plain.hidden_bytes == 2 * 128 * 2048 * 4096 * 4
+    assert fitted.block_bytes == 2 * 4 * 202_383_360
+
+
+def test_cli_calibration_estimate(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    assert main(["estimate", str(tiny_llama_dir), "--calibrate", "--calib-samples", "16", "--calib-seq-len", "64",
+                 "--device-memory", "0.001", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())["calibration"]
+    kept, off = data["kept"], data["offloaded"]
+    assert kept["method"] == "gptq" and kept["float_target"] and kept["hidden_bytes"] == 3 * 16 * 64 * 96 * 4
+    assert off["host_hidden_bytes"] == kept["hidden_bytes"] and off["device_bytes"] < kept["device_bytes"]
+    assert data["verdict"]["engine_offloads"] and not data["verdict"]["fits"]
+    printed = capsys.readouterr().out
+    assert "calibration, gptq with its float target: 16 windows x 64 tokens" in printed
+    assert "does not fit" in printed
+    assert main(["estimate", str(tiny_llama_dir), "--calibrate", "awq", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["calibration"]["kept"]["method"] == "awq"

@@ -8,16 +8,30 @@ scales, offsets), and the other parameters (embeddings, norms, output head) are 
 
 KV cache. bytes = 2 (K and V) · layers · kv_heads · head_dim · context · batch · bytes per element, with
 the scale overhead of quantized caches included in the bytes per element (see KV_DTYPES).
+Calibration. What a calibrated method (GPTQ and friends, engine/runner.py) holds while it works, on the
+calibration device, from the model's shapes and the settings: the block being compressed (with GPTQ's float
+target, a float copy beside it), the hidden states carried between blocks (engine/states.py: two or three
+streams of samples x tokens x width at the peak, or about two batches when they are kept in host memory),
+the statistics of the layers observed together (float64 K x K Hessians per input group: GPTQ with its
+float target and SparseGPT observe one level of a block at a time, plain GPTQ and AWQ the whole block), the
+largest solve's working matrices and one batch's forward. Input groups and levels come from a
+traced forward of one block on fake tensors (no memory, no weights); where that trace fails (routing in a
+mixture of experts is data-dependent) every layer counts as its own group: an upper bound.
+
 Decimal units (1 GB = 10**9 bytes) as in model cards, GiB (2**30) beside them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from torch import nn
 
 from modelpress.errors import ModelpressError
 from modelpress.formats.packed import empty_packed
@@ -68,6 +82,29 @@ class LinearShape:
 
 
 @dataclass(frozen=True)
+class StatsGroup:
+    """Layers of a block that read one input (q/k/v; gate/up; one expert's slice): one set of statistics."""
+
+    level: int            # engine/plan.py's level (q/k/v 0, o 1, gate/up 2, down 3 in a Llama block)
+    inputs: int           # K, the width of the input
+    rows: int             # output rows of its layers together
+    reference: bool       # has a float reference under GPTQ's float target (dense layers; experts have none)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    parameters: int                       # one block's parameters
+    hidden_size: int                      # width of the hidden states between blocks
+    groups: tuple[StatsGroup, ...]
+    traced: bool                          # groups from a traced forward; False: every layer alone (a bound)
+
+    @property
+    def widest(self) -> int:
+        """The widest layer output or input in the block (the MLP's intermediate width)."""
+        return max([g.rows for g in self.groups] + [g.inputs for g in self.groups] + [self.hidden_size])
+
+
+@dataclass(frozen=True)
 class ModelShapes:
     """What the calculator needs to know about a model; nothing is loaded to learn it."""
 
@@ -76,6 +113,8 @@ class ModelShapes:
     layers: int | None = None             # attention layers, KV heads and head size, for the KV cache
     kv_heads: int | None = None
     head_dim: int | None = None
+    block: BlockLayout | None = None      # one repeated block, for the calibration estimate
+    blocks: int | None = None             # how many of them
 
     @property
     def quantized_parameters(self) -> int:
@@ -222,3 +261,161 @@ def kv_shape_from_config(config) -> tuple[int, int, int]:
         raise ModelpressError(f"cannot find layers / KV heads / head size in the {type(config).__name__}; "
                               "give --layers, --kv-heads and --head-dim")
     return int(layers), int(kv_heads), int(head_dim)
+
+
+CALIBRATED_METHODS = ("gptq", "awq", "sparsegpt", "wanda", "smoothquant")
+
+
+@dataclass(frozen=True)
+class CalibrationEstimate:
+    method: str
+    samples: int
+    seq_len: int
+    batch_size: int
+    float_target: bool
+    offload: bool
+    element_size: int            # bytes of one float of the model as calibrated (float32: 4)
+    block_bytes: int             # the block on the device, and its float copy under the float target
+    hidden_bytes: int            # hidden states on the device at their peak
+    statistics_bytes: int        # statistics of the layers observed together, at the largest level
+    solve_bytes: int             # working matrices of the largest solve
+    activation_bytes: int        # one batch through the block, with the observation's copies
+    outside_bytes: int           # embeddings, final norm and head: on the device while block inputs are captured
+    host_model_bytes: int        # the float model in host memory (one block of it when streamed)
+    host_hidden_bytes: int       # hidden states in host memory when offloaded
+    streams: int                 # hidden-state streams alive at the peak
+    traced: bool                 # input groups from a traced forward (else an upper bound)
+
+    @property
+    def device_bytes(self) -> int:
+        """The larger of the two phases: capturing block inputs (the modules outside the blocks, block 0 once,
+        one stream) and compressing a block."""
+        capture = self.outside_bytes + self.block_bytes + self.hidden_bytes // self.streams + self.activation_bytes
+        work = self.block_bytes + self.hidden_bytes + self.statistics_bytes + self.solve_bytes + self.activation_bytes
+        return max(capture, work)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host_model_bytes + self.host_hidden_bytes
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                "device_bytes": self.device_bytes, "host_bytes": self.host_bytes}
+
+
+def _statistics(method: str, groups: Sequence[StatsGroup], float_target: bool) -> int:
+    """Bytes of what `method` holds for the layers it observes together, at its largest."""
+    def hessians(gs, both: bool) -> int:   # float64 X^T X per group, and the float target's cross term
+        return sum(8 * g.inputs**2 * (2 if both and g.reference else 1) for g in gs)
+
+    if method in ("wanda", "smoothquant"):     # one float64 value per input channel
+        return sum(8 * g.inputs for g in groups)
+    if method == "awq":                        # every group's Hessian at once, and its scaled float32 copy
+        return sum(12 * g.inputs**2 for g in groups)
+    if (method == "gptq" and float_target) or method == "sparsegpt":   # level by level (engine/plan.py)
+        levels = {g.level for g in groups}
+        return max(hessians([g for g in groups if g.level == lv], method == "gptq") for lv in levels)
+    return hessians(groups, False)             # plain GPTQ observes the whole block at once
+
+
+def _solve(method: str, group: StatsGroup, float_target: bool) -> int:
+    """Working memory of one group's solve: float32 K x K matrices (Hessian, its factor, a copy) and (N, K)
+    weights; the float target adds float64 K x K matrices (damped H, its Cholesky factor, the cross term)."""
+    k, n = group.inputs, group.rows
+    if method in ("wanda", "smoothquant"):
+        return 8 * n * k
+    if method == "awq":                        # the scale search's candidate weights
+        return 4 * k * k + 16 * n * k
+    total = 12 * k * k + 16 * n * k
+    if method == "gptq" and float_target and group.reference:
+        total += 28 * k * k + 24 * n * k
+    return total
+
+
+def estimate_calibration(shapes: ModelShapes, method: str = "gptq", samples: int = 128, seq_len: int = 512,
+                         batch_size: int = 8, float_target: bool = True, offload: bool = False,
+                         element_size: int = 4, streamed: bool = False) -> CalibrationEstimate:
+    """Memory of a calibrated run (module docstring) on `shapes`, which must carry a block layout."""
+    from modelpress.engine.states import peak_streams
+
+    if method not in CALIBRATED_METHODS:
+        raise ModelpressError(f"no calibration estimate for method {method!r}; known: {', '.join(CALIBRATED_METHODS)}")
+    if shapes.block is None or not shapes.blocks:
+        raise ModelpressError("a calibration estimate needs a model's shapes (give a MODEL, not --params)")
+    for name, value in (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ModelpressError(f"calibration {name} must be a positive integer, got {value!r}")
+    block = shapes.block
+    reference = method == "gptq" and float_target
+    batch_rows = min(batch_size, samples) * seq_len
+    stream = samples * seq_len * block.hidden_size * element_size
+    streams = peak_streams(reference)
+    widest_input = max(g.inputs for g in block.groups)
+    # one batch: the block's forward (attention and MLP intermediates), the observed input in float64, and
+    # under the float target the float block's inputs of the level and the drift's copies
+    activation = batch_rows * element_size * (6 * block.hidden_size + 3 * block.widest)
+    if method not in ("wanda", "smoothquant"):
+        activation += batch_rows * widest_input * 8
+    if reference:
+        activation += batch_rows * widest_input * (8 + 2 * element_size)
+    outside = shapes.parameters - shapes.blocks * block.parameters
+    return CalibrationEstimate(
+        method=method, samples=samples, seq_len=seq_len, batch_size=batch_size, float_target=reference,
+        offload=offload, element_size=element_size,
+        block_bytes=block.parameters * element_size * (2 if reference else 1),
+        hidden_bytes=(2 * batch_rows * block.hidden_size * element_size * (2 if reference else 1)) if offload
+        else streams * stream,
+        statistics_bytes=_statistics(method, block.groups, float_target),
+        solve_bytes=max(_solve(method, g, float_target) for g in block.groups) if block.groups else 0,
+        activation_bytes=activation, outside_bytes=outside * element_size,
+        host_model_bytes=(outside + block.parameters if streamed else shapes.parameters) * element_size,
+        host_hidden_bytes=streams * stream if offload else 0,
+        streams=streams, traced=block.traced)
+
+
+def block_layout(build: Callable[[], nn.Module], skip: Sequence[str] | None = None) -> BlockLayout:
+    """The first repeated block of the model `build()` makes, built and run on fake tensors (shapes only: no
+    memory, no weights): its parameter count, width, and the input groups and levels the engine would plan
+    (engine/plan.py). Where the traced forward fails (data-dependent routing in a mixture of experts), every
+    dense layer is its own group at its own level and every expert slice of one fused parameter shares one."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from modelpress.engine.blocks import find_blocks, hidden_width
+    from modelpress.engine.capture import first_call
+    from modelpress.engine.plan import plan_block
+    from modelpress.engine.targets import find_targets
+    from modelpress.nn.layers import DEFAULT_SKIP
+    from modelpress.nn.quant_experts import QuantExperts
+
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # what fake tensors say of storage pointers is not the user's concern
+        model = build().eval()
+        stack = find_blocks(model)
+        block = stack.blocks[0]
+        targets = find_targets(block, tuple(DEFAULT_SKIP if skip is None else skip))
+        parameters = sum(p.numel() for p in block.parameters())
+        try:
+            if targets.expert_params:
+                QuantExperts.prepare_model(model)
+                block = stack.blocks[0]
+                targets = find_targets(block, tuple(DEFAULT_SKIP if skip is None else skip))
+            hidden, call = first_call(model, stack, torch.zeros(1, 8, dtype=torch.long))
+            width = int(hidden.shape[-1])
+            plan = plan_block(block, targets, hidden, call)
+            named = [(g.level, [t.name for t in g.targets]) for g in plan.groups]
+            traced = True
+        except Exception:  # noqa: BLE001 - any failure of the fake forward: fall back to the layer list
+            width = hidden_width(model)
+            if width is None:
+                raise ModelpressError(f"cannot tell the width of {type(model).__name__}'s hidden states") from None
+            fused = {p.path: i for i, p in enumerate(targets.expert_params)}
+            named = [(i, [name]) for i, name in enumerate(targets.linears)]
+            named += [(len(named) + fused[f.path], [name]) for name, (f, _) in targets.experts.items()]
+            traced = False
+        groups = []
+        for level, names in named:
+            shapes = [targets.target(block, n).weight.shape for n in names]
+            groups.append(StatsGroup(level, int(shapes[0][-1]), int(sum(s[0] for s in shapes)),
+                                     reference=names[0] in targets.linears))
+    return BlockLayout(int(parameters), width, tuple(groups), traced)

@@ -38,9 +38,11 @@ def _config(**overrides):
     return GPTQConfig(WeightScheme.parse("int4/g32"), **overrides)
 
 
-@pytest.mark.parametrize("true_sequential, float_target", [(False, False), (True, False), (True, True)])
-def test_resume_after_an_interrupt_is_bit_identical(tmp_path, true_sequential, float_target):
-    """float_target: the float model's hidden states are saved beside the quantized model's and resumed too."""
+@pytest.mark.parametrize("true_sequential, float_target, offload",
+                         [(False, False, False), (True, False, False), (True, True, False), (True, True, True)])
+def test_resume_after_an_interrupt_is_bit_identical(tmp_path, true_sequential, float_target, offload):
+    """float_target: the float model's hidden states are saved beside the quantized model's and resumed too;
+    offload: the interrupted and resumed runs carry them in host memory (engine/states.py), the whole run not."""
     ids = token_ids(320, 6, 32)
     config = _config(true_sequential=true_sequential, float_target=float_target)
     whole = build_tiny_llama(num_hidden_layers=3)
@@ -48,12 +50,13 @@ def test_resume_after_an_interrupt_is_bit_identical(tmp_path, true_sequential, f
 
     resumed = build_tiny_llama(num_hidden_layers=3)
     with pytest.raises(Interrupted):
-        run_sequential(resumed, FailingGPTQ(config, fail_block=1), ids, resume_dir=tmp_path, settings=SETTINGS)
+        run_sequential(resumed, FailingGPTQ(config, fail_block=1), ids, resume_dir=tmp_path, settings=SETTINGS,
+                       offload=offload)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block-0000.safetensors", "hidden-0001.safetensors",
                                                            "state.json"]
     fresh = build_tiny_llama(num_hidden_layers=3)  # a new process starts from the float model again
-    report = run_sequential(fresh, GPTQ(config), ids, resume_dir=tmp_path, settings=SETTINGS)
-    assert report.resumed_from_block == 1
+    report = run_sequential(fresh, GPTQ(config), ids, resume_dir=tmp_path, settings=SETTINGS, offload=offload)
+    assert report.resumed_from_block == 1 and report.offloaded == offload
     assert len(report.notes) == 3 * 7 and report.layers == 3 * 7
     expected, got = whole.state_dict(), fresh.state_dict()
     assert expected.keys() == got.keys()

@@ -1,8 +1,10 @@
-"""modelpress estimate [MODEL | --params N] [--context C] [--batch B] [--kv-dtype D] [--json OUT]
+"""modelpress estimate [MODEL | --params N] [--context C] [--batch B] [--kv-dtype D] [--calibrate [METHOD]] [--json OUT]
 
-Weights per number format and the KV cache, from a parameter count or from a model's config. A model is
+Weights per number format and the KV cache, from a parameter count or from a model's config; with
+--calibrate, what a calibrated run (GPTQ by default) holds on its device and in host memory. A model is
 never loaded: its architecture is built on the meta device from config.json (for a .gguf file, the config of
-its float cache, which other commands share) and only shapes are read.
+its float cache, which other commands share) and only shapes are read; the calibration estimate traces one
+block on fake tensors to learn which layers share statistics.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from pathlib import Path
 from modelpress.commands.common import add_json_argument, add_model_argument, format_table, positive_int, write_json
 from modelpress.errors import ModelpressError
 from modelpress.estimate import (
+    CALIBRATED_METHODS,
     GB,
     GIB,
     KV_DTYPES,
     LinearShape,
     ModelShapes,
+    block_layout,
     estimate_all_weights,
+    estimate_calibration,
     estimate_kv_cache,
     kv_shape_from_config,
     parse_parameter_count,
@@ -37,6 +42,18 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", type=positive_int, default=None, help="with --params: attention layers")
     p.add_argument("--kv-heads", type=positive_int, default=None, help="with --params: key/value heads")
     p.add_argument("--head-dim", type=positive_int, default=None, help="with --params: size of one head")
+    calib = p.add_argument_group("calibration (with a MODEL)")
+    calib.add_argument("--calibrate", nargs="?", const="gptq", default=None, metavar="METHOD",
+                       choices=CALIBRATED_METHODS,
+                       help=f"also estimate a calibrated run's memory: {', '.join(CALIBRATED_METHODS)} (default gptq)")
+    calib.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows (default 128)")
+    calib.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+    calib.add_argument("--calib-batch-size", type=positive_int, default=8, help="windows per block forward (default 8)")
+    calib.add_argument("--no-float-target", action="store_true", help="GPTQ without its float target (plain GPTQ)")
+    calib.add_argument("--stream", action="store_true", help="the model streamed from disk block by block")
+    calib.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                       help="memory of the calibration GPU in GB: says whether the run fits, and whether the "
+                            "engine would keep the hidden states in host memory")
     add_json_argument(p)
     p.set_defaults(func=run)
 
@@ -46,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise ModelpressError(f"unknown KV cache dtype {args.kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
     if args.params is not None and args.model is not None:
         raise ModelpressError("give a MODEL or --params, not both")
+    if args.calibrate is not None and args.params is not None:
+        raise ModelpressError("--calibrate needs a MODEL's shapes (which layers share statistics), not --params")
     kv_given = (args.layers, args.kv_heads, args.head_dim)
     if args.params is not None:
         shapes: ModelShapes | int = parse_parameter_count(args.params)
@@ -53,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         source = f"{shapes:,} parameters (all counted in each format)"
         kv_shape = kv_given if all(kv_given) else None
     else:
-        shapes, resolved = read_model_shapes(args.model)
+        shapes, resolved = read_model_shapes(args.model, layout=args.calibrate is not None)
         parameters = shapes.parameters
         source = (f"{resolved}: {shapes.parameters:,} parameters, {shapes.quantized_parameters:,} in linear layers "
                   f"(the rest counted as float16 in quantized rows)")
@@ -79,10 +98,50 @@ def run(args: argparse.Namespace) -> int:
               f"heads x {kv.head_dim} head dim x {kv.context} tokens x {kv.batch} sequences = "
               f"{_size(kv.total_bytes)} ({kv.bytes_per_token:,.0f} bytes/token)"
               + (f"; {KV_DTYPES[kv.dtype].note}" if KV_DTYPES[kv.dtype].note else ""))
+    calibration = None
+    if args.calibrate is not None:
+        calibration = _calibration(args, shapes)
     write_json(args.json, {"source": resolved, "parameters": parameters,
                            "formats": [r.to_dict() for r in rows],
-                           "kv_cache": None if kv is None else kv.to_dict(), "kv_cache_note": kv_note})
+                           "kv_cache": None if kv is None else kv.to_dict(), "kv_cache_note": kv_note,
+                           "calibration": calibration})
     return 0
+
+
+def _calibration(args: argparse.Namespace, shapes: ModelShapes) -> dict:
+    """Print the calibration estimate, kept on the device and offloaded; returns both for the JSON."""
+    from modelpress.engine.states import MAX_DEVICE_SHARE
+
+    settings = dict(method=args.calibrate, samples=args.calib_samples, seq_len=args.calib_seq_len,
+                    batch_size=args.calib_batch_size, float_target=not args.no_float_target, streamed=args.stream)
+    kept, off = (estimate_calibration(shapes, offload=o, **settings) for o in (False, True))
+    target = " with its float target" if kept.float_target else ""
+    print(f"calibration, {kept.method}{target}: {kept.samples} windows x {kept.seq_len} tokens, batches of "
+          f"{kept.batch_size}, float32" + ("" if kept.traced else
+                                           " (input groups not traced: every layer counted as its own group)"))
+    table = [("the block" + (" and its float copy" if kept.float_target else ""), kept.block_bytes, off.block_bytes),
+             (f"hidden states ({kept.streams} streams at the peak)", kept.hidden_bytes, off.hidden_bytes),
+             ("statistics of the layers observed together", kept.statistics_bytes, off.statistics_bytes),
+             ("the largest solve", kept.solve_bytes, off.solve_bytes),
+             ("one batch through the block", kept.activation_bytes, off.activation_bytes),
+             ("device, in all", kept.device_bytes, off.device_bytes),
+             ("host: the float model" + (" (one block of it, streamed)" if args.stream else ""),
+              kept.host_model_bytes, off.host_model_bytes),
+             ("host: hidden states", kept.host_hidden_bytes, off.host_hidden_bytes)]
+    print(format_table([{"part": name, "kept": _size(a), "offloaded": _size(b)} for name, a, b in table],
+                       [("part", "memory"), ("kept", "hidden states on the device"),
+                        ("offloaded", "in host memory")]))
+    verdict = None
+    if args.device_memory is not None:
+        memory = args.device_memory * GB
+        stream_room = MAX_DEVICE_SHARE * max(memory - kept.block_bytes, 0)
+        offloads = kept.hidden_bytes > stream_room
+        used = off if offloads else kept
+        verdict = {"device_memory_bytes": memory, "engine_offloads": offloads, "fits": used.device_bytes <= memory}
+        where = "in host memory" if offloads else "on the device"
+        print(f"on a {args.device_memory:g} GB GPU the engine keeps the hidden states {where}; the run "
+              + ("fits" if verdict["fits"] else f"does not fit ({_size(used.device_bytes)} needed)"))
+    return {"kept": kept.to_dict(), "offloaded": off.to_dict(), "verdict": verdict}
 
 
 COLUMNS = [("format", "format"), ("scheme", "scheme"), ("bits", "bits/weight"), ("weights", "weights"),
@@ -103,8 +162,9 @@ def _table_row(r) -> dict:
             "total": _size(r.total_bytes), "gib": f"{r.total_bytes / GIB:.3f}"}
 
 
-def read_model_shapes(spec: str | None):
-    """(ModelShapes, resolved source) for a MODEL argument, without loading any weight."""
+def read_model_shapes(spec: str | None, layout: bool = False):
+    """(ModelShapes, resolved source) for a MODEL argument, without loading any weight; with `layout`, its
+    first block traced on fake tensors for the calibration estimate."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -150,5 +210,11 @@ def read_model_shapes(spec: str | None):
     parameters = sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
     linear = tuple(LinearShape(*linear_weight(m).shape) for m in find_linear_layers(model).values())
     layers, kv_heads, head_dim = kv_shape_from_config(config)
-    return ModelShapes(parameters, linear, layers, kv_heads, head_dim), source
+    block = blocks = None
+    if layout:
+        from modelpress.engine.blocks import find_blocks
+
+        blocks = len(find_blocks(model))
+        block = block_layout(lambda: auto.from_config(config, trust_remote_code=False))
+    return ModelShapes(parameters, linear, layers, kv_heads, head_dim, block, blocks), source
 

@@ -82,3 +82,12 @@ def outside_device(model: nn.Module, stack: BlockStack) -> torch.device:
         if id(tensor) not in inside:
             return tensor.device
     return torch.device("cpu")
+
+
+def hidden_width(model: nn.Module) -> int | None:
+    """Width of the hidden states the blocks read: the input embedding's, else the config's hidden_size."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    width = getattr(embeddings, "embedding_dim", None)
+    if width is None:
+        width = getattr(getattr(model, "config", None), "hidden_size", None)
+    return width if isinstance(width, int) else None

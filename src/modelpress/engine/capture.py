@@ -50,7 +50,8 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _first_call(model: nn.Module, stack: BlockStack, ids: torch.Tensor) -> tuple[torch.Tensor, BlockCall]:
+def first_call(model: nn.Module, stack: BlockStack, ids: torch.Tensor) -> tuple[torch.Tensor, BlockCall]:
+    """Block 0's input hidden states and call for token ids `ids`; the model runs only up to block 0."""
     seen: dict = {}
 
     def grab(_module, args, kwargs):
@@ -69,14 +70,15 @@ def _first_call(model: nn.Module, stack: BlockStack, ids: torch.Tensor) -> tuple
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, stack: BlockStack, calibration_ids: torch.Tensor, device: torch.device,
-                   batch_size: int) -> CapturedInputs:
-    """Block inputs for every batch of `calibration_ids` (n, seq_len), on `device`. Only the modules outside
-    the blocks visit the device; block 0 runs once, on the first batch, to learn its output form."""
+                   batch_size: int, host: bool = False) -> CapturedInputs:
+    """Block inputs for every batch of `calibration_ids` (n, seq_len), on `device` (the hidden states in host
+    memory with `host`, each as soon as it is made). Only the modules outside the blocks visit the device;
+    block 0 runs once, on the first batch, to learn its output form."""
     original = outside_device(model, stack)
     move_outside_blocks(model, stack, device)
     batches = [b.to(device) for b in calibration_ids.split(batch_size)]
     try:
-        hidden0, call0 = _first_call(model, stack, batches[0])
+        hidden0, call0 = first_call(model, stack, batches[0])
         first = stack.blocks[0]
         block_device = next(first.parameters()).device
         first.to(device)
@@ -90,7 +92,7 @@ def capture_inputs(model: nn.Module, stack: BlockStack, calibration_ids: torch.T
         def recorder(index: int):
             def forward(*args, **kwargs):
                 if index == 0:
-                    hidden.append(args[0])
+                    hidden.append(args[0].to("cpu") if host else args[0])
                 calls[index].append(BlockCall(tuple(args[1:]), dict(kwargs)))
                 if index == last:
                     raise _Captured

@@ -10,7 +10,8 @@ every target a module the engine can still observe and replace (no swapping of m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +29,13 @@ class BlockContext:
     block: nn.Module                # already on the calibration device
     targets: BlockTargets
     plan: BlockPlan
-    hidden: list[torch.Tensor]      # per batch: the block's input hidden states
+    hidden: Sequence[torch.Tensor]  # per batch: the block's input hidden states (on the device when read)
     calls: list[BlockCall]          # per batch: the block's other arguments
     ranks: Ranks = Ranks()          # data-parallel runs: hidden/calls are this rank's share of the batches;
                                     # statistics gathered here must be reduced over ranks (engine/distributed.py)
 
     def outputs(self, batches: int | None = None) -> Iterator[torch.Tensor]:
         """The block's output hidden states, batch by batch (the first `batches` only, if given)."""
-        pairs = list(zip(self.hidden, self.calls))[:batches]
         with torch.no_grad():
-            for h, c in pairs:
+            for h, c in islice(zip(self.hidden, self.calls), batches):
                 yield run_block(self.block, h, c)

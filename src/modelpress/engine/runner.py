@@ -29,18 +29,19 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from modelpress.engine.algorithm import InputGroup, LayerAlgorithm, LayerSolution
-from modelpress.engine.blocks import BlockStack, find_blocks
+from modelpress.engine.blocks import BlockStack, find_blocks, hidden_width
 from modelpress.engine.capture import BlockCall, capture_inputs, run_block
 from modelpress.engine.context import BlockContext
 from modelpress.engine.distributed import Ranks
 from modelpress.engine.plan import BlockPlan, plan_block
+from modelpress.engine.states import HostStates, carry, offload_decision, peak_streams, stored
 from modelpress.engine.stream import BlockSource, source_of
 from modelpress.engine.resume import ResumeState, ResumeStore, run_fingerprint
 from modelpress.engine.targets import BlockTargets, ExpertCallWatcher, apply_dense, find_targets, install_compressed
@@ -72,6 +73,7 @@ class RunReport:
     notes: dict[str, dict] = field(default_factory=dict)   # per target, from the algorithm
     resumed_from_block: int | None = None
     seconds: float = 0.0
+    offloaded: bool = False                           # hidden states carried in host memory (engine/states.py)
 
 
 class _StopBlock(Exception):
@@ -80,9 +82,12 @@ class _StopBlock(Exception):
 
 def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids: torch.Tensor,
                    device: str | torch.device = "cpu", resume_dir: str | None = None,
-                   settings: EngineSettings = EngineSettings(), source: BlockSource | None = None) -> RunReport:
+                   settings: EngineSettings = EngineSettings(), source: BlockSource | None = None,
+                   offload: bool | None = None) -> RunReport:
     """Compress `model`'s blocks in place with `algorithm`, from calibration token ids (n, seq_len).
-    `source` (engine/stream.py): where blocks come from and go to when they are not all held in memory."""
+    `source` (engine/stream.py): where blocks come from and go to when they are not all held in memory.
+    `offload`: keep the hidden states carried between blocks in host memory (engine/states.py); None decides
+    by the device's free memory (CUDA only), and says so when it offloads. The results do not depend on it."""
     start = time.perf_counter()
     device = torch.device(device)
     if calibration_ids.dim() != 2 or calibration_ids.shape[0] == 0:
@@ -105,19 +110,27 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
     if store is not None:
         state = store.load(state.fingerprint)
     with_reference = bool(getattr(algorithm, "reference_inputs", False))
+    mine = torch.cat(ranks.share(batches))
+    if offload is None:
+        offload, why = _offload_rule(model, stack, mine, device, with_reference)
+        if offload:
+            log.warning("%s", why)
     report = RunReport(len(stack), stack.path, 0, list(state.unobserved), dict(state.notes),
-                       resumed_from_block=state.blocks_done or None)
+                       resumed_from_block=state.blocks_done or None, offloaded=offload)
+
+    def keep(states: Iterable[torch.Tensor]) -> list[torch.Tensor] | Sequence[torch.Tensor]:
+        return carry(states, device, offload)
 
     with torch.no_grad():
         with source.holding(stack, 0):
-            captured = capture_inputs(model, stack, torch.cat(ranks.share(batches)), device, settings.batch_size)
-        hidden = captured.hidden
-        reference = list(hidden) if with_reference else None   # the float model's: the same at block 0
+            captured = capture_inputs(model, stack, mine, device, settings.batch_size, host=offload)
+        hidden = keep(captured.hidden)
+        reference = hidden[:] if with_reference else None   # the float model's: the same at block 0
         for index in range(state.blocks_done):
             with source.holding(stack, index, keep=True):
                 store.restore_block(state, index, stack.blocks[index])  # type: ignore[union-attr]
         if state.blocks_done:
-            hidden = store.load_hidden(state, device)  # type: ignore[union-attr]
+            hidden = keep(store.load_hidden(state, "cpu" if offload else device))  # type: ignore[union-attr]
             if with_reference:     # saved after the compressed model's (see commit_block below)
                 hidden, reference = hidden[: len(hidden) // 2], hidden[len(hidden) // 2 :]
     report.layers = len(report.notes)
@@ -129,9 +142,9 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
             block.to(device)
             calls = captured.calls[index]
             targets, solved, unobserved, reference = _compress_block(stack, index, algorithm, hidden, calls,
-                                                                     settings, ranks, reference)
+                                                                     settings, ranks, reference, keep)
             with torch.no_grad():
-                hidden = [run_block(block, h, c) for h, c in zip(hidden, calls)]
+                hidden = keep(run_block(block, h, c) for h, c in zip(hidden, calls))
             install_compressed(block, targets, solved)
             algorithm.finish_block(index)
             block.to(home)
@@ -142,22 +155,39 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
             report.layers += len(solved)
             if store is not None:
                 state.notes, state.unobserved = report.notes, report.unobserved
-                store.commit_block(state, index, block, hidden + (reference or []))
+                store.commit_block(state, index, block, stored(hidden) + stored(reference))
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hidden: list[torch.Tensor],
+def _offload_rule(model: nn.Module, stack: BlockStack, ids: torch.Tensor, device: torch.device,
+                  with_reference: bool) -> tuple[bool, str | None]:
+    """engine/states.py's rule, from the sizes known before any block runs: the block's input width (the
+    embedding's), the blocks' element size and parameter count."""
+    first = stack.blocks[0]
+    param = next((p for p in first.parameters() if p.is_floating_point()), None)
+    width = hidden_width(model)
+    if param is None or width is None:
+        return False, None
+    stream = ids.numel() * width * param.element_size()
+    block = sum(p.numel() * p.element_size() for p in first.parameters()) * (2 if with_reference else 1)
+    return offload_decision(device, stream, peak_streams(with_reference), block)
+
+
+Keep = Callable[[Iterable[torch.Tensor]], Sequence[torch.Tensor]]
+
+
+def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hidden: Sequence[torch.Tensor],
                     calls: list[BlockCall], settings: EngineSettings, ranks: Ranks = Ranks(),
-                    reference: list[torch.Tensor] | None = None
-                    ) -> tuple[BlockTargets, dict[str, LayerSolution], list[str], list[torch.Tensor] | None]:
+                    reference: Sequence[torch.Tensor] | None = None, keep: Keep = list
+                    ) -> tuple[BlockTargets, dict[str, LayerSolution], list[str], Sequence[torch.Tensor] | None]:
     """Solve every target of block `index` (solved layers hold their dequantized weights afterwards);
     returns the targets, the solutions by name, the targets never observed and, given the float model's
-    input hidden states `reference`, its output ones (the next block's reference)."""
+    input hidden states `reference`, its output ones (the next block's reference, held by `keep`)."""
     block = stack.blocks[index]
     targets = find_targets(block, settings.skip)
     if not targets.names():
-        return targets, {}, [], _float_outputs(block, reference, calls)
+        return targets, {}, [], _float_outputs(block, reference, calls, keep)
     plan = plan_block(block, targets, hidden[0], calls[0])
     prepare = getattr(algorithm, "prepare_block", None)   # optional: whole-block edits before any layer is solved
     if prepare is not None:
@@ -165,7 +195,7 @@ def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hi
             prepare(BlockContext(index, block, targets, plan, hidden, calls, ranks))
     # the float block, after prepare_block's edits (they keep its function but may rescale a layer's input:
     # its float input must be in the same coordinates as the compressed block's)
-    original = None if reference is None else _FloatBlock(copy.deepcopy(block), settings.skip, reference, calls)
+    original = None if reference is None else _FloatBlock(copy.deepcopy(block), settings.skip, reference, calls, keep)
     levels = plan.levels if algorithm.sequential else (None,)
     steps = len(levels) * len(hidden)
     desc = f"block {index + 1}/{len(stack)}"
@@ -177,21 +207,21 @@ def _compress_block(stack: BlockStack, index: int, algorithm: LayerAlgorithm, hi
     return targets, solved, unobserved, None if original is None else original.outputs()
 
 
-def _float_outputs(block: nn.Module, hidden: list[torch.Tensor] | None, calls: list[BlockCall]
-                   ) -> list[torch.Tensor] | None:
+def _float_outputs(block: nn.Module, hidden: Sequence[torch.Tensor] | None, calls: list[BlockCall],
+                   keep: Keep = list) -> Sequence[torch.Tensor] | None:
     if hidden is None:
         return None
     with torch.no_grad():
-        return [run_block(block, h, c) for h, c in zip(hidden, calls)]
+        return keep(run_block(block, h, c) for h, c in zip(hidden, calls))
 
 
 class _FloatBlock:
     """A float copy of the block being compressed, on its own (float) hidden states: what each layer reads
     in the float model, batch by batch, for algorithms with `reference_inputs`."""
 
-    def __init__(self, block: nn.Module, skip: tuple[str, ...], hidden: list[torch.Tensor],
-                 calls: list[BlockCall]) -> None:
-        self.block, self.hidden, self.calls = block, hidden, calls
+    def __init__(self, block: nn.Module, skip: tuple[str, ...], hidden: Sequence[torch.Tensor],
+                 calls: list[BlockCall], keep: Keep = list) -> None:
+        self.block, self.hidden, self.calls, self.keep = block, hidden, calls, keep
         self.targets = find_targets(block, skip)
 
     def inputs(self, plan: BlockPlan, groups: list[InputGroup], batch: int, stop_after: int | None
@@ -212,14 +242,14 @@ class _FloatBlock:
                 pass
         return seen
 
-    def outputs(self) -> list[torch.Tensor]:
-        out = _float_outputs(self.block, self.hidden, self.calls)
+    def outputs(self) -> Sequence[torch.Tensor]:
+        out = _float_outputs(self.block, self.hidden, self.calls, self.keep)
         del self.block
         return out  # type: ignore[return-value]
 
 
 def _block_steps(block: nn.Module, targets: BlockTargets, plan: BlockPlan, levels: tuple, algorithm: LayerAlgorithm,
-                 hidden: list[torch.Tensor], calls: list[BlockCall], solved: dict[str, LayerSolution],
+                 hidden: Sequence[torch.Tensor], calls: list[BlockCall], solved: dict[str, LayerSolution],
                  unobserved: list[str], ranks: Ranks, original: _FloatBlock | None = None) -> Iterator[None]:
     """Observe and solve level by level (or everything at once when `levels` is (None,)); yields per batch.
     With the float block `original`, each observation is paired with what the same call read there."""
@@ -251,7 +281,8 @@ def _block_steps(block: nn.Module, targets: BlockTargets, plan: BlockPlan, level
                     reduce(group, ranks)
         # refresh weights: earlier levels may have changed modules this group reads from
         fresh = [InputGroup(g.key, tuple(targets.target(block, t.name) for t in g.targets), g.level) for g in groups]
-        for group, solutions in zip(fresh, _solve_groups(algorithm, fresh, ranks, hidden[0].device)):
+        device = hidden.device if isinstance(hidden, HostStates) else hidden[0].device
+        for group, solutions in zip(fresh, _solve_groups(algorithm, fresh, ranks, device)):
             if len(solutions) != len(group.targets):
                 raise ModelpressError(f"algorithm returned {len(solutions)} solutions for {len(group.targets)} layers")
             for target, solution in zip(group.targets, solutions):
