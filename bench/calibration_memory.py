@@ -4,11 +4,12 @@ Models are built from configs with random weights (memory does not depend on the
 `modelpress quantize` loads them, with a few blocks (the peak is one block's); each run is the engine's
 (engine/runner.py). On CUDA the peak is torch.cuda.max_memory_allocated above what was allocated before the
 run. On the CPU (`--device cpu`) each row runs in its own process, first on two windows of 16 tokens (so the
-libraries' code is resident), and the peak is the process's maximum resident memory above its resident
-memory just before the real run; the host is then the calibration device, so
-the block and the modules outside the blocks are not copied: the figure compared is the estimate's device
-total less one block and, for the capture phase, less the modules outside. Printed per row: the estimate's
-parts, the estimate in all, the measured peak and their ratio.
+libraries' code is resident); the peak is the resident high-water mark (VmHWM, reset through
+/proc/self/clear_refs) above the resident memory just before the real run. The host is then the calibration
+device, so the block and the modules outside the blocks are not copied: the figure compared is the estimate's
+device total less one block and, for the capture phase, less the modules outside. Each CPU row is the median
+of three processes. Printed per row: the estimate's parts, the estimate in all, the measured peak and their
+ratio.
 
     PYTHONPATH=src python bench/calibration_memory.py --json bench/results/calibration_memory_h100.json
     PYTHONPATH=src python bench/calibration_memory.py --device cpu --json bench/results/calibration_memory_cpu.json
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -41,6 +41,8 @@ MODELS = {   # name -> (config class, fields); depth cut to a few blocks
                                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
     "llama2-7b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                                       num_key_value_heads=32, vocab_size=32000)),
+    "qwen2-0.5b": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
     "qwen2-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
                                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
 }
@@ -62,6 +64,8 @@ CPU_ROWS = [   # what two cores calibrate in a minute each (a 1.5B-shaped block 
     ("smollm2-135m", "gptq", False, False, 128, 512),
     ("smollm2-135m", "awq", False, False, 128, 512),
     ("smollm2-135m", "sparsegpt", False, False, 128, 512),
+    ("qwen2-0.5b", "gptq", True, False, 64, 512),
+    ("qwen2-0.5b", "gptq", False, False, 64, 512),
 ]
 
 
@@ -82,12 +86,13 @@ def algorithm(method: str, float_target: bool, model):
     return SparseGPTPruner(stack, 0.5, None, compress=False, config=SparseGPTConfig(sparsity=0.5, compress=False))
 
 
-def resident_bytes() -> int:
+def resident_bytes(field: str = "VmRSS:") -> int:
+    """The process's resident memory (VmRSS) or its high-water mark (VmHWM), in bytes."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(row: tuple, device: torch.device, layers: int, batch_size: int) -> dict:
@@ -114,7 +119,9 @@ def measure(row: tuple, device: torch.device, layers: int, batch_size: int) -> d
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
+    else:   # the high-water mark restarts here (the warm-up and the model's construction are not counted)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
         base = resident_bytes()
     start = time.perf_counter()
     run_sequential(model, algorithm(method, float_target, model), ids, device,
@@ -123,7 +130,7 @@ def measure(row: tuple, device: torch.device, layers: int, batch_size: int) -> d
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = resident_bytes("VmHWM:") - base
     return {"model": name, "method": method, "float_target": est.float_target, "offload": offload,
             "samples": samples, "seq_len": seq_len, "estimate": est.to_dict(), "compared_bytes": compared,
             "measured_bytes": peak, "ratio": compared / peak, "seconds": time.perf_counter() - start}
@@ -134,6 +141,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="CPU: processes per row (the median is reported)")
     parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)   # one CPU row, in its own process
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -151,11 +159,15 @@ def main() -> None:
     for index, row in enumerate(rows):
         if device.type == "cuda":
             found = measure(row, device, args.layers, args.batch_size)
-        else:
-            out = subprocess.run([sys.executable, __file__, "--device", "cpu", "--layers", str(args.layers),
-                                  "--batch-size", str(args.batch_size), "--row", str(index)],
-                                 check=True, capture_output=True, text=True).stdout
-            found = json.loads(out.strip().splitlines()[-1])
+        else:   # resident memory drifts from run to run: the median of --repeat processes
+            runs = []
+            for _ in range(args.repeat):
+                out = subprocess.run([sys.executable, __file__, "--device", "cpu", "--layers", str(args.layers),
+                                      "--batch-size", str(args.batch_size), "--row", str(index)],
+                                     check=True, capture_output=True, text=True).stdout
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+            runs.sort(key=lambda r: r["measured_bytes"])
+            found = {**runs[len(runs) // 2], "measured_runs": [r["measured_bytes"] for r in runs]}
         results.append(found)
         est = found["estimate"]
         gb = lambda b: f"{b / 1e9:.2f}"   # noqa: E731

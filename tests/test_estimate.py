@@ -262,11 +262,12 @@ def test_statistics_and_hidden_states_are_what_the_engine_holds(float_target):
     model, shapes = _shapes(build_tiny_llama)
     samples, seq_len = 6, 16
     estimate = estimate_calibration(shapes, "gptq", samples, seq_len, 2, float_target=float_target)
-    algorithm = HeldGPTQ(GPTQConfig(WeightScheme.parse("int4/g32"), float_target=float_target), stack=find_blocks(model))
+    config = GPTQConfig(WeightScheme.parse("int4/g32"), float_target=float_target)
+    algorithm = HeldGPTQ(config, stack=find_blocks(model))
     run_sequential(model, algorithm, torch.randint(0, 320, (samples, seq_len)), settings=EngineSettings(batch_size=2))
     assert algorithm.peak == estimate.statistics_bytes
     stream = samples * seq_len * 96 * 4
-    assert estimate.hidden_bytes == (3 if float_target else 2) * stream and estimate.streams * stream == estimate.hidden_bytes
+    assert estimate.hidden_bytes == (3 if float_target else 2) * stream == estimate.streams * stream
     assert estimate.block_bytes == shapes.block.parameters * 4 * (2 if float_target else 1)
     offloaded = estimate_calibration(shapes, "gptq", samples, seq_len, 2, float_target=float_target, offload=True)
     assert offloaded.host_hidden_bytes == estimate.hidden_bytes and offloaded.hidden_bytes < estimate.hidden_bytes
@@ -303,5 +304,11 @@ def test_cli_calibration_estimate(tiny_llama_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "calibration, gptq with its float target: 16 windows x 64 tokens" in printed
     assert "does not fit" in printed
+    between = (kept["device_bytes"] + off["device_bytes"]) / 2 / 1e9   # fits only with the hidden states offloaded
+    assert main(["estimate", str(tiny_llama_dir), "--calibrate", "--calib-samples", "16", "--calib-seq-len", "64",
+                 "--device-memory", str(between), "--json", str(out)]) == 0
+    verdict = json.loads(out.read_text())["calibration"]["verdict"]
+    assert not verdict["engine_offloads"] and not verdict["fits"] and verdict["fits_offloaded"]
+    assert "with --offload-hidden it fits" in capsys.readouterr().out
     assert main(["estimate", str(tiny_llama_dir), "--calibrate", "awq", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["calibration"]["kept"]["method"] == "awq"

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from modelpress.engine.states import offload_policy
 from modelpress.errors import ModelpressError
 from modelpress.eval.quality import evaluate_quality, first_scored
 from modelpress.eval.size import measure_size
@@ -93,6 +94,7 @@ class CalibrationSettings:
     eval_tokens: int = 40 * 512
     bos: bool = True                   # start every window with the BOS token when the tokenizer adds one
     bos_mode: str = "overwrite"        # how text follows that BOS (io/text.py), as for evaluation
+    offload_hidden: bool | None = None  # hidden states between blocks in host memory; None: when the GPU is short
     # token ids already cut from these settings (a recipe cuts, or samples, them once for all its stages)
     windows: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
@@ -209,7 +211,8 @@ def _quantize_once(loaded: LoadedModel, config, calibration: Calibration) -> Qua
         raise ModelpressError(f"{method_of(config)} runs in one short pass and cannot resume; drop --resume")
     ids, info = calibration_ids(loaded.tokenizer, calibration, loaded.model) if quantizer.calibrated else (None, None)
     start = time.perf_counter()
-    run = quantizer.run(loaded.model, config, ids, settings.device, settings.resume_dir, settings.batch_size)
+    with offload_policy(settings.offload_hidden):
+        run = quantizer.run(loaded.model, config, ids, settings.device, settings.resume_dir, settings.batch_size)
     return QuantizeReport(run.method or method_of(config), run.scheme, run.layers, round(time.perf_counter() - start, 3), info,
                           run.details)
 
@@ -234,8 +237,9 @@ def prune_model(loaded: LoadedModel, config, calibration: Calibration = None) ->
     ids, info = (calibration_ids(loaded.tokenizer, calibration, loaded.model) if pruner_for(config).calibrated
                  else (None, None))
     start = time.perf_counter()
-    report = prune(loaded.model, config, ids, device=settings.device, resume_dir=settings.resume_dir,
-                   batch_size=settings.batch_size)
+    with offload_policy(settings.offload_hidden):
+        report = prune(loaded.model, config, ids, device=settings.device, resume_dir=settings.resume_dir,
+                       batch_size=settings.batch_size)
     return PruningReport(report, round(time.perf_counter() - start, 3), info)
 
 

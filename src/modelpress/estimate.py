@@ -14,9 +14,11 @@ target, a float copy beside it), the hidden states carried between blocks (engin
 streams of samples x tokens x width at the peak, or about two batches when they are kept in host memory),
 the statistics of the layers observed together (float64 K x K Hessians per input group: GPTQ with its
 float target and SparseGPT observe one level of a block at a time, plain GPTQ and AWQ the whole block), the
-largest solve's working matrices and one batch's forward. Input groups and levels come from a
-traced forward of one block on fake tensors (no memory, no weights); where that trace fails (routing in a
-mixture of experts is data-dependent) every layer counts as its own group: an upper bound.
+largest solve's working matrices (while the sums of the level's other groups wait) and one batch's forward;
+observing and solving do not overlap, so the device peak is the larger of the two beside the block and the
+hidden states. Input groups and levels come from a traced forward of one block on fake tensors (no memory,
+no weights); where that trace fails (routing in a mixture of experts is data-dependent) every layer counts as
+its own group: an upper bound for methods that observe a whole block at once, an approximation for the others.
 
 Decimal units (1 GB = 10**9 bytes) as in model cards, GiB (2**30) beside them.
 """
@@ -97,11 +99,6 @@ class BlockLayout:
     hidden_size: int                      # width of the hidden states between blocks
     groups: tuple[StatsGroup, ...]
     traced: bool                          # groups from a traced forward; False: every layer alone (a bound)
-
-    @property
-    def widest(self) -> int:
-        """The widest layer output or input in the block (the MLP's intermediate width)."""
-        return max([g.rows for g in self.groups] + [g.inputs for g in self.groups] + [self.hidden_size])
 
 
 @dataclass(frozen=True)
@@ -277,8 +274,8 @@ class CalibrationEstimate:
     element_size: int            # bytes of one float of the model as calibrated (float32: 4)
     block_bytes: int             # the block on the device, and its float copy under the float target
     hidden_bytes: int            # hidden states on the device at their peak
-    statistics_bytes: int        # statistics of the layers observed together, at the largest level
-    solve_bytes: int             # working matrices of the largest solve
+    statistics_bytes: int        # running sums of the layers observed together, at the largest level
+    solve_bytes: int             # the largest solve's working memory, with the sums still held then
     activation_bytes: int        # one batch through the block, with the observation's copies
     outside_bytes: int           # embeddings, final norm and head: on the device while block inputs are captured
     host_model_bytes: int        # the float model in host memory (one block of it when streamed)
@@ -288,11 +285,11 @@ class CalibrationEstimate:
 
     @property
     def device_bytes(self) -> int:
-        """The larger of the two phases: capturing block inputs (the modules outside the blocks, block 0 once,
-        one stream) and compressing a block."""
+        """The largest of three phases: capturing block inputs (the modules outside the blocks, block 0 once,
+        one stream), observing a block's layers (their sums growing, one batch's forward) and solving them."""
         capture = self.outside_bytes + self.block_bytes + self.hidden_bytes // self.streams + self.activation_bytes
-        work = self.block_bytes + self.hidden_bytes + self.statistics_bytes + self.solve_bytes + self.activation_bytes
-        return max(capture, work)
+        observing = self.statistics_bytes + self.activation_bytes
+        return max(capture, self.block_bytes + self.hidden_bytes + max(observing, self.solve_bytes))
 
     @property
     def host_bytes(self) -> int:
@@ -303,33 +300,52 @@ class CalibrationEstimate:
                 "device_bytes": self.device_bytes, "host_bytes": self.host_bytes}
 
 
-def _statistics(method: str, groups: Sequence[StatsGroup], float_target: bool) -> int:
-    """Bytes of what `method` holds for the layers it observes together, at its largest."""
-    def hessians(gs, both: bool) -> int:   # float64 X^T X per group, and the float target's cross term
-        return sum(8 * g.inputs**2 * (2 if both and g.reference else 1) for g in gs)
+def _held_sums(method: str, groups: Sequence[StatsGroup], float_target: bool) -> list[list[tuple[StatsGroup, int]]]:
+    """The sets of groups `method` observes together, each group with the bytes of its running sums: float64
+    X^T X (and the float target's cross term) per group; Wanda and SmoothQuant one value per input channel.
+    GPTQ with its float target and SparseGPT observe a block level by level (engine/plan.py), plain GPTQ and
+    AWQ all of it at once."""
+    def sums(g: StatsGroup) -> int:
+        if method in ("wanda", "smoothquant"):
+            return 8 * g.inputs
+        return 8 * g.inputs**2 * (2 if method == "gptq" and float_target and g.reference else 1)
 
-    if method in ("wanda", "smoothquant"):     # one float64 value per input channel
-        return sum(8 * g.inputs for g in groups)
-    if method == "awq":                        # every group's Hessian at once, and its scaled float32 copy
-        return sum(12 * g.inputs**2 for g in groups)
-    if (method == "gptq" and float_target) or method == "sparsegpt":   # level by level (engine/plan.py)
-        levels = {g.level for g in groups}
-        return max(hessians([g for g in groups if g.level == lv], method == "gptq") for lv in levels)
-    return hessians(groups, False)             # plain GPTQ observes the whole block at once
+    if (method == "gptq" and float_target) or method == "sparsegpt":
+        levels = sorted({g.level for g in groups})
+        return [[(g, sums(g)) for g in groups if g.level == lv] for lv in levels]
+    return [[(g, sums(g)) for g in groups]]
 
 
-def _solve(method: str, group: StatsGroup, float_target: bool) -> int:
-    """Working memory of one group's solve: float32 K x K matrices (Hessian, its factor, a copy) and (N, K)
-    weights; the float target adds float64 K x K matrices (damped H, its Cholesky factor, the cross term)."""
+def _solving(method: str, group: StatsGroup, float_target: bool) -> int:
+    """Working memory of one group's solve once its float64 sum is released, from the solvers' code.
+    GPTQ / SparseGPT: four float32 K x K matrices at once (the Hessian, its damped copy and two more while the
+    columns are permuted by activation order and while the inverse factor is made), and (N, K) float32
+    weights, permuted copies, expanded group ranges, codes and errors (40 bytes per weight). The float target
+    first moves the weights (gptq.float_target_weights) while the cross term's float64 sum is still held:
+    float32 Hessian and cross term, float64 damped Hessian, cross term, Cholesky factor and one temporary (40
+    bytes per K x K entry) and (N, K) float64 weights three times; its solve then has the cross term's sum
+    beside it. AWQ: the scale search's candidates (every group's float32 Hessian is counted apart)."""
     k, n = group.inputs, group.rows
     if method in ("wanda", "smoothquant"):
         return 8 * n * k
-    if method == "awq":                        # the scale search's candidate weights
+    if method == "awq":
         return 4 * k * k + 16 * n * k
-    total = 12 * k * k + 16 * n * k
     if method == "gptq" and float_target and group.reference:
-        total += 28 * k * k + 24 * n * k
-    return total
+        return max(40 * k * k + 24 * n * k, 24 * k * k + 48 * n * k)
+    return 16 * k * k + 40 * n * k
+
+
+def _phases(method: str, groups: Sequence[StatsGroup], float_target: bool) -> tuple[int, int]:
+    """(statistics while observing, the largest solve with what is still held then), at their largest."""
+    observing = solving = 0
+    for held in _held_sums(method, groups, float_target):
+        total = sum(b for _, b in held)
+        observing = max(observing, total)
+        # AWQ keeps every group's float32 Hessian from its preparation
+        kept = sum(4 * g.inputs**2 for g, _ in held) if method == "awq" else 0
+        for group, own in held:   # the other groups' sums wait while this one is solved
+            solving = max(solving, total - own + kept + _solving(method, group, float_target))
+    return observing, solving
 
 
 def estimate_calibration(shapes: ModelShapes, method: str = "gptq", samples: int = 128, seq_len: int = 512,
@@ -350,23 +366,24 @@ def estimate_calibration(shapes: ModelShapes, method: str = "gptq", samples: int
     batch_rows = min(batch_size, samples) * seq_len
     stream = samples * seq_len * block.hidden_size * element_size
     streams = peak_streams(reference)
-    widest_input = max(g.inputs for g in block.groups)
-    # one batch: the block's forward (attention and MLP intermediates), the observed input in float64, and
-    # under the float target the float block's inputs of the level and the drift's copies
-    activation = batch_rows * element_size * (6 * block.hidden_size + 3 * block.widest)
+    widest_input = max(g.inputs for g in block.groups)   # the MLP's intermediate width, down_proj's input
+    # one batch: the block's forward (norms, projections, rotary copies, attention and the MLP's gate, up, act
+    # and product: about ten hidden-wide and four intermediate-wide values per token), the observed input in
+    # float64, and under the float target the float block's inputs of the level and the drift's copies
+    activation = batch_rows * element_size * (10 * block.hidden_size + 4 * widest_input)
     if method not in ("wanda", "smoothquant"):
         activation += batch_rows * widest_input * 8
     if reference:
         activation += batch_rows * widest_input * (8 + 2 * element_size)
     outside = shapes.parameters - shapes.blocks * block.parameters
+    observing, solving = _phases(method, block.groups, float_target)
     return CalibrationEstimate(
         method=method, samples=samples, seq_len=seq_len, batch_size=batch_size, float_target=reference,
         offload=offload, element_size=element_size,
         block_bytes=block.parameters * element_size * (2 if reference else 1),
         hidden_bytes=(2 * batch_rows * block.hidden_size * element_size * (2 if reference else 1)) if offload
         else streams * stream,
-        statistics_bytes=_statistics(method, block.groups, float_target),
-        solve_bytes=max(_solve(method, g, float_target) for g in block.groups) if block.groups else 0,
+        statistics_bytes=observing, solve_bytes=solving,
         activation_bytes=activation, outside_bytes=outside * element_size,
         host_model_bytes=(outside + block.parameters if streamed else shapes.parameters) * element_size,
         host_hidden_bytes=streams * stream if offload else 0,

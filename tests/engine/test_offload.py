@@ -87,3 +87,47 @@ def test_offloading_on_cuda_is_bit_identical_and_takes_less_device_memory(cuda):
     stream = ids.numel() * hidden * 4
     # three streams on the device without offload, about two batches of them with it
     assert peaks[False] - peaks[True] > 2 * stream, (peaks, stream)
+
+
+def test_the_engine_applies_the_rule_and_says_so(monkeypatch, caplog):
+    """offload=None: the engine asks the rule with the run's sizes (three streams with the float target) and
+    warns when it offloads."""
+    import modelpress.engine.runner as runner
+
+    seen = []
+
+    def rule(device, stream_bytes, streams, block_bytes):
+        seen.append((device.type, stream_bytes, streams, block_bytes))
+        return True, "hidden states to the host (test)"
+
+    monkeypatch.setattr(runner, "offload_decision", rule)
+    ids = token_ids(320, 6, 32)
+    model = build_tiny_llama(num_hidden_layers=2)
+    block = sum(p.numel() for p in find_blocks(model).blocks[0].parameters()) * 4
+    with caplog.at_level("WARNING", logger="modelpress.engine.runner"):
+        report = run_sequential(model, _algorithm("gptq", model), ids, settings=SETTINGS)
+    assert report.offloaded and "hidden states to the host (test)" in caplog.text
+    assert seen == [("cpu", 6 * 32 * 96 * 4, 3, 2 * block)]
+
+
+def test_the_policy_reaches_the_engine_from_the_settings_and_the_command_line():
+    """`--offload-hidden` -> CalibrationSettings.offload_hidden -> offload_policy around the method's runner."""
+    import argparse
+
+    from modelpress.commands.common import add_calibration_arguments, calibration_settings
+    from modelpress.engine.states import offload_policy
+
+    parser = argparse.ArgumentParser()
+    add_calibration_arguments(parser, "calibration", "resume")
+    assert calibration_settings(parser.parse_args([])).offload_hidden is None
+    assert calibration_settings(parser.parse_args(["--offload-hidden"])).offload_hidden is True
+    assert calibration_settings(parser.parse_args(["--no-offload-hidden"])).offload_hidden is False
+    ids = token_ids(320, 4, 16)
+    for policy in (True, False):
+        model = build_tiny_llama(num_hidden_layers=1)
+        with offload_policy(policy):
+            report = run_sequential(model, _algorithm("gptq", model), ids, settings=SETTINGS)
+        assert report.offloaded is policy
+    model = build_tiny_llama(num_hidden_layers=1)
+    with offload_policy(True):   # an explicit argument wins over the policy
+        assert not run_sequential(model, _algorithm("gptq", model), ids, settings=SETTINGS, offload=False).offloaded

@@ -58,6 +58,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, title: str, resum
     calib.add_argument("--calib-bos-mode", choices=("overwrite", "prepend"), default="overwrite",
                        help="how calibration text follows the BOS: llama.cpp's overwrite (default) or prepend")
     calib.add_argument("--device", default="cpu", help="device the blocks are calibrated on, e.g. cpu or cuda (default cpu)")
+    calib.add_argument("--offload-hidden", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep the hidden states carried between blocks in host memory (default: only when they "
+                            "would crowd the GPU; `modelpress estimate MODEL --calibrate` shows both)")
 
 
 def start_ranks(args: argparse.Namespace):
@@ -77,7 +80,8 @@ def calibration_settings(args: argparse.Namespace):
 
     return CalibrationSettings(text=args.calib_text, samples=args.calib_samples, seq_len=args.calib_seq_len,
                                batch_size=args.calib_batch_size, device=args.device, resume_dir=args.resume,
-                               bos=not args.calib_no_bos, bos_mode=args.calib_bos_mode)
+                               bos=not args.calib_no_bos, bos_mode=args.calib_bos_mode,
+                               offload_hidden=getattr(args, "offload_hidden", None))
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:

@@ -137,10 +137,14 @@ def _calibration(args: argparse.Namespace, shapes: ModelShapes) -> dict:
         stream_room = MAX_DEVICE_SHARE * max(memory - kept.block_bytes, 0)
         offloads = kept.hidden_bytes > stream_room
         used = off if offloads else kept
-        verdict = {"device_memory_bytes": memory, "engine_offloads": offloads, "fits": used.device_bytes <= memory}
+        verdict = {"device_memory_bytes": memory, "engine_offloads": offloads, "fits": used.device_bytes <= memory,
+                   "fits_offloaded": off.device_bytes <= memory}
         where = "in host memory" if offloads else "on the device"
-        print(f"on a {args.device_memory:g} GB GPU the engine keeps the hidden states {where}; the run "
-              + ("fits" if verdict["fits"] else f"does not fit ({_size(used.device_bytes)} needed)"))
+        line = (f"on a {args.device_memory:g} GB GPU the engine keeps the hidden states {where}; the run "
+                + ("fits" if verdict["fits"] else f"does not fit ({_size(used.device_bytes)} needed)"))
+        if not verdict["fits"] and verdict["fits_offloaded"]:
+            line += f"; with --offload-hidden it fits ({_size(off.device_bytes)})"
+        print(line)
     return {"kept": kept.to_dict(), "offloaded": off.to_dict(), "verdict": verdict}
 
 

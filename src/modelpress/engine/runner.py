@@ -41,7 +41,7 @@ from modelpress.engine.capture import BlockCall, capture_inputs, run_block
 from modelpress.engine.context import BlockContext
 from modelpress.engine.distributed import Ranks
 from modelpress.engine.plan import BlockPlan, plan_block
-from modelpress.engine.states import HostStates, carry, offload_decision, peak_streams, stored
+from modelpress.engine.states import HostStates, carry, current_policy, offload_decision, peak_streams, stored
 from modelpress.engine.stream import BlockSource, source_of
 from modelpress.engine.resume import ResumeState, ResumeStore, run_fingerprint
 from modelpress.engine.targets import BlockTargets, ExpertCallWatcher, apply_dense, find_targets, install_compressed
@@ -86,8 +86,9 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
                    offload: bool | None = None) -> RunReport:
     """Compress `model`'s blocks in place with `algorithm`, from calibration token ids (n, seq_len).
     `source` (engine/stream.py): where blocks come from and go to when they are not all held in memory.
-    `offload`: keep the hidden states carried between blocks in host memory (engine/states.py); None decides
-    by the device's free memory (CUDA only), and says so when it offloads. The results do not depend on it."""
+    `offload`: keep the hidden states carried between blocks in host memory (engine/states.py); None takes
+    the surrounding `offload_policy`, else decides by the device's free memory (CUDA only) and says so when
+    it offloads. The results do not depend on it."""
     start = time.perf_counter()
     device = torch.device(device)
     if calibration_ids.dim() != 2 or calibration_ids.shape[0] == 0:
@@ -112,13 +113,15 @@ def run_sequential(model: nn.Module, algorithm: LayerAlgorithm, calibration_ids:
     with_reference = bool(getattr(algorithm, "reference_inputs", False))
     mine = torch.cat(ranks.share(batches))
     if offload is None:
+        offload = current_policy()
+    if offload is None:
         offload, why = _offload_rule(model, stack, mine, device, with_reference)
         if offload:
             log.warning("%s", why)
     report = RunReport(len(stack), stack.path, 0, list(state.unobserved), dict(state.notes),
                        resumed_from_block=state.blocks_done or None, offloaded=offload)
 
-    def keep(states: Iterable[torch.Tensor]) -> list[torch.Tensor] | Sequence[torch.Tensor]:
+    def keep(states: Iterable[torch.Tensor]) -> Sequence[torch.Tensor]:   # where this run holds a stream
         return carry(states, device, offload)
 
     with torch.no_grad():

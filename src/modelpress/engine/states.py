@@ -15,11 +15,29 @@ their peak would take more than half of the device memory left after the block (
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 
 MAX_DEVICE_SHARE = 0.5   # of the memory free after the block(s): the rest is for statistics, solves, activations
+_POLICY: ContextVar[bool | None] = ContextVar("modelpress_offload_hidden", default=None)
+
+
+@contextlib.contextmanager
+def offload_policy(offload: bool | None) -> Iterator[None]:
+    """Inside: engine runs that are not told otherwise offload (True), keep (False) or decide (None). How
+    `--offload-hidden` (CalibrationSettings.offload_hidden) reaches the engine through any method's runner."""
+    token = _POLICY.set(offload)
+    try:
+        yield
+    finally:
+        _POLICY.reset(token)
+
+
+def current_policy() -> bool | None:
+    return _POLICY.get()
 
 
 def peak_streams(float_reference: bool) -> int:
