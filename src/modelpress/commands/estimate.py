@@ -121,8 +121,8 @@ def _calibration(args: argparse.Namespace, shapes: ModelShapes) -> dict:
                                            " (input groups not traced: every layer counted as its own group)"))
     table = [("the block" + (" and its float copy" if kept.float_target else ""), kept.block_bytes, off.block_bytes),
              (f"hidden states ({kept.streams} streams at the peak)", kept.hidden_bytes, off.hidden_bytes),
-             ("statistics of the layers observed together", kept.statistics_bytes, off.statistics_bytes),
-             ("the largest solve", kept.solve_bytes, off.solve_bytes),
+             ("running sums of the layers observed together", kept.statistics_bytes, off.statistics_bytes),
+             ("the largest solve, with the sums still held", kept.solve_bytes, off.solve_bytes),
              ("one batch through the block", kept.activation_bytes, off.activation_bytes),
              ("device, in all", kept.device_bytes, off.device_bytes),
              ("host: the float model" + (" (one block of it, streamed)" if args.stream else ""),
