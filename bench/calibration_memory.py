@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -59,7 +60,7 @@ ROWS = [
     ("llama2-7b", "awq", False, False, 128, 512),
     ("llama2-7b", "sparsegpt", False, False, 128, 512),
 ]
-CPU_ROWS = [   # what two cores calibrate in a minute each (a 1.5B-shaped block took over 8 minutes)
+CPU_ROWS = [   # what two cores calibrate in 1-4 minutes a process (a 1.5B-shaped row took over 8)
     ("smollm2-135m", "gptq", True, False, 128, 512),
     ("smollm2-135m", "gptq", False, False, 128, 512),
     ("smollm2-135m", "awq", False, False, 128, 512),
@@ -69,7 +70,8 @@ CPU_ROWS = [   # what two cores calibrate in a minute each (a 1.5B-shaped block 
 ]
 
 
-def build(name: str, layers: int) -> tuple[torch.nn.Module, callable]:
+def build(name: str, layers: int) -> tuple[Callable[[], torch.nn.Module], object]:
+    """(a function making the model of `name` cut to `layers` blocks, its config)."""
     cls_name, fields = MODELS[name]
     config = getattr(transformers, cls_name)(num_hidden_layers=layers, **fields)
     make = lambda: transformers.AutoModelForCausalLM.from_config(config)   # noqa: E731
