@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _calibration(args: argparse.Namespace, shapes: ModelShapes) -> dict:
     """Print the calibration estimate, kept on the device and offloaded; returns both for the JSON."""
-    from modelpress.engine.states import MAX_DEVICE_SHARE
+    from modelpress.engine.states import crowds
 
     settings = dict(method=args.calibrate, samples=args.calib_samples, seq_len=args.calib_seq_len,
                     batch_size=args.calib_batch_size, float_target=not args.no_float_target, streamed=args.stream)
@@ -134,8 +134,7 @@ def _calibration(args: argparse.Namespace, shapes: ModelShapes) -> dict:
     verdict = None
     if args.device_memory is not None:
         memory = args.device_memory * GB
-        stream_room = MAX_DEVICE_SHARE * max(memory - kept.block_bytes, 0)
-        offloads = kept.hidden_bytes > stream_room
+        offloads = crowds(kept.hidden_bytes, memory, kept.block_bytes)
         used = off if offloads else kept
         verdict = {"device_memory_bytes": memory, "engine_offloads": offloads, "fits": used.device_bytes <= memory,
                    "fits_offloaded": off.device_bytes <= memory}

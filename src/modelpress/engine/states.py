@@ -79,6 +79,11 @@ def stored(states: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
     return list(states.host) if isinstance(states, HostStates) else list(states)
 
 
+def crowds(hidden_bytes: int, free_bytes: int, block_bytes: int) -> bool:
+    """The rule: hidden states at their peak take more than MAX_DEVICE_SHARE of what the block leaves free."""
+    return hidden_bytes > MAX_DEVICE_SHARE * max(free_bytes - block_bytes, 0)
+
+
 def offload_decision(device: torch.device, stream_bytes: int, streams: int, block_bytes: int
                      ) -> tuple[bool, str | None]:
     """(offload, why) for CUDA: True when `streams` x `stream_bytes` exceed MAX_DEVICE_SHARE of the device memory
@@ -87,9 +92,8 @@ def offload_decision(device: torch.device, stream_bytes: int, streams: int, bloc
         return False, None
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    room = max(free - block_bytes, 0)
-    need = streams * stream_bytes
-    if need <= MAX_DEVICE_SHARE * room:
+    if not crowds(streams * stream_bytes, free, block_bytes):
         return False, None
+    room = max(free - block_bytes, 0)
     return True, (f"calibration hidden states kept in host memory: {streams} x {stream_bytes / 1e9:.2f} GB would "
                   f"take more than {MAX_DEVICE_SHARE:.0%} of the {room / 1e9:.2f} GB left on {device} after the block")
